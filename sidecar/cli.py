@@ -1,0 +1,166 @@
+"""The ``meshlet`` command. Exit codes: 0 ok, 1 the operation failed, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .core.config import ConfigError, parse_address
+
+EPILOG_SIDECAR = """\
+examples:
+  # a sidecar for 'user' whose app listens on 127.0.0.1:8080, endpoints from a file
+  meshlet sidecar --service user --app 127.0.0.1:8080 --static mesh.yaml
+
+  # the app then calls other services through the outbound listener, any of:
+  HTTP_PROXY=http://127.0.0.1:15001 curl http://item/items/1
+  curl -H 'Host: item' http://127.0.0.1:15001/items/1
+  meshlet sidecar ... --upstream item=127.0.0.1:9001   # then: curl http://127.0.0.1:9001/items/1
+
+the static file (docs/static-config.md):
+  services:
+    item:
+      endpoints: [127.0.0.1:15106, 127.0.0.1:15206]   # the item instances' inbound listeners
+      timeout: 2s
+"""
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _upstream(text: str) -> tuple[str, tuple[str, int]]:
+    name, sep, address = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=HOST:PORT, e.g. item=127.0.0.1:9001")
+    return name, _listen(address)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MESHLET_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshlet",
+        description="meshlet: a service mesh you install with pip. Run a sidecar next to each service.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sidecar = commands.add_parser(
+        "sidecar",
+        help="run the sidecar proxy next to one service instance",
+        description="Run the sidecar: an outbound listener for the app's calls, an inbound listener "
+        "that forwards to the app, and an admin listener (/metrics /ready /live /config_dump /clusters).",
+        epilog=EPILOG_SIDECAR,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sidecar.add_argument("--service", required=_env("SERVICE") is None, default=_env("SERVICE"),
+                         help="the name of the local service (env MESHLET_SERVICE)")
+    sidecar.add_argument("--app", type=_address, required=_env("APP") is None,
+                         default=_address(_env("APP")) if _env("APP") else None,
+                         metavar="HOST:PORT", help="where the local app listens (env MESHLET_APP)")
+    sidecar.add_argument("--inbound", type=_listen, default=("0.0.0.0", 15006), metavar="ADDR",
+                         help="inbound listener, for other sidecars (default 0.0.0.0:15006)")
+    sidecar.add_argument("--outbound", type=_listen, default=("127.0.0.1", 15001), metavar="ADDR",
+                         help="outbound listener, for the local app (default 127.0.0.1:15001)")
+    sidecar.add_argument("--admin", type=_listen, default=("127.0.0.1", 15090), metavar="ADDR",
+                         help="admin listener (default 127.0.0.1:15090)")
+    sidecar.add_argument("--static", type=Path, metavar="FILE",
+                         help="YAML file listing services and endpoints (no control plane); SIGHUP reloads it")
+    sidecar.add_argument("--upstream", type=_upstream, action="append", default=[], metavar="NAME=ADDR",
+                         help="an extra outbound listener at ADDR that sends everything to service NAME")
+    sidecar.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="worker processes sharing the listeners (SO_REUSEPORT); default 1")
+    sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
+    demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--requests", type=int, default=200, help="requests to drive through the gateway")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "sidecar":
+        return run_sidecar(args, parser)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.static is None:
+        parser.error("--static FILE is required until the control plane lands (see docs/static-config.md)")
+    if not args.static.is_file():
+        print(f"meshlet: --static {args.static}: no such file", file=sys.stderr)
+        return 1
+    from .app import Sidecar, SidecarOptions
+    from .core.config import load_static
+
+    try:
+        load_static(args.static.read_text(), str(args.static))  # fail fast, before binding
+    except ConfigError as exc:
+        print(f"meshlet: {args.static} is not a valid static config:\n{exc}", file=sys.stderr)
+        return 1
+    options = SidecarOptions(
+        service=args.service,
+        app=args.app,
+        inbound=args.inbound,
+        outbound=args.outbound,
+        admin=args.admin,
+        static=args.static,
+        upstreams=dict(args.upstream),
+    )
+    if args.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(options, args.workers)
+    import trio
+
+    sidecar = Sidecar(options)
+    try:
+        trio.run(_serve_and_announce, sidecar)
+    except OSError as exc:
+        print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve_and_announce(sidecar: object) -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(sidecar.serve)  # type: ignore[attr-defined]
+        listening = " ".join(f"{name}={host}:{port}" for name, (host, port) in addresses.items())
+        # One parseable line: tests and scripts read the ports bound (port 0 → real port).
+        print(f"meshlet sidecar ready {listening}", flush=True)

@@ -1,0 +1,58 @@
+"""Responses the mesh makes itself (PRODUCT §9): a reason, its status, a short text body.
+
+Every such response carries ``x-meshlet-error: <reason>`` so a caller can tell a mesh
+failure from the app's own answer, which passes through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .http1 import serialize_response_head
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    name: str
+    status: int
+    phrase: bytes
+
+
+NO_ROUTE = Reason("no-route", 404, b"Not Found")
+NO_HEALTHY_ENDPOINTS = Reason("no-healthy-endpoints", 503, b"Service Unavailable")
+CIRCUIT_OPEN = Reason("circuit-open", 503, b"Service Unavailable")
+OVERLOADED = Reason("overloaded", 503, b"Service Unavailable")
+RATE_LIMITED = Reason("rate-limited", 429, b"Too Many Requests")
+CONNECT_FAILED = Reason("connect-failed", 503, b"Service Unavailable")
+UPSTREAM_RESET = Reason("upstream-reset", 502, b"Bad Gateway")
+# Not in PRODUCT §9's first table: an upstream that answers with bytes that are not
+# HTTP/1.1 did not reset; calling it so would send operators to the wrong place.
+UPSTREAM_PROTOCOL_ERROR = Reason("upstream-protocol-error", 502, b"Bad Gateway")
+TIMEOUT = Reason("timeout", 504, b"Gateway Timeout")
+FORBIDDEN = Reason("forbidden", 403, b"Forbidden")
+BAD_REQUEST = Reason("bad-request", 400, b"Bad Request")
+HEADERS_TOO_LARGE = Reason("bad-request", 431, b"Request Header Fields Too Large")
+
+ERROR_HEADER = b"x-meshlet-error"
+
+
+class MeshError(Exception):
+    """A failure the request path turns into a mesh response (never an app's)."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(detail or reason.name)
+        self.reason = reason
+        self.detail = detail or reason.name
+
+
+def error_response(reason: Reason, detail: str, *, close: bool = False) -> bytes:
+    """The whole response (head and body) for a mesh-made error."""
+    body = f"{reason.name}: {detail}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (ERROR_HEADER, reason.name.encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return serialize_response_head(reason.status, reason.phrase, headers) + body

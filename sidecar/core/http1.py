@@ -1,0 +1,546 @@
+"""Sans-IO HTTP/1.1 for the data path: bytes in, events out; heads in, bytes out.
+
+Theory of operation
+-------------------
+Parsing is llhttp's (through httptools): a strict, fast, well-kept C parser. It already
+rejects the classic smuggling shapes (Content-Length together with Transfer-Encoding,
+duplicate Content-Length, obs-fold, bare CR, NUL, whitespace before the colon, chunk
+sizes that are not hex or overflow). On top of it this module adds the rules llhttp
+leaves to the application (see shared/reference/http-hazards-and-faults.md):
+
+* head size and field count limits (llhttp has none): 431;
+* HTTP/0.9 and anything but 1.0/1.1: 400;
+* Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
+  (we never forward a coding we did not decode);
+* Host missing or repeated in HTTP/1.1: 400;
+* chunk sizes capped at 16 hex digits (llhttp caps at 64 bits already).
+
+llhttp is callback driven. The readers turn callbacks into a queue of events so the
+trio shell can pull them one at a time (like h11's ``next_event``). The shell feeds at
+most one ``receive_some`` worth of bytes and only when the queue is empty, so the queue
+is bounded by the read size: nothing is buffered whole.
+
+Errors found in the bytes are queued as a :class:`ProtocolError` event *after* the
+events of every complete request before them, so a good pipelined request is still
+answered before the connection is closed for a bad one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import httptools
+
+__all__ = [
+    "Data",
+    "EndOfMessage",
+    "ProtocolError",
+    "RequestHead",
+    "RequestReader",
+    "ResponseHead",
+    "ResponseReader",
+    "Upgrade",
+    "CHUNKED_END",
+    "chunk",
+    "serialize_request_head",
+    "serialize_response_head",
+]
+
+# Envoy's defaults are 60 KiB / 100 fields; our contract (PRODUCT §9) says 64 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_FIELDS = 100
+
+CHUNKED_END = b"0\r\n\r\n"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    # (name, value) in arrival order; names keep their case, compare lower-cased.
+    headers: list[tuple[bytes, bytes]]
+    http_version: str = "1.1"
+    # Framing, computed once from the headers by the reader.
+    content_length: int | None = None
+    chunked: bool = False
+    keep_alive: bool = True
+    expect_continue: bool = False
+    upgrade: bytes | None = None  # the Upgrade token when the client asked for one
+    host: bytes | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    http_version: str = "1.1"
+    content_length: int | None = None
+    chunked: bool = False
+    keep_alive: bool = True
+    # No Content-Length and not chunked: the body runs until the upstream closes.
+    until_close: bool = False
+    no_body: bool = False
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    pass
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """The head was an upgrade that the parser stopped at; ``rest`` is tunnel bytes."""
+
+    rest: bytes
+
+
+@dataclass(slots=True)
+class ProtocolError(Exception):
+    """Bytes that are not acceptable HTTP/1.1. ``status`` is what a server answers."""
+
+    status: int
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+END = EndOfMessage()
+_CONNECTION = b"connection"
+
+
+class _StopAtHead(Exception):
+    """Raised from a callback to stop llhttp after a bodiless response head."""
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class _Reader:
+    """What both readers share: the event queue, head accounting and limits."""
+
+    _parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
+    def __init__(self, max_head_bytes: int, max_fields: int) -> None:
+        self.events: deque[object] = deque()
+        self.max_head_bytes = max_head_bytes
+        self.max_fields = max_fields
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._pending_head_bytes = 0  # bytes fed while a head is incomplete
+        self.failed = False
+        self.messages_completed = 0
+
+    # llhttp callbacks (shared) ----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._pending_head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.max_head_bytes:
+            raise ProtocolError(431, "header fields too large")
+        if len(self._headers) > self.max_fields:
+            raise ProtocolError(431, "too many header fields")
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self.messages_completed += 1
+        self.events.append(END)
+
+    # feeding -----------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; queue events, and a ProtocolError event on bad bytes."""
+        if self.failed:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.events.append(Upgrade(data[exc.args[0] :]))
+            self.failed = True  # nothing after an upgrade is HTTP any more
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _StopAtHead):
+                self._after_stop(data)
+                return
+            if isinstance(cause, ProtocolError):
+                self._fail(cause)
+            else:
+                self._fail(ProtocolError(400, str(cause or exc)))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(400, str(exc) or "malformed message"))
+            return
+        if self._in_head:
+            self._pending_head_bytes += len(data)
+            if self._pending_head_bytes > self.max_head_bytes:
+                self._fail(ProtocolError(431, "header section too large"))
+
+    def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
+        raise NotImplementedError
+
+    def _fail(self, error: ProtocolError) -> None:
+        self.failed = True
+        self.events.append(error)
+
+
+class RequestReader(_Reader):
+    """Parses requests from a downstream connection (pipelining allowed)."""
+
+    def __init__(
+        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
+    ) -> None:
+        super().__init__(max_head_bytes, max_fields)
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_head_bytes:
+            raise ProtocolError(431, "request target too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(400, f"unsupported HTTP version {version}")
+        head = RequestHead(parser.get_method(), self._url, self._headers, version)
+        hosts = 0
+        connection: list[bytes] = []
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+                head.host = value
+            elif lname == b"content-length":
+                head.content_length = int(value)  # llhttp validated the digits
+            elif lname == b"transfer-encoding":
+                if version == "1.0":
+                    raise ProtocolError(400, "transfer-encoding in an HTTP/1.0 request")
+                if value.strip().lower() != b"chunked":
+                    raise ProtocolError(400, "transfer-encoding other than chunked")
+                head.chunked = True
+            elif lname == _CONNECTION:
+                connection.extend(_tokens(value))
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    head.expect_continue = True
+            elif lname == b"upgrade":
+                head.upgrade = value.strip()
+        if version == "1.1":
+            if hosts != 1:
+                raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host")
+            head.keep_alive = b"close" not in connection
+        else:
+            head.keep_alive = b"keep-alive" in connection
+            head.expect_continue = False
+        if head.upgrade is not None and b"upgrade" not in connection:
+            head.upgrade = None
+        if head.method == b"CONNECT":
+            raise ProtocolError(400, "CONNECT is not supported")
+        self.events.append(head)
+
+
+class ResponseReader(_Reader):
+    """Parses responses from one upstream connection, one request at a time.
+
+    Call :meth:`expect` before each response with the request's method: a response to
+    HEAD has no body whatever its Content-Length says, and llhttp cannot be told so,
+    so the reader stops llhttp at the head and starts a fresh parser for the next one.
+    """
+
+    def __init__(
+        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
+    ) -> None:
+        super().__init__(max_head_bytes, max_fields)
+        self._parser = httptools.HttpResponseParser(self)
+        self._status = 0
+        self._reason = b""
+        self._head_request = False
+        self._head_buffer: bytearray | None = None
+        self._interim = False
+        # Bytes that arrived after the end of a message: a reused connection with
+        # leftovers would answer the next request with them. Never reuse it.
+        self.dirty = False
+
+    def expect(self, method: bytes) -> None:
+        self._head_request = method == b"HEAD"
+        self._head_buffer = bytearray() if self._head_request else None
+
+    def feed(self, data: bytes) -> None:
+        if self._head_buffer is not None:
+            self._head_buffer += data
+        super().feed(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._head_bytes += len(reason)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(502, f"unsupported HTTP version {version}")
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # consumed here, never forwarded: we send our own 100
+            return
+        head = ResponseHead(status, self._reason, self._headers, version)
+        connection: list[bytes] = []
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                head.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise ProtocolError(502, "transfer-encoding other than chunked")
+                head.chunked = True
+            elif lname == _CONNECTION:
+                connection.extend(_tokens(value))
+        if version == "1.1":
+            head.keep_alive = b"close" not in connection
+        else:
+            head.keep_alive = b"keep-alive" in connection
+        head.no_body = status in (204, 304) or self._head_request
+        if not head.no_body and status != 101 and head.content_length is None:
+            if not head.chunked:
+                head.until_close = True
+                head.keep_alive = False
+        self.events.append(head)
+        if self._head_request:
+            raise _StopAtHead
+
+    def on_message_complete(self) -> None:
+        if self._interim:  # the end of a 1xx message: nothing to report
+            self._interim = False
+            return
+        super().on_message_complete()
+
+    def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
+        raise NotImplementedError
+
+    def _fail(self, error: ProtocolError) -> None:
+        self.failed = True
+        self.events.append(error)
+
+
+class RequestReader(_Reader):
+    """Parses requests from a downstream connection (pipelining allowed)."""
+
+    def __init__(
+        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
+    ) -> None:
+        super().__init__(max_head_bytes, max_fields)
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_head_bytes:
+            raise ProtocolError(431, "request target too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(400, f"unsupported HTTP version {version}")
+        head = RequestHead(parser.get_method(), self._url, self._headers, version)
+        hosts = 0
+        connection: list[bytes] = []
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+                head.host = value
+            elif lname == b"content-length":
+                head.content_length = int(value)  # llhttp validated the digits
+            elif lname == b"transfer-encoding":
+                if version == "1.0":
+                    raise ProtocolError(400, "transfer-encoding in an HTTP/1.0 request")
+                if value.strip().lower() != b"chunked":
+                    raise ProtocolError(400, "transfer-encoding other than chunked")
+                head.chunked = True
+            elif lname == _CONNECTION:
+                connection.extend(_tokens(value))
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    head.expect_continue = True
+            elif lname == b"upgrade":
+                head.upgrade = value.strip()
+        if version == "1.1":
+            if hosts != 1:
+                raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host")
+            head.keep_alive = b"close" not in connection
+        else:
+            head.keep_alive = b"keep-alive" in connection
+            head.expect_continue = False
+        if head.upgrade is not None and b"upgrade" not in connection:
+            head.upgrade = None
+        if head.method == b"CONNECT":
+            raise ProtocolError(400, "CONNECT is not supported")
+        self.events.append(head)
+
+
+class ResponseReader(_Reader):
+    """Parses responses from one upstream connection, one request at a time.
+
+    Call :meth:`expect` before each response with the request's method: a response to
+    HEAD has no body whatever its Content-Length says, and llhttp cannot be told so,
+    so the reader stops llhttp at the head and starts a fresh parser for the next one.
+    """
+
+    def __init__(
+        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
+    ) -> None:
+        super().__init__(max_head_bytes, max_fields)
+        self._parser = httptools.HttpResponseParser(self)
+        self._status = 0
+        self._reason = b""
+        self._head_request = False
+        self._head_buffer: bytearray | None = None
+        self._interim = False
+        # Bytes that arrived after the end of a message: a reused connection with
+        # leftovers would answer the next request with them. Never reuse it.
+        self.dirty = False
+
+    def expect(self, method: bytes) -> None:
+        self._head_request = method == b"HEAD"
+        self._head_buffer = bytearray() if self._head_request else None
+
+    def feed(self, data: bytes) -> None:
+        if self._head_buffer is not None:
+            self._head_buffer += data
+        super().feed(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._head_bytes += len(reason)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(502, f"unsupported HTTP version {version}")
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # consumed here, never forwarded: we send our own 100
+            return
+        head = ResponseHead(status, self._reason, self._headers, version)
+        connection: list[bytes] = []
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                head.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise ProtocolError(502, "transfer-encoding other than chunked")
+                head.chunked = True
+            elif lname == _CONNECTION:
+                connection.extend(_tokens(value))
+        if version == "1.1":
+            head.keep_alive = b"close" not in connection
+        else:
+            head.keep_alive = b"keep-alive" in connection
+        head.no_body = status in (204, 304) or self._head_request
+        if not head.no_body and status != 101 and head.content_length is None:
+            if not head.chunked:
+                head.until_close = True
+                head.keep_alive = False
+        self.events.append(head)
+        if self._head_request:
+            raise _StopAtHead
+
+    def on_message_complete(self) -> None:
+        if self._in_head:  # pragma: no cover - llhttp always completes the head first
+            return
+        if not self.events or self.events[-1] is END or self._last_was_interim():
+            # completion of an interim (1xx) message: nothing to report
+            if self._parser.get_status_code() < 200:
+                return
+        super().on_message_complete()
+
+    def _last_was_interim(self) -> bool:
+        return self._parser.get_status_code() < 200 and self._parser.get_status_code() != 101
+
+    def _after_stop(self, data: bytes) -> None:
+        # The head of a HEAD response ended at the first empty line of what was fed.
+        buffered = bytes(self._head_buffer or b"")
+        end = buffered.find(b"\r\n\r\n")
+        if end == -1 or end + 4 != len(buffered):
+            self.dirty = True
+        self.messages_completed += 1
+        self.events.append(END)
+        self._head_buffer = None
+        self._head_request = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed_eof(self) -> None:
+        """The upstream closed: ends a read-until-close body, else it was cut short."""
+        if self._in_head or self.failed:
+            return
+        self.events.append(END)
+
+
+def _head_lines(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    parts.append(b"\r\n")
+    return parts
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([method, b" ", target, b" HTTP/1.1\r\n", *_head_lines(headers)])
+
+
+def serialize_response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([b"HTTP/1.1 %d " % status, reason, b"\r\n", *_head_lines(headers)])
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; empty data would end the body, so never pass it."""
+    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -1,0 +1,95 @@
+"""The request path's one seam: a Handler takes a Request and returns a Response.
+
+Layers wrap a Handler and are themselves Handlers, composed once per config snapshot
+(see sidecar/outbound.py and sidecar/inbound.py). A Response's body is pulled by the
+downstream loop; ``finish`` is called exactly once when the exchange is over, with
+whether the body went through whole, so the pool can keep or drop the connection and
+metrics can record the outcome once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
+from ..core.errors import Reason, error_response
+from ..core.http1 import RequestHead
+
+
+class BodySource(Protocol):
+    async def read(self) -> bytes | None:
+        """The next piece of body, or None at its end."""
+
+    def has_buffered(self) -> bool:
+        """True when ``read`` would return without waiting for the network."""
+
+
+class Request:
+    __slots__ = ("head", "body", "peer_ip", "service", "target", "authority", "nursery", "source",
+                 "endpoint", "connect_timeout", "timeout", "direction")
+
+    def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
+        self.head = head
+        self.body = body
+        self.peer_ip = peer_ip
+        self.service = ""  # destination service, once known
+        self.target = head.target  # origin-form target to send upstream
+        self.authority: bytes | None = head.host
+        self.source = "unknown"  # calling service, where known
+        # A nursery for work that outlives the handler call (the request-body pump);
+        # set by the downstream loop only for requests that have a body.
+        self.nursery: trio.Nursery | None = None
+        self.endpoint: Endpoint | None = None  # chosen by the balancer
+        self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
+        self.timeout = DEFAULT_REQUEST_TIMEOUT
+        self.direction = "outbound"
+
+
+class Response:
+    __slots__ = ("status", "reason", "headers", "body", "framing", "content_length", "keep_alive",
+                 "mesh_error", "upgrade", "on_finish", "raw")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # already end-to-end: the downstream loop adds framing
+        self.body: BodySource | None = None
+        # "length" (content_length bytes), "chunked" (length unknown), "none" (no body)
+        self.framing = "none"
+        self.content_length: int | None = None
+        self.keep_alive = True  # False: close the downstream connection after this one
+        self.mesh_error = ""  # the x-meshlet-error reason when the mesh made it
+        self.upgrade: Tunnel | None = None  # a tunnel to splice after a 101 (see net/upstream.py)
+        self.on_finish: Callable[[bool], None] | None = None
+        self.raw: bytes | None = None  # a whole pre-serialized response (mesh errors)
+
+    def finish(self, complete: bool) -> None:
+        callback, self.on_finish = self.on_finish, None
+        if callback is not None:
+            callback(complete)
+
+    @classmethod
+    def mesh(cls, reason: Reason, detail: str, *, close: bool = False) -> Response:
+        response = cls(reason.status, reason.phrase, [])
+        response.raw = error_response(reason, detail, close=close)
+        response.mesh_error = reason.name
+        response.keep_alive = not close
+        return response
+
+
+class Tunnel(Protocol):
+    """The upstream side of an upgraded connection (after 101): raw bytes both ways."""
+
+    first_bytes: bytes
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+Handler = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,43 @@
+"""Records every exchange once, when it ends: count, duration, status, mesh reason."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from ..telemetry import Telemetry
+from .base import Handler, Request, Response
+
+
+def metrics_layer(inner: Handler, telemetry: Telemetry, direction: str, local_service: str) -> Handler:
+    inflight = telemetry.inflight
+    finished = telemetry.request_finished
+    outbound = direction == "outbound"
+    inflight.setdefault(direction, 0)
+
+    async def handle(request: Request) -> Response:
+        start = perf_counter()
+        inflight[direction] += 1
+        try:
+            response = await inner(request)
+        except BaseException:
+            inflight[direction] -= 1
+            raise
+        if outbound:
+            source, destination = local_service, request.service or "unknown"
+        else:
+            source, destination = request.source, local_service
+        inner_finish = response.on_finish
+        status = response.status
+        reason = response.mesh_error
+
+        def finish(complete: bool) -> None:
+            inflight[direction] -= 1
+            if inner_finish is not None:
+                inner_finish(complete)
+            why = reason or ("" if complete else "incomplete")
+            finished(direction, source, destination, status, why, perf_counter() - start)
+
+        response.on_finish = finish
+        return response
+
+    return handle

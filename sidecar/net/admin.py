@@ -1,0 +1,67 @@
+"""The admin listener: /metrics /ready /live /config_dump /clusters.
+
+Served by the same HTTP/1.1 loop as the data path, with a handler that answers itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..core.http1 import serialize_response_head
+from ..layers.base import Request, Response
+
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def _respond(status: int, reason: bytes, content_type: bytes, body: bytes) -> Response:
+    response = Response(status, reason, [])
+    response.raw = serialize_response_head(
+        status, reason, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    ) + body
+    return response
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    body = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
+    return _respond(status, b"OK" if status == 200 else b"Service Unavailable", b"application/json", body)
+
+
+class AdminHandler:
+    """``metrics`` renders Prometheus text; the others return JSON-able values."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Callable[[], bytes],
+        ready: Callable[[], tuple[bool, str]],
+        config_dump: Callable[[], Any],
+        clusters: Callable[[], Any],
+    ) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.config_dump = config_dump
+        self.clusters = clusters
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.head.target.split(b"?", 1)[0]
+        if request.head.method not in (b"GET", b"HEAD"):
+            return _respond(405, b"Method Not Allowed", b"text/plain", b"admin endpoints are read-only\n")
+        if path == b"/metrics":
+            return _respond(200, b"OK", PROMETHEUS_TEXT, self.metrics())
+        if path == b"/live":
+            return _respond(200, b"OK", b"text/plain", b"live\n")
+        if path == b"/ready":
+            ok, why = self.ready()
+            if ok:
+                return _respond(200, b"OK", b"text/plain", b"ready\n")
+            return _respond(503, b"Service Unavailable", b"text/plain", f"not ready: {why}\n".encode())
+        if path == b"/config_dump":
+            return json_response(self.config_dump())
+        if path == b"/clusters":
+            return json_response(self.clusters())
+        return _respond(
+            404, b"Not Found", b"text/plain",
+            b"unknown admin path; try /metrics /ready /live /config_dump /clusters\n",
+        )

@@ -1,0 +1,302 @@
+"""Downstream side: the HTTP/1.1 server loop of one client connection.
+
+One request at a time, in order (pipelined requests wait parsed in the reader's queue).
+For each request the loop calls the handler, then writes the response it returns,
+pulling the body piece by piece; a small response goes out in one ``send_all``.
+The loop decides the framing towards the client, answers ``Expect: 100-continue``
+itself when the body is first read, and closes the connection whenever the exchange
+did not end cleanly (bad bytes, a body left unread, a response cut short).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..core import errors
+from ..core.errors import error_response
+from ..core.http1 import (
+    CHUNKED_END,
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    Upgrade,
+    chunk,
+    serialize_response_head,
+)
+from ..layers.base import Handler, Request, Response, Tunnel
+from .upstream import UpstreamBodyError
+
+log = logging.getLogger("meshlet.downstream")
+
+RECEIVE_SIZE = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Envoy's stream idle timeout (5 min); longer than the upstream pool's idle timeout.
+IDLE_TIMEOUT = 300.0
+# Slowloris guard: a started request head must be complete within this (HAProxy's
+# `timeout http-request` idea); the client gets 408.
+HEADER_TIMEOUT = 10.0
+# A started request body that sends nothing for this long is abandoned.
+BODY_IDLE_TIMEOUT = 60.0
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection."""
+
+
+class _Connection:
+    __slots__ = ("stream", "reader", "peer_ip")
+
+    def __init__(self, stream: trio.SocketStream, peer_ip: bytes) -> None:
+        self.stream = stream
+        self.reader = RequestReader()
+        self.peer_ip = peer_ip
+
+    async def receive(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone from exc
+        if not data:
+            raise ClientGone
+        self.reader.feed(data)
+
+
+class _RequestBody:
+    """The request body as the upstream pump pulls it."""
+
+    __slots__ = ("conn", "expect_continue", "done")
+
+    def __init__(self, conn: _Connection, expect_continue: bool) -> None:
+        self.conn = conn
+        self.expect_continue = expect_continue
+        self.done = False
+
+    def has_buffered(self) -> bool:
+        return bool(self.conn.reader.events)
+
+    async def read(self) -> bytes | None:
+        if self.done:
+            return None
+        conn = self.conn
+        if self.expect_continue:
+            self.expect_continue = False
+            await conn.stream.send_all(CONTINUE)
+        events = conn.reader.events
+        if not events:
+            with trio.fail_after(BODY_IDLE_TIMEOUT):
+                while not events:
+                    await conn.receive()
+        event = events.popleft()
+        if type(event) is Data:
+            return event.data  # type: ignore[attr-defined]
+        if type(event) is EndOfMessage:
+            self.done = True
+            return None
+        if isinstance(event, ProtocolError):
+            events.appendleft(event)  # the loop answers it
+            raise event
+        raise ProtocolError(400, f"unexpected {type(event).__name__} in a request body")
+
+
+async def serve_connection(
+    stream: trio.SocketStream,
+    handler: Handler,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
+) -> None:
+    """Serve one client connection until it closes; never raises for client faults."""
+    try:
+        peer = stream.socket.getpeername()
+        peer_ip = str(peer[0]).encode() if isinstance(peer, tuple) else b"unix"
+    except OSError:
+        return
+    conn = _Connection(stream, peer_ip)
+    try:
+        await _serve(conn, handler, idle_timeout, header_timeout)
+    except ClientGone:
+        pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        pass
+    finally:
+        stream.socket.close()
+
+
+async def _next_head(conn: _Connection, idle_timeout: float, header_timeout: float) -> object | None:
+    """The next request head (or a ProtocolError), or None when the client went quiet."""
+    events = conn.reader.events
+    if events:
+        return events.popleft()
+    deadline = trio.current_time() + idle_timeout
+    started = False
+    while not events:
+        with trio.move_on_at(deadline) as scope:
+            await conn.receive()
+        if scope.cancelled_caught:
+            if started:
+                await conn.stream.send_all(
+                    error_response(errors.Reason("bad-request", 408, b"Request Timeout"),
+                                   "request head not complete in time", close=True)
+                )
+            return None
+        if not started and not events:
+            started = True
+            deadline = min(deadline, trio.current_time() + header_timeout)
+    return events.popleft()
+
+
+async def _serve(conn: _Connection, handler: Handler, idle_timeout: float, header_timeout: float) -> None:
+    while True:
+        event = await _next_head(conn, idle_timeout, header_timeout)
+        if event is None:
+            return
+        if isinstance(event, ProtocolError):
+            await _reject(conn, event)
+            return
+        if type(event) is not RequestHead:
+            return  # pragma: no cover - the reader only starts messages with a head
+        head: RequestHead = event
+        body = None
+        if head.has_body:
+            body = _RequestBody(conn, head.expect_continue)
+        else:
+            events = conn.reader.events
+            if events and type(events[0]) is EndOfMessage:
+                events.popleft()
+        request = Request(head, body, conn.peer_ip)
+        if body is None:
+            keep_alive = await _exchange(conn, handler, request)
+        else:
+            async with trio.open_nursery() as nursery:
+                request.nursery = nursery
+                keep_alive = await _exchange(conn, handler, request)
+                nursery.cancel_scope.cancel()  # a pump still waiting on an unread body
+            if not body.done:
+                keep_alive = False
+        if not keep_alive:
+            return
+        if head.upgrade is not None:
+            # llhttp stops at an upgrade request; what followed it is plain HTTP again
+            # when the upstream did not switch protocols.
+            rest = b""
+            events = conn.reader.events
+            while events:
+                leftover = events.popleft()
+                if type(leftover) is Upgrade:
+                    rest = leftover.rest  # type: ignore[attr-defined]
+            conn.reader = RequestReader()
+            if rest:
+                conn.reader.feed(rest)
+
+
+async def _reject(conn: _Connection, error: ProtocolError) -> None:
+    reason = errors.HEADERS_TOO_LARGE if error.status == 431 else errors.BAD_REQUEST
+    await conn.stream.send_all(error_response(reason, error.detail, close=True))
+
+
+async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bool:
+    """Handle one request and write its response; True if the connection may go on."""
+    head = request.head
+    try:
+        response = await handler(request)
+    except ProtocolError as exc:  # pragma: no cover - bodies fail inside the pump
+        await _reject(conn, exc)
+        return False
+    stream = conn.stream
+    if response.raw is not None:
+        try:
+            await stream.send_all(response.raw)
+        finally:
+            response.finish(True)
+        return response.keep_alive and head.keep_alive
+    keep_alive = response.keep_alive and head.keep_alive
+    headers = response.headers
+    framing = response.framing
+    if response.upgrade is not None:
+        await _tunnel(conn, response, response.upgrade)
+        return False
+    if framing == "length":
+        headers.append((b"content-length", b"%d" % response.content_length))  # type: ignore[operator]
+    elif framing == "chunked":
+        if head.http_version == "1.1":
+            headers.append((b"transfer-encoding", b"chunked"))
+        else:
+            framing = "close"  # an HTTP/1.0 client reads until we close
+            keep_alive = False
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    elif head.http_version == "1.0":
+        headers.append((b"connection", b"keep-alive"))
+    pieces = [serialize_response_head(response.status, response.reason, headers)]
+    body = response.body
+    complete = False
+    try:
+        if body is None or head.method == b"HEAD":
+            await stream.send_all(pieces[0])
+            complete = True
+            return keep_alive
+        chunked = framing == "chunked"
+        while True:
+            if pieces and not body.has_buffered():
+                await stream.send_all(b"".join(pieces) if len(pieces) > 1 else pieces[0])
+                pieces = []
+            piece = await body.read()
+            if piece is None:
+                break
+            if piece:
+                pieces.append(chunk(piece) if chunked else piece)
+        if chunked:
+            pieces.append(CHUNKED_END)
+        if pieces:
+            await stream.send_all(b"".join(pieces))
+        complete = True
+        return keep_alive
+    except UpstreamBodyError:
+        # Headers are out: the only honest signal left is to cut the connection,
+        # so the client sees a short body instead of a complete-looking one.
+        return False
+    finally:
+        response.finish(complete)
+
+
+async def _tunnel(conn: _Connection, response: Response, tunnel: Tunnel) -> None:
+    """After a 101: write the head, then copy bytes both ways until either side ends."""
+    rest = b""
+    events = conn.reader.events
+    while events:
+        event = events.popleft()
+        if type(event) is Upgrade:
+            rest = event.rest  # type: ignore[attr-defined]
+    head = serialize_response_head(101, response.reason, response.headers)
+    stream = conn.stream
+    try:
+        await stream.send_all(head + tunnel.first_bytes if tunnel.first_bytes else head)
+        if rest:
+            await tunnel.send_all(rest)
+
+        async def down_to_up() -> None:
+            while data := await stream.receive_some(RECEIVE_SIZE):
+                await tunnel.send_all(data)
+
+        async def up_to_down() -> None:
+            while data := await tunnel.receive_some():
+                await stream.send_all(data)
+
+        async with trio.open_nursery() as nursery:
+
+            async def run(copy: object) -> None:
+                try:
+                    await copy()  # type: ignore[operator]
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run, down_to_up)
+            nursery.start_soon(run, up_to_down)
+    finally:
+        tunnel.close()
+        response.finish(True)

@@ -1,0 +1,411 @@
+"""Upstream side: a pool of persistent HTTP/1.1 connections per endpoint, and the
+terminal handler that sends a request over one of them.
+
+Pool rules (Envoy's, mostly): a connection carries one request at a time; it goes back
+to the idle list only if the exchange ended cleanly (whole request sent, whole response
+read, keep-alive on both sides, no stray bytes after the response); idle connections
+expire after ``idle_timeout``; at most ``max_connections`` per endpoint exist at once
+and at most ``max_idle`` wait idle. A reused connection that turns out to have been
+closed by the peer before it answered a single byte is replaced by a fresh one, once,
+when the request can still be sent again (no body bytes consumed yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+
+import trio
+
+from ..core import errors
+from ..core.config import Endpoint
+from ..core.errors import MeshError
+from ..core.headers import forward_request_headers, forward_response_headers
+from ..core.http1 import (
+    CHUNKED_END,
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    ResponseHead,
+    ResponseReader,
+    Upgrade,
+    chunk,
+    serialize_request_head,
+)
+from ..layers.base import Request, Response
+
+RECEIVE_SIZE = 64 * 1024
+MAX_CONNECTIONS = 1024  # Envoy's max_connections
+MAX_IDLE = 256
+# Shorter than our inbound listener's idle timeout (300 s), so the sidecar-to-sidecar
+# leg closes idle connections from the client side and rarely races a server close.
+IDLE_TIMEOUT = 60.0
+
+_NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class UpstreamClosed(Exception):
+    """The upstream closed the connection before the response was complete."""
+
+
+class UpstreamConnection:
+    __slots__ = ("stream", "reader", "pool", "idle_since", "bytes_received")
+
+    def __init__(self, stream: trio.SocketStream, pool: EndpointPool) -> None:
+        self.stream = stream
+        self.reader = ResponseReader()
+        self.pool = pool
+        self.idle_since = 0.0
+        self.bytes_received = 0  # during the current exchange
+
+    async def next_event(self) -> object:
+        events = self.reader.events
+        while not events:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self.reader.feed_eof()
+                if not events:
+                    raise UpstreamClosed
+                break
+            self.bytes_received += len(data)
+            self.reader.feed(data)
+        return events.popleft()
+
+    def close(self) -> None:
+        self.stream.socket.close()
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        max_connections: int = MAX_CONNECTIONS,
+        max_idle: int = MAX_IDLE,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.endpoint = endpoint
+        self.idle: deque[UpstreamConnection] = deque()
+        self.active = 0
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._slots = trio.Semaphore(max_connections)
+        self.requests = 0
+        self.errors = 0
+        self.connects = 0
+
+    def __repr__(self) -> str:
+        return f"<EndpointPool {self.endpoint.address} [{self.active} active, {len(self.idle)} idle]>"
+
+    async def acquire(self, connect_timeout: float, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange, and whether it was reused from the idle list."""
+        self.requests += 1
+        if not fresh:
+            now = trio.current_time()
+            idle = self.idle
+            while idle:
+                conn = idle.pop()  # most recently used first: the least likely to be stale
+                if now - conn.idle_since < self.idle_timeout:
+                    self.active += 1
+                    conn.bytes_received = 0
+                    return conn, True
+                self._slots.release()
+                conn.close()
+        await self._slots.acquire()
+        try:
+            with trio.fail_after(connect_timeout):
+                stream = await trio.open_tcp_stream(self.endpoint.host, self.endpoint.port)
+        except trio.TooSlowError:
+            self._slots.release()
+            self.errors += 1
+            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address} timed out") from None
+        except OSError as exc:
+            self._slots.release()
+            self.errors += 1
+            why = exc.strerror or str(exc)
+            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}") from None
+        self.connects += 1
+        self.active += 1
+        return UpstreamConnection(stream, self), False
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        self.active -= 1
+        if reusable and len(self.idle) < self.max_idle:
+            conn.idle_since = trio.current_time()
+            conn.reader.events.clear()
+            self.idle.append(conn)
+            return
+        self._slots.release()
+        conn.close()
+
+    def expire_idle(self, now: float) -> int:
+        """Close idle connections past their idle timeout; returns how many."""
+        expired = 0
+        while self.idle and now - self.idle[0].idle_since >= self.idle_timeout:
+            self.idle.popleft().close()
+            self._slots.release()
+            expired += 1
+        return expired
+
+    def close_all(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+            self._slots.release()
+
+
+class UpstreamPools:
+    """Every endpoint's pool, keyed by address (a pool outlives config snapshots)."""
+
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.pools: dict[tuple[str, int], EndpointPool] = {}
+        # endpoint address → service name, for labels
+        self.services: dict[tuple[str, int], str] = {}
+        self.idle_timeout = idle_timeout
+
+    def get(self, endpoint: Endpoint, service: str) -> EndpointPool:
+        key = (endpoint.host, endpoint.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = EndpointPool(endpoint, idle_timeout=self.idle_timeout)
+            self.services[key] = service
+        return pool
+
+    def stats(self) -> Iterator[tuple[str, str, str, int]]:
+        for key, pool in self.pools.items():
+            service = self.services.get(key, "")
+            address = pool.endpoint.address
+            yield service, address, "active", pool.active
+            yield service, address, "idle", len(pool.idle)
+
+    async def serve_expiry(self, interval: float = 5.0) -> None:
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for pool in self.pools.values():
+                pool.expire_idle(now)
+
+
+class _Exchange:
+    """State of one request on one upstream connection."""
+
+    __slots__ = ("conn", "head", "body_started", "request_sent", "client_error", "deadline", "done")
+
+    def __init__(self, conn: UpstreamConnection, deadline: float) -> None:
+        self.conn = conn
+        self.head: ResponseHead | None = None
+        self.body_started = False
+        self.request_sent = False
+        self.client_error: BaseException | None = None
+        self.deadline = deadline
+        self.done = False
+
+
+class _UpstreamBody:
+    """The response body as the downstream loop pulls it."""
+
+    __slots__ = ("exchange", "complete")
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.complete = False
+
+    def has_buffered(self) -> bool:
+        return bool(self.exchange.conn.reader.events)
+
+    async def read(self) -> bytes | None:
+        exchange = self.exchange
+        conn = exchange.conn
+        if conn.reader.events:
+            event = conn.reader.events.popleft()
+        else:
+            with trio.move_on_at(exchange.deadline) as scope:
+                try:
+                    event = await conn.next_event()
+                except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
+                    raise UpstreamBodyError("upstream reset mid-body") from exc
+            if scope.cancelled_caught:
+                raise UpstreamBodyError("request timeout while reading the response body")
+        if type(event) is Data:
+            return event.data  # type: ignore[attr-defined]
+        if type(event) is EndOfMessage:
+            self.complete = True
+            return None
+        raise UpstreamBodyError(f"malformed response body: {event}")
+
+
+class UpstreamBodyError(Exception):
+    """The response body could not be read whole: the downstream must be cut."""
+
+
+class _Tunnel:
+    __slots__ = ("conn", "first_bytes")
+
+    def __init__(self, conn: UpstreamConnection, first_bytes: bytes) -> None:
+        self.conn = conn
+        self.first_bytes = first_bytes
+
+    async def send_all(self, data: bytes) -> None:
+        await self.conn.stream.send_all(data)
+
+    async def receive_some(self) -> bytes:
+        return await self.conn.stream.receive_some(RECEIVE_SIZE)
+
+    def close(self) -> None:
+        self.conn.pool.release(self.conn, False)
+
+
+class Forwarder:
+    """The terminal handler: sends ``request`` to ``request.endpoint`` and returns the
+    response with its body still streaming from the upstream connection."""
+
+    def __init__(self, pools: UpstreamPools, *, allow_upgrades: bool = True) -> None:
+        self.pools = pools
+        self.allow_upgrades = allow_upgrades
+
+    def _head_bytes(self, request: Request, upgrade: bytes | None) -> bytes:
+        head = request.head
+        headers = forward_request_headers(head.headers, request.peer_ip)
+        if request.authority is not None and request.authority != head.host:
+            headers = [(n, v) for n, v in headers if n.lower() != b"host"]
+            headers.insert(0, (b"host", request.authority))
+        if head.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif head.content_length is not None:
+            headers.append((b"content-length", b"%d" % head.content_length))
+        if upgrade is not None:
+            headers.append((b"connection", b"upgrade"))
+            headers.append((b"upgrade", upgrade))
+        return serialize_request_head(head.method, request.target, headers)
+
+    async def __call__(self, request: Request) -> Response:
+        endpoint = request.endpoint
+        assert endpoint is not None, "the balancer layer sets the endpoint"
+        pool = self.pools.get(endpoint, request.service)
+        upgrade = request.head.upgrade
+        if upgrade is not None and (not self.allow_upgrades or upgrade.lower().startswith(b"h2c")):
+            upgrade = None  # h2c upgrades would smuggle HTTP/2 past us: never forwarded
+        head_bytes = self._head_bytes(request, upgrade)
+        deadline = trio.current_time() + request.timeout
+        for attempt in (0, 1):
+            conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
+            exchange = _Exchange(conn, deadline)
+            try:
+                return await self._exchange(request, exchange, head_bytes)
+            except _Stale:
+                pool.release(conn, False)
+                if reused and attempt == 0:
+                    continue  # the peer closed an idle connection: one fresh try
+                pool.errors += 1
+                raise MeshError(errors.UPSTREAM_RESET, f"{endpoint.address} closed the connection") from None
+            except BaseException:
+                pool.errors += 1
+                pool.release(conn, False)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, request: Request, exchange: _Exchange, head_bytes: bytes) -> Response:
+        conn = exchange.conn
+        conn.reader.expect(request.head.method)
+        body = request.body
+        try:
+            if body is None:
+                await conn.stream.send_all(head_bytes)
+                exchange.request_sent = True
+            else:
+                await conn.stream.send_all(head_bytes)
+                assert request.nursery is not None, "the downstream loop opens a nursery for bodies"
+                request.nursery.start_soon(self._pump, request, exchange)
+            with trio.move_on_at(exchange.deadline) as scope:
+                event = await conn.next_event()
+                while type(event) is not ResponseHead:
+                    if isinstance(event, ProtocolError):
+                        raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, f"malformed response: {event}")
+                    event = await conn.next_event()  # pragma: no cover - defensive
+        except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
+            if exchange.client_error is not None:
+                raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
+            if conn.bytes_received == 0 and not exchange.body_started:
+                raise _Stale from exc
+            raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
+        if scope.cancelled_caught:
+            raise MeshError(errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s")
+        assert isinstance(event, ResponseHead)
+        exchange.head = event
+        return self._response(request, exchange, event)
+
+    def _response(self, request: Request, exchange: _Exchange, head: ResponseHead) -> Response:
+        conn = exchange.conn
+        if head.status == 101:
+            response = Response(101, head.reason, forward_response_headers(head.headers))
+            rest = b""
+            events = conn.reader.events
+            while events:
+                event = events.popleft()
+                if type(event) is Upgrade:
+                    rest = event.rest  # type: ignore[attr-defined]
+            response.headers += [(b"connection", b"upgrade"), (b"upgrade", request.head.upgrade or b"")]
+            response.upgrade = _Tunnel(conn, rest)
+            response.keep_alive = False
+            return response
+        response = Response(head.status, head.reason, forward_response_headers(head.headers))
+        if head.no_body:
+            response.framing = "none"
+            if head.content_length is not None and head.status != 204:
+                response.headers.append((b"content-length", b"%d" % head.content_length))
+        elif head.content_length is not None:
+            response.framing = "length"
+            response.content_length = head.content_length
+        else:
+            response.framing = "chunked"
+        body = _UpstreamBody(exchange)
+        response.body = body
+        pool = conn.pool
+
+        def finish(complete: bool) -> None:
+            reusable = (
+                complete
+                and body.complete
+                and head.keep_alive
+                and exchange.request_sent
+                and not conn.reader.dirty
+                and not conn.reader.failed
+                and not conn.reader.events
+            )
+            if not complete:
+                pool.errors += 1
+            pool.release(conn, reusable)
+
+        response.on_finish = finish
+        return response
+
+    async def _pump(self, request: Request, exchange: _Exchange) -> None:
+        """Streams the request body upstream, concurrently with the response."""
+        body = request.body
+        assert body is not None
+        chunked = request.head.chunked
+        send_all = exchange.conn.stream.send_all
+        try:
+            while True:
+                try:
+                    piece = await body.read()
+                except Exception as exc:  # the client sent a bad body or went away
+                    exchange.client_error = exc
+                    exchange.conn.close()
+                    return
+                if piece is None:
+                    break
+                exchange.body_started = True
+                await send_all(chunk(piece) if chunked else piece)
+            if chunked:
+                await send_all(CHUNKED_END)
+            exchange.request_sent = True
+        except _NETWORK_ERRORS:
+            return  # the upstream stopped reading; the response side sees it too
+
+
+class _Stale(Exception):
+    """A reused connection was closed by the peer before it answered."""
+
+
+def remaining(deadline: float) -> float:
+    return max(0.0, deadline - trio.current_time()) if math.isfinite(deadline) else math.inf

@@ -1,0 +1,125 @@
+"""Every metric the sidecar exports: names, labels and buckets in one place.
+
+The request path only bumps plain integers in dicts keyed by label tuples (no locks,
+no prometheus-client objects per request: ``Counter.labels().inc()`` costs several µs).
+At scrape time :func:`render` turns one or more :meth:`Telemetry.snapshot` values
+into Prometheus text, so ``--workers N`` adds the workers' snapshots up.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+# 0.5 ms to 30 s: the sidecar's own overhead sits in the first buckets, timeouts in the last.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUEST_LABELS = ("direction", "source", "destination", "code", "reason")
+INFLIGHT_LABELS = ("direction",)
+CONNECTION_LABELS = ("destination", "endpoint", "state")
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], int] = {}
+        # labels → [count per bucket..., +Inf count, sum]
+        self.durations: dict[tuple[str, ...], list[float]] = {}
+        self.inflight: dict[str, int] = {}  # direction → requests in flight
+        # Called at scrape time: yields (destination, endpoint, state, count).
+        self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+
+    def request_finished(
+        self, direction: str, source: str, destination: str, code: int, reason: str, seconds: float
+    ) -> None:
+        labels = (direction, source, destination, str(code), reason)
+        requests = self.requests
+        requests[labels] = requests.get(labels, 0) + 1
+        hist = self.durations.get(labels)
+        if hist is None:
+            hist = self.durations[labels] = [0.0] * (len(DURATION_BUCKETS) + 2)
+        hist[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        hist[-1] += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain, msgpack-able values: what a worker sends its supervisor."""
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "durations": [[*k, v] for k, v in self.durations.items()],
+            "inflight": [[k, v] for k, v in self.inflight.items()],
+            "connections": [list(row) for row in self.connection_stats()],
+        }
+
+
+def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...], Any]]:
+    merged: dict[str, dict[tuple[str, ...], Any]] = {
+        "requests": {},
+        "durations": {},
+        "inflight": {},
+        "connections": {},
+    }
+    for snap in snapshots:
+        for kind in ("requests", "inflight", "connections"):
+            table = merged[kind]
+            for *labels, value in snap[kind]:
+                key = tuple(labels)
+                table[key] = table.get(key, 0) + value
+        durations = merged["durations"]
+        for *labels, values in snap["durations"]:
+            key = tuple(labels)
+            have = durations.get(key)
+            durations[key] = list(values) if have is None else [a + b for a, b in zip(have, values, strict=True)]
+    return merged
+
+
+class _Collector:
+    def __init__(self, snapshots: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterable[Any]:
+        merged = _merge(self._snapshots())
+        requests = CounterMetricFamily(
+            "meshlet_requests", "Requests per hop, by status code and mesh error reason.", labels=REQUEST_LABELS
+        )
+        for labels, value in merged["requests"].items():
+            requests.add_metric(labels, value)
+        yield requests
+        durations = HistogramMetricFamily(
+            "meshlet_request_duration_seconds",
+            "Time from request head to the end of the response, per hop.",
+            labels=REQUEST_LABELS,
+        )
+        for labels, values in merged["durations"].items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*DURATION_BUCKETS, float("inf")), values[:-1], strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            durations.add_metric(labels, buckets, values[-1])
+        yield durations
+        inflight = GaugeMetricFamily(
+            "meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS
+        )
+        for labels, value in merged["inflight"].items():
+            inflight.add_metric(labels, value)
+        yield inflight
+        connections = GaugeMetricFamily(
+            "meshlet_upstream_connections",
+            "Upstream connections per endpoint: active (carrying a request) or idle (pooled).",
+            labels=CONNECTION_LABELS,
+        )
+        for labels, value in merged["connections"].items():
+            connections.add_metric(labels, value)
+        yield connections
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def render(snapshots: Callable[[], Iterable[dict[str, Any]]]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(snapshots))
+    return generate_latest(registry)

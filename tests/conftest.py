@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from .origin import Origin
+
+
+@pytest.fixture
+async def origin(nursery: trio.Nursery) -> AsyncIterator[Origin]:
+    app = Origin()
+    await nursery.start(app.serve)
+    yield app
+
+
+def need(binary: str) -> str:
+    """The path of a real component, or a skip (a failure under MESHLET_REQUIRE_ALL=1)."""
+    path = shutil.which(binary)
+    if path is None:
+        message = f"{binary} is not installed (Debian package: see PRODUCT §14)"
+        if os.environ.get("MESHLET_REQUIRE_ALL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -1,0 +1,125 @@
+"""Real processes for end-to-end tests: a sidecar started as `python -m sidecar`, in
+its own process group, on port 0 everywhere; its bound ports read from its ready line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+import yaml
+
+READY_TIMEOUT = 20.0
+
+
+@dataclass
+class SidecarProcess:
+    process: trio.Process
+    ports: dict[str, int]
+    stderr_path: Path
+
+    @property
+    def outbound(self) -> str:
+        return f"127.0.0.1:{self.ports['outbound']}"
+
+    @property
+    def inbound(self) -> str:
+        return f"127.0.0.1:{self.ports['inbound']}"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.ports['admin']}"
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def write_static(path: Path, services: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump({"services": services}))
+    return path
+
+
+@asynccontextmanager
+async def run_sidecar(
+    tmp_path: Path,
+    *,
+    service: str,
+    app: str,
+    static: Path,
+    extra: list[str] | None = None,
+) -> AsyncIterator[SidecarProcess]:
+    stderr_path = tmp_path / f"sidecar-{service}-{os.getpid()}-{id(static)}.log"
+    args = [
+        sys.executable, "-m", "sidecar", "sidecar",
+        "--service", service, "--app", app, "--static", str(static),
+        "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        *(extra or []),
+    ]
+    with open(stderr_path, "wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            args, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+        )
+    try:
+        ports = await _read_ready(process, stderr_path)
+        yield SidecarProcess(process, ports, stderr_path)
+    finally:
+        _stop(process)
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+async def _read_ready(process: trio.Process, stderr_path: Path) -> dict[str, int]:
+    assert process.stdout is not None
+    buffer = b""
+    with trio.move_on_after(READY_TIMEOUT):
+        while b"\n" not in buffer:
+            data = await process.stdout.receive_some(4096)
+            if not data:
+                break
+            buffer += data
+    line = buffer.decode(errors="replace").strip()
+    if not line.startswith("meshlet sidecar ready"):
+        raise RuntimeError(f"sidecar did not start: {line!r}\n{stderr_path.read_text(errors='replace')}")
+    ports = {}
+    for item in line.split()[3:]:
+        name, _, address = item.partition("=")
+        ports[name] = int(address.rpartition(":")[2])
+    return ports
+
+
+def _stop(process: trio.Process) -> None:
+    if process.returncode is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return what comes back until the peer
+    closes (or the timeout passes)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    with trio.move_on_after(timeout):
+        await stream.send_all(data)
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            if not read_until_close:
+                break
+    await stream.aclose()
+    return bytes(received)
