@@ -28,7 +28,7 @@ from .layers.inbound import local_app_layer, source_header_layer
 from .layers.metrics import metrics_layer
 from .layers.routing import routing_layer
 from .net.admin import AdminHandler
-from .net.downstream import serve_connection
+from .net.downstream import HEADER_TIMEOUT, serve_connection
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, render
 
@@ -45,6 +45,7 @@ class SidecarOptions:
     static: Path | None = None
     upstreams: dict[str, tuple[str, int]] = field(default_factory=dict)
     reuse_port: bool = False
+    header_timeout: float = HEADER_TIMEOUT
 
 
 def build_outbound(snapshot: MeshSnapshot, forwarder: Forwarder, telemetry: Telemetry, service: str,
@@ -182,8 +183,10 @@ class Sidecar:
             task_status.started(dict(self.addresses))
 
     async def _serve_listener(self, listener: trio.SocketListener, handler: Handler) -> None:
+        header_timeout = self.options.header_timeout
+
         async def on_connection(stream: trio.SocketStream) -> None:
-            await serve_connection(stream, handler)
+            await serve_connection(stream, handler, header_timeout=header_timeout)
 
         await trio.serve_listeners(on_connection, [listener])
 

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an extra outbound listener at ADDR that sends everything to service NAME")
     sidecar.add_argument("--workers", type=int, default=1, metavar="N",
                          help="worker processes sharing the listeners (SO_REUSEPORT); default 1")
+    sidecar.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="a started request head must complete within this, else 408 (slowloris guard; default 10)")
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
@@ -138,6 +140,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         admin=args.admin,
         static=args.static,
         upstreams=dict(args.upstream),
+        header_timeout=args.header_timeout,
     )
     if args.workers > 1:
         from .workers import run_workers

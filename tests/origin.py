@@ -5,6 +5,7 @@ Paths:
   /hello                 200 "hello"
   /echo                  streams the request body back as it arrives (chunked if the
                          request was chunked, else the same Content-Length)
+  /sha256                reads the body as it streams in; answers "<length> <sha256>"
   /info                  JSON: method, target, headers as received, connection number
   /status/N              status N, body "status N"
   /delay/S               waits S seconds, then 200
@@ -17,6 +18,7 @@ Paths:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -36,7 +38,8 @@ def pattern_bytes(n: int) -> bytes:
 @dataclass
 class OriginStats:
     connections: int = 0
-    requests: int = 0
+    requests: int = 0  # request heads received
+    completed: int = 0  # requests whose body was read whole
     paths: list[str] = field(default_factory=list)
     last_headers: list[tuple[str, str]] = field(default_factory=list)
 
@@ -99,8 +102,10 @@ class Origin:
             event = await self._next(stream, conn)
             if isinstance(event, h11.Data):
                 body += event.data
-            else:
+            elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
+            else:
+                raise trio.BrokenResourceError("request body cut short")
 
     async def _handle(self, stream: trio.SocketStream, conn: h11.Connection, req: h11.Request, number: int) -> bool:
         path, _, query = req.target.decode().partition("?")
@@ -117,11 +122,29 @@ class Origin:
                 event = await self._next(stream, conn)
                 if isinstance(event, h11.Data):
                     await self._send(stream, conn, h11.Data(data=event.data))
-                else:
+                elif isinstance(event, h11.EndOfMessage):
                     break
+                else:
+                    raise trio.BrokenResourceError("request body cut short")
+            self.stats.completed += 1
             await self._send(stream, conn, h11.EndOfMessage())
             return True
+        if path == "/sha256":
+            digest, length = hashlib.sha256(), 0
+            while True:
+                event = await self._next(stream, conn)
+                if isinstance(event, h11.Data):
+                    digest.update(event.data)
+                    length += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise trio.BrokenResourceError("request body cut short")
+            self.stats.completed += 1
+            await self._simple(stream, conn, 200, f"{length} {digest.hexdigest()}".encode())
+            return True
         await self._read_body(stream, conn)
+        self.stats.completed += 1
         if path == "/hello":
             await self._simple(stream, conn, 200, b"hello")
         elif path == "/info":
@@ -134,7 +157,10 @@ class Origin:
             await self._simple(stream, conn, 200, json.dumps(info).encode(), b"application/json")
         elif path.startswith("/status/"):
             code = int(path.rsplit("/", 1)[1])
-            await self._simple(stream, conn, code, f"status {code}".encode())
+            if code in (204, 304):  # no body allowed; a wrong Content-Length to be ignored
+                await self._send(stream, conn, h11.Response(status_code=code, headers=[]), h11.EndOfMessage())
+            else:
+                await self._simple(stream, conn, code, f"status {code}".encode())
         elif path.startswith("/delay/"):
             await trio.sleep(float(path.rsplit("/", 1)[1]))
             await self._simple(stream, conn, 200, b"late")
@@ -145,7 +171,7 @@ class Origin:
             else:
                 head = [(b"content-length", str(n).encode())]
             await self._send(stream, conn, h11.Response(status_code=200, headers=head))
-            sent = 0
+            sent = n if req.method == b"HEAD" else 0
             while sent < n:
                 piece = PATTERN[: min(len(PATTERN), n - sent)]
                 await self._send(stream, conn, h11.Data(data=piece))

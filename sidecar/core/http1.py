@@ -284,6 +284,7 @@ class ResponseReader(_Reader):
         self._head_request = False
         self._head_buffer: bytearray | None = None
         self._interim = False
+        self._reading_until_close = False
         # Bytes that arrived after the end of a message: a reused connection with
         # leftovers would answer the next request with them. Never reuse it.
         self.dirty = False
@@ -336,6 +337,7 @@ class ResponseReader(_Reader):
             if not head.chunked:
                 head.until_close = True
                 head.keep_alive = False
+                self._reading_until_close = True
         self.events.append(head)
         if self._head_request:
             raise _StopAtHead
@@ -435,6 +437,7 @@ class ResponseReader(_Reader):
         self._head_request = False
         self._head_buffer: bytearray | None = None
         self._interim = False
+        self._reading_until_close = False
         # Bytes that arrived after the end of a message: a reused connection with
         # leftovers would answer the next request with them. Never reuse it.
         self.dirty = False
@@ -487,6 +490,7 @@ class ResponseReader(_Reader):
             if not head.chunked:
                 head.until_close = True
                 head.keep_alive = False
+                self._reading_until_close = True
         self.events.append(head)
         if self._head_request:
             raise _StopAtHead
@@ -516,10 +520,12 @@ class ResponseReader(_Reader):
         self._parser = httptools.HttpResponseParser(self)
 
     def feed_eof(self) -> None:
-        """The upstream closed: ends a read-until-close body, else it was cut short."""
-        if self._in_head or self.failed:
-            return
-        self.events.append(END)
+        """The upstream closed: ends a read-until-close body; anywhere else the close
+        queues nothing, and the caller treats the missing events as a cut-short message."""
+        if self._reading_until_close and not self.failed:
+            self._reading_until_close = False
+            self.messages_completed += 1
+            self.events.append(END)
 
 
 def _head_lines(headers: list[tuple[bytes, bytes]]) -> list[bytes]:

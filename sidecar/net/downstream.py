@@ -160,11 +160,16 @@ async def _serve(conn: _Connection, handler: Handler, idle_timeout: float, heade
         if type(event) is not RequestHead:
             return  # pragma: no cover - the reader only starts messages with a head
         head: RequestHead = event
+        events = conn.reader.events
+        if events and isinstance(events[-1], ProtocolError):
+            # The body already read is bad (e.g. an invalid chunk size): answer now,
+            # before anything reaches the upstream.
+            await _reject(conn, events[-1])
+            return
         body = None
         if head.has_body:
             body = _RequestBody(conn, head.expect_continue)
         else:
-            events = conn.reader.events
             if events and type(events[0]) is EndOfMessage:
                 events.popleft()
         request = Request(head, body, conn.peer_ip)

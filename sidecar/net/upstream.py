@@ -12,7 +12,6 @@ when the request can still be sent again (no body bytes consumed yet).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterator
 
@@ -20,7 +19,7 @@ import trio
 
 from ..core import errors
 from ..core.config import Endpoint
-from ..core.errors import MeshError
+from ..core.errors import ERROR_HEADER, MeshError
 from ..core.headers import forward_request_headers, forward_response_headers
 from ..core.http1 import (
     CHUNKED_END,
@@ -348,6 +347,11 @@ class Forwarder:
             response.keep_alive = False
             return response
         response = Response(head.status, head.reason, forward_response_headers(head.headers))
+        if head.status >= 400:
+            # An error made by the next sidecar keeps its reason in this hop's metrics.
+            for name, value in head.headers:
+                if name.lower() == ERROR_HEADER:
+                    response.mesh_error = value.decode("ascii", "replace")
         if head.no_body:
             response.framing = "none"
             if head.content_length is not None and head.status != 204:
@@ -405,7 +409,3 @@ class Forwarder:
 
 class _Stale(Exception):
     """A reused connection was closed by the peer before it answered."""
-
-
-def remaining(deadline: float) -> float:
-    return max(0.0, deadline - trio.current_time()) if math.isfinite(deadline) else math.inf

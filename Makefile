@@ -1,0 +1,31 @@
+# The two commands a newcomer runs (README): `make demo` and `make test`.
+# Each creates .venv and installs what it needs; nothing else is required.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/meshlet demo $(DEMO_ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check sidecar control_plane tests benchmarks examples
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check sidecar control_plane tests benchmarks examples
+	$(PY) -m ruff format --check sidecar control_plane tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info

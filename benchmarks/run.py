@@ -1,0 +1,822 @@
+"""meshlet benchmark harness: one run, four data paths side by side, results in RESULTS.md.
+
+Scenarios (every request carries ``Host: bench``):
+
+    direct        wrk → nginx
+    haproxy       wrk → HAProxy (1 thread, pooled keep-alive) → nginx
+    one sidecar   wrk → sidecar outbound → nginx
+    mesh path     wrk → sidecar A outbound → sidecar B inbound → nginx
+
+For each: saturation throughput (wrk -t1 -c32), latency at concurrency 1, latency at a
+fixed moderate rate (wrk + a Lua ``delay()`` pacing script: Debian has no wrk2), the
+proxies' CPU time per request (utime+stime from /proc/PID/stat around the saturation
+run) and their RSS after it. Then 200 MB streamed down and up through a fresh mesh path,
+recording each sidecar's peak RSS (VmHWM).
+
+Pinning: wrk, curl and nginx on core 0, every proxy on core 1.
+
+Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import importlib.metadata
+import os
+import platform
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
+TOOLS = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "curl": "curl", "taskset": "util-linux"}
+CLIENT_CORE = "0"  # wrk, curl, nginx
+PROXY_CORE = "1"  # sidecars, HAProxy
+HOST_HEADER = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT = 20.0
+
+# Targets for ONE sidecar (the issue's acceptance numbers).
+TARGET_THROUGHPUT_VS_HAPROXY = 0.30
+TARGET_CPU_US = 80.0
+TARGET_ADDED_P50_MS = 0.20
+TARGET_RSS_MB = 40.0
+TARGET_STREAM_RSS_MB = 60.0
+
+console = Console(highlight=False)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup_s: int
+    saturation_s: int
+    c1_s: int
+    paced_s: int
+    saturation_connections: int = 32
+    paced_rate: int = 1000  # requests per second, across all paced connections
+    paced_connections: int = 10
+    stream_mb: int = 200
+    out: Path = DEFAULT_OUT
+
+    @property
+    def pause_ms(self) -> int:
+        """Per-connection pause between requests that paces the whole run to ``paced_rate``."""
+        return round(1000 * self.paced_connections / self.paced_rate)
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs and a 20 MB stream: a smoke check")
+    parser.add_argument("--duration", type=int, metavar="SECONDS", help="saturation run length (default 10, quick 3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        settings = Settings(warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out)
+    else:
+        settings = Settings(warmup_s=2, saturation_s=10, c1_s=5, paced_s=5, out=args.out)
+    if args.duration is not None:
+        if args.duration < 1:
+            parser.error("--duration must be at least 1")
+        settings = Settings(**{**settings.__dict__, "saturation_s": args.duration})
+    return settings
+
+
+def announce(message: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] [bold cyan]▶[/bold cyan] {message}")
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+def ensure_tools() -> None:
+    """Every external tool present, installing with apt-get when root; exits 1 otherwise."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if not missing:
+        return
+    packages = sorted({TOOLS[tool] for tool in missing})
+    if os.geteuid() != 0:
+        console.print(f"[red]missing: {', '.join(missing)}[/red]\ninstall them with:\n"
+                      f"    sudo apt-get install -y {' '.join(packages)}")
+        sys.exit(1)
+    announce(f"installing {' '.join(packages)} with apt-get")
+    install = ["apt-get", "install", "-y", *packages]
+    if subprocess.run(install).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=True)
+        subprocess.run(install, check=True)
+    still_missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if still_missing:
+        console.print(f"[red]still missing after apt-get: {', '.join(still_missing)}[/red]")
+        sys.exit(1)
+
+
+def check_cores() -> None:
+    cores = os.sched_getaffinity(0)
+    if not {int(CLIENT_CORE), int(PROXY_CORE)} <= cores:
+        console.print(f"[red]need cores {CLIENT_CORE} and {PROXY_CORE}; this process may use {sorted(cores)}[/red]")
+        sys.exit(1)
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to its own process group (nginx's worker) if it lingers."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own group: start_new_session=True
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path, *, stdout: int | None = None) -> Iterator[subprocess.Popen]:
+    """A long-lived child in its own session (Ctrl-C reaches only us), stopped on exit."""
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(argv, stdout=stdout if stdout is not None else log_file, stderr=log_file,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text(errors='replace')}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {READY_TIMEOUT:g}s; see {log}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def memory_mb(pid: int, key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------- servers
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    default_type application/octet-stream;
+    client_body_temp_path {tmp}/nginx-client-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    log_format upload '$status $request_length';
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/www;
+        location = /ok {{
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+        location = /big.bin {{ }}
+        # proxy_pass reads the WHOLE request body before it answers (a bare `return`
+        # would answer first and discard the body afterwards); the body itself goes nowhere.
+        location = /upload {{
+            client_max_body_size 0;
+            access_log {tmp}/upload.log upload;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_pass http://127.0.0.1:{port}/stored;
+        }}
+        location = /stored {{
+            default_type text/plain;
+            return 200 "stored\\n";
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend nginx
+backend nginx
+    server nginx 127.0.0.1:{nginx_port}
+"""
+
+WRK_SCRIPT = """\
+-- Written by benchmarks/run.py. Optional script argument: a pause in ms before each
+-- request of a connection (paced mode); done() prints one RESULT line the harness parses.
+function init(args)
+  local pause_ms = tonumber(args[1]) or 0
+  if pause_ms > 0 then
+    delay = function() return pause_ms end
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d " ..
+    "p50_us=%.1f p99_us=%.1f mean_us=%.1f max_us=%.1f\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+@dataclass
+class Workdir:
+    """The temp directory every config, log and data file of the run lives in."""
+
+    root: Path
+
+    @property
+    def big_file(self) -> Path:
+        return self.root / "www" / "big.bin"
+
+    @property
+    def wrk_script(self) -> Path:
+        return self.root / "report.lua"
+
+    @property
+    def upload_log(self) -> Path:
+        return self.root / "upload.log"
+
+
+def prepare_workdir(root: Path, stream_mb: int) -> Workdir:
+    root.chmod(0o755)  # nginx workers run as nobody when we are root
+    workdir = Workdir(root)
+    workdir.big_file.parent.mkdir(mode=0o755)
+    block = os.urandom(1024 * 1024)
+    with open(workdir.big_file, "wb") as out:
+        for _ in range(stream_mb):
+            out.write(block)
+    workdir.big_file.chmod(0o644)
+    workdir.wrk_script.write_text(WRK_SCRIPT)
+    return workdir
+
+
+@contextlib.contextmanager
+def run_nginx(workdir: Workdir) -> Iterator[int]:
+    port = free_port()
+    conf = workdir.root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=workdir.root, port=port))
+    log = workdir.root / "nginx.out"
+    argv = pinned(CLIENT_CORE, ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-error.log"),
+                                "-c", str(conf)])
+    with started(argv, log) as process:
+        wait_for_port(port, process, log)
+        yield port
+
+
+@contextlib.contextmanager
+def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Proxy]:
+    port = free_port()
+    conf = workdir.root / "haproxy.cfg"
+    conf.write_text(HAPROXY_CONF.format(port=port, nginx_port=nginx_port))
+    log = workdir.root / "haproxy.log"
+    with started(pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)]), log) as process:
+        wait_for_port(port, process, log)
+        yield Proxy("haproxy", process.pid, port)
+
+
+@dataclass
+class Proxy:
+    name: str
+    pid: int
+    port: int  # where the next hop (or wrk) sends requests
+    admin: int | None = None
+    inbound: int | None = None
+
+
+@contextlib.contextmanager
+def run_sidecar(workdir: Workdir, name: str, *, service: str, app_port: int, endpoint_port: int) -> Iterator[Proxy]:
+    """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port."""
+    static = workdir.root / f"{name}.yaml"
+    static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]}}}}\n')
+    argv = pinned(PROXY_CORE, [
+        sys.executable, "-m", "sidecar", "sidecar", "--service", service, "--app", f"127.0.0.1:{app_port}",
+        "--static", str(static), "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+    ])
+    log = workdir.root / f"{name}.log"
+    with started(argv, log, stdout=subprocess.PIPE) as process:
+        ports = read_ready_line(process, log)
+        yield Proxy(name, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
+
+
+def read_ready_line(process: subprocess.Popen, log: Path) -> dict[str, int]:
+    """Ports from ``meshlet sidecar ready outbound=H:P inbound=H:P admin=H:P``."""
+    assert process.stdout is not None
+    buffer = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while b"\n" not in buffer and time.monotonic() < deadline:
+            if selector.select(timeout=0.2):
+                data = os.read(process.stdout.fileno(), 4096)
+                if not data:
+                    break
+                buffer += data
+    line = buffer.decode(errors="replace").strip()
+    if not line.startswith("meshlet sidecar ready"):
+        raise RuntimeError(f"sidecar did not start (stdout {line!r}):\n{log.read_text(errors='replace')}")
+    return {name: int(address.rpartition(":")[2]) for name, _, address in
+            (item.partition("=") for item in line.split()[3:])}
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    errors: dict[str, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def error_text(self) -> str:
+        labels = {"status": "non-2xx/3xx", "connect": "connect", "read": "read", "write": "write",
+                  "timeout": "timeout"}
+        found = [f"{labels[kind]} {count}" for kind, count in self.errors.items() if count]
+        return ", ".join(found) or "0"
+
+
+def run_wrk(port: int, *, connections: int, seconds: int, path: str, script: Path, pause_ms: int = 0,
+            latency: bool = False) -> WrkResult:
+    argv = pinned(CLIENT_CORE, [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-H", f"Host: {HOST_HEADER}", "-s", str(script),
+        *(["--latency"] if latency else []), f"http://127.0.0.1:{port}{path}",
+        *(["--", str(pause_ms)] if pause_ms else []),
+    ])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    match = re.search(r"^RESULT (.*)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {' '.join(argv)}\n{done.stdout}\n{done.stderr}")
+    values = {key: float(value) for key, value in (item.split("=") for item in match.group(1).split())}
+    return WrkResult(
+        requests=int(values["requests"]),
+        seconds=values["duration_us"] / 1e6,
+        p50_ms=values["p50_us"] / 1000,
+        p99_ms=values["p99_us"] / 1000,
+        mean_ms=values["mean_us"] / 1000,
+        errors={kind: int(values[kind]) for kind in ("status", "connect", "read", "write", "timeout")},
+    )
+
+
+def check_request(port: int) -> None:
+    """One GET /ok with Host: bench must answer 200 ``ok`` before we load the path."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/ok", headers={"Host": HOST_HEADER})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200 or body != b"ok\n":
+        raise RuntimeError(f"sanity request via port {port}: {response.status} {body[:200]!r}")
+
+
+def sidecar_error_count(admin_port: int) -> int:
+    """Requests the sidecar itself recorded with a non-2xx/3xx code or a mesh error reason."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    errors = 0
+    for line in text.splitlines():
+        if not line.startswith("meshlet_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if not labels.get("code", "").startswith(("2", "3")) or labels.get("reason"):
+            errors += int(float(line.rsplit(" ", 1)[1]))
+    return errors
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    saturation: WrkResult
+    c1: WrkResult
+    paced: WrkResult
+    cpu_us_by_proxy: dict[str, float] = field(default_factory=dict)
+    rss_mb_by_proxy: dict[str, float] = field(default_factory=dict)
+    sidecar_errors: int | None = None
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        return sum(self.cpu_us_by_proxy.values()) if self.cpu_us_by_proxy else None
+
+
+@contextlib.contextmanager
+def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tuple[int, list[Proxy]]]:
+    """The port wrk targets for a scenario, and the proxy processes on the path."""
+    if name == "direct":
+        yield nginx_port, []
+    elif name == "haproxy":
+        with run_haproxy(workdir, nginx_port) as haproxy:
+            yield haproxy.port, [haproxy]
+    elif name == "one sidecar":
+        with run_sidecar(workdir, "sidecar", service="client", app_port=nginx_port,
+                         endpoint_port=nginx_port) as sidecar:
+            yield sidecar.port, [sidecar]
+    elif name == "mesh path":
+        with mesh_path(workdir, nginx_port) as (port, proxies):
+            yield port, proxies
+    else:
+        raise ValueError(name)
+
+
+@contextlib.contextmanager
+def mesh_path(workdir: Workdir, nginx_port: int, tag: str = "") -> Iterator[tuple[int, list[Proxy]]]:
+    """Sidecar B (service bench, app nginx) first, then A pointing at B's inbound."""
+    with run_sidecar(workdir, f"sidecar-B{tag}", service=HOST_HEADER, app_port=nginx_port,
+                     endpoint_port=nginx_port) as b:
+        assert b.inbound is not None
+        with run_sidecar(workdir, f"sidecar-A{tag}", service="client", app_port=nginx_port,
+                         endpoint_port=b.inbound) as a:
+            yield a.port, [a, b]
+
+
+SCENARIOS = ("direct", "haproxy", "one sidecar", "mesh path")
+
+
+def measure_scenario(name: str, workdir: Workdir, nginx_port: int, settings: Settings) -> ScenarioResult:
+    script = workdir.wrk_script
+    with scenario_path(name, workdir, nginx_port) as (port, proxies):
+        check_request(port)
+        announce(f"{name}: warm-up {settings.warmup_s}s")
+        run_wrk(port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok",
+                script=script)
+        announce(f"{name}: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s")
+        cpu_before = {proxy.name: cpu_seconds(proxy.pid) for proxy in proxies}
+        saturation = run_wrk(port, connections=settings.saturation_connections, seconds=settings.saturation_s,
+                             path="/ok", script=script)
+        cpu_us = {proxy.name: (cpu_seconds(proxy.pid) - cpu_before[proxy.name]) * 1e6 / max(saturation.requests, 1)
+                  for proxy in proxies}
+        rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
+        announce(f"{name}: latency at concurrency 1 for {settings.c1_s}s")
+        c1 = run_wrk(port, connections=1, seconds=settings.c1_s, path="/ok", script=script, latency=True)
+        announce(f"{name}: latency at ~{settings.paced_rate} req/s for {settings.paced_s}s")
+        paced = run_wrk(port, connections=settings.paced_connections, seconds=settings.paced_s, path="/ok",
+                        script=script, pause_ms=settings.pause_ms, latency=True)
+        sidecar_errors = None
+        admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
+        if admins:
+            sidecar_errors = sum(sidecar_error_count(admin) for admin in admins)
+    result = ScenarioResult(name, saturation, c1, paced, cpu_us, rss, sidecar_errors)
+    console.print(f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}")
+    return result
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class StreamResult:
+    direction: str
+    expected_bytes: int
+    transferred_bytes: int
+    seconds: float
+    status: str
+    peak_rss_mb: dict[str, float]
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.transferred_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def run_curl(argv: list[str]) -> tuple[str, int, float, str]:
+    """(http code, bytes moved, seconds, stderr) of one bounded curl transfer."""
+    command = pinned(CLIENT_CORE, ["curl", "-sS", "-o", "/dev/null", "--max-time", "120", *argv])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    code, size, seconds = (done.stdout.split() + ["000", "0", "0"])[:3]
+    return code, int(float(size)), float(seconds), done.stderr.strip()
+
+
+def last_upload_length(workdir: Workdir) -> int:
+    """The request length nginx logged for the last /upload (head + body bytes it read)."""
+    lines = workdir.upload_log.read_text().split("\n") if workdir.upload_log.exists() else []
+    lines = [line for line in lines if line.strip()]
+    return int(lines[-1].split()[1]) if lines else 0
+
+
+def measure_stream(direction: str, workdir: Workdir, nginx_port: int) -> StreamResult:
+    """200 MB down (GET /big.bin) or up (POST /upload) through a fresh mesh path."""
+    size = workdir.big_file.stat().st_size
+    with mesh_path(workdir, nginx_port, tag=f"-{direction}") as (port, proxies):
+        url = f"http://127.0.0.1:{port}"
+        common = ["-H", f"Host: {HOST_HEADER}"]
+        if direction == "download":
+            code, moved, seconds, stderr = run_curl([*common, "-w", "%{http_code} %{size_download} %{time_total}",
+                                                     f"{url}/big.bin"])
+        else:
+            code, moved, seconds, stderr = run_curl([*common, "-H", "Expect:", "-X", "POST", "-T",
+                                                     str(workdir.big_file), "-w",
+                                                     "%{http_code} %{size_upload} %{time_total}", f"{url}/upload"])
+        peaks = {proxy.name.split("-")[1]: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
+    problems = []
+    if code != "200":
+        problems.append(f"HTTP {code}")
+    if moved != size:
+        problems.append(f"moved {moved} of {size} bytes")
+    if direction == "upload" and (received := last_upload_length(workdir)) < size:
+        problems.append(f"nginx read only {received} bytes")
+    if stderr:
+        problems.append(stderr)
+    return StreamResult(direction, size, moved, seconds, code, peaks, "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+@dataclass
+class TableData:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Target:
+    metric: str
+    value: float | None
+    limit: float
+    unit: str
+    comparison: str = "<="  # value <comparison> limit passes: one of "<=", "<", ">="
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        return {"<=": self.value <= self.limit, "<": self.value < self.limit, ">=": self.value >= self.limit}[
+            self.comparison]
+
+    def row(self) -> list[str]:
+        shown = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
+        sign = {"<=": "≤", "<": "<", ">=": "≥"}[self.comparison]
+        return [self.metric, shown, f"{sign} {self.limit:g}{self.unit}", "PASS" if self.passed else "FAIL"]
+
+
+def ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}×" if base else "n/a"
+
+
+def build_tables(results: dict[str, ScenarioResult], streams: list[StreamResult], settings: Settings) -> list[TableData]:
+    direct, haproxy = results["direct"], results["haproxy"]
+    throughput = TableData(
+        f"Throughput at saturation (wrk -t1 -c{settings.saturation_connections} -d{settings.saturation_s}s)",
+        ["scenario", "req/s", "vs direct", "vs HAProxy", "wrk errors"],
+        [[r.name, f"{r.saturation.rps:,.0f}", ratio(r.saturation.rps, direct.saturation.rps),
+          ratio(r.saturation.rps, haproxy.saturation.rps), r.saturation.error_text()] for r in results.values()],
+    )
+    latency_c1 = TableData(
+        f"Latency at concurrency 1 (wrk -t1 -c1 -d{settings.c1_s}s)",
+        ["scenario", "req/s", "p50 ms", "p99 ms", "added p50 vs direct ms", "wrk errors"],
+        [[r.name, f"{r.c1.rps:,.0f}", f"{r.c1.p50_ms:.3f}", f"{r.c1.p99_ms:.3f}",
+          f"{r.c1.p50_ms - direct.c1.p50_ms:+.3f}", r.c1.error_text()] for r in results.values()],
+    )
+    paced = TableData(
+        f"Latency at a fixed rate (~{settings.paced_rate} req/s: wrk -t1 -c{settings.paced_connections} "
+        f"-d{settings.paced_s}s, Lua delay() {settings.pause_ms} ms per connection)",
+        ["scenario", "achieved req/s", "p50 ms", "p99 ms", "wrk errors"],
+        [[r.name, f"{r.paced.rps:,.0f}", f"{r.paced.p50_ms:.3f}", f"{r.paced.p99_ms:.3f}", r.paced.error_text()]
+         for r in results.values()],
+        note="Closed-loop pacing: each connection waits the delay after its previous response, so the rate "
+             "falls slightly short of nominal and latency is not corrected for coordinated omission.",
+    )
+    cost = TableData(
+        "Proxy cost during the saturation run (CPU = utime+stime / requests; RSS = VmRSS right after)",
+        ["scenario", "CPU µs/req (total)", "CPU µs/req per process", "RSS MB per process", "sidecar-recorded errors"],
+        [[r.name, f"{r.cpu_us_per_request:.1f}",
+          ", ".join(f"{name} {us:.1f}" for name, us in r.cpu_us_by_proxy.items()),
+          ", ".join(f"{name} {mb:.1f}" for name, mb in r.rss_mb_by_proxy.items()),
+          "n/a" if r.sidecar_errors is None else str(r.sidecar_errors)]
+         for r in results.values() if r.cpu_us_by_proxy],
+    )
+    streaming = TableData(
+        f"Streaming {settings.stream_mb} MB through the mesh path (curl, fresh sidecar pair per direction)",
+        ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
+        [[s.direction, s.status, f"{s.transferred_bytes:,}", f"{s.seconds:.2f}", f"{s.mb_per_s:.0f}",
+          f"{s.peak_rss_mb.get('A', 0):.1f}", f"{s.peak_rss_mb.get('B', 0):.1f}", "ok" if s.ok else s.problem]
+         for s in streams],
+    )
+    return [throughput, latency_c1, paced, cost, streaming]
+
+
+def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult]) -> list[Target]:
+    one, direct, haproxy = results["one sidecar"], results["direct"], results["haproxy"]
+    stream_peak = max((mb for s in streams for mb in s.peak_rss_mb.values()), default=None)
+    if any(not s.ok for s in streams):
+        stream_peak = None  # a broken transfer proves nothing about memory
+    return [
+        Target("throughput vs HAProxy", one.saturation.rps / haproxy.saturation.rps, TARGET_THROUGHPUT_VS_HAPROXY,
+               "×", comparison=">="),
+        Target("CPU per request", one.cpu_us_per_request, TARGET_CPU_US, " µs"),
+        Target("added p50 at c=1", one.c1.p50_ms - direct.c1.p50_ms, TARGET_ADDED_P50_MS, " ms"),
+        Target("RSS after saturation", one.rss_mb_by_proxy.get("sidecar"), TARGET_RSS_MB, " MB"),
+        Target("peak RSS per sidecar, streaming", stream_peak, TARGET_STREAM_RSS_MB, " MB", comparison="<"),
+    ]
+
+
+def markdown_table(table: TableData) -> str:
+    widths = [max(len(row[i]) for row in [table.headers, *table.rows]) for i in range(len(table.headers))]
+
+    def line(cells: list[str]) -> str:
+        padded = [cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":"
+                             for i, w in enumerate(widths)) + " |"
+    out = [f"### {table.title}", "", line(table.headers), rule, *(line(row) for row in table.rows)]
+    if table.note:
+        out += ["", table.note]
+    return "\n".join(out) + "\n"
+
+
+def command_version(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].strip() if text else "unknown"
+
+
+def environment() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {
+        "CPU": cpu,
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": importlib.metadata.version("trio"),
+        "httptools": importlib.metadata.version("httptools"),
+        "nginx": command_version(["nginx", "-v"]),
+        "haproxy": command_version(["haproxy", "-v"]),
+        "wrk": command_version(["wrk", "-v"]),
+    }
+
+
+def render_markdown(tables: list[TableData], targets: list[Target], env: dict[str, str], settings: Settings,
+                    started_at: datetime, elapsed_s: float) -> str:
+    targets_table = TableData("Targets for one sidecar", ["metric", "value", "target", "result"],
+                              [t.row() for t in targets])
+    lines = [
+        "# meshlet benchmark results",
+        "",
+        "Written by `benchmarks/run.py` (see benchmarks/README.md for what each number means).",
+        "",
+        f"- date: {started_at.strftime('%Y-%m-%d %H:%M:%S %Z')} (run took {elapsed_s:.0f} s)",
+        f"- machine: {env['CPU']}, nproc {env['nproc']}, kernel {env['kernel']}",
+        f"- versions: python {env['python']}, trio {env['trio']}, httptools {env['httptools']}; "
+        f"{env['nginx']}; {env['haproxy']}; {env['wrk']}",
+        f"- pinning: wrk, curl and nginx (1 worker) on core {CLIENT_CORE} (`taskset -c {CLIENT_CORE}`); "
+        f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
+        f"- runs: warm-up {settings.warmup_s}s, saturation {settings.saturation_s}s, c=1 {settings.c1_s}s, "
+        f"paced {settings.paced_s}s; every request `GET /ok` with `Host: {HOST_HEADER}` (nginx answers `ok\\n`)",
+        "",
+    ]
+    for table in [*tables, targets_table]:
+        lines += [markdown_table(table)]
+    return "\n".join(lines)
+
+
+def print_summary(tables: list[TableData], targets: list[Target]) -> None:
+    for data in tables:
+        table = Table(title=data.title, title_justify="left")
+        for i, header in enumerate(data.headers):
+            table.add_column(header, justify="left" if i == 0 else "right")
+        for row in data.rows:
+            table.add_row(*row)
+        console.print(table)
+    table = Table(title="Targets for one sidecar", title_justify="left")
+    for header in ("metric", "value", "target", "result"):
+        table.add_column(header)
+    for target in targets:
+        *cells, verdict = target.row()
+        table.add_row(*cells, f"[green]{verdict}[/green]" if target.passed else f"[bold red]{verdict}[/bold red]")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run(settings: Settings) -> int:
+    started_at = datetime.now().astimezone()
+    clock = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
+        announce(f"generating a {settings.stream_mb} MB file in {tmp}")
+        workdir = prepare_workdir(Path(tmp), settings.stream_mb)
+        announce(f"starting nginx on core {CLIENT_CORE}")
+        with run_nginx(workdir) as nginx_port:
+            results = {}
+            for name in SCENARIOS:
+                announce(f"scenario [bold]{name}[/bold]")
+                results[name] = measure_scenario(name, workdir, nginx_port, settings)
+            streams = []
+            for direction in ("download", "upload"):
+                announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
+                streams.append(measure_stream(direction, workdir, nginx_port))
+                console.print(f"    {streams[-1].mb_per_s:.0f} MB/s, peak RSS {streams[-1].peak_rss_mb}, "
+                              f"{'ok' if streams[-1].ok else streams[-1].problem}")
+    tables = build_tables(results, streams, settings)
+    targets = build_targets(results, streams)
+    elapsed = time.monotonic() - clock
+    settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed))
+    print_summary(tables, targets)
+    announce(f"done in {elapsed:.0f} s; results written to {settings.out}")
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    ensure_tools()
+    check_cores()
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so every finally block runs
+    try:
+        return run(settings)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; everything started was stopped[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
