@@ -59,7 +59,7 @@ TARGET_ADDED_P50_MS = 0.20
 TARGET_RSS_MB = 40.0
 TARGET_STREAM_RSS_MB = 60.0
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -72,15 +72,10 @@ class Settings:
     c1_s: int
     paced_s: int
     saturation_connections: int = 32
-    paced_rate: int = 1000  # requests per second, across all paced connections
+    paced_rate: int = 1000  # requests per second, shared by the paced run's connections
     paced_connections: int = 10
     stream_mb: int = 200
     out: Path = DEFAULT_OUT
-
-    @property
-    def pause_ms(self) -> int:
-        """Per-connection pause between requests that paces the whole run to ``paced_rate``."""
-        return round(1000 * self.paced_connections / self.paced_rate)
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -184,10 +179,33 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {READY_TIMEOUT:g}s; see {log}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+@dataclass(frozen=True)
+class CpuTime:
+    user: float  # seconds
+    system: float
+
+    def __sub__(self, other: CpuTime) -> CpuTime:
+        return CpuTime(self.user - other.user, self.system - other.system)
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+
+def cpu_time(pid: int) -> CpuTime:
+    """utime and stime of a process (all its threads): fields 14 and 15 of proc(5)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+    return CpuTime(int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+
+
+def steal_ticks() -> dict[str, int]:
+    """Per-CPU steal time so far (time the hypervisor ran something else), in clock ticks."""
+    ticks = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks[name] = int(values[7])
+    return ticks
 
 
 def memory_mb(pid: int, key: str) -> float:
@@ -263,12 +281,35 @@ backend nginx
 """
 
 WRK_SCRIPT = """\
--- Written by benchmarks/run.py. Optional script argument: a pause in ms before each
--- request of a connection (paced mode); done() prints one RESULT line the harness parses.
+-- Written by benchmarks/run.py. done() prints one RESULT line the harness parses.
+-- Optional script argument: a rate in requests/s. Then delay() hands out send times
+-- from ONE schedule (a slot every 1/rate s, wall clock via LuaJIT's ffi): a connection
+-- that finished its previous exchange waits for the next free slot, so the rate holds
+-- whatever the latency is, as long as one of the connections is idle.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } meshlet_timespec;
+int clock_gettime(int clock_id, meshlet_timespec *tp);
+]]
+local now_ts = ffi.new("meshlet_timespec")
+
+local function now_ms()
+  ffi.C.clock_gettime(1, now_ts)  -- CLOCK_MONOTONIC
+  return tonumber(now_ts.tv_sec) * 1000 + tonumber(now_ts.tv_nsec) / 1e6
+end
+
 function init(args)
-  local pause_ms = tonumber(args[1]) or 0
-  if pause_ms > 0 then
-    delay = function() return pause_ms end
+  local rate = tonumber(args[1]) or 0
+  if rate <= 0 then
+    return
+  end
+  local interval_ms, next_slot = 1000 / rate, nil
+  delay = function()
+    local now = now_ms()
+    next_slot = next_slot or now
+    local wait = next_slot - now
+    next_slot = next_slot + interval_ms
+    return wait > 0 and math.floor(wait + 0.5) or 0  -- wrk's timers have 1 ms resolution
   end
 end
 
@@ -349,8 +390,11 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def run_sidecar(workdir: Workdir, name: str, *, service: str, app_port: int, endpoint_port: int) -> Iterator[Proxy]:
-    """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port."""
+def run_sidecar(workdir: Workdir, label: str, *, service: str, app_port: int, endpoint_port: int,
+                tag: str = "") -> Iterator[Proxy]:
+    """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
+    ``label`` names it in the results, ``tag`` keeps its files apart from other runs'."""
+    name = f"sidecar-{label}{tag}"
     static = workdir.root / f"{name}.yaml"
     static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]}}}}\n')
     argv = pinned(PROXY_CORE, [
@@ -360,7 +404,7 @@ def run_sidecar(workdir: Workdir, name: str, *, service: str, app_port: int, end
     log = workdir.root / f"{name}.log"
     with started(argv, log, stdout=subprocess.PIPE) as process:
         ports = read_ready_line(process, log)
-        yield Proxy(name, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
+        yield Proxy(label, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
 
 
 def read_ready_line(process: subprocess.Popen, log: Path) -> dict[str, int]:
@@ -406,12 +450,13 @@ class WrkResult:
         return ", ".join(found) or "0"
 
 
-def run_wrk(port: int, *, connections: int, seconds: int, path: str, script: Path, pause_ms: int = 0,
+def run_wrk(port: int, *, connections: int, seconds: int, path: str, script: Path, rate: int = 0,
             latency: bool = False) -> WrkResult:
+    """One bounded wrk run from core 0; ``rate`` > 0 paces it (see WRK_SCRIPT)."""
     argv = pinned(CLIENT_CORE, [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-H", f"Host: {HOST_HEADER}", "-s", str(script),
         *(["--latency"] if latency else []), f"http://127.0.0.1:{port}{path}",
-        *(["--", str(pause_ms)] if pause_ms else []),
+        *(["--", str(rate)] if rate else []),
     ])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     match = re.search(r"^RESULT (.*)$", done.stdout, re.MULTILINE)
@@ -449,10 +494,11 @@ def sidecar_error_count(admin_port: int) -> int:
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
+    samples = [line for line in text.splitlines() if line.startswith("meshlet_requests_total{")]
+    if not samples:
+        raise RuntimeError(f"no meshlet_requests_total in the /metrics of admin port {admin_port}")
     errors = 0
-    for line in text.splitlines():
-        if not line.startswith("meshlet_requests_total{"):
-            continue
+    for line in samples:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
         if not labels.get("code", "").startswith(("2", "3")) or labels.get("reason"):
             errors += int(float(line.rsplit(" ", 1)[1]))
@@ -468,13 +514,22 @@ class ScenarioResult:
     saturation: WrkResult
     c1: WrkResult
     paced: WrkResult
-    cpu_us_by_proxy: dict[str, float] = field(default_factory=dict)
+    cpu_by_proxy: dict[str, CpuTime] = field(default_factory=dict)  # over the saturation run
     rss_mb_by_proxy: dict[str, float] = field(default_factory=dict)
     sidecar_errors: int | None = None
 
+    def us_per_request(self, seconds: float) -> float:
+        return seconds * 1e6 / max(self.saturation.requests, 1)
+
     @property
     def cpu_us_per_request(self) -> float | None:
-        return sum(self.cpu_us_by_proxy.values()) if self.cpu_us_by_proxy else None
+        if not self.cpu_by_proxy:
+            return None
+        return self.us_per_request(sum(cpu.total for cpu in self.cpu_by_proxy.values()))
+
+    def cpu_breakdown(self) -> str:
+        return ", ".join(f"{name} {self.us_per_request(cpu.total):.1f} (user {self.us_per_request(cpu.user):.0f}"
+                         f" + sys {self.us_per_request(cpu.system):.0f})" for name, cpu in self.cpu_by_proxy.items())
 
 
 @contextlib.contextmanager
@@ -499,11 +554,11 @@ def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tupl
 @contextlib.contextmanager
 def mesh_path(workdir: Workdir, nginx_port: int, tag: str = "") -> Iterator[tuple[int, list[Proxy]]]:
     """Sidecar B (service bench, app nginx) first, then A pointing at B's inbound."""
-    with run_sidecar(workdir, f"sidecar-B{tag}", service=HOST_HEADER, app_port=nginx_port,
-                     endpoint_port=nginx_port) as b:
+    with run_sidecar(workdir, "B", service=HOST_HEADER, app_port=nginx_port, endpoint_port=nginx_port,
+                     tag=tag) as b:
         assert b.inbound is not None
-        with run_sidecar(workdir, f"sidecar-A{tag}", service="client", app_port=nginx_port,
-                         endpoint_port=b.inbound) as a:
+        with run_sidecar(workdir, "A", service="client", app_port=nginx_port, endpoint_port=b.inbound,
+                         tag=tag) as a:
             yield a.port, [a, b]
 
 
@@ -518,22 +573,21 @@ def measure_scenario(name: str, workdir: Workdir, nginx_port: int, settings: Set
         run_wrk(port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok",
                 script=script)
         announce(f"{name}: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s")
-        cpu_before = {proxy.name: cpu_seconds(proxy.pid) for proxy in proxies}
+        cpu_before = {proxy.name: cpu_time(proxy.pid) for proxy in proxies}
         saturation = run_wrk(port, connections=settings.saturation_connections, seconds=settings.saturation_s,
                              path="/ok", script=script)
-        cpu_us = {proxy.name: (cpu_seconds(proxy.pid) - cpu_before[proxy.name]) * 1e6 / max(saturation.requests, 1)
-                  for proxy in proxies}
+        cpu_used = {proxy.name: cpu_time(proxy.pid) - cpu_before[proxy.name] for proxy in proxies}
         rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
         announce(f"{name}: latency at concurrency 1 for {settings.c1_s}s")
         c1 = run_wrk(port, connections=1, seconds=settings.c1_s, path="/ok", script=script, latency=True)
         announce(f"{name}: latency at ~{settings.paced_rate} req/s for {settings.paced_s}s")
         paced = run_wrk(port, connections=settings.paced_connections, seconds=settings.paced_s, path="/ok",
-                        script=script, pause_ms=settings.pause_ms, latency=True)
+                        script=script, rate=settings.paced_rate, latency=True)
         sidecar_errors = None
         admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
         if admins:
             sidecar_errors = sum(sidecar_error_count(admin) for admin in admins)
-    result = ScenarioResult(name, saturation, c1, paced, cpu_us, rss, sidecar_errors)
+    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors)
     console.print(f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}")
     return result
 
@@ -588,7 +642,7 @@ def measure_stream(direction: str, workdir: Workdir, nginx_port: int) -> StreamR
             code, moved, seconds, stderr = run_curl([*common, "-H", "Expect:", "-X", "POST", "-T",
                                                      str(workdir.big_file), "-w",
                                                      "%{http_code} %{size_upload} %{time_total}", f"{url}/upload"])
-        peaks = {proxy.name.split("-")[1]: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
+        peaks = {proxy.name: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
     problems = []
     if code != "200":
         problems.append(f"HTTP {code}")
@@ -647,27 +701,29 @@ def build_tables(results: dict[str, ScenarioResult], streams: list[StreamResult]
     )
     latency_c1 = TableData(
         f"Latency at concurrency 1 (wrk -t1 -c1 -d{settings.c1_s}s)",
-        ["scenario", "req/s", "p50 ms", "p99 ms", "added p50 vs direct ms", "wrk errors"],
+        ["scenario", "req/s", "p50 ms", "p99 ms", "added p50 vs direct ms", "added p50 vs HAProxy ms", "wrk errors"],
         [[r.name, f"{r.c1.rps:,.0f}", f"{r.c1.p50_ms:.3f}", f"{r.c1.p99_ms:.3f}",
-          f"{r.c1.p50_ms - direct.c1.p50_ms:+.3f}", r.c1.error_text()] for r in results.values()],
+          f"{r.c1.p50_ms - direct.c1.p50_ms:+.3f}", f"{r.c1.p50_ms - haproxy.c1.p50_ms:+.3f}", r.c1.error_text()]
+         for r in results.values()],
+        note="A proxy on the other core adds a cross-core wake-up per hop; HAProxy pays it too, so "
+             "'added vs HAProxy' is closer to the proxy's own cost (see README).",
     )
     paced = TableData(
-        f"Latency at a fixed rate (~{settings.paced_rate} req/s: wrk -t1 -c{settings.paced_connections} "
-        f"-d{settings.paced_s}s, Lua delay() {settings.pause_ms} ms per connection)",
+        f"Latency at a fixed rate ({settings.paced_rate} req/s: wrk -t1 -c{settings.paced_connections} "
+        f"-d{settings.paced_s}s, paced by a Lua delay() schedule)",
         ["scenario", "achieved req/s", "p50 ms", "p99 ms", "wrk errors"],
         [[r.name, f"{r.paced.rps:,.0f}", f"{r.paced.p50_ms:.3f}", f"{r.paced.p99_ms:.3f}", r.paced.error_text()]
          for r in results.values()],
-        note="Closed-loop pacing: each connection waits the delay after its previous response, so the rate "
-             "falls slightly short of nominal and latency is not corrected for coordinated omission.",
+        note="Send times come from one schedule (1 ms timer resolution); latency is measured from the actual "
+             "write, with no coordinated-omission correction (no wrk2 in Debian 12; see README).",
     )
     cost = TableData(
         "Proxy cost during the saturation run (CPU = utime+stime / requests; RSS = VmRSS right after)",
-        ["scenario", "CPU µs/req (total)", "CPU µs/req per process", "RSS MB per process", "sidecar-recorded errors"],
-        [[r.name, f"{r.cpu_us_per_request:.1f}",
-          ", ".join(f"{name} {us:.1f}" for name, us in r.cpu_us_by_proxy.items()),
+        ["scenario", "CPU µs/req (total)", "CPU µs/req per process", "RSS MB", "sidecar-recorded errors"],
+        [[r.name, f"{r.cpu_us_per_request:.1f}", r.cpu_breakdown(),
           ", ".join(f"{name} {mb:.1f}" for name, mb in r.rss_mb_by_proxy.items()),
           "n/a" if r.sidecar_errors is None else str(r.sidecar_errors)]
-         for r in results.values() if r.cpu_us_by_proxy],
+         for r in results.values() if r.cpu_by_proxy],
     )
     streaming = TableData(
         f"Streaming {settings.stream_mb} MB through the mesh path (curl, fresh sidecar pair per direction)",
@@ -731,8 +787,13 @@ def environment() -> dict[str, str]:
     }
 
 
+def steal_text(before: dict[str, int], after: dict[str, int], elapsed_s: float) -> str:
+    cores = [f"cpu{CLIENT_CORE}", f"cpu{PROXY_CORE}"]
+    return ", ".join(f"{core} {100 * (after[core] - before[core]) / CLK_TCK / elapsed_s:.1f}%" for core in cores)
+
+
 def render_markdown(tables: list[TableData], targets: list[Target], env: dict[str, str], settings: Settings,
-                    started_at: datetime, elapsed_s: float) -> str:
+                    started_at: datetime, elapsed_s: float, steal: str) -> str:
     targets_table = TableData("Targets for one sidecar", ["metric", "value", "target", "result"],
                               [t.row() for t in targets])
     lines = [
@@ -746,6 +807,7 @@ def render_markdown(tables: list[TableData], targets: list[Target], env: dict[st
         f"{env['nginx']}; {env['haproxy']}; {env['wrk']}",
         f"- pinning: wrk, curl and nginx (1 worker) on core {CLIENT_CORE} (`taskset -c {CLIENT_CORE}`); "
         f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
+        f"- hypervisor steal time during the run: {steal}",
         f"- runs: warm-up {settings.warmup_s}s, saturation {settings.saturation_s}s, c=1 {settings.c1_s}s, "
         f"paced {settings.paced_s}s; every request `GET /ok` with `Host: {HOST_HEADER}` (nginx answers `ok\\n`)",
         "",
@@ -778,6 +840,7 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
 def run(settings: Settings) -> int:
     started_at = datetime.now().astimezone()
     clock = time.monotonic()
+    steal_before = steal_ticks()
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
         announce(f"generating a {settings.stream_mb} MB file in {tmp}")
         workdir = prepare_workdir(Path(tmp), settings.stream_mb)
@@ -796,7 +859,8 @@ def run(settings: Settings) -> int:
     tables = build_tables(results, streams, settings)
     targets = build_targets(results, streams)
     elapsed = time.monotonic() - clock
-    settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed))
+    steal = steal_text(steal_before, steal_ticks(), elapsed)
+    settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, steal))
     print_summary(tables, targets)
     announce(f"done in {elapsed:.0f} s; results written to {settings.out}")
     return 0

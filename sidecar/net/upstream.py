@@ -362,7 +362,14 @@ class Forwarder:
         else:
             response.framing = "chunked"
         body = _UpstreamBody(exchange)
-        response.body = body
+        if head.no_body:
+            # llhttp ends a bodiless message together with its head: take the end now.
+            events = conn.reader.events
+            if events and type(events[0]) is EndOfMessage:
+                events.popleft()
+                body.complete = True
+        else:
+            response.body = body
         pool = conn.pool
 
         def finish(complete: bool) -> None:
