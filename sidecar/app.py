@@ -99,6 +99,11 @@ class Sidecar:
             ready=self.readiness,
             config_dump=self.config_dump,
             clusters=self.clusters,
+            worker_snapshot=lambda: {
+                "telemetry": self.telemetry.snapshot(),
+                "clusters": self.clusters(),
+                "config_dump": self.config_dump(),
+            },
         )
 
     # configuration ------------------------------------------------------------------

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="worker processes sharing the listeners (SO_REUSEPORT); default 1")
     sidecar.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                          help="a started request head must complete within this, else 408 (slowloris guard; default 10)")
+    sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
@@ -141,6 +142,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         static=args.static,
         upstreams=dict(args.upstream),
         header_timeout=args.header_timeout,
+        reuse_port=args.worker,
     )
     if args.workers > 1:
         from .workers import run_workers

@@ -38,11 +38,13 @@ class AdminHandler:
         ready: Callable[[], tuple[bool, str]],
         config_dump: Callable[[], Any],
         clusters: Callable[[], Any],
+        worker_snapshot: Callable[[], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.config_dump = config_dump
         self.clusters = clusters
+        self.worker_snapshot = worker_snapshot
 
     async def __call__(self, request: Request) -> Response:
         path = request.head.target.split(b"?", 1)[0]
@@ -61,6 +63,8 @@ class AdminHandler:
             return json_response(self.config_dump())
         if path == b"/clusters":
             return json_response(self.clusters())
+        if path == b"/_worker/snapshot" and self.worker_snapshot is not None:
+            return json_response(self.worker_snapshot())  # read by the --workers supervisor
         return _respond(
             404, b"Not Found", b"text/plain",
             b"unknown admin path; try /metrics /ready /live /config_dump /clusters\n",

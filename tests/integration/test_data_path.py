@@ -413,3 +413,28 @@ async def test_config_dump_is_json(mesh: Mesh) -> None:
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://{mesh.b.admin}/config_dump")).text
     assert json.loads(text)["service"] == "item"
+
+
+# --- --workers ----------------------------------------------------------------------------
+
+
+async def test_workers_share_listeners_and_metrics_add_up(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "w.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static,
+                           extra=["--workers", "2"]) as sidecar:
+        for _ in range(40):  # a new connection each: SO_REUSEPORT spreads connections
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
+                assert response.status_code == 200
+        async with httpx.AsyncClient() as client:
+            workers = (await client.get(f"http://{sidecar.admin}/workers")).json()
+            metrics = (await client.get(f"http://{sidecar.admin}/metrics")).text
+            clusters = (await client.get(f"http://{sidecar.admin}/clusters")).json()
+    assert len(workers) == 2
+    assert all(w["ready"] for w in workers)
+    assert all(w["requests"] > 0 for w in workers), workers  # both took a share
+    assert sum(w["requests"] for w in workers) == 40
+    assert metric(metrics, "meshlet_requests_total", destination="item", code="200") == 40
+    assert metric(metrics, "meshlet_request_duration_seconds_count", destination="item") == 40
+    assert clusters["item"][0]["requests"] == 40
+    assert origin.stats.requests == 40
