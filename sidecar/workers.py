@@ -188,9 +188,13 @@ class Supervisor:
                      f"admin={opts.admin[0]}:{admin_port}"]
             parts += [f"upstream:{n}={_address(a)}" for n, a in opts.upstreams.items()]
             print("meshlet sidecar ready " + " ".join(parts) + f" workers={self.count}", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    break
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        break
+                    for worker in self.workers:  # reload: every worker rereads --static
+                        if worker.process is not None and worker.process.returncode is None:
+                            worker.process.send_signal(signal.SIGHUP)
             for worker in self.workers:
                 if worker.process is not None and worker.process.returncode is None:
                     worker.process.send_signal(signal.SIGTERM)

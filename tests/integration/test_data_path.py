@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -438,3 +439,44 @@ async def test_workers_share_listeners_and_metrics_add_up(tmp_path: Path, origin
     assert metric(metrics, "meshlet_request_duration_seconds_count", destination="item") == 40
     assert clusters["item"][0]["requests"] == 40
     assert origin.stats.requests == 40
+
+
+# --- config reload -------------------------------------------------------------------------
+
+
+async def _config_version(client: httpx.AsyncClient, admin: str) -> str:
+    return (await client.get(f"http://{admin}/config_dump")).json()["config"]["version"]
+
+
+async def _wait_for_version_change(client: httpx.AsyncClient, admin: str, old: str) -> str:
+    for _ in range(100):
+        version = await _config_version(client, admin)
+        if version != old:
+            return version
+        await trio.sleep(0.05)
+    raise AssertionError("config version did not change")
+
+
+async def test_sighup_reloads_static_and_keeps_last_good(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static) as sidecar:
+        async with httpx.AsyncClient() as client:
+            url = f"http://{sidecar.outbound}/hello"
+            before = await _config_version(client, sidecar.admin)
+            assert (await client.get(url, headers={"host": "item"})).status_code == 200
+
+            static.write_text("services:\n  item: [nohost]\n")  # invalid: rejected whole
+            sidecar.process.send_signal(signal.SIGHUP)
+            for _ in range(100):
+                if "reload of" in sidecar.log():
+                    break
+                await trio.sleep(0.05)
+            assert "keeping version " + before in sidecar.log()
+            assert (await client.get(url, headers={"host": "item"})).status_code == 200
+
+            write_static(static, {"other": [f"127.0.0.1:{origin.port}"]})
+            sidecar.process.send_signal(signal.SIGHUP)
+            await _wait_for_version_change(client, sidecar.admin, before)
+            gone = await client.get(url, headers={"host": "item"})
+            assert (gone.status_code, gone.headers["x-meshlet-error"]) == (404, "no-route")
+            assert (await client.get(url, headers={"host": "other"})).status_code == 200

@@ -1,0 +1,83 @@
+"""The demo's services: plain Python HTTP apps that know nothing about the mesh except
+where their sidecar's outbound listener is (the HTTP_PROXY way, PRODUCT §4).
+
+    python examples/services.py item    --port 0 --instance item-1
+    python examples/services.py user    --port 0 --proxy http://127.0.0.1:15001
+    python examples/services.py gateway --port 0 --proxy http://127.0.0.1:15001
+
+item:    GET /items/<id>   → {"id", "name", "instance"}
+user:    GET /users/<id>   → the user, with the item it calls `item` for
+gateway: GET /api/users/<id> → calls `user`
+All:     GET /health       → 200
+Each prints "listening <port>" once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+
+def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Buffer the response and write it once: head and body in separate small
+        # writes meet Nagle and delayed ACKs and cost 40 ms a request.
+        wbufsize = 64 * 1024
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet demo
+            pass
+
+        def reply(self, status: int, value: object) -> None:
+            body = json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            parts = self.path.strip("/").split("/")
+            if parts == ["health"]:
+                return self.reply(200, {"status": "ok", "instance": instance})
+            if role == "item" and len(parts) == 2 and parts[0] == "items":
+                return self.reply(200, {"id": parts[1], "name": f"item {parts[1]}", "instance": instance})
+            if role == "user" and len(parts) == 2 and parts[0] == "users":
+                assert client is not None
+                item = client.get(f"http://item/items/{parts[1]}")
+                if item.status_code != 200:
+                    return self.reply(502, {"error": "item failed", "status": item.status_code,
+                                            "mesh_error": item.headers.get("x-meshlet-error")})
+                return self.reply(200, {"id": parts[1], "name": f"user {parts[1]}", "item": item.json()})
+            if role == "gateway" and len(parts) == 3 and parts[:2] == ["api", "users"]:
+                assert client is not None
+                user = client.get(f"http://user/users/{parts[2]}")
+                return self.reply(user.status_code, user.json())
+            return self.reply(404, {"error": "no such path", "path": self.path})
+
+    return Handler
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=["item", "user", "gateway"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--instance", default="")
+    parser.add_argument("--proxy", help="the sidecar's outbound listener, e.g. http://127.0.0.1:15001")
+    args = parser.parse_args()
+    client = httpx.Client(proxy=args.proxy, timeout=10) if args.proxy else None
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.role, args.instance or args.role, client))
+    print(f"listening {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
