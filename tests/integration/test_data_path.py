@@ -480,3 +480,33 @@ async def test_sighup_reloads_static_and_keeps_last_good(tmp_path: Path, origin:
             gone = await client.get(url, headers={"host": "item"})
             assert (gone.status_code, gone.headers["x-meshlet-error"]) == (404, "no-route")
             assert (await client.get(url, headers={"host": "other"})).status_code == 200
+
+
+# --- upstream that does not speak HTTP/1.1 properly --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", id="cl-and-te"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 0\r\n\r\n", id="obs-fold"),
+        pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="not-http"),
+    ],
+)
+async def test_malformed_upstream_response_is_502(tmp_path: Path, nursery: trio.Nursery, answer: bytes) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def bad_origin(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(answer)
+        await trio.sleep(0.2)
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, bad_origin, listeners)
+    static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{port}"]})
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static) as sidecar:
+        data = await raw_exchange(sidecar.ports["outbound"], b"GET / HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 502 ")
+    assert b"x-meshlet-error: upstream-protocol-error" in data
+    assert b"folded" not in data and b"SSH" not in data
