@@ -68,6 +68,9 @@ async def run_sidecar(
     try:
         ports = await _read_ready(process, stderr_path)
         yield SidecarProcess(process, ports, stderr_path)
+        # A traceback in a sidecar's log is a bug, even when the test's requests passed.
+        log = stderr_path.read_text(errors="replace")
+        assert "Traceback" not in log, f"sidecar {service} logged a traceback:\n{log}"
     finally:
         _stop(process)
         with trio.move_on_after(10):

@@ -118,12 +118,21 @@ async def serve_connection(
     conn = _Connection(stream, peer_ip)
     try:
         await _serve(conn, handler, idle_timeout, header_timeout)
-    except ClientGone:
-        pass
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-        pass
+    except Exception as exc:  # noqa: BLE001 - one connection's failure must never stop the listener
+        if not _client_fault(exc):
+            log.exception("connection from %s failed", peer_ip.decode())
     finally:
         stream.socket.close()
+
+
+_CLIENT_FAULTS = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, trio.TooSlowError)
+
+
+def _client_fault(exc: BaseException) -> bool:
+    """The client went away or stalled (possibly inside a nursery's exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_fault(inner) for inner in exc.exceptions)
+    return isinstance(exc, _CLIENT_FAULTS)
 
 
 async def _next_head(conn: _Connection, idle_timeout: float, header_timeout: float) -> object | None:

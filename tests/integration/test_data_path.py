@@ -510,3 +510,20 @@ async def test_malformed_upstream_response_is_502(tmp_path: Path, nursery: trio.
     assert data.startswith(b"HTTP/1.1 502 ")
     assert b"x-meshlet-error: upstream-protocol-error" in data
     assert b"folded" not in data and b"SSH" not in data
+
+
+async def test_client_that_vanishes_mid_body_or_mid_wait_harms_nothing(mesh: Mesh) -> None:
+    port = mesh.a.ports["outbound"]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /sha256 HTTP/1.1\r\nHost: item\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 5000)
+    await trio.sleep(0.2)
+    await stream.aclose()  # gone mid-body
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET /delay/0.3 HTTP/1.1\r\nHost: item\r\n\r\n")
+    await stream.aclose()  # gone while the upstream is still thinking
+    await trio.sleep(0.6)
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            assert (await client.get(mesh.url("/hello"), headers={"host": "item"})).text == "hello"
+    assert mesh.origin.stats.completed == 4  # the delay request, and 3 hellos; never the cut upload
+    assert "Traceback" not in mesh.a.log() and "Traceback" not in mesh.b.log()
