@@ -50,8 +50,14 @@ def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[
                 assert client is not None
                 item = client.get(f"http://item/items/{parts[1]}")
                 if item.status_code != 200:
-                    return self.reply(502, {"error": "item failed", "status": item.status_code,
-                                            "mesh_error": item.headers.get("x-meshlet-error")})
+                    return self.reply(
+                        502,
+                        {
+                            "error": "item failed",
+                            "status": item.status_code,
+                            "mesh_error": item.headers.get("x-meshlet-error"),
+                        },
+                    )
                 return self.reply(200, {"id": parts[1], "name": f"user {parts[1]}", "item": item.json()})
             if role == "gateway" and len(parts) == 3 and parts[:2] == ["api", "users"]:
                 assert client is not None

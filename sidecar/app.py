@@ -48,8 +48,9 @@ class SidecarOptions:
     header_timeout: float = HEADER_TIMEOUT
 
 
-def build_outbound(snapshot: MeshSnapshot, forwarder: Forwarder, telemetry: Telemetry, service: str,
-                   fixed_service: str | None = None) -> Handler:
+def build_outbound(
+    snapshot: MeshSnapshot, forwarder: Forwarder, telemetry: Telemetry, service: str, fixed_service: str | None = None
+) -> Handler:
     handler: Handler = forwarder
     handler = routing_layer(handler, snapshot, fixed_service)
     handler = source_header_layer(handler, service)
@@ -166,7 +167,9 @@ class Sidecar:
 
         return handle
 
-    async def serve(self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         opts = self.options
         if opts.static is not None:
             self.load_static()
@@ -202,8 +205,12 @@ class Sidecar:
                     try:
                         self.load_static()
                     except Exception as exc:  # keep serving the last good config
-                        log.error("reload of %s failed, keeping version %s:\n%s",
-                                  self.options.static, self.snapshot.version, exc)
+                        log.error(
+                            "reload of %s failed, keeping version %s:\n%s",
+                            self.options.static,
+                            self.snapshot.version,
+                            exc,
+                        )
                     continue
                 log.info("signal %s: stopping", signal.Signals(signum).name)
                 cancel_scope.cancel()

@@ -70,31 +70,80 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_SIDECAR,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sidecar.add_argument("--service", required=_env("SERVICE") is None, default=_env("SERVICE"),
-                         help="the name of the local service (env MESHLET_SERVICE)")
-    sidecar.add_argument("--app", type=_address, required=_env("APP") is None,
-                         default=_address(_env("APP")) if _env("APP") else None,
-                         metavar="HOST:PORT", help="where the local app listens (env MESHLET_APP)")
-    sidecar.add_argument("--inbound", type=_listen, default=("0.0.0.0", 15006), metavar="ADDR",
-                         help="inbound listener, for other sidecars (default 0.0.0.0:15006)")
-    sidecar.add_argument("--outbound", type=_listen, default=("127.0.0.1", 15001), metavar="ADDR",
-                         help="outbound listener, for the local app (default 127.0.0.1:15001)")
-    sidecar.add_argument("--admin", type=_listen, default=("127.0.0.1", 15090), metavar="ADDR",
-                         help="admin listener (default 127.0.0.1:15090)")
-    sidecar.add_argument("--static", type=Path, metavar="FILE",
-                         help="YAML file listing services and endpoints (no control plane); SIGHUP reloads it")
-    sidecar.add_argument("--upstream", type=_upstream, action="append", default=[], metavar="NAME=ADDR",
-                         help="an extra outbound listener at ADDR that sends everything to service NAME")
-    sidecar.add_argument("--workers", type=int, default=1, metavar="N",
-                         help="worker processes sharing the listeners (SO_REUSEPORT); default 1")
-    sidecar.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                         help="a started request head must complete within this, else 408 (slowloris guard; default 10)")
+    sidecar.add_argument(
+        "--service",
+        required=_env("SERVICE") is None,
+        default=_env("SERVICE"),
+        help="the name of the local service (env MESHLET_SERVICE)",
+    )
+    sidecar.add_argument(
+        "--app",
+        type=_address,
+        required=_env("APP") is None,
+        default=_address(_env("APP")) if _env("APP") else None,
+        metavar="HOST:PORT",
+        help="where the local app listens (env MESHLET_APP)",
+    )
+    sidecar.add_argument(
+        "--inbound",
+        type=_listen,
+        default=("0.0.0.0", 15006),
+        metavar="ADDR",
+        help="inbound listener, for other sidecars (default 0.0.0.0:15006)",
+    )
+    sidecar.add_argument(
+        "--outbound",
+        type=_listen,
+        default=("127.0.0.1", 15001),
+        metavar="ADDR",
+        help="outbound listener, for the local app (default 127.0.0.1:15001)",
+    )
+    sidecar.add_argument(
+        "--admin",
+        type=_listen,
+        default=("127.0.0.1", 15090),
+        metavar="ADDR",
+        help="admin listener (default 127.0.0.1:15090)",
+    )
+    sidecar.add_argument(
+        "--static",
+        type=Path,
+        metavar="FILE",
+        help="YAML file listing services and endpoints (no control plane); SIGHUP reloads it",
+    )
+    sidecar.add_argument(
+        "--upstream",
+        type=_upstream,
+        action="append",
+        default=[],
+        metavar="NAME=ADDR",
+        help="an extra outbound listener at ADDR that sends everything to service NAME",
+    )
+    sidecar.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listeners (SO_REUSEPORT); default 1",
+    )
+    sidecar.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a started request head must complete within this, else 408 (slowloris guard; default 10)",
+    )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
-    demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
     demo.add_argument("--requests", type=int, default=200, help="requests to drive through the gateway")
     return parser
 
@@ -116,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.static is None:

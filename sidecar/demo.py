@@ -81,9 +81,26 @@ class Demo:
     async def sidecar(self, service: str, instance: str, app_port: int, services: dict[str, list[str]]) -> Proc:
         static = self.workdir / f"{instance}.yaml"
         static.write_text(yaml.safe_dump({"services": services}))
-        args = [sys.executable, "-m", "sidecar", "sidecar", "--service", service, "--app", f"127.0.0.1:{app_port}",
-                "--static", str(static), "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0",
-                "--admin", "127.0.0.1:0", "--log-level", "warning"]
+        args = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "sidecar",
+            "--service",
+            service,
+            "--app",
+            f"127.0.0.1:{app_port}",
+            "--static",
+            str(static),
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+        ]
         proc = await self.start(f"sidecar-{instance}", args)
         self.sidecars[instance] = proc
         return proc
@@ -157,9 +174,15 @@ def metrics_table(scrapes: dict[str, str]) -> Table:
                 continue
             success = 100 * row["ok"] / row["requests"]
             colour = "green" if success >= 99 else "yellow" if success >= 90 else "red"
-            table.add_row(instance, direction, f"{source} → {destination}", f"{row['requests']:.0f}",
-                          f"[{colour}]{success:.1f} %[/]", f"{row.get('p50', 0) * 1000:.1f} ms",
-                          f"{row.get('p99', 0) * 1000:.1f} ms")
+            table.add_row(
+                instance,
+                direction,
+                f"{source} → {destination}",
+                f"{row['requests']:.0f}",
+                f"[{colour}]{success:.1f} %[/]",
+                f"{row.get('p50', 0) * 1000:.1f} ms",
+                f"{row.get('p99', 0) * 1000:.1f} ms",
+            )
     return table
 
 
@@ -170,8 +193,11 @@ async def drive(client: httpx.AsyncClient, url: str, count: int) -> dict[str, in
         try:
             response = await client.get(f"{url}/api/users/{i}")
             body = response.json()
-            key = body["item"]["instance"] if response.status_code == 200 else (
-                f"{response.status_code} {body.get('mesh_error') or body.get('error')}")
+            key = (
+                body["item"]["instance"]
+                if response.status_code == 200
+                else (f"{response.status_code} {body.get('mesh_error') or body.get('error')}")
+            )
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             key = type(exc).__name__
         outcomes[key] = outcomes.get(key, 0) + 1
@@ -229,8 +255,10 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         demo.stop(demo.apps["item-2"])
         await demo.apps["item-2"].process.wait()
         console.print(outcome_table("after item-2 failed", await drive(client, entry, args.requests // 2)))
-        say("   item-2's sidecar answers 503 connect-failed (x-meshlet-error) instead of hanging;\n"
-            "   health checks, retries and circuit breaking (next milestones) will hide it from callers.\n")
+        say(
+            "   item-2's sidecar answers 503 connect-failed (x-meshlet-error) instead of hanging;\n"
+            "   health checks, retries and circuit breaking (next milestones) will hide it from callers.\n"
+        )
 
         scrapes = {}
         for instance, proc in demo.sidecars.items():
@@ -254,4 +282,3 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("\nstopped.")
     return 0
-

@@ -99,9 +99,7 @@ class _Collector:
                 buckets.append((_bound(bound), cumulative))
             durations.add_metric(labels, buckets, values[-1])
         yield durations
-        inflight = GaugeMetricFamily(
-            "meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS
-        )
+        inflight = GaugeMetricFamily("meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS)
         for labels, value in merged["inflight"].items():
             inflight.add_metric(labels, value)
         yield inflight

@@ -83,10 +83,23 @@ class Supervisor:
     def worker_args(self) -> list[str]:
         opts = self.fixed
         args = [
-            sys.executable, "-m", "sidecar", "sidecar", "--worker",
-            "--service", opts.service, "--app", _address(opts.app),
-            "--inbound", _address(opts.inbound), "--outbound", _address(opts.outbound),
-            "--admin", "127.0.0.1:0", "--header-timeout", str(opts.header_timeout),
+            sys.executable,
+            "-m",
+            "sidecar",
+            "sidecar",
+            "--worker",
+            "--service",
+            opts.service,
+            "--app",
+            _address(opts.app),
+            "--inbound",
+            _address(opts.inbound),
+            "--outbound",
+            _address(opts.outbound),
+            "--admin",
+            "127.0.0.1:0",
+            "--header-timeout",
+            str(opts.header_timeout),
         ]
         if opts.static is not None:
             args += ["--static", str(opts.static)]
@@ -94,7 +107,9 @@ class Supervisor:
             args += ["--upstream", f"{name}={_address(address)}"]
         return args
 
-    async def run_worker(self, worker: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_worker(
+        self, worker: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         started = False
         while True:
             process = await trio.lowlevel.open_process(self.worker_args(), stdout=subprocess.PIPE)
@@ -142,15 +157,17 @@ class Supervisor:
         by_worker = await self.snapshots()
         snapshots = [s for s in by_worker if s is not None]
         if path == b"/workers":
-            return json_response([
-                {
-                    "index": w.index,
-                    "pid": w.process.pid if w.process else None,
-                    "ready": w.ready,
-                    "requests": sum(row[-1] for row in s["telemetry"]["requests"]) if s else None,
-                }
-                for w, s in zip(self.workers, by_worker, strict=True)
-            ])
+            return json_response(
+                [
+                    {
+                        "index": w.index,
+                        "pid": w.process.pid if w.process else None,
+                        "ready": w.ready,
+                        "requests": sum(row[-1] for row in s["telemetry"]["requests"]) if s else None,
+                    }
+                    for w, s in zip(self.workers, by_worker, strict=True)
+                ]
+            )
         if path == b"/metrics":
             text = render(lambda: [s["telemetry"] for s in snapshots])
             handler = AdminHandler(metrics=lambda: text, ready=self.readiness, config_dump=dict, clusters=dict)
@@ -184,8 +201,11 @@ class Supervisor:
                 await serve_connection(stream, self.admin)
 
             nursery.start_soon(trio.serve_listeners, on_connection, [admin])
-            parts = [f"outbound={_address(opts.outbound)}", f"inbound={_address(opts.inbound)}",
-                     f"admin={opts.admin[0]}:{admin_port}"]
+            parts = [
+                f"outbound={_address(opts.outbound)}",
+                f"inbound={_address(opts.inbound)}",
+                f"admin={opts.admin[0]}:{admin_port}",
+            ]
             parts += [f"upstream:{n}={_address(a)}" for n, a in opts.upstreams.items()]
             print("meshlet sidecar ready " + " ".join(parts) + f" workers={self.count}", flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -248,4 +268,3 @@ def run_workers(options: SidecarOptions, count: int) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-

@@ -56,15 +56,26 @@ async def run_sidecar(
 ) -> AsyncIterator[SidecarProcess]:
     stderr_path = tmp_path / f"sidecar-{service}-{os.getpid()}-{id(static)}.log"
     args = [
-        sys.executable, "-m", "sidecar", "sidecar",
-        "--service", service, "--app", app, "--static", str(static),
-        "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        sys.executable,
+        "-m",
+        "sidecar",
+        "sidecar",
+        "--service",
+        service,
+        "--app",
+        app,
+        "--static",
+        str(static),
+        "--inbound",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
         *(extra or []),
     ]
     with open(stderr_path, "wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            args, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
-        )
+        process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
     try:
         ports = await _read_ready(process, stderr_path)
         yield SidecarProcess(process, ports, stderr_path)

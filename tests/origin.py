@@ -193,8 +193,11 @@ class Origin:
                 await self._simple(stream, conn, 400, b"not an upgrade")
                 return True
             await self._send(
-                stream, conn,
-                h11.InformationalResponse(status_code=101, headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")]),
+                stream,
+                conn,
+                h11.InformationalResponse(
+                    status_code=101, headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")]
+                ),
             )
             data, _ = conn.trailing_data
             if data:
@@ -206,11 +209,18 @@ class Origin:
             await self._simple(stream, conn, 404, b"origin: no such path")
         return True
 
-    async def _simple(self, stream: trio.SocketStream, conn: h11.Connection, status: int, body: bytes,
-                      content_type: bytes = b"text/plain") -> None:
+    async def _simple(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain",
+    ) -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-        await self._send(stream, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=body),
-                         h11.EndOfMessage())
+        await self._send(
+            stream, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()
+        )
 
 
 def _reset(stream: trio.SocketStream) -> None:

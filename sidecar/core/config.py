@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,8 +67,7 @@ class MeshSnapshot:
             "services": {
                 name: {
                     "endpoints": [
-                        {"address": e.address, "labels": dict(e.labels), "weight": e.weight}
-                        for e in svc.endpoints
+                        {"address": e.address, "labels": dict(e.labels), "weight": e.weight} for e in svc.endpoints
                     ],
                     "connect_timeout": svc.connect_timeout,
                     "timeout": svc.timeout,
@@ -109,14 +109,20 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         if value <= 0:
             raise ValueError("must be greater than 0")
-        return float(value)
-    match = _DURATION.match(str(value).strip())
-    if not match:
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past the largest float
+            seconds = math.inf
+    else:
+        match = _DURATION.match(str(value).strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
+        number = float(match.group(1))
+        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+        if seconds <= 0:
+            raise ValueError("must be greater than 0")
+    if not math.isfinite(seconds):  # .nan, .inf, 1e400: no deadline can be made of them
         raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
-    number = float(match.group(1))
-    seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("must be greater than 0")
     return seconds
 
 
@@ -125,6 +131,7 @@ class _Lines:
 
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
+        self._walked: set[int] = set()
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError:
@@ -134,6 +141,9 @@ class _Lines:
 
     def _walk(self, node: yaml.Node, path: str) -> None:
         self.lines[path] = node.start_mark.line + 1
+        if id(node) in self._walked:  # an alias: walked where its anchor is (it may contain itself)
+            return
+        self._walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = f"{path}.{key.value}" if path else str(key.value)
@@ -143,6 +153,12 @@ class _Lines:
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self._walk(item, f"{path}[{i}]")
+
+    def alias(self, path: str, same_as: str) -> None:
+        """``path`` and what is under it are at the lines of ``same_as`` (a rewritten shape)."""
+        for known, line in list(self.lines.items()):
+            if known == same_as or known.startswith(same_as + "["):
+                self.lines[path + known[len(same_as) :]] = line
 
     def at(self, path: str) -> int:
         while path and path not in self.lines:
@@ -169,6 +185,8 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
         raise ConfigError([f"{filename}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except ValueError as exc:  # a scalar YAML accepts but Python cannot build: 2001-02-30, a 5000-digit int
+        raise ConfigError([f"{filename}:1: not valid YAML: {exc}"]) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -203,6 +221,7 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
             continue
         if isinstance(raw, list):
             raw = {"endpoints": raw}
+            lines.alias(f"{path}.endpoints", path)
         if not isinstance(raw, dict):
             problem(path, "must be a mapping (allowed: endpoints, connect_timeout, timeout)")
             continue

@@ -73,7 +73,9 @@ def forward_request_headers(
 def forward_response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """End-to-end response headers with our Via appended."""
     out = end_to_end(headers)
-    for i, (name, value) in enumerate(out):
+    # The last Via line: its value is the end of the combined list (RFC 9110 §5.3).
+    for i in range(len(out) - 1, -1, -1):
+        name, value = out[i]
         if name.lower() == b"via":
             out[i] = (name, value + b", " + VIA_VALUE)
             return out

@@ -28,7 +28,7 @@ answered before the connection is closed for a bad one.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httptools
 
@@ -171,6 +171,7 @@ class _Reader:
         """Parse ``data``; queue events, and a ProtocolError event on bad bytes."""
         if self.failed:
             return
+        completed = self.messages_completed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -191,7 +192,13 @@ class _Reader:
             self._fail(ProtocolError(400, str(exc) or "malformed message"))
             return
         if self._in_head:
-            self._pending_head_bytes += len(data)
+            if self.messages_completed != completed:
+                # This head began after a message that ended inside this feed: the bytes
+                # before it are not head bytes. Count what the callbacks measured; its
+                # unfinished line is counted with the next feeds.
+                self._pending_head_bytes = self._head_bytes
+            else:
+                self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self.max_head_bytes:
                 self._fail(ProtocolError(431, "header section too large"))
 
@@ -206,9 +213,7 @@ class _Reader:
 class RequestReader(_Reader):
     """Parses requests from a downstream connection (pipelining allowed)."""
 
-    def __init__(
-        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
-    ) -> None:
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -252,6 +257,8 @@ class RequestReader(_Reader):
                     head.expect_continue = True
             elif lname == b"upgrade":
                 head.upgrade = value.strip()
+        if hosts > 1:  # which one would route, which one would the app read?
+            raise ProtocolError(400, "more than one Host")
         if version == "1.1":
             if hosts != 1:
                 raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host")
@@ -274,9 +281,7 @@ class ResponseReader(_Reader):
     so the reader stops llhttp at the head and starts a fresh parser for the next one.
     """
 
-    def __init__(
-        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
-    ) -> None:
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
@@ -348,164 +353,9 @@ class ResponseReader(_Reader):
             return
         super().on_message_complete()
 
-    def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
-        raise NotImplementedError
-
     def _fail(self, error: ProtocolError) -> None:
-        self.failed = True
-        self.events.append(error)
-
-
-class RequestReader(_Reader):
-    """Parses requests from a downstream connection (pipelining allowed)."""
-
-    def __init__(
-        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
-    ) -> None:
-        super().__init__(max_head_bytes, max_fields)
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._url = b""
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > self.max_head_bytes:
-            raise ProtocolError(431, "request target too large")
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        parser = self._parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise ProtocolError(400, f"unsupported HTTP version {version}")
-        head = RequestHead(parser.get_method(), self._url, self._headers, version)
-        hosts = 0
-        connection: list[bytes] = []
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"host":
-                hosts += 1
-                head.host = value
-            elif lname == b"content-length":
-                head.content_length = int(value)  # llhttp validated the digits
-            elif lname == b"transfer-encoding":
-                if version == "1.0":
-                    raise ProtocolError(400, "transfer-encoding in an HTTP/1.0 request")
-                if value.strip().lower() != b"chunked":
-                    raise ProtocolError(400, "transfer-encoding other than chunked")
-                head.chunked = True
-            elif lname == _CONNECTION:
-                connection.extend(_tokens(value))
-            elif lname == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    head.expect_continue = True
-            elif lname == b"upgrade":
-                head.upgrade = value.strip()
-        if version == "1.1":
-            if hosts != 1:
-                raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host")
-            head.keep_alive = b"close" not in connection
-        else:
-            head.keep_alive = b"keep-alive" in connection
-            head.expect_continue = False
-        if head.upgrade is not None and b"upgrade" not in connection:
-            head.upgrade = None
-        if head.method == b"CONNECT":
-            raise ProtocolError(400, "CONNECT is not supported")
-        self.events.append(head)
-
-
-class ResponseReader(_Reader):
-    """Parses responses from one upstream connection, one request at a time.
-
-    Call :meth:`expect` before each response with the request's method: a response to
-    HEAD has no body whatever its Content-Length says, and llhttp cannot be told so,
-    so the reader stops llhttp at the head and starts a fresh parser for the next one.
-    """
-
-    def __init__(
-        self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS
-    ) -> None:
-        super().__init__(max_head_bytes, max_fields)
-        self._parser = httptools.HttpResponseParser(self)
-        self._status = 0
-        self._reason = b""
-        self._head_request = False
-        self._head_buffer: bytearray | None = None
-        self._interim = False
-        self._reading_until_close = False
-        # Bytes that arrived after the end of a message: a reused connection with
-        # leftovers would answer the next request with them. Never reuse it.
-        self.dirty = False
-
-    def expect(self, method: bytes) -> None:
-        self._head_request = method == b"HEAD"
-        self._head_buffer = bytearray() if self._head_request else None
-
-    def feed(self, data: bytes) -> None:
-        if self._head_buffer is not None:
-            self._head_buffer += data
-        super().feed(data)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-        self._head_bytes += len(reason)
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        parser = self._parser
-        status = parser.get_status_code()
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise ProtocolError(502, f"unsupported HTTP version {version}")
-        if 100 <= status < 200 and status != 101:
-            self._interim = True  # consumed here, never forwarded: we send our own 100
-            return
-        head = ResponseHead(status, self._reason, self._headers, version)
-        connection: list[bytes] = []
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                head.content_length = int(value)
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise ProtocolError(502, "transfer-encoding other than chunked")
-                head.chunked = True
-            elif lname == _CONNECTION:
-                connection.extend(_tokens(value))
-        if version == "1.1":
-            head.keep_alive = b"close" not in connection
-        else:
-            head.keep_alive = b"keep-alive" in connection
-        head.no_body = status in (204, 304) or self._head_request
-        if not head.no_body and status != 101 and head.content_length is None:
-            if not head.chunked:
-                head.until_close = True
-                head.keep_alive = False
-                self._reading_until_close = True
-        self.events.append(head)
-        if self._head_request:
-            raise _StopAtHead
-
-    def on_message_complete(self) -> None:
-        if self._in_head:  # pragma: no cover - llhttp always completes the head first
-            return
-        if not self.events or self.events[-1] is END or self._last_was_interim():
-            # completion of an interim (1xx) message: nothing to report
-            if self._parser.get_status_code() < 200:
-                return
-        super().on_message_complete()
-
-    def _last_was_interim(self) -> bool:
-        return self._parser.get_status_code() < 200 and self._parser.get_status_code() != 101
+        # Whatever llhttp or our limits say, a bad response is the upstream's fault: 502.
+        super()._fail(error if error.status == 502 else ProtocolError(502, error.detail))
 
     def _after_stop(self, data: bytes) -> None:
         # The head of a HEAD response ended at the first empty line of what was fed.

@@ -28,8 +28,20 @@ class BodySource(Protocol):
 
 
 class Request:
-    __slots__ = ("head", "body", "peer_ip", "service", "target", "authority", "nursery", "source",
-                 "endpoint", "connect_timeout", "timeout", "direction")
+    __slots__ = (
+        "head",
+        "body",
+        "peer_ip",
+        "service",
+        "target",
+        "authority",
+        "nursery",
+        "source",
+        "endpoint",
+        "connect_timeout",
+        "timeout",
+        "direction",
+    )
 
     def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
         self.head = head
@@ -49,8 +61,19 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "reason", "headers", "body", "framing", "content_length", "keep_alive",
-                 "mesh_error", "upgrade", "on_finish", "raw")
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "body",
+        "framing",
+        "content_length",
+        "keep_alive",
+        "mesh_error",
+        "upgrade",
+        "on_finish",
+        "raw",
+    )
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status

@@ -21,6 +21,8 @@ def errors_layer(inner: Handler) -> Handler:
             return Response.mesh(exc.reason, exc.detail, close=close)
         except Exception as exc:  # a bug of ours: answer, log, keep serving others
             log.exception("internal error handling %r", request.head.target)
-            return Response.mesh(errors.Reason("internal", 500, b"Internal Server Error"), type(exc).__name__, close=True)
+            return Response.mesh(
+                errors.Reason("internal", 500, b"Internal Server Error"), type(exc).__name__, close=True
+            )
 
     return handle

@@ -17,9 +17,12 @@ PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 def _respond(status: int, reason: bytes, content_type: bytes, body: bytes) -> Response:
     response = Response(status, reason, [])
-    response.raw = serialize_response_head(
-        status, reason, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
-    ) + body
+    response.raw = (
+        serialize_response_head(
+            status, reason, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        )
+        + body
+    )
     return response
 
 
@@ -66,6 +69,8 @@ class AdminHandler:
         if path == b"/_worker/snapshot" and self.worker_snapshot is not None:
             return json_response(self.worker_snapshot())  # read by the --workers supervisor
         return _respond(
-            404, b"Not Found", b"text/plain",
+            404,
+            b"Not Found",
+            b"text/plain",
             b"unknown admin path; try /metrics /ready /live /config_dump /clusters\n",
         )

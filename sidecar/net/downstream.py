@@ -148,8 +148,11 @@ async def _next_head(conn: _Connection, idle_timeout: float, header_timeout: flo
         if scope.cancelled_caught:
             if started:
                 await conn.stream.send_all(
-                    error_response(errors.Reason("bad-request", 408, b"Request Timeout"),
-                                   "request head not complete in time", close=True)
+                    error_response(
+                        errors.Reason("bad-request", 408, b"Request Timeout"),
+                        "request head not complete in time",
+                        close=True,
+                    )
                 )
             return None
         if not started and not events:

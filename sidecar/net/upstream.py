@@ -327,7 +327,9 @@ class Forwarder:
                 raise _Stale from exc
             raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
         if scope.cancelled_caught:
-            raise MeshError(errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s")
+            raise MeshError(
+                errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s"
+            )
         assert isinstance(event, ResponseHead)
         exchange.head = event
         return self._response(request, exchange, event)

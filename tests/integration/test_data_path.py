@@ -32,8 +32,9 @@ class Mesh:
 
 @pytest.fixture
 async def mesh(tmp_path: Path, origin: Origin) -> AsyncIterator[Mesh]:
-    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}",
-                           static=write_static(tmp_path / "b.yaml", {})) as b:
+    async with run_sidecar(
+        tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=write_static(tmp_path / "b.yaml", {})
+    ) as b:
         static_a = write_static(
             tmp_path / "a.yaml",
             {
@@ -42,8 +43,9 @@ async def mesh(tmp_path: Path, origin: Origin) -> AsyncIterator[Mesh]:
                 "refused": {"endpoints": ["127.0.0.1:1"]},
             },
         )
-        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static_a,
-                               extra=["--header-timeout", "0.5"]) as a:
+        async with run_sidecar(
+            tmp_path, service="user", app="127.0.0.1:1", static=static_a, extra=["--header-timeout", "0.5"]
+        ) as a:
             yield Mesh(a, b, origin)
 
 
@@ -74,10 +76,14 @@ async def test_host_header_crosses_both_sidecars(mesh: Mesh) -> None:
     assert response.text == "hello"
     assert "x-meshlet-error" not in response.headers
     a_metrics, b_metrics = await scrape(mesh.a.admin), await scrape(mesh.b.admin)
-    assert metric(a_metrics, "meshlet_requests_total", direction="outbound", source="user",
-                  destination="item", code="200") == 1
-    assert metric(b_metrics, "meshlet_requests_total", direction="inbound", source="user",
-                  destination="item", code="200") == 1
+    assert (
+        metric(a_metrics, "meshlet_requests_total", direction="outbound", source="user", destination="item", code="200")
+        == 1
+    )
+    assert (
+        metric(b_metrics, "meshlet_requests_total", direction="inbound", source="user", destination="item", code="200")
+        == 1
+    )
     assert mesh.origin.stats.paths == ["/hello"]
 
 
@@ -92,8 +98,9 @@ async def test_absolute_form_via_http_proxy(mesh: Mesh) -> None:
 
 async def test_explicit_upstream_port(tmp_path: Path, origin: Origin) -> None:
     static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
-    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static,
-                           extra=["--upstream", "item=127.0.0.1:0"]) as a:
+    async with run_sidecar(
+        tmp_path, service="user", app="127.0.0.1:1", static=static, extra=["--upstream", "item=127.0.0.1:0"]
+    ) as a:
         port = a.ports["upstream:item"]
         async with httpx.AsyncClient() as client:
             response = await client.get(f"http://127.0.0.1:{port}/info")
@@ -190,8 +197,9 @@ async def test_50mb_body_byte_exact_with_bounded_memory(mesh: Mesh) -> None:
             yield block
 
     async with httpx.AsyncClient(timeout=60) as client:
-        upload = await client.post(mesh.url("/sha256"), headers={"host": "item", "content-length": str(size)},
-                                   content=pieces())
+        upload = await client.post(
+            mesh.url("/sha256"), headers={"host": "item", "content-length": str(size)}, content=pieces()
+        )
         assert upload.text == f"{size} {hashlib.sha256(block * 50).hexdigest()}"
         digest, received = hashlib.sha256(), 0
         async with client.stream("GET", mesh.url(f"/bytes/{size}"), headers={"host": "item"}) as response:
@@ -223,16 +231,14 @@ async def test_bodyless_responses_and_reuse(mesh: Mesh) -> None:
 
 async def test_expect_100_continue(mesh: Mesh) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", mesh.a.ports["outbound"])
-    await stream.send_all(
-        b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-    )
+    await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
     interim = b""
     with trio.fail_after(5):
         while b"\r\n\r\n" not in interim:
             interim += await stream.receive_some(4096)
     assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     await stream.send_all(b"hello")
-    rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+    rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
     with trio.fail_after(5):
         while not rest.endswith(b"hello"):
             rest += await stream.receive_some(4096)
@@ -292,9 +298,10 @@ async def test_websocket_upgrade_is_tunnelled(mesh: Mesh) -> None:
 
 
 async def test_pipelined_requests_answered_in_order(mesh: Mesh) -> None:
-    requests = b"".join(
-        b"GET /status/%d HTTP/1.1\r\nHost: item\r\n\r\n" % code for code in (201, 202, 203)
-    ) + b"GET /hello HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n"
+    requests = (
+        b"".join(b"GET /status/%d HTTP/1.1\r\nHost: item\r\n\r\n" % code for code in (201, 202, 203))
+        + b"GET /hello HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n"
+    )
     data = await raw_exchange(mesh.a.ports["outbound"], requests)
     assert data.count(b"HTTP/1.1 ") == 4
     order = [data.index(marker) for marker in (b"status 201", b"status 202", b"status 203", b"hello")]
@@ -345,12 +352,21 @@ async def test_reset_mid_body_cuts_the_client_connection(mesh: Mesh) -> None:
 BAD_REQUESTS = [
     pytest.param(b"GET / FOO/1.1\r\nHost: item\r\n\r\n", 400, id="bad-request-line"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: item\r\nBad Name: x\r\n\r\n", 400, id="bad-header-name"),
-    pytest.param(b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-                 400, id="cl-and-te"),
-    pytest.param(b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
-                 400, id="duplicate-cl"),
-    pytest.param(b"POST /echo HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-                 400, id="invalid-chunk-size"),
+    pytest.param(
+        b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        id="cl-and-te",
+    ),
+    pytest.param(
+        b"POST /echo HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        400,
+        id="duplicate-cl",
+    ),
+    pytest.param(
+        b"POST /echo HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+        id="invalid-chunk-size",
+    ),
     pytest.param(b"GET / HTTP/1.1\r\nHost: item\r\nX: a\r\n  folded\r\n\r\n", 400, id="obs-fold"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: item\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, id="oversized-head"),
 ]
@@ -388,8 +404,12 @@ async def test_admin_endpoints(mesh: Mesh) -> None:
         metrics = (await client.get(admin + "/metrics")).text
         missing = (await client.get(admin + "/nope")).status_code
     assert missing == 404
-    for name in ("meshlet_requests_total", "meshlet_request_duration_seconds_bucket",
-                 "meshlet_inflight_requests", "meshlet_upstream_connections"):
+    for name in (
+        "meshlet_requests_total",
+        "meshlet_request_duration_seconds_bucket",
+        "meshlet_inflight_requests",
+        "meshlet_upstream_connections",
+    ):
         assert name in metrics, name
     assert metric(metrics, "meshlet_request_duration_seconds_count", destination="item") == 1
     assert metric(metrics, "meshlet_upstream_connections", destination="item", state="idle") == 1
@@ -400,9 +420,10 @@ async def test_bad_static_config_fails_with_file_and_line(tmp_path: Path) -> Non
     static = tmp_path / "bad.yaml"
     static.write_text("services:\n  item:\n    endpoints: [nohost]\n    timeout: soon\n")
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", "sidecar", "--service", "x", "--app", "127.0.0.1:1",
-         "--static", str(static)],
-        capture_stdout=True, capture_stderr=True, check=False,
+        [sys.executable, "-m", "sidecar", "sidecar", "--service", "x", "--app", "127.0.0.1:1", "--static", str(static)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert result.returncode == 1
     err = result.stderr.decode()
@@ -421,8 +442,9 @@ async def test_config_dump_is_json(mesh: Mesh) -> None:
 
 async def test_workers_share_listeners_and_metrics_add_up(tmp_path: Path, origin: Origin) -> None:
     static = write_static(tmp_path / "w.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
-    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static,
-                           extra=["--workers", "2"]) as sidecar:
+    async with run_sidecar(
+        tmp_path, service="user", app="127.0.0.1:1", static=static, extra=["--workers", "2"]
+    ) as sidecar:
         for _ in range(40):  # a new connection each: SO_REUSEPORT spreads connections
             async with httpx.AsyncClient() as client:
                 response = await client.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
@@ -488,7 +510,9 @@ async def test_sighup_reloads_static_and_keeps_last_good(tmp_path: Path, origin:
 @pytest.mark.parametrize(
     "answer",
     [
-        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", id="cl-and-te"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", id="cl-and-te"
+        ),
         pytest.param(b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 0\r\n\r\n", id="obs-fold"),
         pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="not-http"),
     ],
@@ -506,7 +530,9 @@ async def test_malformed_upstream_response_is_502(tmp_path: Path, nursery: trio.
     nursery.start_soon(trio.serve_listeners, bad_origin, listeners)
     static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{port}"]})
     async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static) as sidecar:
-        data = await raw_exchange(sidecar.ports["outbound"], b"GET / HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n")
+        data = await raw_exchange(
+            sidecar.ports["outbound"], b"GET / HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n"
+        )
     assert data.startswith(b"HTTP/1.1 502 ")
     assert b"x-meshlet-error: upstream-protocol-error" in data
     assert b"folded" not in data and b"SSH" not in data

@@ -23,7 +23,9 @@ async def listener(nursery: trio.Nursery) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-async def test_released_connection_is_reused_then_expires(listener: int, autojump_clock: trio.testing.MockClock) -> None:
+async def test_released_connection_is_reused_then_expires(
+    listener: int, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = EndpointPool(Endpoint("127.0.0.1", listener), idle_timeout=60)
     conn, reused = await pool.acquire(1.0)
     assert not reused and pool.connects == 1
@@ -42,7 +44,9 @@ async def test_released_connection_is_reused_then_expires(listener: int, autojum
     assert not pool.idle and pool.active == 0
 
 
-async def test_idle_connection_past_timeout_is_not_handed_out(listener: int, autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_connection_past_timeout_is_not_handed_out(
+    listener: int, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = EndpointPool(Endpoint("127.0.0.1", listener), idle_timeout=10)
     conn, _ = await pool.acquire(1.0)
     pool.release(conn, reusable=True)
