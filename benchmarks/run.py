@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import importlib.metadata
 import os
 import platform
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -41,10 +43,12 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
+FAILURE_LOGS = REPO / "benchmarks" / "out" / "last-failure"  # git-ignored
 TOOLS = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "curl": "curl", "taskset": "util-linux"}
 CLIENT_CORE = "0"  # wrk, curl, nginx
 PROXY_CORE = "1"  # sidecars, HAProxy
@@ -82,7 +86,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs and a 20 MB stream: a smoke check")
     parser.add_argument("--duration", type=int, metavar="SECONDS", help="saturation run length (default 10, quick 3)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.quick:
         settings = Settings(warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out)
@@ -91,7 +95,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if args.duration is not None:
         if args.duration < 1:
             parser.error("--duration must be at least 1")
-        settings = Settings(**{**settings.__dict__, "saturation_s": args.duration})
+        settings = dataclasses.replace(settings, saturation_s=args.duration)
     return settings
 
 
@@ -196,6 +200,21 @@ def cpu_time(pid: int) -> CpuTime:
     """utime and stime of a process (all its threads): fields 14 and 15 of proc(5)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return CpuTime(int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+
+
+def busy_seconds(cpu: str = "cpu") -> float:
+    """user + nice + system time so far of one CPU ("cpu1") or all ("cpu"), whoever used it."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name == cpu:
+            return sum(int(value) for value in values[:3]) / CLK_TCK
+    raise RuntimeError(f"no {cpu} line in /proc/stat")
+
+
+def own_seconds() -> float:
+    """CPU time of this process and of every descendant it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def steal_ticks() -> dict[str, int]:
@@ -517,6 +536,7 @@ class ScenarioResult:
     cpu_by_proxy: dict[str, CpuTime] = field(default_factory=dict)  # over the saturation run
     rss_mb_by_proxy: dict[str, float] = field(default_factory=dict)
     sidecar_errors: int | None = None
+    foreign_load: float = 0.0  # share of the proxy core used by other processes during saturation
 
     def us_per_request(self, seconds: float) -> float:
         return seconds * 1e6 / max(self.saturation.requests, 1)
@@ -574,9 +594,12 @@ def measure_scenario(name: str, workdir: Workdir, nginx_port: int, settings: Set
                 script=script)
         announce(f"{name}: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s")
         cpu_before = {proxy.name: cpu_time(proxy.pid) for proxy in proxies}
+        core_busy_before = busy_seconds(f"cpu{PROXY_CORE}")
         saturation = run_wrk(port, connections=settings.saturation_connections, seconds=settings.saturation_s,
                              path="/ok", script=script)
         cpu_used = {proxy.name: cpu_time(proxy.pid) - cpu_before[proxy.name] for proxy in proxies}
+        core_busy = busy_seconds(f"cpu{PROXY_CORE}") - core_busy_before
+        foreign = max(0.0, core_busy - sum(cpu.total for cpu in cpu_used.values())) / saturation.seconds
         rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
         announce(f"{name}: latency at concurrency 1 for {settings.c1_s}s")
         c1 = run_wrk(port, connections=1, seconds=settings.c1_s, path="/ok", script=script, latency=True)
@@ -587,8 +610,9 @@ def measure_scenario(name: str, workdir: Workdir, nginx_port: int, settings: Set
         admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
         if admins:
             sidecar_errors = sum(sidecar_error_count(admin) for admin in admins)
-    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors)
-    console.print(f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}")
+    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors, foreign)
+    console.print(f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}, "
+                  f"other load on core {PROXY_CORE} {100 * foreign:.0f}%")
     return result
 
 
@@ -691,13 +715,17 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}×" if base else "n/a"
 
 
-def build_tables(results: dict[str, ScenarioResult], streams: list[StreamResult], settings: Settings) -> list[TableData]:
+def build_tables(results: dict[str, ScenarioResult], streams: list[StreamResult],
+                 settings: Settings) -> list[TableData]:
     direct, haproxy = results["direct"], results["haproxy"]
     throughput = TableData(
         f"Throughput at saturation (wrk -t1 -c{settings.saturation_connections} -d{settings.saturation_s}s)",
-        ["scenario", "req/s", "vs direct", "vs HAProxy", "wrk errors"],
+        ["scenario", "req/s", "vs direct", "vs HAProxy", "wrk errors", f"other load on core {PROXY_CORE}"],
         [[r.name, f"{r.saturation.rps:,.0f}", ratio(r.saturation.rps, direct.saturation.rps),
-          ratio(r.saturation.rps, haproxy.saturation.rps), r.saturation.error_text()] for r in results.values()],
+          ratio(r.saturation.rps, haproxy.saturation.rps), r.saturation.error_text(), f"{100 * r.foreign_load:.0f}%"]
+         for r in results.values()],
+        note=f"'other load': core {PROXY_CORE} busy time not used by this scenario's proxies, as a share of "
+             "the run; above a few % another job competed with the proxy and the row is noisy.",
     )
     latency_c1 = TableData(
         f"Latency at concurrency 1 (wrk -t1 -c1 -d{settings.c1_s}s)",
@@ -765,10 +793,11 @@ def markdown_table(table: TableData) -> str:
     return "\n".join(out) + "\n"
 
 
-def command_version(argv: list[str]) -> str:
+def command_version(argv: list[str], pattern: str) -> str:
+    """The version a tool prints (``wrk -v`` prints it then fails on the missing URL)."""
     done = subprocess.run(argv, capture_output=True, text=True)
-    text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0].strip() if text else "unknown"
+    match = re.search(pattern, done.stdout + done.stderr)
+    return match.group(1) if match else "unknown"
 
 
 def environment() -> dict[str, str]:
@@ -781,19 +810,39 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "trio": importlib.metadata.version("trio"),
         "httptools": importlib.metadata.version("httptools"),
-        "nginx": command_version(["nginx", "-v"]),
-        "haproxy": command_version(["haproxy", "-v"]),
-        "wrk": command_version(["wrk", "-v"]),
+        "nginx": command_version(["nginx", "-v"], r"nginx/(\S+)"),
+        "haproxy": command_version(["haproxy", "-v"], r"HAProxy version (\S+)"),
+        "wrk": command_version(["wrk", "-v"], r"wrk (\S+)"),
     }
 
 
-def steal_text(before: dict[str, int], after: dict[str, int], elapsed_s: float) -> str:
-    cores = [f"cpu{CLIENT_CORE}", f"cpu{PROXY_CORE}"]
-    return ", ".join(f"{core} {100 * (after[core] - before[core]) / CLK_TCK / elapsed_s:.1f}%" for core in cores)
+@dataclass
+class Interference:
+    """What else happened on the machine during the run: numbers that explain variance."""
+
+    steal_ticks: dict[str, int]
+    busy_s: float
+    own_s: float
+    clock_s: float
+
+    @classmethod
+    def start(cls) -> Interference:
+        return cls(steal_ticks(), busy_seconds(), own_seconds(), time.monotonic())
+
+    def describe(self) -> list[str]:
+        elapsed = time.monotonic() - self.clock_s
+        steal_now = steal_ticks()
+        steal = ", ".join(f"{cpu} {100 * (steal_now[cpu] - self.steal_ticks[cpu]) / CLK_TCK / elapsed:.1f}%"
+                          for cpu in (f"cpu{CLIENT_CORE}", f"cpu{PROXY_CORE}"))
+        others = max(0.0, (busy_seconds() - self.busy_s) - (own_seconds() - self.own_s))
+        share = 100 * others / (elapsed * len(os.sched_getaffinity(0)))
+        return [f"hypervisor steal time during the run: {steal}",
+                f"CPU used by processes outside this run: {others:.1f} s ({share:.1f}% of the machine)"
+                + (" - other work was running, expect noise" if share > 2 else "")]
 
 
 def render_markdown(tables: list[TableData], targets: list[Target], env: dict[str, str], settings: Settings,
-                    started_at: datetime, elapsed_s: float, steal: str) -> str:
+                    started_at: datetime, elapsed_s: float, interference: list[str]) -> str:
     targets_table = TableData("Targets for one sidecar", ["metric", "value", "target", "result"],
                               [t.row() for t in targets])
     lines = [
@@ -803,11 +852,11 @@ def render_markdown(tables: list[TableData], targets: list[Target], env: dict[st
         "",
         f"- date: {started_at.strftime('%Y-%m-%d %H:%M:%S %Z')} (run took {elapsed_s:.0f} s)",
         f"- machine: {env['CPU']}, nproc {env['nproc']}, kernel {env['kernel']}",
-        f"- versions: python {env['python']}, trio {env['trio']}, httptools {env['httptools']}; "
-        f"{env['nginx']}; {env['haproxy']}; {env['wrk']}",
+        f"- versions: python {env['python']}, trio {env['trio']}, httptools {env['httptools']}, "
+        f"nginx {env['nginx']}, HAProxy {env['haproxy']}, wrk {env['wrk']}",
         f"- pinning: wrk, curl and nginx (1 worker) on core {CLIENT_CORE} (`taskset -c {CLIENT_CORE}`); "
         f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
-        f"- hypervisor steal time during the run: {steal}",
+        *(f"- {line}" for line in interference),
         f"- runs: warm-up {settings.warmup_s}s, saturation {settings.saturation_s}s, c=1 {settings.c1_s}s, "
         f"paced {settings.paced_s}s; every request `GET /ok` with `Host: {HOST_HEADER}` (nginx answers `ok\\n`)",
         "",
@@ -837,31 +886,56 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def run(settings: Settings) -> int:
-    started_at = datetime.now().astimezone()
-    clock = time.monotonic()
-    steal_before = steal_ticks()
+def save_logs(workdir: Workdir) -> None:
+    """Keep the servers' logs and configs of a failed run (the temp dir goes away)."""
+    shutil.rmtree(FAILURE_LOGS, ignore_errors=True)
+    FAILURE_LOGS.mkdir(parents=True)
+    for path in workdir.root.iterdir():
+        if path.is_file() and path.suffix in {".log", ".out", ".conf", ".cfg", ".yaml", ".lua"}:
+            shutil.copy(path, FAILURE_LOGS / path.name)
+    console.print(f"[yellow]logs and configs of this run saved in {FAILURE_LOGS}[/yellow]")
+
+
+def measure_everything(settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult]]:
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
         announce(f"generating a {settings.stream_mb} MB file in {tmp}")
         workdir = prepare_workdir(Path(tmp), settings.stream_mb)
-        announce(f"starting nginx on core {CLIENT_CORE}")
-        with run_nginx(workdir) as nginx_port:
-            results = {}
-            for name in SCENARIOS:
-                announce(f"scenario [bold]{name}[/bold]")
-                results[name] = measure_scenario(name, workdir, nginx_port, settings)
-            streams = []
-            for direction in ("download", "upload"):
-                announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
-                streams.append(measure_stream(direction, workdir, nginx_port))
-                console.print(f"    {streams[-1].mb_per_s:.0f} MB/s, peak RSS {streams[-1].peak_rss_mb}, "
-                              f"{'ok' if streams[-1].ok else streams[-1].problem}")
+        try:
+            return measure_in(workdir, settings)
+        except Exception:
+            save_logs(workdir)
+            raise
+
+
+def measure_in(workdir: Workdir, settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult]]:
+    announce(f"starting nginx on core {CLIENT_CORE}")
+    with run_nginx(workdir) as nginx_port:
+        results = {}
+        for name in SCENARIOS:
+            announce(f"scenario [bold]{name}[/bold]")
+            results[name] = measure_scenario(name, workdir, nginx_port, settings)
+        streams = []
+        for direction in ("download", "upload"):
+            announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
+            stream = measure_stream(direction, workdir, nginx_port)
+            peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
+            console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
+            streams.append(stream)
+    return results, streams
+
+
+def run(settings: Settings) -> int:
+    started_at = datetime.now().astimezone()
+    interference = Interference.start()
+    results, streams = measure_everything(settings)
+    elapsed = time.monotonic() - interference.clock_s
+    notes = interference.describe()
     tables = build_tables(results, streams, settings)
     targets = build_targets(results, streams)
-    elapsed = time.monotonic() - clock
-    steal = steal_text(steal_before, steal_ticks(), elapsed)
-    settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, steal))
+    settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, notes))
     print_summary(tables, targets)
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")
     announce(f"done in {elapsed:.0f} s; results written to {settings.out}")
     return 0
 
@@ -880,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; everything started was stopped[/yellow]")
         return 130
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        console.print("[bold red]benchmark failed:[/bold red]", escape(str(exc)))
+        return 1
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_to_json() -> None:
             "item": {
                 "endpoints": [
                     {"address": "10.0.0.1:8080", "labels": {}, "weight": 1},
-                    {"address": "::1:9090", "labels": {"zone": "a", "version": "v2"}, "weight": 3},
+                    {"address": "[::1]:9090", "labels": {"zone": "a", "version": "v2"}, "weight": 3},
                 ],
                 "connect_timeout": 0.25,
                 "timeout": 2.0,
