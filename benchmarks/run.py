@@ -86,7 +86,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs and a 20 MB stream: a smoke check")
     parser.add_argument("--duration", type=int, metavar="SECONDS", help="saturation run length (default 10, quick 3)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         settings = Settings(warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out)
@@ -113,8 +115,10 @@ def ensure_tools() -> None:
         return
     packages = sorted({TOOLS[tool] for tool in missing})
     if os.geteuid() != 0:
-        console.print(f"[red]missing: {', '.join(missing)}[/red]\ninstall them with:\n"
-                      f"    sudo apt-get install -y {' '.join(packages)}")
+        console.print(
+            f"[red]missing: {', '.join(missing)}[/red]\ninstall them with:\n"
+            f"    sudo apt-get install -y {' '.join(packages)}"
+        )
         sys.exit(1)
     announce(f"installing {' '.join(packages)} with apt-get")
     install = ["apt-get", "install", "-y", *packages]
@@ -149,6 +153,8 @@ def free_port() -> int:
 
 def stop_process(process: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL to its own process group (nginx's worker) if it lingers."""
+    if process.stdout is not None:
+        process.stdout.close()
     if process.poll() is not None:
         return
     process.terminate()
@@ -164,8 +170,14 @@ def stop_process(process: subprocess.Popen) -> None:
 def started(argv: list[str], log: Path, *, stdout: int | None = None) -> Iterator[subprocess.Popen]:
     """A long-lived child in its own session (Ctrl-C reaches only us), stopped on exit."""
     with open(log, "wb") as log_file:
-        process = subprocess.Popen(argv, stdout=stdout if stdout is not None else log_file, stderr=log_file,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        process = subprocess.Popen(
+            argv,
+            stdout=stdout if stdout is not None else log_file,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=REPO,
+        )
     try:
         yield process
     finally:
@@ -233,6 +245,51 @@ def memory_mb(pid: int, key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(key)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """CPU counters read around a phase: each core's busy time, split into ours and others'."""
+
+    core_busy: dict[str, float]  # "0"/"1" → busy seconds of that core
+    core_steal: dict[str, int]  # "cpu0"/"cpu1" → steal ticks
+    proxies: dict[str, CpuTime]  # on the proxy core
+    client_side: float  # on the client core: nginx (master and worker) + waited-for children (wrk)
+
+    @classmethod
+    def take(cls, proxies: list[Server], nginx: Server) -> LoadSample:
+        nginx_cpu = sum(cpu_time(pid).total for pid in [nginx.pid, *children_of(nginx.pid)])
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(
+            core_busy={core: busy_seconds(f"cpu{core}") for core in (CLIENT_CORE, PROXY_CORE)},
+            core_steal=steal_ticks(),
+            proxies={proxy.name: cpu_time(proxy.pid) for proxy in proxies},
+            client_side=nginx_cpu + waited.ru_utime + waited.ru_stime,
+        )
+
+    def other_load_since(self, before: LoadSample, seconds: float) -> dict[str, float]:
+        """Per core, the share of ``seconds`` spent on processes outside this run."""
+        ours = {
+            CLIENT_CORE: self.client_side - before.client_side,
+            PROXY_CORE: sum((self.proxies[name] - before.proxies[name]).total for name in self.proxies),
+        }
+        return {core: max(0.0, self.core_busy[core] - before.core_busy[core] - ours[core]) / seconds for core in ours}
+
+    def steal_since(self, before: LoadSample, seconds: float) -> dict[str, float]:
+        """Per core, the share of ``seconds`` the hypervisor gave to someone else."""
+        return {
+            core: (self.core_steal[f"cpu{core}"] - before.core_steal[f"cpu{core}"]) / CLK_TCK / seconds
+            for core in (CLIENT_CORE, PROXY_CORE)
+        }
 
 
 # ---------------------------------------------------------------------------- servers
@@ -344,6 +401,17 @@ end
 
 
 @dataclass
+class Server:
+    """A process we started that serves HTTP: nginx, HAProxy or a sidecar."""
+
+    name: str
+    pid: int
+    port: int  # where the previous hop (or wrk) sends requests
+    admin: int | None = None
+    inbound: int | None = None
+
+
+@dataclass
 class Workdir:
     """The temp directory every config, log and data file of the run lives in."""
 
@@ -376,54 +444,64 @@ def prepare_workdir(root: Path, stream_mb: int) -> Workdir:
 
 
 @contextlib.contextmanager
-def run_nginx(workdir: Workdir) -> Iterator[int]:
+def run_nginx(workdir: Workdir) -> Iterator[Server]:
     port = free_port()
     conf = workdir.root / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=workdir.root, port=port))
     log = workdir.root / "nginx.out"
-    argv = pinned(CLIENT_CORE, ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-error.log"),
-                                "-c", str(conf)])
+    argv = pinned(
+        CLIENT_CORE, ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-error.log"), "-c", str(conf)]
+    )
     with started(argv, log) as process:
         wait_for_port(port, process, log)
-        yield port
+        yield Server("nginx", process.pid, port)
 
 
 @contextlib.contextmanager
-def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Proxy]:
+def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Server]:
     port = free_port()
     conf = workdir.root / "haproxy.cfg"
     conf.write_text(HAPROXY_CONF.format(port=port, nginx_port=nginx_port))
     log = workdir.root / "haproxy.log"
     with started(pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)]), log) as process:
         wait_for_port(port, process, log)
-        yield Proxy("haproxy", process.pid, port)
-
-
-@dataclass
-class Proxy:
-    name: str
-    pid: int
-    port: int  # where the next hop (or wrk) sends requests
-    admin: int | None = None
-    inbound: int | None = None
+        yield Server("haproxy", process.pid, port)
 
 
 @contextlib.contextmanager
-def run_sidecar(workdir: Workdir, label: str, *, service: str, app_port: int, endpoint_port: int,
-                tag: str = "") -> Iterator[Proxy]:
+def run_sidecar(
+    workdir: Workdir, label: str, *, service: str, app_port: int, endpoint_port: int, tag: str = ""
+) -> Iterator[Server]:
     """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
     ``label`` names it in the results, ``tag`` keeps its files apart from other runs'."""
     name = f"sidecar-{label}{tag}"
     static = workdir.root / f"{name}.yaml"
     static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]}}}}\n')
-    argv = pinned(PROXY_CORE, [
-        sys.executable, "-m", "sidecar", "sidecar", "--service", service, "--app", f"127.0.0.1:{app_port}",
-        "--static", str(static), "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-    ])
+    argv = pinned(
+        PROXY_CORE,
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "sidecar",
+            "--service",
+            service,
+            "--app",
+            f"127.0.0.1:{app_port}",
+            "--static",
+            str(static),
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    )
     log = workdir.root / f"{name}.log"
     with started(argv, log, stdout=subprocess.PIPE) as process:
         ports = read_ready_line(process, log)
-        yield Proxy(label, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
+        yield Server(label, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
 
 
 def read_ready_line(process: subprocess.Popen, log: Path) -> dict[str, int]:
@@ -442,8 +520,9 @@ def read_ready_line(process: subprocess.Popen, log: Path) -> dict[str, int]:
     line = buffer.decode(errors="replace").strip()
     if not line.startswith("meshlet sidecar ready"):
         raise RuntimeError(f"sidecar did not start (stdout {line!r}):\n{log.read_text(errors='replace')}")
-    return {name: int(address.rpartition(":")[2]) for name, _, address in
-            (item.partition("=") for item in line.split()[3:])}
+    return {
+        name: int(address.rpartition(":")[2]) for name, _, address in (item.partition("=") for item in line.split()[3:])
+    }
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -463,20 +542,31 @@ class WrkResult:
         return self.requests / self.seconds
 
     def error_text(self) -> str:
-        labels = {"status": "non-2xx/3xx", "connect": "connect", "read": "read", "write": "write",
-                  "timeout": "timeout"}
+        labels = {"status": "non-2xx/3xx", "connect": "connect", "read": "read", "write": "write", "timeout": "timeout"}
         found = [f"{labels[kind]} {count}" for kind, count in self.errors.items() if count]
         return ", ".join(found) or "0"
 
 
-def run_wrk(port: int, *, connections: int, seconds: int, path: str, script: Path, rate: int = 0,
-            latency: bool = False) -> WrkResult:
+def run_wrk(
+    port: int, *, connections: int, seconds: int, path: str, script: Path, rate: int = 0, latency: bool = False
+) -> WrkResult:
     """One bounded wrk run from core 0; ``rate`` > 0 paces it (see WRK_SCRIPT)."""
-    argv = pinned(CLIENT_CORE, [
-        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-H", f"Host: {HOST_HEADER}", "-s", str(script),
-        *(["--latency"] if latency else []), f"http://127.0.0.1:{port}{path}",
-        *(["--", str(rate)] if rate else []),
-    ])
+    argv = pinned(
+        CLIENT_CORE,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-H",
+            f"Host: {HOST_HEADER}",
+            "-s",
+            str(script),
+            *(["--latency"] if latency else []),
+            f"http://127.0.0.1:{port}{path}",
+            *(["--", str(rate)] if rate else []),
+        ],
+    )
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     match = re.search(r"^RESULT (.*)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or match is None:
@@ -527,6 +617,10 @@ def sidecar_error_count(admin_port: int) -> int:
 # ---------------------------------------------------------------------------- scenarios
 
 
+def per_core(shares: dict[str, float]) -> str:
+    return " / ".join(f"{100 * shares[core]:.0f}%" for core in (CLIENT_CORE, PROXY_CORE))
+
+
 @dataclass
 class ScenarioResult:
     name: str
@@ -536,7 +630,9 @@ class ScenarioResult:
     cpu_by_proxy: dict[str, CpuTime] = field(default_factory=dict)  # over the saturation run
     rss_mb_by_proxy: dict[str, float] = field(default_factory=dict)
     sidecar_errors: int | None = None
-    foreign_load: float = 0.0  # share of the proxy core used by other processes during saturation
+    # per core, as a share of the saturation run: processes outside this run, hypervisor steal
+    other_load: dict[str, float] = field(default_factory=dict)
+    steal: dict[str, float] = field(default_factory=dict)
 
     def us_per_request(self, seconds: float) -> float:
         return seconds * 1e6 / max(self.saturation.requests, 1)
@@ -548,12 +644,15 @@ class ScenarioResult:
         return self.us_per_request(sum(cpu.total for cpu in self.cpu_by_proxy.values()))
 
     def cpu_breakdown(self) -> str:
-        return ", ".join(f"{name} {self.us_per_request(cpu.total):.1f} (user {self.us_per_request(cpu.user):.0f}"
-                         f" + sys {self.us_per_request(cpu.system):.0f})" for name, cpu in self.cpu_by_proxy.items())
+        return ", ".join(
+            f"{name} {self.us_per_request(cpu.total):.1f} (user {self.us_per_request(cpu.user):.0f}"
+            f" + sys {self.us_per_request(cpu.system):.0f})"
+            for name, cpu in self.cpu_by_proxy.items()
+        )
 
 
 @contextlib.contextmanager
-def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tuple[int, list[Proxy]]]:
+def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tuple[int, list[Server]]]:
     """The port wrk targets for a scenario, and the proxy processes on the path."""
     if name == "direct":
         yield nginx_port, []
@@ -561,8 +660,9 @@ def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tupl
         with run_haproxy(workdir, nginx_port) as haproxy:
             yield haproxy.port, [haproxy]
     elif name == "one sidecar":
-        with run_sidecar(workdir, "sidecar", service="client", app_port=nginx_port,
-                         endpoint_port=nginx_port) as sidecar:
+        with run_sidecar(
+            workdir, "sidecar", service="client", app_port=nginx_port, endpoint_port=nginx_port
+        ) as sidecar:
             yield sidecar.port, [sidecar]
     elif name == "mesh path":
         with mesh_path(workdir, nginx_port) as (port, proxies):
@@ -572,47 +672,54 @@ def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tupl
 
 
 @contextlib.contextmanager
-def mesh_path(workdir: Workdir, nginx_port: int, tag: str = "") -> Iterator[tuple[int, list[Proxy]]]:
+def mesh_path(workdir: Workdir, nginx_port: int, tag: str = "") -> Iterator[tuple[int, list[Server]]]:
     """Sidecar B (service bench, app nginx) first, then A pointing at B's inbound."""
-    with run_sidecar(workdir, "B", service=HOST_HEADER, app_port=nginx_port, endpoint_port=nginx_port,
-                     tag=tag) as b:
+    with run_sidecar(workdir, "B", service=HOST_HEADER, app_port=nginx_port, endpoint_port=nginx_port, tag=tag) as b:
         assert b.inbound is not None
-        with run_sidecar(workdir, "A", service="client", app_port=nginx_port, endpoint_port=b.inbound,
-                         tag=tag) as a:
+        with run_sidecar(workdir, "A", service="client", app_port=nginx_port, endpoint_port=b.inbound, tag=tag) as a:
             yield a.port, [a, b]
 
 
 SCENARIOS = ("direct", "haproxy", "one sidecar", "mesh path")
 
 
-def measure_scenario(name: str, workdir: Workdir, nginx_port: int, settings: Settings) -> ScenarioResult:
+def measure_scenario(name: str, workdir: Workdir, nginx: Server, settings: Settings) -> ScenarioResult:
     script = workdir.wrk_script
-    with scenario_path(name, workdir, nginx_port) as (port, proxies):
+    with scenario_path(name, workdir, nginx.port) as (port, proxies):
         check_request(port)
         announce(f"{name}: warm-up {settings.warmup_s}s")
-        run_wrk(port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok",
-                script=script)
+        run_wrk(port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok", script=script)
         announce(f"{name}: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s")
-        cpu_before = {proxy.name: cpu_time(proxy.pid) for proxy in proxies}
-        core_busy_before = busy_seconds(f"cpu{PROXY_CORE}")
-        saturation = run_wrk(port, connections=settings.saturation_connections, seconds=settings.saturation_s,
-                             path="/ok", script=script)
-        cpu_used = {proxy.name: cpu_time(proxy.pid) - cpu_before[proxy.name] for proxy in proxies}
-        core_busy = busy_seconds(f"cpu{PROXY_CORE}") - core_busy_before
-        foreign = max(0.0, core_busy - sum(cpu.total for cpu in cpu_used.values())) / saturation.seconds
+        before = LoadSample.take(proxies, nginx)
+        saturation = run_wrk(
+            port, connections=settings.saturation_connections, seconds=settings.saturation_s, path="/ok", script=script
+        )
+        after = LoadSample.take(proxies, nginx)
+        cpu_used = {proxy.name: after.proxies[proxy.name] - before.proxies[proxy.name] for proxy in proxies}
+        other_load = after.other_load_since(before, saturation.seconds)
+        steal = after.steal_since(before, saturation.seconds)
         rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
         announce(f"{name}: latency at concurrency 1 for {settings.c1_s}s")
         c1 = run_wrk(port, connections=1, seconds=settings.c1_s, path="/ok", script=script, latency=True)
         announce(f"{name}: latency at ~{settings.paced_rate} req/s for {settings.paced_s}s")
-        paced = run_wrk(port, connections=settings.paced_connections, seconds=settings.paced_s, path="/ok",
-                        script=script, rate=settings.paced_rate, latency=True)
+        paced = run_wrk(
+            port,
+            connections=settings.paced_connections,
+            seconds=settings.paced_s,
+            path="/ok",
+            script=script,
+            rate=settings.paced_rate,
+            latency=True,
+        )
         sidecar_errors = None
         admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
         if admins:
             sidecar_errors = sum(sidecar_error_count(admin) for admin in admins)
-    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors, foreign)
-    console.print(f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}, "
-                  f"other load on core {PROXY_CORE} {100 * foreign:.0f}%")
+    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors, other_load, steal)
+    console.print(
+        f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}, "
+        f"other processes {per_core(other_load)}, steal {per_core(steal)}"
+    )
     return result
 
 
@@ -660,12 +767,24 @@ def measure_stream(direction: str, workdir: Workdir, nginx_port: int) -> StreamR
         url = f"http://127.0.0.1:{port}"
         common = ["-H", f"Host: {HOST_HEADER}"]
         if direction == "download":
-            code, moved, seconds, stderr = run_curl([*common, "-w", "%{http_code} %{size_download} %{time_total}",
-                                                     f"{url}/big.bin"])
+            code, moved, seconds, stderr = run_curl(
+                [*common, "-w", "%{http_code} %{size_download} %{time_total}", f"{url}/big.bin"]
+            )
         else:
-            code, moved, seconds, stderr = run_curl([*common, "-H", "Expect:", "-X", "POST", "-T",
-                                                     str(workdir.big_file), "-w",
-                                                     "%{http_code} %{size_upload} %{time_total}", f"{url}/upload"])
+            code, moved, seconds, stderr = run_curl(
+                [
+                    *common,
+                    "-H",
+                    "Expect:",
+                    "-X",
+                    "POST",
+                    "-T",
+                    str(workdir.big_file),
+                    "-w",
+                    "%{http_code} %{size_upload} %{time_total}",
+                    f"{url}/upload",
+                ]
+            )
         peaks = {proxy.name: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
     problems = []
     if code != "200":
@@ -703,7 +822,8 @@ class Target:
         if self.value is None:
             return False
         return {"<=": self.value <= self.limit, "<": self.value < self.limit, ">=": self.value >= self.limit}[
-            self.comparison]
+            self.comparison
+        ]
 
     def row(self) -> list[str]:
         shown = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
@@ -715,50 +835,97 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}×" if base else "n/a"
 
 
-def build_tables(results: dict[str, ScenarioResult], streams: list[StreamResult],
-                 settings: Settings) -> list[TableData]:
+def build_tables(
+    results: dict[str, ScenarioResult], streams: list[StreamResult], settings: Settings
+) -> list[TableData]:
     direct, haproxy = results["direct"], results["haproxy"]
     throughput = TableData(
         f"Throughput at saturation (wrk -t1 -c{settings.saturation_connections} -d{settings.saturation_s}s)",
-        ["scenario", "req/s", "vs direct", "vs HAProxy", "wrk errors", f"other load on core {PROXY_CORE}"],
-        [[r.name, f"{r.saturation.rps:,.0f}", ratio(r.saturation.rps, direct.saturation.rps),
-          ratio(r.saturation.rps, haproxy.saturation.rps), r.saturation.error_text(), f"{100 * r.foreign_load:.0f}%"]
-         for r in results.values()],
-        note=f"'other load': core {PROXY_CORE} busy time not used by this scenario's proxies, as a share of "
-             "the run; above a few % another job competed with the proxy and the row is noisy.",
+        [
+            "scenario",
+            "req/s",
+            "vs direct",
+            "vs HAProxy",
+            "wrk errors",
+            f"other processes core {CLIENT_CORE} / {PROXY_CORE}",
+            f"steal core {CLIENT_CORE} / {PROXY_CORE}",
+        ],
+        [
+            [
+                r.name,
+                f"{r.saturation.rps:,.0f}",
+                ratio(r.saturation.rps, direct.saturation.rps),
+                ratio(r.saturation.rps, haproxy.saturation.rps),
+                r.saturation.error_text(),
+                per_core(r.other_load),
+                per_core(r.steal),
+            ]
+            for r in results.values()
+        ],
+        note="Noise gauges, as shares of the run: 'other processes' is each core's busy time that neither wrk, "
+        "nginx nor the proxies used; 'steal' is time the hypervisor gave the vCPU to someone else. "
+        "Above a few %, the row is noisy.",
     )
     latency_c1 = TableData(
         f"Latency at concurrency 1 (wrk -t1 -c1 -d{settings.c1_s}s)",
         ["scenario", "req/s", "p50 ms", "p99 ms", "added p50 vs direct ms", "added p50 vs HAProxy ms", "wrk errors"],
-        [[r.name, f"{r.c1.rps:,.0f}", f"{r.c1.p50_ms:.3f}", f"{r.c1.p99_ms:.3f}",
-          f"{r.c1.p50_ms - direct.c1.p50_ms:+.3f}", f"{r.c1.p50_ms - haproxy.c1.p50_ms:+.3f}", r.c1.error_text()]
-         for r in results.values()],
+        [
+            [
+                r.name,
+                f"{r.c1.rps:,.0f}",
+                f"{r.c1.p50_ms:.3f}",
+                f"{r.c1.p99_ms:.3f}",
+                f"{r.c1.p50_ms - direct.c1.p50_ms:+.3f}",
+                f"{r.c1.p50_ms - haproxy.c1.p50_ms:+.3f}",
+                r.c1.error_text(),
+            ]
+            for r in results.values()
+        ],
         note="A proxy on the other core adds a cross-core wake-up per hop; HAProxy pays it too, so "
-             "'added vs HAProxy' is closer to the proxy's own cost (see README).",
+        "'added vs HAProxy' is closer to the proxy's own cost (see README).",
     )
     paced = TableData(
         f"Latency at a fixed rate ({settings.paced_rate} req/s: wrk -t1 -c{settings.paced_connections} "
         f"-d{settings.paced_s}s, paced by a Lua delay() schedule)",
         ["scenario", "achieved req/s", "p50 ms", "p99 ms", "wrk errors"],
-        [[r.name, f"{r.paced.rps:,.0f}", f"{r.paced.p50_ms:.3f}", f"{r.paced.p99_ms:.3f}", r.paced.error_text()]
-         for r in results.values()],
+        [
+            [r.name, f"{r.paced.rps:,.0f}", f"{r.paced.p50_ms:.3f}", f"{r.paced.p99_ms:.3f}", r.paced.error_text()]
+            for r in results.values()
+        ],
         note="Send times come from one schedule (1 ms timer resolution); latency is measured from the actual "
-             "write, with no coordinated-omission correction (no wrk2 in Debian 12; see README).",
+        "write, with no coordinated-omission correction (no wrk2 in Debian 12; see README).",
     )
     cost = TableData(
         "Proxy cost during the saturation run (CPU = utime+stime / requests; RSS = VmRSS right after)",
         ["scenario", "CPU µs/req (total)", "CPU µs/req per process", "RSS MB", "sidecar-recorded errors"],
-        [[r.name, f"{r.cpu_us_per_request:.1f}", r.cpu_breakdown(),
-          ", ".join(f"{name} {mb:.1f}" for name, mb in r.rss_mb_by_proxy.items()),
-          "n/a" if r.sidecar_errors is None else str(r.sidecar_errors)]
-         for r in results.values() if r.cpu_by_proxy],
+        [
+            [
+                r.name,
+                f"{r.cpu_us_per_request:.1f}",
+                r.cpu_breakdown(),
+                ", ".join(f"{name} {mb:.1f}" for name, mb in r.rss_mb_by_proxy.items()),
+                "n/a" if r.sidecar_errors is None else str(r.sidecar_errors),
+            ]
+            for r in results.values()
+            if r.cpu_by_proxy
+        ],
     )
     streaming = TableData(
         f"Streaming {settings.stream_mb} MB through the mesh path (curl, fresh sidecar pair per direction)",
         ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
-        [[s.direction, s.status, f"{s.transferred_bytes:,}", f"{s.seconds:.2f}", f"{s.mb_per_s:.0f}",
-          f"{s.peak_rss_mb.get('A', 0):.1f}", f"{s.peak_rss_mb.get('B', 0):.1f}", "ok" if s.ok else s.problem]
-         for s in streams],
+        [
+            [
+                s.direction,
+                s.status,
+                f"{s.transferred_bytes:,}",
+                f"{s.seconds:.2f}",
+                f"{s.mb_per_s:.0f}",
+                f"{s.peak_rss_mb.get('A', 0):.1f}",
+                f"{s.peak_rss_mb.get('B', 0):.1f}",
+                "ok" if s.ok else s.problem,
+            ]
+            for s in streams
+        ],
     )
     return [throughput, latency_c1, paced, cost, streaming]
 
@@ -769,8 +936,13 @@ def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult
     if any(not s.ok for s in streams):
         stream_peak = None  # a broken transfer proves nothing about memory
     return [
-        Target("throughput vs HAProxy", one.saturation.rps / haproxy.saturation.rps, TARGET_THROUGHPUT_VS_HAPROXY,
-               "×", comparison=">="),
+        Target(
+            "throughput vs HAProxy",
+            one.saturation.rps / haproxy.saturation.rps,
+            TARGET_THROUGHPUT_VS_HAPROXY,
+            "×",
+            comparison=">=",
+        ),
         Target("CPU per request", one.cpu_us_per_request, TARGET_CPU_US, " µs"),
         Target("added p50 at c=1", one.c1.p50_ms - direct.c1.p50_ms, TARGET_ADDED_P50_MS, " ms"),
         Target("RSS after saturation", one.rss_mb_by_proxy.get("sidecar"), TARGET_RSS_MB, " MB"),
@@ -785,8 +957,9 @@ def markdown_table(table: TableData) -> str:
         padded = [cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":"
-                             for i, w in enumerate(widths)) + " |"
+    rule = (
+        "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
+    )
     out = [f"### {table.title}", "", line(table.headers), rule, *(line(row) for row in table.rows)]
     if table.note:
         out += ["", table.note]
@@ -801,8 +974,14 @@ def command_version(argv: list[str], pattern: str) -> str:
 
 
 def environment() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
     return {
         "CPU": cpu,
         "nproc": str(len(os.sched_getaffinity(0))),
@@ -832,19 +1011,31 @@ class Interference:
     def describe(self) -> list[str]:
         elapsed = time.monotonic() - self.clock_s
         steal_now = steal_ticks()
-        steal = ", ".join(f"{cpu} {100 * (steal_now[cpu] - self.steal_ticks[cpu]) / CLK_TCK / elapsed:.1f}%"
-                          for cpu in (f"cpu{CLIENT_CORE}", f"cpu{PROXY_CORE}"))
+        steal = ", ".join(
+            f"{cpu} {100 * (steal_now[cpu] - self.steal_ticks[cpu]) / CLK_TCK / elapsed:.1f}%"
+            for cpu in (f"cpu{CLIENT_CORE}", f"cpu{PROXY_CORE}")
+        )
         others = max(0.0, (busy_seconds() - self.busy_s) - (own_seconds() - self.own_s))
         share = 100 * others / (elapsed * len(os.sched_getaffinity(0)))
-        return [f"hypervisor steal time during the run: {steal}",
-                f"CPU used by processes outside this run: {others:.1f} s ({share:.1f}% of the machine)"
-                + (" - other work was running, expect noise" if share > 2 else "")]
+        return [
+            f"hypervisor steal time during the run: {steal}",
+            f"CPU used by processes outside this run: {others:.1f} s ({share:.1f}% of the machine)"
+            + (" - other work was running, expect noise" if share > 2 else ""),
+        ]
 
 
-def render_markdown(tables: list[TableData], targets: list[Target], env: dict[str, str], settings: Settings,
-                    started_at: datetime, elapsed_s: float, interference: list[str]) -> str:
-    targets_table = TableData("Targets for one sidecar", ["metric", "value", "target", "result"],
-                              [t.row() for t in targets])
+def render_markdown(
+    tables: list[TableData],
+    targets: list[Target],
+    env: dict[str, str],
+    settings: Settings,
+    started_at: datetime,
+    elapsed_s: float,
+    interference: list[str],
+) -> str:
+    targets_table = TableData(
+        "Targets for one sidecar", ["metric", "value", "target", "result"], [t.row() for t in targets]
+    )
     lines = [
         "# meshlet benchmark results",
         "",
@@ -909,15 +1100,15 @@ def measure_everything(settings: Settings) -> tuple[dict[str, ScenarioResult], l
 
 def measure_in(workdir: Workdir, settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult]]:
     announce(f"starting nginx on core {CLIENT_CORE}")
-    with run_nginx(workdir) as nginx_port:
+    with run_nginx(workdir) as nginx:
         results = {}
         for name in SCENARIOS:
             announce(f"scenario [bold]{name}[/bold]")
-            results[name] = measure_scenario(name, workdir, nginx_port, settings)
+            results[name] = measure_scenario(name, workdir, nginx, settings)
         streams = []
         for direction in ("download", "upload"):
             announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
-            stream = measure_stream(direction, workdir, nginx_port)
+            stream = measure_stream(direction, workdir, nginx.port)
             peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
             console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
             streams.append(stream)
