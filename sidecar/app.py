@@ -1,10 +1,11 @@
 """The composition root: listeners, the request stacks built per config snapshot, admin.
 
 Outbound stack (app → other services), outermost first:
-    metrics → errors → source header → routing/balance → forwarder (upstream pool)
+    metrics → errors → [routing/balance, source header] → forwarder (upstream pool)
 Inbound stack (other sidecars → local app):
-    metrics → errors → local app → forwarder
-(metrics sits outside errors so that the mesh's own error responses are counted.)
+    metrics → errors → [local app] → forwarder
+(metrics sits outside errors so that the mesh's own error responses are counted;
+[...] are synchronous filters run in one frame.)
 
 A new snapshot rebuilds both stacks; the listeners read the current stack per request,
 so a change takes effect on the next request and in-flight ones finish on the old one.
@@ -14,21 +15,22 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .core.config import Endpoint, MeshSnapshot, empty_snapshot, load_static
-from .layers.base import Handler, Request, Response
+from .layers.base import Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
-from .layers.inbound import local_app_layer, source_header_layer
+from .layers.inbound import source_header, to_local_app
 from .layers.metrics import metrics_layer
-from .layers.routing import routing_layer
+from .layers.routing import router
 from .net.admin import AdminHandler
-from .net.downstream import HEADER_TIMEOUT, serve_connection
+from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
+from .net.io import Connection, Deadlines, listen_socket, serve_socket
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, render
 
@@ -51,34 +53,39 @@ class SidecarOptions:
 def build_outbound(
     snapshot: MeshSnapshot, forwarder: Forwarder, telemetry: Telemetry, service: str, fixed_service: str | None = None
 ) -> Handler:
-    handler: Handler = forwarder
-    handler = routing_layer(handler, snapshot, fixed_service)
-    handler = source_header_layer(handler, service)
+    handler = filters_layer(forwarder, router(snapshot, fixed_service), source_header(service))
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "outbound", service)
 
 
 def build_inbound(app: Endpoint, forwarder: Forwarder, telemetry: Telemetry, service: str) -> Handler:
-    handler: Handler = forwarder
-    handler = local_app_layer(handler, app, service)
+    handler = filters_layer(forwarder, to_local_app(app, service))
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "inbound", service)
 
 
-async def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
-    """A listening socket; ``reuse_port`` lets ``--workers`` processes share the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+async def serve_http(
+    host: str,
+    port: int,
+    handler: Handler,
+    timeouts: Timeouts,
+    *,
+    reuse_port: bool = False,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler`` forever;
+    reports the bound port through ``task_status``."""
+    listener = listen_socket(host, port, reuse_port=reuse_port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        await sock.bind((host, port))
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+
+            async def on_connection(io: Connection) -> None:
+                await serve_connection(io, handler, timeouts)
+
+            task_status.started(listener.getsockname()[1])
+            await serve_socket(listener, on_connection, nursery)
+    finally:
+        listener.close()
 
 
 class Sidecar:
@@ -87,7 +94,9 @@ class Sidecar:
         self.telemetry = Telemetry()
         self.pools = UpstreamPools()
         self.telemetry.connection_stats = self.pools.stats
-        self.forwarder = Forwarder(self.pools)
+        self.deadlines = Deadlines()
+        self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)
+        self.forwarder = Forwarder(self.pools, self.deadlines)
         self.app = Endpoint(*options.app)
         self.snapshot = empty_snapshot()
         self.config_ready = False
@@ -182,21 +191,13 @@ class Sidecar:
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         async with trio.open_nursery() as nursery:
             for name, (host, port), handler in wanted:
-                listener = await bind_listener(host, port, reuse_port=opts.reuse_port and name != "admin")
-                bound = listener.socket.getsockname()
-                self.addresses[name] = (host, bound[1])
-                nursery.start_soon(self._serve_listener, listener, handler)
+                reuse = opts.reuse_port and name != "admin"
+                bound = await nursery.start(partial(serve_http, host, port, handler, self.timeouts, reuse_port=reuse))
+                self.addresses[name] = (host, bound)
+            nursery.start_soon(self.deadlines.serve)
             nursery.start_soon(self.pools.serve_expiry)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
-
-    async def _serve_listener(self, listener: trio.SocketListener, handler: Handler) -> None:
-        header_timeout = self.options.header_timeout
-
-        async def on_connection(stream: trio.SocketStream) -> None:
-            await serve_connection(stream, handler, header_timeout=header_timeout)
-
-        await trio.serve_listeners(on_connection, [listener])
 
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -23,10 +23,11 @@ from typing import Any
 import httpx
 import trio
 
-from .app import SidecarOptions, bind_listener
+from .app import SidecarOptions, serve_http
 from .layers.base import Request, Response
 from .net.admin import AdminHandler, json_response
-from .net.downstream import serve_connection
+from .net.downstream import Timeouts
+from .net.io import Deadlines
 from .telemetry import render
 
 log = logging.getLogger("meshlet.workers")
@@ -194,13 +195,9 @@ class Supervisor:
                 await nursery.start(self.run_worker, worker)
             for sock in self.reserved:  # every worker listens now
                 sock.close()
-            admin = await bind_listener(*opts.admin)
-            admin_port = admin.socket.getsockname()[1]
-
-            async def on_connection(stream: trio.SocketStream) -> None:
-                await serve_connection(stream, self.admin)
-
-            nursery.start_soon(trio.serve_listeners, on_connection, [admin])
+            deadlines = Deadlines()
+            nursery.start_soon(deadlines.serve)
+            admin_port = await nursery.start(serve_http, *opts.admin, self.admin, Timeouts(deadlines))
             parts = [
                 f"outbound={_address(opts.outbound)}",
                 f"inbound={_address(opts.inbound)}",

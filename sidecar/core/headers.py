@@ -23,7 +23,15 @@ HOP_BY_HOP = frozenset(
 VIA_VALUE = b"1.1 meshlet"
 
 
-def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+# Drop sets by Connection options: most messages carry one of a handful of option
+# sets ("keep-alive", "close"), so the union is computed once. Bounded, because the
+# options are chosen by peers.
+_DROP_SETS: dict[frozenset[bytes], frozenset[bytes]] = {frozenset(): HOP_BY_HOP}
+_DROP_SETS_MAX = 64
+
+
+def connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Every option listed in Connection headers (lower-cased)."""
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
@@ -31,25 +39,36 @@ def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(named)
 
 
-def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The headers without hop-by-hop fields and without those named in Connection."""
-    named = _connection_named(headers)
-    if named:
-        drop = HOP_BY_HOP | named
-        return [(n, v) for n, v in headers if n.lower() not in drop]
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP]
+def _drop_set(connection: frozenset[bytes]) -> frozenset[bytes]:
+    drop = _DROP_SETS.get(connection)
+    if drop is None:
+        drop = HOP_BY_HOP | connection
+        if len(_DROP_SETS) < _DROP_SETS_MAX:
+            _DROP_SETS[connection] = drop
+    return drop
+
+
+def end_to_end(
+    headers: list[tuple[bytes, bytes]], connection: frozenset[bytes] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The headers without hop-by-hop fields and without those named in Connection.
+    ``connection``: the Connection options, when the reader already collected them."""
+    drop = _drop_set(connection_named(headers) if connection is None else connection)
+    return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
 def forward_request_headers(
-    headers: list[tuple[bytes, bytes]], peer_ip: bytes, proto: bytes = b"http"
+    headers: list[tuple[bytes, bytes]],
+    peer_ip: bytes,
+    proto: bytes = b"http",
+    connection: frozenset[bytes] | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """End-to-end headers plus XFF (peer appended), X-Forwarded-Proto and Via."""
     out: list[tuple[bytes, bytes]] = []
     xff = None
     via = None
     have_proto = False
-    named = _connection_named(headers)
-    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    drop = _drop_set(connection_named(headers) if connection is None else connection)
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
@@ -70,14 +89,24 @@ def forward_request_headers(
     return out
 
 
-def forward_response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """End-to-end response headers with our Via appended."""
-    out = end_to_end(headers)
-    # The last Via line: its value is the end of the combined list (RFC 9110 §5.3).
-    for i in range(len(out) - 1, -1, -1):
-        name, value = out[i]
-        if name.lower() == b"via":
-            out[i] = (name, value + b", " + VIA_VALUE)
-            return out
-    out.append((b"via", VIA_VALUE))
+def forward_response_headers(
+    headers: list[tuple[bytes, bytes]], connection: frozenset[bytes] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """End-to-end response headers with our Via appended (to the last Via line: its
+    value is the end of the combined list, RFC 9110 §5.3)."""
+    drop = _drop_set(connection_named(headers) if connection is None else connection)
+    out: list[tuple[bytes, bytes]] = []
+    last_via = -1
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"via":
+            last_via = len(out)
+        out.append((name, value))
+    if last_via < 0:
+        out.append((b"via", VIA_VALUE))
+    else:
+        name, value = out[last_via]
+        out[last_via] = (name, value + b", " + VIA_VALUE)
     return out

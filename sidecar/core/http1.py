@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import httptools
 
@@ -68,6 +69,7 @@ class RequestHead:
     expect_continue: bool = False
     upgrade: bytes | None = None  # the Upgrade token when the client asked for one
     host: bytes | None = None
+    connection: frozenset[bytes] = frozenset()  # Connection options, lower-cased
 
     @property
     def has_body(self) -> bool:
@@ -86,6 +88,7 @@ class ResponseHead:
     # No Content-Length and not chunked: the body runs until the upstream closes.
     until_close: bool = False
     no_body: bool = False
+    connection: frozenset[bytes] = frozenset()  # Connection options, lower-cased
 
 
 @dataclass(slots=True)
@@ -139,17 +142,15 @@ class _Reader:
         self.max_fields = max_fields
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._in_head = False
+        self._in_head = True  # until a head completes; again after each message
         self._pending_head_bytes = 0  # bytes fed while a head is incomplete
         self.failed = False
         self.messages_completed = 0
 
     # llhttp callbacks (shared) ----------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._head_bytes = 0
-        self._in_head = True
-        self._pending_head_bytes = 0
+    # There is no on_message_begin on purpose: httptools calls only the callbacks an
+    # object defines, and each one is a Python call per message on the hot path. The
+    # per-message state is reset when a head completes and when a message ends.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -165,6 +166,9 @@ class _Reader:
     def on_message_complete(self) -> None:
         self.messages_completed += 1
         self.events.append(END)
+        self._in_head = True
+        self._head_bytes = 0
+        self._pending_head_bytes = 0
 
     # feeding -----------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -218,10 +222,6 @@ class RequestReader(_Reader):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._url = b""
-
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
@@ -235,9 +235,11 @@ class RequestReader(_Reader):
         if version not in ("1.1", "1.0"):
             raise ProtocolError(400, f"unsupported HTTP version {version}")
         head = RequestHead(parser.get_method(), self._url, self._headers, version)
+        self._url = b""
+        self._headers = []
         hosts = 0
         connection: list[bytes] = []
-        for name, value in self._headers:
+        for name, value in head.headers:
             lname = name.lower()
             if lname == b"host":
                 hosts += 1
@@ -259,6 +261,8 @@ class RequestReader(_Reader):
                 head.upgrade = value.strip()
         if hosts > 1:  # which one would route, which one would the app read?
             raise ProtocolError(400, "more than one Host")
+        if connection:
+            head.connection = frozenset(connection)
         if version == "1.1":
             if hosts != 1:
                 raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host")
@@ -284,8 +288,6 @@ class ResponseReader(_Reader):
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpResponseParser(self)
-        self._status = 0
-        self._reason = b""
         self._head_request = False
         self._head_buffer: bytearray | None = None
         self._interim = False
@@ -303,14 +305,6 @@ class ResponseReader(_Reader):
             self._head_buffer += data
         super().feed(data)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-        self._head_bytes += len(reason)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
@@ -320,10 +314,15 @@ class ResponseReader(_Reader):
             raise ProtocolError(502, f"unsupported HTTP version {version}")
         if 100 <= status < 200 and status != 101:
             self._interim = True  # consumed here, never forwarded: we send our own 100
+            self._headers = []
             return
-        head = ResponseHead(status, self._reason, self._headers, version)
+        # The reason phrase is not kept: it carries no meaning (RFC 9112 §4) and
+        # skipping llhttp's on_status saves a Python call per response. Like Envoy, we
+        # send the standard phrase for the status.
+        head = ResponseHead(status, reason_phrase(status), self._headers, version)
+        self._headers = []
         connection: list[bytes] = []
-        for name, value in self._headers:
+        for name, value in head.headers:
             lname = name.lower()
             if lname == b"content-length":
                 head.content_length = int(value)
@@ -333,6 +332,8 @@ class ResponseReader(_Reader):
                 head.chunked = True
             elif lname == _CONNECTION:
                 connection.extend(_tokens(value))
+        if connection:
+            head.connection = frozenset(connection)
         if version == "1.1":
             head.keep_alive = b"close" not in connection
         else:
@@ -350,6 +351,8 @@ class ResponseReader(_Reader):
     def on_message_complete(self) -> None:
         if self._interim:  # the end of a 1xx message: nothing to report
             self._interim = False
+            self._in_head = True
+            self._head_bytes = 0
             return
         super().on_message_complete()
 
@@ -367,6 +370,8 @@ class ResponseReader(_Reader):
         self.events.append(END)
         self._head_buffer = None
         self._head_request = False
+        self._in_head = True
+        self._head_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
 
     def feed_eof(self) -> None:
@@ -376,6 +381,13 @@ class ResponseReader(_Reader):
             self._reading_until_close = False
             self.messages_completed += 1
             self.events.append(END)
+
+
+_PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _PHRASES.get(status, b"")
 
 
 def _head_lines(headers: list[tuple[bytes, bytes]]) -> list[bytes]:

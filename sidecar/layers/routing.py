@@ -7,15 +7,16 @@ from ..core.balance import RoundRobin
 from ..core.config import MeshSnapshot
 from ..core.errors import MeshError
 from ..core.routing import NotRoutable, destination
-from .base import Handler, Request, Response
+from .base import Filter, Request
 
 
-def routing_layer(inner: Handler, snapshot: MeshSnapshot, fixed_service: str | None = None) -> Handler:
-    """``fixed_service``: the listener is an explicit upstream port (``--upstream``)."""
+def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
+    """Resolves the destination service and picks an endpoint (a synchronous filter).
+    ``fixed_service``: the listener is an explicit upstream port (``--upstream``)."""
     services = snapshot.services
     balancers = {name: RoundRobin(svc.endpoints) for name, svc in services.items()}
 
-    async def handle(request: Request) -> Response:
+    def route(request: Request) -> None:
         if fixed_service is None:
             try:
                 service, target, authority = destination(request.head)
@@ -36,6 +37,5 @@ def routing_layer(inner: Handler, snapshot: MeshSnapshot, fixed_service: str | N
         request.endpoint = endpoint
         request.connect_timeout = config.connect_timeout
         request.timeout = config.timeout
-        return await inner(request)
 
-    return handle
+    return route

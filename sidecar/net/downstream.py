@@ -27,20 +27,26 @@ from ..core.http1 import (
     chunk,
     serialize_response_head,
 )
-from ..layers.base import Handler, Request, Response, Tunnel
+from ..layers.base import WOULD_BLOCK, Handler, Request, Response, Tunnel
+from .io import Closed, Connection, Deadlines
 from .upstream import UpstreamBodyError
 
 log = logging.getLogger("meshlet.downstream")
 
-RECEIVE_SIZE = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Envoy's stream idle timeout (5 min); longer than the upstream pool's idle timeout.
+# Also bounds a request or response that stops moving.
 IDLE_TIMEOUT = 300.0
 # Slowloris guard: a started request head must be complete within this (HAProxy's
 # `timeout http-request` idea); the client gets 408.
 HEADER_TIMEOUT = 10.0
-# A started request body that sends nothing for this long is abandoned.
-BODY_IDLE_TIMEOUT = 60.0
+# Handle every Nth pipelined request after a checkpoint, so that one busy connection
+# cannot keep the others from running (our sockets skip trio's per-call checkpoint).
+FAIRNESS_EVERY = 16
+
+REQUEST_TIMEOUT_RESPONSE = error_response(
+    errors.Reason("bad-request", 408, b"Request Timeout"), "request head not complete in time", close=True
+)
 
 
 class ClientGone(Exception):
@@ -48,21 +54,52 @@ class ClientGone(Exception):
 
 
 class _Connection:
-    __slots__ = ("stream", "reader", "peer_ip")
+    """A client connection: its socket, its parser, and its one deadline.
 
-    def __init__(self, stream: trio.SocketStream, peer_ip: bytes) -> None:
-        self.stream = stream
+    The deadline (checked by :class:`Deadlines`) is: idle timeout while waiting for a
+    request, header timeout once a head has started, idle timeout again while a request
+    is handled (pushed forward whenever body bytes move). ``expire`` closes the socket,
+    after a best-effort 408 when a head was cut short.
+    """
+
+    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "timeouts", "__weakref__")
+
+    def __init__(self, io: Connection, timeouts: Timeouts) -> None:
+        self.io = io
         self.reader = RequestReader()
-        self.peer_ip = peer_ip
+        self.peer_ip = io.peer.encode()
+        self.timeouts = timeouts
+        self.deadline = trio.current_time() + timeouts.idle
+        self.in_head = False
+
+    def expire(self) -> None:
+        if self.in_head:
+            try:
+                self.io.sock.send(REQUEST_TIMEOUT_RESPONSE)
+            except OSError:
+                pass
+        self.io.close()
+
+    def touch(self) -> None:
+        self.deadline = trio.current_time() + self.timeouts.idle
 
     async def receive(self) -> None:
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ClientGone from exc
+            data = await self.io.recv()
+        except Closed as exc:
+            raise ClientGone(str(exc)) from None
         if not data:
-            raise ClientGone
+            raise ClientGone("closed by the client")
         self.reader.feed(data)
+
+
+class Timeouts:
+    __slots__ = ("idle", "header", "deadlines")
+
+    def __init__(self, deadlines: Deadlines, idle: float = IDLE_TIMEOUT, header: float = HEADER_TIMEOUT) -> None:
+        self.deadlines = deadlines
+        self.idle = idle
+        self.header = header
 
 
 class _RequestBody:
@@ -75,8 +112,17 @@ class _RequestBody:
         self.expect_continue = expect_continue
         self.done = False
 
-    def has_buffered(self) -> bool:
-        return bool(self.conn.reader.events)
+    def read_nowait(self) -> bytes | None | object:
+        if self.done:
+            return None
+        events = self.conn.reader.events
+        if self.expect_continue or not events or type(events[0]) not in (Data, EndOfMessage):
+            return WOULD_BLOCK  # read() sends the 100, waits, or raises the error
+        event = events.popleft()
+        if type(event) is Data:
+            return event.data  # type: ignore[attr-defined]
+        self.done = True
+        return None
 
     async def read(self) -> bytes | None:
         if self.done:
@@ -84,12 +130,11 @@ class _RequestBody:
         conn = self.conn
         if self.expect_continue:
             self.expect_continue = False
-            await conn.stream.send_all(CONTINUE)
+            await conn.io.send_all(CONTINUE)
         events = conn.reader.events
-        if not events:
-            with trio.fail_after(BODY_IDLE_TIMEOUT):
-                while not events:
-                    await conn.receive()
+        while not events:
+            await conn.receive()
+        conn.touch()
         event = events.popleft()
         if type(event) is Data:
             return event.data  # type: ignore[attr-defined]
@@ -102,30 +147,22 @@ class _RequestBody:
         raise ProtocolError(400, f"unexpected {type(event).__name__} in a request body")
 
 
-async def serve_connection(
-    stream: trio.SocketStream,
-    handler: Handler,
-    *,
-    idle_timeout: float = IDLE_TIMEOUT,
-    header_timeout: float = HEADER_TIMEOUT,
-) -> None:
+async def serve_connection(io: Connection, handler: Handler, timeouts: Timeouts) -> None:
     """Serve one client connection until it closes; never raises for client faults."""
+    conn = _Connection(io, timeouts)
+    deadlines = timeouts.deadlines
+    deadlines.watch(conn)
     try:
-        peer = stream.socket.getpeername()
-        peer_ip = str(peer[0]).encode() if isinstance(peer, tuple) else b"unix"
-    except OSError:
-        return
-    conn = _Connection(stream, peer_ip)
-    try:
-        await _serve(conn, handler, idle_timeout, header_timeout)
+        await _serve(conn, handler)
     except Exception as exc:  # noqa: BLE001 - one connection's failure must never stop the listener
         if not _client_fault(exc):
-            log.exception("connection from %s failed", peer_ip.decode())
+            log.exception("connection from %s failed", io.peer)
     finally:
-        stream.socket.close()
+        deadlines.forget(conn)
+        io.close()
 
 
-_CLIENT_FAULTS = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, trio.TooSlowError)
+_CLIENT_FAULTS = (ClientGone, Closed, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 def _client_fault(exc: BaseException) -> bool:
@@ -135,37 +172,30 @@ def _client_fault(exc: BaseException) -> bool:
     return isinstance(exc, _CLIENT_FAULTS)
 
 
-async def _next_head(conn: _Connection, idle_timeout: float, header_timeout: float) -> object | None:
-    """The next request head (or a ProtocolError), or None when the client went quiet."""
+async def _next_head(conn: _Connection) -> object:
+    """The next request head (or a ProtocolError); ClientGone when the client left or
+    went quiet past its deadline."""
     events = conn.reader.events
-    if events:
-        return events.popleft()
-    deadline = trio.current_time() + idle_timeout
-    started = False
-    while not events:
-        with trio.move_on_at(deadline) as scope:
-            await conn.receive()
-        if scope.cancelled_caught:
-            if started:
-                await conn.stream.send_all(
-                    error_response(
-                        errors.Reason("bad-request", 408, b"Request Timeout"),
-                        "request head not complete in time",
-                        close=True,
-                    )
-                )
-            return None
-        if not started and not events:
-            started = True
-            deadline = min(deadline, trio.current_time() + header_timeout)
+    if not events:
+        conn.touch()
+        await conn.receive()
+        if not events:  # a head has started but is not complete: the slowloris clock runs
+            conn.in_head = True
+            conn.deadline = min(conn.deadline, trio.current_time() + conn.timeouts.header)
+            while not events:
+                await conn.receive()
+            conn.in_head = False
+            conn.touch()
     return events.popleft()
 
 
-async def _serve(conn: _Connection, handler: Handler, idle_timeout: float, header_timeout: float) -> None:
+async def _serve(conn: _Connection, handler: Handler) -> None:
+    served = 0
     while True:
-        event = await _next_head(conn, idle_timeout, header_timeout)
-        if event is None:
-            return
+        event = await _next_head(conn)
+        served += 1
+        if served % FAIRNESS_EVERY == 0:
+            await trio.lowlevel.checkpoint()
         if isinstance(event, ProtocolError):
             await _reject(conn, event)
             return
@@ -212,7 +242,7 @@ async def _serve(conn: _Connection, handler: Handler, idle_timeout: float, heade
 
 async def _reject(conn: _Connection, error: ProtocolError) -> None:
     reason = errors.HEADERS_TOO_LARGE if error.status == 431 else errors.BAD_REQUEST
-    await conn.stream.send_all(error_response(reason, error.detail, close=True))
+    await conn.io.send_all(error_response(reason, error.detail, close=True))
 
 
 async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bool:
@@ -223,7 +253,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
     except ProtocolError as exc:  # pragma: no cover - bodies fail inside the pump
         await _reject(conn, exc)
         return False
-    stream = conn.stream
+    stream = conn.io
     if response.raw is not None:
         try:
             await stream.send_all(response.raw)
@@ -257,15 +287,19 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
             complete = True
             return keep_alive
         chunked = framing == "chunked"
+        read_nowait = body.read_nowait
         while True:
-            if pieces and not body.has_buffered():
-                await stream.send_all(b"".join(pieces) if len(pieces) > 1 else pieces[0])
-                pieces = []
-            piece = await body.read()
+            piece = read_nowait()
+            if piece is WOULD_BLOCK:
+                if pieces:
+                    await stream.send_all(b"".join(pieces) if len(pieces) > 1 else pieces[0])
+                    pieces = []
+                piece = await body.read()
+                conn.touch()
             if piece is None:
                 break
             if piece:
-                pieces.append(chunk(piece) if chunked else piece)
+                pieces.append(chunk(piece) if chunked else piece)  # type: ignore[arg-type]
         if chunked:
             pieces.append(CHUNKED_END)
         if pieces:
@@ -289,14 +323,15 @@ async def _tunnel(conn: _Connection, response: Response, tunnel: Tunnel) -> None
         if type(event) is Upgrade:
             rest = event.rest  # type: ignore[attr-defined]
     head = serialize_response_head(101, response.reason, response.headers)
-    stream = conn.stream
+    stream = conn.io
+    conn.timeouts.deadlines.forget(conn)  # a tunnel may be quiet for long: no idle timeout
     try:
         await stream.send_all(head + tunnel.first_bytes if tunnel.first_bytes else head)
         if rest:
             await tunnel.send_all(rest)
 
         async def down_to_up() -> None:
-            while data := await stream.receive_some(RECEIVE_SIZE):
+            while data := await stream.recv():
                 await tunnel.send_all(data)
 
         async def up_to_down() -> None:
@@ -308,7 +343,7 @@ async def _tunnel(conn: _Connection, response: Response, tunnel: Tunnel) -> None
             async def run(copy: object) -> None:
                 try:
                     await copy()  # type: ignore[operator]
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except (Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
                 nursery.cancel_scope.cancel()
 

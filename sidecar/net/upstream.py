@@ -32,16 +32,16 @@ from ..core.http1 import (
     chunk,
     serialize_request_head,
 )
-from ..layers.base import Request, Response
+from ..layers.base import WOULD_BLOCK, Request, Response
+from .io import Closed, Connection, Deadlines, connect
 
-RECEIVE_SIZE = 64 * 1024
 MAX_CONNECTIONS = 1024  # Envoy's max_connections
 MAX_IDLE = 256
 # Shorter than our inbound listener's idle timeout (300 s), so the sidecar-to-sidecar
 # leg closes idle connections from the client side and rarely races a server close.
 IDLE_TIMEOUT = 60.0
 
-_NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_NETWORK_ERRORS = (Closed, OSError)
 
 
 class UpstreamClosed(Exception):
@@ -49,19 +49,19 @@ class UpstreamClosed(Exception):
 
 
 class UpstreamConnection:
-    __slots__ = ("stream", "reader", "pool", "idle_since", "bytes_received")
+    __slots__ = ("io", "reader", "pool", "idle_since", "bytes_received")
 
-    def __init__(self, stream: trio.SocketStream, pool: EndpointPool) -> None:
-        self.stream = stream
+    def __init__(self, io: Connection, pool: EndpointPool) -> None:
+        self.io = io
         self.reader = ResponseReader()
         self.pool = pool
         self.idle_since = 0.0
         self.bytes_received = 0  # during the current exchange
 
-    async def next_event(self) -> object:
+    async def next_event(self, *, wait_first: bool = False) -> object:
         events = self.reader.events
         while not events:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self.io.recv(wait_first=wait_first)
             if not data:
                 self.reader.feed_eof()
                 if not events:
@@ -72,7 +72,7 @@ class UpstreamConnection:
         return events.popleft()
 
     def close(self) -> None:
-        self.stream.socket.close()
+        self.io.close()
 
 
 class EndpointPool:
@@ -113,7 +113,7 @@ class EndpointPool:
         await self._slots.acquire()
         try:
             with trio.fail_after(connect_timeout):
-                stream = await trio.open_tcp_stream(self.endpoint.host, self.endpoint.port)
+                io = await connect(self.endpoint.host, self.endpoint.port)
         except trio.TooSlowError:
             self._slots.release()
             self.errors += 1
@@ -125,7 +125,7 @@ class EndpointPool:
             raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}") from None
         self.connects += 1
         self.active += 1
-        return UpstreamConnection(stream, self), False
+        return UpstreamConnection(io, self), False
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
@@ -185,9 +185,22 @@ class UpstreamPools:
 
 
 class _Exchange:
-    """State of one request on one upstream connection."""
+    """One request on one upstream connection, and the response body as the downstream
+    loop pulls it. Watched by :class:`Deadlines` until it ends: past its deadline,
+    ``expire`` closes the upstream connection, and the task waiting on it turns that
+    into a 504 (or cuts a response already under way)."""
 
-    __slots__ = ("conn", "head", "body_started", "request_sent", "client_error", "deadline", "done")
+    __slots__ = (
+        "conn",
+        "head",
+        "body_started",
+        "request_sent",
+        "client_error",
+        "deadline",
+        "timed_out",
+        "complete",
+        "__weakref__",
+    )
 
     def __init__(self, conn: UpstreamConnection, deadline: float) -> None:
         self.conn = conn
@@ -196,34 +209,33 @@ class _Exchange:
         self.request_sent = False
         self.client_error: BaseException | None = None
         self.deadline = deadline
-        self.done = False
+        self.timed_out = False
+        self.complete = False  # the response body was read to its end
 
+    def expire(self) -> None:
+        self.timed_out = True
+        self.conn.close()
 
-class _UpstreamBody:
-    """The response body as the downstream loop pulls it."""
-
-    __slots__ = ("exchange", "complete")
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-        self.complete = False
-
-    def has_buffered(self) -> bool:
-        return bool(self.exchange.conn.reader.events)
+    def read_nowait(self) -> bytes | None | object:
+        events = self.conn.reader.events
+        if not events:
+            return WOULD_BLOCK
+        return self._piece(events.popleft())
 
     async def read(self) -> bytes | None:
-        exchange = self.exchange
-        conn = exchange.conn
+        conn = self.conn
         if conn.reader.events:
             event = conn.reader.events.popleft()
         else:
-            with trio.move_on_at(exchange.deadline) as scope:
-                try:
-                    event = await conn.next_event()
-                except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
-                    raise UpstreamBodyError("upstream reset mid-body") from exc
-            if scope.cancelled_caught:
-                raise UpstreamBodyError("request timeout while reading the response body")
+            try:
+                event = await conn.next_event()
+            except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
+                if self.timed_out:
+                    raise UpstreamBodyError("request timeout while reading the response body") from exc
+                raise UpstreamBodyError("upstream reset mid-body") from exc
+        return self._piece(event)
+
+    def _piece(self, event: object) -> bytes | None:
         if type(event) is Data:
             return event.data  # type: ignore[attr-defined]
         if type(event) is EndOfMessage:
@@ -244,10 +256,10 @@ class _Tunnel:
         self.first_bytes = first_bytes
 
     async def send_all(self, data: bytes) -> None:
-        await self.conn.stream.send_all(data)
+        await self.conn.io.send_all(data)
 
     async def receive_some(self) -> bytes:
-        return await self.conn.stream.receive_some(RECEIVE_SIZE)
+        return await self.conn.io.recv()
 
     def close(self) -> None:
         self.conn.pool.release(self.conn, False)
@@ -257,13 +269,14 @@ class Forwarder:
     """The terminal handler: sends ``request`` to ``request.endpoint`` and returns the
     response with its body still streaming from the upstream connection."""
 
-    def __init__(self, pools: UpstreamPools, *, allow_upgrades: bool = True) -> None:
+    def __init__(self, pools: UpstreamPools, deadlines: Deadlines, *, allow_upgrades: bool = True) -> None:
         self.pools = pools
+        self.deadlines = deadlines
         self.allow_upgrades = allow_upgrades
 
     def _head_bytes(self, request: Request, upgrade: bytes | None) -> bytes:
         head = request.head
-        headers = forward_request_headers(head.headers, request.peer_ip)
+        headers = forward_request_headers(head.headers, request.peer_ip, connection=head.connection)
         if request.authority is not None and request.authority != head.host:
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
             headers.insert(0, (b"host", request.authority))
@@ -285,21 +298,28 @@ class Forwarder:
             upgrade = None  # h2c upgrades would smuggle HTTP/2 past us: never forwarded
         head_bytes = self._head_bytes(request, upgrade)
         deadline = trio.current_time() + request.timeout
+        deadlines = self.deadlines
         for attempt in (0, 1):
             conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
             exchange = _Exchange(conn, deadline)
+            deadlines.watch(exchange)
             try:
-                return await self._exchange(request, exchange, head_bytes)
+                response = await self._exchange(request, exchange, head_bytes)
             except _Stale:
+                deadlines.forget(exchange)
                 pool.release(conn, False)
                 if reused and attempt == 0:
                     continue  # the peer closed an idle connection: one fresh try
                 pool.errors += 1
                 raise MeshError(errors.UPSTREAM_RESET, f"{endpoint.address} closed the connection") from None
             except BaseException:
+                deadlines.forget(exchange)
                 pool.errors += 1
                 pool.release(conn, False)
                 raise
+            if response.upgrade is not None:
+                deadlines.forget(exchange)  # a tunnel lives as long as its two ends do
+            return response
         raise AssertionError("unreachable")
 
     async def _exchange(self, request: Request, exchange: _Exchange, head_bytes: bytes) -> Response:
@@ -307,37 +327,34 @@ class Forwarder:
         conn.reader.expect(request.head.method)
         body = request.body
         try:
+            await conn.io.send_all(head_bytes)
             if body is None:
-                await conn.stream.send_all(head_bytes)
                 exchange.request_sent = True
             else:
-                await conn.stream.send_all(head_bytes)
                 assert request.nursery is not None, "the downstream loop opens a nursery for bodies"
                 request.nursery.start_soon(self._pump, request, exchange)
-            with trio.move_on_at(exchange.deadline) as scope:
-                event = await conn.next_event()
-                while type(event) is not ResponseHead:
-                    if isinstance(event, ProtocolError):
-                        raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, f"malformed response: {event}")
-                    event = await conn.next_event()  # pragma: no cover - defensive
+            event = await conn.next_event(wait_first=True)
+            if type(event) is not ResponseHead:
+                if isinstance(event, ProtocolError):
+                    raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, f"malformed response: {event}")
+                raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, "response without a head")  # pragma: no cover
         except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
+            if exchange.timed_out:
+                raise MeshError(
+                    errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s"
+                ) from None
             if exchange.client_error is not None:
                 raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
             if conn.bytes_received == 0 and not exchange.body_started:
                 raise _Stale from exc
             raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
-        if scope.cancelled_caught:
-            raise MeshError(
-                errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s"
-            )
-        assert isinstance(event, ResponseHead)
         exchange.head = event
         return self._response(request, exchange, event)
 
     def _response(self, request: Request, exchange: _Exchange, head: ResponseHead) -> Response:
         conn = exchange.conn
         if head.status == 101:
-            response = Response(101, head.reason, forward_response_headers(head.headers))
+            response = Response(101, head.reason, forward_response_headers(head.headers, head.connection))
             rest = b""
             events = conn.reader.events
             while events:
@@ -348,7 +365,7 @@ class Forwarder:
             response.upgrade = _Tunnel(conn, rest)
             response.keep_alive = False
             return response
-        response = Response(head.status, head.reason, forward_response_headers(head.headers))
+        response = Response(head.status, head.reason, forward_response_headers(head.headers, head.connection))
         if head.status >= 400:
             # An error made by the next sidecar keeps its reason in this hop's metrics.
             for name, value in head.headers:
@@ -363,7 +380,7 @@ class Forwarder:
             response.content_length = head.content_length
         else:
             response.framing = "chunked"
-        body = _UpstreamBody(exchange)
+        body = exchange
         if head.no_body:
             # llhttp ends a bodiless message together with its head: take the end now.
             events = conn.reader.events
@@ -374,7 +391,10 @@ class Forwarder:
             response.body = body
         pool = conn.pool
 
+        deadlines = self.deadlines
+
         def finish(complete: bool) -> None:
+            deadlines.forget(exchange)
             reusable = (
                 complete
                 and body.complete
@@ -396,7 +416,7 @@ class Forwarder:
         body = request.body
         assert body is not None
         chunked = request.head.chunked
-        send_all = exchange.conn.stream.send_all
+        send_all = exchange.conn.io.send_all
         try:
             while True:
                 try:

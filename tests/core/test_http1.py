@@ -27,6 +27,7 @@ from sidecar.core.http1 import (
     ResponseReader,
     Upgrade,
     chunk,
+    reason_phrase,
     serialize_request_head,
     serialize_response_head,
 )
@@ -974,9 +975,17 @@ def test_response_reader_head_then_get() -> None:
     assert not reader.dirty
 
 
-def test_response_reason_phrase_kept() -> None:
-    _, events = response_events(b"HTTP/1.1 404 Not Here At All\r\nContent-Length: 0\r\n\r\n")
-    assert (events[0].status, events[0].reason) == (404, b"Not Here At All")  # type: ignore[attr-defined]
+@pytest.mark.parametrize(
+    ("status_line", "status", "reason"),
+    [
+        (b"HTTP/1.1 404 Not Here At All", 404, b"Not Found"),  # custom phrase replaced, like Envoy
+        (b"HTTP/1.1 200 ", 200, b"OK"),
+        (b"HTTP/1.1 599 Whatever", 599, b""),  # no standard phrase: empty, still valid
+    ],
+)
+def test_response_reason_phrase_is_the_standard_one(status_line: bytes, status: int, reason: bytes) -> None:
+    _, events = response_events(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert (events[0].status, events[0].reason) == (status, reason)  # type: ignore[attr-defined]
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1101,7 +1110,7 @@ def test_serialized_response_parses_the_same_with_h11(
     ours = coalesce(ours)
     head = ours[0]
     assert isinstance(head, ResponseHead)
-    assert (head.status, head.reason, head.headers) == (status, reason, headers)
+    assert (head.status, head.reason, head.headers) == (status, reason_phrase(status), headers)
     assert ours[1:] == ([Data(body)] if body else []) + [EndOfMessage()]
 
 
