@@ -92,9 +92,9 @@ class Sidecar:
     def __init__(self, options: SidecarOptions) -> None:
         self.options = options
         self.telemetry = Telemetry()
-        self.pools = UpstreamPools()
-        self.telemetry.connection_stats = self.pools.stats
         self.deadlines = Deadlines()
+        self.pools = UpstreamPools(clock=self.deadlines.clock)
+        self.telemetry.connection_stats = self.pools.stats
         self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)
         self.forwarder = Forwarder(self.pools, self.deadlines)
         self.app = Endpoint(*options.app)

@@ -127,7 +127,20 @@ class _StopAtHead(Exception):
     """Raised from a callback to stop llhttp after a bodiless response head."""
 
 
+_COMMON_TOKENS = {
+    b"keep-alive": [b"keep-alive"],
+    b"close": [b"close"],
+    b"Keep-Alive": [b"keep-alive"],
+    b"Close": [b"close"],
+    b"Upgrade": [b"upgrade"],
+    b"upgrade": [b"upgrade"],
+}
+
+
 def _tokens(value: bytes) -> list[bytes]:
+    common = _COMMON_TOKENS.get(value)  # nearly every Connection header is one of these
+    if common is not None:
+        return common
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 

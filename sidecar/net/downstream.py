@@ -69,7 +69,7 @@ class _Connection:
         self.reader = RequestReader()
         self.peer_ip = io.peer.encode()
         self.timeouts = timeouts
-        self.deadline = trio.current_time() + timeouts.idle
+        self.deadline = timeouts.deadlines.now + timeouts.idle
         self.in_head = False
 
     def expire(self) -> None:
@@ -81,7 +81,8 @@ class _Connection:
         self.io.close()
 
     def touch(self) -> None:
-        self.deadline = trio.current_time() + self.timeouts.idle
+        timeouts = self.timeouts
+        self.deadline = timeouts.deadlines.now + timeouts.idle
 
     async def receive(self) -> None:
         try:
@@ -181,7 +182,7 @@ async def _next_head(conn: _Connection) -> object:
         await conn.receive()
         if not events:  # a head has started but is not complete: the slowloris clock runs
             conn.in_head = True
-            conn.deadline = min(conn.deadline, trio.current_time() + conn.timeouts.header)
+            conn.deadline = min(conn.deadline, trio.current_time() + conn.timeouts.header)  # rare: exact
             while not events:
                 await conn.receive()
             conn.in_head = False

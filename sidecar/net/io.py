@@ -187,11 +187,19 @@ class Expiring(Protocol):
 
 class Deadlines:
     """Objects with a ``deadline`` (trio clock) and ``expire()``; a sweeper task calls
-    ``expire()`` on each one whose deadline passed, then forgets it."""
+    ``expire()`` on each one whose deadline passed, then forgets it.
+
+    ``now`` is a coarse clock, refreshed every tick (nginx's cached time idea): reading
+    an attribute costs nothing, ``trio.current_time()`` three Python calls, and a
+    deadline computed from a time one tick old fires at most one tick early."""
 
     def __init__(self, tick: float = 0.1) -> None:
         self.tick = tick
         self.watched: set[Expiring] = set()
+        self.now = trio.current_time()
+
+    def clock(self) -> float:
+        return self.now
 
     def watch(self, item: Expiring) -> None:
         self.watched.add(item)
@@ -209,4 +217,5 @@ class Deadlines:
     async def serve(self) -> None:
         while True:
             await trio.sleep(self.tick)
-            self.sweep(trio.current_time())
+            self.now = trio.current_time()
+            self.sweep(self.now)

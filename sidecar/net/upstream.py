@@ -13,7 +13,7 @@ when the request can still be sent again (no body bytes consumed yet).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -82,8 +82,10 @@ class EndpointPool:
         max_connections: int = MAX_CONNECTIONS,
         max_idle: int = MAX_IDLE,
         idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.endpoint = endpoint
+        self.clock = clock  # a coarse clock is fine: idle expiry is not precise work
         self.idle: deque[UpstreamConnection] = deque()
         self.active = 0
         self.max_idle = max_idle
@@ -100,7 +102,7 @@ class EndpointPool:
         """A connection for one exchange, and whether it was reused from the idle list."""
         self.requests += 1
         if not fresh:
-            now = trio.current_time()
+            now = self.clock()
             idle = self.idle
             while idle:
                 conn = idle.pop()  # most recently used first: the least likely to be stale
@@ -130,7 +132,7 @@ class EndpointPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
         if reusable and len(self.idle) < self.max_idle:
-            conn.idle_since = trio.current_time()
+            conn.idle_since = self.clock()
             conn.reader.events.clear()
             self.idle.append(conn)
             return
@@ -155,8 +157,9 @@ class EndpointPool:
 class UpstreamPools:
     """Every endpoint's pool, keyed by address (a pool outlives config snapshots)."""
 
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, clock: Callable[[], float] = trio.current_time) -> None:
         self.pools: dict[tuple[str, int], EndpointPool] = {}
+        self.clock = clock
         # endpoint address → service name, for labels
         self.services: dict[tuple[str, int], str] = {}
         self.idle_timeout = idle_timeout
@@ -165,7 +168,7 @@ class UpstreamPools:
         key = (endpoint.host, endpoint.port)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = EndpointPool(endpoint, idle_timeout=self.idle_timeout)
+            pool = self.pools[key] = EndpointPool(endpoint, idle_timeout=self.idle_timeout, clock=self.clock)
             self.services[key] = service
         return pool
 
@@ -297,7 +300,7 @@ class Forwarder:
         if upgrade is not None and (not self.allow_upgrades or upgrade.lower().startswith(b"h2c")):
             upgrade = None  # h2c upgrades would smuggle HTTP/2 past us: never forwarded
         head_bytes = self._head_bytes(request, upgrade)
-        deadline = trio.current_time() + request.timeout
+        deadline = self.deadlines.now + request.timeout
         deadlines = self.deadlines
         for attempt in (0, 1):
             conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
