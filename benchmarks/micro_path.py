@@ -80,6 +80,7 @@ async def run(count: int) -> float:
 
     upstream.connect = fake_connect  # type: ignore[assignment]
     deadlines = io.Deadlines()
+    deadlines.now = trio.current_time()
     snapshot = load_static("services:\n  bench: [127.0.0.1:8080]\n", "bench.yaml")
     telemetry = Telemetry()
     handler = build_outbound(snapshot, Forwarder(UpstreamPools(), deadlines), telemetry, "client")

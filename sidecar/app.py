@@ -190,11 +190,11 @@ class Sidecar:
         for name, address in opts.upstreams.items():
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.deadlines.serve)
             for name, (host, port), handler in wanted:
                 reuse = opts.reuse_port and name != "admin"
                 bound = await nursery.start(partial(serve_http, host, port, handler, self.timeouts, reuse_port=reuse))
                 self.addresses[name] = (host, bound)
-            nursery.start_soon(self.deadlines.serve)
             nursery.start_soon(self.pools.serve_expiry)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))

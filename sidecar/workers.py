@@ -196,7 +196,7 @@ class Supervisor:
             for sock in self.reserved:  # every worker listens now
                 sock.close()
             deadlines = Deadlines()
-            nursery.start_soon(deadlines.serve)
+            await nursery.start(deadlines.serve)
             admin_port = await nursery.start(serve_http, *opts.admin, self.admin, Timeouts(deadlines))
             parts = [
                 f"outbound={_address(opts.outbound)}",

@@ -196,7 +196,8 @@ class Deadlines:
     def __init__(self, tick: float = 0.1) -> None:
         self.tick = tick
         self.watched: set[Expiring] = set()
-        self.now = trio.current_time()
+        self.now = 0.0  # set by serve(), which must start before any deadline is used
+
 
     def clock(self) -> float:
         return self.now
@@ -214,7 +215,9 @@ class Deadlines:
             item.expire()
         return len(late)
 
-    async def serve(self) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.now = trio.current_time()
+        task_status.started()
         while True:
             await trio.sleep(self.tick)
             self.now = trio.current_time()
