@@ -553,3 +553,19 @@ async def test_client_that_vanishes_mid_body_or_mid_wait_harms_nothing(mesh: Mes
             assert (await client.get(mesh.url("/hello"), headers={"host": "item"})).text == "hello"
     assert mesh.origin.stats.completed == 4  # the delay request, and 3 hellos; never the cut upload
     assert "Traceback" not in mesh.a.log() and "Traceback" not in mesh.b.log()
+
+
+async def test_http10_client_gets_close_delimited_body(mesh: Mesh) -> None:
+    data = await raw_exchange(mesh.a.ports["outbound"], b"GET /bytes/70000?chunked=1 HTTP/1.0\r\nHost: item\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()  # an HTTP/1.0 client cannot read chunked
+    assert b"connection: close" in head.lower()
+    assert body == pattern_bytes(70000)  # the close marks the end
+
+
+async def test_http10_keep_alive_is_honoured(mesh: Mesh) -> None:
+    request = b"GET /hello HTTP/1.0\r\nHost: item\r\nConnection: keep-alive\r\n\r\n"
+    data = await raw_exchange(mesh.a.ports["outbound"], request * 2, timeout=2)
+    assert data.count(b"HTTP/1.1 200 ") == 2
+    assert data.lower().count(b"connection: keep-alive") == 2
