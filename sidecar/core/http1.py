@@ -219,6 +219,17 @@ class _Reader:
             if self._pending_head_bytes > self.max_head_bytes:
                 self._fail(ProtocolError(431, "header section too large"))
 
+    def take_upgrade_rest(self) -> bytes:
+        """Drain the queue after an upgrade; the bytes that followed the head (tunnel
+        bytes after a 101, or the next plain request when there was no switch)."""
+        rest = b""
+        events = self.events
+        while events:
+            event = events.popleft()
+            if type(event) is Upgrade:
+                rest = event.rest
+        return rest
+
     def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
         raise NotImplementedError
 

@@ -23,7 +23,6 @@ from ..core.http1 import (
     ProtocolError,
     RequestHead,
     RequestReader,
-    Upgrade,
     chunk,
     serialize_response_head,
 )
@@ -230,12 +229,7 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
         if head.upgrade is not None:
             # llhttp stops at an upgrade request; what followed it is plain HTTP again
             # when the upstream did not switch protocols.
-            rest = b""
-            events = conn.reader.events
-            while events:
-                leftover = events.popleft()
-                if type(leftover) is Upgrade:
-                    rest = leftover.rest  # type: ignore[attr-defined]
+            rest = conn.reader.take_upgrade_rest()
             conn.reader = RequestReader()
             if rest:
                 conn.reader.feed(rest)
@@ -317,12 +311,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
 
 async def _tunnel(conn: _Connection, response: Response, tunnel: Tunnel) -> None:
     """After a 101: write the head, then copy bytes both ways until either side ends."""
-    rest = b""
-    events = conn.reader.events
-    while events:
-        event = events.popleft()
-        if type(event) is Upgrade:
-            rest = event.rest  # type: ignore[attr-defined]
+    rest = conn.reader.take_upgrade_rest()
     head = serialize_response_head(101, response.reason, response.headers)
     stream = conn.io
     conn.timeouts.deadlines.forget(conn)  # a tunnel may be quiet for long: no idle timeout

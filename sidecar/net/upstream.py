@@ -28,7 +28,6 @@ from ..core.http1 import (
     ProtocolError,
     ResponseHead,
     ResponseReader,
-    Upgrade,
     chunk,
     serialize_request_head,
 )
@@ -358,12 +357,7 @@ class Forwarder:
         conn = exchange.conn
         if head.status == 101:
             response = Response(101, head.reason, forward_response_headers(head.headers, head.connection))
-            rest = b""
-            events = conn.reader.events
-            while events:
-                event = events.popleft()
-                if type(event) is Upgrade:
-                    rest = event.rest  # type: ignore[attr-defined]
+            rest = conn.reader.take_upgrade_rest()
             response.headers += [(b"connection", b"upgrade"), (b"upgrade", request.head.upgrade or b"")]
             response.upgrade = _Tunnel(conn, rest)
             response.keep_alive = False
