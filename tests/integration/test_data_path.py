@@ -569,3 +569,25 @@ async def test_http10_keep_alive_is_honoured(mesh: Mesh) -> None:
     data = await raw_exchange(mesh.a.ports["outbound"], request * 2, timeout=2)
     assert data.count(b"HTTP/1.1 200 ") == 2
     assert data.lower().count(b"connection: keep-alive") == 2
+
+
+async def test_a_dead_worker_is_restarted(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "w.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    async with run_sidecar(
+        tmp_path, service="user", app="127.0.0.1:1", static=static, extra=["--workers", "2"]
+    ) as sidecar:
+        async with httpx.AsyncClient() as client:
+            before = (await client.get(f"http://{sidecar.admin}/workers")).json()
+            os.kill(before[0]["pid"], signal.SIGKILL)
+            for _ in range(100):  # bounded: the supervisor restarts it after ~1 s
+                await trio.sleep(0.1)
+                now = (await client.get(f"http://{sidecar.admin}/workers")).json()
+                if now[0]["ready"] and now[0]["pid"] != before[0]["pid"]:
+                    break
+            else:
+                raise AssertionError(f"worker 0 was not restarted: {now}")
+            assert (await client.get(f"http://{sidecar.admin}/ready")).status_code == 200
+            for _ in range(10):
+                async with httpx.AsyncClient() as fresh:
+                    response = await fresh.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
+                assert response.status_code == 200
