@@ -1,0 +1,561 @@
+"""The push channel's wire protocol: frames, messages and both ends' state, sans-IO.
+
+Both packages import this module (the sidecar is the client, the control plane the
+server); nothing else crosses between them. No sockets, no clock, no randomness here:
+bytes in (``receive_data``) → messages out; calls in → bytes out. docs/protocol.md is
+the reader's version of this file, with examples.
+
+Frames
+------
+A frame is a 4-byte big-endian length, then that many bytes of one msgpack map (the
+message). A frame over ``MAX_FRAME`` bytes, bytes that are not msgpack, or a message
+that is not a map with a known ``k`` (kind) is a :class:`WireError`: the receiver sends
+an ``error`` message if it can and closes the connection.
+
+Semantics (xDS's, see shared/reference/controlplane.md §1)
+-----------------------------------------------------------
+* The sidecar opens with ``hello`` (protocol versions it speaks, who it is, and the
+  resource versions it already has, so a reconnect costs only what changed). The
+  control plane answers ``welcome`` with the version chosen (the highest both speak),
+  or ``error`` + close when there is none.
+* ``push`` carries resources of one type. Every resource has a version (a content
+  hash), every push a fresh nonce. The sidecar answers each push with ``ack`` (the new
+  type version, the nonce) or ``nack`` (the previous type version, the nonce, the
+  reason and the names it rejected). It applies the valid resources of a nacked push.
+* Endpoint resources may be deltas: ``add`` / ``remove`` against the version the
+  sidecar has (``base``); the resulting content must hash to ``ver``, else the sidecar
+  nacks and the control plane sends the whole resource.
+* The first push of each type on a connection is ``full``: it lists every resource the
+  sidecar should have (what it already has at the right version may be omitted, as
+  named by ``hello``'s ``have``); names it has that are not listed are removed. Until
+  that first push arrives, the sidecar keeps its cache.
+* ``ping`` / ``pong`` both ways; a peer silent for 3 ping intervals is dead.
+* ``health`` reports the app's readiness; ``bye`` deregisters (draining) before close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSIONS = (1,)  # spoken by this build, oldest first
+MAX_FRAME = 16 * 1024 * 1024  # far above any real snapshot; bounds what a peer can make us buffer
+_HEADER = struct.Struct(">I")
+
+# Resource types, in the order a snapshot is pushed (make-before-break, as xDS's ADS).
+ENDPOINTS = "endpoints"
+POLICIES = "policies"
+RESOURCE_TYPES = (ENDPOINTS, POLICIES)
+
+
+class WireError(Exception):
+    """Bytes or a message that break the protocol; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --- messages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One named resource at one version. ``body`` None means "does not exist".
+    For a delta, ``body`` is None and ``add``/``remove`` apply to version ``base``."""
+
+    name: str
+    version: str
+    body: Any = None
+    base: str | None = None
+    add: tuple[Any, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "ver": self.version}
+        if self.base is not None:
+            out["base"] = self.base
+            out["add"] = list(self.add)
+            out["remove"] = list(self.remove)
+        else:
+            out["body"] = self.body
+        return out
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Resource:
+        raw = _map(raw, "resource")
+        name, version = _str(raw, "name"), _str(raw, "ver")
+        if "base" in raw:
+            return cls(
+                name,
+                version,
+                None,
+                _str(raw, "base"),
+                tuple(_list(raw, "add")),
+                tuple(str(x) for x in _list(raw, "remove")),
+            )
+        return cls(name, version, raw.get("body"))
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Sidecar → control plane, first message."""
+
+    protocol_versions: tuple[int, ...]
+    node: str
+    service: str
+    instance: Mapping[str, Any]  # instance_id, address, admin, labels
+    have: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # type → {name: version}
+    kind = "hello"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "k": "hello",
+            "pv": list(self.protocol_versions),
+            "node": self.node,
+            "service": self.service,
+            "instance": dict(self.instance),
+            "have": {t: dict(v) for t, v in self.have.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Hello:
+        versions = _list(raw, "pv")
+        if not versions or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+            raise WireError("bad-message", "hello.pv must be a non-empty list of integers")
+        have = _map(raw.get("have", {}), "hello.have")
+        return cls(
+            tuple(versions),
+            _str(raw, "node"),
+            _str(raw, "service"),
+            _map(raw.get("instance"), "hello.instance"),
+            {str(t): {str(n): str(v) for n, v in _map(names, "hello.have[type]").items()} for t, names in have.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Control plane → sidecar: the protocol version both will speak."""
+
+    protocol_version: int
+    server: str
+    kind = "welcome"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "welcome", "pv": self.protocol_version, "server": self.server}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Welcome:
+        return cls(_int(raw, "pv"), _str(raw, "server"))
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Control plane → sidecar: resources of one type."""
+
+    type: str
+    version: str  # the type version the sidecar has after applying this push
+    nonce: str
+    resources: tuple[Resource, ...] = ()
+    removed: tuple[str, ...] = ()
+    full: bool = False  # the whole set of this type: names not listed (nor kept by `have`) go
+    kind = "push"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "k": "push",
+            "t": self.type,
+            "v": self.version,
+            "n": self.nonce,
+            "r": [r.to_wire() for r in self.resources],
+            "rm": list(self.removed),
+            "full": self.full,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Push:
+        return cls(
+            _str(raw, "t"),
+            _str(raw, "v"),
+            _str(raw, "n"),
+            tuple(Resource.from_wire(r) for r in _list(raw, "r")),
+            tuple(str(x) for x in _list(raw, "rm")),
+            bool(raw.get("full", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    type: str
+    version: str
+    nonce: str
+    kind = "ack"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "ack", "t": self.type, "v": self.version, "n": self.nonce}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Ack:
+        return cls(_str(raw, "t"), _str(raw, "v"), _str(raw, "n"))
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    type: str
+    version: str  # the version the sidecar still runs (the previous one)
+    nonce: str
+    message: str
+    names: tuple[str, ...]  # the rejected resources; the others were applied
+    kind = "nack"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "k": "nack",
+            "t": self.type,
+            "v": self.version,
+            "n": self.nonce,
+            "err": {"msg": self.message, "names": list(self.names)},
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Nack:
+        err = _map(raw.get("err"), "nack.err")
+        return cls(
+            _str(raw, "t"), _str(raw, "v"), _str(raw, "n"), _str(err, "msg"), tuple(str(x) for x in _list(err, "names"))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: int
+    kind = "ping"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "ping", "id": self.id}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Ping:
+        return cls(_int(raw, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    id: int
+    kind = "pong"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "pong", "id": self.id}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Pong:
+        return cls(_int(raw, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Sidecar → control plane: the local app's readiness changed."""
+
+    ready: bool
+    kind = "health"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "health", "ready": self.ready}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Health:
+        ready = raw.get("ready")
+        if not isinstance(ready, bool):
+            raise WireError("bad-message", "health.ready must be true or false")
+        return cls(ready)
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Sidecar → control plane: deregister me now (draining), then the channel closes."""
+
+    reason: str = ""
+    kind = "bye"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "bye", "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Bye:
+        return cls(str(raw.get("reason", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Either way, before closing: why."""
+
+    reason: str
+    message: str
+    kind = "error"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "error", "reason": self.reason, "msg": self.message}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Error:
+        return cls(_str(raw, "reason"), _str(raw, "msg"))
+
+
+Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Error
+_KINDS: dict[str, Any] = {cls.kind: cls for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Error)}
+UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "error"})
+DOWNSTREAM_KINDS = frozenset({"welcome", "push", "ping", "pong", "error"})
+
+
+def _map(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise WireError("bad-message", f"{what} must be a map")
+    return value
+
+
+def _str(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str):
+        raise WireError("bad-message", f"{raw.get('k', 'message')}.{key} must be a string")
+    return value
+
+
+def _int(raw: Mapping[str, Any], key: str) -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError("bad-message", f"{raw.get('k', 'message')}.{key} must be an integer")
+    return value
+
+
+def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise WireError("bad-message", f"{raw.get('k', 'message')}.{key} must be a list")
+    return value
+
+
+# --- frames ----------------------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    """One frame. Map keys keep the order of ``to_wire``: the bytes are deterministic."""
+    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise WireError("frame-too-large", f"{message.kind} is {len(body)} bytes (max {MAX_FRAME})")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_message(raw: Any, allowed: frozenset[str] | None = None) -> Message:
+    raw = _map(raw, "a message")
+    kind = raw.get("k")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None or (allowed is not None and kind not in allowed):
+        raise WireError("unknown-message", f"message kind {kind!r} is not expected here")
+    return cls.from_wire(raw)  # type: ignore[no-any-return]
+
+
+class FrameDecoder:
+    """Bytes in, whole messages out; never buffers more than one frame (≤ MAX_FRAME)."""
+
+    def __init__(self, allowed: frozenset[str] | None = None, max_frame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._allowed = allowed
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buffer += data
+        messages: list[Message] = []
+        buffer = self._buffer
+        while len(buffer) >= 4:
+            (size,) = _HEADER.unpack_from(buffer)
+            if size > self._max_frame:
+                raise WireError("frame-too-large", f"a frame of {size} bytes (max {self._max_frame})")
+            if len(buffer) < 4 + size:
+                break
+            body = bytes(buffer[4 : 4 + size])
+            del buffer[: 4 + size]
+            try:
+                raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except (
+                ValueError,
+                msgpack.exceptions.ExtraData,
+                msgpack.exceptions.FormatError,
+                msgpack.exceptions.StackError,
+                TypeError,
+            ) as exc:
+                raise WireError("bad-frame", f"not msgpack: {exc}") from None
+            messages.append(decode_message(raw, self._allowed))
+        return messages
+
+
+# --- the two ends ----------------------------------------------------------------------
+
+
+def negotiate(theirs: tuple[int, ...], ours: tuple[int, ...] = PROTOCOL_VERSIONS) -> int | None:
+    common = set(theirs) & set(ours)
+    return max(common) if common else None
+
+
+class ServerConnection:
+    """The control plane's end of one sidecar's channel.
+
+    ``receive_data`` returns the messages to act on; the first must be ``hello`` and is
+    answered by :meth:`accept` (or :meth:`reject`). :meth:`push` numbers each push;
+    ``ack``/``nack`` for anything but the latest nonce of its type are stale and dropped
+    here (xDS: the server never answers a stale nonce).
+    """
+
+    def __init__(self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS) -> None:
+        self.server = server
+        self.versions = versions
+        self.hello: Hello | None = None
+        self.protocol_version: int | None = None
+        self.closed = False
+        self._decoder = FrameDecoder(UPSTREAM_KINDS)
+        self._nonce = 0
+        self.pending: dict[str, str] = {}  # type → nonce of the push awaiting an answer
+        self.acked: dict[str, str] = {}  # type → version the sidecar confirmed
+        self.last_nack: Nack | None = None
+        self.stale_answers = 0
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        out: list[Message] = []
+        for message in self._decoder.feed(data):
+            if self.hello is None:
+                if not isinstance(message, Hello):
+                    raise WireError("expected-hello", f"the first message must be hello, not {message.kind}")
+                self.hello = message
+            elif isinstance(message, Hello):
+                raise WireError("unexpected-hello", "hello was already received on this channel")
+            elif isinstance(message, Ack | Nack):
+                if self.pending.get(message.type) != message.nonce:
+                    self.stale_answers += 1
+                    continue
+                del self.pending[message.type]
+                if isinstance(message, Ack):
+                    self.acked[message.type] = message.version
+                else:
+                    self.last_nack = message
+            out.append(message)
+        return out
+
+    def accept(self) -> bytes:
+        """``welcome`` with the version chosen; WireError if there is none in common."""
+        assert self.hello is not None, "accept() after hello"
+        chosen = negotiate(self.hello.protocol_versions, self.versions)
+        if chosen is None:
+            raise WireError(
+                "unsupported-version",
+                f"sidecar speaks {list(self.hello.protocol_versions)}, control plane speaks {list(self.versions)}",
+            )
+        self.protocol_version = chosen
+        return encode(Welcome(chosen, self.server))
+
+    def push(
+        self,
+        type: str,
+        version: str,
+        resources: tuple[Resource, ...] = (),
+        removed: tuple[str, ...] = (),
+        *,
+        full: bool = False,
+    ) -> tuple[Push, bytes]:
+        self._nonce += 1
+        message = Push(type, version, str(self._nonce), resources, removed, full)
+        self.pending[type] = message.nonce
+        return message, encode(message)
+
+    def in_flight(self, type: str) -> bool:
+        return type in self.pending
+
+
+class ClientConnection:
+    """The sidecar's end. ``receive_data`` returns welcome / push / ping / pong / error;
+    answer every push with :meth:`ack` or :meth:`nack`."""
+
+    def __init__(self, hello: Hello) -> None:
+        self.hello_message = hello
+        self.protocol_version: int | None = None
+        self._decoder = FrameDecoder(DOWNSTREAM_KINDS)
+        self.received_first: set[str] = set()  # types whose first (full) push arrived
+
+    def hello(self) -> bytes:
+        return encode(self.hello_message)
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        out: list[Message] = []
+        for message in self._decoder.feed(data):
+            if self.protocol_version is None and not isinstance(message, Welcome | Error):
+                raise WireError("expected-welcome", f"the first message must be welcome, not {message.kind}")
+            if isinstance(message, Welcome):
+                if message.protocol_version not in self.hello_message.protocol_versions:
+                    raise WireError("unsupported-version", f"control plane chose {message.protocol_version}")
+                self.protocol_version = message.protocol_version
+            elif isinstance(message, Push):
+                self.received_first.add(message.type)
+            out.append(message)
+        return out
+
+    @staticmethod
+    def ack(push: Push) -> bytes:
+        return encode(Ack(push.type, push.version, push.nonce))
+
+    @staticmethod
+    def nack(push: Push, previous_version: str, message: str, names: tuple[str, ...]) -> bytes:
+        return encode(Nack(push.type, previous_version, push.nonce, message, names))
+
+
+# --- versions ----------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return [[k, _canonical(value[k])] for k in sorted(value)]
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def content_version(body: Any) -> str:
+    """A resource's version: a hash of its content, so equal content has an equal
+    version on any control-plane replica and across restarts (a reconnect to another
+    replica then resends nothing). Endpoint lists must be sorted by ``id`` first."""
+
+    return hashlib.sha256(msgpack.packb(_canonical(body), use_bin_type=True)).hexdigest()[:12]
+
+
+def type_version(versions: Mapping[str, str]) -> str:
+    """The version of a whole type as one sidecar holds it: its resources' versions."""
+    return content_version(dict(versions)) if versions else ""
+
+
+def endpoint(
+    instance_id: str, address: str, labels: Mapping[str, str] | None = None, weight: int = 1
+) -> dict[str, Any]:
+    """One endpoint as it travels in an ``endpoints`` resource body."""
+    return {"id": instance_id, "address": address, "labels": dict(labels or {}), "weight": weight}
+
+
+def apply_endpoint_delta(current: list[dict[str, Any]], resource: Resource) -> list[dict[str, Any]]:
+    """The endpoint list after a delta, sorted by id; WireError when the result does not
+    hash to the version the control plane announced (then the sidecar nacks)."""
+    removed = set(resource.remove)
+    by_id = {e["id"]: e for e in current if e["id"] not in removed}
+    for item in resource.add:
+        item = _map(item, "endpoint")
+        by_id[_str(item, "id")] = item
+    result = [by_id[k] for k in sorted(by_id)]
+    if content_version(result) != resource.version:
+        raise WireError(
+            "delta-mismatch", f"{resource.name}: endpoints after the delta do not match version {resource.version}"
+        )
+    return result
