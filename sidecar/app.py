@@ -29,6 +29,7 @@ from .layers.inbound import source_header, to_local_app
 from .layers.metrics import metrics_layer
 from .layers.routing import router
 from .net.admin import AdminHandler
+from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.io import Connection, Deadlines, listen_socket, serve_socket
 from .net.upstream import Forwarder, UpstreamPools
@@ -48,6 +49,12 @@ class SidecarOptions:
     upstreams: dict[str, tuple[str, int]] = field(default_factory=dict)
     reuse_port: bool = False
     header_timeout: float = HEADER_TIMEOUT
+    control_plane: list[tuple[str, int]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    advertise: str | None = None  # the host other sidecars reach our inbound listener at
+    instance_id: str | None = None
+    data_dir: Path | None = None  # where the last good config is persisted
+    health_path: str = "/health"
 
 
 def build_outbound(
@@ -103,6 +110,7 @@ class Sidecar:
         self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, options.service)
         self.outbound_handler: Handler = build_outbound(self.snapshot, self.forwarder, self.telemetry, options.service)
         self.upstream_handlers: dict[str, Handler] = {}
+        self.control: ControlPlaneClient | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin_handler = AdminHandler(
             metrics=lambda: render(lambda: [self.telemetry.snapshot()]),
@@ -134,13 +142,51 @@ class Sidecar:
         assert path is not None
         self.apply(load_static(path.read_text(), str(path)))
 
+    def _static_services(self) -> dict:
+        if self.options.static is None:
+            return {}
+        return dict(load_static(self.options.static.read_text(), str(self.options.static)).services)
+
+    def _control_plane_client(self) -> ControlPlaneClient:
+        opts = self.options
+        inbound_host, inbound_port = self.addresses["inbound"]
+        host = opts.advertise or (inbound_host if inbound_host not in ("0.0.0.0", "::") else "127.0.0.1")
+        address = f"{host}:{inbound_port}"
+        admin_host, admin_port = self.addresses["admin"]
+        instance_id = opts.instance_id or f"{opts.service}-{host}-{inbound_port}"
+        state_file = None
+        if opts.data_dir is not None:
+            # Per service, not per instance: any instance's last good config serves the
+            # next one (whose port, and so default id, may differ).
+            state_file = opts.data_dir / f"{opts.service}.json"
+        app_host, app_port = opts.app
+        return ControlPlaneClient(
+            opts.control_plane,
+            InstanceInfo(opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels)),
+            self.apply,
+            static=self._static_services,
+            app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
+            state_file=state_file,
+        )
+
     def readiness(self) -> tuple[bool, str]:
         if not self.config_ready:
             return False, "no configuration applied yet"
         return True, ""
 
     def config_dump(self) -> dict[str, Any]:
+        control = self.control
         return {
+            "control_plane": None
+            if control is None
+            else {
+                "addresses": [f"{h}:{p}" for h, p in control.addresses],
+                "connected": control.connected,
+                "instance": control.instance.instance_id,
+                "pushes_applied": control.pushes_applied,
+                "nacks_sent": control.nacks_sent,
+                "last_error": control.last_error,
+            },
             "service": self.options.service,
             "app": f"{self.options.app[0]}:{self.options.app[1]}",
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses.items()},
@@ -196,6 +242,10 @@ class Sidecar:
                 bound = await nursery.start(partial(serve_http, host, port, handler, self.timeouts, reuse_port=reuse))
                 self.addresses[name] = (host, bound)
             nursery.start_soon(self.pools.serve_expiry)
+            if opts.control_plane:
+                self.control = self._control_plane_client()
+                self.control.load_persisted()
+                nursery.start_soon(self.control.serve)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
 
@@ -214,5 +264,7 @@ class Sidecar:
                         )
                     continue
                 log.info("signal %s: stopping", signal.Signals(signum).name)
+                if self.control is not None:
+                    await self.control.drain()  # deregister first (PRODUCT §5)
                 cancel_scope.cancel()
                 return

@@ -112,6 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file listing services and endpoints (no control plane); SIGHUP reloads it",
     )
     sidecar.add_argument(
+        "--control-plane",
+        metavar="H:P[,H:P]",
+        default=_env("CONTROL_PLANE"),
+        help="register with the control plane(s) and receive endpoints (env MESHLET_CONTROL_PLANE)",
+    )
+    sidecar.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="k=v",
+        help="instance label sent at registration (version, zone, ...); repeatable",
+    )
+    sidecar.add_argument("--zone", help="shorthand for --label zone=Z")
+    sidecar.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="host other sidecars use to reach the inbound listener "
+        "(default: its bind host, or 127.0.0.1 when that is 0.0.0.0)",
+    )
+    sidecar.add_argument("--instance-id", help="this instance's id (default: SERVICE-HOST-PORT)")
+    sidecar.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("DATA_DIR", ".meshlet") or ".meshlet"),
+        help="where the last good config is kept for restarts (default ./.meshlet; env MESHLET_DATA_DIR)",
+    )
+    sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
+    sidecar.add_argument(
         "--upstream",
         type=_upstream,
         action="append",
@@ -136,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    from control_plane.cli import add_commands
+
+    add_commands(commands, _address, _listen)
+
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
     demo.add_argument(
         "--duration",
@@ -156,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sidecar":
         return run_sidecar(args, parser)
+    if args.command in ("control-plane", "get", "status"):
+        from control_plane.cli import run
+
+        return run(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -170,16 +206,35 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    if args.static is None:
-        parser.error("--static FILE is required until the control plane lands (see docs/static-config.md)")
-    if not args.static.is_file():
+    if args.static is None and not args.control_plane:
+        parser.error(
+            "give --control-plane H:P (registry and endpoints from the control plane) "
+            "or --static FILE (endpoints from a file; docs/static-config.md), or both"
+        )
+    control_planes = []
+    for item in (args.control_plane or "").split(","):
+        if item.strip():
+            try:
+                control_planes.append(parse_address(item.strip()))
+            except ValueError as exc:
+                parser.error(f"--control-plane: {exc}")
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--label {item!r}: expected k=v, e.g. --label version=v2")
+        labels[key] = value
+    if args.zone:
+        labels["zone"] = args.zone
+    if args.static is not None and not args.static.is_file():
         print(f"meshlet: --static {args.static}: no such file", file=sys.stderr)
         return 1
     from .app import Sidecar, SidecarOptions
     from .core.config import load_static
 
     try:
-        load_static(args.static.read_text(), str(args.static))  # fail fast, before binding
+        if args.static is not None:
+            load_static(args.static.read_text(), str(args.static))  # fail fast, before binding
     except ConfigError as exc:
         print(f"meshlet: {args.static} is not a valid static config:\n{exc}", file=sys.stderr)
         return 1
@@ -193,8 +248,21 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         upstreams=dict(args.upstream),
         header_timeout=args.header_timeout,
         reuse_port=args.worker,
+        control_plane=control_planes,
+        labels=labels,
+        advertise=args.advertise,
+        instance_id=args.instance_id,
+        data_dir=args.data_dir,
+        health_path=args.health_path,
     )
     if args.workers > 1:
+        if control_planes:
+            print(
+                "meshlet: --workers with --control-plane is not supported yet: run one worker per sidecar "
+                "(or use --static with --workers)",
+                file=sys.stderr,
+            )
+            return 2
         from .workers import run_workers
 
         return run_workers(options, args.workers)

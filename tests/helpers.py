@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,42 +46,19 @@ def write_static(path: Path, services: dict[str, object]) -> Path:
 
 
 @asynccontextmanager
-async def run_sidecar(
-    tmp_path: Path,
-    *,
-    service: str,
-    app: str,
-    static: Path,
-    extra: list[str] | None = None,
-) -> AsyncIterator[SidecarProcess]:
-    stderr_path = tmp_path / f"sidecar-{service}-{os.getpid()}-{id(static)}.log"
-    args = [
-        sys.executable,
-        "-m",
-        "sidecar",
-        "sidecar",
-        "--service",
-        service,
-        "--app",
-        app,
-        "--static",
-        str(static),
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        *(extra or []),
-    ]
+async def run_meshlet(tmp_path: Path, name: str, args: list[str], ready_prefix: str) -> AsyncIterator[SidecarProcess]:
+    """`python -m sidecar ARGS` in its own process group; ports from its ready line;
+    stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails the test."""
+    stderr_path = tmp_path / f"{name}-{os.getpid()}-{id(args)}.log"
     with open(stderr_path, "wb") as stderr:
-        process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "sidecar", *args], stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+        )
     try:
-        ports = await _read_ready(process, stderr_path)
+        ports = await _read_ready(process, stderr_path, ready_prefix)
         yield SidecarProcess(process, ports, stderr_path)
-        # A traceback in a sidecar's log is a bug, even when the test's requests passed.
         log = stderr_path.read_text(errors="replace")
-        assert "Traceback" not in log, f"sidecar {service} logged a traceback:\n{log}"
+        assert "Traceback" not in log, f"{name} logged a traceback:\n{log}"
     finally:
         _stop(process)
         with trio.move_on_after(10):
@@ -91,7 +68,55 @@ async def run_sidecar(
             await process.wait()
 
 
-async def _read_ready(process: trio.Process, stderr_path: Path) -> dict[str, int]:
+def run_sidecar(
+    tmp_path: Path,
+    *,
+    service: str,
+    app: str,
+    static: Path | None = None,
+    control_plane: str | None = None,
+    extra: list[str] | None = None,
+) -> AbstractAsyncContextManager[SidecarProcess]:
+    args = [
+        "sidecar",
+        "--service",
+        service,
+        "--app",
+        app,
+        "--inbound",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]
+    if static is not None:
+        args += ["--static", str(static)]
+    if control_plane is not None:
+        args += ["--control-plane", control_plane, "--data-dir", str(tmp_path / f"data-{service}")]
+    return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], "meshlet sidecar ready")
+
+
+def run_control_plane(
+    tmp_path: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    extra: list[str] | None = None,
+) -> AbstractAsyncContextManager[SidecarProcess]:
+    args = [
+        "control-plane",
+        "--listen",
+        listen,
+        "--api",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "cp"),
+        *(extra or []),
+    ]
+    return run_meshlet(tmp_path, "control-plane", args, "meshlet control-plane ready")
+
+
+async def _read_ready(process: trio.Process, stderr_path: Path, prefix: str) -> dict[str, int]:
     assert process.stdout is not None
     buffer = b""
     with trio.move_on_after(READY_TIMEOUT):
@@ -101,12 +126,13 @@ async def _read_ready(process: trio.Process, stderr_path: Path) -> dict[str, int
                 break
             buffer += data
     line = buffer.decode(errors="replace").strip()
-    if not line.startswith("meshlet sidecar ready"):
-        raise RuntimeError(f"sidecar did not start: {line!r}\n{stderr_path.read_text(errors='replace')}")
+    if not line.startswith(prefix):
+        raise RuntimeError(f"{prefix!r} never came: {line!r}\n{stderr_path.read_text(errors='replace')}")
     ports = {}
     for item in line.split()[3:]:
         name, _, address = item.partition("=")
-        ports[name] = int(address.rpartition(":")[2])
+        if address.rpartition(":")[2].isdigit():
+            ports[name] = int(address.rpartition(":")[2])
     return ports
 
 

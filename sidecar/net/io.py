@@ -198,7 +198,6 @@ class Deadlines:
         self.watched: set[Expiring] = set()
         self.now = 0.0  # set by serve(), which must start before any deadline is used
 
-
     def clock(self) -> float:
         return self.now
 

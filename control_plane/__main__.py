@@ -1,0 +1,5 @@
+import sys
+
+from sidecar.cli import main
+
+raise SystemExit(main(["control-plane", *sys.argv[1:]]))

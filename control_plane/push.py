@@ -1,0 +1,216 @@
+"""The push side of the control plane: one session per connected sidecar, and the hub
+that turns registry changes into debounced, merged pushes.
+
+Pipeline (Istio's, shared/reference/controlplane.md §2): a change marks services dirty
+in every session → each session's sender waits until changes have been quiet for
+``DEBOUNCE_QUIET`` (but never longer than ``DEBOUNCE_MAX`` after the first one) → one
+push per type, carrying everything dirty, merged → the next push of that type waits for
+the sidecar's answer. Endpoint changes go as deltas against what the sidecar holds.
+
+Time: the hub reads ``trio.current_time()`` only in its tasks; the bookkeeping that
+decides what to push (:class:`SessionView`) is pure and tested without sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import wire
+from .wire import ENDPOINTS, Resource
+
+log = logging.getLogger("meshlet.cp.push")
+
+DEBOUNCE_QUIET = 0.1  # PRODUCT §6: 100 ms of quiet before a push
+DEBOUNCE_MAX = 10.0  # ... but never more than 10 s after the first change
+PING_INTERVAL = 5.0  # PRODUCT §6: a dead peer is detected in < 3 intervals
+ANSWER_TIMEOUT = 3 * PING_INTERVAL  # a push nobody answers: the session is stuck, close it
+
+
+@dataclass
+class SessionView:
+    """What one sidecar holds of each resource (name → (version, body)), and what it
+    rejected (name → version). Pure: decides the next push from the wanted state."""
+
+    held: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_hello(cls, have: dict[str, str]) -> SessionView:
+        """A reconnecting sidecar says what it has; bodies are unknown (no deltas on them)."""
+        return cls({name: (version, None) for name, version in have.items()})
+
+    def plan(
+        self, wanted: dict[str, tuple[str, Any]], names: Iterable[str] | None, *, full: bool
+    ) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
+        """The resources and removals that bring the sidecar to ``wanted`` for ``names``
+        (all names when None or ``full``). Versions it rejected are not sent again."""
+        if full or names is None:
+            names = set(wanted) | set(self.held)
+        resources: list[Resource] = []
+        removed: list[str] = []
+        for name in sorted(names):
+            want = wanted.get(name)
+            have = self.held.get(name)
+            if want is None:
+                if have is not None:
+                    removed.append(name)
+                continue
+            version, body = want
+            if have is not None and have[0] == version:
+                continue
+            if self.rejected.get(name) == version:
+                continue
+            if have is not None and have[1] is not None and isinstance(body, list):
+                resources.append(_delta(name, have, version, body))
+            else:
+                resources.append(Resource(name, version, body))
+        return tuple(resources), tuple(removed)
+
+    def sent(self, resources: Iterable[Resource], removed: Iterable[str], wanted: dict[str, tuple[str, Any]]) -> None:
+        """Record a push as applied (optimistic: a nack undoes the rejected names)."""
+        for resource in resources:
+            self.held[resource.name] = wanted[resource.name]
+        for name in removed:
+            self.held.pop(name, None)
+
+    def nacked(self, names: Iterable[str], previous: dict[str, tuple[str, Any]], attempted: dict[str, str]) -> None:
+        for name in names:
+            if name in attempted:
+                self.rejected[name] = attempted[name]
+            if name in previous:
+                self.held[name] = previous[name]
+            else:
+                self.held.pop(name, None)
+
+    def type_version(self) -> str:
+        return wire.type_version({name: version for name, (version, _) in self.held.items()})
+
+
+def _delta(name: str, have: tuple[str, Any], version: str, body: list[dict[str, Any]]) -> Resource:
+    old = {e["id"]: e for e in have[1]}
+    new = {e["id"]: e for e in body}
+    add = tuple(e for i, e in new.items() if old.get(i) != e)
+    remove = tuple(i for i in old if i not in new)
+    if len(add) + len(remove) >= len(body):  # a delta no smaller than the whole: send the whole
+        return Resource(name, version, body)
+    return Resource(name, version, None, have[0], add, remove)
+
+
+class Hub:
+    """Knows every session; ``changed`` marks resources dirty in all of them.
+
+    ``wanted(type)`` returns the state every sidecar should reach: name → (version, body).
+    """
+
+    def __init__(self, wanted: Callable[[str], dict[str, tuple[str, Any]]]) -> None:
+        self.wanted = wanted
+        self.sessions: dict[str, Session] = {}  # node id → session
+        self.pushes_total = 0
+        self.nacks_total = 0
+        self.convergence: list[float] = []  # seconds from change to ACK, per session and push (bounded)
+
+    def changed(self, type: str, names: Iterable[str]) -> None:
+        names = set(names)
+        if not names:
+            return
+        now = trio.current_time()
+        for session in self.sessions.values():
+            session.mark(type, names, now)
+
+    def observe_convergence(self, seconds: float) -> None:
+        self.convergence.append(seconds)
+        if len(self.convergence) > 10_000:
+            del self.convergence[:5_000]
+
+
+@dataclass
+class Session:
+    """One sidecar's channel, as the control plane sees it."""
+
+    node: str
+    service: str
+    instance_id: str
+    conn: wire.ServerConnection
+    views: dict[str, SessionView]
+    connected_at: float
+    last_seen: float
+    dirty: dict[str, set[str]] = field(default_factory=dict)
+    first_change: dict[str, float] = field(default_factory=dict)  # type → time of the oldest unpushed change
+    last_change: dict[str, float] = field(default_factory=dict)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    answered: trio.Event = field(default_factory=trio.Event)
+    in_flight: dict[str, tuple[float, dict[str, tuple[str, Any]], dict[str, str]]] = field(default_factory=dict)
+    last_nack: wire.Nack | None = None
+    ready: bool = False
+    closed: bool = False
+    # The reader (pongs), the sender (pushes) and the keepalive (pings) share one socket.
+    send_lock: trio.StrictFIFOLock = field(default_factory=trio.StrictFIFOLock)
+
+    async def send(self, io: trio.SocketStream, data: bytes) -> None:
+        async with self.send_lock:
+            await io.send_all(data)
+
+    def mark(self, type: str, names: set[str], now: float) -> None:
+        self.dirty.setdefault(type, set()).update(names)
+        self.first_change.setdefault(type, now)
+        self.last_change[type] = now
+        self.wakeup.set()
+
+    def due(self, now: float) -> tuple[list[str], float | None]:
+        """Types ready to push now, and when to look again (None: nothing pending)."""
+        ready: list[str] = []
+        next_at: float | None = None
+        for type in wire.RESOURCE_TYPES:
+            if type not in self.dirty or type in self.in_flight:
+                continue
+            at = min(self.last_change[type] + DEBOUNCE_QUIET, self.first_change[type] + DEBOUNCE_MAX)
+            if at <= now:
+                ready.append(type)
+            else:
+                next_at = at if next_at is None else min(next_at, at)
+        return ready, next_at
+
+    def to_json(self) -> dict[str, Any]:
+        nack = self.last_nack
+        return {
+            "node": self.node,
+            "service": self.service,
+            "instance": self.instance_id,
+            "connected": not self.closed,
+            "ready": self.ready,
+            "versions": {t: v.type_version() for t, v in self.views.items()},
+            "acked": dict(self.conn.acked),
+            "last_nack": None
+            if nack is None
+            else {"type": nack.type, "message": nack.message, "names": list(nack.names)},
+        }
+
+
+def build_push(
+    session: Session, type: str, wanted: dict[str, tuple[str, Any]], *, full: bool
+) -> tuple[wire.Push, bytes] | None:
+    """The next push of ``type`` for ``session`` (None: nothing to send), recorded as
+    sent. Clears the dirty names it covers."""
+    view = session.views.setdefault(type, SessionView())
+    names = None if full else session.dirty.get(type, set())
+    session.dirty.pop(type, None)
+    first = session.first_change.pop(type, None)
+    session.last_change.pop(type, None)
+    resources, removed = view.plan(wanted, names, full=full)
+    if not resources and not removed and not full:
+        return None
+    previous = {r.name: view.held[r.name] for r in resources if r.name in view.held}
+    previous.update({name: view.held[name] for name in removed if name in view.held})
+    attempted = {r.name: r.version for r in resources}
+    view.sent(resources, removed, wanted)
+    push, data = session.conn.push(type, view.type_version(), resources, removed, full=full)
+    session.in_flight[type] = (first if first is not None else trio.current_time(), previous, attempted)
+    return push, data
+
+
+__all__ = ["ENDPOINTS", "Hub", "Session", "SessionView", "build_push"]

@@ -1,0 +1,329 @@
+"""Where the control plane keeps what must survive a restart: applied policy and static services.
+
+One small interface, :class:`Store`, shaped like etcd's KV API, so the etcd store (a later issue)
+maps onto it 1:1: ``get`` is a range on one key, ``put`` a put, ``delete`` a delete-range on one key,
+``items(prefix)`` a range from ``prefix`` to ``prefix`` with its last byte + 1, ``revision`` the
+header's revision. Keys are ``/``-separated paths (``policies/route/item``); values are bytes, and
+callers encode them. Revisions follow etcd too: every put makes one (even of an unchanged value), a
+delete only when it removed something, and a store never written to is at revision 0.
+
+The registry is not stored: sidecars register again when they reconnect to a restarted control plane.
+
+:class:`MemoryStore` is for tests and throwaway demos. :class:`FileStore`, the embedded default, keeps
+the state in memory and writes all of it to ``<directory>/state.msgpack`` on every change, before the
+change is visible or acknowledged. A write goes to a temporary file in the same directory, which is
+fsynced, renamed over the state file and followed by an fsync of the directory, so a crash at any
+point leaves either the old state or the new one, never a torn file; leftover temporary files are
+removed on open. A state file that cannot be read or decoded stops the open with :class:`StoreError`:
+starting empty would silently drop applied configuration. An exclusive lock on ``<directory>/lock``
+keeps a second control plane from writing the same directory (each would overwrite the other's
+changes). Policy state is small, so rewriting the whole file per change is cheaper than a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Protocol
+
+import msgpack
+import trio
+
+STATE_FILE = "state.msgpack"
+LOCK_FILE = "lock"
+_TEMP_PREFIX = f".{STATE_FILE}."  # + random + _TEMP_SUFFIX: mkstemp's name for a write in progress
+_TEMP_SUFFIX = ".tmp"
+DIRECTORY_MODE = 0o700  # the state may hold credentials (certificates come later): owner only
+STORE_SPECS = "'memory', 'file' (the data directory) or 'file:PATH'"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written: the message names the file and what is wrong."""
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store a value; returns the store's new revision."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """True if the key existed (and a new revision was made)."""
+        ...
+
+    async def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        """Every (key, value) whose key starts with ``prefix`` (a plain string prefix), by key."""
+        ...
+
+    async def revision(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+def check_key(key: object) -> str:
+    """A key is a non-empty ``/``-separated path with no empty segment: ``policies/route/item``."""
+    if not isinstance(key, str):
+        raise TypeError(f"a store key is a str, not {type(key).__name__}")
+    if not key or key.startswith("/") or key.endswith("/") or "//" in key:
+        raise ValueError(f"store key {key!r} is not a '/'-separated path like 'policies/route/item'")
+    return key
+
+
+def _check_value(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"a store value is bytes (callers encode), not {type(value).__name__}")
+    return value
+
+
+class MemoryStore:
+    """A dict and a revision counter. Loses everything when the process ends."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, bytes] = {}
+        self._revision = 0
+        self._closed = False
+
+    async def get(self, key: str) -> bytes | None:
+        check_key(key)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return self._items.get(key)
+
+    async def put(self, key: str, value: bytes) -> int:
+        check_key(key)
+        _check_value(value)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        self._revision += 1
+        self._items[key] = value
+        return self._revision
+
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if key not in self._items:
+            return False
+        self._revision += 1
+        del self._items[key]
+        return True
+
+    async def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        if not isinstance(prefix, str):
+            raise TypeError(f"a key prefix is a str, not {type(prefix).__name__}")
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return sorted((k, v) for k, v in self._items.items() if k.startswith(prefix))
+
+    async def revision(self) -> int:
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return self._revision
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await trio.lowlevel.checkpoint()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the store is closed")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} [keys: {len(self._items)}, revision: {self._revision}]>"
+
+
+class FileStore(MemoryStore):
+    """:class:`MemoryStore` plus ``<directory>/state.msgpack``, rewritten atomically on every change.
+
+    Open with ``await FileStore.open(directory)``; the constructor takes an already loaded state."""
+
+    def __init__(self, directory: Path, items: dict[str, bytes], revision: int, lock_fd: int) -> None:
+        super().__init__()
+        self.directory = directory
+        self.path = directory / STATE_FILE
+        self._items = items
+        self._revision = revision
+        self._lock_fd = lock_fd
+        self._write_lock = trio.Lock()  # one write at a time, each of the then-current state
+
+    @classmethod
+    async def open(cls, directory: Path) -> FileStore:
+        """Create the directory (mode 0700) if needed, take its lock and load the state file."""
+        directory = Path(directory)
+        items, revision, lock_fd = await trio.to_thread.run_sync(_open_directory, directory)
+        return cls(directory, items, revision, lock_fd)
+
+    async def put(self, key: str, value: bytes) -> int:
+        check_key(key)
+        _check_value(value)
+        async with self._write_lock:
+            self._check_open()
+            items = dict(self._items)  # committed only once it is on disk: readers never see it earlier
+            items[key] = value
+            return await self._commit(items, self._revision + 1)
+
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        async with self._write_lock:
+            self._check_open()
+            if key not in self._items:
+                return False
+            items = dict(self._items)
+            del items[key]
+            await self._commit(items, self._revision + 1)
+            return True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):  # the lock file must be released even when cancelled
+            async with self._write_lock:  # let a write in progress finish
+                os.close(self._lock_fd)
+
+    async def _commit(self, items: dict[str, bytes], revision: int) -> int:
+        # Not abandoned on cancel: the write completes, and memory then matches the file.
+        await trio.to_thread.run_sync(_write_state, self.path, items, revision)
+        self._items, self._revision = items, revision
+        return revision
+
+    def __repr__(self) -> str:
+        return f"<FileStore {str(self.path)!r} [keys: {len(self._items)}, revision: {self._revision}]>"
+
+
+def open_store(spec: str, data_dir: Path) -> AbstractAsyncContextManager[Store]:
+    """The store a spec names, for ``async with`` (closed on exit).
+
+    ``memory``; ``file`` (a FileStore in ``data_dir``); ``file:PATH`` (a FileStore in PATH, relative
+    to the working directory, ``~`` expanded). A bad spec raises ``ValueError`` here, at the call, so
+    a command line is checked before anything starts."""
+    if spec == "memory":
+        return _opened(None)
+    if spec == "file":
+        return _opened(Path(data_dir))
+    if spec.startswith("file:") and spec != "file:":
+        return _opened(Path(spec.removeprefix("file:")).expanduser())
+    hint = " (etcd stores are not available yet)" if spec.startswith("etcd") else ""
+    raise ValueError(f"store {spec!r} is not one of {STORE_SPECS}{hint}")
+
+
+@asynccontextmanager
+async def _opened(directory: Path | None) -> AsyncIterator[Store]:
+    store: Store = MemoryStore() if directory is None else await FileStore.open(directory)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+# file I/O: blocking, run in a worker thread ---------------------------------------------------
+
+
+def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int]:
+    try:
+        if not directory.exists():
+            directory.mkdir(mode=DIRECTORY_MODE, parents=True)
+            directory.chmod(DIRECTORY_MODE)  # whatever the umask
+            _fsync_directory(directory.parent)
+        elif not directory.is_dir():
+            raise StoreError(f"{directory}: exists and is not a directory")
+        lock_path = directory / LOCK_FILE
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreError(f"{directory}: cannot open the data directory: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{lock_path}: the data directory is in use by another store (locked)") from None
+        for stray in directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):  # a write a crash interrupted
+            with contextlib.suppress(OSError):
+                stray.unlink()
+        items, revision = _read_state(directory / STATE_FILE)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return items, revision, lock_fd
+
+
+def _read_state(path: Path) -> tuple[dict[str, bytes], int]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}, 0
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the state file: {e.strerror or e}") from e
+    return decode_state(data, path)
+
+
+def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int]:
+    """The items and revision in a state file's bytes; ``StoreError`` names the file and the fault."""
+
+    def bad(what: str) -> StoreError:
+        return StoreError(
+            f"{path}: corrupt state file: {what} (restore it from a backup, or move it away to start empty)"
+        )
+
+    if not data:
+        raise bad("it is empty")
+    try:
+        state = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several types for truncated or malformed input
+        raise bad(f"not msgpack ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise bad(f"a {type(state).__name__} where a map of revision and items belongs")
+    if set(state) != {"revision", "items"}:
+        raise bad(f"fields {sorted(map(str, state))}, expected ['items', 'revision']")
+    revision, items = state["revision"], state["items"]
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise bad(f"revision {revision!r} is not an integer >= 0")
+    if not isinstance(items, dict):
+        raise bad(f"items is a {type(items).__name__}, not a map")
+    for key, value in items.items():
+        try:
+            check_key(key)
+        except (TypeError, ValueError) as e:
+            raise bad(str(e)) from None
+        if not isinstance(value, bytes):
+            raise bad(f"the value of {key!r} is a {type(value).__name__}, not bytes")
+    if items and revision == 0:
+        raise bad("items at revision 0")
+    return items, revision
+
+
+def encode_state(items: dict[str, bytes], revision: int) -> bytes:
+    return msgpack.packb({"revision": revision, "items": dict(sorted(items.items()))}, use_bin_type=True)
+
+
+def _write_state(path: Path, items: dict[str, bytes], revision: int) -> None:
+    data = encode_state(items, revision)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_directory(path.parent)  # the rename itself must reach the disk
+    except OSError as e:
+        raise StoreError(f"{path}: cannot write the state file: {e.strerror or e}") from e
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,314 @@
+"""The sidecar's end of the push channel: register, receive endpoints, stay fail-static.
+
+A latest-value cell in linkerd's manner: the request path only reads the snapshot the
+sidecar applied; this task updates it. While the control plane is away the sidecar
+keeps serving its last good configuration and reconnects with jittered exponential
+backoff (0.5 s → 30 s, reset once a push arrives). Every applied configuration is
+persisted, so a sidecar restarted while the control plane is down serves from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from control_plane import wire
+
+from ..core.config import Endpoint, MeshSnapshot, ServiceConfig, make_snapshot, parse_address
+
+log = logging.getLogger("meshlet.control")
+
+BACKOFF_FIRST = 0.5  # PRODUCT §5
+BACKOFF_MAX = 30.0
+PING_INTERVAL = 5.0  # the control plane's too: a silent peer is dead after 3 of them
+HEALTH_INTERVAL = 5.0  # PRODUCT §5
+HEALTH_TIMEOUT = 2.0
+
+
+@dataclass
+class InstanceInfo:
+    service: str
+    instance_id: str
+    address: str  # this sidecar's inbound listener, as others reach it
+    admin: str
+    labels: dict[str, str] = field(default_factory=dict)
+    node: str = ""
+
+
+class DiscoveredState:
+    """Endpoints received from the control plane: name → (version, body). Pure."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+
+    def apply(self, push: wire.Push) -> tuple[list[str], str]:
+        """Apply what is valid; return the rejected names and why (empty: all applied)."""
+        rejected: list[str] = []
+        reasons: list[str] = []
+        staged = dict(self.endpoints)
+        for resource in push.resources:
+            try:
+                staged[resource.name] = (resource.version, self._body(staged, resource))
+            except (wire.WireError, ValueError) as exc:
+                rejected.append(resource.name)
+                reasons.append(f"{resource.name}: {exc}")
+                if resource.name not in self.endpoints:
+                    staged.pop(resource.name, None)
+        for name in push.removed:
+            staged.pop(name, None)
+        self.endpoints = staged
+        return rejected, "; ".join(reasons)
+
+    @staticmethod
+    def _body(staged: dict[str, tuple[str, list[dict[str, Any]]]], resource: wire.Resource) -> list[dict[str, Any]]:
+        if resource.is_delta:
+            have = staged.get(resource.name)
+            if have is None or have[0] != resource.base:
+                raise wire.WireError(
+                    "delta-base", f"have {have[0] if have else 'nothing'}, delta is against {resource.base}"
+                )
+            body = wire.apply_endpoint_delta(have[1], resource)
+        else:
+            if not isinstance(resource.body, list):
+                raise ValueError("an endpoints body must be a list")
+            body = resource.body
+        for item in body:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise ValueError("each endpoint needs an id")
+            parse_address(str(item.get("address")))
+            weight = item.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
+                raise ValueError(f"endpoint {item['id']}: weight must be 1..1000")
+        return body
+
+    def versions(self) -> dict[str, str]:
+        return {name: version for name, (version, _) in self.endpoints.items()}
+
+    def services(self) -> dict[str, ServiceConfig]:
+        out = {}
+        for name, (_, body) in self.endpoints.items():
+            endpoints = tuple(
+                Endpoint(*parse_address(e["address"]), labels=dict(e.get("labels", {})), weight=e.get("weight", 1))
+                for e in body
+            )
+            out[name] = ServiceConfig(name, endpoints)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoints": {name: {"ver": v, "body": b} for name, (v, b) in self.endpoints.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DiscoveredState:
+        state = cls()
+        for name, item in dict(raw.get("endpoints", {})).items():
+            state.endpoints[str(name)] = (str(item["ver"]), list(item["body"]))
+        return state
+
+
+class ControlPlaneClient:
+    """Keeps a sidecar connected to its control plane(s)."""
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        instance: InstanceInfo,
+        apply: Callable[[MeshSnapshot], None],
+        *,
+        static: Callable[[], dict[str, ServiceConfig]] = dict,
+        app_health_url: str | None = None,
+        state_file: Path | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.addresses = addresses
+        self.instance = instance
+        self._apply = apply
+        self._static = static
+        self.app_health_url = app_health_url
+        self.state_file = state_file
+        self.rng = rng or random.Random()
+        self.state = DiscoveredState()
+        self.connected = False
+        self.ready = False  # the app's health, as last probed
+        self.pushes_applied = 0
+        self.nacks_sent = 0
+        self.last_error = ""
+        self.has_config = False
+        self._stream: trio.SocketStream | None = None
+        self._draining = False
+        self._got_push = False
+        # The reader (acks, pongs), the pinger and the health prober share one socket.
+        self._send_lock = trio.StrictFIFOLock()
+
+    # persistence ------------------------------------------------------------------------
+    def load_persisted(self) -> bool:
+        """Serve from the last persisted config (fail-static across restarts)."""
+        if self.state_file is None or not self.state_file.exists():
+            return False
+        try:
+            self.state = DiscoveredState.from_json(json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable persisted config %s: %s", self.state_file, exc)
+            return False
+        self._install("persisted")
+        log.info("serving persisted config from %s until the control plane answers", self.state_file)
+        return True
+
+    def _persist(self) -> None:
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state.to_json()))
+        os.replace(tmp, self.state_file)
+
+    def _install(self, source: str) -> None:
+        services = dict(self._static())
+        services.update(self.state.services())
+        self._apply(make_snapshot(services, source))
+        self.has_config = True
+
+    # the channel ------------------------------------------------------------------------
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.app_health_url:
+                nursery.start_soon(self._probe_health)
+            nursery.start_soon(self._connect_forever)
+
+    async def _connect_forever(self) -> None:
+        delay = BACKOFF_FIRST
+        attempt = 0
+        while not self._draining:
+            host, port = self.addresses[attempt % len(self.addresses)]
+            attempt += 1
+            self._got_push = False
+            try:
+                await self._session(host, port)
+            except Exception as exc:  # noqa: BLE001 - whatever ended the session: reconnect
+                self.last_error = f"{host}:{port}: {_describe(exc)}"
+                log.warning("control plane %s:%d: %s", host, port, _describe(exc))
+            finally:
+                self.connected = False
+                self._stream = None
+            if self._got_push:
+                delay = BACKOFF_FIRST  # gRFC A57: a stream that delivered is not a failure
+            # Full jitter: spread reconnects of many sidecars after a control-plane restart.
+            await trio.sleep(self.rng.uniform(0, delay))
+            delay = min(BACKOFF_MAX, delay * 2)
+
+    async def _session(self, host: str, port: int) -> None:
+        info = self.instance
+        hello = wire.Hello(
+            wire.PROTOCOL_VERSIONS,
+            info.node or info.instance_id,
+            info.service,
+            {
+                "instance_id": info.instance_id,
+                "address": info.address,
+                "admin": info.admin,
+                "labels": info.labels,
+                "ready": self.ready,
+            },
+            {wire.ENDPOINTS: self.state.versions()},
+        )
+        conn = wire.ClientConnection(hello)
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+        try:
+            self._stream = stream
+            await self._send(stream, conn.hello())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pinger, stream)
+                while True:
+                    with trio.move_on_after(3 * PING_INTERVAL) as silent:
+                        data = await stream.receive_some(65536)
+                    if silent.cancelled_caught:
+                        raise wire.WireError("silent", f"nothing from the control plane for {3 * PING_INTERVAL:g}s")
+                    if not data:
+                        break
+                    for message in conn.receive_data(data):
+                        if isinstance(message, wire.Welcome):
+                            self.connected = True
+                            log.info("connected to control plane %s:%d (%s)", host, port, message.server)
+                            # The probe may have changed its mind since hello was built.
+                            await self._send(stream, wire.encode(wire.Health(self.ready)))
+                        elif isinstance(message, wire.Push):
+                            self._got_push = True
+                            await self._send(stream, self._on_push(conn, message))
+                        elif isinstance(message, wire.Ping):
+                            await self._send(stream, wire.encode(wire.Pong(message.id)))
+                        elif isinstance(message, wire.Error):
+                            raise wire.WireError(message.reason, message.message)
+                nursery.cancel_scope.cancel()
+        finally:
+            await stream.aclose()
+
+    def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
+        if push.type != wire.ENDPOINTS:
+            return conn.ack(push)  # types this build does not use yet: nothing to apply
+        previous = wire.type_version(self.state.versions())
+        rejected, why = self.state.apply(push)
+        self._install("control-plane")
+        self._persist()
+        self.pushes_applied += 1
+        if rejected:
+            self.nacks_sent += 1
+            log.warning("rejected %s from the control plane: %s", rejected, why)
+            return conn.nack(push, previous, why, tuple(rejected))
+        return conn.ack(push)
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+        async with self._send_lock:
+            await stream.send_all(data)
+
+    async def _pinger(self, stream: trio.SocketStream) -> None:
+        ping = 0
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            ping += 1
+            try:
+                await self._send(stream, wire.encode(wire.Ping(ping)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the reader sees the end too
+
+    async def _probe_health(self) -> None:
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT) as client:
+            while not self._draining:
+                try:
+                    response = await client.get(self.app_health_url)  # type: ignore[arg-type]
+                    ready = response.status_code < 500
+                except httpx.HTTPError:
+                    ready = False
+                if ready != self.ready:
+                    self.ready = ready
+                    log.info("local app is %s", "ready" if ready else "not ready")
+                    await self._send_quietly(wire.Health(ready))
+                await trio.sleep(HEALTH_INTERVAL)
+
+    async def _send_quietly(self, message: wire.Message) -> None:
+        stream = self._stream
+        if stream is not None and self.connected:
+            try:
+                await self._send(stream, wire.encode(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def drain(self) -> None:
+        """Deregister before the sidecar stops accepting (PRODUCT §5)."""
+        self._draining = True
+        with trio.move_on_after(2):
+            await self._send_quietly(wire.Bye("draining"))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _describe(exc.exceptions[0])
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, wire.WireError) else str(exc)

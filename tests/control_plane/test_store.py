@@ -1,0 +1,473 @@
+"""control_plane.store: one conformance suite for every store, then what only FileStore promises
+(survives a restart, atomic writes, refuses a corrupt file, its directory and lock) and open_store."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control_plane import store as store_module
+from control_plane.store import (
+    FileStore,
+    MemoryStore,
+    Store,
+    StoreError,
+    decode_state,
+    encode_state,
+    open_store,
+)
+
+Factory = Callable[[Path], Awaitable[Store]]
+
+
+async def _memory(_: Path) -> Store:
+    return MemoryStore()
+
+
+async def _file(directory: Path) -> Store:
+    return await FileStore.open(directory / "data")
+
+
+FACTORIES = {"memory": _memory, "file": _file}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await FACTORIES[request.param](tmp_path)
+    yield s
+    await s.aclose()
+
+
+# conformance: every store -------------------------------------------------------------------
+
+
+async def test_empty_store(store: Store) -> None:
+    assert await store.revision() == 0
+    assert await store.get("policies/route/item") is None
+    assert await store.items("") == []
+    assert await store.delete("policies/route/item") is False
+    assert await store.revision() == 0
+
+
+async def test_put_get_and_revisions(store: Store) -> None:
+    assert await store.put("policies/route/item", b"v1") == 1
+    assert await store.get("policies/route/item") == b"v1"
+    assert await store.put("policies/route/cart", b"c1") == 2
+    assert await store.put("policies/route/item", b"v2") == 3  # an overwrite is a new revision
+    assert await store.put("policies/route/item", b"v2") == 4  # so is an unchanged value (as etcd)
+    assert await store.get("policies/route/item") == b"v2"
+    assert await store.put("empty", b"") == 5
+    assert await store.get("empty") == b""  # an empty value is a value, not a missing key
+    assert await store.revision() == 5
+
+
+async def test_delete(store: Store) -> None:
+    await store.put("services/db", b"x")
+    assert await store.delete("services/db") is True
+    assert await store.revision() == 2
+    assert await store.get("services/db") is None
+    assert await store.delete("services/db") is False  # nothing removed: no new revision
+    assert await store.revision() == 2
+    assert await store.put("services/db", b"y") == 3
+
+
+async def test_items_by_prefix_sorted_by_key(store: Store) -> None:
+    for key in ["policies/route/item", "services/db", "policies/route/cart", "policies/routes/x", "policies/a"]:
+        await store.put(key, key.encode())
+    assert [k for k, _ in await store.items("")] == [
+        "policies/a",
+        "policies/route/cart",
+        "policies/route/item",
+        "policies/routes/x",
+        "services/db",
+    ]
+    assert await store.items("policies/route/") == [
+        ("policies/route/cart", b"policies/route/cart"),
+        ("policies/route/item", b"policies/route/item"),
+    ]
+    # a plain string prefix, as etcd's range: without the '/' it matches routes/ too
+    assert [k for k, _ in await store.items("policies/route")] == [
+        "policies/route/cart",
+        "policies/route/item",
+        "policies/routes/x",
+    ]
+    assert await store.items("nothing/") == []
+    assert await store.items("services/db") == [("services/db", b"services/db")]
+
+
+@pytest.mark.parametrize("key", ["", "/policies", "policies/", "policies//item", "/"])
+async def test_bad_keys(store: Store, key: str) -> None:
+    with pytest.raises(ValueError, match="is not a '/'-separated path"):
+        await store.put(key, b"x")
+    with pytest.raises(ValueError):
+        await store.get(key)
+    with pytest.raises(ValueError):
+        await store.delete(key)
+    assert await store.revision() == 0
+
+
+async def test_bad_types(store: Store) -> None:
+    with pytest.raises(TypeError, match="callers encode"):
+        await store.put("k", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.put("k", bytearray(b"x"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.get(b"k")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.items(None)  # type: ignore[arg-type]
+    assert await store.revision() == 0
+
+
+async def test_closed_store(store: Store) -> None:
+    await store.put("k", b"v")
+    await store.aclose()
+    await store.aclose()  # idempotent
+    for call in (store.get("k"), store.put("k", b"w"), store.delete("k"), store.items(""), store.revision()):
+        with pytest.raises(trio.ClosedResourceError):
+            await call
+
+
+async def test_concurrent_puts_all_land(store: Store) -> None:
+    revisions: list[int] = []
+
+    async def put(n: int) -> None:
+        revisions.append(await store.put(f"k/{n:02d}", str(n).encode()))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(put, n)
+    assert sorted(revisions) == list(range(1, 21))
+    assert len(await store.items("k/")) == 20
+    assert await store.revision() == 20
+
+
+_keys = st.sampled_from(["a", "a/b", "a/c", "ab", "b/a", "policies/route/item"])
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), _keys, st.binary(max_size=8)),
+        st.tuples(st.just("delete"), _keys, st.just(b"")),
+    ),
+    max_size=15,
+)
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+@settings(max_examples=40, deadline=None)
+@given(ops=_ops, prefix=st.sampled_from(["", "a", "a/", "b", "policies/"]))
+def test_matches_a_dict_model(kind: str, ops: list[tuple[str, str, bytes]], prefix: str) -> None:
+    """Random puts and deletes against a dict and an etcd-like revision; a FileStore reopened after
+    them holds the same."""
+
+    async def main(directory: Path) -> None:
+        model: dict[str, bytes] = {}
+        revision = 0
+        s = await FACTORIES[kind](directory)
+        for op, key, value in ops:
+            if op == "put":
+                revision += 1
+                model[key] = value
+                assert await s.put(key, value) == revision
+            else:
+                existed = model.pop(key, None) is not None
+                revision += existed
+                assert await s.delete(key) is existed
+            assert await s.get(key) == model.get(key)
+        expected = sorted((k, v) for k, v in model.items() if k.startswith(prefix))
+        assert await s.items(prefix) == expected
+        assert await s.revision() == revision
+        await s.aclose()
+        if kind == "file":
+            again = await FACTORIES[kind](directory)
+            assert await again.items("") == sorted(model.items())
+            assert await again.revision() == revision
+            await again.aclose()
+
+    with tempfile.TemporaryDirectory() as directory:
+        trio.run(main, Path(directory))
+
+
+# FileStore ----------------------------------------------------------------------------------
+
+
+async def test_file_store_survives_a_restart(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    await s.put("policies/route/item", b"v1")
+    await s.put("services/db", b"db")
+    await s.put("gone", b"x")
+    await s.delete("gone")
+    await s.aclose()
+
+    again = await FileStore.open(tmp_path)
+    assert await again.items("") == [("policies/route/item", b"v1"), ("services/db", b"db")]
+    assert await again.revision() == 4
+    assert await again.put("services/cache", b"c") == 5  # revisions go on, never back
+    await again.aclose()
+
+
+async def test_the_state_file_format(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    await s.put("b", b"2")
+    await s.put("a", b"\x00\xff")
+    state = msgpack.unpackb((tmp_path / "state.msgpack").read_bytes(), raw=False)
+    assert state == {"revision": 2, "items": {"a": b"\x00\xff", "b": b"2"}}
+    assert list(state["items"]) == ["a", "b"]  # sorted: equal state, equal bytes
+    assert stat.S_IMODE((tmp_path / "state.msgpack").stat().st_mode) == 0o600
+    await s.aclose()
+
+
+async def test_every_change_is_on_disk_before_it_returns(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    await s.put("k", b"v")
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1)
+    await s.delete("k")
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({}, 2)
+    await s.aclose()
+
+
+async def test_a_missing_file_starts_empty_and_writes_nothing_until_a_change(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    assert await s.items("") == [] and await s.revision() == 0
+    assert not (tmp_path / "state.msgpack").exists()
+    await s.aclose()
+
+
+async def test_no_temporary_file_remains(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    for n in range(5):
+        await s.put(f"k/{n}", b"v")
+    await s.delete("k/0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock", "state.msgpack"]
+    await s.aclose()
+
+
+async def test_a_crash_before_the_rename_leaves_the_last_good_state(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    await s.put("k", b"good")
+    await s.aclose()
+    # what a crash between writing the temporary file and renaming it leaves behind
+    stray = tmp_path / ".state.msgpack.x7f3k2.tmp"
+    stray.write_bytes(encode_state({"k": b"newer but never committed"}, 2)[:9])
+
+    again = await FileStore.open(tmp_path)
+    assert await again.get("k") == b"good"
+    assert await again.revision() == 1
+    assert not stray.exists()  # cleaned up on open
+    await again.aclose()
+
+
+async def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await FileStore.open(tmp_path)
+    await s.put("k", b"old")
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "replace", crash)
+    with pytest.raises(StoreError) as info:
+        await s.put("k", b"new")
+    assert str(info.value) == f"{tmp_path / 'state.msgpack'}: cannot write the state file: No space left on device"
+    with pytest.raises(StoreError):
+        await s.delete("k")
+    monkeypatch.undo()
+
+    assert await s.get("k") == b"old"  # memory was not changed either
+    assert await s.revision() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock", "state.msgpack"]  # temp removed
+    await s.aclose()
+    again = await FileStore.open(tmp_path)
+    assert await again.get("k") == b"old"
+    await again.aclose()
+
+
+def _state(payload: object) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "data, what",
+    [
+        (b"", "it is empty"),
+        (b"\xc1", "not msgpack"),  # 0xc1 is never used
+        (_state({"revision": 2, "items": {"k": b"v"}})[:-3], "not msgpack"),  # truncated
+        (_state({"revision": 1, "items": {}}) + b"\x00", "not msgpack"),  # trailing bytes
+        (b"garbage that is not msgpack at all", "not msgpack"),
+        (_state([1, {}]), "a list where a map of revision and items belongs"),
+        (_state({"revision": 1}), "fields ['revision'], expected ['items', 'revision']"),
+        (_state({"revision": 1, "items": {}, "extra": 1}), "fields ['extra', 'items', 'revision']"),
+        (_state({"revision": -1, "items": {}}), "revision -1 is not an integer >= 0"),
+        (_state({"revision": "3", "items": {}}), "revision '3' is not an integer"),
+        (_state({"revision": True, "items": {}}), "revision True is not an integer"),
+        (_state({"revision": 1, "items": [1]}), "items is a list, not a map"),
+        (_state({"revision": 1, "items": {"k": "text"}}), "the value of 'k' is a str, not bytes"),
+        (_state({"revision": 1, "items": {"/k": b"v"}}), "store key '/k' is not a '/'-separated path"),
+        (_state({"revision": 1, "items": {b"k": b"v"}}), "a store key is a str, not bytes"),
+        (_state({"revision": 0, "items": {"k": b"v"}}), "items at revision 0"),
+    ],
+)
+async def test_a_corrupt_state_file_is_refused(tmp_path: Path, data: bytes, what: str) -> None:
+    path = tmp_path / "state.msgpack"
+    path.write_bytes(data)
+    with pytest.raises(StoreError) as info:
+        await FileStore.open(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: corrupt state file: ")
+    assert what in message
+    assert path.read_bytes() == data  # left as it was, for a human to look at
+    # the failed open released the lock: fixing the file is enough
+    path.write_bytes(_state({"revision": 1, "items": {"k": b"v"}}))
+    s = await FileStore.open(tmp_path)
+    assert await s.get("k") == b"v"
+    await s.aclose()
+
+
+async def test_an_unreadable_state_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state.msgpack").mkdir()  # reading a directory fails whatever our privileges
+    with pytest.raises(StoreError) as info:
+        await FileStore.open(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'state.msgpack'}: cannot read the state file: ")
+
+
+async def test_the_directory_is_created_owner_only(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "b" / "data"
+    old = os.umask(0o022)
+    try:
+        s = await FileStore.open(directory)
+    finally:
+        os.umask(old)
+    assert directory.is_dir()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    await s.put("k", b"v")
+    await s.aclose()
+
+
+async def test_the_directory_mode_does_not_depend_on_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o277)  # would make it r-x only
+    try:
+        s = await FileStore.open(tmp_path / "data")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    await s.put("k", b"v")  # and it is writable
+    await s.aclose()
+
+
+async def test_an_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
+    tmp_path.chmod(0o750)
+    s = await FileStore.open(tmp_path)
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o750  # the operator's choice
+    await s.aclose()
+
+
+async def test_a_file_where_the_directory_belongs(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("x")
+    with pytest.raises(StoreError, match="exists and is not a directory"):
+        await FileStore.open(tmp_path / "data")
+
+
+async def test_one_store_per_directory(tmp_path: Path) -> None:
+    s = await FileStore.open(tmp_path)
+    with pytest.raises(StoreError) as info:
+        await FileStore.open(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'lock'}: the data directory is in use by another store (locked)"
+    await s.aclose()
+    again = await FileStore.open(tmp_path)  # closing released it
+    await again.aclose()
+
+
+async def test_close_waits_for_a_write_in_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await FileStore.open(tmp_path)
+    go = threading.Event()
+    write = store_module._write_state
+
+    def slow_write(*args: Any) -> None:
+        go.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(store_module, "_write_state", slow_write)
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        await s.aclose()
+        closed = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.put, "k", b"v")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not closed  # waiting for the write
+        go.set()
+    assert closed
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1)
+    again = await FileStore.open(tmp_path)  # the lock was released
+    assert await again.get("k") == b"v"
+    await again.aclose()
+
+
+def test_repr(tmp_path: Path) -> None:
+    assert repr(MemoryStore()) == "<MemoryStore [keys: 0, revision: 0]>"
+
+    async def main() -> None:
+        s = await FileStore.open(tmp_path)
+        await s.put("k", b"v")
+        assert repr(s) == f"<FileStore {str(tmp_path / 'state.msgpack')!r} [keys: 1, revision: 1]>"
+        await s.aclose()
+
+    trio.run(main)
+
+
+# open_store ---------------------------------------------------------------------------------
+
+
+async def test_open_store_memory(tmp_path: Path) -> None:
+    async with open_store("memory", tmp_path) as s:
+        assert isinstance(s, MemoryStore) and not isinstance(s, FileStore)
+        await s.put("k", b"v")
+    with pytest.raises(trio.ClosedResourceError):
+        await s.get("k")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_open_store_file_in_the_data_directory(tmp_path: Path) -> None:
+    async with open_store("file", tmp_path / "data") as s:
+        assert isinstance(s, FileStore)
+        assert s.path == tmp_path / "data" / "state.msgpack"
+        await s.put("k", b"v")
+    async with open_store("file", tmp_path / "data") as s:  # closed on exit: opens again
+        assert await s.get("k") == b"v"
+
+
+async def test_open_store_file_at_a_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with open_store(f"file:{tmp_path / 'elsewhere'}", tmp_path / "data") as s:
+        assert isinstance(s, FileStore) and s.directory == tmp_path / "elsewhere"
+    monkeypatch.chdir(tmp_path)
+    async with open_store("file:relative/dir", Path("/nonexistent")) as s:
+        assert isinstance(s, FileStore)
+        await s.put("k", b"v")
+    assert (tmp_path / "relative" / "dir" / "state.msgpack").exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "mem", "Memory", "memory:", "file:", "files", "etcd://127.0.0.1:2379", "sqlite:x.db", " memory"],
+)
+def test_open_store_rejects_unknown_specs(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(spec, tmp_path)  # at the call: a command line is checked before anything starts
+    message = str(info.value)
+    assert message.startswith(f"store {spec!r} is not one of 'memory', 'file' (the data directory) or 'file:PATH'")
+    assert ("etcd stores are not available yet" in message) is spec.startswith("etcd")
+    assert list(tmp_path.iterdir()) == []

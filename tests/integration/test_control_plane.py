@@ -1,0 +1,267 @@
+"""The control plane with real sidecars: registration, endpoint pushes, leases,
+fail-static, and bad peers on the push channel. Real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import trio
+
+from control_plane import wire
+
+from ..helpers import SidecarProcess, run_control_plane, run_sidecar
+from ..origin import Origin
+
+POLL = 0.1
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
+    """Poll ``check`` until it is true; bounded, so a test can fail instead of hanging."""
+    with trio.move_on_after(timeout):
+        while not await check():  # noqa: ASYNC110 - polling another process's state
+            await trio.sleep(POLL)
+        return
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+async def endpoints_of(sidecar: SidecarProcess, service: str) -> list[str]:
+    async with httpx.AsyncClient() as client:
+        dump = (await client.get(f"http://{sidecar.admin}/config_dump")).json()
+    return [e["address"] for e in dump["config"]["services"].get(service, {}).get("endpoints", [])]
+
+
+async def meshlet(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_register_discover_and_route(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        api = f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(
+                tmp_path,
+                service="item",
+                app=f"127.0.0.1:{origin.port}",
+                control_plane=push,
+                extra=["--label", "version=v1", "--zone", "a"],
+            ) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+
+            async def item_discovered() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            await eventually(item_discovered, "user's sidecar receives item's endpoint")
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                ready = await client.get(f"http://{user.admin}/ready")
+            assert (response.status_code, response.text) == (200, "hello")
+            assert ready.status_code == 200
+
+            code, out, err = await meshlet("get", "endpoints", "item", "-o", "json", "--api", api)
+            assert code == 0, err
+            (entry,) = json.loads(out)["endpoints"]["item"]
+            assert entry["address"] == item.inbound
+            assert entry["labels"] == {"version": "v1", "zone": "a"}
+            assert entry["ready"] and entry["connected"]
+
+            code, out, err = await meshlet("status", "-o", "json", "--api", api)
+            assert code == 0, err
+            status = json.loads(out)
+            by_service = {s["service"]: s for s in status["sidecars"]}
+            assert set(by_service) == {"item", "user"}
+            assert all(s["connected"] and s["last_nack"] is None for s in by_service.values())
+            assert by_service["user"]["acked"]["endpoints"] == by_service["user"]["versions"]["endpoints"] != ""
+
+            code, out, _ = await meshlet("get", "services", "--api", api)
+            assert code == 0 and "item" in out and "user" in out
+
+            async with httpx.AsyncClient() as client:
+                metrics = (await client.get(f"http://{api}/metrics")).text
+            assert "meshlet_cp_connected_sidecars 2.0" in metrics
+            assert "meshlet_cp_nacks_total 0.0" in metrics
+            assert "meshlet_cp_convergence_seconds_count" in metrics
+
+
+async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path, extra=["--ttl", "2"]) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+
+            async def discovered() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            async def gone() -> bool:
+                return await endpoints_of(user, "item") == []
+
+            await eventually(discovered, "item discovered")
+            os.killpg(item.process.pid, signal.SIGKILL)
+            killed_at = trio.current_time()
+            await eventually(gone, "item's endpoint removed after the lease", timeout=10)
+            # TTL 2 s + lease check (1 s) + push; never the 10 s default.
+            assert trio.current_time() - killed_at < 2 + 1 + 2
+
+
+async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path, extra=["--ttl", "30"]) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
+            async with run_sidecar(
+                tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
+            ) as item:
+
+                async def discovered() -> bool:
+                    return await endpoints_of(user, "item") == [item.inbound]
+
+                await eventually(discovered, "item discovered")
+            # SIGTERM (the context's exit): a bye, so no 30 s lease wait.
+
+            async def gone() -> bool:
+                return await endpoints_of(user, "item") == []
+
+            await eventually(gone, "item deregistered by its bye", timeout=5)
+
+
+async def test_fail_static_when_the_control_plane_dies_and_comes_back(tmp_path: Path, origin: Origin) -> None:
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    async with run_control_plane(tmp_path, listen=listen) as cp:
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=listen) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as user,
+        ):
+
+            async def discovered() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            await eventually(discovered, "item discovered")
+            os.killpg(cp.process.pid, signal.SIGKILL)
+            await trio.sleep(0.5)
+            async with httpx.AsyncClient() as client:
+                for _ in range(5):  # the control plane is gone: traffic goes on
+                    response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                    assert response.status_code == 200
+                assert (await client.get(f"http://{user.admin}/ready")).status_code == 200
+
+            # A user sidecar restarted while the control plane is down serves from disk.
+            async with run_sidecar(
+                tmp_path,
+                service="user",
+                app="127.0.0.1:1",
+                control_plane=listen,
+                extra=["--instance-id", "user-restarted"],
+            ) as restarted:
+                pass
+            del restarted
+
+            async with run_control_plane(tmp_path, listen=listen) as cp2:
+                api = f"127.0.0.1:{cp2.ports['api']}"
+
+                async def rebuilt() -> bool:
+                    code, out, _ = await meshlet("get", "endpoints", "-o", "json", "--api", api)
+                    endpoints = json.loads(out)["endpoints"] if code == 0 else {}
+                    return len(endpoints.get("item", [])) == 1 and len(endpoints.get("user", [])) == 1
+
+                await eventually(rebuilt, "sidecars reconnect and the registry is rebuilt", timeout=20)
+                async with httpx.AsyncClient() as client:
+                    response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                assert response.status_code == 200
+
+
+async def test_sidecar_restarted_while_control_plane_down_serves_persisted_config(
+    tmp_path: Path, origin: Origin
+) -> None:
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    async with run_control_plane(tmp_path, listen=listen) as cp:
+        async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=listen) as item:
+            async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as user:
+
+                async def discovered() -> bool:
+                    return await endpoints_of(user, "item") == [item.inbound]
+
+                await eventually(discovered, "item discovered")
+            os.killpg(cp.process.pid, signal.SIGKILL)
+            # Same data dir, control plane down: the new user sidecar must serve at once.
+            async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as again:
+                async with httpx.AsyncClient() as client:
+                    assert (await client.get(f"http://{again.admin}/ready")).status_code == 200
+                    response = await client.get(f"http://{again.outbound}/hello", headers={"host": "item"})
+                assert (response.status_code, response.text) == (200, "hello")
+
+
+async def test_fail_closed_at_boot_without_control_plane_or_persisted_config(tmp_path: Path) -> None:
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{free_port()}") as s:
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"http://{s.admin}/ready")
+    assert ready.status_code == 503
+    assert "no configuration" in ready.text
+
+
+async def _raw_session(port: int, data: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    with trio.move_on_after(5):
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    return received
+
+
+async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        port = cp.ports["push"]
+        push = f"127.0.0.1:{port}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+
+            async def discovered() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            await eventually(discovered, "item discovered")
+            garbage = await _raw_session(port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+            assert wire.FrameDecoder().feed(garbage)[0] == wire.Error(
+                "bad-frame",
+                wire.FrameDecoder().feed(garbage)[0].message,  # type: ignore[union-attr]
+            )
+            oversized = await _raw_session(port, struct.pack(">I", wire.MAX_FRAME + 1))
+            (error,) = wire.FrameDecoder().feed(oversized)
+            assert isinstance(error, wire.Error) and error.reason == "frame-too-large"
+            hello = wire.Hello(
+                (99,), "n", "x", {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
+            )
+            refused = await _raw_session(port, wire.encode(hello))
+            (error,) = wire.FrameDecoder().feed(refused)
+            assert isinstance(error, wire.Error) and error.reason == "unsupported-version"
+            not_hello = await _raw_session(port, wire.encode(wire.Ping(1)))
+            (error,) = wire.FrameDecoder().feed(not_hello)
+            assert isinstance(error, wire.Error) and error.reason == "expected-hello"
+            # The real sidecars never noticed.
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+            assert response.status_code == 200
+            assert await endpoints_of(user, "item") == [item.inbound]
