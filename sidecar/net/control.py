@@ -145,6 +145,7 @@ class ControlPlaneClient:
         self._stream: trio.SocketStream | None = None
         self._draining = False
         self._got_push = False
+        self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
         # The reader (acks, pongs), the pinger and the health prober share one socket.
         self._send_lock = trio.StrictFIFOLock()
 
@@ -254,7 +255,7 @@ class ControlPlaneClient:
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
         if push.type != wire.ENDPOINTS:
             return conn.ack(push)  # types this build does not use yet: nothing to apply
-        previous = wire.type_version(self.state.versions())
+        previous = self.acked_versions.get(push.type, "")  # xDS: a NACK names the last accepted version
         rejected, why = self.state.apply(push)
         self._install("control-plane")
         self._persist()
@@ -263,6 +264,7 @@ class ControlPlaneClient:
             self.nacks_sent += 1
             log.warning("rejected %s from the control plane: %s", rejected, why)
             return conn.nack(push, previous, why, tuple(rejected))
+        self.acked_versions[push.type] = push.version
         return conn.ack(push)
 
     async def _send(self, stream: trio.SocketStream, data: bytes) -> None:

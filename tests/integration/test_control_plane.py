@@ -265,3 +265,57 @@ async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, orig
                 response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
             assert response.status_code == 200
             assert await endpoints_of(user, "item") == [item.inbound]
+
+
+async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
+    tmp_path: Path, origin: Origin, nursery: trio.Nursery
+) -> None:
+    """A fake control plane (the wire module, on a real socket) pushes one valid and
+    one invalid resource to a real sidecar."""
+    answers: list[wire.Message] = []
+    done = trio.Event()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    good = [wire.endpoint("item-1", f"127.0.0.1:{origin.port}")]
+    other = [wire.endpoint("other-1", f"127.0.0.1:{origin.port}")]
+
+    async def fake_control_plane(stream: trio.SocketStream) -> None:
+        conn = wire.ServerConnection("fake-cp")
+        while conn.hello is None:
+            conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.accept())
+        _, data = conn.push("endpoints", "t1", (wire.Resource("item", wire.content_version(good), good),), full=True)
+        await stream.send_all(data)
+        bad = wire.Resource("broken", "badbadbadbad", [{"id": "x", "address": "nowhere"}])
+        fine = wire.Resource("other", wire.content_version(other), other)
+        pushed = False
+        while not done.is_set():
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for message in conn.receive_data(data):
+                if isinstance(message, wire.Ack | wire.Nack):
+                    answers.append(message)
+                    if not pushed:
+                        pushed = True
+                        _, frame = conn.push("endpoints", "t2", (bad, fine))
+                        await stream.send_all(frame)
+                    else:
+                        done.set()
+
+    nursery.start_soon(trio.serve_listeners, fake_control_plane, listeners)
+    fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=fake) as user:
+        with trio.fail_after(10):
+            await done.wait()
+        first, second = answers
+        assert isinstance(first, wire.Ack)
+        assert isinstance(second, wire.Nack)
+        assert second.names == ("broken",)
+        assert "broken" in second.message and "nowhere" in second.message
+        assert second.version == first.version  # still the previous type version
+        async with httpx.AsyncClient() as client:
+            for host in ("item", "other"):  # the valid resources are applied
+                response = await client.get(f"http://{user.outbound}/hello", headers={"host": host})
+                assert response.status_code == 200, host
+            broken = await client.get(f"http://{user.outbound}/hello", headers={"host": "broken"})
+        assert broken.headers["x-meshlet-error"] == "no-route"
