@@ -37,6 +37,10 @@ from .telemetry import Telemetry, render
 
 log = logging.getLogger("meshlet.sidecar")
 
+# After saying bye: the control plane's debounce (0.1 s) and one push round trip to every
+# caller take well under this; until then, callers may still pick this instance.
+DRAIN_PROPAGATION = 1.0
+
 
 @dataclass
 class SidecarOptions:
@@ -265,6 +269,9 @@ class Sidecar:
                     continue
                 log.info("signal %s: stopping", signal.Signals(signum).name)
                 if self.control is not None:
-                    await self.control.drain()  # deregister first (PRODUCT §5)
+                    # Deregister first and keep serving while the removal reaches the
+                    # callers (PRODUCT §5), so nobody is sent here after we stop.
+                    await self.control.drain()
+                    await trio.sleep(DRAIN_PROPAGATION)
                 cancel_scope.cancel()
                 return

@@ -1,10 +1,10 @@
 """``meshlet demo``: a small mesh on loopback, driven and explained in the terminal.
 
-gateway → user → item (2 instances), each app with its own sidecar, configured from
-static files (the control plane arrives later and replaces them). The demo drives
-traffic through the gateway, shows requests balanced over both `item` instances,
-stops one instance and shows what the callers get, then prints the per-hop metrics
-table and the admin URLs, and keeps running until Ctrl-C or ``--duration``.
+A control plane, and gateway → user → item (2 instances), each app with its own sidecar
+that registers it. The demo shows the instances registering, drives traffic through
+the gateway balanced over both `item` instances, stops one (it deregisters; traffic
+goes on with no error), brings it back, then prints `meshlet status`, the per-hop
+metrics table and the URLs, and keeps running until Ctrl-C or ``--duration``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import trio
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -70,6 +69,12 @@ class Demo:
         self.procs.append(proc)
         return proc
 
+    async def stop_and_wait(self, proc: Proc) -> None:
+        self.stop(proc)
+        with trio.move_on_after(10):
+            await proc.process.wait()
+        self.procs.remove(proc)
+
     async def app(self, role: str, instance: str, port: int, proxy: str | None = None) -> Proc:
         args = [sys.executable, str(EXAMPLES), role, "--port", str(port), "--instance", instance]
         if proxy:
@@ -78,9 +83,26 @@ class Demo:
         self.apps[instance] = proc
         return proc
 
-    async def sidecar(self, service: str, instance: str, app_port: int, services: dict[str, list[str]]) -> Proc:
-        static = self.workdir / f"{instance}.yaml"
-        static.write_text(yaml.safe_dump({"services": services}))
+    async def control_plane(self) -> Proc:
+        args = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(self.workdir / "cp"),
+            "--log-level",
+            "warning",
+        ]
+        return await self.start("control-plane", args)
+
+    async def sidecar(
+        self, service: str, instance: str, app_port: int, outbound_port: int, push: str, labels: dict[str, str]
+    ) -> Proc:
         args = [
             sys.executable,
             "-m",
@@ -90,20 +112,32 @@ class Demo:
             service,
             "--app",
             f"127.0.0.1:{app_port}",
-            "--static",
-            str(static),
+            "--control-plane",
+            push,
+            "--instance-id",
+            instance,
+            "--data-dir",
+            str(self.workdir / instance),
             "--inbound",
             "127.0.0.1:0",
             "--outbound",
-            "127.0.0.1:0",
+            f"127.0.0.1:{outbound_port}",
             "--admin",
             "127.0.0.1:0",
             "--log-level",
             "warning",
         ]
+        for key, value in labels.items():
+            args += ["--label", f"{key}={value}"]
         proc = await self.start(f"sidecar-{instance}", args)
         self.sidecars[instance] = proc
         return proc
+
+    async def service(self, role: str, instance: str, push: str, labels: dict[str, str] | None = None) -> Proc:
+        """An app and its sidecar; the app is told its sidecar's outbound port up front."""
+        app_port, outbound_port = free_port(), free_port()
+        await self.app(role, instance, app_port, proxy=f"http://127.0.0.1:{outbound_port}")
+        return await self.sidecar(role, instance, app_port, outbound_port, push, labels or {})
 
     def stop(self, proc: Proc) -> None:
         if proc.process.returncode is None:
@@ -226,48 +260,93 @@ async def run(args: argparse.Namespace) -> None:
                 await demo.stop_all()
 
 
+async def _registry(client: httpx.AsyncClient, api: str) -> dict[str, list[dict[str, object]]]:
+    return (await client.get(f"http://{api}/v1/endpoints")).json()["endpoints"]
+
+
+async def _wait_for(client: httpx.AsyncClient, api: str, check: object, what: str, patience: float = 20) -> None:
+    with trio.move_on_after(patience):
+        while not check(await _registry(client, api)):  # type: ignore[operator]  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        return
+    raise RuntimeError(f"the demo waited {patience:g} s for {what}; logs in the demo's temp directory")
+
+
+def _ready_ids(registry: dict[str, list[dict[str, object]]], service: str) -> set[str]:
+    return {str(e["id"]) for e in registry.get(service, []) if e["ready"]}
+
+
 async def _story(demo: Demo, args: argparse.Namespace) -> None:
     say = console.print
-    say("[bold]meshlet demo[/] — gateway → user → item ×2, each app with its own sidecar, all on 127.0.0.1\n")
-    item_sidecars = []
-    for instance in ("item-1", "item-2"):
-        port = free_port()
-        await demo.app("item", instance, port)
-        sidecar = await demo.sidecar("item", instance, port, {})
-        item_sidecars.append(sidecar.fields["inbound"])
-        say(f"  started [cyan]{instance}[/] (app :{port}, sidecar inbound {sidecar.fields['inbound']})")
-    user_port = free_port()
-    user_sidecar = await demo.sidecar("user", "user", user_port, {"item": item_sidecars})
-    await demo.app("user", "user", user_port, proxy=f"http://{user_sidecar.fields['outbound']}")
-    say(f"  started [cyan]user[/]   → discovers item at {', '.join(item_sidecars)} (static file)")
-    gateway_port = free_port()
-    gateway_sidecar = await demo.sidecar("gateway", "gateway", gateway_port, {"user": [user_sidecar.fields["inbound"]]})
-    await demo.app("gateway", "gateway", gateway_port, proxy=f"http://{gateway_sidecar.fields['outbound']}")
-    say(f"  started [cyan]gateway[/] → user at {user_sidecar.fields['inbound']}\n")
-    entry = f"http://{gateway_sidecar.fields['inbound']}"
-
+    say(
+        "[bold]meshlet demo[/] — a control plane; gateway → user → item ×2, each app with its own sidecar; "
+        "all on 127.0.0.1\n"
+    )
+    cp = await demo.control_plane()
+    push, api = cp.fields["push"], cp.fields["api"]
+    say(f"  control plane: push channel {push}, API http://{api}")
     async with httpx.AsyncClient(timeout=10) as client:
-        say(f"[bold]1. load balancing[/]: {args.requests} requests to {entry}/api/users/N")
-        console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
-        say("   Each request crossed 6 sidecar hops (out+in per call); item's calls alternate between instances.\n")
+        for role, instance, labels in (
+            ("item", "item-1", {"version": "v1"}),
+            ("item", "item-2", {"version": "v1"}),
+            ("user", "user-1", {}),
+            ("gateway", "gateway-1", {}),
+        ):
+            sidecar = await demo.service(role, instance, push, labels)
+            await _wait_for(client, api, lambda r, s=role, i=instance: i in _ready_ids(r, s), f"{instance} to register")
+            say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
+        entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+        say("")
 
-        say("[bold]2. an instance fails[/]: stopping item-2's app (its sidecar stays up)")
-        demo.stop(demo.apps["item-2"])
-        await demo.apps["item-2"].process.wait()
-        console.print(outcome_table("after item-2 failed", await drive(client, entry, args.requests // 2)))
-        say(
-            "   item-2's sidecar answers 503 connect-failed (x-meshlet-error) instead of hanging;\n"
-            "   health checks, retries and circuit breaking (next milestones) will hide it from callers.\n"
-        )
+        say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
+        console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
+        say("   user's sidecar learned both item instances from the control plane and alternates between them.\n")
+
+        say("[bold]2. an instance leaves[/]: SIGTERM to item-2's sidecar (it deregisters first), then its app")
+        await demo.stop_and_wait(demo.sidecars.pop("item-2"))
+        await demo.stop_and_wait(demo.apps.pop("item-2"))
+        await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1"}, "item-2 to leave the registry")
+        say("  [yellow]deregistered[/] item-2; the control plane pushed the change to every sidecar")
+        outcomes = await drive(client, entry, args.requests // 2)
+        console.print(outcome_table("after item-2 left", outcomes))
+        failed = sum(n for k, n in outcomes.items() if not k.startswith("item-"))
+        if failed:
+            say(f"   [red]{failed} request(s) failed[/] while the change propagated.\n")
+        else:
+            say("   No errors: item-2 deregistered, kept serving until callers knew, then stopped.\n")
+
+        say("[bold]3. it comes back[/]: item-2 starts again and registers")
+        await demo.service("item", "item-2", push, {"version": "v1"})
+        await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1", "item-2"}, "item-2 to return")
+        say("  [green]registered[/] item-2 again")
+        console.print(outcome_table("with item-2 back", await drive(client, entry, args.requests // 2)))
+
+        status = (await client.get(f"http://{api}/v1/status")).json()
+        table = Table(title="meshlet status (which sidecar runs which endpoints version)")
+        for column in ("sidecar", "service", "connected", "ready", "endpoints version", "acked", "last NACK"):
+            table.add_column(column)
+        for row in status["sidecars"]:
+            table.add_row(
+                row["node"],
+                row["service"],
+                "yes" if row["connected"] else "no",
+                "yes" if row["ready"] else "no",
+                row["versions"].get("endpoints", "-"),
+                row["acked"].get("endpoints", "-"),
+                "-" if row["last_nack"] is None else "yes",
+            )
+        console.print(table)
 
         scrapes = {}
         for instance, proc in demo.sidecars.items():
             scrapes[instance] = (await client.get(f"http://{proc.fields['admin']}/metrics")).text
         console.print(metrics_table(scrapes))
-    say("\n[bold]admin endpoints[/] (/metrics /ready /live /config_dump /clusters):")
+    say("\n[bold]try[/]:")
+    say(f"  meshlet status --api {api}")
+    say(f"  meshlet get endpoints --api {api}")
+    say(f"  curl {entry}/api/users/1        (the gateway's inbound sidecar)")
     for instance, proc in demo.sidecars.items():
-        say(f"  {instance:8} http://{proc.fields['admin']}/metrics")
-    say(f"  entry    {entry}/api/users/1   (the gateway's inbound sidecar)")
+        say(f"  {instance:10} metrics http://{proc.fields['admin']}/metrics")
     if args.duration is None:
         say("\nThe mesh keeps running; press Ctrl-C to stop it.")
         await trio.sleep_forever()
