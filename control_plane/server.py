@@ -80,11 +80,18 @@ class PushServer:
             await trio.serve_listeners(self._session, listeners)
 
     async def _expire_leases(self) -> None:
+        preserving = False
         while True:
             await trio.sleep(EXPIRY_INTERVAL)
             result = self.registry.expire(trio.current_time())
             if result.removed:
                 log.info("leases expired: %s", ", ".join(result.removed))
+            if result.self_preservation != preserving:
+                preserving = result.self_preservation
+                if preserving:
+                    log.warning("self-preservation ON: %s", self.registry.self_preservation_reason)
+                else:
+                    log.warning("self-preservation OFF: lease expiry resumes")
             self.changed(set(result.changed))
 
     async def _session(self, io: trio.SocketStream) -> None:
