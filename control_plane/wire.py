@@ -25,10 +25,11 @@ Semantics (xDS's, see shared/reference/controlplane.md §1)
 * Endpoint resources may be deltas: ``add`` / ``remove`` against the version the
   sidecar has (``base``); the resulting content must hash to ``ver``, else the sidecar
   nacks and the control plane sends the whole resource.
-* The first push of each type on a connection is ``full``: it lists every resource the
-  sidecar should have (what it already has at the right version may be omitted, as
-  named by ``hello``'s ``have``); names it has that are not listed are removed. Until
-  that first push arrives, the sidecar keeps its cache.
+* The first push of each type on a connection is ``full``: it accounts for every
+  resource: those the sidecar lacks or holds at another version are listed, those it
+  holds (``hello``'s ``have``) that no longer exist are in ``rm``, and names neither
+  listed nor removed are current. Until that first push arrives, the sidecar keeps its
+  cache.
 * ``ping`` / ``pong`` both ways; a peer silent for 3 ping intervals is dead.
 * ``health`` reports the app's readiness; ``bye`` deregisters (draining) before close.
 """
@@ -168,7 +169,7 @@ class Push:
     nonce: str
     resources: tuple[Resource, ...] = ()
     removed: tuple[str, ...] = ()
-    full: bool = False  # the whole set of this type: names not listed (nor kept by `have`) go
+    full: bool = False  # the first push of a type: accounts for everything the sidecar said it has
     kind = "push"
 
     def to_wire(self) -> dict[str, Any]:
