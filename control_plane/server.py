@@ -264,7 +264,11 @@ class PushServer:
                 log.warning("sidecar %s did not answer %s: closing", session.node, stuck)
                 break
             ping += 1
-            await session.send(io, wire.encode(wire.Ping(ping)))
+            with trio.move_on_after(PING_INTERVAL) as blocked:
+                await session.send(io, wire.encode(wire.Ping(ping)))
+            if blocked.cancelled_caught:  # its buffers are full: it stopped reading
+                log.warning("sidecar %s is not reading: closing", session.node)
+                break
 
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)

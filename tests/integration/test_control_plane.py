@@ -118,6 +118,11 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             await eventually(discovered, "item discovered")
             os.killpg(item.process.pid, signal.SIGKILL)
             killed_at = trio.current_time()
+            # Inside the lease window the dead endpoint is still listed: requests fail
+            # fast with 503 connect-failed (retries come with the resilience layer), never hang.
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+            assert (response.status_code, response.headers.get("x-meshlet-error")) == (503, "connect-failed")
             await eventually(gone, "item's endpoint removed after the lease", timeout=10)
             # TTL 2 s + lease check (1 s) + push; never the 10 s default.
             assert trio.current_time() - killed_at < 2 + 1 + 2
@@ -319,3 +324,28 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
                 assert response.status_code == 200, host
             broken = await client.get(f"http://{user.outbound}/hello", headers={"host": "broken"})
         assert broken.headers["x-meshlet-error"] == "no-route"
+
+
+async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        stuck = await trio.open_tcp_stream("127.0.0.1", cp.ports["push"])
+        hello = wire.Hello(
+            (1,),
+            "stuck",
+            "stuck",
+            {"instance_id": "stuck-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", "ready": True},
+        )
+        await stuck.send_all(wire.encode(hello))  # then never reads, never answers
+        try:
+            async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
+                async with run_sidecar(
+                    tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
+                ) as item:
+
+                    async def discovered() -> bool:
+                        return await endpoints_of(user, "item") == [item.inbound]
+
+                    await eventually(discovered, "item discovered while a peer is stuck", timeout=10)
+        finally:
+            await stuck.aclose()
