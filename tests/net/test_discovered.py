@@ -1,0 +1,54 @@
+"""The sidecar's view of pushed endpoints (DiscoveredState): deltas, rejections,
+removals and the persisted form."""
+
+from __future__ import annotations
+
+from control_plane import wire
+from sidecar.net.control import DiscoveredState
+
+
+def _push(*resources: wire.Resource, removed: tuple[str, ...] = ()) -> wire.Push:
+    return wire.Push("endpoints", "t", "1", resources, removed)
+
+
+def _full(name: str, body: list[dict[str, object]]) -> wire.Resource:
+    return wire.Resource(name, wire.content_version(body), body)
+
+
+ITEM = [wire.endpoint("item-1", "127.0.0.1:9001"), wire.endpoint("item-2", "127.0.0.1:9002")]
+
+
+def test_full_then_delta_then_removal() -> None:
+    state = DiscoveredState()
+    assert state.apply(_push(_full("item", ITEM))) == ([], "")
+    after = [ITEM[1], wire.endpoint("item-3", "127.0.0.1:9003")]
+    delta = wire.Resource(
+        "item", wire.content_version(after), None, wire.content_version(ITEM), (after[1],), ("item-1",)
+    )
+    assert state.apply(_push(delta)) == ([], "")
+    assert [e.address for e in state.services()["item"].endpoints] == ["127.0.0.1:9002", "127.0.0.1:9003"]
+    state.apply(_push(removed=("item",)))
+    assert state.services() == {}
+
+
+def test_bad_resources_are_rejected_and_the_rest_applied() -> None:
+    state = DiscoveredState()
+    state.apply(_push(_full("item", ITEM)))
+    bad_address = wire.Resource("other", "x", [{"id": "o-1", "address": "nowhere"}])
+    bad_weight = wire.Resource("third", "y", [{"id": "t-1", "address": "127.0.0.1:1", "weight": 0}])
+    wrong_base = wire.Resource("item", "z", None, "not-my-version", (), ("item-1",))
+    fine = _full("fine", [wire.endpoint("f-1", "127.0.0.1:7000")])
+    rejected, why = state.apply(_push(bad_address, bad_weight, wrong_base, fine))
+    assert rejected == ["other", "third", "item"]
+    assert "nowhere" in why and "weight" in why and "not-my-version" in why
+    services = state.services()
+    assert set(services) == {"item", "fine"}  # item kept at its previous version
+    assert len(services["item"].endpoints) == 2
+
+
+def test_persisted_form_round_trips() -> None:
+    state = DiscoveredState()
+    state.apply(_push(_full("item", ITEM)))
+    again = DiscoveredState.from_json(state.to_json())
+    assert again.versions() == state.versions()
+    assert again.services() == state.services()
