@@ -1,11 +1,12 @@
 """The push side of the control plane: one session per connected sidecar, and the hub
 that turns registry changes into debounced, merged pushes.
 
-Pipeline (Istio's, shared/reference/controlplane.md §2): a change marks services dirty
-in every session → each session's sender waits until changes have been quiet for
-``DEBOUNCE_QUIET`` (but never longer than ``DEBOUNCE_MAX`` after the first one) → one
-push per type, carrying everything dirty, merged → the next push of that type waits for
-the sidecar's answer. Endpoint changes go as deltas against what the sidecar holds.
+Pipeline (Istio's, shared/reference/controlplane.md §2): a change is recorded once →
+the hub's debouncer waits until changes have been quiet for ``DEBOUNCE_QUIET`` (but
+never longer than ``DEBOUNCE_MAX`` after the first one) → the batch marks every session
+dirty → each session sends one push per type, carrying everything dirty, merged → the
+next push of that type waits for the sidecar's answer. Endpoint changes go as deltas
+against what the sidecar holds.
 
 Time: the hub reads ``trio.current_time()`` only in its tasks; the bookkeeping that
 decides what to push (:class:`SessionView`) is pure and tested without sockets.
@@ -102,7 +103,13 @@ def _delta(name: str, have: tuple[str, Any], version: str, body: list[dict[str, 
 
 
 class Hub:
-    """Knows every session; ``changed`` marks resources dirty in all of them.
+    """Knows every session; debounces changes once for all of them.
+
+    ``changed`` only records names (O(1) per change, however many sidecars); the
+    debouncer publishes the accumulated batch to every session when changes have been
+    quiet for ``DEBOUNCE_QUIET`` or ``DEBOUNCE_MAX`` after the first one (Istio's
+    debounce sits in front of the push queue in the same way). A burst of N
+    registrations therefore costs one wake-up per session, not N.
 
     ``wanted(type)`` returns the state every sidecar should reach: name → (version, body).
     """
@@ -113,14 +120,37 @@ class Hub:
         self.pushes_total = 0
         self.nacks_total = 0
         self.convergence: list[float] = []  # seconds from change to ACK, per session and push (bounded)
+        self._pending: dict[str, set[str]] = {}
+        self._first_change = 0.0
+        self._last_change = 0.0
+        self._kick = trio.Event()
 
     def changed(self, type: str, names: Iterable[str]) -> None:
         names = set(names)
         if not names:
             return
         now = trio.current_time()
-        for session in self.sessions.values():
-            session.mark(type, names, now)
+        if not self._pending:
+            self._first_change = now
+        self._last_change = now
+        self._pending.setdefault(type, set()).update(names)
+        self._kick.set()
+
+    async def serve_debounce(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = trio.Event()
+            while self._pending:
+                at = min(self._last_change + DEBOUNCE_QUIET, self._first_change + DEBOUNCE_MAX)
+                now = trio.current_time()
+                if now < at:
+                    await trio.sleep(at - now)
+                    continue  # more changes may have come meanwhile
+                batch, first = self._pending, self._first_change
+                self._pending = {}
+                for session in self.sessions.values():
+                    for type, names in batch.items():
+                        session.mark(type, names, first)
 
     def observe_convergence(self, seconds: float) -> None:
         self.convergence.append(seconds)
@@ -139,9 +169,8 @@ class Session:
     views: dict[str, SessionView]
     connected_at: float
     last_seen: float
-    dirty: dict[str, set[str]] = field(default_factory=dict)
+    dirty: dict[str, set[str]] = field(default_factory=dict)  # debounced, waiting to be pushed
     first_change: dict[str, float] = field(default_factory=dict)  # type → time of the oldest unpushed change
-    last_change: dict[str, float] = field(default_factory=dict)
     wakeup: trio.Event = field(default_factory=trio.Event)
     answered: trio.Event = field(default_factory=trio.Event)
     in_flight: dict[str, tuple[float, dict[str, tuple[str, Any]], dict[str, str]]] = field(default_factory=dict)
@@ -155,25 +184,15 @@ class Session:
         async with self.send_lock:
             await io.send_all(data)
 
-    def mark(self, type: str, names: set[str], now: float) -> None:
+    def mark(self, type: str, names: set[str], changed_at: float) -> None:
         self.dirty.setdefault(type, set()).update(names)
-        self.first_change.setdefault(type, now)
-        self.last_change[type] = now
+        self.first_change.setdefault(type, changed_at)
         self.wakeup.set()
 
-    def due(self, now: float) -> tuple[list[str], float | None]:
-        """Types ready to push now, and when to look again (None: nothing pending)."""
-        ready: list[str] = []
-        next_at: float | None = None
-        for type in wire.RESOURCE_TYPES:
-            if type not in self.dirty or type in self.in_flight:
-                continue
-            at = min(self.last_change[type] + DEBOUNCE_QUIET, self.first_change[type] + DEBOUNCE_MAX)
-            if at <= now:
-                ready.append(type)
-            else:
-                next_at = at if next_at is None else min(next_at, at)
-        return ready, next_at
+    def due(self) -> list[str]:
+        """Types with debounced changes and no push of theirs awaiting an answer (one push
+        in flight per type; what arrives meanwhile merges into the next)."""
+        return [t for t in wire.RESOURCE_TYPES if t in self.dirty and t not in self.in_flight]
 
     def to_json(self) -> dict[str, Any]:
         nack = self.last_nack
@@ -200,7 +219,6 @@ def build_push(
     names = None if full else session.dirty.get(type, set())
     session.dirty.pop(type, None)
     first = session.first_change.pop(type, None)
-    session.last_change.pop(type, None)
     resources, removed = view.plan(wanted, names, full=full)
     if not resources and not removed and not full:
         return None

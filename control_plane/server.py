@@ -76,6 +76,7 @@ class PushServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire_leases)
+            nursery.start_soon(self.hub.serve_debounce)
             task_status.started(listeners[0].socket.getsockname()[1])
             await trio.serve_listeners(self._session, listeners)
 
@@ -238,18 +239,13 @@ class PushServer:
 
     async def _send(self, session: Session, io: trio.SocketStream) -> None:
         while not session.closed:
-            now = trio.current_time()
-            types, next_at = session.due(now)
-            for type in types:
+            session.wakeup = trio.Event()
+            for type in session.due():
                 built = build_push(session, type, self.wanted(type), full=False)
                 if built is not None:
                     self.hub.pushes_total += 1
                     await session.send(io, built[1])
-            session.wakeup = trio.Event()
-            if session.dirty and next_at is None and not session.in_flight:
-                continue
-            with trio.move_on_at(next_at if next_at is not None else now + PING_INTERVAL):
-                await session.wakeup.wait()
+            await session.wakeup.wait()  # a debounced batch, an answer, or the end
 
     async def _keepalive(self, session: Session, io: trio.SocketStream) -> None:
         ping = 0
