@@ -33,8 +33,16 @@ class EndpointsView:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._cache: dict[str, tuple[str, tuple[str, list[dict[str, Any]]]]] = {}
+        # The whole view, shared by every session's push until the registry changes:
+        # thousands of sessions push after one change; building it once matters.
+        self._view: dict[str, tuple[str, Any]] | None = None
+
+    def invalidate(self) -> None:
+        self._view = None
 
     def __call__(self) -> dict[str, tuple[str, Any]]:
+        if self._view is not None:
+            return self._view
         registry = self.registry
         out: dict[str, tuple[str, Any]] = {}
         for service in registry.services():
@@ -49,6 +57,7 @@ class EndpointsView:
             out[service] = cached[1]
         for gone in set(self._cache) - set(out):
             del self._cache[gone]
+        self._view = out
         return out
 
 
@@ -66,7 +75,9 @@ class PushServer:
         return {}
 
     def changed(self, services: set[str]) -> None:
+        """Every registry change that alters what sidecars see comes through here."""
         if services:
+            self.endpoints.invalidate()
             self.hub.changed(ENDPOINTS, services)
 
     # serving --------------------------------------------------------------------------
