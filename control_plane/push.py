@@ -89,10 +89,33 @@ class SessionView:
                 self.held.pop(name, None)
 
     def type_version(self) -> str:
-        return wire.type_version({name: version for name, (version, _) in self.held.items()})
+        key = tuple(sorted((name, version) for name, (version, _) in self.held.items()))
+        cached = _TYPE_VERSIONS.get(key)
+        if cached is None:
+            if len(_TYPE_VERSIONS) >= _MEMO_MAX:
+                _TYPE_VERSIONS.clear()
+            cached = _TYPE_VERSIONS[key] = wire.type_version(dict(key))
+        return cached
+
+
+# Thousands of sessions hold the same state and get the same change: the type version
+# and the endpoint delta are computed once per distinct input, not once per session.
+_MEMO_MAX = 4096
+_TYPE_VERSIONS: dict[tuple[tuple[str, str], ...], str] = {}
+_DELTAS: dict[tuple[str, str, str], Resource] = {}
 
 
 def _delta(name: str, have: tuple[str, Any], version: str, body: list[dict[str, Any]]) -> Resource:
+    key = (name, have[0], version)
+    cached = _DELTAS.get(key)
+    if cached is None:
+        if len(_DELTAS) >= _MEMO_MAX:
+            _DELTAS.clear()
+        cached = _DELTAS[key] = _compute_delta(name, have, version, body)
+    return cached
+
+
+def _compute_delta(name: str, have: tuple[str, Any], version: str, body: list[dict[str, Any]]) -> Resource:
     old = {e["id"]: e for e in have[1]}
     new = {e["id"]: e for e in body}
     add = tuple(e for i, e in new.items() if old.get(i) != e)
