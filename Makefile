@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-cp lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-cp: $(VENV)/.installed
+	$(PY) benchmarks/cp_scale.py $(BENCH_CP_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check sidecar control_plane tests benchmarks examples

@@ -261,8 +261,16 @@ class PushServer:
     async def _keepalive(self, session: Session, io: trio.SocketStream) -> None:
         ping = 0
         while not session.closed:
+            asleep_at = trio.current_time()
             await trio.sleep(PING_INTERVAL)
             now = trio.current_time()
+            if now - asleep_at > 2 * PING_INTERVAL:
+                # We woke up late: the control plane itself stalled (a burst of work), so
+                # the silence may be ours, not the sidecar's. Give it a fresh interval.
+                session.last_seen = max(session.last_seen, now - PING_INTERVAL)
+                for type, (started, previous, attempted) in list(session.in_flight.items()):
+                    session.in_flight[type] = (max(started, now - PING_INTERVAL), previous, attempted)
+                continue
             if now - session.last_seen > 3 * PING_INTERVAL:
                 log.warning("sidecar %s silent for %.0f s: closing", session.node, now - session.last_seen)
                 break
