@@ -260,21 +260,24 @@ class PushServer:
 
     async def _keepalive(self, session: Session, io: trio.SocketStream) -> None:
         ping = 0
+        judged_from = trio.current_time()  # nothing before this counts against the sidecar
         while not session.closed:
             asleep_at = trio.current_time()
             await trio.sleep(PING_INTERVAL)
             now = trio.current_time()
             if now - asleep_at > 2 * PING_INTERVAL:
                 # We woke up late: the control plane itself stalled (a burst of work), so
-                # the silence may be ours, not the sidecar's. Give it a fresh interval.
-                session.last_seen = max(session.last_seen, now - PING_INTERVAL)
-                for type, (started, previous, attempted) in list(session.in_flight.items()):
-                    session.in_flight[type] = (max(started, now - PING_INTERVAL), previous, attempted)
+                # the silence may be ours, not the sidecar's. Judge it afresh from now.
+                judged_from = now
                 continue
-            if now - session.last_seen > 3 * PING_INTERVAL:
+            if now - max(session.last_seen, judged_from) > 3 * PING_INTERVAL:
                 log.warning("sidecar %s silent for %.0f s: closing", session.node, now - session.last_seen)
                 break
-            stuck = [t for t, (started, _, _) in session.in_flight.items() if now - started > ANSWER_TIMEOUT]
+            stuck = [
+                t
+                for t, (started, _, _) in session.in_flight.items()
+                if now - max(started, judged_from) > ANSWER_TIMEOUT
+            ]
             if stuck:
                 log.warning("sidecar %s did not answer %s: closing", session.node, stuck)
                 break
