@@ -272,6 +272,18 @@ async def _wait_for(client: httpx.AsyncClient, api: str, check: object, what: st
     raise RuntimeError(f"the demo waited {patience:g} s for {what}; logs in the demo's temp directory")
 
 
+async def _wait_for_callers(client: httpx.AsyncClient, admin: str, service: str, count: int) -> None:
+    """Until a caller's sidecar holds ``count`` endpoints of ``service`` (pushed after the
+    control plane's debounce)."""
+    with trio.move_on_after(20):
+        while True:
+            dump = (await client.get(f"http://{admin}/config_dump")).json()
+            if len(dump["config"]["services"].get(service, {}).get("endpoints", [])) == count:
+                return
+            await trio.sleep(0.05)
+    raise RuntimeError(f"the caller's sidecar never received {count} endpoints of {service}")
+
+
 def _ready_ids(registry: dict[str, list[dict[str, object]]], service: str) -> set[str]:
     return {str(e["id"]) for e in registry.get(service, []) if e["ready"]}
 
@@ -296,6 +308,8 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
             await _wait_for(client, api, lambda r, s=role, i=instance: i in _ready_ids(r, s), f"{instance} to register")
             say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
         entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+        await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
+        await _wait_for_callers(client, demo.sidecars["gateway-1"].fields["admin"], "user", 1)
         say("")
 
         say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
@@ -318,7 +332,8 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         say("[bold]3. it comes back[/]: item-2 starts again and registers")
         await demo.service("item", "item-2", push, {"version": "v1"})
         await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1", "item-2"}, "item-2 to return")
-        say("  [green]registered[/] item-2 again")
+        await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
+        say("  [green]registered[/] item-2 again; user's sidecar has both endpoints")
         console.print(outcome_table("with item-2 back", await drive(client, entry, args.requests // 2)))
 
         status = (await client.get(f"http://{api}/v1/status")).json()
