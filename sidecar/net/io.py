@@ -21,6 +21,7 @@ wakes a task blocked on the socket (``notify_closing``).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -127,17 +128,11 @@ async def connect(host: str, port: int) -> Connection:
             await wait_writable(sock)
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                raise OSError(code, _strerror(code))
+                raise OSError(code, os.strerror(code))
     except BaseException:
         sock.close()
         raise
     return Connection(sock, f"{host}:{port}")
-
-
-def _strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
