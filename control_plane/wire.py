@@ -401,6 +401,30 @@ class FrameDecoder:
 # --- the two ends ----------------------------------------------------------------------
 
 
+# Thousands of sessions get byte-identical pushes (the first full push of a fresh
+# sidecar, the delta of a change): versions are content hashes, so a push is named by
+# its type, versions, nonce and names, and its bytes are encoded once.
+_PUSH_BYTES: dict[tuple[Any, ...], bytes] = {}
+_PUSH_BYTES_MAX = 256
+
+
+def _encode_push(message: Push) -> bytes:
+    key = (
+        message.type,
+        message.version,
+        message.nonce,
+        message.removed,
+        message.full,
+        tuple((r.name, r.version, r.base) for r in message.resources),
+    )
+    data = _PUSH_BYTES.get(key)
+    if data is None:
+        if len(_PUSH_BYTES) >= _PUSH_BYTES_MAX:
+            _PUSH_BYTES.clear()
+        data = _PUSH_BYTES[key] = encode(message)
+    return data
+
+
 def negotiate(theirs: tuple[int, ...], ours: tuple[int, ...] = PROTOCOL_VERSIONS) -> int | None:
     common = set(theirs) & set(ours)
     return max(common) if common else None
@@ -473,7 +497,7 @@ class ServerConnection:
         self._nonce += 1
         message = Push(type, version, str(self._nonce), resources, removed, full)
         self.pending[type] = message.nonce
-        return message, encode(message)
+        return message, _encode_push(message)
 
     def in_flight(self, type: str) -> bool:
         return type in self.pending
