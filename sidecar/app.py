@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .core.config import Endpoint, MeshSnapshot, empty_snapshot, load_static
+from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
 from .layers.base import Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
 from .layers.inbound import source_header, to_local_app
@@ -115,6 +115,7 @@ class Sidecar:
         self.outbound_handler: Handler = build_outbound(self.snapshot, self.forwarder, self.telemetry, options.service)
         self.upstream_handlers: dict[str, Handler] = {}
         self.control: ControlPlaneClient | None = None
+        self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin_handler = AdminHandler(
             metrics=lambda: render(lambda: [self.telemetry.snapshot()]),
@@ -142,14 +143,16 @@ class Sidecar:
         log.info("applied config %s from %s (%d services)", snapshot.version, snapshot.source, len(snapshot.services))
 
     def load_static(self) -> None:
+        """Read --static (at start and on SIGHUP). With a control plane too, its endpoints
+        are merged with the file's, so a reload keeps what was pushed."""
         path = self.options.static
         assert path is not None
-        self.apply(load_static(path.read_text(), str(path)))
-
-    def _static_services(self) -> dict:
-        if self.options.static is None:
-            return {}
-        return dict(load_static(self.options.static.read_text(), str(self.options.static)).services)
+        snapshot = load_static(path.read_text(), str(path))
+        self.static_services = dict(snapshot.services)
+        if self.control is not None:
+            self.control.reinstall("static-reload")
+        else:
+            self.apply(snapshot)
 
     def _control_plane_client(self) -> ControlPlaneClient:
         opts = self.options
@@ -168,7 +171,7 @@ class Sidecar:
             opts.control_plane,
             InstanceInfo(opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels)),
             self.apply,
-            static=self._static_services,
+            static=lambda: self.static_services,
             app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
             state_file=state_file,
         )

@@ -171,6 +171,10 @@ class ControlPlaneClient:
         tmp.write_text(json.dumps(self.state.to_json()))
         os.replace(tmp, self.state_file)
 
+    def reinstall(self, source: str) -> None:
+        """Rebuild the snapshot after the static part changed (keeps what was pushed)."""
+        self._install(source)
+
     def _install(self, source: str) -> None:
         services = dict(self._static())
         services.update(self.state.services())

@@ -142,8 +142,7 @@ class _RequestBody:
             self.done = True
             return None
         if isinstance(event, ProtocolError):
-            events.appendleft(event)  # the loop answers it
-            raise event
+            raise event  # the pump records it; the exchange answers 400 and closes
         raise ProtocolError(400, f"unexpected {type(event).__name__} in a request body")
 
 
@@ -243,11 +242,7 @@ async def _reject(conn: _Connection, error: ProtocolError) -> None:
 async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bool:
     """Handle one request and write its response; True if the connection may go on."""
     head = request.head
-    try:
-        response = await handler(request)
-    except ProtocolError as exc:  # pragma: no cover - bodies fail inside the pump
-        await _reject(conn, exc)
-        return False
+    response = await handler(request)  # never raises for request faults: the errors layer answers them
     stream = conn.io
     if response.raw is not None:
         try:

@@ -349,3 +349,30 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
                     await eventually(discovered, "item discovered while a peer is stuck", timeout=10)
         finally:
             await stuck.aclose()
+
+
+async def test_sighup_reload_of_static_keeps_pushed_endpoints(tmp_path: Path, origin: Origin) -> None:
+    static = tmp_path / "static.yaml"
+    static.write_text(f"services:\n  billing: [127.0.0.1:{origin.port}]\n")
+    async with run_control_plane(tmp_path) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push, static=static) as user,
+        ):
+
+            async def both() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound] and bool(await endpoints_of(user, "billing"))
+
+            await eventually(both, "pushed and static endpoints together")
+            static.write_text(f"services:\n  ledger: [127.0.0.1:{origin.port}]\n")
+            user.process.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                return (
+                    await endpoints_of(user, "ledger") != []
+                    and await endpoints_of(user, "billing") == []
+                    and await endpoints_of(user, "item") == [item.inbound]
+                )
+
+            await eventually(reloaded, "the reload swaps the static part and keeps what was pushed", timeout=5)
