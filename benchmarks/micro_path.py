@@ -18,6 +18,7 @@ import trio
 
 from sidecar.app import build_outbound
 from sidecar.core.config import load_static
+from sidecar.layers.routing import router
 from sidecar.net import io, upstream
 from sidecar.net.downstream import Timeouts, serve_connection
 from sidecar.net.upstream import Forwarder, UpstreamPools
@@ -83,7 +84,7 @@ async def run(count: int) -> float:
     deadlines.now = trio.current_time()
     snapshot = load_static("services:\n  bench: [127.0.0.1:8080]\n", "bench.yaml")
     telemetry = Telemetry()
-    handler = build_outbound(snapshot, Forwarder(UpstreamPools(), deadlines), telemetry, "client")
+    handler = build_outbound(router(snapshot), Forwarder(UpstreamPools(), deadlines), telemetry, "client")
     client = FakeClient(count)
     start = time.perf_counter()
     await serve_connection(client, handler, Timeouts(deadlines))  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -34,32 +34,65 @@ ANSWER_TIMEOUT = 3 * PING_INTERVAL  # a push nobody answers: the session is stuc
 
 @dataclass
 class SessionView:
-    """What one sidecar holds of each resource (name → (version, body)), and what it
-    rejected (name → version). Pure: decides the next push from the wanted state."""
+    """What one sidecar holds of one resource type (name → (version, body)), what it
+    rejected (name → version), which names it watches (None: all of them) and which
+    watched names it was told do not exist. Pure: decides the next push from the
+    wanted state."""
 
     held: dict[str, tuple[str, Any]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    watch: set[str] | None = None
+    missing: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_hello(cls, have: dict[str, str]) -> SessionView:
+    def from_hello(cls, have: dict[str, str], watch: set[str] | None = None) -> SessionView:
         """A reconnecting sidecar says what it has; bodies are unknown (no deltas on them)."""
-        return cls({name: (version, None) for name, version in have.items()})
+        return cls({name: (version, None) for name, version in have.items()}, watch=watch)
+
+    def watching(self, name: str) -> bool:
+        return self.watch is None or name in self.watch
+
+    def subscribe(self, names: Iterable[str]) -> set[str]:
+        """Watch more names; returns those to answer in the next push. An added name is
+        answered even if the view says the sidecar has it: it may have dropped it."""
+        names = set(names)
+        if self.watch is None:
+            return names
+        self.watch |= names
+        for name in names:
+            self.held.pop(name, None)
+            self.missing.discard(name)
+        return names
+
+    def unsubscribe(self, names: Iterable[str]) -> None:
+        if self.watch is None:
+            return
+        for name in names:
+            self.watch.discard(name)
+            self.held.pop(name, None)  # the sidecar drops it: nothing to push
+            self.missing.discard(name)
+            self.rejected.pop(name, None)
 
     def plan(
         self, wanted: dict[str, tuple[str, Any]], names: Iterable[str] | None, *, full: bool
     ) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
         """The resources and removals that bring the sidecar to ``wanted`` for ``names``
-        (all names when None or ``full``). Versions it rejected are not sent again."""
+        (all names when None or ``full``), limited to what it watches. A watched name
+        that does not exist is answered once as a resource without a body. Versions it
+        rejected are not sent again."""
+        watch = self.watch
         if full or names is None:
-            names = set(wanted) | set(self.held)
+            names = set(self.held) | (set(wanted) if watch is None else watch)
         resources: list[Resource] = []
         removed: list[str] = []
         for name in sorted(names):
-            want = wanted.get(name)
+            want = wanted.get(name) if watch is None or name in watch else None
             have = self.held.get(name)
             if want is None:
                 if have is not None:
                     removed.append(name)
+                elif watch is not None and name in watch and name not in self.missing:
+                    resources.append(Resource(name, "", None))  # does not exist (yet)
                 continue
             version, body = want
             if have is not None and have[0] == version:
@@ -75,9 +108,15 @@ class SessionView:
     def sent(self, resources: Iterable[Resource], removed: Iterable[str], wanted: dict[str, tuple[str, Any]]) -> None:
         """Record a push as applied (optimistic: a nack undoes the rejected names)."""
         for resource in resources:
-            self.held[resource.name] = wanted[resource.name]
+            if resource.missing:
+                self.missing.add(resource.name)
+            else:
+                self.held[resource.name] = wanted[resource.name]
+                self.missing.discard(resource.name)
         for name in removed:
             self.held.pop(name, None)
+            if self.watch is not None and name in self.watch:
+                self.missing.add(name)  # a removal tells a watcher it no longer exists
 
     def nacked(self, names: Iterable[str], previous: dict[str, tuple[str, Any]], attempted: dict[str, str]) -> None:
         for name in names:
@@ -126,13 +165,15 @@ def _compute_delta(name: str, have: tuple[str, Any], version: str, body: list[di
 
 
 class Hub:
-    """Knows every session; debounces changes once for all of them.
+    """Knows every session and what each watches; debounces changes once for all.
 
     ``changed`` only records names (O(1) per change, however many sidecars); the
-    debouncer publishes the accumulated batch to every session when changes have been
-    quiet for ``DEBOUNCE_QUIET`` or ``DEBOUNCE_MAX`` after the first one (Istio's
-    debounce sits in front of the push queue in the same way). A burst of N
-    registrations therefore costs one wake-up per session, not N.
+    debouncer publishes the accumulated batch when changes have been quiet for
+    ``DEBOUNCE_QUIET`` or ``DEBOUNCE_MAX`` after the first one (Istio's debounce sits in
+    front of the push queue in the same way). A batch reaches only the sessions that
+    watch one of its names (an index name → sessions: identical subscriptions are one
+    set, Consul's coalescing), and each of those gets its push written at once, in the
+    debouncer's loop: no task per sidecar wakes up to send it.
 
     ``wanted(type)`` returns the state every sidecar should reach: name → (version, body).
     """
@@ -143,11 +184,94 @@ class Hub:
         self.pushes_total = 0
         self.nacks_total = 0
         self.convergence: list[float] = []  # seconds from change to ACK, per session and push (bounded)
+        self._wildcard: dict[str, set[Session]] = {t: set() for t in wire.RESOURCE_TYPES}
+        self._watchers: dict[str, dict[str, set[Session]]] = {t: {} for t in wire.RESOURCE_TYPES}
         self._pending: dict[str, set[str]] = {}
         self._first_change = 0.0
         self._last_change = 0.0
         self._kick = trio.Event()
 
+    # sessions and their subscriptions ----------------------------------------------------
+    def add(self, session: Session) -> None:
+        self.sessions[session.node] = session
+        for type, view in session.views.items():
+            if view.watch is None:
+                self._wildcard[type].add(session)
+            else:
+                self._index(session, type, view.watch)
+
+    def remove(self, session: Session) -> None:
+        if self.sessions.get(session.node) is session:
+            del self.sessions[session.node]
+        for type, view in session.views.items():
+            self._wildcard[type].discard(session)
+            if view.watch is not None:
+                self._unindex(session, type, view.watch)
+
+    def subscribe(self, session: Session, type: str, add: Iterable[str], remove: Iterable[str], now: float) -> None:
+        """A ``watch`` message: index the names, answer the added ones in the next push."""
+        view = session.views.setdefault(type, SessionView(watch=set()))
+        if view.watch is None:
+            return  # a wildcard already has everything
+        remove = set(remove)
+        view.unsubscribe(remove)
+        self._unindex(session, type, remove)
+        answer = view.subscribe(set(add) - remove)
+        self._index(session, type, answer)
+        if answer:
+            session.mark(type, answer, now)
+            self.push_due(session)
+
+    def _index(self, session: Session, type: str, names: Iterable[str]) -> None:
+        watchers = self._watchers[type]
+        for name in names:
+            watchers.setdefault(name, set()).add(session)
+
+    def _unindex(self, session: Session, type: str, names: Iterable[str]) -> None:
+        watchers = self._watchers[type]
+        for name in names:
+            sessions = watchers.get(name)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del watchers[name]
+
+    def subscribers(self, type: str, names: Iterable[str]) -> set[Session]:
+        """The sessions a change of ``names`` concerns."""
+        out = set(self._wildcard[type])
+        watchers = self._watchers[type]
+        for name in names:
+            out |= watchers.get(name, set())
+        return out
+
+    def watched(self, type: str) -> int:
+        """How many names of ``type`` at least one sidecar watches."""
+        return len(self._watchers[type])
+
+    # pushing -----------------------------------------------------------------------------
+    def push_due(self, session: Session) -> None:
+        """Write the next push of every type that has changes and no push in flight."""
+        for type in session.due():
+            built = build_push(session, type, self.wanted(type), full=False)
+            if built is not None:
+                self.pushes_total += 1
+                session.write(built[1])
+
+    def push_first(self, session: Session) -> None:
+        """The first push of every type on a new channel: full."""
+        for type in wire.RESOURCE_TYPES:
+            built = build_push(session, type, self.wanted(type), full=True)
+            if built is not None:
+                self.pushes_total += 1
+                session.write(built[1])
+
+    def answered(self, session: Session, type: str, now: float) -> None:
+        """An ACK or NACK: the next push of that type may go (with what merged meanwhile)."""
+        started, _, _ = session.in_flight.pop(type, (now, {}, {}))
+        self.observe_convergence(now - started)
+        self.push_due(session)
+
+    # debouncing --------------------------------------------------------------------------
     def changed(self, type: str, names: Iterable[str]) -> None:
         names = set(names)
         if not names:
@@ -171,9 +295,21 @@ class Hub:
                     continue  # more changes may have come meanwhile
                 batch, first = self._pending, self._first_change
                 self._pending = {}
-                for session in self.sessions.values():
-                    for type, names in batch.items():
-                        session.mark(type, names, first)
+                await self._publish(batch, first)
+
+    async def _publish(self, batch: dict[str, set[str]], first: float) -> None:
+        targets: dict[Session, list[tuple[str, set[str]]]] = {}
+        for type, names in batch.items():
+            for session in self.subscribers(type, names):
+                targets.setdefault(session, []).append((type, names))
+        for count, (session, marks) in enumerate(targets.items(), 1):
+            if session.closed:
+                continue
+            for type, names in marks:
+                session.mark(type, names, first)
+            self.push_due(session)
+            if count % PUBLISH_SLICE == 0:
+                await trio.lowlevel.checkpoint()  # let answers and new sidecars in between slices
 
     def observe_convergence(self, seconds: float) -> None:
         self.convergence.append(seconds)
@@ -181,7 +317,20 @@ class Hub:
             del self.convergence[:5_000]
 
 
-@dataclass
+PUBLISH_SLICE = 256  # sessions pushed to between two checkpoints of the debouncer
+
+
+class Writer(Protocol):
+    """A session's outgoing side (channel.Channel): writes never wait."""
+
+    blocked_since: float | None
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
 class Session:
     """One sidecar's channel, as the control plane sees it."""
 
@@ -192,25 +341,22 @@ class Session:
     views: dict[str, SessionView]
     connected_at: float
     last_seen: float
+    channel: Writer
     dirty: dict[str, set[str]] = field(default_factory=dict)  # debounced, waiting to be pushed
     first_change: dict[str, float] = field(default_factory=dict)  # type → time of the oldest unpushed change
-    wakeup: trio.Event = field(default_factory=trio.Event)
-    answered: trio.Event = field(default_factory=trio.Event)
     in_flight: dict[str, tuple[float, dict[str, tuple[str, Any]], dict[str, str]]] = field(default_factory=dict)
     last_nack: wire.Nack | None = None
     ready: bool = False
     closed: bool = False
-    # The reader (pongs), the sender (pushes) and the keepalive (pings) share one socket.
-    send_lock: trio.StrictFIFOLock = field(default_factory=trio.StrictFIFOLock)
+    next_ping: float = 0.0
 
-    async def send(self, io: trio.SocketStream, data: bytes) -> None:
-        async with self.send_lock:
-            await io.send_all(data)
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.channel.write(data)
 
     def mark(self, type: str, names: set[str], changed_at: float) -> None:
         self.dirty.setdefault(type, set()).update(names)
         self.first_change.setdefault(type, changed_at)
-        self.wakeup.set()
 
     def due(self) -> list[str]:
         """Types with debounced changes and no push of theirs awaiting an answer (one push
@@ -227,6 +373,7 @@ class Session:
             "ready": self.ready,
             "versions": {t: v.type_version() for t, v in self.views.items()},
             "acked": dict(self.conn.acked),
+            "watching": {t: None if v.watch is None else sorted(v.watch) for t, v in self.views.items()},
             "last_nack": None
             if nack is None
             else {"type": nack.type, "message": nack.message, "names": list(nack.names)},
@@ -254,4 +401,4 @@ def build_push(
     return push, data
 
 
-__all__ = ["ENDPOINTS", "Hub", "Session", "SessionView", "build_push"]
+__all__ = ["ENDPOINTS", "Hub", "Session", "SessionView", "Writer", "build_push"]

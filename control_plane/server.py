@@ -1,9 +1,12 @@
 """The push channel server: accepts sidecars, registers their instances, keeps their
-leases, and runs each session's reader, sender and keepalive.
+leases, reads each session's answers and keeps every channel alive.
 
 A session's life: ``hello`` (5 s to arrive) → register the instance → ``welcome`` →
-the first push of every type, full → then pushes as the hub marks changes, answers
-handled as they come. Any protocol error ends only that session: an ``error`` frame
+the first push of every type, full → then pushes as the hub publishes changes, answers
+handled as they come (an answer lets the next push of its type go at once). A session
+has one task, its reader (plus a flusher that waits only while the kernel's buffer is
+full, see channel.py); pushes are written by the hub, pings by one keepalive task for
+all sessions. Any protocol error ends only that session: an ``error`` frame
 is sent when possible, the socket closed, the instance's lease left to expire (a
 sidecar that reconnects within the TTL keeps its registration).
 """
@@ -15,8 +18,11 @@ from typing import Any
 
 import trio
 
+from sidecar.net.io import Closed, Connection, listen_socket, serve_socket
+
 from . import wire
-from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView, build_push
+from .channel import Channel
+from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
 from .wire import ENDPOINTS
 
@@ -24,6 +30,7 @@ log = logging.getLogger("meshlet.cp.server")
 
 HELLO_TIMEOUT = 5.0
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
+KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
 
 
 class EndpointsView:
@@ -68,6 +75,7 @@ class PushServer:
         self.endpoints = EndpointsView(registry)
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
+        self._pings = 0
 
     def wanted(self, type: str) -> dict[str, tuple[str, Any]]:
         if type == ENDPOINTS:
@@ -84,12 +92,16 @@ class PushServer:
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._expire_leases)
-            nursery.start_soon(self.hub.serve_debounce)
-            task_status.started(listeners[0].socket.getsockname()[1])
-            await trio.serve_listeners(self._session, listeners)
+        listener = listen_socket(host, port, backlog=4096)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_leases)
+                nursery.start_soon(self.hub.serve_debounce)
+                nursery.start_soon(self._keepalive)
+                task_status.started(listener.getsockname()[1])
+                await serve_socket(listener, self._session, nursery)
+        finally:
+            listener.close()
 
     async def _expire_leases(self) -> None:
         preserving = False
@@ -106,38 +118,51 @@ class PushServer:
                     log.warning("self-preservation OFF: lease expiry resumes")
             self.changed(set(result.changed))
 
-    async def _session(self, io: trio.SocketStream) -> None:
+    async def _session(self, io: Connection) -> None:
+        """One sidecar's channel, from hello to close. One task reads (answers are
+        handled as they come); the channel's flusher runs only when the kernel's buffer
+        was full; pushes are written by the hub, pings by the keepalive."""
+        channel = Channel(io)
         conn = wire.ServerConnection(self.server_id)
         session: Session | None = None
         try:
-            with trio.fail_after(HELLO_TIMEOUT):
+            early: list[wire.Message] = []
+            with trio.move_on_after(HELLO_TIMEOUT):
                 while conn.hello is None:
-                    data = await io.receive_some(65536)
+                    data = await channel.recv()
                     if not data:
                         return
                     early = conn.receive_data(data)
+            if conn.hello is None:
+                return  # no hello in time
             welcome = conn.accept()  # refuses an unknown protocol version before registering anything
-            session = self._open(conn, io)
-            await session.send(io, welcome)
+            channel.write(welcome)
+            session = self._open(conn, channel, io.peer)
+            self.hub.push_first(session)
             for message in early[1:]:
-                await self._handle(session, io, message)
-            await self._run(session, io)
+                self._handle(session, message)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(channel.flush_forever)
+                try:
+                    await self._read(session, channel)
+                finally:
+                    nursery.cancel_scope.cancel()
         except wire.WireError as exc:
             self.protocol_errors += 1
-            log.warning("sidecar at %s: protocol error: %s", _peer(io), exc)
-            await _send_error(io, exc.reason, exc.detail)
-        except (*_GONE, trio.TooSlowError):
+            log.warning("sidecar at %s: protocol error: %s", io.peer, exc)
+            await _send_error(channel, exc.reason, exc.detail)
+        except Closed:
             pass
         except ValueError as exc:  # an instance the registry refuses
-            await _send_error(io, "bad-instance", str(exc))
+            await _send_error(channel, "bad-instance", str(exc))
         except Exception:  # a bug of ours: this session ends, the others go on
-            log.exception("session with %s failed", _peer(io))
+            log.exception("session with %s failed", io.peer)
         finally:
-            io.socket.close()
+            channel.close()
             if session is not None:
                 self._close(session)
 
-    def _open(self, conn: wire.ServerConnection, io: trio.SocketStream) -> Session:
+    def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str) -> Session:
         hello = conn.hello
         assert hello is not None
         raw = hello.instance
@@ -153,92 +178,69 @@ class PushServer:
         now = trio.current_time()
         self.changed(self.registry.register(instance, now))
         old = self.hub.sessions.get(hello.node)
-        if old is not None:
+        if old is not None:  # the same sidecar again: its old channel is a ghost
             old.closed = True
-            old.wakeup.set()
+            self.hub.remove(old)
+            old.channel.close()
+        watches = conn.watches()
         session = Session(
             node=hello.node,
             service=hello.service,
             instance_id=instance.instance_id,
             conn=conn,
-            views={ENDPOINTS: SessionView.from_hello(dict(hello.have.get(ENDPOINTS, {})))},
+            views={t: SessionView.from_hello(dict(hello.have.get(t, {})), watches[t]) for t in wire.RESOURCE_TYPES},
             connected_at=now,
             last_seen=now,
+            channel=channel,
             ready=instance.ready,
+            next_ping=now + PING_INTERVAL,
         )
-        self.hub.sessions[hello.node] = session
-        log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, _peer(io))
+        self.hub.add(session)
+        log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
         return session
 
     def _close(self, session: Session) -> None:
+        if session.closed and self.hub.sessions.get(session.node) is not session:
+            return  # replaced by a newer channel of the same sidecar: that one owns the lease
         session.closed = True
-        if self.hub.sessions.get(session.node) is session:
-            del self.hub.sessions[session.node]
-            try:
-                self.changed(self.registry.disconnected(session.instance_id, trio.current_time()))
-            except UnknownInstance:
-                pass  # said bye, or already expired
-
-    async def _run(self, session: Session, io: trio.SocketStream) -> None:
-        for type in wire.RESOURCE_TYPES:  # the first push of each type is full
-            built = build_push(session, type, self.wanted(type), full=True)
-            if built is not None:
-                self.hub.pushes_total += 1
-                await session.send(io, built[1])
-        async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            nursery.start_soon(self._until_gone, self._read(session, io), scope)
-            nursery.start_soon(self._until_gone, self._send(session, io), scope)
-            nursery.start_soon(self._until_gone, self._keepalive(session, io), scope)
-
-    async def _until_gone(self, work: Any, scope: trio.CancelScope) -> None:
-        """Run one of a session's tasks; whichever ends first (peer gone, protocol
-        error, bye, silence) ends the session's other tasks too."""
+        self.hub.remove(session)
         try:
-            await work
-        except _GONE:
-            pass
-        except wire.WireError as exc:
-            self.protocol_errors += 1
-            log.warning("session protocol error: %s", exc)
-        finally:
-            scope.cancel()
+            self.changed(self.registry.disconnected(session.instance_id, trio.current_time()))
+        except UnknownInstance:
+            pass  # said bye, or already expired
 
-    async def _read(self, session: Session, io: trio.SocketStream) -> None:
+    async def _read(self, session: Session, channel: Channel) -> None:
         while not session.closed:
-            data = await io.receive_some(65536)
+            data = await channel.recv()
             if not data:
                 return
             session.last_seen = trio.current_time()
-            try:
-                messages = session.conn.receive_data(data)
-            except wire.WireError as exc:
-                await _send_error(io, exc.reason, exc.detail)
-                raise
-            for message in messages:
-                await self._handle(session, io, message)
+            for message in session.conn.receive_data(data):
+                self._handle(session, message)
 
-    async def _handle(self, session: Session, io: trio.SocketStream, message: wire.Message) -> None:
+    def _handle(self, session: Session, message: wire.Message) -> None:
         now = trio.current_time()
         try:
             self.registry.renew(session.instance_id, now)
         except UnknownInstance:  # expired while connected (e.g. self-preservation off, long stall)
             pass
         if isinstance(message, wire.Ack):
-            started, _, _ = session.in_flight.pop(message.type, (now, {}, {}))
-            self.hub.observe_convergence(now - started)
-            session.wakeup.set()
+            self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
-            _, previous, attempted = session.in_flight.pop(message.type, (now, {}, {}))
+            _, previous, attempted = session.in_flight.get(message.type, (now, {}, {}))
             session.views.setdefault(message.type, SessionView()).nacked(message.names, previous, attempted)
             session.last_nack = message
             self.hub.nacks_total += 1
             log.warning(
                 "sidecar %s rejected %s %s: %s", session.node, message.type, list(message.names), message.message
             )
-            session.wakeup.set()
+            self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Ping):
-            await session.send(io, wire.encode(wire.Pong(message.id)))
+            session.write(wire.encode(wire.Pong(message.id)))
+        elif isinstance(message, wire.Watch):
+            if message.type not in wire.RESOURCE_TYPES:
+                raise wire.WireError("bad-message", f"watch: unknown resource type {message.type!r}")
+            self.hub.subscribe(session, message.type, message.add, message.remove, now)
         elif isinstance(message, wire.Health):
             session.ready = message.ready
             self.changed(self.registry.set_ready(session.instance_id, message.ready, now))
@@ -246,63 +248,49 @@ class PushServer:
             log.info("sidecar %s says bye (%s): deregistered", session.node, message.reason)
             self.changed(self.registry.deregister(session.instance_id))
             session.closed = True
-            session.wakeup.set()
+            self.hub.remove(session)
+            session.channel.close()
 
-    async def _send(self, session: Session, io: trio.SocketStream) -> None:
-        while not session.closed:
-            session.wakeup = trio.Event()
-            for type in session.due():
-                built = build_push(session, type, self.wanted(type), full=False)
-                if built is not None:
-                    self.hub.pushes_total += 1
-                    await session.send(io, built[1])
-            await session.wakeup.wait()  # a debounced batch, an answer, or the end
-
-    async def _keepalive(self, session: Session, io: trio.SocketStream) -> None:
-        ping = 0
-        judged_from = trio.current_time()  # nothing before this counts against the sidecar
-        while not session.closed:
-            asleep_at = trio.current_time()
-            await trio.sleep(PING_INTERVAL)
+    async def _keepalive(self) -> None:
+        """One task pings every sidecar every ``PING_INTERVAL`` (each on its own phase)
+        and closes those that are silent, do not answer a push, or stopped reading."""
+        judged_from = trio.current_time()  # nothing before this counts against a sidecar
+        last = judged_from
+        while True:
+            await trio.sleep(KEEPALIVE_TICK)
             now = trio.current_time()
-            if now - asleep_at > 2 * PING_INTERVAL:
+            if now - last > 2 * PING_INTERVAL:
                 # We woke up late: the control plane itself stalled (a burst of work), so
-                # the silence may be ours, not the sidecar's. Judge it afresh from now.
+                # the silence may be ours, not the sidecars'. Judge afresh from now.
                 judged_from = now
-                continue
-            if now - max(session.last_seen, judged_from) > 3 * PING_INTERVAL:
-                log.warning("sidecar %s silent for %.0f s: closing", session.node, now - session.last_seen)
-                break
-            stuck = [
-                t
-                for t, (started, _, _) in session.in_flight.items()
-                if now - max(started, judged_from) > ANSWER_TIMEOUT
-            ]
-            if stuck:
-                log.warning("sidecar %s did not answer %s: closing", session.node, stuck)
-                break
-            ping += 1
-            with trio.move_on_after(PING_INTERVAL) as blocked:
-                await session.send(io, wire.encode(wire.Ping(ping)))
-            if blocked.cancelled_caught:  # its buffers are full: it stopped reading
-                log.warning("sidecar %s is not reading: closing", session.node)
-                break
+            last = now
+            ping = b""
+            for session in list(self.hub.sessions.values()):
+                if session.next_ping > now or session.closed:
+                    continue
+                session.next_ping = now + PING_INTERVAL
+                why = _unhealthy(session, now, judged_from)
+                if why:
+                    log.warning("sidecar %s %s: closing", session.node, why)
+                    session.channel.close()
+                    continue
+                if not ping:  # one ping frame per sweep, the same for every sidecar
+                    self._pings += 1
+                    ping = wire.encode(wire.Ping(self._pings))
+                session.write(ping)
 
 
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+def _unhealthy(session: Session, now: float, judged_from: float) -> str:
+    if now - max(session.last_seen, judged_from) > 3 * PING_INTERVAL:
+        return f"silent for {now - session.last_seen:.0f} s"
+    stuck = [t for t, (started, _, _) in session.in_flight.items() if now - max(started, judged_from) > ANSWER_TIMEOUT]
+    if stuck:
+        return f"did not answer {stuck}"
+    blocked = session.channel.blocked_since
+    if blocked is not None and now - max(blocked, judged_from) > PING_INTERVAL:
+        return "is not reading"
+    return ""
 
 
-def _peer(io: trio.SocketStream) -> str:
-    try:
-        host, port = io.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"{host}:{port}"
-
-
-async def _send_error(io: trio.SocketStream, reason: str, message: str) -> None:
-    try:
-        with trio.move_on_after(1):
-            await io.send_all(wire.encode(wire.Error(reason, message)))
-    except _GONE:
-        pass
+async def _send_error(channel: Channel, reason: str, message: str) -> None:
+    channel.write(wire.encode(wire.Error(reason, message)))

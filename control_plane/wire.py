@@ -44,7 +44,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSIONS = (1,)  # spoken by this build, oldest first
+PROTOCOL_VERSIONS = (1, 2)  # spoken by this build, oldest first
+WATCH_VERSION = 2  # the first version with subscriptions (hello.watch, the watch message)
 MAX_FRAME = 16 * 1024 * 1024  # far above any real snapshot; bounds what a peer can make us buffer
 _HEADER = struct.Struct(">I")
 
@@ -82,6 +83,12 @@ class Resource:
     def is_delta(self) -> bool:
         return self.base is not None
 
+    @property
+    def missing(self) -> bool:
+        """The control plane has no such resource (yet): the answer to a watched name
+        that does not exist. It is pushed if it appears."""
+        return self.base is None and self.body is None
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "ver": self.version}
         if self.base is not None:
@@ -117,10 +124,13 @@ class Hello:
     service: str
     instance: Mapping[str, Any]  # instance_id, address, admin, labels
     have: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # type → {name: version}
+    # v2: type → the names the sidecar subscribes to; a type not named here is a wildcard
+    # (every resource of it), which is all protocol version 1 knows.
+    watch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     kind = "hello"
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "k": "hello",
             "pv": list(self.protocol_versions),
             "node": self.node,
@@ -128,6 +138,9 @@ class Hello:
             "instance": dict(self.instance),
             "have": {t: dict(v) for t, v in self.have.items()},
         }
+        if self.watch:  # absent, a version-1 hello stays byte for byte what it was
+            out["watch"] = {t: list(names) for t, names in self.watch.items()}
+        return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Hello:
@@ -135,12 +148,14 @@ class Hello:
         if not versions or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
             raise WireError("bad-message", "hello.pv must be a non-empty list of integers")
         have = _map(raw.get("have", {}), "hello.have")
+        watch = _map(raw.get("watch", {}), "hello.watch")
         return cls(
             tuple(versions),
             _str(raw, "node"),
             _str(raw, "service"),
             _map(raw.get("instance"), "hello.instance"),
             {str(t): {str(n): str(v) for n, v in _map(names, "hello.have[type]").items()} for t, names in have.items()},
+            {str(t): _names(names, "hello.watch[type]") for t, names in watch.items()},
         )
 
 
@@ -296,6 +311,29 @@ class Bye:
 
 
 @dataclass(frozen=True, slots=True)
+class Watch:
+    """Sidecar → control plane (v2): subscribe to more names of a type, or drop some.
+
+    Every added name is answered in the next push of that type, even one the control
+    plane thinks the sidecar holds (it may have dropped it), as a resource or, when it
+    does not exist, as a resource with no body. Dropped names need no answer."""
+
+    type: str
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    kind = "watch"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "watch", "t": self.type, "add": list(self.add), "remove": list(self.remove)}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Watch:
+        return cls(
+            _str(raw, "t"), _names(raw.get("add", []), "watch.add"), _names(raw.get("remove", []), "watch.remove")
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Either way, before closing: why."""
 
@@ -311,9 +349,12 @@ class Error:
         return cls(_str(raw, "reason"), _str(raw, "msg"))
 
 
-Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Error
-_KINDS: dict[str, Any] = {cls.kind: cls for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Error)}
-UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "error"})
+Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Watch | Error
+_KINDS: dict[str, Any] = {
+    cls.kind: cls for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Watch, Error)
+}
+UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "watch", "error"})
+MAX_WATCHED = 4096  # names per type one sidecar may watch: a bound on what it can make us keep
 DOWNSTREAM_KINDS = frozenset({"welcome", "push", "ping", "pong", "error"})
 
 
@@ -335,6 +376,14 @@ def _int(raw: Mapping[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise WireError("bad-message", f"{raw.get('k', 'message')}.{key} must be an integer")
     return value
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise WireError("bad-message", f"{what} must be a list of strings")
+    if len(value) > MAX_WATCHED:
+        raise WireError("bad-message", f"{what}: {len(value)} names (at most {MAX_WATCHED})")
+    return tuple(value)
 
 
 def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
@@ -461,6 +510,8 @@ class ServerConnection:
                 self.hello = message
             elif isinstance(message, Hello):
                 raise WireError("unexpected-hello", "hello was already received on this channel")
+            elif isinstance(message, Watch) and (self.protocol_version or 0) < WATCH_VERSION:
+                raise WireError("unknown-message", f"watch needs protocol version {WATCH_VERSION}")
             elif isinstance(message, Ack | Nack):
                 if self.pending.get(message.type) != message.nonce:
                     self.stale_answers += 1
@@ -502,6 +553,12 @@ class ServerConnection:
     def in_flight(self, type: str) -> bool:
         return type in self.pending
 
+    def watches(self) -> dict[str, set[str] | None]:
+        """type → the names this sidecar subscribed to in hello (None: every name)."""
+        assert self.hello is not None
+        scoped = (self.protocol_version or 0) >= WATCH_VERSION
+        return {t: set(self.hello.watch[t]) if scoped and t in self.hello.watch else None for t in RESOURCE_TYPES}
+
 
 class ClientConnection:
     """The sidecar's end. ``receive_data`` returns welcome / push / ping / pong / error;
@@ -529,6 +586,15 @@ class ClientConnection:
                 self.received_first.add(message.type)
             out.append(message)
         return out
+
+    @property
+    def can_watch(self) -> bool:
+        return (self.protocol_version or 0) >= WATCH_VERSION
+
+    def watch(self, type: str, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> bytes:
+        if not self.can_watch:
+            raise WireError("unsupported-version", f"watch needs protocol version {WATCH_VERSION}")
+        return encode(Watch(type, add, remove))
 
     @staticmethod
     def ack(push: Push) -> bytes:

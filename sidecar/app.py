@@ -23,11 +23,11 @@ from typing import Any
 import trio
 
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
-from .layers.base import Handler, Request, Response, filters_layer
+from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
 from .layers.inbound import source_header, to_local_app
 from .layers.metrics import metrics_layer
-from .layers.routing import router
+from .layers.routing import Discover, router, routing_layer
 from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
@@ -62,9 +62,9 @@ class SidecarOptions:
 
 
 def build_outbound(
-    snapshot: MeshSnapshot, forwarder: Forwarder, telemetry: Telemetry, service: str, fixed_service: str | None = None
+    route: Filter, forwarder: Forwarder, telemetry: Telemetry, service: str, discover: Discover | None = None
 ) -> Handler:
-    handler = filters_layer(forwarder, router(snapshot, fixed_service), source_header(service))
+    handler = routing_layer(forwarder, route, source_header(service), discover)
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "outbound", service)
 
@@ -112,7 +112,10 @@ class Sidecar:
         self.snapshot = empty_snapshot()
         self.config_ready = False
         self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, options.service)
-        self.outbound_handler: Handler = build_outbound(self.snapshot, self.forwarder, self.telemetry, options.service)
+        self.routes: dict[str | None, Filter] = {}  # listener (None: outbound, else --upstream name) → router
+        self.outbound_handler: Handler = build_outbound(
+            router(self.snapshot), self.forwarder, self.telemetry, options.service
+        )
         self.upstream_handlers: dict[str, Handler] = {}
         self.control: ControlPlaneClient | None = None
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
@@ -132,15 +135,35 @@ class Sidecar:
     # configuration ------------------------------------------------------------------
     def apply(self, snapshot: MeshSnapshot) -> None:
         """Install a snapshot: the next request runs on stacks built from it."""
+        self._build(snapshot)
+        self.config_ready = True
+        log.info("applied config %s from %s (%d services)", snapshot.version, snapshot.source, len(snapshot.services))
+
+    def _build(self, snapshot: MeshSnapshot) -> None:
         service = self.options.service
-        self.outbound_handler = build_outbound(snapshot, self.forwarder, self.telemetry, service)
+        routes: dict[str | None, Filter] = {None: router(snapshot)}
+        routes.update((name, router(snapshot, name)) for name in self.options.upstreams)
+        self.routes = routes
+        discover = self._discoverer
+        self.outbound_handler = build_outbound(routes[None], self.forwarder, self.telemetry, service, discover(None))
         self.upstream_handlers = {
-            name: build_outbound(snapshot, self.forwarder, self.telemetry, service, fixed_service=name)
+            name: build_outbound(routes[name], self.forwarder, self.telemetry, service, discover(name))
             for name in self.options.upstreams
         }
         self.snapshot = snapshot
-        self.config_ready = True
-        log.info("applied config %s from %s (%d services)", snapshot.version, snapshot.source, len(snapshot.services))
+
+    def _discoverer(self, listener: str | None) -> Discover | None:
+        """With a control plane: look up a service this sidecar has not heard of, then
+        route by the snapshot installed with the answer."""
+        if self.control is None:
+            return None
+
+        async def discover(service: str) -> Filter:
+            assert self.control is not None
+            await self.control.discover(service)  # raises MeshError when it cannot be found
+            return self.routes[listener]
+
+        return discover
 
     def load_static(self) -> None:
         """Read --static (at start and on SIGHUP). With a control plane too, its endpoints
@@ -251,7 +274,8 @@ class Sidecar:
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
                 self.control = self._control_plane_client()
-                self.control.load_persisted()
+                if not self.control.load_persisted():
+                    self._build(self.snapshot)  # the same stacks, now able to look services up
                 nursery.start_soon(self.control.serve)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))

@@ -308,9 +308,15 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
             await _wait_for(client, api, lambda r, s=role, i=instance: i in _ready_ids(r, s), f"{instance} to register")
             say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
         entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+        # The first call: each caller's sidecar looks up the service its app calls (on
+        # demand) and from then on receives its endpoints.
+        first = await drive(client, entry, 1)
         await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
         await _wait_for_callers(client, demo.sidecars["gateway-1"].fields["admin"], "user", 1)
-        say("")
+        say(
+            f"  first request, answered by {', '.join(first)}: gateway's sidecar looked up user, user's looked up item; "
+            "each now watches what its app calls\n"
+        )
 
         say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
         console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
@@ -320,7 +326,7 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         await demo.stop_and_wait(demo.sidecars.pop("item-2"))
         await demo.stop_and_wait(demo.apps.pop("item-2"))
         await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1"}, "item-2 to leave the registry")
-        say("  [yellow]deregistered[/] item-2; the control plane pushed the change to every sidecar")
+        say("  [yellow]deregistered[/] item-2; the control plane pushed the change to the sidecars that call item")
         outcomes = await drive(client, entry, args.requests // 2)
         console.print(outcome_table("after item-2 left", outcomes))
         failed = sum(n for k, n in outcomes.items() if not k.startswith("item-"))

@@ -25,6 +25,11 @@ _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
 
+def is_service_name(name: str) -> bool:
+    """A service name is a DNS label (lower case): what the registry accepts too."""
+    return _SERVICE_NAME.match(name) is not None
+
+
 class ConfigError(Exception):
     """Every problem found in a config source, each as ``file:line: field: what``."""
 

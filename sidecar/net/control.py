@@ -23,7 +23,9 @@ import trio
 
 from control_plane import wire
 
-from ..core.config import Endpoint, MeshSnapshot, ServiceConfig, make_snapshot, parse_address
+from ..core import errors
+from ..core.config import Endpoint, MeshSnapshot, ServiceConfig, is_service_name, make_snapshot, parse_address
+from ..core.errors import MeshError
 
 log = logging.getLogger("meshlet.control")
 
@@ -32,6 +34,7 @@ BACKOFF_MAX = 30.0
 PING_INTERVAL = 5.0  # the control plane's too: a silent peer is dead after 3 of them
 HEALTH_INTERVAL = 5.0  # PRODUCT §5
 HEALTH_TIMEOUT = 2.0
+DISCOVERY_TIMEOUT = 5.0  # how long a first request to a new service waits for the control plane
 
 
 @dataclass
@@ -45,10 +48,15 @@ class InstanceInfo:
 
 
 class DiscoveredState:
-    """Endpoints received from the control plane: name → (version, body). Pure."""
+    """Endpoints received from the control plane: name → (version, body); the services
+    this sidecar watches (subscribed to on first use) and those the control plane said
+    do not exist. Pure."""
 
     def __init__(self) -> None:
         self.endpoints: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        self.watched: set[str] = set()
+        self.missing: set[str] = set()
+        self.rejected: dict[str, str] = {}  # name → why its last pushed version was refused
 
     def apply(self, push: wire.Push) -> tuple[list[str], str]:
         """Apply what is valid; return the rejected names and why (empty: all applied)."""
@@ -56,15 +64,24 @@ class DiscoveredState:
         reasons: list[str] = []
         staged = dict(self.endpoints)
         for resource in push.resources:
+            if resource.missing:  # a watched service that does not exist (now)
+                staged.pop(resource.name, None)
+                self.missing.add(resource.name)
+                continue
+            self.missing.discard(resource.name)
             try:
                 staged[resource.name] = (resource.version, self._body(staged, resource))
+                self.rejected.pop(resource.name, None)
             except (wire.WireError, ValueError) as exc:
                 rejected.append(resource.name)
                 reasons.append(f"{resource.name}: {exc}")
+                self.rejected[resource.name] = str(exc)
                 if resource.name not in self.endpoints:
                     staged.pop(resource.name, None)
         for name in push.removed:
             staged.pop(name, None)
+            if name in self.watched:
+                self.missing.add(name)
         self.endpoints = staged
         return rejected, "; ".join(reasons)
 
@@ -104,13 +121,18 @@ class DiscoveredState:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"endpoints": {name: {"ver": v, "body": b} for name, (v, b) in self.endpoints.items()}}
+        return {
+            "endpoints": {name: {"ver": v, "body": b} for name, (v, b) in self.endpoints.items()},
+            "watched": sorted(self.watched),
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DiscoveredState:
         state = cls()
         for name, item in dict(raw.get("endpoints", {})).items():
             state.endpoints[str(name)] = (str(item["ver"]), list(item["body"]))
+        # A restarted sidecar watches again what its app called before.
+        state.watched = {str(name) for name in raw.get("watched", [])} | set(state.endpoints)
         return state
 
 
@@ -143,6 +165,8 @@ class ControlPlaneClient:
         self.last_error = ""
         self.has_config = False
         self._stream: trio.SocketStream | None = None
+        self._conn: wire.ClientConnection | None = None
+        self._waiting: dict[str, trio.Event] = {}  # services looked up, until an answer or the end
         self._draining = False
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
@@ -223,12 +247,14 @@ class ControlPlaneClient:
                 "ready": self.ready,
             },
             {wire.ENDPOINTS: self.state.versions()},
+            {wire.ENDPOINTS: tuple(sorted(self.state.watched))},
         )
         conn = wire.ClientConnection(hello)
         with trio.fail_after(5):
             stream = await trio.open_tcp_stream(host, port)
         try:
             self._stream = stream
+            self._conn = conn
             await self._send(stream, conn.hello())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pinger, stream)
@@ -243,8 +269,12 @@ class ControlPlaneClient:
                         if isinstance(message, wire.Welcome):
                             self.connected = True
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
-                            # The probe may have changed its mind since hello was built.
+                            # The probe may have changed its mind since hello was built,
+                            # and the app may have called new services.
                             await self._send(stream, wire.encode(wire.Health(self.ready)))
+                            late = self.state.watched - set(hello.watch[wire.ENDPOINTS])
+                            if late and conn.can_watch:
+                                await self._send(stream, conn.watch(wire.ENDPOINTS, tuple(sorted(late))))
                         elif isinstance(message, wire.Push):
                             self._got_push = True
                             await self._send(stream, self._on_push(conn, message))
@@ -254,6 +284,8 @@ class ControlPlaneClient:
                             raise wire.WireError(message.reason, message.message)
                 nursery.cancel_scope.cancel()
         finally:
+            self._conn = None
+            self._answer_all()  # lookups in flight fail now rather than at their timeout
             await stream.aclose()
 
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
@@ -264,12 +296,69 @@ class ControlPlaneClient:
         self._install("control-plane")
         self._persist()
         self.pushes_applied += 1
+        state = self.state
+        for name in [n for n in self._waiting if n in state.endpoints or n in state.missing or n in state.rejected]:
+            self._waiting.pop(name).set()  # answered: the lookup resumes on the new snapshot
         if rejected:
             self.nacks_sent += 1
             log.warning("rejected %s from the control plane: %s", rejected, why)
             return conn.nack(push, previous, why, tuple(rejected))
         self.acked_versions[push.type] = push.version
         return conn.ack(push)
+
+    # on-demand discovery ---------------------------------------------------------------
+    async def discover(self, service: str) -> None:
+        """Return once ``service`` is in the installed snapshot, subscribing to it first
+        if this sidecar never asked; MeshError when it does not exist (404 no-route) or
+        the control plane cannot be asked in time (503 no-healthy-endpoints)."""
+        state = self.state
+        if service in state.endpoints:
+            return  # installed while this request was on its way
+        conn, stream = self._conn, self._stream
+        absent = MeshError(errors.NO_ROUTE, f"no service named {service!r} in the mesh")
+        if not is_service_name(service) or service in state.missing:
+            raise absent
+        if service in state.rejected:
+            raise MeshError(
+                errors.NO_ROUTE, f"service {service!r}: its configuration was rejected: {state.rejected[service]}"
+            )
+        if len(state.watched) >= wire.MAX_WATCHED and service not in state.watched:
+            raise MeshError(errors.NO_ROUTE, f"{service!r}: this sidecar already watches {wire.MAX_WATCHED} services")
+        if conn is None or stream is None or not self.connected:
+            state.watched.add(service)  # named in the next hello: it arrives once connected
+            raise MeshError(
+                errors.NO_HEALTHY_ENDPOINTS,
+                f"service {service!r} is not known here and the control plane is unreachable to look it up",
+            )
+        if not conn.can_watch:
+            raise absent  # protocol version 1: the control plane sends every service
+        event = self._waiting.get(service)
+        if event is None:
+            event = self._waiting[service] = trio.Event()
+            state.watched.add(service)
+            log.info("looking up service %s", service)
+            try:
+                await self._send(stream, conn.watch(wire.ENDPOINTS, (service,)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the reconnect's hello names it; the lookup below times out or ends
+        with trio.move_on_after(DISCOVERY_TIMEOUT):
+            await event.wait()
+        if service in self.state.endpoints:
+            return
+        if service in self.state.missing:
+            raise absent
+        if service in self.state.rejected:
+            raise MeshError(
+                errors.NO_ROUTE, f"service {service!r}: its configuration was rejected: {self.state.rejected[service]}"
+            )
+        raise MeshError(
+            errors.NO_HEALTHY_ENDPOINTS, f"service {service!r}: no answer from the control plane to the lookup"
+        )
+
+    def _answer_all(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for event in waiting.values():
+            event.set()
 
     async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
         async with self._send_lock:

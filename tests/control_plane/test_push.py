@@ -76,3 +76,63 @@ def test_type_version_follows_what_the_sidecar_holds() -> None:
     wanted = {"item": _resource([_ep(1)])}
     view.sent(*view.plan(wanted, None, full=True), wanted)
     assert view.type_version() == wire.type_version({"item": wanted["item"][0]})
+
+
+# --- subscriptions (protocol version 2) ---------------------------------------------------
+
+
+def test_a_scoped_view_gets_only_what_it_watches_and_hears_once_about_what_is_missing() -> None:
+    view = SessionView(watch={"item", "pay"})
+    wanted = {"item": _resource([_ep(1)]), "user": _resource([_ep(5)])}
+    resources, removed = view.plan(wanted, None, full=True)
+    assert [(r.name, r.missing) for r in resources] == [("item", False), ("pay", True)]
+    assert removed == ()
+    view.sent(resources, removed, wanted)
+    assert view.missing == {"pay"}
+    assert view.plan(wanted, {"pay", "user"}, full=False) == ((), ())  # told once; user not watched
+    wanted["pay"] = _resource([_ep(7)])
+    (resource,), _ = view.plan(wanted, {"pay"}, full=False)
+    assert resource.name == "pay" and not resource.missing and not resource.is_delta
+    view.sent((resource,), (), wanted)
+    assert view.missing == set() and set(view.held) == {"item", "pay"}
+
+
+def test_a_watched_name_that_goes_away_is_removed_and_comes_back_when_it_returns() -> None:
+    view = SessionView(watch={"item"})
+    wanted = {"item": _resource([_ep(1)])}
+    view.sent(*view.plan(wanted, None, full=True), wanted)
+    resources, removed = view.plan({}, {"item"}, full=False)
+    assert resources == () and removed == ("item",)
+    view.sent(resources, removed, {})
+    assert view.missing == {"item"} and view.plan({}, {"item"}, full=False) == ((), ())
+    (resource,), _ = view.plan(wanted, {"item"}, full=False)
+    assert resource.body == wanted["item"][1]
+
+
+def test_subscribing_again_answers_even_a_name_the_sidecar_holds() -> None:
+    view = SessionView(watch={"item"})
+    wanted = {"item": _resource([_ep(1)])}
+    view.sent(*view.plan(wanted, None, full=True), wanted)
+    answer = view.subscribe({"item", "pay"})
+    assert answer == {"item", "pay"}
+    resources, _ = view.plan(wanted, answer, full=False)
+    assert [(r.name, r.missing) for r in resources] == [("item", False), ("pay", True)]
+
+
+def test_unsubscribed_names_are_forgotten_and_no_longer_pushed() -> None:
+    view = SessionView(watch={"item", "pay"})
+    wanted = {"item": _resource([_ep(1)]), "pay": _resource([_ep(2)])}
+    view.sent(*view.plan(wanted, None, full=True), wanted)
+    view.unsubscribe({"pay"})
+    assert set(view.held) == {"item"} and view.watch == {"item"}
+    wanted["pay"] = _resource([_ep(3)])
+    assert view.plan(wanted, {"pay"}, full=False) == ((), ())
+
+
+def test_a_wildcard_view_ignores_subscriptions() -> None:
+    view = SessionView()
+    assert view.subscribe({"x"}) == {"x"}
+    assert view.watch is None
+    wanted = {"a": _resource([_ep(1)])}
+    (resource,), _ = view.plan(wanted, None, full=True)
+    assert resource.name == "a"

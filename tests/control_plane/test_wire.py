@@ -26,6 +26,7 @@ from control_plane.wire import (
     Push,
     Resource,
     ServerConnection,
+    Watch,
     Welcome,
     WireError,
     apply_endpoint_delta,
@@ -145,8 +146,44 @@ GOLDEN_V1 = [
 ]
 
 
-@pytest.mark.parametrize(("message", "hex_bytes"), GOLDEN_V1)
-def test_golden_bytes_v1(message: Message, hex_bytes: str) -> None:
+# Protocol version 2 = version 1 + subscriptions: hello.watch, the watch message, and the
+# answer for a watched name that does not exist (a resource without a body).
+GOLDEN_V2 = [
+    pytest.param(
+        Hello(
+            (1, 2),
+            "node-1",
+            "user",
+            {"instance_id": "user-1", "address": "127.0.0.1:15006"},
+            {"endpoints": {"item": "0123456789ab"}},
+            {"endpoints": ("item", "pay")},
+        ),
+        (
+            "0000009b87a16ba568656c6c6fa27076920102a46e6f6465a66e6f64652d31a773657276696365a475736572a8696e73"
+            "74616e636582ab696e7374616e63655f6964a6757365722d31a761646472657373af3132372e302e302e313a31353030"
+            "36a46861766581a9656e64706f696e747381a46974656dac303132333435363738396162a5776174636881a9656e6470"
+            "6f696e747392a46974656da3706179"
+        ),
+        id="hello-watch",
+    ),
+    pytest.param(
+        Watch("endpoints", ("pay",), ("old",)),
+        "0000002a84a16ba57761746368a174a9656e64706f696e7473a361646491a3706179a672656d6f766591a36f6c64",
+        id="watch",
+    ),
+    pytest.param(
+        Push("endpoints", "aabbccddeeff", "3", (Resource("pay", "", None),)),
+        (
+            "0000004987a16ba470757368a174a9656e64706f696e7473a176ac616162626363646465656666a16ea133a1729183a4"
+            "6e616d65a3706179a3766572a0a4626f6479c0a2726d90a466756c6cc2"
+        ),
+        id="push-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "hex_bytes"), GOLDEN_V1 + GOLDEN_V2)
+def test_golden_bytes(message: Message, hex_bytes: str) -> None:
     assert encode(message).hex() == hex_bytes
     assert FrameDecoder().feed(bytes.fromhex(hex_bytes)) == [message]
 
@@ -182,6 +219,15 @@ def _frame(payload: object) -> bytes:
             id="hello-without-versions",
         ),
         pytest.param(_frame({"k": "ack", "t": "endpoints", "v": "x"}), "bad-message", id="ack-without-nonce"),
+        pytest.param(_frame({"k": "watch", "t": "endpoints", "add": [1]}), "bad-message", id="watch-non-string-name"),
+        pytest.param(
+            _frame({"k": "watch", "t": "endpoints", "add": ["s"] * 5000}), "bad-message", id="watch-too-many-names"
+        ),
+        pytest.param(
+            _frame({"k": "hello", "pv": [2], "node": "n", "service": "s", "instance": {}, "watch": {"endpoints": "x"}}),
+            "bad-message",
+            id="hello-watch-not-a-list",
+        ),
     ],
 )
 def test_malformed_frames(data: bytes, reason: str) -> None:
@@ -256,11 +302,11 @@ def test_negotiate_picks_the_highest_common_version(
 
 def test_unknown_protocol_version_is_refused() -> None:
     server = ServerConnection("cp-1")
-    server.receive_data(ClientConnection(_hello((2, 3))).hello())
+    server.receive_data(ClientConnection(_hello((3, 4))).hello())
     with pytest.raises(WireError) as info:
         server.accept()
     assert info.value.reason == "unsupported-version"
-    assert "[2, 3]" in info.value.detail
+    assert "[3, 4]" in info.value.detail
 
 
 def test_first_message_must_be_hello() -> None:
@@ -311,6 +357,30 @@ def test_keepalive_and_goodbye_pass_through() -> None:
     server, _client = _connected()
     messages = server.receive_data(encode(Ping(1)) + encode(Pong(2)) + encode(Health(False)) + encode(Bye("sigterm")))
     assert messages == [Ping(1), Pong(2), Health(False), Bye("sigterm")]
+
+
+def test_watch_needs_version_2_and_hello_watch_scopes_only_then() -> None:
+    scoped = Hello((1, 2), "n", "user", {}, {}, {"endpoints": ("item",)})
+    server = ServerConnection("cp", versions=(1,))  # an older control plane: v1 only
+    server.receive_data(encode(scoped))
+    client = ClientConnection(scoped)
+    client.receive_data(server.accept())
+    assert client.protocol_version == 1 and not client.can_watch
+    assert server.watches() == {"endpoints": None, "policies": None}  # v1: every resource
+    with pytest.raises(WireError, match="unsupported-version"):
+        client.watch("endpoints", ("pay",))
+    with pytest.raises(WireError, match="unknown-message"):
+        server.receive_data(encode(Watch("endpoints", ("pay",))))
+
+    server = ServerConnection("cp")
+    server.receive_data(encode(scoped))
+    client = ClientConnection(scoped)
+    client.receive_data(server.accept())
+    assert client.protocol_version == 2 and client.can_watch
+    assert server.watches() == {"endpoints": {"item"}, "policies": None}  # a type not named: every resource
+    assert server.receive_data(client.watch("endpoints", ("pay",), ("item",))) == [
+        Watch("endpoints", ("pay",), ("item",))
+    ]
 
 
 def test_error_is_readable_before_welcome() -> None:

@@ -38,6 +38,12 @@ async def endpoints_of(sidecar: SidecarProcess, service: str) -> list[str]:
     return [e["address"] for e in dump["config"]["services"].get(service, {}).get("endpoints", [])]
 
 
+async def calls(sidecar: SidecarProcess, service: str) -> httpx.Response:
+    """The app behind ``sidecar`` calls ``service`` once: from then on its sidecar watches it."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(f"http://{sidecar.outbound}/hello", headers={"host": service})
+
+
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
         [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
@@ -66,14 +72,18 @@ async def test_register_discover_and_route(tmp_path: Path, origin: Origin) -> No
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
 
-            async def item_discovered() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound]
+            async def registered() -> bool:
+                code, out, _ = await meshlet("get", "endpoints", "item", "-o", "json", "--api", api)
+                return code == 0 and bool(json.loads(out)["endpoints"].get("item"))
 
-            await eventually(item_discovered, "user's sidecar receives item's endpoint")
-            async with httpx.AsyncClient() as client:
-                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
-                ready = await client.get(f"http://{user.admin}/ready")
+            await eventually(registered, "item registered")
+            assert await endpoints_of(user, "item") == []  # user's app has not called item yet
+            # The first call: user's sidecar looks item up, then routes it. No 404, no retry.
+            response = await calls(user, "item")
             assert (response.status_code, response.text) == (200, "hello")
+            assert await endpoints_of(user, "item") == [item.inbound]
+            async with httpx.AsyncClient() as client:
+                ready = await client.get(f"http://{user.admin}/ready")
             assert ready.status_code == 200
 
             code, out, err = await meshlet("get", "endpoints", "item", "-o", "json", "--api", api)
@@ -101,6 +111,39 @@ async def test_register_discover_and_route(tmp_path: Path, origin: Origin) -> No
             assert "meshlet_cp_convergence_seconds_count" in metrics
 
 
+async def test_a_service_called_before_it_exists_is_routed_once_it_registers(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        api = f"127.0.0.1:{cp.ports['api']}"
+        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
+
+            async def ready() -> bool:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(f"http://{user.admin}/ready")).status_code == 200
+
+            await eventually(ready, "user's sidecar has its first push")
+            response = await calls(user, "item")  # asked, and told: no such service
+            assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
+            response = await calls(user, "Not_A.Service")  # not a service name: no lookup at all
+            assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
+            code, out, err = await meshlet("status", "-o", "json", "--api", api)
+            assert code == 0, err
+            (status,) = json.loads(out)["sidecars"]
+            assert status["watching"]["endpoints"] == ["item"]
+            async with run_sidecar(
+                tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
+            ) as item:
+
+                async def pushed() -> bool:  # user watches item: it arrives with no new call
+                    return await endpoints_of(user, "item") == [item.inbound]
+
+                await eventually(pushed, "item pushed to its watcher when it registers")
+                response = await calls(user, "item")
+                assert (response.status_code, response.text) == (200, "hello")
+                # A sidecar watches only what its app calls: item's sidecar knows nothing of user.
+                assert await endpoints_of(item, "user") == []
+
+
 async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Origin) -> None:
     async with run_control_plane(tmp_path, extra=["--ttl", "2"]) as cp:
         push = f"127.0.0.1:{cp.ports['push']}"
@@ -115,6 +158,7 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             async def gone() -> bool:
                 return await endpoints_of(user, "item") == []
 
+            await calls(user, "item")
             await eventually(discovered, "item discovered")
             os.killpg(item.process.pid, signal.SIGKILL)
             killed_at = trio.current_time()
@@ -139,6 +183,7 @@ async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Orig
                 async def discovered() -> bool:
                     return await endpoints_of(user, "item") == [item.inbound]
 
+                await calls(user, "item")
                 await eventually(discovered, "item discovered")
             # SIGTERM (the context's exit): a bye, so no 30 s lease wait.
 
@@ -160,6 +205,7 @@ async def test_fail_static_when_the_control_plane_dies_and_comes_back(tmp_path: 
             async def discovered() -> bool:
                 return await endpoints_of(user, "item") == [item.inbound]
 
+            await calls(user, "item")
             await eventually(discovered, "item discovered")
             os.killpg(cp.process.pid, signal.SIGKILL)
             await trio.sleep(0.5)
@@ -168,6 +214,11 @@ async def test_fail_static_when_the_control_plane_dies_and_comes_back(tmp_path: 
                     response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
                     assert response.status_code == 200
                 assert (await client.get(f"http://{user.admin}/ready")).status_code == 200
+            # ... but a service never called before cannot be looked up: 503, not a 404 that
+            # would claim it does not exist.
+            response = await calls(user, "billing")
+            assert (response.status_code, response.headers.get("x-meshlet-error")) == (503, "no-healthy-endpoints")
+            assert "unreachable" in response.text
 
             # A user sidecar restarted while the control plane is down serves from disk.
             async with run_sidecar(
@@ -206,6 +257,7 @@ async def test_sidecar_restarted_while_control_plane_down_serves_persisted_confi
                 async def discovered() -> bool:
                     return await endpoints_of(user, "item") == [item.inbound]
 
+                await calls(user, "item")
                 await eventually(discovered, "item discovered")
             os.killpg(cp.process.pid, signal.SIGKILL)
             # Same data dir, control plane down: the new user sidecar must serve at once.
@@ -247,6 +299,7 @@ async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, orig
             async def discovered() -> bool:
                 return await endpoints_of(user, "item") == [item.inbound]
 
+            await calls(user, "item")
             await eventually(discovered, "item discovered")
             garbage = await _raw_session(port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
             assert wire.FrameDecoder().feed(garbage)[0] == wire.Error(
@@ -346,6 +399,7 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
                     async def discovered() -> bool:
                         return await endpoints_of(user, "item") == [item.inbound]
 
+                    await calls(user, "item")
                     await eventually(discovered, "item discovered while a peer is stuck", timeout=10)
         finally:
             await stuck.aclose()
@@ -364,6 +418,7 @@ async def test_sighup_reload_of_static_keeps_pushed_endpoints(tmp_path: Path, or
             async def both() -> bool:
                 return await endpoints_of(user, "item") == [item.inbound] and bool(await endpoints_of(user, "billing"))
 
+            await calls(user, "item")
             await eventually(both, "pushed and static endpoints together")
             static.write_text(f"services:\n  ledger: [127.0.0.1:{origin.port}]\n")
             user.process.send_signal(signal.SIGHUP)
