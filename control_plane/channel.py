@@ -6,15 +6,15 @@ own push, every push costs a trip through trio's scheduler and a lock; measured 
 So a push is written by whoever decides it (the debouncer, or the reader that just
 got an ACK), straight into the kernel's buffer with a non-blocking ``send``. What the
 kernel does not take (a slow or stuck sidecar, a large first snapshot) is queued, as
-references to the shared encoded bytes, for this channel's flusher task, which waits
-until the socket is writable. ``blocked_since`` tells the keepalive how long the queue
+references to the shared encoded bytes, for a flusher task started then, which waits
+until the socket is writable and ends when the queue is empty. ``blocked_since`` tells the keepalive how long the queue
 has been stuck: a sidecar that stopped reading is closed.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import wait_writable
@@ -23,25 +23,33 @@ from sidecar.net.io import Closed, Connection
 
 
 class Channel:
-    __slots__ = ("io", "queued", "queued_bytes", "blocked_since", "_wake", "clock")
+    __slots__ = ("io", "queued", "queued_bytes", "blocked_since", "flushing", "_spawn", "_clock")
 
-    def __init__(self, io: Connection, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(
+        self,
+        io: Connection,
+        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         self.io = io
         self.queued: deque[memoryview] = deque()
         self.queued_bytes = 0
         self.blocked_since: float | None = None  # when the queue last went from empty to not
-        self._wake = trio.Event()
-        self.clock = clock
+        self.flushing = False
+        self._spawn = spawn  # starts the flusher task (a nursery's start_soon)
+        self._clock = clock
 
     @property
     def closed(self) -> bool:
         return self.io.closed
 
     def write(self, data: bytes) -> None:
-        """Send now what the kernel takes; queue the rest (in order) for the flusher."""
+        """Send now what the kernel takes; queue the rest (in order) for a flusher."""
         if self.io.closed:
             return
-        if not self.queued:
+        if self.queued:
+            view = memoryview(data)
+        else:
             try:
                 sent = self.io.sock.send(data)
             except BlockingIOError:
@@ -51,50 +59,46 @@ class Channel:
                 return
             if sent == len(data):
                 return
-            self.blocked_since = self.clock()
-            self._wake.set()
             view = memoryview(data)[sent:]
-        else:
-            view = memoryview(data)
+            self.blocked_since = self._clock()
         self.queued.append(view)
         self.queued_bytes += len(view)
+        if not self.flushing:
+            self.flushing = True
+            self._spawn(self._flush)
 
-    async def flush_forever(self) -> None:
-        """Drain the queue whenever there is one; returns when the socket closes."""
+    async def _flush(self) -> None:
+        """Drain the queue as the socket becomes writable; ends when it is empty (or
+        the socket closes). Runs only while a sidecar is slow to read."""
         sock = self.io.sock
         try:
-            while not self.io.closed:
-                await self._wake.wait()
-                self._wake = trio.Event()
+            while self.queued:
+                await wait_writable(sock)
                 while self.queued:
+                    head = self.queued[0]
                     try:
-                        await wait_writable(sock)
-                    except (trio.ClosedResourceError, OSError):
-                        return
-                    while self.queued:
-                        head = self.queued[0]
-                        try:
-                            sent = sock.send(head)
-                        except BlockingIOError:
-                            break
-                        self.queued_bytes -= sent
-                        if sent < len(head):
-                            self.queued[0] = head[sent:]
-                            break
-                        self.queued.popleft()
-                self.blocked_since = None
-        except OSError:
+                        sent = sock.send(head)
+                    except BlockingIOError:
+                        break
+                    self.queued_bytes -= sent
+                    if sent < len(head):
+                        self.queued[0] = head[sent:]
+                        break
+                    self.queued.popleft()
+            self.blocked_since = None
+        except (trio.ClosedResourceError, OSError):
             self.io.close()
-        finally:
             self.queued.clear()
             self.queued_bytes = 0
+        finally:
+            self.flushing = False
 
     async def recv(self) -> bytes:
         """Some bytes, ``b""`` at the peer's end; :class:`Closed` if the socket closed."""
         return await self.io.recv()
 
     def close(self) -> None:
-        self.io.close()
+        self.io.close()  # a flusher waiting on the socket wakes and ends
 
 
 __all__ = ["Channel", "Closed"]

@@ -4,9 +4,9 @@ leases, reads each session's answers and keeps every channel alive.
 A session's life: ``hello`` (5 s to arrive) → register the instance → ``welcome`` →
 the first push of every type, full → then pushes as the hub publishes changes, answers
 handled as they come (an answer lets the next push of its type go at once). A session
-has one task, its reader (plus a flusher that waits only while the kernel's buffer is
-full, see channel.py); pushes are written by the hub, pings by one keepalive task for
-all sessions. Any protocol error ends only that session: an ``error`` frame
+has one task, its reader (plus a flusher while the kernel's buffer is full, see
+channel.py); pushes are written by the hub, pings by one keepalive task for all
+sessions. Any protocol error ends only that session: an ``error`` frame
 is sent when possible, the socket closed, the instance's lease left to expire (a
 sidecar that reconnects within the TTL keeps its registration).
 """
@@ -76,6 +76,7 @@ class PushServer:
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
         self._pings = 0
+        self._nursery: trio.Nursery | None = None  # where flushers run (set by serve)
 
     def wanted(self, type: str) -> dict[str, tuple[str, Any]]:
         if type == ENDPOINTS:
@@ -98,6 +99,7 @@ class PushServer:
                 nursery.start_soon(self._expire_leases)
                 nursery.start_soon(self.hub.serve_debounce)
                 nursery.start_soon(self._keepalive)
+                self._nursery = nursery
                 task_status.started(listener.getsockname()[1])
                 await serve_socket(listener, self._session, nursery)
         finally:
@@ -122,7 +124,8 @@ class PushServer:
         """One sidecar's channel, from hello to close. One task reads (answers are
         handled as they come); the channel's flusher runs only when the kernel's buffer
         was full; pushes are written by the hub, pings by the keepalive."""
-        channel = Channel(io)
+        assert self._nursery is not None
+        channel = Channel(io, self._nursery.start_soon)
         conn = wire.ServerConnection(self.server_id)
         session: Session | None = None
         try:
@@ -136,17 +139,12 @@ class PushServer:
             if conn.hello is None:
                 return  # no hello in time
             welcome = conn.accept()  # refuses an unknown protocol version before registering anything
+            session = self._open(conn, channel, io.peer)  # ValueError: an instance the registry refuses
             channel.write(welcome)
-            session = self._open(conn, channel, io.peer)
             self.hub.push_first(session)
             for message in early[1:]:
                 self._handle(session, message)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(channel.flush_forever)
-                try:
-                    await self._read(session, channel)
-                finally:
-                    nursery.cancel_scope.cancel()
+            await self._read(session, channel)
         except wire.WireError as exc:
             self.protocol_errors += 1
             log.warning("sidecar at %s: protocol error: %s", io.peer, exc)

@@ -287,6 +287,22 @@ async def _raw_session(port: int, data: bytes) -> bytes:
     return received
 
 
+async def _after_welcome(port: int, hello: wire.Hello, then: wire.Message) -> list[wire.Message]:
+    """Say hello, wait for welcome, send ``then``; every message received until the close."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    decoder = wire.FrameDecoder()
+    received: list[wire.Message] = []
+    with trio.move_on_after(5):
+        await stream.send_all(wire.encode(hello))
+        while not received:
+            received += decoder.feed(await stream.receive_some(65536))
+        await stream.send_all(wire.encode(then))
+        while chunk := await stream.receive_some(65536):
+            received += decoder.feed(chunk)
+    await stream.aclose()
+    return received
+
+
 async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, origin: Origin) -> None:
     async with run_control_plane(tmp_path) as cp:
         port = cp.ports["push"]
@@ -318,6 +334,17 @@ async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, orig
             not_hello = await _raw_session(port, wire.encode(wire.Ping(1)))
             (error,) = wire.FrameDecoder().feed(not_hello)
             assert isinstance(error, wire.Error) and error.reason == "expected-hello"
+            # Errors after the handshake: a watch of an unknown type (v2), a watch on v1.
+            for versions, reason in (((2,), "bad-message"), ((1,), "unknown-message")):
+                hello = wire.Hello(
+                    versions,
+                    f"bad-{versions[0]}",
+                    "x",
+                    {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+                )
+                messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
+                assert messages[0] == wire.Welcome(versions[0], "meshlet-cp")
+                assert isinstance(messages[-1], wire.Error) and messages[-1].reason == reason, messages[-1]
             # The real sidecars never noticed.
             async with httpx.AsyncClient() as client:
                 response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
