@@ -68,6 +68,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from control_plane import wire
+from control_plane.channel import Channel
+from sidecar.net.io import Closed, connect
 
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
@@ -88,7 +90,7 @@ PREREGISTER_CONCURRENCY = 20  # per load process: few sessions open while instan
 
 # Timeouts, seconds: every phase is bounded.
 START_TIMEOUT = 20.0
-COLD_LIMIT = 30.0  # a cold start, until all N are synced (--cold-limit)
+COLD_LIMIT = 60.0  # a cold start, until all N are synced (--cold-limit)
 WARM_LIMIT = 90.0  # a warm start, the same
 CHANGE_TIMEOUT = 10.0  # one change, until every sidecar acked it
 CHANGES_BUDGET = 60.0  # no new change starts after this long in the change phase
@@ -260,8 +262,11 @@ class SimSidecar:
         self.watched = watched_by(index)
         self.expected_endpoints = sum(instances_of(s, load.total) for s in self.watched)
         self.conn = self._connection()
-        self.stream: trio.SocketStream | None = None
-        self.send_lock = trio.StrictFIFOLock()
+        # Raw non-blocking socket, writes that never wait (the control plane's Channel):
+        # the load simulates thousands of sidecars on one core, and trio.SocketStream's
+        # per-send scheduling and a lock per sidecar were most of its time.
+        self.channel: Channel | None = None
+        self.next_ping = 0.0
         self.held: Held = {}
         self.version = ""  # the endpoints type version last ACKed
         self.acked_types: set[str] = set()
@@ -305,20 +310,21 @@ class SimSidecar:
         self.conn = self._connection({name: version for name, (version, _) in self.held.items()})
         reason = "closed by the control plane"
         try:
-            self.stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await self.send(self.conn.hello())
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive)
+            async with trio.open_nursery() as nursery:  # flushers, if the socket fills up
+                self.channel = Channel(await connect("127.0.0.1", port), nursery.start_soon, now)
+                self.send(self.conn.hello())
+                self.next_ping = now() + random.uniform(0, PING_INTERVAL)  # spread the pings out
+                self.load.live.add(self)
                 await self._read()
                 nursery.cancel_scope.cancel()
-        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError) as group:
+        except* (OSError, Closed, wire.WireError) as group:
             exc = group.exceptions[0]
             reason = f"{type(exc).__name__}: {exc}"
         finally:
+            self.load.live.discard(self)
             self.release_slot()
-            if self.stream is not None:
-                with contextlib.suppress(OSError):
-                    self.stream.socket.close()
+            if self.channel is not None:
+                self.channel.close()
         if not self.leaving:
             self.load.lost(self, reason)
 
@@ -347,30 +353,21 @@ class SimSidecar:
             self.has_slot = False
             self.load.slots.release()
 
-    async def send(self, data: bytes) -> None:
-        assert self.stream is not None
-        async with self.send_lock:
-            await self.stream.send_all(data)
-
-    async def _keepalive(self) -> None:
-        await trio.sleep(random.uniform(0, PING_INTERVAL))  # spread the pings out
-        ping = 0
-        while True:
-            ping += 1
-            await self.send(wire.encode(wire.Ping(ping)))
-            await trio.sleep(PING_INTERVAL)
+    def send(self, data: bytes) -> None:
+        assert self.channel is not None
+        self.channel.write(data)
 
     async def _read(self) -> None:
-        assert self.stream is not None
+        assert self.channel is not None
         while True:
-            data = await self.stream.receive_some(65536)
+            data = await self.channel.recv()
             if not data:
                 return
             for message in self.conn.receive_data(data):
                 if isinstance(message, wire.Push):
                     await self._answer(message)
                 elif isinstance(message, wire.Ping):
-                    await self.send(wire.encode(wire.Pong(message.id)))
+                    self.send(wire.encode(wire.Pong(message.id)))
                 elif isinstance(message, wire.Error):
                     raise wire.WireError(message.reason, f"control plane said: {message.message}")
 
@@ -379,10 +376,10 @@ class SimSidecar:
             held = self._applied(push) if push.type == wire.ENDPOINTS else self.held
         except wire.WireError as exc:
             self.load.problem("nack", f"{self.instance_id}: {exc}")
-            await self.send(self.conn.nack(push, self.version, str(exc), tuple(r.name for r in push.resources)))
+            self.send(self.conn.nack(push, self.version, str(exc), tuple(r.name for r in push.resources)))
             return
         self.held = held
-        await self.send(self.conn.ack(push))
+        self.send(self.conn.ack(push))
         acked_at = now()
         if push.type == wire.ENDPOINTS:
             self.version = push.version
@@ -439,6 +436,7 @@ class LoadWorker:
             self.group_synced.setdefault(sidecar.watched, trio.Event())
         self.expectation: Expectation | None = None
         self.problems = 0
+        self.live: set[SimSidecar] = set()  # sidecars with an open channel
 
     # bookkeeping, called by the sidecars ------------------------------------------------
     def after_ack(self, sidecar: SimSidecar, acked_at: float) -> None:
@@ -506,6 +504,22 @@ class LoadWorker:
             }
         )
 
+    async def keepalive(self) -> None:
+        """Every live sidecar pings every ``PING_INTERVAL``, each on its own phase: one
+        task for all of them (as the control plane does), not a sleeping task each."""
+        pings = 0
+        while True:
+            await trio.sleep(0.5)
+            t = now()
+            frame = b""
+            for sidecar in list(self.live):
+                if sidecar.next_ping <= t:
+                    sidecar.next_ping = t + PING_INTERVAL
+                    if not frame:
+                        pings += 1
+                        frame = wire.encode(wire.Ping(pings))
+                    sidecar.send(frame)
+
     # commands ------------------------------------------------------------------------------
     async def connect_all(self, cached: bool) -> None:
         """Every sidecar connects (``connect_concurrency`` at a time). ``cached``: of the
@@ -570,7 +584,7 @@ class LoadWorker:
         if kind in ("unready", "ready"):
             sidecar = self.sidecars[cmd["index"]]
             started = now()
-            await sidecar.send(wire.encode(wire.Health(kind == "ready")))
+            sidecar.send(wire.encode(wire.Health(kind == "ready")))
         elif kind == "join":
             extra = self.extras[name] = SimSidecar(self, -1, name, cmd["service"], cmd["address_port"])
             started = now()
@@ -579,7 +593,7 @@ class LoadWorker:
             extra = self.extras.pop(name)
             extra.leaving = True
             started = now()
-            await extra.send(wire.encode(wire.Bye("cp_scale benchmark")))
+            extra.send(wire.encode(wire.Bye("cp_scale benchmark")))
         self.emit({"ev": "changed", "change": cmd["change"], "t0": started})
 
 
@@ -595,6 +609,7 @@ async def worker_main(args: argparse.Namespace) -> None:
     with trio.move_on_after(args.deadline):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_events, out, events)
+            nursery.start_soon(load.keepalive)
             emit({"ev": "started", "pid": os.getpid(), "sidecars": len(load.sidecars)})
             await _serve_commands(load, nursery)
             nursery.cancel_scope.cancel()

@@ -267,8 +267,9 @@ class Hub:
 
     def answered(self, session: Session, type: str, now: float) -> None:
         """An ACK or NACK: the next push of that type may go (with what merged meanwhile)."""
-        started, _, _ = session.in_flight.pop(type, (now, {}, {}))
-        self.observe_convergence(now - started)
+        push = session.in_flight.pop(type, None)
+        if push is not None:
+            self.observe_convergence(now - push.changed_at)
         self.push_due(session)
 
     # debouncing --------------------------------------------------------------------------
@@ -320,6 +321,16 @@ class Hub:
 PUBLISH_SLICE = 256  # sessions pushed to between two checkpoints of the debouncer
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A push awaiting the sidecar's answer."""
+
+    changed_at: float  # the oldest change it carries: convergence is measured from here
+    sent_at: float  # a sidecar is judged stuck from here
+    previous: dict[str, tuple[str, Any]]  # what it held of the pushed names before (restored on NACK)
+    attempted: dict[str, str]  # name → the version pushed
+
+
 class Writer(Protocol):
     """A session's outgoing side (channel.Channel): writes never wait."""
 
@@ -344,7 +355,7 @@ class Session:
     channel: Writer
     dirty: dict[str, set[str]] = field(default_factory=dict)  # debounced, waiting to be pushed
     first_change: dict[str, float] = field(default_factory=dict)  # type → time of the oldest unpushed change
-    in_flight: dict[str, tuple[float, dict[str, tuple[str, Any]], dict[str, str]]] = field(default_factory=dict)
+    in_flight: dict[str, InFlight] = field(default_factory=dict)  # type → the push awaiting an answer
     last_nack: wire.Nack | None = None
     ready: bool = False
     closed: bool = False
@@ -397,8 +408,9 @@ def build_push(
     attempted = {r.name: r.version for r in resources}
     view.sent(resources, removed, wanted)
     push, data = session.conn.push(type, view.type_version(), resources, removed, full=full)
-    session.in_flight[type] = (first if first is not None else trio.current_time(), previous, attempted)
+    sent_at = trio.current_time()
+    session.in_flight[type] = InFlight(first if first is not None else sent_at, sent_at, previous, attempted)
     return push, data
 
 
-__all__ = ["ENDPOINTS", "Hub", "Session", "SessionView", "Writer", "build_push"]
+__all__ = ["ENDPOINTS", "Hub", "InFlight", "Session", "SessionView", "Writer", "build_push"]

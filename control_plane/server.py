@@ -30,6 +30,7 @@ log = logging.getLogger("meshlet.cp.server")
 
 HELLO_TIMEOUT = 5.0
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
+ENDPOINT_MEMO_MAX = 100_000  # endpoint bodies kept with their canonical bytes
 KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
 
 
@@ -43,9 +44,21 @@ class EndpointsView:
         # The whole view, shared by every session's push until the registry changes:
         # thousands of sessions push after one change; building it once matters.
         self._view: dict[str, tuple[str, Any]] | None = None
+        self._endpoints: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
 
     def invalidate(self) -> None:
         self._view = None
+
+    def _endpoint(self, instance: Instance) -> tuple[dict[str, Any], bytes]:
+        """One endpoint's body and canonical bytes, made once per instance content."""
+        key = (instance.instance_id, instance.address, tuple(sorted(instance.labels.items())))
+        found = self._endpoints.get(key)
+        if found is None:
+            if len(self._endpoints) >= ENDPOINT_MEMO_MAX:
+                self._endpoints.clear()
+            body = wire.endpoint(instance.instance_id, instance.address, instance.labels)
+            found = self._endpoints[key] = (body, wire.canonical_bytes(body))
+        return found
 
     def __call__(self) -> dict[str, tuple[str, Any]]:
         if self._view is not None:
@@ -59,8 +72,10 @@ class EndpointsView:
             key = registry.version(service)
             cached = self._cache.get(service)
             if cached is None or cached[0] != key:
-                body = [wire.endpoint(i.instance_id, i.address, i.labels) for i in ready]
-                cached = self._cache[service] = (key, (wire.content_version(body), body))
+                items = [self._endpoint(i) for i in ready]
+                body = [item[0] for item in items]
+                version = wire.list_version([item[1] for item in items])
+                cached = self._cache[service] = (key, (version, body))
             out[service] = cached[1]
         for gone in set(self._cache) - set(out):
             del self._cache[gone]
@@ -225,8 +240,11 @@ class PushServer:
         if isinstance(message, wire.Ack):
             self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
-            _, previous, attempted = session.in_flight.get(message.type, (now, {}, {}))
-            session.views.setdefault(message.type, SessionView()).nacked(message.names, previous, attempted)
+            push = session.in_flight.get(message.type)
+            if push is not None:
+                session.views.setdefault(message.type, SessionView()).nacked(
+                    message.names, push.previous, push.attempted
+                )
             session.last_nack = message
             self.hub.nacks_total += 1
             log.warning(
@@ -281,7 +299,7 @@ class PushServer:
 def _unhealthy(session: Session, now: float, judged_from: float) -> str:
     if now - max(session.last_seen, judged_from) > 3 * PING_INTERVAL:
         return f"silent for {now - session.last_seen:.0f} s"
-    stuck = [t for t, (started, _, _) in session.in_flight.items() if now - max(started, judged_from) > ANSWER_TIMEOUT]
+    stuck = [t for t, push in session.in_flight.items() if now - max(push.sent_at, judged_from) > ANSWER_TIMEOUT]
     if stuck:
         return f"did not answer {stuck}"
     blocked = session.channel.blocked_since

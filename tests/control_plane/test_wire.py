@@ -30,9 +30,11 @@ from control_plane.wire import (
     Welcome,
     WireError,
     apply_endpoint_delta,
+    canonical_bytes,
     content_version,
     encode,
     endpoint,
+    list_version,
     negotiate,
     type_version,
 )
@@ -411,3 +413,9 @@ def test_endpoint_delta_applies_and_verifies() -> None:
     wrong = Resource("item", "000000000000", None, content_version(old), (), ("item-1",))
     with pytest.raises(WireError, match="delta-mismatch"):
         apply_endpoint_delta(old, wrong)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 300, 65_536])
+def test_list_version_is_content_version_from_cached_items(n: int) -> None:
+    body = [endpoint(f"i-{k:06d}", f"127.0.0.1:{k % 60000 + 1}", {"zone": "a"} if k % 2 else None) for k in range(n)]
+    assert list_version([canonical_bytes(e) for e in body]) == content_version(body)
