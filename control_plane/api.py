@@ -13,9 +13,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .push import Session
 from .server import PushServer
 
 CONVERGENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _sessions(push: PushServer) -> list[Session]:
+    """Connected sidecars, and those whose channel closed while their lease still holds
+    (a sidecar that bye'd or expired is forgotten here)."""
+    departed = push.hub.departed
+    for node, session in list(departed.items()):
+        if push.registry.get(session.instance_id) is None:
+            del departed[node]
+    return [*push.hub.sessions.values(), *departed.values()]
 
 
 def build_api(push: PushServer) -> Starlette:
@@ -58,9 +69,10 @@ def build_api(push: PushServer) -> Starlette:
 
     async def status(request: Request) -> Response:
         stats = registry.stats()
+        now = trio.current_time()
         return JSONResponse(
             {
-                "sidecars": sorted((s.to_json() for s in push.hub.sessions.values()), key=lambda s: s["node"]),
+                "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
                 "registry": {
                     "instances": stats.instances,
                     "ready": stats.ready,

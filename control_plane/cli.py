@@ -146,14 +146,27 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     console = Console()
-    table = Table("SIDECAR", "SERVICE", "CONNECTED", "READY", "ENDPOINTS VERSION", "ACKED", "LAST NACK", box=None)
+    table = Table(
+        "SIDECAR",
+        "SERVICE",
+        "CONNECTED",
+        "LAST SEEN",
+        "READY",
+        "WATCHING",
+        "ENDPOINTS VERSION",
+        "ACKED",
+        "LAST NACK",
+        box=None,
+    )
     for s in data["sidecars"]:
         nack = s["last_nack"]
         table.add_row(
             s["node"],
             s["service"],
             _yes(s["connected"]),
+            f"{s['last_seen_s']:.1f}s ago",
             _yes(s["ready"]),
+            _watching(s["watching"].get("endpoints")),
             s["versions"].get("endpoints", "-") or "-",
             s["acked"].get("endpoints", "-") or "-",
             "-" if nack is None else f"{nack['type']} {','.join(nack['names'])}: {nack['message']}",
@@ -168,6 +181,16 @@ def _status(args: argparse.Namespace) -> int:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
     console.print(line)
     return 0
+
+
+def _watching(names: list[str] | None) -> str:
+    """The services a sidecar receives endpoints of (None: all of them, protocol v1)."""
+    if names is None:
+        return "all"
+    if not names:
+        return "-"
+    shown = ",".join(names[:3])
+    return shown if len(names) <= 3 else f"{shown} +{len(names) - 3}"
 
 
 def _yes(value: bool) -> str:

@@ -181,6 +181,8 @@ class Hub:
     def __init__(self, wanted: Callable[[str], dict[str, tuple[str, Any]]]) -> None:
         self.wanted = wanted
         self.sessions: dict[str, Session] = {}  # node id → session
+        # Sidecars whose channel closed, kept for `meshlet status` while their lease lives.
+        self.departed: dict[str, Session] = {}
         self.pushes_total = 0
         self.nacks_total = 0
         self.convergence: list[float] = []  # seconds from change to ACK, per session and push (bounded)
@@ -194,6 +196,7 @@ class Hub:
     # sessions and their subscriptions ----------------------------------------------------
     def add(self, session: Session) -> None:
         self.sessions[session.node] = session
+        self.departed.pop(session.node, None)
         for type, view in session.views.items():
             if view.watch is None:
                 self._wildcard[type].add(session)
@@ -203,6 +206,7 @@ class Hub:
     def remove(self, session: Session) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
+            self.departed[session.node] = session
         for type, view in session.views.items():
             self._wildcard[type].discard(session)
             if view.watch is not None:
@@ -374,13 +378,14 @@ class Session:
         in flight per type; what arrives meanwhile merges into the next)."""
         return [t for t in wire.RESOURCE_TYPES if t in self.dirty and t not in self.in_flight]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, now: float) -> dict[str, Any]:
         nack = self.last_nack
         return {
             "node": self.node,
             "service": self.service,
             "instance": self.instance_id,
             "connected": not self.closed,
+            "last_seen_s": round(max(0.0, now - self.last_seen), 3),  # seconds since its last message
             "ready": self.ready,
             "versions": {t: v.type_version() for t, v in self.views.items()},
             "acked": dict(self.conn.acked),

@@ -167,9 +167,24 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             async with httpx.AsyncClient(timeout=5) as client:
                 response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
             assert (response.status_code, response.headers.get("x-meshlet-error")) == (503, "connect-failed")
+
+            async def item_status() -> list[dict[str, object]]:
+                async with httpx.AsyncClient() as client:
+                    status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
+                return [s for s in status["sidecars"] if s["service"] == "item"]
+
+            # While its lease holds, status still lists it: not connected, last seen a moment ago.
+            async def listed_as_disconnected() -> bool:
+                entries = await item_status()
+                return len(entries) == 1 and entries[0]["connected"] is False
+
+            await eventually(listed_as_disconnected, "status shows item disconnected within its lease", timeout=2)
+            (entry,) = await item_status()
+            assert 0 <= float(str(entry["last_seen_s"])) < 5
             await eventually(gone, "item's endpoint removed after the lease", timeout=10)
             # TTL 2 s + lease check (1 s) + push; never the 10 s default.
             assert trio.current_time() - killed_at < 2 + 1 + 2
+            assert await item_status() == []
 
 
 async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Origin) -> None:
