@@ -106,7 +106,7 @@ def _fetch(api: str, path: str) -> Any:
 
 
 def _get(args: argparse.Namespace) -> int:
-    console = Console()
+    console = _console()
     if args.what == "services":
         data = _fetch(args.api, "/v1/services")
         services = [s for s in data["services"] if not args.name or s["name"] == args.name]
@@ -145,7 +145,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    console = Console()
+    console = _console()
     table = Table(
         "SIDECAR",
         "SERVICE",
@@ -160,6 +160,8 @@ def _status(args: argparse.Namespace) -> int:
     )
     for s in data["sidecars"]:
         nack = s["last_nack"]
+        version = s["versions"].get("endpoints", "") or "-"
+        acked = s["acked"].get("endpoints", "") or "-"
         table.add_row(
             s["node"],
             s["service"],
@@ -167,8 +169,8 @@ def _status(args: argparse.Namespace) -> int:
             f"{s['last_seen_s']:.1f}s ago",
             _yes(s["ready"]),
             _watching(s["watching"].get("endpoints")),
-            s["versions"].get("endpoints", "-") or "-",
-            s["acked"].get("endpoints", "-") or "-",
+            version,
+            "[green]yes[/]" if acked == version != "-" else acked,
             "-" if nack is None else f"{nack['type']} {','.join(nack['names'])}: {nack['message']}",
         )
     console.print(table)
@@ -181,6 +183,11 @@ def _status(args: argparse.Namespace) -> int:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
     console.print(line)
     return 0
+
+
+def _console() -> Console:
+    """Rich at the terminal's width; piped, wide enough that rows do not wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _watching(names: list[str] | None) -> str:

@@ -15,7 +15,7 @@ decides what to push (:class:`SessionView`) is pure and tested without sockets.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,12 +74,19 @@ class SessionView:
             self.rejected.pop(name, None)
 
     def plan(
-        self, wanted: dict[str, tuple[str, Any]], names: Iterable[str] | None, *, full: bool
+        self,
+        wanted: dict[str, tuple[str, Any]],
+        names: Iterable[str] | None,
+        *,
+        full: bool,
+        keep: Container[str] = (),
     ) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
         """The resources and removals that bring the sidecar to ``wanted`` for ``names``
         (all names when None or ``full``), limited to what it watches. A watched name
         that does not exist is answered once as a resource without a body. Versions it
-        rejected are not sent again."""
+        rejected are not sent again. Names in ``keep`` that the sidecar holds and
+        ``wanted`` lacks are not removed (a control plane warming up after a restart does
+        not know yet whether they still exist)."""
         watch = self.watch
         if full or names is None:
             names = set(self.held) | (set(wanted) if watch is None else watch)
@@ -90,7 +97,8 @@ class SessionView:
             have = self.held.get(name)
             if want is None:
                 if have is not None:
-                    removed.append(name)
+                    if name not in keep:
+                        removed.append(name)
                 elif watch is not None and name in watch and name not in self.missing:
                     resources.append(Resource(name, "", None))  # does not exist (yet)
                 continue
@@ -188,6 +196,11 @@ class Hub:
         self.convergence: list[float] = []  # seconds from change to ACK, per session and push (bounded)
         self._wildcard: dict[str, set[Session]] = {t: set() for t in wire.RESOURCE_TYPES}
         self._watchers: dict[str, dict[str, set[Session]]] = {t: {} for t in wire.RESOURCE_TYPES}
+        # Until this time (trio clock) the registry is still being rebuilt after a start:
+        # pushes remove nothing a sidecar holds (Linkerd: never "no endpoints" just before
+        # an "add"); at its end every session is re-checked. See PushServer.warm_up.
+        self.warm_until = 0.0
+        self.seen: set[str] = set()  # names changed since the start: what the registry knows
         self._pending: dict[str, set[str]] = {}
         self._first_change = 0.0
         self._last_change = 0.0
@@ -253,18 +266,38 @@ class Hub:
         return len(self._watchers[type])
 
     # pushing -----------------------------------------------------------------------------
+    def keeping(self) -> Container[str]:
+        """Names a push must not remove: while warming up, those not seen since the start."""
+        if trio.current_time() < self.warm_until:
+            return _Unseen(self.seen)
+        return ()
+
+    async def end_warm_up(self) -> None:
+        """At the end of the warm-up, what was kept may be removed: re-check everything
+        every session holds or watches."""
+        await trio.sleep_until(self.warm_until)
+        for type in wire.RESOURCE_TYPES:
+            names: set[str] = set()
+            for session in self.sessions.values():
+                view = session.views.get(type)
+                if view is not None:
+                    names |= set(view.held) | (view.watch or set())
+            self.changed(type, names)
+
     def push_due(self, session: Session) -> None:
         """Write the next push of every type that has changes and no push in flight."""
+        keep = self.keeping()
         for type in session.due():
-            built = build_push(session, type, self.wanted(type), full=False)
+            built = build_push(session, type, self.wanted(type), full=False, keep=keep)
             if built is not None:
                 self.pushes_total += 1
                 session.write(built[1])
 
     def push_first(self, session: Session) -> None:
         """The first push of every type on a new channel: full."""
+        keep = self.keeping()
         for type in wire.RESOURCE_TYPES:
-            built = build_push(session, type, self.wanted(type), full=True)
+            built = build_push(session, type, self.wanted(type), full=True, keep=keep)
             if built is not None:
                 self.pushes_total += 1
                 session.write(built[1])
@@ -286,6 +319,7 @@ class Hub:
             self._first_change = now
         self._last_change = now
         self._pending.setdefault(type, set()).update(names)
+        self.seen |= names
         self._kick.set()
 
     async def serve_debounce(self) -> None:
@@ -320,6 +354,18 @@ class Hub:
         self.convergence.append(seconds)
         if len(self.convergence) > 10_000:
             del self.convergence[:5_000]
+
+
+class _Unseen:
+    """Every name not in ``seen``."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, seen: set[str]) -> None:
+        self.seen = seen
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.seen
 
 
 PUBLISH_SLICE = 256  # sessions pushed to between two checkpoints of the debouncer
@@ -397,7 +443,7 @@ class Session:
 
 
 def build_push(
-    session: Session, type: str, wanted: dict[str, tuple[str, Any]], *, full: bool
+    session: Session, type: str, wanted: dict[str, tuple[str, Any]], *, full: bool, keep: Container[str] = ()
 ) -> tuple[wire.Push, bytes] | None:
     """The next push of ``type`` for ``session`` (None: nothing to send), recorded as
     sent. Clears the dirty names it covers."""
@@ -405,7 +451,7 @@ def build_push(
     names = None if full else session.dirty.get(type, set())
     session.dirty.pop(type, None)
     first = session.first_change.pop(type, None)
-    resources, removed = view.plan(wanted, names, full=full)
+    resources, removed = view.plan(wanted, names, full=full, keep=keep)
     if not resources and not removed and not full:
         return None
     previous = {r.name: view.held[r.name] for r in resources if r.name in view.held}

@@ -111,6 +111,13 @@ class PushServer:
         listener = listen_socket(host, port, backlog=4096)
         try:
             async with trio.open_nursery() as nursery:
+                self.hub.warm_until = trio.current_time() + self.registry.ttl
+                log.info(
+                    "warming up for %.0f s: sidecars reconnect and re-register; until then no push removes "
+                    "what a sidecar holds",
+                    self.registry.ttl,
+                )
+                nursery.start_soon(self.hub.end_warm_up)
                 nursery.start_soon(self._expire_leases)
                 nursery.start_soon(self.hub.serve_debounce)
                 nursery.start_soon(self._keepalive)

@@ -136,3 +136,12 @@ def test_a_wildcard_view_ignores_subscriptions() -> None:
     wanted = {"a": _resource([_ep(1)])}
     (resource,), _ = view.plan(wanted, None, full=True)
     assert resource.name == "a"
+
+
+def test_names_kept_while_warming_up_are_not_removed() -> None:
+    view = SessionView.from_hello({"item": "0123456789ab"}, watch={"item", "pay"})
+    resources, removed = view.plan({}, None, full=True, keep={"item", "pay"})
+    assert removed == ()  # the control plane does not know yet whether item still exists
+    assert [(r.name, r.missing) for r in resources] == [("pay", True)]  # it holds no pay: nothing to lose
+    resources, removed = view.plan({}, None, full=True)
+    assert removed == ("item",) and [(r.name, r.missing) for r in resources] == [("pay", True)]
