@@ -44,6 +44,16 @@ async def calls(sidecar: SidecarProcess, service: str) -> httpx.Response:
         return await client.get(f"http://{sidecar.outbound}/hello", headers={"host": service})
 
 
+async def learns(caller: SidecarProcess, service: str, addresses: list[str], timeout: float = 15.0) -> None:
+    """``caller``'s app calls ``service`` once; then its sidecar comes to hold ``addresses``."""
+    await calls(caller, service)
+
+    async def holds() -> bool:
+        return await endpoints_of(caller, service) == addresses
+
+    await eventually(holds, f"the caller's sidecar holds {service} at {addresses}", timeout)
+
+
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
         [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
@@ -152,14 +162,10 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
 
-            async def discovered() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound]
-
             async def gone() -> bool:
                 return await endpoints_of(user, "item") == []
 
-            await calls(user, "item")
-            await eventually(discovered, "item discovered")
+            await learns(user, "item", [item.inbound])
             os.killpg(item.process.pid, signal.SIGKILL)
             killed_at = trio.current_time()
             # Inside the lease window the dead endpoint is still listed: requests fail
@@ -186,12 +192,7 @@ async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Orig
             async with run_sidecar(
                 tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
             ) as item:
-
-                async def discovered() -> bool:
-                    return await endpoints_of(user, "item") == [item.inbound]
-
-                await calls(user, "item")
-                await eventually(discovered, "item discovered")
+                await learns(user, "item", [item.inbound])
             # SIGTERM (the context's exit): a bye, so no 30 s lease wait.
 
             async def gone() -> bool:
@@ -208,12 +209,7 @@ async def test_fail_static_when_the_control_plane_dies_and_comes_back(tmp_path: 
             run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=listen) as item,
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as user,
         ):
-
-            async def discovered() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound]
-
-            await calls(user, "item")
-            await eventually(discovered, "item discovered")
+            await learns(user, "item", [item.inbound])
             os.killpg(cp.process.pid, signal.SIGKILL)
             await trio.sleep(0.5)
             async with httpx.AsyncClient() as client:
@@ -304,12 +300,7 @@ async def test_sidecar_restarted_while_control_plane_down_serves_persisted_confi
     async with run_control_plane(tmp_path, listen=listen) as cp:
         async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=listen) as item:
             async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as user:
-
-                async def discovered() -> bool:
-                    return await endpoints_of(user, "item") == [item.inbound]
-
-                await calls(user, "item")
-                await eventually(discovered, "item discovered")
+                await learns(user, "item", [item.inbound])
             os.killpg(cp.process.pid, signal.SIGKILL)
             # Same data dir, control plane down: the new user sidecar must serve at once.
             async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=listen) as again:
@@ -362,12 +353,7 @@ async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, orig
             run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
-
-            async def discovered() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound]
-
-            await calls(user, "item")
-            await eventually(discovered, "item discovered")
+            await learns(user, "item", [item.inbound])
             garbage = await _raw_session(port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
             assert wire.FrameDecoder().feed(garbage)[0] == wire.Error(
                 "bad-frame",
@@ -480,12 +466,7 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
                 async with run_sidecar(
                     tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
                 ) as item:
-
-                    async def discovered() -> bool:
-                        return await endpoints_of(user, "item") == [item.inbound]
-
-                    await calls(user, "item")
-                    await eventually(discovered, "item discovered while a peer is stuck", timeout=10)
+                    await learns(user, "item", [item.inbound], timeout=10)
         finally:
             await stuck.aclose()
 
