@@ -1,0 +1,683 @@
+"""Policy documents: the schema (pydantic models), and loading YAML or JSON with every
+problem reported at once as ``file:line: path.to.field: what is wrong (allowed: ...)``.
+
+PRODUCT §7. Five kinds, each a document with ``kind`` and a ``name`` unique per kind:
+``Service`` (static endpoints for services without a sidecar), ``Route`` (per host:
+ordered rules, their matches and actions, embedded tests), ``DestinationPolicy`` (the
+resilience knobs of PRODUCT §8), ``AccessPolicy`` and ``MeshConfig``. docs/policy.md
+shows every field with an example. Pure: no I/O beyond the text given.
+
+Validation is all or nothing: :func:`load_documents` returns the documents only if
+every one of them is valid, else raises :class:`PolicyError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable
+from functools import partial
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label, as everywhere
+POLICY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+RETRY_ON = (
+    "connect-failure",
+    "reset",
+    "refused",
+    "unavailable",
+    "5xx",
+    "gateway-error",
+    "retriable-status-codes",
+)
+
+
+class PolicyError(Exception):
+    """Every problem found, each as ``file:line: path: what``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- field types -------------------------------------------------------------------------
+
+
+def _duration(value: Any) -> float:
+    """``250ms``, ``2s``, ``1m`` (or a number of seconds) → seconds, > 0 and finite."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration (allowed: 250ms, 2s, 1m)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value.strip())):
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{value!r} must be a duration greater than 0 (allowed: 250ms, 2s, 1m)")
+    return seconds
+
+
+def _service_name(value: Any) -> str:
+    if not isinstance(value, str) or not SERVICE_NAME.match(value):
+        raise ValueError(f"{value!r} is not a service name (a DNS label: a-z, 0-9, '-', at most 63)")
+    return value
+
+
+def _header_name(value: Any) -> str:
+    if not isinstance(value, str) or not HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a header name")
+    return value.lower()
+
+
+def _address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be HOST:PORT")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (port 1-65535)")
+    return value
+
+
+def _regex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a regular expression")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{value!r} is not a path (it starts with '/')")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+ServiceName = Annotated[str, BeforeValidator(_service_name)]
+HeaderName = Annotated[str, BeforeValidator(_header_name)]
+Address = Annotated[str, BeforeValidator(_address)]
+Regex = Annotated[str, BeforeValidator(_regex)]
+Path = Annotated[str, BeforeValidator(_path)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+Status = Annotated[int, Field(ge=200, le=599)]
+Labels = dict[Annotated[str, Field(min_length=1, max_length=63)], Annotated[str, Field(max_length=63)]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, str_strip_whitespace=False)
+
+
+def _one_of(model: BaseModel, fields: Iterable[str], *, required: bool = True) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    names = ", ".join(fields)
+    if len(given) > 1:
+        raise ValueError(f"give only one of {names} (got {', '.join(given)})")
+    if required and not given:
+        raise ValueError(f"give one of {names}")
+
+
+# --- Service -------------------------------------------------------------------------------
+
+
+class EndpointSpec(_Model):
+    address: Address
+    labels: Labels = {}
+    weight: int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return {"address": value} if isinstance(value, str) else value
+
+
+class Service(_Model):
+    """Static endpoints for a service without a sidecar (a database, a third-party API),
+    and per-service defaults."""
+
+    kind: Literal["Service"]
+    name: ServiceName
+    endpoints: list[EndpointSpec] = []
+    connect_timeout: Duration | None = None
+    timeout: Duration | None = None
+
+
+# --- Route ---------------------------------------------------------------------------------
+
+
+class StringMatch(_Model):
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+    present: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StringMatch:
+        _one_of(self, ("exact", "prefix", "regex", "present"))
+        return self
+
+
+class PathMatch(_Model):
+    exact: Path | None = None
+    prefix: Path | None = None
+    regex: Regex | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PathMatch:
+        _one_of(self, ("exact", "prefix", "regex"))
+        return self
+
+
+class Match(_Model):
+    path: PathMatch | None = None
+    methods: list[Literal[METHODS]] | None = None  # type: ignore[valid-type]
+    headers: dict[HeaderName, StringMatch] = {}
+    query: dict[Annotated[str, Field(min_length=1)], StringMatch] = {}
+
+
+class Destination(_Model):
+    service: ServiceName
+    subset: Labels = {}  # endpoints whose labels include all of these
+    weight: int = Field(default=1, ge=0, le=10_000)
+
+
+class HeaderChanges(_Model):
+    add: dict[HeaderName, str] = {}  # set (replacing what is there)
+    remove: list[HeaderName] = []
+
+
+class HeaderActions(_Model):
+    request: HeaderChanges = HeaderChanges()
+    response: HeaderChanges = HeaderChanges()
+
+
+class Rewrite(_Model):
+    prefix: Path | None = None  # replaces the matched path prefix (needs match.path.prefix)
+    path: Path | None = None  # replaces the whole path
+
+    @model_validator(mode="after")
+    def _one(self) -> Rewrite:
+        _one_of(self, ("prefix", "path"))
+        return self
+
+
+class Redirect(_Model):
+    location: Annotated[str, Field(min_length=1)]
+    status: Literal[301, 302, 303, 307, 308] = 302
+
+
+class DirectResponse(_Model):
+    status: Status
+    headers: dict[HeaderName, str] = {}
+    body: str = ""
+
+
+class Delay(_Model):
+    percent: Percent
+    duration: Duration
+
+
+class Abort(_Model):
+    percent: Percent
+    status: Status = 503
+
+
+class Fault(_Model):
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise ValueError("give delay, abort or both")
+        return self
+
+
+class Mirror(_Model):
+    service: ServiceName
+    percent: Percent = 100.0
+
+
+class Rule(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # higher first; ties keep file order
+    match: Match = Match()
+    destinations: list[Destination] | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    headers: HeaderActions = HeaderActions()
+    rewrite: Rewrite | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _action(self) -> Rule:
+        _one_of(self, ("destinations", "redirect", "direct_response"))
+        if self.destinations is not None:
+            if not self.destinations:
+                raise ValueError("destinations: give at least one")
+            if sum(d.weight for d in self.destinations) == 0:
+                raise ValueError("destinations: the weights add up to 0")
+        if self.rewrite is not None and self.rewrite.prefix is not None:
+            if self.match.path is None or self.match.path.prefix is None:
+                raise ValueError("rewrite.prefix needs match.path.prefix (the part it replaces)")
+        return self
+
+
+class TestRequest(_Model):
+    method: Literal[METHODS] = "GET"  # type: ignore[valid-type]
+    path: Path = "/"
+    headers: dict[HeaderName, str] = {}
+
+
+class TestExpect(_Model):
+    rule: str | None = None  # the rule that matches
+    service: ServiceName | None = None  # a destination the rule may send it to
+    status: Status | None = None  # 404 when no rule matches, or a redirect / direct response
+
+    @model_validator(mode="after")
+    def _some(self) -> TestExpect:
+        if self.rule is None and self.service is None and self.status is None:
+            raise ValueError("give rule, service or status (or several)")
+        return self
+
+
+class RouteTest(_Model):
+    request: TestRequest
+    expect: TestExpect
+
+
+class Route(_Model):
+    """Per host: ordered rules; the first that matches (by priority, then order) decides."""
+
+    kind: Literal["Route"]
+    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    host: ServiceName
+    mode: Literal["enforce", "shadow"] = "enforce"
+    rules: list[Rule] = Field(min_length=1)
+    tests: list[RouteTest] = []
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[Rule]) -> list[Rule]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"two rules are named {rule.name!r}")
+            seen.add(rule.name)
+        return rules
+
+
+# --- DestinationPolicy ---------------------------------------------------------------------
+
+
+class Backoff(_Model):
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+
+class Budget(_Model):
+    ratio: float = Field(default=0.2, ge=0, le=10)
+    min_per_second: float = Field(default=10, ge=0, le=100_000)
+    window: Duration = 10.0
+
+
+class Retries(_Model):
+    attempts: int = Field(default=2, ge=0, le=10)  # retries after the first try
+    retry_on: list[Literal[RETRY_ON]] = ["connect-failure", "reset", "refused", "unavailable"]  # type: ignore[valid-type]
+    retriable_status_codes: list[Status] = []
+    non_idempotent: bool = False  # retry POST/PATCH too
+    backoff: Backoff = Backoff()
+    budget: Budget = Budget()
+
+
+class SlowCall(_Model):
+    threshold: Duration
+    ratio: float = Field(default=1.0, gt=0, le=1)
+
+
+class CircuitBreaker(_Model):
+    window: Duration = 10.0
+    min_requests: int = Field(default=20, ge=1, le=1_000_000)
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    open_for: Duration = 5.0
+    half_open_requests: int = Field(default=1, ge=1, le=1000)
+    slow_call: SlowCall | None = None
+    force: Literal["open", "closed"] | None = None
+
+
+class OutlierDetection(_Model):
+    consecutive_failures: int = Field(default=5, ge=1, le=1000)
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+    max_ejected_percent: Percent = 50.0
+
+
+class Limits(_Model):
+    max_inflight: int = Field(default=1024, ge=1, le=1_000_000)
+    max_pending: int = Field(default=1024, ge=0, le=1_000_000)
+
+
+class Fallback(_Model):
+    status: Status | None = None
+    headers: dict[HeaderName, str] = {}
+    body: str = ""
+    service: ServiceName | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Fallback:
+        _one_of(self, ("status", "service"))
+        return self
+
+
+class RateLimit(_Model):
+    requests_per_second: float = Field(gt=0, le=1_000_000)
+    burst: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class DestinationPolicy(_Model):
+    """How calls to ``service`` are made (PRODUCT §8); optionally for one route's rule."""
+
+    kind: Literal["DestinationPolicy"]
+    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    service: ServiceName
+    rule: str | None = None  # ROUTE_NAME/RULE_NAME: only requests that rule matched
+    mode: Literal["enforce", "shadow"] = "enforce"
+    load_balancer: Literal["ewma", "round_robin", "random", "least_request"] = "ewma"
+    connect_timeout: Duration = 1.0
+    timeout: Duration = 15.0
+    per_try_timeout: Duration | None = None
+    retries: Retries = Retries()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    outlier_detection: OutlierDetection = OutlierDetection()
+    limits: Limits = Limits()
+    fallback: Fallback | None = None
+    rate_limit: RateLimit | None = None
+
+    @field_validator("rule")
+    @classmethod
+    def _rule_ref(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise ValueError(f"{value!r} is not ROUTE/RULE (a Route's name, '/', one of its rules)")
+        return value
+
+
+# --- AccessPolicy, MeshConfig ----------------------------------------------------------------
+
+
+class AccessRule(_Model):
+    sources: list[Annotated[str, BeforeValidator(lambda v: "*" if v == "*" else _service_name(v))]] = Field(
+        min_length=1
+    )
+    paths: list[Path] = []  # prefixes; empty: every path
+    methods: list[Literal[METHODS]] = []  # type: ignore[valid-type]  # empty: every method
+
+
+class AccessPolicy(_Model):
+    """Which services may call ``service`` (and on which paths and methods)."""
+
+    kind: Literal["AccessPolicy"]
+    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    service: ServiceName
+    mode: Literal["enforce", "shadow"] = "enforce"
+    default: Literal["deny", "allow"] = "deny"  # for callers no rule names
+    rules: list[AccessRule] = []
+
+
+class Tracing(_Model):
+    sampling: float = Field(default=0.01, ge=0, le=1)
+    formats: list[Literal["b3", "w3c"]] = ["b3", "w3c"]
+    collector: str | None = None  # a Zipkin-compatible HTTP endpoint
+
+
+class Metrics(_Model):
+    labels: list[Literal["source", "destination", "route", "status", "reason"]] = [
+        "source",
+        "destination",
+        "route",
+        "status",
+        "reason",
+    ]
+    max_series: int = Field(default=10_000, ge=100, le=10_000_000)
+
+
+class Mtls(_Model):
+    mode: Literal["off", "permissive", "strict"] = "off"
+
+
+class MeshConfig(_Model):
+    """Mesh-wide settings; one document, named ``mesh``."""
+
+    kind: Literal["MeshConfig"]
+    name: Literal["mesh"]
+    tracing: Tracing = Tracing()
+    metrics: Metrics = Metrics()
+    mtls: Mtls = Mtls()
+
+
+def _policy_name(value: Any) -> str:
+    if not isinstance(value, str) or not POLICY_NAME.match(value):
+        raise ValueError(f"{value!r} is not a name (a-z, 0-9, '-', '.', at most 253)")
+    return value
+
+
+Document = Union[Service, Route, DestinationPolicy, AccessPolicy, MeshConfig]  # noqa: UP007
+KINDS: dict[str, type[BaseModel]] = {
+    m.__name__: m for m in (Service, Route, DestinationPolicy, AccessPolicy, MeshConfig)
+}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Where each path of each document starts: (document index, path) → line."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[int, str], int] = {}
+
+    def walk(self, doc: int, node: yaml.Node, path: str = "", seen: set[int] | None = None) -> None:
+        seen = set() if seen is None else seen
+        self.lines.setdefault((doc, path), node.start_mark.line + 1)
+        if id(node) in seen:  # an alias
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = f"{path}.{key.value}" if path else str(key.value)
+                self.lines[(doc, sub)] = key.start_mark.line + 1
+                self.walk(doc, value, sub, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(doc, item, f"{path}[{i}]", seen)
+
+    def at(self, doc: int, path: str) -> int:
+        while True:
+            line = self.lines.get((doc, path))
+            if line is not None or not path:
+                return line or 1
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+
+
+def parse_text(text: str, filename: str) -> tuple[list[Any], _Lines]:
+    """The raw documents of a YAML (or JSON: YAML reads it) text, with their lines."""
+    lines = _Lines()
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        raws = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PolicyError(
+            [f"{filename}:{mark.line + 1 if mark else 1}: not valid YAML: {getattr(exc, 'problem', exc)}"]
+        ) from None
+    except (ValueError, RecursionError) as exc:  # 2001-02-30, a 5,000-digit int, deep nesting
+        raise PolicyError([f"{filename}:1: not valid YAML: {exc}"]) from None
+    kept: list[Any] = []
+    for node, raw in zip(nodes, raws, strict=True):
+        if node is None:
+            continue  # an empty document (a trailing '---')
+        lines.walk(len(kept), node)
+        kept.append(raw)
+    return kept, lines
+
+
+def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
+    """Validate every document of every (filename, text); all valid → the documents,
+    else :class:`PolicyError` with every problem. Names must be unique per kind across
+    all the sources (``file:line`` of both when not)."""
+    problems: list[str] = []
+    out: list[Document] = []
+    where: dict[tuple[str, str], str] = {}
+    for filename, text in sources:
+        try:
+            raws, lines = parse_text(text, filename)
+        except PolicyError as exc:
+            problems += exc.problems
+            continue
+        for index, raw in enumerate(raws):
+            doc, found = validate(raw, partial(_place, filename, lines, index))
+            problems += sorted(found, key=partial(_line_of, len(filename)))
+            if doc is not None:
+                key = (doc.kind, doc.name)
+                here = f"{filename}:{lines.at(index, 'name')}"
+                if key in where:
+                    problems.append(f"{here}: name: {doc.kind} {doc.name!r} is defined twice (first at {where[key]})")
+                else:
+                    where[key] = here
+                    out.append(doc)
+    if problems:
+        raise PolicyError(problems)
+    return out
+
+
+def _place(filename: str, lines: _Lines, index: int, path: str) -> str:
+    return f"{filename}:{lines.at(index, path)}"
+
+
+def _line_of(prefix: int, problem: str) -> int:
+    """The line of ``file:line: ...`` (sorting one document's problems by line)."""
+    return int(problem[prefix + 1 :].partition(":")[0])
+
+
+def validate(raw: Any, place: Any) -> tuple[Document | None, list[str]]:
+    """One raw document → (the model, []) or (None, problems); ``place(path)`` says
+    ``file:line`` for a path."""
+    if not isinstance(raw, dict):
+        return None, [f"{place('')}: (document): must be a mapping with 'kind' and 'name'"]
+    kind = raw.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        allowed = ", ".join(KINDS)
+        what = "missing" if kind is None else f"{kind!r} is not a kind"
+        return None, [f"{place('kind')}: kind: {what} (allowed: {allowed})"]
+    try:
+        return model.model_validate(raw), []  # type: ignore[return-value]
+    except ValidationError as exc:
+        return None, [_problem(model, err, place) for err in exc.errors(include_url=False)]
+    except RecursionError:
+        return None, [f"{place('')}: (document): nested too deeply"]
+
+
+def _problem(model: type[BaseModel], err: Any, place: Any) -> str:
+    loc = [part for part in err["loc"] if not _is_tag(part)]
+    path = _path_text(loc)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        what = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
+    elif kind == "missing":
+        what = "required"
+    elif kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        what = f"{_shown(err.get('input'))} is not allowed (allowed: {expected})"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        sign = {"greater_than_equal": "≥", "less_than_equal": "≤", "greater_than": ">", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "")
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        what = f"{_shown(err.get('input'))} is out of range (must be {sign} {bound})"
+    elif kind in ("too_short", "too_long"):
+        what = err["msg"].replace("List", "the list").replace("String", "the text").lower()
+    elif kind == "value_error":
+        what = str(ctx.get("error", err["msg"]))
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        expected = {
+            "dict": "a mapping",
+            "list": "a list",
+            "string": "a string",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "model": "a mapping",
+        }.get(kind.split("_")[0], kind)
+        what = f"must be {expected}, not {_shown(err.get('input'))}"
+    else:
+        what = err["msg"]
+    return f"{place(path)}: {path or '(document)'}: {what}"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_tag(part: Any) -> bool:
+    """Pydantic names a union member or a function validator in ``loc``: not a key."""
+    return isinstance(part, str) and (part.startswith("function-") or part in {"str", "int", "float"})
+
+
+def _path_text(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The keys a mapping at ``loc`` inside ``model`` may have (when it is a model)."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        else:
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] and Annotated[X, ...] → X."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+__all__ = ["KINDS", "Document", "PolicyError", "load_documents", "parse_text", "validate"]
