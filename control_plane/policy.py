@@ -537,7 +537,10 @@ def parse_text(text: str, filename: str) -> tuple[list[Any], _Lines]:
 def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
     """Validate every document of every (filename, text); all valid → the documents,
     else :class:`PolicyError` with every problem. Names must be unique per kind across
-    all the sources (``file:line`` of both when not)."""
+    all the sources (``file:line`` of both when not), and every Route's embedded tests
+    must pass (the matcher is the sidecar's own, sidecar/core/routes.py)."""
+    from sidecar.core.routes import run_tests  # the sidecar's matcher, so tests mean what traffic gets
+
     problems: list[str] = []
     out: list[Document] = []
     where: dict[tuple[str, str], str] = {}
@@ -550,6 +553,13 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
         for index, raw in enumerate(raws):
             doc, found = validate(raw, partial(_place, filename, lines, index))
             problems += sorted(found, key=partial(_line_of, len(filename)))
+            if isinstance(doc, Route):
+                failed = [
+                    f"{_place(filename, lines, index, f'tests[{i}]')}: tests[{i}]: {what}" for i, what in run_tests(doc)
+                ]
+                if failed:
+                    problems += failed
+                    continue
             if doc is not None:
                 key = (doc.kind, doc.name)
                 here = f"{filename}:{lines.at(index, 'name')}"

@@ -60,7 +60,7 @@ EVERYTHING = textwrap.dedent(
         match: {path: {exact: /admin}}
         direct_response: {status: 503, body: down for maintenance}
     tests:
-      - request: {path: /items/1, headers: {x-user-group: beta}}
+      - request: {path: "/items/1?debug=1", headers: {x-user-group: beta}}
         expect: {rule: beta-users, service: item}
       - request: {method: POST, path: /nowhere}
         expect: {status: 404}
