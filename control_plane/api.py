@@ -3,6 +3,8 @@ Prometheus. Starlette on hypercorn's trio worker."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import trio
@@ -13,8 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from . import wire
+from .policy import PolicyError
 from .push import Session
 from .server import PushServer
+from .wire import POLICIES
+
+log = logging.getLogger("meshlet.cp.api")
 
 CONVERGENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -95,12 +102,80 @@ def build_api(push: PushServer) -> Starlette:
     async def live(request: Request) -> Response:
         return PlainTextResponse("live\n")
 
+    # policy ------------------------------------------------------------------------------
+    apply_lock = trio.Lock()  # one apply at a time: each diffs against what the last one left
+
+    async def policies(request: Request) -> Response:
+        store = push.policies
+        assert store is not None
+        if request.method == "PUT":
+            body = await _json_body(request)
+            if isinstance(body, Response):
+                return body
+            files = body.get("files")
+            if not isinstance(files, list) or not all(
+                isinstance(f, list) and len(f) == 2 and all(isinstance(x, str) for x in f) for f in files
+            ):
+                return _bad('"files" must be a list of [name, text] pairs')
+            return await _apply(
+                lambda: store.apply(
+                    [(name, text) for name, text in files],
+                    source=str(body.get("source", "PUT /v1/policies")),
+                    now=time.time(),
+                    dry_run=bool(body.get("dry_run", False)),
+                )
+            )
+        current = store.current
+        return JSONResponse(
+            {
+                "version": store.version,
+                # What a sidecar's ACK of the policies type names once it holds this version
+                # (meshlet apply waits for it).
+                "push_version": wire.type_version({n: v for n, (v, _) in push.wanted(POLICIES).items()}),
+                "applied": None if current is None else current.to_json(with_files=True),
+                "documents": [
+                    {"kind": name.split("/", 1)[0], "name": name.split("/", 1)[1], "version": version}
+                    for name, (version, _) in sorted(push.wanted(POLICIES).items())
+                ],
+            }
+        )
+
+    async def history(request: Request) -> Response:
+        assert push.policies is not None
+        return JSONResponse({"history": [v.to_json() for v in await push.policies.history()]})
+
+    async def rollback(request: Request) -> Response:
+        store = push.policies
+        assert store is not None
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        version = body.get("version")
+        if not isinstance(version, str) or not version:
+            return _bad('"version" must be a version string (meshlet get policies --history)')
+        return await _apply(lambda: store.rollback(version, now=time.time()))
+
+    async def _apply(run: Any) -> Response:
+        async with apply_lock:
+            before = dict(push.wanted(POLICIES))
+            try:
+                result = await run()
+            except PolicyError as exc:
+                return JSONResponse({"problems": exc.problems}, status_code=422)
+            if result.applied:
+                push.policies_changed(before)
+                log.info("policy version %s applied (%d changes)", result.version, len(result.changes))
+            return JSONResponse(result.to_json())
+
     return Starlette(
         routes=[
             Route("/v1/services", services),
             Route("/v1/endpoints", endpoints),
             Route("/v1/status", status),
             Route("/metrics", metrics),
+            Route("/v1/policies", policies, methods=["GET", "PUT"]),
+            Route("/v1/policies/history", history),
+            Route("/v1/policies/rollback", rollback, methods=["POST"]),
             Route("/live", live),
             Route("/ready", live),
         ]
@@ -140,6 +215,20 @@ class _Collector:
         )
         histogram.add_metric([], buckets, total)
         yield histogram
+
+
+async def _json_body(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad("the body must be JSON")
+    if not isinstance(body, dict):
+        return _bad("the body must be a JSON object")
+    return body
+
+
+def _bad(message: str) -> Response:
+    return JSONResponse({"problems": [message]}, status_code=400)
 
 
 def _gauge(name: str, help: str, value: float) -> GaugeMetricFamily:

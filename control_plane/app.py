@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as serve_asgi
 
 from .api import build_api
+from .policies import PolicyStore
+from .policy import PolicyError
 from .registry import Registry
 from .server import PushServer
 from .store import open_store
@@ -27,30 +30,62 @@ class ControlPlaneOptions:
     store: str = "file"  # PRODUCT §3: memory | file:PATH | etcd://...; "file" = in data_dir
     data_dir: Path = Path(".meshlet-cp")
     ttl: float = 10.0
+    policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
 
 
 async def run(
     options: ControlPlaneOptions, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     registry = Registry(ttl=options.ttl)
-    push = PushServer(registry)
     config = Config()
     config.bind = [f"{options.api[0]}:{options.api[1]}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("meshlet.cp.api")
-    # The store keeps what must survive a restart (applied policy, static services: issue 4);
-    # the registry is rebuilt by the sidecars re-registering.
-    async with open_store(options.store, options.data_dir), trio.open_nursery() as nursery:
-        push_port = await nursery.start(push.serve, *options.listen)
-        binds = await nursery.start(partial(serve_asgi, build_api(push), config))
-        api_port = int(binds[0].rsplit(":", 1)[1])
-        task_status.started({"push": push_port, "api": api_port})
-        print(
-            f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",
-            flush=True,
-        )
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal %s: stopping", signal.Signals(signum).name)
-                break
-        nursery.cancel_scope.cancel()
+    # The store keeps what must survive a restart (applied policy); the registry is
+    # rebuilt by the sidecars re-registering.
+    async with open_store(options.store, options.data_dir) as store:
+        policies = PolicyStore(store)
+        await policies.load()  # PolicyError: the stored policy no longer validates (the caller says so)
+        if options.policy is not None:
+            result = await policies.apply(
+                read_policy_files(options.policy), source=f"--policy {options.policy}", now=time.time()
+            )
+            log.info("policy from %s: version %s (%d changes)", options.policy, result.version, len(result.changes))
+        push = PushServer(registry, policies=policies)
+        async with trio.open_nursery() as nursery:
+            push_port = await nursery.start(push.serve, *options.listen)
+            binds = await nursery.start(partial(serve_asgi, build_api(push), config))
+            api_port = int(binds[0].rsplit(":", 1)[1])
+            task_status.started({"push": push_port, "api": api_port})
+            print(
+                f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("signal %s: stopping", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+
+
+POLICY_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_policy_files(path: Path) -> list[tuple[str, str]]:
+    """A file, or every .yaml/.yml/.json file of a directory (recursively, sorted), as
+    (name, text). PolicyError when there is nothing to read."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in POLICY_SUFFIXES)
+        if not files:
+            raise PolicyError([f"{path}: no .yaml, .yml or .json files in this directory"])
+    elif path.is_file():
+        files = [path]
+    else:
+        raise PolicyError([f"{path}: no such file or directory"])
+    out = []
+    for file in files:
+        try:
+            out.append((str(file), file.read_text()))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError([f"{file}: cannot read: {exc}"]) from None
+    return out

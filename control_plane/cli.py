@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,40 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         help="where applied configuration is kept (default: a file in --data-dir)",
     )
     cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
+    cp.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE|DIR",
+        help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
+    )
     cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    get = commands.add_parser("get", help="list services or endpoints known to the control plane")
-    get.add_argument("what", choices=["services", "endpoints"])
+    get = commands.add_parser("get", help="list services, endpoints or policies known to the control plane")
+    get.add_argument("what", choices=["services", "endpoints", "policies"])
     get.add_argument("name", nargs="?", help="one service")
     get.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    get.add_argument("--history", action="store_true", help="policies: every version applied, newest first")
     get.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+
+    apply = commands.add_parser(
+        "apply",
+        help="validate and apply policy files (docs/policy.md)",
+        description="Validate policy files and make them the running policy: the files given are the whole "
+        "policy (a document left out is removed). Nothing changes on any error; every error is listed as "
+        "file:line: field: what is wrong. Then waits until every sidecar has ACKed or NACKed it.",
+    )
+    apply.add_argument("-f", "--filename", type=Path, required=True, metavar="FILE|DIR", help="a file or directory")
+    apply.add_argument("--dry-run", action="store_true", help="validate and show what would change; apply nothing")
+    apply.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s; 0: no)")
+    apply.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+
+    rollback = commands.add_parser("rollback", help="apply an earlier policy version again")
+    rollback.add_argument("version", help="a version from `meshlet get policies --history` (a prefix will do)")
+    rollback.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s)")
+    rollback.add_argument(
+        "--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})"
+    )
 
     status = commands.add_parser("status", help="every sidecar: connected?, config versions applied, last NACK")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -64,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "get":
             return _get(args)
+        if args.command == "apply":
+            return _apply(args)
+        if args.command == "rollback":
+            return _rollback(args)
         return _status(args)
     except httpx.HTTPError as exc:
         print(
@@ -78,16 +109,20 @@ def _control_plane(args: argparse.Namespace) -> int:
     import trio
 
     from .app import ControlPlaneOptions, run
+    from .policy import PolicyError
     from .store import StoreError
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     options = ControlPlaneOptions(
-        listen=args.listen, api=args.api, store=args.store, data_dir=args.data_dir, ttl=args.ttl
+        listen=args.listen, api=args.api, store=args.store, data_dir=args.data_dir, ttl=args.ttl, policy=args.policy
     )
     try:
         trio.run(run, options)
+    except PolicyError as exc:
+        print(f"meshlet: the policy is not valid; nothing was applied:\n{exc}", file=sys.stderr)
+        return 1
     except (ValueError, StoreError) as exc:
         print(f"meshlet: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +142,8 @@ def _fetch(api: str, path: str) -> Any:
 
 def _get(args: argparse.Namespace) -> int:
     console = _console()
+    if args.what == "policies":
+        return _get_policies(args, console)
     if args.what == "services":
         data = _fetch(args.api, "/v1/services")
         services = [s for s in data["services"] if not args.name or s["name"] == args.name]
@@ -202,3 +239,96 @@ def _watching(names: list[str] | None) -> str:
 
 def _yes(value: bool) -> str:
     return "[green]yes[/]" if value else "[red]no[/]"
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+def _get_policies(args: argparse.Namespace, console: Console) -> int:
+    if args.history:
+        data = _fetch(args.api, "/v1/policies/history")
+        if args.output == "json":
+            print(json.dumps(data, indent=2, sort_keys=True))
+            return 0
+        table = Table("#", "VERSION", "APPLIED (UTC)", "SOURCE", "FILES", box=None)
+        for v in data["history"]:
+            applied = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["applied_at"]))
+            table.add_row(str(v["seq"]), v["version"] or "(empty)", applied, v["source"], ", ".join(v["files"]))
+        console.print(table)
+        return 0
+    data = _fetch(args.api, "/v1/policies")
+    documents = [d for d in data["documents"] if not args.name or d["name"] == args.name]
+    if args.output == "json":
+        print(json.dumps({**data, "documents": documents}, indent=2, sort_keys=True))
+        return 0
+    table = Table("KIND", "NAME", "VERSION", box=None)
+    for d in documents:
+        table.add_row(d["kind"], d["name"], d["version"])
+    console.print(table)
+    console.print(f"policy version {data['version'] or '(none applied)'}")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from .app import read_policy_files
+    from .policy import PolicyError, load_documents
+
+    try:
+        files = read_policy_files(args.filename)
+        load_documents(files)  # the same checks the control plane makes, before sending anything
+    except PolicyError as exc:
+        print(f"meshlet: nothing was applied:\n{exc}", file=sys.stderr)
+        return 1
+    body = {"files": [list(f) for f in files], "dry_run": args.dry_run, "source": f"meshlet apply -f {args.filename}"}
+    return _applied(args, httpx.put(f"http://{args.api}/v1/policies", json=body, timeout=30), args.dry_run)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    response = httpx.post(f"http://{args.api}/v1/policies/rollback", json={"version": args.version}, timeout=30)
+    return _applied(args, response, False)
+
+
+def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) -> int:
+    console = _console()
+    if response.status_code in (400, 422):
+        print("meshlet: nothing was applied:\n" + "\n".join(response.json()["problems"]), file=sys.stderr)
+        return 1
+    response.raise_for_status()
+    result = response.json()
+    for change in result["changes"]:
+        colour = {"added": "green", "changed": "yellow", "removed": "red"}[change["change"]]
+        console.print(f"  [{colour}]{change['change']:8}[/] {change['kind']}/{change['name']}")
+    if dry_run:
+        what = "would change nothing" if not result["changes"] else f"would be version {result['version']}"
+        console.print(f"dry run: {what} (running: {result['previous'] or 'none'}); nothing applied")
+        return 0
+    if not result["applied"]:
+        console.print(f"unchanged: version {result['version'] or '(empty)'} is already running")
+        return 0
+    console.print(f"applied: version {result['version'] or '(empty)'} (was {result['previous'] or 'none'})")
+    return _wait_for_sidecars(args, console) if args.wait > 0 else 0
+
+
+def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
+    """Until every connected sidecar has ACKed the new policies, or NACKed them."""
+    from rich.progress import Progress
+
+    deadline = time.monotonic() + args.wait
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("sidecars acknowledging", total=None)
+        while True:
+            wanted = _fetch(args.api, "/v1/policies")["push_version"]
+            sidecars = [s for s in _fetch(args.api, "/v1/status")["sidecars"] if s["connected"]]
+            acked = [s for s in sidecars if s["acked"].get("policies") == wanted]
+            nacked = [s for s in sidecars if (s["last_nack"] or {}).get("type") == "policies" and s not in acked]
+            progress.update(task, total=len(sidecars), completed=len(acked) + len(nacked))
+            if len(acked) + len(nacked) == len(sidecars) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    late = len(sidecars) - len(acked) - len(nacked)
+    console.print(f"{len(acked)} of {len(sidecars)} sidecars ACKed" + (f", {len(nacked)} NACKed" if nacked else ""))
+    for s in nacked:
+        console.print(f"  [red]NACK[/] {s['node']}: {s['last_nack']['message']}")
+    if late:
+        console.print(f"[yellow]{late} sidecar(s) did not answer within {args.wait:g} s[/] (see `meshlet status`)")
+    return 1 if nacked or late else 0

@@ -22,9 +22,10 @@ from sidecar.net.io import Closed, Connection, listen_socket, serve_socket
 
 from . import wire
 from .channel import Channel
+from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
-from .wire import ENDPOINTS
+from .wire import ENDPOINTS, POLICIES
 
 log = logging.getLogger("meshlet.cp.server")
 
@@ -84,19 +85,31 @@ class EndpointsView:
 
 
 class PushServer:
-    def __init__(self, registry: Registry, server_id: str = "meshlet-cp") -> None:
+    def __init__(self, registry: Registry, server_id: str = "meshlet-cp", policies: PolicyStore | None = None) -> None:
         self.registry = registry
+        self.policies = policies
         self.server_id = server_id
         self.endpoints = EndpointsView(registry)
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
         self._pings = 0
+        self._policies_view: tuple[str, dict[str, tuple[str, Any]]] | None = None
         self._nursery: trio.Nursery | None = None  # where flushers run (set by serve)
 
     def wanted(self, type: str) -> dict[str, tuple[str, Any]]:
         if type == ENDPOINTS:
             return self.endpoints()
+        if type == POLICIES and self.policies is not None:
+            if self._policies_view is None or self._policies_view[0] != self.policies.version:
+                self._policies_view = (self.policies.version, self.policies.resources())
+            return self._policies_view[1]
         return {}
+
+    def policies_changed(self, before: dict[str, tuple[str, Any]]) -> None:
+        """After an apply: push the policies that were added, changed or removed."""
+        after = self.wanted(POLICIES)
+        names = {n for n in set(before) | set(after) if before.get(n, ("",))[0] != after.get(n, ("",))[0]}
+        self.hub.changed(POLICIES, names)
 
     def changed(self, services: set[str]) -> None:
         """Every registry change that alters what sidecars see comes through here."""

@@ -1,0 +1,189 @@
+"""Applied policy: versions, history, rollback, kept in the store.
+
+An apply takes the whole set of policy files (GitOps style: what is applied is what
+runs; a document left out is removed), validates all of it (control_plane/policy.py),
+and if anything differs from what runs, records a new version:
+
+* a version is the content hash of the documents, so applying the same set again changes
+  nothing and a rollback to a version yields that same version string;
+* the store keeps each version's files (their text, as applied) under
+  ``policies/history/<seq>`` and the current one's number under ``policies/current``;
+  the last ``HISTORY_LIMIT`` versions are kept;
+* a rollback re-applies an older version's files as a new entry of the history (like
+  ``kubectl rollout undo``), validated again.
+
+Time is passed in (wall-clock seconds, for people to read); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from . import wire
+from .policy import Document, PolicyError, load_documents
+from .store import Store
+
+HISTORY_LIMIT = 50
+_CURRENT = "policies/current"
+_HISTORY = "policies/history/"
+
+
+@dataclass(frozen=True)
+class Version:
+    seq: int
+    version: str
+    applied_at: float  # Unix time
+    source: str  # who or what applied it ("meshlet apply -f routes/", "rollback to ...")
+    files: tuple[tuple[str, str], ...]  # (name, text) as applied
+
+    def to_json(self, *, with_files: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "version": self.version,
+            "applied_at": self.applied_at,
+            "source": self.source,
+            "files": [name for name, _ in self.files],
+        }
+        if with_files:
+            out["texts"] = {name: text for name, text in self.files}
+        return out
+
+
+@dataclass(frozen=True)
+class Change:
+    """One document's fate in an apply: added, changed or removed."""
+
+    kind: str
+    name: str
+    what: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "change": self.what}
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    version: str
+    previous: str
+    changes: tuple[Change, ...]
+    applied: bool  # False: a dry run, or nothing changed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "previous": self.previous,
+            "changes": [c.to_json() for c in self.changes],
+            "applied": self.applied,
+        }
+
+
+def documents_version(documents: list[Document]) -> str:
+    return wire.content_version(sorted(([d.kind, d.name, _body(d)] for d in documents), key=lambda x: x[:2]))
+
+
+def _body(document: Document) -> dict[str, Any]:
+    return document.model_dump(mode="json")
+
+
+class PolicyStore:
+    """What runs now (documents, version) and the history behind it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.current: Version | None = None
+        self.documents: list[Document] = []
+        self.version = ""  # of the empty set until something is applied
+
+    async def load(self) -> None:
+        """Read the current version back (after a restart); it is validated again."""
+        raw = await self.store.get(_CURRENT)
+        if raw is None:
+            return
+        current = await self._read(int(raw.decode()))
+        if current is None:
+            raise PolicyError([f"store: policies/current names version {raw.decode()}, which is not in the history"])
+        self.documents = load_documents(current.files)
+        self.current = current
+        self.version = current.version
+
+    async def apply(
+        self, files: list[tuple[str, str]], *, source: str, now: float, dry_run: bool = False
+    ) -> ApplyResult:
+        """Validate ``files`` (all of the policy); PolicyError changes nothing."""
+        documents = load_documents(files)
+        version = documents_version(documents) if documents else ""
+        changes = diff(self.documents, documents)
+        if dry_run or version == self.version:
+            return ApplyResult(version, self.version, changes, applied=False)
+        seq = (self.current.seq if self.current else 0) + 1
+        entry = Version(seq, version, now, source, tuple(files))
+        await self.store.put(f"{_HISTORY}{seq:08d}", _encode(entry))
+        await self.store.put(_CURRENT, str(seq).encode())  # the switch: after the entry is durable
+        for key, _ in (await self.store.items(_HISTORY))[:-HISTORY_LIMIT]:
+            await self.store.delete(key)
+        previous = self.version
+        self.current, self.documents, self.version = entry, documents, version
+        return ApplyResult(version, previous, changes, applied=True)
+
+    async def history(self) -> list[Version]:
+        entries = [_decode(raw) for _, raw in await self.store.items(_HISTORY)]
+        return sorted(entries, key=lambda v: v.seq, reverse=True)
+
+    async def rollback(self, version: str, *, now: float) -> ApplyResult:
+        """Apply an earlier version's files again (a new history entry)."""
+        for entry in await self.history():
+            if entry.version == version or (len(version) >= 4 and entry.version.startswith(version)):
+                return await self.apply(list(entry.files), source=f"rollback to {entry.version}", now=now)
+        known = ", ".join(dict.fromkeys(v.version or "(empty)" for v in await self.history())) or "none"
+        raise PolicyError([f"version {version!r} is not in the history (latest: {known})"])
+
+    async def _read(self, seq: int) -> Version | None:
+        raw = await self.store.get(f"{_HISTORY}{seq:08d}")
+        return None if raw is None else _decode(raw)
+
+    def resources(self) -> dict[str, tuple[str, Any]]:
+        """What every sidecar should hold of type ``policies``: "Kind/name" → (version, body)."""
+        out: dict[str, tuple[str, Any]] = {}
+        for document in self.documents:
+            body = _body(document)
+            out[f"{document.kind}/{document.name}"] = (wire.content_version(body), body)
+        return out
+
+
+def diff(before: list[Document], after: list[Document]) -> tuple[Change, ...]:
+    old = {(d.kind, d.name): _body(d) for d in before}
+    new = {(d.kind, d.name): _body(d) for d in after}
+    changes = [Change(k, n, "added") for (k, n) in new if (k, n) not in old]
+    changes += [Change(k, n, "changed") for (k, n), body in new.items() if (k, n) in old and old[(k, n)] != body]
+    changes += [Change(k, n, "removed") for (k, n) in old if (k, n) not in new]
+    return tuple(sorted(changes, key=lambda c: (c.kind, c.name)))
+
+
+def _encode(entry: Version) -> bytes:
+    return msgpack.packb(
+        {
+            "seq": entry.seq,
+            "version": entry.version,
+            "applied_at": entry.applied_at,
+            "source": entry.source,
+            "files": [list(f) for f in entry.files],
+        },
+        use_bin_type=True,
+    )
+
+
+def _decode(raw: bytes) -> Version:
+    data = msgpack.unpackb(raw, raw=False)
+    return Version(
+        int(data["seq"]),
+        str(data["version"]),
+        float(data["applied_at"]),
+        str(data["source"]),
+        tuple((str(name), str(text)) for name, text in data["files"]),
+    )
+
+
+__all__ = ["ApplyResult", "Change", "PolicyStore", "Version", "diff", "documents_version"]

@@ -1,0 +1,79 @@
+"""Applied policy: versions by content, history, rollback, nothing changed on error,
+and what survives a restart (the file store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from control_plane.policies import PolicyStore
+from control_plane.policy import PolicyError
+from control_plane.store import MemoryStore, open_store
+
+BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
+BILLING_2 = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443, 10.0.0.8:8443]\n"
+ROUTE = "kind: Route\nname: item\nhost: item\nrules:\n  - {name: all, destinations: [{service: item}]}\n"
+
+
+async def test_apply_versions_by_content_and_reports_what_changed() -> None:
+    policies = PolicyStore(MemoryStore())
+    first = await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    assert (
+        first.applied
+        and first.previous == ""
+        and [c.to_json() for c in first.changes] == [{"kind": "Service", "name": "billing", "change": "added"}]
+    )
+    again = await policies.apply([("renamed.yaml", BILLING)], source="test", now=2.0)
+    assert not again.applied and again.version == first.version and again.changes == ()
+    second = await policies.apply([("a.yaml", BILLING_2), ("r.yaml", ROUTE)], source="test", now=3.0)
+    assert second.applied and second.previous == first.version
+    assert [(c.kind, c.name, c.what) for c in second.changes] == [
+        ("Route", "item", "added"),
+        ("Service", "billing", "changed"),
+    ]
+    third = await policies.apply([("r.yaml", ROUTE)], source="test", now=4.0)  # billing left out: removed
+    assert [(c.name, c.what) for c in third.changes] == [("billing", "removed")]
+    assert [v.seq for v in await policies.history()] == [3, 2, 1]
+
+
+async def test_an_invalid_apply_changes_nothing() -> None:
+    policies = PolicyStore(MemoryStore())
+    good = await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    with pytest.raises(PolicyError):
+        await policies.apply([("a.yaml", BILLING_2), ("bad.yaml", "kind: Service\nname: BAD\n")], source="t", now=2.0)
+    assert policies.version == good.version and len(await policies.history()) == 1
+    assert set(policies.resources()) == {"Service/billing"}
+
+
+async def test_a_dry_run_shows_the_diff_and_keeps_what_runs() -> None:
+    policies = PolicyStore(MemoryStore())
+    await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    dry = await policies.apply([("a.yaml", BILLING_2)], source="test", now=2.0, dry_run=True)
+    assert not dry.applied and dry.version != policies.version
+    assert [(c.name, c.what) for c in dry.changes] == [("billing", "changed")]
+    assert len(await policies.history()) == 1
+
+
+async def test_rollback_is_a_new_entry_with_the_old_version() -> None:
+    policies = PolicyStore(MemoryStore())
+    first = await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    await policies.apply([("a.yaml", BILLING_2)], source="test", now=2.0)
+    back = await policies.rollback(first.version[:6], now=3.0)
+    assert back.applied and back.version == first.version == policies.version
+    newest = (await policies.history())[0]
+    assert newest.seq == 3 and newest.source == f"rollback to {first.version}"
+    with pytest.raises(PolicyError, match="not in the history"):
+        await policies.rollback("ffffffff", now=4.0)
+
+
+async def test_applied_policy_survives_a_restart(tmp_path: Path) -> None:
+    async with open_store("file", tmp_path) as store:
+        policies = PolicyStore(store)
+        applied = await policies.apply([("a.yaml", BILLING), ("r.yaml", ROUTE)], source="test", now=1.0)
+    async with open_store("file", tmp_path) as store:
+        again = PolicyStore(store)
+        await again.load()
+        assert again.version == applied.version
+        assert set(again.resources()) == {"Service/billing", "Route/item"}
+        assert (await again.history())[0].files == (("a.yaml", BILLING), ("r.yaml", ROUTE))

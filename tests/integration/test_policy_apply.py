@@ -1,0 +1,100 @@
+"""`meshlet apply`, `get policies`, `rollback` and `control-plane --policy` against a real
+control plane and a real sidecar: versions, history, nothing changed on error, waiting for
+the sidecar's ACK, and applied policy surviving a restart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+
+BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
+ROUTE = (
+    "kind: Route\nname: item\nhost: item\nrules:\n  - {name: all, destinations: [{service: item}]}\n"
+    "tests:\n  - request: {path: /x}\n    expect: {rule: all}\n"
+)
+
+
+async def meshlet(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_apply_history_rollback_and_errors(tmp_path: Path) -> None:
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "billing.yaml").write_text(BILLING)
+    (policy / "routes.yaml").write_text(ROUTE)
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        async with run_sidecar(
+            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
+        ):
+            code, out, err = await meshlet("apply", "-f", str(policy), "--api", api)
+            assert code == 0, err
+            assert "added    Route/item" in out and "added    Service/billing" in out
+            assert "1 of 1 sidecars ACKed" in out  # it waited for the sidecar
+            code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
+            first = json.loads(out)
+            assert [(d["kind"], d["name"]) for d in first["documents"]] == [("Route", "item"), ("Service", "billing")]
+
+            code, out, _ = await meshlet("apply", "-f", str(policy), "--api", api)
+            assert code == 0 and f"unchanged: version {first['version']}" in out
+
+            (policy / "billing.yaml").write_text(BILLING.replace("10.0.0.7", "10.0.0.8"))
+            code, out, _ = await meshlet("apply", "-f", str(policy), "--dry-run", "--api", api)
+            assert code == 0 and "changed  Service/billing" in out and "nothing applied" in out
+            code, out, _ = await meshlet("apply", "-f", str(policy), "--api", api)
+            assert code == 0 and f"(was {first['version']})" in out
+
+            # An invalid file, a failing route test: exit 1, every problem, nothing changed.
+            (policy / "bad.yaml").write_text("kind: Service\nname: Bad\n")
+            (policy / "routes.yaml").write_text(ROUTE.replace("expect: {rule: all}", "expect: {rule: none}"))
+            code, out, err = await meshlet("apply", "-f", str(policy), "--api", api)
+            assert code == 1
+            assert "bad.yaml:2: name: 'Bad' is not a service name" in err
+            assert "routes.yaml:7: tests[0]: expected rule 'none', got rule 'all'" in err
+            code, out, _ = await meshlet("get", "policies", "--history", "-o", "json", "--api", api)
+            history = json.loads(out)["history"]
+            assert [h["seq"] for h in history] == [2, 1]
+
+            code, out, err = await meshlet("rollback", first["version"][:6], "--api", api)
+            assert code == 0, err
+            code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
+            assert json.loads(out)["version"] == first["version"]
+            code, _, err = await meshlet("rollback", "ffffff", "--api", api)
+            assert code == 1 and "not in the history" in err
+
+    # A restart keeps the applied policy (the file store in the data directory).
+    async with run_control_plane(tmp_path) as cp:
+        code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", f"127.0.0.1:{cp.ports['api']}")
+        assert json.loads(out)["version"] == first["version"]
+
+
+async def test_control_plane_policy_flag_applies_at_start_and_refuses_bad_policy(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(BILLING)
+    async with run_control_plane(tmp_path, extra=["--policy", str(good)]) as cp:
+        code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", f"127.0.0.1:{cp.ports['api']}")
+        assert [d["name"] for d in json.loads(out)["documents"]] == ["billing"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Nope\n")
+    code, _, err = await meshlet(
+        "control-plane",
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "cp2"),
+        "--policy",
+        str(bad),
+    )
+    assert code == 1
+    assert f"{bad}:1: kind: 'Nope' is not a kind" in err
