@@ -560,6 +560,15 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
                 if failed:
                     problems += failed
                     continue
+            if isinstance(doc, Route):
+                host_key = ("Route host", doc.host)
+                if host_key in where:
+                    problems.append(
+                        f"{_place(filename, lines, index, 'host')}: host: {doc.host!r} already has a route "
+                        f"(at {where[host_key]}); one Route per host"
+                    )
+                    continue
+                where[host_key] = _place(filename, lines, index, "host")
             if doc is not None:
                 key = (doc.kind, doc.name)
                 here = f"{filename}:{lines.at(index, 'name')}"

@@ -64,11 +64,15 @@ class MeshSnapshot:
     services: Mapping[str, ServiceConfig]
     source: str
     version: str
+    routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # host → RouteTable
+    policy_version: str = ""  # of the policies behind ``routes`` (and Service documents)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "source": self.source,
+            "policy_version": self.policy_version,
+            "routes": {host: table.name for host, table in sorted(self.routes.items())},
             "services": {
                 name: {
                     "endpoints": [
@@ -86,10 +90,16 @@ def empty_snapshot(source: str = "none") -> MeshSnapshot:
     return make_snapshot({}, source)
 
 
-def make_snapshot(services: Mapping[str, ServiceConfig], source: str) -> MeshSnapshot:
-    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "")
-    body = json.dumps(snap.to_json()["services"], sort_keys=True).encode()
-    return MeshSnapshot(snap.services, source, hashlib.sha256(body).hexdigest()[:12])
+def make_snapshot(
+    services: Mapping[str, ServiceConfig],
+    source: str,
+    routes: Mapping[str, Any] | None = None,
+    policy_version: str = "",
+) -> MeshSnapshot:
+    routes = MappingProxyType(dict(routes or {}))
+    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", routes, policy_version)
+    body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
+    return MeshSnapshot(snap.services, source, hashlib.sha256(body).hexdigest()[:12], routes, policy_version)
 
 
 def parse_address(text: str, *, allow_zero: bool = False) -> tuple[str, int]:

@@ -56,3 +56,14 @@ def error_response(reason: Reason, detail: str, *, close: bool = False) -> bytes
     if close:
         headers.append((b"connection", b"close"))
     return serialize_response_head(reason.status, reason.phrase, headers) + body
+
+
+def policy_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A whole response a Route rule makes (a redirect, a direct response, an injected
+    fault): the policy's answer, so no ``x-meshlet-error``."""
+    from .http1 import reason_phrase
+
+    head = [*headers, (b"content-length", b"%d" % len(body))]
+    if not any(k.lower() == b"content-type" for k, _ in headers) and body:
+        head.append((b"content-type", b"text/plain; charset=utf-8"))
+    return serialize_response_head(status, reason_phrase(status), head) + body

@@ -74,7 +74,25 @@ class CompiledRule:
     headers: tuple[tuple[str, _Text], ...] = ()
     query: tuple[tuple[str, _Text], ...] = ()
     targets: tuple[Target, ...] = ()
+    # Header changes, as bytes: (name, value) to set, and names to drop (set names included).
+    request_set: tuple[tuple[bytes, bytes], ...] = ()
+    request_drop: frozenset[bytes] = frozenset()
+    response_set: tuple[tuple[bytes, bytes], ...] = ()
+    response_drop: frozenset[bytes] = frozenset()
     _current: list[int] = field(default_factory=list)  # smooth weighted round robin state
+
+    def rewrite(self, target: bytes) -> bytes:
+        """The origin-form target after this rule's rewrite (the query is kept)."""
+        rewrite = self.rule.rewrite
+        if rewrite is None:
+            return target
+        path, mark, query = target.partition(b"?")
+        if rewrite.prefix is not None:
+            matched = self.rule.match.path.prefix.encode("latin-1")
+            path = rewrite.prefix.encode("latin-1") + path[len(matched) :]
+        else:
+            path = rewrite.path.encode("latin-1")
+        return path + mark + query
 
     def matches(self, method: str, path: str, query: str, headers: list[tuple[bytes, bytes]]) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -146,8 +164,24 @@ class RouteTable:
         return None
 
 
+def change_headers(
+    headers: list[tuple[bytes, bytes]], set_: tuple[tuple[bytes, bytes], ...], drop: frozenset[bytes]
+) -> None:
+    """Drop the named fields (any case), then append the ones set; in place."""
+    headers[:] = [(k, v) for k, v in headers if k.lower() not in drop]
+    headers.extend(set_)
+
+
+def _changes(changes: Any) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
+    set_ = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in changes.add.items())
+    drop = frozenset(k.encode("latin-1") for k in changes.remove) | {k for k, _ in set_}
+    return set_, drop
+
+
 def _compile(rule: Rule | Any, order: int) -> CompiledRule:
     match = rule.match
+    request_set, request_drop = _changes(rule.headers.request)
+    response_set, response_drop = _changes(rule.headers.response)
     targets = tuple(
         Target(d.service, tuple(sorted(d.subset.items())), d.weight) for d in (rule.destinations or ()) if d.weight
     )
@@ -161,6 +195,10 @@ def _compile(rule: Rule | Any, order: int) -> CompiledRule:
         headers=tuple((name, _text(m)) for name, m in match.headers.items()),
         query=tuple((name, _text(m)) for name, m in match.query.items()),
         targets=targets,
+        request_set=request_set,
+        request_drop=request_drop,
+        response_set=response_set,
+        response_drop=response_drop,
     )
 
 
@@ -200,4 +238,4 @@ def _status(rule: CompiledRule | None) -> int | None:
     return None
 
 
-__all__ = ["CompiledRule", "RouteTable", "Target", "run_tests"]
+__all__ = ["CompiledRule", "RouteTable", "Target", "change_headers", "run_tests"]

@@ -10,7 +10,7 @@ metrics can record the outcome once.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -51,6 +51,7 @@ class Request:
         "connect_timeout",
         "timeout",
         "direction",
+        "rule",
     )
 
     def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
@@ -68,6 +69,7 @@ class Request:
         self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
         self.timeout = DEFAULT_REQUEST_TIMEOUT
         self.direction = "outbound"
+        self.rule: Any = None  # the Route rule that matched (sidecar/core/routes.py), if any
 
 
 class Response:

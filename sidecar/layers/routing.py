@@ -9,12 +9,17 @@ it becomes a 404.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
 
 from ..core import errors
 from ..core.balance import RoundRobin
 from ..core.config import MeshSnapshot
-from ..core.errors import MeshError
+from ..core.errors import MeshError, policy_response
+from ..core.routes import change_headers
 from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
 
@@ -31,11 +36,35 @@ class Undiscovered(MeshError):
 Discover = Callable[[str], Awaitable[Filter]]
 
 
+class Respond(Exception):
+    """A rule answers the request itself: a redirect, a direct response, an injected fault."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _policy(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Respond:
+    response = Response(status, b"", [])
+    response.raw = policy_response(status, headers, body)
+    return Respond(response)
+
+
 def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
     """Resolves the destination service and picks an endpoint (a synchronous filter).
-    ``fixed_service``: the listener is an explicit upstream port (``--upstream``)."""
+    ``fixed_service``: the listener is an explicit upstream port (``--upstream``).
+    A host with a Route policy goes through its rules first (sidecar/core/routes.py)."""
     services = snapshot.services
+    routes = snapshot.routes
     balancers = {name: RoundRobin(svc.endpoints) for name, svc in services.items()}
+    subsets: dict[tuple[str, tuple[tuple[str, str], ...]], RoundRobin] = {}
+
+    def subset(service: str, labels: tuple[tuple[str, str], ...]) -> RoundRobin:
+        found = subsets.get((service, labels))
+        if found is None:
+            endpoints = [e for e in services[service].endpoints if all(e.labels.get(k) == v for k, v in labels)]
+            found = subsets[(service, labels)] = RoundRobin(endpoints)
+        return found
 
     def route(request: Request) -> None:
         if fixed_service is None:
@@ -47,34 +76,89 @@ def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
             request.authority = authority
         else:
             service = fixed_service
+            request.target = request.head.target  # routing again starts from the request as it came
             request.authority = fixed_service.encode()
+        labels: tuple[tuple[str, str], ...] = ()
+        if routes:
+            table = routes.get(service)
+            if table is not None:
+                service, labels = _by_rule(request, table)
         config = services.get(service)
         if config is None:  # not labelled by name: unknown hosts must not grow the metrics
             raise Undiscovered(service)
         request.service = service
-        endpoint = balancers[service].pick()
+        endpoint = (subset(service, labels) if labels else balancers[service]).pick()
         if endpoint is None:
-            raise MeshError(errors.NO_HEALTHY_ENDPOINTS, f"service {service!r} has no healthy endpoint")
+            which = f" in subset {dict(labels)}" if labels else ""
+            raise MeshError(errors.NO_HEALTHY_ENDPOINTS, f"service {service!r} has no healthy endpoint{which}")
         request.endpoint = endpoint
         request.connect_timeout = config.connect_timeout
-        request.timeout = config.timeout
+        rule = request.rule
+        request.timeout = rule.rule.timeout if rule is not None and rule.rule.timeout is not None else config.timeout
 
     return route
 
 
-def routing_layer(inner: Handler, route: Filter, then: Filter, discover: Discover | None = None) -> Handler:
+def _by_rule(request: Request, table: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Match ``table``'s rules; apply the rule's request changes; → (service, subset)."""
+    head = request.head
+    rule = table.match(head.method, request.target, head.headers)
+    if rule is None:
+        path = request.target.partition(b"?")[0].decode("latin-1")
+        raise MeshError(errors.NO_ROUTE, f"no rule of route {table.name!r} matches {head.method.decode()} {path}")
+    request.rule = rule
+    spec = rule.rule
+    if spec.redirect is not None:
+        raise _policy(spec.redirect.status, [(b"location", spec.redirect.location.encode("latin-1"))], b"")
+    if spec.direct_response is not None:
+        answer = spec.direct_response
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        raise _policy(answer.status, headers, answer.body.encode())
+    if rule.request_drop:
+        change_headers(head.headers, rule.request_set, rule.request_drop)
+    if spec.rewrite is not None:
+        request.target = rule.rewrite(request.target)
+    target = rule.pick()
+    return target.service, target.subset
+
+
+def routing_layer(
+    inner: Handler, route: Filter, then: Filter, discover: Discover | None = None, rng: random.Random | None = None
+) -> Handler:
     """``route``, then ``then`` (the next synchronous filter), then ``inner``. A
     destination the snapshot lacks is looked up with ``discover`` (when there is a
-    control plane to ask) and routed by the snapshot that came with the answer."""
+    control plane to ask) and routed by the snapshot that came with the answer. A
+    matched rule's fault injection and response header changes happen here."""
+    rng = rng or random.Random()
 
     async def handle(request: Request) -> Response:
         try:
-            route(request)
-        except Undiscovered as exc:
-            if discover is None:
-                raise
-            (await discover(exc.service))(request)
+            try:
+                route(request)
+            except Undiscovered as exc:
+                if discover is None:
+                    raise
+                (await discover(exc.service))(request)  # routes again, from the request's head
+        except Respond as answer:
+            return answer.response
+        rule = request.rule
+        if rule is not None and rule.rule.fault is not None:
+            answer = await _fault(rule.rule.fault, rng)
+            if answer is not None:
+                return answer
         then(request)
-        return await inner(request)
+        response = await inner(request)
+        if rule is not None and rule.response_drop and response.raw is None:
+            change_headers(response.headers, rule.response_set, rule.response_drop)
+        return response
 
     return handle
+
+
+async def _fault(fault: Any, rng: random.Random) -> Response | None:
+    """Fault injection (delay, abort) by percent, as Envoy's fault filter."""
+    if fault.delay is not None and rng.random() * 100 < fault.delay.percent:
+        await trio.sleep(fault.delay.duration)
+    if fault.abort is not None and rng.random() * 100 < fault.abort.percent:
+        return _policy(fault.abort.status, [(b"x-meshlet-fault", b"abort")], b"fault injected\n").response
+    return None

@@ -26,6 +26,7 @@ from control_plane import wire
 from ..core import errors
 from ..core.config import Endpoint, MeshSnapshot, ServiceConfig, is_service_name, make_snapshot, parse_address
 from ..core.errors import MeshError
+from ..core.policies import PolicyCache
 
 log = logging.getLogger("meshlet.control")
 
@@ -158,6 +159,7 @@ class ControlPlaneClient:
         self.state_file = state_file
         self.rng = rng or random.Random()
         self.state = DiscoveredState()
+        self.policies = PolicyCache()
         self.connected = False
         self.ready = False  # the app's health, as last probed
         self.pushes_applied = 0
@@ -179,8 +181,10 @@ class ControlPlaneClient:
         if self.state_file is None or not self.state_file.exists():
             return False
         try:
-            self.state = DiscoveredState.from_json(json.loads(self.state_file.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raw = json.loads(self.state_file.read_text())
+            self.state = DiscoveredState.from_json(raw)
+            self.policies = PolicyCache.from_json(raw.get("policies", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("ignoring unreadable persisted config %s: %s", self.state_file, exc)
             return False
         self._install("persisted")
@@ -192,7 +196,7 @@ class ControlPlaneClient:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state.to_json()))
+        tmp.write_text(json.dumps({**self.state.to_json(), "policies": self.policies.to_json()}))
         os.replace(tmp, self.state_file)
 
     def reinstall(self, source: str) -> None:
@@ -201,8 +205,9 @@ class ControlPlaneClient:
 
     def _install(self, source: str) -> None:
         services = dict(self._static())
-        services.update(self.state.services())
-        self._apply(make_snapshot(services, source))
+        services.update(self.policies.services())  # Service documents: services without a sidecar
+        services.update(self.state.services())  # registered instances win over a document of the same name
+        self._apply(make_snapshot(services, source, self.policies.routes(), self.policies.version()))
         self.has_config = True
 
     # the channel ------------------------------------------------------------------------
@@ -246,7 +251,7 @@ class ControlPlaneClient:
                 "labels": info.labels,
                 "ready": self.ready,
             },
-            {wire.ENDPOINTS: self.state.versions()},
+            {wire.ENDPOINTS: self.state.versions(), wire.POLICIES: self.policies.versions()},
             {wire.ENDPOINTS: tuple(sorted(self.state.watched))},
         )
         conn = wire.ClientConnection(hello)
@@ -289,10 +294,13 @@ class ControlPlaneClient:
             await stream.aclose()
 
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
-        if push.type != wire.ENDPOINTS:
-            return conn.ack(push)  # types this build does not use yet: nothing to apply
         previous = self.acked_versions.get(push.type, "")  # xDS: a NACK names the last accepted version
-        rejected, why = self.state.apply(push)
+        if push.type == wire.ENDPOINTS:
+            rejected, why = self.state.apply(push)
+        elif push.type == wire.POLICIES:
+            rejected, why = self.policies.apply(push)
+        else:
+            return conn.ack(push)  # a type this build does not know: nothing to apply
         self._install("control-plane")
         self._persist()
         self.pushes_applied += 1

@@ -230,6 +230,12 @@ def test_json_documents_load_too() -> None:
             id="duplicate-name",
         ),
         pytest.param(
+            "kind: Route\nname: a\nhost: item\nrules: [{name: r, destinations: [{service: item}]}]\n---\n"
+            "kind: Route\nname: b\nhost: item\nrules: [{name: r, destinations: [{service: item}]}]\n",
+            "p.yaml:8: host: 'item' already has a route (at p.yaml:3); one Route per host",
+            id="two-routes-one-host",
+        ),
+        pytest.param(
             "kind: MeshConfig\nname: global\n",
             "p.yaml:2: name: 'global' is not allowed (allowed: mesh)",
             id="mesh-config-name",

@@ -104,6 +104,8 @@ def test_to_json() -> None:
     assert snap.to_json() == {
         "version": snap.version,
         "source": "static:mesh.yaml",
+        "policy_version": "",
+        "routes": {},
         "services": {
             "cart": {
                 "endpoints": [

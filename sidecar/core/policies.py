@@ -1,0 +1,109 @@
+"""Policies a sidecar received from the control plane, checked again here. Pure.
+
+The control plane validated them, but a sidecar must never run what it cannot read: each
+resource is validated with the same schema (control_plane/policy.py); a bad one is
+rejected (NACKed, PRODUCT §6) and the sidecar keeps the version it had. What it holds
+becomes part of its snapshot: ``Service`` documents as services with static endpoints,
+enforcing ``Route`` documents as route tables by host.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from control_plane import wire
+from control_plane.policy import Document, Route, Service, validate
+
+from .config import Endpoint, ServiceConfig, parse_address
+from .routes import RouteTable
+
+log = logging.getLogger("meshlet.policies")
+
+
+class PolicyCache:
+    """ "Kind/name" → (version, body, document)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[str, Any, Document]] = {}
+
+    def apply(self, push: wire.Push) -> tuple[list[str], str]:
+        """Apply what is valid; return the rejected names and why (empty: all applied)."""
+        rejected: list[str] = []
+        reasons: list[str] = []
+        for resource in push.resources:
+            if resource.missing:
+                self.held.pop(resource.name, None)
+                continue
+            document, why = _read(resource.name, resource.body)
+            if document is None:
+                rejected.append(resource.name)
+                reasons.append(f"{resource.name}: {why}")
+                continue
+            self.held[resource.name] = (resource.version, resource.body, document)
+        for name in push.removed:
+            self.held.pop(name, None)
+        return rejected, "; ".join(reasons)
+
+    def versions(self) -> dict[str, str]:
+        return {name: version for name, (version, _, _) in self.held.items()}
+
+    def version(self) -> str:
+        return wire.type_version(self.versions())
+
+    def services(self) -> dict[str, ServiceConfig]:
+        """Services without a sidecar, from ``Service`` documents."""
+        out: dict[str, ServiceConfig] = {}
+        for _, _, document in self.held.values():
+            if isinstance(document, Service):
+                endpoints = tuple(
+                    Endpoint(*parse_address(e.address), labels=dict(e.labels), weight=e.weight)
+                    for e in document.endpoints
+                )
+                config = ServiceConfig(document.name, endpoints)
+                if document.connect_timeout is not None:
+                    config = ServiceConfig(config.name, endpoints, document.connect_timeout, config.timeout)
+                if document.timeout is not None:
+                    config = ServiceConfig(config.name, endpoints, config.connect_timeout, document.timeout)
+                out[document.name] = config
+        return out
+
+    def routes(self) -> dict[str, RouteTable]:
+        """Enforcing routes by host (a shadow route is not enforced)."""
+        out: dict[str, RouteTable] = {}
+        for name in sorted(self.held):
+            document = self.held[name][2]
+            if isinstance(document, Route) and document.mode == "enforce":
+                if document.host in out:  # the control plane refuses this; be deterministic anyway
+                    log.warning(
+                        "route %s ignored: %s already routes host %s", name, out[document.host].name, document.host
+                    )
+                    continue
+                out[document.host] = RouteTable(document)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: {"ver": version, "body": body} for name, (version, body, _) in self.held.items()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PolicyCache:
+        cache = cls()
+        for name, item in dict(raw).items():
+            document, why = _read(str(name), item.get("body"))
+            if document is None:
+                log.warning("persisted policy %s ignored: %s", name, why)
+                continue
+            cache.held[str(name)] = (str(item["ver"]), item["body"], document)
+        return cache
+
+
+def _read(name: str, body: Any) -> tuple[Document | None, str]:
+    document, problems = validate(body, lambda path: name)
+    if document is None:
+        return None, "; ".join(p.split(": ", 1)[1] for p in problems)
+    if f"{document.kind}/{document.name}" != name:
+        return None, f"the document is {document.kind}/{document.name}, not {name}"
+    return document, ""
+
+
+__all__ = ["PolicyCache"]

@@ -1,0 +1,67 @@
+"""A sidecar's policy cache: validated again on arrival (a bad one is rejected, the
+rest applied), Service documents as services, enforcing routes by host, persistence."""
+
+from __future__ import annotations
+
+from control_plane import wire
+from sidecar.core.policies import PolicyCache
+
+ROUTE = {
+    "kind": "Route",
+    "name": "item",
+    "host": "item",
+    "rules": [{"name": "all", "destinations": [{"service": "item"}]}],
+}
+SHADOW = {**ROUTE, "name": "pay", "host": "pay", "mode": "shadow"}
+BILLING = {
+    "kind": "Service",
+    "name": "billing",
+    "endpoints": [{"address": "10.0.0.7:8443", "labels": {"zone": "b"}}],
+    "timeout": 5,
+}
+
+
+def _push(*resources: tuple[str, object], removed: tuple[str, ...] = ()) -> wire.Push:
+    return wire.Push(
+        "policies",
+        "v",
+        "1",
+        tuple(wire.Resource(name, wire.content_version(body), body) for name, body in resources),
+        removed,
+    )
+
+
+def test_valid_documents_are_applied_and_a_bad_one_is_rejected_with_why() -> None:
+    cache = PolicyCache()
+    rejected, why = cache.apply(
+        _push(
+            ("Route/item", ROUTE),
+            ("Service/billing", BILLING),
+            ("Route/bad", {**ROUTE, "name": "bad", "rules": []}),
+            ("Route/other", ROUTE),  # the body is Route/item: not what it claims to be
+        )
+    )
+    assert rejected == ["Route/bad", "Route/other"]
+    assert "rules: the list should have at least 1 item" in why and "not Route/other" in why
+    assert set(cache.held) == {"Route/item", "Service/billing"}
+    billing = cache.services()["billing"]
+    assert billing.timeout == 5.0 and billing.endpoints[0].labels == {"zone": "b"}
+    assert list(cache.routes()) == ["item"]
+
+
+def test_a_shadow_route_is_held_but_not_enforced_and_removals_apply() -> None:
+    cache = PolicyCache()
+    cache.apply(_push(("Route/item", ROUTE), ("Route/pay", SHADOW)))
+    assert set(cache.held) == {"Route/item", "Route/pay"} and list(cache.routes()) == ["item"]
+    cache.apply(_push(removed=("Route/item",)))
+    assert cache.routes() == {} and cache.version() == wire.type_version({"Route/pay": cache.versions()["Route/pay"]})
+
+
+def test_persisted_policies_come_back_and_unreadable_ones_are_dropped() -> None:
+    cache = PolicyCache()
+    cache.apply(_push(("Route/item", ROUTE), ("Service/billing", BILLING)))
+    raw = cache.to_json()
+    raw["Route/broken"] = {"ver": "x", "body": {"kind": "Route"}}
+    again = PolicyCache.from_json(raw)
+    assert set(again.held) == {"Route/item", "Service/billing"}
+    assert again.versions() == cache.versions()

@@ -1,0 +1,140 @@
+"""Route policies enforced by real sidecars: a canary split by subset, header-based
+routing with header changes and a rewrite, a direct response, a redirect, an injected
+fault; a policy change takes effect on the next request."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+from ..origin import Origin
+
+ROUTES = """\
+kind: Route
+name: item
+host: item
+rules:
+  - name: beta
+    priority: 10
+    match: {headers: {x-group: {exact: beta}}, path: {prefix: /api}}
+    destinations: [{service: item, subset: {version: v2}}]
+    headers: {request: {add: {x-canary: "1"}, remove: [x-secret]}, response: {add: {x-route: beta}}}
+    rewrite: {prefix: /info}
+  - name: admin
+    priority: 10
+    match: {path: {exact: /admin}}
+    direct_response: {status: 403, body: "admins only"}
+  - name: old
+    priority: 10
+    match: {path: {prefix: /old}}
+    redirect: {location: /hello, status: 301}
+  - name: broken
+    priority: 10
+    match: {path: {prefix: /broken}}
+    destinations: [{service: item}]
+    fault: {abort: {percent: 100, status: 503}}
+  - name: split
+    destinations:
+      - {service: item, subset: {version: v1}, weight: 90}
+      - {service: item, subset: {version: v2}, weight: 10}
+tests:
+  - request: {path: /api/x, headers: {x-group: beta}}
+    expect: {rule: beta}
+  - request: {path: /admin}
+    expect: {status: 403}
+"""
+
+
+async def meshlet(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: trio.Nursery) -> None:
+    v1, v2 = Origin(), Origin()
+    v1_port, v2_port = await nursery.start(v1.serve), await nursery.start(v2.serve)
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(
+                tmp_path,
+                service="item",
+                app=f"127.0.0.1:{v1_port}",
+                control_plane=push,
+                extra=["--label", "version=v1", "--instance-id", "item-v1"],
+            ),
+            run_sidecar(
+                tmp_path,
+                service="item",
+                app=f"127.0.0.1:{v2_port}",
+                control_plane=push,
+                extra=["--label", "version=v2", "--instance-id", "item-v2"],
+            ),
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            code, out, err = await meshlet("apply", "-f", str(tmp_path / "routes.yaml"), "--api", api)
+            assert code == 0, err + out
+            base = f"http://{user.outbound}"
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(15):  # until user's sidecar knows both item instances
+                    while True:
+                        await client.get(f"{base}/hello", headers={"host": "item"})
+                        dump = (await client.get(f"http://{user.admin}/config_dump")).json()
+                        if len(dump["config"]["services"].get("item", {}).get("endpoints", [])) == 2:
+                            break
+                        await trio.sleep(0.1)
+                assert dump["config"]["routes"] == {"item": "item"}
+
+                before = (v1.stats.completed, v2.stats.completed)
+                for _ in range(200):
+                    response = await client.get(f"{base}/hello", headers={"host": "item"})
+                    assert response.status_code == 200
+                split = (v1.stats.completed - before[0], v2.stats.completed - before[1])
+                assert split == (180, 20)  # 90/10, exactly: a smooth weighted round robin
+
+                response = await client.get(
+                    f"{base}/api?x=1", headers={"host": "item", "x-group": "beta", "x-secret": "s"}
+                )
+                info = response.json()
+                assert info["target"] == "/info?x=1"  # the matched prefix rewritten, the query kept
+                sent = dict(info["headers"])
+                assert sent.get("x-canary") == "1" and "x-secret" not in sent
+                assert response.headers["x-route"] == "beta"
+                assert v2.stats.completed - before[1] == 21  # the beta rule goes to v2 only
+
+                admin = await client.get(f"{base}/admin", headers={"host": "item"})
+                assert (admin.status_code, admin.text) == (403, "admins only")
+                assert "x-meshlet-error" not in admin.headers  # the policy's answer, not a mesh failure
+                old = await client.get(f"{base}/old/thing", headers={"host": "item"})
+                assert (old.status_code, old.headers["location"]) == (301, "/hello")
+                broken = await client.get(f"{base}/broken", headers={"host": "item"})
+                assert (broken.status_code, broken.headers["x-meshlet-fault"]) == (503, "abort")
+
+                # A new policy takes effect on the next request: everything to v1 now.
+                (tmp_path / "routes.yaml").write_text(
+                    "kind: Route\nname: item\nhost: item\nrules:\n"
+                    "  - {name: v1, destinations: [{service: item, subset: {version: v1}}]}\n"
+                )
+                code, out, err = await meshlet("apply", "-f", str(tmp_path / "routes.yaml"), "--api", api)
+                assert code == 0 and "3 of 3 sidecars ACKed" in out, err + out
+                before = (v1.stats.completed, v2.stats.completed)
+                outcomes = Counter()
+                for _ in range(20):
+                    outcomes[(await client.get(f"{base}/hello", headers={"host": "item"})).status_code] += 1
+                assert outcomes == {200: 20}
+                assert (v1.stats.completed - before[0], v2.stats.completed - before[1]) == (20, 0)
+                unmatched = await client.get(f"{base}/admin", headers={"host": "item"})
+                # The admin rule went with the old version: the request reaches the app now.
+                assert (unmatched.status_code, unmatched.text) == (404, "origin: no such path")
+            code, out, _ = await meshlet("status", "-o", "json", "--api", api)
+            sidecars = json.loads(out)["sidecars"]
+            assert all(s["last_nack"] is None for s in sidecars)
