@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import wire
+from .explain import explain
 from .policy import PolicyError
 from .push import Session
 from .server import PushServer
@@ -155,6 +156,34 @@ def build_api(push: PushServer) -> Starlette:
             return _bad('"version" must be a version string (meshlet get policies --history)')
         return await _apply(lambda: store.rollback(version, now=time.time()))
 
+    async def explain_request(request: Request) -> Response:
+        url = request.query_params.get("url")
+        if not url:
+            return _bad("give url, e.g. /v1/explain?url=http://item/items/1 (and method, header=k:v, from)")
+        headers = []
+        for item in request.query_params.getlist("header"):
+            name, sep, value = item.partition(":")
+            if not sep or not name.strip():
+                return _bad(f"header {item!r}: expected NAME:VALUE")
+            headers.append((name.strip(), value.strip()))
+        endpoints = {
+            name: [
+                {"id": i.instance_id, "address": i.address, "labels": dict(i.labels)} for i in registry.endpoints(name)
+            ]
+            for name in registry.services()
+        }
+        documents = push.policies.documents if push.policies is not None else []
+        return JSONResponse(
+            explain(
+                url,
+                documents,
+                endpoints,
+                method=request.query_params.get("method", "GET").upper(),
+                headers=headers,
+                source=request.query_params.get("from"),
+            )
+        )
+
     async def _apply(run: Any) -> Response:
         async with apply_lock:
             before = dict(push.wanted(POLICIES))
@@ -176,6 +205,7 @@ def build_api(push: PushServer) -> Starlette:
             Route("/v1/policies", policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", history),
             Route("/v1/policies/rollback", rollback, methods=["POST"]),
+            Route("/v1/explain", explain_request),
             Route("/live", live),
             Route("/ready", live),
         ]

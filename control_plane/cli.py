@@ -80,6 +80,20 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         "--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})"
     )
 
+    explain = commands.add_parser(
+        "explain",
+        help="which route, rule, destinations and policy a request would get, and why",
+        description="Explain what the mesh would do with a request: the Route and rule that match, the "
+        "destinations with their shares and endpoints, the rule's changes, the DestinationPolicy, and (with "
+        "--from) what the AccessPolicy says. Example: meshlet explain http://item/items/1 --from user",
+    )
+    explain.add_argument("url", help="http://SERVICE/path?query (the Host is the service)")
+    explain.add_argument("-X", "--method", default="GET")
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable")
+    explain.add_argument("--from", dest="source", metavar="SERVICE", help="the calling service")
+    explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    explain.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+
     status = commands.add_parser("status", help="every sidecar: connected?, config versions applied, last NACK")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     status.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
@@ -95,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             return _apply(args)
         if args.command == "rollback":
             return _rollback(args)
+        if args.command == "explain":
+            return _explain(args)
         return _status(args)
     except httpx.HTTPError as exc:
         print(
@@ -332,3 +348,66 @@ def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
     if late:
         console.print(f"[yellow]{late} sidecar(s) did not answer within {args.wait:g} s[/] (see `meshlet status`)")
     return 1 if nacked or late else 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    params: list[tuple[str, str]] = [("url", args.url), ("method", args.method)]
+    params += [("header", h) for h in args.header]
+    if args.source:
+        params.append(("from", args.source))
+    response = httpx.get(f"http://{args.api}/v1/explain", params=params, timeout=10)
+    if response.status_code == 400:
+        print("meshlet: " + "; ".join(response.json()["problems"]), file=sys.stderr)
+        return 2
+    response.raise_for_status()
+    data = response.json()
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    console = _console()
+    say = console.print
+    say(
+        f"[bold]{data['method']} {data['target']}[/] for [bold]{data['host']}[/]"
+        + (f" from {data['source']}" if data["source"] else "")
+    )
+    route, decision = data["route"], data["decision"]
+    if route is None:
+        say(f"  route: none for host {data['host']}: straight to the service {data['host']}")
+    else:
+        mode = " (shadow: not enforced)" if route["mode"] == "shadow" else ""
+        say(f"  route: {route['name']}{mode}; rules tried in order: {', '.join(route['rules'])}")
+        rule = data.get("rule")
+        if rule is None:
+            say(f"  [red]no rule matches[/]: 404 no-route ({decision['why']})")
+        else:
+            say(
+                f"  rule: [bold]{rule['name']}[/] (priority {rule['priority']}) matches {json.dumps(rule['match']) if rule['match'] else 'every request'}"
+            )
+    if "redirect" in decision:
+        say(f"  answer: redirect {decision['redirect']['status']} to {decision['redirect']['location']}")
+    if "direct_response" in decision:
+        say(f"  answer: direct response {decision['direct_response']['status']}")
+    for key in ("rewritten_target", "headers", "fault", "mirror", "timeout"):
+        if key in decision:
+            say(f"  {key.replace('_', ' ')}: {json.dumps(decision[key])}")
+    if "destinations" in decision:
+        table = Table("SERVICE", "SUBSET", "SHARE", "ENDPOINTS", "FROM", "DESTINATION POLICY", box=None)
+        shares = {(d["service"], json.dumps(d["subset"], sort_keys=True)): d["share"] for d in decision["destinations"]}
+        for d in data["destinations"]:
+            subset = ",".join(f"{k}={v}" for k, v in sorted(d["subset"].items())) or "-"
+            share = shares.get((d["service"], json.dumps(d["subset"], sort_keys=True)), 0)
+            policy = d["destination_policy"]
+            table.add_row(
+                d["service"],
+                subset,
+                f"{share:g} %",
+                ", ".join(d["endpoints"]) or "[red]none[/]",
+                d["endpoints_from"],
+                "defaults" if policy is None else f"{policy['name']} ({policy['mode']})",
+            )
+        console.print(table)
+    for access in data.get("access", []):
+        verdict = "[green]allowed[/]" if access["allowed"] else "[red]denied (403 forbidden)[/]"
+        note = "" if access.get("enforced", True) else " [dim](AccessPolicy is not enforced by sidecars yet)[/]"
+        say(f"  access to {access['service']}: {verdict}: {access['why']}{note}")
+    return 0

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sidecar":
         return run_sidecar(args, parser)
-    if args.command in ("control-plane", "get", "status", "apply", "rollback"):
+    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain"):
         from control_plane.cli import run
 
         return run(args)

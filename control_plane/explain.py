@@ -1,0 +1,151 @@
+"""`meshlet explain URL`: what the mesh would do with a request, and why. Pure.
+
+Built from the applied policy and the registry, with the sidecar's own route matcher
+(sidecar/core/routes.py), so the answer is what a sidecar decides: the Route and the rule
+that match (or why none does), the action (destinations with their shares and the
+endpoints each subset selects, a redirect, a direct response), the changes the rule makes,
+the DestinationPolicy that would govern each destination, and, given the calling service,
+what its AccessPolicy says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.core.routes import RouteTable
+
+from .policy import AccessPolicy, DestinationPolicy, Document, Route, Service
+
+
+def explain(
+    url: str,
+    documents: list[Document],
+    endpoints: dict[str, list[dict[str, Any]]],
+    *,
+    method: str = "GET",
+    headers: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    source: str | None = None,
+) -> dict[str, Any]:
+    """``endpoints``: service → its ready endpoints ({id, address, labels})."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    host = (parts.hostname or "").lower()
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    out: dict[str, Any] = {"host": host, "method": method, "target": target, "source": source}
+    routes = [d for d in documents if isinstance(d, Route) and d.host == host]
+    statics = {d.name: d for d in documents if isinstance(d, Service)}
+    raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    services: list[tuple[str, dict[str, str], int]] = []
+    if routes:
+        route = routes[0]
+        table = RouteTable(route)
+        rule = table.match(method.encode(), target.encode("latin-1"), raw_headers)
+        out["route"] = {"name": route.name, "mode": route.mode, "rules": [r.name for r in table.rules]}
+        if rule is None:
+            out["decision"] = {"status": 404, "why": f"no rule of route {route.name!r} matches"}
+        else:
+            spec = rule.rule
+            out["rule"] = {
+                "name": rule.name,
+                "priority": rule.priority,
+                "match": spec.match.model_dump(exclude_defaults=True),
+            }
+            if spec.redirect is not None:
+                out["decision"] = {"redirect": spec.redirect.model_dump()}
+            elif spec.direct_response is not None:
+                out["decision"] = {"direct_response": spec.direct_response.model_dump()}
+            else:
+                total = sum(t.weight for t in rule.targets)
+                services = [(t.service, dict(t.subset), t.weight) for t in rule.targets]
+                out["decision"] = {
+                    "destinations": [
+                        {"service": s, "subset": subset, "weight": w, "share": round(100 * w / total, 2)}
+                        for s, subset, w in services
+                    ]
+                }
+                if spec.rewrite is not None:
+                    out["decision"]["rewritten_target"] = rule.rewrite(target.encode("latin-1")).decode("latin-1")
+            changes = spec.headers.model_dump(exclude_defaults=True)
+            if changes:
+                out["decision"]["headers"] = changes
+            for key in ("fault", "mirror"):
+                value = getattr(spec, key)
+                if value is not None:
+                    out["decision"][key] = value.model_dump()
+            if spec.timeout is not None:
+                out["decision"]["timeout"] = spec.timeout
+    else:
+        out["route"] = None
+        services = [(host, {}, 1)]
+        out["decision"] = {"destinations": [{"service": host, "subset": {}, "weight": 1, "share": 100.0}]}
+    out["destinations"] = [
+        _destination(name, subset, documents, endpoints, statics, out.get("route"), out.get("rule"))
+        for name, subset, _ in services
+    ]
+    if source is not None:
+        names = dict.fromkeys(name for name, _, _ in services)
+        out["access"] = [_access(source, name, target, method, documents) for name in names]
+    return out
+
+
+def _destination(
+    name: str,
+    subset: dict[str, str],
+    documents: list[Document],
+    endpoints: dict[str, list[dict[str, Any]]],
+    statics: dict[str, Service],
+    route: dict[str, Any] | None,
+    rule: dict[str, Any] | None,
+) -> dict[str, Any]:
+    if name in endpoints:
+        candidates, where = endpoints[name], "registry"
+    elif name in statics:
+        candidates = [{"id": e.address, "address": e.address, "labels": e.labels} for e in statics[name].endpoints]
+        where = f"Service/{name}"
+    else:
+        candidates, where = [], "unknown: no registered instance and no Service document"
+    chosen = [e for e in candidates if all(e["labels"].get(k) == v for k, v in subset.items())]
+    rule_ref = f"{route['name']}/{rule['name']}" if route and rule else None
+    policies = [d for d in documents if isinstance(d, DestinationPolicy) and d.service == name]
+    specific = [d for d in policies if d.rule is not None and d.rule == rule_ref]
+    general = [d for d in policies if d.rule is None]
+    policy = (specific or general or [None])[0]
+    return {
+        "service": name,
+        "subset": subset,
+        "endpoints_from": where,
+        "endpoints": [e["address"] for e in chosen],
+        "endpoints_outside_subset": len(candidates) - len(chosen),
+        "destination_policy": None if policy is None else {"name": policy.name, "mode": policy.mode},
+    }
+
+
+def _access(source: str, service: str, target: str, method: str, documents: list[Document]) -> dict[str, Any]:
+    policies = [d for d in documents if isinstance(d, AccessPolicy) and d.service == service]
+    if not policies:
+        return {"service": service, "allowed": True, "why": "no AccessPolicy for this service"}
+    policy = policies[0]
+    path = target.partition("?")[0]
+    for i, rule in enumerate(policy.rules):
+        if (
+            ("*" in rule.sources or source in rule.sources)
+            and (not rule.paths or any(path.startswith(p) for p in rule.paths))
+            and (not rule.methods or method in rule.methods)
+        ):
+            return {
+                "service": service,
+                "allowed": True,
+                "why": f"AccessPolicy/{policy.name} rules[{i}]",
+                "mode": policy.mode,
+                "enforced": False,  # AccessPolicy is validated and pushed; sidecars do not enforce it yet
+            }
+    return {
+        "service": service,
+        "allowed": policy.default == "allow",
+        "why": f"AccessPolicy/{policy.name}: no rule names {source}; default {policy.default}",
+        "mode": policy.mode,
+        "enforced": False,
+    }
+
+
+__all__ = ["explain"]
