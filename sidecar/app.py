@@ -141,8 +141,9 @@ class Sidecar:
 
     def _build(self, snapshot: MeshSnapshot) -> None:
         service = self.options.service
-        routes: dict[str | None, Filter] = {None: router(snapshot)}
-        routes.update((name, router(snapshot, name)) for name in self.options.upstreams)
+        shadow = self.telemetry.shadow_decision
+        routes: dict[str | None, Filter] = {None: router(snapshot, on_shadow=shadow)}
+        routes.update((name, router(snapshot, name, on_shadow=shadow)) for name in self.options.upstreams)
         self.routes = routes
         discover = self._discoverer
         self.outbound_handler = build_outbound(routes[None], self.forwarder, self.telemetry, service, discover(None))

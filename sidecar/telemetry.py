@@ -21,6 +21,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 REQUEST_LABELS = ("direction", "source", "destination", "code", "reason")
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
+SHADOW_LABELS = ("route", "rule", "decision")
 
 
 class Telemetry:
@@ -29,6 +30,8 @@ class Telemetry:
         # labels → [count per bucket..., +Inf count, sum]
         self.durations: dict[tuple[str, ...], list[float]] = {}
         self.inflight: dict[str, int] = {}  # direction → requests in flight
+        # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
+        self.shadow: dict[tuple[str, str, str], int] = {}
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
 
@@ -44,6 +47,10 @@ class Telemetry:
         hist[bisect_left(DURATION_BUCKETS, seconds)] += 1
         hist[-1] += seconds
 
+    def shadow_decision(self, route: str, rule: str, decision: str) -> None:
+        key = (route, rule, decision)
+        self.shadow[key] = self.shadow.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         """Plain, msgpack-able values: what a worker sends its supervisor."""
         return {
@@ -51,6 +58,7 @@ class Telemetry:
             "durations": [[*k, v] for k, v in self.durations.items()],
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
+            "shadow": [[*k, v] for k, v in self.shadow.items()],
         }
 
 
@@ -60,11 +68,12 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "durations": {},
         "inflight": {},
         "connections": {},
+        "shadow": {},
     }
     for snap in snapshots:
-        for kind in ("requests", "inflight", "connections"):
+        for kind in ("requests", "inflight", "connections", "shadow"):
             table = merged[kind]
-            for *labels, value in snap[kind]:
+            for *labels, value in snap.get(kind, ()):
                 key = tuple(labels)
                 table[key] = table.get(key, 0) + value
         durations = merged["durations"]
@@ -111,6 +120,14 @@ class _Collector:
         for labels, value in merged["connections"].items():
             connections.add_metric(labels, value)
         yield connections
+        shadow = CounterMetricFamily(
+            "meshlet_shadow_route_decisions",
+            "What Route policies in shadow mode would have done: the rule, and the destination or answer.",
+            labels=SHADOW_LABELS,
+        )
+        for labels, value in merged["shadow"].items():
+            shadow.add_metric(labels, value)
+        yield shadow
 
 
 def _bound(bound: float) -> str:

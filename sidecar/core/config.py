@@ -66,6 +66,7 @@ class MeshSnapshot:
     version: str
     routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # host → RouteTable
     policy_version: str = ""  # of the policies behind ``routes`` (and Service documents)
+    shadow_routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class MeshSnapshot:
             "source": self.source,
             "policy_version": self.policy_version,
             "routes": {host: table.name for host, table in sorted(self.routes.items())},
+            "shadow_routes": {host: table.name for host, table in sorted(self.shadow_routes.items())},
             "services": {
                 name: {
                     "endpoints": [
@@ -95,11 +97,14 @@ def make_snapshot(
     source: str,
     routes: Mapping[str, Any] | None = None,
     policy_version: str = "",
+    shadow_routes: Mapping[str, Any] | None = None,
 ) -> MeshSnapshot:
     routes = MappingProxyType(dict(routes or {}))
-    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", routes, policy_version)
+    shadow = MappingProxyType(dict(shadow_routes or {}))
+    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", routes, policy_version, shadow)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
-    return MeshSnapshot(snap.services, source, hashlib.sha256(body).hexdigest()[:12], routes, policy_version)
+    version = hashlib.sha256(body).hexdigest()[:12]
+    return MeshSnapshot(snap.services, source, version, routes, policy_version, shadow)
 
 
 def parse_address(text: str, *, allow_zero: bool = False) -> tuple[str, int]:

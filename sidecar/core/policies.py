@@ -68,12 +68,12 @@ class PolicyCache:
                 out[document.name] = config
         return out
 
-    def routes(self) -> dict[str, RouteTable]:
-        """Enforcing routes by host (a shadow route is not enforced)."""
+    def routes(self, mode: str = "enforce") -> dict[str, RouteTable]:
+        """Routes by host: the enforcing ones, or (``mode="shadow"``) those only counted."""
         out: dict[str, RouteTable] = {}
         for name in sorted(self.held):
             document = self.held[name][2]
-            if isinstance(document, Route) and document.mode == "enforce":
+            if isinstance(document, Route) and document.mode == mode:
                 if document.host in out:  # the control plane refuses this; be deterministic anyway
                     log.warning(
                         "route %s ignored: %s already routes host %s", name, out[document.host].name, document.host

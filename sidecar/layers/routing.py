@@ -50,12 +50,16 @@ def _policy(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Res
     return Respond(response)
 
 
-def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
+def router(
+    snapshot: MeshSnapshot, fixed_service: str | None = None, on_shadow: Callable[[str, str, str], None] | None = None
+) -> Filter:
     """Resolves the destination service and picks an endpoint (a synchronous filter).
     ``fixed_service``: the listener is an explicit upstream port (``--upstream``).
-    A host with a Route policy goes through its rules first (sidecar/core/routes.py)."""
+    A host with a Route policy goes through its rules first (sidecar/core/routes.py); a
+    Route in shadow mode is only asked what it would do (``on_shadow(route, rule, decision)``)."""
     services = snapshot.services
     routes = snapshot.routes
+    shadow = snapshot.shadow_routes if on_shadow is not None else None
     balancers = {name: RoundRobin(svc.endpoints) for name, svc in services.items()}
     subsets: dict[tuple[str, tuple[tuple[str, str], ...]], RoundRobin] = {}
 
@@ -79,6 +83,10 @@ def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
             request.target = request.head.target  # routing again starts from the request as it came
             request.authority = fixed_service.encode()
         labels: tuple[tuple[str, str], ...] = ()
+        if shadow:
+            table = shadow.get(service)
+            if table is not None:
+                _count_shadow(request, table, on_shadow)  # type: ignore[arg-type]
         if routes:
             table = routes.get(service)
             if table is not None:
@@ -97,6 +105,23 @@ def router(snapshot: MeshSnapshot, fixed_service: str | None = None) -> Filter:
         request.timeout = rule.rule.timeout if rule is not None and rule.rule.timeout is not None else config.timeout
 
     return route
+
+
+def _count_shadow(request: Request, table: Any, on_shadow: Callable[[str, str, str], None]) -> None:
+    """What a shadow Route would do with this request; nothing about the request changes."""
+    rule = table.match(request.head.method, request.target, request.head.headers)
+    if rule is None:
+        on_shadow(table.name, "", "no-route")
+        return
+    spec = rule.rule
+    if spec.redirect is not None:
+        decision = f"redirect {spec.redirect.status}"
+    elif spec.direct_response is not None:
+        decision = f"direct {spec.direct_response.status}"
+    else:
+        target = rule.pick()
+        decision = target.service + "".join(f",{k}={v}" for k, v in target.subset)
+    on_shadow(table.name, rule.name, decision)
 
 
 def _by_rule(request: Request, table: Any) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -207,7 +207,8 @@ class ControlPlaneClient:
         services = dict(self._static())
         services.update(self.policies.services())  # Service documents: services without a sidecar
         services.update(self.state.services())  # registered instances win over a document of the same name
-        self._apply(make_snapshot(services, source, self.policies.routes(), self.policies.version()))
+        policies = self.policies
+        self._apply(make_snapshot(services, source, policies.routes(), policies.version(), policies.routes("shadow")))
         self.has_config = True
 
     # the channel ------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def test_to_json() -> None:
         "source": "static:mesh.yaml",
         "policy_version": "",
         "routes": {},
+        "shadow_routes": {},
         "services": {
             "cart": {
                 "endpoints": [

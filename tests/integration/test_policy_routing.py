@@ -138,3 +138,44 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
             code, out, _ = await meshlet("status", "-o", "json", "--api", api)
             sidecars = json.loads(out)["sidecars"]
             assert all(s["last_nack"] is None for s in sidecars)
+
+
+async def test_a_shadow_route_is_counted_not_enforced(tmp_path: Path, origin: Origin) -> None:
+    (tmp_path / "shadow.yaml").write_text(
+        "kind: Route\nname: item-next\nhost: item\nmode: shadow\nrules:\n"
+        "  - {name: moved, match: {path: {prefix: /hello}}, redirect: {location: /v2/hello}}\n"
+        "  - {name: rest, destinations: [{service: item, subset: {version: v2}}]}\n"
+    )
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push),
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            code, out, err = await meshlet("apply", "-f", str(tmp_path / "shadow.yaml"), "--api", api)
+            assert code == 0, err + out
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(15):  # until user's sidecar routes item (polling another process)
+                    response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                    while response.status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                        response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                statuses = Counter()
+                for path in ["/hello"] * 5 + ["/status/201"] * 3:
+                    response = await client.get(f"http://{user.outbound}{path}", headers={"host": "item"})
+                    statuses[response.status_code] += 1
+                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+            assert statuses == {200: 5, 201: 3}  # not enforced: every request reached the app
+            lines = {
+                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("meshlet_shadow")
+            }
+            assert (
+                lines['meshlet_shadow_route_decisions_total{decision="redirect 302",route="item-next",rule="moved"}']
+                >= 5
+            )
+            assert (
+                lines['meshlet_shadow_route_decisions_total{decision="item,version=v2",route="item-next",rule="rest"}']
+                == 3
+            )
