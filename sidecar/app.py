@@ -27,6 +27,7 @@ from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
 from .layers.inbound import source_header, to_local_app
 from .layers.metrics import metrics_layer
+from .layers.mirror import Mirror
 from .layers.routing import Discover, router, routing_layer
 from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
@@ -62,9 +63,14 @@ class SidecarOptions:
 
 
 def build_outbound(
-    route: Filter, forwarder: Forwarder, telemetry: Telemetry, service: str, discover: Discover | None = None
+    route: Filter,
+    forwarder: Forwarder,
+    telemetry: Telemetry,
+    service: str,
+    discover: Discover | None = None,
+    mirror: Mirror | None = None,
 ) -> Handler:
-    handler = routing_layer(forwarder, route, source_header(service), discover)
+    handler = routing_layer(forwarder, route, source_header(service), discover, mirror=mirror)
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "outbound", service)
 
@@ -108,6 +114,7 @@ class Sidecar:
         self.telemetry.connection_stats = self.pools.stats
         self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)
         self.forwarder = Forwarder(self.pools, self.deadlines)
+        self.mirror = Mirror(self.forwarder, self.telemetry)
         self.app = Endpoint(*options.app)
         self.snapshot = empty_snapshot()
         self.config_ready = False
@@ -146,9 +153,13 @@ class Sidecar:
         routes.update((name, router(snapshot, name, on_shadow=shadow)) for name in self.options.upstreams)
         self.routes = routes
         discover = self._discoverer
-        self.outbound_handler = build_outbound(routes[None], self.forwarder, self.telemetry, service, discover(None))
+        self.mirror.use(snapshot)
+        mirror = self.mirror
+        self.outbound_handler = build_outbound(
+            routes[None], self.forwarder, self.telemetry, service, discover(None), mirror
+        )
         self.upstream_handlers = {
-            name: build_outbound(routes[name], self.forwarder, self.telemetry, service, discover(name))
+            name: build_outbound(routes[name], self.forwarder, self.telemetry, service, discover(name), mirror)
             for name in self.options.upstreams
         }
         self.snapshot = snapshot
@@ -278,6 +289,7 @@ class Sidecar:
                 if not self.control.load_persisted():
                     self._build(self.snapshot)  # the same stacks, now able to look services up
                 nursery.start_soon(self.control.serve)
+            self.mirror.spawn = nursery.start_soon
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
 

@@ -22,6 +22,7 @@ REQUEST_LABELS = ("direction", "source", "destination", "code", "reason")
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
 SHADOW_LABELS = ("route", "rule", "decision")
+MIRROR_LABELS = ("destination", "outcome")
 
 
 class Telemetry:
@@ -32,6 +33,7 @@ class Telemetry:
         self.inflight: dict[str, int] = {}  # direction → requests in flight
         # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
         self.shadow: dict[tuple[str, str, str], int] = {}
+        self.mirror: dict[tuple[str, str], int] = {}  # (destination, outcome) → mirrored copies
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
 
@@ -51,6 +53,10 @@ class Telemetry:
         key = (route, rule, decision)
         self.shadow[key] = self.shadow.get(key, 0) + 1
 
+    def mirror_finished(self, destination: str, outcome: str) -> None:
+        key = (destination, outcome)
+        self.mirror[key] = self.mirror.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         """Plain, msgpack-able values: what a worker sends its supervisor."""
         return {
@@ -59,6 +65,7 @@ class Telemetry:
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
+            "mirror": [[*k, v] for k, v in self.mirror.items()],
         }
 
 
@@ -69,9 +76,10 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "inflight": {},
         "connections": {},
         "shadow": {},
+        "mirror": {},
     }
     for snap in snapshots:
-        for kind in ("requests", "inflight", "connections", "shadow"):
+        for kind in ("requests", "inflight", "connections", "shadow", "mirror"):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
                 key = tuple(labels)
@@ -128,6 +136,15 @@ class _Collector:
         for labels, value in merged["shadow"].items():
             shadow.add_metric(labels, value)
         yield shadow
+        mirror = CounterMetricFamily(
+            "meshlet_mirror_requests",
+            "Mirrored copies of requests, by destination and outcome (2xx..5xx, a mesh reason, failed, "
+            "skipped-body, no-endpoint); never seen by the caller.",
+            labels=MIRROR_LABELS,
+        )
+        for labels, value in merged["mirror"].items():
+            mirror.add_metric(labels, value)
+        yield mirror
 
 
 def _bound(bound: float) -> str:

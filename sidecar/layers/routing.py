@@ -148,7 +148,12 @@ def _by_rule(request: Request, table: Any) -> tuple[str, tuple[tuple[str, str], 
 
 
 def routing_layer(
-    inner: Handler, route: Filter, then: Filter, discover: Discover | None = None, rng: random.Random | None = None
+    inner: Handler,
+    route: Filter,
+    then: Filter,
+    discover: Discover | None = None,
+    rng: random.Random | None = None,
+    mirror: Callable[[Request, Any], None] | None = None,
 ) -> Handler:
     """``route``, then ``then`` (the next synchronous filter), then ``inner``. A
     destination the snapshot lacks is looked up with ``discover`` (when there is a
@@ -167,10 +172,14 @@ def routing_layer(
         except Respond as answer:
             return answer.response
         rule = request.rule
-        if rule is not None and rule.rule.fault is not None:
-            answer = await _fault(rule.rule.fault, rng)
-            if answer is not None:
-                return answer
+        if rule is not None:
+            spec = rule.rule
+            if spec.fault is not None:
+                answer = await _fault(spec.fault, rng)
+                if answer is not None:
+                    return answer
+            if spec.mirror is not None and mirror is not None:
+                mirror(request, spec.mirror)
         then(request)
         response = await inner(request)
         if rule is not None and rule.response_drop and response.raw is None:

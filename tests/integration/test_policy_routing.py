@@ -179,3 +179,62 @@ async def test_a_shadow_route_is_counted_not_enforced(tmp_path: Path, origin: Or
                 lines['meshlet_shadow_route_decisions_total{decision="item,version=v2",route="item-next",rule="rest"}']
                 == 3
             )
+
+
+async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_caller(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    main, shadow = Origin(), Origin()
+    main_port, shadow_port = await nursery.start(main.serve), await nursery.start(shadow.serve)
+    (tmp_path / "mirror.yaml").write_text(
+        "kind: Route\nname: item\nhost: item\nrules:\n"
+        "  - {name: all, destinations: [{service: item}], mirror: {service: item-next, percent: 100}}\n"
+    )
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{main_port}", control_plane=push),
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            code, out, err = await meshlet("apply", "-f", str(tmp_path / "mirror.yaml"), "--api", api)
+            assert code == 0, err + out
+            base = f"http://{user.outbound}"
+            async with httpx.AsyncClient(timeout=10) as client:
+
+                async def call() -> httpx.Response:
+                    return await client.get(f"{base}/hello", headers={"host": "item"})
+
+                async def mirrored_ok() -> float:
+                    metrics = (await client.get(f"http://{user.admin}/metrics")).text
+                    key = 'meshlet_mirror_requests_total{destination="item-next",outcome="2xx"} '
+                    return sum(float(line[len(key) :]) for line in metrics.splitlines() if line.startswith(key))
+
+                async with run_sidecar(
+                    tmp_path, service="item-next", app=f"127.0.0.1:{shadow_port}", control_plane=push
+                ) as shadow_sidecar:
+                    await client.get(f"{base}/hello", headers={"host": "item-next"})  # user's sidecar watches it
+                    with trio.fail_after(15):  # until a copy made it (item-next registered and ready)
+                        while not await mirrored_ok():  # noqa: ASYNC110 - polling another process
+                            assert (await call()).status_code == 200
+                            await trio.sleep(0.1)
+                    before = (main.stats.completed, shadow.stats.completed, await mirrored_ok())
+                    for _ in range(10):
+                        assert (await call()).text == "hello"
+                    with trio.fail_after(5):
+                        while await mirrored_ok() < before[2] + 10:  # noqa: ASYNC110
+                            await trio.sleep(0.05)
+                    assert main.stats.completed - before[0] == 10
+                    assert shadow.stats.completed - before[1] == 10
+                    assert shadow_sidecar.inbound  # the copies went through the shadow's own sidecar
+                # The shadow is gone (its sidecar stopped): the caller sees nothing of it.
+                for _ in range(10):
+                    assert (await call()).status_code == 200
+                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+            mirrored = {
+                line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("meshlet_mirror_requests_total")
+            }
+            assert mirrored.get('destination="item-next",outcome="2xx"', 0) >= 10
+            failed = sum(v for k, v in mirrored.items() if "2xx" not in k)
+            assert failed >= 1  # copies to a gone shadow: counted, never seen by the caller
