@@ -3,6 +3,7 @@ Prometheus. Starlette on hypercorn's trio worker."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any
@@ -37,8 +38,25 @@ def _sessions(push: PushServer) -> list[Session]:
     return [*push.hub.sessions.values(), *departed.values()]
 
 
-def build_api(push: PushServer) -> Starlette:
+def build_api(push: PushServer, token: str | None = None) -> Starlette:
+    """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``."""
     registry = push.registry
+
+    def refused(request: Request) -> Response | None:
+        if token is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        return JSONResponse(
+            {
+                "problems": [
+                    "writing needs the control plane's token (Authorization: Bearer ...); it is in its data "
+                    "directory, file api-token (meshlet apply --token-file PATH, or MESHLET_TOKEN)"
+                ]
+            },
+            status_code=401,
+        )
 
     def instance_json(instance: Any) -> dict[str, Any]:
         now = trio.current_time()
@@ -110,6 +128,8 @@ def build_api(push: PushServer) -> Starlette:
         store = push.policies
         assert store is not None
         if request.method == "PUT":
+            if (denied := refused(request)) is not None:
+                return denied
             body = await _json_body(request)
             if isinstance(body, Response):
                 return body
@@ -148,6 +168,8 @@ def build_api(push: PushServer) -> Starlette:
     async def rollback(request: Request) -> Response:
         store = push.policies
         assert store is not None
+        if (denied := refused(request)) is not None:
+            return denied
         body = await _json_body(request)
         if isinstance(body, Response):
             return body

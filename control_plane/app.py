@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -54,7 +56,8 @@ async def run(
         push = PushServer(registry, policies=policies)
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
-            binds = await nursery.start(partial(serve_asgi, build_api(push), config))
+            token = api_token(options.data_dir)
+            binds = await nursery.start(partial(serve_asgi, build_api(push, token), config))
             api_port = int(binds[0].rsplit(":", 1)[1])
             task_status.started({"push": push_port, "api": api_port})
             print(
@@ -66,6 +69,27 @@ async def run(
                     log.info("signal %s: stopping", signal.Signals(signum).name)
                     break
             nursery.cancel_scope.cancel()
+
+
+TOKEN_FILE = "api-token"
+
+
+def api_token(data_dir: Path) -> str:
+    """The write API's token: made at first start, kept 0600 in the data directory
+    (PRODUCT §12); `meshlet apply` on this machine reads it from there."""
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
 
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     apply.add_argument("--dry-run", action="store_true", help="validate and show what would change; apply nothing")
     apply.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s; 0: no)")
     apply.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+    _token_options(apply)
 
     rollback = commands.add_parser("rollback", help="apply an earlier policy version again")
     rollback.add_argument("version", help="a version from `meshlet get policies --history` (a prefix will do)")
@@ -79,6 +81,7 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     rollback.add_argument(
         "--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})"
     )
+    _token_options(rollback)
 
     explain = commands.add_parser(
         "explain",
@@ -260,6 +263,29 @@ def _yes(value: bool) -> str:
 # --- policy ----------------------------------------------------------------------------------
 
 
+def _token_options(parser: Any) -> None:
+    parser.add_argument(
+        "--token", help="the control plane's write token (default: env MESHLET_TOKEN, else --token-file)"
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(".meshlet-cp") / "api-token",
+        metavar="PATH",
+        help="where the control plane keeps it (default ./.meshlet-cp/api-token: its default --data-dir)",
+    )
+
+
+def _auth(args: argparse.Namespace) -> dict[str, str]:
+    token = args.token or os.environ.get("MESHLET_TOKEN")
+    if not token:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError:
+            return {}  # the control plane's 401 says what to do
+    return {"authorization": f"Bearer {token}"}
+
+
 def _get_policies(args: argparse.Namespace, console: Console) -> int:
     if args.history:
         data = _fetch(args.api, "/v1/policies/history")
@@ -296,17 +322,20 @@ def _apply(args: argparse.Namespace) -> int:
         print(f"meshlet: nothing was applied:\n{exc}", file=sys.stderr)
         return 1
     body = {"files": [list(f) for f in files], "dry_run": args.dry_run, "source": f"meshlet apply -f {args.filename}"}
-    return _applied(args, httpx.put(f"http://{args.api}/v1/policies", json=body, timeout=30), args.dry_run)
+    response = httpx.put(f"http://{args.api}/v1/policies", json=body, headers=_auth(args), timeout=30)
+    return _applied(args, response, args.dry_run)
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    response = httpx.post(f"http://{args.api}/v1/policies/rollback", json={"version": args.version}, timeout=30)
+    response = httpx.post(
+        f"http://{args.api}/v1/policies/rollback", json={"version": args.version}, headers=_auth(args), timeout=30
+    )
     return _applied(args, response, False)
 
 
 def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) -> int:
     console = _console()
-    if response.status_code in (400, 422):
+    if response.status_code in (400, 401, 422):
         print("meshlet: nothing was applied:\n" + "\n".join(response.json()["problems"]), file=sys.stderr)
         return 1
     response.raise_for_status()

@@ -9,10 +9,12 @@ persisted, so a sidecar restarted while the control plane is down serves from it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +194,26 @@ class ControlPlaneClient:
         return True
 
     def _persist(self) -> None:
+        """Write the last good config (atomically: a temporary file renamed over it).
+        Instances of one service on one host share the file (any one's config serves the
+        next to start), so each writes its own temporary file. Best effort: a failure is
+        logged, and the running config is unaffected."""
         if self.state_file is None:
             return
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.state.to_json(), "policies": self.policies.to_json()}))
-        os.replace(tmp, self.state_file)
+        data = json.dumps({**self.state.to_json(), "policies": self.policies.to_json()})
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as file:
+                    file.write(data)
+                os.replace(tmp, self.state_file)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("could not persist the last good config to %s: %s", self.state_file, exc)
 
     def reinstall(self, source: str) -> None:
         """Rebuild the snapshot after the static part changed (keeps what was pushed)."""

@@ -36,7 +36,9 @@ async def test_apply_history_rollback_and_errors(tmp_path: Path) -> None:
         async with run_sidecar(
             tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
         ):
-            code, out, err = await meshlet("apply", "-f", str(policy), "--api", api)
+            code, out, err = await meshlet(
+                "apply", "--token-file", str(tmp_path / "cp" / "api-token"), "-f", str(policy), "--api", api
+            )
             assert code == 0, err
             assert "added    Route/item" in out and "added    Service/billing" in out
             assert "1 of 1 sidecars ACKed" in out  # it waited for the sidecar
@@ -44,19 +46,34 @@ async def test_apply_history_rollback_and_errors(tmp_path: Path) -> None:
             first = json.loads(out)
             assert [(d["kind"], d["name"]) for d in first["documents"]] == [("Route", "item"), ("Service", "billing")]
 
-            code, out, _ = await meshlet("apply", "-f", str(policy), "--api", api)
+            code, out, _ = await meshlet(
+                "apply", "--token-file", str(tmp_path / "cp" / "api-token"), "-f", str(policy), "--api", api
+            )
             assert code == 0 and f"unchanged: version {first['version']}" in out
 
             (policy / "billing.yaml").write_text(BILLING.replace("10.0.0.7", "10.0.0.8"))
-            code, out, _ = await meshlet("apply", "-f", str(policy), "--dry-run", "--api", api)
+            code, out, _ = await meshlet(
+                "apply",
+                "--token-file",
+                str(tmp_path / "cp" / "api-token"),
+                "-f",
+                str(policy),
+                "--dry-run",
+                "--api",
+                api,
+            )
             assert code == 0 and "changed  Service/billing" in out and "nothing applied" in out
-            code, out, _ = await meshlet("apply", "-f", str(policy), "--api", api)
+            code, out, _ = await meshlet(
+                "apply", "--token-file", str(tmp_path / "cp" / "api-token"), "-f", str(policy), "--api", api
+            )
             assert code == 0 and f"(was {first['version']})" in out
 
             # An invalid file, a failing route test: exit 1, every problem, nothing changed.
             (policy / "bad.yaml").write_text("kind: Service\nname: Bad\n")
             (policy / "routes.yaml").write_text(ROUTE.replace("expect: {rule: all}", "expect: {rule: none}"))
-            code, out, err = await meshlet("apply", "-f", str(policy), "--api", api)
+            code, out, err = await meshlet(
+                "apply", "--token-file", str(tmp_path / "cp" / "api-token"), "-f", str(policy), "--api", api
+            )
             assert code == 1
             assert "bad.yaml:2: name: 'Bad' is not a service name" in err
             assert "routes.yaml:7: tests[0]: expected rule 'none', got rule 'all'" in err
@@ -64,11 +81,15 @@ async def test_apply_history_rollback_and_errors(tmp_path: Path) -> None:
             history = json.loads(out)["history"]
             assert [h["seq"] for h in history] == [2, 1]
 
-            code, out, err = await meshlet("rollback", first["version"][:6], "--api", api)
+            code, out, err = await meshlet(
+                "rollback", "--token-file", str(tmp_path / "cp" / "api-token"), first["version"][:6], "--api", api
+            )
             assert code == 0, err
             code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
             assert json.loads(out)["version"] == first["version"]
-            code, _, err = await meshlet("rollback", "ffffff", "--api", api)
+            code, _, err = await meshlet(
+                "rollback", "--token-file", str(tmp_path / "cp" / "api-token"), "ffffff", "--api", api
+            )
             assert code == 1 and "not in the history" in err
 
     # A restart keeps the applied policy (the file store in the data directory).
@@ -98,3 +119,23 @@ async def test_control_plane_policy_flag_applies_at_start_and_refuses_bad_policy
     )
     assert code == 1
     assert f"{bad}:1: kind: 'Nope' is not a kind" in err
+
+
+async def test_writing_policy_needs_the_token(tmp_path: Path) -> None:
+    (tmp_path / "billing.yaml").write_text(BILLING)
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        token_file = tmp_path / "cp" / "api-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        code, _, err = await meshlet("apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token", "wrong")
+        assert code == 1 and "writing needs the control plane's token" in err
+        code, _, err = await meshlet(
+            "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", str(tmp_path / "nowhere")
+        )
+        assert code == 1 and "api-token" in err
+        code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)  # reading needs none
+        assert json.loads(out)["version"] == ""
+        code, out, err = await meshlet(
+            "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token", token_file.read_text().strip()
+        )
+        assert code == 0, err

@@ -81,7 +81,15 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
             ),
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
-            code, out, err = await meshlet("apply", "-f", str(tmp_path / "routes.yaml"), "--api", api)
+            code, out, err = await meshlet(
+                "apply",
+                "--token-file",
+                str(tmp_path / "cp" / "api-token"),
+                "-f",
+                str(tmp_path / "routes.yaml"),
+                "--api",
+                api,
+            )
             assert code == 0, err + out
             base = f"http://{user.outbound}"
             async with httpx.AsyncClient(timeout=10) as client:
@@ -124,7 +132,15 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
                     "kind: Route\nname: item\nhost: item\nrules:\n"
                     "  - {name: v1, destinations: [{service: item, subset: {version: v1}}]}\n"
                 )
-                code, out, err = await meshlet("apply", "-f", str(tmp_path / "routes.yaml"), "--api", api)
+                code, out, err = await meshlet(
+                    "apply",
+                    "--token-file",
+                    str(tmp_path / "cp" / "api-token"),
+                    "-f",
+                    str(tmp_path / "routes.yaml"),
+                    "--api",
+                    api,
+                )
                 assert code == 0 and "3 of 3 sidecars ACKed" in out, err + out
                 before = (v1.stats.completed, v2.stats.completed)
                 outcomes = Counter()
@@ -152,7 +168,15 @@ async def test_a_shadow_route_is_counted_not_enforced(tmp_path: Path, origin: Or
             run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push),
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
-            code, out, err = await meshlet("apply", "-f", str(tmp_path / "shadow.yaml"), "--api", api)
+            code, out, err = await meshlet(
+                "apply",
+                "--token-file",
+                str(tmp_path / "cp" / "api-token"),
+                "-f",
+                str(tmp_path / "shadow.yaml"),
+                "--api",
+                api,
+            )
             assert code == 0, err + out
             async with httpx.AsyncClient(timeout=10) as client:
                 with trio.fail_after(15):  # until user's sidecar routes item (polling another process)
@@ -196,7 +220,15 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
             run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{main_port}", control_plane=push),
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
-            code, out, err = await meshlet("apply", "-f", str(tmp_path / "mirror.yaml"), "--api", api)
+            code, out, err = await meshlet(
+                "apply",
+                "--token-file",
+                str(tmp_path / "cp" / "api-token"),
+                "-f",
+                str(tmp_path / "mirror.yaml"),
+                "--api",
+                api,
+            )
             assert code == 0, err + out
             base = f"http://{user.outbound}"
             async with httpx.AsyncClient(timeout=10) as client:

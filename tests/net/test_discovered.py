@@ -52,3 +52,34 @@ def test_persisted_form_round_trips() -> None:
     again = DiscoveredState.from_json(state.to_json())
     assert again.versions() == state.versions()
     assert again.services() == state.services()
+
+
+async def test_instances_sharing_a_state_file_never_collide(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two sidecars of one service on one host persist to the same file, concurrently."""
+    import threading
+
+    from sidecar.net.control import ControlPlaneClient, InstanceInfo
+
+    state = tmp_path / "item.json"
+    clients = [
+        ControlPlaneClient(
+            [("127.0.0.1", 1)], InstanceInfo("item", f"item-{i}", "127.0.0.1:1", ""), lambda s: None, state_file=state
+        )
+        for i in range(2)
+    ]
+    errors: list[BaseException] = []
+
+    def hammer(client: ControlPlaneClient) -> None:
+        try:
+            for _ in range(300):
+                client._persist()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and state.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["item.json"]  # no temporary file left behind
