@@ -132,16 +132,25 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
                     "kind: Route\nname: item\nhost: item\nrules:\n"
                     "  - {name: v1, destinations: [{service: item, subset: {version: v1}}]}\n"
                 )
-                code, out, err = await meshlet(
-                    "apply",
-                    "--token-file",
-                    str(tmp_path / "cp" / "api-token"),
-                    "-f",
-                    str(tmp_path / "routes.yaml"),
-                    "--api",
-                    api,
-                )
-                assert code == 0 and "3 of 3 sidecars ACKed" in out, err + out
+                slow: list[httpx.Response] = []
+
+                async def in_flight() -> None:  # a request under way while the policy changes
+                    slow.append(await client.get(f"{base}/delay/3", headers={"host": "item"}))
+
+                async with trio.open_nursery() as during:
+                    during.start_soon(in_flight)
+                    await trio.sleep(0.2)
+                    code, out, err = await meshlet(
+                        "apply",
+                        "--token-file",
+                        str(tmp_path / "cp" / "api-token"),
+                        "-f",
+                        str(tmp_path / "routes.yaml"),
+                        "--api",
+                        api,
+                    )
+                    assert code == 0 and "3 of 3 sidecars ACKed" in out, err + out
+                assert [(r.status_code, r.text) for r in slow] == [(200, "late")]  # finished on the old policy
                 before = (v1.stats.completed, v2.stats.completed)
                 outcomes = Counter()
                 for _ in range(20):
@@ -270,3 +279,67 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
             assert mirrored.get('destination="item-next",outcome="2xx"', 0) >= 10
             failed = sum(v for k, v in mirrored.items() if "2xx" not in k)
             assert failed >= 1  # copies to a gone shadow: counted, never seen by the caller
+
+
+async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serving(
+    tmp_path: Path, origin: Origin, nursery: trio.Nursery
+) -> None:
+    """A fake control plane (wire.py on a real socket) pushes a good route, then a bad
+    version of it (as a control plane of another version might)."""
+    from control_plane import wire
+
+    good = {
+        "kind": "Route",
+        "name": "item",
+        "host": "item",
+        "rules": [
+            {"name": "admin", "match": {"path": {"exact": "/admin"}}, "direct_response": {"status": 403}},
+            {"name": "rest", "destinations": [{"service": "item"}]},
+        ],
+    }
+    bad = {**good, "rules": []}
+    endpoints = [wire.endpoint("item-1", f"127.0.0.1:{origin.port}")]
+    answers: list[wire.Message] = []
+    done = trio.Event()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def fake_control_plane(stream: trio.SocketStream) -> None:
+        conn = wire.ServerConnection("fake-cp")
+        while conn.hello is None:
+            conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.accept())
+        _, data = conn.push(
+            "endpoints", "e1", (wire.Resource("item", wire.content_version(endpoints), endpoints),), full=True
+        )
+        await stream.send_all(data)
+        pushes = [
+            (wire.Resource("Route/item", wire.content_version(good), good),),
+            (wire.Resource("Route/item", wire.content_version(bad), bad),),
+        ]
+        while not done.is_set():
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for message in conn.receive_data(data):
+                if isinstance(message, wire.Ack | wire.Nack):
+                    answers.append(message)
+                    if pushes:
+                        _, frame = conn.push("policies", f"p{len(pushes)}", pushes.pop(0), full=len(pushes) == 1)
+                        await stream.send_all(frame)
+                    elif len(answers) == 3:
+                        done.set()
+
+    nursery.start_soon(trio.serve_listeners, fake_control_plane, listeners)
+    fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=fake) as user:
+        with trio.fail_after(10):
+            await done.wait()
+        endpoints_ack, route_ack, route_nack = answers
+        assert isinstance(route_ack, wire.Ack) and route_ack.type == "policies"
+        assert isinstance(route_nack, wire.Nack) and route_nack.names == ("Route/item",)
+        assert "rules" in route_nack.message and route_nack.version == route_ack.version
+        async with httpx.AsyncClient(timeout=5) as client:
+            admin = await client.get(f"http://{user.outbound}/admin", headers={"host": "item"})
+            hello = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+        assert admin.status_code == 403  # the good version still routes
+        assert (hello.status_code, hello.text) == (200, "hello")
