@@ -136,6 +136,6 @@ async def test_writing_policy_needs_the_token(tmp_path: Path) -> None:
         code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)  # reading needs none
         assert json.loads(out)["version"] == ""
         code, out, err = await meshlet(
-            "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token", token_file.read_text().strip()
+            "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, f"--token={token_file.read_text().strip()}"
         )
         assert code == 0, err
