@@ -120,31 +120,36 @@ class _Collector:
         for labels, value in merged["inflight"].items():
             inflight.add_metric(labels, value)
         yield inflight
-        connections = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "meshlet_upstream_connections",
             "Upstream connections per endpoint: active (carrying a request) or idle (pooled).",
-            labels=CONNECTION_LABELS,
+            CONNECTION_LABELS,
+            merged["connections"],
         )
-        for labels, value in merged["connections"].items():
-            connections.add_metric(labels, value)
-        yield connections
-        shadow = CounterMetricFamily(
+        yield _family(
+            CounterMetricFamily,
             "meshlet_shadow_route_decisions",
             "What Route policies in shadow mode would have done: the rule, and the destination or answer.",
-            labels=SHADOW_LABELS,
+            SHADOW_LABELS,
+            merged["shadow"],
         )
-        for labels, value in merged["shadow"].items():
-            shadow.add_metric(labels, value)
-        yield shadow
-        mirror = CounterMetricFamily(
+        yield _family(
+            CounterMetricFamily,
             "meshlet_mirror_requests",
             "Mirrored copies of requests, by destination and outcome (2xx..5xx, a mesh reason, failed, "
             "skipped-body, no-endpoint); never seen by the caller.",
-            labels=MIRROR_LABELS,
+            MIRROR_LABELS,
+            merged["mirror"],
         )
-        for labels, value in merged["mirror"].items():
-            mirror.add_metric(labels, value)
-        yield mirror
+
+
+def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
+    """A counter or gauge family with one sample per label tuple."""
+    family = kind(name, help, labels=labels)
+    for key, value in values.items():
+        family.add_metric(key, value)
+    return family
 
 
 def _bound(bound: float) -> str:
