@@ -88,10 +88,11 @@ class CompiledRule:
             return target
         path, mark, query = target.partition(b"?")
         if rewrite.prefix is not None:
-            matched = self.rule.match.path.prefix.encode("latin-1")
-            path = rewrite.prefix.encode("latin-1") + path[len(matched) :]
+            matched: str = self.rule.match.path.prefix  # the schema requires it with rewrite.prefix
+            path = rewrite.prefix.encode("latin-1") + path[len(matched.encode("latin-1")) :]
         else:
-            path = rewrite.path.encode("latin-1")
+            whole = str(rewrite.path)  # the schema requires one of the two
+            path = whole.encode("latin-1")
         return path + mark + query
 
     def matches(self, method: str, path: str, query: str, headers: list[tuple[bytes, bytes]]) -> bool:
