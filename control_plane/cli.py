@@ -211,6 +211,7 @@ def _status(args: argparse.Namespace) -> int:
         "WATCHING",
         "ENDPOINTS VERSION",
         "ACKED",
+        "POLICIES",
         "LAST NACK",
         box=None,
     )
@@ -227,6 +228,7 @@ def _status(args: argparse.Namespace) -> int:
             _watching(s["watching"].get("endpoints")),
             version,
             "[green]yes[/]" if acked == version != "-" else acked,
+            _policies(s),
             "-" if nack is None else f"{nack['type']} {','.join(nack['names'])}: {nack['message']}",
         )
     console.print(table)
@@ -239,6 +241,14 @@ def _status(args: argparse.Namespace) -> int:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
     console.print(line)
     return 0
+
+
+def _policies(sidecar: dict[str, Any]) -> str:
+    """The policies type version a sidecar holds, and whether it ACKed it."""
+    held = sidecar["versions"].get("policies", "")
+    if not held:
+        return "-"
+    return held if sidecar["acked"].get("policies") == held else f"{held} [yellow](not ACKed)[/]"
 
 
 def _console() -> Console:
