@@ -4,7 +4,10 @@ counted and never reach the caller (Envoy's request mirror policy).
 
 The copy carries the same method, target (after the rule's rewrite) and headers, with
 the Host suffixed ``-shadow`` so the receiving app can tell copies apart, as Envoy does.
-Requests with a body are not mirrored (yet): they are counted as ``skipped-body``.
+A request body is copied as the request streams through (a tee on its body source, no
+extra read of the client): up to ``MIRROR_BODY_LIMIT``; the copy is sent once the body
+ended, with a Content-Length. A larger body, or one that never completes, is not mirrored
+(counted ``skipped-body``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..core.config import MeshSnapshot, empty_snapshot
 from ..core.errors import MeshError
 from ..net.io import Closed
 from ..telemetry import Telemetry
-from .base import Handler, Request
+from .base import WOULD_BLOCK, Handler, Request
 
 log = logging.getLogger("meshlet.mirror")
 
@@ -45,7 +48,7 @@ class Mirror:
         if self.rng.random() * 100 >= spec.percent:
             return
         service = spec.service
-        if request.body is not None or request.head.upgrade is not None:
+        if request.head.upgrade is not None:
             self.telemetry.mirror_finished(service, "skipped-body")
             return
         config = self._snapshot.services.get(service)
@@ -57,32 +60,111 @@ class Mirror:
             self.telemetry.mirror_finished(service, "no-endpoint")
             return
         head = request.head
-        copy = Request(dataclasses.replace(head, headers=list(head.headers), upgrade=None), None, request.peer_ip)
+        copy = Request(
+            dataclasses.replace(head, headers=list(head.headers), upgrade=None, expect_continue=False),
+            None,
+            request.peer_ip,
+        )
         copy.service = service
         copy.endpoint = endpoint
         copy.target = request.target
         copy.authority = (request.authority or service.encode()).split(b":")[0] + b"-shadow"
         copy.connect_timeout = config.connect_timeout
         copy.timeout = config.timeout
-        self.spawn(self._send, copy)
+        if request.body is None:
+            self.spawn(self._send, copy)
+            return
+        spawn = self.spawn
+
+        def body_read(body: bytes | None) -> None:  # called once, when the caller's body ended
+            if body is None:
+                self.telemetry.mirror_finished(service, "skipped-body")
+                return
+            copy.head = dataclasses.replace(copy.head, chunked=False, content_length=len(body))
+            copy.body = _Bytes(body)
+            spawn(self._send, copy)
+
+        request.body = _Tee(request.body, body_read)
 
     async def _send(self, copy: Request) -> None:
         outcome = "failed"
         with trio.move_on_after(copy.timeout):
             try:
-                response = await self.forwarder(copy)
-                complete = False
-                try:
-                    if response.body is not None:
-                        while await response.body.read() is not None:
-                            pass
-                    complete = True
-                finally:
-                    response.finish(complete)
-                outcome = str(response.status // 100) + "xx" if not response.mesh_error else response.mesh_error
+                outcome = await self._exchange(copy)
             except (MeshError, Closed, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                outcome = "failed"
+            except BaseExceptionGroup as group:  # from the body pump's nursery
+                if group.subgroup(trio.Cancelled) is not None:
+                    raise  # the timeout (or the sidecar stopping): the cancel scope takes it
                 outcome = "failed"
             except Exception:  # a bug of ours must not take the sidecar down for a copy
                 log.exception("mirroring to %s failed", copy.service)
                 outcome = "failed"
         self.telemetry.mirror_finished(copy.service, outcome)
+
+    async def _exchange(self, copy: Request) -> str:
+        """Send the copy, read and drop its response; its outcome for the metrics."""
+        async with trio.open_nursery() as nursery:
+            copy.nursery = nursery  # the forwarder pumps a request body from here
+            response = await self.forwarder(copy)
+            complete = False
+            try:
+                if response.body is not None:
+                    while await response.body.read() is not None:
+                        pass
+                complete = True
+            finally:
+                response.finish(complete)
+        return response.mesh_error or f"{response.status // 100}xx"
+
+
+MIRROR_BODY_LIMIT = 1024 * 1024  # bytes of a request body kept for its mirrored copy
+
+
+class _Tee:
+    """A body source that passes everything through and keeps a copy (up to the limit);
+    ``done(bytes)`` when the body ended whole and small enough, ``done(None)`` if not."""
+
+    __slots__ = ("inner", "done", "pieces", "size")
+
+    def __init__(self, inner: Any, done: Callable[[bytes | None], None]) -> None:
+        self.inner = inner
+        self.done: Callable[[bytes | None], None] | None = done
+        self.pieces: list[bytes] | None = []
+        self.size = 0
+
+    def _seen(self, data: Any) -> Any:
+        if data is None:
+            if self.done is not None:
+                done, self.done = self.done, None
+                done(None if self.pieces is None else b"".join(self.pieces))
+        elif data is not WOULD_BLOCK and self.pieces is not None:
+            self.size += len(data)
+            if self.size > MIRROR_BODY_LIMIT:
+                self.pieces = None
+            else:
+                self.pieces.append(data)
+        return data
+
+    async def read(self) -> bytes | None:
+        return self._seen(await self.inner.read())  # type: ignore[no-any-return]
+
+    def read_nowait(self) -> Any:
+        return self._seen(self.inner.read_nowait())
+
+
+class _Bytes:
+    """A whole body, already in memory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    async def read(self) -> bytes | None:
+        data, self.data = self.data, None
+        return data or None
+
+    def read_nowait(self) -> bytes | None:
+        data, self.data = self.data, None
+        return data or None

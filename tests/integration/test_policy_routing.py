@@ -267,6 +267,18 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
                     assert main.stats.completed - before[0] == 10
                     assert shadow.stats.completed - before[1] == 10
                     assert shadow_sidecar.inbound  # the copies went through the shadow's own sidecar
+                    # A body is copied as it streams through (up to 1 MiB), and sent whole.
+                    body = bytes(range(256)) * 400  # 102,400 bytes
+                    seen = (shadow.stats.completed, await mirrored_ok())
+                    response = await client.post(f"{base}/sha256", headers={"host": "item"}, content=body)
+                    assert response.text.startswith("102400 ")
+                    with trio.fail_after(5):
+                        while await mirrored_ok() < seen[1] + 1:  # noqa: ASYNC110
+                            await trio.sleep(0.05)
+                    assert shadow.stats.completed == seen[0] + 1 and shadow.stats.paths[-1] == "/sha256"
+                    assert dict(shadow.stats.last_headers)["host"].endswith("-shadow")
+                    large = await client.post(f"{base}/sha256", headers={"host": "item"}, content=b"x" * 2_000_000)
+                    assert large.text.startswith("2000000 ")  # the caller is served; the copy is skipped
                 # The shadow is gone (its sidecar stopped): the caller sees nothing of it.
                 for _ in range(10):
                     assert (await call()).status_code == 200
@@ -277,6 +289,7 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
                 if line.startswith("meshlet_mirror_requests_total")
             }
             assert mirrored.get('destination="item-next",outcome="2xx"', 0) >= 10
+            assert mirrored.get('destination="item-next",outcome="skipped-body"', 0) == 1
             failed = sum(v for k, v in mirrored.items() if "2xx" not in k)
             assert failed >= 1  # copies to a gone shadow: counted, never seen by the caller
 
