@@ -139,3 +139,55 @@ async def test_writing_policy_needs_the_token(tmp_path: Path) -> None:
             "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, f"--token={token_file.read_text().strip()}"
         )
         assert code == 0, err
+
+
+async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -> None:
+    """A sidecar of another version that cannot read a policy NACKs it (a raw wire
+    client plays it): `apply` says so and exits 1, `status` shows the NACK."""
+    from control_plane import wire
+
+    (tmp_path / "billing.yaml").write_text(BILLING)
+    async with run_control_plane(tmp_path) as cp:
+        api, token = f"127.0.0.1:{cp.ports['api']}", str(tmp_path / "cp" / "api-token")
+        stream = await trio.open_tcp_stream("127.0.0.1", cp.ports["push"])
+        hello = wire.Hello(
+            (1, 2),
+            "old-1",
+            "old",
+            {"instance_id": "old-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", "ready": True},
+            {},
+            {"endpoints": ()},
+        )
+        conn = wire.ClientConnection(hello)
+        await stream.send_all(conn.hello())
+
+        async def answer() -> None:
+            while data := await stream.receive_some(65536):
+                for message in conn.receive_data(data):
+                    if isinstance(message, wire.Push):
+                        if message.type == "policies" and message.resources:
+                            names = tuple(r.name for r in message.resources)
+                            await stream.send_all(conn.nack(message, "", "unknown kind Service", names))
+                        else:
+                            await stream.send_all(conn.ack(message))
+                    elif isinstance(message, wire.Ping):
+                        await stream.send_all(wire.encode(wire.Pong(message.id)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            code, out, err = await meshlet(
+                "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", token, "--wait", "10"
+            )
+            assert code == 1, out + err
+            assert "0 of 1 sidecars ACKed, 1 NACKed" in out and "NACK old-1: unknown kind Service" in out
+            code, out, _ = await meshlet("status", "-o", "json", "--api", api)
+            (old,) = json.loads(out)["sidecars"]
+            assert old["last_nack"] == {
+                "type": "policies",
+                "message": "unknown kind Service",
+                "names": ["Service/billing"],
+            }
+            code, out, _ = await meshlet("status", "--api", api)
+            assert "policies Service/billing: unknown kind Service" in out
+            nursery.cancel_scope.cancel()
+        await stream.aclose()

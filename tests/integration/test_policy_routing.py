@@ -307,7 +307,7 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
         "host": "item",
         "rules": [
             {"name": "admin", "match": {"path": {"exact": "/admin"}}, "direct_response": {"status": 403}},
-            {"name": "rest", "destinations": [{"service": "item"}]},
+            {"name": "rest", "match": {"path": {"prefix": "/hello"}}, "destinations": [{"service": "item"}]},
         ],
     }
     bad = {**good, "rules": []}
@@ -354,5 +354,8 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
         async with httpx.AsyncClient(timeout=5) as client:
             admin = await client.get(f"http://{user.outbound}/admin", headers={"host": "item"})
             hello = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+            nothing = await client.get(f"http://{user.outbound}/nothing", headers={"host": "item"})
         assert admin.status_code == 403  # the good version still routes
         assert (hello.status_code, hello.text) == (200, "hello")
+        assert (nothing.status_code, nothing.headers["x-meshlet-error"]) == (404, "no-route")
+        assert "no rule of route 'item' matches GET /nothing" in nothing.text
