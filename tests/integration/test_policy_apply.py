@@ -44,6 +44,14 @@ async def test_apply_history_rollback_and_errors(tmp_path: Path) -> None:
             assert "1 of 1 sidecars ACKed" in out  # it waited for the sidecar
             code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
             first = json.loads(out)
+            code, out, err = await meshlet("explain", "http://item/x?y=1", "--from", "user", "-o", "json", "--api", api)
+            assert code == 0, err
+            explained = json.loads(out)
+            assert explained["rule"]["name"] == "all" and explained["decision"]["destinations"][0]["service"] == "item"
+            code, out, _ = await meshlet("explain", "http://item/x", "--api", api)
+            assert code == 0 and "rule: all (priority 0) matches every request" in out
+            code, _, err = await meshlet("explain", "http://item/x", "-H", "broken", "--api", api)
+            assert code == 2 and "expected NAME:VALUE" in err
             assert [(d["kind"], d["name"]) for d in first["documents"]] == [("Route", "item"), ("Service", "billing")]
 
             code, out, _ = await meshlet(
