@@ -79,20 +79,20 @@ class CompiledRule:
     request_drop: frozenset[bytes] = frozenset()
     response_set: tuple[tuple[bytes, bytes], ...] = ()
     response_drop: frozenset[bytes] = frozenset()
+    rewrite_prefix: tuple[bytes, bytes] | None = None  # (the matched prefix, what replaces it)
+    rewrite_path: bytes | None = None  # the whole path instead
     _current: list[int] = field(default_factory=list)  # smooth weighted round robin state
 
     def rewrite(self, target: bytes) -> bytes:
         """The origin-form target after this rule's rewrite (the query is kept)."""
-        rewrite = self.rule.rewrite
-        if rewrite is None:
-            return target
         path, mark, query = target.partition(b"?")
-        if rewrite.prefix is not None:
-            matched: str = self.rule.match.path.prefix  # the schema requires it with rewrite.prefix
-            path = rewrite.prefix.encode("latin-1") + path[len(matched.encode("latin-1")) :]
+        if self.rewrite_prefix is not None:
+            matched, replacement = self.rewrite_prefix
+            path = replacement + path[len(matched) :]
+        elif self.rewrite_path is not None:
+            path = self.rewrite_path
         else:
-            whole = str(rewrite.path)  # the schema requires one of the two
-            path = whole.encode("latin-1")
+            return target
         return path + mark + query
 
     def matches(self, method: str, path: str, query: str, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -180,9 +180,15 @@ def _changes(changes: Any) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[b
 
 
 def _compile(rule: Rule | Any, order: int) -> CompiledRule:
-    match = rule.match
+    match: Any = rule.match
     request_set, request_drop = _changes(rule.headers.request)
     response_set, response_drop = _changes(rule.headers.response)
+    rewrite: Any = rule.rewrite
+    rewrite_prefix = rewrite_path = None
+    if rewrite is not None and rewrite.prefix is not None:  # the schema requires match.path.prefix then
+        rewrite_prefix = (match.path.prefix.encode("latin-1"), rewrite.prefix.encode("latin-1"))
+    elif rewrite is not None:
+        rewrite_path = rewrite.path.encode("latin-1")
     targets = tuple(
         Target(d.service, tuple(sorted(d.subset.items())), d.weight) for d in (rule.destinations or ()) if d.weight
     )
@@ -200,6 +206,8 @@ def _compile(rule: Rule | Any, order: int) -> CompiledRule:
         request_drop=request_drop,
         response_set=response_set,
         response_drop=response_drop,
+        rewrite_prefix=rewrite_prefix,
+        rewrite_path=rewrite_path,
     )
 
 
