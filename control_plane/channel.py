@@ -23,7 +23,7 @@ from sidecar.net.io import Closed, Connection
 
 
 class Channel:
-    __slots__ = ("io", "queued", "queued_bytes", "blocked_since", "flushing", "_spawn", "_clock")
+    __slots__ = ("io", "queued", "blocked_since", "flushing", "_spawn", "_clock")
 
     def __init__(
         self,
@@ -33,15 +33,10 @@ class Channel:
     ) -> None:
         self.io = io
         self.queued: deque[memoryview] = deque()
-        self.queued_bytes = 0
         self.blocked_since: float | None = None  # when the queue last went from empty to not
         self.flushing = False
         self._spawn = spawn  # starts the flusher task (a nursery's start_soon)
         self._clock = clock
-
-    @property
-    def closed(self) -> bool:
-        return self.io.closed
 
     def write(self, data: bytes) -> None:
         """Send now what the kernel takes; queue the rest (in order) for a flusher."""
@@ -62,7 +57,6 @@ class Channel:
             view = memoryview(data)[sent:]
             self.blocked_since = self._clock()
         self.queued.append(view)
-        self.queued_bytes += len(view)
         if not self.flushing:
             self.flushing = True
             self._spawn(self._flush)
@@ -80,7 +74,6 @@ class Channel:
                         sent = sock.send(head)
                     except BlockingIOError:
                         break
-                    self.queued_bytes -= sent
                     if sent < len(head):
                         self.queued[0] = head[sent:]
                         break
@@ -89,7 +82,6 @@ class Channel:
         except (trio.ClosedResourceError, OSError):
             self.io.close()
             self.queued.clear()
-            self.queued_bytes = 0
         finally:
             self.flushing = False
 

@@ -60,7 +60,7 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     get.add_argument("name", nargs="?", help="one service")
     get.add_argument("-o", "--output", choices=["table", "json"], default="table")
     get.add_argument("--history", action="store_true", help="policies: every version applied, newest first")
-    get.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+    _api_option(get)
 
     apply = commands.add_parser(
         "apply",
@@ -72,15 +72,13 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     apply.add_argument("-f", "--filename", type=Path, required=True, metavar="FILE|DIR", help="a file or directory")
     apply.add_argument("--dry-run", action="store_true", help="validate and show what would change; apply nothing")
     apply.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s; 0: no)")
-    apply.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+    _api_option(apply)
     _token_options(apply)
 
     rollback = commands.add_parser("rollback", help="apply an earlier policy version again")
     rollback.add_argument("version", help="a version from `meshlet get policies --history` (a prefix will do)")
     rollback.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s)")
-    rollback.add_argument(
-        "--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})"
-    )
+    _api_option(rollback)
     _token_options(rollback)
 
     explain = commands.add_parser(
@@ -95,11 +93,11 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     explain.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable")
     explain.add_argument("--from", dest="source", metavar="SERVICE", help="the calling service")
     explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    explain.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+    _api_option(explain)
 
     status = commands.add_parser("status", help="every sidecar: connected?, config versions applied, last NACK")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    status.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
+    _api_option(status)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,6 +269,10 @@ def _yes(value: bool) -> str:
 
 
 # --- policy ----------------------------------------------------------------------------------
+
+
+def _api_option(parser: Any) -> None:
+    parser.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
 
 
 def _token_options(parser: Any) -> None:

@@ -49,9 +49,6 @@ class SessionView:
         """A reconnecting sidecar says what it has; bodies are unknown (no deltas on them)."""
         return cls({name: (version, None) for name, version in have.items()}, watch=watch)
 
-    def watching(self, name: str) -> bool:
-        return self.watch is None or name in self.watch
-
     def subscribe(self, names: Iterable[str]) -> set[str]:
         """Watch more names; returns those to answer in the next push. An added name is
         answered even if the view says the sidecar has it: it may have dropped it."""

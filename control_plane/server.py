@@ -183,11 +183,11 @@ class PushServer:
         except wire.WireError as exc:
             self.protocol_errors += 1
             log.warning("sidecar at %s: protocol error: %s", io.peer, exc)
-            await _send_error(channel, exc.reason, exc.detail)
+            _send_error(channel, exc.reason, exc.detail)
         except Closed:
             pass
         except ValueError as exc:  # an instance the registry refuses
-            await _send_error(channel, "bad-instance", str(exc))
+            _send_error(channel, "bad-instance", str(exc))
         except Exception:  # a bug of ours: this session ends, the others go on
             log.exception("session with %s failed", io.peer)
         finally:
@@ -328,5 +328,5 @@ def _unhealthy(session: Session, now: float, judged_from: float) -> str:
     return ""
 
 
-async def _send_error(channel: Channel, reason: str, message: str) -> None:
+def _send_error(channel: Channel, reason: str, message: str) -> None:
     channel.write(wire.encode(wire.Error(reason, message)))
