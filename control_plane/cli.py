@@ -448,7 +448,9 @@ def _explain(args: argparse.Namespace) -> int:
             )
         console.print(table)
     for access in data.get("access", []):
-        verdict = "[green]allowed[/]" if access["allowed"] else "[red]denied (403 forbidden)[/]"
-        note = "" if access.get("enforced", True) else " [dim](AccessPolicy is not enforced by sidecars yet)[/]"
+        enforced = access.get("enforced", True)
+        denied = "[red]denied (403 forbidden)[/]" if enforced else "[yellow]would be denied[/]"
+        verdict = "[green]allowed[/]" if access["allowed"] else denied
+        note = "" if enforced else " [dim](shadow mode: counted in meshlet_shadow_access_decisions_total)[/]"
         say(f"  access to {access['service']}: {verdict}: {access['why']}{note}")
     return 0

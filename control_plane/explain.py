@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar.core.access import AccessTable
 from sidecar.core.routes import RouteTable
 
 from .policy import AccessPolicy, DestinationPolicy, Document, Route, Service
@@ -36,6 +37,7 @@ def explain(
     statics = {d.name: d for d in documents if isinstance(d, Service)}
     raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     services: list[tuple[str, dict[str, str], int]] = []
+    upstream_target = target  # what the destination's sidecar sees (after a rewrite)
     if routes:
         route = routes[0]
         table = RouteTable(route)
@@ -64,7 +66,8 @@ def explain(
                     ]
                 }
                 if spec.rewrite is not None:
-                    out["decision"]["rewritten_target"] = rule.rewrite(target.encode("latin-1")).decode("latin-1")
+                    upstream_target = rule.rewrite(target.encode("latin-1")).decode("latin-1")
+                    out["decision"]["rewritten_target"] = upstream_target
             changes = spec.headers.model_dump(exclude_defaults=True)
             if changes:
                 out["decision"]["headers"] = changes
@@ -84,7 +87,7 @@ def explain(
     ]
     if source is not None:
         names = dict.fromkeys(name for name, _, _ in services)
-        out["access"] = [_access(source, name, target, method, documents) for name in names]
+        out["access"] = [_access(source, name, upstream_target, method, documents) for name in names]
     return out
 
 
@@ -121,31 +124,20 @@ def _destination(
 
 
 def _access(source: str, service: str, target: str, method: str, documents: list[Document]) -> dict[str, Any]:
+    """What the inbound sidecar of ``service`` does with this caller (its own check)."""
     policies = [d for d in documents if isinstance(d, AccessPolicy) and d.service == service]
     if not policies:
         return {"service": service, "allowed": True, "why": "no AccessPolicy for this service"}
-    policy = policies[0]
-    path = target.partition("?")[0]
-    for i, rule in enumerate(policy.rules):
-        if (
-            ("*" in rule.sources or source in rule.sources)
-            and (not rule.paths or any(path.startswith(p) for p in rule.paths))
-            and (not rule.methods or method in rule.methods)
-        ):
-            return {
-                "service": service,
-                "allowed": True,
-                "why": f"AccessPolicy/{policy.name} rules[{i}]",
-                "mode": policy.mode,
-                "enforced": False,  # AccessPolicy is validated and pushed; sidecars do not enforce it yet
-            }
-    return {
-        "service": service,
-        "allowed": policy.default == "allow",
-        "why": f"AccessPolicy/{policy.name}: no rule names {source}; default {policy.default}",
-        "mode": policy.mode,
-        "enforced": False,
-    }
+    (policy,) = policies  # one per service (control_plane/policy.py)
+    verdict = AccessTable(policy).check(source, method.encode("ascii"), target.encode("latin-1"))
+    if verdict.rule == "default":
+        why = f"AccessPolicy/{policy.name}: no rule lets {source} in; default {policy.default}"
+    else:
+        why = f"AccessPolicy/{policy.name} {verdict.rule}"
+    out = {"service": service, "allowed": verdict.allowed, "why": why, "mode": policy.mode}
+    if policy.mode == "shadow":
+        out["enforced"] = False  # counted in meshlet_shadow_access_decisions_total only
+    return out
 
 
 __all__ = ["explain"]

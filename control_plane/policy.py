@@ -543,7 +543,7 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
 
     problems: list[str] = []
     out: list[Document] = []
-    where: dict[tuple[str, str], str] = {}
+    where: dict[tuple[str, ...], str] = {}  # (kind, name) or a _scope key → where it was first
     for filename, text in sources:
         try:
             raws, lines = parse_text(text, filename)
@@ -560,15 +560,15 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
                 if failed:
                     problems += failed
                     continue
-            if isinstance(doc, Route):
-                host_key = ("Route host", doc.host)
-                if host_key in where:
-                    problems.append(
-                        f"{_place(filename, lines, index, 'host')}: host: {doc.host!r} already has a route "
-                        f"(at {where[host_key]}); one Route per host"
-                    )
+            scope = _scope(doc)
+            if scope is not None:
+                field, key, one_per = scope
+                here = _place(filename, lines, index, field)
+                if key in where:
+                    value = getattr(doc, field)
+                    problems.append(f"{here}: {field}: {value!r} is already covered by {where[key]}; {one_per}")
                     continue
-                where[host_key] = _place(filename, lines, index, "host")
+                where[key] = f"{doc.kind} {doc.name!r} (at {here})"  # type: ignore[union-attr]
             if doc is not None:
                 key = (doc.kind, doc.name)
                 here = f"{filename}:{lines.at(index, 'name')}"
@@ -580,6 +580,28 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
     if problems:
         raise PolicyError(problems)
     return out
+
+
+def _scope(doc: Document | None) -> tuple[str, tuple[str, ...], str] | None:
+    """What a document applies to, where only one of its kind may: (field, key, why).
+    Two would leave the sidecar to guess which wins."""
+    if isinstance(doc, Route):
+        return "host", ("scope", "Route", doc.host), "one Route per host"
+    if isinstance(doc, AccessPolicy):
+        return "service", ("scope", "AccessPolicy", doc.service), "one AccessPolicy per service"
+    if isinstance(doc, DestinationPolicy):
+        if doc.rule is None:
+            return (
+                "service",
+                ("scope", "DestinationPolicy", doc.service),
+                "one DestinationPolicy per service (and per rule)",
+            )
+        return (
+            "rule",
+            ("scope", "DestinationPolicy", doc.service, doc.rule),
+            "one DestinationPolicy per service and rule",
+        )
+    return None
 
 
 def _place(filename: str, lines: _Lines, index: int, path: str) -> str:

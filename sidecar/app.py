@@ -25,7 +25,7 @@ import trio
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
 from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
-from .layers.inbound import source_header, to_local_app
+from .layers.inbound import access_check, source_header, to_local_app
 from .layers.metrics import metrics_layer
 from .layers.mirror import Mirror
 from .layers.routing import Discover, router, routing_layer
@@ -75,8 +75,17 @@ def build_outbound(
     return metrics_layer(handler, telemetry, "outbound", service)
 
 
-def build_inbound(app: Endpoint, forwarder: Forwarder, telemetry: Telemetry, service: str) -> Handler:
-    handler = filters_layer(forwarder, to_local_app(app, service))
+def build_inbound(
+    app: Endpoint, forwarder: Forwarder, telemetry: Telemetry, service: str, snapshot: MeshSnapshot | None = None
+) -> Handler:
+    filters = [to_local_app(app, service)]
+    if snapshot is not None:
+        access = access_check(
+            snapshot.access.get(service), snapshot.shadow_access.get(service), telemetry.shadow_access_decision
+        )
+        if access is not None:
+            filters.append(access)
+    handler = filters_layer(forwarder, *filters)
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "inbound", service)
 
@@ -158,6 +167,7 @@ class Sidecar:
         self.outbound_handler = build_outbound(
             routes[None], self.forwarder, self.telemetry, service, discover(None), mirror
         )
+        self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, service, snapshot)
         self.upstream_handlers = {
             name: build_outbound(routes[name], self.forwarder, self.telemetry, service, discover(name), mirror)
             for name in self.options.upstreams

@@ -22,6 +22,7 @@ REQUEST_LABELS = ("direction", "source", "destination", "code", "reason")
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
 SHADOW_LABELS = ("route", "rule", "decision")
+SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
 MIRROR_LABELS = ("destination", "outcome")
 
 
@@ -33,6 +34,7 @@ class Telemetry:
         self.inflight: dict[str, int] = {}  # direction → requests in flight
         # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
         self.shadow: dict[tuple[str, str, str], int] = {}
+        self.shadow_access: dict[tuple[str, str, str, str], int] = {}  # an AccessPolicy's, at the inbound side
         self.mirror: dict[tuple[str, str], int] = {}  # (destination, outcome) → mirrored copies
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
@@ -53,6 +55,10 @@ class Telemetry:
         key = (route, rule, decision)
         self.shadow[key] = self.shadow.get(key, 0) + 1
 
+    def shadow_access_decision(self, policy: str, source: str, rule: str, decision: str) -> None:
+        key = (policy, source, rule, decision)
+        self.shadow_access[key] = self.shadow_access.get(key, 0) + 1
+
     def mirror_finished(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.mirror[key] = self.mirror.get(key, 0) + 1
@@ -65,6 +71,7 @@ class Telemetry:
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
+            "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "mirror": [[*k, v] for k, v in self.mirror.items()],
         }
 
@@ -76,10 +83,11 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "inflight": {},
         "connections": {},
         "shadow": {},
+        "shadow_access": {},
         "mirror": {},
     }
     for snap in snapshots:
-        for kind in ("requests", "inflight", "connections", "shadow", "mirror"):
+        for kind in ("requests", "inflight", "connections", "shadow", "shadow_access", "mirror"):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
                 key = tuple(labels)
@@ -133,6 +141,14 @@ class _Collector:
             "What Route policies in shadow mode would have done: the rule, and the destination or answer.",
             SHADOW_LABELS,
             merged["shadow"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_shadow_access_decisions",
+            "What AccessPolicies in shadow mode would have done with each caller: allow or deny, and by which "
+            "rule (or the default).",
+            SHADOW_ACCESS_LABELS,
+            merged["shadow_access"],
         )
         yield _family(
             CounterMetricFamily,

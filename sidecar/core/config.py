@@ -7,6 +7,7 @@ reads it without locks. Everything here is pure: text in, snapshot or errors out
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -67,6 +68,8 @@ class MeshSnapshot:
     routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # host → RouteTable
     policy_version: str = ""  # of the policies behind ``routes`` (and Service documents)
     shadow_routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
+    access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # service → AccessTable
+    shadow_access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +78,8 @@ class MeshSnapshot:
             "policy_version": self.policy_version,
             "routes": {host: table.name for host, table in sorted(self.routes.items())},
             "shadow_routes": {host: table.name for host, table in sorted(self.shadow_routes.items())},
+            "access": {service: table.name for service, table in sorted(self.access.items())},
+            "shadow_access": {service: table.name for service, table in sorted(self.shadow_access.items())},
             "services": {
                 name: {
                     "endpoints": [
@@ -98,13 +103,22 @@ def make_snapshot(
     routes: Mapping[str, Any] | None = None,
     policy_version: str = "",
     shadow_routes: Mapping[str, Any] | None = None,
+    access: Mapping[str, Any] | None = None,
+    shadow_access: Mapping[str, Any] | None = None,
 ) -> MeshSnapshot:
-    routes = MappingProxyType(dict(routes or {}))
-    shadow = MappingProxyType(dict(shadow_routes or {}))
-    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", routes, policy_version, shadow)
+    """The snapshot's version covers its services and the version of the policies behind
+    its routes and access tables."""
+    frozen = {
+        "routes": MappingProxyType(dict(routes or {})),
+        "policy_version": policy_version,
+        "shadow_routes": MappingProxyType(dict(shadow_routes or {})),
+        "access": MappingProxyType(dict(access or {})),
+        "shadow_access": MappingProxyType(dict(shadow_access or {})),
+    }
+    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
     version = hashlib.sha256(body).hexdigest()[:12]
-    return MeshSnapshot(snap.services, source, version, routes, policy_version, shadow)
+    return dataclasses.replace(snap, version=version)
 
 
 def parse_address(text: str, *, allow_zero: bool = False) -> tuple[str, int]:

@@ -4,7 +4,8 @@ The control plane validated them, but a sidecar must never run what it cannot re
 resource is validated with the same schema (control_plane/policy.py); a bad one is
 rejected (NACKed, PRODUCT §6) and the sidecar keeps the version it had. What it holds
 becomes part of its snapshot: ``Service`` documents as services with static endpoints,
-enforcing ``Route`` documents as route tables by host.
+enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
+tables by service.
 
 The schema (pydantic) is imported when the first policy arrives, not before: it costs
 ~150 ms and ~20 MB, which a sidecar that receives no policy should not pay.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from control_plane import wire
 
+from .access import AccessTable
 from .config import Endpoint, ServiceConfig, parse_address
 from .routes import RouteTable
 
@@ -85,6 +87,23 @@ class PolicyCache:
                     )
                     continue
                 out[document.host] = RouteTable(document)
+        return out
+
+    def access(self, mode: str = "enforce") -> dict[str, AccessTable]:
+        """Access tables by service: the enforcing ones, or (``mode="shadow"``) those only counted."""
+        out: dict[str, AccessTable] = {}
+        for name in sorted(self.held):
+            document = self.held[name][2]
+            if document.kind == "AccessPolicy" and document.mode == mode:
+                if document.service in out:  # the control plane refuses this; be deterministic anyway
+                    log.warning(
+                        "access policy %s ignored: %s already covers service %s",
+                        name,
+                        out[document.service].name,
+                        document.service,
+                    )
+                    continue
+                out[document.service] = AccessTable(document)
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -1,12 +1,18 @@
-"""Inbound: every request goes to the local app, whatever its Host says."""
+"""Inbound: every request goes to the local app, whatever its Host says, if the
+service's AccessPolicy lets its caller in."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from ..core import errors
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
+from ..core.errors import MeshError
 from .base import Filter, Request
 
-# Set by the calling sidecar so the receiving one can label its metrics by caller.
-# Not an identity: mTLS (PRODUCT §12) will provide a verified one.
+# Set by the calling sidecar: the receiving one labels its metrics by caller and checks
+# its AccessPolicy against it. Claimed, not verified: mTLS (PRODUCT §12) will verify it.
 SOURCE_HEADER = b"x-meshlet-source"
 
 
@@ -35,11 +41,44 @@ def to_local_app(
     return handle
 
 
+def access_check(
+    table: Any | None, shadow: Any | None, on_shadow: Callable[[str, str, str, str], None]
+) -> Filter | None:
+    """The service's AccessPolicy (sidecar/core/access.py): enforced by ``table`` (403
+    ``forbidden``), only counted by ``shadow`` (``on_shadow(policy, source, rule, verdict)``).
+    None when the service has neither: nothing to do per request."""
+    if table is None and shadow is None:
+        return None
+
+    def handle(request: Request) -> None:
+        head = request.head
+        if shadow is not None:
+            verdict = shadow.check(request.source, head.method, head.target)
+            on_shadow(shadow.name, request.source, verdict.rule, "allow" if verdict.allowed else "deny")
+        if table is not None:
+            verdict = table.check(request.source, head.method, head.target)
+            if not verdict.allowed:
+                path = head.target.partition(b"?")[0][:200].decode("latin-1")
+                raise MeshError(
+                    errors.FORBIDDEN,
+                    f"AccessPolicy {table.name!r} does not let {request.source!r} call {table.service!r} "
+                    f"({head.method.decode('ascii', 'replace')} {path})",
+                )
+
+    return handle
+
+
 def source_header(local_service: str) -> Filter:
-    """Outbound: tell the next sidecar which service is calling."""
+    """Outbound: tell the next sidecar which service is calling. One the app wrote itself
+    is dropped: the next sidecar must hear it from us."""
     value = local_service.encode()
 
     def handle(request: Request) -> None:
-        request.head.headers.append((SOURCE_HEADER, value))
+        headers = request.head.headers
+        for i in range(len(headers) - 1, -1, -1):
+            name = headers[i][0]
+            if len(name) == 16 and name.lower() == SOURCE_HEADER:
+                del headers[i]
+        headers.append((SOURCE_HEADER, value))
 
     return handle

@@ -224,7 +224,16 @@ class ControlPlaneClient:
         services.update(self.policies.services())  # Service documents: services without a sidecar
         services.update(self.state.services())  # registered instances win over a document of the same name
         policies = self.policies
-        self._apply(make_snapshot(services, source, policies.routes(), policies.version(), policies.routes("shadow")))
+        snapshot = make_snapshot(
+            services,
+            source,
+            policies.routes(),
+            policies.version(),
+            policies.routes("shadow"),
+            policies.access(),
+            policies.access("shadow"),
+        )
+        self._apply(snapshot)
         self.has_config = True
 
     # the channel ------------------------------------------------------------------------

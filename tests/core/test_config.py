@@ -107,6 +107,8 @@ def test_to_json() -> None:
         "policy_version": "",
         "routes": {},
         "shadow_routes": {},
+        "access": {},
+        "shadow_access": {},
         "services": {
             "cart": {
                 "endpoints": [

@@ -57,6 +57,24 @@ def test_a_shadow_route_is_held_but_not_enforced_and_removals_apply() -> None:
     assert cache.routes() == {} and cache.version() == wire.type_version({"Route/pay": cache.versions()["Route/pay"]})
 
 
+def test_access_policies_by_service_enforced_or_shadowed_one_per_service() -> None:
+    access = {"kind": "AccessPolicy", "name": "a", "service": "item", "rules": [{"sources": ["user"]}]}
+    cache = PolicyCache()
+    cache.apply(
+        _push(
+            ("AccessPolicy/a", access),
+            ("AccessPolicy/b", {**access, "name": "b"}),  # a second one for item: the control plane refuses it
+            ("AccessPolicy/c", {**access, "name": "c", "service": "pay", "mode": "shadow"}),
+        )
+    )
+    enforced, shadow = cache.access(), cache.access("shadow")
+    assert list(enforced) == ["item"] and enforced["item"].name == "a"  # the first by name, deterministic
+    assert (
+        enforced["item"].check("user", b"GET", b"/").allowed and not enforced["item"].check("x", b"GET", b"/").allowed
+    )
+    assert list(shadow) == ["pay"] and shadow["pay"].mode == "shadow"
+
+
 def test_persisted_policies_come_back_and_unreadable_ones_are_dropped() -> None:
     cache = PolicyCache()
     cache.apply(_push(("Route/item", ROUTE), ("Service/billing", BILLING)))

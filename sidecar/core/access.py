@@ -1,0 +1,106 @@
+"""Access tables: may this caller call this service, on this path, with this method? Pure.
+
+Compiled once per policy version from a validated ``AccessPolicy`` (control_plane/policy.py)
+and asked by the inbound sidecar for every request (PRODUCT §12), and by ``meshlet explain``
+(control_plane/explain.py), so both give the same answer:
+
+* the rules are tried in the order written; the first whose ``sources``, ``paths`` and
+  ``methods`` all hold allows the request; when none does, ``default`` decides;
+* ``sources``: calling services by name, ``"*"`` for any caller (one without a sidecar too);
+* ``paths``: prefixes by whole segments, so ``/items`` allows ``/items`` and ``/items/42``
+  but not ``/items-admin`` (a prefix ending in ``/`` is taken as written); the path is
+  compared after percent-decoding and removing ``.``/``..`` segments and empty ones, so
+  ``/items/../admin`` is ``/admin``, the path the app will serve;
+* ``methods``: any of them (none listed: every method).
+
+The caller's identity is the ``x-meshlet-source`` its sidecar sends (sidecar/layers/inbound.py):
+claimed, not verified, until mTLS gives a verified one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from control_plane.policy import AccessPolicy, AccessRule
+
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    rule: str  # "rules[i]" of the rule that allowed it, or "default"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    sources: frozenset[str]
+    prefixes: tuple[str, ...]  # normalised; a prefix ends with "/" or matches a whole segment
+    methods: frozenset[bytes]
+
+    @classmethod
+    def compile(cls, rule: AccessRule) -> _Rule:
+        return cls(
+            frozenset(rule.sources),
+            tuple(normalise_path(p) for p in rule.paths),
+            frozenset(m.encode("ascii") for m in rule.methods),
+        )
+
+    def holds(self, source: str, method: bytes, path: str | None) -> bool:
+        if ANY not in self.sources and source not in self.sources:
+            return False
+        if self.methods and method not in self.methods:
+            return False
+        if self.prefixes:
+            assert path is not None
+            return any(_under(path, prefix) for prefix in self.prefixes)
+        return True
+
+
+class AccessTable:
+    """One service's compiled ``AccessPolicy``."""
+
+    def __init__(self, policy: AccessPolicy) -> None:
+        self.name = policy.name
+        self.service = policy.service
+        self.mode = policy.mode
+        self.default_allows = policy.default == "allow"
+        self.rules = tuple(_Rule.compile(rule) for rule in policy.rules)
+        self._paths = any(rule.prefixes for rule in self.rules)  # else the path is never decoded
+
+    def check(self, source: str, method: bytes, target: bytes) -> Verdict:
+        """``target``: the request target as it came (origin form, query and all)."""
+        path = normalise_path(target.partition(b"?")[0].decode("latin-1")) if self._paths else None
+        for i, rule in enumerate(self.rules):
+            if rule.holds(source, method, path):
+                return Verdict(True, f"rules[{i}]")
+        return Verdict(self.default_allows, "default")
+
+
+def normalise_path(path: str) -> str:
+    """Percent-decoded, without dot segments (RFC 3986 §5.2.4) or empty segments."""
+    if "%" in path:
+        path = unquote(path, encoding="latin-1")
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
+    return "/" + "/".join(segments) + trailing
+
+
+def _under(path: str, prefix: str) -> bool:
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+__all__ = ["AccessTable", "Verdict", "normalise_path"]

@@ -1,0 +1,106 @@
+"""AccessPolicy enforced by a real inbound sidecar: the callers it names get in on the
+paths and methods it names, others get 403 ``forbidden`` from item's sidecar (item never
+sees them); an app cannot claim another service's name; in shadow mode nothing is
+refused and what would have been is counted."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+from ..origin import Origin
+
+POLICY = """\
+kind: AccessPolicy
+name: item-callers
+service: item
+mode: {mode}
+rules:
+  - sources: [user]
+    paths: [/hello, /info]
+    methods: [GET]
+"""
+
+
+async def apply(tmp_path: Path, api: str, mode: str) -> None:
+    policy = tmp_path / "access.yaml"
+    policy.write_text(POLICY.format(mode=mode))
+    token = str(tmp_path / "cp" / "api-token")
+    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()  # every sidecar ACKed
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample of ``name`` whose labels include ``labels`` (0 if none)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    item = Origin()
+    item_port = await nursery.start(item.serve)
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{item_port}", control_plane=push) as item_sidecar,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+            run_sidecar(tmp_path, service="gateway", app="127.0.0.1:1", control_plane=push) as gateway,
+        ):
+            async with httpx.AsyncClient(timeout=10) as client:
+
+                async def call(caller: object, path: str, method: str = "GET", **headers: str) -> httpx.Response:
+                    url = f"http://{caller.outbound}{path}"  # type: ignore[attr-defined]
+                    return await client.request(method, url, headers={"host": "item", **headers})
+
+                with trio.fail_after(15):  # both callers discover item
+                    for caller in (user, gateway):
+                        while (await call(caller, "/hello")).status_code != 200:  # noqa: ASYNC110 - another process
+                            await trio.sleep(0.1)
+
+                await apply(tmp_path, api, "enforce")
+                served = item.stats.completed
+                assert (await call(user, "/hello")).status_code == 200
+                info = (await call(user, "/info")).json()
+                assert not any(name.lower() == "x-meshlet-source" for name, _ in info["headers"])
+                for caller, path, method in [
+                    (user, "/status/200", "GET"),  # a path no rule names
+                    (user, "/hello/../status/200", "GET"),  # ... however it is spelt
+                    (user, "/hello", "POST"),  # a method no rule names
+                    (gateway, "/hello", "GET"),  # a caller no rule names
+                ]:
+                    refused = await call(caller, path, method)
+                    assert refused.status_code == 403, (path, method)
+                    assert refused.headers["x-meshlet-error"] == "forbidden"
+                    assert "AccessPolicy 'item-callers'" in refused.text
+                # gateway's app claims to be user: its sidecar says who is calling, not the app
+                spoofed = await call(gateway, "/hello", **{"x-meshlet-source": "user"})
+                assert spoofed.status_code == 403 and "'gateway'" in spoofed.text
+                assert item.stats.completed == served + 2  # item saw only the two allowed requests
+                metrics = (await client.get(f"http://{item_sidecar.admin}/metrics")).text
+                forbidden = {"direction": "inbound", "code": "403", "reason": "forbidden"}
+                assert sample(metrics, "meshlet_requests_total", source="user", **forbidden) == 3
+                assert sample(metrics, "meshlet_requests_total", source="gateway", **forbidden) == 2
+
+                await apply(tmp_path, api, "shadow")
+                served = item.stats.completed
+                assert (await call(gateway, "/hello")).status_code == 200
+                assert (await call(user, "/hello")).status_code == 200
+                assert (await call(user, "/status/204", "DELETE")).status_code == 204
+                assert item.stats.completed == served + 3  # nothing refused
+                metrics = (await client.get(f"http://{item_sidecar.admin}/metrics")).text
+                shadow = "meshlet_shadow_access_decisions_total"
+                policy = {"policy": "item-callers"}
+                assert sample(metrics, shadow, source="gateway", rule="default", decision="deny", **policy) == 1
+                assert sample(metrics, shadow, source="user", rule="rules[0]", decision="allow", **policy) == 1
+                assert sample(metrics, shadow, source="user", rule="default", decision="deny", **policy) == 1
+                assert sample(metrics, "meshlet_requests_total", direction="inbound", reason="forbidden") == 5
