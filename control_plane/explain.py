@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.core.access import AccessTable
+from sidecar.core.access import AccessTable, normalise_path
 from sidecar.core.routes import RouteTable
 
 from .policy import AccessPolicy, DestinationPolicy, Document, Route, Service
@@ -131,7 +131,8 @@ def _access(source: str, service: str, target: str, method: str, documents: list
     (policy,) = policies  # one per service (control_plane/policy.py)
     verdict = AccessTable(policy).check(source, method.encode("ascii"), target.encode("latin-1"))
     if verdict.rule == "default":
-        why = f"AccessPolicy/{policy.name}: no rule lets {source} in; default {policy.default}"
+        path = normalise_path(target.partition("?")[0])
+        why = f"AccessPolicy/{policy.name}: no rule lets {source} {method} {path}; default {policy.default}"
     else:
         why = f"AccessPolicy/{policy.name} {verdict.rule}"
     out = {"service": service, "allowed": verdict.allowed, "why": why, "mode": policy.mode}

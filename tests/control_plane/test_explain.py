@@ -75,7 +75,7 @@ def test_a_split_its_shares_and_an_access_denied() -> None:
     ]
     assert [d["destination_policy"]["name"] for d in out["destinations"]] == ["item", "item"]
     (access,) = out["access"]
-    assert not access["allowed"] and "no rule lets gateway in" in access["why"]
+    assert not access["allowed"] and "no rule lets gateway GET /items; default deny" in access["why"]
 
 
 def test_direct_responses_no_match_and_no_route() -> None:
