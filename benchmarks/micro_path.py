@@ -18,6 +18,7 @@ import trio
 
 from sidecar.app import build_outbound
 from sidecar.core.config import load_static
+from sidecar.core.destination import Destinations
 from sidecar.layers.routing import router
 from sidecar.net import io, upstream
 from sidecar.net.downstream import Timeouts, serve_connection
@@ -84,7 +85,10 @@ async def run(count: int) -> float:
     deadlines.now = trio.current_time()
     snapshot = load_static("services:\n  bench: [127.0.0.1:8080]\n", "bench.yaml")
     telemetry = Telemetry()
-    handler = build_outbound(router(snapshot), Forwarder(UpstreamPools(), deadlines), telemetry, "client")
+    destinations = Destinations()
+    destinations.configure(snapshot.services, {}, {}, deadlines.now)
+    forwarder = Forwarder(UpstreamPools(), deadlines)
+    handler = build_outbound(router(snapshot), forwarder, telemetry, "client", destinations, clock=deadlines.clock)
     client = FakeClient(count)
     start = time.perf_counter()
     await serve_connection(client, handler, Timeouts(deadlines))  # type: ignore[arg-type]

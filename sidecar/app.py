@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,11 +24,13 @@ from typing import Any
 import trio
 
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
+from .core.destination import Destinations
 from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
 from .layers.inbound import access_check, source_header, to_local_app
 from .layers.metrics import metrics_layer
 from .layers.mirror import Mirror
+from .layers.resilience import resilience_layer
 from .layers.routing import Discover, router, routing_layer
 from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
@@ -67,10 +70,13 @@ def build_outbound(
     forwarder: Forwarder,
     telemetry: Telemetry,
     service: str,
+    destinations: Destinations,
     discover: Discover | None = None,
     mirror: Mirror | None = None,
+    clock: Callable[[], float] = trio.current_time,
 ) -> Handler:
-    handler = routing_layer(forwarder, route, source_header(service), discover, mirror=mirror)
+    handler = resilience_layer(forwarder, destinations, clock=clock, on_retry=telemetry.retried)
+    handler = routing_layer(handler, route, source_header(service), discover, mirror=mirror)
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "outbound", service)
 
@@ -129,8 +135,10 @@ class Sidecar:
         self.config_ready = False
         self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, options.service)
         self.routes: dict[str | None, Filter] = {}  # listener (None: outbound, else --upstream name) → router
+        self.destinations = Destinations(on_transition=self.telemetry.circuit_moved, on_eject=self.telemetry.ejected)
+        self.telemetry.destination_stats = self.destination_stats
         self.outbound_handler: Handler = build_outbound(
-            router(self.snapshot), self.forwarder, self.telemetry, options.service
+            router(self.snapshot), self.forwarder, self.telemetry, options.service, self.destinations
         )
         self.upstream_handlers: dict[str, Handler] = {}
         self.control: ControlPlaneClient | None = None
@@ -164,15 +172,28 @@ class Sidecar:
         discover = self._discoverer
         self.mirror.use(snapshot)
         mirror = self.mirror
+        destinations = self.destinations
+        clock = self.deadlines.clock
+        destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
+        telemetry, forwarder = self.telemetry, self.forwarder
         self.outbound_handler = build_outbound(
-            routes[None], self.forwarder, self.telemetry, service, discover(None), mirror
+            routes[None], forwarder, telemetry, service, destinations, discover(None), mirror, clock
         )
-        self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, service, snapshot)
+        self.inbound_handler = build_inbound(self.app, forwarder, telemetry, service, snapshot)
         self.upstream_handlers = {
-            name: build_outbound(routes[name], self.forwarder, self.telemetry, service, discover(name), mirror)
+            name: build_outbound(
+                routes[name], forwarder, telemetry, service, destinations, discover(name), mirror, clock
+            )
             for name in self.options.upstreams
         }
         self.snapshot = snapshot
+
+    def destination_stats(self) -> list[tuple[str, int, dict[str, int]]]:
+        """(destination, circuit state, endpoints by outlier state), for /metrics."""
+        now = self.deadlines.clock()
+        return [
+            (key, int(d.breaker.state), d.outlier.counts(now)) for key, d in sorted(self.destinations.by_key.items())
+        ]
 
     def _discoverer(self, listener: str | None) -> Discover | None:
         """With a control plane: look up a service this sidecar has not heard of, then

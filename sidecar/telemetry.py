@@ -23,6 +23,12 @@ INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
 SHADOW_LABELS = ("route", "rule", "decision")
 SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
+RETRY_LABELS = ("destination", "outcome")
+TRANSITION_LABELS = ("destination", "to")
+CIRCUIT_LABELS = ("destination",)
+EJECTION_LABELS = ("destination",)
+ENDPOINT_LABELS = ("destination", "state")
+CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
 
 
@@ -36,6 +42,11 @@ class Telemetry:
         self.shadow: dict[tuple[str, str, str], int] = {}
         self.shadow_access: dict[tuple[str, str, str, str], int] = {}  # an AccessPolicy's, at the inbound side
         self.mirror: dict[tuple[str, str], int] = {}  # (destination, outcome) → mirrored copies
+        self.retries: dict[tuple[str, str], int] = {}  # (destination, "retried" | "budget-exhausted")
+        self.transitions: dict[tuple[str, str], int] = {}  # (destination, new circuit state)
+        self.ejections: dict[tuple[str], int] = {}
+        # Called at scrape time: yields (destination, circuit state 0/1/2, {endpoint state: count}).
+        self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
 
@@ -59,12 +70,25 @@ class Telemetry:
         key = (policy, source, rule, decision)
         self.shadow_access[key] = self.shadow_access.get(key, 0) + 1
 
+    def retried(self, destination: str, outcome: str) -> None:
+        key = (destination, outcome)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def circuit_moved(self, destination: str, state: int) -> None:
+        key = (destination, CIRCUIT_STATES[state])
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+
+    def ejected(self, destination: str, endpoint: object) -> None:
+        key = (destination,)
+        self.ejections[key] = self.ejections.get(key, 0) + 1
+
     def mirror_finished(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.mirror[key] = self.mirror.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """Plain, msgpack-able values: what a worker sends its supervisor."""
+        stats = list(self.destination_stats())
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "durations": [[*k, v] for k, v in self.durations.items()],
@@ -73,6 +97,11 @@ class Telemetry:
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "mirror": [[*k, v] for k, v in self.mirror.items()],
+            "retries": [[*k, v] for k, v in self.retries.items()],
+            "transitions": [[*k, v] for k, v in self.transitions.items()],
+            "ejections": [[*k, v] for k, v in self.ejections.items()],
+            "circuits": [[d, state] for d, state, _ in stats],
+            "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
         }
 
 
@@ -85,13 +114,34 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "shadow": {},
         "shadow_access": {},
         "mirror": {},
+        "retries": {},
+        "transitions": {},
+        "ejections": {},
+        "circuits": {},
+        "endpoints": {},
     }
     for snap in snapshots:
-        for kind in ("requests", "inflight", "connections", "shadow", "shadow_access", "mirror"):
+        for kind in (
+            "requests",
+            "inflight",
+            "connections",
+            "shadow",
+            "shadow_access",
+            "mirror",
+            "retries",
+            "transitions",
+            "ejections",
+            "endpoints",
+        ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
                 key = tuple(labels)
                 table[key] = table.get(key, 0) + value
+        circuits = merged["circuits"]
+        for destination, state in snap.get("circuits", ()):
+            # Workers keep a breaker each: show the most alarming (open, then half-open).
+            key = (destination,)
+            circuits[key] = max(circuits.get(key, 0), state, key=lambda v: (v == 1, v == 2))
         durations = merged["durations"]
         for *labels, values in snap["durations"]:
             key = tuple(labels)
@@ -149,6 +199,48 @@ class _Collector:
             "rule (or the default).",
             SHADOW_ACCESS_LABELS,
             merged["shadow_access"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_retries",
+            "Retries made (outcome retried) and refused because the retry budget was spent (budget-exhausted).",
+            RETRY_LABELS,
+            merged["retries"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_retry_budget_exhausted",
+            "Retries the retry budget refused.",
+            CIRCUIT_LABELS,
+            {(d,): n for (d, outcome), n in merged["retries"].items() if outcome == "budget-exhausted"},
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_circuit_state",
+            "Circuit breaker state per destination: 0 closed, 1 open, 2 half-open.",
+            CIRCUIT_LABELS,
+            merged["circuits"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_circuit_transitions",
+            "Circuit breaker transitions, by the state entered.",
+            TRANSITION_LABELS,
+            merged["transitions"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_outlier_ejections",
+            "Endpoints ejected by outlier detection.",
+            EJECTION_LABELS,
+            merged["ejections"],
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_endpoints",
+            "Endpoints per destination by outlier state: healthy, ejected, probation.",
+            ENDPOINT_LABELS,
+            merged["endpoints"],
         )
         yield _family(
             CounterMetricFamily,

@@ -14,12 +14,16 @@ Paths:
   /reset-before          reads the request and resets the connection, no response
   /close-after           answers keep-alive, then closes the connection anyway
   /ws                    101 on an Upgrade request, then echoes raw bytes
+
+On command (attributes set by the test): ``failing`` (a share of requests that get the
+``fault``: 503, hang, reset) and ``latency`` (a slow instance).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -42,12 +46,19 @@ class OriginStats:
     completed: int = 0  # requests whose body was read whole
     paths: list[str] = field(default_factory=list)
     last_headers: list[tuple[str, str]] = field(default_factory=list)
+    faults: int = 0  # answers spoilt on command (Origin.failing)
+    fault_kinds: dict[str, int] = field(default_factory=dict)
 
 
 class Origin:
     def __init__(self) -> None:
         self.stats = OriginStats()
         self.port = 0
+        # Faults on command, for the simple paths (/hello, /info, /status, /delay, /bytes):
+        self.failing = 0.0  # this share of requests (0..1) gets the fault ...
+        self.fault = "503"  # ... a 503 | "hang" (never answers) | "reset" (no response)
+        self.latency = 0.0  # seconds added before every answer (a slow instance)
+        self.rng = random.Random(0)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -145,6 +156,18 @@ class Origin:
             return True
         await self._read_body(stream, conn)
         self.stats.completed += 1
+        if self.latency:
+            await trio.sleep(self.latency)
+        if self.failing and self.rng.random() < self.failing:
+            self.stats.faults += 1
+            self.stats.fault_kinds[self.fault] = self.stats.fault_kinds.get(self.fault, 0) + 1
+            if self.fault == "hang":
+                await trio.sleep_forever()
+            if self.fault == "reset":
+                _reset(stream)
+                return False
+            await self._simple(stream, conn, 503, b"failing on command")
+            return True
         if path == "/hello":
             await self._simple(stream, conn, 200, b"hello")
         elif path == "/info":

@@ -70,6 +70,9 @@ class MeshSnapshot:
     shadow_routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
     access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # service → AccessTable
     shadow_access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
+    # (service, ROUTE/RULE or None) → destination Settings (sidecar/core/destination.py)
+    destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
+    shadow_destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +83,18 @@ class MeshSnapshot:
             "shadow_routes": {host: table.name for host, table in sorted(self.shadow_routes.items())},
             "access": {service: table.name for service, table in sorted(self.access.items())},
             "shadow_access": {service: table.name for service, table in sorted(self.shadow_access.items())},
+            "destination_policies": {
+                (service if rule is None else f"{service} {rule}"): settings.name
+                for (service, rule), settings in sorted(
+                    self.destinations.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+                )
+            },
+            "shadow_destination_policies": {
+                (service if rule is None else f"{service} {rule}"): settings.name
+                for (service, rule), settings in sorted(
+                    self.shadow_destinations.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+                )
+            },
             "services": {
                 name: {
                     "endpoints": [
@@ -105,6 +120,8 @@ def make_snapshot(
     shadow_routes: Mapping[str, Any] | None = None,
     access: Mapping[str, Any] | None = None,
     shadow_access: Mapping[str, Any] | None = None,
+    destinations: Mapping[tuple[str, str | None], Any] | None = None,
+    shadow_destinations: Mapping[tuple[str, str | None], Any] | None = None,
 ) -> MeshSnapshot:
     """The snapshot's version covers its services and the version of the policies behind
     its routes and access tables."""
@@ -114,6 +131,8 @@ def make_snapshot(
         "shadow_routes": MappingProxyType(dict(shadow_routes or {})),
         "access": MappingProxyType(dict(access or {})),
         "shadow_access": MappingProxyType(dict(shadow_access or {})),
+        "destinations": MappingProxyType(dict(destinations or {})),
+        "shadow_destinations": MappingProxyType(dict(shadow_destinations or {})),
     }
     snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()

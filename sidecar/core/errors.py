@@ -39,19 +39,26 @@ ERROR_HEADER = b"x-meshlet-error"
 class MeshError(Exception):
     """A failure the request path turns into a mesh response (never an app's)."""
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(
+        self, reason: Reason, detail: str = "", *, cause: str = "", headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         super().__init__(detail or reason.name)
         self.reason = reason
         self.detail = detail or reason.name
+        self.cause = cause  # finer than the reason where retries care: "refused" (a connect failure)
+        self.headers = headers  # more for the response (a 429's Retry-After)
 
 
-def error_response(reason: Reason, detail: str, *, close: bool = False) -> bytes:
+def error_response(
+    reason: Reason, detail: str, *, close: bool = False, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> bytes:
     """The whole response (head and body) for a mesh-made error."""
     body = f"{reason.name}: {detail}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", b"%d" % len(body)),
         (ERROR_HEADER, reason.name.encode()),
+        *extra,
     ]
     if close:
         headers.append((b"connection", b"close"))

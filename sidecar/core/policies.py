@@ -20,6 +20,7 @@ from control_plane import wire
 
 from .access import AccessTable
 from .config import Endpoint, ServiceConfig, parse_address
+from .destination import Settings, settings
 from .routes import RouteTable
 
 if TYPE_CHECKING:
@@ -104,6 +105,15 @@ class PolicyCache:
                     )
                     continue
                 out[document.service] = AccessTable(document)
+        return out
+
+    def destinations(self, mode: str = "enforce") -> dict[tuple[str, str | None], Settings]:
+        """DestinationPolicy settings by (service, ROUTE/RULE or None)."""
+        out: dict[tuple[str, str | None], Settings] = {}
+        for name in sorted(self.held):
+            document = self.held[name][2]
+            if document.kind == "DestinationPolicy" and document.mode == mode:
+                out.setdefault((document.service, document.rule), settings(document))
         return out
 
     def to_json(self) -> dict[str, Any]:

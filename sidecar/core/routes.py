@@ -66,6 +66,7 @@ class Target:
 @dataclass(slots=True)
 class CompiledRule:
     name: str
+    ref: str  # ROUTE/RULE, as a DestinationPolicy's ``rule`` names it
     priority: int
     order: int
     rule: Rule | Any  # the document's rule: actions read their settings from it
@@ -147,7 +148,7 @@ class RouteTable:
         self.host: str = route.host
         self.name: str = route.name
         self.shadow = route.mode == "shadow"
-        compiled = [_compile(rule, order) for order, rule in enumerate(route.rules)]
+        compiled = [_compile(rule, order, route.name) for order, rule in enumerate(route.rules)]
         self.rules: tuple[CompiledRule, ...] = tuple(sorted(compiled, key=lambda r: (-r.priority, r.order)))
 
     def match(
@@ -179,7 +180,7 @@ def _changes(changes: Any) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[b
     return set_, drop
 
 
-def _compile(rule: Rule | Any, order: int) -> CompiledRule:
+def _compile(rule: Rule | Any, order: int, route: str = "") -> CompiledRule:
     match: Any = rule.match
     request_set, request_drop = _changes(rule.headers.request)
     response_set, response_drop = _changes(rule.headers.response)
@@ -194,6 +195,7 @@ def _compile(rule: Rule | Any, order: int) -> CompiledRule:
     )
     return CompiledRule(
         name=rule.name,
+        ref=f"{route}/{rule.name}",
         priority=rule.priority,
         order=order,
         rule=rule,

@@ -52,6 +52,8 @@ class Request:
         "timeout",
         "direction",
         "rule",
+        "subset",
+        "deadline",
     )
 
     def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
@@ -70,6 +72,8 @@ class Request:
         self.timeout = DEFAULT_REQUEST_TIMEOUT
         self.direction = "outbound"
         self.rule: Any = None  # the Route rule that matched (sidecar/core/routes.py), if any
+        self.subset: tuple[tuple[str, str], ...] = ()  # labels the endpoint must carry (a rule's subset)
+        self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
 
 
 class Response:
@@ -107,9 +111,11 @@ class Response:
             callback(complete)
 
     @classmethod
-    def mesh(cls, reason: Reason, detail: str, *, close: bool = False) -> Response:
+    def mesh(
+        cls, reason: Reason, detail: str, *, close: bool = False, extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> Response:
         response = cls(reason.status, reason.phrase, [])
-        response.raw = error_response(reason, detail, close=close)
+        response.raw = error_response(reason, detail, close=close, extra=extra)
         response.mesh_error = reason.name
         response.keep_alive = not close
         return response

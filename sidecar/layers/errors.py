@@ -18,7 +18,7 @@ def errors_layer(inner: Handler) -> Handler:
         except MeshError as exc:
             # A request body left unread makes the connection unusable: say so.
             close = request.body is not None
-            return Response.mesh(exc.reason, exc.detail, close=close)
+            return Response.mesh(exc.reason, exc.detail, close=close, extra=exc.headers)
         except Exception as exc:  # a bug of ours: answer, log, keep serving others
             log.exception("internal error handling %r", request.head.target)
             return Response.mesh(

@@ -14,6 +14,7 @@ from .base import Filter, Request
 # Set by the calling sidecar: the receiving one labels its metrics by caller and checks
 # its AccessPolicy against it. Claimed, not verified: mTLS (PRODUCT §12) will verify it.
 SOURCE_HEADER = b"x-meshlet-source"
+DEADLINE_HEADER = b"x-meshlet-deadline-ms"  # set by the calling sidecar (sidecar/layers/resilience.py)
 
 
 def to_local_app(
@@ -32,11 +33,20 @@ def to_local_app(
         request.connect_timeout = connect_timeout
         request.timeout = timeout
         headers = request.head.headers
+        source = -1
         for i, (name, value) in enumerate(headers):
-            if len(name) == 16 and name.lower() == SOURCE_HEADER:
+            size = len(name)
+            if size == 16 and source < 0 and name.lower() == SOURCE_HEADER:
                 request.source = value.decode("ascii", "replace")
-                del headers[i]
-                break
+                source = i
+            elif size == 21 and name.lower() == DEADLINE_HEADER and value.isdigit() and len(value) < 10:
+                # The caller gives up after this long: answering later helps no one. The
+                # header stays, for an app that passes deadlines on.
+                left = int(value) / 1000
+                if left < request.timeout:
+                    request.timeout = left
+        if source >= 0:
+            del headers[source]
 
     return handle
 

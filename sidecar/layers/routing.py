@@ -1,4 +1,5 @@
-"""Outbound: find the destination service of a request and pick one of its endpoints.
+"""Outbound: find the destination service of a request (and the subset of its endpoints
+a Route rule asks for); sidecar/layers/resilience.py then picks the endpoint.
 
 A service this sidecar has not heard of may still exist: with a control plane the
 sidecar subscribes to the services its app calls on the first call (Linkerd resolves a
@@ -16,7 +17,6 @@ from typing import Any
 import trio
 
 from ..core import errors
-from ..core.balance import RoundRobin
 from ..core.config import MeshSnapshot
 from ..core.errors import MeshError, policy_response
 from ..core.routes import change_headers
@@ -53,22 +53,13 @@ def _policy(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Res
 def router(
     snapshot: MeshSnapshot, fixed_service: str | None = None, on_shadow: Callable[[str, str, str], None] | None = None
 ) -> Filter:
-    """Resolves the destination service and picks an endpoint (a synchronous filter).
+    """Resolves the destination service, and the subset a rule asks for (a synchronous filter).
     ``fixed_service``: the listener is an explicit upstream port (``--upstream``).
     A host with a Route policy goes through its rules first (sidecar/core/routes.py); a
     Route in shadow mode is only asked what it would do (``on_shadow(route, rule, decision)``)."""
     services = snapshot.services
     routes = snapshot.routes
     shadow = snapshot.shadow_routes if on_shadow is not None else None
-    balancers = {name: RoundRobin(svc.endpoints) for name, svc in services.items()}
-    subsets: dict[tuple[str, tuple[tuple[str, str], ...]], RoundRobin] = {}
-
-    def subset(service: str, labels: tuple[tuple[str, str], ...]) -> RoundRobin:
-        found = subsets.get((service, labels))
-        if found is None:
-            endpoints = [e for e in services[service].endpoints if all(e.labels.get(k) == v for k, v in labels)]
-            found = subsets[(service, labels)] = RoundRobin(endpoints)
-        return found
 
     def route(request: Request) -> None:
         if fixed_service is None:
@@ -95,11 +86,7 @@ def router(
         if config is None:  # not labelled by name: unknown hosts must not grow the metrics
             raise Undiscovered(service)
         request.service = service
-        endpoint = (subset(service, labels) if labels else balancers[service]).pick()
-        if endpoint is None:
-            which = f" in subset {dict(labels)}" if labels else ""
-            raise MeshError(errors.NO_HEALTHY_ENDPOINTS, f"service {service!r} has no healthy endpoint{which}")
-        request.endpoint = endpoint
+        request.subset = labels  # the endpoint is picked by the resilience layer
         request.connect_timeout = config.connect_timeout
         rule = request.rule
         request.timeout = rule.rule.timeout if rule is not None and rule.rule.timeout is not None else config.timeout

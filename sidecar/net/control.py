@@ -232,6 +232,8 @@ class ControlPlaneClient:
             policies.routes("shadow"),
             policies.access(),
             policies.access("shadow"),
+            policies.destinations(),
+            policies.destinations("shadow"),
         )
         self._apply(snapshot)
         self.has_config = True

@@ -12,6 +12,7 @@ when the request can still be sent again (no body bytes consumed yet).
 
 from __future__ import annotations
 
+import errno
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -123,7 +124,8 @@ class EndpointPool:
             self._slots.release()
             self.errors += 1
             why = exc.strerror or str(exc)
-            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}") from None
+            cause = "refused" if exc.errno == errno.ECONNREFUSED else ""
+            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}", cause=cause) from None
         self.connects += 1
         self.active += 1
         return UpstreamConnection(io, self), False
@@ -351,6 +353,8 @@ class Forwarder:
                 raise _Stale from exc
             raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
         exchange.head = event
+        if request.deadline > exchange.deadline:
+            exchange.deadline = request.deadline  # a per-try timeout ends at the head; the body has the rest
         return self._response(request, exchange, event)
 
     def _response(self, request: Request, exchange: _Exchange, head: ResponseHead) -> Response:

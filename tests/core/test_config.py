@@ -109,6 +109,8 @@ def test_to_json() -> None:
         "shadow_routes": {},
         "access": {},
         "shadow_access": {},
+        "destination_policies": {},
+        "shadow_destination_policies": {},
         "services": {
             "cart": {
                 "endpoints": [

@@ -1,0 +1,170 @@
+"""Resilience end to end (issue 5): a real sidecar in front of real upstreams that fail,
+hang and reset on command. Retries hide a flaky instance; a dead destination trips the
+breaker and callers get fast failures instead of timeouts, until it recovers; the retry
+budget caps the load retries add. `item`'s endpoints are a Service document (no sidecar
+of their own), so every count is exact at the upstream."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+from ..origin import Origin
+
+
+async def apply(tmp_path: Path, api: str, text: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    token = str(tmp_path / "cp" / "api-token")
+    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+
+
+def service(*origins: Origin) -> str:
+    endpoints = ", ".join(f"127.0.0.1:{o.port}" for o in origins)
+    return f"kind: Service\nname: item\nendpoints: [{endpoints}]\n"
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+async def synced(client: httpx.AsyncClient, admin: str, policy: str | None) -> None:
+    """Until the sidecar holds item's endpoints (and its DestinationPolicy)."""
+    with trio.fail_after(10):
+        while True:
+            config = (await client.get(f"http://{admin}/config_dump")).json()["config"]
+            if "item" in config["services"] and config["destination_policies"].get("item") == policy:
+                return
+            await client.get("/hello")  # the first call subscribes to item
+            await trio.sleep(0.05)
+
+
+async def origins(nursery: trio.Nursery, n: int) -> list[Origin]:
+    out = [Origin() for _ in range(n)]
+    for origin in out:
+        await nursery.start(origin.serve)
+    return out
+
+
+async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nursery) -> None:
+    flaky, steady, other = await origins(nursery, 3)
+    flaky.failing = 0.3  # 30 % of its answers: 503, or no answer at all
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        # Round robin: each instance gets its third (ewma would soon avoid the flaky one).
+        balance = "---\nkind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
+        await apply(tmp_path, api, service(flaky, steady, other) + balance)
+        async with run_sidecar(
+            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
+        ) as user:
+            async with httpx.AsyncClient(
+                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
+            ) as client:
+                await synced(client, user.admin, "item")
+                ok = 0
+                for i in range(2000):
+                    flaky.fault = "503" if i % 2 else "reset"
+                    ok += (await client.get("/hello")).status_code == 200
+                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+    assert flaky.stats.faults > 150  # about 30 % of its ~667 requests did fail
+    assert ok >= 1990, f"only {ok} of 2000 succeeded"  # ≥ 99.5 %
+    retried = sample(metrics, "meshlet_retries_total", destination="item", outcome="retried")
+    # Every 503 was retried on another instance. A reset on a pooled connection is first
+    # tried again on a fresh connection by the pool itself (a stale keep-alive connection
+    # looks the same), so only some resets show up here.
+    assert flaky.stats.fault_kinds["503"] <= retried <= flaky.stats.faults
+
+
+async def test_a_dead_destination_trips_the_breaker_and_recovery_closes_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (dead,) = await origins(nursery, 1)
+    dead.failing, dead.fault = 1.0, "hang"
+    policy = service(dead) + (
+        "---\nkind: DestinationPolicy\nname: item\nservice: item\ntimeout: 500ms\n"
+        "retries: {attempts: 0}\ncircuit_breaker: {min_requests: 10, open_for: 2s}\n"
+    )
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        await apply(tmp_path, api, policy)
+        async with run_sidecar(
+            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
+        ) as user:
+            async with httpx.AsyncClient(
+                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
+            ) as client:
+                await synced(client, user.admin, "item")
+                statuses: list[int] = []
+
+                async def call() -> None:
+                    statuses.append((await client.get("/hello")).status_code)
+
+                async with trio.open_nursery() as calls:  # ten callers wait for a dead instance
+                    for _ in range(10):
+                        calls.start_soon(call)
+                assert statuses == [504] * 10
+                reached = dead.stats.requests
+                took = []
+                for _ in range(200):  # OPEN: fast failures, the instance left alone
+                    start = time.perf_counter()
+                    response = await client.get("/hello")
+                    took.append(time.perf_counter() - start)
+                    assert response.status_code == 503 and response.headers["x-meshlet-error"] == "circuit-open"
+                took.sort()
+                assert took[int(len(took) * 0.99) - 1] < 0.005, f"p99 {took[int(len(took) * 0.99) - 1] * 1000:.1f} ms"
+                assert dead.stats.requests == reached
+                open_metrics = (await client.get(f"http://{user.admin}/metrics")).text
+
+                dead.failing = 0.0  # recovered
+                with trio.fail_after(10):
+                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110 - another process
+                        await trio.sleep(0.2)
+                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+    assert sample(open_metrics, "meshlet_circuit_state", destination="item") == 1
+    assert sample(metrics, "meshlet_circuit_state", destination="item") == 0
+    for state in ("open", "half_open", "closed"):
+        assert sample(metrics, "meshlet_circuit_transitions_total", destination="item", to=state) == 1, state
+
+
+async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nursery: trio.Nursery) -> None:
+    a, b = await origins(nursery, 2)
+    a.failing = b.failing = 1.0  # every answer a 503: without a budget, 3 tries per request
+    policy = service(a, b) + (
+        "---\nkind: DestinationPolicy\nname: item\nservice: item\n"
+        "retries: {attempts: 2, backoff: {base: 1ms, max: 1ms}, budget: {ratio: 0.2, min_per_second: 1}}\n"
+        "circuit_breaker: {force: closed}\noutlier_detection: {consecutive_failures: 1000}\n"
+    )
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        await apply(tmp_path, api, policy)
+        async with run_sidecar(
+            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
+        ) as user:
+            async with httpx.AsyncClient(
+                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
+            ) as client:
+                await synced(client, user.admin, "item")
+                before = a.stats.requests + b.stats.requests
+                start = time.monotonic()
+                for _ in range(300):
+                    assert (await client.get("/hello")).status_code == 503
+                elapsed = time.monotonic() - start
+                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+    upstream = a.stats.requests + b.stats.requests - before
+    allowed = 300 * 0.2 + 1 * 10  # ratio × requests + the floor (1/s over the 10 s window)
+    assert elapsed < 10  # all inside one budget window
+    assert 300 + allowed * 0.9 <= upstream <= 300 + allowed, upstream
+    assert sample(metrics, "meshlet_retry_budget_exhausted_total", destination="item") >= 300 - allowed

@@ -1,0 +1,287 @@
+"""The resilience layer (sidecar/layers/resilience.py) against scripted upstreams, on
+trio's fake clock: retries go to another endpoint and stop where PRODUCT §8 says, the
+budget caps them, the breaker opens and answers fast, then recovers; fallbacks, rate
+limits, bulkheads, deadlines, and bodies that are replayed or never sent twice."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from sidecar.core import errors
+from sidecar.core.breaker import BreakerConfig
+from sidecar.core.config import Endpoint, ServiceConfig
+from sidecar.core.destination import DEFAULTS, Destinations, Fallback, Settings
+from sidecar.core.errors import MeshError
+from sidecar.core.http1 import RequestHead
+from sidecar.core.outcome import RetryOn
+from sidecar.layers.base import WOULD_BLOCK, Request, Response
+from sidecar.layers.errors import errors_layer
+from sidecar.layers.resilience import resilience_layer
+
+A, B, C = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80), Endpoint("10.0.0.3", 80)
+
+# endpoint → what it does: an int status, "refused", "reset", "hang", or a callable
+Behaviour = Callable[[Request], object]
+
+
+class Upstreams:
+    """The forwarder's stand-in: each endpoint answers as scripted; every call is logged."""
+
+    def __init__(self, **script: object) -> None:
+        self.script = {A: 200, B: 200, C: 200}
+        self.script.update({globals()[k]: v for k, v in script.items()})
+        self.calls: list[tuple[Endpoint, dict[bytes, bytes], bytes]] = []
+        self.finished: list[bool] = []
+        self.gate: trio.Event | None = None  # when set: every call waits for it first
+
+    async def __call__(self, request: Request) -> Response:
+        assert request.endpoint is not None
+        if self.gate is not None:
+            await self.gate.wait()
+        body = b""
+        if request.body is not None:
+            while (piece := await request.body.read()) is not None:
+                body += piece
+        self.calls.append((request.endpoint, dict(request.head.headers), body))
+        what = self.script[request.endpoint]
+        if callable(what):
+            what = what(request)
+        if what == "refused":
+            raise MeshError(errors.CONNECT_FAILED, "refused", cause="refused")
+        if what == "reset":
+            raise MeshError(errors.UPSTREAM_RESET, "reset")
+        if what == "hang":
+            await trio.sleep(request.timeout)
+            raise MeshError(errors.TIMEOUT, "no response")
+        if isinstance(what, tuple):
+            status, headers = what
+        else:
+            status, headers = what, []
+        response = Response(int(status), b"", list(headers))
+        response.on_finish = self.finished.append
+        return response
+
+    def hits(self) -> Counter[Endpoint]:
+        return Counter(endpoint for endpoint, _, _ in self.calls)
+
+
+class Body:
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    async def read(self) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.pieces.pop(0) if self.pieces else None
+
+    def read_nowait(self) -> object:
+        return WOULD_BLOCK
+
+
+def mesh(
+    upstreams: Upstreams,
+    settings: Settings = DEFAULTS,
+    endpoints: tuple[Endpoint, ...] = (A, B, C),
+    lb: str = "round_robin",
+) -> tuple[Callable[..., object], Destinations]:
+    from dataclasses import replace
+
+    destinations = Destinations(random.Random(1))
+    destinations.configure(
+        {"item": ServiceConfig("item", endpoints)},
+        {("item", None): replace(settings, load_balancer=lb)},
+        {},
+        trio.current_time(),
+    )
+    retries: list[str] = []
+    handler = errors_layer(
+        resilience_layer(upstreams, destinations, rng=random.Random(2), on_retry=lambda _s, o: retries.append(o))
+    )
+
+    async def call(method: bytes = b"GET", body: Body | None = None, **headers: str) -> Response:
+        head = RequestHead(method, b"/x", [(k.encode(), v.encode()) for k, v in headers.items()])
+        request = Request(head, body, b"127.0.0.1")
+        request.service = "item"
+        return await handler(request)
+
+    call.retries = retries  # type: ignore[attr-defined]
+    return call, destinations
+
+
+async def test_a_503_is_retried_on_another_endpoint_with_attempt_and_deadline_headers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstreams = Upstreams(A=503)
+    call, _ = mesh(upstreams)
+    response = await call()
+    assert response.status == 200
+    (first, h1, _), (second, h2, _) = upstreams.calls
+    assert (first, second) == (A, B)
+    assert (h1[b"x-meshlet-attempt"], h2[b"x-meshlet-attempt"]) == (b"1", b"2")
+    assert int(h1[b"x-meshlet-deadline-ms"]) == 15_000 and 14_700 < int(h2[b"x-meshlet-deadline-ms"]) < 15_000
+    assert upstreams.finished == [False]  # the 503 given up: its connection closed, never reused
+    assert call.retries == ["retried"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("failure", "retried"),
+    [("refused", True), ("reset", True), (503, True), (500, False), (502, False), (404, False), (429, False)],
+)
+async def test_the_default_conditions(failure: object, retried: bool, autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams(A=failure)
+    call, _ = mesh(upstreams)
+    await call()
+    assert len(upstreams.calls) == (2 if retried else 1)
+
+
+async def test_non_idempotent_methods_are_not_retried_unless_allowed(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams(A=503, B=503, C=503)
+    call, _ = mesh(upstreams)
+    assert (await call(b"POST")).status == 503 and len(upstreams.calls) == 1
+    from dataclasses import replace
+
+    call, _ = mesh(upstreams, replace(DEFAULTS, non_idempotent=True))
+    await call(b"POST")
+    assert len(upstreams.calls) == 1 + 3  # the first try and two retries
+
+
+async def test_attempts_end_with_the_last_answer(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams(A=503, B=503, C=503)
+    call, _ = mesh(upstreams)
+    response = await call()
+    assert response.status == 503 and upstreams.hits() == {A: 1, B: 1, C: 1}
+    assert upstreams.finished == [False, False]  # the two given up; the third is the caller's
+
+
+async def test_retry_after_is_honoured_and_a_long_one_ends_the_retries(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams(A=(503, [(b"retry-after", b"2")]))
+    call, _ = mesh(upstreams)
+    start = trio.current_time()
+    assert (await call()).status == 200
+    assert trio.current_time() - start == pytest.approx(2, abs=0.01)
+    upstreams = Upstreams(A=(503, [(b"retry-after", b"60")]))  # past the 15 s deadline
+    call, _ = mesh(upstreams)
+    assert (await call()).status == 503 and len(upstreams.calls) == 1
+
+
+async def test_a_per_try_timeout_is_retried_under_gateway_error_within_the_overall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from dataclasses import replace
+
+    settings = replace(DEFAULTS, per_try_timeout=1.0, timeout=2.5, retry_on=RetryOn(["gateway-error"]), attempts=5)
+    upstreams = Upstreams(A="hang", B="hang", C="hang")
+    call, _ = mesh(upstreams, settings)
+    start = trio.current_time()
+    response = await call()
+    assert response.status == 504 and response.mesh_error == "timeout"
+    assert len(upstreams.calls) == 3  # 1 s + 1 s + the 0.5 s left: the overall timeout covers them all
+    assert trio.current_time() - start <= 2.5 + 0.01
+
+
+async def test_the_budget_caps_retries_at_the_floor_plus_twenty_percent(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    settings = replace(DEFAULTS, budget_min_per_second=1, budget_window=10, breaker=BreakerConfig(force="closed"))
+    upstreams = Upstreams(A=503, B=503, C=503)
+    call, _ = mesh(upstreams, settings)
+    for _ in range(100):
+        await call()
+    retried = Counter(call.retries)  # type: ignore[attr-defined]
+    assert retried["retried"] == 10 + 20  # floor 1/s × 10 s, and 0.2 × 100 requests
+    assert len(upstreams.calls) == 100 + 30  # the upstream saw 30 % extra, not 200 %
+
+
+async def test_the_breaker_opens_answers_fast_then_half_opens_and_closes(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    settings = replace(DEFAULTS, attempts=0, breaker=BreakerConfig(min_requests=20, open_for=5))
+    upstreams = Upstreams(A=500, B=500, C=500)
+    call, destinations = mesh(upstreams, settings)
+    statuses = [(await call()).status for _ in range(25)]
+    assert statuses[:20] == [500] * 20
+    assert {r for r in statuses[20:]} == {503}
+    assert len(upstreams.calls) == 20  # open: nothing reached the upstream
+    rejected = await call()
+    assert rejected.mesh_error == "circuit-open" and rejected.raw is not None and b"next trial in" in rejected.raw
+    upstreams.script = {A: 200, B: 200, C: 200}  # recovered
+    await trio.sleep(5)
+    assert (await call()).status == 200  # the trial
+    assert destinations.get("item", None, trio.current_time()).breaker.state == 0
+    assert all([(await call()).status == 200 for _ in range(10)])
+
+
+async def test_an_open_circuit_answers_with_the_fallback(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    fallback = Fallback(200, ((b"content-type", b"application/json"),), b'{"items": []}')
+    settings = replace(DEFAULTS, attempts=0, breaker=BreakerConfig(force="open"), fallback=fallback)
+    upstreams = Upstreams()
+    call, _ = mesh(upstreams, settings)
+    response = await call()
+    assert response.status == 200 and response.raw is not None
+    assert response.raw.endswith(b'{"items": []}') and b"x-meshlet-fallback: circuit-open" in response.raw
+    assert upstreams.calls == []
+
+
+async def test_rate_limit_answers_429_with_retry_after(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    call, _ = mesh(Upstreams(), replace(DEFAULTS, rate_limit=(2.0, 3)))
+    statuses = [(await call()).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    limited = await call()
+    assert limited.raw is not None and b"retry-after: 1" in limited.raw and limited.mesh_error == "rate-limited"
+    await trio.sleep(0.5)
+    assert (await call()).status == 200  # 2 a second: one more token after 0.5 s
+
+
+async def test_the_bulkhead_queues_then_rejects(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    upstreams = Upstreams()
+    upstreams.gate = trio.Event()
+    call, _ = mesh(upstreams, replace(DEFAULTS, max_inflight=2, max_pending=1))
+    responses: list[Response] = []
+
+    async def one() -> None:
+        responses.append(await call())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        # 2 under way, 1 waiting for a place, the 4th rejected at once
+        assert [r.mesh_error for r in responses] == ["overloaded"] and len(upstreams.calls) == 0
+        upstreams.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [r.status for r in responses] == [503, 200, 200]  # the third still waits: none has finished
+        responses[1].finish(True)  # a place frees when a response has gone through whole
+        await trio.testing.wait_all_tasks_blocked()
+    assert [r.status for r in responses] == [503, 200, 200, 200]
+
+
+async def test_a_small_body_is_replayed_whole_a_large_one_never_sent_twice(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams(A=503)
+    call, _ = mesh(upstreams)
+    assert (await call(b"PUT", Body(b"ab", b"cd"))).status == 200
+    assert [body for _, _, body in upstreams.calls] == [b"abcd", b"abcd"]
+
+    upstreams = Upstreams(A=503)
+    call, _ = mesh(upstreams)
+    big = [b"x" * 40_000, b"y" * 40_000]  # 80 KB: over the 64 KiB replay buffer
+    response = await call(b"PUT", Body(*big))
+    assert response.status == 503 and [body for _, _, body in upstreams.calls] == [b"".join(big)]
+
+
+async def test_a_deadline_the_app_passed_on_is_kept(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams()
+    call, _ = mesh(upstreams)
+    await call(**{"x-meshlet-deadline-ms": "1200", "x-meshlet-attempt": "7"})
+    ((_, headers, _),) = upstreams.calls
+    assert headers[b"x-meshlet-deadline-ms"] == b"1200" and headers[b"x-meshlet-attempt"] == b"1"
