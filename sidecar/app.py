@@ -27,6 +27,7 @@ from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, 
 from .core.destination import Destinations
 from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
+from .layers.explain import Explanations
 from .layers.inbound import access_check, source_header, to_local_app
 from .layers.metrics import metrics_layer
 from .layers.mirror import Mirror
@@ -74,8 +75,11 @@ def build_outbound(
     discover: Discover | None = None,
     mirror: Mirror | None = None,
     clock: Callable[[], float] = trio.current_time,
+    explanations: Explanations | None = None,
 ) -> Handler:
-    handler = resilience_layer(forwarder, destinations, clock=clock, on_retry=telemetry.retried)
+    handler = resilience_layer(
+        forwarder, destinations, clock=clock, on_retry=telemetry.retried, explanations=explanations
+    )
     handler = routing_layer(handler, route, source_header(service), discover, mirror=mirror)
     handler = errors_layer(handler)
     return metrics_layer(handler, telemetry, "outbound", service)
@@ -137,8 +141,14 @@ class Sidecar:
         self.routes: dict[str | None, Filter] = {}  # listener (None: outbound, else --upstream name) → router
         self.destinations = Destinations(on_transition=self.telemetry.circuit_moved, on_eject=self.telemetry.ejected)
         self.telemetry.destination_stats = self.destination_stats
+        self.explanations = Explanations()
         self.outbound_handler: Handler = build_outbound(
-            router(self.snapshot), self.forwarder, self.telemetry, options.service, self.destinations
+            router(self.snapshot),
+            self.forwarder,
+            self.telemetry,
+            options.service,
+            self.destinations,
+            explanations=self.explanations,
         )
         self.upstream_handlers: dict[str, Handler] = {}
         self.control: ControlPlaneClient | None = None
@@ -153,7 +163,9 @@ class Sidecar:
                 "telemetry": self.telemetry.snapshot(),
                 "clusters": self.clusters(),
                 "config_dump": self.config_dump(),
+                "explanations": list(self.explanations.by_id.values()),
             },
+            explain=self.explanations.get,
         )
 
     # configuration ------------------------------------------------------------------
@@ -176,13 +188,14 @@ class Sidecar:
         clock = self.deadlines.clock
         destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
         telemetry, forwarder = self.telemetry, self.forwarder
+        explanations = self.explanations
         self.outbound_handler = build_outbound(
-            routes[None], forwarder, telemetry, service, destinations, discover(None), mirror, clock
+            routes[None], forwarder, telemetry, service, destinations, discover(None), mirror, clock, explanations
         )
         self.inbound_handler = build_inbound(self.app, forwarder, telemetry, service, snapshot)
         self.upstream_handlers = {
             name: build_outbound(
-                routes[name], forwarder, telemetry, service, destinations, discover(name), mirror, clock
+                routes[name], forwarder, telemetry, service, destinations, discover(name), mirror, clock, explanations
             )
             for name in self.options.upstreams
         }

@@ -178,6 +178,7 @@ class Supervisor:
                 ready=self.readiness,
                 config_dump=lambda: snapshots[0]["config_dump"] if snapshots else {},
                 clusters=lambda: _merge_clusters(snapshots),
+                explain=lambda wanted: _explain(snapshots, wanted),
             )
         return await handler(request)
 
@@ -216,6 +217,15 @@ class Supervisor:
                 if worker.process is not None and worker.process.returncode is None:
                     worker.process.send_signal(signal.SIGTERM)
             nursery.cancel_scope.cancel()
+
+
+def _explain(snapshots: list[dict[str, Any]], wanted: str | None) -> Any:
+    """/explain across the workers: one request's explanation, or all recent ones in brief."""
+    every = [e for s in snapshots for e in s.get("explanations", ())]
+    if wanted:
+        return next((e for e in every if e["request_id"] == wanted), None)
+    every.sort(key=lambda e: e["at"], reverse=True)
+    return [{k: e[k] for k in ("request_id", "at", "service", "result")} for e in every]
 
 
 def _merge_clusters(snapshots: list[dict[str, Any]]) -> dict[str, Any]:

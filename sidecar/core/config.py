@@ -46,6 +46,15 @@ class Endpoint:
     # An endpoint is its address: labels and weight do not change which one it is.
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     weight: int = field(default=1, compare=False)
+    # Endpoints key the pools, balancers and outlier state: hashed several times a
+    # request, so the hash is computed once (the generated one hashes a new tuple each time).
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.host, self.port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def address(self) -> str:

@@ -17,7 +17,8 @@ the order they act (sidecar/core/destination.py holds their settings and state):
    ``Retry-After`` the upstream asked for.
 
 The answer of the last attempt is the caller's. An attempt given up is closed (never
-reused), and its response never reaches the caller.
+reused), and its response never reaches the caller. A request that needed more than one
+clean try (or asked) is explained (sidecar/layers/explain.py).
 """
 
 from __future__ import annotations
@@ -35,24 +36,26 @@ from ..core.errors import MeshError, policy_response
 from ..core.outcome import Outcome, error_outcome, retriable_method
 from ..core.retry import backoff, parse_retry_after
 from .base import Handler, Request, Response
+from .explain import EXPLAIN_HEADER, ID_RESPONSE_HEADER, REQUEST_ID_HEADER, Explanations, now_wall, summary
 from .replay import REPLAY_LIMIT, ReplayBuffer
 
 ATTEMPT_HEADER = b"x-meshlet-attempt"
 DEADLINE_HEADER = b"x-meshlet-deadline-ms"
-_OURS = (ATTEMPT_HEADER, DEADLINE_HEADER)
 _ATTEMPTS = tuple((ATTEMPT_HEADER, b"%d" % n) for n in range(12))
 
 Sleep = Callable[[float], Any]
 
 
-class Attempts:
-    """What happened to one request's attempts, for ``explain`` and the metrics."""
+class _Asked:
+    """What the request's own headers asked of us (read once, in one pass)."""
 
-    __slots__ = ("tries", "stopped")
+    __slots__ = ("deadline", "explain", "request_id", "timeout")
 
     def __init__(self) -> None:
-        self.tries: list[tuple[str, str, float]] = []  # (endpoint, outcome, seconds)
-        self.stopped = ""  # why no further attempt was made
+        self.deadline: float | None = None  # the app passed on the deadline it was given
+        self.timeout: float | None = None  # the overall timeout, once worked out
+        self.explain = False
+        self.request_id: str | None = None
 
 
 def resilience_layer(
@@ -63,180 +66,314 @@ def resilience_layer(
     sleep: Sleep = trio.sleep,
     rng: random.Random | None = None,
     on_retry: Callable[[str, str], None] | None = None,
+    explanations: Explanations | None = None,
 ) -> Handler:
     """``inner``: the forwarder. ``on_retry(service, outcome)``: a retry was made
     ("retried"), or refused by the budget ("budget-exhausted")."""
-    rng = rng or random.Random()
-    waiting: dict[int, trio.lowlevel.ParkingLot] = {}  # id(destination) → requests waiting for a place
+    return _Resilience(inner, destinations, clock, sleep, rng or random.Random(), on_retry, explanations).handle
 
-    async def handle(request: Request) -> Response:
-        now = clock()
+
+class _Resilience:
+    def __init__(
+        self,
+        inner: Handler,
+        destinations: Destinations,
+        clock: Callable[[], float],
+        sleep: Sleep,
+        rng: random.Random,
+        on_retry: Callable[[str, str], None] | None,
+        explanations: Explanations | None,
+    ) -> None:
+        self.inner = inner
+        self.destinations = destinations
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng
+        self.on_retry = on_retry or (lambda _service, _outcome: None)
+        self.explanations = explanations or Explanations()
+        self.waiting: dict[int, trio.lowlevel.ParkingLot] = {}  # id(destination) → requests waiting for a place
+
+    async def handle(self, request: Request) -> Response:
+        now = self.clock()
         rule = request.rule
-        rule_ref = rule.ref if rule is not None else None
-        destination = destinations.get(request.service, rule_ref, now)
+        destination = self.destinations.get(request.service, rule.ref if rule is not None else None, now)
         settings = destination.settings
-        bucket = destination.bucket
-        if bucket is not None and not bucket.take(now):
-            wait = b"%d" % max(1, round(bucket.retry_after(now) + 0.5))
-            raise MeshError(
-                errors.RATE_LIMITED,
-                f"over {settings.rate_limit[0]:g} requests/s to {request.service}",  # type: ignore[index]
-                headers=((b"retry-after", wait),),
-            )
-        if destination.inflight >= settings.max_inflight:
-            lot = waiting.get(id(destination))
-            if lot is None:
-                lot = waiting[id(destination)] = trio.lowlevel.ParkingLot()
-            if len(lot) >= settings.max_pending:
+        asked = _read_our_headers(request.head.headers)
+        try:
+            bucket = destination.bucket
+            if bucket is not None and not bucket.take(now):
+                wait = b"%d" % max(1, round(bucket.retry_after(now) + 0.5))
                 raise MeshError(
-                    errors.OVERLOADED,
-                    f"{settings.max_inflight} requests to {request.service} under way and {settings.max_pending} waiting",
+                    errors.RATE_LIMITED,
+                    f"over {settings.rate_limit[0]:g} requests/s to {request.service}",  # type: ignore[index]
+                    headers=((b"retry-after", wait),),
                 )
-            while destination.inflight >= settings.max_inflight:
-                await lot.park()
+            if destination.inflight >= settings.max_inflight:
+                await self._wait_for_a_place(destination, request)
+        except MeshError as exc:
+            raise self._explained_error(exc, destination, request, asked, [], exc.reason.name, now) from None
         destination.inflight += 1
         try:
-            response = await _attempts(inner, destination, request, now, clock, sleep, rng, on_retry)
+            response = await self._attempts(destination, request, asked, now)
         except BaseException:
-            _leave(destination, waiting)
+            self._leave(destination)
             raise
         finish = response.on_finish
 
         def finished(complete: bool) -> None:
-            _leave(destination, waiting)
+            self._leave(destination)
             if finish is not None:
                 finish(complete)
 
         response.on_finish = finished
         return response
 
-    return handle
+    async def _wait_for_a_place(self, destination: Destination, request: Request) -> None:
+        settings = destination.settings
+        lot = self.waiting.get(id(destination))
+        if lot is None:
+            lot = self.waiting[id(destination)] = trio.lowlevel.ParkingLot()
+        if len(lot) >= settings.max_pending:
+            raise MeshError(
+                errors.OVERLOADED,
+                f"{settings.max_inflight} requests to {request.service} under way and {settings.max_pending} waiting",
+            )
+        while destination.inflight >= settings.max_inflight:
+            await lot.park()
 
+    def _leave(self, destination: Destination) -> None:
+        destination.inflight -= 1
+        lot = self.waiting.get(id(destination))
+        if lot:
+            lot.unpark()
 
-def _leave(destination: Destination, waiting: dict[int, trio.lowlevel.ParkingLot]) -> None:
-    destination.inflight -= 1
-    lot = waiting.get(id(destination))
-    if lot:
-        lot.unpark()
-
-
-async def _attempts(
-    inner: Handler,
-    destination: Destination,
-    request: Request,
-    start: float,
-    clock: Callable[[], float],
-    sleep: Sleep,
-    rng: random.Random,
-    on_retry: Callable[[str, str], None] | None,
-) -> Response:
-    settings = destination.settings
-    head = request.head
-    timeout = request.timeout
-    rule = request.rule
-    if settings.timeout is not None and (rule is None or rule.rule.timeout is None):
-        timeout = settings.timeout
-    if settings.connect_timeout is not None:
-        request.connect_timeout = settings.connect_timeout
-    given = _take_our_headers(head.headers)
-    if given is not None:  # the app passed on the deadline it was given: keep to it
-        timeout = min(timeout, given)
-    deadline = start + timeout
-    request.deadline = deadline
-    may_retry = settings.attempts > 0 and retriable_method(head.method, settings.non_idempotent)
-    replay: ReplayBuffer | None = None
-    if may_retry and request.body is not None:
-        replay = ReplayBuffer(request.body, REPLAY_LIMIT)
-    balancer = destination.balancer(request.subset)
-    breaker = destination.breaker
-    outlier = destination.outlier
-    destination.budget.record_request(start)
-    tried: list[Any] = []
-    attempt = 0
-    while True:
-        attempt += 1
-        now = clock()
-        permit = breaker.admit(now)
-        if permit is None:  # open, or opened by the attempts before this one
-            return _circuit_open(destination, request, now)
-        endpoint = _pick(destination, balancer, tried, now)
-        if endpoint is None:
-            breaker.release(permit)
-            which = f" in subset {dict(request.subset)}" if request.subset else ""
-            raise MeshError(errors.NO_HEALTHY_ENDPOINTS, f"service {request.service!r} has no endpoint{which}")
-        tried.append(endpoint)
-        request.endpoint = endpoint
-        left = deadline - now
-        per_try = settings.per_try_timeout
-        request.timeout = left if per_try is None or per_try > left else per_try
-        headers = head.headers
-        if attempt > 1:
-            del headers[-2:]  # this attempt's own values replace the previous attempt's
-        headers.append(_ATTEMPTS[attempt] if attempt < len(_ATTEMPTS) else (ATTEMPT_HEADER, b"%d" % attempt))
-        headers.append((DEADLINE_HEADER, b"%d" % max(1, int(left * 1000))))
-        if replay is not None:
-            request.body = replay.cursor()
-        balancer.started(endpoint)
-        outlier.started(endpoint, now)
-        sent = time.perf_counter()
-        last: Response | None = None
-        failure: MeshError | None = None
-        try:
-            response = await inner(request)
-        except MeshError as exc:
-            failure = exc
-            outcome = error_outcome(exc)
-        except BaseException:
-            balancer.finished(endpoint, time.perf_counter() - sent, clock(), False)
-            outlier.release(endpoint)
-            breaker.release(permit)
-            raise
-        else:
+    async def _attempts(self, destination: Destination, request: Request, asked: _Asked, start: float) -> Response:
+        settings = destination.settings
+        clock = self.clock
+        head = request.head
+        timeout = request.timeout
+        rule = request.rule
+        if settings.timeout is not None and (rule is None or rule.rule.timeout is None):
+            timeout = settings.timeout
+        if settings.connect_timeout is not None:
+            request.connect_timeout = settings.connect_timeout
+        if asked.deadline is not None and asked.deadline < timeout:
+            timeout = asked.deadline
+        asked.timeout = timeout
+        deadline = start + timeout
+        request.deadline = deadline
+        may_retry = settings.attempts > 0 and retriable_method(head.method, settings.non_idempotent)
+        replay: ReplayBuffer | None = None
+        if may_retry and request.body is not None:
+            replay = ReplayBuffer(request.body, REPLAY_LIMIT)
+        balancer = destination.balancer(request.subset)
+        breaker = destination.breaker
+        outlier = destination.outlier
+        destination.budget.record_request(start)
+        tried: list[Any] = []
+        tries: list[dict[str, Any]] = []  # for the explanation, filled once there is one to give
+        attempt = 0
+        while True:
+            attempt += 1
+            now = clock()
+            permit = breaker.admit(now)
+            if permit is None:  # open, or opened by the attempts before this one
+                return self._circuit_open(destination, request, asked, tries, now)
+            endpoint = _pick(destination, balancer, tried, now)
+            if endpoint is None:
+                breaker.release(permit)
+                which = f" in subset {dict(request.subset)}" if request.subset else ""
+                failure = MeshError(errors.NO_HEALTHY_ENDPOINTS, f"service {request.service!r} has no endpoint{which}")
+                raise self._explained_error(failure, destination, request, asked, tries, failure.reason.name, now)
+            tried.append(endpoint)
+            request.endpoint = endpoint
+            left = deadline - now
+            per_try = settings.per_try_timeout
+            request.timeout = left if per_try is None or per_try > left else per_try
+            headers = head.headers
+            if attempt > 1:
+                del headers[-2:]  # this attempt's own values replace the previous attempt's
+            headers.append(_ATTEMPTS[attempt] if attempt < len(_ATTEMPTS) else (ATTEMPT_HEADER, b"%d" % attempt))
+            headers.append((DEADLINE_HEADER, b"%d" % max(1, int(left * 1000))))
+            if replay is not None:
+                request.body = replay.cursor()
+            balancer.started(endpoint)
+            outlier.started(endpoint, now)
+            sent = time.perf_counter()
+            last: Response | None = None
+            failure = None
+            try:
+                response = await self.inner(request)
+            except MeshError as exc:
+                failure = exc
+                outcome = error_outcome(exc)
+            except BaseException:
+                balancer.finished(endpoint, time.perf_counter() - sent, clock(), False)
+                outlier.release(endpoint)
+                breaker.release(permit)
+                raise
+            else:
+                took = time.perf_counter() - sent
+                if response.status < 400 and attempt == 1 and not asked.explain:  # the common case, short
+                    now = clock()
+                    balancer.finished(endpoint, took, now, False)
+                    outlier.record(endpoint, now, False)
+                    breaker.record(now, permit, False, took)
+                    return response
+                last = response
+                outcome = Outcome(response.status, response.mesh_error)
             took = time.perf_counter() - sent
-            if response.status < 400:  # the common case, short
-                now = clock()
-                balancer.finished(endpoint, took, now, False)
-                outlier.record(endpoint, now, False)
-                breaker.record(now, permit, False, took)
-                return response
-            last = response
-            outcome = Outcome(response.status, response.mesh_error)
-        took = time.perf_counter() - sent
-        now = clock()
-        failed = outcome.failed
-        balancer.finished(endpoint, took, now, failed)
-        outlier.record(endpoint, now, failed)
-        breaker.record(now, permit, failed, took)
-        if not failed and not outcome.status >= 400:
-            break
-        # Another attempt?
-        if attempt > settings.attempts or not may_retry:
-            break
+            now = clock()
+            failed = outcome.failed
+            balancer.finished(endpoint, took, now, failed)
+            outlier.record(endpoint, now, failed)
+            breaker.record(now, permit, failed, took)
+            tries.append({"endpoint": endpoint.address, "outcome": outcome.name, "ms": round(took * 1000, 2)})
+            stopped = self._another(destination, request, outcome, last, replay, attempt, may_retry, deadline, now)
+            if isinstance(stopped, str):
+                break
+            if last is not None:
+                last.finish(False)  # given up: its connection is closed, never reused
+            await self.sleep(stopped)
+        timeout_fired = ""
+        if outcome.local and outcome.reason == errors.TIMEOUT.name:
+            timeout_fired = "overall" if now >= deadline - 0.001 or per_try is None else "per-try"
+        explanation = self._explain(destination, request, asked, tries, stopped, now, timeout_fired)
+        if failure is not None:
+            raise _with_id(failure, explanation)
+        assert last is not None
+        _tag(last, explanation, asked.explain)
+        return last
+
+    def _another(
+        self,
+        destination: Destination,
+        request: Request,
+        outcome: Outcome,
+        last: Response | None,
+        replay: ReplayBuffer | None,
+        attempt: int,
+        may_retry: bool,
+        deadline: float,
+        now: float,
+    ) -> float | str:
+        """The delay before another attempt, or why there is none."""
+        settings = destination.settings
+        if not outcome.failed and outcome.status < 400:
+            return "success"
+        if not may_retry:
+            return "method not retried" if settings.attempts else "retries off"
+        if attempt > settings.attempts:
+            return f"{settings.attempts} retries made"
         per_try_timeout = outcome.local and outcome.reason == errors.TIMEOUT.name and now < deadline
         if not settings.retry_on.matches(outcome, per_try_timeout=per_try_timeout):
-            break
+            return f"{outcome.name} is not a retry condition"
         if replay is not None and replay.overflow:
-            break  # the body no longer fits in the replay buffer: never sent twice
-        delay = backoff(attempt, settings.backoff_base, settings.backoff_max, rng)
+            return f"body over the {REPLAY_LIMIT // 1024} KiB replay buffer"  # never sent twice
+        delay = backoff(attempt, settings.backoff_base, settings.backoff_max, self.rng)
         if last is not None:
             asked = _retry_after(last)
             if asked is not None:
                 delay = asked
         if now + delay >= deadline:
-            break
+            return "no time left for another attempt"
         if not destination.budget.try_spend(now):
-            if on_retry is not None:
-                on_retry(request.service, "budget-exhausted")
-            break
-        if on_retry is not None:
-            on_retry(request.service, "retried")
-        if last is not None:
-            last.finish(False)  # given up: its connection is closed, never reused
-        await sleep(delay)
-    if failure is not None:
-        raise failure
-    assert last is not None
-    return last
+            self.on_retry(request.service, "budget-exhausted")
+            return "retry budget exhausted"
+        self.on_retry(request.service, "retried")
+        return delay
+
+    def _circuit_open(
+        self, destination: Destination, request: Request, asked: _Asked, tries: list[dict[str, Any]], now: float
+    ) -> Response:
+        explanation = self._explain(destination, request, asked, tries, "circuit-open", now, "")
+        fallback = destination.settings.fallback
+        if fallback is not None and fallback.status is not None:
+            response = Response(fallback.status, b"", [])
+            headers = [*fallback.headers, (b"x-meshlet-fallback", b"circuit-open"), *_id_headers(explanation, asked)]
+            response.raw = policy_response(fallback.status, headers, fallback.body)
+            return response
+        wait = destination.breaker.retry_after(now)
+        failure = MeshError(
+            errors.CIRCUIT_OPEN,
+            f"the circuit to {request.service} is open (too many failures); next trial in {wait:.1f}s",
+        )
+        raise _with_id(failure, explanation, asked.explain)
+
+    def _explained_error(
+        self,
+        failure: MeshError,
+        destination: Destination,
+        request: Request,
+        asked: _Asked,
+        tries: list[dict[str, Any]],
+        stopped: str,
+        now: float,
+    ) -> MeshError:
+        explanation = self._explain(destination, request, asked, tries, stopped, now, "")
+        return _with_id(failure, explanation, asked.explain)
+
+    def _explain(
+        self,
+        destination: Destination,
+        request: Request,
+        asked: _Asked,
+        tries: list[dict[str, Any]],
+        stopped: str,
+        now: float,
+        timeout_fired: str,
+    ) -> dict[str, Any]:
+        settings = destination.settings
+        explanations = self.explanations
+        explanation = {
+            "request_id": asked.request_id or explanations.new_id(),
+            "at": now_wall(),
+            "service": request.service,
+            "method": request.head.method.decode("ascii", "replace"),
+            "target": request.target.decode("latin-1"),
+            "route": request.rule.ref if request.rule is not None else None,
+            "subset": dict(request.subset),
+            "policy": settings.name or "defaults",
+            "load_balancer": settings.load_balancer,
+            "candidates": [
+                {"endpoint": address, "score": round(score, 6)}
+                for address, score in destination.balancer(request.subset).scores(now)
+            ],
+            "outliers": [e for e in destination.outlier.snapshot(now) if e["state"] != "healthy"],
+            "circuit": destination.breaker.snapshot(now),
+            "budget": destination.budget.snapshot(now),
+            "attempts": tries,
+            "stopped": stopped if stopped != "success" else "",
+            "result": tries[-1]["outcome"] if tries else stopped,
+            "timeout": {
+                "overall": asked.timeout if asked.timeout is not None else request.timeout,
+                "per_try": settings.per_try_timeout,
+                "fired": timeout_fired,
+            },
+        }
+        explanations.add(explanation)
+        return explanation
+
+
+def _id_headers(explanation: dict[str, Any], asked: _Asked) -> list[tuple[bytes, bytes]]:
+    out = [(ID_RESPONSE_HEADER, explanation["request_id"].encode("latin-1", "replace"))]
+    if asked.explain:
+        out.append((EXPLAIN_HEADER, summary(explanation)))
+    return out
+
+
+def _with_id(failure: MeshError, explanation: dict[str, Any], explain: bool = False) -> MeshError:
+    asked = _Asked()
+    asked.explain = explain
+    failure.headers = (*failure.headers, *_id_headers(explanation, asked))
+    return failure
+
+
+def _tag(response: Response, explanation: dict[str, Any], explain: bool) -> None:
+    if response.raw is None:
+        asked = _Asked()
+        asked.explain = explain
+        response.headers.extend(_id_headers(explanation, asked))
 
 
 def _pick(destination: Destination, balancer: Any, tried: list[Any], now: float) -> Any:
@@ -250,32 +387,28 @@ def _pick(destination: Destination, balancer: Any, tried: list[Any], now: float)
     return balancer.pick(out.union(tried)) or balancer.pick(out) or balancer.pick()
 
 
-def _circuit_open(destination: Destination, request: Request, now: float) -> Response:
-    fallback = destination.settings.fallback
-    if fallback is not None and fallback.status is not None:
-        response = Response(fallback.status, b"", [])
-        headers = [*fallback.headers, (b"x-meshlet-fallback", b"circuit-open")]
-        response.raw = policy_response(fallback.status, headers, fallback.body)
-        return response
-    wait = destination.breaker.retry_after(now)
-    raise MeshError(
-        errors.CIRCUIT_OPEN,
-        f"the circuit to {request.service} is open (too many failures); next trial in {wait:.1f}s",
-    )
-
-
-def _take_our_headers(headers: list[tuple[bytes, bytes]]) -> float | None:
-    """Remove attempt and deadline headers the app sent; the deadline it passed on (s)."""
-    given: float | None = None
+def _read_our_headers(headers: list[tuple[bytes, bytes]]) -> _Asked:
+    """Take off the attempt and deadline headers the app sent (ours replace them), keeping
+    the deadline it passed on; see whether it asks for an explanation, and its request id."""
+    asked = _Asked()
     for i in range(len(headers) - 1, -1, -1):
         name = headers[i][0]
-        if len(name) in (17, 21) and name.lower() in _OURS:
-            if name.lower() == DEADLINE_HEADER:
+        size = len(name)
+        if size == 17 or size == 21 or size == 12:
+            lowered = name.lower()
+            if lowered == DEADLINE_HEADER:
                 value = headers[i][1]
                 if value.isdigit() and len(value) < 10:
-                    given = int(value) / 1000
-            del headers[i]
-    return given
+                    asked.deadline = int(value) / 1000
+                del headers[i]
+            elif lowered == ATTEMPT_HEADER:
+                del headers[i]
+            elif lowered == EXPLAIN_HEADER:
+                asked.explain = True
+                del headers[i]
+            elif lowered == REQUEST_ID_HEADER:
+                asked.request_id = headers[i][1][:128].decode("latin-1")
+    return asked
 
 
 def _retry_after(response: Response) -> float | None:

@@ -1,4 +1,4 @@
-"""The admin listener: /metrics /ready /live /config_dump /clusters.
+"""The admin listener: /metrics /ready /live /config_dump /clusters /explain.
 
 Served by the same HTTP/1.1 loop as the data path, with a handler that answers itself.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 from ..core.http1 import serialize_response_head
 from ..layers.base import Request, Response
@@ -26,9 +27,12 @@ def _respond(status: int, reason: bytes, content_type: bytes, body: bytes) -> Re
     return response
 
 
+_REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+
+
 def json_response(value: Any, status: int = 200) -> Response:
     body = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
-    return _respond(status, b"OK" if status == 200 else b"Service Unavailable", b"application/json", body)
+    return _respond(status, _REASONS.get(status, b"Error"), b"application/json", body)
 
 
 class AdminHandler:
@@ -42,15 +46,17 @@ class AdminHandler:
         config_dump: Callable[[], Any],
         clusters: Callable[[], Any],
         worker_snapshot: Callable[[], Any] | None = None,
+        explain: Callable[[str | None], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.config_dump = config_dump
         self.clusters = clusters
         self.worker_snapshot = worker_snapshot
+        self.explain = explain
 
     async def __call__(self, request: Request) -> Response:
-        path = request.head.target.split(b"?", 1)[0]
+        path, _, query = request.head.target.partition(b"?")
         if request.head.method not in (b"GET", b"HEAD"):
             return _respond(405, b"Method Not Allowed", b"text/plain", b"admin endpoints are read-only\n")
         if path == b"/metrics":
@@ -66,11 +72,17 @@ class AdminHandler:
             return json_response(self.config_dump())
         if path == b"/clusters":
             return json_response(self.clusters())
+        if path == b"/explain" and self.explain is not None:
+            wanted = parse_qs(query.decode("latin-1")).get("request_id", [None])[0]
+            found = self.explain(wanted)
+            if found is None:
+                return json_response({"error": f"no explanation kept for request {wanted!r}"}, 404)
+            return json_response(found)
         if path == b"/_worker/snapshot" and self.worker_snapshot is not None:
             return json_response(self.worker_snapshot())  # read by the --workers supervisor
         return _respond(
             404,
             b"Not Found",
             b"text/plain",
-            b"unknown admin path; try /metrics /ready /live /config_dump /clusters\n",
+            b"unknown admin path; try /metrics /ready /live /config_dump /clusters /explain\n",
         )

@@ -79,6 +79,19 @@ async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nurse
                     flaky.fault = "503" if i % 2 else "reset"
                     ok += (await client.get("/hello")).status_code == 200
                 metrics = (await client.get(f"http://{user.admin}/metrics")).text
+                # What happened to a retried request, and to one that asked
+                recent = (await client.get(f"http://{user.admin}/explain")).json()
+                retried_id = next(e["request_id"] for e in recent if e["result"] == "200")
+                explained = (await client.get(f"http://{user.admin}/explain", params={"request_id": retried_id})).json()
+                flaky.failing = 0.0
+                asked = await client.get("/hello", headers={"x-meshlet-explain": "1", "x-request-id": "tour-1"})
+                one = (await client.get(f"http://{user.admin}/explain?request_id=tour-1")).json()
+                missing = await client.get(f"http://{user.admin}/explain?request_id=nope")
+    assert len(explained["attempts"]) == 2 and explained["attempts"][0]["endpoint"] == f"127.0.0.1:{flaky.port}"
+    assert explained["attempts"][0]["outcome"] in ("503", "upstream-reset") and explained["policy"] == "item"
+    assert asked.headers["x-meshlet-request-id"] == "tour-1"
+    assert asked.headers["x-meshlet-explain"].startswith("route=- policy=item lb=round_robin attempts=1")
+    assert one["result"] == "200" and missing.status_code == 404
     assert flaky.stats.faults > 150  # about 30 % of its ~667 requests did fail
     assert ok >= 1990, f"only {ok} of 2000 succeeded"  # ≥ 99.5 %
     retried = sample(metrics, "meshlet_retries_total", destination="item", outcome="retried")

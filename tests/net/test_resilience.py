@@ -22,6 +22,7 @@ from sidecar.core.http1 import RequestHead
 from sidecar.core.outcome import RetryOn
 from sidecar.layers.base import WOULD_BLOCK, Request, Response
 from sidecar.layers.errors import errors_layer
+from sidecar.layers.explain import Explanations
 from sidecar.layers.resilience import resilience_layer
 
 A, B, C = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80), Endpoint("10.0.0.3", 80)
@@ -99,8 +100,15 @@ def mesh(
         trio.current_time(),
     )
     retries: list[str] = []
+    explanations = Explanations()
     handler = errors_layer(
-        resilience_layer(upstreams, destinations, rng=random.Random(2), on_retry=lambda _s, o: retries.append(o))
+        resilience_layer(
+            upstreams,
+            destinations,
+            rng=random.Random(2),
+            on_retry=lambda _s, o: retries.append(o),
+            explanations=explanations,
+        )
     )
 
     async def call(method: bytes = b"GET", body: Body | None = None, **headers: str) -> Response:
@@ -110,6 +118,7 @@ def mesh(
         return await handler(request)
 
     call.retries = retries  # type: ignore[attr-defined]
+    call.explanations = explanations  # type: ignore[attr-defined]
     return call, destinations
 
 
@@ -285,3 +294,39 @@ async def test_a_deadline_the_app_passed_on_is_kept(autojump_clock: trio.abc.Clo
     await call(**{"x-meshlet-deadline-ms": "1200", "x-meshlet-attempt": "7"})
     ((_, headers, _),) = upstreams.calls
     assert headers[b"x-meshlet-deadline-ms"] == b"1200" and headers[b"x-meshlet-attempt"] == b"1"
+
+
+async def test_what_happened_is_explained_by_request_id(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = Upstreams()
+    call, _ = mesh(upstreams)
+    explanations = call.explanations  # type: ignore[attr-defined]
+    fine = await call()  # a first try that went through (A): nothing recorded, nothing added
+    assert fine.status == 200 and explanations.by_id == {} and fine.headers == []
+    upstreams.script[B] = 503
+    retried = await call(**{"x-request-id": "abc"})
+    assert dict(retried.headers)[b"x-meshlet-request-id"] == b"abc"
+    explained = explanations.get("abc")
+    assert [(t["endpoint"], t["outcome"]) for t in explained["attempts"]] == [
+        ("10.0.0.2:80", "503"),
+        ("10.0.0.3:80", "200"),
+    ]
+    assert explained["policy"] == "defaults" and explained["circuit"]["state"] == "closed"
+    assert explained["circuit"]["calls"] == 3 and explained["circuit"]["failures"] == 1
+    assert explained["budget"]["remaining"] > 0 and explained["stopped"] == "" and explained["result"] == "200"
+    assert [c["endpoint"] for c in explained["candidates"]] == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    assert [e["request_id"] for e in explanations.get(None)] == ["abc"]
+
+    asked = await call(**{"x-meshlet-explain": "1"})  # asked for: explained even when it went fine
+    summary = dict(asked.headers)[b"x-meshlet-explain"].decode()
+    assert summary.startswith("route=- policy=defaults lb=round_robin attempts=1") and "timeout=15s" in summary
+
+
+async def test_a_refusal_is_explained_too(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    call, _ = mesh(Upstreams(), replace(DEFAULTS, breaker=BreakerConfig(force="open")))
+    response = await call(**{"x-meshlet-explain": "1"})
+    assert response.raw is not None and b"x-meshlet-request-id: " in response.raw
+    assert b"stopped=circuit-open" in response.raw
+    (explained,) = call.explanations.by_id.values()  # type: ignore[attr-defined]
+    assert explained["result"] == "circuit-open" and explained["attempts"] == []
