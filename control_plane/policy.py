@@ -382,6 +382,28 @@ class Fallback(_Model):
         return self
 
 
+def _hedge_delay(value: Any) -> float | str:
+    if isinstance(value, str) and value in PERCENTILES:
+        return value
+    try:
+        return _duration(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither a percentile of observed latency nor a duration "
+            f"(allowed: {', '.join(PERCENTILES)}, 250ms, 2s)"
+        ) from None
+
+
+PERCENTILES = ("p50", "p75", "p90", "p95", "p99")
+
+
+class Hedging(_Model):
+    """Opt-in: a second attempt to another endpoint when the first is slow to answer."""
+
+    delay: Annotated[float | str, BeforeValidator(_hedge_delay)] = "p95"  # of observed latency, or fixed
+    min_delay: Duration = 0.005  # never sooner than this
+
+
 class RateLimit(_Model):
     requests_per_second: float = Field(gt=0, le=1_000_000)
     burst: int = Field(default=1, ge=1, le=1_000_000)
@@ -405,6 +427,7 @@ class DestinationPolicy(_Model):
     limits: Limits = Limits()
     fallback: Fallback | None = None
     rate_limit: RateLimit | None = None
+    hedging: Hedging | None = None
 
     @field_validator("rule")
     @classmethod

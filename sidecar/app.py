@@ -78,7 +78,12 @@ def build_outbound(
     explanations: Explanations | None = None,
 ) -> Handler:
     handler = resilience_layer(
-        forwarder, destinations, clock=clock, on_retry=telemetry.retried, explanations=explanations
+        forwarder,
+        destinations,
+        clock=clock,
+        on_retry=telemetry.retried,
+        explanations=explanations,
+        on_shadow=telemetry.shadow_destination_decision,
     )
     handler = routing_layer(handler, route, source_header(service), discover, mirror=mirror)
     handler = errors_layer(handler)
@@ -139,7 +144,11 @@ class Sidecar:
         self.config_ready = False
         self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, options.service)
         self.routes: dict[str | None, Filter] = {}  # listener (None: outbound, else --upstream name) → router
-        self.destinations = Destinations(on_transition=self.telemetry.circuit_moved, on_eject=self.telemetry.ejected)
+        self.destinations = Destinations(
+            on_transition=self.telemetry.circuit_moved,
+            on_eject=self.telemetry.ejected,
+            local_zone=options.labels.get("zone"),  # endpoints in our zone first
+        )
         self.telemetry.destination_stats = self.destination_stats
         self.explanations = Explanations()
         self.outbound_handler: Handler = build_outbound(

@@ -23,6 +23,7 @@ INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
 SHADOW_LABELS = ("route", "rule", "decision")
 SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
+SHADOW_DESTINATION_LABELS = ("policy", "destination", "decision")
 RETRY_LABELS = ("destination", "outcome")
 TRANSITION_LABELS = ("destination", "to")
 CIRCUIT_LABELS = ("destination",)
@@ -41,6 +42,7 @@ class Telemetry:
         # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
         self.shadow: dict[tuple[str, str, str], int] = {}
         self.shadow_access: dict[tuple[str, str, str, str], int] = {}  # an AccessPolicy's, at the inbound side
+        self.shadow_destination: dict[tuple[str, str, str], int] = {}  # a DestinationPolicy's
         self.mirror: dict[tuple[str, str], int] = {}  # (destination, outcome) → mirrored copies
         self.retries: dict[tuple[str, str], int] = {}  # (destination, "retried" | "budget-exhausted")
         self.transitions: dict[tuple[str, str], int] = {}  # (destination, new circuit state)
@@ -70,6 +72,10 @@ class Telemetry:
         key = (policy, source, rule, decision)
         self.shadow_access[key] = self.shadow_access.get(key, 0) + 1
 
+    def shadow_destination_decision(self, policy: str, destination: str, decision: str) -> None:
+        key = (policy, destination, decision)
+        self.shadow_destination[key] = self.shadow_destination.get(key, 0) + 1
+
     def retried(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.retries[key] = self.retries.get(key, 0) + 1
@@ -96,6 +102,7 @@ class Telemetry:
             "connections": [list(row) for row in self.connection_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
+            "shadow_destination": [[*k, v] for k, v in self.shadow_destination.items()],
             "mirror": [[*k, v] for k, v in self.mirror.items()],
             "retries": [[*k, v] for k, v in self.retries.items()],
             "transitions": [[*k, v] for k, v in self.transitions.items()],
@@ -113,6 +120,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "connections": {},
         "shadow": {},
         "shadow_access": {},
+        "shadow_destination": {},
         "mirror": {},
         "retries": {},
         "transitions": {},
@@ -127,6 +135,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "connections",
             "shadow",
             "shadow_access",
+            "shadow_destination",
             "mirror",
             "retries",
             "transitions",
@@ -199,6 +208,14 @@ class _Collector:
             "rule (or the default).",
             SHADOW_ACCESS_LABELS,
             merged["shadow_access"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_shadow_destination_decisions",
+            "What DestinationPolicies in shadow mode would have done with each request: allow, circuit-open, "
+            "rate-limited or overloaded (the defaults served it).",
+            SHADOW_DESTINATION_LABELS,
+            merged["shadow_destination"],
         )
         yield _family(
             CounterMetricFamily,

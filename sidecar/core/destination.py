@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .balance import make_balancer
+from .balance import ZoneAware, make_balancer
 from .breaker import BreakerConfig, CircuitBreaker, State
 from .config import Endpoint, ServiceConfig
 from .outcome import RetryOn
@@ -63,6 +63,8 @@ class Settings:
     max_pending: int = 1024
     fallback: Fallback | None = None
     rate_limit: tuple[float, int] | None = None  # (requests a second, burst)
+    hedge_delay: float | str | None = None  # None: no hedging; seconds, or "p95" of observed latency
+    hedge_min_delay: float = 0.005
 
     @property
     def enforced(self) -> bool:
@@ -118,6 +120,8 @@ def settings(policy: DestinationPolicy) -> Settings:
         max_pending=policy.limits.max_pending,
         fallback=fallback,
         rate_limit=(policy.rate_limit.requests_per_second, policy.rate_limit.burst) if policy.rate_limit else None,
+        hedge_delay=policy.hedging.delay if policy.hedging else None,
+        hedge_min_delay=policy.hedging.min_delay if policy.hedging else 0.005,
     )
 
 
@@ -138,11 +142,14 @@ class Destination:
         rng: random.Random,
         on_transition: OnTransition | None = None,
         on_eject: OnEject | None = None,
+        local_zone: str | None = None,
     ) -> None:
         self.service = service
+        self.local_zone = local_zone
         self.rng = rng
         self.endpoints = endpoints
         self.inflight = 0
+        self.latencies = LatencySample()
         self._on_transition = on_transition
         self._on_eject = on_eject
         self._balancers: dict[tuple[tuple[str, str], ...], Any] = {}
@@ -198,9 +205,72 @@ class Destination:
         """The balancer over the endpoints whose labels include ``labels`` (a subset)."""
         found = self._balancers.get(labels)
         if found is None:
-            found = self._balancers[labels] = make_balancer(
-                self.settings.load_balancer, _subset(self.endpoints, labels), self.rng
-            )
+            endpoints = _subset(self.endpoints, labels)
+            kind = self.settings.load_balancer
+            if self.local_zone is not None:  # prefer endpoints in our zone, fail over to the others
+                found = ZoneAware(kind, endpoints, self.local_zone, self.rng)
+            else:
+                found = make_balancer(kind, endpoints, self.rng)
+            self._balancers[labels] = found
+        return found
+
+
+class ShadowDestination:
+    """A DestinationPolicy in shadow mode: its breaker, rate limit and bulkhead judge the
+    real traffic (the defaults serve it) and each request's verdict is counted
+    (``meshlet_shadow_destination_decisions_total``): what rolling it out would do."""
+
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.settings = settings
+        self.breaker = CircuitBreaker(settings.breaker, now)
+        limit = settings.rate_limit
+        self.bucket = TokenBucket(limit[0], limit[1], now) if limit is not None else None
+        self.inflight = 0
+
+    def judge(self, now: float) -> tuple[str, int | None]:
+        """(what the policy would do with this request, the breaker permit if admitted)."""
+        settings = self.settings
+        if self.bucket is not None and not self.bucket.take(now):
+            return "rate-limited", None
+        if self.inflight >= settings.max_inflight + settings.max_pending:
+            return "overloaded", None
+        permit = self.breaker.admit(now)
+        if permit is None:
+            return "circuit-open", None
+        return "allow", permit
+
+
+class LatencySample:
+    """The last :data:`SIZE` response-head latencies, and percentiles of them, worked out
+    again every :data:`EVERY` samples (not per request: a sort is not free)."""
+
+    SIZE = 256
+    EVERY = 32
+    __slots__ = ("ring", "count", "cached")
+
+    def __init__(self) -> None:
+        self.ring: list[float] = []
+        self.count = 0
+        self.cached: dict[str, float] = {}
+
+    def add(self, seconds: float) -> None:
+        ring = self.ring
+        if len(ring) < self.SIZE:
+            ring.append(seconds)
+        else:
+            ring[self.count % self.SIZE] = seconds
+        self.count += 1
+        if self.count % self.EVERY == 0:
+            self.cached = {}
+
+    def percentile(self, name: str) -> float | None:
+        """``"p95"`` → seconds, or None before there are :data:`EVERY` samples."""
+        if len(self.ring) < self.EVERY:
+            return None
+        found = self.cached.get(name)
+        if found is None:
+            ordered = sorted(self.ring)
+            found = self.cached[name] = ordered[min(len(ordered) - 1, int(len(ordered) * int(name[1:]) / 100))]
         return found
 
 
@@ -218,14 +288,17 @@ class Destinations:
         rng: random.Random | None = None,
         on_transition: OnTransition | None = None,
         on_eject: OnEject | None = None,
+        local_zone: str | None = None,
     ) -> None:
         self.rng = rng or random.Random()
+        self.local_zone = local_zone  # this sidecar's zone label, if it has one
         self.on_transition = on_transition
         self.on_eject = on_eject
         self.by_key: dict[str, Destination] = {}
         self.services: Mapping[str, ServiceConfig] = {}
         self.policies: Mapping[tuple[str, str | None], Settings] = {}  # (service, rule) → enforced
         self.shadow: Mapping[tuple[str, str | None], Settings] = {}  # (service, rule) → counted only
+        self.shadows: dict[tuple[str, str | None], ShadowDestination] = {}
         self.now = 0.0
 
     def configure(
@@ -251,6 +324,17 @@ class Destinations:
                 return found
         return self.policies.get((service, None), DEFAULTS)
 
+    def shadow_for(self, service: str, rule: str | None, now: float) -> ShadowDestination | None:
+        """The shadow-mode policy that covers this request, if any."""
+        key = (service, rule) if rule is not None and (service, rule) in self.shadow else (service, None)
+        settings = self.shadow.get(key)
+        if settings is None:
+            return None
+        found = self.shadows.get(key)
+        if found is None or found.settings != settings:
+            found = self.shadows[key] = ShadowDestination(settings, now)
+        return found
+
     def get(self, service: str, rule: str | None, now: float) -> Destination:
         """The destination for a request to ``service`` that ``rule`` (ROUTE/RULE) matched."""
         key = service
@@ -270,8 +354,9 @@ class Destinations:
                 self.rng,
                 self.on_transition,
                 self.on_eject,
+                self.local_zone,
             )
         return found
 
 
-__all__ = ["DEFAULTS", "Destination", "Destinations", "Fallback", "Settings", "settings"]
+__all__ = ["DEFAULTS", "Destination", "Destinations", "Fallback", "Settings", "ShadowDestination", "settings"]

@@ -23,6 +23,7 @@ clean try (or asked) is explained (sidecar/layers/explain.py).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -67,10 +68,17 @@ def resilience_layer(
     rng: random.Random | None = None,
     on_retry: Callable[[str, str], None] | None = None,
     explanations: Explanations | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+    on_shadow: Callable[[str, str, str], None] | None = None,
 ) -> Handler:
     """``inner``: the forwarder. ``on_retry(service, outcome)``: a retry was made
-    ("retried"), or refused by the budget ("budget-exhausted")."""
-    return _Resilience(inner, destinations, clock, sleep, rng or random.Random(), on_retry, explanations).handle
+    ("retried"), refused by the budget ("budget-exhausted") or a hedge sent ("hedged").
+    ``clock``: for deadlines and windows (coarse will do); ``timer``: for latencies."""
+    layer = _Resilience(inner, destinations, clock, sleep, rng or random.Random(), on_retry, explanations)
+    layer.timer = timer
+    if on_shadow is not None:
+        layer.on_shadow = on_shadow  # (policy, destination, decision) of a shadow-mode DestinationPolicy
+    return layer.handle
 
 
 class _Resilience:
@@ -92,6 +100,8 @@ class _Resilience:
         self.on_retry = on_retry or (lambda _service, _outcome: None)
         self.explanations = explanations or Explanations()
         self.waiting: dict[int, trio.lowlevel.ParkingLot] = {}  # id(destination) → requests waiting for a place
+        self.timer: Callable[[], float] = time.perf_counter
+        self.on_shadow: Callable[[str, str, str], None] = lambda _policy, _destination, _decision: None
 
     async def handle(self, request: Request) -> Response:
         now = self.clock()
@@ -112,21 +122,45 @@ class _Resilience:
                 await self._wait_for_a_place(destination, request)
         except MeshError as exc:
             raise self._explained_error(exc, destination, request, asked, [], exc.reason.name, now) from None
+        shadow = None
+        if self.destinations.shadow:
+            shadow = self._shadow(request, rule.ref if rule is not None else None, now)
         destination.inflight += 1
         try:
             response = await self._attempts(destination, request, asked, now)
-        except BaseException:
+        except BaseException as exc:
             self._leave(destination)
+            if shadow is not None:
+                shadow[0].inflight -= 1
+                shadow[0].breaker.record(self.clock(), shadow[1], isinstance(exc, MeshError), 0.0)
             raise
         finish = response.on_finish
+        if shadow is not None:
+            shadow[0].breaker.record(self.clock(), shadow[1], response.status >= 500, self.timer() - shadow[2])
 
         def finished(complete: bool) -> None:
             self._leave(destination)
+            if shadow is not None:
+                shadow[0].inflight -= 1
             if finish is not None:
                 finish(complete)
 
         response.on_finish = finished
         return response
+
+    def _shadow(self, request: Request, rule: str | None, now: float) -> tuple[Any, int, float] | None:
+        """Judge the request by a shadow-mode DestinationPolicy, count the verdict; the
+        state to feed its breaker with the real outcome (when it would have admitted it)."""
+        shadow = self.destinations.shadow_for(request.service, rule, now)
+        if shadow is None:
+            return None
+        decision, permit = shadow.judge(now)
+        self.on_shadow(shadow.settings.name, request.service, decision)
+        shadow.inflight += 1
+        if permit is None:
+            shadow.inflight -= 1
+            return None
+        return shadow, permit, self.timer()
 
     async def _wait_for_a_place(self, destination: Destination, request: Request) -> None:
         settings = destination.settings
@@ -197,37 +231,51 @@ class _Resilience:
             headers.append((DEADLINE_HEADER, b"%d" % max(1, int(left * 1000))))
             if replay is not None:
                 request.body = replay.cursor()
-            balancer.started(endpoint)
-            outlier.started(endpoint, now)
-            sent = time.perf_counter()
             last: Response | None = None
-            failure = None
-            try:
-                response = await self.inner(request)
-            except MeshError as exc:
-                failure = exc
-                outcome = error_outcome(exc)
-            except BaseException:
-                balancer.finished(endpoint, time.perf_counter() - sent, clock(), False)
-                outlier.release(endpoint)
-                breaker.release(permit)
-                raise
+            failure: MeshError | None = None
+            hedge_after = None
+            if settings.hedge_delay is not None and attempt == 1 and may_retry and request.body is None:
+                hedge_after = self._hedge_after(destination)
+            if hedge_after is not None:
+                last, failure, outcome, took, endpoint = await self._race(
+                    destination, balancer, request, endpoint, tried, hedge_after, tries
+                )
+                now = clock()
+                if last is not None and not outcome.failed:
+                    destination.latencies.add(took)
+                breaker.record(now, permit, outcome.failed, took)
             else:
-                took = time.perf_counter() - sent
-                if response.status < 400 and attempt == 1 and not asked.explain:  # the common case, short
-                    now = clock()
-                    balancer.finished(endpoint, took, now, False)
-                    outlier.record(endpoint, now, False)
-                    breaker.record(now, permit, False, took)
-                    return response
-                last = response
-                outcome = Outcome(response.status, response.mesh_error)
-            took = time.perf_counter() - sent
-            now = clock()
-            failed = outcome.failed
-            balancer.finished(endpoint, took, now, failed)
-            outlier.record(endpoint, now, failed)
-            breaker.record(now, permit, failed, took)
+                balancer.started(endpoint)
+                outlier.started(endpoint, now)
+                sent = self.timer()
+                try:
+                    response = await self.inner(request)
+                except MeshError as exc:
+                    failure = exc
+                    outcome = error_outcome(exc)
+                except BaseException:
+                    balancer.finished(endpoint, self.timer() - sent, clock(), False)
+                    outlier.release(endpoint)
+                    breaker.release(permit)
+                    raise
+                else:
+                    took = self.timer() - sent
+                    if response.status < 400 and attempt == 1 and not asked.explain:  # the common case, short
+                        now = clock()
+                        balancer.finished(endpoint, took, now, False)
+                        outlier.record(endpoint, now, False)
+                        breaker.record(now, permit, False, took)
+                        if settings.hedge_delay is not None:
+                            destination.latencies.add(took)
+                        return response
+                    last = response
+                    outcome = Outcome(response.status, response.mesh_error)
+                took = self.timer() - sent
+                now = clock()
+                failed = outcome.failed
+                balancer.finished(endpoint, took, now, failed)
+                outlier.record(endpoint, now, failed)
+                breaker.record(now, permit, failed, took)
             tries.append({"endpoint": endpoint.address, "outcome": outcome.name, "ms": round(took * 1000, 2)})
             stopped = self._another(destination, request, outcome, last, replay, attempt, may_retry, deadline, now)
             if isinstance(stopped, str):
@@ -244,6 +292,88 @@ class _Resilience:
         assert last is not None
         _tag(last, explanation, asked.explain)
         return last
+
+    def _hedge_after(self, destination: Destination) -> float | None:
+        """How long the first attempt may take before a second one joins it."""
+        settings = destination.settings
+        delay = settings.hedge_delay
+        if isinstance(delay, str):
+            observed = destination.latencies.percentile(delay)
+            if observed is None:
+                return None  # too few samples yet to know what slow is
+            delay = observed
+        return max(delay, settings.hedge_min_delay)  # type: ignore[type-var]
+
+    async def _race(
+        self,
+        destination: Destination,
+        balancer: Any,
+        request: Request,
+        endpoint: Any,
+        tried: list[Any],
+        hedge_after: float,
+        tries: list[dict[str, Any]],
+    ) -> tuple[Response | None, MeshError | None, Outcome, float, Any]:
+        """Hedging: the first attempt, and after ``hedge_after`` without an answer a second
+        one to another endpoint (if the retry budget has one to spend); the first good
+        answer wins, the other attempt is cancelled (its connection closed). Returns the
+        winner: (response, failure, outcome, seconds, endpoint)."""
+        clock = self.clock
+        outlier = destination.outlier
+        results: list[tuple[Response | None, MeshError | None, Outcome, float, Any]] = []
+        running = 0
+
+        async def attempt(req: Request, target: Any, scope: trio.CancelScope) -> None:
+            nonlocal running
+            running += 1
+            balancer.started(target)
+            outlier.started(target, clock())
+            sent = self.timer()
+            done = False
+            try:
+                try:
+                    response: Response | None = await self.inner(req)
+                    failure = None
+                    outcome = Outcome(response.status, response.mesh_error)  # type: ignore[union-attr]
+                except MeshError as exc:
+                    response, failure, outcome = None, exc, error_outcome(exc)
+                took = self.timer() - sent
+                now = clock()
+                balancer.finished(target, took, now, outcome.failed)
+                outlier.record(target, now, outcome.failed)
+                done = True
+                results.append((response, failure, outcome, took, target))
+                if not outcome.failed or running == len(results):
+                    scope.cancel()  # a good answer (or the last one): the race is over
+            finally:
+                if not done:  # cancelled: it lost; the time it took is a lower bound of its latency
+                    balancer.finished(target, self.timer() - sent, clock(), False)
+                    outlier.release(target)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, request, endpoint, nursery.cancel_scope)
+            await trio.sleep(hedge_after)
+            now = clock()
+            second = _pick(destination, balancer, tried, now)
+            if second is not None and second != endpoint and destination.budget.try_spend(now):
+                self.on_retry(request.service, "hedged")
+                tried.append(second)
+                nursery.start_soon(attempt, _copy_for(request, second), second, nursery.cancel_scope)
+            else:
+                await trio.sleep_forever()  # no hedge: wait for the first attempt
+        winner = next((r for r in results if not r[2].failed), results[-1])
+        for response, _, outcome, took, target in results:
+            if response is not None and response is not winner[0]:
+                response.finish(False)  # the loser's answer: dropped, its connection closed
+            if target is not winner[4]:
+                tries.append(
+                    {
+                        "endpoint": target.address,
+                        "outcome": f"{outcome.name} (lost the race)",
+                        "ms": round(took * 1000, 2),
+                    }
+                )
+        return winner
 
     def _another(
         self,
@@ -374,6 +504,30 @@ def _tag(response: Response, explanation: dict[str, Any], explain: bool) -> None
         asked = _Asked()
         asked.explain = explain
         response.headers.extend(_id_headers(explanation, asked))
+
+
+def _copy_for(request: Request, endpoint: Any) -> Request:
+    """The same request for a hedged attempt: its own head (its own attempt header)."""
+    head = dataclasses.replace(request.head, headers=request.head.headers[:-2])
+    head.headers.append(_ATTEMPTS[2])
+    head.headers.append(request.head.headers[-1])  # the same deadline
+    copy = Request(head, None, request.peer_ip)
+    for name in (
+        "service",
+        "target",
+        "authority",
+        "nursery",
+        "source",
+        "connect_timeout",
+        "timeout",
+        "rule",
+        "subset",
+        "deadline",
+    ):
+        setattr(copy, name, getattr(request, name))
+    copy.direction = request.direction
+    copy.endpoint = endpoint
+    return copy
 
 
 def _pick(destination: Destination, balancer: Any, tried: list[Any], now: float) -> Any:

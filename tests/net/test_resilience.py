@@ -57,6 +57,9 @@ class Upstreams:
             raise MeshError(errors.CONNECT_FAILED, "refused", cause="refused")
         if what == "reset":
             raise MeshError(errors.UPSTREAM_RESET, "reset")
+        if isinstance(what, float):  # a slow answer, in seconds
+            await trio.sleep(what)
+            what = 200
         if what == "hang":
             await trio.sleep(request.timeout)
             raise MeshError(errors.TIMEOUT, "no response")
@@ -89,17 +92,20 @@ def mesh(
     settings: Settings = DEFAULTS,
     endpoints: tuple[Endpoint, ...] = (A, B, C),
     lb: str = "round_robin",
+    zone: str | None = None,
+    shadow: Settings | None = None,
 ) -> tuple[Callable[..., object], Destinations]:
     from dataclasses import replace
 
-    destinations = Destinations(random.Random(1))
+    destinations = Destinations(random.Random(1), local_zone=zone)
     destinations.configure(
         {"item": ServiceConfig("item", endpoints)},
-        {("item", None): replace(settings, load_balancer=lb)},
-        {},
+        {} if settings.mode == "shadow" else {("item", None): replace(settings, load_balancer=lb)},
+        {("item", None): shadow} if shadow is not None else {},
         trio.current_time(),
     )
     retries: list[str] = []
+    shadowed: list[tuple[str, str]] = []
     explanations = Explanations()
     handler = errors_layer(
         resilience_layer(
@@ -108,6 +114,8 @@ def mesh(
             rng=random.Random(2),
             on_retry=lambda _s, o: retries.append(o),
             explanations=explanations,
+            timer=trio.current_time,  # latencies on the fake clock too
+            on_shadow=lambda policy, _d, decision: shadowed.append((policy, decision)),
         )
     )
 
@@ -119,6 +127,7 @@ def mesh(
 
     call.retries = retries  # type: ignore[attr-defined]
     call.explanations = explanations  # type: ignore[attr-defined]
+    call.shadowed = shadowed  # type: ignore[attr-defined]
     return call, destinations
 
 
@@ -330,3 +339,67 @@ async def test_a_refusal_is_explained_too(autojump_clock: trio.abc.Clock) -> Non
     assert b"stopped=circuit-open" in response.raw
     (explained,) = call.explanations.by_id.values()  # type: ignore[attr-defined]
     assert explained["result"] == "circuit-open" and explained["attempts"] == []
+
+
+async def test_the_local_zone_first_and_the_others_when_it_fails(autojump_clock: trio.abc.Clock) -> None:
+    here = Endpoint("10.0.0.1", 80, labels={"zone": "a"})
+    there = Endpoint("10.0.0.2", 80, labels={"zone": "b"})
+    upstreams = Upstreams()
+    upstreams.script = {here: 200, there: 200}
+    call, _ = mesh(upstreams, endpoints=(here, there), lb="ewma", zone="a")
+    for _ in range(20):
+        await call()
+    assert upstreams.hits() == {here: 20}
+    upstreams.script[here] = "refused"  # our zone's only endpoint fails: the retry crosses over
+    assert (await call()).status == 200 and upstreams.hits()[there] == 1
+
+
+async def test_hedging_cuts_the_tail_when_an_endpoint_stalls(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    def p99(latencies: list[float]) -> float:
+        return sorted(latencies)[int(len(latencies) * 0.99) - 1]
+
+    async def run(settings: Settings) -> tuple[float, Upstreams, list[str]]:
+        counter = iter(range(10**6))
+        jitter = random.Random(3)
+        upstreams = Upstreams()
+
+        def fast(_request: Request) -> float:
+            return jitter.uniform(0.005, 0.015)
+
+        # A stalls for 2 s on one request in ten; the others take 5-15 ms.
+        upstreams.script = {A: lambda r: 2.0 if next(counter) % 10 == 0 else fast(r), B: fast, C: fast}
+        call, _ = mesh(upstreams, settings)
+        took = []
+        for _ in range(600):
+            start = trio.current_time()
+            assert (await call()).status == 200
+            took.append(trio.current_time() - start)
+        return p99(took), upstreams, call.retries  # type: ignore[attr-defined]
+
+    plain, _, _ = await run(DEFAULTS)
+    hedged, upstreams, retries = await run(replace(DEFAULTS, hedge_delay="p95"))
+    assert plain == pytest.approx(2.0, abs=0.01)  # 1 in 30 requests stalls: the p99
+    assert hedged < 0.05, f"p99 {hedged * 1000:.0f} ms with hedging, {plain * 1000:.0f} ms without"
+    hedges = retries.count("hedged")
+    assert 20 <= hedges <= 80, hedges  # the stalled ones, and the slowest 5 % of the others
+    assert len(upstreams.calls) == 600 + hedges
+
+
+async def test_a_shadow_policy_is_counted_and_changes_nothing(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    strict = replace(DEFAULTS, name="strict", mode="shadow", rate_limit=(1.0, 2))
+    upstreams = Upstreams()
+    call, _ = mesh(upstreams, shadow=strict)
+    assert [(await call()).status for _ in range(5)] == [200] * 5  # served by the defaults
+    assert Counter(call.shadowed) == {("strict", "allow"): 2, ("strict", "rate-limited"): 3}  # type: ignore[attr-defined]
+
+    closed = replace(DEFAULTS, name="closed", mode="shadow", attempts=0, breaker=BreakerConfig(min_requests=5))
+    upstreams = Upstreams(A=500, B=500, C=500)
+    call, _ = mesh(upstreams, replace(DEFAULTS, attempts=0, breaker=BreakerConfig(force="closed")), shadow=closed)
+    statuses = [(await call()).status for _ in range(8)]
+    assert statuses == [500] * 8 and len(upstreams.calls) == 8  # nothing refused for real
+    decisions = [d for _, d in call.shadowed]  # type: ignore[attr-defined]
+    assert decisions == ["allow"] * 5 + ["circuit-open"] * 3  # its breaker would have opened after 5
