@@ -6,6 +6,8 @@ where their sidecar's outbound listener is (the HTTP_PROXY way, PRODUCT §4).
     python examples/services.py gateway --port 0 --proxy http://127.0.0.1:15001
 
 item:    GET /items/<id>   → {"id", "name", "instance"}
+         PUT /fault {"failing": 0.3} → from now on that share of /items answers is a 503
+         (the demo's way to make an instance flaky, or fail hard with 1.0); GET /fault
 user:    GET /users/<id>   → the user, with the item it calls `item` for
 gateway: GET /api/users/<id> → calls `user`
 All:     GET /health       → 200
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,6 +26,9 @@ import httpx
 
 
 def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[BaseHTTPRequestHandler]:
+    fault = {"failing": 0.0, "faults": 0}  # item only: failing on command
+    chance = random.Random(instance)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Buffer the response and write it once: head and body in separate small
@@ -44,7 +50,12 @@ def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[
             parts = self.path.strip("/").split("/")
             if parts == ["health"]:
                 return self.reply(200, {"status": "ok", "instance": instance})
+            if role == "item" and parts == ["fault"]:
+                return self.reply(200, fault)
             if role == "item" and len(parts) == 2 and parts[0] == "items":
+                if fault["failing"] and chance.random() < fault["failing"]:
+                    fault["faults"] += 1
+                    return self.reply(503, {"error": "failing on command", "instance": instance})
                 return self.reply(200, {"id": parts[1], "name": f"item {parts[1]}", "instance": instance})
             if role == "user" and len(parts) == 2 and parts[0] == "users":
                 assert client is not None
@@ -63,6 +74,13 @@ def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[
                 assert client is not None
                 user = client.get(f"http://user/users/{parts[2]}")
                 return self.reply(user.status_code, user.json())
+            return self.reply(404, {"error": "no such path", "path": self.path})
+
+        def do_PUT(self) -> None:  # noqa: N802
+            if role == "item" and self.path == "/fault":
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))) or b"{}")
+                fault["failing"] = float(body.get("failing", 0.0))
+                return self.reply(200, fault)
             return self.reply(404, {"error": "no such path", "path": self.path})
 
     return Handler

@@ -3,8 +3,10 @@
 A control plane, and gateway → user → item (2 instances), each app with its own sidecar
 that registers it. The demo shows the instances registering, drives traffic through
 the gateway balanced over both `item` instances, stops one (it deregisters; traffic
-goes on with no error), brings it back, then prints `meshlet status`, the per-hop
-metrics table and the URLs, and keeps running until Ctrl-C or ``--duration``.
+goes on with no error), brings it back; makes one instance flaky (retries hide it),
+then every instance fail (the circuit opens, callers get a fallback at once) and
+recover (the circuit closes); then prints `meshlet status`, the per-hop metrics table
+and the URLs, and keeps running until Ctrl-C or ``--duration``.
 """
 
 from __future__ import annotations
@@ -220,10 +222,10 @@ def metrics_table(scrapes: dict[str, str]) -> Table:
     return table
 
 
-async def drive(client: httpx.AsyncClient, url: str, count: int) -> dict[str, int]:
+async def drive(client: httpx.AsyncClient, url: str, count: int, first: int = 0) -> dict[str, int]:
     """Send ``count`` requests; return how many ended how (instance name or error)."""
     outcomes: dict[str, int] = {}
-    for i in range(count):
+    for i in range(first, first + count):
         try:
             response = await client.get(f"{url}/api/users/{i}")
             body = response.json()
@@ -245,9 +247,111 @@ def outcome_table(title: str, outcomes: dict[str, int]) -> Table:
     table.add_column("share", justify="right")
     total = sum(outcomes.values()) or 1
     for key, count in sorted(outcomes.items()):
-        style = "green" if key.startswith("item-") else "red"
+        style = "green" if key.startswith("item-") else "yellow" if key == "fallback" else "red"
         table.add_row(f"[{style}]{key}[/]", str(count), f"{100 * count / total:.0f} %")
     return table
+
+
+ITEM_POLICY = """\
+kind: DestinationPolicy
+name: item
+service: item
+circuit_breaker: {min_requests: 10, open_for: 3s}
+fallback:
+  status: 200
+  headers: {content-type: application/json}
+  body: '{"id": "0", "name": "unavailable", "instance": "fallback"}'
+"""
+
+
+async def _fault(client: httpx.AsyncClient, demo: Demo, instance: str, failing: float) -> int:
+    """Make an item app fail that share of its requests; how many it has failed so far."""
+    url = f"http://127.0.0.1:{demo.apps[instance].fields['port']}/fault"
+    return int((await client.put(url, json={"failing": failing})).json()["faults"])
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def _resilience_chapters(
+    demo: Demo, client: httpx.AsyncClient, api: str, entry: str, requests: int, flaky: str
+) -> None:
+    """Chapters 4-6. ``flaky``: the item instance the balancer prefers now (it gets the traffic)."""
+    other = "item-2" if flaky == "item-1" else "item-1"
+    say = console.print
+    user_admin = f"http://{demo.sidecars['user-1'].fields['admin']}"
+
+    async def user_metric(name: str, **labels: str) -> float:
+        return _sample((await client.get(f"{user_admin}/metrics")).text, name, destination="item", **labels)
+
+    say(f"[bold]4. a flaky instance[/]: {flaky} (the one getting the traffic) now answers 503 to 30 % of requests")
+    await _fault(client, demo, flaky, 0.3)
+    retried = await user_metric("meshlet_retries_total", outcome="retried")
+    outcomes = await drive(client, entry, requests)
+    faults = await _fault(client, demo, flaky, 0.0)
+    retried = await user_metric("meshlet_retries_total", outcome="retried") - retried
+    console.print(outcome_table(f"{flaky} flaky", outcomes))
+    failed = sum(n for k, n in outcomes.items() if not k.startswith("item-"))
+    say(
+        f"   {flaky} failed {faults} time(s); user's sidecar retried {retried:.0f} time(s) on {other} "
+        "(retrying a 503 is a default, within a retry budget), and its balancer counts each failure as 5 s of "
+        f"latency, so it steers away from {flaky} — {'no caller saw an error' if not failed else f'{failed} failed'}.\n"
+    )
+
+    say("[bold]5. item fails hard[/]: every item instance answers 503. A DestinationPolicy gives item a fallback:")
+    for line in ITEM_POLICY.splitlines():
+        say(f"     [dim]{line}[/]")
+    token = (demo.workdir / "cp" / "api-token").read_text().strip()
+    body = {"files": [["item-policy.yaml", ITEM_POLICY]], "source": "meshlet demo"}
+    applied = await client.put(f"http://{api}/v1/policies", json=body, headers={"authorization": f"Bearer {token}"})
+    applied.raise_for_status()
+    await _wait_for_policy(client, user_admin, "item")
+    for instance in ("item-1", "item-2"):
+        await _fault(client, demo, instance, 1.0)
+    outcomes, took = await drive_timed(client, entry, requests)
+    console.print(outcome_table("item failing", outcomes))
+    state = await user_metric("meshlet_circuit_state")
+    open_ms = sorted(took[-max(1, requests // 2) :])
+    say(
+        f"   The first calls failed (after retries); then user's circuit to item [bold]opened[/] "
+        f"(meshlet_circuit_state={state:.0f}) and callers got the fallback at once: "
+        f"median {1000 * open_ms[len(open_ms) // 2]:.1f} ms a request, item left alone.\n"
+    )
+
+    say("[bold]6. item recovers[/]: after 3 s the circuit lets one trial through; it succeeds, the circuit closes")
+    for instance in ("item-1", "item-2"):
+        await _fault(client, demo, instance, 0.0)
+    await trio.sleep(3.2)
+    console.print(outcome_table("item recovered", await drive(client, entry, requests // 2)))
+    moves = [f"{to} ×{await user_metric('meshlet_circuit_transitions_total', to=to):.0f}" for to in CIRCUIT_STATES]
+    say(f"   circuit transitions so far: {', '.join(moves)} (meshlet_circuit_transitions_total)\n")
+
+
+CIRCUIT_STATES = ("open", "half_open", "closed")
+
+
+async def _wait_for_policy(client: httpx.AsyncClient, admin: str, service: str, patience: float = 20) -> None:
+    with trio.fail_after(patience):
+        while (await client.get(f"{admin}/config_dump")).json()["config"]["destination_policies"].get(service) is None:  # noqa: ASYNC110 - another process
+            await trio.sleep(0.1)
+
+
+async def drive_timed(client: httpx.AsyncClient, url: str, count: int) -> tuple[dict[str, int], list[float]]:
+    outcomes: dict[str, int] = {}
+    took: list[float] = []
+    for i in range(count):
+        start = trio.current_time()
+        one = await drive(client, url, 1, first=i)
+        took.append(trio.current_time() - start)
+        for key, n in one.items():
+            outcomes[key] = outcomes.get(key, 0) + n
+    return outcomes, took
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -320,7 +424,10 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
 
         say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
         console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
-        say("   user's sidecar learned both item instances from the control plane and alternates between them.\n")
+        say(
+            "   user's sidecar learned both item instances from the control plane. Its balancer (ewma: peak latency "
+            "× requests in flight, best of two) sends each request to the one answering faster.\n"
+        )
 
         say("[bold]2. an instance leaves[/]: SIGTERM to item-2's sidecar (it deregisters first), then its app")
         await demo.stop_and_wait(demo.sidecars.pop("item-2"))
@@ -340,7 +447,12 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1", "item-2"}, "item-2 to return")
         await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
         say("  [green]registered[/] item-2 again; user's sidecar has both endpoints")
-        console.print(outcome_table("with item-2 back", await drive(client, entry, args.requests // 2)))
+        back = await drive(client, entry, args.requests // 2)
+        console.print(outcome_table("with item-2 back", back))
+        say("")
+
+        busiest = max(("item-1", "item-2"), key=lambda i: back.get(i, 0))
+        await _resilience_chapters(demo, client, api, entry, args.requests, busiest)
 
         status = (await client.get(f"http://{api}/v1/status")).json()
         table = Table(title="meshlet status (which sidecar runs which endpoints version)")

@@ -10,9 +10,11 @@ builds it, ``pick(exclude=())`` chooses, ``started`` / ``finished`` report a req
   choices, as Linkerd (tower's ``PeakEwma``) uses it. Each endpoint has a cost, a latency
   estimate in seconds. A response slower than the cost replaces it (the peak); a faster one
   pulls it down, ``w = exp(-(now - last) / decay)``, ``cost = cost * w + rtt * (1 - w)``, so a
-  slow spell is believed at once and a fast one over ``decay`` seconds. The first response
-  of an endpoint replaces the ``default_rtt`` prior (Finagle's rule; tower decays from the
-  prior since the endpoint appeared, which needs a clock at construction). A failed request
+  slow spell is believed at once and a fast one over ``decay`` seconds. Until its first
+  response an endpoint is scored as a typical success here (an EWMA of every endpoint's
+  successful rtts), or ``default_rtt`` before there is any: with a fixed 30 ms prior a new
+  endpoint among 1 ms ones would lose every draw at low load and never be measured (our
+  change to Linkerd's rule). The first response replaces the prior. A failed request
   is observed as ``max(rtt, failure_penalty)``: a fast failure must not attract traffic.
   Observed rtts are floored at ``min_rtt`` (1 ms): below it, differences are noise and the
   in-flight count decides. Score = ``cost * (in_flight + 1) / weight``, lower is better.
@@ -237,7 +239,7 @@ class _PowerOfTwo(_Base):
 class PeakEwma(_PowerOfTwo):
     """``ewma``: peak-EWMA latency times (in-flight + 1), over the weight; two choices."""
 
-    __slots__ = ("_default_rtt", "_decay", "_penalty", "_min_rtt")
+    __slots__ = ("_default_rtt", "_decay", "_penalty", "_min_rtt", "_typical")
 
     def __init__(
         self,
@@ -256,6 +258,11 @@ class PeakEwma(_PowerOfTwo):
         self._decay = decay
         self._penalty = failure_penalty
         self._min_rtt = min_rtt
+        # What a success usually takes here (an EWMA over every endpoint's). An endpoint
+        # not measured yet is scored with it, not with default_rtt: with fast endpoints a
+        # new one at a fixed 30 ms would never win a comparison at low load, so it would
+        # get no traffic (and no measurement) until the others were busy.
+        self._typical: float | None = None
         super().__init__(endpoints, rng, states)
 
     def finished(self, endpoint: Endpoint, rtt: float, now: float, failed: bool = False) -> None:
@@ -266,6 +273,9 @@ class PeakEwma(_PowerOfTwo):
             rtt = self._penalty
         if rtt < self._min_rtt:
             rtt = self._min_rtt
+        if not failed:
+            typical = self._typical
+            self._typical = rtt if typical is None else typical * 0.9 + rtt * 0.1
         stamp = state.stamp
         if stamp is None or rtt > state.cost:
             state.cost = rtt
@@ -279,7 +289,7 @@ class PeakEwma(_PowerOfTwo):
     def _score(self, state: _EndpointState, now: float) -> float:
         stamp = state.stamp
         if stamp is None:
-            cost = self._default_rtt
+            cost = self._default_rtt if self._typical is None else self._typical
         else:
             cost = state.cost
             if now > stamp:

@@ -44,6 +44,11 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
         "deregistered item-2",
         "No errors",
         "registered item-2 again",
+        "a flaky instance",
+        "no caller saw an error",
+        "circuit to item opened",
+        "(meshlet_circuit_state=1)",
+        "open ×1, half_open ×1, closed ×1",
         "per-hop metrics",
     ):
         assert line in out, line
