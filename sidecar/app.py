@@ -84,6 +84,7 @@ def build_outbound(
         on_retry=telemetry.retried,
         explanations=explanations,
         on_shadow=telemetry.shadow_destination_decision,
+        discover=discover,  # a fallback service the app never called is looked up like one it calls
     )
     handler = routing_layer(handler, route, source_header(service), discover, mirror=mirror)
     handler = errors_layer(handler)

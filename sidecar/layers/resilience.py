@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -50,9 +50,11 @@ Sleep = Callable[[float], Any]
 class _Asked:
     """What the request's own headers asked of us (read once, in one pass)."""
 
-    __slots__ = ("deadline", "explain", "request_id", "timeout")
+    __slots__ = ("deadline", "explain", "request_id", "timeout", "fell_back", "replay")
 
     def __init__(self) -> None:
+        self.replay: ReplayBuffer | None = None  # the body kept for another attempt
+        self.fell_back = False  # the request went to a fallback service already
         self.deadline: float | None = None  # the app passed on the deadline it was given
         self.timeout: float | None = None  # the overall timeout, once worked out
         self.explain = False
@@ -70,12 +72,14 @@ def resilience_layer(
     explanations: Explanations | None = None,
     timer: Callable[[], float] = time.perf_counter,
     on_shadow: Callable[[str, str, str], None] | None = None,
+    discover: Callable[[str], Awaitable[Any]] | None = None,
 ) -> Handler:
     """``inner``: the forwarder. ``on_retry(service, outcome)``: a retry was made
     ("retried"), refused by the budget ("budget-exhausted") or a hedge sent ("hedged").
     ``clock``: for deadlines and windows (coarse will do); ``timer``: for latencies."""
     layer = _Resilience(inner, destinations, clock, sleep, rng or random.Random(), on_retry, explanations)
     layer.timer = timer
+    layer.discover = discover  # looks up a fallback service this sidecar does not know yet
     if on_shadow is not None:
         layer.on_shadow = on_shadow  # (policy, destination, decision) of a shadow-mode DestinationPolicy
     return layer.handle
@@ -101,6 +105,7 @@ class _Resilience:
         self.explanations = explanations or Explanations()
         self.waiting: dict[int, trio.lowlevel.ParkingLot] = {}  # id(destination) → requests waiting for a place
         self.timer: Callable[[], float] = time.perf_counter
+        self.discover: Callable[[str], Awaitable[Any]] | None = None
         self.on_shadow: Callable[[str, str, str], None] = lambda _policy, _destination, _decision: None
 
     async def handle(self, request: Request) -> Response:
@@ -199,7 +204,7 @@ class _Resilience:
         may_retry = settings.attempts > 0 and retriable_method(head.method, settings.non_idempotent)
         replay: ReplayBuffer | None = None
         if may_retry and request.body is not None:
-            replay = ReplayBuffer(request.body, REPLAY_LIMIT)
+            replay = asked.replay = ReplayBuffer(request.body, REPLAY_LIMIT)
         balancer = destination.balancer(request.subset)
         breaker = destination.breaker
         outlier = destination.outlier
@@ -212,7 +217,7 @@ class _Resilience:
             now = clock()
             permit = breaker.admit(now)
             if permit is None:  # open, or opened by the attempts before this one
-                return self._circuit_open(destination, request, asked, tries, now)
+                return await self._circuit_open(destination, request, asked, tries, now)
             endpoint = _pick(destination, balancer, tried, now)
             if endpoint is None:
                 breaker.release(permit)
@@ -413,7 +418,7 @@ class _Resilience:
         self.on_retry(request.service, "retried")
         return delay
 
-    def _circuit_open(
+    async def _circuit_open(
         self, destination: Destination, request: Request, asked: _Asked, tries: list[dict[str, Any]], now: float
     ) -> Response:
         explanation = self._explain(destination, request, asked, tries, "circuit-open", now, "")
@@ -423,12 +428,38 @@ class _Resilience:
             headers = [*fallback.headers, (b"x-meshlet-fallback", b"circuit-open"), *_id_headers(explanation, asked)]
             response.raw = policy_response(fallback.status, headers, fallback.body)
             return response
+        if fallback is not None and fallback.service is not None and not asked.fell_back:
+            return await self._fall_back(fallback.service, request, asked)
         wait = destination.breaker.retry_after(now)
         failure = MeshError(
             errors.CIRCUIT_OPEN,
             f"the circuit to {request.service} is open (too many failures); next trial in {wait:.1f}s",
         )
         raise _with_id(failure, explanation, asked.explain)
+
+    async def _fall_back(self, service: str, request: Request, asked: _Asked) -> Response:
+        """An open circuit's fallback service: the request goes there instead (once: a
+        fallback's own fallback is not followed)."""
+        asked.fell_back = True
+        if asked.replay is not None:  # attempts read some of the body: the fallback gets it whole
+            cursor = asked.replay.cursor()
+            if cursor is None:
+                raise MeshError(errors.CIRCUIT_OPEN, f"the circuit is open and the body is too large for {service}")
+            request.body = cursor
+        if service not in self.destinations.services and self.discover is not None:
+            try:
+                await self.discover(service)  # a fallback the app never called: look it up
+            except MeshError:
+                pass  # then it has no endpoint: 503 below, explained
+        request.service = service
+        request.subset = ()
+        request.rule = None
+        request.authority = service.encode()
+        now = self.clock()
+        response = await self._attempts(self.destinations.get(service, None, now), request, asked, now)
+        if response.raw is None:
+            response.headers.append((b"x-meshlet-fallback", b"circuit-open"))
+        return response
 
     def _explained_error(
         self,

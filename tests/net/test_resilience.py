@@ -403,3 +403,34 @@ async def test_a_shadow_policy_is_counted_and_changes_nothing(autojump_clock: tr
     assert statuses == [500] * 8 and len(upstreams.calls) == 8  # nothing refused for real
     decisions = [d for _, d in call.shadowed]  # type: ignore[attr-defined]
     assert decisions == ["allow"] * 5 + ["circuit-open"] * 3  # its breaker would have opened after 5
+
+
+async def test_an_open_circuit_sends_the_request_to_the_fallback_service(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    cache = Endpoint("10.0.9.9", 80)
+    upstreams = Upstreams()
+    upstreams.script[cache] = 200
+    settings = replace(DEFAULTS, breaker=BreakerConfig(force="open"), fallback=Fallback(service="item-cache"))
+    destinations = Destinations(random.Random(1))
+    destinations.configure(
+        {"item": ServiceConfig("item", (A,)), "item-cache": ServiceConfig("item-cache", (cache,))},
+        {("item", None): settings, ("item-cache", None): replace(settings, fallback=Fallback(service="item"))},
+        {},
+        trio.current_time(),
+    )
+    handler = errors_layer(resilience_layer(upstreams, destinations))
+    request = Request(RequestHead(b"PUT", b"/x", []), Body(b"kept"), b"127.0.0.1")
+    request.service = "item"
+    response = await handler(request)
+    # item-cache's own circuit is open too: its fallback (back to item) is not followed
+    assert response.status == 503 and response.mesh_error == "circuit-open" and upstreams.calls == []
+
+    destinations.configure(
+        destinations.services, {("item", None): settings}, {}, trio.current_time()
+    )  # item-cache healthy now
+    request = Request(RequestHead(b"PUT", b"/x", []), Body(b"kept"), b"127.0.0.1")
+    request.service = "item"
+    response = await handler(request)
+    assert response.status == 200 and (b"x-meshlet-fallback", b"circuit-open") in response.headers
+    assert [(endpoint, body) for endpoint, _, body in upstreams.calls] == [(cache, b"kept")]
