@@ -56,7 +56,7 @@ class Origin:
         self.port = 0
         # Faults on command, for the simple paths (/hello, /info, /status, /delay, /bytes):
         self.failing = 0.0  # this share of requests (0..1) gets the fault ...
-        self.fault = "503"  # ... a 503 | "hang" (never answers) | "reset" (no response)
+        self.fault = "503"  # ... a 503 | "hang" (never answers) | "reset" (no response) | "stall S"
         self.latency = 0.0  # seconds added before every answer (a slow instance)
         self.rng = random.Random(0)
 
@@ -166,6 +166,10 @@ class Origin:
             if self.fault == "reset":
                 _reset(stream)
                 return False
+            if self.fault.startswith("stall "):  # "stall 0.5": answers, late
+                await trio.sleep(float(self.fault.split()[1]))
+                await self._simple(stream, conn, 200, b"late")
+                return True
             await self._simple(stream, conn, 503, b"failing on command")
             return True
         if path == "/hello":

@@ -434,3 +434,61 @@ async def test_an_open_circuit_sends_the_request_to_the_fallback_service(autojum
     response = await handler(request)
     assert response.status == 200 and (b"x-meshlet-fallback", b"circuit-open") in response.headers
     assert [(endpoint, body) for endpoint, _, body in upstreams.calls] == [(cache, b"kept")]
+
+
+async def test_a_failing_endpoint_is_ejected_then_given_one_request_to_come_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from dataclasses import replace
+
+    from sidecar.core.outlier import OutlierConfig
+
+    settings = replace(DEFAULTS, attempts=0, outlier=OutlierConfig(consecutive_failures=3, base_ejection=10.0))
+    upstreams = Upstreams(A=500)
+    call, destinations = mesh(upstreams, settings, endpoints=(A, B))
+    for _ in range(6):  # round robin: A, B, A, B, A (its 3rd failure in a row: ejected), B
+        await call()
+    assert upstreams.hits() == {A: 3, B: 3}
+    for _ in range(10):
+        await call()
+    assert upstreams.hits()[A] == 3  # ejected: no traffic
+    assert destinations.get("item", None, trio.current_time()).outlier.counts(trio.current_time())["ejected"] == 1
+    upstreams.script[A] = 200
+    await trio.sleep(10)  # the ejection is over: A is in probation, one request at a time
+    for _ in range(4):
+        await call()
+    assert upstreams.hits()[A] == 5  # back: it passed its one real request
+
+
+class _Rule:
+    """What the layer reads of a matched Route rule."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.rule = type("Spec", (), {"timeout": None})()
+
+
+async def test_a_policy_for_one_route_rule_has_its_own_breaker(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    upstreams = Upstreams(A=500, B=500, C=500)
+    destinations = Destinations(random.Random(1))
+    general = replace(DEFAULTS, attempts=0, breaker=BreakerConfig(min_requests=5))
+    beta = replace(general, name="item-beta", breaker=BreakerConfig(force="closed"))
+    destinations.configure(
+        {"item": ServiceConfig("item", (A, B, C))},
+        {("item", None): general, ("item", "item/beta"): beta},
+        {},
+        trio.current_time(),
+    )
+    handler = errors_layer(resilience_layer(upstreams, destinations))
+
+    async def call(rule: str | None) -> Response:
+        request = Request(RequestHead(b"GET", b"/x", []), None, b"127.0.0.1")
+        request.service = "item"
+        request.rule = _Rule(rule) if rule else None
+        return await handler(request)
+
+    assert [(await call(None)).mesh_error for _ in range(7)] == [""] * 5 + ["circuit-open"] * 2
+    assert [(await call("item/beta")).status for _ in range(7)] == [500] * 7  # its breaker: forced closed
+    assert [(await call("item/other")).mesh_error for _ in range(2)] == ["circuit-open"] * 2  # the service's
