@@ -4,6 +4,7 @@ its own process group, on port 0 everywhere; its bound ports read from its ready
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,3 +164,24 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True,
                 break
     await stream.aclose()
     return bytes(received)
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` (Prometheus text) whose labels include ``labels``."""
+    total = 0.0
+    for line in metrics.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+async def apply_policy(tmp_path: Path, api: str, text: str) -> None:
+    """``meshlet apply`` of ``text`` to the control plane of run_control_plane(tmp_path);
+    returns once every affected sidecar has ACKed."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    token = str(tmp_path / "cp" / "api-token")
+    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()

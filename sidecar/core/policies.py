@@ -78,33 +78,24 @@ class PolicyCache:
 
     def routes(self, mode: str = "enforce") -> dict[str, RouteTable]:
         """Routes by host: the enforcing ones, or (``mode="shadow"``) those only counted."""
-        out: dict[str, RouteTable] = {}
-        for name in sorted(self.held):
-            document = self.held[name][2]
-            if document.kind == "Route" and document.mode == mode:
-                if document.host in out:  # the control plane refuses this; be deterministic anyway
-                    log.warning(
-                        "route %s ignored: %s already routes host %s", name, out[document.host].name, document.host
-                    )
-                    continue
-                out[document.host] = RouteTable(document)
-        return out
+        return self._compiled("Route", "host", mode, RouteTable)
 
     def access(self, mode: str = "enforce") -> dict[str, AccessTable]:
         """Access tables by service: the enforcing ones, or (``mode="shadow"``) those only counted."""
-        out: dict[str, AccessTable] = {}
+        return self._compiled("AccessPolicy", "service", mode, AccessTable)
+
+    def _compiled(self, kind: str, key: str, mode: str, compile: Any) -> dict[str, Any]:
+        """``kind`` documents in ``mode``, compiled, by their ``key`` field (one per key:
+        the control plane refuses two; the first by name wins here, deterministically)."""
+        out: dict[str, Any] = {}
         for name in sorted(self.held):
             document = self.held[name][2]
-            if document.kind == "AccessPolicy" and document.mode == mode:
-                if document.service in out:  # the control plane refuses this; be deterministic anyway
-                    log.warning(
-                        "access policy %s ignored: %s already covers service %s",
-                        name,
-                        out[document.service].name,
-                        document.service,
-                    )
+            if document.kind == kind and document.mode == mode:
+                value = getattr(document, key)
+                if value in out:
+                    log.warning("%s ignored: %s already covers %s %s", name, out[value].name, key, value)
                     continue
-                out[document.service] = AccessTable(document)
+                out[value] = compile(document)
         return out
 
     def destinations(self, mode: str = "enforce") -> dict[tuple[str, str | None], Settings]:

@@ -293,7 +293,7 @@ class _Resilience:
             timeout_fired = "overall" if now >= deadline - 0.001 or per_try is None else "per-try"
         explanation = self._explain(destination, request, asked, tries, stopped, now, timeout_fired)
         if failure is not None:
-            raise _with_id(failure, explanation)
+            raise _with_id(failure, explanation, asked.explain)
         assert last is not None
         _tag(last, explanation, asked.explain)
         return last
@@ -425,7 +425,11 @@ class _Resilience:
         fallback = destination.settings.fallback
         if fallback is not None and fallback.status is not None:
             response = Response(fallback.status, b"", [])
-            headers = [*fallback.headers, (b"x-meshlet-fallback", b"circuit-open"), *_id_headers(explanation, asked)]
+            headers = [
+                *fallback.headers,
+                (b"x-meshlet-fallback", b"circuit-open"),
+                *_id_headers(explanation, asked.explain),
+            ]
             response.raw = policy_response(fallback.status, headers, fallback.body)
             return response
         if fallback is not None and fallback.service is not None and not asked.fell_back:
@@ -516,25 +520,22 @@ class _Resilience:
         return explanation
 
 
-def _id_headers(explanation: dict[str, Any], asked: _Asked) -> list[tuple[bytes, bytes]]:
+def _id_headers(explanation: dict[str, Any], explain: bool) -> list[tuple[bytes, bytes]]:
+    """The request id for the response, and the one-line summary if it was asked for."""
     out = [(ID_RESPONSE_HEADER, explanation["request_id"].encode("latin-1", "replace"))]
-    if asked.explain:
+    if explain:
         out.append((EXPLAIN_HEADER, summary(explanation)))
     return out
 
 
-def _with_id(failure: MeshError, explanation: dict[str, Any], explain: bool = False) -> MeshError:
-    asked = _Asked()
-    asked.explain = explain
-    failure.headers = (*failure.headers, *_id_headers(explanation, asked))
+def _with_id(failure: MeshError, explanation: dict[str, Any], explain: bool) -> MeshError:
+    failure.headers = (*failure.headers, *_id_headers(explanation, explain))
     return failure
 
 
 def _tag(response: Response, explanation: dict[str, Any], explain: bool) -> None:
     if response.raw is None:
-        asked = _Asked()
-        asked.explain = explain
-        response.headers.extend(_id_headers(explanation, asked))
+        response.headers.extend(_id_headers(explanation, explain))
 
 
 def _copy_for(request: Request, endpoint: Any) -> Request:

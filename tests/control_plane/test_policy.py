@@ -259,6 +259,12 @@ def test_json_documents_load_too() -> None:
             id="two-destination-policies-one-scope",
         ),
         pytest.param(
+            "kind: DestinationPolicy\nname: a\nservice: item\nhedging: {delay: p42}\n",
+            "p.yaml:4: hedging.delay: 'p42' is neither a percentile of observed latency nor a duration "
+            "(allowed: p50, p75, p90, p95, p99, 250ms, 2s)",
+            id="hedging-delay",
+        ),
+        pytest.param(
             "kind: MeshConfig\nname: global\n",
             "p.yaml:2: name: 'global' is not allowed (allowed: mesh)",
             id="mesh-config-name",

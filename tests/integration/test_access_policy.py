@@ -5,14 +5,12 @@ refused and what would have been is counted."""
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 
 import httpx
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
 from ..origin import Origin
 
 POLICY = """\
@@ -28,22 +26,7 @@ rules:
 
 
 async def apply(tmp_path: Path, api: str, mode: str) -> None:
-    policy = tmp_path / "access.yaml"
-    policy.write_text(POLICY.format(mode=mode))
-    token = str(tmp_path / "cp" / "api-token")
-    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()  # every sidecar ACKed
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
-    for line in metrics.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+    await apply_policy(tmp_path, api, POLICY.format(mode=mode))
 
 
 async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: trio.Nursery) -> None:

@@ -1,44 +1,28 @@
 """Resilience end to end (issue 5): a real sidecar in front of real upstreams that fail,
-hang and reset on command. Retries hide a flaky instance; a dead destination trips the
-breaker and callers get fast failures instead of timeouts, until it recovers; the retry
-budget caps the load retries add. `item`'s endpoints are a Service document (no sidecar
+hang, reset and stall on command. Retries hide a flaky instance; a dead destination
+trips the breaker and callers get fast failures instead of timeouts, until it recovers;
+the retry budget caps the load retries add; hedging cuts the tail; the next sidecar
+keeps to the caller's deadline. `item`'s endpoints are a Service document (no sidecar
 of their own), so every count is exact at the upstream."""
 
 from __future__ import annotations
 
-import re
-import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
 from ..origin import Origin
-
-
-async def apply(tmp_path: Path, api: str, text: str) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(text)
-    token = str(tmp_path / "cp" / "api-token")
-    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
 
 
 def service(*origins: Origin) -> str:
     endpoints = ", ".join(f"127.0.0.1:{o.port}" for o in origins)
     return f"kind: Service\nname: item\nendpoints: [{endpoints}]\n"
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in metrics.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 async def synced(client: httpx.AsyncClient, admin: str, policy: str | None) -> None:
@@ -52,6 +36,33 @@ async def synced(client: httpx.AsyncClient, admin: str, policy: str | None) -> N
             await trio.sleep(0.05)
 
 
+@dataclass
+class Caller:
+    """`user`'s sidecar (the caller of item) and a client of its outbound listener."""
+
+    client: httpx.AsyncClient
+    admin: str
+    api: str
+
+    async def metrics(self) -> str:
+        return (await self.client.get(f"http://{self.admin}/metrics")).text
+
+
+@asynccontextmanager
+async def caller(tmp_path: Path, policy: str) -> AsyncIterator[Caller]:
+    """A control plane with ``policy`` applied, and `user`'s sidecar synced with it."""
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        await apply_policy(tmp_path, api, policy)
+        push = f"127.0.0.1:{cp.ports['push']}"
+        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
+            async with httpx.AsyncClient(
+                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
+            ) as client:
+                await synced(client, user.admin, "item" if "kind: DestinationPolicy" in policy else None)
+                yield Caller(client, user.admin, api)
+
+
 async def origins(nursery: trio.Nursery, n: int) -> list[Origin]:
     out = [Origin() for _ in range(n)]
     for origin in out:
@@ -59,34 +70,27 @@ async def origins(nursery: trio.Nursery, n: int) -> list[Origin]:
     return out
 
 
+ROUND_ROBIN = "---\nkind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
+
+
 async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nursery) -> None:
     flaky, steady, other = await origins(nursery, 3)
     flaky.failing = 0.3  # 30 % of its answers: 503, or no answer at all
-    async with run_control_plane(tmp_path) as cp:
-        api = f"127.0.0.1:{cp.ports['api']}"
-        # Round robin: each instance gets its third (ewma would soon avoid the flaky one).
-        balance = "---\nkind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
-        await apply(tmp_path, api, service(flaky, steady, other) + balance)
-        async with run_sidecar(
-            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
-        ) as user:
-            async with httpx.AsyncClient(
-                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
-            ) as client:
-                await synced(client, user.admin, "item")
-                ok = 0
-                for i in range(2000):
-                    flaky.fault = "503" if i % 2 else "reset"
-                    ok += (await client.get("/hello")).status_code == 200
-                metrics = (await client.get(f"http://{user.admin}/metrics")).text
-                # What happened to a retried request, and to one that asked
-                recent = (await client.get(f"http://{user.admin}/explain")).json()
-                retried_id = next(e["request_id"] for e in recent if e["result"] == "200")
-                explained = (await client.get(f"http://{user.admin}/explain", params={"request_id": retried_id})).json()
-                flaky.failing = 0.0
-                asked = await client.get("/hello", headers={"x-meshlet-explain": "1", "x-request-id": "tour-1"})
-                one = (await client.get(f"http://{user.admin}/explain?request_id=tour-1")).json()
-                missing = await client.get(f"http://{user.admin}/explain?request_id=nope")
+    # Round robin: each instance gets its third (ewma would soon avoid the flaky one).
+    async with caller(tmp_path, service(flaky, steady, other) + ROUND_ROBIN) as user:
+        client, explain = user.client, f"http://{user.admin}/explain"
+        ok = 0
+        for i in range(2000):
+            flaky.fault = "503" if i % 2 else "reset"
+            ok += (await client.get("/hello")).status_code == 200
+        metrics = await user.metrics()
+        # What happened to a retried request, and to one that asked
+        retried_id = next(e["request_id"] for e in (await client.get(explain)).json() if e["result"] == "200")
+        explained = (await client.get(explain, params={"request_id": retried_id})).json()
+        flaky.failing = 0.0
+        asked = await client.get("/hello", headers={"x-meshlet-explain": "1", "x-request-id": "tour-1"})
+        one = (await client.get(f"{explain}?request_id=tour-1")).json()
+        missing = await client.get(f"{explain}?request_id=nope")
     assert len(explained["attempts"]) == 2 and explained["attempts"][0]["endpoint"] == f"127.0.0.1:{flaky.port}"
     assert explained["attempts"][0]["outcome"] in ("503", "upstream-reset") and explained["policy"] == "item"
     assert asked.headers["x-meshlet-request-id"] == "tour-1"
@@ -110,43 +114,35 @@ async def test_a_dead_destination_trips_the_breaker_and_recovery_closes_it(
         "---\nkind: DestinationPolicy\nname: item\nservice: item\ntimeout: 500ms\n"
         "retries: {attempts: 0}\ncircuit_breaker: {min_requests: 10, open_for: 2s}\n"
     )
-    async with run_control_plane(tmp_path) as cp:
-        api = f"127.0.0.1:{cp.ports['api']}"
-        await apply(tmp_path, api, policy)
-        async with run_sidecar(
-            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
-        ) as user:
-            async with httpx.AsyncClient(
-                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
-            ) as client:
-                await synced(client, user.admin, "item")
-                statuses: list[int] = []
+    async with caller(tmp_path, policy) as user:
+        client = user.client
+        statuses: list[int] = []
 
-                async def call() -> None:
-                    statuses.append((await client.get("/hello")).status_code)
+        async def call() -> None:
+            statuses.append((await client.get("/hello")).status_code)
 
-                async with trio.open_nursery() as calls:  # ten callers wait for a dead instance
-                    for _ in range(10):
-                        calls.start_soon(call)
-                assert statuses == [504] * 10
-                reached = dead.stats.requests
-                took = []
-                for _ in range(200):  # OPEN: fast failures, the instance left alone
-                    start = time.perf_counter()
-                    response = await client.get("/hello")
-                    took.append(time.perf_counter() - start)
-                    assert response.status_code == 503 and response.headers["x-meshlet-error"] == "circuit-open"
-                took.sort()
-                # Seen by the caller (httpx and a busy test machine included): nowhere near the 500 ms timeout.
-                assert took[int(len(took) * 0.99) - 1] < 0.1, f"p99 {took[int(len(took) * 0.99) - 1] * 1000:.1f} ms"
-                assert dead.stats.requests == reached
-                open_metrics = (await client.get(f"http://{user.admin}/metrics")).text
+        async with trio.open_nursery() as calls:  # ten callers wait for a dead instance
+            for _ in range(10):
+                calls.start_soon(call)
+        assert statuses == [504] * 10
+        reached = dead.stats.requests
+        took = []
+        for _ in range(200):  # OPEN: fast failures, the instance left alone
+            start = time.perf_counter()
+            response = await client.get("/hello")
+            took.append(time.perf_counter() - start)
+            assert response.status_code == 503 and response.headers["x-meshlet-error"] == "circuit-open"
+        took.sort()
+        # Seen by the caller (httpx and a busy test machine included): nowhere near the 500 ms timeout.
+        assert took[int(len(took) * 0.99) - 1] < 0.1, f"p99 {took[int(len(took) * 0.99) - 1] * 1000:.1f} ms"
+        assert dead.stats.requests == reached
+        open_metrics = await user.metrics()
 
-                dead.failing = 0.0  # recovered
-                with trio.fail_after(10):
-                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110 - another process
-                        await trio.sleep(0.2)
-                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+        dead.failing = 0.0  # recovered
+        with trio.fail_after(10):
+            while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.2)
+        metrics = await user.metrics()
     assert sample(open_metrics, "meshlet_circuit_state", destination="item") == 1
     # Seen by the sidecar: every fast failure took under 5 ms (the histogram's 5 ms bucket holds them all).
     fast = {"direction": "outbound", "destination": "item", "reason": "circuit-open"}
@@ -166,22 +162,13 @@ async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nurser
         "retries: {attempts: 2, backoff: {base: 1ms, max: 1ms}, budget: {ratio: 0.2, min_per_second: 1}}\n"
         "circuit_breaker: {force: closed}\noutlier_detection: {consecutive_failures: 1000}\n"
     )
-    async with run_control_plane(tmp_path) as cp:
-        api = f"127.0.0.1:{cp.ports['api']}"
-        await apply(tmp_path, api, policy)
-        async with run_sidecar(
-            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
-        ) as user:
-            async with httpx.AsyncClient(
-                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
-            ) as client:
-                await synced(client, user.admin, "item")
-                before = a.stats.requests + b.stats.requests
-                start = time.monotonic()
-                for _ in range(300):
-                    assert (await client.get("/hello")).status_code == 503
-                elapsed = time.monotonic() - start
-                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+    async with caller(tmp_path, policy) as user:
+        before = a.stats.requests + b.stats.requests
+        start = time.monotonic()
+        for _ in range(300):
+            assert (await user.client.get("/hello")).status_code == 503
+        elapsed = time.monotonic() - start
+        metrics = await user.metrics()
     upstream = a.stats.requests + b.stats.requests - before
     allowed = 300 * 0.2 + 1 * 10  # ratio × requests + the floor (1/s over the 10 s window)
     assert elapsed < 10  # all inside one budget window
@@ -192,34 +179,23 @@ async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nurser
 async def test_hedging_cuts_the_tail_when_an_instance_stalls(tmp_path: Path, nursery: trio.Nursery) -> None:
     stalling, b, c = await origins(nursery, 3)
     stalling.failing, stalling.fault = 0.15, "stall 0.5"  # 15 % of its answers come 500 ms late
-    base = (
-        service(stalling, b, c)
-        + "---\nkind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
-    )
+    base = service(stalling, b, c) + ROUND_ROBIN
     p99s: dict[str, float] = {}
     stalled: dict[str, int] = {}
-    async with run_control_plane(tmp_path) as cp:
-        api = f"127.0.0.1:{cp.ports['api']}"
-        async with run_sidecar(
-            tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{cp.ports['push']}"
-        ) as user:
-            async with httpx.AsyncClient(
-                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
-            ) as client:
-                for name, extra in (("plain", ""), ("hedged", "hedging: {delay: p90, min_delay: 20ms}\n")):
-                    await apply(tmp_path, api, base + extra)
-                    await synced(client, user.admin, "item")
-                    for _ in range(40):  # hedging learns what slow is from 32 answers first
-                        await client.get("/hello")
-                    took = []
-                    for _ in range(300):
-                        start = time.perf_counter()
-                        assert (await client.get("/hello")).status_code == 200
-                        took.append(time.perf_counter() - start)
-                    took.sort()
-                    p99s[name] = took[int(len(took) * 0.99) - 1]
-                    stalled[name] = sum(t >= 0.45 for t in took)
-                metrics = (await client.get(f"http://{user.admin}/metrics")).text
+    async with caller(tmp_path, base) as user:
+        for name, extra in (("plain", ""), ("hedged", "hedging: {delay: p90, min_delay: 20ms}\n")):
+            await apply_policy(tmp_path, user.api, base + extra)  # returns once the sidecar has ACKed
+            for _ in range(40):  # hedging learns what slow is from 32 answers first
+                await user.client.get("/hello")
+            took = []
+            for _ in range(300):
+                start = time.perf_counter()
+                assert (await user.client.get("/hello")).status_code == 200
+                took.append(time.perf_counter() - start)
+            took.sort()
+            p99s[name] = took[int(len(took) * 0.99) - 1]
+            stalled[name] = sum(t >= 0.45 for t in took)
+        metrics = await user.metrics()
     # A stalled answer takes 500 ms by construction; a hedge answers after ~20 ms instead.
     assert stalled["plain"] >= 6 and p99s["plain"] >= 0.45, (stalled, p99s)  # ~5 % of requests
     assert stalled["hedged"] <= 1, (stalled, p99s)
