@@ -339,6 +339,7 @@ class Retries(_Model):
     retry_on: list[Literal[RETRY_ON]] = ["connect-failure", "reset", "refused", "unavailable"]  # type: ignore[valid-type]
     retriable_status_codes: list[Status] = []
     non_idempotent: bool = False  # retry POST/PATCH too
+    buffer_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)  # a larger body is never retried
     backoff: Backoff = Backoff()
     budget: Budget = Budget()
 

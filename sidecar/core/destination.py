@@ -52,6 +52,7 @@ class Settings:
     attempts: int = 2  # retries after the first try
     retry_on: RetryOn = field(default_factory=lambda: RetryOn(DEFAULT_RETRY_ON))
     non_idempotent: bool = False
+    replay_limit: int = 64 * 1024  # bytes of request body kept to send again
     backoff_base: float = 0.025
     backoff_max: float = 0.25
     budget_ratio: float = 0.2
@@ -95,6 +96,7 @@ def settings(policy: DestinationPolicy) -> Settings:
         attempts=retries.attempts,
         retry_on=RetryOn(retries.retry_on, retries.retriable_status_codes),
         non_idempotent=retries.non_idempotent,
+        replay_limit=retries.buffer_bytes,
         backoff_base=retries.backoff.base,
         backoff_max=retries.backoff.max,
         budget_ratio=retries.budget.ratio,

@@ -38,7 +38,7 @@ from ..core.outcome import Outcome, error_outcome, retriable_method
 from ..core.retry import backoff, parse_retry_after
 from .base import Handler, Request, Response
 from .explain import EXPLAIN_HEADER, ID_RESPONSE_HEADER, REQUEST_ID_HEADER, Explanations, now_wall, summary
-from .replay import REPLAY_LIMIT, ReplayBuffer
+from .replay import ReplayBuffer
 
 ATTEMPT_HEADER = b"x-meshlet-attempt"
 DEADLINE_HEADER = b"x-meshlet-deadline-ms"
@@ -204,7 +204,7 @@ class _Resilience:
         may_retry = settings.attempts > 0 and retriable_method(head.method, settings.non_idempotent)
         replay: ReplayBuffer | None = None
         if may_retry and request.body is not None:
-            replay = asked.replay = ReplayBuffer(request.body, REPLAY_LIMIT)
+            replay = asked.replay = ReplayBuffer(request.body, settings.replay_limit)
         balancer = destination.balancer(request.subset)
         breaker = destination.breaker
         outlier = destination.outlier
@@ -404,7 +404,7 @@ class _Resilience:
         if not settings.retry_on.matches(outcome, per_try_timeout=per_try_timeout):
             return f"{outcome.name} is not a retry condition"
         if replay is not None and replay.overflow:
-            return f"body over the {REPLAY_LIMIT // 1024} KiB replay buffer"  # never sent twice
+            return f"body over the {settings.replay_limit} bytes of the replay buffer"  # never sent twice
         delay = backoff(attempt, settings.backoff_base, settings.backoff_max, self.rng)
         if last is not None:
             asked = _retry_after(last)

@@ -296,6 +296,15 @@ async def test_a_small_body_is_replayed_whole_a_large_one_never_sent_twice(autoj
     response = await call(b"PUT", Body(*big))
     assert response.status == 503 and [body for _, _, body in upstreams.calls] == [b"".join(big)]
 
+    from dataclasses import replace
+
+    upstreams = Upstreams(A=503)
+    call, _ = mesh(upstreams, replace(DEFAULTS, replay_limit=4))  # retries.buffer_bytes: 4
+    assert (await call(b"PUT", Body(b"abc"))).status == 200 and len(upstreams.calls) == 2
+    upstreams = Upstreams(A=503)
+    call, _ = mesh(upstreams, replace(DEFAULTS, replay_limit=4))
+    assert (await call(b"PUT", Body(b"abc", b"de"))).status == 503 and len(upstreams.calls) == 1
+
 
 async def test_a_deadline_the_app_passed_on_is_kept(autojump_clock: trio.abc.Clock) -> None:
     upstreams = Upstreams()
