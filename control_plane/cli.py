@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -88,7 +89,14 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         "destinations with their shares and endpoints, the rule's changes, the DestinationPolicy, and (with "
         "--from) what the AccessPolicy says. Example: meshlet explain http://item/items/1 --from user",
     )
-    explain.add_argument("url", help="http://SERVICE/path?query (the Host is the service)")
+    explain.add_argument("url", nargs="?", help="http://SERVICE/path?query (the Host is the service)")
+    explain.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="instead: what happened to a request that was made (its x-meshlet-request-id), from the calling "
+        "sidecar's admin listener (--admin); with --admin alone, the recent ones",
+    )
+    explain.add_argument("--admin", metavar="HOST:PORT", help="the calling sidecar's admin listener (for --request-id)")
     explain.add_argument("-X", "--method", default="GET")
     explain.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable")
     explain.add_argument("--from", dest="source", metavar="SERVICE", help="the calling service")
@@ -392,6 +400,14 @@ def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    if args.request_id or args.admin:
+        return _explain_request(args)
+    if not args.url:
+        print(
+            "meshlet explain: give a URL (what would happen), or --admin H:P [--request-id ID] (what did)",
+            file=sys.stderr,
+        )
+        return 2
     params: list[tuple[str, str]] = [("url", args.url), ("method", args.method)]
     params += [("header", h) for h in args.header]
     if args.source:
@@ -453,4 +469,60 @@ def _explain(args: argparse.Namespace) -> int:
         verdict = "[green]allowed[/]" if access["allowed"] else denied
         note = "" if enforced else " [dim](shadow mode: counted in meshlet_shadow_access_decisions_total)[/]"
         say(f"  access to {access['service']}: {verdict}: {access['why']}{note}")
+    return 0
+
+
+def _explain_request(args: argparse.Namespace) -> int:
+    """What a sidecar recorded about a request it made (sidecar/layers/explain.py)."""
+    if not args.admin:
+        print(
+            "meshlet explain: --request-id needs --admin HOST:PORT, the calling sidecar's admin listener",
+            file=sys.stderr,
+        )
+        return 2
+    params = {"request_id": args.request_id} if args.request_id else {}
+    try:
+        response = httpx.get(f"http://{args.admin}/explain", params=params, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"meshlet: cannot reach the sidecar's admin listener at {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code == 404:
+        print(f"meshlet: {response.json()['error']} (the sidecar keeps the last 512)", file=sys.stderr)
+        return 1
+    response.raise_for_status()
+    data = response.json()
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    console = _console()
+    if not args.request_id:
+        table = Table("REQUEST ID", "AT", "SERVICE", "RESULT", box=None)
+        for e in data:
+            at = datetime.datetime.fromtimestamp(e["at"]).strftime("%H:%M:%S")
+            table.add_row(e["request_id"], at, e["service"], e["result"])
+        console.print(table if data else "no request explained yet (retried, failed, refused or asked for)")
+        return 0
+    say = console.print
+    say(f"[bold]{data['method']} {data['target']}[/] to [bold]{data['service']}[/] (request {data['request_id']})")
+    say(f"  route: {data['route'] or 'none'}; policy: {data['policy']}; balancer: {data['load_balancer']}")
+    attempts = Table("#", "ENDPOINT", "OUTCOME", "MS", box=None, title="attempts")
+    for i, t in enumerate(data["attempts"], 1):
+        attempts.add_row(str(i), t["endpoint"], t["outcome"], f"{t['ms']:g}")
+    if data["attempts"]:
+        console.print(attempts)
+    if data["stopped"]:
+        say(f"  no further attempt: {data['stopped']}")
+    circuit, budget, timeout = data["circuit"], data["budget"], data["timeout"]
+    say(
+        f"  circuit: {circuit['state']} ({circuit['failures']} of {circuit['calls']} calls failed in the window; "
+        f"opens at {circuit['min_requests']}+ calls)"
+    )
+    say(f"  retry budget: {budget['remaining']:g} retries left ({budget['requests']} requests in the window)")
+    fired = f"; fired: {timeout['fired']}" if timeout["fired"] else ""
+    per_try = f", per try {timeout['per_try']:g}s" if timeout["per_try"] else ""
+    say(f"  timeout: {timeout['overall']:g}s{per_try}{fired}")
+    scores = ", ".join(f"{c['endpoint']} {c['score']:g}" for c in data["candidates"])
+    say(f"  candidates (score, lower is better): {scores or 'none'}")
+    for e in data["outliers"]:
+        say(f"  [yellow]{e['address']}[/] {e['state']} ({e['ejected_for_s']:g}s left, ejected {e['times_ejected']}×)")
     return 0

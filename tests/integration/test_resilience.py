@@ -7,6 +7,7 @@ of their own), so every count is exact at the upstream."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,11 +92,20 @@ async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nurse
         asked = await client.get("/hello", headers={"x-meshlet-explain": "1", "x-request-id": "tour-1"})
         one = (await client.get(f"{explain}?request_id=tour-1")).json()
         missing = await client.get(f"{explain}?request_id=nope")
+        command = [sys.executable, "-m", "sidecar", "explain", "--admin", user.admin]
+        shown = await trio.run_process([*command, "--request-id", retried_id], capture_stdout=True, check=False)
+        listed = await trio.run_process(command, capture_stdout=True, check=False)
+        unknown = await trio.run_process([*command, "--request-id", "nope"], capture_stderr=True, check=False)
     assert len(explained["attempts"]) == 2 and explained["attempts"][0]["endpoint"] == f"127.0.0.1:{flaky.port}"
     assert explained["attempts"][0]["outcome"] in ("503", "upstream-reset") and explained["policy"] == "item"
     assert asked.headers["x-meshlet-request-id"] == "tour-1"
     assert asked.headers["x-meshlet-explain"].startswith("route=- policy=item lb=round_robin attempts=1")
     assert one["result"] == "200" and missing.status_code == 404
+    text = shown.stdout.decode()
+    assert shown.returncode == 0 and f"request {retried_id}" in text and "policy: item; balancer: round_robin" in text
+    assert f"127.0.0.1:{flaky.port}" in text and "retry budget:" in text and "circuit: closed" in text
+    assert listed.returncode == 0 and retried_id in listed.stdout.decode()
+    assert unknown.returncode == 1 and "no explanation kept for request 'nope'" in unknown.stderr.decode()
     assert flaky.stats.faults > 150  # about 30 % of its ~667 requests did fail
     assert ok >= 1990, f"only {ok} of 2000 succeeded"  # ≥ 99.5 %
     retried = sample(metrics, "meshlet_retries_total", destination="item", outcome="retried")
