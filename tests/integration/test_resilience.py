@@ -107,6 +107,7 @@ async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nurse
     assert listed.returncode == 0 and retried_id in listed.stdout.decode()
     assert unknown.returncode == 1 and "no explanation kept for request 'nope'" in unknown.stderr.decode()
     assert flaky.stats.faults > 150  # about 30 % of its ~667 requests did fail
+    print(f"flaky: {ok}/2000 succeeded; the flaky instance failed {flaky.stats.faults} times")
     assert ok >= 1990, f"only {ok} of 2000 succeeded"  # ≥ 99.5 %
     retried = sample(metrics, "meshlet_retries_total", destination="item", outcome="retried")
     # Every 503 was retried on another instance. A reset on a pooled connection is first
@@ -153,6 +154,7 @@ async def test_a_dead_destination_trips_the_breaker_and_recovery_closes_it(
             while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110 - another process
                 await trio.sleep(0.2)
         metrics = await user.metrics()
+    print(f"open circuit: client p99 {took[int(len(took) * 0.99) - 1] * 1000:.2f} ms over 200 requests")
     assert sample(open_metrics, "meshlet_circuit_state", destination="item") == 1
     # Seen by the sidecar: every fast failure took under 5 ms (the histogram's 5 ms bucket holds them all).
     fast = {"direction": "outbound", "destination": "item", "reason": "circuit-open"}
@@ -181,6 +183,7 @@ async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nurser
         metrics = await user.metrics()
     upstream = a.stats.requests + b.stats.requests - before
     allowed = 300 * 0.2 + 1 * 10  # ratio × requests + the floor (1/s over the 10 s window)
+    print(f"budget: 300 requests, {upstream} reached the upstream (allowed {300 + allowed:.0f})")
     assert elapsed < 10  # all inside one budget window
     assert 300 + allowed * 0.9 <= upstream <= 300 + allowed, upstream
     assert sample(metrics, "meshlet_retry_budget_exhausted_total", destination="item") >= 300 - allowed
@@ -206,6 +209,7 @@ async def test_hedging_cuts_the_tail_when_an_instance_stalls(tmp_path: Path, nur
             p99s[name] = took[int(len(took) * 0.99) - 1]
             stalled[name] = sum(t >= 0.45 for t in took)
         metrics = await user.metrics()
+    print(f"hedging: p99 {p99s['plain'] * 1000:.0f} ms → {p99s['hedged'] * 1000:.0f} ms; stalled {stalled}")
     # A stalled answer takes 500 ms by construction; a hedge answers after ~20 ms instead.
     assert stalled["plain"] >= 6 and p99s["plain"] >= 0.45, (stalled, p99s)  # ~5 % of requests
     assert stalled["hedged"] <= 1, (stalled, p99s)
