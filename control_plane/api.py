@@ -21,7 +21,9 @@ from .explain import explain
 from .policy import PolicyError
 from .push import Session
 from .server import PushServer
+from .traces import TraceStore
 from .wire import POLICIES
+from .zipkin import zipkin_routes
 
 log = logging.getLogger("meshlet.cp.api")
 
@@ -38,9 +40,12 @@ def _sessions(push: PushServer) -> list[Session]:
     return [*push.hub.sessions.values(), *departed.values()]
 
 
-def build_api(push: PushServer, token: str | None = None) -> Starlette:
-    """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``."""
+def build_api(push: PushServer, token: str | None = None, traces: TraceStore | None = None) -> Starlette:
+    """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
+    (spans excepted: Zipkin's collector API is open, control_plane/zipkin.py).
+    ``traces``: the embedded trace store behind Zipkin's API."""
     registry = push.registry
+    traces = traces if traces is not None else TraceStore()
 
     def refused(request: Request) -> Response | None:
         if token is None:
@@ -115,7 +120,7 @@ def build_api(push: PushServer, token: str | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         collector_registry = CollectorRegistry(auto_describe=False)
-        collector_registry.register(_Collector(push))
+        collector_registry.register(_Collector(push, traces))
         return PlainTextResponse(generate_latest(collector_registry), media_type="text/plain; version=0.0.4")
 
     async def live(request: Request) -> Response:
@@ -230,13 +235,15 @@ def build_api(push: PushServer, token: str | None = None) -> Starlette:
             Route("/v1/explain", explain_request),
             Route("/live", live),
             Route("/ready", live),
+            *zipkin_routes(traces),
         ]
     )
 
 
 class _Collector:
-    def __init__(self, push: PushServer) -> None:
+    def __init__(self, push: PushServer, traces: TraceStore) -> None:
         self.push = push
+        self.traces = traces
 
     def collect(self) -> Any:
         push, stats = self.push, self.push.registry.stats()
@@ -250,6 +257,10 @@ class _Collector:
         errors = CounterMetricFamily("meshlet_cp_protocol_errors", "Sessions ended by a protocol error.")
         errors.add_metric([], push.protocol_errors)
         yield errors
+        yield _gauge("meshlet_cp_spans_stored", "Spans in the embedded trace store.", self.traces.span_count)
+        evicted = CounterMetricFamily("meshlet_cp_spans_evicted", "Spans let go to keep the trace store bounded.")
+        evicted.add_metric([], self.traces.dropped)
+        yield evicted
         yield _gauge("meshlet_cp_registry_instances", "Registered instances.", stats.instances)
         yield _gauge("meshlet_cp_registry_ready_instances", "Registered instances that are ready.", stats.ready)
         yield _gauge(

@@ -1,0 +1,131 @@
+"""Zipkin's v2 HTTP API on the embedded trace store (control_plane/traces.py), so sidecars,
+`meshlet trace`, the dashboard, a Zipkin UI or Jaeger need nothing else (PRODUCT §10).
+
+* ``POST /api/v2/spans``: a JSON list of v2 spans → 202. A batch with a malformed span is
+  refused whole (400, saying which span and why): nothing half-stored. Open to every
+  caller, as Zipkin's collector is (the sidecars post without the API token); the body
+  is limited to :data:`MAX_BODY`.
+* ``GET /api/v2/services``, ``/api/v2/spans?serviceName=``, ``/api/v2/traces`` (serviceName,
+  spanName, minDuration, maxDuration, endTs, lookback, limit), ``/api/v2/trace/{traceId}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .traces import TraceStore
+
+MAX_BODY = 5 * 1024 * 1024
+_HEX_TRACE = re.compile(r"[0-9a-fA-F]{16}(?:[0-9a-fA-F]{16})?")
+_HEX_SPAN = re.compile(r"[0-9a-fA-F]{16}")
+KINDS = ("CLIENT", "SERVER", "PRODUCER", "CONSUMER")
+
+
+def check_span(span: Any) -> str:
+    """What is wrong with one v2 span ("" if nothing): the fields the store relies on."""
+    if not isinstance(span, dict):
+        return "must be an object"
+    if not isinstance(span.get("traceId"), str) or not _HEX_TRACE.fullmatch(span["traceId"]):
+        return "traceId must be 16 or 32 hex characters"
+    if not isinstance(span.get("id"), str) or not _HEX_SPAN.fullmatch(span["id"]):
+        return "id must be 16 hex characters"
+    parent = span.get("parentId")
+    if parent is not None and (not isinstance(parent, str) or not _HEX_SPAN.fullmatch(parent)):
+        return "parentId must be 16 hex characters"
+    if span.get("kind") is not None and span["kind"] not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)}"
+    for name in ("timestamp", "duration"):
+        value = span.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"{name} must be a whole number of microseconds"
+    for name in ("localEndpoint", "remoteEndpoint"):
+        value = span.get(name)
+        if value is not None and (not isinstance(value, dict) or not isinstance(value.get("serviceName", ""), str)):
+            return f"{name} must be an object with a string serviceName"
+    tags = span.get("tags")
+    if tags is not None and (not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values())):
+        return "tags must map names to strings"
+    return ""
+
+
+def _lower(span: dict[str, Any]) -> dict[str, Any]:
+    out = {**span, "traceId": span["traceId"].lower(), "id": span["id"].lower()}
+    if span.get("parentId"):
+        out["parentId"] = span["parentId"].lower()
+    return out
+
+
+def zipkin_routes(store: TraceStore) -> list[Route]:
+    async def post_spans(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return JSONResponse({"problems": [f"the body is over {MAX_BODY} bytes"]}, status_code=413)
+        try:
+            spans = json.loads(body)
+        except ValueError:
+            return JSONResponse({"problems": ["the body must be a JSON list of spans"]}, status_code=400)
+        if not isinstance(spans, list):
+            return JSONResponse({"problems": ["the body must be a JSON list of spans"]}, status_code=400)
+        problems = [f"spans[{i}]: {why}" for i, span in enumerate(spans) if (why := check_span(span))]
+        if problems:
+            return JSONResponse({"problems": problems[:20]}, status_code=400)
+        store.add([_lower(span) for span in spans], time.time())
+        return Response(status_code=202)
+
+    async def services(request: Request) -> Response:
+        return JSONResponse(store.services())
+
+    async def span_names(request: Request) -> Response:
+        service = request.query_params.get("serviceName")
+        if not service:
+            return JSONResponse({"problems": ["serviceName is required"]}, status_code=400)
+        return JSONResponse(store.span_names(service))
+
+    async def traces(request: Request) -> Response:
+        query = request.query_params
+        try:
+            found = store.traces(
+                service=query.get("serviceName"),
+                span_name=query.get("spanName"),
+                min_duration=_int(query.get("minDuration")),
+                max_duration=_int(query.get("maxDuration")),
+                end_ts=_int(query.get("endTs")),
+                lookback=_int(query.get("lookback")),
+                limit=_int(query.get("limit")) or 10,
+                now=time.time(),
+            )
+        except ValueError as exc:
+            return JSONResponse({"problems": [str(exc)]}, status_code=400)
+        return JSONResponse(found)
+
+    async def trace(request: Request) -> Response:
+        found = store.trace(request.path_params["trace_id"])
+        if found is None:
+            return JSONResponse({"problems": ["no such trace"]}, status_code=404)
+        return JSONResponse(found)
+
+    return [
+        Route("/api/v2/spans", post_spans, methods=["POST"]),
+        Route("/api/v2/spans", span_names, methods=["GET"]),
+        Route("/api/v2/services", services),
+        Route("/api/v2/traces", traces),
+        Route("/api/v2/trace/{trace_id}", trace),
+    ]
+
+
+def _int(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+__all__ = ["check_span", "zipkin_routes"]
