@@ -1,0 +1,100 @@
+"""Span export, off the request path (PRODUCT §10): a bounded queue and one task that
+POSTs batches to a Zipkin v2 collector (the control plane's embedded store by default).
+
+``submit`` never waits and never fails: past ``max_queue`` spans it drops the span and
+counts it. The sender wakes every ``interval`` seconds (or as soon as a batch is full),
+posts at most ``batch`` spans with a ``timeout``; a collector that is down, slow or
+refuses the batch costs that batch (counted as dropped: a span accepted into the queue is
+either delivered or counted, never silently lost), and the next attempt waits longer
+(doubling, up to ``max_backoff``) so a dead collector is not hammered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+
+from ..core.spans import Span, encode
+
+log = logging.getLogger("meshlet.tracing")
+
+
+class SpanExporter:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_queue: int = 10_000,
+        batch: int = 500,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+        max_backoff: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_dropped: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.max_queue = max_queue
+        self.batch = batch
+        self.interval = interval
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.transport = transport
+        self.queue: deque[Span] = deque()
+        self.sent = 0
+        self.dropped = 0
+        self._on_dropped = on_dropped or (lambda _n, _why: None)
+        self._full = trio.Event()
+
+    def submit(self, span: Span) -> None:
+        """Queue a finished span; drop it (counted) when the queue is full."""
+        if len(self.queue) >= self.max_queue:
+            self._drop(1, "queue-full")
+            return
+        self.queue.append(span)
+        if len(self.queue) >= self.batch:
+            self._full.set()
+
+    def _drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        self._on_dropped(count, why)
+
+    async def run(self) -> None:
+        """Send batches forever (a task of the sidecar's nursery)."""
+        backoff = 0.0
+        async with httpx.AsyncClient(timeout=self.timeout, transport=self.transport) as client:
+            while True:
+                with trio.move_on_after(self.interval + backoff):
+                    await self._full.wait()
+                self._full = trio.Event()
+                while self.queue:
+                    batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+                    if await self._post(client, batch):
+                        backoff = 0.0
+                    else:
+                        backoff = min(self.max_backoff, max(self.interval, backoff * 2))
+                        break
+
+    async def _post(self, client: httpx.AsyncClient, batch: list[Span]) -> bool:
+        try:
+            response = await client.post(self.url, content=encode(batch), headers={"content-type": "application/json"})
+        except (httpx.HTTPError, OSError) as exc:
+            self._drop(len(batch), "collector-unreachable")
+            log.warning("spans not delivered to %s: %s (%d dropped)", self.url, exc, len(batch))
+            return False
+        if response.status_code >= 300:
+            self._drop(len(batch), "collector-refused")
+            log.warning("collector %s refused %d spans: %s", self.url, len(batch), response.status_code)
+            return False
+        self.sent += len(batch)
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": len(self.queue), "sent": self.sent, "dropped": self.dropped}
+
+
+__all__ = ["SpanExporter"]

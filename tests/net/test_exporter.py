@@ -1,0 +1,85 @@
+"""Span export (sidecar/net/exporter.py): batches reach the collector, off the request
+path; a full queue or a collector that is down or refusing costs spans, counted, and
+never blocks the caller. On trio's fake clock, with the collector as an ASGI app."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import trio
+import trio.testing
+from starlette.applications import Starlette
+
+from control_plane.traces import TraceStore
+from control_plane.zipkin import zipkin_routes
+from sidecar.core.spans import SERVER, Endpoint, Span
+from sidecar.net.exporter import SpanExporter
+
+
+def span(n: int) -> Span:
+    made = Span("a" * 32, f"{n + 1:016x}", None, SERVER, "get /", Endpoint("item"), None, 1_000_000 + n)
+    made.finish(5, 200)
+    return made
+
+
+class Down(httpx.AsyncBaseTransport):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        raise httpx.ConnectError("connection refused")
+
+
+async def test_batches_reach_the_collector(autojump_clock: trio.abc.Clock) -> None:
+    store = TraceStore()
+    transport = httpx.ASGITransport(app=Starlette(routes=zipkin_routes(store)))
+    exporter = SpanExporter("http://cp/api/v2/spans", batch=10, transport=transport)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run)
+        for n in range(25):
+            exporter.submit(span(n))
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    assert exporter.stats() == {"queued": 0, "sent": 25, "dropped": 0}
+    assert store.span_count == 25 and store.services() == ["item"]
+
+
+async def test_a_collector_that_is_down_costs_counted_spans_and_backs_off(autojump_clock: trio.abc.Clock) -> None:
+    down = Down()
+    dropped: list[tuple[int, str]] = []
+    exporter = SpanExporter(
+        "http://cp/api/v2/spans", transport=down, interval=1.0, on_dropped=lambda n, why: dropped.append((n, why))
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run)
+        for second in range(60):
+            exporter.submit(span(second))
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert exporter.sent == 0 and exporter.dropped + len(exporter.queue) == 60  # each span delivered or counted
+    assert {why for _, why in dropped} == {"collector-unreachable"}
+    assert down.calls < 15  # backing off (1, 2, 4 ... 30 s), not one try a second
+
+
+def test_a_full_queue_drops_instead_of_waiting() -> None:
+    exporter = SpanExporter("http://cp/api/v2/spans", max_queue=3)
+    for n in range(5):  # submit is synchronous: it cannot wait, even with no sender running
+        exporter.submit(span(n))
+    assert (len(exporter.queue), exporter.dropped) == (3, 2)
+
+
+async def test_a_refused_batch_is_counted(autojump_clock: trio.abc.Clock) -> None:
+    async def refuse(scope: dict[str, object], receive: object, send: object) -> None:
+        body = json.dumps({"problems": ["no"]}).encode()
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-length", b"%d" % len(body))]})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    exporter = SpanExporter("http://cp/api/v2/spans", transport=httpx.ASGITransport(app=refuse))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run)
+        exporter.submit(span(1))
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    assert (exporter.sent, exporter.dropped) == (0, 1)
