@@ -54,6 +54,8 @@ class Request:
         "rule",
         "subset",
         "deadline",
+        "attempt",
+        "trace",
     )
 
     def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
@@ -74,6 +76,8 @@ class Request:
         self.rule: Any = None  # the Route rule that matched (sidecar/core/routes.py), if any
         self.subset: tuple[tuple[str, str], ...] = ()  # labels the endpoint must carry (a rule's subset)
         self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
+        self.attempt = 0  # which attempt the resilience layer is making (1, 2, ...)
+        self.trace: Any = None  # the caller's trace context, read on the first attempt (layers/tracing.py)
 
 
 class Response:

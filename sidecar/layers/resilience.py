@@ -226,12 +226,13 @@ class _Resilience:
                 raise self._explained_error(failure, destination, request, asked, tries, failure.reason.name, now)
             tried.append(endpoint)
             request.endpoint = endpoint
+            request.attempt = attempt
             left = deadline - now
             per_try = settings.per_try_timeout
             request.timeout = left if per_try is None or per_try > left else per_try
             headers = head.headers
-            if attempt > 1:
-                del headers[-2:]  # this attempt's own values replace the previous attempt's
+            if attempt > 1:  # this attempt's own values replace the previous attempt's
+                headers[:] = [h for h in headers if h[0] is not ATTEMPT_HEADER and h[0] is not DEADLINE_HEADER]
             headers.append(_ATTEMPTS[attempt] if attempt < len(_ATTEMPTS) else (ATTEMPT_HEADER, b"%d" % attempt))
             headers.append((DEADLINE_HEADER, b"%d" % max(1, int(left * 1000))))
             if replay is not None:
@@ -540,10 +541,12 @@ def _tag(response: Response, explanation: dict[str, Any], explain: bool) -> None
 
 def _copy_for(request: Request, endpoint: Any) -> Request:
     """The same request for a hedged attempt: its own head (its own attempt header)."""
-    head = dataclasses.replace(request.head, headers=request.head.headers[:-2])
-    head.headers.append(_ATTEMPTS[2])
-    head.headers.append(request.head.headers[-1])  # the same deadline
+    headers = [h for h in request.head.headers if h[0] is not ATTEMPT_HEADER]
+    headers.append(_ATTEMPTS[2])
+    head = dataclasses.replace(request.head, headers=headers)
     copy = Request(head, None, request.peer_ip)
+    copy.attempt = 2
+    copy.trace = request.trace
     for name in (
         "service",
         "target",

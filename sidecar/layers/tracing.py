@@ -1,0 +1,135 @@
+"""A span per hop and side (PRODUCT §10), and the trace headers that tie them together.
+
+* Inbound (:func:`server_tracing`, outside the errors layer so the mesh's own answers are
+  recorded too): the caller's context is read from the request (W3C or B3,
+  sidecar/core/tracecontext.py), this hop's SERVER span is its child, and the app gets
+  the headers of the SERVER span, so the calls it makes (when it passes the headers on,
+  as with Envoy) are its children.
+* Outbound (:func:`client_tracing`, inside the resilience layer, so once per attempt):
+  the app's context is read once, on the first attempt; each attempt is a CLIENT span,
+  its child, whose id goes to the next hop as the parent. A retry is one more CLIENT
+  span, tagged with its attempt number.
+
+With no incoming context the sidecar starts a trace and decides sampling (``sample_rate``);
+a decision that came in is kept. Only sampled spans are recorded and exported; the
+headers go on either way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+
+from ..core import tracecontext
+from ..core.spans import CLIENT, SERVER, Endpoint, Span, http_tags, span_name
+from ..core.tracecontext import TraceContext
+from .base import Handler, Request, Response
+
+
+class Tracer:
+    """This sidecar's tracing settings and where finished spans go."""
+
+    def __init__(
+        self,
+        service: str,
+        local: Endpoint,
+        export: Callable[[Span], None],
+        *,
+        sample_rate: float = 1.0,
+        formats: Iterable[str] = tracecontext.DEFAULT_FORMATS,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.service = service
+        self.local = local
+        self.export = export
+        self.sample_rate = sample_rate
+        self.formats = tuple(formats)
+        self.rng = rng or random.Random()
+        self.wall = wall
+        self.timer = timer
+
+    def begin(self, request: Request, parent: TraceContext | None) -> TraceContext:
+        """This hop's context: the child of ``parent``; its headers replace the request's."""
+        context = tracecontext.child(parent, self.rng, self.sample_rate)
+        headers = request.head.headers
+        tracecontext.strip(headers)
+        headers.extend(tracecontext.inject(context, self.formats))
+        return context
+
+    def span(self, context: TraceContext, kind: str, request: Request, remote: Endpoint | None) -> Span:
+        head = request.head
+        return Span(
+            context.trace_id,
+            context.span_id,
+            context.parent_id or None,
+            kind,
+            span_name(head.method, request.target),
+            self.local,
+            remote,
+            int(self.wall() * 1_000_000),
+            tags=http_tags(head.method, request.target),
+            debug=context.debug,
+        )
+
+    def record(self, span: Span, response: Response, started: float, attempt: int = 0) -> None:
+        """Finish ``span`` when ``response`` has gone through (or failed), then export it."""
+        inner = response.on_finish
+        timer, export = self.timer, self.export
+
+        def finished(complete: bool) -> None:
+            if inner is not None:
+                inner(complete)
+            span.finish(int((timer() - started) * 1_000_000), response.status, response.mesh_error, attempt)
+            if not complete:  # cut short, or an attempt given up for a retry
+                span.tags["meshlet.complete"] = "false"
+            export(span)
+
+        response.on_finish = finished
+
+
+def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
+    async def handle(request: Request) -> Response:
+        context = tracer.begin(request, tracecontext.extract(request.head.headers))
+        if not context.sampled:
+            return await inner(request)
+        started = tracer.timer()
+        span = tracer.span(context, SERVER, request, None)
+        response = await inner(request)
+        span.remote = Endpoint(request.source)  # known once the inbound filters read the caller
+        if request.source != "unknown":
+            span.tags["meshlet.peer"] = request.source
+        tracer.record(span, response, started)
+        return response
+
+    return handle
+
+
+def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
+    async def handle(request: Request) -> Response:
+        if request.attempt <= 1:  # the app's context; later attempts reuse it (our own headers replaced it)
+            request.trace = tracecontext.extract(request.head.headers)
+        context = tracer.begin(request, request.trace)
+        if not context.sampled:
+            return await inner(request)
+        started = tracer.timer()
+        endpoint = request.endpoint
+        remote = Endpoint(request.service, endpoint.host, endpoint.port) if endpoint is not None else None
+        span = tracer.span(context, CLIENT, request, remote)
+        try:
+            response = await inner(request)
+        except Exception as exc:  # a mesh error of this attempt (connect failure, reset, timeout)
+            reason = getattr(getattr(exc, "reason", None), "name", type(exc).__name__)
+            status = getattr(getattr(exc, "reason", None), "status", 0)
+            span.finish(int((tracer.timer() - started) * 1_000_000), status, reason, request.attempt)
+            tracer.export(span)
+            raise
+        tracer.record(span, response, started, request.attempt)
+        return response
+
+    return handle
+
+
+__all__ = ["Tracer", "client_tracing", "server_tracing"]
