@@ -103,6 +103,19 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
     _api_option(explain)
 
+    trace = commands.add_parser(
+        "trace",
+        help="draw a trace as a waterfall (from the control plane's trace store)",
+        description="Draw a trace from the embedded Zipkin-compatible store: each span under its parent, with "
+        "its service, operation, start offset, duration bar and status. Examples: meshlet trace 4bf92f35...; "
+        "meshlet trace --last 3 --service user",
+    )
+    trace.add_argument("trace_id", nargs="?", help="the trace id (16 or 32 hex)")
+    trace.add_argument("--last", type=int, metavar="N", help="the N most recent traces instead")
+    trace.add_argument("--service", metavar="NAME", help="with --last: only traces through this service")
+    trace.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    _api_option(trace)
+
     status = commands.add_parser("status", help="every sidecar: connected?, config versions applied, last NACK")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     _api_option(status)
@@ -120,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             return _rollback(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "trace":
+            return _trace(args)
         return _status(args)
     except httpx.HTTPError as exc:
         print(
@@ -525,4 +540,60 @@ def _explain_request(args: argparse.Namespace) -> int:
     say(f"  candidates (score, lower is better): {scores or 'none'}")
     for e in data["outliers"]:
         say(f"  [yellow]{e['address']}[/] {e['state']} ({e['ejected_for_s']:g}s left, ejected {e['times_ejected']}×)")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .waterfall import rows
+
+    if args.trace_id:
+        response = httpx.get(f"http://{args.api}/api/v2/trace/{args.trace_id}", timeout=10)
+        if response.status_code == 404:
+            print(f"meshlet: no trace {args.trace_id} in the control plane's store (kept for an hour)", file=sys.stderr)
+            return 1
+        response.raise_for_status()
+        traces = [response.json()]
+    elif args.last:
+        params: dict[str, Any] = {"limit": args.last}
+        if args.service:
+            params["serviceName"] = args.service
+        traces = _fetch(args.api, "/api/v2/traces?" + "&".join(f"{k}={v}" for k, v in params.items()))
+    else:
+        print("meshlet trace: give a TRACE_ID, or --last N [--service NAME]", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(traces, indent=2))
+        return 0
+    console = _console()
+    if not traces:
+        console.print("no trace yet" + (f" through {args.service}" if args.service else ""))
+    for spans in traces:
+        if not spans:
+            continue
+        total = max(s.get("timestamp", 0) + s.get("duration", 0) for s in spans) - min(
+            s.get("timestamp", 0) for s in spans
+        )
+        table = Table(
+            "SERVICE",
+            "OPERATION",
+            "KIND",
+            "START",
+            "DURATION",
+            "",
+            "STATUS",
+            box=None,
+            title=f"trace {spans[0]['traceId']} · {len(spans)} spans · {total / 1000:.1f} ms",
+        )
+        for row in rows(spans):
+            style = "red" if row.error else "green"
+            table.add_row(
+                "  " * row.depth + row.service,
+                row.name,
+                row.kind.lower(),
+                f"+{row.offset_ms:.1f} ms",
+                f"{row.duration_ms:.1f} ms",
+                f"[{style}]{row.bar}[/]",
+                f"[{style}]{row.status}[/]",
+            )
+        console.print(table)
     return 0

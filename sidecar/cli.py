@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sidecar":
         return run_sidecar(args, parser)
-    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain"):
+    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain", "trace"):
         from control_plane.cli import run
 
         return run(args)

@@ -1,0 +1,68 @@
+"""The control plane's trace store through its real HTTP API (Zipkin v2) and `meshlet
+trace`: spans posted by a client, read back as a waterfall; a malformed batch refused."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_control_plane
+
+T = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def span(i: int, parent: int | None, service: str, kind: str, start: int, duration: int, status: str) -> dict:
+    now = int(time.time() * 1_000_000)
+    made = {
+        "traceId": T,
+        "id": f"{i:016x}",
+        "kind": kind,
+        "name": "get /items/1",
+        "timestamp": now + start,
+        "duration": duration,
+        "localEndpoint": {"serviceName": service},
+        "tags": {"http.status_code": status, **({"error": status} if status >= "500" else {})},
+    }
+    if parent is not None:
+        made["parentId"] = f"{parent:016x}"
+    return made
+
+
+async def meshlet(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_spans_posted_are_drawn_by_meshlet_trace(tmp_path: Path) -> None:
+    spans = [
+        span(1, None, "user", "SERVER", 0, 9_000, "200"),
+        span(2, 1, "user", "CLIENT", 500, 2_000, "503"),
+        span(3, 1, "user", "CLIENT", 3_000, 5_000, "200"),
+        span(4, 3, "item", "SERVER", 3_200, 4_500, "200"),
+    ]
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        async with httpx.AsyncClient(base_url=f"http://{api}") as client:
+            assert (await client.post("/api/v2/spans", json=spans)).status_code == 202
+            refused = await client.post("/api/v2/spans", json=[{"traceId": "x", "id": "1"}])
+            assert (await client.get("/api/v2/services")).json() == ["item", "user"]
+            found = (await client.get("/api/v2/traces", params={"serviceName": "item"})).json()
+            metrics = (await client.get("/metrics")).text
+        code, out, err = await meshlet("trace", T, "--api", api)
+        last_code, last, _ = await meshlet("trace", "--last", "1", "--service", "user", "--api", api)
+        none_code, _, none_err = await meshlet("trace", "f" * 32, "--api", api)
+    assert refused.status_code == 400 and "spans[0]: traceId" in refused.json()["problems"][0]
+    assert len(found) == 1 and len(found[0]) == 4
+    assert "meshlet_cp_spans_stored 4.0" in metrics
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "get /items/1" in line]
+    assert [line.split()[0] for line in lines] == ["user", "user", "user", "item"]  # tree order
+    assert "503" in lines[1] and f"trace {T} · 4 spans · 9.0 ms" in out
+    assert last_code == 0 and f"trace {T}" in last
+    assert none_code == 1 and "no trace" in none_err
