@@ -59,6 +59,7 @@ async def run(
             token = api_token(options.data_dir)
             binds = await nursery.start(partial(serve_asgi, build_api(push, token), config))
             api_port = int(binds[0].rsplit(":", 1)[1])
+            push.api_port = api_port
             task_status.started({"push": push_port, "api": api_port})
             print(
                 f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",

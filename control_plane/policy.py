@@ -461,8 +461,8 @@ class AccessPolicy(_Model):
 
 
 class Tracing(_Model):
-    sampling: float = Field(default=0.01, ge=0, le=1)
-    formats: list[Literal["b3", "w3c"]] = ["b3", "w3c"]
+    sampling: float = Field(default=1.0, ge=0, le=1)  # PRODUCT §10: 1.0 by default (the demo); 0.01 in production
+    formats: list[Literal["b3", "w3c", "b3single"]] = ["w3c", "b3"]  # b3: the multi headers
     collector: str | None = None  # a Zipkin-compatible HTTP endpoint
 
 

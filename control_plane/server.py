@@ -89,6 +89,7 @@ class PushServer:
         self.registry = registry
         self.policies = policies
         self.server_id = server_id
+        self.api_port = 0  # the HTTP API's port, told to sidecars in welcome (where to send spans)
         self.endpoints = EndpointsView(registry)
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
@@ -161,7 +162,7 @@ class PushServer:
         was full; pushes are written by the hub, pings by the keepalive."""
         assert self._nursery is not None
         channel = Channel(io, self._nursery.start_soon)
-        conn = wire.ServerConnection(self.server_id)
+        conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
         session: Session | None = None
         try:
             early: list[wire.Message] = []

@@ -165,14 +165,19 @@ class Welcome:
 
     protocol_version: int
     server: str
+    api_port: int = 0  # the control plane's HTTP API (its trace store), on the host the sidecar dialled; 0: not said
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
-        return {"k": "welcome", "pv": self.protocol_version, "server": self.server}
+        out: dict[str, Any] = {"k": "welcome", "pv": self.protocol_version, "server": self.server}
+        if self.api_port:
+            out["api"] = self.api_port
+        return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
-        return cls(_int(raw, "pv"), _str(raw, "server"))
+        api = raw.get("api", 0)
+        return cls(_int(raw, "pv"), _str(raw, "server"), api if isinstance(api, int) and 0 < api < 65536 else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,9 +493,10 @@ class ServerConnection:
     here (xDS: the server never answers a stale nonce).
     """
 
-    def __init__(self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS) -> None:
+    def __init__(self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0) -> None:
         self.server = server
         self.versions = versions
+        self.api_port = api_port  # told in welcome
         self.hello: Hello | None = None
         self.protocol_version: int | None = None
         self.closed = False
@@ -534,7 +540,7 @@ class ServerConnection:
                 f"sidecar speaks {list(self.hello.protocol_versions)}, control plane speaks {list(self.versions)}",
             )
         self.protocol_version = chosen
-        return encode(Welcome(chosen, self.server))
+        return encode(Welcome(chosen, self.server, self.api_port))
 
     def push(
         self,

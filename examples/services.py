@@ -1,5 +1,6 @@
 """The demo's services: plain Python HTTP apps that know nothing about the mesh except
-where their sidecar's outbound listener is (the HTTP_PROXY way, PRODUCT §4).
+where their sidecar's outbound listener is (the HTTP_PROXY way, PRODUCT §4), and pass
+the trace headers on from each request to the calls it makes (sidecar/propagation.py).
 
     python examples/services.py item    --port 0 --instance item-1
     python examples/services.py user    --port 0 --proxy http://127.0.0.1:15001
@@ -24,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from sidecar.propagation import add_trace_headers, incoming
+
 
 def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[BaseHTTPRequestHandler]:
     fault = {"failing": 0.0, "faults": 0}  # item only: failing on command
@@ -47,6 +50,7 @@ def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            incoming(self.headers.items())  # the calls made below continue this request's trace
             parts = self.path.strip("/").split("/")
             if parts == ["health"]:
                 return self.reply(200, {"status": "ok", "instance": instance})
@@ -93,7 +97,8 @@ def main() -> int:
     parser.add_argument("--instance", default="")
     parser.add_argument("--proxy", help="the sidecar's outbound listener, e.g. http://127.0.0.1:15001")
     args = parser.parse_args()
-    client = httpx.Client(proxy=args.proxy, timeout=10) if args.proxy else None
+    hooks = {"request": [add_trace_headers]}  # pass the trace on (sidecar/propagation.py)
+    client = httpx.Client(proxy=args.proxy, timeout=10, event_hooks=hooks) if args.proxy else None
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.role, args.instance or args.role, client))
     print(f"listening {server.server_address[1]}", flush=True)
     try:

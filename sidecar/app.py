@@ -14,6 +14,7 @@ so a change takes effect on the next request and in-flight ones finish on the ol
 from __future__ import annotations
 
 import logging
+import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import trio
 
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
 from .core.destination import Destinations
+from .core.spans import Endpoint as SpanEndpoint
+from .core.spans import TracingSettings
 from .layers.base import Filter, Handler, Request, Response, filters_layer
 from .layers.errors import errors_layer
 from .layers.explain import Explanations
@@ -33,9 +36,11 @@ from .layers.metrics import metrics_layer
 from .layers.mirror import Mirror
 from .layers.resilience import resilience_layer
 from .layers.routing import Discover, router, routing_layer
+from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
+from .net.exporter import SpanExporter
 from .net.io import Connection, Deadlines, listen_socket, serve_socket
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, render
@@ -64,6 +69,7 @@ class SidecarOptions:
     instance_id: str | None = None
     data_dir: Path | None = None  # where the last good config is persisted
     health_path: str = "/health"
+    trace_collector: str | None = None  # a Zipkin v2 endpoint; MeshConfig's wins, the control plane's by default
 
 
 def build_outbound(
@@ -76,9 +82,11 @@ def build_outbound(
     mirror: Mirror | None = None,
     clock: Callable[[], float] = trio.current_time,
     explanations: Explanations | None = None,
+    tracer: Tracer | None = None,
 ) -> Handler:
+    handler: Handler = forwarder if tracer is None else client_tracing(forwarder, tracer)  # a span per attempt
     handler = resilience_layer(
-        forwarder,
+        handler,
         destinations,
         clock=clock,
         on_retry=telemetry.retried,
@@ -92,7 +100,12 @@ def build_outbound(
 
 
 def build_inbound(
-    app: Endpoint, forwarder: Forwarder, telemetry: Telemetry, service: str, snapshot: MeshSnapshot | None = None
+    app: Endpoint,
+    forwarder: Forwarder,
+    telemetry: Telemetry,
+    service: str,
+    snapshot: MeshSnapshot | None = None,
+    tracer: Tracer | None = None,
 ) -> Handler:
     filters = [to_local_app(app, service)]
     if snapshot is not None:
@@ -103,6 +116,8 @@ def build_inbound(
             filters.append(access)
     handler = filters_layer(forwarder, *filters)
     handler = errors_layer(handler)
+    if tracer is not None:  # outside errors: the mesh's own answers get their span too
+        handler = server_tracing(handler, tracer)
     return metrics_layer(handler, telemetry, "inbound", service)
 
 
@@ -152,6 +167,9 @@ class Sidecar:
         )
         self.telemetry.destination_stats = self.destination_stats
         self.explanations = Explanations()
+        self.tracing = TracingSettings()  # MeshConfig's, as of the last snapshot
+        self.exporter = SpanExporter(self._span_collector, on_dropped=self.telemetry.dropped_spans)
+        self.trace_rng = random.Random()
         self.outbound_handler: Handler = build_outbound(
             router(self.snapshot),
             self.forwarder,
@@ -199,17 +217,59 @@ class Sidecar:
         destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
         telemetry, forwarder = self.telemetry, self.forwarder
         explanations = self.explanations
+        tracer = self._tracer(snapshot)
         self.outbound_handler = build_outbound(
-            routes[None], forwarder, telemetry, service, destinations, discover(None), mirror, clock, explanations
+            routes[None],
+            forwarder,
+            telemetry,
+            service,
+            destinations,
+            discover(None),
+            mirror,
+            clock,
+            explanations,
+            tracer,
         )
-        self.inbound_handler = build_inbound(self.app, forwarder, telemetry, service, snapshot)
+        self.inbound_handler = build_inbound(self.app, forwarder, telemetry, service, snapshot, tracer)
         self.upstream_handlers = {
             name: build_outbound(
-                routes[name], forwarder, telemetry, service, destinations, discover(name), mirror, clock, explanations
+                routes[name],
+                forwarder,
+                telemetry,
+                service,
+                destinations,
+                discover(name),
+                mirror,
+                clock,
+                explanations,
+                tracer,
             )
             for name in self.options.upstreams
         }
         self.snapshot = snapshot
+
+    def _tracer(self, snapshot: MeshSnapshot) -> Tracer:
+        settings = snapshot.tracing or TracingSettings()
+        self.tracing = settings
+        return Tracer(
+            self.options.service,
+            SpanEndpoint(self.options.service),
+            self.exporter.submit,
+            sample_rate=settings.sampling,
+            formats=settings.formats,
+            rng=self.trace_rng,
+            # With nowhere to send spans (no control plane, no collector) none are recorded.
+            recording=bool(self.options.control_plane or self.options.trace_collector or settings.collector),
+        )
+
+    def _span_collector(self) -> str | None:
+        """Where spans go: MeshConfig's collector, else --trace-collector, else the control
+        plane's trace store (its welcome said where); None: nowhere yet (they wait, bounded)."""
+        if self.tracing.collector:
+            return self.tracing.collector
+        if self.options.trace_collector:
+            return self.options.trace_collector
+        return self.control.span_collector if self.control is not None else None
 
     def destination_stats(self) -> list[tuple[str, int, dict[str, int]]]:
         """(destination, circuit state, endpoints by outlier state), for /metrics."""
@@ -344,6 +404,7 @@ class Sidecar:
                     self._build(self.snapshot)  # the same stacks, now able to look services up
                 nursery.start_soon(self.control.serve)
             self.mirror.spawn = nursery.start_soon
+            nursery.start_soon(self.exporter.run)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
 

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
     sidecar.add_argument(
+        "--trace-collector",
+        metavar="URL",
+        help="where to send spans (a Zipkin v2 endpoint, e.g. http://127.0.0.1:9411/api/v2/spans); "
+        "default: the control plane's trace store; a MeshConfig's tracing.collector wins",
+    )
+    sidecar.add_argument(
         "--upstream",
         type=_upstream,
         action="append",
@@ -254,6 +260,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         instance_id=args.instance_id,
         data_dir=args.data_dir,
         health_path=args.health_path,
+        trace_collector=args.trace_collector,
     )
     if args.workers > 1:
         if control_planes:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -50,10 +51,12 @@ class Demo:
         self.procs: list[Proc] = []
         self.sidecars: dict[str, Proc] = {}
         self.apps: dict[str, Proc] = {}
+        self.logs: list[Any] = []
 
     async def start(self, name: str, args: list[str]) -> Proc:
         # A log file per process, opened once at start: a blocking open here is fine.
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: ASYNC230
+        self.logs.append(log)  # closed by stop_all (the process has its own copy)
         process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         line = b""
         with trio.move_on_after(20):
@@ -157,6 +160,11 @@ class Demo:
         for proc in self.procs:
             if proc.process.returncode is None:
                 os.killpg(proc.process.pid, signal.SIGKILL)
+        for proc in self.procs:
+            if proc.process.stdout is not None:
+                await proc.process.stdout.aclose()
+        for log in self.logs:
+            log.close()
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

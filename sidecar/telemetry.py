@@ -25,6 +25,7 @@ SHADOW_LABELS = ("route", "rule", "decision")
 SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
 SHADOW_DESTINATION_LABELS = ("policy", "destination", "decision")
 RETRY_LABELS = ("destination", "outcome")
+DROPPED_LABELS = ("reason",)
 TRANSITION_LABELS = ("destination", "to")
 CIRCUIT_LABELS = ("destination",)
 EJECTION_LABELS = ("destination",)
@@ -47,6 +48,7 @@ class Telemetry:
         self.retries: dict[tuple[str, str], int] = {}  # (destination, "retried" | "budget-exhausted")
         self.transitions: dict[tuple[str, str], int] = {}  # (destination, new circuit state)
         self.ejections: dict[tuple[str], int] = {}
+        self.spans_dropped: dict[tuple[str], int] = {}  # why: queue-full, collector-unreachable, -refused
         # Called at scrape time: yields (destination, circuit state 0/1/2, {endpoint state: count}).
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
@@ -75,6 +77,10 @@ class Telemetry:
     def shadow_destination_decision(self, policy: str, destination: str, decision: str) -> None:
         key = (policy, destination, decision)
         self.shadow_destination[key] = self.shadow_destination.get(key, 0) + 1
+
+    def dropped_spans(self, count: int, why: str) -> None:
+        key = (why,)
+        self.spans_dropped[key] = self.spans_dropped.get(key, 0) + count
 
     def retried(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
@@ -107,6 +113,7 @@ class Telemetry:
             "retries": [[*k, v] for k, v in self.retries.items()],
             "transitions": [[*k, v] for k, v in self.transitions.items()],
             "ejections": [[*k, v] for k, v in self.ejections.items()],
+            "spans_dropped": [[*k, v] for k, v in self.spans_dropped.items()],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
         }
@@ -125,6 +132,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "retries": {},
         "transitions": {},
         "ejections": {},
+        "spans_dropped": {},
         "circuits": {},
         "endpoints": {},
     }
@@ -141,6 +149,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "transitions",
             "ejections",
             "endpoints",
+            "spans_dropped",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -258,6 +267,13 @@ class _Collector:
             "Endpoints per destination by outlier state: healthy, ejected, probation.",
             ENDPOINT_LABELS,
             merged["endpoints"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_spans_dropped",
+            "Finished spans not delivered to the collector: the queue was full, or the collector was down or refused.",
+            DROPPED_LABELS,
+            merged["spans_dropped"],
         )
         yield _family(
             CounterMetricFamily,

@@ -82,6 +82,7 @@ class MeshSnapshot:
     # (service, ROUTE/RULE or None) → destination Settings (sidecar/core/destination.py)
     destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
     shadow_destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
+    tracing: Any = None  # TracingSettings (sidecar/core/spans.py); None: the defaults
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +132,7 @@ def make_snapshot(
     shadow_access: Mapping[str, Any] | None = None,
     destinations: Mapping[tuple[str, str | None], Any] | None = None,
     shadow_destinations: Mapping[tuple[str, str | None], Any] | None = None,
+    tracing: Any = None,
 ) -> MeshSnapshot:
     """The snapshot's version covers its services and the version of the policies behind
     its routes and access tables."""
@@ -142,6 +144,7 @@ def make_snapshot(
         "shadow_access": MappingProxyType(dict(shadow_access or {})),
         "destinations": MappingProxyType(dict(destinations or {})),
         "shadow_destinations": MappingProxyType(dict(shadow_destinations or {})),
+        "tracing": tracing,
     }
     snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()

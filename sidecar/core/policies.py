@@ -22,6 +22,7 @@ from .access import AccessTable
 from .config import Endpoint, ServiceConfig, parse_address
 from .destination import Settings, settings
 from .routes import RouteTable
+from .spans import TracingSettings
 
 if TYPE_CHECKING:
     from control_plane.policy import Document
@@ -106,6 +107,14 @@ class PolicyCache:
             if document.kind == "DestinationPolicy" and document.mode == mode:
                 out.setdefault((document.service, document.rule), settings(document))
         return out
+
+    def tracing(self) -> TracingSettings:
+        """MeshConfig's tracing settings, or the defaults when there is no MeshConfig."""
+        for _, _, document in self.held.values():
+            if document.kind == "MeshConfig":
+                tracing = document.tracing
+                return TracingSettings(tracing.sampling, tuple(tracing.formats), tracing.collector)
+        return TracingSettings()
 
     def to_json(self) -> dict[str, Any]:
         return {name: {"ver": version, "body": body} for name, (version, body, _) in self.held.items()}

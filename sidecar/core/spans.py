@@ -24,6 +24,15 @@ SERVER = "SERVER"
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """MeshConfig's ``tracing`` as a sidecar uses it."""
+
+    sampling: float = 1.0  # for traces this sidecar starts; an incoming decision is kept
+    formats: tuple[str, ...] = ("w3c", "b3")
+    collector: str | None = None  # a Zipkin v2 endpoint; None: the control plane's store
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """Zipkin's endpoint: who is at one end of the span."""
 
@@ -113,4 +122,4 @@ def encode(spans: list[Span]) -> bytes:
     return json.dumps([span.to_json() for span in spans], separators=(",", ":")).encode()
 
 
-__all__ = ["CLIENT", "SERVER", "Endpoint", "Span", "encode", "http_tags", "span_name"]
+__all__ = ["CLIENT", "SERVER", "Endpoint", "Span", "TracingSettings", "encode", "http_tags", "span_name"]

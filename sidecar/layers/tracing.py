@@ -41,7 +41,10 @@ class Tracer:
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
+        recording: bool = True,
     ) -> None:
+        # False: no collector to send spans to; the headers still go on, nothing is recorded.
+        self.recording = recording
         self.service = service
         self.local = local
         self.export = export
@@ -93,7 +96,7 @@ class Tracer:
 def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
         context = tracer.begin(request, tracecontext.extract(request.head.headers))
-        if not context.sampled:
+        if not context.sampled or not tracer.recording:
             return await inner(request)
         started = tracer.timer()
         span = tracer.span(context, SERVER, request, None)
@@ -112,7 +115,7 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
         if request.attempt <= 1:  # the app's context; later attempts reuse it (our own headers replaced it)
             request.trace = tracecontext.extract(request.head.headers)
         context = tracer.begin(request, request.trace)
-        if not context.sampled:
+        if not context.sampled or not tracer.recording:
             return await inner(request)
         started = tracer.timer()
         endpoint = request.endpoint

@@ -174,6 +174,7 @@ class ControlPlaneClient:
         self._draining = False
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
+        self.span_collector: str | None = None  # the control plane's trace store, once welcome said where
         # The reader (acks, pongs), the pinger and the health prober share one socket.
         self._send_lock = trio.StrictFIFOLock()
 
@@ -234,6 +235,7 @@ class ControlPlaneClient:
             policies.access("shadow"),
             policies.destinations(),
             policies.destinations("shadow"),
+            policies.tracing(),
         )
         self._apply(snapshot)
         self.has_config = True
@@ -301,6 +303,9 @@ class ControlPlaneClient:
                     for message in conn.receive_data(data):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
+                            if message.api_port:  # its trace store takes our spans (PRODUCT §10)
+                                where = f"[{host}]" if ":" in host else host
+                                self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.

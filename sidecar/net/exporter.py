@@ -27,7 +27,7 @@ log = logging.getLogger("meshlet.tracing")
 class SpanExporter:
     def __init__(
         self,
-        url: str,
+        url: str | Callable[[], str | None],
         *,
         max_queue: int = 10_000,
         batch: int = 500,
@@ -37,7 +37,9 @@ class SpanExporter:
         transport: httpx.AsyncBaseTransport | None = None,
         on_dropped: Callable[[int, str], None] | None = None,
     ) -> None:
-        self.url = url
+        # Where to send, asked before each batch (the collector can be learnt, or change,
+        # with the configuration); None: nowhere yet, the spans wait in the queue.
+        self.url: Callable[[], str | None] = url if callable(url) else (lambda: url)
         self.max_queue = max_queue
         self.batch = batch
         self.interval = interval
@@ -71,24 +73,25 @@ class SpanExporter:
                 with trio.move_on_after(self.interval + backoff):
                     await self._full.wait()
                 self._full = trio.Event()
-                while self.queue:
+                url = self.url()
+                while self.queue and url is not None:
                     batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
-                    if await self._post(client, batch):
+                    if await self._post(client, url, batch):
                         backoff = 0.0
                     else:
                         backoff = min(self.max_backoff, max(self.interval, backoff * 2))
                         break
 
-    async def _post(self, client: httpx.AsyncClient, batch: list[Span]) -> bool:
+    async def _post(self, client: httpx.AsyncClient, url: str, batch: list[Span]) -> bool:
         try:
-            response = await client.post(self.url, content=encode(batch), headers={"content-type": "application/json"})
+            response = await client.post(url, content=encode(batch), headers={"content-type": "application/json"})
         except (httpx.HTTPError, OSError) as exc:
             self._drop(len(batch), "collector-unreachable")
-            log.warning("spans not delivered to %s: %s (%d dropped)", self.url, exc, len(batch))
+            log.warning("spans not delivered to %s: %s (%d dropped)", url, exc, len(batch))
             return False
         if response.status_code >= 300:
             self._drop(len(batch), "collector-refused")
-            log.warning("collector %s refused %d spans: %s", self.url, len(batch), response.status_code)
+            log.warning("collector %s refused %d spans: %s", url, len(batch), response.status_code)
             return False
         self.sent += len(batch)
         return True
