@@ -544,8 +544,6 @@ def _explain_request(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .waterfall import rows
-
     if args.trace_id:
         response = httpx.get(f"http://{args.api}/api/v2/trace/{args.trace_id}", timeout=10)
         if response.status_code == 404:
@@ -568,32 +566,27 @@ def _trace(args: argparse.Namespace) -> int:
     if not traces:
         console.print("no trace yet" + (f" through {args.service}" if args.service else ""))
     for spans in traces:
-        if not spans:
-            continue
-        total = max(s.get("timestamp", 0) + s.get("duration", 0) for s in spans) - min(
-            s.get("timestamp", 0) for s in spans
-        )
-        table = Table(
-            "SERVICE",
-            "OPERATION",
-            "KIND",
-            "START",
-            "DURATION",
-            "",
-            "STATUS",
-            box=None,
-            title=f"trace {spans[0]['traceId']} · {len(spans)} spans · {total / 1000:.1f} ms",
-        )
-        for row in rows(spans):
-            style = "red" if row.error else "green"
-            table.add_row(
-                "  " * row.depth + row.service,
-                row.name,
-                row.kind.lower(),
-                f"+{row.offset_ms:.1f} ms",
-                f"{row.duration_ms:.1f} ms",
-                f"[{style}]{row.bar}[/]",
-                f"[{style}]{row.status}[/]",
-            )
-        console.print(table)
+        if spans:
+            console.print(waterfall_table(spans))
     return 0
+
+
+def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
+    """A trace (Zipkin v2 spans) as a table with duration bars (control_plane/waterfall.py)."""
+    from .waterfall import rows
+
+    total = max(s.get("timestamp", 0) + s.get("duration", 0) for s in spans) - min(s.get("timestamp", 0) for s in spans)
+    title = f"trace {spans[0]['traceId']} · {len(spans)} spans · {total / 1000:.1f} ms"
+    table = Table("SERVICE", "OPERATION", "KIND", "START", "DURATION", "", "STATUS", box=None, title=title)
+    for row in rows(spans, width):
+        style = "red" if row.error else "green"
+        table.add_row(
+            "  " * row.depth + row.service,
+            row.name,
+            row.kind.lower(),
+            f"+{row.offset_ms:.1f} ms",
+            f"{row.duration_ms:.1f} ms",
+            f"[{style}]{row.bar}[/]",
+            f"[{style}]{row.status}[/]",
+        )
+    return table

@@ -344,6 +344,24 @@ async def _resilience_chapters(
 CIRCUIT_STATES = ("open", "half_open", "closed")
 
 
+async def _show_a_trace(client: httpx.AsyncClient, api: str) -> None:
+    """The last request through the mesh, as the control plane's trace store has it."""
+    from control_plane.cli import waterfall_table
+
+    await client.get(f"http://{api}/live")
+    with trio.move_on_after(5):  # sidecars send spans in batches, every second
+        while True:
+            traces = (await client.get(f"http://{api}/api/v2/traces", params={"limit": 1})).json()
+            if traces and len(traces[0]) >= 5:
+                break
+            await trio.sleep(0.5)
+    if traces:
+        console.print(waterfall_table(traces[0], width=16))
+        console.print(
+            f"   one trace, a span per hop and side: [dim]meshlet trace {traces[0][0]['traceId']} --api {api}[/]\n"
+        )
+
+
 async def _wait_for_policy(client: httpx.AsyncClient, admin: str, service: str, patience: float = 20) -> None:
     with trio.fail_after(patience):
         while (await client.get(f"{admin}/config_dump")).json()["config"]["destination_policies"].get(service) is None:  # noqa: ASYNC110 - another process
@@ -482,6 +500,7 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         for instance, proc in demo.sidecars.items():
             scrapes[instance] = (await client.get(f"http://{proc.fields['admin']}/metrics")).text
         console.print(metrics_table(scrapes))
+        await _show_a_trace(client, api)
     say("\n[bold]try[/]:")
     say(f"  meshlet status --api {api}")
     say(f"  meshlet get endpoints --api {api}")

@@ -50,6 +50,8 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
         "(meshlet_circuit_state=1)",
         "open ×1, half_open ×1, closed ×1",
         "per-hop metrics",
+        "5 spans",
+        "one trace, a span per hop and side",
     ):
         assert line in out, line
     assert set(_demo_processes()) - before == set()
