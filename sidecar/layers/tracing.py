@@ -10,9 +10,10 @@
   its child, whose id goes to the next hop as the parent. A retry is one more CLIENT
   span, tagged with its attempt number.
 
-With no incoming context the sidecar starts a trace and decides sampling (``sample_rate``);
-a decision that came in is kept. Only sampled spans are recorded and exported; the
-headers go on either way.
+With no incoming context the sidecar starts a trace and decides sampling (``sample_rate``),
+unless it has nowhere to send spans (no control plane, no collector: ``recording`` is
+off), then it starts none; a context that came in always goes on, with a new span id,
+and its decision is kept. Only sampled spans are recorded and exported.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class Tracer:
 
 def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
-        context = tracer.begin(request, tracecontext.extract(request.head.headers))
+        parent = tracecontext.extract(request.head.headers)
+        if parent is None and not tracer.recording:
+            return await inner(request)  # nowhere to send spans: start no trace (one that came in goes on)
+        context = tracer.begin(request, parent)
         if not context.sampled or not tracer.recording:
             return await inner(request)
         started = tracer.timer()
@@ -114,6 +118,8 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
         if request.attempt <= 1:  # the app's context; later attempts reuse it (our own headers replaced it)
             request.trace = tracecontext.extract(request.head.headers)
+        if request.trace is None and not tracer.recording:
+            return await inner(request)  # nowhere to send spans: start no trace
         context = tracer.begin(request, request.trace)
         if not context.sampled or not tracer.recording:
             return await inner(request)

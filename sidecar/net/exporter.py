@@ -66,7 +66,10 @@ class SpanExporter:
         self._on_dropped(count, why)
 
     async def run(self) -> None:
-        """Send batches forever (a task of the sidecar's nursery)."""
+        """Send batches forever (a task of the sidecar's nursery). The HTTP client (an SSL
+        context and all, a few MB) is made once there is somewhere to send to."""
+        while self.url() is None:  # noqa: ASYNC110 - learnt from the configuration, not an event
+            await trio.sleep(self.interval)
         backoff = 0.0
         async with httpx.AsyncClient(timeout=self.timeout, transport=self.transport) as client:
             while True:

@@ -110,3 +110,19 @@ async def test_each_attempt_is_a_client_span_and_the_next_hop_sees_its_id(autoju
     assert [c.span_id for c in received if c] == [s.span_id for s in spans]
     b3 = [headers[b"x-b3-parentspanid"] for _, headers, _ in upstreams.calls]
     assert b3 == [b"5" * 16] * 3  # B3 multi always carries the parent
+
+
+async def test_with_nowhere_to_send_spans_no_trace_is_started_but_one_that_came_in_goes_on() -> None:
+    heads: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(req: Request) -> Response:
+        heads.append(list(req.head.headers))
+        return Response(200, b"OK", [])
+
+    quiet = Tracer("item", Endpoint("item"), lambda span: None, recording=False)
+    handler = server_tracing(app, quiet)
+    (await handler(request((b"accept", b"*/*")))).finish(True)
+    assert heads[0] == [(b"accept", b"*/*")]  # untouched: no trace started
+    (await handler(request(INCOMING))).finish(True)
+    passed_on = tracecontext.extract(heads[1])
+    assert passed_on is not None and passed_on.trace_id == TRACE and passed_on.span_id != CALLER_CLIENT_SPAN
