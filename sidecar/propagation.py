@@ -23,19 +23,16 @@ import contextvars
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-TRACE_HEADERS = frozenset(
-    (
-        "traceparent",
-        "tracestate",
-        "b3",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "x-b3-flags",
-        "x-meshlet-deadline-ms",  # the time the caller has left: a deadline kept across hops
-    )
-)
+from .core.tracecontext import is_trace_header
+
+DEADLINE_HEADER = "x-meshlet-deadline-ms"  # the time the caller has left: a deadline kept across hops
+
+
+def passed_on(name: str) -> bool:
+    """Whether a header of the incoming request goes on to the calls: every trace header
+    (``traceparent``, ``tracestate``, ``b3``, ``x-b3-*``) and the caller's deadline."""
+    return is_trace_header(name.encode("latin-1")) or name.lower() == DEADLINE_HEADER
+
 
 _current: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "meshlet_trace_headers", default=()
@@ -45,7 +42,7 @@ _current: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.Cont
 def incoming(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
     """Remember the trace headers of the request being handled."""
     items = headers.items() if isinstance(headers, Mapping) else headers
-    _current.set(tuple((name.lower(), value) for name, value in items if name.lower() in TRACE_HEADERS))
+    _current.set(tuple((name.lower(), value) for name, value in items if passed_on(name)))
 
 
 def outgoing() -> dict[str, str]:
@@ -59,4 +56,4 @@ def add_trace_headers(request: Any) -> None:
         request.headers[name] = value
 
 
-__all__ = ["TRACE_HEADERS", "add_trace_headers", "incoming", "outgoing"]
+__all__ = ["add_trace_headers", "incoming", "outgoing", "passed_on"]
