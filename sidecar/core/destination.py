@@ -159,15 +159,19 @@ class Destination:
         self.breaker = self._breaker(now)
         self.budget = self._budget(now)
         self.bucket = self._bucket(now)
-        self.outlier = OutlierDetector(
-            settings.outlier, endpoints, (lambda e, _s: on_eject(service, e)) if on_eject else None
-        )
+        self.outlier = self._outlier(endpoints)
 
     def _breaker(self, now: float) -> CircuitBreaker:
         hook = self._on_transition
         service = self.service
         return CircuitBreaker(
             self.settings.breaker, now, (lambda _old, new: hook(service, new)) if hook is not None else None
+        )
+
+    def _outlier(self, endpoints: tuple[Endpoint, ...]) -> OutlierDetector:
+        hook, service = self._on_eject, self.service
+        return OutlierDetector(
+            self.settings.outlier, endpoints, (lambda e, _s: hook(service, e)) if hook is not None else None
         )
 
     def _budget(self, now: float) -> RetryBudget:
@@ -193,7 +197,7 @@ class Destination:
         if settings.rate_limit != old.rate_limit:
             self.bucket = self._bucket(now)
         if settings.outlier != old.outlier:
-            self.outlier = OutlierDetector(settings.outlier, endpoints, self.outlier._on_eject)
+            self.outlier = self._outlier(endpoints)
         elif endpoints != self.endpoints:
             self.outlier.update(endpoints)
         if settings.load_balancer != old.load_balancer:

@@ -110,8 +110,8 @@ class _Resilience:
 
     async def handle(self, request: Request) -> Response:
         now = self.clock()
-        rule = request.rule
-        destination = self.destinations.get(request.service, rule.ref if rule is not None else None, now)
+        rule_ref = request.rule.ref if request.rule is not None else None
+        destination = self.destinations.get(request.service, rule_ref, now)
         settings = destination.settings
         asked = _read_our_headers(request.head.headers)
         try:
@@ -129,7 +129,7 @@ class _Resilience:
             raise self._explained_error(exc, destination, request, asked, [], exc.reason.name, now) from None
         shadow = None
         if self.destinations.shadow:
-            shadow = self._shadow(request, rule.ref if rule is not None else None, now)
+            shadow = self._shadow(request, rule_ref, now)
         destination.inflight += 1
         try:
             response = await self._attempts(destination, request, asked, now)
@@ -161,10 +161,9 @@ class _Resilience:
             return None
         decision, permit = shadow.judge(now)
         self.on_shadow(shadow.settings.name, request.service, decision)
-        shadow.inflight += 1
         if permit is None:
-            shadow.inflight -= 1
-            return None
+            return None  # it would have refused this one: nothing to follow
+        shadow.inflight += 1
         return shadow, permit, self.timer()
 
     async def _wait_for_a_place(self, destination: Destination, request: Request) -> None:
