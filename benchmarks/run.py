@@ -55,13 +55,15 @@ PROXY_CORE = "1"  # sidecars, HAProxy
 HOST_HEADER = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT = 20.0
+SPAN_FLUSH_S = 1.5
 
-# Targets for ONE sidecar (the issue's acceptance numbers).
+# Targets for ONE sidecar (the issue's acceptance numbers), and tracing's on the mesh path.
 TARGET_THROUGHPUT_VS_HAPROXY = 0.30
 TARGET_CPU_US = 80.0
 TARGET_ADDED_P50_MS = 0.20
 TARGET_RSS_MB = 40.0
 TARGET_STREAM_RSS_MB = 60.0
+TARGET_TRACING_P99_PCT = 5.0  # issue 6: tracing must not raise p99 by more than 5 %
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -312,6 +314,7 @@ http {{
     uwsgi_temp_path {tmp}/nginx-uwsgi;
     scgi_temp_path {tmp}/nginx-scgi;
     log_format upload '$status $request_length';
+    log_format spans '$status $http_content_length';
     server {{
         listen 127.0.0.1:{port};
         root {tmp}/www;
@@ -332,6 +335,12 @@ http {{
         location = /stored {{
             default_type text/plain;
             return 200 "stored\\n";
+        }}
+        # The span collector of the traced mesh path: takes every batch, keeps none.
+        location = /api/v2/spans {{
+            client_max_body_size 0;
+            access_log {tmp}/spans.log spans;
+            return 202;
         }}
     }}
 }}
@@ -429,6 +438,10 @@ class Workdir:
     def upload_log(self) -> Path:
         return self.root / "upload.log"
 
+    @property
+    def spans_log(self) -> Path:
+        return self.root / "spans.log"
+
 
 def prepare_workdir(root: Path, stream_mb: int) -> Workdir:
     root.chmod(0o755)  # nginx workers run as nobody when we are root
@@ -470,10 +483,19 @@ def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Server]:
 
 @contextlib.contextmanager
 def run_sidecar(
-    workdir: Workdir, label: str, *, service: str, app_port: int, endpoint_port: int, tag: str = ""
+    workdir: Workdir,
+    label: str,
+    *,
+    service: str,
+    app_port: int,
+    endpoint_port: int,
+    tag: str = "",
+    trace_collector: str | None = None,
 ) -> Iterator[Server]:
     """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
-    ``label`` names it in the results, ``tag`` keeps its files apart from other runs'."""
+    ``label`` names it in the results, ``tag`` keeps its files apart from other runs'.
+    With ``trace_collector`` it records a span per request (sampling is 1.0 by default)
+    and sends them there; without, a sidecar in static mode starts no trace."""
     name = f"sidecar-{label}{tag}"
     static = workdir.root / f"{name}.yaml"
     static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]}}}}\n')
@@ -496,6 +518,7 @@ def run_sidecar(
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            *(["--trace-collector", trace_collector] if trace_collector else []),
         ],
     )
     log = workdir.root / f"{name}.log"
@@ -595,15 +618,18 @@ def check_request(port: int) -> None:
         raise RuntimeError(f"sanity request via port {port}: {response.status} {body[:200]!r}")
 
 
-def sidecar_error_count(admin_port: int) -> int:
-    """Requests the sidecar itself recorded with a non-2xx/3xx code or a mesh error reason."""
+def metrics_text(admin_port: int) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
     try:
         conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
+        return conn.getresponse().read().decode()
     finally:
         conn.close()
-    samples = [line for line in text.splitlines() if line.startswith("meshlet_requests_total{")]
+
+
+def sidecar_error_count(admin_port: int) -> int:
+    """Requests the sidecar itself recorded with a non-2xx/3xx code or a mesh error reason."""
+    samples = [line for line in metrics_text(admin_port).splitlines() if line.startswith("meshlet_requests_total{")]
     if not samples:
         raise RuntimeError(f"no meshlet_requests_total in the /metrics of admin port {admin_port}")
     errors = 0
@@ -615,6 +641,35 @@ def sidecar_error_count(admin_port: int) -> int:
 
 
 # ---------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class SpanCount:
+    """What the traced sidecars exported over the whole scenario, both together."""
+
+    requests: int  # every request of the scenario: two spans each (A's CLIENT, B's SERVER)
+    exported: int  # meshlet_spans_exported_total
+    dropped: int  # meshlet_spans_dropped_total
+    batches: int  # POSTs the sink (nginx) answered 202
+    body_bytes: int  # their bodies (Content-Length)
+
+
+def span_count(workdir: Workdir, admins: list[int], requests: int) -> SpanCount:
+    lines = workdir.spans_log.read_text().split() if workdir.spans_log.exists() else []
+    statuses, lengths = lines[0::2], lines[1::2]
+    if any(status != "202" for status in statuses):
+        raise RuntimeError(f"the span sink answered {sorted(set(statuses))}: see {workdir.spans_log}")
+    texts = [metrics_text(admin) for admin in admins]
+    exported = sum(metric_sum(text, "meshlet_spans_exported_total") for text in texts)
+    dropped = sum(metric_sum(text, "meshlet_spans_dropped_total") for text in texts)
+    return SpanCount(requests, exported, dropped, len(statuses), sum(int(n) for n in lengths))
+
+
+def metric_sum(text: str, name: str) -> int:
+    """The sum of every sample of counter ``name`` in a /metrics page (0 when absent)."""
+    return sum(
+        int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith((f"{name}{{", f"{name} "))
+    )
 
 
 def per_core(shares: dict[str, float]) -> str:
@@ -633,6 +688,7 @@ class ScenarioResult:
     # per core, as a share of the saturation run: processes outside this run, hypervisor steal
     other_load: dict[str, float] = field(default_factory=dict)
     steal: dict[str, float] = field(default_factory=dict)
+    spans: SpanCount | None = None  # the traced scenario's export
 
     def us_per_request(self, seconds: float) -> float:
         return seconds * 1e6 / max(self.saturation.requests, 1)
@@ -667,20 +723,30 @@ def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tupl
     elif name == "mesh path":
         with mesh_path(workdir, nginx_port) as (port, proxies):
             yield port, proxies
+    elif name == TRACED:
+        collector = f"http://127.0.0.1:{nginx_port}/api/v2/spans"
+        with mesh_path(workdir, nginx_port, "-traced", collector) as (port, proxies):
+            yield port, proxies
     else:
         raise ValueError(name)
 
 
 @contextlib.contextmanager
-def mesh_path(workdir: Workdir, nginx_port: int, tag: str = "") -> Iterator[tuple[int, list[Server]]]:
+def mesh_path(
+    workdir: Workdir, nginx_port: int, tag: str = "", trace_collector: str | None = None
+) -> Iterator[tuple[int, list[Server]]]:
     """Sidecar B (service bench, app nginx) first, then A pointing at B's inbound."""
-    with run_sidecar(workdir, "B", service=HOST_HEADER, app_port=nginx_port, endpoint_port=nginx_port, tag=tag) as b:
+    common = {"app_port": nginx_port, "tag": tag, "trace_collector": trace_collector}
+    with run_sidecar(workdir, "B", service=HOST_HEADER, endpoint_port=nginx_port, **common) as b:
         assert b.inbound is not None
-        with run_sidecar(workdir, "A", service="client", app_port=nginx_port, endpoint_port=b.inbound, tag=tag) as a:
+        with run_sidecar(workdir, "A", service="client", endpoint_port=b.inbound, **common) as a:
             yield a.port, [a, b]
 
 
-SCENARIOS = ("direct", "haproxy", "one sidecar", "mesh path")
+# The mesh path again with tracing on: A starts a trace per request (sampling 1.0, the
+# default) and records a CLIENT span, B the SERVER span; both POST them to nginx.
+TRACED = "mesh path, traced"
+SCENARIOS = ("direct", "haproxy", "one sidecar", "mesh path", TRACED)
 
 
 def measure_scenario(name: str, workdir: Workdir, nginx: Server, settings: Settings) -> ScenarioResult:
@@ -688,7 +754,9 @@ def measure_scenario(name: str, workdir: Workdir, nginx: Server, settings: Setti
     with scenario_path(name, workdir, nginx.port) as (port, proxies):
         check_request(port)
         announce(f"{name}: warm-up {settings.warmup_s}s")
-        run_wrk(port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok", script=script)
+        warmup = run_wrk(
+            port, connections=settings.saturation_connections, seconds=settings.warmup_s, path="/ok", script=script
+        )
         announce(f"{name}: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s")
         before = LoadSample.take(proxies, nginx)
         saturation = run_wrk(
@@ -715,7 +783,12 @@ def measure_scenario(name: str, workdir: Workdir, nginx: Server, settings: Setti
         admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
         if admins:
             sidecar_errors = sum(sidecar_error_count(admin) for admin in admins)
-    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors, other_load, steal)
+        spans = None
+        if name == TRACED:
+            time.sleep(SPAN_FLUSH_S)  # the exporters send what they hold at least once a second
+            requests = 1 + warmup.requests + saturation.requests + c1.requests + paced.requests  # 1: check_request
+            spans = span_count(workdir, admins, requests)
+    result = ScenarioResult(name, saturation, c1, paced, cpu_used, rss, sidecar_errors, other_load, steal, spans)
     console.print(
         f"    {saturation.rps:,.0f} req/s, c=1 p50 {c1.p50_ms:.3f} ms, errors {saturation.error_text()}, "
         f"other processes {per_core(other_load)}, steal {per_core(steal)}"
@@ -927,7 +1000,63 @@ def build_tables(
             for s in streams
         ],
     )
-    return [throughput, latency_c1, paced, cost, streaming]
+    tables = [throughput, latency_c1, paced, cost, streaming]
+    if "mesh path" in results and TRACED in results:
+        tables.append(tracing_table(results["mesh path"], results[TRACED], settings))
+    return tables
+
+
+def change(traced: float, plain: float) -> str:
+    return f"{100 * (traced / plain - 1):+.1f}%" if plain else "n/a"
+
+
+def tracing_table(plain: ScenarioResult, traced: ScenarioResult, settings: Settings) -> TableData:
+    rows = [
+        [
+            r.name,
+            f"{r.saturation.rps:,.0f}",
+            f"{r.cpu_us_per_request:.1f}",
+            f"{r.c1.p50_ms:.3f}",
+            f"{r.c1.p99_ms:.3f}",
+            f"{r.paced.p50_ms:.3f}",
+            f"{r.paced.p99_ms:.3f}",
+        ]
+        for r in (plain, traced)
+    ]
+    rows.append(
+        [
+            "change",
+            change(traced.saturation.rps, plain.saturation.rps),
+            change(traced.cpu_us_per_request, plain.cpu_us_per_request),
+            change(traced.c1.p50_ms, plain.c1.p50_ms),
+            change(traced.c1.p99_ms, plain.c1.p99_ms),
+            change(traced.paced.p50_ms, plain.paced.p50_ms),
+            change(traced.paced.p99_ms, plain.paced.p99_ms),
+        ]
+    )
+    spans = traced.spans
+    note = "Every request sampled (sampling 1.0, the default): sidecar A starts the trace and records a CLIENT span, "
+    note += "B a SERVER span; both POST Zipkin v2 JSON to nginx (202, kept nowhere)."
+    if spans is not None:
+        note += (
+            f" Over the traced scenario: {spans.requests:,} requests, {spans.exported:,} spans exported "
+            f"in {spans.batches:,} POSTs ({spans.body_bytes / max(spans.exported, 1):.0f} bytes a span), "
+            f"{spans.dropped:,} dropped."
+        )
+    return TableData(
+        "Tracing overhead on the mesh path (two sidecars)",
+        [
+            "scenario",
+            "saturation req/s",
+            "CPU µs/req (both)",
+            "c=1 p50 ms",
+            "c=1 p99 ms",
+            f"{settings.paced_rate} req/s p50 ms",
+            f"{settings.paced_rate} req/s p99 ms",
+        ],
+        rows,
+        note=note,
+    )
 
 
 def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult]) -> list[Target]:
@@ -947,7 +1076,18 @@ def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult
         Target("added p50 at c=1", one.c1.p50_ms - direct.c1.p50_ms, TARGET_ADDED_P50_MS, " ms"),
         Target("RSS after saturation", one.rss_mb_by_proxy.get("sidecar"), TARGET_RSS_MB, " MB"),
         Target("peak RSS per sidecar, streaming", stream_peak, TARGET_STREAM_RSS_MB, " MB", comparison="<"),
+        tracing_target(results),
     ]
+
+
+def tracing_target(results: dict[str, ScenarioResult]) -> Target:
+    """Tracing on (every request sampled) raises the mesh path's p99 at the fixed rate by at most 5 %."""
+    plain, traced = results["mesh path"], results[TRACED]
+    spans = traced.spans
+    value = None
+    if spans is not None and spans.exported >= spans.requests:  # a sidecar that exported nothing proves nothing
+        value = 100 * (traced.paced.p99_ms / plain.paced.p99_ms - 1)
+    return Target("tracing on: p99 change at the fixed rate, mesh path", value, TARGET_TRACING_P99_PCT, " %")
 
 
 def markdown_table(table: TableData) -> str:
@@ -1034,7 +1174,9 @@ def render_markdown(
     interference: list[str],
 ) -> str:
     targets_table = TableData(
-        "Targets for one sidecar", ["metric", "value", "target", "result"], [t.row() for t in targets]
+        "Targets (one sidecar; tracing: the mesh path)",
+        ["metric", "value", "target", "result"],
+        [t.row() for t in targets],
     )
     lines = [
         "# meshlet benchmark results",
@@ -1065,7 +1207,7 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
         for row in data.rows:
             table.add_row(*row)
         console.print(table)
-    table = Table(title="Targets for one sidecar", title_justify="left")
+    table = Table(title="Targets (one sidecar; tracing: the mesh path)", title_justify="left")
     for header in ("metric", "value", "target", "result"):
         table.add_column(header)
     for target in targets:

@@ -168,7 +168,9 @@ class Sidecar:
         self.telemetry.destination_stats = self.destination_stats
         self.explanations = Explanations()
         self.tracing = TracingSettings()  # MeshConfig's, as of the last snapshot
-        self.exporter = SpanExporter(self._span_collector, on_dropped=self.telemetry.dropped_spans)
+        self.exporter = SpanExporter(
+            self._span_collector, on_dropped=self.telemetry.dropped_spans, on_sent=self.telemetry.exported_spans
+        )
         self.trace_rng = random.Random()
         self.outbound_handler: Handler = build_outbound(
             router(self.snapshot),

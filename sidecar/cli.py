@@ -210,6 +210,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per span batch POSTed is noise
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.static is None and not args.control_plane:

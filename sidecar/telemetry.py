@@ -49,6 +49,7 @@ class Telemetry:
         self.transitions: dict[tuple[str, str], int] = {}  # (destination, new circuit state)
         self.ejections: dict[tuple[str], int] = {}
         self.spans_dropped: dict[tuple[str], int] = {}  # why: queue-full, collector-unreachable, -refused
+        self.spans_exported: dict[tuple[()], int] = {}  # delivered to the collector
         # Called at scrape time: yields (destination, circuit state 0/1/2, {endpoint state: count}).
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
@@ -82,6 +83,9 @@ class Telemetry:
         key = (why,)
         self.spans_dropped[key] = self.spans_dropped.get(key, 0) + count
 
+    def exported_spans(self, count: int) -> None:
+        self.spans_exported[()] = self.spans_exported.get((), 0) + count
+
     def retried(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.retries[key] = self.retries.get(key, 0) + 1
@@ -114,6 +118,7 @@ class Telemetry:
             "transitions": [[*k, v] for k, v in self.transitions.items()],
             "ejections": [[*k, v] for k, v in self.ejections.items()],
             "spans_dropped": [[*k, v] for k, v in self.spans_dropped.items()],
+            "spans_exported": [[*k, v] for k, v in self.spans_exported.items()],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
         }
@@ -133,6 +138,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "transitions": {},
         "ejections": {},
         "spans_dropped": {},
+        "spans_exported": {},
         "circuits": {},
         "endpoints": {},
     }
@@ -150,6 +156,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "ejections",
             "endpoints",
             "spans_dropped",
+            "spans_exported",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -274,6 +281,13 @@ class _Collector:
             "Finished spans not delivered to the collector: the queue was full, or the collector was down or refused.",
             DROPPED_LABELS,
             merged["spans_dropped"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_spans_exported",
+            "Finished spans the collector accepted.",
+            (),
+            merged["spans_exported"],
         )
         yield _family(
             CounterMetricFamily,

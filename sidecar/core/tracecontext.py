@@ -68,8 +68,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import random
@@ -100,13 +99,16 @@ _SLOTS: dict[bytes, int] = {
 }
 _LENGTHS = frozenset(len(name) for name in _SLOTS)  # 2, 10, 11, 12, 17: most names are skipped unread
 _STRIP_FIRST = frozenset(b"tTbBxX")  # first bytes of every name ``strip`` removes
+_WHOLE_NAMES = frozenset((TRACEPARENT, TRACESTATE, B3))  # and every name that starts x-b3-
 
 _OWS = b" \t"
 _TRACEPARENT_RE = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_TRACEPARENT_00_RE = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # the usual case, sliced
 _TRACE_ID_RE = re.compile(rb"[0-9a-f]{16}(?:[0-9a-f]{16})?")
 _SPAN_ID_RE = re.compile(rb"[0-9a-f]{16}")
 _ZERO_TRACE_ID = b"0" * 32
 _ZERO_SPAN_ID = b"0" * 16
+_ODD_HEX = frozenset(b"13579bdf")  # a flags byte whose last hex digit is odd has bit 0x01 (sampled)
 _PAD = "0" * 16
 
 # tracestate list-member (W3C Trace Context §3.3.1.3): key "=" value.
@@ -122,14 +124,14 @@ _SINGLE_SAMPLING: dict[bytes, tuple[bool, bool]] = {b"0": (False, False), b"1": 
 _MULTI_SAMPLED: dict[bytes, bool] = {b"1": True, b"0": False, b"true": True, b"false": False}
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(NamedTuple):
     """One span's place in a trace, and the trace's sampling decision.
 
     ``trace_id``: 32 lower hex (W3C, Zipkin); ``trace_id_b3``: the same id as B3 received it
     (16 or 32 hex; 16 is ``trace_id`` without its 16 leading zeros). ``span_id``: 16 hex.
     ``sampled``: None = defer (B3 only). ``debug`` implies ``sampled``. A decision without ids
-    (``b3: 0``) has the three ids empty."""
+    (``b3: 0``) has the three ids empty. (A NamedTuple: made twice per traced request and
+    hop, and a frozen dataclass costs five times as much to build.)"""
 
     trace_id: str
     trace_id_b3: str
@@ -178,6 +180,15 @@ def extract(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
 
 
 def _from_traceparent(value: bytes, tracestates: list[bytes]) -> TraceContext | None:
+    if len(value) == 55 and _TRACEPARENT_00_RE.fullmatch(value) is not None:  # version 00: no groups to make
+        trace_id, span_id = value[3:35], value[36:52]
+        if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+            return None
+        trace = trace_id.decode("ascii")
+        tracestate = (
+            (b",".join(field for field in tracestates if field).decode("latin-1") or None) if tracestates else None
+        )
+        return TraceContext(trace, trace, span_id.decode("ascii"), None, value[54] in _ODD_HEX, False, tracestate)
     match = _TRACEPARENT_RE.fullmatch(value)
     if match is None:
         return None
@@ -269,17 +280,17 @@ def child(parent: TraceContext | None, rng: random.Random, sample_rate: float) -
 
 
 def _span_id(rng: random.Random) -> str:
-    while True:
+    n = rng.getrandbits(64)
+    while not n:  # all-zero ids are invalid in W3C and B3: draw again
         n = rng.getrandbits(64)
-        if n:
-            return f"{n:016x}"
+    return f"{n:016x}"
 
 
 def _trace_id(rng: random.Random) -> str:
-    while True:
+    n = rng.getrandbits(128)
+    while not n:
         n = rng.getrandbits(128)
-        if n:
-            return f"{n:032x}"
+    return f"{n:032x}"
 
 
 def limit_tracestate(tracestate: str | None) -> str | None:
@@ -317,27 +328,28 @@ def limit_tracestate(tracestate: str | None) -> str | None:
 def inject(ctx: TraceContext, formats: Iterable[str]) -> list[tuple[bytes, bytes]]:
     """The headers that carry ``ctx`` in ``formats`` (``w3c``, ``b3`` (multi), ``b3single``)."""
     headers: list[tuple[bytes, bytes]] = []
-    done: set[str] = set()
+    done: list[str] = []
+    trace_id, span_id, parent_id, sampled, debug = ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.sampled, ctx.debug
     for fmt in formats:
         if fmt in done:
             continue
-        done.add(fmt)
+        done.append(fmt)
         if fmt == "w3c":
-            if ctx.has_ids:
-                flags = "01" if ctx.sampled or ctx.debug else "00"
-                headers.append((TRACEPARENT, f"00-{ctx.trace_id}-{ctx.span_id}-{flags}".encode("ascii")))
+            if span_id:
+                flags = "01" if sampled or debug else "00"
+                headers.append((TRACEPARENT, f"00-{trace_id}-{span_id}-{flags}".encode()))
                 if ctx.tracestate:
                     headers.append((TRACESTATE, ctx.tracestate.encode("latin-1")))
         elif fmt == "b3":
-            if ctx.has_ids:
-                headers.append((B3_TRACE_ID, ctx.trace_id_b3.encode("ascii")))
-                headers.append((B3_SPAN_ID, ctx.span_id.encode("ascii")))
-                if ctx.parent_id is not None:
-                    headers.append((B3_PARENT_SPAN_ID, ctx.parent_id.encode("ascii")))
-            if ctx.debug:
+            if span_id:
+                headers.append((B3_TRACE_ID, ctx.trace_id_b3.encode()))
+                headers.append((B3_SPAN_ID, span_id.encode()))
+                if parent_id is not None:
+                    headers.append((B3_PARENT_SPAN_ID, parent_id.encode()))
+            if debug:
                 headers.append((B3_FLAGS, b"1"))
-            elif ctx.sampled is not None:
-                headers.append((B3_SAMPLED, b"1" if ctx.sampled else b"0"))
+            elif sampled is not None:
+                headers.append((B3_SAMPLED, b"1" if sampled else b"0"))
         elif fmt == "b3single":
             value = _b3_single(ctx)
             if value is not None:
@@ -364,17 +376,22 @@ def is_trace_header(name: bytes) -> bool:
     if not name or name[0] not in _STRIP_FIRST:
         return False
     lower = name.lower()
-    return lower in (TRACEPARENT, TRACESTATE, B3) or lower.startswith(b"x-b3-")
+    return lower in _WHOLE_NAMES or lower[:5] == b"x-b3-"
 
 
 def strip(headers: list[tuple[bytes, bytes]]) -> None:
     """Remove, in place, every trace header of every format, so that ``inject`` replaces them."""
-    for name, _ in headers:
-        if is_trace_header(name):
+    first = _STRIP_FIRST
+    for i, (name, _) in enumerate(headers):  # noqa: B007 - i is where the trace headers start
+        if name and name[0] in first and is_trace_header(name):
             break
     else:
         return
-    headers[:] = [(name, value) for name, value in headers if not is_trace_header(name)]
+    headers[i:] = [
+        header
+        for header in headers[i + 1 :]
+        if not (header[0] and header[0][0] in first and is_trace_header(header[0]))
+    ]
 
 
 __all__ = [

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..core import tracecontext
-from ..core.spans import CLIENT, SERVER, Endpoint, Span, http_tags, span_name
+from ..core.spans import CLIENT, SERVER, Endpoint, Span, http_span
 from ..core.tracecontext import TraceContext
 from .base import Handler, Request, Response
 
@@ -54,6 +54,17 @@ class Tracer:
         self.rng = rng or random.Random()
         self.wall = wall
         self.timer = timer
+        self._endpoints: dict[tuple[str, str, int], Endpoint] = {}  # the peers spans name, made once
+
+    def peer(self, service: str, host: str = "", port: int = 0) -> Endpoint:
+        """The remote endpoint of a span: one object per peer (service, address)."""
+        key = (service, host, port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= 4096:  # bounded: the source name comes from the caller
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = Endpoint(service, host, port)
+        return endpoint
 
     def begin(self, request: Request, parent: TraceContext | None) -> TraceContext:
         """This hop's context: the child of ``parent``; its headers replace the request's."""
@@ -64,18 +75,17 @@ class Tracer:
         return context
 
     def span(self, context: TraceContext, kind: str, request: Request, remote: Endpoint | None) -> Span:
-        head = request.head
-        return Span(
+        return http_span(
             context.trace_id,
             context.span_id,
             context.parent_id or None,
             kind,
-            span_name(head.method, request.target),
+            request.head.method,
+            request.target,
             self.local,
             remote,
             int(self.wall() * 1_000_000),
-            tags=http_tags(head.method, request.target),
-            debug=context.debug,
+            context.debug,
         )
 
     def record(self, span: Span, response: Response, started: float, attempt: int = 0) -> None:
@@ -105,7 +115,7 @@ def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
         started = tracer.timer()
         span = tracer.span(context, SERVER, request, None)
         response = await inner(request)
-        span.remote = Endpoint(request.source)  # known once the inbound filters read the caller
+        span.remote = tracer.peer(request.source)  # known once the inbound filters read the caller
         if request.source != "unknown":
             span.tags["meshlet.peer"] = request.source
         tracer.record(span, response, started)
@@ -125,7 +135,7 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
             return await inner(request)
         started = tracer.timer()
         endpoint = request.endpoint
-        remote = Endpoint(request.service, endpoint.host, endpoint.port) if endpoint is not None else None
+        remote = tracer.peer(request.service, endpoint.host, endpoint.port) if endpoint is not None else None
         span = tracer.span(context, CLIENT, request, remote)
         try:
             response = await inner(request)

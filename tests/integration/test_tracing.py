@@ -58,6 +58,8 @@ async def test_one_trace_through_three_hops_with_a_retry(tmp_path: Path) -> None
                 while not any(len(t) == 7 for t in found):
                     await trio.sleep(0.5)
                     found = (await client.get(f"http://{api}/api/v2/traces", params={"limit": 50})).json()
+            admin = demo.sidecars["user-1"].fields["admin"]
+            metrics = (await client.get(f"http://{admin}/metrics")).text
         retried = next(t for t in found if len(t) == 7)
         result = await trio.run_process(
             [sys.executable, "-m", "sidecar", "trace", retried[0]["traceId"], "--api", api],
@@ -88,3 +90,6 @@ async def test_one_trace_through_three_hops_with_a_retry(tmp_path: Path) -> None
     assert result.returncode == 0 and "7 spans" in out and out.count("user") >= 3
     # a trace without a retry has the five spans of three hops
     assert any(len(t) == 5 for t in found)
+    exported = [line for line in metrics.splitlines() if line.startswith("meshlet_spans_exported_total ")]
+    assert exported and float(exported[0].split()[1]) >= 4  # user's SERVER and CLIENT spans reached the store
+    assert "meshlet_spans_dropped_total{" not in metrics
