@@ -1,9 +1,9 @@
 """The embedded trace store: Zipkin's v2 API on a bounded in-memory store (PRODUCT §10).
 Pure: ``now`` (wall-clock seconds) is passed in.
 
-Sidecars POST batches of spans (``/api/v2/spans``); ``meshlet trace``, the dashboard, a
-Zipkin UI or Jaeger pointed at the control plane read them back through the query API,
-in Zipkin's own shapes:
+Sidecars (or any Zipkin client) POST batches of spans (``/api/v2/spans``); ``meshlet
+trace``, the dashboard or a Zipkin UI pointed at the control plane read them back through
+the query API, in Zipkin's own shapes:
 
 * ``services()`` — ``/api/v2/services``: every service name seen, sorted;
 * ``span_names(service)`` — ``/api/v2/spans?serviceName=``: the span names it recorded;
@@ -11,7 +11,16 @@ in Zipkin's own shapes:
   ``service`` (and ``span_name``), whose duration is within ``min_duration`` ..
   ``max_duration`` (µs), that ended within ``lookback`` ms before ``end_ts`` (ms), the
   newest first, at most ``limit``;
-* ``trace(id)`` — ``/api/v2/trace/{traceId}``: its spans, or None.
+* ``trace(id)`` — ``/api/v2/trace/{traceId}``: its spans, or None; ``trace_many(ids)`` —
+  ``/api/v2/traceMany?traceIds=``: those of them that are held;
+* ``remote_services(service)`` — ``/api/v2/remoteServices?serviceName=``: the services
+  its spans name as the other end;
+* ``dependencies(...)`` — ``/api/v2/dependencies?endTs=&lookback=``: who calls whom, from
+  the traces of that window: a link per caller and callee with its call and error counts
+  (Zipkin's ``DependencyLink``). A SERVER span is a call from its parent span's service (or,
+  with no parent held, from the service its remote endpoint names); a CLIENT span whose
+  callee recorded nothing (no SERVER span under it) is a call to its remote endpoint's
+  service. A span tagged ``error`` is an erroneous call.
 
 Bounds: at most ``max_spans`` spans and ``max_age`` seconds. When either is passed, whole
 traces go, the least recently written first. A span written twice (the same trace, id
@@ -95,6 +104,39 @@ class TraceStore:
         found = self._traces.get(trace_id.lower().rjust(32, "0"))
         return None if found is None else _ordered(found)
 
+    def trace_many(self, trace_ids: list[str]) -> list[list[dict[str, Any]]]:
+        return [spans for trace_id in trace_ids if (spans := self.trace(trace_id)) is not None]
+
+    def remote_services(self, service: str) -> list[str]:
+        service = service.lower()
+        return sorted(
+            {
+                remote["serviceName"].lower()
+                for trace in self._traces.values()
+                for s in trace.spans.values()
+                if _service(s) == service and (remote := s.get("remoteEndpoint")) and remote.get("serviceName")
+            }
+        )
+
+    def dependencies(self, *, end_ts: int, lookback: int | None = None) -> list[dict[str, Any]]:
+        """Links ``{parent, child, callCount, errorCount}`` from the traces that overlap the
+        ``lookback`` ms (default a day) before ``end_ts`` (ms), sorted by parent then child."""
+        end_us = end_ts * 1000
+        start_us = end_us - (lookback if lookback is not None else 86_400_000) * 1000
+        links: dict[tuple[str, str], list[int]] = {}
+        for trace in self._traces.values():
+            first, last = trace.bounds()
+            if last < start_us or first > end_us:
+                continue
+            for caller, callee, error in _calls(trace):
+                counts = links.setdefault((caller, callee), [0, 0])
+                counts[0] += 1
+                counts[1] += error
+        return [
+            {"parent": parent, "child": child, "callCount": calls, "errorCount": errors}
+            for (parent, child), (calls, errors) in sorted(links.items())
+        ]
+
     def traces(
         self,
         *,
@@ -130,6 +172,42 @@ class TraceStore:
             found.append((first, _ordered(trace)))
         found.sort(key=lambda item: item[0], reverse=True)
         return [spans for _, spans in found[:limit]]
+
+
+def _service(span: dict[str, Any]) -> str | None:
+    return (span.get("localEndpoint") or {}).get("serviceName")
+
+
+def _calls(trace: _Trace) -> list[tuple[str, str, bool]]:
+    """(caller, callee, erroneous) for each call in one trace (see ``dependencies``)."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for span in trace.spans.values():
+        by_id.setdefault(span["id"], []).append(span)
+    answered: set[str] = set()  # CLIENT span ids with a SERVER span under them
+    calls = []
+    for span in trace.spans.values():
+        if span.get("kind") != "SERVER" or not _service(span):
+            continue
+        callee = _service(span)
+        # The caller: the parent span (Zipkin v2 may also share one id between the CLIENT
+        # and the SERVER span of a call; then the CLIENT span of that id is the parent).
+        parents = [p for p in by_id.get(span.get("parentId", ""), []) if p is not span]
+        parents += [p for p in by_id.get(span["id"], []) if p.get("kind") == "CLIENT"]
+        caller = next((_service(p) for p in parents if _service(p)), None)
+        for parent in parents:
+            if parent.get("kind") == "CLIENT":
+                answered.add(parent["id"])
+        if caller is None:
+            caller = ((span.get("remoteEndpoint") or {}).get("serviceName") or "").lower() or None
+        if caller is not None and caller != callee:
+            calls.append((caller, callee, "error" in (span.get("tags") or {})))
+    for span in trace.spans.values():
+        if span.get("kind") != "CLIENT" or span["id"] in answered or not _service(span):
+            continue
+        callee = ((span.get("remoteEndpoint") or {}).get("serviceName") or "").lower()
+        if callee:
+            calls.append((_service(span), callee, "error" in (span.get("tags") or {})))
+    return calls
 
 
 def _ordered(trace: _Trace) -> list[dict[str, Any]]:

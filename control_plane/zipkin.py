@@ -111,12 +111,44 @@ def zipkin_routes(store: TraceStore) -> list[Route]:
             return JSONResponse({"problems": ["no such trace"]}, status_code=404)
         return JSONResponse(found)
 
+    async def trace_many(request: Request) -> Response:
+        ids = [i for i in request.query_params.get("traceIds", "").split(",") if i.strip()]
+        if not ids:
+            return JSONResponse({"problems": ["traceIds is required: trace ids, comma-separated"]}, status_code=400)
+        return JSONResponse(store.trace_many([i.strip() for i in ids]))
+
+    async def remote_services(request: Request) -> Response:
+        service = request.query_params.get("serviceName")
+        if not service:
+            return JSONResponse({"problems": ["serviceName is required"]}, status_code=400)
+        return JSONResponse(store.remote_services(service))
+
+    async def dependencies(request: Request) -> Response:
+        query = request.query_params
+        try:
+            end_ts = _int(query.get("endTs"))
+            lookback = _int(query.get("lookback"))
+        except ValueError as exc:
+            return JSONResponse({"problems": [str(exc)]}, status_code=400)
+        if end_ts is None:
+            return JSONResponse({"problems": ["endTs is required: milliseconds since the epoch"]}, status_code=400)
+        return JSONResponse(store.dependencies(end_ts=end_ts, lookback=lookback))
+
+    async def no_autocomplete(request: Request) -> Response:
+        # No tags are configured for autocompletion (Zipkin's default, AUTOCOMPLETE_KEYS empty).
+        return JSONResponse([])
+
     return [
         Route("/api/v2/spans", post_spans, methods=["POST"]),
         Route("/api/v2/spans", span_names, methods=["GET"]),
         Route("/api/v2/services", services),
         Route("/api/v2/traces", traces),
         Route("/api/v2/trace/{trace_id}", trace),
+        Route("/api/v2/traceMany", trace_many),
+        Route("/api/v2/remoteServices", remote_services),
+        Route("/api/v2/dependencies", dependencies),
+        Route("/api/v2/autocompleteKeys", no_autocomplete),
+        Route("/api/v2/autocompleteValues", no_autocomplete),
     ]
 
 

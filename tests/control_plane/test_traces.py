@@ -80,3 +80,61 @@ def test_bounded_by_count_and_by_age_whole_traces_least_recently_written_first()
     assert (traces.span_count, traces.dropped) == (2, 2)
     traces.add([span("c" * 32, "5" * 16, "c", 1, 1)], now=100.0)
     assert traces.trace(T2) is None and traces.services() == ["c"]  # T2 was older than 60 s
+
+
+def call(trace: str, ids: tuple[str, str], caller: str, callee: str, start: int, **server: Any) -> list[dict[str, Any]]:
+    """One call as two sidecars record it: the caller's CLIENT span, the callee's SERVER span under it."""
+    client_id, server_id = ids
+    return [
+        span(trace, client_id, caller, start, 10, kind="CLIENT", remoteEndpoint={"serviceName": callee}),
+        span(trace, server_id, callee, start + 1, 8, parentId=client_id, **server),
+    ]
+
+
+def test_dependencies_link_callers_to_callees_with_call_and_error_counts() -> None:
+    traces = TraceStore()
+    traces.add(
+        [
+            span(T1, "0" * 15 + "1", "gateway", 100 * SECOND, 50),  # the root SERVER span: no caller
+            *call(T1, ("0" * 15 + "2", "0" * 15 + "3"), "gateway", "user", 100 * SECOND + 1),
+            *call(T1, ("0" * 15 + "4", "0" * 15 + "5"), "user", "item", 100 * SECOND + 2, tags={"error": "503"}),
+            *call(T1, ("0" * 15 + "6", "0" * 15 + "7"), "user", "item", 100 * SECOND + 3),  # the retry
+            # a call to something outside the mesh: a CLIENT span and no SERVER span under it
+            span(T1, "0" * 15 + "8", "item", 100 * SECOND + 4, 5, kind="CLIENT", remoteEndpoint={"serviceName": "DB"}),
+        ],
+        now=100.0,
+    )
+    traces.add(call(T2, ("1" * 16, "2" * 16), "gateway", "user", 200 * SECOND), now=200.0)
+    assert traces.dependencies(end_ts=300_000) == [
+        {"parent": "gateway", "child": "user", "callCount": 2, "errorCount": 0},
+        {"parent": "item", "child": "db", "callCount": 1, "errorCount": 0},
+        {"parent": "user", "child": "item", "callCount": 2, "errorCount": 1},
+    ]
+    # the window: only T2 ended within the 50 s before 210 s
+    assert traces.dependencies(end_ts=210_000, lookback=50_000) == [
+        {"parent": "gateway", "child": "user", "callCount": 1, "errorCount": 0}
+    ]
+    assert traces.remote_services("USER") == ["item"]
+    assert traces.remote_services("gateway") == ["user"]
+    assert traces.remote_services("nobody") == []
+
+
+def test_a_server_span_whose_caller_recorded_nothing_links_from_its_remote_endpoint() -> None:
+    traces = TraceStore()
+    traces.add(
+        [span(T1, "1" * 16, "item", 100 * SECOND, 5, parentId="9" * 16, remoteEndpoint={"serviceName": "cron"})], 100.0
+    )
+    shared = [  # Zipkin's shared span: CLIENT and SERVER with one id
+        span(T2, "2" * 16, "user", 100 * SECOND, 9, kind="CLIENT"),
+        span(T2, "2" * 16, "item", 100 * SECOND + 1, 7),
+    ]
+    traces.add(shared, 100.0)
+    assert traces.dependencies(end_ts=101_000) == [
+        {"parent": "cron", "child": "item", "callCount": 1, "errorCount": 0},
+        {"parent": "user", "child": "item", "callCount": 1, "errorCount": 0},
+    ]
+
+
+def test_trace_many_returns_the_traces_held() -> None:
+    traces = store()
+    assert [t[0]["traceId"] for t in traces.trace_many([T1, "d" * 32, T2])] == [T1, T2]

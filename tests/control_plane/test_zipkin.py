@@ -49,6 +49,33 @@ async def test_spans_in_queries_out_in_zipkins_shapes() -> None:
         assert (await api.get("/api/v2/spans")).status_code == 400
 
 
+async def test_the_rest_of_what_the_zipkin_ui_asks() -> None:
+    # Zipkin's UI (Lens) also asks for remote services, the dependency graph, trace batches
+    # and autocompletion; a UI pointed at the control plane gets answers, not 404s.
+    store = TraceStore()
+    caller = span(
+        id="2" * 16, kind="CLIENT", localEndpoint={"serviceName": "user"}, remoteEndpoint={"serviceName": "item"}
+    )
+    async with client(store) as api:
+        assert (await api.post("/api/v2/spans", json=[caller, span(parentId="2" * 16)])).status_code == 202
+        assert (await api.get("/api/v2/remoteServices", params={"serviceName": "user"})).json() == ["item"]
+        end_ts = str(NOW_US // 1000 + 1000)
+        links = (await api.get("/api/v2/dependencies", params={"endTs": end_ts, "lookback": "60000"})).json()
+        assert links == [{"parent": "user", "child": "item", "callCount": 1, "errorCount": 0}]
+        many = (await api.get("/api/v2/traceMany", params={"traceIds": f"{'a' * 32},{'b' * 32}"})).json()
+        assert len(many) == 1 and len(many[0]) == 2
+        assert (await api.get("/api/v2/autocompleteKeys")).json() == []
+        assert (await api.get("/api/v2/autocompleteValues", params={"key": "http.path"})).json() == []
+        for path, params in (
+            ("/api/v2/dependencies", {}),
+            ("/api/v2/dependencies", {"endTs": "soon"}),
+            ("/api/v2/remoteServices", {}),
+            ("/api/v2/traceMany", {}),
+        ):
+            answer = await api.get(path, params=params)
+            assert answer.status_code == 400 and answer.json()["problems"], (path, params)
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [

@@ -66,3 +66,39 @@ async def test_spans_posted_are_drawn_by_meshlet_trace(tmp_path: Path) -> None:
     assert "503" in lines[1] and f"trace {T} · 4 spans · 9.0 ms" in out
     assert last_code == 0 and f"trace {T}" in last
     assert none_code == 1 and "no trace" in none_err
+
+
+async def test_a_third_party_zipkin_exporter_writes_to_the_store(tmp_path: Path) -> None:
+    # OpenTelemetry's Zipkin JSON exporter, as an app instrumented for Zipkin would send:
+    # the store takes its batches as Zipkin does, and the query API answers with the tree.
+    from opentelemetry.exporter.zipkin.json import ZipkinExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import SpanKind
+
+    async with run_control_plane(tmp_path) as cp:
+        api = f"127.0.0.1:{cp.ports['api']}"
+        exporter = ZipkinExporter(endpoint=f"http://{api}/api/v2/spans", timeout=5)
+        provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracer = provider.get_tracer("test")
+
+        def record() -> str:  # the exporter POSTs with requests (blocking): off the event loop
+            with tracer.start_as_current_span("get /cart", kind=SpanKind.SERVER) as root:
+                with tracer.start_as_current_span("get /items", kind=SpanKind.CLIENT) as call:
+                    call.set_attribute("http.status_code", 200)
+            provider.shutdown()
+            return f"{root.get_span_context().trace_id:032x}"
+
+        trace_id = await trio.to_thread.run_sync(record)
+        async with httpx.AsyncClient(base_url=f"http://{api}") as client:
+            trace = (await client.get(f"/api/v2/trace/{trace_id}")).json()
+            services = (await client.get("/api/v2/services")).json()
+        code, out, err = await meshlet("trace", trace_id, "--api", api)
+    assert services == ["checkout"]
+    by_kind = {s["kind"]: s for s in trace}
+    assert set(by_kind) == {"SERVER", "CLIENT"}
+    assert by_kind["CLIENT"]["parentId"] == by_kind["SERVER"]["id"]
+    assert by_kind["CLIENT"]["tags"]["http.status_code"] == "200"  # attributes arrive as Zipkin's string tags
+    assert code == 0 and "get /cart" in out and "2 spans" in out, err
