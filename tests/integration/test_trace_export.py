@@ -1,0 +1,68 @@
+"""A span collector that is down, hangs or refuses costs spans, counted, never a request:
+a real sidecar tracing every request, a real origin, a real (broken) collector socket."""
+
+from __future__ import annotations
+
+import socket
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from ..helpers import run_sidecar, sample, write_static
+from ..origin import Origin
+
+REQUESTS = 200
+
+
+async def hang(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)  # reads the POST, never answers
+    await trio.sleep_forever()
+
+
+async def refuse(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+
+
+def closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there: connections are refused
+    return port
+
+
+@pytest.mark.parametrize(
+    ("collector", "reason"),
+    [("down", "collector-unreachable"), ("hangs", "collector-unreachable"), ("refuses", "collector-refused")],
+)
+async def test_a_broken_collector_costs_spans_never_requests(
+    tmp_path: Path, origin: Origin, nursery: trio.Nursery, collector: str, reason: str
+) -> None:
+    if collector == "down":
+        port = closed_port()
+    else:
+        handler = hang if collector == "hangs" else refuse
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+    static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    extra = ["--trace-collector", f"http://127.0.0.1:{port}/api/v2/spans"]
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static, extra=extra) as sidecar:
+        async with httpx.AsyncClient(base_url=f"http://{sidecar.outbound}", headers={"host": "item"}) as client:
+            codes = [(await client.get("/hello")).status_code for _ in range(REQUESTS)]
+            traced = (await client.get("/info")).json()  # the origin sees the trace headers
+            with trio.fail_after(20):  # the exporter tries every second; a hung POST times out after 2 s
+                while True:
+                    metrics = (await client.get(f"http://{sidecar.admin}/metrics")).text
+                    if sample(metrics, "meshlet_spans_dropped_total", reason=reason) >= REQUESTS:
+                        break
+                    await trio.sleep(0.5)
+    assert codes == [200] * REQUESTS
+    assert "traceparent" in {name.lower() for name, _ in traced["headers"]}  # tracing was on
+    # the sidecar's own latency histogram: every request answered within 50 ms
+    fast = sample(metrics, "meshlet_request_duration_seconds_bucket", direction="outbound", code="200", le="0.05")
+    assert fast == REQUESTS + 1
+    assert not [line for line in metrics.splitlines() if line.startswith("meshlet_spans_exported_total ")]
