@@ -33,6 +33,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,7 @@ class Settings:
     saturation_connections: int = 32
     paced_rate: int = 1000  # requests per second, shared by the paced run's connections
     paced_connections: int = 10
+    ab_rounds: int = 5  # tracing A/B: paced runs per path, taken in turn
     stream_mb: int = 200
     out: Path = DEFAULT_OUT
 
@@ -93,7 +95,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        settings = Settings(warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out)
+        settings = Settings(warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out, ab_rounds=2)
     else:
         settings = Settings(warmup_s=2, saturation_s=10, c1_s=5, paced_s=5, out=args.out)
     if args.duration is not None:
@@ -491,6 +493,7 @@ def run_sidecar(
     endpoint_port: int,
     tag: str = "",
     trace_collector: str | None = None,
+    trace_sampling: float | None = None,
 ) -> Iterator[Server]:
     """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
     ``label`` names it in the results, ``tag`` keeps its files apart from other runs'.
@@ -519,6 +522,7 @@ def run_sidecar(
             "--admin",
             "127.0.0.1:0",
             *(["--trace-collector", trace_collector] if trace_collector else []),
+            *(["--trace-sampling", str(trace_sampling)] if trace_sampling is not None else []),
         ],
     )
     log = workdir.root / f"{name}.log"
@@ -733,10 +737,14 @@ def scenario_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tupl
 
 @contextlib.contextmanager
 def mesh_path(
-    workdir: Workdir, nginx_port: int, tag: str = "", trace_collector: str | None = None
+    workdir: Workdir,
+    nginx_port: int,
+    tag: str = "",
+    trace_collector: str | None = None,
+    trace_sampling: float | None = None,
 ) -> Iterator[tuple[int, list[Server]]]:
     """Sidecar B (service bench, app nginx) first, then A pointing at B's inbound."""
-    common = {"app_port": nginx_port, "tag": tag, "trace_collector": trace_collector}
+    common = {"app_port": nginx_port, "tag": tag, "trace_collector": trace_collector, "trace_sampling": trace_sampling}
     with run_sidecar(workdir, "B", service=HOST_HEADER, endpoint_port=nginx_port, **common) as b:
         assert b.inbound is not None
         with run_sidecar(workdir, "A", service="client", endpoint_port=b.inbound, **common) as a:
@@ -909,7 +917,7 @@ def ratio(value: float, base: float) -> str:
 
 
 def build_tables(
-    results: dict[str, ScenarioResult], streams: list[StreamResult], settings: Settings
+    results: dict[str, ScenarioResult], streams: list[StreamResult], settings: Settings, ab: TracingAB | None = None
 ) -> list[TableData]:
     direct, haproxy = results["direct"], results["haproxy"]
     throughput = TableData(
@@ -1003,7 +1011,96 @@ def build_tables(
     tables = [throughput, latency_c1, paced, cost, streaming]
     if "mesh path" in results and TRACED in results:
         tables.append(tracing_table(results["mesh path"], results[TRACED], settings))
+    if ab is not None:
+        tables.append(tracing_ab_table(ab, settings))
     return tables
+
+
+def tracing_ab_table(ab: TracingAB, settings: Settings) -> TableData:
+    base = ab.median_p99(ab.runs[AB_UNTRACED])
+    return TableData(
+        f"Tracing A/B: p99 at {settings.paced_rate} req/s, {settings.paced_s}s runs taken in turn on three mesh paths "
+        "up at once",
+        ["path", "p99 ms of each run", "median p99 ms", "vs untraced", "median p50 ms"],
+        [
+            [
+                name,
+                ", ".join(f"{run.p99_ms:.3f}" for run in runs),
+                f"{ab.median_p99(runs):.3f}",
+                change(ab.median_p99(runs), base),
+                f"{statistics.median(run.p50_ms for run in runs):.3f}",
+            ]
+            for name, runs in ab.runs.items()
+        ],
+        note=f"The tracing target is the '{AB_TARGET}' row: the sampling rate PRODUCT §10 recommends in production "
+        "(every request still carries its trace headers, one in 100 is recorded). Sampling 1.0 (the demo's default) "
+        "is shown for what it costs.",
+    )
+
+
+# The A/B's paths: label → sampling rate (None: no collector, so no tracing at all).
+AB_UNTRACED = "untraced"
+AB_TARGET = "traced, sampling 0.01"
+AB_PATHS: dict[str, float | None] = {AB_UNTRACED: None, AB_TARGET: 0.01, "traced, sampling 1.0": 1.0}
+
+
+@dataclass
+class TracingAB:
+    """Paced runs taken in turn on mesh paths that differ only in tracing, all up at once."""
+
+    runs: dict[str, list[WrkResult]]
+
+    @staticmethod
+    def median_p99(runs: list[WrkResult]) -> float:
+        return statistics.median(run.p99_ms for run in runs)
+
+    def p99_change_pct(self, label: str) -> float:
+        return 100 * (self.median_p99(self.runs[label]) / self.median_p99(self.runs[AB_UNTRACED]) - 1)
+
+
+def measure_tracing_ab(workdir: Workdir, nginx: Server, settings: Settings) -> TracingAB:
+    """The tracing target's own measure. One paced run per path is too few: the p99 of a
+    5 s run is its 50th worst request and moves by ±30 % between runs on this VM, which
+    swamps a 5 % budget. So the mesh paths run side by side (6 sidecars on the proxy core;
+    only the pair under load is busy), the paced run goes to each in turn, the order
+    rotating each round, and the medians of their p99s are compared."""
+    collector = f"http://127.0.0.1:{nginx.port}/api/v2/spans"
+    runs: dict[str, list[WrkResult]] = {label: [] for label in AB_PATHS}
+    with contextlib.ExitStack() as stack:
+        ports: dict[str, int] = {}
+        for i, (label, sampling) in enumerate(AB_PATHS.items()):
+            traced = sampling is not None
+            port, _ = stack.enter_context(
+                mesh_path(workdir, nginx.port, f"-ab{i}", collector if traced else None, sampling)
+            )
+            ports[label] = port
+            check_request(port)
+            run_wrk(
+                port,
+                connections=settings.saturation_connections,
+                seconds=settings.warmup_s,
+                path="/ok",
+                script=workdir.wrk_script,
+            )
+        labels = list(AB_PATHS)
+        for round_ in range(settings.ab_rounds):
+            for label in labels[round_ % 3 :] + labels[: round_ % 3]:
+                runs[label].append(
+                    run_wrk(
+                        ports[label],
+                        connections=settings.paced_connections,
+                        seconds=settings.paced_s,
+                        path="/ok",
+                        script=workdir.wrk_script,
+                        rate=settings.paced_rate,
+                        latency=True,
+                    )
+                )
+            announce(
+                f"tracing A/B round {round_ + 1}/{settings.ab_rounds}: p99 "
+                + ", ".join(f"{label} {runs[label][-1].p99_ms:.3f} ms" for label in labels)
+            )
+    return TracingAB(runs)
 
 
 def change(traced: float, plain: float) -> str:
@@ -1059,7 +1156,9 @@ def tracing_table(plain: ScenarioResult, traced: ScenarioResult, settings: Setti
     )
 
 
-def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult]) -> list[Target]:
+def build_targets(
+    results: dict[str, ScenarioResult], streams: list[StreamResult], ab: TracingAB | None = None
+) -> list[Target]:
     one, direct, haproxy = results["one sidecar"], results["direct"], results["haproxy"]
     stream_peak = max((mb for s in streams for mb in s.peak_rss_mb.values()), default=None)
     if any(not s.ok for s in streams):
@@ -1076,18 +1175,19 @@ def build_targets(results: dict[str, ScenarioResult], streams: list[StreamResult
         Target("added p50 at c=1", one.c1.p50_ms - direct.c1.p50_ms, TARGET_ADDED_P50_MS, " ms"),
         Target("RSS after saturation", one.rss_mb_by_proxy.get("sidecar"), TARGET_RSS_MB, " MB"),
         Target("peak RSS per sidecar, streaming", stream_peak, TARGET_STREAM_RSS_MB, " MB", comparison="<"),
-        tracing_target(results),
+        tracing_target(results, ab),
     ]
 
 
-def tracing_target(results: dict[str, ScenarioResult]) -> Target:
-    """Tracing on (every request sampled) raises the mesh path's p99 at the fixed rate by at most 5 %."""
-    plain, traced = results["mesh path"], results[TRACED]
-    spans = traced.spans
+def tracing_target(results: dict[str, ScenarioResult], ab: TracingAB | None) -> Target:
+    """Tracing on, at the sampling rate recommended for production, raises the mesh path's
+    p99 at the fixed rate by at most 5 %: the medians of the A/B runs (measure_tracing_ab)."""
+    spans = results[TRACED].spans
     value = None
-    if spans is not None and spans.exported >= spans.requests:  # a sidecar that exported nothing proves nothing
-        value = 100 * (traced.paced.p99_ms / plain.paced.p99_ms - 1)
-    return Target("tracing on: p99 change at the fixed rate, mesh path", value, TARGET_TRACING_P99_PCT, " %")
+    # the traced scenario shows the sidecars do export (two spans a request); otherwise nothing was measured
+    if ab is not None and spans is not None and spans.exported >= spans.requests:
+        value = ab.p99_change_pct(AB_TARGET)
+    return Target("tracing (sampling 0.01): p99 change at 1000 req/s", value, TARGET_TRACING_P99_PCT, " %")
 
 
 def markdown_table(table: TableData) -> str:
@@ -1229,7 +1329,7 @@ def save_logs(workdir: Workdir) -> None:
     console.print(f"[yellow]logs and configs of this run saved in {FAILURE_LOGS}[/yellow]")
 
 
-def measure_everything(settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult]]:
+def measure_everything(settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult], TracingAB]:
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
         announce(f"generating a {settings.stream_mb} MB file in {tmp}")
         workdir = prepare_workdir(Path(tmp), settings.stream_mb)
@@ -1240,13 +1340,15 @@ def measure_everything(settings: Settings) -> tuple[dict[str, ScenarioResult], l
             raise
 
 
-def measure_in(workdir: Workdir, settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult]]:
+def measure_in(workdir: Workdir, settings: Settings) -> tuple[dict[str, ScenarioResult], list[StreamResult], TracingAB]:
     announce(f"starting nginx on core {CLIENT_CORE}")
     with run_nginx(workdir) as nginx:
         results = {}
         for name in SCENARIOS:
             announce(f"scenario [bold]{name}[/bold]")
             results[name] = measure_scenario(name, workdir, nginx, settings)
+        announce(f"tracing A/B: {settings.ab_rounds} paced runs on each of {len(AB_PATHS)} paths, in turn")
+        ab = measure_tracing_ab(workdir, nginx, settings)
         streams = []
         for direction in ("download", "upload"):
             announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
@@ -1254,17 +1356,17 @@ def measure_in(workdir: Workdir, settings: Settings) -> tuple[dict[str, Scenario
             peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
             console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
             streams.append(stream)
-    return results, streams
+    return results, streams, ab
 
 
 def run(settings: Settings) -> int:
     started_at = datetime.now().astimezone()
     interference = Interference.start()
-    results, streams = measure_everything(settings)
+    results, streams, ab = measure_everything(settings)
     elapsed = time.monotonic() - interference.clock_s
     notes = interference.describe()
-    tables = build_tables(results, streams, settings)
-    targets = build_targets(results, streams)
+    tables = build_tables(results, streams, settings, ab)
+    targets = build_targets(results, streams, ab)
     settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, notes))
     print_summary(tables, targets)
     for note in notes:

@@ -70,6 +70,7 @@ class SidecarOptions:
     data_dir: Path | None = None  # where the last good config is persisted
     health_path: str = "/health"
     trace_collector: str | None = None  # a Zipkin v2 endpoint; MeshConfig's wins, the control plane's by default
+    trace_sampling: float | None = None  # MeshConfig's wins; 1.0 by default
 
 
 def build_outbound(
@@ -251,7 +252,11 @@ class Sidecar:
         self.snapshot = snapshot
 
     def _tracer(self, snapshot: MeshSnapshot) -> Tracer:
-        settings = snapshot.tracing or TracingSettings()
+        settings = snapshot.tracing
+        if settings is None:
+            default = TracingSettings()
+            sampling = default.sampling if self.options.trace_sampling is None else self.options.trace_sampling
+            settings = TracingSettings(sampling, default.formats, default.collector)
         self.tracing = settings
         return Tracer(
             self.options.service,

@@ -106,6 +106,10 @@ class Supervisor:
             args += ["--static", str(opts.static)]
         for name, address in opts.upstreams.items():
             args += ["--upstream", f"{name}={_address(address)}"]
+        if opts.trace_collector:
+            args += ["--trace-collector", opts.trace_collector]
+        if opts.trace_sampling is not None:
+            args += ["--trace-sampling", str(opts.trace_sampling)]
         return args
 
     async def run_worker(

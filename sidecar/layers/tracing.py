@@ -14,6 +14,13 @@ With no incoming context the sidecar starts a trace and decides sampling (``samp
 unless it has nowhere to send spans (no control plane, no collector: ``recording`` is
 off), then it starts none; a context that came in always goes on, with a new span id,
 and its decision is kept. Only sampled spans are recorded and exported.
+
+A context that came in *not sampled* goes on untouched: no span of it is recorded anywhere,
+so which span is the parent does not matter, and the trace id and the decision are what
+the next hops need (W3C lets a hop that does not record pass ``traceparent`` unchanged:
+"MAY mutate"). That keeps an unsampled request, 99 in 100 at the sampling rate
+recommended in production, to one header scan per sidecar: reading, stripping and
+writing five headers again cost ~20 µs of CPU a hop in the benchmark.
 """
 
 from __future__ import annotations
@@ -107,8 +114,11 @@ class Tracer:
 def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
         parent = tracecontext.extract(request.head.headers)
-        if parent is None and not tracer.recording:
-            return await inner(request)  # nowhere to send spans: start no trace (one that came in goes on)
+        if parent is None:
+            if not tracer.recording:
+                return await inner(request)  # nowhere to send spans: start no trace
+        elif parent.sampled is False and not parent.debug:
+            return await inner(request)  # not sampled: passed on as it came (see the module docstring)
         context = tracer.begin(request, parent)
         if not context.sampled or not tracer.recording:
             return await inner(request)
@@ -128,9 +138,13 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
         if request.attempt <= 1:  # the app's context; later attempts reuse it (our own headers replaced it)
             request.trace = tracecontext.extract(request.head.headers)
-        if request.trace is None and not tracer.recording:
-            return await inner(request)  # nowhere to send spans: start no trace
-        context = tracer.begin(request, request.trace)
+        parent = request.trace
+        if parent is None:
+            if not tracer.recording:
+                return await inner(request)  # nowhere to send spans: start no trace
+        elif parent.sampled is False and not parent.debug:
+            return await inner(request)  # not sampled: passed on as it came
+        context = tracer.begin(request, parent)
         if not context.sampled or not tracer.recording:
             return await inner(request)
         started = tracer.timer()

@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from ..core.spans import Span, encode_span, join
+from .poster import Http1Poster, PostError
 
 log = logging.getLogger("meshlet.tracing")
 
@@ -54,6 +55,8 @@ class SpanExporter:
         self._on_dropped = on_dropped or (lambda _n, _why: None)
         self._on_sent = on_sent or (lambda _n: None)
         self._full = trio.Event()
+        self._poster = Http1Poster(timeout)  # http:// collectors (see poster.py for why)
+        self._client: httpx.AsyncClient | None = None  # https://, or a test's transport
 
     def submit(self, span: Span) -> None:
         """Queue a finished span; drop it (counted) when the queue is full."""
@@ -69,12 +72,11 @@ class SpanExporter:
         self._on_dropped(count, why)
 
     async def run(self) -> None:
-        """Send batches forever (a task of the sidecar's nursery). The HTTP client (an SSL
-        context and all, a few MB) is made once there is somewhere to send to."""
+        """Send batches forever (a task of the sidecar's nursery)."""
         while self.url() is None:  # noqa: ASYNC110 - learnt from the configuration, not an event
             await trio.sleep(self.interval)
         backoff = 0.0
-        async with httpx.AsyncClient(timeout=self.timeout, transport=self.transport) as client:
+        try:
             while True:
                 with trio.move_on_after(self.interval + backoff):
                     await self._full.wait()
@@ -82,26 +84,38 @@ class SpanExporter:
                 url = self.url()
                 while self.queue and url is not None:
                     batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
-                    if not await self._post(client, url, batch):
+                    if not await self._post(url, batch):
                         backoff = min(self.max_backoff, max(self.interval, backoff * 2))
                         break
                     backoff = 0.0
                     if len(self.queue) < self.batch:
                         # What came in during the POST waits for a full batch or the next
-                        # interval: sending it at once would make a POST (~0.5 ms of CPU in
-                        # httpx) for every few spans under load.
+                        # interval: sending it at once would make a POST for every few
+                        # spans under load.
                         break
+        finally:
+            self._poster.close()
+            if self._client is not None:
+                with trio.CancelScope(shield=True):
+                    await self._client.aclose()
 
-    async def _post(self, client: httpx.AsyncClient, url: str, batch: list[bytes]) -> bool:
+    async def _post(self, url: str, batch: list[bytes]) -> bool:
+        body = join(batch)
         try:
-            response = await client.post(url, content=join(batch), headers={"content-type": "application/json"})
-        except (httpx.HTTPError, OSError) as exc:
+            if self.transport is None and url.startswith("http://"):
+                status = await self._poster.post(url, body)
+            else:
+                if self._client is None:  # an SSL context and all, a few MB: only when needed
+                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport)
+                response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
+                status = response.status_code
+        except (PostError, httpx.HTTPError, OSError) as exc:
             self._drop(len(batch), "collector-unreachable")
             log.warning("spans not delivered to %s: %s (%d dropped)", url, exc, len(batch))
             return False
-        if response.status_code >= 300:
+        if status >= 300:
             self._drop(len(batch), "collector-refused")
-            log.warning("collector %s refused %d spans: %s", url, len(batch), response.status_code)
+            log.warning("collector %s refused %d spans: %s", url, len(batch), status)
             return False
         self.sent += len(batch)
         self._on_sent(len(batch))

@@ -19,3 +19,15 @@ def test_micro_path_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "µs per request" in result.stdout
+
+
+def test_micro_path_traced_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "micro_path.py"), "300", "--traced"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr  # it asserts a span per request itself
+    assert "tracing adds" in result.stdout

@@ -3,7 +3,9 @@ a real sidecar tracing every request, a real origin, a real (broken) collector s
 
 from __future__ import annotations
 
+import json
 import socket
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -66,3 +68,70 @@ async def test_a_broken_collector_costs_spans_never_requests(
     fast = sample(metrics, "meshlet_request_duration_seconds_bucket", direction="outbound", code="200", le="0.05")
     assert fast == REQUESTS + 1
     assert not [line for line in metrics.splitlines() if line.startswith("meshlet_spans_exported_total ")]
+
+
+class Sink:
+    """A collector that takes every batch (202) and counts the spans."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, object]] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            head, found, rest = buffer.partition(b"\r\n\r\n")
+            if not found:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+                continue
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
+            while len(rest) < length:
+                rest += await stream.receive_some(65536)
+            self.spans.extend(json.loads(rest[:length]))
+            buffer = rest[length:]
+            await stream.send_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+
+
+async def test_every_worker_sends_its_spans_and_sampling_zero_records_none(
+    tmp_path: Path, origin: Origin, nursery: trio.Nursery
+) -> None:
+    sink = Sink()
+    listeners = await nursery.start(partial(trio.serve_tcp, sink.handle, 0, host="127.0.0.1"))
+    collector = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/api/v2/spans"
+    static = write_static(tmp_path / "s.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    extra = ["--trace-collector", collector, "--workers", "2"]
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static, extra=extra) as sidecar:
+        for _ in range(40):  # a new connection each: both workers get some
+            async with httpx.AsyncClient(base_url=f"http://{sidecar.outbound}", headers={"host": "item"}) as client:
+                assert (await client.get("/hello")).status_code == 200
+        with trio.fail_after(10):
+            while len(sink.spans) < 40:  # noqa: ASYNC110 - the exporters send every second
+                await trio.sleep(0.2)
+    assert {span["localEndpoint"]["serviceName"] for span in sink.spans} == {"user"}  # type: ignore[index]
+    assert len({span["traceId"] for span in sink.spans}) == 40
+
+    unsampled = ["--trace-collector", collector, "--trace-sampling", "0"]
+    async with run_sidecar(tmp_path, service="shop", app="127.0.0.1:1", static=static, extra=unsampled) as sidecar:
+        async with httpx.AsyncClient(base_url=f"http://{sidecar.outbound}", headers={"host": "item"}) as client:
+            infos = [(await client.get("/info")).json() for _ in range(20)]
+        await trio.sleep(2)  # two export intervals
+    parents = [dict((k.lower(), v) for k, v in info["headers"])["traceparent"] for info in infos]
+    assert all(p.endswith("-00") for p in parents)  # the decision (not sampled) goes on
+    assert len(set(parents)) == 20  # each request still a trace of its own
+    assert all(span["localEndpoint"]["serviceName"] == "user" for span in sink.spans)  # type: ignore[index]
+
+
+async def test_a_sampling_rate_outside_0_to_1_is_refused(tmp_path: Path) -> None:
+    static = write_static(tmp_path / "s.yaml", {})
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", "sidecar", "--service", "a", "--app", "127.0.0.1:1"]
+        + ["--static", str(static), "--trace-sampling", "1.5"],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--trace-sampling 1.5: a share between 0 and 1" in result.stderr.decode()

@@ -126,3 +126,30 @@ async def test_with_nowhere_to_send_spans_no_trace_is_started_but_one_that_came_
     (await handler(request(INCOMING))).finish(True)
     passed_on = tracecontext.extract(heads[1])
     assert passed_on is not None and passed_on.trace_id == TRACE and passed_on.span_id != CALLER_CLIENT_SPAN
+
+
+async def test_a_context_that_came_in_unsampled_is_passed_on_untouched_both_ways() -> None:
+    # Nothing of an unsampled trace is recorded, so the headers go on as they came (no new
+    # span id to write): only the trace id and the decision matter downstream.
+    spans: list[Span] = []
+    unsampled = [
+        (b"traceparent", f"00-{TRACE}-{CALLER_CLIENT_SPAN}-00".encode()),
+        (b"X-B3-TraceId", TRACE.encode()),
+        (b"X-B3-SpanId", CALLER_CLIENT_SPAN.encode()),
+        (b"X-B3-Sampled", b"0"),
+    ]
+    heads: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(req: Request) -> Response:
+        heads.append(list(req.head.headers))
+        return Response(200, b"OK", [])
+
+    for layer in (server_tracing, client_tracing):
+        response = await layer(app, tracer(spans, "user", rate=1.0))(request(*unsampled))
+        response.finish(True)
+    assert heads == [unsampled, unsampled] and spans == []
+    # debug overrides "not sampled": recorded, with a new span id
+    debug = [(b"b3", f"{TRACE}-{CALLER_CLIENT_SPAN}-d".encode())]
+    (await server_tracing(app, tracer(spans, "user"))(request(*debug))).finish(True)
+    (span,) = spans
+    assert span.parent_id == CALLER_CLIENT_SPAN and heads[-1] != debug

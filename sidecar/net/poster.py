@@ -1,0 +1,129 @@
+"""A small HTTP/1.1 client with one job: POST a batch to a collector, return the status.
+
+Why not httpx, as elsewhere? The span exporter runs on the sidecar's event loop, where every
+request in flight waits while it works. An httpx POST costs about 0.5 ms of CPU whatever the
+batch (measured on a 2-core VM: 480 µs for 10 spans, 600 µs for 500; this client: 45 and
+95 µs), and in the benchmark those pauses were half of what tracing added to the mesh
+path's p99. This client reuses the data path's own response parser
+(sidecar/core/http1.py, llhttp) and keeps one connection alive between batches.
+
+It speaks ``http://`` only; the exporter sends to an ``https://`` collector with httpx.
+A kept-alive connection the collector closed while idle is found when the next POST gets no
+byte back; that POST is sent once more on a fresh connection (nothing was processed: no
+response began), as HTTP clients do for stale connections.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import trio
+
+from ..core.http1 import END, ProtocolError, ResponseHead, ResponseReader
+
+READ_SIZE = 65536
+
+
+class PostError(Exception):
+    """The collector could not be reached, or did not answer in HTTP/1.1 in time."""
+
+
+def http_target(url: str) -> tuple[str, int, bytes, bytes]:
+    """(host, port, Host header value, request target) of an ``http://`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not an http:// URL: {url!r}")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return parts.hostname, parts.port or 80, parts.netloc.encode(), path.encode()
+
+
+class Http1Poster:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._stream: trio.SocketStream | None = None
+        self._peer: tuple[str, int] | None = None
+        self.connections = 0  # opened so far (tests check that one is kept alive)
+
+    async def post(self, url: str, body: bytes, content_type: bytes = b"application/json") -> int:
+        """The status the collector answered. Raises PostError (closing the connection)."""
+        host, port, authority, target = http_target(url)
+        head = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (
+            target,
+            authority,
+            content_type,
+            len(body),
+        )
+        try:
+            with trio.fail_after(self.timeout):
+                reused = self._stream is not None and self._peer == (host, port)
+                if not reused:
+                    await self._connect(host, port)
+                status = await self._exchange(head + body)
+                if status is None and reused:  # stale: closed by the collector while idle
+                    await self._connect(host, port)
+                    status = await self._exchange(head + body)
+                if status is None:
+                    raise PostError("the collector closed the connection without answering")
+                return status
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, PostError) as exc:
+            self.close()
+            if isinstance(exc, PostError):
+                raise
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__
+            raise PostError(reason) from exc
+
+    async def _connect(self, host: str, port: int) -> None:
+        self.close()
+        self._stream = await trio.open_tcp_stream(host, port)
+        self._peer = (host, port)
+        self.connections += 1
+
+    async def _exchange(self, request: bytes) -> int | None:
+        """Send, read the whole response; its status, or None if the connection closed
+        before any byte of one arrived."""
+        stream = self._stream
+        assert stream is not None
+        try:
+            await stream.send_all(request)
+        except trio.BrokenResourceError:
+            return None
+        reader = ResponseReader()
+        reader.expect(b"POST")
+        status: int | None = None
+        keep_alive = False
+        received_any = False
+        while True:
+            while reader.events:
+                event = reader.events.popleft()
+                if type(event) is ResponseHead:
+                    status, keep_alive = event.status, event.keep_alive
+                elif event is END:
+                    if not keep_alive or reader.dirty:
+                        self.close()
+                    return status
+                elif isinstance(event, ProtocolError):
+                    raise PostError(f"the collector's answer is not valid HTTP/1.1: {event.detail}")
+            try:
+                data = await stream.receive_some(READ_SIZE)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                if not received_any:
+                    return None
+                reader.feed_eof()
+                if not reader.events:
+                    raise PostError("the collector closed the connection in the middle of its answer")
+                continue
+            received_any = True
+            reader.feed(data)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.socket.close()
+            self._stream = None
+            self._peer = None
+
+
+__all__ = ["Http1Poster", "PostError", "http_target"]
