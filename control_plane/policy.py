@@ -467,14 +467,19 @@ class Tracing(_Model):
 
 
 class Metrics(_Model):
-    labels: list[Literal["source", "destination", "route", "status", "reason"]] = [
+    """Bounds on the sidecars' metrics (PRODUCT §11; sidecar/core/cardinality.py)."""
+
+    # The per-hop labels kept; one left out is written empty. direction is always kept.
+    labels: list[Literal["source", "destination", "route", "code", "reason"]] = [
         "source",
         "destination",
         "route",
-        "status",
+        "code",
         "reason",
     ]
-    max_series: int = Field(default=10_000, ge=100, le=10_000_000)
+    max_label_values: int = Field(default=200, ge=1, le=100_000)  # per label; past it: "other"
+    max_series: int = Field(default=10_000, ge=100, le=10_000_000)  # per metric; past it every capped label: "other"
+    idle_expiry: Duration = 600.0  # a series that has not moved for this long is removed
 
 
 class Mtls(_Model):

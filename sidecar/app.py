@@ -43,13 +43,14 @@ from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.exporter import SpanExporter
 from .net.io import Connection, Deadlines, listen_socket, serve_socket
 from .net.upstream import Forwarder, UpstreamPools
-from .telemetry import Telemetry, render
+from .telemetry import Telemetry, cardinality, render
 
 log = logging.getLogger("meshlet.sidecar")
 
 # After saying bye: the control plane's debounce (0.1 s) and one push round trip to every
 # caller take well under this; until then, callers may still pick this instance.
 DRAIN_PROPAGATION = 1.0
+METRICS_SWEEP_INTERVAL = 60.0  # seconds between looks for idle metric series
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Sidecar:
             local_zone=options.labels.get("zone"),  # endpoints in our zone first
         )
         self.telemetry.destination_stats = self.destination_stats
+        self.telemetry.status = self.metrics_status
         self.explanations = Explanations()
         self.tracing = TracingSettings()  # MeshConfig's, as of the last snapshot
         self.exporter = SpanExporter(
@@ -197,6 +199,7 @@ class Sidecar:
                 "explanations": list(self.explanations.by_id.values()),
             },
             explain=self.explanations.get,
+            cardinality=lambda: cardinality(render(lambda: [self.telemetry.snapshot()]), self.telemetry),
         )
 
     # configuration ------------------------------------------------------------------
@@ -219,6 +222,7 @@ class Sidecar:
         clock = self.deadlines.clock
         destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
         telemetry, forwarder = self.telemetry, self.forwarder
+        telemetry.configure(snapshot.metrics)
         explanations = self.explanations
         tracer = self._tracer(snapshot)
         self.outbound_handler = build_outbound(
@@ -412,8 +416,23 @@ class Sidecar:
                 nursery.start_soon(self.control.serve)
             self.mirror.spawn = nursery.start_soon
             nursery.start_soon(self.exporter.run)
+            nursery.start_soon(self._sweep_metrics)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
+
+    async def _sweep_metrics(self) -> None:
+        """Idle request series go (MeshConfig metrics.idle_expiry), judged once a minute."""
+        while True:
+            await trio.sleep(METRICS_SWEEP_INTERVAL)
+            gone = self.telemetry.sweep(trio.current_time())
+            if gone:
+                log.debug("%d idle metric series removed", gone)
+
+    def metrics_status(self) -> tuple[str, int | None]:
+        """For /metrics: the config version applied, and 1/0 for the control plane's channel
+        (None in static mode)."""
+        connected = None if self.control is None else int(self.control.connected)
+        return self.snapshot.version, connected
 
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

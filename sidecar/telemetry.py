@@ -4,6 +4,11 @@ The request path only bumps plain integers in dicts keyed by label tuples (no lo
 no prometheus-client objects per request: ``Counter.labels().inc()`` costs several µs).
 At scrape time :func:`render` turns one or more :meth:`Telemetry.snapshot` values
 into Prometheus text, so ``--workers N`` adds the workers' snapshots up.
+
+The per-hop request series are bounded (sidecar/core/cardinality.py): a label tuple seen
+for the first time goes through the allow-list and the value caps once, and the answer is
+kept, so a request pays one dict lookup for it. :meth:`Telemetry.sweep`, every minute,
+removes series idle for the expiry (10 min by default).
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from .core.cardinality import IdleSeries, MetricsSettings, SeriesLimits
 
 # 0.5 ms to 30 s: the sidecar's own overhead sits in the first buckets, timeouts in the last.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-REQUEST_LABELS = ("direction", "source", "destination", "code", "reason")
+REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason")
+SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
 SHADOW_LABELS = ("route", "rule", "decision")
@@ -35,7 +44,11 @@ MIRROR_LABELS = ("destination", "outcome")
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    def __init__(self, settings: MetricsSettings | None = None) -> None:
+        self.settings = settings or MetricsSettings()
+        self.limits = SeriesLimits(REQUEST_LABELS, self.settings.labels, self.settings.max_label_values)
+        self.idle = IdleSeries(self.settings.idle_expiry)
+        self._recorded_as: dict[tuple[str, ...], tuple[str, ...]] = {}  # raw labels → bounded labels
         self.requests: dict[tuple[str, ...], int] = {}
         # labels → [count per bucket..., +Inf count, sum]
         self.durations: dict[tuple[str, ...], list[float]] = {}
@@ -54,11 +67,29 @@ class Telemetry:
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        # Called at scrape time: (the config version applied, control plane connected: 1/0, or
+        # None without a control plane).
+        self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
+
+    def configure(self, settings: MetricsSettings | None) -> None:
+        """New bounds (a MeshConfig changed them): the request series start again under them."""
+        settings = settings or MetricsSettings()
+        if settings == self.settings:
+            return
+        self.settings = settings
+        self.limits = SeriesLimits(REQUEST_LABELS, settings.labels, settings.max_label_values)
+        self.idle = IdleSeries(settings.idle_expiry)
+        self._recorded_as.clear()
+        self.requests.clear()  # a counter that starts again is a reset to Prometheus
+        self.durations.clear()
 
     def request_finished(
-        self, direction: str, source: str, destination: str, code: int, reason: str, seconds: float
+        self, direction: str, source: str, destination: str, route: str, code: int, reason: str, seconds: float
     ) -> None:
-        labels = (direction, source, destination, str(code), reason)
+        raw = (direction, source, destination, route, str(code), reason)
+        labels = self._recorded_as.get(raw)
+        if labels is None:
+            labels = self._bound(raw)
         requests = self.requests
         requests[labels] = requests.get(labels, 0) + 1
         hist = self.durations.get(labels)
@@ -66,6 +97,26 @@ class Telemetry:
             hist = self.durations[labels] = [0.0] * (len(DURATION_BUCKETS) + 2)
         hist[bisect_left(DURATION_BUCKETS, seconds)] += 1
         hist[-1] += seconds
+
+    def _bound(self, raw: tuple[str, ...]) -> tuple[str, ...]:
+        if len(self._recorded_as) >= SERIES_CACHE_MAX:
+            self._recorded_as.clear()
+        labels = self.limits.admit(raw)
+        if labels not in self.requests and len(self.requests) >= self.settings.max_series:
+            labels = self.limits.fold(labels)
+        self._recorded_as[raw] = labels
+        return labels
+
+    def sweep(self, now: float) -> int:
+        """Remove the request series idle for the expiry; how many went."""
+        idle = self.idle.sweep(self.requests, now)
+        for key in idle:
+            del self.requests[key]
+            self.durations.pop(key, None)
+        if idle:
+            self.limits.rebuild(self.requests)
+            self._recorded_as.clear()
+        return len(idle)
 
     def shadow_decision(self, route: str, rule: str, decision: str) -> None:
         key = (route, rule, decision)
@@ -119,6 +170,8 @@ class Telemetry:
             "ejections": [[*k, v] for k, v in self.ejections.items()],
             "spans_dropped": [[*k, v] for k, v in self.spans_dropped.items()],
             "spans_exported": [[*k, v] for k, v in self.spans_exported.items()],
+            "folded": [[k, v] for k, v in self.limits.folded.items()],
+            "info": [[*self.status()]],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
         }
@@ -139,6 +192,8 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "ejections": {},
         "spans_dropped": {},
         "spans_exported": {},
+        "folded": {},
+        "info": {},
         "circuits": {},
         "endpoints": {},
     }
@@ -157,11 +212,15 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "endpoints",
             "spans_dropped",
             "spans_exported",
+            "folded",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
                 key = tuple(labels)
                 table[key] = table.get(key, 0) + value
+        for version, connected in snap.get("info", ()):  # workers share one configuration: the first says
+            merged["info"].setdefault("version", version)
+            merged["info"].setdefault("connected", connected)
         circuits = merged["circuits"]
         for destination, state in snap.get("circuits", ()):
             # Workers keep a breaker each: show the most alarming (open, then half-open).
@@ -297,6 +356,30 @@ class _Collector:
             MIRROR_LABELS,
             merged["mirror"],
         )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_metrics_series_folded",
+            "New per-hop series written with 'other' for a label, past its value cap (MeshConfig metrics).",
+            ("label",),
+            {(label,): n for (label,), n in merged["folded"].items()},
+        )
+        info = merged["info"]
+        if info.get("version"):
+            yield _family(
+                GaugeMetricFamily,
+                "meshlet_config_version_info",
+                "The configuration version this sidecar applies (always 1).",
+                ("version",),
+                {(info["version"],): 1},
+            )
+        if info.get("connected") is not None:
+            yield _family(
+                GaugeMetricFamily,
+                "meshlet_control_plane_connected",
+                "1 while the push channel to the control plane is up.",
+                (),
+                {(): info["connected"]},
+            )
 
 
 def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
@@ -315,3 +398,29 @@ def render(snapshots: Callable[[], Iterable[dict[str, Any]]]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshots))
     return generate_latest(registry)
+
+
+def cardinality(text: bytes, telemetry: Telemetry | None = None) -> dict[str, Any]:
+    """/metrics/cardinality: the series per metric in ``text`` (a /metrics page; a
+    histogram counts one series per label set, not per bucket), and the bounds."""
+    series: dict[str, int] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        label_sets = {
+            tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            for sample in family.samples
+            if family.type != "histogram" or sample.name.endswith("_count")
+        }
+        if label_sets:
+            series[family.name] = len(label_sets)
+    out: dict[str, Any] = {"series": dict(sorted(series.items())), "total": sum(series.values())}
+    if telemetry is not None:
+        settings = telemetry.settings
+        out["limits"] = {
+            "labels": list(settings.labels),
+            "max_label_values": settings.max_label_values,
+            "max_series": settings.max_series,
+            "idle_expiry_seconds": settings.idle_expiry,
+        }
+        out["label_values"] = telemetry.limits.distinct()
+        out["folded"] = dict(telemetry.limits.folded)
+    return out

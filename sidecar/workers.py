@@ -28,7 +28,7 @@ from .layers.base import Request, Response
 from .net.admin import AdminHandler, json_response
 from .net.downstream import Timeouts
 from .net.io import Deadlines
-from .telemetry import render
+from .telemetry import cardinality, render
 
 log = logging.getLogger("meshlet.workers")
 
@@ -173,9 +173,15 @@ class Supervisor:
                     for w, s in zip(self.workers, by_worker, strict=True)
                 ]
             )
-        if path == b"/metrics":
+        if path in (b"/metrics", b"/metrics/cardinality"):
             text = render(lambda: [s["telemetry"] for s in snapshots])
-            handler = AdminHandler(metrics=lambda: text, ready=self.readiness, config_dump=dict, clusters=dict)
+            handler = AdminHandler(
+                metrics=lambda: text,
+                ready=self.readiness,
+                config_dump=dict,
+                clusters=dict,
+                cardinality=lambda: cardinality(text),  # each worker applies the bounds to its own series
+            )
         else:
             handler = AdminHandler(
                 metrics=bytes,

@@ -83,6 +83,7 @@ class MeshSnapshot:
     destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
     shadow_destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
     tracing: Any = None  # TracingSettings (sidecar/core/spans.py); None: the defaults
+    metrics: Any = None  # MetricsSettings (sidecar/core/cardinality.py); None: the defaults
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +134,7 @@ def make_snapshot(
     destinations: Mapping[tuple[str, str | None], Any] | None = None,
     shadow_destinations: Mapping[tuple[str, str | None], Any] | None = None,
     tracing: Any = None,
+    metrics: Any = None,
 ) -> MeshSnapshot:
     """The snapshot's version covers its services and the version of the policies behind
     its routes and access tables."""
@@ -145,6 +147,7 @@ def make_snapshot(
         "destinations": MappingProxyType(dict(destinations or {})),
         "shadow_destinations": MappingProxyType(dict(shadow_destinations or {})),
         "tracing": tracing,
+        "metrics": metrics,
     }
     snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()

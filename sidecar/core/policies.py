@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from control_plane import wire
 
 from .access import AccessTable
+from .cardinality import MetricsSettings
 from .config import Endpoint, ServiceConfig, parse_address
 from .destination import Settings, settings
 from .routes import RouteTable
@@ -108,13 +109,24 @@ class PolicyCache:
                 out.setdefault((document.service, document.rule), settings(document))
         return out
 
-    def tracing(self) -> TracingSettings:
-        """MeshConfig's tracing settings, or the defaults when there is no MeshConfig."""
+    def tracing(self) -> TracingSettings | None:
+        """MeshConfig's tracing settings; None without a MeshConfig (the sidecar's flags and
+        the defaults apply)."""
         for _, _, document in self.held.values():
             if document.kind == "MeshConfig":
                 tracing = document.tracing
                 return TracingSettings(tracing.sampling, tuple(tracing.formats), tracing.collector)
-        return TracingSettings()
+        return None
+
+    def metrics(self) -> MetricsSettings | None:
+        """MeshConfig's metrics bounds; None without a MeshConfig (the defaults apply)."""
+        for _, _, document in self.held.values():
+            if document.kind == "MeshConfig":
+                metrics = document.metrics
+                return MetricsSettings(
+                    ("direction", *metrics.labels), metrics.max_label_values, metrics.max_series, metrics.idle_expiry
+                )
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {name: {"ver": version, "body": body} for name, (version, body, _) in self.held.items()}

@@ -1,4 +1,5 @@
-"""Records every exchange once, when it ends: count, duration, status, mesh reason."""
+"""Records every exchange once, when it ends: count, duration, status, mesh reason, and
+the route rule that matched (``ROUTE/RULE``; empty when none did, and on the inbound side)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ def metrics_layer(inner: Handler, telemetry: Telemetry, direction: str, local_se
         inner_finish = response.on_finish
         status = response.status
         reason = response.mesh_error
+        rule = request.rule
+        route = rule.ref if rule is not None else ""
 
         def finish(complete: bool) -> None:
             inflight[direction] -= 1
             if inner_finish is not None:
                 inner_finish(complete)
             why = reason or ("" if complete else "incomplete")
-            finished(direction, source, destination, status, why, perf_counter() - start)
+            finished(direction, source, destination, route, status, why, perf_counter() - start)
 
         response.on_finish = finish
         return response

@@ -1,4 +1,4 @@
-"""The admin listener: /metrics /ready /live /config_dump /clusters /explain.
+"""The admin listener: /metrics /metrics/cardinality /ready /live /config_dump /clusters /explain.
 
 Served by the same HTTP/1.1 loop as the data path, with a handler that answers itself.
 """
@@ -47,6 +47,7 @@ class AdminHandler:
         clusters: Callable[[], Any],
         worker_snapshot: Callable[[], Any] | None = None,
         explain: Callable[[str | None], Any] | None = None,
+        cardinality: Callable[[], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
@@ -54,6 +55,7 @@ class AdminHandler:
         self.clusters = clusters
         self.worker_snapshot = worker_snapshot
         self.explain = explain
+        self.cardinality = cardinality
 
     async def __call__(self, request: Request) -> Response:
         path, _, query = request.head.target.partition(b"?")
@@ -61,6 +63,8 @@ class AdminHandler:
             return _respond(405, b"Method Not Allowed", b"text/plain", b"admin endpoints are read-only\n")
         if path == b"/metrics":
             return _respond(200, b"OK", PROMETHEUS_TEXT, self.metrics())
+        if path == b"/metrics/cardinality" and self.cardinality is not None:
+            return json_response(self.cardinality())
         if path == b"/live":
             return _respond(200, b"OK", b"text/plain", b"live\n")
         if path == b"/ready":
@@ -84,5 +88,5 @@ class AdminHandler:
             404,
             b"Not Found",
             b"text/plain",
-            b"unknown admin path; try /metrics /ready /live /config_dump /clusters /explain\n",
+            b"unknown admin path; try /metrics /metrics/cardinality /ready /live /config_dump /clusters /explain\n",
         )

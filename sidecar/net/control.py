@@ -236,6 +236,7 @@ class ControlPlaneClient:
             policies.destinations(),
             policies.destinations("shadow"),
             policies.tracing(),
+            policies.metrics(),
         )
         self._apply(snapshot)
         self.has_config = True
