@@ -1,0 +1,137 @@
+"""Per-hop metrics through real sidecars (PRODUCT §11): exact counts after scripted
+traffic, the route label, promtool's verdict on the real output, and the bounds on label
+values under 10,000 distinct callers and paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, write_static
+from ..origin import Origin
+
+ROUTE = """\
+kind: Route
+name: item-api
+host: item
+rules:
+  - {name: hello, match: {path: {prefix: /hello}}, destinations: [{service: item}]}
+  - {name: status, match: {path: {prefix: /status}}, destinations: [{service: item}]}
+"""
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` whose labels include ``labels`` (summed), as Prometheus parses it."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("MESHLET_REQUIRE_ALL"):
+            pytest.fail("promtool is missing (Debian package prometheus)")
+        pytest.skip("promtool is missing: apt-get install prometheus")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(
+    tmp_path: Path, origin: Origin
+) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            await apply_policy(tmp_path, api, ROUTE)
+            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+                with trio.fail_after(15):  # until user's sidecar routes item by the new rules
+                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                # from here on, counted: read the counts before, compare after
+                before_user = (await client.get(f"http://{user.admin}/metrics")).text
+                before_item = (await client.get(f"http://{item.admin}/metrics")).text
+                for _ in range(30):
+                    assert (await client.get("/hello")).status_code == 200
+                for _ in range(7):
+                    assert (await client.get("/status/404")).status_code == 404
+                assert (await client.get("/nothing")).status_code == 404  # no rule: the mesh's no-route
+                user_metrics = (await client.get(f"http://{user.admin}/metrics")).text
+                item_metrics = (await client.get(f"http://{item.admin}/metrics")).text
+                cp_metrics = (await client.get(f"http://{api}/metrics")).text
+                report = (await client.get(f"http://{user.admin}/metrics/cardinality")).json()
+
+    def delta(after: str, before: str, name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    hop = {"direction": "outbound", "source": "user", "destination": "item"}
+    assert delta(user_metrics, before_user, "meshlet_requests_total", **hop, route="item-api/hello", code="200") == 30
+    assert delta(user_metrics, before_user, "meshlet_requests_total", **hop, route="item-api/status", code="404") == 7
+    no_route = {"direction": "outbound", "code": "404", "reason": "no-route"}
+    assert delta(user_metrics, before_user, "meshlet_requests_total", **no_route) == 1
+    assert delta(user_metrics, before_user, "meshlet_request_duration_seconds_count", **hop, code="200") == 30
+    inbound = {"direction": "inbound", "source": "user", "destination": "item", "route": ""}
+    assert delta(item_metrics, before_item, "meshlet_requests_total", **inbound, code="200") == 30
+    assert delta(item_metrics, before_item, "meshlet_requests_total", **inbound, code="404") == 7
+    assert value(user_metrics, "meshlet_control_plane_connected") == 1
+    versions = [
+        s.labels["version"]
+        for f in text_string_to_metric_families(user_metrics)
+        for s in f.samples
+        if s.name == "meshlet_config_version_info"
+    ]
+    assert len(versions) == 1 and versions[0]
+    assert report["series"]["meshlet_requests"] >= 3 and report["limits"]["max_label_values"] == 200
+    for text in (user_metrics, item_metrics, cp_metrics):
+        promtool_check(text)
+
+
+async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "s.yaml", {})
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=static) as item:
+        port = item.ports["inbound"]
+        requests = b"".join(
+            b"GET /hello/%d HTTP/1.1\r\nhost: item\r\nx-meshlet-source: caller-%d\r\n\r\n" % (i, i)
+            for i in range(10_000)
+        )
+        with trio.fail_after(120):
+            answer = await raw_exchange(
+                port, requests + b"GET /hello HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n"
+            )
+        assert answer.count(b"HTTP/1.1 ") == 10_001
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://{item.admin}/metrics")).text
+            report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
+    inbound = [
+        s
+        for f in text_string_to_metric_families(metrics)
+        for s in f.samples
+        if s.name == "meshlet_requests_total" and s.labels["direction"] == "inbound"
+    ]
+    # the first 200 callers by name (the origin answers 404 to /hello/N), then "other": the
+    # other 9,800 callers' 404s and the unnamed last request's 200
+    assert len(inbound) == 200 + 2
+    assert {
+        (s.labels["source"], s.labels["code"]) for s in inbound if not s.labels["source"].startswith("caller-")
+    } == {
+        ("other", "404"),
+        ("other", "200"),
+    }
+    assert value(metrics, "meshlet_requests_total", source="other") == 9_801
+    assert sum(s.value for s in inbound) == 10_001  # nothing lost, only folded
+    assert value(metrics, "meshlet_metrics_series_folded_total", label="source") == 9_801
+    assert report["series"]["meshlet_requests"] == 202 and report["label_values"]["source"] == 200
+    promtool_check(metrics)
