@@ -118,6 +118,12 @@ def build_api(push: PushServer, token: str | None = None, traces: TraceStore | N
             }
         )
 
+    async def prometheus_targets(request: Request) -> Response:
+        # Prometheus HTTP service discovery (http_sd_configs): one target group per sidecar,
+        # its admin listener, labelled with what an operator filters by. Not-ready sidecars
+        # are listed too: their metrics say why they are not ready.
+        return JSONResponse([prometheus_target(instance) for instance in registry.instances()])
+
     async def metrics(request: Request) -> Response:
         collector_registry = CollectorRegistry(auto_describe=False)
         collector_registry.register(_Collector(push, traces))
@@ -229,6 +235,7 @@ def build_api(push: PushServer, token: str | None = None, traces: TraceStore | N
             Route("/v1/endpoints", endpoints),
             Route("/v1/status", status),
             Route("/metrics", metrics),
+            Route("/v1/prometheus/targets", prometheus_targets),
             Route("/v1/policies", policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", history),
             Route("/v1/policies/rollback", rollback, methods=["POST"]),
@@ -278,6 +285,23 @@ class _Collector:
         )
         histogram.add_metric([], buckets, total)
         yield histogram
+
+
+def prometheus_target(instance: Any) -> dict[str, Any]:
+    """A target group in the http_sd_configs format: ``service`` and ``instance`` (the instance
+    id, in place of Prometheus's default HOST:PORT) as labels; the rest as ``__meta_meshlet_*``
+    for relabelling (node, readiness, the instance's own labels: zone, version...)."""
+    labels = {
+        "service": instance.service,
+        "instance": instance.instance_id,
+        "__meta_meshlet_node": instance.node,
+        "__meta_meshlet_ready": "true" if instance.ready else "false",
+        "__meta_meshlet_address": instance.address,
+    }
+    for key, value in instance.labels.items():
+        name = "".join(c if c.isalnum() else "_" for c in key)
+        labels[f"__meta_meshlet_label_{name}"] = value
+    return {"targets": [instance.admin], "labels": labels}
 
 
 async def _json_body(request: Request) -> dict[str, Any] | Response:

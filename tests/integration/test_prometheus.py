@@ -1,0 +1,118 @@
+"""A real Prometheus (Debian's) finds every sidecar through the control plane's HTTP
+service discovery (/v1/prometheus/targets) and scrapes them: `up == 1` per sidecar, with
+the service and instance labels, and the per-hop series queryable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+from ..origin import Origin
+
+
+def free_port() -> int:
+    # Prometheus cannot listen on port 0 and tell us the port; a port the kernel just gave
+    # out (and we closed) is the next best thing.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@asynccontextmanager
+async def run_prometheus(tmp_path: Path, discovery_url: str) -> AsyncIterator[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("MESHLET_REQUIRE_ALL"):
+            pytest.fail("prometheus is missing (Debian package prometheus)")
+        pytest.skip("prometheus is missing: apt-get install prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: meshlet-sidecars\n"
+        f"    http_sd_configs: [{{url: '{discovery_url}', refresh_interval: 1s}}]\n"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
+    process = await trio.lowlevel.open_process(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={address}",
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        if (await client.get(f"http://{address}/-/ready")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+                    await trio.sleep(0.2)
+        yield f"http://{address}"
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        log.close()
+
+
+async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> list[dict]:
+    answer = (await client.get(f"{prometheus}/api/v1/query", params={"query": promql})).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(15):  # both registered
+                    while len(targets := (await client.get(f"http://{api}/v1/prometheus/targets")).json()) < 2:  # noqa: ASYNC110 - another process's state
+                        await trio.sleep(0.2)
+                with trio.fail_after(15):  # user's sidecar routes to item
+                    while (
+                        await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                    ).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.2)
+                async with run_prometheus(tmp_path, f"http://{api}/v1/prometheus/targets") as prometheus:
+                    with trio.fail_after(40):
+                        while True:
+                            up = await query(client, prometheus, 'up{job="meshlet-sidecars"} == 1')
+                            requests = await query(
+                                client, prometheus, 'meshlet_requests_total{direction="inbound", service="item"}'
+                            )
+                            if len(up) == 2 and requests:
+                                break
+                            await trio.sleep(0.5)
+    assert {t["targets"][0] for t in targets} == {item.admin, user.admin}
+    assert {t["labels"]["service"] for t in targets} == {"item", "user"}
+    assert {(r["metric"]["service"], r["metric"]["instance"]) for r in up} == {
+        (t["labels"]["service"], t["labels"]["instance"]) for t in targets
+    }
+    assert requests[0]["metric"]["source"] == "user" and float(requests[0]["value"][1]) >= 1
