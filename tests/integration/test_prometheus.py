@@ -92,15 +92,14 @@ async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, or
             run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
         ):
             async with httpx.AsyncClient(timeout=10) as client:
+                discovery, hello = f"http://{api}/v1/prometheus/targets", f"http://{user.outbound}/hello"
                 with trio.fail_after(15):  # both registered
-                    while len(targets := (await client.get(f"http://{api}/v1/prometheus/targets")).json()) < 2:  # noqa: ASYNC110 - another process's state
+                    while len(targets := (await client.get(discovery)).json()) < 2:  # noqa: ASYNC110
                         await trio.sleep(0.2)
                 with trio.fail_after(15):  # user's sidecar routes to item
-                    while (
-                        await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
-                    ).status_code != 200:  # noqa: ASYNC110
+                    while (await client.get(hello, headers={"host": "item"})).status_code != 200:  # noqa: ASYNC110
                         await trio.sleep(0.2)
-                async with run_prometheus(tmp_path, f"http://{api}/v1/prometheus/targets") as prometheus:
+                async with run_prometheus(tmp_path, discovery) as prometheus:
                     with trio.fail_after(40):
                         while True:
                             up = await query(client, prometheus, 'up{job="meshlet-sidecars"} == 1')
