@@ -4,6 +4,7 @@ the service and instance labels, and the per-hop series queryable."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import trio
 
 from ..helpers import run_control_plane, run_sidecar
 from ..origin import Origin
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -109,9 +112,14 @@ async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, or
                             if len(up) == 2 and requests:
                                 break
                             await trio.sleep(0.5)
+                    # every query of the Grafana dashboard in docs/ is valid PromQL on real data
+                    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+                    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+                    answered = {expr: await query(client, prometheus, expr) for expr in exprs}
     assert {t["targets"][0] for t in targets} == {item.admin, user.admin}
     assert {t["labels"]["service"] for t in targets} == {"item", "user"}
     assert {(r["metric"]["service"], r["metric"]["instance"]) for r in up} == {
         (t["labels"]["service"], t["labels"]["instance"]) for t in targets
     }
     assert requests[0]["metric"]["source"] == "user" and float(requests[0]["value"][1]) >= 1
+    assert len(answered) >= 8  # query() asserted each one succeeded
