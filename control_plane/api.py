@@ -16,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import wire
+from . import golden, wire
 from .explain import explain
 from .policy import PolicyError
 from .push import Session
+from .scraper import Scraper
 from .server import PushServer
 from .traces import TraceStore
 from .wire import POLICIES
@@ -40,7 +41,9 @@ def _sessions(push: PushServer) -> list[Session]:
     return [*push.hub.sessions.values(), *departed.values()]
 
 
-def build_api(push: PushServer, token: str | None = None, traces: TraceStore | None = None) -> Starlette:
+def build_api(
+    push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
+) -> Starlette:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans excepted: Zipkin's collector API is open, control_plane/zipkin.py).
     ``traces``: the embedded trace store behind Zipkin's API."""
@@ -117,6 +120,21 @@ def build_api(push: PushServer, token: str | None = None, traces: TraceStore | N
                 "nacks_total": push.hub.nacks_total,
             }
         )
+
+    async def stat(request: Request) -> Response:
+        # Golden metrics over a window, from the sidecars' own counters (control_plane/golden.py).
+        by = request.query_params.get("by", "service")
+        if by not in golden.BY:
+            return _bad(f"by must be one of {', '.join(golden.BY)}")
+        try:
+            window = float(request.query_params.get("window", "30"))
+        except ValueError:
+            return _bad("window must be a number of seconds")
+        if not 1 <= window <= 300:
+            return _bad("window must be between 1 and 300 seconds")
+        if scraper is None:
+            return JSONResponse({"problems": ["this control plane does not read sidecar metrics"]}, status_code=404)
+        return JSONResponse(scraper.stat(by, window))
 
     async def prometheus_targets(request: Request) -> Response:
         # Prometheus HTTP service discovery (http_sd_configs): one target group per sidecar,
@@ -236,6 +254,7 @@ def build_api(push: PushServer, token: str | None = None, traces: TraceStore | N
             Route("/v1/status", status),
             Route("/metrics", metrics),
             Route("/v1/prometheus/targets", prometheus_targets),
+            Route("/v1/stat", stat),
             Route("/v1/policies", policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", history),
             Route("/v1/policies/rollback", rollback, methods=["POST"]),

@@ -19,6 +19,7 @@ from .api import build_api
 from .policies import PolicyStore
 from .policy import PolicyError
 from .registry import Registry
+from .scraper import Scraper
 from .server import PushServer
 from .store import open_store
 
@@ -57,7 +58,9 @@ async def run(
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             token = api_token(options.data_dir)
-            binds = await nursery.start(partial(serve_asgi, build_api(push, token), config))
+            scraper = Scraper(lambda: ((i.instance_id, i.admin) for i in registry.instances()))
+            nursery.start_soon(scraper.run)
+            binds = await nursery.start(partial(serve_asgi, build_api(push, token, scraper=scraper), config))
             api_port = int(binds[0].rsplit(":", 1)[1])
             push.api_port = api_port
             task_status.started({"push": push_port, "api": api_port})

@@ -1,4 +1,5 @@
-"""`meshlet control-plane`, `meshlet get`, `meshlet status`: the control plane's commands."""
+"""`meshlet control-plane`, `get`, `status`, `apply`, `explain`, `trace`, `stat`, `top`: the
+control plane's commands."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from . import stat_cli
 
 DEFAULT_API = "127.0.0.1:15000"
 
@@ -120,6 +123,8 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     _api_option(status)
 
+    stat_cli.add_commands(commands, _api_option)
+
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "control-plane":
@@ -135,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             return _explain(args)
         if args.command == "trace":
             return _trace(args)
+        if args.command in ("stat", "top"):
+            return stat_cli.run(args)
         return _status(args)
     except httpx.HTTPError as exc:
         print(

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sidecar":
         return run_sidecar(args, parser)
-    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain", "trace"):
+    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain", "trace", "stat", "top"):
         from control_plane.cli import run
 
         return run(args)

@@ -1,0 +1,67 @@
+"""`meshlet stat` and `meshlet top` against a real control plane reading real sidecars:
+the numbers agree with the traffic sent."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_control_plane, run_sidecar
+from ..origin import Origin
+
+
+async def meshlet(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_stat_and_top_agree_with_the_traffic_sent(tmp_path: Path, origin: Origin) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push),
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+                with trio.fail_after(15):  # user's sidecar routes item
+                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.2)
+                stat = f"http://{api}/v1/stat"
+                with trio.fail_after(20):  # the control plane has scraped both sidecars twice
+                    while (await client.get(stat, params={"window": "300"})).json()["warming_up"]:  # noqa: ASYNC110
+                        await trio.sleep(0.5)
+                for _ in range(40):
+                    assert (await client.get("/hello")).status_code == 200
+                for _ in range(10):
+                    assert (await client.get("/status/500")).status_code == 500
+                with trio.fail_after(20):  # a scrape after the traffic
+                    while True:
+                        rows = (await client.get(stat, params={"by": "edge", "window": "300"})).json()["rows"]
+                        if rows and rows[0]["requests"] >= 50:
+                            break
+                        await trio.sleep(0.5)
+            by_service = await meshlet("stat", "-o", "json", "--window", "300", "--api", api)
+            by_edge = await meshlet("stat", "--by", "edge", "-o", "json", "--window", "300", "--api", api)
+            table = await meshlet("stat", "--window", "300", "--api", api)
+            top = await meshlet("top", "--once", "--window", "300", "--api", api)
+            bad = await meshlet("stat", "--window", "0", "--api", api)
+    code, out, err = by_service
+    assert code == 0, err
+    (item,) = json.loads(out)["rows"]
+    assert (item["name"], item["requests"], item["success"]) == ("item", 50, 0.8)
+    assert item["rps"] > 0 and 0 < item["p50_ms"] <= item["p95_ms"] <= item["p99_ms"]
+    code, out, err = by_edge
+    (edge,) = json.loads(out)["rows"]
+    assert (edge["name"], edge["requests"], edge["success"]) == ("user → item", 50, 0.8)
+    code, out, err = table
+    assert code == 0 and "SERVICE" in out and "80.00%" in out and "item" in out, err
+    code, out, err = top
+    assert code == 0 and "item -" in out and "80.00%" in out, err
+    code, _, err = bad
+    assert code == 2 and "--window 0: between 1 and 300 seconds" in err
