@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import golden, wire
@@ -25,6 +26,9 @@ from .server import PushServer
 from .traces import TraceStore
 from .wire import POLICIES
 from .zipkin import zipkin_routes
+
+# The dashboard: one page, no build step, nothing fetched from elsewhere (control_plane/static).
+DASHBOARD_HTML = (Path(__file__).parent / "static" / "dashboard.html").read_text()
 
 log = logging.getLogger("meshlet.cp.api")
 
@@ -135,6 +139,29 @@ def build_api(
         if scraper is None:
             return JSONResponse({"problems": ["this control plane does not read sidecar metrics"]}, status_code=404)
         return JSONResponse(scraper.stat(by, window))
+
+    async def dashboard_data(request: Request) -> Response:
+        # Everything the dashboard draws, in one answer (it asks every 2 s while open).
+        now = trio.current_time()
+        window = 30.0
+        services = {
+            name: [instance_json(i) for i in registry.all_endpoints(name)] for name in registry.services()
+        }
+        data: dict[str, Any] = {
+            "services": services,
+            "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
+            "policy_version": push.policies.version if push.policies is not None else "",
+            "window_seconds": window,
+            "traces": [_trace_summary(t) for t in traces.traces(limit=12, now=time.time())],
+        }
+        if scraper is not None:
+            data["stat"] = {by: scraper.stat(by, window)["rows"] for by in ("service", "edge")}
+            data["health"] = scraper.health(window)
+            data["warming_up"] = not scraper.windows(window) and bool(services)
+        return JSONResponse(data)
+
+    async def dashboard_page(request: Request) -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
 
     async def prometheus_targets(request: Request) -> Response:
         # Prometheus HTTP service discovery (http_sd_configs): one target group per sidecar,
@@ -255,6 +282,8 @@ def build_api(
             Route("/metrics", metrics),
             Route("/v1/prometheus/targets", prometheus_targets),
             Route("/v1/stat", stat),
+            Route("/v1/dashboard", dashboard_data),
+            Route("/", dashboard_page),
             Route("/v1/policies", policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", history),
             Route("/v1/policies/rollback", rollback, methods=["POST"]),
@@ -304,6 +333,22 @@ class _Collector:
         )
         histogram.add_metric([], buckets, total)
         yield histogram
+
+
+def _trace_summary(spans: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line of the dashboard's recent traces: where it entered, how long, any error."""
+    root = next((s for s in spans if not s.get("parentId")), spans[0])
+    start = min(s.get("timestamp", 0) for s in spans)
+    end = max(s.get("timestamp", 0) + s.get("duration", 0) for s in spans)
+    return {
+        "traceId": root["traceId"],
+        "service": (root.get("localEndpoint") or {}).get("serviceName", ""),
+        "name": root.get("name", ""),
+        "timestamp": start,
+        "duration": end - start,
+        "spans": len(spans),
+        "error": any("error" in (s.get("tags") or {}) for s in spans),
+    }
 
 
 def prometheus_target(instance: Any) -> dict[str, Any]:

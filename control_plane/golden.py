@@ -47,10 +47,33 @@ class Counts:
             self.buckets[bound] = self.buckets.get(bound, 0.0) + count
 
 
+@dataclass
+class Page:
+    """What one scrape of a sidecar says: per-hop totals, and per destination its circuit
+    state (0 closed, 1 open, 2 half-open) and the outlier ejections so far."""
+
+    hops: dict[Hop, Counts] = field(default_factory=dict)
+    circuits: dict[str, int] = field(default_factory=dict)
+    ejections: dict[str, float] = field(default_factory=dict)
+
+
 def parse(text: str) -> dict[Hop, Counts]:
     """Per-hop totals of one sidecar's /metrics page (codes and reasons added up)."""
-    out: dict[Hop, Counts] = {}
+    return read(text).hops
+
+
+def read(text: str) -> Page:
+    page = Page()
+    out = page.hops
     for family in text_string_to_metric_families(text):
+        if family.name == "meshlet_circuit_state":
+            page.circuits = {s.labels.get("destination", ""): int(s.value) for s in family.samples}
+            continue
+        if family.name == "meshlet_outlier_ejections":
+            page.ejections = {
+                s.labels.get("destination", ""): s.value for s in family.samples if s.name.endswith("_total")
+            }
+            continue
         if family.name not in ("meshlet_requests", "meshlet_request_duration_seconds"):
             continue
         for sample in family.samples:
@@ -70,7 +93,7 @@ def parse(text: str) -> dict[Hop, Counts]:
                 counts = out.setdefault(hop, Counts())
                 bound = float(labels["le"])
                 counts.buckets[bound] = counts.buckets.get(bound, 0.0) + sample.value
-    return out
+    return page
 
 
 def failed(code: str, reason: str) -> bool:
@@ -180,4 +203,4 @@ def rows(windows: Iterable[tuple[dict[Hop, Counts], float]], by: str) -> list[Ro
     return sorted(out, key=lambda row: (-row.rps, row.name))
 
 
-__all__ = ["BY", "Counts", "Row", "failed", "group", "parse", "quantile", "rows", "since"]
+__all__ = ["BY", "Counts", "Page", "Row", "failed", "group", "parse", "quantile", "read", "rows", "since"]

@@ -49,8 +49,8 @@ class Scraper:
         self.transport = transport
         self.wanted_until = -1.0
         self._wake = trio.Event()
-        # instance id → (trio time, per-hop totals), oldest first
-        self.history: dict[str, deque[tuple[float, dict[golden.Hop, golden.Counts]]]] = {}
+        # instance id → (trio time, what the scrape said), oldest first
+        self.history: dict[str, deque[tuple[float, golden.Page]]] = {}
         self.rounds = 0
 
     def wanted(self) -> None:
@@ -80,13 +80,13 @@ class Scraper:
                 try:
                     response = await client.get(f"http://{admin}/metrics")
                     response.raise_for_status()
-                    totals = golden.parse(response.text)
+                    page = golden.read(response.text)
                 except (httpx.HTTPError, ValueError) as exc:
                     log.debug("scrape of %s (%s) failed: %s", instance, admin, exc)
                     return
             now = trio.current_time()
             scrapes = self.history.setdefault(instance, deque())
-            scrapes.append((now, totals))
+            scrapes.append((now, page))
             while scrapes and scrapes[0][0] < now - self.keep:
                 scrapes.popleft()
 
@@ -111,7 +111,25 @@ class Scraper:
                     break
                 oldest_time, oldest = when, totals
             if newest_time > oldest_time:
-                out.append((golden.since(oldest, newest), newest_time - oldest_time))
+                out.append((golden.since(oldest.hops, newest.hops), newest_time - oldest_time))
+        return out
+
+    def health(self, seconds: float) -> dict[str, dict[str, Any]]:
+        """Per destination: how many sidecars see its circuit closed, open or half-open (as
+        of their last scrape), and the outlier ejections they made in the window."""
+        now = trio.current_time()
+        out: dict[str, dict[str, Any]] = {}
+        for scrapes in self.history.values():
+            if not scrapes:
+                continue
+            newest_time, newest = scrapes[-1]
+            for destination, state in newest.circuits.items():
+                entry = out.setdefault(destination, {"closed": 0, "open": 0, "half_open": 0, "ejections": 0.0})
+                entry[("closed", "open", "half_open")[state] if 0 <= state <= 2 else "closed"] += 1
+            oldest = next((page for when, page in scrapes if when >= now - seconds), newest)
+            for destination, total in newest.ejections.items():
+                entry = out.setdefault(destination, {"closed": 0, "open": 0, "half_open": 0, "ejections": 0.0})
+                entry["ejections"] += max(0.0, total - oldest.ejections.get(destination, 0.0))
         return out
 
     def stat(self, by: str, seconds: float) -> dict[str, Any]:
