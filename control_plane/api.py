@@ -4,6 +4,7 @@ Prometheus. Starlette on hypercorn's trio worker."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import golden, wire
@@ -144,9 +145,7 @@ def build_api(
         # Everything the dashboard draws, in one answer (it asks every 2 s while open).
         now = trio.current_time()
         window = 30.0
-        services = {
-            name: [instance_json(i) for i in registry.all_endpoints(name)] for name in registry.services()
-        }
+        services = {name: [instance_json(i) for i in registry.all_endpoints(name)] for name in registry.services()}
         data: dict[str, Any] = {
             "services": services,
             "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
@@ -159,6 +158,25 @@ def build_api(
             data["health"] = scraper.health(window)
             data["warming_up"] = not scraper.windows(window) and bool(services)
         return JSONResponse(data)
+
+    async def stream(request: Request) -> Response:
+        # Hystrix's event stream (what Hystrix dashboards and Turbine read): every second, per
+        # destination, a HystrixCommand event with the circuit state and the rolling counts of
+        # the last 10 s (Hystrix's default rolling window), over every calling sidecar.
+        if scraper is None:
+            return JSONResponse({"problems": ["this control plane does not read sidecar metrics"]}, status_code=404)
+
+        async def events() -> Any:
+            while True:
+                scraper.wanted()
+                for event in hystrix_events(scraper, HYSTRIX_WINDOW):
+                    yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+                yield ": ping\n\n"  # a comment line: keeps proxies from closing an idle stream
+                await trio.sleep(1.0)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
 
     async def dashboard_page(request: Request) -> Response:
         return HTMLResponse(DASHBOARD_HTML)
@@ -283,6 +301,7 @@ def build_api(
             Route("/v1/prometheus/targets", prometheus_targets),
             Route("/v1/stat", stat),
             Route("/v1/dashboard", dashboard_data),
+            Route("/v1/stream", stream),
             Route("/", dashboard_page),
             Route("/v1/policies", policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", history),
@@ -333,6 +352,47 @@ class _Collector:
         )
         histogram.add_metric([], buckets, total)
         yield histogram
+
+
+HYSTRIX_WINDOW = 10.0  # seconds: Hystrix's metrics.rollingStats.timeInMilliseconds default
+
+
+def hystrix_events(scraper: Scraper, window: float) -> list[dict[str, Any]]:
+    """One HystrixCommand event per destination the sidecars call (hystrix-core's
+    HystrixStreamingOutputProvider fields a dashboard needs)."""
+    health = scraper.health(window)
+    out = []
+    for row in golden.rows(scraper.windows(window), "destination"):
+        state = health.get(row.name, {})
+        requests = int(row.requests)
+        failures = requests - round(requests * (row.success if row.success is not None else 1.0))
+        latencies = {"50": row.p50, "90": row.p95, "99": row.p99}  # 90: nearest we keep (p95)
+        reasons = row.reasons
+        out.append(
+            {
+                "type": "HystrixCommand",
+                "name": row.name,
+                "group": "meshlet",
+                "currentTime": int(time.time() * 1000),
+                "isCircuitBreakerOpen": bool(state.get("open")),
+                "circuitOpenOn": state.get("open", 0),  # sidecars (each keeps its own breaker)
+                "errorPercentage": round(100 * failures / requests) if requests else 0,
+                "errorCount": failures,
+                "requestCount": requests,
+                "rollingCountSuccess": requests - failures,
+                "rollingCountFailure": failures,
+                "rollingCountShortCircuited": int(reasons.get("circuit-open", 0)),
+                "rollingCountTimeout": int(reasons.get("timeout", 0)),
+                "rollingCountThreadPoolRejected": 0,  # no thread pools: bulkheads are semaphores
+                "rollingCountSemaphoreRejected": int(reasons.get("overloaded", 0)),
+                "latencyTotal_mean": round((row.p50 or 0) * 1000),
+                "latencyTotal": {k: round((v or 0) * 1000) for k, v in latencies.items()},
+                "reportingHosts": 1,
+                "propertyValue_metricsRollingStatisticalWindowInMilliseconds": int(window * 1000),
+                "rollingRps": round(row.rps, 3),
+            }
+        )
+    return out
 
 
 def _trace_summary(spans: list[dict[str, Any]]) -> dict[str, Any]:

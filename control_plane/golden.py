@@ -15,6 +15,8 @@ groups them:
   circuits) count here, since the callee never saw those requests.
 * ``route``: outbound, by destination and the Route rule that matched (``ROUTE/RULE``;
   ``-`` when none did): the busiest routes, for ``meshlet top``.
+* ``destination``: outbound, by destination, every caller together (the Hystrix stream's
+  "command").
 
 A request failed when its status is 5xx or the mesh answered it (a ``reason``), except a
 caller that went away (``incomplete``), as Linkerd counts success by response class.
@@ -30,7 +32,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-BY = ("service", "edge", "route")
+BY = ("service", "edge", "route", "destination")
 Hop = tuple[str, str, str, str]  # direction, source, destination, route
 
 
@@ -39,12 +41,15 @@ class Counts:
     requests: float = 0.0
     failures: float = 0.0
     buckets: dict[float, float] = field(default_factory=dict)  # upper bound → cumulative count
+    reasons: dict[str, float] = field(default_factory=dict)  # the mesh's own answers, by reason
 
     def add(self, other: Counts) -> None:
         self.requests += other.requests
         self.failures += other.failures
         for bound, count in other.buckets.items():
             self.buckets[bound] = self.buckets.get(bound, 0.0) + count
+        for reason, count in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0.0) + count
 
 
 @dataclass
@@ -87,8 +92,11 @@ def read(text: str) -> Page:
             if sample.name == "meshlet_requests_total":
                 counts = out.setdefault(hop, Counts())
                 counts.requests += sample.value
-                if failed(labels.get("code", ""), labels.get("reason", "")):
+                reason = labels.get("reason", "")
+                if failed(labels.get("code", ""), reason):
                     counts.failures += sample.value
+                if reason:
+                    counts.reasons[reason] = counts.reasons.get(reason, 0.0) + sample.value
             elif sample.name == "meshlet_request_duration_seconds_bucket":
                 counts = out.setdefault(hop, Counts())
                 bound = float(labels["le"])
@@ -106,12 +114,13 @@ def since(before: dict[Hop, Counts], after: dict[Hop, Counts]) -> dict[Hop, Coun
     for hop, now in after.items():
         then = before.get(hop)
         if then is None or now.requests < then.requests:  # new, or reset: counted from 0
-            delta = Counts(now.requests, now.failures, dict(now.buckets))
+            delta = Counts(now.requests, now.failures, dict(now.buckets), dict(now.reasons))
         else:
             delta = Counts(
                 now.requests - then.requests,
                 now.failures - then.failures,
                 {bound: count - then.buckets.get(bound, 0.0) for bound, count in now.buckets.items()},
+                {reason: count - then.reasons.get(reason, 0.0) for reason, count in now.reasons.items()},
             )
         if delta.requests > 0:
             out[hop] = delta
@@ -147,6 +156,7 @@ class Row:
     p50: float | None  # seconds
     p95: float | None
     p99: float | None
+    reasons: dict[str, float] = field(default_factory=dict)  # requests the mesh answered itself, by reason
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -157,6 +167,7 @@ class Row:
             "p50_ms": _ms(self.p50),
             "p95_ms": _ms(self.p95),
             "p99_ms": _ms(self.p99),
+            "reasons": {reason: n for reason, n in sorted(self.reasons.items()) if n},
         }
 
 
@@ -172,6 +183,8 @@ def group(hop: Hop, by: str) -> str | None:
         return None
     if by == "edge":
         return f"{source} → {destination}"
+    if by == "destination":
+        return destination
     return f"{destination} {route or '-'}"
 
 
@@ -197,6 +210,7 @@ def rows(windows: Iterable[tuple[dict[Hop, Counts], float]], by: str) -> list[Ro
             quantile(0.50, total.buckets),
             quantile(0.95, total.buckets),
             quantile(0.99, total.buckets),
+            total.reasons,
         )
         for name, total in totals.items()
     ]

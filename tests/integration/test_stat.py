@@ -21,6 +21,26 @@ async def meshlet(*args: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
+async def first_event(api: str, name: str) -> dict[str, object]:
+    """The first Hystrix stream event for ``name`` (over a raw socket: the stream never ends)."""
+    host, port = api.split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    buffer = b""
+    try:
+        await stream.send_all(f"GET /v1/stream HTTP/1.1\r\nhost: {api}\r\n\r\n".encode())
+        with trio.fail_after(10):  # an event per destination each second
+            while True:
+                buffer += await stream.receive_some(65536)
+                assert b"text/event-stream" in buffer.partition(b"\r\n\r\n")[0]
+                for line in buffer.split(b"\n"):
+                    if line.startswith(b"data: {") and line.endswith(b"}"):
+                        event = json.loads(line[6:])
+                        if event["name"] == name:
+                            return event
+    finally:
+        await stream.aclose()
+
+
 async def test_stat_and_top_agree_with_the_traffic_sent(tmp_path: Path, origin: Origin) -> None:
     async with run_control_plane(tmp_path) as cp:
         push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
@@ -46,6 +66,7 @@ async def test_stat_and_top_agree_with_the_traffic_sent(tmp_path: Path, origin: 
                         if rows and rows[0]["requests"] >= 50:
                             break
                         await trio.sleep(0.5)
+                event = await first_event(api, "item")
             by_service = await meshlet("stat", "-o", "json", "--window", "300", "--api", api)
             by_edge = await meshlet("stat", "--by", "edge", "-o", "json", "--window", "300", "--api", api)
             table = await meshlet("stat", "--window", "300", "--api", api)
@@ -63,5 +84,7 @@ async def test_stat_and_top_agree_with_the_traffic_sent(tmp_path: Path, origin: 
     assert code == 0 and "SERVICE" in out and "80.00%" in out and "item" in out, err
     code, out, err = top
     assert code == 0 and "item -" in out and "80.00%" in out, err
+    assert event is not None and event["type"] == "HystrixCommand" and event["isCircuitBreakerOpen"] is False
+    assert (event["requestCount"], event["errorCount"], event["errorPercentage"]) == (50, 10, 20)
     code, _, err = bad
     assert code == 2 and "--window 0: between 1 and 300 seconds" in err
