@@ -26,7 +26,11 @@ from .core.cardinality import IdleSeries, MetricsSettings, SeriesLimits
 # 0.5 ms to 30 s: the sidecar's own overhead sits in the first buckets, timeouts in the last.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# Body sizes, 100 B to 100 MB.
+SIZE_BUCKETS = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0, 100_000_000.0)
+
 REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason")
+HISTOGRAMS = ("durations", "request_bytes", "response_bytes")  # kept per request series, as lists
 SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
@@ -52,6 +56,8 @@ class Telemetry:
         self.requests: dict[tuple[str, ...], int] = {}
         # labels → [count per bucket..., +Inf count, sum]
         self.durations: dict[tuple[str, ...], list[float]] = {}
+        self.request_bytes: dict[tuple[str, ...], list[float]] = {}  # the body from the caller
+        self.response_bytes: dict[tuple[str, ...], list[float]] = {}  # the body to the caller
         self.inflight: dict[str, int] = {}  # direction → requests in flight
         # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
         self.shadow: dict[tuple[str, str, str], int] = {}
@@ -82,9 +88,20 @@ class Telemetry:
         self._recorded_as.clear()
         self.requests.clear()  # a counter that starts again is a reset to Prometheus
         self.durations.clear()
+        self.request_bytes.clear()
+        self.response_bytes.clear()
 
     def request_finished(
-        self, direction: str, source: str, destination: str, route: str, code: int, reason: str, seconds: float
+        self,
+        direction: str,
+        source: str,
+        destination: str,
+        route: str,
+        code: int,
+        reason: str,
+        seconds: float,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
     ) -> None:
         raw = (direction, source, destination, route, str(code), reason)
         labels = self._recorded_as.get(raw)
@@ -97,6 +114,15 @@ class Telemetry:
             hist = self.durations[labels] = [0.0] * (len(DURATION_BUCKETS) + 2)
         hist[bisect_left(DURATION_BUCKETS, seconds)] += 1
         hist[-1] += seconds
+        sizes = self.request_bytes.get(labels)
+        if sizes is None:
+            sizes = self.request_bytes[labels] = [0.0] * (len(SIZE_BUCKETS) + 2)
+            self.response_bytes[labels] = [0.0] * (len(SIZE_BUCKETS) + 2)
+        sizes[bisect_left(SIZE_BUCKETS, request_bytes)] += 1
+        sizes[-1] += request_bytes
+        sizes = self.response_bytes[labels]
+        sizes[bisect_left(SIZE_BUCKETS, response_bytes)] += 1
+        sizes[-1] += response_bytes
 
     def _bound(self, raw: tuple[str, ...]) -> tuple[str, ...]:
         if len(self._recorded_as) >= SERIES_CACHE_MAX:
@@ -113,6 +139,8 @@ class Telemetry:
         for key in idle:
             del self.requests[key]
             self.durations.pop(key, None)
+            self.request_bytes.pop(key, None)
+            self.response_bytes.pop(key, None)
         if idle:
             self.limits.rebuild(self.requests)
             self._recorded_as.clear()
@@ -159,6 +187,8 @@ class Telemetry:
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "durations": [[*k, v] for k, v in self.durations.items()],
+            "request_bytes": [[*k, v] for k, v in self.request_bytes.items()],
+            "response_bytes": [[*k, v] for k, v in self.response_bytes.items()],
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
@@ -181,6 +211,8 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
     merged: dict[str, dict[tuple[str, ...], Any]] = {
         "requests": {},
         "durations": {},
+        "request_bytes": {},
+        "response_bytes": {},
         "inflight": {},
         "connections": {},
         "shadow": {},
@@ -226,11 +258,12 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             # Workers keep a breaker each: show the most alarming (open, then half-open).
             key = (destination,)
             circuits[key] = max(circuits.get(key, 0), state, key=lambda v: (v == 1, v == 2))
-        durations = merged["durations"]
-        for *labels, values in snap["durations"]:
-            key = tuple(labels)
-            have = durations.get(key)
-            durations[key] = list(values) if have is None else [a + b for a, b in zip(have, values, strict=True)]
+        for kind in HISTOGRAMS:
+            histograms = merged[kind]
+            for *labels, values in snap.get(kind, ()):
+                key = tuple(labels)
+                have = histograms.get(key)
+                histograms[key] = list(values) if have is None else [a + b for a, b in zip(have, values, strict=True)]
     return merged
 
 
@@ -246,18 +279,24 @@ class _Collector:
         for labels, value in merged["requests"].items():
             requests.add_metric(labels, value)
         yield requests
-        durations = HistogramMetricFamily(
+        yield _histogram(
             "meshlet_request_duration_seconds",
             "Time from request head to the end of the response, per hop.",
-            labels=REQUEST_LABELS,
+            DURATION_BUCKETS,
+            merged["durations"],
         )
-        for labels, values in merged["durations"].items():
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*DURATION_BUCKETS, float("inf")), values[:-1], strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), cumulative))
-            durations.add_metric(labels, buckets, values[-1])
-        yield durations
+        yield _histogram(
+            "meshlet_request_bytes",
+            "Request body bytes from the caller, per hop.",
+            SIZE_BUCKETS,
+            merged["request_bytes"],
+        )
+        yield _histogram(
+            "meshlet_response_bytes",
+            "Response body bytes to the caller, per hop.",
+            SIZE_BUCKETS,
+            merged["response_bytes"],
+        )
         inflight = GaugeMetricFamily("meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS)
         for labels, value in merged["inflight"].items():
             inflight.add_metric(labels, value)
@@ -387,6 +426,17 @@ def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: di
     family = kind(name, help, labels=labels)
     for key, value in values.items():
         family.add_metric(key, value)
+    return family
+
+
+def _histogram(name: str, help: str, bounds: tuple[float, ...], values: dict[tuple[str, ...], list[float]]) -> Any:
+    family = HistogramMetricFamily(name, help, labels=REQUEST_LABELS)
+    for labels, counts in values.items():
+        cumulative, buckets = 0.0, []
+        for bound, count in zip((*bounds, float("inf")), counts[:-1], strict=True):
+            cumulative += count
+            buckets.append((_bound(bound), cumulative))
+        family.add_metric(labels, buckets, counts[-1])
     return family
 
 

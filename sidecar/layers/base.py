@@ -93,6 +93,7 @@ class Response:
         "upgrade",
         "on_finish",
         "raw",
+        "body_bytes",
     )
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -108,6 +109,7 @@ class Response:
         self.upgrade: Tunnel | None = None  # a tunnel to splice after a 101 (see net/upstream.py)
         self.on_finish: Callable[[bool], None] | None = None
         self.raw: bytes | None = None  # a whole pre-serialized response (mesh errors)
+        self.body_bytes = 0  # body bytes sent to the caller, set by the downstream loop before finish
 
     def finish(self, complete: bool) -> None:
         callback, self.on_finish = self.on_finish, None

@@ -1,5 +1,6 @@
-"""Records every exchange once, when it ends: count, duration, status, mesh reason, and
-the route rule that matched (``ROUTE/RULE``; empty when none did, and on the inbound side)."""
+"""Records every exchange once, when it ends: count, duration, status, mesh reason, the
+route rule that matched (``ROUTE/RULE``; empty when none did, and on the inbound side),
+and the body bytes each way (the downstream loop counts them)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def metrics_layer(inner: Handler, telemetry: Telemetry, direction: str, local_se
 
     async def handle(request: Request) -> Response:
         start = perf_counter()
+        body = request.body  # the caller's body as read off the socket (layers may wrap request.body)
         inflight[direction] += 1
         try:
             response = await inner(request)
@@ -38,7 +40,17 @@ def metrics_layer(inner: Handler, telemetry: Telemetry, direction: str, local_se
             if inner_finish is not None:
                 inner_finish(complete)
             why = reason or ("" if complete else "incomplete")
-            finished(direction, source, destination, route, status, why, perf_counter() - start)
+            finished(
+                direction,
+                source,
+                destination,
+                route,
+                status,
+                why,
+                perf_counter() - start,
+                getattr(body, "received", 0),
+                response.body_bytes,
+            )
 
         response.on_finish = finish
         return response

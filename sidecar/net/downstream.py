@@ -105,12 +105,13 @@ class Timeouts:
 class _RequestBody:
     """The request body as the upstream pump pulls it."""
 
-    __slots__ = ("conn", "expect_continue", "done")
+    __slots__ = ("conn", "expect_continue", "done", "received")
 
     def __init__(self, conn: _Connection, expect_continue: bool) -> None:
         self.conn = conn
         self.expect_continue = expect_continue
         self.done = False
+        self.received = 0  # body bytes read so far (meshlet_request_bytes)
 
     def read_nowait(self) -> bytes | None | object:
         if self.done:
@@ -120,7 +121,9 @@ class _RequestBody:
             return WOULD_BLOCK  # read() sends the 100, waits, or raises the error
         event = events.popleft()
         if type(event) is Data:
-            return event.data  # type: ignore[attr-defined]
+            data = event.data  # type: ignore[attr-defined]
+            self.received += len(data)
+            return data
         self.done = True
         return None
 
@@ -137,7 +140,9 @@ class _RequestBody:
         conn.touch()
         event = events.popleft()
         if type(event) is Data:
-            return event.data  # type: ignore[attr-defined]
+            data = event.data  # type: ignore[attr-defined]
+            self.received += len(data)
+            return data
         if type(event) is EndOfMessage:
             self.done = True
             return None
@@ -245,9 +250,11 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
     response = await handler(request)  # never raises for request faults: the errors layer answers them
     stream = conn.io
     if response.raw is not None:
+        raw = response.raw
         try:
-            await stream.send_all(response.raw)
+            await stream.send_all(raw)
         finally:
+            response.body_bytes = len(raw) - raw.find(b"\r\n\r\n") - 4
             response.finish(True)
         return response.keep_alive and head.keep_alive
     keep_alive = response.keep_alive and head.keep_alive
@@ -271,6 +278,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
     pieces = [serialize_response_head(response.status, response.reason, headers)]
     body = response.body
     complete = False
+    sent = 0
     try:
         if body is None or head.method == b"HEAD":
             await stream.send_all(pieces[0])
@@ -289,6 +297,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
             if piece is None:
                 break
             if piece:
+                sent += len(piece)  # type: ignore[arg-type]
                 pieces.append(chunk(piece) if chunked else piece)  # type: ignore[arg-type]
         if chunked:
             pieces.append(CHUNKED_END)
@@ -301,6 +310,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
         # so the client sees a short body instead of a complete-looking one.
         return False
     finally:
+        response.body_bytes = sent
         response.finish(complete)
 
 

@@ -24,6 +24,7 @@ host: item
 rules:
   - {name: hello, match: {path: {prefix: /hello}}, destinations: [{service: item}]}
   - {name: status, match: {path: {prefix: /status}}, destinations: [{service: item}]}
+  - {name: echo, match: {path: {prefix: /echo}}, destinations: [{service: item}]}
 """
 
 
@@ -69,6 +70,8 @@ async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts
                 for _ in range(7):
                     assert (await client.get("/status/404")).status_code == 404
                 assert (await client.get("/nothing")).status_code == 404  # no rule: the mesh's no-route
+                echoed = await client.post("/echo", content=b"x" * 5000)
+                assert echoed.status_code == 200 and len(echoed.content) == 5000
                 user_metrics = (await client.get(f"http://{user.admin}/metrics")).text
                 item_metrics = (await client.get(f"http://{item.admin}/metrics")).text
                 cp_metrics = (await client.get(f"http://{api}/metrics")).text
@@ -82,10 +85,16 @@ async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts
     assert delta(user_metrics, before_user, "meshlet_requests_total", **hop, route="item-api/status", code="404") == 7
     no_route = {"direction": "outbound", "code": "404", "reason": "no-route"}
     assert delta(user_metrics, before_user, "meshlet_requests_total", **no_route) == 1
-    assert delta(user_metrics, before_user, "meshlet_request_duration_seconds_count", **hop, code="200") == 30
+    assert delta(user_metrics, before_user, "meshlet_request_duration_seconds_count", **hop, code="200") == 31
     inbound = {"direction": "inbound", "source": "user", "destination": "item", "route": ""}
-    assert delta(item_metrics, before_item, "meshlet_requests_total", **inbound, code="200") == 30
+    assert delta(item_metrics, before_item, "meshlet_requests_total", **inbound, code="200") == 31  # and the echo
     assert delta(item_metrics, before_item, "meshlet_requests_total", **inbound, code="404") == 7
+    echo = {**hop, "route": "item-api/echo", "code": "200"}
+    for name in ("meshlet_request_bytes", "meshlet_response_bytes"):  # the body each way, per hop
+        assert delta(user_metrics, before_user, f"{name}_sum", **echo) == 5000
+        assert delta(user_metrics, before_user, f"{name}_bucket", **echo, le="1000.0") == 0
+        assert delta(user_metrics, before_user, f"{name}_bucket", **echo, le="10000.0") == 1
+    assert delta(item_metrics, before_item, "meshlet_request_bytes_sum", **inbound, code="200") == 5000
     assert value(user_metrics, "meshlet_control_plane_connected") == 1
     versions = [
         s.labels["version"]
