@@ -139,6 +139,8 @@ class Scraper:
             "by": by,
             "window_seconds": seconds,
             "sidecars": len(windows),
+            # how much of the window the scrapes cover yet (less, just after the first question)
+            "covered_seconds": round(max((seconds for _, seconds in windows), default=0.0), 3),
             "warming_up": not windows and bool(list(self.targets())),
             "rows": [row.to_json() for row in golden.rows(windows, by)],
         }

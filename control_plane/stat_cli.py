@@ -110,8 +110,11 @@ def _first(client: httpx.Client, api: str, by: str, window: float, console: Cons
 
 def stat_table(data: dict[str, Any], limit: int | None = None) -> Table:
     by = data["by"]
-    first = {"service": "SERVICE", "edge": "EDGE", "route": "DESTINATION  ROUTE"}[by]
+    first = {"service": "SERVICE", "edge": "EDGE", "route": "DESTINATION ROUTE", "destination": "DESTINATION"}[by]
     title = f"last {data['window_seconds']:g}s · {data['sidecars']} sidecars"
+    covered = data.get("covered_seconds", data["window_seconds"])
+    if covered < data["window_seconds"] - 2.5:  # scraping began less than a window ago
+        title += f" (scraped for {covered:.0f}s so far)"
     table = Table(first, "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS", box=None, title=title, title_justify="left")
     for column in table.columns[1:]:
         column.justify = "right"
