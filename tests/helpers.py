@@ -4,7 +4,6 @@ its own process group, on port 0 everywhere; its bound ports read from its ready
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,9 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import trio
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 READY_TIMEOUT = 20.0
 
@@ -167,13 +169,30 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True,
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` (Prometheus text) whose labels include ``labels``."""
+    """The sum of the samples of ``name`` (Prometheus text) whose labels include ``labels``,
+    parsed as Prometheus parses them."""
     total = 0.0
-    for line in metrics.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
+    for family in text_string_to_metric_families(metrics):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                total += found.value
     return total
+
+
+async def start_demo_mesh(demo: Any) -> tuple[str, str]:
+    """The demo's mesh (sidecar/demo.py): a control plane, item-1, item-2, user-1 and
+    gateway-1, each app behind its sidecar; returns (the API address, the gateway's URL)
+    once a request through all three hops succeeds."""
+    cp = await demo.control_plane()
+    push, api = cp.fields["push"], cp.fields["api"]
+    for role, instance in (("item", "item-1"), ("item", "item-2"), ("user", "user-1"), ("gateway", "gateway-1")):
+        await demo.service(role, instance, push)
+    entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):  # until every sidecar knows the services its app calls
+            while (await client.get(f"{entry}/api/users/1")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+    return api, entry
 
 
 async def apply_policy(tmp_path: Path, api: str, text: str) -> None:

@@ -15,6 +15,8 @@ import trio
 
 from sidecar.demo import Demo
 
+from ..helpers import start_demo_mesh
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MESHLET_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -56,15 +58,8 @@ async def test_the_dashboard_draws_the_demo_mesh(tmp_path: Path) -> None:
     binary = chromium()
     demo = Demo(tmp_path)
     try:
-        cp = await demo.control_plane()
-        push, api = cp.fields["push"], cp.fields["api"]
-        for role, instance in (("item", "item-1"), ("item", "item-2"), ("user", "user-1"), ("gateway", "gateway-1")):
-            await demo.service(role, instance, push)
-        entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+        api, entry = await start_demo_mesh(demo)
         async with httpx.AsyncClient(timeout=10) as client:
-            with trio.fail_after(20):  # every sidecar knows the services its app calls
-                while (await client.get(f"{entry}/api/users/1")).status_code != 200:  # noqa: ASYNC110
-                    await trio.sleep(0.2)
             with trio.fail_after(30):  # the control plane has rates for both edges
                 while True:
                     for i in range(10):

@@ -14,7 +14,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, write_static
+from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, sample, write_static
 from ..origin import Origin
 
 ROUTE = """\
@@ -28,14 +28,7 @@ rules:
 """
 
 
-def value(text: str, name: str, **labels: str) -> float:
-    """The sample ``name`` whose labels include ``labels`` (summed), as Prometheus parses it."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+value = sample  # the summed samples of a name whose labels include those given
 
 
 def promtool_check(text: str) -> None:
@@ -144,3 +137,34 @@ async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Pat
     assert value(metrics, "meshlet_metrics_series_folded_total", label="source") == 9_801
     assert report["series"]["meshlet_requests"] == 202 and report["label_values"]["source"] == 200
     promtool_check(metrics)
+
+
+async def test_a_mesh_config_sets_the_bounds_on_every_sidecar(tmp_path: Path, origin: Origin) -> None:
+    mesh = "kind: MeshConfig\nname: mesh\nmetrics:\n  labels: [destination, code]\n  max_label_values: 5\n"
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+                with trio.fail_after(15):
+                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                await apply_policy(tmp_path, api, mesh)  # returns once every sidecar ACKed it
+                for _ in range(12):
+                    assert (await client.get("/hello")).status_code == 200
+                metrics = (await client.get(f"http://{item.admin}/metrics")).text
+                report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
+    inbound = [
+        s
+        for f in text_string_to_metric_families(metrics)
+        for s in f.samples
+        if s.name == "meshlet_requests_total" and s.labels["direction"] == "inbound"
+    ]
+    # source, route and reason are written empty: one series, counted from the change on
+    assert [(s.labels["source"], s.labels["route"], s.labels["destination"], s.value) for s in inbound] == [
+        ("", "", "item", 12.0)
+    ]
+    assert report["limits"]["labels"] == ["direction", "destination", "code"]
+    assert report["limits"]["max_label_values"] == 5

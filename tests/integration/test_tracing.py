@@ -15,6 +15,8 @@ import trio
 
 from sidecar.demo import Demo
 
+from ..helpers import start_demo_mesh
+
 
 def tree(spans: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
     """(service, kind, parent's service/kind) per span, in start order."""
@@ -30,15 +32,8 @@ def tree(spans: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
 async def test_one_trace_through_three_hops_with_a_retry(tmp_path: Path) -> None:
     demo = Demo(tmp_path)
     try:
-        cp = await demo.control_plane()
-        push, api = cp.fields["push"], cp.fields["api"]
-        for role, instance in (("item", "item-1"), ("item", "item-2"), ("user", "user-1"), ("gateway", "gateway-1")):
-            await demo.service(role, instance, push)
-        entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+        api, entry = await start_demo_mesh(demo)
         async with httpx.AsyncClient(timeout=10) as client:
-            with trio.fail_after(20):  # until every sidecar knows the services its app calls
-                while (await client.get(f"{entry}/api/users/1")).status_code != 200:  # noqa: ASYNC110
-                    await trio.sleep(0.2)
             # Round robin, so that calls do reach the failing instance (ewma would soon avoid it).
             token = (tmp_path / "cp" / "api-token").read_text().strip()
             policy = "kind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
