@@ -150,6 +150,8 @@ def build_api(
             "services": services,
             "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
             "policy_version": push.policies.version if push.policies is not None else "",
+            # the same policy as the sidecars name it in their ACKs (their "policies" version)
+            "policy_push_version": wire.type_version({n: v for n, (v, _) in push.wanted(POLICIES).items()}),
             "window_seconds": window,
             "traces": [_trace_summary(t) for t in traces.traces(limit=12, now=time.time())],
         }
