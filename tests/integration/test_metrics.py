@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +30,16 @@ rules:
 
 
 value = sample  # the summed samples of a name whose labels include those given
+
+
+def inbound_requests(metrics: str) -> list[Any]:
+    """The inbound samples of meshlet_requests_total, one per series."""
+    return [
+        s
+        for f in text_string_to_metric_families(metrics)
+        for s in f.samples
+        if s.name == "meshlet_requests_total" and s.labels["direction"] == "inbound"
+    ]
 
 
 def promtool_check(text: str) -> None:
@@ -117,12 +128,7 @@ async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Pat
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"http://{item.admin}/metrics")).text
             report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
-    inbound = [
-        s
-        for f in text_string_to_metric_families(metrics)
-        for s in f.samples
-        if s.name == "meshlet_requests_total" and s.labels["direction"] == "inbound"
-    ]
+    inbound = inbound_requests(metrics)
     # the first 200 callers by name (the origin answers 404 to /hello/N), then "other": the
     # other 9,800 callers' 404s and the unnamed last request's 200
     assert len(inbound) == 200 + 2
@@ -156,12 +162,7 @@ async def test_a_mesh_config_sets_the_bounds_on_every_sidecar(tmp_path: Path, or
                     assert (await client.get("/hello")).status_code == 200
                 metrics = (await client.get(f"http://{item.admin}/metrics")).text
                 report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
-    inbound = [
-        s
-        for f in text_string_to_metric_families(metrics)
-        for s in f.samples
-        if s.name == "meshlet_requests_total" and s.labels["direction"] == "inbound"
-    ]
+    inbound = inbound_requests(metrics)
     # source, route and reason are written empty: one series, counted from the change on
     assert [(s.labels["source"], s.labels["route"], s.labels["destination"], s.value) for s in inbound] == [
         ("", "", "item", 12.0)
