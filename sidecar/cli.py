@@ -7,7 +7,9 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .core.config import ConfigError, parse_address
@@ -51,8 +53,46 @@ def _upstream(text: str) -> tuple[str, tuple[str, int]]:
     return name, _listen(address)
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"MESHLET_{name}", default)
+def env_name(action: argparse.Action) -> str:
+    """--control-plane → MESHLET_CONTROL_PLANE."""
+    return "MESHLET_" + action.option_strings[-1].lstrip("-").replace("-", "_").upper()
+
+
+def defaults_from_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Every option of ``parser`` can also come from ``MESHLET_<OPTION>`` (containers are
+    configured by environment): the variable becomes the option's default, so a flag given
+    on the command line still wins. A repeatable option takes a comma-separated list; a
+    switch takes 1/true/yes or 0/false/no. A bad value is refused as the flag would be,
+    naming the variable."""
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        name = env_name(action)
+        if action.help is not None:
+            action.help += f" (env {name})"
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            action.default = _env_value(action, raw)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"{name}={raw!r}: {exc}")
+        action.required = False
+
+
+def _env_value(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError("expected 1/true/yes or 0/false/no")
+        return lowered in ("1", "true", "yes")
+    convert = action.type or str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(item.strip()) for item in raw.split(",") if item.strip()]  # type: ignore[operator]
+    value = convert(raw)  # type: ignore[operator]
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,20 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_SIDECAR,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sidecar.add_argument(
-        "--service",
-        required=_env("SERVICE") is None,
-        default=_env("SERVICE"),
-        help="the name of the local service (env MESHLET_SERVICE)",
-    )
-    sidecar.add_argument(
-        "--app",
-        type=_address,
-        required=_env("APP") is None,
-        default=_address(_env("APP")) if _env("APP") else None,
-        metavar="HOST:PORT",
-        help="where the local app listens (env MESHLET_APP)",
-    )
+    sidecar.add_argument("--service", required=True, help="the name of the local service")
+    sidecar.add_argument("--app", type=_address, required=True, metavar="HOST:PORT", help="where the local app listens")
     sidecar.add_argument(
         "--inbound",
         type=_listen,
@@ -113,10 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file listing services and endpoints (no control plane); SIGHUP reloads it",
     )
     sidecar.add_argument(
-        "--control-plane",
-        metavar="H:P[,H:P]",
-        default=_env("CONTROL_PLANE"),
-        help="register with the control plane(s) and receive endpoints (env MESHLET_CONTROL_PLANE)",
+        "--control-plane", metavar="H:P[,H:P]", help="register with the control plane(s) and receive endpoints"
     )
     sidecar.add_argument(
         "--label",
@@ -136,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(_env("DATA_DIR", ".meshlet") or ".meshlet"),
-        help="where the last good config is kept for restarts (default ./.meshlet; env MESHLET_DATA_DIR)",
+        default=Path(".meshlet"),
+        help="where the last good config is kept for restarts (default ./.meshlet)",
     )
     sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
     sidecar.add_argument(
@@ -177,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    defaults_from_environment(sidecar, os.environ)
 
     from control_plane.cli import add_commands
 
     add_commands(commands, _address, _listen)
+    defaults_from_environment(commands.choices["control-plane"], os.environ)  # the other role in a container
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
     demo.add_argument(

@@ -89,6 +89,8 @@ class Supervisor:
             "sidecar",
             "sidecar",
             "--worker",
+            "--workers",  # explicit: a MESHLET_WORKERS the worker inherits must not make it a supervisor
+            "1",
             "--service",
             opts.service,
             "--app",

@@ -440,11 +440,15 @@ async def test_config_dump_is_json(mesh: Mesh) -> None:
 # --- --workers ----------------------------------------------------------------------------
 
 
-async def test_workers_share_listeners_and_metrics_add_up(tmp_path: Path, origin: Origin) -> None:
+@pytest.mark.parametrize("how", ["flag", "environment"])
+async def test_workers_share_listeners_and_metrics_add_up(
+    tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
     static = write_static(tmp_path / "w.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
-    async with run_sidecar(
-        tmp_path, service="user", app="127.0.0.1:1", static=static, extra=["--workers", "2"]
-    ) as sidecar:
+    if how == "environment":  # the workers inherit MESHLET_WORKERS too: they must not become supervisors
+        monkeypatch.setenv("MESHLET_WORKERS", "2")
+    extra = ["--workers", "2"] if how == "flag" else []
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static, extra=extra) as sidecar:
         for _ in range(40):  # a new connection each: SO_REUSEPORT spreads connections
             async with httpx.AsyncClient() as client:
                 response = await client.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})

@@ -1,0 +1,98 @@
+"""Every `meshlet sidecar` option can come from the environment (MESHLET_<OPTION>), as
+containers are configured; a flag on the command line wins; a bad value names the variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar import cli
+
+BASE = ["sidecar", "--service", "item", "--app", "127.0.0.1:8080"]
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str]) -> argparse.Namespace:
+    for name in [name for name in os.environ if name.startswith("MESHLET_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return cli.build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "dest", "expected"),
+    [
+        ("MESHLET_INBOUND", "0.0.0.0:16006", "inbound", ("0.0.0.0", 16006)),
+        ("MESHLET_OUTBOUND", "127.0.0.1:0", "outbound", ("127.0.0.1", 0)),
+        ("MESHLET_ADMIN", "127.0.0.1:16090", "admin", ("127.0.0.1", 16090)),
+        ("MESHLET_STATIC", "/etc/meshlet/services.yaml", "static", Path("/etc/meshlet/services.yaml")),
+        ("MESHLET_CONTROL_PLANE", "cp-1:15010,cp-2:15010", "control_plane", "cp-1:15010,cp-2:15010"),
+        ("MESHLET_LABEL", "version=v2, team=shop", "label", ["version=v2", "team=shop"]),
+        ("MESHLET_ZONE", "eu-1a", "zone", "eu-1a"),
+        ("MESHLET_ADVERTISE", "10.0.0.7", "advertise", "10.0.0.7"),
+        ("MESHLET_INSTANCE_ID", "item-7", "instance_id", "item-7"),
+        ("MESHLET_DATA_DIR", "/var/lib/meshlet", "data_dir", Path("/var/lib/meshlet")),
+        ("MESHLET_HEALTH_PATH", "/healthz", "health_path", "/healthz"),
+        (
+            "MESHLET_TRACE_COLLECTOR",
+            "http://zipkin:9411/api/v2/spans",
+            "trace_collector",
+            "http://zipkin:9411/api/v2/spans",
+        ),
+        ("MESHLET_TRACE_SAMPLING", "0.01", "trace_sampling", 0.01),
+        ("MESHLET_UPSTREAM", "item=127.0.0.1:9001", "upstream", [("item", ("127.0.0.1", 9001))]),
+        ("MESHLET_WORKERS", "4", "workers", 4),
+        ("MESHLET_HEADER_TIMEOUT", "2.5", "header_timeout", 2.5),
+        ("MESHLET_LOG_LEVEL", "debug", "log_level", "debug"),
+    ],
+)
+def test_each_option_from_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, dest: str, expected: object
+) -> None:
+    assert getattr(parse(monkeypatch, {variable: value}, BASE), dest) == expected
+
+
+def test_the_required_ones_too_and_a_flag_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MESHLET_SERVICE": "item", "MESHLET_APP": "127.0.0.1:8080", "MESHLET_WORKERS": "4"}
+    args = parse(monkeypatch, env, ["sidecar", "--workers", "2"])
+    assert (args.service, args.app, args.workers) == ("item", ("127.0.0.1", 8080), 2)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MESHLET_INBOUND", "garbage", "MESHLET_INBOUND='garbage': 'garbage' is not HOST:PORT"),
+        ("MESHLET_WORKERS", "many", "MESHLET_WORKERS='many': invalid literal"),
+        ("MESHLET_LOG_LEVEL", "loud", "MESHLET_LOG_LEVEL='loud': expected one of debug, info, warning, error"),
+        ("MESHLET_UPSTREAM", "item", "MESHLET_UPSTREAM='item': 'item': expected NAME=HOST:PORT"),
+    ],
+)
+def test_a_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {variable: value}, BASE)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_service_or_app_the_error_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, {}, ["sidecar"])
+    assert "--service" in capsys.readouterr().err
+
+
+def test_the_control_plane_is_configured_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "MESHLET_LISTEN": "0.0.0.0:15010",
+        "MESHLET_API": "0.0.0.0:15000",
+        "MESHLET_TTL": "30",
+        "MESHLET_STORE": "memory",
+    }
+    args = parse(monkeypatch, env, ["control-plane", "--ttl", "20"])
+    assert (args.listen, args.api, args.ttl, args.store) == (("0.0.0.0", 15010), ("0.0.0.0", 15000), 20.0, "memory")
