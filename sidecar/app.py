@@ -72,6 +72,7 @@ class SidecarOptions:
     health_path: str = "/health"
     trace_collector: str | None = None  # a Zipkin v2 endpoint; MeshConfig's wins, the control plane's by default
     trace_sampling: float | None = None  # MeshConfig's wins; 1.0 by default
+    drain_timeout: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
 
 def build_outbound(
@@ -130,10 +131,12 @@ async def serve_http(
     timeouts: Timeouts,
     *,
     reuse_port: bool = False,
+    stop_accepting: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler`` forever;
-    reports the bound port through ``task_status``."""
+    """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler``; reports the
+    bound port through ``task_status``. Once ``stop_accepting`` is set, the listener closes
+    (new connections are refused) and this returns when the open connections are done."""
     listener = listen_socket(host, port, reuse_port=reuse_port)
     try:
         async with trio.open_nursery() as nursery:
@@ -142,9 +145,18 @@ async def serve_http(
                 await serve_connection(io, handler, timeouts)
 
             task_status.started(listener.getsockname()[1])
-            await serve_socket(listener, on_connection, nursery)
+            with trio.CancelScope() as accepting:
+                if stop_accepting is not None:
+                    nursery.start_soon(_cancel_when_set, stop_accepting, accepting)
+                await serve_socket(listener, on_connection, nursery)
+            listener.close()
     finally:
         listener.close()
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 class Sidecar:
@@ -155,6 +167,9 @@ class Sidecar:
         self.pools = UpstreamPools(clock=self.deadlines.clock)
         self.telemetry.connection_stats = self.pools.stats
         self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)
+        self.admin_timeouts = Timeouts(self.deadlines)  # the admin listener keeps serving while draining
+        self.stop_accepting = trio.Event()
+        self.draining = False
         self.forwarder = Forwarder(self.pools, self.deadlines)
         self.mirror = Mirror(self.forwarder, self.telemetry)
         self.app = Endpoint(*options.app)
@@ -337,6 +352,8 @@ class Sidecar:
         )
 
     def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining (stopping)"
         if not self.config_ready:
             return False, "no configuration applied yet"
         return True, ""
@@ -406,7 +423,18 @@ class Sidecar:
             await nursery.start(self.deadlines.serve)
             for name, (host, port), handler in wanted:
                 reuse = opts.reuse_port and name != "admin"
-                bound = await nursery.start(partial(serve_http, host, port, handler, self.timeouts, reuse_port=reuse))
+                admin = name == "admin"
+                bound = await nursery.start(
+                    partial(
+                        serve_http,
+                        host,
+                        port,
+                        handler,
+                        self.admin_timeouts if admin else self.timeouts,
+                        reuse_port=reuse,
+                        stop_accepting=None if admin else self.stop_accepting,
+                    )
+                )
                 self.addresses[name] = (host, bound)
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
@@ -449,10 +477,26 @@ class Sidecar:
                         )
                     continue
                 log.info("signal %s: stopping", signal.Signals(signum).name)
-                if self.control is not None:
-                    # Deregister first and keep serving while the removal reaches the
-                    # callers (PRODUCT §5), so nobody is sent here after we stop.
-                    await self.control.drain()
-                    await trio.sleep(DRAIN_PROPAGATION)
+                await self.drain()
                 cancel_scope.cancel()
                 return
+
+    async def drain(self) -> None:
+        """Stop gracefully (PRODUCT §5): not ready any more; deregister and keep serving while
+        the removal reaches the callers, so nobody is sent here after we stop; then refuse
+        new connections, close idle ones, and give the requests in flight until
+        ``drain_timeout`` to finish (each response closes its connection)."""
+        self.draining = True
+        if self.control is not None:
+            await self.control.drain()
+            await trio.sleep(DRAIN_PROPAGATION)
+        self.stop_accepting.set()
+        self.timeouts.drain()
+        inflight = self.telemetry.inflight
+        with trio.move_on_after(self.options.drain_timeout) as waited:
+            while sum(inflight.values()) > 0:  # noqa: ASYNC110 - counted on the request path, not an event
+                await trio.sleep(0.05)
+        if waited.cancelled_caught:
+            log.warning(
+                "%d request(s) still in flight after %gs: cut", sum(inflight.values()), self.options.drain_timeout
+            )

@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a started request head must complete within this, else 408 (slowloris guard; default 10)",
     )
+    sidecar.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM: deregister, stop accepting, and give requests in flight this long (default 30)",
+    )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     defaults_from_environment(sidecar, os.environ)
@@ -300,6 +307,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         health_path=args.health_path,
         trace_collector=args.trace_collector,
         trace_sampling=args.trace_sampling,
+        drain_timeout=args.drain_timeout,
     )
     if args.workers > 1:
         if control_planes:

@@ -61,7 +61,7 @@ class _Connection:
     after a best-effort 408 when a head was cut short.
     """
 
-    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "timeouts", "__weakref__")
+    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "idle", "timeouts", "__weakref__")
 
     def __init__(self, io: Connection, timeouts: Timeouts) -> None:
         self.io = io
@@ -70,6 +70,7 @@ class _Connection:
         self.timeouts = timeouts
         self.deadline = timeouts.deadlines.now + timeouts.idle
         self.in_head = False
+        self.idle = False  # waiting for the next request, nothing of it read yet
 
     def expire(self) -> None:
         if self.in_head:
@@ -94,12 +95,25 @@ class _Connection:
 
 
 class Timeouts:
-    __slots__ = ("idle", "header", "deadlines")
+    """The connections' timeouts, and whether the listener is draining (shared by all of
+    its connections: see :meth:`drain`)."""
+
+    __slots__ = ("idle", "header", "deadlines", "draining")
 
     def __init__(self, deadlines: Deadlines, idle: float = IDLE_TIMEOUT, header: float = HEADER_TIMEOUT) -> None:
         self.deadlines = deadlines
         self.idle = idle
         self.header = header
+        self.draining = False
+
+    def drain(self) -> int:
+        """Shutting down: every response from now on closes its connection, and connections
+        waiting idle for a next request are closed now; how many were closed."""
+        self.draining = True
+        idle = [c for c in self.deadlines.watched if type(c) is _Connection and c.idle]
+        for conn in idle:
+            conn.io.close()
+        return len(idle)
 
 
 class _RequestBody:
@@ -181,8 +195,14 @@ async def _next_head(conn: _Connection) -> object:
     went quiet past its deadline."""
     events = conn.reader.events
     if not events:
+        if conn.timeouts.draining:
+            raise ClientGone("draining")  # no next request on this connection
         conn.touch()
-        await conn.receive()
+        conn.idle = True
+        try:
+            await conn.receive()
+        finally:
+            conn.idle = False
         if not events:  # a head has started but is not complete: the slowloris clock runs
             conn.in_head = True
             conn.deadline = min(conn.deadline, trio.current_time() + conn.timeouts.header)  # rare: exact
@@ -257,7 +277,7 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
             response.body_bytes = len(raw) - raw.find(b"\r\n\r\n") - 4
             response.finish(True)
         return response.keep_alive and head.keep_alive
-    keep_alive = response.keep_alive and head.keep_alive
+    keep_alive = response.keep_alive and head.keep_alive and not conn.timeouts.draining
     headers = response.headers
     framing = response.framing
     if response.upgrade is not None:

@@ -1,0 +1,76 @@
+"""Stopping gracefully (PRODUCT §5): on SIGTERM a sidecar stops being ready, refuses new
+connections, lets the requests in flight finish (each response closes its connection),
+and exits 0; past --drain-timeout the stragglers are cut."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..helpers import run_sidecar, write_static
+from ..origin import Origin
+
+
+async def test_requests_in_flight_finish_and_new_connections_are_refused(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [f"127.0.0.1:{origin.port}"], "timeout": "10s"}})
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static) as sidecar:
+        results: list[httpx.Response] = []
+        ready_while_draining: list[int] = []
+        refused = False
+        async with httpx.AsyncClient(timeout=15) as client:
+
+            async def slow() -> None:
+                results.append(await client.get(f"http://{sidecar.outbound}/delay/1.5", headers={"host": "item"}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow)
+                with trio.fail_after(5):  # the slow request reached the origin
+                    while origin.stats.requests < 1:  # noqa: ASYNC110 - another task's progress
+                        await trio.sleep(0.02)
+                sidecar.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(5):
+                    while not refused:
+                        try:
+                            async with httpx.AsyncClient(timeout=2) as fresh:
+                                await fresh.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
+                        except httpx.ConnectError:
+                            refused = True
+                        ready_while_draining.append((await client.get(f"http://{sidecar.admin}/ready")).status_code)
+                        await trio.sleep(0.05)
+            with trio.fail_after(10):
+                await sidecar.process.wait()
+    (response,) = results
+    assert response.status_code == 200 and response.text == "late"  # in flight during SIGTERM: finished
+    assert response.headers["connection"] == "close"
+    assert refused  # new connections are refused while the old ones drain
+    assert 503 in ready_while_draining  # not ready any more
+    assert sidecar.process.returncode == 0
+
+
+async def test_past_the_drain_timeout_stragglers_are_cut(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [f"127.0.0.1:{origin.port}"], "timeout": "30s"}})
+    extra = ["--drain-timeout", "0.5"]
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static, extra=extra) as sidecar:
+        failures: list[Exception] = []
+        async with httpx.AsyncClient(timeout=15) as client:
+
+            async def stuck() -> None:
+                try:
+                    await client.get(f"http://{sidecar.outbound}/delay/20", headers={"host": "item"})
+                except httpx.HTTPError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stuck)
+                with trio.fail_after(5):
+                    while origin.stats.requests < 1:  # noqa: ASYNC110 - another task's progress
+                        await trio.sleep(0.02)
+                sidecar.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(8):  # 0.5 s of grace, not the 20 s the request wanted
+                    await sidecar.process.wait()
+    assert len(failures) == 1  # cut, as the drain timeout says
+    assert sidecar.process.returncode == 0
+    assert "still in flight after 0.5s: cut" in sidecar.log()
