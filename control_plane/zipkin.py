@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -82,11 +83,16 @@ def zipkin_routes(store: TraceStore) -> list[Route]:
     async def services(request: Request) -> Response:
         return JSONResponse(store.services())
 
-    async def span_names(request: Request) -> Response:
-        service = request.query_params.get("serviceName")
-        if not service:
-            return JSONResponse({"problems": ["serviceName is required"]}, status_code=400)
-        return JSONResponse(store.span_names(service))
+    def by_service(names: Callable[[str], list[str]]) -> Callable[[Request], Awaitable[Response]]:
+        """A query answered per ``serviceName``, which it requires."""
+
+        async def handle(request: Request) -> Response:
+            service = request.query_params.get("serviceName")
+            if not service:
+                return JSONResponse({"problems": ["serviceName is required"]}, status_code=400)
+            return JSONResponse(names(service))
+
+        return handle
 
     async def traces(request: Request) -> Response:
         query = request.query_params
@@ -117,12 +123,6 @@ def zipkin_routes(store: TraceStore) -> list[Route]:
             return JSONResponse({"problems": ["traceIds is required: trace ids, comma-separated"]}, status_code=400)
         return JSONResponse(store.trace_many([i.strip() for i in ids]))
 
-    async def remote_services(request: Request) -> Response:
-        service = request.query_params.get("serviceName")
-        if not service:
-            return JSONResponse({"problems": ["serviceName is required"]}, status_code=400)
-        return JSONResponse(store.remote_services(service))
-
     async def dependencies(request: Request) -> Response:
         query = request.query_params
         try:
@@ -140,12 +140,12 @@ def zipkin_routes(store: TraceStore) -> list[Route]:
 
     return [
         Route("/api/v2/spans", post_spans, methods=["POST"]),
-        Route("/api/v2/spans", span_names, methods=["GET"]),
+        Route("/api/v2/spans", by_service(store.span_names), methods=["GET"]),
         Route("/api/v2/services", services),
         Route("/api/v2/traces", traces),
         Route("/api/v2/trace/{trace_id}", trace),
         Route("/api/v2/traceMany", trace_many),
-        Route("/api/v2/remoteServices", remote_services),
+        Route("/api/v2/remoteServices", by_service(store.remote_services)),
         Route("/api/v2/dependencies", dependencies),
         Route("/api/v2/autocompleteKeys", no_autocomplete),
         Route("/api/v2/autocompleteValues", no_autocomplete),
