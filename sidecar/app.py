@@ -335,6 +335,8 @@ class Sidecar:
         host = opts.advertise or (inbound_host if inbound_host not in ("0.0.0.0", "::") else "127.0.0.1")
         address = f"{host}:{inbound_port}"
         admin_host, admin_port = self.addresses["admin"]
+        if admin_host in ("0.0.0.0", "::"):  # bound to every address: reported at the advertised host
+            admin_host = host
         instance_id = opts.instance_id or f"{opts.service}-{host}-{inbound_port}"
         state_file = None
         if opts.data_dir is not None:

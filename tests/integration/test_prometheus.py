@@ -123,3 +123,20 @@ async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, or
     }
     assert requests[0]["metric"]["source"] == "user" and float(requests[0]["value"][1]) >= 1
     assert len(answered) >= 8  # query() asserted each one succeeded
+
+
+async def test_an_admin_listener_on_every_address_is_listed_at_the_advertised_host(
+    tmp_path: Path, origin: Origin
+) -> None:
+    # As in a container: --admin 0.0.0.0:PORT, --advertise the name others reach it by.
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        extra = ["--admin", "0.0.0.0:0", "--advertise", "localhost"]
+        async with run_sidecar(
+            tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push, extra=extra
+        ) as item:
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(15):
+                    while not (targets := (await client.get(f"http://{api}/v1/prometheus/targets")).json()):  # noqa: ASYNC110
+                        await trio.sleep(0.2)
+    assert targets[0]["targets"] == [f"localhost:{item.ports['admin']}"]
