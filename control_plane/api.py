@@ -151,7 +151,7 @@ def build_api(
             "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
             "policy_version": push.policies.version if push.policies is not None else "",
             # the same policy as the sidecars name it in their ACKs (their "policies" version)
-            "policy_push_version": wire.type_version({n: v for n, (v, _) in push.wanted(POLICIES).items()}),
+            "policy_push_version": _policies_push_version(push),
             "window_seconds": window,
             "traces": [_trace_summary(t) for t in traces.traces(limit=12, now=time.time())],
         }
@@ -230,7 +230,7 @@ def build_api(
                 "version": store.version,
                 # What a sidecar's ACK of the policies type names once it holds this version
                 # (meshlet apply waits for it).
-                "push_version": wire.type_version({n: v for n, (v, _) in push.wanted(POLICIES).items()}),
+                "push_version": _policies_push_version(push),
                 "applied": None if current is None else current.to_json(with_files=True),
                 "documents": [
                     {"kind": name.split("/", 1)[0], "name": name.split("/", 1)[1], "version": version}
@@ -397,6 +397,11 @@ def hystrix_events(scraper: Scraper, window: float) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _policies_push_version(push: PushServer) -> str:
+    """The policy as the sidecars name it in their ACKs: the version of the policies type."""
+    return wire.type_version({name: version for name, (version, _) in push.wanted(POLICIES).items()})
 
 
 def _trace_summary(spans: list[dict[str, Any]]) -> dict[str, Any]:

@@ -73,6 +73,14 @@ class Tracer:
             endpoint = self._endpoints[key] = Endpoint(service, host, port)
         return endpoint
 
+    def leaves_alone(self, parent: TraceContext | None) -> bool:
+        """Whether a request with this incoming context goes on untouched: no context and
+        nowhere to send spans (no trace is started), or a context not sampled (passed on as
+        it came; see the module docstring)."""
+        if parent is None:
+            return not self.recording
+        return parent.sampled is False and not parent.debug
+
     def begin(self, request: Request, parent: TraceContext | None) -> TraceContext:
         """This hop's context: the child of ``parent``; its headers replace the request's."""
         context = tracecontext.child(parent, self.rng, self.sample_rate)
@@ -114,11 +122,8 @@ class Tracer:
 def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
     async def handle(request: Request) -> Response:
         parent = tracecontext.extract(request.head.headers)
-        if parent is None:
-            if not tracer.recording:
-                return await inner(request)  # nowhere to send spans: start no trace
-        elif parent.sampled is False and not parent.debug:
-            return await inner(request)  # not sampled: passed on as it came (see the module docstring)
+        if tracer.leaves_alone(parent):
+            return await inner(request)
         context = tracer.begin(request, parent)
         if not context.sampled or not tracer.recording:
             return await inner(request)
@@ -139,11 +144,8 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
         if request.attempt <= 1:  # the app's context; later attempts reuse it (our own headers replaced it)
             request.trace = tracecontext.extract(request.head.headers)
         parent = request.trace
-        if parent is None:
-            if not tracer.recording:
-                return await inner(request)  # nowhere to send spans: start no trace
-        elif parent.sampled is False and not parent.debug:
-            return await inner(request)  # not sampled: passed on as it came
+        if tracer.leaves_alone(parent):
+            return await inner(request)
         context = tracer.begin(request, parent)
         if not context.sampled or not tracer.recording:
             return await inner(request)
