@@ -79,6 +79,7 @@ def build_api(
             "address": instance.address,
             "admin": instance.admin,
             "labels": dict(instance.labels),
+            "app_port": instance.app_port,
             "node": instance.node,
             "ready": instance.ready,
             "connected": registry.is_connected(instance.instance_id),

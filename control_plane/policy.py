@@ -494,6 +494,9 @@ class MeshConfig(_Model):
     tracing: Tracing = Tracing()
     metrics: Metrics = Metrics()
     mtls: Mtls = Mtls()
+    # Transparent mode (meshlet init-iptables): a connection to an address no service has.
+    # ALLOW_ANY: passed through, as plain TCP, to where the app was going; REGISTRY_ONLY: refused.
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
 
 
 def _policy_name(value: Any) -> str:

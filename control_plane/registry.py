@@ -116,6 +116,7 @@ class Instance:
     admin: str  # HOST:PORT of the sidecar's admin listener
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)  # zone, version
     node: str = ""  # the sidecar's node id (its hello)
+    app_port: int = 0  # the app's port on the address's host (transparent mode dials it); 0: not told
     ready: bool = False  # fail-closed: not pushed until the sidecar's health probe says so
 
     def __post_init__(self) -> None:
@@ -135,6 +136,8 @@ class Instance:
         _check_host_port("address", self.address)
         _check_host_port("admin", self.admin)
         _check_text("node", self.node)
+        if not isinstance(self.app_port, int) or isinstance(self.app_port, bool) or not 0 <= self.app_port <= 65535:
+            raise ValueError(f"app_port {self.app_port!r}: a port (1-65535), or 0 for none")
         if not isinstance(self.ready, bool):
             raise ValueError(f"ready must be a bool, not {type(self.ready).__name__}")
         if not isinstance(self.labels, Mapping):
@@ -151,18 +154,18 @@ def endpoints_version(endpoints: Iterable[Instance]) -> str:
     Covers what other sidecars are pushed (instance id, address, labels), in instance-id order, as
     canonical JSON; not the admin address, node or readiness (only ready instances are in the set)."""
     body = [
-        [e.instance_id, e.address, dict(sorted(e.labels.items()))]
+        [e.instance_id, e.address, dict(sorted(e.labels.items())), *([e.app_port] if e.app_port else [])]
         for e in sorted(endpoints, key=lambda e: e.instance_id)
     ]
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:VERSION_LENGTH]
 
 
-def _pushed(instance: Instance | None) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+def _pushed(instance: Instance | None) -> tuple[str, tuple[tuple[str, str], ...], int] | None:
     """What the rest of the mesh sees of an instance: nothing unless it is ready."""
     if instance is None or not instance.ready:
         return None
-    return instance.address, tuple(sorted(instance.labels.items()))
+    return instance.address, tuple(sorted(instance.labels.items())), instance.app_port
 
 
 @dataclass(slots=True)

@@ -52,12 +52,12 @@ class EndpointsView:
 
     def _endpoint(self, instance: Instance) -> tuple[dict[str, Any], bytes]:
         """One endpoint's body and canonical bytes, made once per instance content."""
-        key = (instance.instance_id, instance.address, tuple(sorted(instance.labels.items())))
+        key = (instance.instance_id, instance.address, tuple(sorted(instance.labels.items())), instance.app_port)
         found = self._endpoints.get(key)
         if found is None:
             if len(self._endpoints) >= ENDPOINT_MEMO_MAX:
                 self._endpoints.clear()
-            body = wire.endpoint(instance.instance_id, instance.address, instance.labels)
+            body = wire.endpoint(instance.instance_id, instance.address, instance.labels, app_port=instance.app_port)
             found = self._endpoints[key] = (body, wire.canonical_bytes(body))
         return found
 
@@ -207,6 +207,7 @@ class PushServer:
             admin=str(raw.get("admin", "")),
             labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
             node=hello.node,
+            app_port=raw.get("app_port", 0),
             ready=bool(raw.get("ready", False)),
         )
         now = trio.current_time()

@@ -656,10 +656,13 @@ def type_version(versions: Mapping[str, str]) -> str:
 
 
 def endpoint(
-    instance_id: str, address: str, labels: Mapping[str, str] | None = None, weight: int = 1
+    instance_id: str, address: str, labels: Mapping[str, str] | None = None, weight: int = 1, app_port: int = 0
 ) -> dict[str, Any]:
-    """One endpoint as it travels in an ``endpoints`` resource body."""
-    return {"id": instance_id, "address": address, "labels": dict(labels or {}), "weight": weight}
+    """One endpoint as it travels in an ``endpoints`` resource body (``app_port`` only when known)."""
+    body = {"id": instance_id, "address": address, "labels": dict(labels or {}), "weight": weight}
+    if app_port:
+        body["app_port"] = app_port
+    return body
 
 
 def apply_endpoint_delta(current: list[dict[str, Any]], resource: Resource) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ import trio
 
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
 from .core.destination import Destinations
+from .core.interception import REGISTRY_ONLY, AddressMap
 from .core.spans import Endpoint as SpanEndpoint
 from .core.spans import TracingSettings
 from .layers.base import Filter, Handler, Request, Response, filters_layer
@@ -42,6 +43,7 @@ from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.exporter import SpanExporter
 from .net.io import Connection, Deadlines, listen_socket, serve_socket
+from .net.transparent import Passthrough, original_destination
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, cardinality, render
 
@@ -73,6 +75,9 @@ class SidecarOptions:
     trace_collector: str | None = None  # a Zipkin v2 endpoint; MeshConfig's wins, the control plane's by default
     trace_sampling: float | None = None  # MeshConfig's wins; 1.0 by default
     drain_timeout: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
+    # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
+    # init-iptables): route each connection by its original destination; learn every service.
+    transparent: bool = False
 
 
 def build_outbound(
@@ -132,11 +137,13 @@ async def serve_http(
     *,
     reuse_port: bool = False,
     stop_accepting: trio.Event | None = None,
+    accept: Callable[[Connection], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler``; reports the
     bound port through ``task_status``. Once ``stop_accepting`` is set, the listener closes
-    (new connections are refused) and this returns when the open connections are done."""
+    (new connections are refused) and this returns when the open connections are done.
+    ``accept``: serves each connection instead (it may look at the socket first)."""
     listener = listen_socket(host, port, reuse_port=reuse_port)
     try:
         async with trio.open_nursery() as nursery:
@@ -148,7 +155,7 @@ async def serve_http(
             with trio.CancelScope() as accepting:
                 if stop_accepting is not None:
                     nursery.start_soon(_cancel_when_set, stop_accepting, accepting)
-                await serve_socket(listener, on_connection, nursery)
+                await serve_socket(listener, accept or on_connection, nursery)
             listener.close()
     finally:
         listener.close()
@@ -202,6 +209,9 @@ class Sidecar:
         self.control: ControlPlaneClient | None = None
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.address_map = AddressMap()  # transparent mode: original destination → service
+        self.passthrough = Passthrough()
+        self._blocked_logged: set[tuple[str, int]] = set()
         self.admin_handler = AdminHandler(
             metrics=lambda: render(lambda: [self.telemetry.snapshot()]),
             ready=self.readiness,
@@ -253,6 +263,8 @@ class Sidecar:
             tracer,
         )
         self.inbound_handler = build_inbound(self.app, forwarder, telemetry, service, snapshot, tracer)
+        if self.options.transparent:
+            self.address_map = AddressMap.of(snapshot.services)
         self.upstream_handlers = {
             name: build_outbound(
                 routes[name],
@@ -346,11 +358,14 @@ class Sidecar:
         app_host, app_port = opts.app
         return ControlPlaneClient(
             opts.control_plane,
-            InstanceInfo(opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels)),
+            InstanceInfo(
+                opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels), app_port=app_port
+            ),
             self.apply,
             static=lambda: self.static_services,
             app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
             state_file=state_file,
+            watch_all=opts.transparent,
         )
 
     def readiness(self) -> tuple[bool, str]:
@@ -402,6 +417,63 @@ class Sidecar:
     async def _inbound(self, request: Request) -> Response:
         return await self.inbound_handler(request)
 
+    async def _intercepted(self, io: Connection) -> None:
+        """A connection to the outbound listener in transparent mode: routed by where the
+        app was connecting to (sidecar/core/interception.py); one made to the listener on
+        purpose is served as usual."""
+        original = original_destination(io.sock)
+        if original is None:
+            await serve_connection(io, self._outbound, self.timeouts)
+            return
+        ip, port = original
+        service = self.address_map.service(ip, port)
+        telemetry = self.telemetry
+        if service is not None:
+            telemetry.intercepted("service", service)
+
+            async def to_service(request: Request) -> Response:
+                request.service = service  # the router takes it instead of the Host header
+                return await self.outbound_handler(request)
+
+            await serve_connection(io, to_service, self.timeouts)
+            return
+        try:
+            if self.passthrough.is_own(io.sock.getpeername()[1]):
+                telemetry.intercepted("loop")
+                self._log_once(
+                    ip,
+                    port,
+                    "a passthrough connection of this sidecar came back to it: the iptables "
+                    "rules do not exempt its own traffic (run it as meshlet init-iptables --proxy-uid)",
+                )
+                io.reset()
+                return
+            if self.snapshot.outbound_traffic_policy == REGISTRY_ONLY:
+                telemetry.intercepted("blocked")
+                self._log_once(
+                    ip,
+                    port,
+                    "refused: no service has this address and outbound_traffic_policy "
+                    "is REGISTRY_ONLY (declare it in a Service document to allow it)",
+                )
+                io.reset()
+                return
+            telemetry.intercepted("passthrough")
+            await self.passthrough.relay(io, ip, port)
+        except (OSError, trio.TooSlowError):
+            io.reset()  # as the app would have seen it: the destination did not answer
+        finally:
+            io.close()
+
+    def _log_once(self, ip: str, port: int, what: str) -> None:
+        """One line per address, not per connection (a bounded set: at most 1,000 kept)."""
+        if (ip, port) in self._blocked_logged:
+            return
+        if len(self._blocked_logged) >= 1000:
+            self._blocked_logged.clear()
+        self._blocked_logged.add((ip, port))
+        log.warning("outbound connection to %s:%d %s", ip, port, what)
+
     def _fixed(self, name: str) -> Handler:
         async def handle(request: Request) -> Response:
             return await self.upstream_handlers[name](request)
@@ -435,6 +507,7 @@ class Sidecar:
                         self.admin_timeouts if admin else self.timeouts,
                         reuse_port=reuse,
                         stop_accepting=None if admin else self.stop_accepting,
+                        accept=self._intercepted if name == "outbound" and opts.transparent else None,
                     )
                 )
                 self.addresses[name] = (host, bound)

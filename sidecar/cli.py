@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM: deregister, stop accepting, and give requests in flight this long (default 30)",
     )
+    sidecar.add_argument(
+        "--transparent",
+        action="store_true",
+        help="the app's traffic is redirected here by 'meshlet init-iptables': route each connection by the "
+        "address the app dialled (SO_ORIGINAL_DST), and learn every service's addresses from the control plane",
+    )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     defaults_from_environment(sidecar, os.environ)
@@ -214,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from control_plane.cli import add_commands
 
     add_commands(commands, _address, _listen)
+    from .init_iptables import add_command as add_init_iptables
+
+    defaults_from_environment(add_init_iptables(commands), os.environ)
     defaults_from_environment(commands.choices["control-plane"], os.environ)  # the other role in a container
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
@@ -240,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         from control_plane.cli import run
 
         return run(args)
+    if args.command == "init-iptables":
+        from .init_iptables import run as run_init_iptables
+
+        return run_init_iptables(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -308,6 +321,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         trace_collector=args.trace_collector,
         trace_sampling=args.trace_sampling,
         drain_timeout=args.drain_timeout,
+        transparent=args.transparent,
     )
     if args.workers > 1:
         if control_planes:

@@ -69,6 +69,9 @@ class Telemetry:
         self.ejections: dict[tuple[str], int] = {}
         self.spans_dropped: dict[tuple[str], int] = {}  # why: queue-full, collector-unreachable, -refused
         self.spans_exported: dict[tuple[()], int] = {}  # delivered to the collector
+        # Redirected connections (transparent mode) by what became of them: service, passthrough,
+        # blocked (REGISTRY_ONLY), loop. Destination: the service, or "" for an unknown address.
+        self.transparent: dict[tuple[str, str], int] = {}
         # Called at scrape time: yields (destination, circuit state 0/1/2, {endpoint state: count}).
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
@@ -165,6 +168,10 @@ class Telemetry:
     def exported_spans(self, count: int) -> None:
         self.spans_exported[()] = self.spans_exported.get((), 0) + count
 
+    def intercepted(self, outcome: str, destination: str = "") -> None:
+        key = (outcome, destination)
+        self.transparent[key] = self.transparent.get(key, 0) + 1
+
     def retried(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.retries[key] = self.retries.get(key, 0) + 1
@@ -200,6 +207,7 @@ class Telemetry:
             "ejections": [[*k, v] for k, v in self.ejections.items()],
             "spans_dropped": [[*k, v] for k, v in self.spans_dropped.items()],
             "spans_exported": [[*k, v] for k, v in self.spans_exported.items()],
+            "transparent": [[*k, v] for k, v in self.transparent.items()],
             "folded": [[k, v] for k, v in self.limits.folded.items()],
             "info": [[*self.status()]],
             "circuits": [[d, state] for d, state, _ in stats],
@@ -224,6 +232,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "ejections": {},
         "spans_dropped": {},
         "spans_exported": {},
+        "transparent": {},
         "folded": {},
         "info": {},
         "circuits": {},
@@ -244,6 +253,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "endpoints",
             "spans_dropped",
             "spans_exported",
+            "transparent",
             "folded",
         ):
             table = merged[kind]
@@ -386,6 +396,15 @@ class _Collector:
             "Finished spans the collector accepted.",
             (),
             merged["spans_exported"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_transparent_connections",
+            "Connections redirected to the outbound listener by meshlet init-iptables, by outcome: service "
+            "(routed to a mesh service), passthrough (unknown address, ALLOW_ANY), blocked (REGISTRY_ONLY), "
+            "loop (the sidecar's own connection came back: its uid is not exempt).",
+            ("outcome", "destination"),
+            merged["transparent"],
         )
         yield _family(
             CounterMetricFamily,

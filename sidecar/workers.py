@@ -112,6 +112,9 @@ class Supervisor:
             args += ["--trace-collector", opts.trace_collector]
         if opts.trace_sampling is not None:
             args += ["--trace-sampling", str(opts.trace_sampling)]
+        if opts.transparent:
+            args.append("--transparent")
+        args += ["--drain-timeout", str(opts.drain_timeout)]
         return args
 
     async def run_worker(

@@ -49,13 +49,19 @@ def write_static(path: Path, services: dict[str, object]) -> Path:
 
 
 @asynccontextmanager
-async def run_meshlet(tmp_path: Path, name: str, args: list[str], ready_prefix: str) -> AsyncIterator[SidecarProcess]:
+async def run_meshlet(
+    tmp_path: Path, name: str, args: list[str], ready_prefix: str, *, prefix: list[str] | None = None
+) -> AsyncIterator[SidecarProcess]:
     """`python -m sidecar ARGS` in its own process group; ports from its ready line;
-    stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails the test."""
+    stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails the test.
+    ``prefix``: run under it (``ip netns exec NS``)."""
     stderr_path = tmp_path / f"{name}-{os.getpid()}-{id(args)}.log"
     with open(stderr_path, "wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "sidecar", *args], stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+            [*(prefix or []), sys.executable, "-m", "sidecar", *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
         )
     try:
         ports = await _read_ready(process, stderr_path, ready_prefix)

@@ -46,6 +46,9 @@ class Endpoint:
     # An endpoint is its address: labels and weight do not change which one it is.
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     weight: int = field(default=1, compare=False)
+    # The app's port on ``host``, where a sidecar fronts it (0: none, or not told): what an
+    # app in transparent mode dials (sidecar/core/interception.py AddressMap).
+    app_port: int = field(default=0, compare=False)
     # Endpoints key the pools, balancers and outlier state: hashed several times a
     # request, so the hash is computed once (the generated one hashes a new tuple each time).
     _hash: int = field(default=0, init=False, repr=False, compare=False)
@@ -84,12 +87,14 @@ class MeshSnapshot:
     shadow_destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
     tracing: Any = None  # TracingSettings (sidecar/core/spans.py); None: the defaults
     metrics: Any = None  # MetricsSettings (sidecar/core/cardinality.py); None: the defaults
+    outbound_traffic_policy: str = "ALLOW_ANY"  # transparent mode, unknown destinations (MeshConfig)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "source": self.source,
             "policy_version": self.policy_version,
+            "outbound_traffic_policy": self.outbound_traffic_policy,
             "routes": {host: table.name for host, table in sorted(self.routes.items())},
             "shadow_routes": {host: table.name for host, table in sorted(self.shadow_routes.items())},
             "access": {service: table.name for service, table in sorted(self.access.items())},
@@ -109,7 +114,13 @@ class MeshSnapshot:
             "services": {
                 name: {
                     "endpoints": [
-                        {"address": e.address, "labels": dict(e.labels), "weight": e.weight} for e in svc.endpoints
+                        {
+                            "address": e.address,
+                            "labels": dict(e.labels),
+                            "weight": e.weight,
+                            **({"app_port": e.app_port} if e.app_port else {}),
+                        }
+                        for e in svc.endpoints
                     ],
                     "connect_timeout": svc.connect_timeout,
                     "timeout": svc.timeout,
@@ -135,6 +146,7 @@ def make_snapshot(
     shadow_destinations: Mapping[tuple[str, str | None], Any] | None = None,
     tracing: Any = None,
     metrics: Any = None,
+    outbound_traffic_policy: str | None = None,
 ) -> MeshSnapshot:
     """The snapshot's version covers its services and the version of the policies behind
     its routes and access tables."""
@@ -148,6 +160,7 @@ def make_snapshot(
         "shadow_destinations": MappingProxyType(dict(shadow_destinations or {})),
         "tracing": tracing,
         "metrics": metrics,
+        "outbound_traffic_policy": outbound_traffic_policy or "ALLOW_ANY",
     }
     snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()

@@ -29,6 +29,9 @@ UPSTREAM_RESET = Reason("upstream-reset", 502, b"Bad Gateway")
 # HTTP/1.1 did not reset; calling it so would send operators to the wrong place.
 UPSTREAM_PROTOCOL_ERROR = Reason("upstream-protocol-error", 502, b"Bad Gateway")
 TIMEOUT = Reason("timeout", 504, b"Gateway Timeout")
+# Not in PRODUCT §9's table: in transparent mode, a request the sidecar sent came back to it
+# (the iptables rules do not exempt its own traffic); RFC 5842's status for a loop.
+LOOP_DETECTED = Reason("loop-detected", 508, b"Loop Detected")
 FORBIDDEN = Reason("forbidden", 403, b"Forbidden")
 BAD_REQUEST = Reason("bad-request", 400, b"Bad Request")
 HEADERS_TOO_LARGE = Reason("bad-request", 431, b"Request Header Fields Too Large")

@@ -128,6 +128,13 @@ class PolicyCache:
                 )
         return None
 
+    def outbound_traffic_policy(self) -> str | None:
+        """MeshConfig's ALLOW_ANY / REGISTRY_ONLY; None without a MeshConfig (ALLOW_ANY)."""
+        for _, _, document in self.held.values():
+            if document.kind == "MeshConfig":
+                return str(document.outbound_traffic_policy)
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {name: {"ver": version, "body": body} for name, (version, body, _) in self.held.items()}
 

@@ -19,6 +19,7 @@ import trio
 from ..core import errors
 from ..core.config import MeshSnapshot
 from ..core.errors import MeshError, policy_response
+from ..core.headers import VIA_VALUE
 from ..core.routes import change_headers
 from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
@@ -62,7 +63,16 @@ def router(
     shadow = snapshot.shadow_routes if on_shadow is not None else None
 
     def route(request: Request) -> None:
-        if fixed_service is None:
+        if request.service:  # transparent mode: the listener knew the service by the address dialled
+            service = request.service
+            if _came_back(request.head.headers):
+                raise MeshError(
+                    errors.LOOP_DETECTED,
+                    f"this request to {service} already went through a meshlet sidecar and was redirected back: "
+                    "the iptables rules do not exempt the sidecar's own traffic (run the sidecar as the "
+                    "--proxy-uid given to meshlet init-iptables, 1337 by default)",
+                )
+        elif fixed_service is None:
             try:
                 service, target, authority = destination(request.head)
             except NotRoutable as exc:
@@ -92,6 +102,15 @@ def router(
         request.timeout = rule.rule.timeout if rule is not None and rule.rule.timeout is not None else config.timeout
 
     return route
+
+
+def _came_back(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A ``via`` naming meshlet on a request from the app: apps do not add one, the
+    outbound sidecar does (PRODUCT §4), so the request is one of ours, back again."""
+    for name, value in headers:
+        if len(name) == 3 and name.lower() == b"via" and VIA_VALUE in value:
+            return True
+    return False
 
 
 def _count_shadow(request: Request, table: Any, on_shadow: Callable[[str, str, str], None]) -> None:

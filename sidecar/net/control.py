@@ -48,6 +48,7 @@ class InstanceInfo:
     admin: str
     labels: dict[str, str] = field(default_factory=dict)
     node: str = ""
+    app_port: int = 0  # the app's port on the inbound host: what transparent-mode callers dial
 
 
 class DiscoveredState:
@@ -108,6 +109,9 @@ class DiscoveredState:
             weight = item.get("weight", 1)
             if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
                 raise ValueError(f"endpoint {item['id']}: weight must be 1..1000")
+            app_port = item.get("app_port", 0)
+            if not isinstance(app_port, int) or isinstance(app_port, bool) or not 0 <= app_port <= 65535:
+                raise ValueError(f"endpoint {item['id']}: app_port must be 0..65535")
         return body
 
     def versions(self) -> dict[str, str]:
@@ -117,7 +121,12 @@ class DiscoveredState:
         out = {}
         for name, (_, body) in self.endpoints.items():
             endpoints = tuple(
-                Endpoint(*parse_address(e["address"]), labels=dict(e.get("labels", {})), weight=e.get("weight", 1))
+                Endpoint(
+                    *parse_address(e["address"]),
+                    labels=dict(e.get("labels", {})),
+                    weight=e.get("weight", 1),
+                    app_port=e.get("app_port", 0),
+                )
                 for e in body
             )
             out[name] = ServiceConfig(name, endpoints)
@@ -152,8 +161,10 @@ class ControlPlaneClient:
         app_health_url: str | None = None,
         state_file: Path | None = None,
         rng: random.Random | None = None,
+        watch_all: bool = False,
     ) -> None:
         self.addresses = addresses
+        self.watch_all = watch_all  # every service's endpoints, not only those called (transparent mode)
         self.instance = instance
         self._apply = apply
         self._static = static
@@ -237,6 +248,7 @@ class ControlPlaneClient:
             policies.destinations("shadow"),
             policies.tracing(),
             policies.metrics(),
+            policies.outbound_traffic_policy(),
         )
         self._apply(snapshot)
         self.has_config = True
@@ -281,9 +293,12 @@ class ControlPlaneClient:
                 "admin": info.admin,
                 "labels": info.labels,
                 "ready": self.ready,
+                **({"app_port": info.app_port} if info.app_port else {}),
             },
             {wire.ENDPOINTS: self.state.versions(), wire.POLICIES: self.policies.versions()},
-            {wire.ENDPOINTS: tuple(sorted(self.state.watched))},
+            # Transparent mode: any address the app dials may be a service's, so every
+            # service is pushed (a hello that scopes nothing); otherwise those it called.
+            {} if self.watch_all else {wire.ENDPOINTS: tuple(sorted(self.state.watched))},
         )
         conn = wire.ClientConnection(hello)
         with trio.fail_after(5):
@@ -311,7 +326,7 @@ class ControlPlaneClient:
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
                             await self._send(stream, wire.encode(wire.Health(self.ready)))
-                            late = self.state.watched - set(hello.watch[wire.ENDPOINTS])
+                            late = self.state.watched - set(hello.watch.get(wire.ENDPOINTS, self.state.watched))
                             if late and conn.can_watch:
                                 await self._send(stream, conn.watch(wire.ENDPOINTS, tuple(sorted(late))))
                         elif isinstance(message, wire.Push):
@@ -372,8 +387,8 @@ class ControlPlaneClient:
                 errors.NO_HEALTHY_ENDPOINTS,
                 f"service {service!r} is not known here and the control plane is unreachable to look it up",
             )
-        if not conn.can_watch:
-            raise absent  # protocol version 1: the control plane sends every service
+        if not conn.can_watch or self.watch_all:
+            raise absent  # protocol version 1, or watching all: the control plane sends every service
         event = self._waiting.get(service)
         if event is None:
             event = self._waiting[service] = trio.Event()

@@ -114,13 +114,17 @@ def _why(exc: BaseException, closed_by_us: bool) -> str:
     return str(exc)
 
 
-async def connect(host: str, port: int) -> Connection:
+async def connect(host: str, port: int, *, bound: Callable[[int], None] | None = None) -> Connection:
     """A connected Connection; OSError when refused or unreachable. The caller bounds
-    the time (this is the rare path: connections are pooled)."""
+    the time (this is the rare path: connections are pooled). ``bound``: told the source
+    port, which is then picked before the connection starts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if bound is not None:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            bound(sock.getsockname()[1])
         code = sock.connect_ex((host, port))
         if code not in (0, errno.EINPROGRESS):
             raise OSError(code, errno.errorcode.get(code, str(code)))

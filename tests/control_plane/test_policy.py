@@ -114,6 +114,7 @@ def test_a_document_of_every_kind_loads_with_its_values_and_defaults() -> None:
     assert destination.retries.budget.ratio == 0.2 and destination.circuit_breaker.open_for == 5.0  # defaults
     assert isinstance(access, AccessPolicy) and access.default == "deny"
     assert isinstance(mesh, MeshConfig) and mesh.mtls.mode == "permissive" and mesh.metrics.max_series == 10_000
+    assert mesh.outbound_traffic_policy == "ALLOW_ANY"
 
 
 def test_json_documents_load_too() -> None:
@@ -268,6 +269,11 @@ def test_json_documents_load_too() -> None:
             "kind: MeshConfig\nname: global\n",
             "p.yaml:2: name: 'global' is not allowed (allowed: mesh)",
             id="mesh-config-name",
+        ),
+        pytest.param(
+            "kind: MeshConfig\nname: mesh\noutbound_traffic_policy: registry-only\n",
+            "p.yaml:3: outbound_traffic_policy: 'registry-only' is not allowed (allowed: ALLOW_ANY, REGISTRY_ONLY)",
+            id="outbound-traffic-policy",
         ),
     ],
 )

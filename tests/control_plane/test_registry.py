@@ -127,6 +127,10 @@ def test_instance_defaults_are_fail_closed() -> None:
         ({"labels": ["zone"]}, "labels must be a mapping"),
         ({"ready": 1}, "ready must be a bool"),
         ({"node": 7}, "node must be a string"),
+        ({"app_port": 70000}, "app_port 70000"),
+        ({"app_port": -1}, "app_port -1"),
+        ({"app_port": "8080"}, "app_port '8080'"),
+        ({"app_port": True}, "app_port True"),
     ],
 )
 def test_invalid_instances_are_rejected(changes: dict[str, object], message: str) -> None:
@@ -189,6 +193,7 @@ def test_register_reports_the_service_when_ready() -> None:
         (inst("i1"), inst("i1", node="other"), set()),  # nor the node
         (inst("i1"), inst("i1", address="10.9.9.9:80"), {"item"}),
         (inst("i1"), inst("i1", labels={"zone": "b"}), {"item"}),
+        (inst("i1"), inst("i1", app_port=8080), {"item"}),  # transparent-mode callers dial it
         (inst("i1"), inst("i1", ready=False), {"item"}),
         (inst("i1", ready=False), inst("i1", address="10.9.9.9:80", ready=False), set()),
         (inst("i1", ready=False), inst("i1"), {"item"}),

@@ -46,6 +46,17 @@ def test_bad_resources_are_rejected_and_the_rest_applied() -> None:
     assert len(services["item"].endpoints) == 2
 
 
+def test_app_ports_arrive_with_their_endpoints_and_bad_ones_are_rejected() -> None:
+    state = DiscoveredState()
+    body = [wire.endpoint("item-1", "10.0.0.2:15006", app_port=8080), wire.endpoint("item-2", "10.0.0.3:15006")]
+    assert "app_port" not in body[1]  # not told: not sent
+    bad = wire.Resource("other", "x", [{"id": "o-1", "address": "10.0.0.4:15006", "app_port": 70000}])
+    rejected, why = state.apply(_push(_full("item", body), bad))
+    assert rejected == ["other"] and "app_port" in why
+    endpoints = state.services()["item"].endpoints
+    assert [(e.address, e.app_port) for e in endpoints] == [("10.0.0.2:15006", 8080), ("10.0.0.3:15006", 0)]
+
+
 def test_persisted_form_round_trips() -> None:
     state = DiscoveredState()
     state.apply(_push(_full("item", ITEM)))
