@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import logging
 import os
 import sys
@@ -51,6 +52,14 @@ def _upstream(text: str) -> tuple[str, tuple[str, int]]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=HOST:PORT, e.g. item=127.0.0.1:9001")
     return name, _listen(address)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def env_name(action: argparse.Action) -> str:
@@ -288,6 +297,14 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         labels[key] = value
     if args.zone:
         labels["zone"] = args.zone
+    if args.transparent and control_planes and not _is_ip(args.advertise or ""):
+        # Not an error: the mesh still reaches this instance by name; only callers that dial
+        # its IP (transparent mode) will not find it by address.
+        logging.getLogger("meshlet.sidecar").warning(
+            "--transparent: --advertise %s is not an IP address; apps elsewhere dial this instance by IP "
+            "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
+            args.advertise or "(not given)",
+        )
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():
