@@ -66,3 +66,13 @@ async def test_settings_from_the_environment() -> None:
         )
         assert b"--uid-owner 2000" in result.stdout
         assert b"--dport 6379 -j RETURN" in result.stdout
+
+
+async def test_without_privileges_it_says_what_to_do() -> None:
+    need_netns()
+    async with two_hosts() as (host, _):
+        as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        for extra in ([], ["--remove"]):
+            result = await host.run(*as_nobody, sys.executable, "-m", "sidecar", "init-iptables", *extra, check=False)
+            assert result.returncode == 1, result
+            assert b"run it as root (or with CAP_NET_ADMIN)" in result.stderr, result.stderr
