@@ -173,7 +173,10 @@ class Sidecar:
         self.deadlines = Deadlines()
         self.pools = UpstreamPools(clock=self.deadlines.clock)
         self.telemetry.connection_stats = self.pools.stats
-        self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)
+        self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)  # inbound: drained
+        # The app's own calls (outbound, --upstream ports) are served until the sidecar exits:
+        # its requests in flight may still need to call other services to finish.
+        self.outbound_timeouts = Timeouts(self.deadlines, header=options.header_timeout)
         self.admin_timeouts = Timeouts(self.deadlines)  # the admin listener keeps serving while draining
         self.stop_accepting = trio.Event()
         self.draining = False
@@ -423,7 +426,7 @@ class Sidecar:
         purpose is served as usual."""
         original = original_destination(io.sock)
         if original is None:
-            await serve_connection(io, self._outbound, self.timeouts)
+            await serve_connection(io, self._outbound, self.outbound_timeouts)
             return
         ip, port = original
         service = self.address_map.service(ip, port)
@@ -435,7 +438,7 @@ class Sidecar:
                 request.service = service  # the router takes it instead of the Host header
                 return await self.outbound_handler(request)
 
-            await serve_connection(io, to_service, self.timeouts)
+            await serve_connection(io, to_service, self.outbound_timeouts)
             return
         try:
             if self.passthrough.is_own(io.sock.getpeername()[1]):
@@ -497,16 +500,16 @@ class Sidecar:
             await nursery.start(self.deadlines.serve)
             for name, (host, port), handler in wanted:
                 reuse = opts.reuse_port and name != "admin"
-                admin = name == "admin"
+                timeouts = {"admin": self.admin_timeouts, "inbound": self.timeouts}.get(name, self.outbound_timeouts)
                 bound = await nursery.start(
                     partial(
                         serve_http,
                         host,
                         port,
                         handler,
-                        self.admin_timeouts if admin else self.timeouts,
+                        timeouts,
                         reuse_port=reuse,
-                        stop_accepting=None if admin else self.stop_accepting,
+                        stop_accepting=self.stop_accepting if name == "inbound" else None,
                         accept=self._intercepted if name == "outbound" and opts.transparent else None,
                     )
                 )
@@ -559,8 +562,10 @@ class Sidecar:
     async def drain(self) -> None:
         """Stop gracefully (PRODUCT §5): not ready any more; deregister and keep serving while
         the removal reaches the callers, so nobody is sent here after we stop; then refuse
-        new connections, close idle ones, and give the requests in flight until
-        ``drain_timeout`` to finish (each response closes its connection)."""
+        new inbound connections, close idle ones, and give the requests in flight until
+        ``drain_timeout`` to finish (each inbound response closes its connection). The app's
+        outbound calls are served to the end, as Envoy keeps outbound listeners while it
+        drains: a request in flight here may need them to finish."""
         self.draining = True
         if self.control is not None:
             await self.control.drain()

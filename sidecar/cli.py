@@ -85,8 +85,32 @@ def defaults_from_environment(parser: argparse.ArgumentParser, environ: Mapping[
         try:
             action.default = _env_value(action, raw)
         except (argparse.ArgumentTypeError, ValueError) as exc:
-            parser.error(f"{name}={raw!r}: {exc}")
+            # Reported when this command runs, not when another one does: the variables of
+            # every command are read, and a container's MESHLET_TIMEOUT for `wait-ready`
+            # must not stop `meshlet sidecar`.
+            action.default = BadEnvironment(f"{name}={raw!r}: {exc}")
         action.required = False
+
+
+class BadEnvironment:
+    """The default of an option whose MESHLET_ variable holds a value it refuses."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return self.message
+
+
+class MeshletParser(argparse.ArgumentParser):
+    """Refuses, naming the variable, a bad MESHLET_ value of the command being run."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for value in vars(parsed).values():
+            if isinstance(value, BadEnvironment):
+                self.error(value.message)
+        return parsed, rest
 
 
 def _env_value(action: argparse.Action, raw: str) -> Any:
@@ -105,7 +129,7 @@ def _env_value(action: argparse.Action, raw: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = MeshletParser(
         prog="meshlet",
         description="meshlet: a service mesh you install with pip. Run a sidecar next to each service.",
     )
@@ -234,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults_from_environment(add_init_iptables(commands), os.environ)
     defaults_from_environment(commands.choices["control-plane"], os.environ)  # the other role in a container
 
+    from .wait_ready import add_command as add_wait_ready
+
+    defaults_from_environment(add_wait_ready(commands), os.environ)  # an app container's entrypoint
+
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
     demo.add_argument(
         "--duration",
@@ -258,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         from control_plane.cli import run
 
         return run(args)
+    if args.command == "wait-ready":
+        from .wait_ready import run as run_wait_ready
+
+        return run_wait_ready(args)
     if args.command == "init-iptables":
         from .init_iptables import run as run_init_iptables
 

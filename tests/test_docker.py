@@ -77,3 +77,81 @@ def test_every_sidecar_shares_its_apps_namespace_and_its_environment_parses(monk
 def _sidecar_parser() -> object:
     parser = cli.build_parser()
     return next(a for a in parser._actions if a.dest == "command").choices["sidecar"]  # type: ignore[attr-defined]
+
+
+# --- the Kubernetes example -------------------------------------------------------------------
+
+
+def _pod(kind: str, name: str) -> dict:
+    for document in yaml.safe_load_all((DOCKER / "kubernetes.yaml").read_text()):
+        if document["kind"] == kind and document["metadata"]["name"] == name:
+            return document["spec"]["template"]["spec"]
+    raise AssertionError(f"no {kind} {name} in docker/kubernetes.yaml")
+
+
+def test_the_kubernetes_example_passes_the_schema() -> None:
+    validate = tool("kubernetes-validate", "the kubernetes-validate test extra")
+    result = subprocess.run(
+        [validate, "--strict", str(DOCKER / "kubernetes.yaml")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 3
+
+
+def _environment(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The container's environment as the kubelet makes it (field refs: sample values)."""
+    samples = {"status.podIP": "10.244.1.7", "metadata.name": "item-5d4f8b-x2x9q"}
+    values: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "valueFrom" in item:
+            values[item["name"]] = samples[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = str(item["value"])
+            for name, known in values.items():
+                value = value.replace(f"$({name})", known)
+            values[item["name"]] = value
+    for variable in list(os.environ):
+        if variable.startswith("MESHLET_"):
+            monkeypatch.delenv(variable)
+    for variable, value in values.items():
+        monkeypatch.setenv(variable, value)
+    return values
+
+
+def test_the_kubernetes_example_fits_together(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pod = _pod("Deployment", "item")
+    init = next(c for c in pod["initContainers"] if c["name"] == "meshlet-init")
+    sidecar = next(c for c in pod["containers"] if c["name"] == "meshlet")
+    app = next(c for c in pod["containers"] if c["name"] == "item")
+
+    _environment(init, monkeypatch)
+    assert cli.main([*init["args"], "--dry-run"]) == 0
+    rules = capsys.readouterr().out
+    uid = sidecar["securityContext"]["runAsUser"]
+    assert f"-m owner --uid-owner {uid} -j RETURN" in rules  # the sidecar's own traffic is exempt
+    app_port = app["ports"][0]["containerPort"]
+    assert f"--dport {app_port} -j MESHLET_IN_REDIRECT" in rules  # the app's port, intercepted
+    assert set(init["securityContext"]["capabilities"]["add"]) >= {"NET_ADMIN"}
+
+    environment = _environment(sidecar, monkeypatch)
+    known = {cli.env_name(a) for a in _sidecar_parser()._actions if a.option_strings}  # type: ignore[attr-defined]
+    assert {k for k in environment if k.startswith("MESHLET_")} <= known  # no misspelt variable
+    args = cli.build_parser().parse_args(sidecar["args"])
+    assert args.transparent and args.service == "item"
+    assert args.app == ("127.0.0.1", app_port)
+    assert args.advertise == "10.244.1.7"  # the pod IP: what transparent callers dial
+    assert args.instance_id == "item-5d4f8b-x2x9q"
+    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout
+    assert [c["name"] for c in pod["containers"]].index("meshlet") == 0  # started before the app
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[0] == "meshlet"
+    assert cli.build_parser().parse_args(hook[1:]).command == "wait-ready"
+    probe_port = sidecar["readinessProbe"]["httpGet"]["port"]
+    assert f"0.0.0.0:{probe_port}" == environment["MESHLET_ADMIN"]
+
+    control_plane = _pod("Deployment", "meshlet-control-plane")["containers"][0]
+    _environment(control_plane, monkeypatch)
+    parsed = cli.build_parser().parse_args(control_plane["args"])
+    assert parsed.listen == ("0.0.0.0", 15010)

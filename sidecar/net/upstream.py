@@ -203,6 +203,7 @@ class _Exchange:
         "deadline",
         "timed_out",
         "complete",
+        "pump",
         "__weakref__",
     )
 
@@ -215,6 +216,14 @@ class _Exchange:
         self.deadline = deadline
         self.timed_out = False
         self.complete = False  # the response body was read to its end
+        self.pump: trio.CancelScope | None = None  # the request body's pump (Forwarder._pump)
+
+    def abandon(self) -> None:
+        """Given up before any of the body went out: its pump stops now (it may be waiting
+        for the client's body), so that the next attempt's pump reads the body whole."""
+        if self.pump is None:
+            self.pump = trio.CancelScope()  # not started yet: it starts cancelled
+        self.pump.cancel()
 
     def expire(self) -> None:
         self.timed_out = True
@@ -311,6 +320,7 @@ class Forwarder:
                 response = await self._exchange(request, exchange, head_bytes)
             except _Stale:
                 deadlines.forget(exchange)
+                exchange.abandon()  # before the fresh try starts its own pump on the same body
                 pool.release(conn, False)
                 if reused and attempt == 0:
                     continue  # the peer closed an idle connection: one fresh try
@@ -413,7 +423,17 @@ class Forwarder:
         return response
 
     async def _pump(self, request: Request, exchange: _Exchange) -> None:
-        """Streams the request body upstream, concurrently with the response."""
+        """Streams the request body upstream, concurrently with the response; until the
+        exchange is abandoned (a stale connection: the body goes to a fresh one instead)."""
+        scope = exchange.pump
+        if scope is None:
+            scope = exchange.pump = trio.CancelScope()
+        elif scope.cancel_called:
+            return  # abandoned before it ran: not a byte of the body taken
+        with scope:
+            await self._send_body(request, exchange)
+
+    async def _send_body(self, request: Request, exchange: _Exchange) -> None:
         body = request.body
         assert body is not None
         chunked = request.head.chunked

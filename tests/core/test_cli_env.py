@@ -96,3 +96,15 @@ def test_the_control_plane_is_configured_the_same_way(monkeypatch: pytest.Monkey
     }
     args = parse(monkeypatch, env, ["control-plane", "--ttl", "20"])
     assert (args.listen, args.api, args.ttl, args.store) == (("0.0.0.0", 15010), ("0.0.0.0", 15000), 20.0, "memory")
+
+
+def test_a_bad_value_for_another_command_does_not_stop_this_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command's variables are read; only the command run refuses its own."""
+    env = {"MESHLET_SERVICE": "item", "MESHLET_APP": "127.0.0.1:8080", "MESHLET_TIMEOUT": "soon"}
+    assert parse(monkeypatch, env, ["sidecar"]).service == "item"  # MESHLET_TIMEOUT is wait-ready's
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, env, ["wait-ready"])
+    assert exit_.value.code == 2
+    assert "MESHLET_TIMEOUT='soon'" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def test_to_json() -> None:
         "version": snap.version,
         "source": "static:mesh.yaml",
         "policy_version": "",
+        "outbound_traffic_policy": "ALLOW_ANY",
         "routes": {},
         "shadow_routes": {},
         "access": {},

@@ -135,6 +135,30 @@ async def test_broken_pooled_connection_is_not_reused(mesh: Mesh) -> None:
     assert mesh.origin.stats.connections == 2
 
 
+async def test_a_stale_pooled_connection_is_replaced_while_the_body_is_still_coming(mesh: Mesh) -> None:
+    """The app closed an idle pooled connection; the next request's head goes out on it
+    before its body has come from the client. The fresh connection gets the body whole:
+    not a 400 from two body pumps reading one client, nor a body lost to the dead one."""
+    for method in (b"POST", b"PUT"):  # a body read as it comes; a body in the replay buffer (retriable)
+        async with httpx.AsyncClient() as client:
+            first = await client.get(mesh.url("/close-after"), headers={"host": "item"})
+        assert (first.status_code, first.text) == (200, "bye")
+        await trio.sleep(0.2)  # its close reaches item's sidecar, whose pool still holds the connection
+        stream = await trio.open_tcp_stream("127.0.0.1", mesh.a.ports["outbound"])
+        await stream.send_all(method + b" /echo HTTP/1.1\r\nhost: item\r\ncontent-length: 5\r\n\r\n")
+        await trio.sleep(0.2)  # the head goes on alone; the body follows
+        await stream.send_all(b"hello")
+        received = b""
+        with trio.move_on_after(5):
+            while not received.endswith(b"\r\n\r\nhello") and b"x-meshlet-error" not in received:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += data
+        await stream.aclose()
+        assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n\r\nhello"), (method, received)
+
+
 async def test_chunked_upload_and_download_byte_exact(mesh: Mesh) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 17)
 

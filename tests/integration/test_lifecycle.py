@@ -1,6 +1,7 @@
 """Stopping gracefully (PRODUCT §5): on SIGTERM a sidecar stops being ready, refuses new
-connections, lets the requests in flight finish (each response closes its connection),
-and exits 0; past --drain-timeout the stragglers are cut."""
+inbound connections, lets the requests in flight finish (each response closes its
+connection), keeps serving its app's calls out, and exits 0; past --drain-timeout the
+stragglers are cut."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from ..origin import Origin
 
 
 async def test_requests_in_flight_finish_and_new_connections_are_refused(tmp_path: Path, origin: Origin) -> None:
+    """Callers are refused new connections; the app's own calls out are still served (a
+    request in flight here may need them to finish), until the sidecar exits."""
     static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [f"127.0.0.1:{origin.port}"], "timeout": "10s"}})
-    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static) as sidecar:
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=static) as sidecar:
         results: list[httpx.Response] = []
         ready_while_draining: list[int] = []
+        outbound_while_draining: list[int] = []
         refused = False
         async with httpx.AsyncClient(timeout=15) as client:
 
             async def slow() -> None:
-                results.append(await client.get(f"http://{sidecar.outbound}/delay/1.5", headers={"host": "item"}))
+                results.append(await client.get(f"http://{sidecar.inbound}/delay/1.5"))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slow)
@@ -33,11 +37,13 @@ async def test_requests_in_flight_finish_and_new_connections_are_refused(tmp_pat
                 sidecar.process.send_signal(signal.SIGTERM)
                 with trio.fail_after(5):
                     while not refused:
-                        try:
-                            async with httpx.AsyncClient(timeout=2) as fresh:
-                                await fresh.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
-                        except httpx.ConnectError:
-                            refused = True
+                        async with httpx.AsyncClient(timeout=2) as fresh:
+                            try:
+                                await fresh.get(f"http://{sidecar.inbound}/hello")
+                            except httpx.ConnectError:
+                                refused = True
+                            out = await fresh.get(f"http://{sidecar.outbound}/hello", headers={"host": "item"})
+                            outbound_while_draining.append(out.status_code)
                         ready_while_draining.append((await client.get(f"http://{sidecar.admin}/ready")).status_code)
                         await trio.sleep(0.05)
             with trio.fail_after(10):
@@ -46,6 +52,7 @@ async def test_requests_in_flight_finish_and_new_connections_are_refused(tmp_pat
     assert response.status_code == 200 and response.text == "late"  # in flight during SIGTERM: finished
     assert response.headers["connection"] == "close"
     assert refused  # new connections are refused while the old ones drain
+    assert outbound_while_draining and set(outbound_while_draining) == {200}  # the app can still call out
     assert 503 in ready_while_draining  # not ready any more
     assert sidecar.process.returncode == 0
 
