@@ -207,7 +207,7 @@ def _get(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    table = Table("SERVICE", "INSTANCE", "ADDRESS", "READY", "CONNECTED", "LEASE", "LABELS", box=None)
+    table = Table("SERVICE", "INSTANCE", "ADDRESS", "APP PORT", "READY", "CONNECTED", "LEASE", "LABELS", box=None)
     for service, endpoints in sorted(data["endpoints"].items()):
         for e in endpoints:
             labels = ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items()))
@@ -215,6 +215,7 @@ def _get(args: argparse.Namespace) -> int:
                 service,
                 e["id"],
                 e["address"],
+                str(e.get("app_port") or "-"),  # what transparent-mode callers dial, at ADDRESS's host
                 _yes(e["ready"]),
                 _yes(e["connected"]),
                 f"{e['lease_expires_in']:.1f}s",

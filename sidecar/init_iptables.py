@@ -223,7 +223,10 @@ def _summary(rules: Interception, replaced: bool) -> str:
     ]
     if rules.inbound_ports == ALL_PORTS:
         inbound = "every port except " + ", ".join(
-            str(p) for p in dict.fromkeys((rules.inbound_port, *rules.sidecar_ports, *rules.exclude_inbound_ports))
+            str(p)
+            for p in dict.fromkeys(
+                (rules.inbound_port, rules.outbound_port, *rules.sidecar_ports, *rules.exclude_inbound_ports)
+            )
         )
     elif rules.inbound_ports:
         inbound = "ports " + ", ".join(map(str, rules.inbound_ports))  # type: ignore[arg-type]

@@ -101,6 +101,7 @@ async def test_register_discover_and_route(tmp_path: Path, origin: Origin) -> No
             (entry,) = json.loads(out)["endpoints"]["item"]
             assert entry["address"] == item.inbound
             assert entry["labels"] == {"version": "v1", "zone": "a"}
+            assert entry["app_port"] == origin.port  # registered by the sidecar, for transparent callers
             assert entry["ready"] and entry["connected"]
 
             code, out, err = await meshlet("status", "-o", "json", "--api", api)
