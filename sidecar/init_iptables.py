@@ -28,7 +28,8 @@ sidecar as the exempt user with --transparent:
 
   meshlet init-iptables --inbound-ports 8080            # as root
   setpriv --reuid 1337 --regid 1337 --clear-groups \\
-      meshlet sidecar --service item --app 127.0.0.1:8080 --transparent --control-plane cp:15010
+      meshlet sidecar --service item --app 127.0.0.1:8080 --transparent \\
+      --advertise POD_IP --control-plane cp:15010
 
 What it installs (iptables -t nat -S shows it; chains MESHLET_*):
   outbound  every TCP connection the app opens goes to the outbound listener (15001), except
@@ -87,8 +88,12 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         metavar="MARK",
         help="exempt traffic with this firewall mark (set by a rule of yours, e.g. per cgroup)",
     )
-    parser.add_argument("--outbound-port", type=int, default=15001, help="the sidecar's outbound listener port")
-    parser.add_argument("--inbound-port", type=int, default=15006, help="the sidecar's inbound listener port")
+    parser.add_argument(
+        "--outbound-port", type=int, default=15001, metavar="PORT", help="the sidecar's outbound listener port"
+    )
+    parser.add_argument(
+        "--inbound-port", type=int, default=15006, metavar="PORT", help="the sidecar's inbound listener port"
+    )
     parser.add_argument(
         "--inbound-ports",
         default=ALL_PORTS,
