@@ -98,8 +98,9 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         "--inbound-ports",
         default=ALL_PORTS,
         metavar="PORTS",
-        help="the app's ports to intercept, comma-separated; '*' (default): every port but the excluded and the "
-        "sidecar's own; '' : leave inbound traffic alone",
+        help="the app's HTTP ports to intercept, comma-separated; '*' (default): every port but the excluded and "
+        "the sidecar's own (the inbound listener speaks HTTP/1.1: list the ports when the app serves more); "
+        "'': leave inbound traffic alone",
     )
     parser.add_argument(
         "--exclude-inbound-ports", default="", metavar="PORTS", help="ports reached directly, e.g. 22 for ssh"
