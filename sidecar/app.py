@@ -42,7 +42,7 @@ from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.exporter import SpanExporter
-from .net.io import Connection, Deadlines, listen_socket, serve_socket
+from .net.io import BACKLOG, Connection, Deadlines, listen_socket, serve_socket
 from .net.transparent import Passthrough, original_destination
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, cardinality, render
@@ -138,13 +138,15 @@ async def serve_http(
     reuse_port: bool = False,
     stop_accepting: trio.Event | None = None,
     accept: Callable[[Connection], Awaitable[None]] | None = None,
+    listen_after: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler``; reports the
     bound port through ``task_status``. Once ``stop_accepting`` is set, the listener closes
     (new connections are refused) and this returns when the open connections are done.
-    ``accept``: serves each connection instead (it may look at the socket first)."""
-    listener = listen_socket(host, port, reuse_port=reuse_port)
+    ``accept``: serves each connection instead (it may look at the socket first).
+    ``listen_after``: the port is bound at once but refuses connections until it is set."""
+    listener = listen_socket(host, port, reuse_port=reuse_port, listen=listen_after is None)
     try:
         async with trio.open_nursery() as nursery:
 
@@ -155,6 +157,9 @@ async def serve_http(
             with trio.CancelScope() as accepting:
                 if stop_accepting is not None:
                     nursery.start_soon(_cancel_when_set, stop_accepting, accepting)
+                if listen_after is not None:
+                    await listen_after.wait()
+                    listener.listen(BACKLOG)
                 await serve_socket(listener, accept or on_connection, nursery)
             listener.close()
     finally:
@@ -185,6 +190,9 @@ class Sidecar:
         self.app = Endpoint(*options.app)
         self.snapshot = empty_snapshot()
         self.config_ready = False
+        # Set with the first configuration (pushed, persisted or static): the inbound listener
+        # refuses connections until then, so no caller reaches the app unchecked (fail-closed).
+        self.configured = trio.Event()
         self.inbound_handler = build_inbound(self.app, self.forwarder, self.telemetry, options.service)
         self.routes: dict[str | None, Filter] = {}  # listener (None: outbound, else --upstream name) → router
         self.destinations = Destinations(
@@ -235,6 +243,7 @@ class Sidecar:
         """Install a snapshot: the next request runs on stacks built from it."""
         self._build(snapshot)
         self.config_ready = True
+        self.configured.set()
         log.info("applied config %s from %s (%d services)", snapshot.version, snapshot.source, len(snapshot.services))
 
     def _build(self, snapshot: MeshSnapshot) -> None:
@@ -511,6 +520,7 @@ class Sidecar:
                         reuse_port=reuse,
                         stop_accepting=self.stop_accepting if name == "inbound" else None,
                         accept=self._intercepted if name == "outbound" and opts.transparent else None,
+                        listen_after=self.configured if name == "inbound" else None,
                     )
                 )
                 self.addresses[name] = (host, bound)

@@ -196,7 +196,12 @@ async def start_demo_mesh(demo: Any) -> tuple[str, str]:
     entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
     async with httpx.AsyncClient(timeout=10) as client:
         with trio.fail_after(20):  # until every sidecar knows the services its app calls
-            while (await client.get(f"{entry}/api/users/1")).status_code != 200:  # noqa: ASYNC110
+            while True:
+                try:
+                    if (await client.get(f"{entry}/api/users/1")).status_code == 200:
+                        break
+                except httpx.ConnectError:
+                    pass  # the gateway's sidecar refuses until its first configuration
                 await trio.sleep(0.2)
     return api, entry
 

@@ -175,6 +175,7 @@ class ControlPlaneClient:
         self.policies = PolicyCache()
         self.connected = False
         self.ready = False  # the app's health, as last probed
+        self._told_ready: bool | None = None  # the readiness the control plane last heard
         self.pushes_applied = 0
         self.nacks_sent = 0
         self.last_error = ""
@@ -292,7 +293,7 @@ class ControlPlaneClient:
                 "address": info.address,
                 "admin": info.admin,
                 "labels": info.labels,
-                "ready": self.ready,
+                "ready": self.reported_ready,
                 **({"app_port": info.app_port} if info.app_port else {}),
             },
             {wire.ENDPOINTS: self.state.versions(), wire.POLICIES: self.policies.versions()},
@@ -325,13 +326,15 @@ class ControlPlaneClient:
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
-                            await self._send(stream, wire.encode(wire.Health(self.ready)))
+                            self._told_ready = None
+                            await self._report_readiness(stream)
                             late = self.state.watched - set(hello.watch.get(wire.ENDPOINTS, self.state.watched))
                             if late and conn.can_watch:
                                 await self._send(stream, conn.watch(wire.ENDPOINTS, tuple(sorted(late))))
                         elif isinstance(message, wire.Push):
                             self._got_push = True
                             await self._send(stream, self._on_push(conn, message))
+                            await self._report_readiness(stream)  # ready with its first configuration
                         elif isinstance(message, wire.Ping):
                             await self._send(stream, wire.encode(wire.Pong(message.id)))
                         elif isinstance(message, wire.Error):
@@ -442,8 +445,25 @@ class ControlPlaneClient:
                 if ready != self.ready:
                     self.ready = ready
                     log.info("local app is %s", "ready" if ready else "not ready")
-                    await self._send_quietly(wire.Health(ready))
+                    stream = self._stream
+                    if stream is not None and self.connected:
+                        try:
+                            await self._report_readiness(stream)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
                 await trio.sleep(HEALTH_INTERVAL)
+
+    @property
+    def reported_ready(self) -> bool:
+        """What the registry hears: the app is healthy and this sidecar has a configuration
+        (its inbound listener refuses until then), so nobody is sent here before it can serve."""
+        return self.ready and self.has_config
+
+    async def _report_readiness(self, stream: trio.SocketStream) -> None:
+        ready = self.reported_ready
+        if ready != self._told_ready:
+            self._told_ready = ready
+            await self._send(stream, wire.encode(wire.Health(ready)))
 
     async def _send_quietly(self, message: wire.Message) -> None:
         stream = self._stream

@@ -139,7 +139,14 @@ async def connect(host: str, port: int, *, bound: Callable[[int], None] | None =
     return Connection(sock, f"{host}:{port}")
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+BACKLOG = 1024
+
+
+def listen_socket(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int = BACKLOG, listen: bool = True
+) -> socket.socket:
+    """A bound, non-blocking TCP socket, listening unless ``listen`` is False: then the
+    port is held (and known) but connections to it are refused until ``sock.listen()``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -147,7 +154,8 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: in
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

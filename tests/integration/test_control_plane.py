@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from control_plane import wire
@@ -311,12 +312,18 @@ async def test_sidecar_restarted_while_control_plane_down_serves_persisted_confi
                 assert (response.status_code, response.text) == (200, "hello")
 
 
-async def test_fail_closed_at_boot_without_control_plane_or_persisted_config(tmp_path: Path) -> None:
-    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=f"127.0.0.1:{free_port()}") as s:
+async def test_fail_closed_at_boot_without_control_plane_or_persisted_config(tmp_path: Path, origin: Origin) -> None:
+    app = f"127.0.0.1:{origin.port}"
+    async with run_sidecar(tmp_path, service="user", app=app, control_plane=f"127.0.0.1:{free_port()}") as s:
         async with httpx.AsyncClient() as client:
             ready = await client.get(f"http://{s.admin}/ready")
+            # No caller reaches the app before a configuration (its access policies) is in place:
+            # the inbound port is held but refuses, so a caller's sidecar tries another instance.
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://{s.inbound}/hello")
     assert ready.status_code == 503
     assert "no configuration" in ready.text
+    assert "/hello" not in origin.stats.paths  # (its health probe is the sidecar's own)
 
 
 async def _raw_session(port: int, data: bytes) -> bytes:

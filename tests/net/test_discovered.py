@@ -94,3 +94,18 @@ async def test_instances_sharing_a_state_file_never_collide(tmp_path) -> None:  
         thread.join()
     assert errors == [] and state.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["item.json"]  # no temporary file left behind
+
+
+def test_the_registry_hears_ready_only_once_the_sidecar_has_a_configuration() -> None:
+    """Its inbound listener refuses until then: callers must not be sent there before."""
+    from sidecar.net.control import ControlPlaneClient, InstanceInfo
+
+    client = ControlPlaneClient(
+        [("127.0.0.1", 1)], InstanceInfo("item", "item-1", "127.0.0.1:2", "127.0.0.1:3"), lambda snapshot: None
+    )
+    client.ready = True  # the app answers its health probe
+    assert not client.reported_ready
+    client._install("control-plane")  # the first push applied
+    assert client.reported_ready
+    client.ready = False
+    assert not client.reported_ready
