@@ -455,8 +455,8 @@ class Sidecar:
                 self._log_once(
                     ip,
                     port,
-                    "a passthrough connection of this sidecar came back to it: the iptables "
-                    "rules do not exempt its own traffic (run it as meshlet init-iptables --proxy-uid)",
+                    "a passthrough connection of this sidecar came back to it: the iptables rules do "
+                    "not exempt its own traffic (run the sidecar as the uid given to init-iptables --proxy-uid)",
                 )
                 io.reset()
                 return
@@ -465,8 +465,9 @@ class Sidecar:
                 self._log_once(
                     ip,
                     port,
-                    "refused: no service has this address and outbound_traffic_policy "
-                    "is REGISTRY_ONLY (declare it in a Service document to allow it)",
+                    "refused: no service has this address and outbound_traffic_policy is REGISTRY_ONLY "
+                    "(allow it with a Service document if it speaks HTTP, else with init-iptables "
+                    "--exclude-outbound-ports or --exclude-outbound-cidrs)",
                 )
                 io.reset()
                 return
