@@ -51,7 +51,7 @@ async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: tri
                             await trio.sleep(0.1)
 
                 await apply(tmp_path, api, "enforce")
-                served = item.stats.completed
+                served = item.stats.served
                 assert (await call(user, "/hello")).status_code == 200
                 info = (await call(user, "/info")).json()
                 assert not any(name.lower() == "x-meshlet-source" for name, _ in info["headers"])
@@ -68,18 +68,18 @@ async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: tri
                 # gateway's app claims to be user: its sidecar says who is calling, not the app
                 spoofed = await call(gateway, "/hello", **{"x-meshlet-source": "user"})
                 assert spoofed.status_code == 403 and "'gateway'" in spoofed.text
-                assert item.stats.completed == served + 2  # item saw only the two allowed requests
+                assert item.stats.served == served + 2  # item saw only the two allowed requests
                 metrics = (await client.get(f"http://{item_sidecar.admin}/metrics")).text
                 forbidden = {"direction": "inbound", "code": "403", "reason": "forbidden"}
                 assert sample(metrics, "meshlet_requests_total", source="user", **forbidden) == 3
                 assert sample(metrics, "meshlet_requests_total", source="gateway", **forbidden) == 2
 
                 await apply(tmp_path, api, "shadow")
-                served = item.stats.completed
+                served = item.stats.served
                 assert (await call(gateway, "/hello")).status_code == 200
                 assert (await call(user, "/hello")).status_code == 200
                 assert (await call(user, "/status/204", "DELETE")).status_code == 204
-                assert item.stats.completed == served + 3  # nothing refused
+                assert item.stats.served == served + 3  # nothing refused
                 metrics = (await client.get(f"http://{item_sidecar.admin}/metrics")).text
                 shadow = "meshlet_shadow_access_decisions_total"
                 policy = {"policy": "item-callers"}

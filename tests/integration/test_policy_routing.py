@@ -102,11 +102,11 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
                         await trio.sleep(0.1)
                 assert dump["config"]["routes"] == {"item": "item"}
 
-                before = (v1.stats.completed, v2.stats.completed)
+                before = (v1.stats.served, v2.stats.served)
                 for _ in range(200):
                     response = await client.get(f"{base}/hello", headers={"host": "item"})
                     assert response.status_code == 200
-                split = (v1.stats.completed - before[0], v2.stats.completed - before[1])
+                split = (v1.stats.served - before[0], v2.stats.served - before[1])
                 assert split == (180, 20)  # 90/10, exactly: a smooth weighted round robin
 
                 response = await client.get(
@@ -117,7 +117,7 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
                 sent = dict(info["headers"])
                 assert sent.get("x-canary") == "1" and "x-secret" not in sent
                 assert response.headers["x-route"] == "beta"
-                assert v2.stats.completed - before[1] == 21  # the beta rule goes to v2 only
+                assert v2.stats.served - before[1] == 21  # the beta rule goes to v2 only
 
                 admin = await client.get(f"{base}/admin", headers={"host": "item"})
                 assert (admin.status_code, admin.text) == (403, "admins only")
@@ -151,12 +151,12 @@ async def test_routes_split_match_rewrite_and_answer(tmp_path: Path, nursery: tr
                     )
                     assert code == 0 and "3 of 3 sidecars ACKed" in out, err + out
                 assert [(r.status_code, r.text) for r in slow] == [(200, "late")]  # finished on the old policy
-                before = (v1.stats.completed, v2.stats.completed)
+                before = (v1.stats.served, v2.stats.served)
                 outcomes = Counter()
                 for _ in range(20):
                     outcomes[(await client.get(f"{base}/hello", headers={"host": "item"})).status_code] += 1
                 assert outcomes == {200: 20}
-                assert (v1.stats.completed - before[0], v2.stats.completed - before[1]) == (20, 0)
+                assert (v1.stats.served - before[0], v2.stats.served - before[1]) == (20, 0)
                 unmatched = await client.get(f"{base}/admin", headers={"host": "item"})
                 # The admin rule went with the old version: the request reaches the app now.
                 assert (unmatched.status_code, unmatched.text) == (404, "origin: no such path")
@@ -258,24 +258,25 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
                         while not await mirrored_ok():  # noqa: ASYNC110 - polling another process
                             assert (await call()).status_code == 200
                             await trio.sleep(0.1)
-                    before = (main.stats.completed, shadow.stats.completed, await mirrored_ok())
+                    before = (main.stats.served, shadow.stats.served, await mirrored_ok())
                     for _ in range(10):
                         assert (await call()).text == "hello"
                     with trio.fail_after(5):
                         while await mirrored_ok() < before[2] + 10:  # noqa: ASYNC110
                             await trio.sleep(0.05)
-                    assert main.stats.completed - before[0] == 10
-                    assert shadow.stats.completed - before[1] == 10
+                    assert main.stats.served - before[0] == 10
+                    assert shadow.stats.served - before[1] == 10
                     assert shadow_sidecar.inbound  # the copies went through the shadow's own sidecar
                     # A body is copied as it streams through (up to 1 MiB), and sent whole.
                     body = bytes(range(256)) * 400  # 102,400 bytes
-                    seen = (shadow.stats.completed, await mirrored_ok())
+                    seen = (shadow.stats.served, await mirrored_ok())
                     response = await client.post(f"{base}/sha256", headers={"host": "item"}, content=body)
                     assert response.text.startswith("102400 ")
                     with trio.fail_after(5):
                         while await mirrored_ok() < seen[1] + 1:  # noqa: ASYNC110
                             await trio.sleep(0.05)
-                    assert shadow.stats.completed == seen[0] + 1 and shadow.stats.paths[-1] == "/sha256"
+                    assert shadow.stats.served == seen[0] + 1
+                    assert [p for p in shadow.stats.paths if p != "/health"][-1] == "/sha256"
                     assert dict(shadow.stats.last_headers)["host"].endswith("-shadow")
                     large = await client.post(f"{base}/sha256", headers={"host": "item"}, content=b"x" * 2_000_000)
                     assert large.text.startswith("2000000 ")  # the caller is served; the copy is skipped
