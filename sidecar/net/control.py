@@ -326,15 +326,15 @@ class ControlPlaneClient:
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
-                            self._told_ready = None
-                            await self._report_readiness(stream)
+                            self._told_ready = None  # a new session: say it again
+                            await self._report_readiness()
                             late = self.state.watched - set(hello.watch.get(wire.ENDPOINTS, self.state.watched))
                             if late and conn.can_watch:
                                 await self._send(stream, conn.watch(wire.ENDPOINTS, tuple(sorted(late))))
                         elif isinstance(message, wire.Push):
                             self._got_push = True
                             await self._send(stream, self._on_push(conn, message))
-                            await self._report_readiness(stream)  # ready with its first configuration
+                            await self._report_readiness()  # ready with its first configuration
                         elif isinstance(message, wire.Ping):
                             await self._send(stream, wire.encode(wire.Pong(message.id)))
                         elif isinstance(message, wire.Error):
@@ -445,12 +445,7 @@ class ControlPlaneClient:
                 if ready != self.ready:
                     self.ready = ready
                     log.info("local app is %s", "ready" if ready else "not ready")
-                    stream = self._stream
-                    if stream is not None and self.connected:
-                        try:
-                            await self._report_readiness(stream)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
+                    await self._report_readiness()
                 await trio.sleep(HEALTH_INTERVAL)
 
     @property
@@ -459,11 +454,11 @@ class ControlPlaneClient:
         (its inbound listener refuses until then), so nobody is sent here before it can serve."""
         return self.ready and self.has_config
 
-    async def _report_readiness(self, stream: trio.SocketStream) -> None:
+    async def _report_readiness(self) -> None:
         ready = self.reported_ready
         if ready != self._told_ready:
             self._told_ready = ready
-            await self._send(stream, wire.encode(wire.Health(ready)))
+            await self._send_quietly(wire.Health(ready))
 
     async def _send_quietly(self, message: wire.Message) -> None:
         stream = self._stream

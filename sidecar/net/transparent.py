@@ -37,9 +37,9 @@ class Passthrough:
     """Copies bytes between a redirected app connection and where it was going.
 
     The connections this sidecar opens for passthrough are remembered by their source
-    port (bound before connecting, so no other socket here can hold it), so one that comes back to the outbound listener (the iptables rules do not
-    exempt the sidecar's own traffic) is recognised as a loop instead of being passed on
-    again, for ever."""
+    port (bound before connecting, so no other socket here can hold it). One that comes
+    back to the outbound listener (the iptables rules do not exempt the sidecar's own
+    traffic) is then recognised as a loop instead of being passed on again, for ever."""
 
     def __init__(self) -> None:
         self.sources: set[int] = set()  # source ports of the connections open now
