@@ -222,7 +222,7 @@ class Sidecar:
         self.addresses: dict[str, tuple[str, int]] = {}
         self.address_map = AddressMap()  # transparent mode: original destination → service
         self.passthrough = Passthrough()
-        self._blocked_logged: set[tuple[str, int]] = set()
+        self._logged_addresses: set[tuple[str, int]] = set()
         self.admin_handler = AdminHandler(
             metrics=lambda: render(lambda: [self.telemetry.snapshot()]),
             ready=self.readiness,
@@ -480,11 +480,11 @@ class Sidecar:
 
     def _log_once(self, ip: str, port: int, what: str) -> None:
         """One line per address, not per connection (a bounded set: at most 1,000 kept)."""
-        if (ip, port) in self._blocked_logged:
+        if (ip, port) in self._logged_addresses:
             return
-        if len(self._blocked_logged) >= 1000:
-            self._blocked_logged.clear()
-        self._blocked_logged.add((ip, port))
+        if len(self._logged_addresses) >= 1000:
+            self._logged_addresses.clear()
+        self._logged_addresses.add((ip, port))
         log.warning("outbound connection to %s:%d %s", ip, port, what)
 
     def _fixed(self, name: str) -> Handler:

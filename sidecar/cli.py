@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .wait_ready import add_command as add_wait_ready
 
-    defaults_from_environment(add_wait_ready(commands), os.environ)  # an app container's entrypoint
+    defaults_from_environment(add_wait_ready(commands, _address), os.environ)  # an app container's entrypoint
 
     demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
     demo.add_argument(

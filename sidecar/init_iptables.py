@@ -5,7 +5,6 @@ this module runs ``iptables-restore`` / ``iptables`` and explains what went wron
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -199,11 +198,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(text, end="")
         return 0
-    if shutil.which("iptables-restore") is None:
-        print(
-            "meshlet: iptables-restore not found: install iptables (Debian: apt-get install iptables)", file=sys.stderr
-        )
-        return 1
     try:
         replaced = _remove()  # run twice, the rules are installed once
         _run(["iptables-restore", "--noflush", "-w"], stdin=text)

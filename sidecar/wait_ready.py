@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from .core.config import parse_address, parse_duration
+from .core.config import parse_duration
 
 DEFAULT_ADMIN = ("127.0.0.1", 15090)
 DEFAULT_TIMEOUT = 60.0
@@ -45,13 +45,6 @@ examples:
 """
 
 
-def _admin(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _seconds(text: str) -> float:
     try:
         return parse_duration(text)
@@ -59,9 +52,9 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_command(commands: Any) -> argparse.ArgumentParser:
+def add_command(commands: Any, address: Any) -> argparse.ArgumentParser:
     """Add ``wait-ready`` to the ``meshlet`` subparsers; returns its parser (for
-    ``defaults_from_environment``)."""
+    ``defaults_from_environment``). ``address``: the HOST:PORT argument type (sidecar/cli.py's)."""
     parser = commands.add_parser(
         "wait-ready",
         help="wait until the local sidecar is ready (for container entrypoints: meshlet wait-ready && exec my-app)",
@@ -72,7 +65,7 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--admin",
-        type=_admin,
+        type=address,
         default=DEFAULT_ADMIN,
         metavar="HOST:PORT",
         help="the sidecar's admin listener (default 127.0.0.1:15090; 0.0.0.0 means this host)",

@@ -222,9 +222,8 @@ class AddressMap:
         for name in sorted(services):
             for endpoint in services[name].endpoints:
                 out.setdefault((endpoint.host, endpoint.port), name)
-                app_port = getattr(endpoint, "app_port", 0)
-                if app_port:
-                    out.setdefault((endpoint.host, app_port), name)
+                if endpoint.app_port:
+                    out.setdefault((endpoint.host, endpoint.app_port), name)
         return cls(out)
 
     def service(self, ip: str, port: int) -> str | None:
