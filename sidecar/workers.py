@@ -115,6 +115,10 @@ class Supervisor:
         if opts.transparent:
             args.append("--transparent")
         args += ["--drain-timeout", str(opts.drain_timeout)]
+        for listener in ("inbound", "outbound", "admin"):  # per worker: each has its own descriptors
+            value = getattr(opts, f"max_{listener}_connections")
+            if value is not None:
+                args += [f"--max-{listener}-connections", str(value)]
         return args
 
     async def run_worker(
