@@ -12,7 +12,7 @@ import trio
 
 from sidecar.net.io import derived_connection_limits
 
-from ..helpers import run_meshlet, sample, write_static
+from ..helpers import run_meshlet, run_sidecar, sample, write_static
 from ..origin import Origin
 
 SOFT, HARD = 256, 512  # the sidecar raises its soft limit to the hard one at start
@@ -69,3 +69,14 @@ async def test_idle_connections_past_the_limit_leave_admin_and_the_data_path_rea
         assert _open_files_limit(sidecar.process.pid) == (HARD, HARD)
         warnings = [line for line in sidecar.log().splitlines() if "connections: new ones are closed" in line]
         assert len(warnings) == 1, sidecar.log()  # once, not per connection
+
+
+async def test_the_limit_flags_reach_every_worker(tmp_path: Path, origin: Origin) -> None:
+    static = write_static(tmp_path / "w.yaml", {"item": [f"127.0.0.1:{origin.port}"]})
+    extra = ["--workers", "2", "--max-inbound-connections", "5", "--max-outbound-connections", "7"]
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static, extra=extra) as sidecar:
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://{sidecar.admin}/metrics")).text
+    # /metrics adds the workers up: each has its own listeners' limits
+    assert sample(metrics, "meshlet_downstream_connections_limit", listener="inbound") == 2 * 5
+    assert sample(metrics, "meshlet_downstream_connections_limit", listener="outbound") == 2 * 7

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from sidecar.app import serve_http
+from sidecar.cli import main
 from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
@@ -149,3 +150,10 @@ async def test_a_first_request_may_take_longer_than_the_header_timeout(nursery: 
     with trio.fail_after(5):
         answer = await raw_exchange(port, LIVE, read_until_close=False)
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_limit_below_one_is_refused_as_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["sidecar", "--service", "a", "--app", "127.0.0.1:1", "--static", "x", "--max-admin-connections", "0"])
+    assert exited.value.code == 2
+    assert "--max-admin-connections 0: at least 1" in capsys.readouterr().err
