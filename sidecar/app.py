@@ -42,7 +42,16 @@ from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.exporter import SpanExporter
-from .net.io import BACKLOG, Connection, Deadlines, listen_socket, serve_socket
+from .net.io import (
+    BACKLOG,
+    Connection,
+    ConnectionLimit,
+    Deadlines,
+    derived_connection_limits,
+    listen_socket,
+    raise_open_files_limit,
+    serve_socket,
+)
 from .net.transparent import Passthrough, original_destination
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry, cardinality, render
@@ -66,6 +75,11 @@ class SidecarOptions:
     upstreams: dict[str, tuple[str, int]] = field(default_factory=dict)
     reuse_port: bool = False
     header_timeout: float = HEADER_TIMEOUT
+    # Connections each listener may hold at once (the outbound one's limit is shared with the
+    # --upstream listeners); None: derived from the open files limit (sidecar/net/io.py).
+    max_inbound_connections: int | None = None
+    max_outbound_connections: int | None = None
+    max_admin_connections: int | None = None
     control_plane: list[tuple[str, int]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     advertise: str | None = None  # the host other sidecars reach our inbound listener at
@@ -139,13 +153,15 @@ async def serve_http(
     stop_accepting: trio.Event | None = None,
     accept: Callable[[Connection], Awaitable[None]] | None = None,
     listen_after: trio.Event | None = None,
+    limit: ConnectionLimit | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port (port 0: any) and serve HTTP/1.1 with ``handler``; reports the
     bound port through ``task_status``. Once ``stop_accepting`` is set, the listener closes
     (new connections are refused) and this returns when the open connections are done.
     ``accept``: serves each connection instead (it may look at the socket first).
-    ``listen_after``: the port is bound at once but refuses connections until it is set."""
+    ``listen_after``: the port is bound at once but refuses connections until it is set.
+    ``limit``: the connections it may hold at once (shared with other listeners if given to them)."""
     listener = listen_socket(host, port, reuse_port=reuse_port, listen=listen_after is None)
     try:
         async with trio.open_nursery() as nursery:
@@ -160,7 +176,7 @@ async def serve_http(
                 if listen_after is not None:
                     await listen_after.wait()
                     listener.listen(BACKLOG)
-                await serve_socket(listener, accept or on_connection, nursery)
+                await serve_socket(listener, accept or on_connection, nursery, limit)
             listener.close()
     finally:
         listener.close()
@@ -183,6 +199,8 @@ class Sidecar:
         # its requests in flight may still need to call other services to finish.
         self.outbound_timeouts = Timeouts(self.deadlines, header=options.header_timeout)
         self.admin_timeouts = Timeouts(self.deadlines)  # the admin listener keeps serving while draining
+        self.connection_limits: dict[str, ConnectionLimit] = {}  # by listener kind; set by serve()
+        self.telemetry.listener_stats = self.listener_stats
         self.stop_accepting = trio.Event()
         self.draining = False
         self.forwarder = Forwarder(self.pools, self.deadlines)
@@ -506,11 +524,13 @@ class Sidecar:
         ]
         for name, address in opts.upstreams.items():
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
+        limits = self._connection_limits()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
             for name, (host, port), handler in wanted:
                 reuse = opts.reuse_port and name != "admin"
-                timeouts = {"admin": self.admin_timeouts, "inbound": self.timeouts}.get(name, self.outbound_timeouts)
+                kind = name if name in ("inbound", "admin") else "outbound"  # --upstream ones are the app's calls
+                timeouts = {"admin": self.admin_timeouts, "inbound": self.timeouts}.get(kind, self.outbound_timeouts)
                 bound = await nursery.start(
                     partial(
                         serve_http,
@@ -522,6 +542,7 @@ class Sidecar:
                         stop_accepting=self.stop_accepting if name == "inbound" else None,
                         accept=self._intercepted if name == "outbound" and opts.transparent else None,
                         listen_after=self.configured if name == "inbound" else None,
+                        limit=limits[kind],
                     )
                 )
                 self.addresses[name] = (host, bound)
@@ -536,6 +557,36 @@ class Sidecar:
             nursery.start_soon(self._sweep_metrics)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             task_status.started(dict(self.addresses))
+
+    def _connection_limits(self) -> dict[str, ConnectionLimit]:
+        """Raise the open files limit as far as allowed, then one limit per listener kind: the
+        flags', else derived from the open files limit so that full data listeners still leave
+        descriptors for the admin listener, upstream connections and the push channel."""
+        opts = self.options
+        open_files = raise_open_files_limit()
+        derived = derived_connection_limits(open_files)
+        chosen = {
+            "inbound": opts.max_inbound_connections or derived.inbound,
+            "outbound": opts.max_outbound_connections or derived.outbound,
+            "admin": opts.max_admin_connections or derived.admin,
+        }
+        log.info(
+            "connection limits: inbound %d, outbound %d, admin %d (open files limit %d)",
+            chosen["inbound"],
+            chosen["outbound"],
+            chosen["admin"],
+            open_files,
+        )
+        self.connection_limits = {kind: ConnectionLimit(kind, n) for kind, n in chosen.items()}
+        return self.connection_limits
+
+    def listener_stats(self) -> list[tuple[str, int, int, int, dict[str, int]]]:
+        """For /metrics: (listener, open connections, limit, closed at once, timed out by phase)."""
+        timeouts = {"inbound": self.timeouts, "outbound": self.outbound_timeouts, "admin": self.admin_timeouts}
+        return [
+            (kind, limit.open, limit.limit, limit.rejected, timeouts[kind].expired)
+            for kind, limit in self.connection_limits.items()
+        ]
 
     async def _sweep_metrics(self) -> None:
         """Idle request series go (MeshConfig metrics.idle_expiry), judged once a minute."""

@@ -231,8 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="a started request head must complete within this, else 408 (slowloris guard; default 10)",
+        help="a started request head must complete within this, else 408 (slowloris guard); a new connection's "
+        "first head within this of the accept, else it is closed (default 10)",
     )
+    for listener, what in (
+        ("inbound", "callers' connections to the inbound listener"),
+        ("outbound", "the app's connections to the outbound and --upstream listeners, together"),
+        ("admin", "connections to the admin listener"),
+    ):
+        sidecar.add_argument(
+            f"--max-{listener}-connections",
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"at most N {what} at once; past it a new one is closed at once (default: derived from the "
+            "open files limit, which is raised to its hard limit at start; docs/limits.md)",
+        )
     sidecar.add_argument(
         "--drain-timeout",
         type=float,
@@ -337,6 +351,10 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
             args.advertise or "(not given)",
         )
+    for listener in ("inbound", "outbound", "admin"):
+        value = getattr(args, f"max_{listener}_connections")
+        if value is not None and value < 1:
+            parser.error(f"--max-{listener}-connections {value}: at least 1 (leave it out for the derived default)")
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():
@@ -360,6 +378,9 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         static=args.static,
         upstreams=dict(args.upstream),
         header_timeout=args.header_timeout,
+        max_inbound_connections=args.max_inbound_connections,
+        max_outbound_connections=args.max_outbound_connections,
+        max_admin_connections=args.max_admin_connections,
         reuse_port=args.worker,
         control_plane=control_planes,
         labels=labels,

@@ -45,6 +45,7 @@ EJECTION_LABELS = ("destination",)
 ENDPOINT_LABELS = ("destination", "state")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
+LISTENER_LABELS = ("listener",)
 
 
 class Telemetry:
@@ -76,6 +77,9 @@ class Telemetry:
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        # Called at scrape time: yields (listener, open connections, their limit, connections
+        # closed at once at the limit, {timeout phase: connections it closed}).
+        self.listener_stats: Callable[[], Iterable[tuple[str, int, int, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: (the config version applied, control plane connected: 1/0, or
         # None without a control plane).
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
@@ -191,6 +195,7 @@ class Telemetry:
     def snapshot(self) -> dict[str, Any]:
         """Plain, msgpack-able values: what a worker sends its supervisor."""
         stats = list(self.destination_stats())
+        listeners = list(self.listener_stats())
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "durations": [[*k, v] for k, v in self.durations.items()],
@@ -212,6 +217,12 @@ class Telemetry:
             "info": [[*self.status()]],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
+            "downstream_open": [[name, n] for name, n, _, _, _ in listeners],
+            "downstream_limit": [[name, n] for name, _, n, _, _ in listeners],
+            "downstream_rejected": [[name, n] for name, _, _, n, _ in listeners],
+            "downstream_timeouts": [
+                [name, phase, n] for name, *_, expired in listeners for phase, n in expired.items()
+            ],
         }
 
 
@@ -237,6 +248,10 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "info": {},
         "circuits": {},
         "endpoints": {},
+        "downstream_open": {},
+        "downstream_limit": {},
+        "downstream_rejected": {},
+        "downstream_timeouts": {},
     }
     for snap in snapshots:
         for kind in (
@@ -255,6 +270,10 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "spans_exported",
             "transparent",
             "folded",
+            "downstream_open",  # workers: each has its own listeners' connections and limits
+            "downstream_limit",
+            "downstream_rejected",
+            "downstream_timeouts",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -420,6 +439,35 @@ class _Collector:
             "New per-hop series written with 'other' for a label, past its value cap (MeshConfig metrics).",
             ("label",),
             {(label,): n for (label,), n in merged["folded"].items()},
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_downstream_connections",
+            "Client connections open, per listener (outbound includes the --upstream listeners).",
+            LISTENER_LABELS,
+            merged["downstream_open"],
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_downstream_connections_limit",
+            "Client connections a listener may hold at once (--max-<listener>-connections).",
+            LISTENER_LABELS,
+            merged["downstream_limit"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_downstream_connections_rejected",
+            "Client connections closed at once (a reset) because their listener was at its limit.",
+            LISTENER_LABELS,
+            merged["downstream_rejected"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_downstream_timeouts",
+            "Client connections closed by a timeout: first-byte (a new one sent nothing within --header-timeout), "
+            "request-head (a head not complete in time: 408), idle (no next request, or a stalled exchange).",
+            ("listener", "phase"),
+            merged["downstream_timeouts"],
         )
         info = merged["info"]
         if info.get("version"):

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from .app import SidecarOptions, serve_http
 from .layers.base import Request, Response
 from .net.admin import AdminHandler, json_response
 from .net.downstream import Timeouts
-from .net.io import Deadlines
+from .net.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
 from .telemetry import cardinality, render
 
 log = logging.getLogger("meshlet.workers")
@@ -115,6 +116,10 @@ class Supervisor:
         if opts.transparent:
             args.append("--transparent")
         args += ["--drain-timeout", str(opts.drain_timeout)]
+        for listener in ("inbound", "outbound", "admin"):  # per worker: each has its own descriptors
+            value = getattr(opts, f"max_{listener}_connections")
+            if value is not None:
+                args += [f"--max-{listener}-connections", str(value)]
         return args
 
     async def run_worker(
@@ -213,7 +218,16 @@ class Supervisor:
                 sock.close()
             deadlines = Deadlines()
             await nursery.start(deadlines.serve)
-            admin_port = await nursery.start(serve_http, *opts.admin, self.admin, Timeouts(deadlines))
+            admin_limit = opts.max_admin_connections or derived_connection_limits(raise_open_files_limit()).admin
+            admin_port = await nursery.start(
+                partial(
+                    serve_http,
+                    *opts.admin,
+                    self.admin,
+                    Timeouts(deadlines),
+                    limit=ConnectionLimit("admin", admin_limit),
+                )
+            )
             parts = [
                 f"outbound={_address(opts.outbound)}",
                 f"inbound={_address(opts.inbound)}",

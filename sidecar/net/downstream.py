@@ -37,7 +37,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Also bounds a request or response that stops moving.
 IDLE_TIMEOUT = 300.0
 # Slowloris guard: a started request head must be complete within this (HAProxy's
-# `timeout http-request` idea); the client gets 408.
+# `timeout http-request` idea); the client gets 408. A new connection's first head must be
+# complete within this of the accept: one that sends nothing is closed (no 408: nothing
+# was asked), so idle connections cannot hold a listener's descriptors for minutes.
 HEADER_TIMEOUT = 10.0
 # Handle every Nth pipelined request after a checkpoint, so that one busy connection
 # cannot keep the others from running (our sockets skip trio's per-call checkpoint).
@@ -55,24 +57,28 @@ class ClientGone(Exception):
 class _Connection:
     """A client connection: its socket, its parser, and its one deadline.
 
-    The deadline (checked by :class:`Deadlines`) is: idle timeout while waiting for a
-    request, header timeout once a head has started, idle timeout again while a request
-    is handled (pushed forward whenever body bytes move). ``expire`` closes the socket,
-    after a best-effort 408 when a head was cut short.
+    The deadline (checked by :class:`Deadlines`) is: header timeout from the accept until
+    the first request head is complete, idle timeout while waiting for a next request,
+    header timeout once a head has started, idle timeout again while a request is handled
+    (pushed forward whenever body bytes move). ``expire`` closes the socket, after a
+    best-effort 408 when a head was cut short.
     """
 
-    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "idle", "timeouts", "__weakref__")
+    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "idle", "fresh", "timeouts", "__weakref__")
 
     def __init__(self, io: Connection, timeouts: Timeouts) -> None:
         self.io = io
         self.reader = RequestReader()
         self.peer_ip = io.peer.encode()
         self.timeouts = timeouts
-        self.deadline = timeouts.deadlines.now + timeouts.idle
+        self.deadline = timeouts.deadlines.now + timeouts.header  # the first head's, from the accept
         self.in_head = False
         self.idle = False  # waiting for the next request, nothing of it read yet
+        self.fresh = True  # its first request head is not complete yet
 
     def expire(self) -> None:
+        phase = "request-head" if self.in_head else "first-byte" if self.fresh else "idle"
+        self.timeouts.expired[phase] += 1
         if self.in_head:
             try:
                 self.io.sock.send(REQUEST_TIMEOUT_RESPONSE)
@@ -98,13 +104,16 @@ class Timeouts:
     """The connections' timeouts, and whether the listener is draining (shared by all of
     its connections: see :meth:`drain`)."""
 
-    __slots__ = ("idle", "header", "deadlines", "draining")
+    __slots__ = ("idle", "header", "deadlines", "draining", "expired")
 
     def __init__(self, deadlines: Deadlines, idle: float = IDLE_TIMEOUT, header: float = HEADER_TIMEOUT) -> None:
         self.deadlines = deadlines
         self.idle = idle
         self.header = header
         self.draining = False
+        # Connections closed by a timeout, by what they were doing: first-byte (a new one
+        # that sent nothing), request-head (408), idle (no next request, or a stalled exchange).
+        self.expired = {"first-byte": 0, "request-head": 0, "idle": 0}
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
@@ -197,7 +206,8 @@ async def _next_head(conn: _Connection) -> object:
     if not events:
         if conn.timeouts.draining:
             raise ClientGone("draining")  # no next request on this connection
-        conn.touch()
+        if not conn.fresh:  # a new connection keeps the header deadline set at the accept
+            conn.touch()
         conn.idle = True
         try:
             await conn.receive()
@@ -209,6 +219,9 @@ async def _next_head(conn: _Connection) -> object:
             while not events:
                 await conn.receive()
             conn.in_head = False
+            conn.touch()
+        if conn.fresh:  # the first head is complete: the idle timeout from now on
+            conn.fresh = False
             conn.touch()
     return events.popleft()
 

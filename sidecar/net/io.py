@@ -21,13 +21,17 @@ wakes a task blocked on the socket (``notify_closing``).
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import resource
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 from trio.lowlevel import notify_closing, wait_readable, wait_writable
+
+log = logging.getLogger("meshlet.listener")
 
 RECEIVE_SIZE = 64 * 1024
 
@@ -163,12 +167,92 @@ def listen_socket(
     return sock
 
 
+class ConnectionLimit:
+    """The open connections of a listener (or of several sharing one limit: the outbound
+    listener and the ``--upstream`` ones) and how many it may hold. Past the limit a new
+    connection is closed at once, so one listener's flood cannot take the descriptors the
+    others (admin, upstream connections, the push channel) need. Logged once per episode:
+    when the limit is first hit, and when the listener is back under three quarters of it."""
+
+    __slots__ = ("name", "limit", "open", "rejected", "_full_since_log")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.open = 0
+        self.rejected = 0  # connections closed at once because the limit was reached
+        self._full_since_log = -1  # rejections counted when the episode's warning was logged; -1: none
+
+    def reject(self) -> None:
+        self.rejected += 1
+        if self._full_since_log < 0:
+            self._full_since_log = self.rejected - 1
+            log.warning(
+                "%s listener at its limit of %d connections: new ones are closed at once until some end "
+                "(raise it with --max-%s-connections, or the open files limit it is derived from)",
+                self.name,
+                self.limit,
+                self.name,
+            )
+
+    def release(self) -> None:
+        self.open -= 1
+        if self._full_since_log >= 0 and self.open <= self.limit * 3 // 4:
+            log.info(
+                "%s listener below its connection limit again; %d connection(s) were closed at once",
+                self.name,
+                self.rejected - self._full_since_log,
+            )
+            self._full_since_log = -1
+
+
+class ListenerLimits(NamedTuple):
+    inbound: int
+    outbound: int
+    admin: int
+
+
+# Descriptors kept for the process itself: the listening sockets, the push channel, span
+# export, the app's health probe, log files, the interpreter's own.
+RESERVED_DESCRIPTORS = 128
+MAX_DATA_CONNECTIONS = 16_384  # past this, memory (a task and buffers each), not descriptors, runs out
+MAX_ADMIN_CONNECTIONS = 64  # probes and scrapes: a few at a time
+
+
+def derived_connection_limits(open_files: int) -> ListenerLimits:
+    """Default connection limits from the open files limit: the admin listener gets up to
+    64, and each data listener a quarter of what is left after the reserve: a connection
+    to it may need one upstream connection, so both data listeners full, with an upstream
+    connection each, still leave the admin listener and the reserve their descriptors."""
+    admin = max(2, min(MAX_ADMIN_CONNECTIONS, open_files // 16))
+    data = max(2, min(MAX_DATA_CONNECTIONS, (open_files - RESERVED_DESCRIPTORS - admin) // 4))
+    return ListenerLimits(data, data, admin)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open files limit to the hard one (as nginx and Envoy are usually run);
+    the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the limits below are derived from it
+    return soft if soft != resource.RLIM_INFINITY else hard
+
+
 async def serve_socket(
     listener: socket.socket,
     handler: Callable[[Connection], Awaitable[None]],
     nursery: trio.Nursery,
+    limit: ConnectionLimit | None = None,
 ) -> None:
-    """Accept forever; each connection runs ``handler`` in its own task."""
+    """Accept forever; each connection runs ``handler`` in its own task. With ``limit``,
+    a connection past it is closed at once with a reset (nothing of it is read)."""
+    starved_at = -60.0
     while True:
         try:
             sock, address = listener.accept()
@@ -177,13 +261,44 @@ async def serve_socket(
             continue
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                now = trio.current_time()
+                if now - starved_at >= 60.0:  # once a minute at most, not per attempt
+                    starved_at = now
+                    log.warning("cannot accept a connection: %s (the connection limits leave too few)", exc)
                 await trio.sleep(0.1)  # out of descriptors: let some close
                 continue
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue
             raise
-        peer = address[0] if isinstance(address, tuple) else "unix"
-        nursery.start_soon(handler, Connection(sock, peer))
+        if limit is None:
+            peer = address[0] if isinstance(address, tuple) else "unix"
+            nursery.start_soon(handler, Connection(sock, peer))
+        elif limit.open >= limit.limit:
+            _refuse(sock)
+            limit.reject()
+            await trio.lowlevel.checkpoint()  # a flood must not keep the other tasks from running
+        else:
+            limit.open += 1
+            peer = address[0] if isinstance(address, tuple) else "unix"
+            nursery.start_soon(_counted, handler, Connection(sock, peer), limit)
+
+
+async def _counted(
+    handler: Callable[[Connection], Awaitable[None]], connection: Connection, limit: ConnectionLimit
+) -> None:
+    try:
+        await handler(connection)
+    finally:
+        limit.release()
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Close with a reset: the client learns at once, and no TIME_WAIT is left here."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
 
 
 class Expiring(Protocol):
