@@ -33,20 +33,24 @@ def to_local_app(
         request.connect_timeout = connect_timeout
         request.timeout = timeout
         headers = request.head.headers
-        source = -1
-        for i, (name, value) in enumerate(headers):
+        sources = 0
+        for name, value in headers:
             size = len(name)
-            if size == 16 and source < 0 and name.lower() == SOURCE_HEADER:
+            if size == 16 and name.lower() == SOURCE_HEADER:
                 request.source = value.decode("ascii", "replace")
-                source = i
+                sources += 1
             elif size == 21 and name.lower() == DEADLINE_HEADER and value.isdigit() and len(value) < 10:
                 # The caller gives up after this long: answering later helps no one. The
                 # header stays, for an app that passes deadlines on.
                 left = int(value) / 1000
                 if left < request.timeout:
                     request.timeout = left
-        if source >= 0:
-            del headers[source]
+        if sources:
+            if sources > 1:  # a calling sidecar sends one: which of them names the caller?
+                request.source = "unknown"
+                raise MeshError(errors.BAD_REQUEST, f"{sources} x-meshlet-source headers: a caller has one identity")
+            # Every one, in any case: the app must never read a claimed identity.
+            headers[:] = [h for h in headers if len(h[0]) != 16 or h[0].lower() != SOURCE_HEADER]
 
     return handle
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
+from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, sample, write_static
 from ..origin import Origin
 
 POLICY = """\
@@ -87,3 +87,25 @@ async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: tri
                 assert sample(metrics, shadow, source="user", rule="rules[0]", decision="allow", **policy) == 1
                 assert sample(metrics, shadow, source="user", rule="default", decision="deny", **policy) == 1
                 assert sample(metrics, "meshlet_requests_total", direction="inbound", reason="forbidden") == 5
+
+
+async def test_every_x_meshlet_source_is_consumed_and_two_are_refused(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The caller's identity comes in one x-meshlet-source (its sidecar sends exactly one):
+    none reaches the app, in any case, and a request carrying two is refused, since which of
+    them names the caller is anyone's guess."""
+    item = Origin()
+    item_port = await nursery.start(item.serve)
+    static = write_static(tmp_path / "s.yaml", {})
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{item_port}", static=static) as sidecar:
+        inbound = sidecar.ports["inbound"]
+        one = await raw_exchange(
+            inbound, b"GET /info HTTP/1.1\r\nHost: item\r\nX-Meshlet-SOURCE: user\r\n\r\n", read_until_close=False
+        )
+        assert one.startswith(b"HTTP/1.1 200") and b"meshlet-source" not in one.lower()
+        served = item.stats.served
+        for first, second in [(b"x-meshlet-source", b"x-meshlet-source"), (b"x-meshlet-source", b"X-Meshlet-Source")]:
+            request = b"GET /info HTTP/1.1\r\nHost: item\r\n%s: gateway\r\n%s: user\r\n\r\n" % (first, second)
+            answer = await raw_exchange(inbound, request, read_until_close=False)
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            assert b"x-meshlet-error: bad-request" in answer and b"x-meshlet-source" in answer
+        assert item.stats.served == served  # the app saw neither
