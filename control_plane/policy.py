@@ -166,12 +166,27 @@ def _path(value: Any) -> str:
 _TARGET_TEXT = "holds only visible ASCII (percent-encode the rest)"
 
 
+def _normal_path(value: str) -> str:
+    """A path matched against requests: the sidecar compares normalised paths
+    (sidecar/core/paths.py), so one written otherwise could never match."""
+    from sidecar.core.paths import BadPath, normalise_path
+
+    try:
+        normal = normalise_path(value.encode("ascii")).decode("ascii")
+    except BadPath as exc:
+        raise ValueError(f"{value!r} can match no request: the sidecar refuses a path with {exc}") from None
+    if normal != value:
+        raise ValueError(f"{value!r} is not a normalised path (requests are compared normalised: write {normal!r})")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(_duration)]
 ServiceName = Annotated[str, BeforeValidator(_service_name)]
 HeaderName = Annotated[str, BeforeValidator(_header_name)]
 Address = Annotated[str, BeforeValidator(_address)]
 Regex = Annotated[str, BeforeValidator(_regex)]
 Path = Annotated[str, BeforeValidator(_path), _only(_VISIBLE, f"a path {_TARGET_TEXT}")]
+NormalPath = Annotated[Path, AfterValidator(_normal_path)]
 AddedHeaderName = Annotated[str, BeforeValidator(_added_header_name)]
 HeaderValue = Annotated[str, _only(_FIELD_VALUE, "a header value holds only visible ASCII, space and tab")]
 Location = Annotated[str, Field(min_length=1), _only(_VISIBLE, f"a location {_TARGET_TEXT}")]
@@ -238,8 +253,8 @@ class StringMatch(_Model):
 
 
 class PathMatch(_Model):
-    exact: Path | None = None
-    prefix: Path | None = None
+    exact: NormalPath | None = None
+    prefix: NormalPath | None = None
     regex: Regex | None = None
 
     @model_validator(mode="after")
@@ -514,7 +529,7 @@ class AccessRule(_Model):
     sources: list[Annotated[str, BeforeValidator(lambda v: "*" if v == "*" else _service_name(v))]] = Field(
         min_length=1
     )
-    paths: list[Path] = []  # prefixes; empty: every path
+    paths: list[NormalPath] = []  # prefixes; empty: every path
     methods: list[Literal[METHODS]] = []  # type: ignore[valid-type]  # empty: every method
 
 

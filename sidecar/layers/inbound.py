@@ -9,7 +9,9 @@ from typing import Any
 from ..core import errors
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import MeshError
+from ..core.paths import path_of
 from .base import Filter, Request
+from .routing import normalised
 
 # Set by the calling sidecar: the receiving one labels its metrics by caller and checks
 # its AccessPolicy against it. Claimed, not verified: mTLS (PRODUCT §12) will verify it.
@@ -51,6 +53,7 @@ def to_local_app(
                 raise MeshError(errors.BAD_REQUEST, f"{sources} x-meshlet-source headers: a caller has one identity")
             # Every one, in any case: the app must never read a claimed identity.
             headers[:] = [h for h in headers if len(h[0]) != 16 or h[0].lower() != SOURCE_HEADER]
+        request.target = normalised(request.head.target)  # what the access check sees is what the app gets
 
     return handle
 
@@ -65,14 +68,14 @@ def access_check(
         return None
 
     def handle(request: Request) -> None:
-        head = request.head
+        head, target = request.head, request.target  # normalised by to_local_app
         if shadow is not None:
-            verdict = shadow.check(request.source, head.method, head.target)
+            verdict = shadow.check(request.source, head.method, target)
             on_shadow(shadow.name, request.source, verdict.rule, "allow" if verdict.allowed else "deny")
         if table is not None:
-            verdict = table.check(request.source, head.method, head.target)
+            verdict = table.check(request.source, head.method, target)
             if not verdict.allowed:
-                path = head.target.partition(b"?")[0][:200].decode("latin-1")
+                path = path_of(target)[:200].decode("latin-1")
                 raise MeshError(
                     errors.FORBIDDEN,
                     f"AccessPolicy {table.name!r} does not let {request.source!r} call {table.service!r} "

@@ -466,3 +466,30 @@ _TO_ITEM = "    destinations: [{service: item}]\n"
 )
 def test_no_string_that_reaches_the_wire_may_hold_a_control_character(text: str, expected: str) -> None:
     assert _problems(text) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "kind: AccessPolicy\nname: a\nservice: item\nrules: [{sources: [user], paths: [/items/../admin]}]\n",
+            "p.yaml:4: rules[0].paths[0]: '/items/../admin' is not a normalised path (requests are compared "
+            "normalised: write '/admin')",
+            id="access-path-not-normal",
+        ),
+        pytest.param(
+            "kind: AccessPolicy\nname: a\nservice: item\nrules: [{sources: [user], paths: ['/a%2fb']}]\n",
+            "p.yaml:4: rules[0].paths[0]: '/a%2fb' can match no request: the sidecar refuses a path with an "
+            "encoded '/' or '\\' (%2F, %5C), which apps split on or not",
+            id="access-path-refused",
+        ),
+        pytest.param(
+            _ROUTE.replace("/v1", "//v1") + _TO_ITEM,
+            "p.yaml:6: rules[0].match.path.prefix: '//v1' is not a normalised path (requests are compared "
+            "normalised: write '/v1')",
+            id="route-prefix-not-normal",
+        ),
+    ],
+)
+def test_paths_matched_against_requests_are_written_normalised(text: str, expected: str) -> None:
+    assert _problems(text) == [expected]
