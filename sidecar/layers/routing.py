@@ -172,7 +172,7 @@ def routing_layer(
     then: Filter,
     discover: Discover | None = None,
     rng: random.Random | None = None,
-    mirror: Callable[[Request, Any], None] | None = None,
+    mirror: Callable[[Request, Any, Discover | None], None] | None = None,
 ) -> Handler:
     """``route``, then ``then`` (the next synchronous filter), then ``inner``. A
     destination the snapshot lacks is looked up with ``discover`` (when there is a
@@ -198,7 +198,7 @@ def routing_layer(
                 if answer is not None:
                     return answer
             if spec.mirror is not None and mirror is not None:
-                mirror(request, spec.mirror)
+                mirror(request, spec.mirror, discover)  # a target not watched yet is looked up
         then(request)
         response = await inner(request)
         if rule is not None and rule.response_drop and response.raw is None:
