@@ -36,11 +36,13 @@ def to_local_app(
         request.timeout = timeout
         headers = request.head.headers
         sources = 0
-        for name, value in headers:
+        source = -1
+        for i, (name, value) in enumerate(headers):
             size = len(name)
             if size == 16 and name.lower() == SOURCE_HEADER:
                 request.source = value.decode("ascii", "replace")
                 sources += 1
+                source = i
             elif size == 21 and name.lower() == DEADLINE_HEADER and value.isdigit() and len(value) < 10:
                 # The caller gives up after this long: answering later helps no one. The
                 # header stays, for an app that passes deadlines on.
@@ -51,8 +53,7 @@ def to_local_app(
             if sources > 1:  # a calling sidecar sends one: which of them names the caller?
                 request.source = "unknown"
                 raise MeshError(errors.BAD_REQUEST, f"{sources} x-meshlet-source headers: a caller has one identity")
-            # Every one, in any case: the app must never read a claimed identity.
-            headers[:] = [h for h in headers if len(h[0]) != 16 or h[0].lower() != SOURCE_HEADER]
+            del headers[source]  # the only one: the app must never read a claimed identity
         request.target = normalised(request.head.target)  # what the access check sees is what the app gets
 
     return handle
