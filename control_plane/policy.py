@@ -23,11 +23,37 @@ from functools import partial
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label, as everywhere
-POLICY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+# Matched with fullmatch: "$" would let a trailing newline through.
+SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a DNS label, as everywhere
+POLICY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+# Headers the sidecar writes itself: framing and connection management (what a policy adding
+# one would desynchronise), and Host (routing's, as Envoy keeps it out of headers_to_add).
+SET_BY_THE_SIDECAR = frozenset(
+    {
+        "connection",
+        "content-length",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 RETRY_ON = (
@@ -68,22 +94,55 @@ def _duration(value: Any) -> float:
 
 
 def _service_name(value: Any) -> str:
-    if not isinstance(value, str) or not SERVICE_NAME.match(value):
+    if not isinstance(value, str) or not SERVICE_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a service name (a DNS label: a-z, 0-9, '-', at most 63)")
     return value
 
 
 def _header_name(value: Any) -> str:
-    if not isinstance(value, str) or not HEADER_NAME.match(value):
+    if not isinstance(value, str) or not HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a header name")
     return value.lower()
+
+
+def _added_header_name(value: Any) -> str:
+    name = _header_name(value)
+    if name in SET_BY_THE_SIDECAR:
+        raise ValueError(
+            f"{name!r} is set by the sidecar (framing, connection and Host headers cannot be added by a policy)"
+        )
+    return name
+
+
+# Every policy string that the sidecar writes into a message is checked here, character by
+# character: a CR, LF or NUL there would end a header line early (a header of the policy
+# author's choosing, a split response, a second request smuggled upstream).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")  # RFC 9110 field-value, without obs-text
+_VISIBLE = re.compile(r"[\x21-\x7e]*")  # a request target, a Location, a URL: no space either
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_CHAR_NAMES = {"\r": "a CR", "\n": "a LF", "\0": "a NUL", "\t": "a TAB", " ": "a space"}
+
+
+def _only(pattern: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        match = pattern.match(value)
+        end = match.end() if match else 0
+        if end < len(value):
+            char = value[end]
+            name = _CHAR_NAMES.get(char) or (
+                f"U+{ord(char):04X}" if ord(char) > 0x7E else f"control character {char!r}"
+            )
+            raise ValueError(f"{_shown(value)} has {name} at position {end}; {what}")
+        return value
+
+    return AfterValidator(check)
 
 
 def _address(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be HOST:PORT")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not _VISIBLE.fullmatch(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT (port 1-65535)")
     return value
 
@@ -104,12 +163,37 @@ def _path(value: Any) -> str:
     return value
 
 
+_TARGET_TEXT = "holds only visible ASCII (percent-encode the rest)"
+
+
+def _normal_path(value: str) -> str:
+    """A path matched against requests: the sidecar compares normalised paths
+    (sidecar/core/paths.py), so one written otherwise could never match."""
+    from sidecar.core.paths import BadPath, normalise_path
+
+    try:
+        normal = normalise_path(value.encode("ascii")).decode("ascii")
+    except BadPath as exc:
+        raise ValueError(f"{value!r} can match no request: the sidecar refuses a path with {exc}") from None
+    if normal != value:
+        raise ValueError(f"{value!r} is not a normalised path (requests are compared normalised: write {normal!r})")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(_duration)]
 ServiceName = Annotated[str, BeforeValidator(_service_name)]
 HeaderName = Annotated[str, BeforeValidator(_header_name)]
 Address = Annotated[str, BeforeValidator(_address)]
 Regex = Annotated[str, BeforeValidator(_regex)]
-Path = Annotated[str, BeforeValidator(_path)]
+Path = Annotated[str, BeforeValidator(_path), _only(_VISIBLE, f"a path {_TARGET_TEXT}")]
+NormalPath = Annotated[Path, AfterValidator(_normal_path)]
+AddedHeaderName = Annotated[str, BeforeValidator(_added_header_name)]
+HeaderValue = Annotated[str, _only(_FIELD_VALUE, "a header value holds only visible ASCII, space and tab")]
+Location = Annotated[str, Field(min_length=1), _only(_VISIBLE, f"a location {_TARGET_TEXT}")]
+Url = Annotated[str, _only(_VISIBLE, f"a URL {_TARGET_TEXT}")]
+RuleName = Annotated[
+    str, Field(min_length=1, max_length=128), _only(_PRINTABLE, "a rule's name holds only visible ASCII and space")
+]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Status = Annotated[int, Field(ge=200, le=599)]
 Labels = dict[Annotated[str, Field(min_length=1, max_length=63)], Annotated[str, Field(max_length=63)]]
@@ -169,8 +253,8 @@ class StringMatch(_Model):
 
 
 class PathMatch(_Model):
-    exact: Path | None = None
-    prefix: Path | None = None
+    exact: NormalPath | None = None
+    prefix: NormalPath | None = None
     regex: Regex | None = None
 
     @model_validator(mode="after")
@@ -193,7 +277,7 @@ class Destination(_Model):
 
 
 class HeaderChanges(_Model):
-    add: dict[HeaderName, str] = {}  # set (replacing what is there)
+    add: dict[AddedHeaderName, HeaderValue] = {}  # set (replacing what is there)
     remove: list[HeaderName] = []
 
 
@@ -213,13 +297,13 @@ class Rewrite(_Model):
 
 
 class Redirect(_Model):
-    location: Annotated[str, Field(min_length=1)]
+    location: Location
     status: Literal[301, 302, 303, 307, 308] = 302
 
 
 class DirectResponse(_Model):
     status: Status
-    headers: dict[HeaderName, str] = {}
+    headers: dict[AddedHeaderName, HeaderValue] = {}
     body: str = ""
 
 
@@ -250,7 +334,7 @@ class Mirror(_Model):
 
 
 class Rule(_Model):
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    name: RuleName
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # higher first; ties keep file order
     match: Match = Match()
     destinations: list[Destination] | None = None
@@ -373,7 +457,7 @@ class Limits(_Model):
 
 class Fallback(_Model):
     status: Status | None = None
-    headers: dict[HeaderName, str] = {}
+    headers: dict[AddedHeaderName, HeaderValue] = {}
     body: str = ""
     service: ServiceName | None = None
 
@@ -445,7 +529,7 @@ class AccessRule(_Model):
     sources: list[Annotated[str, BeforeValidator(lambda v: "*" if v == "*" else _service_name(v))]] = Field(
         min_length=1
     )
-    paths: list[Path] = []  # prefixes; empty: every path
+    paths: list[NormalPath] = []  # prefixes; empty: every path
     methods: list[Literal[METHODS]] = []  # type: ignore[valid-type]  # empty: every method
 
 
@@ -463,7 +547,7 @@ class AccessPolicy(_Model):
 class Tracing(_Model):
     sampling: float = Field(default=1.0, ge=0, le=1)  # PRODUCT §10: 1.0 by default (the demo); 0.01 in production
     formats: list[Literal["b3", "w3c", "b3single"]] = ["w3c", "b3"]  # b3: the multi headers
-    collector: str | None = None  # a Zipkin-compatible HTTP endpoint
+    collector: Url | None = None  # a Zipkin-compatible HTTP endpoint
 
 
 class Metrics(_Model):
@@ -500,7 +584,7 @@ class MeshConfig(_Model):
 
 
 def _policy_name(value: Any) -> str:
-    if not isinstance(value, str) or not POLICY_NAME.match(value):
+    if not isinstance(value, str) or not POLICY_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a name (a-z, 0-9, '-', '.', at most 253)")
     return value
 
@@ -709,7 +793,7 @@ def _shown(value: Any) -> str:
 
 def _is_tag(part: Any) -> bool:
     """Pydantic names a union member or a function validator in ``loc``: not a key."""
-    return isinstance(part, str) and (part.startswith("function-") or part in {"str", "int", "float"})
+    return isinstance(part, str) and (part.startswith("function-") or part in {"str", "int", "float", "[key]"})
 
 
 def _path_text(loc: list[Any]) -> str:

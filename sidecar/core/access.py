@@ -9,8 +9,9 @@ and asked by the inbound sidecar for every request (PRODUCT §12), and by ``mesh
 * ``sources``: calling services by name, ``"*"`` for any caller (one without a sidecar too);
 * ``paths``: prefixes by whole segments, so ``/items`` allows ``/items`` and ``/items/42``
   but not ``/items-admin`` (a prefix ending in ``/`` is taken as written); the path is
-  compared after percent-decoding and removing ``.``/``..`` segments and empty ones, so
-  ``/items/../admin`` is ``/admin``, the path the app will serve;
+  compared normalised (sidecar/core/paths.py: ``/items/../admin`` is ``/admin``), which is
+  the path the inbound sidecar forwards to the app; one that cannot be normalised safely
+  is allowed by no rule (the inbound sidecar refuses it with 400 before asking);
 * ``methods``: any of them (none listed: every method).
 
 The caller's identity is the ``x-meshlet-source`` its sidecar sends (sidecar/layers/inbound.py):
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+
+from .paths import BadPath, path_of
+from .paths import normalise_path as _normalise
 
 if TYPE_CHECKING:
     from control_plane.policy import AccessPolicy, AccessRule
@@ -38,18 +41,18 @@ class Verdict:
 @dataclass(frozen=True, slots=True)
 class _Rule:
     sources: frozenset[str]
-    prefixes: tuple[str, ...]  # normalised; a prefix ends with "/" or matches a whole segment
+    prefixes: tuple[bytes, ...]  # normalised (the schema insists); a prefix ends with "/" or matches a whole segment
     methods: frozenset[bytes]
 
     @classmethod
     def compile(cls, rule: AccessRule) -> _Rule:
         return cls(
             frozenset(rule.sources),
-            tuple(normalise_path(p) for p in rule.paths),
+            tuple(p.encode("ascii") for p in rule.paths),
             frozenset(m.encode("ascii") for m in rule.methods),
         )
 
-    def holds(self, source: str, method: bytes, path: str | None) -> bool:
+    def holds(self, source: str, method: bytes, path: bytes | None) -> bool:
         if ANY not in self.sources and source not in self.sources:
             return False
         if self.methods and method not in self.methods:
@@ -72,8 +75,14 @@ class AccessTable:
         self._paths = any(rule.prefixes for rule in self.rules)  # else the path is never decoded
 
     def check(self, source: str, method: bytes, target: bytes) -> Verdict:
-        """``target``: the request target as it came (origin form, query and all)."""
-        path = normalise_path(target.partition(b"?")[0].decode("latin-1")) if self._paths else None
+        """``target``: the request target (origin or absolute form, query and all);
+        normalised here too (a no-op on what the inbound sidecar normalised already)."""
+        path = None
+        if self._paths:
+            try:
+                path = _normalise(path_of(target))
+            except BadPath:
+                path = b""  # under no prefix: only a rule without paths lets it in
         for i, rule in enumerate(self.rules):
             if rule.holds(source, method, path):
                 return Verdict(True, f"rules[{i}]")
@@ -81,26 +90,18 @@ class AccessTable:
 
 
 def normalise_path(path: str) -> str:
-    """Percent-decoded, without dot segments (RFC 3986 §5.2.4) or empty segments."""
-    if "%" in path:
-        path = unquote(path, encoding="latin-1")
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
-    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
-    return "/" + "/".join(segments) + trailing
+    """The path as the access check compares it (for display: one that cannot be
+    normalised is returned as it is)."""
+    try:
+        return _normalise(path.encode("latin-1")).decode("latin-1")
+    except (BadPath, UnicodeEncodeError):
+        return path
 
 
-def _under(path: str, prefix: str) -> bool:
-    if prefix.endswith("/"):
+def _under(path: bytes, prefix: bytes) -> bool:
+    if prefix.endswith(b"/"):
         return path.startswith(prefix)
-    return path == prefix or path.startswith(prefix + "/")
+    return path == prefix or path.startswith(prefix + b"/")
 
 
 __all__ = ["AccessTable", "Verdict", "normalise_path"]

@@ -22,13 +22,14 @@ import yaml
 DEFAULT_CONNECT_TIMEOUT = 1.0  # PRODUCT §8
 DEFAULT_REQUEST_TIMEOUT = 15.0  # PRODUCT §8: covers the whole exchange
 
-_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" passes a trailing "\n"
+_HOST = re.compile(r"[\x21-\x7e]+")  # visible ASCII: no CR, LF, NUL or space in a host
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
 
 def is_service_name(name: str) -> bool:
     """A service name is a DNS label (lower case): what the registry accepts too."""
-    return _SERVICE_NAME.match(name) is not None
+    return _SERVICE_NAME.fullmatch(name) is not None
 
 
 class ConfigError(Exception):
@@ -173,7 +174,7 @@ def parse_address(text: str, *, allow_zero: bool = False) -> tuple[str, int]:
 
     ``allow_zero``: for listeners, port 0 asks the kernel for a free port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host:
+    if not sep or not _HOST.fullmatch(host):
         raise ValueError(f"{text!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -297,7 +298,7 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
         raw_services = {}
     for name, raw in raw_services.items():
         path = f"services.{name}"
-        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
             problem(path, "service names are DNS labels (a-z, 0-9, '-', at most 63)")
             continue
         if isinstance(raw, list):

@@ -6,7 +6,8 @@ Compiled once per policy version from the validated document (control_plane/poli
 matching works on the request head's bytes, as the data path has them:
 
 * rules are tried by priority (higher first), then in the order written;
-* ``path``: ``exact`` and ``prefix`` compare the path (the target before ``?``),
+* ``path``: ``exact`` and ``prefix`` compare the path (the target before ``?``, normalised
+  by the router first: sidecar/core/paths.py),
   ``regex`` must match the whole path (Envoy's and Istio's semantics);
 * ``headers``: the values of a field, joined by ``,`` (one field, RFC 9110 §5.3), then
   ``exact`` / ``prefix`` / ``regex`` (whole value) / ``present``;
@@ -20,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
+
+from .paths import BadPath, normalise_target
 
 if TYPE_CHECKING:
     from control_plane.policy import Route, Rule, StringMatch
@@ -220,7 +223,12 @@ def run_tests(route: Route | Any) -> list[tuple[int, str]]:
     for i, test in enumerate(route.tests):
         request, expect = test.request, test.expect
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        rule = table.match(request.method, request.path, headers)
+        try:  # as the sidecar does before matching
+            target = normalise_target(request.path.encode("ascii"))
+        except BadPath as exc:
+            failures.append((i, f"the sidecar refuses this path (400 bad-request): it has {exc}"))
+            continue
+        rule = table.match(request.method, target, headers)
         got = "no rule (404)" if rule is None else f"rule {rule.name!r}"
         if expect.rule is not None and (rule is None or rule.name != expect.rule):
             failures.append((i, f"expected rule {expect.rule!r}, got {got}"))

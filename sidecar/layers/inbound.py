@@ -9,7 +9,9 @@ from typing import Any
 from ..core import errors
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import MeshError
+from ..core.paths import path_of
 from .base import Filter, Request
+from .routing import normalised
 
 # Set by the calling sidecar: the receiving one labels its metrics by caller and checks
 # its AccessPolicy against it. Claimed, not verified: mTLS (PRODUCT §12) will verify it.
@@ -33,11 +35,13 @@ def to_local_app(
         request.connect_timeout = connect_timeout
         request.timeout = timeout
         headers = request.head.headers
+        sources = 0
         source = -1
         for i, (name, value) in enumerate(headers):
             size = len(name)
-            if size == 16 and source < 0 and name.lower() == SOURCE_HEADER:
+            if size == 16 and name.lower() == SOURCE_HEADER:
                 request.source = value.decode("ascii", "replace")
+                sources += 1
                 source = i
             elif size == 21 and name.lower() == DEADLINE_HEADER and value.isdigit() and len(value) < 10:
                 # The caller gives up after this long: answering later helps no one. The
@@ -45,8 +49,12 @@ def to_local_app(
                 left = int(value) / 1000
                 if left < request.timeout:
                     request.timeout = left
-        if source >= 0:
-            del headers[source]
+        if sources:
+            if sources > 1:  # a calling sidecar sends one: which of them names the caller?
+                request.source = "unknown"
+                raise MeshError(errors.BAD_REQUEST, f"{sources} x-meshlet-source headers: a caller has one identity")
+            del headers[source]  # the only one: the app must never read a claimed identity
+        request.target = normalised(request.head.target)  # what the access check sees is what the app gets
 
     return handle
 
@@ -61,14 +69,14 @@ def access_check(
         return None
 
     def handle(request: Request) -> None:
-        head = request.head
+        head, target = request.head, request.target  # normalised by to_local_app
         if shadow is not None:
-            verdict = shadow.check(request.source, head.method, head.target)
+            verdict = shadow.check(request.source, head.method, target)
             on_shadow(shadow.name, request.source, verdict.rule, "allow" if verdict.allowed else "deny")
         if table is not None:
-            verdict = table.check(request.source, head.method, head.target)
+            verdict = table.check(request.source, head.method, target)
             if not verdict.allowed:
-                path = head.target.partition(b"?")[0][:200].decode("latin-1")
+                path = path_of(target)[:200].decode("latin-1")
                 raise MeshError(
                     errors.FORBIDDEN,
                     f"AccessPolicy {table.name!r} does not let {request.source!r} call {table.service!r} "

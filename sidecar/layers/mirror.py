@@ -8,6 +8,11 @@ A request body is copied as the request streams through (a tee on its body sourc
 extra read of the client): up to ``MIRROR_BODY_LIMIT``; the copy is sent once the body
 ended, with a Content-Length. A larger body, or one that never completes, is not mirrored
 (counted ``skipped-body``).
+
+A mirror target this sidecar has not heard of (its app never calls it) is looked up as a
+first call would be (``discover``, with a control plane): the copy that found it missing
+waits for the answer, then goes; copies meanwhile are not sent (``no-endpoint``), so a
+slow lookup holds one copy per target, not a queue of them.
 """
 
 from __future__ import annotations
@@ -15,19 +20,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from ..core.balance import RoundRobin
-from ..core.config import MeshSnapshot, empty_snapshot
+from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MeshSnapshot, empty_snapshot
 from ..core.errors import MeshError
 from ..net.io import Closed
 from ..telemetry import Telemetry
 from .base import WOULD_BLOCK, Handler, Request
 
 log = logging.getLogger("meshlet.mirror")
+
+Discover = Callable[[str], Awaitable[Any]]  # a service → once it is in the installed snapshot
 
 
 class Mirror:
@@ -38,13 +45,15 @@ class Mirror:
         self.spawn: Callable[..., None] | None = None  # a nursery's start_soon, once the sidecar serves
         self._snapshot: MeshSnapshot = empty_snapshot()
         self._balancers: dict[str, RoundRobin] = {}
+        self._looking_up: set[str] = set()  # targets whose lookup a copy is waiting for
 
     def use(self, snapshot: MeshSnapshot) -> None:
         self._snapshot = snapshot
         self._balancers = {}
 
-    def __call__(self, request: Request, spec: Any) -> None:
-        """Maybe mirror ``request`` (``spec``: the rule's mirror: service, percent)."""
+    def __call__(self, request: Request, spec: Any, discover: Discover | None = None) -> None:
+        """Maybe mirror ``request`` (``spec``: the rule's mirror: service, percent);
+        ``discover`` looks up a target this sidecar does not know yet."""
         if self.rng.random() * 100 >= spec.percent:
             return
         service = spec.service
@@ -52,13 +61,18 @@ class Mirror:
             self.telemetry.mirror_finished(service, "skipped-body")
             return
         config = self._snapshot.services.get(service)
-        balancer = self._balancers.get(service)
-        if balancer is None and config is not None:
-            balancer = self._balancers[service] = RoundRobin(config.endpoints)
-        endpoint = balancer.pick() if balancer is not None else None
-        if config is None or endpoint is None or self.spawn is None:
-            self.telemetry.mirror_finished(service, "no-endpoint")
-            return
+        lookup = None
+        if config is None:
+            if discover is None or service in self._looking_up or self.spawn is None:
+                self.telemetry.mirror_finished(service, "no-endpoint")
+                return
+            lookup = discover  # the copy's task looks it up first
+            endpoint = None
+        else:
+            endpoint = self._pick(service, config)
+            if endpoint is None or self.spawn is None:
+                self.telemetry.mirror_finished(service, "no-endpoint")
+                return
         head = request.head
         copy = Request(
             dataclasses.replace(head, headers=list(head.headers), upgrade=None, expect_continue=False),
@@ -69,10 +83,11 @@ class Mirror:
         copy.endpoint = endpoint
         copy.target = request.target
         copy.authority = (request.authority or service.encode()).split(b":")[0] + b"-shadow"
-        copy.connect_timeout = config.connect_timeout
-        copy.timeout = config.timeout
+        copy.connect_timeout = config.connect_timeout if config is not None else DEFAULT_CONNECT_TIMEOUT
+        copy.timeout = config.timeout if config is not None else DEFAULT_REQUEST_TIMEOUT
+        assert self.spawn is not None
         if request.body is None:
-            self.spawn(self._send, copy)
+            self.spawn(self._send, copy, lookup)
             return
         spawn = self.spawn
 
@@ -82,11 +97,29 @@ class Mirror:
                 return
             copy.head = dataclasses.replace(copy.head, chunked=False, content_length=len(body))
             copy.body = _Bytes(body)
-            spawn(self._send, copy)
+            spawn(self._send, copy, lookup)
 
         request.body = _Tee(request.body, body_read)
 
-    async def _send(self, copy: Request) -> None:
+    def _pick(self, service: str, config: Any) -> Any:
+        balancer = self._balancers.get(service)
+        if balancer is None:
+            balancer = self._balancers[service] = RoundRobin(config.endpoints)
+        return balancer.pick()
+
+    async def _send(self, copy: Request, lookup: Discover | None = None) -> None:
+        if lookup is not None:
+            if copy.service in self._looking_up:  # another copy is looking it up
+                found = False
+            else:
+                self._looking_up.add(copy.service)
+                try:
+                    found = await self._look_up(copy, lookup)
+                finally:
+                    self._looking_up.discard(copy.service)
+            if not found:
+                self.telemetry.mirror_finished(copy.service, "no-endpoint")
+                return
         outcome = "failed"
         with trio.move_on_after(copy.timeout):
             try:
@@ -101,6 +134,21 @@ class Mirror:
                 log.exception("mirroring to %s failed", copy.service)
                 outcome = "failed"
         self.telemetry.mirror_finished(copy.service, outcome)
+
+    async def _look_up(self, copy: Request, lookup: Discover) -> bool:
+        """Subscribe to the copy's target (as a first call to it would) and pick its endpoint
+        from the snapshot that came with the answer; False if there is none."""
+        try:
+            await lookup(copy.service)
+        except MeshError:
+            return False  # no such service, or no answer from the control plane in time
+        config = self._snapshot.services.get(copy.service)
+        endpoint = None if config is None else self._pick(copy.service, config)
+        if endpoint is None:
+            return False
+        copy.endpoint = endpoint
+        copy.connect_timeout, copy.timeout = config.connect_timeout, config.timeout
+        return True
 
     async def _exchange(self, copy: Request) -> str:
         """Send the copy, read and drop its response; its outcome for the metrics."""

@@ -20,6 +20,7 @@ from ..core import errors
 from ..core.config import MeshSnapshot
 from ..core.errors import MeshError, policy_response
 from ..core.headers import VIA_VALUE
+from ..core.paths import BadPath, normalise_target
 from ..core.routes import change_headers
 from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
@@ -63,6 +64,7 @@ def router(
     shadow = snapshot.shadow_routes if on_shadow is not None else None
 
     def route(request: Request) -> None:
+        # Routing (again, after a discovery) starts from the request as it came.
         if request.service:  # transparent mode: the listener knew the service by the address dialled
             service = request.service
             if _came_back(request.head.headers):
@@ -72,17 +74,18 @@ def router(
                     "the iptables rules do not exempt the sidecar's own traffic (run the sidecar as the "
                     "--proxy-uid given to meshlet init-iptables, 1337 by default)",
                 )
+            target = request.head.target
         elif fixed_service is None:
             try:
                 service, target, authority = destination(request.head)
             except NotRoutable as exc:
                 raise MeshError(errors.NO_ROUTE, str(exc)) from None
-            request.target = target
             request.authority = authority
         else:
             service = fixed_service
-            request.target = request.head.target  # routing again starts from the request as it came
+            target = request.head.target
             request.authority = fixed_service.encode()
+        request.target = normalised(target)  # what the rules match is what the upstream gets
         labels: tuple[tuple[str, str], ...] = ()
         if shadow:
             table = shadow.get(service)
@@ -102,6 +105,16 @@ def router(
         request.timeout = rule.rule.timeout if rule is not None and rule.rule.timeout is not None else config.timeout
 
     return route
+
+
+def normalised(target: bytes) -> bytes:
+    """The target with its path normalised (sidecar/core/paths.py); 400 ``bad-request``
+    when it cannot be normalised safely."""
+    try:
+        return normalise_target(target)
+    except BadPath as exc:
+        shown = target.partition(b"?")[0][:200].decode("latin-1")
+        raise MeshError(errors.BAD_REQUEST, f"the path {shown!r} is refused: it has {exc}") from None
 
 
 def _came_back(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -159,7 +172,7 @@ def routing_layer(
     then: Filter,
     discover: Discover | None = None,
     rng: random.Random | None = None,
-    mirror: Callable[[Request, Any], None] | None = None,
+    mirror: Callable[[Request, Any, Discover | None], None] | None = None,
 ) -> Handler:
     """``route``, then ``then`` (the next synchronous filter), then ``inner``. A
     destination the snapshot lacks is looked up with ``discover`` (when there is a
@@ -185,7 +198,7 @@ def routing_layer(
                 if answer is not None:
                     return answer
             if spec.mirror is not None and mirror is not None:
-                mirror(request, spec.mirror)
+                mirror(request, spec.mirror, discover)  # a target not watched yet is looked up
         then(request)
         response = await inner(request)
         if rule is not None and rule.response_drop and response.raw is None:

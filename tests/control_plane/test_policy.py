@@ -343,3 +343,153 @@ def test_every_example_in_docs_policy_md_is_valid() -> None:
     assert len(blocks) == 5
     docs = load_documents([(f"docs/policy.md#{i}", block) for i, block in enumerate(blocks)])
     assert [d.kind for d in docs] == ["Service", "Route", "DestinationPolicy", "AccessPolicy", "MeshConfig"]
+
+
+_ROUTE = "kind: Route\nname: r\nhost: item\nrules:\n  - name: a\n    match: {path: {prefix: /v1}}\n"
+_TO_ITEM = "    destinations: [{service: item}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    headers: {request: {add: {x-a: "1\\r\\nX-Injected: 1"}}}\n',
+            "p.yaml:8: rules[0].headers.request.add.x-a: '1\\r\\nX-Injected: 1' has a CR at position 1; "
+            "a header value holds only visible ASCII, space and tab",
+            id="request-header-value",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    headers: {response: {add: {x-a: "1\\nSet-Cookie: s=1"}}}\n',
+            "p.yaml:8: rules[0].headers.response.add.x-a: '1\\nSet-Cookie: s=1' has a LF at position 1; "
+            "a header value holds only visible ASCII, space and tab",
+            id="response-header-value",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    headers: {response: {add: {x-a: "caf\\u00e9"}}}\n',
+            "p.yaml:8: rules[0].headers.response.add.x-a: 'café' has U+00E9 at position 3; "
+            "a header value holds only visible ASCII, space and tab",
+            id="non-ascii-header-value",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    headers: {request: {add: {"x-a\\n": "1"}}}\n',
+            "p.yaml:8: rules[0].headers.request.add.x-a\n: 'x-a\\n' is not a header name",
+            id="header-name-with-a-trailing-newline",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + "    headers: {request: {add: {Content-Length: '0'}}}\n",
+            "p.yaml:8: rules[0].headers.request.add.Content-Length: 'content-length' is set by the sidecar "
+            "(framing, connection and Host headers cannot be added by a policy)",
+            id="framing-header-added",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + "    headers: {response: {add: {transfer-encoding: chunked}}}\n",
+            "p.yaml:8: rules[0].headers.response.add.transfer-encoding: 'transfer-encoding' is set by the sidecar "
+            "(framing, connection and Host headers cannot be added by a policy)",
+            id="framing-response-header-added",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    rewrite: {prefix: "/v2 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /admin"}\n',
+            "p.yaml:8: rules[0].rewrite.prefix: '/v2 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /... has a space at "
+            "position 3; a path holds only visible ASCII (percent-encode the rest)",
+            id="rewrite-prefix",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    rewrite: {path: "/v2\\u0000"}\n',
+            "p.yaml:8: rules[0].rewrite.path: '/v2\\x00' has a NUL at position 3; "
+            "a path holds only visible ASCII (percent-encode the rest)",
+            id="rewrite-path",
+        ),
+        pytest.param(
+            _ROUTE + '    redirect: {location: "/x\\r\\nSet-Cookie: s=1"}\n',
+            "p.yaml:7: rules[0].redirect.location: '/x\\r\\nSet-Cookie: s=1' has a CR at position 2; "
+            "a location holds only visible ASCII (percent-encode the rest)",
+            id="redirect-location",
+        ),
+        pytest.param(
+            _ROUTE + '    direct_response: {status: 200, headers: {x-a: "1\\r\\n"}}\n',
+            "p.yaml:7: rules[0].direct_response.headers.x-a: '1\\r\\n' has a CR at position 1; "
+            "a header value holds only visible ASCII, space and tab",
+            id="direct-response-header",
+        ),
+        pytest.param(
+            _ROUTE + "    direct_response: {status: 200, headers: {content-length: '5'}}\n",
+            "p.yaml:7: rules[0].direct_response.headers.content-length: 'content-length' is set by the sidecar "
+            "(framing, connection and Host headers cannot be added by a policy)",
+            id="direct-response-framing-header",
+        ),
+        pytest.param(
+            'kind: DestinationPolicy\nname: d\nservice: item\nfallback: {status: 200, headers: {x-a: "\\0"}}\n',
+            "p.yaml:4: fallback.headers.x-a: '\\x00' has a NUL at position 0; "
+            "a header value holds only visible ASCII, space and tab",
+            id="fallback-header",
+        ),
+        pytest.param(
+            _ROUTE + _TO_ITEM + '    mirror: {service: "item\\n"}\n',
+            "p.yaml:8: rules[0].mirror.service: 'item\\n' is not a service name (a DNS label: a-z, 0-9, '-', "
+            "at most 63)",
+            id="mirror-service",
+        ),
+        pytest.param(
+            'kind: Route\nname: r\nhost: "item\\r\\n"\nrules: [{name: a, destinations: [{service: item}]}]\n',
+            "p.yaml:3: host: 'item\\r\\n' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
+            id="route-host",
+        ),
+        pytest.param(
+            'kind: Route\nname: "r\\n"\nhost: item\nrules: [{name: a, destinations: [{service: item}]}]\n',
+            "p.yaml:2: name: 'r\\n' is not a name (a-z, 0-9, '-', '.', at most 253)",
+            id="policy-name",
+        ),
+        pytest.param(
+            'kind: Route\nname: r\nhost: item\nrules: [{name: "a\\r\\nb", destinations: [{service: item}]}]\n',
+            "p.yaml:4: rules[0].name: 'a\\r\\nb' has a CR at position 1; a rule's name holds only visible ASCII "
+            "and space",
+            id="rule-name",
+        ),
+        pytest.param(
+            'kind: Service\nname: billing\nendpoints: ["10.0.0.1\\r\\nx:80"]\n',
+            "p.yaml:3: endpoints[0].address: '10.0.0.1\\r\\nx:80' is not HOST:PORT (port 1-65535)",
+            id="endpoint-address",
+        ),
+        pytest.param(
+            'kind: MeshConfig\nname: mesh\ntracing: {collector: "http://c/\\r\\nX-A: 1"}\n',
+            "p.yaml:3: tracing.collector: 'http://c/\\r\\nX-A: 1' has a CR at position 9; "
+            "a URL holds only visible ASCII (percent-encode the rest)",
+            id="collector",
+        ),
+        pytest.param(
+            'kind: AccessPolicy\nname: a\nservice: item\nrules: [{sources: [user], paths: ["/a\\tb"]}]\n',
+            "p.yaml:4: rules[0].paths[0]: '/a\\tb' has a TAB at position 2; "
+            "a path holds only visible ASCII (percent-encode the rest)",
+            id="access-path",
+        ),
+    ],
+)
+def test_no_string_that_reaches_the_wire_may_hold_a_control_character(text: str, expected: str) -> None:
+    assert _problems(text) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "kind: AccessPolicy\nname: a\nservice: item\nrules: [{sources: [user], paths: [/items/../admin]}]\n",
+            "p.yaml:4: rules[0].paths[0]: '/items/../admin' is not a normalised path (requests are compared "
+            "normalised: write '/admin')",
+            id="access-path-not-normal",
+        ),
+        pytest.param(
+            "kind: AccessPolicy\nname: a\nservice: item\nrules: [{sources: [user], paths: ['/a%2fb']}]\n",
+            "p.yaml:4: rules[0].paths[0]: '/a%2fb' can match no request: the sidecar refuses a path with an "
+            "encoded '/' or '\\' (%2F, %5C), which apps split on or not",
+            id="access-path-refused",
+        ),
+        pytest.param(
+            _ROUTE.replace("/v1", "//v1") + _TO_ITEM,
+            "p.yaml:6: rules[0].match.path.prefix: '//v1' is not a normalised path (requests are compared "
+            "normalised: write '/v1')",
+            id="route-prefix-not-normal",
+        ),
+    ],
+)
+def test_paths_matched_against_requests_are_written_normalised(text: str, expected: str) -> None:
+    assert _problems(text) == [expected]

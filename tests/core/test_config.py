@@ -4,6 +4,7 @@ addresses and the snapshot version."""
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import pytest
@@ -19,6 +20,7 @@ from sidecar.core.config import (
     MeshSnapshot,
     ServiceConfig,
     empty_snapshot,
+    is_service_name,
     load_static,
     make_snapshot,
     parse_address,
@@ -213,10 +215,13 @@ def test_parse_address(text: str, allow_zero: bool, expected: tuple[str, int]) -
         ("item:65536", False, "'item:65536' has no valid port (1-65535)"),
         ("item:-1", False, "'item:-1' has no valid port (1-65535)"),
         ("item:65536", True, "'item:65536' has no valid port (0-65535)"),
+        ("10.0.0.1\r\nx:80", False, "'10.0.0.1\\r\\nx:80' is not HOST:PORT"),  # a host is visible ASCII
+        ("a b:80", False, "'a b:80' is not HOST:PORT"),
+        ("item\x00:80", False, "'item\\x00:80' is not HOST:PORT"),
     ],
 )
 def test_parse_address_rejects(text: str, allow_zero: bool, message: str) -> None:
-    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         parse_address(text, allow_zero=allow_zero)
 
 
@@ -598,3 +603,8 @@ def test_structured_documents(services: dict[str, object], timeout: object) -> N
             file, line, _ = problem.split(":", 2)
             assert file == "f.yaml"
             assert 1 <= int(line) <= lines
+
+
+@pytest.mark.parametrize("name", ["item\n", "item\r\n", "Item", "-item", "item\x00"])
+def test_a_service_name_is_a_dns_label_and_nothing_after_it(name: str) -> None:
+    assert not is_service_name(name)

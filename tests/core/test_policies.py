@@ -83,3 +83,25 @@ def test_persisted_policies_come_back_and_unreadable_ones_are_dropped() -> None:
     again = PolicyCache.from_json(raw)
     assert set(again.held) == {"Route/item", "Service/billing"}
     assert again.versions() == cache.versions()
+
+
+def test_a_policy_that_would_put_a_control_character_on_the_wire_is_rejected_never_applied() -> None:
+    cache = PolicyCache()
+    assert cache.apply(_push(("Route/item", ROUTE))) == ([], "")
+    smuggling = {
+        **ROUTE,
+        "rules": [
+            {
+                "name": "all",
+                "match": {"path": {"prefix": "/"}},
+                "destinations": [{"service": "item"}],
+                "headers": {"response": {"add": {"x-a": "1\r\nSet-Cookie: s=1"}}},
+                "rewrite": {"prefix": "/ HTTP/1.1\r\nHost: item\r\n\r\nGET /admin"},
+            }
+        ],
+    }
+    rejected, why = cache.apply(_push(("Route/item", smuggling)))
+    assert rejected == ["Route/item"]
+    assert "has a CR at position 1" in why and "has a space at position 1" in why
+    (table,) = cache.routes().values()
+    assert table.rules[0].response_set == ()  # the version held before still serves

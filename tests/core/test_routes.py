@@ -136,3 +136,21 @@ def test_failing_route_tests_reject_the_documents_with_their_lines() -> None:
         "r.yaml:36: tests[2]: expected status 404, rule 'exact-admin' gives 403",
         "r.yaml:38: tests[3]: expected service 'nope', but rule 'default' sends to item",
     ]
+
+
+def test_route_tests_match_the_path_normalised_as_the_sidecar_does() -> None:
+    text = ROUTE + textwrap.dedent(
+        """\
+        tests:
+          - request: {path: /items/../admin}
+            expect: {rule: exact-admin, status: 403}
+          - request: {path: "/items/..;/admin"}
+            expect: {rule: items-prefix}
+        """
+    )
+    with pytest.raises(PolicyError) as info:
+        load_documents([("r.yaml", text)])
+    assert info.value.problems == [
+        "r.yaml:34: tests[1]: the sidecar refuses this path (400 bad-request): it has path parameters on a dot "
+        "segment ('..;')"
+    ]

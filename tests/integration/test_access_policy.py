@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
+from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, sample, write_static
 from ..origin import Origin
 
 POLICY = """\
@@ -87,3 +87,73 @@ async def test_access_policy_enforced_then_shadowed(tmp_path: Path, nursery: tri
                 assert sample(metrics, shadow, source="user", rule="rules[0]", decision="allow", **policy) == 1
                 assert sample(metrics, shadow, source="user", rule="default", decision="deny", **policy) == 1
                 assert sample(metrics, "meshlet_requests_total", direction="inbound", reason="forbidden") == 5
+
+
+async def test_every_x_meshlet_source_is_consumed_and_two_are_refused(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The caller's identity comes in one x-meshlet-source (its sidecar sends exactly one):
+    none reaches the app, in any case, and a request carrying two is refused, since which of
+    them names the caller is anyone's guess."""
+    item = Origin()
+    item_port = await nursery.start(item.serve)
+    static = write_static(tmp_path / "s.yaml", {})
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{item_port}", static=static) as sidecar:
+        inbound = sidecar.ports["inbound"]
+        one = await raw_exchange(
+            inbound, b"GET /info HTTP/1.1\r\nHost: item\r\nX-Meshlet-SOURCE: user\r\n\r\n", read_until_close=False
+        )
+        assert one.startswith(b"HTTP/1.1 200") and b"meshlet-source" not in one.lower()
+        served = item.stats.served
+        for first, second in [(b"x-meshlet-source", b"x-meshlet-source"), (b"x-meshlet-source", b"X-Meshlet-Source")]:
+            request = b"GET /info HTTP/1.1\r\nHost: item\r\n%s: gateway\r\n%s: user\r\n\r\n" % (first, second)
+            answer = await raw_exchange(inbound, request, read_until_close=False)
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            assert b"x-meshlet-error: bad-request" in answer and b"x-meshlet-source" in answer
+        assert item.stats.served == served  # the app saw neither
+
+
+HOSTILE_PATHS = [b"/items/..;/admin", b"/items/..%5cadmin", b"/items/..\\admin", b"/items/%252e%252e/admin"]
+
+
+async def test_the_path_checked_is_the_path_forwarded_on_both_listeners(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """``paths: [/items]``: spellings of /admin that an app resolves differently from the
+    check are refused with 400 by the sidecar that reads them first (outbound or inbound);
+    a path with dot segments is forwarded as the check saw it, with the query untouched."""
+    item = Origin()
+    item_port = await nursery.start(item.serve)
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{item_port}", control_plane=push) as item_sidecar,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(15):  # user discovers item
+                    hello = f"http://{user.outbound}/hello"
+                    while (await client.get(hello, headers={"host": "item"})).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+            await apply_policy(
+                tmp_path,
+                api,
+                "kind: AccessPolicy\nname: items-only\nservice: item\nrules:\n  - {sources: ['*'], paths: [/items]}\n",
+            )
+            listeners = {"outbound": user.ports["outbound"], "inbound": item_sidecar.ports["inbound"]}
+
+            async def send(listener: str, target: bytes) -> bytes:
+                request = b"GET %s HTTP/1.1\r\nHost: item\r\nConnection: close\r\n\r\n" % target
+                return await raw_exchange(listeners[listener], request)
+
+            served = item.stats.served
+            for listener in listeners:
+                for target in HOSTILE_PATHS:
+                    answer = await send(listener, target)
+                    assert answer.startswith(b"HTTP/1.1 400 "), (listener, target, answer)
+                    assert b"x-meshlet-error: bad-request" in answer, (listener, target)
+                denied = await send(listener, b"/items/../admin")
+                assert denied.startswith(b"HTTP/1.1 403 "), (listener, denied)
+            assert item.stats.served == served  # the app saw none of them
+
+            for listener in listeners:
+                answer = await send(listener, b"/items/a/../b/./%63//d?q=/../x%2f")
+                assert answer.startswith(b"HTTP/1.1 404 "), answer  # the app's own: it has no /items
+                assert b"x-meshlet-error" not in answer
+                assert item.stats.paths[-1] == "/items/b/c/d?q=/../x%2f"  # exactly what was checked

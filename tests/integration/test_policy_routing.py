@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
 from ..origin import Origin
 
 ROUTES = """\
@@ -293,6 +293,49 @@ async def test_mirrored_copies_reach_the_shadow_and_its_failures_never_the_calle
             assert mirrored.get('destination="item-next",outcome="skipped-body"', 0) == 1
             failed = sum(v for k, v in mirrored.items() if "2xx" not in k)
             assert failed >= 1  # copies to a gone shadow: counted, never seen by the caller
+
+
+async def test_a_mirror_target_the_caller_never_calls_is_looked_up_and_receives_the_copies(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """user calls item only; item's Route mirrors to item-next, which user's sidecar has
+    never heard of: the first copy subscribes it (as a first call would), and the copies
+    arrive."""
+    main, shadow = Origin(), Origin()
+    main_port, shadow_port = await nursery.start(main.serve), await nursery.start(shadow.serve)
+    async with run_control_plane(tmp_path) as cp:
+        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{main_port}", control_plane=push),
+            run_sidecar(tmp_path, service="item-next", app=f"127.0.0.1:{shadow_port}", control_plane=push),
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            await apply_policy(
+                tmp_path,
+                api,
+                "kind: Route\nname: item\nhost: item\nrules:\n"
+                "  - {name: all, destinations: [{service: item}], mirror: {service: item-next}}\n",
+            )
+            async with httpx.AsyncClient(timeout=10) as client:
+
+                async def mirrored(outcome: str) -> float:
+                    metrics = (await client.get(f"http://{user.admin}/metrics")).text
+                    return sample(metrics, "meshlet_mirror_requests_total", destination="item-next", outcome=outcome)
+
+                with trio.fail_after(15):  # item-next registered and ready: a copy makes it
+                    while not await mirrored("2xx"):
+                        response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+                        assert response.status_code in (200, 503), response.text  # 503: item not ready yet
+                        await trio.sleep(0.1)
+                before = (shadow.stats.served, await mirrored("2xx"))
+                for _ in range(10):
+                    assert (await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})).text == "hello"
+                with trio.fail_after(5):
+                    while await mirrored("2xx") < before[1] + 10:  # noqa: ASYNC110 - another process
+                        await trio.sleep(0.05)
+                assert shadow.stats.served - before[0] == 10
+                dump = (await client.get(f"http://{user.admin}/config_dump")).json()
+                assert "item-next" in dump["config"]["services"]  # watched now, like a service it calls
 
 
 async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serving(
