@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.core.access import AccessTable, normalise_path
+from sidecar.core.paths import BadPath, normalise_target
 from sidecar.core.routes import RouteTable
 
 from .policy import AccessPolicy, DestinationPolicy, Document, Route, Service
@@ -33,6 +34,14 @@ def explain(
     host = (parts.hostname or "").lower()
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     out: dict[str, Any] = {"host": host, "method": method, "target": target, "source": source}
+    try:  # what a sidecar routes, checks and forwards: the normalised path
+        target = normalise_target(target.encode("latin-1")).decode("latin-1")
+    except (BadPath, UnicodeEncodeError) as exc:
+        out["decision"] = {"status": 400, "why": f"the sidecar refuses this path ({exc}): 400 bad-request"}
+        out["route"] = None
+        out["destinations"] = []
+        return out
+    out["target"] = target
     routes = [d for d in documents if isinstance(d, Route) and d.host == host]
     statics = {d.name: d for d in documents if isinstance(d, Service)}
     raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]

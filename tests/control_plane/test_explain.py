@@ -93,3 +93,28 @@ def test_direct_responses_no_match_and_no_route() -> None:
         ]
     )
     assert explain("http://item/b", strict, ENDPOINTS)["decision"]["status"] == 404
+
+
+PREFIXED = textwrap.dedent(
+    """\
+    kind: Route
+    name: item
+    host: item
+    rules:
+      - name: api
+        match: {path: {prefix: /api}}
+        destinations: [{service: item}]
+      - name: rest
+        direct_response: {status: 404}
+    """
+)
+
+
+def test_explain_matches_the_path_a_sidecar_forwards():
+    """The sidecar routes and checks the normalised path, so explain must too: a dot segment
+    that leaves the prefix does not match it, and a path the sidecar refuses is a 400."""
+    docs = load_documents([("r.yaml", PREFIXED)])
+    assert explain("http://item/api/../admin", docs, ENDPOINTS)["rule"]["name"] == "rest"
+    assert explain("http://item/x/../api/v1", docs, ENDPOINTS)["rule"]["name"] == "api"
+    refused = explain("http://item/api/..;/admin", docs, ENDPOINTS)
+    assert refused["decision"]["status"] == 400 and refused["destinations"] == []
