@@ -67,8 +67,11 @@ class TokenApp:
     parsed: list[Parsed] = field(default_factory=list)
     connections: int = 0
     # Connections holding a deferred act ("late-extra", "late-close"), run by ``act_late``.
-    late: list[tuple[trio.SocketStream, str, bytes]] = field(default_factory=list)
+    late: list[tuple[trio.SocketStream, str, bytes, int]] = field(default_factory=list)
     streams: set[trio.SocketStream] = field(default_factory=set)
+    # Requests parsed per connection: a deferred close only closes a connection that idles.
+    served: dict[trio.SocketStream, int] = field(default_factory=dict)
+    closed_idle: set[trio.SocketStream] = field(default_factory=set)
 
     def counts(self) -> Counter[tuple[str, str]]:
         """How many times each (token, attempt) was parsed."""
@@ -87,12 +90,17 @@ class TokenApp:
     async def act_late(self) -> None:
         """The deferred acts: a second response on, or the close of, an idle connection."""
         late, self.late = self.late, []
-        for stream, what, token in late:
+        for stream, what, token, served in late:
+            if self.served.get(stream) != served:
+                continue  # not idle any more: a later request came
             try:
                 if what == "late-extra":
                     await stream.send_all(response(200, token, token))
                 else:
-                    await stream.aclose()
+                    # What came after this, unparsed, is never parsed: an idle close, not a
+                    # close with a request under way (which a client may send again).
+                    self.closed_idle.add(stream)
+                    stream.socket.close()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
@@ -103,8 +111,9 @@ class TokenApp:
         try:
             while True:
                 request = await read_request(stream, buffer)
-                if request is None:
+                if request is None or stream in self.closed_idle:
                     return
+                self.served[stream] = self.served.get(stream, 0) + 1
                 head, method, target, headers = request
                 token = (headers.get(TOKEN_HEADER) or target.rpartition(b"/t/")[2]).decode("latin-1")
                 attempt = (headers.get(ATTEMPT_HEADER) or b"1").decode("latin-1")
@@ -120,6 +129,8 @@ class TokenApp:
             return
         finally:
             self.streams.discard(stream)
+            self.served.pop(stream, None)
+            self.closed_idle.discard(stream)
             stream.socket.close()
 
     async def answer(self, stream: trio.SocketStream, how: str, method: bytes, token: bytes) -> bool:
@@ -134,7 +145,7 @@ class TokenApp:
             await stream.send_all(response(200, token, token, head_only) + b"garbage\r\n\r\n")
         elif how in ("late-extra", "late-close"):
             await stream.send_all(response(200, token, token, head_only))
-            self.late.append((stream, how, token))
+            self.late.append((stream, how, token, self.served[stream]))
         elif how == "close-mid-body":
             await stream.send_all(_head(200, token, b"content-length: 100\r\n") + token[:10])
             return False
