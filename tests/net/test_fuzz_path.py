@@ -61,8 +61,9 @@ _parsed: Counter[tuple[str, str]] = Counter()
 VALID_FRAMINGS = ("none", "length", "chunked")
 BROKEN_FRAMINGS = ("cl-te", "te-cl", "two-cl", "te-obfuscated", "bad-chunk", "te-not-last")
 METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD")
-# The app's answers after which its own response is whole and proper (a 2xx is owed).
-PROPER = frozenset({"normal", "chunked", "interim", "early-answer", "stall", "late-extra", "late-close"})
+# The app's answers that are whole and proper (a 2xx is owed) and leave its connection
+# clean, or closed while it idles (no stray bytes).
+CLEAN = ("normal", "chunked", "interim", "early-answer", "stall", "late-close")
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Sent:
         """A valid request the app answers properly: a 2xx is owed to it. (A body on
         GET, HEAD or DELETE may be refused: its fate is the sidecar's documented choice.)"""
         has_body = self.framing != "none"
-        return self.valid and self.behaviour in PROPER and not (has_body and self.method in ("GET", "HEAD", "DELETE"))
+        return self.valid and self.behaviour in CLEAN and not (has_body and self.method in ("GET", "HEAD", "DELETE"))
 
 
 def requests(upgrades: bool, behaviours: tuple[str, ...]) -> st.SearchStrategy[Sent]:
@@ -414,8 +415,6 @@ FUZZ = settings(
     phases=(Phase.explicit, Phase.generate),  # reported as found: shrinking real processes is slow
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-# The app's answers that leave its connection clean, or closed while idle (no stray bytes).
-CLEAN = ("normal", "chunked", "interim", "early-answer", "stall", "late-close")
 
 
 def _check(found: list[str]) -> None:
