@@ -433,7 +433,7 @@ def test_no_response_reaches_another_request(mesh: Mesh, clients: list[ClientPla
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 15 items 12 and 1: a request on a stale pooled connection ends in 502 upstream-reset (a chunked body; or another stale connection on the one retry)",
+    reason="issue 15 items 1 and 12: a request on a stale pooled connection ends in 502 upstream-reset (a chunked body; or another stale connection on the one retry)",
 )
 @FUZZ
 @given(clients=plans(behaviours=CLEAN))
