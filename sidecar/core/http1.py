@@ -13,6 +13,9 @@ leaves to the application (see shared/reference/http-hazards-and-faults.md):
 * Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
   (we never forward a coding we did not decode);
 * Host missing or repeated in HTTP/1.1: 400;
+* a body (any Content-Length but 0, or chunked) on GET, HEAD, DELETE or TRACE: 400.
+  RFC 9110 gives such a body no meaning and names it a smuggling risk; apps commonly
+  ignore it and read its bytes as their next request (one the proxy never saw);
 * chunk sizes capped at 16 hex digits (llhttp caps at 64 bits already).
 
 llhttp is callback driven. The readers turn callbacks into a queue of events so the
@@ -121,6 +124,8 @@ class ProtocolError(Exception):
 
 END = EndOfMessage()
 _CONNECTION = b"connection"
+# Methods whose body has no defined meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.5, §9.3.8).
+_BODILESS_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"TRACE"))
 
 
 class _StopAtHead(Exception):
@@ -298,6 +303,12 @@ class RequestReader(_Reader):
             head.upgrade = None
         if head.method == b"CONNECT":
             raise ProtocolError(400, "CONNECT is not supported")
+        if head.method in _BODILESS_METHODS and head.has_body:
+            raise ProtocolError(
+                400,
+                f"a {head.method.decode()} request with a body: it has no meaning, and an app that "
+                "ignores it would read it as another request",
+            )
         self.events.append(head)
 
 

@@ -5,14 +5,18 @@ Pool rules (Envoy's, mostly): a connection carries one request at a time; it goe
 to the idle list only if the exchange ended cleanly (whole request sent, whole response
 read, keep-alive on both sides, no stray bytes after the response); idle connections
 expire after ``idle_timeout``; at most ``max_connections`` per endpoint exist at once
-and at most ``max_idle`` wait idle. A reused connection that turns out to have been
-closed by the peer before it answered a single byte is replaced by a fresh one, once,
-when the request can still be sent again (no body bytes consumed yet).
+and at most ``max_idle`` wait idle. An idle connection on which anything arrived (a
+response nobody asked for, or the peer's close) is never handed out again: those bytes
+would answer the next caller (Envoy closes an idle upstream connection that becomes
+readable). A reused connection that turns out to have been closed by the peer before it
+answered a single byte is replaced by a fresh one, once, when the request can still be
+sent again (no body bytes consumed yet).
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -106,7 +110,7 @@ class EndpointPool:
             idle = self.idle
             while idle:
                 conn = idle.pop()  # most recently used first: the least likely to be stale
-                if now - conn.idle_since < self.idle_timeout:
+                if now - conn.idle_since < self.idle_timeout and _quiet(conn.io.sock):
                     self.active += 1
                     conn.bytes_received = 0
                     return conn, True
@@ -153,6 +157,19 @@ class EndpointPool:
         while self.idle:
             self.idle.pop().close()
             self._slots.release()
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Nothing arrived on an idle connection since its last response: one non-blocking
+    peek (a syscall per reuse). Bytes would be a response to no request of ours, and an
+    empty read the peer's close; either way the connection is done."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # reset while idle
+    return False
 
 
 class UpstreamPools:

@@ -487,6 +487,20 @@ def test_keep_alive(raw: bytes, keep_alive: bool) -> None:
     assert events[0].keep_alive is keep_alive  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE"])
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_a_body_on_a_method_without_body_semantics_is_400(method: bytes, framing: bytes) -> None:
+    events = request_events(method + b" / HTTP/1.1\r\nHost: a\r\n" + framing)
+    assert kinds(events) == ["ProtocolError"]
+    assert events[0].status == 400 and "with a body" in events[0].detail  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE"])
+def test_content_length_zero_on_a_method_without_body_semantics_is_fine(method: bytes) -> None:
+    events = request_events(method + b" / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert kinds(events) == ["RequestHead", "EndOfMessage"]
+
+
 def test_http10_without_host_is_accepted() -> None:
     events = request_events(b"GET / HTTP/1.0\r\n\r\n")
     head = events[0]
@@ -597,6 +611,8 @@ def valid_request(draw: st.DrawFn) -> bytes:
     headers = [(b"Host", draw(st.sampled_from([b"item", b"item:8080", b"[::1]:80"])))] + draw(_extra_headers)
     framing = draw(st.sampled_from(["none", "length", "chunked"]))
     body_parts = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=4))
+    if method in (b"GET", b"HEAD", b"DELETE"):  # a body there is refused (its own tests below)
+        framing, body_parts = draw(st.sampled_from(["none", "length"])), []
     body = b"".join(body_parts)
     if framing == "length":
         headers.append((b"Content-Length", b"%d" % len(body)))
@@ -1042,6 +1058,8 @@ def test_serialized_request_parses_the_same_with_h11(
     method: bytes, target: bytes, extra: list[tuple[bytes, bytes]], parts: list[bytes], chunked: bool
 ) -> None:
     extra = [(n, v) for n, v in extra if n.decode().lower() not in _RESERVED]  # names are bytes here
+    if method in (b"GET", b"DELETE"):  # a body there is refused
+        parts, chunked = [], False
     body = b"".join(parts)
     headers = [(b"Host", b"item"), *extra]
     if chunked:

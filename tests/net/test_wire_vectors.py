@@ -1,0 +1,240 @@
+"""Wire vectors for the HTTP/1.1 data path (issue 15): for each, the bytes a client
+sends to a real sidecar, the response it must get, and exactly what the upstream saw.
+
+The upstream is scripted here, on raw sockets, so that it can misbehave the way real
+apps do: write a second response after the first, ignore a body, close an idle
+connection. It records every request it parsed, per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from ..helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
+
+Reply = Callable[[trio.SocketStream, int, bytes], Awaitable[bool]]  # → keep the connection
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+
+
+@dataclass
+class Seen:
+    connection: int
+    head: bytes  # request line and fields, as received
+    body: bytes  # de-chunked
+
+    @property
+    def request_line(self) -> bytes:
+        return self.head.partition(b"\r\n")[0]
+
+    def fields(self, name: bytes) -> list[bytes]:
+        lines = self.head.split(b"\r\n")[1:]
+        return [v.strip() for n, _, v in (line.partition(b":") for line in lines) if n.lower() == name]
+
+
+@dataclass
+class Upstream:
+    """Answers every request with ``<connection>:<target>`` unless ``script`` has the
+    target; ``reads_body=False`` plays an app that never reads a request body (its
+    bytes are then parsed as the next request, as ``BaseHTTPRequestHandler`` does)."""
+
+    port: int = 0
+    connections: int = 0
+    seen: list[Seen] = field(default_factory=list)
+    script: dict[bytes, Reply] = field(default_factory=dict)
+    reads_body: bool = True
+
+    def requests(self) -> list[Seen]:
+        """What callers sent (not the sidecar's health probes)."""
+        return [s for s in self.seen if not s.request_line.startswith(b"GET /health ")]
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        buffer = bytearray()
+
+        async def more() -> bool:
+            data = await stream.receive_some(65536)
+            buffer.extend(data)
+            return bool(data)
+
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    if not await more():
+                        return
+                end = buffer.index(b"\r\n\r\n")
+                head = bytes(buffer[:end])
+                del buffer[: end + 4]
+                seen = Seen(number, head, b"")
+                self.seen.append(seen)
+                if self.reads_body:
+                    if seen.fields(b"transfer-encoding") == [b"chunked"]:
+                        while True:
+                            while b"\r\n" not in buffer:
+                                if not await more():
+                                    return
+                            line_end = buffer.index(b"\r\n")
+                            size = int(bytes(buffer[:line_end]), 16)
+                            while len(buffer) < line_end + 2 + size + 2:
+                                if not await more():
+                                    return
+                            seen.body += bytes(buffer[line_end + 2 : line_end + 2 + size])
+                            del buffer[: line_end + 2 + size + 2]
+                            if size == 0:
+                                break
+                    else:
+                        length = int((seen.fields(b"content-length") or [b"0"])[0])
+                        while len(buffer) < length:
+                            if not await more():
+                                return
+                        seen.body = bytes(buffer[:length])
+                        del buffer[:length]
+                target = seen.request_line.split(b" ")[1]
+                reply = self.script.get(target)
+                if reply is None:
+                    await stream.send_all(ok(b"%d:%b" % (number, target)))
+                elif not await reply(stream, number, target):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
+            return
+        finally:
+            stream.socket.close()
+
+
+@dataclass
+class Setup:
+    sidecar: SidecarProcess  # service "item": inbound → the upstream; outbound "item" → the upstream too
+    upstream: Upstream
+
+    @property
+    def inbound(self) -> int:
+        return self.sidecar.ports["inbound"]
+
+    @property
+    def outbound(self) -> int:
+        return self.sidecar.ports["outbound"]
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Setup]:
+    upstream = Upstream()
+    port = await nursery.start(upstream.serve)
+    static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [f"127.0.0.1:{port}"], "timeout": "1s"}})
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{port}", static=static) as sidecar:
+        yield Setup(sidecar, upstream)
+
+
+class Client:
+    """One client connection that reads one response at a time (Content-Length framed)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def exchange(self, data: bytes) -> bytes:
+        await self.stream.send_all(data)
+        return await self.response()
+
+    async def response(self) -> bytes:
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in self.buffer:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return bytes(self.buffer)
+                self.buffer += data
+            end = self.buffer.index(b"\r\n\r\n") + 4
+            length = 0
+            for line in bytes(self.buffer[:end]).split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.partition(b":")[2])
+            while len(self.buffer) < end + length:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    break
+                self.buffer += data
+            response = bytes(self.buffer[: end + length])
+            del self.buffer[: end + length]
+            return response
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def body_of(response: bytes) -> bytes:
+    return response.partition(b"\r\n\r\n")[2]
+
+
+# --- 1. a response never reaches the wrong caller -------------------------------------
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+async def test_bytes_an_idle_pooled_connection_received_never_reach_the_next_caller(setup: Setup, delay: float) -> None:
+    """The upstream writes a second response after the first (at once, or while the
+    connection sits idle in the pool): the next caller gets its own answer from a fresh
+    connection, never the stray one."""
+
+    async def answer_twice(stream: trio.SocketStream, number: int, target: bytes) -> bool:
+        await stream.send_all(ok(b"first"))
+        await trio.sleep(delay)
+        await stream.send_all(ok(b"STRAY"))
+        return True
+
+    setup.upstream.script[b"/twice"] = answer_twice
+    first = await raw_exchange(setup.inbound, b"GET /twice HTTP/1.1\r\nHost: item\r\n\r\n", read_until_close=False)
+    assert body_of(first) == b"first"
+    await trio.sleep(delay + 0.3)  # the stray response is in the sidecar's socket buffer by now
+    client = await Client.open(setup.inbound)
+    second = await client.exchange(b"GET /next HTTP/1.1\r\nHost: item\r\n\r\n")
+    await client.aclose()
+    assert second.startswith(b"HTTP/1.1 200 ") and body_of(second).endswith(b":/next"), second
+    (twice, after) = setup.upstream.requests()
+    assert twice.request_line == b"GET /twice HTTP/1.1"
+    assert after.request_line == b"GET /next HTTP/1.1" and after.connection != twice.connection
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE"])
+@pytest.mark.parametrize("framing", [b"content-length: 5\r\n\r\nhello", b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"])
+async def test_a_body_on_a_method_without_body_semantics_is_refused(
+    setup: Setup, method: bytes, framing: bytes
+) -> None:
+    """Apps ignore such a body and read it as their next request (a request the sidecar
+    never saw, and a response for the next caller): 400, the upstream sees nothing."""
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: item\r\n\r\n"
+    body = framing.replace(b"hello", smuggled).replace(b"content-length: 5", b"content-length: %d" % len(smuggled))
+    for port in (setup.inbound, setup.outbound):
+        response = await raw_exchange(port, method + b" /x HTTP/1.1\r\nHost: item\r\n" + body)
+        assert response.startswith(b"HTTP/1.1 400 "), response
+        assert b"x-meshlet-error: bad-request" in response and b"connection: close" in response
+    assert setup.upstream.requests() == []
+
+
+async def test_a_body_on_delete_that_the_app_ignores_is_never_a_second_request(setup: Setup) -> None:
+    """``BaseHTTPRequestHandler`` (examples/services.py) never reads a DELETE's body."""
+    setup.upstream.reads_body = False
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: item\r\n\r\n"
+    request = b"DELETE /x HTTP/1.1\r\nHost: item\r\nContent-Length: %d\r\n\r\n%b" % (len(smuggled), smuggled)
+    response = await raw_exchange(setup.inbound, request)
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert setup.upstream.requests() == []
+    # Without a body, the same request goes through.
+    response = await raw_exchange(setup.inbound, b"DELETE /x HTTP/1.1\r\nHost: item\r\n\r\n", read_until_close=False)
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert [s.request_line for s in setup.upstream.requests()] == [b"DELETE /x HTTP/1.1"]
