@@ -238,3 +238,40 @@ async def test_a_body_on_delete_that_the_app_ignores_is_never_a_second_request(s
     response = await raw_exchange(setup.inbound, b"DELETE /x HTTP/1.1\r\nHost: item\r\n\r\n", read_until_close=False)
     assert response.startswith(b"HTTP/1.1 200 ")
     assert [s.request_line for s in setup.upstream.requests()] == [b"DELETE /x HTTP/1.1"]
+
+
+# --- 12. a pooled connection the app closed while idle ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "body"),
+    [
+        (b"POST /upload HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b"POST /upload HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"GET /upload HTTP/1.1\r\nHost: item\r\n\r\n", b""),
+    ],
+    ids=["chunked", "content-length", "no-body"],
+)
+async def test_a_request_after_the_app_closed_the_idle_pooled_connection_goes_on_a_fresh_one(
+    setup: Setup, request_bytes: bytes, body: bytes
+) -> None:
+    """HTTPWookiee 2001/2002/2030: the app closes a keep-alive connection it answered on;
+    the next request, whatever its body, reaches the app once, whole, on a new connection."""
+
+    async def answer_then_close(stream: trio.SocketStream, number: int, target: bytes) -> bool:
+        await stream.send_all(ok(b"bye"))
+        return False
+
+    setup.upstream.script[b"/close-after"] = answer_then_close
+    for port in (setup.inbound, setup.outbound):
+        client = await Client.open(port)
+        assert body_of(await client.exchange(b"GET /close-after HTTP/1.1\r\nHost: item\r\n\r\n")) == b"bye"
+        await trio.sleep(0.3)  # the app's close reaches the sidecar's pooled connection
+        response = await client.exchange(request_bytes)
+        await client.aclose()
+        assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/upload"), response
+    seen = setup.upstream.requests()
+    assert [s.request_line.split(b" ")[1] for s in seen] == [b"/close-after", b"/upload"] * 2
+    closed_on, upload = seen[0], seen[1]
+    assert upload.connection != closed_on.connection and upload.body == body
+    assert seen[3].connection != seen[2].connection and seen[3].body == body
