@@ -568,6 +568,33 @@ def test_upgrade_header_without_connection_upgrade_is_a_plain_request(raw: bytes
     assert events[2].target == b"/next"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 15\r\n\r\nsweet post body",
+        b"Transfer-Encoding: chunked\r\n\r\nf\r\nsweet post body\r\n0\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+def test_an_upgrade_request_with_a_body_is_a_plain_request_with_that_body(framing: bytes, upgrade: bytes) -> None:
+    """llhttp's fixture "Upgrade POST request": llhttp (through httptools) stops at the
+    head and leaves the body unparsed; we parse it as the body, then go on."""
+    raw = b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: %b\r\n%b" % (upgrade, framing)
+    raw += b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    for events in (request_events(raw), request_events(*[raw[i : i + 1] for i in range(len(raw))])):
+        events = coalesce(events)
+        assert kinds(events) == ["RequestHead", "Data", "EndOfMessage", "RequestHead", "EndOfMessage"]
+        assert events[0].upgrade is None and events[1] == Data(b"sweet post body")  # type: ignore[attr-defined]
+        assert events[3].target == b"/next"  # type: ignore[attr-defined]
+
+
+def test_an_empty_upgrade_is_no_upgrade() -> None:
+    raw = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: \r\n\r\nGET /n HTTP/1.1\r\nHost: a\r\n\r\n"
+    events = request_events(raw)
+    assert kinds(events) == ["RequestHead", "EndOfMessage", "RequestHead", "EndOfMessage"]
+    assert events[0].upgrade is None  # type: ignore[attr-defined]
+
+
 def test_absolute_form_and_asterisk_targets() -> None:
     events = request_events(
         b"GET http://item:8080/x?y HTTP/1.1\r\nHost: item:8080\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"

@@ -275,3 +275,38 @@ async def test_a_request_after_the_app_closed_the_idle_pooled_connection_goes_on
     closed_on, upload = seen[0], seen[1]
     assert upload.connection != closed_on.connection and upload.body == body
     assert seen[3].connection != seen[2].connection and seen[3].body == body
+
+
+# --- 11. an Upgrade request with a body --------------------------------------------------
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: item\r\n\r\n"
+
+
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: %d\r\n\r\n%b" % (len(SMUGGLED), SMUGGLED),
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_an_upgrade_request_with_a_body_is_a_plain_request_with_that_body(
+    setup: Setup, upgrade: bytes, framing: bytes
+) -> None:
+    """llhttp stops at an upgrade head and leaves the body unparsed: the body must go
+    to the app as the body (as HAProxy does), never be parsed as a next request, nor
+    left for the app to take from the next one. The upgrade itself is dropped."""
+    for port in (setup.inbound, setup.outbound):
+        client = await Client.open(port)
+        head = b"POST /up HTTP/1.1\r\nHost: item\r\nConnection: Upgrade\r\nUpgrade: %b\r\n" % upgrade
+        response = await client.exchange(head + framing)
+        assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/up"), response
+        response = await client.exchange(b"GET /next HTTP/1.1\r\nHost: item\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/next"), response
+        await client.aclose()
+    seen = setup.upstream.requests()
+    assert [s.request_line for s in seen] == [b"POST /up HTTP/1.1", b"GET /next HTTP/1.1"] * 2
+    for up in seen[0::2]:
+        assert up.body == SMUGGLED
+        assert up.fields(b"upgrade") == [] and up.fields(b"connection") == []
