@@ -219,6 +219,7 @@ class _Exchange:
         "client_error",
         "deadline",
         "timed_out",
+        "client_slow",
         "complete",
         "abandoned",
         "waiting",
@@ -233,6 +234,7 @@ class _Exchange:
         self.client_error: BaseException | None = None
         self.deadline = deadline
         self.timed_out = False
+        self.client_slow = False  # timed out while the body pump waited for the client
         self.complete = False  # the response body was read to its end
         self.abandoned = False
         # While the body's pump (Forwarder._pump) waits for the client's body: its scope.
@@ -247,6 +249,7 @@ class _Exchange:
 
     def expire(self) -> None:
         self.timed_out = True
+        self.client_slow = self.waiting is not None and not self.abandoned
         self.conn.close()
 
     def read_nowait(self) -> bytes | None | object:
@@ -310,9 +313,12 @@ class Forwarder:
     def _head_bytes(self, request: Request, upgrade: bytes | None) -> bytes:
         head = request.head
         headers = forward_request_headers(head.headers, request.peer_ip, connection=head.connection)
-        if request.authority is not None and request.authority != head.host:
+        authority = request.authority
+        if authority is None:  # HTTP/1.0 without Host: we speak HTTP/1.1, which needs one
+            authority = request.service.encode() or request.endpoint.address.encode()  # type: ignore[union-attr]
+        if authority != head.host:
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.insert(0, (b"host", request.authority))
+            headers.insert(0, (b"host", authority))
         if head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:
@@ -329,6 +335,8 @@ class Forwarder:
         upgrade = request.head.upgrade
         if upgrade is not None and (not self.allow_upgrades or upgrade.lower().startswith(b"h2c")):
             upgrade = None  # h2c upgrades would smuggle HTTP/2 past us: never forwarded
+        if request.target[:1] != b"/" and request.target != b"*":
+            request.target = _origin_form(request)
         head_bytes = self._head_bytes(request, upgrade)
         deadline = self.deadlines.now + request.timeout
         deadlines = self.deadlines
@@ -374,14 +382,16 @@ class Forwarder:
                 raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, "response without a head")  # pragma: no cover
         except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
             if exchange.timed_out:
-                raise MeshError(
-                    errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s"
-                ) from None
+                if exchange.client_slow:
+                    raise MeshError(
+                        errors.REQUEST_TIMEOUT, f"the request body did not arrive within {request.timeout:g}s"
+                    ) from None
+                raise MeshError(errors.TIMEOUT, f"no response from the upstream within {request.timeout:g}s") from None
             if exchange.client_error is not None:
                 raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
             if conn.bytes_received == 0 and not exchange.body_started:
                 raise _Stale from exc
-            raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
+            raise MeshError(errors.UPSTREAM_RESET, "the upstream reset the connection before the response") from None
         exchange.head = event
         if request.deadline > exchange.deadline:
             exchange.deadline = request.deadline  # a per-try timeout ends at the head; the body has the rest
@@ -477,6 +487,27 @@ class Forwarder:
             exchange.request_sent = True
         except _NETWORK_ERRORS:
             return  # the upstream stopped reading; the response side sees it too
+
+
+def _origin_form(request: Request) -> bytes:
+    """The origin-form target of an absolute-form one that did not come through routing
+    (the inbound listener, an ``--upstream`` port, transparent mode). Its authority must
+    be the Host the client sent (HAProxy's rule): the app must never see a target and a
+    Host that disagree, nor be reached through a name it would not answer to."""
+    target = request.target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise MeshError(errors.BAD_REQUEST, "the request target is neither a path nor an http:// URL")
+    cut = len(rest)
+    for end in (b"/", b"?"):
+        found = rest.find(end)
+        if found != -1 and found < cut:
+            cut = found
+    authority, path = rest[:cut], rest[cut:]
+    host = request.head.host
+    if not authority or host is None or authority.lower() != host.strip().lower():
+        raise MeshError(errors.BAD_REQUEST, "the absolute-form target and the Host header name different hosts")
+    return path if path.startswith(b"/") else b"/" + path
 
 
 class _Stale(Exception):

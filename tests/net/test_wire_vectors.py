@@ -310,3 +310,56 @@ async def test_an_upgrade_request_with_a_body_is_a_plain_request_with_that_body(
     for up in seen[0::2]:
         assert up.body == SMUGGLED
         assert up.fields(b"upgrade") == [] and up.fields(b"connection") == []
+
+
+# --- 13. Host and target agree; HTTP/1.0; a slow body is the client's fault -----------------
+
+
+@pytest.mark.parametrize(
+    "host_line", [b"Host: other\r\n", b"Host: \r\n", b"Host: item.evil\r\n"], ids=["other", "empty", "suffix"]
+)
+async def test_inbound_absolute_form_with_a_host_that_disagrees_is_400(setup: Setup, host_line: bytes) -> None:
+    response = await raw_exchange(setup.inbound, b"GET http://item/x HTTP/1.1\r\n" + host_line + b"\r\n")
+    assert response.startswith(b"HTTP/1.1 400 ") and b"x-meshlet-error: bad-request" in response, response
+    assert setup.upstream.requests() == []
+
+
+async def test_inbound_absolute_form_that_agrees_goes_upstream_in_origin_form(setup: Setup) -> None:
+    response = await raw_exchange(
+        setup.inbound, b"GET http://ITEM/x?q=1 HTTP/1.1\r\nHost: item\r\n\r\n", read_until_close=False
+    )
+    assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/x?q=1"), response
+    (seen,) = setup.upstream.requests()
+    assert seen.request_line == b"GET /x?q=1 HTTP/1.1" and seen.fields(b"host") == [b"item"]
+
+
+async def test_outbound_absolute_form_wins_over_a_different_host(setup: Setup) -> None:
+    """RFC 9112 §3.2.2: a proxy ignores Host and sends the target's authority instead."""
+    response = await raw_exchange(
+        setup.outbound, b"GET http://item/x HTTP/1.1\r\nHost: other\r\n\r\n", read_until_close=False
+    )
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    (seen,) = setup.upstream.requests()
+    assert seen.request_line == b"GET /x HTTP/1.1" and seen.fields(b"host") == [b"item"]
+
+
+async def test_http10_without_host_reaches_the_app_as_http11_with_a_host(setup: Setup) -> None:
+    response = await raw_exchange(setup.inbound, b"GET /old HTTP/1.0\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/old"), response
+    (seen,) = setup.upstream.requests()
+    assert seen.request_line == b"GET /old HTTP/1.1" and seen.fields(b"host") == [b"item"]
+
+
+@pytest.mark.parametrize("listener", ["outbound", "inbound"])
+async def test_a_request_body_that_stops_coming_is_408_not_504(setup: Setup, listener: str) -> None:
+    """The client stalls mid-body past the request timeout (1 s: the route's outbound,
+    the caller's deadline inbound): its fault, 408; the app saw the head, then a close."""
+    port = setup.outbound if listener == "outbound" else setup.inbound
+    request = b"POST /slow HTTP/1.1\r\nHost: item\r\nx-meshlet-deadline-ms: 1000\r\nContent-Length: 10\r\n\r\nabc"
+    with trio.fail_after(10):
+        response = await raw_exchange(port, request, timeout=8)
+    assert response.startswith(b"HTTP/1.1 408 "), response
+    assert b"x-meshlet-error: bad-request" in response and b"connection: close" in response
+    (seen,) = setup.upstream.requests()
+    assert seen.request_line == b"POST /slow HTTP/1.1" and seen.body == b""  # never whole
+
