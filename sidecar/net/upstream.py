@@ -16,6 +16,7 @@ sent again (no body bytes consumed yet).
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,6 +39,8 @@ from ..core.http1 import (
 )
 from ..layers.base import WOULD_BLOCK, Request, Response
 from .io import Closed, Connection, Deadlines, connect
+
+log = logging.getLogger("meshlet.upstream")
 
 MAX_CONNECTIONS = 1024  # Envoy's max_connections
 MAX_IDLE = 256
@@ -98,6 +101,7 @@ class EndpointPool:
         self.requests = 0
         self.errors = 0
         self.connects = 0
+        self.failing = False  # the last connect failed (logged once until one succeeds)
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.address} [{self.active} active, {len(self.idle)} idle]>"
@@ -121,18 +125,30 @@ class EndpointPool:
             with trio.fail_after(connect_timeout):
                 io = await connect(self.endpoint.host, self.endpoint.port)
         except trio.TooSlowError:
-            self._slots.release()
-            self.errors += 1
-            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address} timed out") from None
+            self._connect_failed(f"timed out after {connect_timeout:g}s")
+            raise MeshError(
+                errors.CONNECT_FAILED, f"could not connect to the upstream within {connect_timeout:g}s"
+            ) from None
         except OSError as exc:
-            self._slots.release()
-            self.errors += 1
-            why = exc.strerror or str(exc)
+            why = exc.strerror or type(exc).__name__
+            self._connect_failed(why)
             cause = "refused" if exc.errno == errno.ECONNREFUSED else ""
-            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}", cause=cause) from None
+            raise MeshError(errors.CONNECT_FAILED, f"could not connect to the upstream: {why}", cause=cause) from None
+        self.failing = False
         self.connects += 1
         self.active += 1
         return UpstreamConnection(io, self), False
+
+    def _connect_failed(self, why: str) -> None:
+        """Count it; log the address once per failing streak. The caller's answer names
+        no address: an inbound sidecar's app address is nobody else's business."""
+        self._slots.release()
+        self.errors += 1
+        if not self.failing:
+            self.failing = True
+            log.warning(
+                "connect to %s failed: %s (logged again after a connection succeeds)", self.endpoint.address, why
+            )
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
@@ -353,7 +369,7 @@ class Forwarder:
                 if reused and attempt == 0:
                     continue  # the peer closed an idle connection: one fresh try
                 pool.errors += 1
-                raise MeshError(errors.UPSTREAM_RESET, f"{endpoint.address} closed the connection") from None
+                raise MeshError(errors.UPSTREAM_RESET, "the upstream closed the connection") from None
             except BaseException:
                 deadlines.forget(exchange)
                 pool.errors += 1

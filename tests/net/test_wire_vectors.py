@@ -363,3 +363,23 @@ async def test_a_request_body_that_stops_coming_is_408_not_504(setup: Setup, lis
     (seen,) = setup.upstream.requests()
     assert seen.request_line == b"POST /slow HTTP/1.1" and seen.body == b""  # never whole
 
+
+# --- 10. mesh errors name no internal address ------------------------------------------------
+
+
+async def test_connect_failed_shows_the_caller_no_internal_address(tmp_path: Path) -> None:
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = b"127.0.0.1:%d" % port
+    static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [address.decode()]}})
+    async with run_sidecar(tmp_path, service="item", app=address.decode(), static=static) as sidecar:
+        for listener in ("inbound", "outbound"):
+            response = await raw_exchange(
+                sidecar.ports[listener], b"GET /x HTTP/1.1\r\nHost: item\r\n\r\n", read_until_close=False
+            )
+            assert response.startswith(b"HTTP/1.1 503 ") and b"x-meshlet-error: connect-failed" in response
+            assert b"refused" in body_of(response), response
+            assert b"127.0.0.1" not in response and b"%d" % port not in response, response
+        # The sidecar's own log keeps the detail, once per failing streak.
+        assert sidecar.log().count(f"connect to {address.decode()}") == 1, sidecar.log()
