@@ -10,7 +10,8 @@ response nobody asked for, or the peer's close) is never handed out again: those
 would answer the next caller (Envoy closes an idle upstream connection that becomes
 readable). A reused connection that turns out to have been closed by the peer before it
 answered a single byte is replaced by a fresh one, once, when the request can still be
-sent again (no body bytes consumed yet).
+sent again: no body bytes consumed yet, or no more than ``RESEND_LIMIT`` of them, kept
+until the answer starts (the peer may close just as the request goes out).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ MAX_IDLE = 256
 # Shorter than our inbound listener's idle timeout (300 s), so the sidecar-to-sidecar
 # leg closes idle connections from the client side and rarely races a server close.
 IDLE_TIMEOUT = 60.0
+# Body bytes kept while a request on a reused connection waits for its answer, to send
+# again on a fresh connection if the peer turns out to have closed the idle one.
+RESEND_LIMIT = 64 * 1024
 
 _NETWORK_ERRORS = (Closed, OSError)
 
@@ -239,10 +243,13 @@ class _Exchange:
         "complete",
         "abandoned",
         "waiting",
+        "sent",
+        "sent_bytes",
+        "resend",
         "__weakref__",
     )
 
-    def __init__(self, conn: UpstreamConnection, deadline: float) -> None:
+    def __init__(self, conn: UpstreamConnection, deadline: float, sent: list[bytes] | None = None) -> None:
         self.conn = conn
         self.head: ResponseHead | None = None
         self.body_started = False
@@ -255,6 +262,11 @@ class _Exchange:
         self.abandoned = False
         # While the body's pump (Forwarder._pump) waits for the client's body: its scope.
         self.waiting: trio.CancelScope | None = None
+        # On a reused connection: the body pieces sent, while they fit RESEND_LIMIT (None:
+        # not kept, so a reset after the body started is final).
+        self.sent = sent
+        self.sent_bytes = 0
+        self.resend: list[bytes] | tuple[()] = ()  # what a stale try sent: to send first
 
     def abandon(self) -> None:
         """Given up before any of the body went out: its pump stops now (it may be waiting
@@ -356,9 +368,11 @@ class Forwarder:
         head_bytes = self._head_bytes(request, upgrade)
         deadline = self.deadlines.now + request.timeout
         deadlines = self.deadlines
+        resend: list[bytes] | tuple[()] = ()
         for attempt in (0, 1):
             conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
-            exchange = _Exchange(conn, deadline)
+            exchange = _Exchange(conn, deadline, [] if reused and request.body is not None else None)
+            exchange.resend = resend
             deadlines.watch(exchange)
             try:
                 response = await self._exchange(request, exchange, head_bytes)
@@ -367,6 +381,7 @@ class Forwarder:
                 exchange.abandon()  # before the fresh try starts its own pump on the same body
                 pool.release(conn, False)
                 if reused and attempt == 0:
+                    resend = exchange.sent if exchange.sent is not None else resend  # a late piece may join it
                     continue  # the peer closed an idle connection: one fresh try
                 pool.errors += 1
                 raise MeshError(errors.UPSTREAM_RESET, "the upstream closed the connection") from None
@@ -405,7 +420,7 @@ class Forwarder:
                 raise MeshError(errors.TIMEOUT, f"no response from the upstream within {request.timeout:g}s") from None
             if exchange.client_error is not None:
                 raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
-            if conn.bytes_received == 0 and not exchange.body_started:
+            if conn.bytes_received == 0 and (not exchange.body_started or exchange.sent is not None):
                 raise _Stale from exc
             raise MeshError(errors.UPSTREAM_RESET, "the upstream reset the connection before the response") from None
         exchange.head = event
@@ -481,6 +496,10 @@ class Forwarder:
         chunked = request.head.chunked
         send_all = exchange.conn.io.send_all
         try:
+            if exchange.resend:
+                exchange.body_started = True
+                for piece in exchange.resend:  # what a stale connection took, first
+                    await send_all(chunk(piece) if chunked else piece)
             while True:
                 try:
                     piece = body.read_nowait()
@@ -489,7 +508,9 @@ class Forwarder:
                             piece = await body.read()
                         exchange.waiting = None
                         if exchange.abandoned:
-                            return  # cancelled while waiting: nothing taken
+                            if type(piece) is bytes and exchange.sent is not None:
+                                exchange.sent.append(piece)  # read as the try was given up: the next sends it
+                            return
                 except Exception as exc:  # the client sent a bad body or went away
                     exchange.client_error = exc
                     exchange.conn.close()
@@ -497,6 +518,13 @@ class Forwarder:
                 if piece is None:
                     break
                 exchange.body_started = True
+                sent = exchange.sent
+                if sent is not None:
+                    exchange.sent_bytes += len(piece)  # type: ignore[arg-type]
+                    if exchange.sent_bytes <= RESEND_LIMIT:
+                        sent.append(piece)  # type: ignore[arg-type]
+                    else:
+                        exchange.sent = None  # too much to send again
                 await send_all(chunk(piece) if chunked else piece)
             if chunked:
                 await send_all(CHUNKED_END)

@@ -8,6 +8,8 @@ connection. It records every request it parsed, per connection.
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +277,39 @@ async def test_a_request_after_the_app_closed_the_idle_pooled_connection_goes_on
     closed_on, upload = seen[0], seen[1]
     assert upload.connection != closed_on.connection and upload.body == body
     assert seen[3].connection != seen[2].connection and seen[3].body == body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "body"),
+    [
+        (b"POST /upload HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b"POST /upload HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"POST /upload HTTP/1.1\r\nHost: item\r\n\r\n", b""),
+    ],
+    ids=["chunked", "content-length", "no-body"],
+)
+async def test_a_pooled_connection_the_app_closes_as_the_request_arrives_is_replaced(
+    setup: Setup, request_bytes: bytes, body: bytes
+) -> None:
+    """The race the peek on reuse cannot see: the app closes the idle connection just as
+    the next request goes out on it, reading none of it (an RST). It answered nothing,
+    so the request, body and all, goes once more on a fresh connection."""
+
+    async def answer_then_reset_on_the_next(stream: trio.SocketStream, number: int, target: bytes) -> bool:
+        await stream.send_all(ok(b"first"))
+        await trio.lowlevel.wait_readable(stream.socket)  # the next request has come
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False  # closed unread: the sidecar gets an RST
+
+    setup.upstream.script[b"/first"] = answer_then_reset_on_the_next
+    client = await Client.open(setup.inbound)
+    assert body_of(await client.exchange(b"GET /first HTTP/1.1\r\nHost: item\r\n\r\n")) == b"first"
+    response = await client.exchange(request_bytes)
+    await client.aclose()
+    assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/upload"), response
+    first, upload = setup.upstream.requests()
+    assert upload.request_line == b"POST /upload HTTP/1.1" and upload.connection != first.connection
+    assert upload.body == body
 
 
 # --- 11. an Upgrade request with a body --------------------------------------------------
