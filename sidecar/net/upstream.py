@@ -269,8 +269,9 @@ class _Exchange:
         self.resend: list[bytes] | tuple[()] = ()  # what a stale try sent: to send first
 
     def abandon(self) -> None:
-        """Given up before any of the body went out: its pump stops now (it may be waiting
-        for the client's body), so that the next attempt's pump reads the body whole."""
+        """Given up on a stale connection: its pump stops now (it may be waiting for the
+        client's body), so that the next attempt's pump, after sending what this one
+        sent (``sent``), reads the rest of the body."""
         self.abandoned = True
         if self.waiting is not None:
             self.waiting.cancel()
