@@ -41,6 +41,9 @@ RESPONSE = (
 
 
 class FakeSocket:
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        raise BlockingIOError  # the pool's peek before reusing a connection: nothing arrived
+
     def close(self) -> None:
         pass
 

@@ -35,6 +35,8 @@ LOOP_DETECTED = Reason("loop-detected", 508, b"Loop Detected")
 FORBIDDEN = Reason("forbidden", 403, b"Forbidden")
 BAD_REQUEST = Reason("bad-request", 400, b"Bad Request")
 HEADERS_TOO_LARGE = Reason("bad-request", 431, b"Request Header Fields Too Large")
+# The client stopped sending its request (head or body) before the deadline: its fault.
+REQUEST_TIMEOUT = Reason("bad-request", 408, b"Request Timeout")
 
 ERROR_HEADER = b"x-meshlet-error"
 

@@ -13,6 +13,9 @@ leaves to the application (see shared/reference/http-hazards-and-faults.md):
 * Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
   (we never forward a coding we did not decode);
 * Host missing or repeated in HTTP/1.1: 400;
+* a body (any Content-Length but 0, or chunked) on GET, HEAD, DELETE or TRACE: 400.
+  RFC 9110 gives such a body no meaning and names it a smuggling risk; apps commonly
+  ignore it and read its bytes as their next request (one the proxy never saw);
 * chunk sizes capped at 16 hex digits (llhttp caps at 64 bits already).
 
 llhttp is callback driven. The readers turn callbacks into a queue of events so the
@@ -121,6 +124,8 @@ class ProtocolError(Exception):
 
 END = EndOfMessage()
 _CONNECTION = b"connection"
+# Methods whose body has no defined meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.5, §9.3.8).
+_BODILESS_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"TRACE"))
 
 
 class _StopAtHead(Exception):
@@ -192,6 +197,9 @@ class _Reader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            if self._plain_after_upgrade():
+                self.feed(data[exc.args[0] :])  # the body, then the next requests
+                return
             self.events.append(Upgrade(data[exc.args[0] :]))
             self.failed = True  # nothing after an upgrade is HTTP any more
             return
@@ -233,6 +241,9 @@ class _Reader:
     def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
         raise NotImplementedError
 
+    def _plain_after_upgrade(self) -> bool:  # pragma: no cover - request only
+        return False
+
     def _fail(self, error: ProtocolError) -> None:
         self.failed = True
         self.events.append(error)
@@ -245,6 +256,10 @@ class RequestReader(_Reader):
         super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
+        # An upgrade llhttp stopped at that we do not treat as one (it has a body, or
+        # our reading of Connection differs): its framing, so parsing can go on.
+        self._not_upgraded: RequestHead | None = None
+        self._framing_only = False  # parsing the stand-in head of _plain_after_upgrade
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -254,6 +269,11 @@ class RequestReader(_Reader):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._framing_only:
+            self._framing_only = False
+            self._url = b""
+            self._headers = []
+            return
         parser = self._parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
@@ -298,7 +318,47 @@ class RequestReader(_Reader):
             head.upgrade = None
         if head.method == b"CONNECT":
             raise ProtocolError(400, "CONNECT is not supported")
+        if head.method in _BODILESS_METHODS and head.has_body:
+            raise ProtocolError(
+                400,
+                f"a {head.method.decode()} request with a body: it has no meaning, and an app that "
+                "ignores it would read it as another request",
+            )
+        if head.upgrade is not None and not parser.should_upgrade():
+            head.upgrade = None  # llhttp parses on (an empty Upgrade): so do we
+        if head.upgrade is not None and head.has_body:
+            # llhttp (through httptools) would stop at this head and leave the body
+            # unparsed: the body would be read as the next request, and the app would
+            # wait for it in vain. An upgrade with a body is a plain request with that
+            # body (HAProxy's reading); h2c's, the common one, is dropped anyway.
+            head.upgrade = None
+        if head.upgrade is None and parser.should_upgrade():
+            self._not_upgraded = head
         self.events.append(head)
+
+    def on_message_complete(self) -> None:
+        if self._not_upgraded is not None and self._not_upgraded.has_body:
+            return  # llhttp ends the message at an upgrade head; its body comes next
+        super().on_message_complete()
+
+    def _plain_after_upgrade(self) -> bool:
+        """llhttp stopped at a head we forward as a plain request: go on with a fresh
+        parser, primed with a stand-in head of the same framing (which queues nothing),
+        so that what follows is parsed as this request's body, then as requests."""
+        head = self._not_upgraded
+        if head is None:
+            return False
+        self._not_upgraded = None
+        self._parser = httptools.HttpRequestParser(self)
+        if not head.has_body:
+            return True
+        if head.chunked:
+            framing = b"transfer-encoding: chunked"
+        else:
+            framing = b"content-length: %d" % head.content_length  # type: ignore[str-bytes-safe]
+        self._framing_only = True
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n\r\n")
+        return True
 
 
 class ResponseReader(_Reader):

@@ -45,9 +45,7 @@ HEADER_TIMEOUT = 10.0
 # cannot keep the others from running (our sockets skip trio's per-call checkpoint).
 FAIRNESS_EVERY = 16
 
-REQUEST_TIMEOUT_RESPONSE = error_response(
-    errors.Reason("bad-request", 408, b"Request Timeout"), "request head not complete in time", close=True
-)
+REQUEST_TIMEOUT_RESPONSE = error_response(errors.REQUEST_TIMEOUT, "request head not complete in time", close=True)
 
 
 class ClientGone(Exception):

@@ -5,14 +5,20 @@ Pool rules (Envoy's, mostly): a connection carries one request at a time; it goe
 to the idle list only if the exchange ended cleanly (whole request sent, whole response
 read, keep-alive on both sides, no stray bytes after the response); idle connections
 expire after ``idle_timeout``; at most ``max_connections`` per endpoint exist at once
-and at most ``max_idle`` wait idle. A reused connection that turns out to have been
-closed by the peer before it answered a single byte is replaced by a fresh one, once,
-when the request can still be sent again (no body bytes consumed yet).
+and at most ``max_idle`` wait idle. An idle connection on which anything arrived (a
+response nobody asked for, or the peer's close) is never handed out again: those bytes
+would answer the next caller (Envoy closes an idle upstream connection that becomes
+readable). A reused connection that turns out to have been closed by the peer before it
+answered a single byte is replaced by a fresh one, once, when the request can still be
+sent again: no body bytes consumed yet, or no more than ``RESEND_LIMIT`` of them, kept
+until the answer starts (the peer may close just as the request goes out).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -35,11 +41,16 @@ from ..core.http1 import (
 from ..layers.base import WOULD_BLOCK, Request, Response
 from .io import Closed, Connection, Deadlines, connect
 
+log = logging.getLogger("meshlet.upstream")
+
 MAX_CONNECTIONS = 1024  # Envoy's max_connections
 MAX_IDLE = 256
 # Shorter than our inbound listener's idle timeout (300 s), so the sidecar-to-sidecar
 # leg closes idle connections from the client side and rarely races a server close.
 IDLE_TIMEOUT = 60.0
+# Body bytes kept while a request on a reused connection waits for its answer, to send
+# again on a fresh connection if the peer turns out to have closed the idle one.
+RESEND_LIMIT = 64 * 1024
 
 _NETWORK_ERRORS = (Closed, OSError)
 
@@ -94,6 +105,7 @@ class EndpointPool:
         self.requests = 0
         self.errors = 0
         self.connects = 0
+        self.failing = False  # the last connect failed (logged once until one succeeds)
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.address} [{self.active} active, {len(self.idle)} idle]>"
@@ -106,7 +118,7 @@ class EndpointPool:
             idle = self.idle
             while idle:
                 conn = idle.pop()  # most recently used first: the least likely to be stale
-                if now - conn.idle_since < self.idle_timeout:
+                if now - conn.idle_since < self.idle_timeout and _quiet(conn.io.sock):
                     self.active += 1
                     conn.bytes_received = 0
                     return conn, True
@@ -117,18 +129,30 @@ class EndpointPool:
             with trio.fail_after(connect_timeout):
                 io = await connect(self.endpoint.host, self.endpoint.port)
         except trio.TooSlowError:
-            self._slots.release()
-            self.errors += 1
-            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address} timed out") from None
+            self._connect_failed(f"timed out after {connect_timeout:g}s")
+            raise MeshError(
+                errors.CONNECT_FAILED, f"could not connect to the upstream within {connect_timeout:g}s"
+            ) from None
         except OSError as exc:
-            self._slots.release()
-            self.errors += 1
-            why = exc.strerror or str(exc)
+            why = exc.strerror or type(exc).__name__
+            self._connect_failed(why)
             cause = "refused" if exc.errno == errno.ECONNREFUSED else ""
-            raise MeshError(errors.CONNECT_FAILED, f"connect to {self.endpoint.address}: {why}", cause=cause) from None
+            raise MeshError(errors.CONNECT_FAILED, f"could not connect to the upstream: {why}", cause=cause) from None
+        self.failing = False
         self.connects += 1
         self.active += 1
         return UpstreamConnection(io, self), False
+
+    def _connect_failed(self, why: str) -> None:
+        """Count it; log the address once per failing streak. The caller's answer names
+        no address: an inbound sidecar's app address is nobody else's business."""
+        self._slots.release()
+        self.errors += 1
+        if not self.failing:
+            self.failing = True
+            log.warning(
+                "connect to %s failed: %s (logged again after a connection succeeds)", self.endpoint.address, why
+            )
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
@@ -153,6 +177,19 @@ class EndpointPool:
         while self.idle:
             self.idle.pop().close()
             self._slots.release()
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Nothing arrived on an idle connection since its last response: one non-blocking
+    peek (a syscall per reuse). Bytes would be a response to no request of ours, and an
+    empty read the peer's close; either way the connection is done."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # reset while idle
+    return False
 
 
 class UpstreamPools:
@@ -202,13 +239,17 @@ class _Exchange:
         "client_error",
         "deadline",
         "timed_out",
+        "client_slow",
         "complete",
         "abandoned",
         "waiting",
+        "sent",
+        "sent_bytes",
+        "resend",
         "__weakref__",
     )
 
-    def __init__(self, conn: UpstreamConnection, deadline: float) -> None:
+    def __init__(self, conn: UpstreamConnection, deadline: float, sent: list[bytes] | None = None) -> None:
         self.conn = conn
         self.head: ResponseHead | None = None
         self.body_started = False
@@ -216,20 +257,28 @@ class _Exchange:
         self.client_error: BaseException | None = None
         self.deadline = deadline
         self.timed_out = False
+        self.client_slow = False  # timed out while the body pump waited for the client
         self.complete = False  # the response body was read to its end
         self.abandoned = False
         # While the body's pump (Forwarder._pump) waits for the client's body: its scope.
         self.waiting: trio.CancelScope | None = None
+        # On a reused connection: the body pieces sent, while they fit RESEND_LIMIT (None:
+        # not kept, so a reset after the body started is final).
+        self.sent = sent
+        self.sent_bytes = 0
+        self.resend: list[bytes] | tuple[()] = ()  # what a stale try sent: to send first
 
     def abandon(self) -> None:
-        """Given up before any of the body went out: its pump stops now (it may be waiting
-        for the client's body), so that the next attempt's pump reads the body whole."""
+        """Given up on a stale connection: its pump stops now (it may be waiting for the
+        client's body), so that the next attempt's pump, after sending what this one
+        sent (``sent``), reads the rest of the body."""
         self.abandoned = True
         if self.waiting is not None:
             self.waiting.cancel()
 
     def expire(self) -> None:
         self.timed_out = True
+        self.client_slow = self.waiting is not None and not self.abandoned
         self.conn.close()
 
     def read_nowait(self) -> bytes | None | object:
@@ -293,9 +342,12 @@ class Forwarder:
     def _head_bytes(self, request: Request, upgrade: bytes | None) -> bytes:
         head = request.head
         headers = forward_request_headers(head.headers, request.peer_ip, connection=head.connection)
-        if request.authority is not None and request.authority != head.host:
+        authority = request.authority
+        if authority is None:  # HTTP/1.0 without Host: we speak HTTP/1.1, which needs one
+            authority = request.service.encode() or request.endpoint.address.encode()  # type: ignore[union-attr]
+        if authority != head.host:
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.insert(0, (b"host", request.authority))
+            headers.insert(0, (b"host", authority))
         if head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:
@@ -312,12 +364,16 @@ class Forwarder:
         upgrade = request.head.upgrade
         if upgrade is not None and (not self.allow_upgrades or upgrade.lower().startswith(b"h2c")):
             upgrade = None  # h2c upgrades would smuggle HTTP/2 past us: never forwarded
+        if request.target[:1] != b"/" and request.target != b"*":
+            request.target = _origin_form(request)
         head_bytes = self._head_bytes(request, upgrade)
         deadline = self.deadlines.now + request.timeout
         deadlines = self.deadlines
+        resend: list[bytes] | tuple[()] = ()
         for attempt in (0, 1):
             conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
-            exchange = _Exchange(conn, deadline)
+            exchange = _Exchange(conn, deadline, [] if reused and request.body is not None else None)
+            exchange.resend = resend
             deadlines.watch(exchange)
             try:
                 response = await self._exchange(request, exchange, head_bytes)
@@ -326,9 +382,10 @@ class Forwarder:
                 exchange.abandon()  # before the fresh try starts its own pump on the same body
                 pool.release(conn, False)
                 if reused and attempt == 0:
+                    resend = exchange.sent if exchange.sent is not None else resend  # a late piece may join it
                     continue  # the peer closed an idle connection: one fresh try
                 pool.errors += 1
-                raise MeshError(errors.UPSTREAM_RESET, f"{endpoint.address} closed the connection") from None
+                raise MeshError(errors.UPSTREAM_RESET, "the upstream closed the connection") from None
             except BaseException:
                 deadlines.forget(exchange)
                 pool.errors += 1
@@ -357,14 +414,16 @@ class Forwarder:
                 raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, "response without a head")  # pragma: no cover
         except (UpstreamClosed, *_NETWORK_ERRORS) as exc:
             if exchange.timed_out:
-                raise MeshError(
-                    errors.TIMEOUT, f"no response from {conn.pool.endpoint.address} within {request.timeout:g}s"
-                ) from None
+                if exchange.client_slow:
+                    raise MeshError(
+                        errors.REQUEST_TIMEOUT, f"the request body did not arrive within {request.timeout:g}s"
+                    ) from None
+                raise MeshError(errors.TIMEOUT, f"no response from the upstream within {request.timeout:g}s") from None
             if exchange.client_error is not None:
                 raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
-            if conn.bytes_received == 0 and not exchange.body_started:
+            if conn.bytes_received == 0 and (not exchange.body_started or exchange.sent is not None):
                 raise _Stale from exc
-            raise MeshError(errors.UPSTREAM_RESET, f"{conn.pool.endpoint.address}: reset before the response") from None
+            raise MeshError(errors.UPSTREAM_RESET, "the upstream reset the connection before the response") from None
         exchange.head = event
         if request.deadline > exchange.deadline:
             exchange.deadline = request.deadline  # a per-try timeout ends at the head; the body has the rest
@@ -438,6 +497,10 @@ class Forwarder:
         chunked = request.head.chunked
         send_all = exchange.conn.io.send_all
         try:
+            if exchange.resend:
+                exchange.body_started = True
+                for piece in exchange.resend:  # what a stale connection took, first
+                    await send_all(chunk(piece) if chunked else piece)
             while True:
                 try:
                     piece = body.read_nowait()
@@ -446,7 +509,9 @@ class Forwarder:
                             piece = await body.read()
                         exchange.waiting = None
                         if exchange.abandoned:
-                            return  # cancelled while waiting: nothing taken
+                            if type(piece) is bytes and exchange.sent is not None:
+                                exchange.sent.append(piece)  # read as the try was given up: the next sends it
+                            return
                 except Exception as exc:  # the client sent a bad body or went away
                     exchange.client_error = exc
                     exchange.conn.close()
@@ -454,12 +519,40 @@ class Forwarder:
                 if piece is None:
                     break
                 exchange.body_started = True
+                sent = exchange.sent
+                if sent is not None:
+                    exchange.sent_bytes += len(piece)  # type: ignore[arg-type]
+                    if exchange.sent_bytes <= RESEND_LIMIT:
+                        sent.append(piece)  # type: ignore[arg-type]
+                    else:
+                        exchange.sent = None  # too much to send again
                 await send_all(chunk(piece) if chunked else piece)
             if chunked:
                 await send_all(CHUNKED_END)
             exchange.request_sent = True
         except _NETWORK_ERRORS:
             return  # the upstream stopped reading; the response side sees it too
+
+
+def _origin_form(request: Request) -> bytes:
+    """The origin-form target of an absolute-form one that did not come through routing
+    (the inbound listener, an ``--upstream`` port, transparent mode). Its authority must
+    be the Host the client sent (HAProxy's rule): the app must never see a target and a
+    Host that disagree, nor be reached through a name it would not answer to."""
+    target = request.target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise MeshError(errors.BAD_REQUEST, "the request target is neither a path nor an http:// URL")
+    cut = len(rest)
+    for end in (b"/", b"?"):
+        found = rest.find(end)
+        if found != -1 and found < cut:
+            cut = found
+    authority, path = rest[:cut], rest[cut:]
+    host = request.head.host
+    if not authority or host is None or authority.lower() != host.strip().lower():
+        raise MeshError(errors.BAD_REQUEST, "the absolute-form target and the Host header name different hosts")
+    return path if path.startswith(b"/") else b"/" + path
 
 
 class _Stale(Exception):

@@ -487,6 +487,20 @@ def test_keep_alive(raw: bytes, keep_alive: bool) -> None:
     assert events[0].keep_alive is keep_alive  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE"])
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_a_body_on_a_method_without_body_semantics_is_400(method: bytes, framing: bytes) -> None:
+    events = request_events(method + b" / HTTP/1.1\r\nHost: a\r\n" + framing)
+    assert kinds(events) == ["ProtocolError"]
+    assert events[0].status == 400 and "with a body" in events[0].detail  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE"])
+def test_content_length_zero_on_a_method_without_body_semantics_is_fine(method: bytes) -> None:
+    events = request_events(method + b" / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert kinds(events) == ["RequestHead", "EndOfMessage"]
+
+
 def test_http10_without_host_is_accepted() -> None:
     events = request_events(b"GET / HTTP/1.0\r\n\r\n")
     head = events[0]
@@ -554,6 +568,33 @@ def test_upgrade_header_without_connection_upgrade_is_a_plain_request(raw: bytes
     assert events[2].target == b"/next"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 15\r\n\r\nsweet post body",
+        b"Transfer-Encoding: chunked\r\n\r\nf\r\nsweet post body\r\n0\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+def test_an_upgrade_request_with_a_body_is_a_plain_request_with_that_body(framing: bytes, upgrade: bytes) -> None:
+    """llhttp's fixture "Upgrade POST request": llhttp (through httptools) stops at the
+    head and leaves the body unparsed; we parse it as the body, then go on."""
+    raw = b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: %b\r\n%b" % (upgrade, framing)
+    raw += b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    for events in (request_events(raw), request_events(*[raw[i : i + 1] for i in range(len(raw))])):
+        events = coalesce(events)
+        assert kinds(events) == ["RequestHead", "Data", "EndOfMessage", "RequestHead", "EndOfMessage"]
+        assert events[0].upgrade is None and events[1] == Data(b"sweet post body")  # type: ignore[attr-defined]
+        assert events[3].target == b"/next"  # type: ignore[attr-defined]
+
+
+def test_an_empty_upgrade_is_no_upgrade() -> None:
+    raw = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: \r\n\r\nGET /n HTTP/1.1\r\nHost: a\r\n\r\n"
+    events = request_events(raw)
+    assert kinds(events) == ["RequestHead", "EndOfMessage", "RequestHead", "EndOfMessage"]
+    assert events[0].upgrade is None  # type: ignore[attr-defined]
+
+
 def test_absolute_form_and_asterisk_targets() -> None:
     events = request_events(
         b"GET http://item:8080/x?y HTTP/1.1\r\nHost: item:8080\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -597,6 +638,8 @@ def valid_request(draw: st.DrawFn) -> bytes:
     headers = [(b"Host", draw(st.sampled_from([b"item", b"item:8080", b"[::1]:80"])))] + draw(_extra_headers)
     framing = draw(st.sampled_from(["none", "length", "chunked"]))
     body_parts = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=4))
+    if method in (b"GET", b"HEAD", b"DELETE"):  # a body there is refused (its own tests below)
+        framing, body_parts = draw(st.sampled_from(["none", "length"])), []
     body = b"".join(body_parts)
     if framing == "length":
         headers.append((b"Content-Length", b"%d" % len(body)))
@@ -1042,6 +1085,8 @@ def test_serialized_request_parses_the_same_with_h11(
     method: bytes, target: bytes, extra: list[tuple[bytes, bytes]], parts: list[bytes], chunked: bool
 ) -> None:
     extra = [(n, v) for n, v in extra if n.decode().lower() not in _RESERVED]  # names are bytes here
+    if method in (b"GET", b"DELETE"):  # a body there is refused
+        parts, chunked = [], False
     body = b"".join(parts)
     headers = [(b"Host", b"item"), *extra]
     if chunked:
