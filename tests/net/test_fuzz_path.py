@@ -421,9 +421,6 @@ def _check(found: list[str]) -> None:
     assert not found, "\n".join(found)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 item 1: a pooled connection is reused with stray bytes on it (wrong caller)"
-)
 @FUZZ
 @given(clients=plans())
 def test_no_response_reaches_another_request(mesh: Mesh, clients: list[ClientPlan]) -> None:
@@ -431,10 +428,6 @@ def test_no_response_reaches_another_request(mesh: Mesh, clients: list[ClientPla
     _check(misdeliveries(trio.run(run_example, mesh, clients)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 items 1 and 12: a request on a stale pooled connection ends in 502 upstream-reset (a chunked body; or another stale connection on the one retry)",
-)
 @FUZZ
 @given(clients=plans(behaviours=CLEAN))
 def test_a_valid_request_gets_its_answer(mesh: Mesh, clients: list[ClientPlan]) -> None:
@@ -444,7 +437,6 @@ def test_a_valid_request_gets_its_answer(mesh: Mesh, clients: list[ClientPlan]) 
     _check(misdeliveries(run) + unanswered(run))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 11: the body of an Upgrade request is not forwarded")
 @FUZZ
 @given(clients=plans(upgrades=True, behaviours=CLEAN))
 def test_upgrade_requests_with_bodies(mesh: Mesh, clients: list[ClientPlan]) -> None:
