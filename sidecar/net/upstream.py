@@ -9,9 +9,9 @@ and at most ``max_idle`` wait idle. An idle connection on which anything arrived
 response nobody asked for, or the peer's close) is never handed out again: those bytes
 would answer the next caller (Envoy closes an idle upstream connection that becomes
 readable). A reused connection that turns out to have been closed by the peer before it
-answered a single byte is replaced by a fresh one, once, when the request can still be
-sent again: no body bytes consumed yet, or no more than ``RESEND_LIMIT`` of them, kept
-until the answer starts (the peer may close just as the request goes out).
+answered a single byte is replaced by a fresh one, once, when the request is idempotent
+and can still be sent again: no body bytes consumed yet, or no more than ``RESEND_LIMIT``
+of them, kept until the answer starts (the peer may close just as the request goes out).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..core.http1 import (
     chunk,
     serialize_request_head,
 )
+from ..core.outcome import IDEMPOTENT
 from ..layers.base import WOULD_BLOCK, Request, Response
 from .io import Closed, Connection, Deadlines, connect
 
@@ -370,6 +371,11 @@ class Forwarder:
         deadline = self.deadlines.now + request.timeout
         deadlines = self.deadlines
         resend: list[bytes] | tuple[()] = ()
+        # A reused connection closed without a byte of answer was most likely closed while
+        # idle, but the app may also have read the request and died: only a request that
+        # may be applied twice is sent again (RFC 9112 §9.3.1; Go's transport does the
+        # same). Others get 502 upstream-reset, which the retry policy may retry.
+        replayable = request.head.method in IDEMPOTENT
         for attempt in (0, 1):
             conn, reused = await pool.acquire(request.connect_timeout, fresh=upgrade is not None)
             exchange = _Exchange(conn, deadline, [] if reused and request.body is not None else None)
@@ -381,7 +387,7 @@ class Forwarder:
                 deadlines.forget(exchange)
                 exchange.abandon()  # before the fresh try starts its own pump on the same body
                 pool.release(conn, False)
-                if reused and attempt == 0:
+                if reused and attempt == 0 and replayable:
                     resend = exchange.sent if exchange.sent is not None else resend  # a late piece may join it
                     continue  # the peer closed an idle connection: one fresh try
                 pool.errors += 1

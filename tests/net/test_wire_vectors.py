@@ -282,9 +282,9 @@ async def test_a_request_after_the_app_closed_the_idle_pooled_connection_goes_on
 @pytest.mark.parametrize(
     ("request_bytes", "body"),
     [
-        (b"POST /upload HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
-        (b"POST /upload HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
-        (b"POST /upload HTTP/1.1\r\nHost: item\r\n\r\n", b""),
+        (b"PUT /upload HTTP/1.1\r\nHost: item\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b"PUT /upload HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"PUT /upload HTTP/1.1\r\nHost: item\r\n\r\n", b""),
     ],
     ids=["chunked", "content-length", "no-body"],
 )
@@ -308,8 +308,29 @@ async def test_a_pooled_connection_the_app_closes_as_the_request_arrives_is_repl
     await client.aclose()
     assert response.startswith(b"HTTP/1.1 200 ") and body_of(response).endswith(b":/upload"), response
     first, upload = setup.upstream.requests()
-    assert upload.request_line == b"POST /upload HTTP/1.1" and upload.connection != first.connection
+    assert upload.request_line == b"PUT /upload HTTP/1.1" and upload.connection != first.connection
     assert upload.body == body
+
+
+async def test_a_post_on_a_pooled_connection_the_app_closes_is_never_sent_twice(setup: Setup) -> None:
+    """The same race with a POST: a connection closed without an answer cannot tell
+    "closed while idle" from "read the request, then died", and a POST must not be
+    applied twice (RFC 9112 §9.3.1). The caller gets 502 upstream-reset; only a retry
+    policy that allows non-idempotent retries may send it again."""
+
+    async def answer_then_reset_on_the_next(stream: trio.SocketStream, number: int, target: bytes) -> bool:
+        await stream.send_all(ok(b"first"))
+        await trio.lowlevel.wait_readable(stream.socket)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False
+
+    setup.upstream.script[b"/first"] = answer_then_reset_on_the_next
+    client = await Client.open(setup.inbound)
+    assert body_of(await client.exchange(b"GET /first HTTP/1.1\r\nHost: item\r\n\r\n")) == b"first"
+    response = await client.exchange(b"POST /pay HTTP/1.1\r\nHost: item\r\nContent-Length: 5\r\n\r\nhello")
+    await client.aclose()
+    assert response.startswith(b"HTTP/1.1 502 ") and b"x-meshlet-error: upstream-reset" in response.lower(), response
+    assert [s.request_line for s in setup.upstream.requests()] == [b"GET /first HTTP/1.1"]
 
 
 # --- 11. an Upgrade request with a body --------------------------------------------------
