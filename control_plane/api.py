@@ -46,6 +46,14 @@ def _sessions(push: PushServer) -> list[Session]:
     return [*push.hub.sessions.values(), *departed.values()]
 
 
+def _sessions_json(push: PushServer, now: float) -> list[dict[str, Any]]:
+    registry = push.registry
+    return sorted(
+        (s.to_json(now, registered=registry.get(s.instance_id) is not None) for s in _sessions(push)),
+        key=lambda s: s["node"],
+    )
+
+
 def build_api(
     push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
 ) -> Starlette:
@@ -112,7 +120,7 @@ def build_api(
         now = trio.current_time()
         return JSONResponse(
             {
-                "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
+                "sidecars": _sessions_json(push, now),
                 "registry": {
                     "instances": stats.instances,
                     "ready": stats.ready,
@@ -121,6 +129,7 @@ def build_api(
                     "self_preservation": stats.self_preservation,
                     "self_preservation_reason": stats.self_preservation_reason,
                     "expired_total": stats.expired_total,
+                    "restored_total": stats.restored_total,
                 },
                 "pushes_total": push.hub.pushes_total,
                 "nacks_total": push.hub.nacks_total,
@@ -149,7 +158,7 @@ def build_api(
         services = {name: [instance_json(i) for i in registry.all_endpoints(name)] for name in registry.services()}
         data: dict[str, Any] = {
             "services": services,
-            "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
+            "sidecars": _sessions_json(push, now),
             "policy_version": push.policies.version if push.policies is not None else "",
             # the same policy as the sidecars name it in their ACKs (their "policies" version)
             "policy_push_version": _policies_push_version(push),
@@ -345,6 +354,12 @@ class _Collector:
         yield _gauge(
             "meshlet_cp_self_preservation", "1 while lease expiry is frozen (PRODUCT §5).", int(stats.self_preservation)
         )
+        restored = CounterMetricFamily(
+            "meshlet_cp_registrations_restored",
+            "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
+        )
+        restored.add_metric([], stats.restored_total)
+        yield restored
         samples = push.hub.convergence
         buckets, total = [], 0.0
         for bound in CONVERGENCE_BUCKETS:

@@ -253,7 +253,7 @@ def _status(args: argparse.Namespace) -> int:
             s["service"],
             _yes(s["connected"]),
             f"{s['last_seen_s']:.1f}s ago",
-            _yes(s["ready"]),
+            _yes(s["ready"]) if s.get("registered", True) else "[red]not registered[/]",
             _watching(s["watching"].get("endpoints")),
             version,
             "[green]yes[/]" if acked == version != "-" else acked,

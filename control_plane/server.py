@@ -13,6 +13,7 @@ sidecar that reconnects within the TTL keeps its registration).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -229,6 +230,7 @@ class PushServer:
             channel=channel,
             ready=instance.ready,
             next_ping=now + PING_INTERVAL,
+            instance=instance,
         )
         self.hub.add(session)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
@@ -254,11 +256,10 @@ class PushServer:
                 self._handle(session, message)
 
     def _handle(self, session: Session, message: wire.Message) -> None:
+        if session.closed:
+            return  # what followed a bye in the same read: the sidecar is gone
         now = trio.current_time()
-        try:
-            self.registry.renew(session.instance_id, now)
-        except UnknownInstance:  # expired while connected (e.g. self-preservation off, long stall)
-            pass
+        self._renew(session, now)
         if isinstance(message, wire.Ack):
             self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
@@ -288,6 +289,27 @@ class PushServer:
             session.closed = True
             self.hub.remove(session)
             session.channel.close()
+
+    def _renew(self, session: Session, now: float) -> None:
+        """Any message renews the lease. If it ran out while the channel stayed up (the sidecar
+        was paused past the TTL: a long GC, CPU throttling, a stopped VM; the keepalive allows a
+        longer silence), the sidecar is alive again: put its hello's registration back now, not at
+        its next reconnect."""
+        try:
+            self.registry.renew(session.instance_id, now)
+            return
+        except UnknownInstance:
+            pass
+        if session.instance is None:
+            return
+        instance = dataclasses.replace(session.instance, ready=session.ready)
+        self.changed(self.registry.restore(instance, now))
+        log.warning(
+            "sidecar %s (%s/%s): its lease ran out while its channel stayed up (paused?); registration restored",
+            session.node,
+            session.service,
+            session.instance_id,
+        )
 
     async def _keepalive(self) -> None:
         """One task pings every sidecar every ``PING_INTERVAL`` (each on its own phase)

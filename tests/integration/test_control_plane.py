@@ -187,6 +187,55 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             assert await item_status() == []
 
 
+async def test_a_sidecar_paused_past_its_lease_is_back_within_one_renew_interval(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """SIGSTOP (a long GC, CPU throttling, a paused VM) for longer than the lease but shorter than
+    the keepalive's 15 s of silence: the lease runs out while the channel stays up. On SIGCONT the
+    sidecar's next message (its ping, every 5 s) puts the registration back at once."""
+    ttl = 7  # above the sidecar's 5 s ping interval, so a running sidecar never lapses
+    async with run_control_plane(tmp_path, extra=["--ttl", str(ttl)]) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        api = f"http://127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            await learns(user, "item", [item.inbound])
+
+            async def item_status() -> dict[str, object]:
+                async with httpx.AsyncClient() as client:
+                    status = (await client.get(f"{api}/v1/status")).json()
+                (found,) = [s for s in status["sidecars"] if s["service"] == "item"]
+                return dict(found, restored=status["registry"]["restored_total"])
+
+            async def gone() -> bool:
+                return await endpoints_of(user, "item") == []
+
+            async def back() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            os.killpg(item.process.pid, signal.SIGSTOP)
+            try:
+                await eventually(gone, "the paused item's lease ran out", timeout=ttl + 5)
+                status = await item_status()
+                # its channel is still up, but the registry no longer has it: never shown ready
+                assert (status["connected"], status["registered"], status["ready"]) == (True, False, False)
+            finally:
+                os.killpg(item.process.pid, signal.SIGCONT)
+            await eventually(back, "the item's endpoint restored on its next ping", timeout=5 + 2)
+            status = await item_status()
+            assert (status["connected"], status["registered"], status["ready"], status["restored"]) == (
+                True,
+                True,
+                True,
+                1,
+            )
+            response = await calls(user, "item")
+            assert (response.status_code, response.text) == (200, "hello")
+        assert "registration restored" in cp.log()
+
+
 async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Origin) -> None:
     async with run_control_plane(tmp_path, extra=["--ttl", "30"]) as cp:
         push = f"127.0.0.1:{cp.ports['push']}"
