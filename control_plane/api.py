@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from . import golden, wire
+from .bodies import read_body
 from .explain import explain
 from .policy import PolicyError
 from .push import Session
@@ -354,6 +355,15 @@ class _Collector:
         yield _gauge(
             "meshlet_cp_self_preservation", "1 while lease expiry is frozen (PRODUCT §5).", int(stats.self_preservation)
         )
+        yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
+        refused = CounterMetricFamily(
+            "meshlet_cp_connections_refused",
+            "Push-channel connections closed at once because a cap was reached.",
+            labels=["cap"],
+        )
+        for cap, count in sorted(push.refused.items()):
+            refused.add_metric([cap], count)
+        yield refused
         restored = CounterMetricFamily(
             "meshlet_cp_registrations_restored",
             "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
@@ -453,9 +463,15 @@ def prometheus_target(instance: Any) -> dict[str, Any]:
     return {"targets": [instance.admin], "labels": labels}
 
 
+MAX_API_BODY = 4 * 1024 * 1024  # a PUT of policy files or a rollback; read with a running count
+
+
 async def _json_body(request: Request) -> dict[str, Any] | Response:
+    raw = await read_body(request, MAX_API_BODY)
+    if isinstance(raw, Response):
+        return raw
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         return _bad("the body must be JSON")
     if not isinstance(body, dict):

@@ -57,6 +57,12 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
     )
     cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
+    cp.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=10_000,  # control_plane.server.MAX_CONNECTIONS (not imported here: keeps the CLI's start fast)
+        help="push-channel connections at once; more are refused and counted (default 10000)",
+    )
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     get = commands.add_parser("get", help="list services, endpoints or policies known to the control plane")
@@ -163,7 +169,13 @@ def _control_plane(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     options = ControlPlaneOptions(
-        listen=args.listen, api=args.api, store=args.store, data_dir=args.data_dir, ttl=args.ttl, policy=args.policy
+        listen=args.listen,
+        api=args.api,
+        store=args.store,
+        data_dir=args.data_dir,
+        ttl=args.ttl,
+        policy=args.policy,
+        max_connections=args.max_connections,
     )
     try:
         trio.run(run, options)
@@ -598,3 +610,13 @@ def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
             f"[{style}]{row.status}[/]",
         )
     return table
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

@@ -30,7 +30,11 @@ from .wire import ENDPOINTS, POLICIES
 
 log = logging.getLogger("meshlet.cp.server")
 
-HELLO_TIMEOUT = 5.0
+HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then is closed
+MAX_CONNECTIONS = 10_000  # push-channel connections at once (--max-connections); past it refused
+# Connections that have not said hello yet, at most: each may make us buffer a hello frame
+# (wire.HELLO_MAX_FRAME), so together they hold at most 64 MiB, and only for HELLO_TIMEOUT.
+MAX_PENDING_HELLOS = 256
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
 ENDPOINT_MEMO_MAX = 100_000  # endpoint bodies kept with their canonical bytes
 KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
@@ -86,8 +90,19 @@ class EndpointsView:
 
 
 class PushServer:
-    def __init__(self, registry: Registry, server_id: str = "meshlet-cp", policies: PolicyStore | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        server_id: str = "meshlet-cp",
+        policies: PolicyStore | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.registry = registry
+        self.max_connections = max_connections
+        self.connections = 0  # open push-channel connections, hello or not
+        self.pending_hellos = 0  # of those, the ones that have not said hello yet
+        self.refused = {"max-connections": 0, "max-pending-hellos": 0}  # connections refused, by cap
+        self._refusal_logged = False
         self.policies = policies
         self.server_id = server_id
         self.api_port = 0  # the HTTP API's port, told to sidecars in welcome (where to send spans)
@@ -163,16 +178,24 @@ class PushServer:
         was full; pushes are written by the hub, pings by the keepalive."""
         assert self._nursery is not None
         channel = Channel(io, self._nursery.start_soon)
+        if (cap := self._over_cap()) is not None:
+            self._refuse(channel, io.peer, *cap)
+            return
+        self.connections += 1
+        self.pending_hellos += 1
         conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
         session: Session | None = None
         try:
             early: list[wire.Message] = []
-            with trio.move_on_after(HELLO_TIMEOUT):
-                while conn.hello is None:
-                    data = await channel.recv()
-                    if not data:
-                        return
-                    early = conn.receive_data(data)
+            try:
+                with trio.move_on_after(HELLO_TIMEOUT):
+                    while conn.hello is None:
+                        data = await channel.recv()
+                        if not data:
+                            return
+                        early = conn.receive_data(data)
+            finally:
+                self.pending_hellos -= 1
             if conn.hello is None:
                 return  # no hello in time
             welcome = conn.accept()  # refuses an unknown protocol version before registering anything
@@ -193,9 +216,33 @@ class PushServer:
         except Exception:  # a bug of ours: this session ends, the others go on
             log.exception("session with %s failed", io.peer)
         finally:
+            self.connections -= 1
             channel.close()
             if session is not None:
                 self._close(session)
+
+    def _over_cap(self) -> tuple[str, str] | None:
+        if self.connections >= self.max_connections:
+            return "max-connections", f"{self.max_connections} push-channel connections are open (--max-connections)"
+        if self.pending_hellos >= MAX_PENDING_HELLOS:
+            return "max-pending-hellos", f"{MAX_PENDING_HELLOS} connections have not said hello yet"
+        return None
+
+    def _refuse(self, channel: Channel, peer: str, cap: str, why: str) -> None:
+        """Close a connection over a cap at once, with an error the sidecar logs before it
+        retries (with its backoff). Counted; logged the first time only (a flood would
+        otherwise flood the log too)."""
+        self.refused[cap] += 1
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning(
+                "refusing push-channel connections: %s (first from %s; counted in "
+                "meshlet_cp_connections_refused_total, not logged again)",
+                why,
+                peer,
+            )
+        _send_error(channel, "overloaded", f"the control plane refuses new connections: {why}; retry later")
+        channel.close()
 
     def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str) -> Session:
         hello = conn.hello
