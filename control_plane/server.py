@@ -212,6 +212,8 @@ class PushServer:
         except Closed:
             pass
         except ValueError as exc:  # an instance the registry refuses
+            self.protocol_errors += 1
+            log.warning("sidecar at %s: instance refused: %s", io.peer, exc)
             _send_error(channel, "bad-instance", str(exc))
         except Exception:  # a bug of ours: this session ends, the others go on
             log.exception("session with %s failed", io.peer)
@@ -247,17 +249,7 @@ class PushServer:
     def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str) -> Session:
         hello = conn.hello
         assert hello is not None
-        raw = hello.instance
-        instance = Instance(
-            service=hello.service,
-            instance_id=str(raw.get("instance_id", "")),
-            address=str(raw.get("address", "")),
-            admin=str(raw.get("admin", "")),
-            labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
-            node=hello.node,
-            app_port=raw.get("app_port", 0),
-            ready=bool(raw.get("ready", False)),
-        )
+        instance = instance_from_hello(hello)
         now = trio.current_time()
         self.changed(self.registry.register(instance, now))
         old = self.hub.sessions.get(hello.node)
@@ -397,6 +389,40 @@ def _unhealthy(session: Session, now: float, judged_from: float) -> str:
     if blocked is not None and now - max(blocked, judged_from) > PING_INTERVAL:
         return "is not reading"
     return ""
+
+
+def instance_from_hello(hello: wire.Hello) -> Instance:
+    """The instance a hello registers. Field types are the wire's business (WireError, like any
+    malformed message); values the registry's (ValueError from :class:`Instance`)."""
+    raw = hello.instance
+
+    def text(key: str) -> str:
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise wire.WireError("bad-message", f"hello.instance.{key} must be a string, not {type(value).__name__}")
+        return value
+
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise wire.WireError("bad-message", "hello.instance.labels must be a map of strings to strings")
+    app_port = raw.get("app_port", 0)
+    if not isinstance(app_port, int) or isinstance(app_port, bool):
+        raise wire.WireError(
+            "bad-message", f"hello.instance.app_port must be an integer, not {type(app_port).__name__}"
+        )
+    ready = raw.get("ready", False)
+    if not isinstance(ready, bool):
+        raise wire.WireError("bad-message", f"hello.instance.ready must be a boolean, not {type(ready).__name__}")
+    return Instance(
+        service=hello.service,
+        instance_id=text("instance_id"),
+        address=text("address"),
+        admin=text("admin"),
+        labels=labels,
+        node=hello.node,
+        app_port=app_port,
+        ready=ready,
+    )
 
 
 def _send_error(channel: Channel, reason: str, message: str) -> None:

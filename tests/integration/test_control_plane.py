@@ -690,3 +690,33 @@ async def test_push_connections_are_capped_and_silent_ones_closed(tmp_path: Path
         messages = await _after_welcome(port, hello, wire.Ping(1))
         assert isinstance(messages[0], wire.Welcome)
     assert cp.log().count("refusing push-channel connections") == 1
+
+
+@pytest.mark.parametrize(
+    "instance, reason, says",
+    [
+        ({"labels": [1, 2]}, "bad-message", "hello.instance.labels must be a map of strings to strings"),
+        ({"labels": None}, "bad-message", "hello.instance.labels must be a map"),
+        ({"labels": {"zone": 1}}, "bad-message", "hello.instance.labels must be a map"),
+        ({"app_port": "80"}, "bad-message", "hello.instance.app_port must be an integer, not str"),
+        ({"ready": "yes"}, "bad-message", "hello.instance.ready must be a boolean, not str"),
+        ({"address": 9}, "bad-message", "hello.instance.address must be a string, not int"),
+        ({"address": "nowhere"}, "bad-instance", "address 'nowhere' is not HOST:PORT"),
+        ({"app_port": 70000}, "bad-instance", "app_port 70000"),
+    ],
+)
+async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(
+    tmp_path: Path, instance: dict[str, object], reason: str, says: str
+) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        fields = {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", **instance}
+        answer = await _raw_session(cp.ports["push"], wire.encode(wire.Hello((1, 2), "bad-1", "x", fields)))
+        (error,) = wire.FrameDecoder().feed(answer)  # no welcome: nothing was registered
+        assert isinstance(error, wire.Error) and error.reason == reason and says in error.message, error
+        async with httpx.AsyncClient() as client:
+            status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
+        assert status["sidecars"] == [] and status["registry"]["instances"] == 0
+        log = cp.log()
+        assert "Traceback" not in log
+        (line,) = [line for line in log.splitlines() if "sidecar at 127.0.0.1" in line]
+        assert says in line
