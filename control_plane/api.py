@@ -25,6 +25,7 @@ from .policy import PolicyError
 from .push import Session
 from .scraper import Scraper
 from .server import PushServer
+from .store import StoreError, StoreFull
 from .traces import TraceStore
 from .wire import POLICIES
 from .zipkin import zipkin_routes
@@ -252,7 +253,11 @@ def build_api(
 
     async def history(request: Request) -> Response:
         assert push.policies is not None
-        return JSONResponse({"history": [v.to_json() for v in await push.policies.history()]})
+        try:
+            versions = await push.policies.history()
+        except StoreError as exc:
+            return _store_failed(exc)
+        return JSONResponse({"history": [v.to_json() for v in versions]})
 
     async def rollback(request: Request) -> Response:
         store = push.policies
@@ -302,6 +307,8 @@ def build_api(
                 result = await run()
             except PolicyError as exc:
                 return JSONResponse({"problems": exc.problems}, status_code=422)
+            except StoreError as exc:
+                return _store_failed(exc)
             if result.applied:
                 push.policies_changed(before)
                 log.info("policy version %s applied (%d changes)", result.version, len(result.changes))
@@ -477,6 +484,13 @@ async def _json_body(request: Request) -> dict[str, Any] | Response:
     if not isinstance(body, dict):
         return _bad("the body must be a JSON object")
     return body
+
+
+def _store_failed(exc: StoreError) -> Response:
+    """The store could not be read or written: say which file and what to do, never a traceback.
+    A full disk is 507 Insufficient Storage (WebDAV's, as etcd and S3 gateways answer it)."""
+    log.error("%s", exc)
+    return JSONResponse({"problems": [str(exc)]}, status_code=507 if isinstance(exc, StoreFull) else 500)
 
 
 def _bad(message: str) -> Response:
