@@ -32,9 +32,10 @@ log = logging.getLogger("meshlet.cp.server")
 
 HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then is closed
 MAX_CONNECTIONS = 10_000  # push-channel connections at once (--max-connections); past it refused
-# Connections that have not said hello yet, at most: each may make us buffer a hello frame
-# (wire.HELLO_MAX_FRAME), so together they hold at most 64 MiB, and only for HELLO_TIMEOUT.
-MAX_PENDING_HELLOS = 256
+# What connections that have not said hello yet may make us hold, together. Each may buffer up
+# to a hello frame (wire.HELLO_MAX_FRAME); a real hello is a few KiB, so thousands of sidecars
+# reconnecting at once fit, while a peer that sends big frames and no hello is refused past it.
+PRE_HELLO_BUDGET = 32 * 1024 * 1024
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
 ENDPOINT_MEMO_MAX = 100_000  # endpoint bodies kept with their canonical bytes
 KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
@@ -100,8 +101,9 @@ class PushServer:
         self.registry = registry
         self.max_connections = max_connections
         self.connections = 0  # open push-channel connections, hello or not
-        self.pending_hellos = 0  # of those, the ones that have not said hello yet
-        self.refused = {"max-connections": 0, "max-pending-hellos": 0}  # connections refused, by cap
+        self.pre_hello_bytes = 0  # received by connections still waiting for their hello
+        self.pre_hello_budget = PRE_HELLO_BUDGET
+        self.refused = {"max-connections": 0, "pre-hello-budget": 0}  # connections refused, by cap
         self._refusal_logged = False
         self.policies = policies
         self.server_id = server_id
@@ -182,20 +184,26 @@ class PushServer:
             self._refuse(channel, io.peer, *cap)
             return
         self.connections += 1
-        self.pending_hellos += 1
         conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
         session: Session | None = None
         try:
             early: list[wire.Message] = []
+            held = 0  # counted against the pre-hello budget until the hello is in
             try:
                 with trio.move_on_after(HELLO_TIMEOUT):
                     while conn.hello is None:
                         data = await channel.recv()
                         if not data:
                             return
+                        held += len(data)
+                        self.pre_hello_bytes += len(data)
+                        if self.pre_hello_bytes > self.pre_hello_budget:
+                            why = f"connections without a hello hold {self.pre_hello_budget} bytes"
+                            self._refuse(channel, io.peer, "pre-hello-budget", why)
+                            return
                         early = conn.receive_data(data)
             finally:
-                self.pending_hellos -= 1
+                self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
             welcome = conn.accept()  # refuses an unknown protocol version before registering anything
@@ -226,8 +234,6 @@ class PushServer:
     def _over_cap(self) -> tuple[str, str] | None:
         if self.connections >= self.max_connections:
             return "max-connections", f"{self.max_connections} push-channel connections are open (--max-connections)"
-        if self.pending_hellos >= MAX_PENDING_HELLOS:
-            return "max-pending-hellos", f"{MAX_PENDING_HELLOS} connections have not said hello yet"
         return None
 
     def _refuse(self, channel: Channel, peer: str, cap: str, why: str) -> None:

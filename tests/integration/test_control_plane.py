@@ -720,3 +720,36 @@ async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(
         assert "Traceback" not in log
         (line,) = [line for line in log.splitlines() if "sidecar at 127.0.0.1" in line]
         assert says in line
+
+
+async def test_connections_without_hello_share_a_bounded_buffer(tmp_path: Path) -> None:
+    """Each sends most of a hello-sized frame and no hello: together they may hold 32 MiB; past
+    that, a connection is refused at once."""
+    async with run_control_plane(tmp_path) as cp:
+        port = cp.ports["push"]
+        part = struct.pack(">I", wire.HELLO_MAX_FRAME - 4) + b"\x00" * (192 * 1024)
+        streams = []
+        reset = 0  # refused while we were still sending: the close resets the connection
+        for _ in range(180):  # 180 x 196 KiB = 35 MiB
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await stream.send_all(part)
+                streams.append(stream)
+            except trio.BrokenResourceError:
+                reset += 1
+                await stream.aclose()
+        answers = []
+        for stream in streams:
+            try:
+                answers.append(await _frames_until_close(stream, 10))  # the rest: closed at the hello timeout
+            except trio.BrokenResourceError:
+                reset += 1
+            await stream.aclose()
+        refused = [m for m, _ in answers if m]
+        assert all(isinstance(m[0], wire.Error) and m[0].reason == "overloaded" for m in refused), refused
+        assert all("connections without a hello hold 33554432 bytes" in m[0].message for m in refused)  # type: ignore[union-attr]
+        assert all(closed for _, closed in answers)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/metrics")).text
+        count = sample(metrics, "meshlet_cp_connections_refused_total", cap="pre-hello-budget")
+        assert count == len(refused) + reset >= 10
