@@ -19,11 +19,13 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from . import golden, wire
+from .bodies import read_body
 from .explain import explain
 from .policy import PolicyError
 from .push import Session
 from .scraper import Scraper
 from .server import PushServer
+from .store import StoreError, StoreFull
 from .traces import TraceStore
 from .wire import POLICIES
 from .zipkin import zipkin_routes
@@ -44,6 +46,14 @@ def _sessions(push: PushServer) -> list[Session]:
         if push.registry.get(session.instance_id) is None:
             del departed[node]
     return [*push.hub.sessions.values(), *departed.values()]
+
+
+def _sessions_json(push: PushServer, now: float) -> list[dict[str, Any]]:
+    registry = push.registry
+    return sorted(
+        (s.to_json(now, registered=registry.get(s.instance_id) is not None) for s in _sessions(push)),
+        key=lambda s: s["node"],
+    )
 
 
 def build_api(
@@ -112,7 +122,7 @@ def build_api(
         now = trio.current_time()
         return JSONResponse(
             {
-                "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
+                "sidecars": _sessions_json(push, now),
                 "registry": {
                     "instances": stats.instances,
                     "ready": stats.ready,
@@ -121,6 +131,7 @@ def build_api(
                     "self_preservation": stats.self_preservation,
                     "self_preservation_reason": stats.self_preservation_reason,
                     "expired_total": stats.expired_total,
+                    "restored_total": stats.restored_total,
                 },
                 "pushes_total": push.hub.pushes_total,
                 "nacks_total": push.hub.nacks_total,
@@ -149,7 +160,7 @@ def build_api(
         services = {name: [instance_json(i) for i in registry.all_endpoints(name)] for name in registry.services()}
         data: dict[str, Any] = {
             "services": services,
-            "sidecars": sorted((s.to_json(now) for s in _sessions(push)), key=lambda s: s["node"]),
+            "sidecars": _sessions_json(push, now),
             "policy_version": push.policies.version if push.policies is not None else "",
             # the same policy as the sidecars name it in their ACKs (their "policies" version)
             "policy_push_version": _policies_push_version(push),
@@ -242,7 +253,11 @@ def build_api(
 
     async def history(request: Request) -> Response:
         assert push.policies is not None
-        return JSONResponse({"history": [v.to_json() for v in await push.policies.history()]})
+        try:
+            versions = await push.policies.history()
+        except StoreError as exc:
+            return _store_failed(exc)
+        return JSONResponse({"history": [v.to_json() for v in versions]})
 
     async def rollback(request: Request) -> Response:
         store = push.policies
@@ -292,6 +307,8 @@ def build_api(
                 result = await run()
             except PolicyError as exc:
                 return JSONResponse({"problems": exc.problems}, status_code=422)
+            except StoreError as exc:
+                return _store_failed(exc)
             if result.applied:
                 push.policies_changed(before)
                 log.info("policy version %s applied (%d changes)", result.version, len(result.changes))
@@ -345,6 +362,21 @@ class _Collector:
         yield _gauge(
             "meshlet_cp_self_preservation", "1 while lease expiry is frozen (PRODUCT §5).", int(stats.self_preservation)
         )
+        yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
+        refused = CounterMetricFamily(
+            "meshlet_cp_connections_refused",
+            "Push-channel connections closed at once because a cap was reached.",
+            labels=["cap"],
+        )
+        for cap, count in sorted(push.refused.items()):
+            refused.add_metric([cap], count)
+        yield refused
+        restored = CounterMetricFamily(
+            "meshlet_cp_registrations_restored",
+            "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
+        )
+        restored.add_metric([], stats.restored_total)
+        yield restored
         samples = push.hub.convergence
         buckets, total = [], 0.0
         for bound in CONVERGENCE_BUCKETS:
@@ -438,14 +470,27 @@ def prometheus_target(instance: Any) -> dict[str, Any]:
     return {"targets": [instance.admin], "labels": labels}
 
 
+MAX_API_BODY = 4 * 1024 * 1024  # a PUT of policy files or a rollback; read with a running count
+
+
 async def _json_body(request: Request) -> dict[str, Any] | Response:
+    raw = await read_body(request, MAX_API_BODY)
+    if isinstance(raw, Response):
+        return raw
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         return _bad("the body must be JSON")
     if not isinstance(body, dict):
         return _bad("the body must be a JSON object")
     return body
+
+
+def _store_failed(exc: StoreError) -> Response:
+    """The store could not be read or written: say which file and what to do, never a traceback.
+    A full disk is 507 Insufficient Storage (WebDAV's, as etcd and S3 gateways answer it)."""
+    log.error("%s", exc)
+    return JSONResponse({"problems": [str(exc)]}, status_code=507 if isinstance(exc, StoreFull) else 500)
 
 
 def _bad(message: str) -> Response:

@@ -20,7 +20,7 @@ from .policies import PolicyStore
 from .policy import PolicyError
 from .registry import Registry
 from .scraper import Scraper
-from .server import PushServer
+from .server import MAX_CONNECTIONS, PushServer
 from .store import open_store
 
 log = logging.getLogger("meshlet.cp")
@@ -34,6 +34,7 @@ class ControlPlaneOptions:
     data_dir: Path = Path(".meshlet-cp")
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
+    max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
 
 
 async def run(
@@ -54,7 +55,7 @@ async def run(
                 read_policy_files(options.policy), source=f"--policy {options.policy}", now=time.time()
             )
             log.info("policy from %s: version %s (%d changes)", options.policy, result.version, len(result.changes))
-        push = PushServer(registry, policies=policies)
+        push = PushServer(registry, policies=policies, max_connections=options.max_connections)
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             token = api_token(options.data_dir)

@@ -57,6 +57,12 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
     )
     cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
+    cp.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=10_000,  # control_plane.server.MAX_CONNECTIONS (not imported here: keeps the CLI's start fast)
+        help="push-channel connections at once; more are refused and counted (default 10000)",
+    )
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     get = commands.add_parser("get", help="list services, endpoints or policies known to the control plane")
@@ -72,6 +78,8 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         description="Validate policy files and make them the running policy: the files given are the whole "
         "policy (a document left out is removed). Nothing changes on any error; every error is listed as "
         "file:line: field: what is wrong. Then waits until every sidecar has ACKed or NACKed it.",
+        epilog=_APPLY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     apply.add_argument("-f", "--filename", type=Path, required=True, metavar="FILE|DIR", help="a file or directory")
     apply.add_argument("--dry-run", action="store_true", help="validate and show what would change; apply nothing")
@@ -79,7 +87,12 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
     _api_option(apply)
     _token_options(apply)
 
-    rollback = commands.add_parser("rollback", help="apply an earlier policy version again")
+    rollback = commands.add_parser(
+        "rollback",
+        help="apply an earlier policy version again",
+        epilog=_APPLY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     rollback.add_argument("version", help="a version from `meshlet get policies --history` (a prefix will do)")
     rollback.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s)")
     _api_option(rollback)
@@ -143,6 +156,12 @@ def run(args: argparse.Namespace) -> int:
         if args.command in ("stat", "top"):
             return stat_cli.run(args)
         return _status(args)
+    except httpx.HTTPStatusError as exc:  # it answered, with an error: say what it said
+        print(
+            f"meshlet: the control plane answered {exc.response.status_code}: {_problems(exc.response)}",
+            file=sys.stderr,
+        )
+        return 1
     except httpx.HTTPError as exc:
         print(
             f"meshlet: cannot reach the control plane API at {args.api}: {exc}\n"
@@ -163,7 +182,13 @@ def _control_plane(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     options = ControlPlaneOptions(
-        listen=args.listen, api=args.api, store=args.store, data_dir=args.data_dir, ttl=args.ttl, policy=args.policy
+        listen=args.listen,
+        api=args.api,
+        store=args.store,
+        data_dir=args.data_dir,
+        ttl=args.ttl,
+        policy=args.policy,
+        max_connections=args.max_connections,
     )
     try:
         trio.run(run, options)
@@ -179,6 +204,17 @@ def _control_plane(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _problems(response: httpx.Response, sep: str = "; ") -> str:
+    """What an error answer says: its JSON "problems", else its text."""
+    try:
+        problems = response.json()["problems"]
+        if isinstance(problems, list) and problems:
+            return sep.join(map(str, problems))
+    except (ValueError, KeyError, TypeError):
+        pass
+    return response.text.strip()[:500] or response.reason_phrase
 
 
 def _fetch(api: str, path: str) -> Any:
@@ -253,7 +289,7 @@ def _status(args: argparse.Namespace) -> int:
             s["service"],
             _yes(s["connected"]),
             f"{s['last_seen_s']:.1f}s ago",
-            _yes(s["ready"]),
+            _yes(s["ready"]) if s.get("registered", True) else "[red]not registered[/]",
             _watching(s["watching"].get("endpoints")),
             version,
             "[green]yes[/]" if acked == version != "-" else acked,
@@ -376,12 +412,24 @@ def _rollback(args: argparse.Namespace) -> int:
     return _applied(args, response, False)
 
 
+_APPLY_EXIT_CODES = """exit codes:
+  0  applied (or nothing to change), and every connected sidecar ACKed it
+  1  nothing was applied: invalid, refused, or the control plane failed or could not be reached
+  3  applied, but not confirmed by every sidecar: a NACK, no answer within --wait, or the
+     control plane stopped answering while waiting (see `meshlet status`)"""
+
+# `meshlet apply` and `rollback` exit with:
+EXIT_APPLIED = 0  # applied (or nothing to change) and every connected sidecar ACKed it
+EXIT_NOT_APPLIED = 1  # nothing changed: invalid, refused, or the control plane failed or was unreachable
+EXIT_UNCONFIRMED = 3  # applied, but not confirmed by every sidecar: a NACK, no answer in time, or the
+# control plane stopped answering while we waited (`meshlet status` tells which)
+
+
 def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) -> int:
     console = _console()
-    if response.status_code in (400, 401, 422):
-        print("meshlet: nothing was applied:\n" + "\n".join(response.json()["problems"]), file=sys.stderr)
-        return 1
-    response.raise_for_status()
+    if response.status_code >= 400:
+        print(f"meshlet: nothing was applied:\n{_problems(response, sep=chr(10))}", file=sys.stderr)
+        return EXIT_NOT_APPLIED
     result = response.json()
     for change in result["changes"]:
         colour = {"added": "green", "changed": "yellow", "removed": "red"}[change["change"]]
@@ -394,7 +442,16 @@ def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) 
         console.print(f"unchanged: version {result['version'] or '(empty)'} is already running")
         return 0
     console.print(f"applied: version {result['version'] or '(empty)'} (was {result['previous'] or 'none'})")
-    return _wait_for_sidecars(args, console) if args.wait > 0 else 0
+    if args.wait <= 0:
+        return EXIT_APPLIED
+    try:
+        return _wait_for_sidecars(args, console)
+    except httpx.HTTPError as exc:
+        console.print(
+            "[yellow]applied, but not confirmed by every sidecar[/]: the control plane stopped answering "
+            f"while we waited ({exc}); once it is back, `meshlet status` shows what each sidecar holds"
+        )
+        return EXIT_UNCONFIRMED
 
 
 def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
@@ -419,7 +476,10 @@ def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
         console.print(f"  [red]NACK[/] {s['node']}: {s['last_nack']['message']}")
     if late:
         console.print(f"[yellow]{late} sidecar(s) did not answer within {args.wait:g} s[/] (see `meshlet status`)")
-    return 1 if nacked or late else 0
+    if nacked or late:
+        console.print("[yellow]applied, but not confirmed by every sidecar[/]")
+        return EXIT_UNCONFIRMED
+    return EXIT_APPLIED
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -598,3 +658,13 @@ def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
             f"[{style}]{row.status}[/]",
         )
     return table
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

@@ -17,6 +17,7 @@ Time is passed in (wall-clock seconds, for people to read); nothing here reads a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import msgpack
 
 from . import wire
 from .policy import Document, PolicyError, load_documents
-from .store import Store
+from .store import Store, StoreError
 
 HISTORY_LIMIT = 50
 _CURRENT = "policies/current"
@@ -102,7 +103,11 @@ class PolicyStore:
         raw = await self.store.get(_CURRENT)
         if raw is None:
             return
-        current = await self._read(int(raw.decode()))
+        try:
+            seq = int(raw.decode())
+        except (UnicodeDecodeError, ValueError):
+            raise _corrupt(self.store, _CURRENT, f"{raw[:40]!r} is not a version number") from None
+        current = await self._read(seq)
         if current is None:
             raise PolicyError([f"store: policies/current names version {raw.decode()}, which is not in the history"])
         self.documents = load_documents(current.files)
@@ -120,8 +125,14 @@ class PolicyStore:
             return ApplyResult(version, self.version, changes, applied=False)
         seq = (self.current.seq if self.current else 0) + 1
         entry = Version(seq, version, now, source, tuple(files))
-        await self.store.put(f"{_HISTORY}{seq:08d}", _encode(entry))
-        await self.store.put(_CURRENT, str(seq).encode())  # the switch: after the entry is durable
+        key = f"{_HISTORY}{seq:08d}"
+        await self.store.put(key, _encode(entry))
+        try:
+            await self.store.put(_CURRENT, str(seq).encode())  # the switch: after the entry is durable
+        except StoreError:
+            with contextlib.suppress(StoreError):  # not applied: leave no history entry claiming it was
+                await self.store.delete(key)
+            raise
         for key, _ in (await self.store.items(_HISTORY))[:-HISTORY_LIMIT]:
             await self.store.delete(key)
         previous = self.version
@@ -129,7 +140,9 @@ class PolicyStore:
         return ApplyResult(version, previous, changes, applied=True)
 
     async def history(self) -> list[Version]:
-        entries = [_decode(raw) for _, raw in await self.store.items(_HISTORY)]
+        """Every version kept, newest first. StoreError (naming the file and the entry) if one
+        cannot be read."""
+        entries = [_decode(raw, self.store, key) for key, raw in await self.store.items(_HISTORY)]
         return sorted(entries, key=lambda v: v.seq, reverse=True)
 
     async def rollback(self, version: str, *, now: float) -> ApplyResult:
@@ -141,8 +154,9 @@ class PolicyStore:
         raise PolicyError([f"version {version!r} is not in the history (latest: {known})"])
 
     async def _read(self, seq: int) -> Version | None:
-        raw = await self.store.get(f"{_HISTORY}{seq:08d}")
-        return None if raw is None else _decode(raw)
+        key = f"{_HISTORY}{seq:08d}"
+        raw = await self.store.get(key)
+        return None if raw is None else _decode(raw, self.store, key)
 
     def resources(self) -> dict[str, tuple[str, Any]]:
         """What every sidecar should hold of type ``policies``: "Kind/name" → (version, body)."""
@@ -175,14 +189,36 @@ def _encode(entry: Version) -> bytes:
     )
 
 
-def _decode(raw: bytes) -> Version:
-    data = msgpack.unpackb(raw, raw=False)
-    return Version(
-        int(data["seq"]),
-        str(data["version"]),
-        float(data["applied_at"]),
-        str(data["source"]),
-        tuple((str(name), str(text)) for name, text in data["files"]),
+def _decode(raw: bytes, store: Store, key: str) -> Version:
+    """A history entry; StoreError naming the file and the entry when its bytes are damaged."""
+    try:
+        data = msgpack.unpackb(raw, raw=False)
+        files = data["files"]
+        if not isinstance(files, list) or not all(
+            isinstance(f, list) and len(f) == 2 and all(isinstance(x, str) for x in f) for f in files
+        ):
+            raise ValueError("files is not a list of [name, text] pairs")
+        return Version(
+            int(data["seq"]),
+            _text(data["version"], "version"),
+            float(data["applied_at"]),
+            _text(data["source"], "source"),
+            tuple((name, text) for name, text in files),
+        )
+    except Exception as exc:  # msgpack raises several types for damaged bytes; so do the lookups
+        raise _corrupt(store, key, f"{type(exc).__name__}: {exc}") from None
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _corrupt(store: Store, key: str, what: str) -> StoreError:
+    return StoreError(
+        f"{store.location}: corrupt entry {key!r}: {what} (restore the file from a backup; or stop the "
+        "control plane, move the file away and apply the policy again: the history is lost)"
     )
 
 

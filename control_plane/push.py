@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import trio
 
 from . import wire
+from .registry import Instance
 from .wire import ENDPOINTS, Resource
 
 log = logging.getLogger("meshlet.cp.push")
@@ -407,6 +408,7 @@ class Session:
     ready: bool = False
     closed: bool = False
     next_ping: float = 0.0
+    instance: Instance | None = None  # what its hello registered: restored if its lease runs out while it lives
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -421,15 +423,18 @@ class Session:
         in flight per type; what arrives meanwhile merges into the next)."""
         return [t for t in wire.RESOURCE_TYPES if t in self.dirty and t not in self.in_flight]
 
-    def to_json(self, now: float) -> dict[str, Any]:
+    def to_json(self, now: float, registered: bool = True) -> dict[str, Any]:
+        """``registered``: whether the registry holds its instance; one it does not is never shown
+        ready (nobody is sent there)."""
         nack = self.last_nack
         return {
             "node": self.node,
             "service": self.service,
             "instance": self.instance_id,
             "connected": not self.closed,
+            "registered": registered,
             "last_seen_s": round(max(0.0, now - self.last_seen), 3),  # seconds since its last message
-            "ready": self.ready,
+            "ready": self.ready and registered,
             "versions": {t: v.type_version() for t, v in self.views.items()},
             "acked": dict(self.conn.acked),
             "watching": {t: None if v.watch is None else sorted(v.watch) for t, v in self.views.items()},

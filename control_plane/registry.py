@@ -16,32 +16,44 @@ shortens nor lengthens the lease: a sidecar whose channel blips and comes back w
 evicted (no endpoint churn for everybody else), and a crashed one goes at most ``ttl`` after its last
 renewal. A draining sidecar deregisters and is removed at once.
 
-Self-preservation (PRODUCT §5, Eureka in controlplane.md §4.1). When the control plane stops hearing
-from many sidecars at once, the likely cause is on our side (a partition between the control plane and
-part of the mesh, a stalled control plane), not many sidecars crashing together. Evicting them would
-tell the sidecars that can still reach them that they are gone; keeping them costs a few failed
-connects that retries and outlier detection absorb. Stale beats over-evicted. :meth:`Registry.expire`
-pauses evictions when both hold:
+A sidecar whose lease ran out while its push channel stayed up (the process was paused: a long GC, CPU
+throttling, a stopped VM) is alive again the moment it speaks: its renewal, readiness report or any
+other message on that live channel puts its registration back at once (:meth:`Registry.restore`,
+counted in ``restored_total``). The channel knows the registration from its hello.
 
-1. More than ``self_preservation_threshold`` (15 %) of the registered instances expire in one TTL
-   window. The expiring ones are those due now plus those evicted in the last ``ttl`` seconds (and not
-   registered again since); the population is the registry plus those evicted. Counting the window
-   rather than one call keeps the rule independent of how often the shell sweeps: the last renewals of
-   partitioned sidecars are spread over the renew interval, so a sweep every second would otherwise
-   see them a few at a time and evict them all.
-2. At least ``self_preservation_min_instances`` (3) instances expire in that window. In a small
+Self-preservation (Eureka's). When the control plane stops hearing from many sidecars at once, the
+likely cause is on our side (a partition between the control plane and part of the mesh, a stalled
+control plane), not many sidecars crashing together. Evicting them would tell the sidecars that can
+still reach them that they are gone; keeping them for a while costs a few failed connects that retries
+and outlier detection absorb. :meth:`Registry.expire` pauses evictions when both hold:
+
+1. More than ``self_preservation_threshold`` (15 %) of the registered instances expired within the
+   moving window of the last ``ttl`` seconds. The expired ones are those whose lease ran out in the
+   window, whether they are still held or already evicted (and not registered again since); the
+   population is the registry plus those evicted in the window. Counting the window rather than one
+   call keeps the rule independent of how often the shell sweeps: the last renewals of partitioned
+   sidecars are spread over the renew interval, so a sweep every second would otherwise see them a
+   few at a time and evict them all.
+2. At least ``self_preservation_min_instances`` (3) instances expired in that window. In a small
    registry a share means nothing: one crash in a registry of 1, 3 or 6 is already over 15 %, which is
    why small Eureka clusters enter self-preservation for a single dead instance and people turn it off.
    One or two leases lapsing together is an ordinary failure (a crash, a host with two sidecars going
    down) and is evicted whatever the registry's size. The floor only matters below 20 instances;
    from 20 up, 15 % is already 3 or more.
 
-While paused nothing is evicted, :attr:`Registry.self_preservation` is true and
-:attr:`Registry.self_preservation_reason` says why (for status and metrics). The first later call that
-finds the rule no longer holds (leases renewed, instances deregistered or registered again, new ones
-joined, the window moved on) turns it off and evicts whatever is due in that same call. It is all or
-nothing: Eureka evicts up to an allowance in random order, which guesses which stale instances are the
-dead ones. Deregistrations are goodbyes, not expiries, and never count.
+Instances that were never ready count in neither number: nobody was sent to them, so losing them
+says nothing about a partition (and evicting them changes no endpoint set). They are evicted when due.
+
+While paused, the instances whose lease ran out within the window are held, :attr:`Registry.
+self_preservation` is true and :attr:`Registry.self_preservation_reason` says why (for status and
+metrics). The hold is bounded: an instance whose lease ran out a whole window ago no longer counts
+and is evicted even while the pause lasts, so a sidecar that is gone for good (``kill -9``) leaves the
+registry at most ``2 × ttl`` (plus a sweep) after its last renewal, and a pause nothing renews ends by
+itself one window after its last expiry. The first call that finds the rule no longer holds (leases
+renewed, instances deregistered or registered again, new ones joined, the window moved on) turns it
+off and evicts whatever is due in that same call. Deregistrations are goodbyes, not expiries, and
+never count. (Eureka keeps self-preservation on until the renewal rate recovers, which never happens
+when the missing instances are dead: that is the outage this bound avoids.)
 """
 
 from __future__ import annotations
@@ -51,7 +63,6 @@ import hashlib
 import json
 import math
 import re
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -172,13 +183,14 @@ def _pushed(instance: Instance | None) -> tuple[str, tuple[tuple[str, str], ...]
 class _Lease:
     expires_at: float
     connected: bool = True
+    ever_ready: bool = False  # only instances that were ready count towards self-preservation
 
 
 @dataclass(frozen=True, slots=True)
 class ExpiryResult:
     removed: tuple[str, ...] = ()  # instance ids evicted by this call, sorted
     changed: frozenset[str] = frozenset()  # services whose ready endpoint set changed
-    held: tuple[str, ...] = ()  # due, but kept by self-preservation, sorted
+    held: tuple[str, ...] = ()  # due within the window, kept by self-preservation, sorted
     self_preservation: bool = False
 
 
@@ -191,6 +203,7 @@ class RegistryStats:
     self_preservation: bool
     self_preservation_reason: str | None
     expired_total: int  # evicted by lease expiry since start (not deregistrations)
+    restored_total: int = 0  # registrations put back by a live channel after their lease ran out
 
 
 class Registry:
@@ -217,8 +230,11 @@ class Registry:
         self._leases: dict[str, _Lease] = {}
         self._by_service: dict[str, set[str]] = {}  # any readiness
         self._ready_cache: dict[str, tuple[tuple[Instance, ...], str]] = {}  # service → (endpoints, version)
-        self._evicted: deque[tuple[float, str]] = deque()  # (when, instance id), the last ttl seconds
+        # Evicted by expiry within the window (instance id → when its lease ran out), ever-ready only;
+        # an id registered again leaves it.
+        self._lapsed: dict[str, float] = {}
         self._expired_total = 0
+        self._restored_total = 0
         self._self_preservation = False
         self._self_preservation_reason: str | None = None
 
@@ -231,8 +247,17 @@ class Registry:
             raise TypeError(f"register takes an Instance, not {type(instance).__name__}")
         old = self._instances.get(instance.instance_id)
         self._replace(old, instance)
-        self._leases[instance.instance_id] = _Lease(now + self.ttl)
+        self._leases[instance.instance_id] = _Lease(now + self.ttl, ever_ready=instance.ready)
+        self._lapsed.pop(instance.instance_id, None)
         return self._changed(old, instance)
+
+    def restore(self, instance: Instance, now: float) -> set[str]:
+        """A sign of life on a live channel whose lease ran out (the sidecar was paused longer than
+        the TTL): register ``instance`` again at once, counted in ``restored_total``. An instance
+        still registered is only renewed (and replaced by ``instance``)."""
+        if instance.instance_id not in self._instances:
+            self._restored_total += 1
+        return self.register(instance, now)
 
     def renew(self, instance_id: str, now: float) -> None:
         """A heartbeat: the lease now runs out at ``now + ttl``."""
@@ -249,6 +274,8 @@ class Registry:
         new = dataclasses.replace(old, ready=ready)
         self._replace(old, new)
         self.renew(instance_id, now)
+        if ready:
+            self._leases[instance_id].ever_ready = True
         return self._changed(old, new)
 
     def disconnected(self, instance_id: str, now: float) -> set[str]:
@@ -272,29 +299,39 @@ class Registry:
     def expire(self, now: float) -> ExpiryResult:
         """Evict the instances whose lease ran out at or before ``now``, unless self-preservation
         holds them (module doc)."""
-        while self._evicted and self._evicted[0][0] <= now - self.ttl:
-            self._evicted.popleft()
-        due = sorted(i for i, lease in self._leases.items() if lease.expires_at <= now)
+        window_start = now - self.ttl  # an expiry at or before this is out of the window
+        if self._lapsed:
+            self._lapsed = {i: at for i, at in self._lapsed.items() if at > window_start}
+        leases = self._leases
+        due = sorted(i for i, lease in leases.items() if lease.expires_at <= now)
         if not due:
             self._preserve(None)
             return ExpiryResult()
-        recent = {i for _, i in self._evicted if i not in self._instances}
-        expiring = len(due) + len(recent)
-        population = len(self._instances) + len(recent)
-        share = expiring / population
-        if expiring >= self.self_preservation_min_instances and share > self.self_preservation_threshold:
+        in_window = [i for i in due if leases[i].ever_ready and leases[i].expires_at > window_start]
+        expiring = len(in_window) + len(self._lapsed)
+        population = sum(1 for lease in leases.values() if lease.ever_ready) + len(self._lapsed)
+        share = expiring / population if population else 0.0
+        held: list[str] = []
+        if in_window and expiring >= self.self_preservation_min_instances and share > self.self_preservation_threshold:
             self._preserve(
                 f"{expiring} of {population} instances ({share:.0%}) expired within one TTL window "
                 f"({self.ttl:g} s), more than {self.self_preservation_threshold:.0%}: evictions paused"
             )
-            return ExpiryResult(held=tuple(due), self_preservation=True)
-        self._preserve(None)
+            held = in_window
+            kept = set(held)
+            due = [i for i in due if i not in kept]  # never ready, or expired a whole window ago
+        else:
+            self._preserve(None)
         changed: set[str] = set()
         for instance_id in due:
+            lease = leases[instance_id]
             changed |= self.deregister(instance_id)
-            self._evicted.append((now, instance_id))
+            if lease.ever_ready and lease.expires_at > window_start:
+                self._lapsed[instance_id] = lease.expires_at
         self._expired_total += len(due)
-        return ExpiryResult(removed=tuple(due), changed=frozenset(changed))
+        return ExpiryResult(
+            removed=tuple(due), changed=frozenset(changed), held=tuple(held), self_preservation=bool(held)
+        )
 
     # readers ---------------------------------------------------------------------------------
 
@@ -352,6 +389,7 @@ class Registry:
             self_preservation=self._self_preservation,
             self_preservation_reason=self._self_preservation_reason,
             expired_total=self._expired_total,
+            restored_total=self._restored_total,
         )
 
     def __len__(self) -> int:

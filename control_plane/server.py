@@ -13,6 +13,7 @@ sidecar that reconnects within the TTL keeps its registration).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -29,7 +30,12 @@ from .wire import ENDPOINTS, POLICIES
 
 log = logging.getLogger("meshlet.cp.server")
 
-HELLO_TIMEOUT = 5.0
+HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then is closed
+MAX_CONNECTIONS = 10_000  # push-channel connections at once (--max-connections); past it refused
+# What connections that have not said hello yet may make us hold, together. Each may buffer up
+# to a hello frame (wire.HELLO_MAX_FRAME); a real hello is a few KiB, so thousands of sidecars
+# reconnecting at once fit, while a peer that sends big frames and no hello is refused past it.
+PRE_HELLO_BUDGET = 32 * 1024 * 1024
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
 ENDPOINT_MEMO_MAX = 100_000  # endpoint bodies kept with their canonical bytes
 KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
@@ -85,8 +91,20 @@ class EndpointsView:
 
 
 class PushServer:
-    def __init__(self, registry: Registry, server_id: str = "meshlet-cp", policies: PolicyStore | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        server_id: str = "meshlet-cp",
+        policies: PolicyStore | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.registry = registry
+        self.max_connections = max_connections
+        self.connections = 0  # open push-channel connections, hello or not
+        self.pre_hello_bytes = 0  # received by connections still waiting for their hello
+        self.pre_hello_budget = PRE_HELLO_BUDGET
+        self.refused = {"max-connections": 0, "pre-hello-budget": 0}  # connections refused, by cap
+        self._refusal_logged = False
         self.policies = policies
         self.server_id = server_id
         self.api_port = 0  # the HTTP API's port, told to sidecars in welcome (where to send spans)
@@ -162,16 +180,30 @@ class PushServer:
         was full; pushes are written by the hub, pings by the keepalive."""
         assert self._nursery is not None
         channel = Channel(io, self._nursery.start_soon)
+        if (cap := self._over_cap()) is not None:
+            self._refuse(channel, io.peer, *cap)
+            return
+        self.connections += 1
         conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
         session: Session | None = None
         try:
             early: list[wire.Message] = []
-            with trio.move_on_after(HELLO_TIMEOUT):
-                while conn.hello is None:
-                    data = await channel.recv()
-                    if not data:
-                        return
-                    early = conn.receive_data(data)
+            held = 0  # counted against the pre-hello budget until the hello is in
+            try:
+                with trio.move_on_after(HELLO_TIMEOUT):
+                    while conn.hello is None:
+                        data = await channel.recv()
+                        if not data:
+                            return
+                        held += len(data)
+                        self.pre_hello_bytes += len(data)
+                        if self.pre_hello_bytes > self.pre_hello_budget:
+                            why = f"connections without a hello hold {self.pre_hello_budget} bytes"
+                            self._refuse(channel, io.peer, "pre-hello-budget", why)
+                            return
+                        early = conn.receive_data(data)
+            finally:
+                self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
             welcome = conn.accept()  # refuses an unknown protocol version before registering anything
@@ -188,28 +220,42 @@ class PushServer:
         except Closed:
             pass
         except ValueError as exc:  # an instance the registry refuses
+            self.protocol_errors += 1
+            log.warning("sidecar at %s: instance refused: %s", io.peer, exc)
             _send_error(channel, "bad-instance", str(exc))
         except Exception:  # a bug of ours: this session ends, the others go on
             log.exception("session with %s failed", io.peer)
         finally:
+            self.connections -= 1
             channel.close()
             if session is not None:
                 self._close(session)
 
+    def _over_cap(self) -> tuple[str, str] | None:
+        if self.connections >= self.max_connections:
+            return "max-connections", f"{self.max_connections} push-channel connections are open (--max-connections)"
+        return None
+
+    def _refuse(self, channel: Channel, peer: str, cap: str, why: str) -> None:
+        """Close a connection over a cap at once, with an error the sidecar logs before it
+        retries (with its backoff). Counted; logged the first time only (a flood would
+        otherwise flood the log too)."""
+        self.refused[cap] += 1
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning(
+                "refusing push-channel connections: %s (first from %s; counted in "
+                "meshlet_cp_connections_refused_total, not logged again)",
+                why,
+                peer,
+            )
+        _send_error(channel, "overloaded", f"the control plane refuses new connections: {why}; retry later")
+        channel.close()
+
     def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str) -> Session:
         hello = conn.hello
         assert hello is not None
-        raw = hello.instance
-        instance = Instance(
-            service=hello.service,
-            instance_id=str(raw.get("instance_id", "")),
-            address=str(raw.get("address", "")),
-            admin=str(raw.get("admin", "")),
-            labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
-            node=hello.node,
-            app_port=raw.get("app_port", 0),
-            ready=bool(raw.get("ready", False)),
-        )
+        instance = instance_from_hello(hello)
         now = trio.current_time()
         self.changed(self.registry.register(instance, now))
         old = self.hub.sessions.get(hello.node)
@@ -229,6 +275,7 @@ class PushServer:
             channel=channel,
             ready=instance.ready,
             next_ping=now + PING_INTERVAL,
+            instance=instance,
         )
         self.hub.add(session)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
@@ -254,11 +301,10 @@ class PushServer:
                 self._handle(session, message)
 
     def _handle(self, session: Session, message: wire.Message) -> None:
+        if session.closed:
+            return  # what followed a bye in the same read: the sidecar is gone
         now = trio.current_time()
-        try:
-            self.registry.renew(session.instance_id, now)
-        except UnknownInstance:  # expired while connected (e.g. self-preservation off, long stall)
-            pass
+        self._renew(session, now)
         if isinstance(message, wire.Ack):
             self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
@@ -288,6 +334,27 @@ class PushServer:
             session.closed = True
             self.hub.remove(session)
             session.channel.close()
+
+    def _renew(self, session: Session, now: float) -> None:
+        """Any message renews the lease. If it ran out while the channel stayed up (the sidecar
+        was paused past the TTL: a long GC, CPU throttling, a stopped VM; the keepalive allows a
+        longer silence), the sidecar is alive again: put its hello's registration back now, not at
+        its next reconnect."""
+        try:
+            self.registry.renew(session.instance_id, now)
+            return
+        except UnknownInstance:
+            pass
+        if session.instance is None:
+            return
+        instance = dataclasses.replace(session.instance, ready=session.ready)
+        self.changed(self.registry.restore(instance, now))
+        log.warning(
+            "sidecar %s (%s/%s): its lease ran out while its channel stayed up (paused?); registration restored",
+            session.node,
+            session.service,
+            session.instance_id,
+        )
 
     async def _keepalive(self) -> None:
         """One task pings every sidecar every ``PING_INTERVAL`` (each on its own phase)
@@ -328,6 +395,40 @@ def _unhealthy(session: Session, now: float, judged_from: float) -> str:
     if blocked is not None and now - max(blocked, judged_from) > PING_INTERVAL:
         return "is not reading"
     return ""
+
+
+def instance_from_hello(hello: wire.Hello) -> Instance:
+    """The instance a hello registers. Field types are the wire's business (WireError, like any
+    malformed message); values the registry's (ValueError from :class:`Instance`)."""
+    raw = hello.instance
+
+    def text(key: str) -> str:
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise wire.WireError("bad-message", f"hello.instance.{key} must be a string, not {type(value).__name__}")
+        return value
+
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise wire.WireError("bad-message", "hello.instance.labels must be a map of strings to strings")
+    app_port = raw.get("app_port", 0)
+    if not isinstance(app_port, int) or isinstance(app_port, bool):
+        raise wire.WireError(
+            "bad-message", f"hello.instance.app_port must be an integer, not {type(app_port).__name__}"
+        )
+    ready = raw.get("ready", False)
+    if not isinstance(ready, bool):
+        raise wire.WireError("bad-message", f"hello.instance.ready must be a boolean, not {type(ready).__name__}")
+    return Instance(
+        service=hello.service,
+        instance_id=text("instance_id"),
+        address=text("address"),
+        admin=text("admin"),
+        labels=labels,
+        node=hello.node,
+        app_port=app_port,
+        ready=ready,
+    )
 
 
 def _send_error(channel: Channel, reason: str, message: str) -> None:

@@ -23,6 +23,7 @@ changes). Policy state is small, so rewriting the whole file per change is cheap
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -46,7 +47,13 @@ class StoreError(Exception):
     """The store cannot be opened or written: the message names the file and what is wrong."""
 
 
+class StoreFull(StoreError):
+    """A write failed for want of space (ENOSPC, or the disk quota, EDQUOT): nothing was changed."""
+
+
 class Store(Protocol):
+    location: str  # what error messages name: the state file's path
+
     async def get(self, key: str) -> bytes | None: ...
 
     async def put(self, key: str, value: bytes) -> int:
@@ -83,6 +90,8 @@ def _check_value(value: object) -> bytes:
 
 class MemoryStore:
     """A dict and a revision counter. Loses everything when the process ends."""
+
+    location = "the memory store"  # what error messages name
 
     def __init__(self) -> None:
         self._items: dict[str, bytes] = {}
@@ -147,6 +156,7 @@ class FileStore(MemoryStore):
         super().__init__()
         self.directory = directory
         self.path = directory / STATE_FILE
+        self.location = str(self.path)
         self._items = items
         self._revision = revision
         self._lock_fd = lock_fd
@@ -318,6 +328,10 @@ def _write_state(path: Path, items: dict[str, bytes], revision: int) -> None:
             raise
         _fsync_directory(path.parent)  # the rename itself must reach the disk
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(
+                f"no space left on device: {path} (nothing was changed; free space on its file system and retry)"
+            ) from e
         raise StoreError(f"{path}: cannot write the state file: {e.strerror or e}") from e
 
 

@@ -47,6 +47,9 @@ import msgpack
 PROTOCOL_VERSIONS = (1, 2)  # spoken by this build, oldest first
 WATCH_VERSION = 2  # the first version with subscriptions (hello.watch, the watch message)
 MAX_FRAME = 16 * 1024 * 1024  # far above any real snapshot; bounds what a peer can make us buffer
+# Until its hello is accepted a peer is nobody: the control plane buffers at most this much for
+# it. A hello lists what the sidecar holds and watches (~30 bytes a name): thousands of services.
+HELLO_MAX_FRAME = 256 * 1024
 _HEADER = struct.Struct(">I")
 
 # Resource types, in the order a snapshot is pushed (make-before-break, as xDS's ADS).
@@ -424,7 +427,7 @@ class FrameDecoder:
     def __init__(self, allowed: frozenset[str] | None = None, max_frame: int = MAX_FRAME) -> None:
         self._buffer = bytearray()
         self._allowed = allowed
-        self._max_frame = max_frame
+        self.max_frame = max_frame  # may be raised later (the server's, once hello is accepted)
 
     def feed(self, data: bytes) -> list[Message]:
         self._buffer += data
@@ -432,8 +435,8 @@ class FrameDecoder:
         buffer = self._buffer
         while len(buffer) >= 4:
             (size,) = _HEADER.unpack_from(buffer)
-            if size > self._max_frame:
-                raise WireError("frame-too-large", f"a frame of {size} bytes (max {self._max_frame})")
+            if size > self.max_frame:
+                raise WireError("frame-too-large", f"a frame of {size} bytes (max {self.max_frame})")
             if len(buffer) < 4 + size:
                 break
             body = bytes(buffer[4 : 4 + size])
@@ -500,7 +503,7 @@ class ServerConnection:
         self.hello: Hello | None = None
         self.protocol_version: int | None = None
         self.closed = False
-        self._decoder = FrameDecoder(UPSTREAM_KINDS)
+        self._decoder = FrameDecoder(UPSTREAM_KINDS, max_frame=HELLO_MAX_FRAME)  # MAX_FRAME once accepted
         self._nonce = 0
         self.pending: dict[str, str] = {}  # type → nonce of the push awaiting an answer
         self.acked: dict[str, str] = {}  # type → version the sidecar confirmed
@@ -540,6 +543,7 @@ class ServerConnection:
                 f"sidecar speaks {list(self.hello.protocol_versions)}, control plane speaks {list(self.versions)}",
             )
         self.protocol_version = chosen
+        self._decoder.max_frame = MAX_FRAME
         return encode(Welcome(chosen, self.server, self.api_port))
 
     def push(

@@ -4,7 +4,8 @@
 * ``POST /api/v2/spans``: a JSON list of v2 spans → 202. A batch with a malformed span is
   refused whole (400, saying which span and why): nothing half-stored. Open to every
   caller, as Zipkin's collector is (the sidecars post without the API token); the body
-  is limited to :data:`MAX_BODY`.
+  is limited to :data:`MAX_BODY` (5 MiB), counted while it is read: a larger one gets 413
+  before it is buffered.
 * ``GET /api/v2/services``, ``/api/v2/spans?serviceName=``, ``/api/v2/traces`` (serviceName,
   spanName, minDuration, maxDuration, endTs, lookback, limit), ``/api/v2/trace/{traceId}``.
 """
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .bodies import read_body
 from .traces import TraceStore
 
 MAX_BODY = 5 * 1024 * 1024
@@ -65,9 +67,9 @@ def _lower(span: dict[str, Any]) -> dict[str, Any]:
 
 def zipkin_routes(store: TraceStore) -> list[Route]:
     async def post_spans(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"problems": [f"the body is over {MAX_BODY} bytes"]}, status_code=413)
+        body = await read_body(request, MAX_BODY)
+        if isinstance(body, Response):
+            return body
         try:
             spans = json.loads(body)
         except ValueError:

@@ -9,7 +9,7 @@ import pytest
 
 from control_plane.policies import PolicyStore
 from control_plane.policy import PolicyError
-from control_plane.store import MemoryStore, open_store
+from control_plane.store import MemoryStore, StoreError, open_store
 
 BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
 BILLING_2 = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443, 10.0.0.8:8443]\n"
@@ -77,3 +77,47 @@ async def test_applied_policy_survives_a_restart(tmp_path: Path) -> None:
         assert again.version == applied.version
         assert set(again.resources()) == {"Service/billing", "Route/item"}
         assert (await again.history())[0].files == (("a.yaml", BILLING), ("r.yaml", ROUTE))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: b"\xc1" + raw[1:],  # not msgpack
+        lambda raw: raw[: len(raw) // 2],  # cut short
+        lambda raw: b"\x93\x01\x02\x03",  # msgpack, but a list where an entry belongs
+        lambda raw: raw.replace(b"files", b"filez"),  # a field missing
+    ],
+)
+async def test_a_damaged_history_entry_names_the_file_and_what_to_do(tmp_path: Path, damage) -> None:  # type: ignore[no-untyped-def]
+    async with open_store("file", tmp_path) as store:
+        policies = PolicyStore(store)
+        await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+        await policies.apply([("a.yaml", BILLING_2)], source="test", now=2.0)
+        key = "policies/history/00000001"
+        await store.put(key, damage(await store.get(key)))
+        expected = f"{tmp_path / 'state.msgpack'}: corrupt entry '{key}': "
+        with pytest.raises(StoreError, match="restore the file from a backup") as info:
+            await policies.history()
+        assert str(info.value).startswith(expected)
+        with pytest.raises(StoreError) as info:
+            await policies.rollback("v", now=3.0)
+        assert str(info.value).startswith(expected)
+        await store.put("policies/history/00000002", damage(await store.get("policies/history/00000002")))
+    async with open_store("file", tmp_path) as store:
+        with pytest.raises(StoreError) as info:
+            await PolicyStore(store).load()  # the running version: at start
+        assert str(info.value).startswith(f"{tmp_path / 'state.msgpack'}: corrupt entry 'policies/history/00000002'")
+
+
+async def test_a_failed_switch_leaves_no_history_entry_behind() -> None:
+    class FailingCurrent(MemoryStore):
+        async def put(self, key: str, value: bytes) -> int:
+            if key == "policies/current":
+                raise StoreError("no space left on device: test")
+            return await super().put(key, value)
+
+    store = FailingCurrent()
+    policies = PolicyStore(store)
+    with pytest.raises(StoreError):
+        await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    assert await policies.history() == [] and policies.version == ""

@@ -529,6 +529,130 @@ def test_an_evicted_instance_that_came_back_does_not_count() -> None:
     assert not reg.self_preservation
 
 
+@pytest.mark.parametrize(
+    "sweeps, held_at_end, removed_by_end",
+    [
+        # Four ready registrations whose sidecars vanish together: 4 of 4 is a mass expiry, held for
+        # one window after the leases ran out (T + 10 .. T + 20), then evicted and the pause ends.
+        ([T + 10], 4, 0),
+        ([T + 10, T + 15, T + 19.9], 4, 0),
+        ([T + 10, T + 15, T + 20], 0, 4),
+        ([T + 10, T + 20, T + 60, T + 600], 0, 4),
+        # a sweep only after the window: nothing left in it to protect
+        ([T + 25], 0, 4),
+    ],
+)
+def test_self_preservation_lets_go_one_window_after_the_expiries(
+    sweeps: list[float], held_at_end: int, removed_by_end: int
+) -> None:
+    reg = fleet(4)
+    removed: list[str] = []
+    result = ExpiryResult()
+    for now in sweeps:
+        result = reg.expire(now)
+        removed += result.removed
+    assert len(result.held) == held_at_end
+    assert reg.self_preservation is (held_at_end > 0)
+    assert len(removed) == removed_by_end == reg.stats().expired_total
+    assert len(reg) == 4 - removed_by_end
+
+
+def test_a_killed_sidecar_is_evicted_while_dead_ones_hold_self_preservation() -> None:
+    """The issue's outage: four registrations that never come back switch self-preservation on;
+    a fifth sidecar, kill -9'd later, must still leave within two TTLs of its last renewal."""
+    reg = fleet(4)  # registered at T, never renewed: their channels dropped
+    for i in range(6):
+        reg.register(inst(f"live-{i}"), T)
+    live = {f"live-{i}" for i in range(6)}
+    killed = "live-0"
+    removed: list[str] = []
+    for second in range(1, 61):
+        now = T + second
+        stale(reg, live - {killed} if second >= 5 else live, now)  # live-0 killed at T + 4
+        removed += reg.expire(now).removed
+    assert killed in removed and killed not in reg
+    assert sorted(removed) == sorted([*(f"item-{i:02d}" for i in range(4)), killed])
+    assert not reg.self_preservation
+    assert [e.instance_id for e in reg.endpoints("item")] == sorted(live - {killed})
+
+
+def test_the_killed_sidecar_goes_at_most_two_ttls_after_its_last_renewal() -> None:
+    reg = fleet(4)
+    reg.register(inst("killed"), T + 5)  # its lease runs out at T + 15, inside the dead four's window
+    for second in range(10, 31):
+        reg.expire(T + second)
+        if second == 19:
+            assert "killed" in reg and reg.self_preservation  # held with the others
+    assert "killed" not in reg and len(reg) == 0
+    assert not reg.self_preservation
+
+
+@pytest.mark.parametrize(
+    "ready, expiring, preserved",
+    [
+        # never-ready registrations (an app that never came up) count in neither number
+        ([False] * 4, 4, False),
+        ([True, True, False, False], 4, False),  # 2 ready ones lapse: an ordinary failure
+        ([True, True, True, False], 4, True),  # 3 of 3 ready
+        ([True] * 3 + [False] * 17, 3, True),  # 3 of the 3 that were ever ready
+        ([True] * 20, 3, False),  # 3 of 20: 15 %, not more
+    ],
+)
+def test_never_ready_instances_do_not_count(ready: list[bool], expiring: int, preserved: bool) -> None:
+    reg = Registry()
+    ids = [f"item-{i:02d}" for i in range(len(ready))]
+    for instance_id, is_ready in zip(ids, ready, strict=True):
+        reg.register(inst(instance_id, ready=is_ready), T)
+    stale(reg, set(ids[expiring:]), T + 5)
+    result = reg.expire(T + 10)
+    assert result.self_preservation is preserved
+    never_ready_due = [i for i, r in zip(ids[:expiring], ready, strict=False) if not r]
+    assert set(never_ready_due) <= set(result.removed)  # evicted when due, held or not
+    assert len(result.held) == (sum(ready[:expiring]) if preserved else 0)
+
+
+def test_an_instance_that_became_ready_counts() -> None:
+    reg = Registry()
+    for i in range(3):
+        reg.register(inst(f"item-{i}", ready=False), T)
+        reg.set_ready(f"item-{i}", True, T)
+        reg.set_ready(f"item-{i}", False, T)  # was ready once: somebody may have been sent there
+    assert reg.expire(T + 10).self_preservation
+
+
+# a live channel whose lease ran out -------------------------------------------------------------
+
+
+def test_restore_puts_an_expired_registration_back() -> None:
+    """A sidecar paused for 12.5 s (past the 10 s lease) speaks again on its live channel."""
+    reg = Registry()
+    me = inst("item-1")
+    reg.register(me, T)
+    assert reg.expire(T + 10).removed == ("item-1",)
+    with pytest.raises(UnknownInstance):
+        reg.renew("item-1", T + 12.5)
+    assert reg.restore(me, T + 12.5) == {"item"}
+    assert reg.endpoints("item") == (me,)
+    assert reg.lease_expires_at("item-1") == T + 22.5
+    assert reg.stats().restored_total == 1
+    # restoring what is registered only renews it, and is not counted
+    assert reg.restore(me, T + 13) == set()
+    assert reg.lease_expires_at("item-1") == T + 23
+    assert reg.stats().restored_total == 1
+
+
+def test_a_restored_instance_leaves_the_self_preservation_window() -> None:
+    reg = fleet(20)
+    ids = [i.instance_id for i in reg.instances()]
+    stale(reg, set(ids[2:]), T + 5)
+    assert reg.expire(T + 10).removed == tuple(ids[:2])
+    for instance_id in ids[:2]:
+        reg.restore(inst(instance_id), T + 10.5)
+    stale(reg, set(ids[4:]), T + 10.5)
+    assert reg.expire(T + 15).removed == tuple(ids[2:4])  # 2 of 20, the restored two are alive
+    assert not reg.self_preservation
+
+
 # versions -------------------------------------------------------------------------------------
 
 
@@ -668,17 +792,19 @@ class RegistryMachine(RuleBasedStateMachine):
         self._check_changed(before, result.changed)
         assert len(self.reg) == count - len(result.removed)
         assert result.self_preservation == self.reg.self_preservation
-        assert not (result.removed and result.held)
+        assert not set(result.removed) & set(result.held)
+        assert result.self_preservation is bool(result.held)
         self.expired_at = self.now
 
     @precondition(lambda self: self.expired_at is not None)
     @invariant()
     def no_expired_lease_remains_unless_preserving(self) -> None:
         assert self.expired_at is not None
-        if not self.reg.self_preservation:
-            for i in self.reg.instances():
-                # renewals and registrations since the sweep only move leases later
-                assert self.reg.lease_expires_at(i.instance_id) > self.expired_at
+        # renewals and registrations since the sweep only move leases later; self-preservation
+        # holds a lease for at most one window (the TTL) after it ran out
+        oldest = self.expired_at - (self.reg.ttl if self.reg.self_preservation else 0.0)
+        for i in self.reg.instances():
+            assert self.reg.lease_expires_at(i.instance_id) > oldest
 
     @invariant()
     def endpoints_are_the_ready_registered_instances(self) -> None:

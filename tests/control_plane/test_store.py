@@ -24,6 +24,7 @@ from control_plane.store import (
     MemoryStore,
     Store,
     StoreError,
+    StoreFull,
     decode_state,
     encode_state,
     open_store,
@@ -275,11 +276,19 @@ async def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store_module.os, "replace", crash)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StoreFull) as info:
         await s.put("k", b"new")
-    assert str(info.value) == f"{tmp_path / 'state.msgpack'}: cannot write the state file: No space left on device"
+    assert str(info.value) == (
+        f"no space left on device: {tmp_path / 'state.msgpack'} "
+        "(nothing was changed; free space on its file system and retry)"
+    )
     with pytest.raises(StoreError):
         await s.delete("k")
+    monkeypatch.setattr(store_module.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(13, "Denied")))
+    with pytest.raises(StoreError) as info:  # any other failure: named as it is, not as a full disk
+        await s.put("k", b"new")
+    assert not isinstance(info.value, StoreFull)
+    assert str(info.value) == f"{tmp_path / 'state.msgpack'}: cannot write the state file: Denied"
     monkeypatch.undo()
 
     assert await s.get("k") == b"old"  # memory was not changed either

@@ -244,6 +244,21 @@ def test_oversized_frame_rejected_before_its_body_arrives() -> None:
         decoder.feed(struct.pack(">I", 2048) + b"x" * 10)
 
 
+def test_until_hello_is_accepted_the_server_takes_only_small_frames() -> None:
+    from control_plane import wire
+
+    with pytest.raises(WireError, match=f"max {wire.HELLO_MAX_FRAME}"):
+        ServerConnection("cp").receive_data(struct.pack(">I", wire.HELLO_MAX_FRAME + 1))
+    conn = ServerConnection("cp")
+    conn.receive_data(encode(_hello()))
+    with pytest.raises(WireError, match="frame-too-large"):  # received, not yet accepted
+        conn.receive_data(struct.pack(">I", wire.HELLO_MAX_FRAME + 1))
+    conn = ServerConnection("cp")
+    conn.receive_data(encode(_hello()))
+    conn.accept()
+    assert conn.receive_data(struct.pack(">I", wire.HELLO_MAX_FRAME + 1)) == []  # waits for the frame
+
+
 def test_each_side_refuses_the_other_sides_messages() -> None:
     with pytest.raises(WireError, match="unknown-message"):
         ServerConnection("cp").receive_data(encode(Welcome(1, "cp")))

@@ -18,7 +18,7 @@ import trio
 
 from control_plane import wire
 
-from ..helpers import SidecarProcess, run_control_plane, run_sidecar
+from ..helpers import SidecarProcess, run_control_plane, run_sidecar, sample
 from ..origin import Origin
 
 POLL = 0.1
@@ -185,6 +185,55 @@ async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Ori
             # TTL 2 s + lease check (1 s) + push; never the 10 s default.
             assert trio.current_time() - killed_at < 2 + 1 + 2
             assert await item_status() == []
+
+
+async def test_a_sidecar_paused_past_its_lease_is_back_within_one_renew_interval(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """SIGSTOP (a long GC, CPU throttling, a paused VM) for longer than the lease but shorter than
+    the keepalive's 15 s of silence: the lease runs out while the channel stays up. On SIGCONT the
+    sidecar's next message (its ping, every 5 s) puts the registration back at once."""
+    ttl = 7  # above the sidecar's 5 s ping interval, so a running sidecar never lapses
+    async with run_control_plane(tmp_path, extra=["--ttl", str(ttl)]) as cp:
+        push = f"127.0.0.1:{cp.ports['push']}"
+        api = f"http://127.0.0.1:{cp.ports['api']}"
+        async with (
+            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
+            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
+        ):
+            await learns(user, "item", [item.inbound])
+
+            async def item_status() -> dict[str, object]:
+                async with httpx.AsyncClient() as client:
+                    status = (await client.get(f"{api}/v1/status")).json()
+                (found,) = [s for s in status["sidecars"] if s["service"] == "item"]
+                return dict(found, restored=status["registry"]["restored_total"])
+
+            async def gone() -> bool:
+                return await endpoints_of(user, "item") == []
+
+            async def back() -> bool:
+                return await endpoints_of(user, "item") == [item.inbound]
+
+            os.killpg(item.process.pid, signal.SIGSTOP)
+            try:
+                await eventually(gone, "the paused item's lease ran out", timeout=ttl + 5)
+                status = await item_status()
+                # its channel is still up, but the registry no longer has it: never shown ready
+                assert (status["connected"], status["registered"], status["ready"]) == (True, False, False)
+            finally:
+                os.killpg(item.process.pid, signal.SIGCONT)
+            await eventually(back, "the item's endpoint restored on its next ping", timeout=5 + 2)
+            status = await item_status()
+            assert (status["connected"], status["registered"], status["ready"], status["restored"]) == (
+                True,
+                True,
+                True,
+                1,
+            )
+            response = await calls(user, "item")
+            assert (response.status_code, response.text) == (200, "hello")
+        assert "registration restored" in cp.log()
 
 
 async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Origin) -> None:
@@ -506,3 +555,201 @@ async def test_sighup_reload_of_static_keeps_pushed_endpoints(tmp_path: Path, or
                 )
 
             await eventually(reloaded, "the reload swaps the static part and keeps what was pushed", timeout=5)
+
+
+async def _post_until_answered(port: int, head: bytes, chunk: bytes, total: int) -> tuple[bytes, int]:
+    """Send ``head``, then ``chunk`` (already framed) until ``total`` bytes of it went or the
+    server answered and closed; returns (the answer, the body bytes sent by then)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    sent = 0
+    answer = b""
+    async with stream, trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            nonlocal sent
+            try:
+                await stream.send_all(head)
+                while sent < total:
+                    await stream.send_all(chunk)
+                    sent += len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the server answered and closed: what we meant to see
+            await trio.sleep_forever()  # the answer decides when this ends
+
+        nursery.start_soon(send)
+        with trio.move_on_after(60):
+            try:
+                while data := await stream.receive_some(65536):  # the answer says connection: close
+                    answer += data
+            except trio.BrokenResourceError:
+                pass  # reset after the answer: the server did not read the rest
+        nursery.cancel_scope.cancel()
+    return answer, sent
+
+
+@pytest.mark.parametrize("path", ["/api/v2/spans", "/v1/policies"])
+async def test_a_body_over_the_limit_is_refused_while_it_is_still_sent(tmp_path: Path, path: str) -> None:
+    """The API counts a body as it reads it: 413 comes before the client is done sending, so a
+    300 MB POST never sits in the control plane's memory. A declared length over the limit is
+    refused before a byte of the body is read."""
+    async with run_control_plane(tmp_path) as cp:
+        port = cp.ports["api"]
+        token = (tmp_path / "cp" / "api-token").read_text().strip()
+        method = "POST" if path.endswith("spans") else "PUT"
+        auth = f"authorization: Bearer {token}\r\n".encode()
+        total = 64 * 1024 * 1024  # far over either limit (5 MiB spans, 4 MiB policies)
+        piece = b"[" + b" " * (256 * 1024 - 2) + b"\n"
+        chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nhost: cp\r\ntransfer-encoding: chunked\r\n".encode() + auth + b"\r\n"
+        answer, sent = await _post_until_answered(port, head, chunk, total)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent < total  # answered while the client was still sending
+
+        declared = f"{method} {path} HTTP/1.1\r\nhost: cp\r\ncontent-length: 300000000\r\n".encode() + auth + b"\r\n"
+        answer, sent = await _post_until_answered(port, declared, b"x" * 65536, 300_000_000)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"over 4194304 bytes" in answer or b"over 5242880 bytes" in answer
+        assert sent < 300_000_000
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _frames_until_close(stream: trio.SocketStream, timeout: float) -> tuple[list[wire.Message], bool]:
+    """What the control plane says on ``stream`` until it closes it (True) or ``timeout``."""
+    decoder = wire.FrameDecoder()
+    received: list[wire.Message] = []
+    with trio.move_on_after(timeout):
+        while chunk := await stream.receive_some(65536):
+            received += decoder.feed(chunk)
+        return received, True
+    return received, False
+
+
+async def test_before_hello_a_peer_can_make_the_control_plane_buffer_only_a_few_kib(tmp_path: Path) -> None:
+    """Twenty connections announce 16 MiB frames and start sending them, with no hello: each is
+    refused on the length alone, and the control plane's memory does not grow."""
+    async with run_control_plane(tmp_path) as cp:
+        port = cp.ports["push"]
+        before = _rss_kib(cp.process.pid)
+        streams: list[trio.SocketStream] = []
+        junk = b"\x00" * (1024 * 1024)
+        answers = []
+        for _ in range(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(struct.pack(">I", wire.MAX_FRAME - 1))
+            messages, closed = await _frames_until_close(stream, 1)
+            if not closed:  # waiting for the frame: send 4 MiB of it, to be buffered
+                with trio.move_on_after(2):
+                    for _ in range(4):
+                        await stream.send_all(junk)
+            answers.append((messages, closed))
+            streams.append(stream)
+        grown = _rss_kib(cp.process.pid) - before
+        for stream in streams:
+            await stream.aclose()
+        for messages, closed in answers:
+            assert closed and [type(m) for m in messages] == [wire.Error], messages
+            assert messages[0].reason == "frame-too-large"  # type: ignore[union-attr]
+            assert f"max {wire.HELLO_MAX_FRAME}" in messages[0].message  # type: ignore[union-attr]
+        assert grown < 16 * 1024, f"the control plane grew by {grown} KiB"  # 20 x 4 MiB if buffered
+
+
+async def test_push_connections_are_capped_and_silent_ones_closed(tmp_path: Path) -> None:
+    async with run_control_plane(tmp_path, extra=["--max-connections", "5"]) as cp:
+        port = cp.ports["push"]
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
+        await trio.sleep(0.5)  # let the control plane accept them (what it counts)
+        refused = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            refused.append(await _frames_until_close(stream, 5))
+            await stream.aclose()
+        for messages, closed in refused:
+            assert closed and len(messages) == 1, messages
+            error = messages[0]
+            assert isinstance(error, wire.Error) and error.reason == "overloaded"
+            assert "5 push-channel connections are open" in error.message
+        # those that never say hello are closed after the hello timeout (5 s)
+        for stream in silent:
+            messages, closed = await _frames_until_close(stream, 10)
+            assert closed and messages == []
+            await stream.aclose()
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/metrics")).text
+        assert sample(metrics, "meshlet_cp_connections_refused_total", cap="max-connections") == 3
+        assert sample(metrics, "meshlet_cp_push_connections") == 0
+        # a slot is free again: a sidecar's hello is welcome
+        hello = wire.Hello(
+            (2,), "n-1", "item", {"instance_id": "i-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
+        )
+        messages = await _after_welcome(port, hello, wire.Ping(1))
+        assert isinstance(messages[0], wire.Welcome)
+    assert cp.log().count("refusing push-channel connections") == 1
+
+
+@pytest.mark.parametrize(
+    "instance, reason, says",
+    [
+        ({"labels": [1, 2]}, "bad-message", "hello.instance.labels must be a map of strings to strings"),
+        ({"labels": None}, "bad-message", "hello.instance.labels must be a map"),
+        ({"labels": {"zone": 1}}, "bad-message", "hello.instance.labels must be a map"),
+        ({"app_port": "80"}, "bad-message", "hello.instance.app_port must be an integer, not str"),
+        ({"ready": "yes"}, "bad-message", "hello.instance.ready must be a boolean, not str"),
+        ({"address": 9}, "bad-message", "hello.instance.address must be a string, not int"),
+        ({"address": "nowhere"}, "bad-instance", "address 'nowhere' is not HOST:PORT"),
+        ({"app_port": 70000}, "bad-instance", "app_port 70000"),
+    ],
+)
+async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(
+    tmp_path: Path, instance: dict[str, object], reason: str, says: str
+) -> None:
+    async with run_control_plane(tmp_path) as cp:
+        fields = {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", **instance}
+        answer = await _raw_session(cp.ports["push"], wire.encode(wire.Hello((1, 2), "bad-1", "x", fields)))
+        (error,) = wire.FrameDecoder().feed(answer)  # no welcome: nothing was registered
+        assert isinstance(error, wire.Error) and error.reason == reason and says in error.message, error
+        async with httpx.AsyncClient() as client:
+            status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
+        assert status["sidecars"] == [] and status["registry"]["instances"] == 0
+        log = cp.log()
+        assert "Traceback" not in log
+        (line,) = [line for line in log.splitlines() if "sidecar at 127.0.0.1" in line]
+        assert says in line
+
+
+async def test_connections_without_hello_share_a_bounded_buffer(tmp_path: Path) -> None:
+    """Each sends most of a hello-sized frame and no hello: together they may hold 32 MiB; past
+    that, a connection is refused at once."""
+    async with run_control_plane(tmp_path) as cp:
+        port = cp.ports["push"]
+        part = struct.pack(">I", wire.HELLO_MAX_FRAME - 4) + b"\x00" * (192 * 1024)
+        streams = []
+        reset = 0  # refused while we were still sending: the close resets the connection
+        for _ in range(180):  # 180 x 196 KiB = 35 MiB
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await stream.send_all(part)
+                streams.append(stream)
+            except trio.BrokenResourceError:
+                reset += 1
+                await stream.aclose()
+        answers = []
+        for stream in streams:
+            try:
+                answers.append(await _frames_until_close(stream, 10))  # the rest: closed at the hello timeout
+            except trio.BrokenResourceError:
+                reset += 1
+            await stream.aclose()
+        refused = [m for m, _ in answers if m]
+        assert all(isinstance(m[0], wire.Error) and m[0].reason == "overloaded" for m in refused), refused
+        assert all("connections without a hello hold 33554432 bytes" in m[0].message for m in refused)  # type: ignore[union-attr]
+        assert all(closed for _, closed in answers)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/metrics")).text
+        count = sample(metrics, "meshlet_cp_connections_refused_total", cap="pre-hello-budget")
+        assert count == len(refused) + reset >= 10

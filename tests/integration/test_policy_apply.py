@@ -5,9 +5,13 @@ the sidecar's ACK, and applied policy surviving a restart."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
+import msgpack
+import pytest
 import trio
 
 from ..helpers import run_control_plane, run_sidecar
@@ -151,7 +155,7 @@ async def test_writing_policy_needs_the_token(tmp_path: Path) -> None:
 
 async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -> None:
     """A sidecar of another version that cannot read a policy NACKs it (a raw wire
-    client plays it): `apply` says so and exits 1, `status` shows the NACK."""
+    client plays it): `apply` says so and exits 3, `status` shows the NACK."""
     from control_plane import wire
 
     (tmp_path / "billing.yaml").write_text(BILLING)
@@ -186,7 +190,8 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
             code, out, err = await meshlet(
                 "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", token, "--wait", "10"
             )
-            assert code == 1, out + err
+            assert code == 3, out + err  # applied, but not confirmed by every sidecar
+            assert "applied, but not confirmed by every sidecar" in out
             assert "0 of 1 sidecars ACKed, 1 NACKed" in out and "NACK old-1: unknown kind Service" in out
             code, out, _ = await meshlet("status", "-o", "json", "--api", api)
             (old,) = json.loads(out)["sidecars"]
@@ -199,3 +204,124 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
             assert "policies Service/billing: unknown kind Service" in out
             nursery.cancel_scope.cancel()
         await stream.aclose()
+
+
+async def _silent_sidecar(port: int, node: str) -> trio.SocketStream:
+    """A raw push-channel client that says hello and then never answers anything."""
+    from control_plane import wire
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    hello = wire.Hello(
+        (1, 2), node, "old", {"instance_id": node, "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}, {}, {}
+    )
+    await stream.send_all(wire.ClientConnection(hello).hello())
+    return stream
+
+
+async def test_apply_says_applied_but_unconfirmed_when_the_control_plane_dies_while_it_waits(tmp_path: Path) -> None:
+    (tmp_path / "billing.yaml").write_text(BILLING)
+    async with run_control_plane(tmp_path) as cp:
+        api, token = f"127.0.0.1:{cp.ports['api']}", str(tmp_path / "cp" / "api-token")
+        stream = await _silent_sidecar(cp.ports["push"], "mute-1")  # apply waits for its ACK
+        result: list[tuple[int, str, str]] = []
+
+        async def apply() -> None:
+            result.append(
+                await meshlet(
+                    "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", token, "--wait", "30"
+                )
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(apply)
+            with trio.fail_after(20):
+                while True:  # until the control plane has applied it
+                    code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
+                    if code == 0 and json.loads(out)["version"]:
+                        break
+                    await trio.sleep(0.1)
+            os.killpg(cp.process.pid, signal.SIGKILL)  # dies while apply waits for the ACK
+        await stream.aclose()
+    ((code, out, err),) = result
+    assert "applied: version" in out
+    assert "applied, but not confirmed by every sidecar" in out and "stopped answering" in out, out + err
+    assert code == 3, out + err
+    assert "is `meshlet control-plane` running?" not in err
+
+
+def _corrupt_entry(data_dir: Path, key: str) -> Path:
+    """Overwrite a region in the middle of the state file: the first bytes of one stored value
+    (the file's own structure stays readable, as when a disk damages a block)."""
+    path = data_dir / "state.msgpack"
+    data = bytearray(path.read_bytes())
+    value = msgpack.unpackb(bytes(data), raw=False)["items"][key]
+    at = bytes(data).find(value)
+    assert at > 0
+    data[at : at + 16] = b"\xc1" * 16  # 0xc1: never used by msgpack
+    path.write_bytes(bytes(data))
+    return path
+
+
+async def test_a_corrupted_store_entry_is_named_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "billing.yaml").write_text(BILLING)
+    (tmp_path / "both.yaml").write_text(BILLING + "---\n" + ROUTE)
+    async with run_control_plane(tmp_path) as cp:
+        api, token = f"127.0.0.1:{cp.ports['api']}", str(tmp_path / "cp" / "api-token")
+        for name in ("billing.yaml", "both.yaml"):
+            code, out, err = await meshlet("apply", "-f", str(tmp_path / name), "--api", api, "--token-file", token)
+            assert code == 0, out + err
+        code, out, _ = await meshlet("get", "policies", "--history", "-o", "json", "--api", api)
+        first = json.loads(out)["history"][-1]["version"]
+    path = _corrupt_entry(tmp_path / "cp", "policies/history/00000001")  # not the running one
+    async with run_control_plane(tmp_path) as cp:  # starts: what runs is intact
+        api = f"127.0.0.1:{cp.ports['api']}"
+        code, _, err = await meshlet("get", "policies", "--history", "--api", api)
+        assert code == 1
+        assert f"{path}: corrupt entry 'policies/history/00000001'" in err and "restore the file" in err, err
+        code, _, err = await meshlet("rollback", first, "--api", api, "--token-file", token)
+        assert code == 1 and "nothing was applied" in err
+        assert f"{path}: corrupt entry 'policies/history/00000001'" in err, err
+        assert "is `meshlet control-plane` running?" not in err
+    # the running version damaged: the control plane refuses to start, and says why
+    _corrupt_entry(tmp_path / "cp", "policies/history/00000002")
+    code, _, err = await meshlet(
+        "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--data-dir", str(tmp_path / "cp")
+    )
+    assert code == 1
+    assert f"{path}: corrupt entry 'policies/history/00000002'" in err and "restore the file" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs: needs root")
+async def test_a_full_disk_is_reported_as_a_full_disk(tmp_path: Path) -> None:
+    """A real full file system: the store on a 64 KiB tmpfs, filled up."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    await trio.run_process(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(tiny)])
+    try:
+        (tmp_path / "billing.yaml").write_text(BILLING)
+        async with run_control_plane(tmp_path, extra=["--store", f"file:{tiny}"]) as cp:
+            api, token = f"127.0.0.1:{cp.ports['api']}", str(tmp_path / "cp" / "api-token")
+            with open(tiny / "filler", "wb", buffering=0) as filler:  # take every free block
+                try:
+                    while True:
+                        filler.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            code, out, err = await meshlet(
+                "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", token
+            )
+            assert code == 1, out + err
+            assert f"no space left on device: {tiny / 'state.msgpack'}" in err, err
+            assert "nothing was applied" in err and "is `meshlet control-plane` running?" not in err
+            code, out, _ = await meshlet("get", "policies", "-o", "json", "--api", api)
+            assert json.loads(out)["version"] == ""  # nothing changed
+            # room again: the same apply goes through
+            (tiny / "filler").unlink()
+            code, out, err = await meshlet(
+                "apply", "-f", str(tmp_path / "billing.yaml"), "--api", api, "--token-file", token
+            )
+            assert code == 0, out + err
+        assert "no space left on device" in cp.log()
+    finally:
+        await trio.run_process(["umount", "-l", str(tiny)], check=False)
