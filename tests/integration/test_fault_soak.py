@@ -332,7 +332,6 @@ def test_every_response_belongs_to_its_request(soak: SoakResult) -> None:
     assert not wrong and not twice, "\n".join(wrong[:20] + twice[:20])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 2: a sidecar paused past its lease never re-registers")
 def test_no_registration_is_lost_past_a_lease(soak: SoakResult) -> None:
     assert not soak.registration, "\n".join(soak.registration)
 
