@@ -5,14 +5,15 @@
 What runs (all on 127.0.0.1, port 0):
 
 * three *recording origins* (raw sockets, h11 as an independent parser): each records
-  exactly the bytes its upstream connections received and the requests h11 read from them,
-  closes a keep-alive connection after ``--origin-keepalive`` idle seconds (as app servers
-  do; the proxies' pooled connections go stale), and answers every request with 200 and a body carrying a per-request marker
-  (``It Works marker=<origin>-<n>``, and an ``X-Origin-Marker`` header, which HEAD gets alone), so a response is matched to the request it answers;
+  exactly the bytes its upstream connections received and the requests h11 read from
+  them; it closes a keep-alive connection idle for ``--origin-keepalive`` seconds (as app
+  servers do, so the proxies' pooled connections go stale) and answers every request with
+  200, an ``X-Origin-Marker`` header and a body ``It Works marker=<origin>-<n>`` (HEAD: the
+  header alone), so each response is matched to the request it answers;
 * one sidecar in static mode: its inbound listener's app is origin ``inbound``; its
-  outbound listener routes the services ``localhost``, ``a``, ``whatever`` and ``fanout`` (the Host values
-  the suites send) to origin ``outbound``;
-  (a Host value naming none of them is sent as ``localhost`` to that listener only);
+  outbound listener routes the services ``localhost``, ``a``, ``whatever`` and ``fanout``
+  (the Host values the suites send) to origin ``outbound`` (a Host naming none of them is
+  sent as ``localhost``, to that listener only);
 * HAProxy (Debian's), ``mode http``, in front of origin ``haproxy``.
 
 Each vector is sent on its own connection to all three listeners at once and read until

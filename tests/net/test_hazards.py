@@ -1,5 +1,6 @@
-"""The HTTP/1.1 hazard table (shared/reference/http-hazards-and-faults.md §1) as raw-socket
-vectors against a real sidecar, on its inbound and its outbound listener.
+"""The HTTP/1.1 hazards of RFC 9110/9112 (framing, field syntax, chunking, Host, hop-by-hop
+fields, sizes, slow clients, misbehaving upstreams) as raw-socket vectors against a real
+sidecar, on its inbound and its outbound listener.
 
 Each row is the bytes a client sends and the two outcomes that count as correct: a refusal
 (one of ``reject``'s statuses, and the origin saw nothing) or the normalised request the
