@@ -427,6 +427,28 @@ ROWS = [
         xfail=("inbound",),
         reason="issue 15 item 13: an HTTP/1.0 request without Host is forwarded as HTTP/1.1 without Host",
     ),
+    # RFC 9112 §3.2: a Host whose value is not an authority is a 400
+    *(
+        Row(
+            f"host-{name}",
+            head(b"GET /h", b"Host: " + value, b"Connection: close"),
+            reject=(400,),
+            xfail=BOTH,
+            reason="issue 15 item 14: a Host with an invalid value is forwarded (inbound) or 404 no-route (outbound)",
+        )
+        for name, value in (
+            ("with-path", b"conf/path"),
+            ("with-userinfo", b"user@conf"),
+            ("comma-list", b"conf, other"),
+        )
+    ),
+    Row(
+        "asterisk-form-get",
+        head(b"GET *", b"Host: conf", b"Connection: close"),
+        reject=(400,),
+        xfail=BOTH,
+        reason="issue 15 item 14: GET * is forwarded; the asterisk form is for OPTIONS only (Http11Probe)",
+    ),
     # hop-by-hop and forwarding fields
     Row(
         "hop-by-hop-stripped",
@@ -452,6 +474,14 @@ ROWS = [
         forward=Forwarded("POST", body=b"hello"),
         xfail=BOTH,
         reason="issue 15 item 11: the head of an Upgrade request with a body goes to the app, the body never does",
+    ),
+    Row(
+        "upgrade-in-http10-ignored",
+        get(b"Connection: Upgrade", b"Upgrade: websocket", version=b"HTTP/1.0"),
+        reject=(400,),
+        forward=Forwarded(absent=("upgrade",)),
+        xfail=BOTH,
+        reason="issue 15 item 13: an HTTP/1.0 Upgrade is forwarded as an HTTP/1.1 upgrade (RFC 9110 §7.8: ignore it)",
     ),
     Row(
         "via-and-xff-added",
