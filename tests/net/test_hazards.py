@@ -692,16 +692,21 @@ def test_the_next_caller_gets_its_own_answer(
     ],
 )
 def test_a_chunked_body_after_the_app_closed_a_pooled_connection(fresh: Mesh, listener: str) -> None:
+    """Whether the body was already taken when the close is seen is a race inside the
+    sidecar, so the scenario runs eight times: each must end in 200 with the body."""
     port = fresh.ports[listener]
-    fresh.origin.start("close-after")
-    assert exchange(port, get(target=b"/canned/close-after")).final == 200
-    assert fresh.origin.closed_idle.wait(5)
-    fresh.origin.result("close-after")
-    fresh.origin.start("chunked")
-    reply = exchange(port, post(b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"))
-    seen = fresh.origin.result("chunked")
-    assert reply.final == 200, reply.raw
-    assert [(r.body, r.complete) for r in seen.requests] == [(b"hello", True)]
+    outcomes = []
+    for attempt in range(8):
+        fresh.origin.closed_idle.clear()
+        fresh.origin.start(f"close-after-{attempt}")
+        assert exchange(port, get(target=b"/canned/close-after")).final == 200
+        assert fresh.origin.closed_idle.wait(5)
+        fresh.origin.result(f"close-after-{attempt}")
+        fresh.origin.start(f"chunked-{attempt}")
+        reply = exchange(port, post(b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"))
+        seen = fresh.origin.result(f"chunked-{attempt}")
+        outcomes.append((reply.final, [(r.body, r.complete) for r in seen.requests]))
+    assert outcomes == [(200, [(b"hello", True)])] * 8
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15 item 13: a slow request body ends in 504 timeout, not 408")
