@@ -431,6 +431,8 @@ def verdict(vector: Vector, outcome: Outcome) -> tuple[str, str]:
         return "critical", "the origin served a request the client got no answer for"
     if kind == "origin-400":
         return "warning", "forwarded bytes the origin's parser refused"
+    if kind == "rejected" and outcome.statuses[:1] in ([502], [503], [504]):
+        return "warning", "an upstream error though the origin is healthy: the request was lost"
     if vector.expect == "valid":
         if outcome.complete == vector.messages and outcome.answers == vector.messages:
             return "", ""
