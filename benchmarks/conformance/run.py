@@ -449,7 +449,7 @@ def verdict(vector: Vector, outcome: Outcome) -> tuple[str, str]:
         return "", ""
     if vector.expect.startswith("status:"):
         allowed = vector.expect[len("status:") :].split("|")
-        first = outcome.statuses[0] if outcome.statuses else None
+        first = next((s for s in outcome.statuses if s >= 200), None)  # past a 100 Continue
         ok = any(
             (a == "close" and outcome.closed and first is None)
             or (a.endswith("xx") and first is not None and str(first)[0] == a[0])
@@ -766,7 +766,7 @@ def main() -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         report += [
             f"Run {started_at} on commit {commit.stdout.strip()} by `make conformance` "
-            f"(benchmarks/conformance/run.py; how it classifies: its docstring). {haproxy_version}.",
+            f"(benchmarks/conformance/run.py). {haproxy_version}. How to read it, and the findings: README.md.",
             "",
         ]
         for suite in chosen:
