@@ -67,6 +67,8 @@ CANNED = {
     "extra-response": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nforeign",
     "204-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\nforeign",
+    "304-body": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\nforeign",
+    "hang": b"",  # reads the request, never answers
     "reset-mid-body": b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000,
     "reset-before": b"",
     # answers, then writes a second response while the connection sits idle in the pool
@@ -152,6 +154,9 @@ class RecordingOrigin:
                     if canned in CANNED:
                         if canned.startswith("slow-"):
                             time.sleep(0.3)
+                        if canned == "hang":
+                            time.sleep(5)
+                            return
                         sock.sendall(CANNED[canned])
                         if canned.startswith("reset"):
                             _reset(sock)
@@ -204,11 +209,15 @@ class Mesh:
 
 
 @contextlib.contextmanager
-def sidecar(tmp: Path, origin: RecordingOrigin, *extra: str, defaults: str = "{}") -> Iterator[dict[str, int]]:
+def sidecar(
+    tmp: Path, origin: RecordingOrigin, *extra: str, defaults: str = "{}", services: str = ""
+) -> Iterator[dict[str, int]]:
     """``python -m sidecar`` in its own process group: the origin is its app (inbound) and
-    the one endpoint of the service ``conf`` (outbound); SIGTERM, then SIGKILL, on exit."""
+    the one endpoint of the service ``conf`` (outbound; ``services``: more, YAML flow
+    entries); SIGTERM, then SIGKILL, on exit."""
     static = tmp / "static.yaml"
-    static.write_text(f'defaults: {defaults}\nservices: {{conf: ["127.0.0.1:{origin.port}"]}}\n')
+    more = f", {services}" if services else ""
+    static.write_text(f'defaults: {defaults}\nservices: {{conf: ["127.0.0.1:{origin.port}"]{more}}}\n')
     log = tmp / "sidecar.log"
     argv = [sys.executable, "-m", "sidecar", "sidecar", "--service", "hazards"]
     argv += ["--app", f"127.0.0.1:{origin.port}", "--static", str(static), "--health-path", HEALTH]
@@ -625,6 +634,7 @@ RESPONSE_ROWS = [
     ("head-response-with-body", b"HEAD", "head-body", (200,), ""),
     ("extra-response-after-the-answer", b"GET", "extra-response", (200,), ""),
     ("204-with-body", b"GET", "204-body", (204,), ""),
+    ("304-with-body", b"GET", "304-body", (304,), ""),
     (
         "late-extra-response-while-pooled",
         b"GET",
@@ -779,3 +789,20 @@ def test_a_slow_request_body_is_the_clients_fault(tmp_path: Path) -> None:
         origin.close()
     assert not any(r.complete for r in seen.requests)
     assert reply.final == 408 and reply.closed, reply.raw
+
+
+def test_upstream_failures_are_answered_by_the_sidecar(tmp_path: Path) -> None:
+    """The outbound listener, the service timeout 1 s: an app that never answers is a 504,
+    an endpoint that refuses connections a 503; each names itself in x-meshlet-error."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    down = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    origin = RecordingOrigin()
+    try:
+        with sidecar(tmp_path, origin, defaults="{timeout: 1s}", services=f'down: ["127.0.0.1:{down}"]') as ports:
+            hung = exchange(ports["outbound"], get(target=b"/canned/hang"))
+            refused = exchange(ports["outbound"], head(b"GET /h", b"Host: down", b"Connection: close"))
+    finally:
+        origin.close()
+    assert hung.final == 504 and b"x-meshlet-error: timeout" in hung.raw, hung.raw
+    assert refused.final == 503 and b"x-meshlet-error: connect-failed" in refused.raw, refused.raw
