@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-cp lint clean
+.PHONY: demo test bench bench-cp conformance lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ bench: $(VENV)/.installed
 
 bench-cp: $(VENV)/.installed
 	$(PY) benchmarks/cp_scale.py $(BENCH_CP_ARGS)
+
+# The public HTTP/1.1 suites against the sidecar's listeners, HAProxy beside (needs Debian's
+# haproxy and the suites cloned into CONFORMANCE_SUITES: `make conformance` says how).
+conformance: $(VENV)/.installed
+	CONFORMANCE_SUITES=$(CONFORMANCE_SUITES) $(PY) benchmarks/conformance/run.py $(CONFORMANCE_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check sidecar control_plane tests benchmarks examples
