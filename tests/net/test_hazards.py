@@ -431,8 +431,6 @@ ROWS = [
         head(b"GET http://conf/h", b"Host: other", b"Connection: close"),
         reject=(400,),
         forward=Forwarded(target="/h", equal=(("host", "conf"),)),
-        xfail=("inbound",),
-        reason="issue 15 item 13: the inbound listener forwards the absolute-form target next to a different Host",
     ),
     Row(
         "http10-without-host",
@@ -487,8 +485,6 @@ ROWS = [
         post(b"Connection: Upgrade", b"Upgrade: websocket", b"Content-Length: 5", body=b"hello"),
         reject=(400,),
         forward=Forwarded("POST", body=b"hello"),
-        xfail=BOTH,
-        reason="issue 15 item 11: the head of an Upgrade request with a body goes to the app, the body never does",
     ),
     Row(
         "upgrade-in-http10-ignored",
@@ -635,13 +631,7 @@ RESPONSE_ROWS = [
     ("extra-response-after-the-answer", b"GET", "extra-response", (200,), ""),
     ("204-with-body", b"GET", "204-body", (204,), ""),
     ("304-with-body", b"GET", "304-body", (304,), ""),
-    (
-        "late-extra-response-while-pooled",
-        b"GET",
-        "late-extra-response",
-        (200,),
-        "issue 15 item 1: a pooled upstream connection that became readable while idle is reused",
-    ),
+    ("late-extra-response-while-pooled", b"GET", "late-extra-response", (200,), ""),
 ]
 
 
@@ -708,10 +698,6 @@ STALE_BODIES = {
             framing,
             listener,
             id=f"{framing}-{listener}",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 15 item 12: a body on a stale pooled connection gets 502 and is lost",
-            ),
         )
         for framing in STALE_BODIES
         for listener in LISTENERS
@@ -740,14 +726,7 @@ def test_a_body_after_the_app_closed_a_pooled_connection(fresh: Mesh, framing: s
 @pytest.mark.parametrize(
     "listener",
     [
-        pytest.param(
-            "inbound",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 15 item 12: the one fresh try after a stale connection takes another pooled one "
-                "(the outbound side's retry policy hides it)",
-            ),
-        ),
+        "inbound",
         "outbound",
     ],
 )
@@ -776,7 +755,6 @@ def test_a_get_after_the_app_closed_two_pooled_connections(fresh: Mesh, listener
     assert reply.markers == [r.marker for r in seen.requests] and len(seen.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 13: a slow request body ends in 504 timeout, not 408")
 def test_a_slow_request_body_is_the_clients_fault(tmp_path: Path) -> None:
     """The outbound listener, its service timeout 2 s: the body stops after 3 of 10 bytes."""
     origin = RecordingOrigin()
