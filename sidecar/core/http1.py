@@ -12,11 +12,16 @@ leaves to the application (see shared/reference/http-hazards-and-faults.md):
 * HTTP/0.9 and anything but 1.0/1.1: 400;
 * Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
   (we never forward a coding we did not decode);
-* Host missing or repeated in HTTP/1.1: 400;
+* Host missing or repeated in HTTP/1.1, or not an authority (a path, userinfo, a list,
+  spaces: ``Host: a/b``, ``Host: u@a``, ``Host: a, b``): 400;
+* the asterisk form (``*``) on anything but OPTIONS: 400;
+* a request target longer than the head limit: 414;
+* an Upgrade in HTTP/1.0 is ignored (RFC 9110 §7.8: the request is a plain one);
 * a body (any Content-Length but 0, or chunked) on GET, HEAD, DELETE or TRACE: 400.
   RFC 9110 gives such a body no meaning and names it a smuggling risk; apps commonly
   ignore it and read its bytes as their next request (one the proxy never saw);
-* chunk sizes capped at 16 hex digits (llhttp caps at 64 bits already).
+* chunk sizes: llhttp refuses one that overflows 64 bits (leading zeros are fine); the
+  body is re-chunked on the way out, so a chunk's size and extensions never pass through.
 
 llhttp is callback driven. The readers turn callbacks into a queue of events so the
 trio shell can pull them one at a time (like h11's ``next_event``). The shell feeds at
@@ -30,6 +35,7 @@ answered before the connection is closed for a bad one.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -124,6 +130,10 @@ class ProtocolError(Exception):
 
 END = EndOfMessage()
 _CONNECTION = b"connection"
+# A Host value as RFC 9112 §3.2 allows it: an IP literal or a reg-name, and a port; empty
+# too (a target without an authority). No "/", "@", ",", space or control character: each
+# would let the sidecar route by one name and the app read another.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?")
 # Methods whose body has no defined meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.5, §9.3.8).
 _BODILESS_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"TRACE"))
 
@@ -225,7 +235,7 @@ class _Reader:
             else:
                 self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self.max_head_bytes:
-                self._fail(ProtocolError(431, "header section too large"))
+                self._fail(self._too_large())
 
     def take_upgrade_rest(self) -> bytes:
         """Drain the queue after an upgrade; the bytes that followed the head (tunnel
@@ -237,6 +247,9 @@ class _Reader:
             if type(event) is Upgrade:
                 rest = event.rest
         return rest
+
+    def _too_large(self) -> ProtocolError:
+        return ProtocolError(431, "header section too large")
 
     def _after_stop(self, data: bytes) -> None:  # pragma: no cover - response only
         raise NotImplementedError
@@ -265,7 +278,12 @@ class RequestReader(_Reader):
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > self.max_head_bytes:
-            raise ProtocolError(431, "request target too large")
+            raise ProtocolError(414, "request target too long")
+
+    def _too_large(self) -> ProtocolError:
+        if self._url and not self._headers:  # still in the request line: its target
+            return ProtocolError(414, "request target too long")
+        return super()._too_large()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -305,6 +323,8 @@ class RequestReader(_Reader):
                 head.upgrade = value.strip()
         if hosts > 1:  # which one would route, which one would the app read?
             raise ProtocolError(400, "more than one Host")
+        if hosts and _HOST.fullmatch(head.host.strip(b" \t")) is None:  # type: ignore[union-attr]
+            raise ProtocolError(400, "the Host header is not a host[:port]")
         if connection:
             head.connection = frozenset(connection)
         if version == "1.1":
@@ -314,10 +334,13 @@ class RequestReader(_Reader):
         else:
             head.keep_alive = b"keep-alive" in connection
             head.expect_continue = False
+            head.upgrade = None  # HTTP/1.0 has no Upgrade (RFC 9110 §7.8): a plain request
         if head.upgrade is not None and b"upgrade" not in connection:
             head.upgrade = None
         if head.method == b"CONNECT":
             raise ProtocolError(400, "CONNECT is not supported")
+        if head.target == b"*" and head.method != b"OPTIONS":
+            raise ProtocolError(400, "the asterisk form is for OPTIONS only")
         if head.method in _BODILESS_METHODS and head.has_body:
             raise ProtocolError(
                 400,

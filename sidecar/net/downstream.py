@@ -271,7 +271,7 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
 
 
 async def _reject(conn: _Connection, error: ProtocolError) -> None:
-    reason = errors.HEADERS_TOO_LARGE if error.status == 431 else errors.BAD_REQUEST
+    reason = errors.REJECTIONS.get(error.status, errors.BAD_REQUEST)
     await conn.io.send_all(error_response(reason, error.detail, close=True))
 
 

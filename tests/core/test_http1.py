@@ -252,7 +252,7 @@ def test_head_over_64k_in_one_feed_is_431(raw: bytes) -> None:
     events = request_events(raw)
     assert len(events) == 1
     assert isinstance(events[0], ProtocolError)
-    assert events[0].status == 431
+    assert events[0].status == (414 if raw.startswith(b"GET /aaa") else 431)  # a target too long: 414
 
 
 @pytest.mark.parametrize("piece", [1, 7, 100, 1500, 16 * 1024])
@@ -275,7 +275,7 @@ def test_head_over_64k_trickled_is_431(raw: bytes, piece: int) -> None:
     events = list(reader.events)
     assert len(events) == 1
     assert isinstance(events[0], ProtocolError)
-    assert events[0].status == 431
+    assert events[0].status == (414 if raw.startswith(b"GET /aaa") else 431)  # a target too long: 414
     # Caught while the head is being read, not after buffering far past the limit.
     assert fed <= MAX_HEAD_BYTES + 2 * piece + 2048
 
@@ -1191,3 +1191,40 @@ def test_chunked_end() -> None:
 
 def test_protocol_error_str_is_the_detail() -> None:
     assert str(ProtocolError(400, "bad thing")) == "bad thing"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a", b"item:8080", b"127.0.0.1:15006", b"[::1]:80", b"xn--bcher-kva.example", b"a.b-c_d~e", b""],
+)
+def test_a_host_that_is_an_authority_is_accepted(host: bytes) -> None:
+    events = request_events(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert kinds(events) == ["RequestHead", "EndOfMessage"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a/b", b"user@a", b"a, b", b"a,b", b"a b", b"a\tb", b"a:80/x", b"a?b", b"a#b", b"[::1"],
+)
+def test_a_host_that_is_not_an_authority_is_400(host: bytes) -> None:
+    """The sidecar routes by Host and the app reads it: a value the two could read
+    differently (a path, userinfo, a list) is refused, as RFC 9112 §3.2 asks."""
+    events = request_events(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert isinstance(events[0], ProtocolError) and events[0].status == 400, events
+
+
+def test_the_asterisk_form_is_for_options_only() -> None:
+    assert kinds(request_events(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")) == ["RequestHead", "EndOfMessage"]
+    events = request_events(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(events[0], ProtocolError) and events[0].status == 400
+
+
+def test_an_upgrade_in_http10_is_a_plain_request() -> None:
+    """RFC 9110 §7.8: Upgrade means nothing in HTTP/1.0; what follows the head is the next
+    request, not tunnel bytes."""
+    events = request_events(
+        b"GET /a HTTP/1.0\r\nConnection: Upgrade, keep-alive\r\nUpgrade: websocket\r\n\r\nGET /b HTTP/1.0\r\n\r\n"
+    )
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/a", b"/b"]
+    assert heads[0].upgrade is None and not any(isinstance(e, Upgrade) for e in events)
