@@ -194,6 +194,7 @@ class Sidecar:
         self.deadlines = Deadlines()
         self.pools = UpstreamPools(clock=self.deadlines.clock)
         self.telemetry.connection_stats = self.pools.stats
+        self.telemetry.pool_overflow_stats = self.pools.overflow_stats
         self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)  # inbound: drained
         # The app's own calls (outbound, --upstream ports) are served until the sidecar exits:
         # its requests in flight may still need to call other services to finish.
@@ -436,6 +437,7 @@ class Sidecar:
                     "connections_opened": pool.connects,
                     "requests": pool.requests,
                     "errors": pool.errors,
+                    "overflows": pool.overflows,
                 }
             )
         return out

@@ -34,6 +34,7 @@ HISTOGRAMS = ("durations", "request_bytes", "response_bytes")  # kept per reques
 SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
+POOL_LABELS = ("destination", "endpoint")
 SHADOW_LABELS = ("route", "rule", "decision")
 SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
 SHADOW_DESTINATION_LABELS = ("policy", "destination", "decision")
@@ -77,6 +78,9 @@ class Telemetry:
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        # Called at scrape time: yields (destination, endpoint, requests that found every
+        # connection busy for their connect timeout).
+        self.pool_overflow_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
         # Called at scrape time: yields (listener, open connections, their limit, connections
         # closed at once at the limit, {timeout phase: connections it closed}).
         self.listener_stats: Callable[[], Iterable[tuple[str, int, int, int, dict[str, int]]]] = lambda: ()
@@ -203,6 +207,7 @@ class Telemetry:
             "response_bytes": [[*k, v] for k, v in self.response_bytes.items()],
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
+            "pool_overflows": [list(row) for row in self.pool_overflow_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "shadow_destination": [[*k, v] for k, v in self.shadow_destination.items()],
@@ -234,6 +239,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "response_bytes": {},
         "inflight": {},
         "connections": {},
+        "pool_overflows": {},
         "shadow": {},
         "shadow_access": {},
         "shadow_destination": {},
@@ -258,6 +264,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "requests",
             "inflight",
             "connections",
+            "pool_overflows",
             "shadow",
             "shadow_access",
             "shadow_destination",
@@ -336,6 +343,14 @@ class _Collector:
             "Upstream connections per endpoint: active (carrying a request) or idle (pooled).",
             CONNECTION_LABELS,
             merged["connections"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_pool_overflow",
+            "Requests answered 503 overloaded because every connection to the endpoint (1,024 at most) stayed "
+            "busy for the connect timeout.",
+            POOL_LABELS,
+            merged["pool_overflows"],
         )
         yield _family(
             CounterMetricFamily,
