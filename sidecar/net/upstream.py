@@ -222,7 +222,8 @@ class EndpointPool:
         self.active -= 1
         if reusable:
             conn.reader.events.clear()
-            if self._hand_over(conn):
+            if self._waiters:
+                self._hand_over(conn)
                 return
             if len(self.idle) < self.max_idle:
                 conn.idle_since = self.clock()
