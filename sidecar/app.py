@@ -54,7 +54,7 @@ from .net.io import (
 )
 from .net.transparent import Passthrough, original_destination
 from .net.upstream import Forwarder, UpstreamPools
-from .telemetry import Telemetry, cardinality, render
+from .telemetry import ListenerStats, Telemetry, cardinality, render
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -194,6 +194,7 @@ class Sidecar:
         self.deadlines = Deadlines()
         self.pools = UpstreamPools(clock=self.deadlines.clock)
         self.telemetry.connection_stats = self.pools.stats
+        self.telemetry.pool_overflow_stats = self.pools.overflow_stats
         self.timeouts = Timeouts(self.deadlines, header=options.header_timeout)  # inbound: drained
         # The app's own calls (outbound, --upstream ports) are served until the sidecar exits:
         # its requests in flight may still need to call other services to finish.
@@ -436,6 +437,7 @@ class Sidecar:
                     "connections_opened": pool.connects,
                     "requests": pool.requests,
                     "errors": pool.errors,
+                    "overflows": pool.overflows,
                 }
             )
         return out
@@ -580,11 +582,12 @@ class Sidecar:
         self.connection_limits = {kind: ConnectionLimit(kind, n) for kind, n in chosen.items()}
         return self.connection_limits
 
-    def listener_stats(self) -> list[tuple[str, int, int, int, dict[str, int]]]:
-        """For /metrics: (listener, open connections, limit, closed at once, timed out by phase)."""
+    def listener_stats(self) -> list[ListenerStats]:
+        """For /metrics: (listener, open connections, limit, closed at once, timed out by
+        phase, requests answered by the listener itself by code)."""
         timeouts = {"inbound": self.timeouts, "outbound": self.outbound_timeouts, "admin": self.admin_timeouts}
         return [
-            (kind, limit.open, limit.limit, limit.rejected, timeouts[kind].expired)
+            (kind, limit.open, limit.limit, limit.rejected, timeouts[kind].expired, timeouts[kind].rejected)
             for kind, limit in self.connection_limits.items()
         ]
 

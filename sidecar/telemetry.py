@@ -34,6 +34,7 @@ HISTOGRAMS = ("durations", "request_bytes", "response_bytes")  # kept per reques
 SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
 CONNECTION_LABELS = ("destination", "endpoint", "state")
+POOL_LABELS = ("destination", "endpoint")
 SHADOW_LABELS = ("route", "rule", "decision")
 SHADOW_ACCESS_LABELS = ("policy", "source", "rule", "decision")
 SHADOW_DESTINATION_LABELS = ("policy", "destination", "decision")
@@ -46,6 +47,7 @@ ENDPOINT_LABELS = ("destination", "state")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
 LISTENER_LABELS = ("listener",)
+ListenerStats = tuple[str, int, int, int, dict[str, int], dict[str, int]]
 
 
 class Telemetry:
@@ -77,9 +79,13 @@ class Telemetry:
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
         self.connection_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        # Called at scrape time: yields (destination, endpoint, requests that found every
+        # connection busy for their connect timeout).
+        self.pool_overflow_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
         # Called at scrape time: yields (listener, open connections, their limit, connections
-        # closed at once at the limit, {timeout phase: connections it closed}).
-        self.listener_stats: Callable[[], Iterable[tuple[str, int, int, int, dict[str, int]]]] = lambda: ()
+        # closed at once at the limit, {timeout phase: connections it closed}, {status code:
+        # requests the listener answered itself}).
+        self.listener_stats: Callable[[], Iterable[ListenerStats]] = lambda: ()
         # Called at scrape time: (the config version applied, control plane connected: 1/0, or
         # None without a control plane).
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
@@ -203,6 +209,7 @@ class Telemetry:
             "response_bytes": [[*k, v] for k, v in self.response_bytes.items()],
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
+            "pool_overflows": [list(row) for row in self.pool_overflow_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "shadow_destination": [[*k, v] for k, v in self.shadow_destination.items()],
@@ -217,11 +224,14 @@ class Telemetry:
             "info": [[*self.status()]],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
-            "downstream_open": [[name, n] for name, n, _, _, _ in listeners],
-            "downstream_limit": [[name, n] for name, _, n, _, _ in listeners],
-            "downstream_rejected": [[name, n] for name, _, _, n, _ in listeners],
+            "downstream_open": [[name, n] for name, n, *_ in listeners],
+            "downstream_limit": [[name, n] for name, _, n, *_ in listeners],
+            "downstream_rejected": [[name, n] for name, _, _, n, *_ in listeners],
             "downstream_timeouts": [
-                [name, phase, n] for name, *_, expired in listeners for phase, n in expired.items()
+                [name, phase, n] for name, _, _, _, expired, _ in listeners for phase, n in expired.items()
+            ],
+            "downstream_requests_rejected": [
+                [name, code, n] for name, *_, rejected in listeners for code, n in rejected.items()
             ],
         }
 
@@ -234,6 +244,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "response_bytes": {},
         "inflight": {},
         "connections": {},
+        "pool_overflows": {},
         "shadow": {},
         "shadow_access": {},
         "shadow_destination": {},
@@ -252,12 +263,14 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "downstream_limit": {},
         "downstream_rejected": {},
         "downstream_timeouts": {},
+        "downstream_requests_rejected": {},
     }
     for snap in snapshots:
         for kind in (
             "requests",
             "inflight",
             "connections",
+            "pool_overflows",
             "shadow",
             "shadow_access",
             "shadow_destination",
@@ -274,6 +287,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
             "downstream_limit",
             "downstream_rejected",
             "downstream_timeouts",
+            "downstream_requests_rejected",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -336,6 +350,14 @@ class _Collector:
             "Upstream connections per endpoint: active (carrying a request) or idle (pooled).",
             CONNECTION_LABELS,
             merged["connections"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_pool_overflow",
+            "Requests answered 503 overloaded because every connection to the endpoint (1,024 at most) stayed "
+            "busy for the connect timeout.",
+            POOL_LABELS,
+            merged["pool_overflows"],
         )
         yield _family(
             CounterMetricFamily,
@@ -468,6 +490,14 @@ class _Collector:
             "request-head (a head not complete in time: 408), idle (no next request, or a stalled exchange).",
             ("listener", "phase"),
             merged["downstream_timeouts"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_downstream_requests_rejected",
+            "Requests a listener answered itself before the request path, by status code: 400 (a malformed head "
+            "or a bad chunk read with it), 431 (a head too large), 408 (a head not complete within --header-timeout).",
+            ("listener", "code"),
+            merged["downstream_requests_rejected"],
         )
         info = merged["info"]
         if info.get("version"):

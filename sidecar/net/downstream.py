@@ -78,6 +78,7 @@ class _Connection:
         phase = "request-head" if self.in_head else "first-byte" if self.fresh else "idle"
         self.timeouts.expired[phase] += 1
         if self.in_head:
+            self.timeouts.rejected["408"] += 1
             try:
                 self.io.sock.send(REQUEST_TIMEOUT_RESPONSE)
             except OSError:
@@ -100,9 +101,9 @@ class _Connection:
 
 class Timeouts:
     """The connections' timeouts, and whether the listener is draining (shared by all of
-    its connections: see :meth:`drain`)."""
+    its connections: see :meth:`drain`); with what they counted, for /metrics."""
 
-    __slots__ = ("idle", "header", "deadlines", "draining", "expired")
+    __slots__ = ("idle", "header", "deadlines", "draining", "expired", "rejected")
 
     def __init__(self, deadlines: Deadlines, idle: float = IDLE_TIMEOUT, header: float = HEADER_TIMEOUT) -> None:
         self.deadlines = deadlines
@@ -112,6 +113,10 @@ class Timeouts:
         # Connections closed by a timeout, by what they were doing: first-byte (a new one
         # that sent nothing), request-head (408), idle (no next request, or a stalled exchange).
         self.expired = {"first-byte": 0, "request-head": 0, "idle": 0}
+        # Requests answered here, before the request path (which counts every other one),
+        # by the status sent: a malformed head or body (400), a head too large (431), a
+        # head not complete in time (408).
+        self.rejected = {"400": 0, "408": 0, "414": 0, "431": 0}
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
@@ -272,6 +277,7 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
 
 async def _reject(conn: _Connection, error: ProtocolError) -> None:
     reason = errors.REJECTIONS.get(error.status, errors.BAD_REQUEST)
+    conn.timeouts.rejected[str(reason.status)] += 1
     await conn.io.send_all(error_response(reason, error.detail, close=True))
 
 

@@ -5,7 +5,12 @@ Pool rules (Envoy's, mostly): a connection carries one request at a time; it goe
 to the idle list only if the exchange ended cleanly (whole request sent, whole response
 read, keep-alive on both sides, no stray bytes after the response); idle connections
 expire after ``idle_timeout``; at most ``max_connections`` per endpoint exist at once
-and at most ``max_idle`` wait idle. An idle connection on which anything arrived (a
+and at most ``max_idle`` wait idle. A request that finds all ``max_connections`` busy
+waits, first come first served, for one to be released (handed to it directly) or
+closed (its slot handed over), but no longer than its connect timeout: then it gets 503
+``overloaded`` (Envoy queues such requests as pending and overflows them with a 503;
+without a bound, a flood of slow requests to one app held every later one until the
+client gave up). An idle connection on which anything arrived (a
 response nobody asked for, or the peer's close) is never handed out again: those bytes
 would answer the next caller (Envoy closes an idle upstream connection that becomes
 readable). A reused connection that turns out to have been closed by the peer before it
@@ -19,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 import trio
@@ -102,17 +107,24 @@ class EndpointPool:
         self.active = 0
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._slots = trio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self.open = 0  # connections that exist or are being made: active, idle, connecting
+        # Requests waiting for a connection, oldest first (trio's ParkingLot, with a value):
+        # each is woken with, in its list, a released connection, or None for a slot.
+        self._waiters: OrderedDict[trio.lowlevel.Task, list[UpstreamConnection | None]] = OrderedDict()
         self.requests = 0
         self.errors = 0
         self.connects = 0
+        self.overflows = 0  # requests answered overloaded: no connection came free in time
         self.failing = False  # the last connect failed (logged once until one succeeds)
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.address} [{self.active} active, {len(self.idle)} idle]>"
 
     async def acquire(self, connect_timeout: float, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
-        """A connection for one exchange, and whether it was reused from the idle list."""
+        """A connection for one exchange, and whether it was reused from the idle list.
+        With every connection busy, waits up to ``connect_timeout`` for one, then raises
+        MeshError ``overloaded``."""
         self.requests += 1
         if not fresh:
             now = self.clock()
@@ -123,9 +135,57 @@ class EndpointPool:
                     self.active += 1
                     conn.bytes_received = 0
                     return conn, True
-                self._slots.release()
                 conn.close()
-        await self._slots.acquire()
+                self._slot_freed()
+        if self.open < self.max_connections:
+            self.open += 1
+        else:
+            released = await self._wait(connect_timeout)
+            if released is not None:
+                if not fresh and _quiet(released.io.sock):
+                    self.active += 1
+                    released.bytes_received = 0
+                    return released, True
+                released.close()  # its slot is ours: connect in it
+        return await self._connect(connect_timeout), False
+
+    async def _wait(self, connect_timeout: float) -> UpstreamConnection | None:
+        """Every connection is busy: wait in line for a released connection, or None (a
+        slot to connect in), at most ``connect_timeout``."""
+        task = trio.lowlevel.current_task()
+        waiters = self._waiters
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del waiters[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        handed: list[UpstreamConnection | None] = []
+        with trio.move_on_after(connect_timeout):
+            waiters[task] = handed
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return handed[0]
+        self.overflows += 1
+        raise MeshError(
+            errors.OVERLOADED,
+            f"all {self.max_connections} connections to the upstream stayed busy for {connect_timeout:g}s",
+        )
+
+    def _hand_over(self, conn: UpstreamConnection | None) -> bool:
+        """Give a released connection (or, with None, a freed slot) to the oldest waiting
+        request; False when nobody waits."""
+        if not self._waiters:
+            return False
+        task, handed = self._waiters.popitem(last=False)
+        handed.append(conn)
+        trio.lowlevel.reschedule(task)
+        return True
+
+    def _slot_freed(self) -> None:
+        if not self._hand_over(None):
+            self.open -= 1
+
+    async def _connect(self, connect_timeout: float) -> UpstreamConnection:
+        """A new connection in a slot already taken (given back if it fails)."""
         try:
             with trio.fail_after(connect_timeout):
                 io = await connect(self.endpoint.host, self.endpoint.port)
@@ -139,15 +199,18 @@ class EndpointPool:
             self._connect_failed(why)
             cause = "refused" if exc.errno == errno.ECONNREFUSED else ""
             raise MeshError(errors.CONNECT_FAILED, f"could not connect to the upstream: {why}", cause=cause) from None
+        except BaseException:
+            self._slot_freed()  # cancelled while connecting
+            raise
         self.failing = False
         self.connects += 1
         self.active += 1
-        return UpstreamConnection(io, self), False
+        return UpstreamConnection(io, self)
 
     def _connect_failed(self, why: str) -> None:
         """Count it; log the address once per failing streak. The caller's answer names
         no address: an inbound sidecar's app address is nobody else's business."""
-        self._slots.release()
+        self._slot_freed()
         self.errors += 1
         if not self.failing:
             self.failing = True
@@ -157,27 +220,31 @@ class EndpointPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
-        if reusable and len(self.idle) < self.max_idle:
-            conn.idle_since = self.clock()
+        if reusable:
             conn.reader.events.clear()
-            self.idle.append(conn)
-            return
-        self._slots.release()
+            if self._waiters:
+                self._hand_over(conn)
+                return
+            if len(self.idle) < self.max_idle:
+                conn.idle_since = self.clock()
+                self.idle.append(conn)
+                return
         conn.close()
+        self._slot_freed()
 
     def expire_idle(self, now: float) -> int:
         """Close idle connections past their idle timeout; returns how many."""
         expired = 0
         while self.idle and now - self.idle[0].idle_since >= self.idle_timeout:
             self.idle.popleft().close()
-            self._slots.release()
+            self._slot_freed()
             expired += 1
         return expired
 
     def close_all(self) -> None:
         while self.idle:
             self.idle.pop().close()
-            self._slots.release()
+            self._slot_freed()
 
 
 def _quiet(sock: socket.socket) -> bool:
@@ -196,18 +263,27 @@ def _quiet(sock: socket.socket) -> bool:
 class UpstreamPools:
     """Every endpoint's pool, keyed by address (a pool outlives config snapshots)."""
 
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(
+        self,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.pools: dict[tuple[str, int], EndpointPool] = {}
         self.clock = clock
         # endpoint address → service name, for labels
         self.services: dict[tuple[str, int], str] = {}
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections  # per endpoint
 
     def get(self, endpoint: Endpoint, service: str) -> EndpointPool:
         key = (endpoint.host, endpoint.port)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = EndpointPool(endpoint, idle_timeout=self.idle_timeout, clock=self.clock)
+            pool = self.pools[key] = EndpointPool(
+                endpoint, self.max_connections, idle_timeout=self.idle_timeout, clock=self.clock
+            )
             self.services[key] = service
         return pool
 
@@ -217,6 +293,10 @@ class UpstreamPools:
             address = pool.endpoint.address
             yield service, address, "active", pool.active
             yield service, address, "idle", len(pool.idle)
+
+    def overflow_stats(self) -> Iterator[tuple[str, str, int]]:
+        for key, pool in self.pools.items():
+            yield self.services.get(key, ""), pool.endpoint.address, pool.overflows
 
     async def serve_expiry(self, interval: float = 5.0) -> None:
         while True:

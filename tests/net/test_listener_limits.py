@@ -1,6 +1,7 @@
 """A listener's own limits: a new connection that sends nothing is closed after the header
 timeout, and past its connection limit a listener closes new connections at once (counted,
-logged once) instead of taking descriptors the other listeners need."""
+logged once) instead of taking descriptors the other listeners need. Requests the listener
+answers itself (a malformed, oversized or late head) are counted by code."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -20,7 +23,8 @@ from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
 from sidecar.net.io import ConnectionLimit, Deadlines, derived_connection_limits
 
-from ..helpers import raw_exchange
+from ..helpers import raw_exchange, run_sidecar, sample, write_static
+from ..origin import Origin
 
 LIVE = b"GET /live HTTP/1.1\r\nhost: x\r\n\r\n"
 
@@ -92,6 +96,7 @@ async def test_a_request_head_must_be_complete_within_the_header_timeout_of_the_
         await trio.sleep(0.3)
         assert (await _read_until_closed(slow)).startswith(b"HTTP/1.1 408 ")
     assert listener.timeouts.expired["request-head"] == 1
+    assert listener.timeouts.rejected == {"400": 0, "408": 1, "414": 0, "431": 0}
 
 
 async def test_past_its_limit_a_listener_closes_new_connections_at_once_and_logs_once(
@@ -157,3 +162,28 @@ def test_a_limit_below_one_is_refused_as_bad_usage(capsys: pytest.CaptureFixture
         main(["sidecar", "--service", "a", "--app", "127.0.0.1:1", "--static", "x", "--max-admin-connections", "0"])
     assert exited.value.code == 2
     assert "--max-admin-connections 0: at least 1" in capsys.readouterr().err
+
+
+async def test_requests_a_listener_rejects_itself_are_counted_by_listener_and_code(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """They never reach the request path, so meshlet_requests_total cannot see them."""
+    static = write_static(tmp_path / "s.yaml", {})
+    malformed = b"GET /hello HTTP/1.1\r\nhost: item\r\nno colon here\r\n\r\n"
+    oversized = b"GET /hello HTTP/1.1\r\nhost: item\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n"
+    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=static) as sidecar:
+        inbound, outbound = sidecar.ports["inbound"], sidecar.ports["outbound"]
+        with trio.fail_after(15):
+            assert (await raw_exchange(inbound, malformed)).startswith(b"HTTP/1.1 400 ")
+            assert (await raw_exchange(inbound, malformed)).startswith(b"HTTP/1.1 400 ")
+            assert (await raw_exchange(inbound, oversized)).startswith(b"HTTP/1.1 431 ")
+            assert (await raw_exchange(outbound, oversized)).startswith(b"HTTP/1.1 431 ")
+            async with httpx.AsyncClient() as client:
+                metrics = (await client.get(f"http://{sidecar.admin}/metrics")).text
+    name = "meshlet_downstream_requests_rejected_total"
+    assert sample(metrics, name, listener="inbound", code="400") == 2
+    assert sample(metrics, name, listener="inbound", code="431") == 1
+    assert sample(metrics, name, listener="outbound", code="431") == 1
+    assert sample(metrics, name, listener="outbound", code="400") == 0
+    assert sample(metrics, name) == 4
+    assert sample(metrics, "meshlet_requests_total") == 0  # as before: the request path saw none of them

@@ -1,4 +1,5 @@
-"""The upstream pool's bookkeeping with a fake clock: reuse, idle expiry, bounds."""
+"""The upstream pool's bookkeeping with a fake clock: reuse, idle expiry, bounds; and a
+request past the pool's connection cap, which waits a bounded time for a connection."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import pytest
 import trio
 import trio.testing
 
+from sidecar.app import build_inbound, serve_http
+from sidecar.core import errors
 from sidecar.core.config import Endpoint
 from sidecar.core.errors import MeshError
-from sidecar.net.upstream import EndpointPool
+from sidecar.net.downstream import Timeouts
+from sidecar.net.io import Deadlines
+from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
+from sidecar.telemetry import Telemetry, render
+
+from ..helpers import raw_exchange, sample
 
 
 @pytest.fixture
@@ -60,9 +68,8 @@ async def test_connections_are_bounded(listener: int, autojump_clock: trio.testi
     pool = EndpointPool(Endpoint("127.0.0.1", listener), max_connections=2, max_idle=1)
     first, _ = await pool.acquire(1.0)
     second, _ = await pool.acquire(1.0)
-    with trio.move_on_after(5) as scope:
-        await pool.acquire(1.0)  # a third waits for a slot
-    assert scope.cancelled_caught
+    with trio.fail_after(30), pytest.raises(MeshError):
+        await pool.acquire(1.0)  # a third waits for a slot, for the connect timeout
     pool.release(first, reusable=True)
     pool.release(second, reusable=True)  # max_idle 1: this one is closed, its slot freed
     assert len(pool.idle) == 1
@@ -82,3 +89,98 @@ async def test_connect_refused_is_connect_failed() -> None:
         await pool.acquire(1.0)
     assert info.value.reason.name == "connect-failed"
     assert pool.errors == 1 and pool.active == 0
+
+
+async def test_past_max_connections_a_request_waits_the_connect_timeout_then_is_overloaded(
+    listener: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    pool = EndpointPool(Endpoint("127.0.0.1", listener), max_connections=1)
+    busy, _ = await pool.acquire(1.0)
+    started = trio.current_time()
+    with trio.fail_after(30):  # without a bound of its own, the wait lasted until a slot came free
+        with pytest.raises(MeshError) as info:
+            await pool.acquire(2.5)
+    assert info.value.reason is errors.OVERLOADED
+    assert trio.current_time() - started == pytest.approx(2.5)  # the fake clock: exactly the bound
+    assert pool.overflows == 1 and pool.active == 1 and pool.errors == 0
+    pool.release(busy, reusable=False)
+    fresh, reused = await pool.acquire(1.0)  # the slot came back; the overflow took none
+    assert not reused and pool.active == 1
+    pool.release(fresh, reusable=False)
+
+
+async def test_a_connection_freed_while_a_request_waits_is_handed_to_it(
+    listener: int, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    pool = EndpointPool(Endpoint("127.0.0.1", listener), max_connections=1)
+    busy, _ = await pool.acquire(1.0)
+
+    async def finish_soon() -> None:
+        await trio.sleep(0.5)
+        pool.release(busy, reusable=True)
+
+    nursery.start_soon(finish_soon)
+    conn, reused = await pool.acquire(1.0)
+    assert reused and conn is busy and pool.overflows == 0
+    pool.release(conn, reusable=False)
+
+
+async def test_a_request_that_gives_up_waiting_leaves_the_line_and_no_slot_is_lost(
+    listener: int, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    pool = EndpointPool(Endpoint("127.0.0.1", listener), max_connections=1)
+    busy, _ = await pool.acquire(1.0)
+    got: list[object] = []
+
+    async def impatient() -> None:
+        with trio.move_on_after(0.2):  # e.g. its client went away
+            got.append(await pool.acquire(10.0))
+
+    async def patient() -> None:
+        got.append(await pool.acquire(10.0))
+
+    nursery.start_soon(impatient)
+    await trio.sleep(0.1)
+    nursery.start_soon(patient)
+    await trio.sleep(1)
+    assert got == []  # both waited; the impatient one left without a trace
+    pool.release(busy, reusable=True)
+    await trio.sleep(0.1)
+    assert got == [(busy, True)] and pool.overflows == 0
+    pool.release(busy, reusable=False)
+    assert pool.open == 0 and pool.active == 0
+
+
+async def test_an_inbound_request_past_the_pool_cap_gets_503_overloaded(nursery: trio.Nursery) -> None:
+    """No bulkhead stands before the app's pool on the inbound side: a request that finds
+    every connection to the app busy waits the connect timeout (1 s), then is answered."""
+    accepted = trio.Event()
+
+    async def slow_app(stream: trio.SocketStream) -> None:
+        accepted.set()
+        await trio.sleep_forever()  # reads nothing, answers nothing
+
+    app_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, slow_app, app_listeners)
+    app = Endpoint("127.0.0.1", app_listeners[0].socket.getsockname()[1])
+    deadlines = Deadlines(tick=0.05)
+    await nursery.start(deadlines.serve)
+    pools = UpstreamPools(max_connections=1)
+    telemetry = Telemetry()
+    handler = build_inbound(app, Forwarder(pools, deadlines), telemetry, "item")
+
+    port = await nursery.start(serve_http, "127.0.0.1", 0, handler, Timeouts(deadlines))
+    first = await trio.open_tcp_stream("127.0.0.1", port)
+    await first.send_all(b"GET /slow HTTP/1.1\r\nhost: item\r\n\r\n")
+    with trio.fail_after(5):
+        await accepted.wait()  # the first request holds the only connection to the app
+    answer = await raw_exchange(port, b"GET /next HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n", timeout=5)
+    await first.aclose()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert b"x-meshlet-error: overloaded" in answer
+    assert pools.get(app, "item").overflows == 1
+    telemetry.pool_overflow_stats = pools.overflow_stats  # as the sidecar wires it
+    metrics = render(lambda: [telemetry.snapshot()]).decode()
+    assert sample(metrics, "meshlet_upstream_pool_overflow_total", destination="item", endpoint=app.address) == 1
+    overloaded = {labels: n for labels, n in telemetry.requests.items() if labels[-1] == "overloaded"}
+    assert list(overloaded.values()) == [1] and next(iter(overloaded))[4] == "503"
