@@ -61,7 +61,9 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
         "--max-connections",
         type=_positive_int,
         default=10_000,  # control_plane.server.MAX_CONNECTIONS (not imported here: keeps the CLI's start fast)
-        help="push-channel connections at once; more are refused and counted (default 10000)",
+        metavar="N",
+        help="at most N push-channel connections at once; more are refused (an 'overloaded' error, then "
+        "closed) and counted in meshlet_cp_connections_refused_total (default 10000)",
     )
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
