@@ -36,11 +36,15 @@ FORBIDDEN = Reason("forbidden", 403, b"Forbidden")
 BAD_REQUEST = Reason("bad-request", 400, b"Bad Request")
 HEADERS_TOO_LARGE = Reason("bad-request", 431, b"Request Header Fields Too Large")
 URI_TOO_LONG = Reason("bad-request", 414, b"URI Too Long")
+VERSION_NOT_SUPPORTED = Reason("bad-request", 505, b"HTTP Version Not Supported")
 # The client stopped sending its request (head or body) before the deadline: its fault.
 REQUEST_TIMEOUT = Reason("bad-request", 408, b"Request Timeout")
 
 # What the downstream loop answers for a request it cannot read, by status.
-REJECTIONS = {reason.status: reason for reason in (BAD_REQUEST, HEADERS_TOO_LARGE, URI_TOO_LONG, REQUEST_TIMEOUT)}
+REJECTIONS = {
+    reason.status: reason
+    for reason in (BAD_REQUEST, HEADERS_TOO_LARGE, URI_TOO_LONG, REQUEST_TIMEOUT, VERSION_NOT_SUPPORTED)
+}
 
 ERROR_HEADER = b"x-meshlet-error"
 

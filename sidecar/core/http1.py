@@ -9,7 +9,7 @@ sizes that are not hex or overflow). On top of it this module adds the rules llh
 leaves to the application (see shared/reference/http-hazards-and-faults.md):
 
 * head size and field count limits (llhttp has none): 431;
-* HTTP/0.9 and anything but 1.0/1.1: 400;
+* HTTP/0.9 and 2.0: 505 (llhttp refuses other versions it does not know: 400);
 * Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
   (we never forward a coding we did not decode);
 * Host missing or repeated in HTTP/1.1, or not an authority (a path, userinfo, a list,
@@ -130,10 +130,11 @@ class ProtocolError(Exception):
 
 END = EndOfMessage()
 _CONNECTION = b"connection"
-# A Host value as RFC 9112 §3.2 allows it: an IP literal or a reg-name, and a port; empty
-# too (a target without an authority). No "/", "@", ",", space or control character: each
-# would let the sidecar route by one name and the app read another.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?")
+# A Host value as RFC 9112 §3.2 allows it for an http URI: an IP literal or a non-empty
+# reg-name (RFC 9110 §4.2.1: an http URI with an empty host is invalid), and a port. No "/",
+# "@", ",", space or control character: each would let the sidecar route by one name and
+# the app read another.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]*)?")
 # Methods whose body has no defined meaning (RFC 9110 §9.3.1, §9.3.2, §9.3.5, §9.3.8).
 _BODILESS_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"TRACE"))
 
@@ -295,7 +296,7 @@ class RequestReader(_Reader):
         parser = self._parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            raise ProtocolError(400, f"unsupported HTTP version {version}")
+            raise _unsupported(version)
         head = RequestHead(parser.get_method(), self._url, self._headers, version)
         self._url = b""
         self._headers = []
@@ -382,6 +383,12 @@ class RequestReader(_Reader):
         self._framing_only = True
         self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n\r\n")
         return True
+
+
+def _unsupported(version: str) -> ProtocolError:
+    """A version llhttp parsed other than 1.0 and 1.1 (0.9, 2.0): 505 (RFC 9110 §15.6.6).
+    llhttp itself refuses versions it does not know (1.2, 3.0) with 400."""
+    return ProtocolError(505, f"HTTP/{version} is not supported: HTTP/1.1 is")
 
 
 class ResponseReader(_Reader):

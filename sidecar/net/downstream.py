@@ -116,7 +116,7 @@ class Timeouts:
         # Requests answered here, before the request path (which counts every other one),
         # by the status sent: a malformed head or body (400), a head too large (431), a
         # head not complete in time (408).
-        self.rejected = {"400": 0, "408": 0, "414": 0, "431": 0}
+        self.rejected = {"400": 0, "408": 0, "414": 0, "431": 0, "505": 0}
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
@@ -243,9 +243,10 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
             return  # pragma: no cover - the reader only starts messages with a head
         head: RequestHead = event
         events = conn.reader.events
-        if events and isinstance(events[-1], ProtocolError):
+        if events and isinstance(events[-1], ProtocolError) and EndOfMessage not in map(type, events):
             # The body already read is bad (e.g. an invalid chunk size): answer now,
-            # before anything reaches the upstream.
+            # before anything reaches the upstream. (After this request's end, the error
+            # is the next one's: this one is answered first, as pipelining asks.)
             await _reject(conn, events[-1])
             return
         body = None

@@ -96,7 +96,7 @@ async def test_a_request_head_must_be_complete_within_the_header_timeout_of_the_
         await trio.sleep(0.3)
         assert (await _read_until_closed(slow)).startswith(b"HTTP/1.1 408 ")
     assert listener.timeouts.expired["request-head"] == 1
-    assert listener.timeouts.rejected == {"400": 0, "408": 1, "414": 0, "431": 0}
+    assert listener.timeouts.rejected == {"400": 0, "408": 1, "414": 0, "431": 0, "505": 0}
 
 
 async def test_past_its_limit_a_listener_closes_new_connections_at_once_and_logs_once(

@@ -439,3 +439,25 @@ async def test_connect_failed_shows_the_caller_no_internal_address(tmp_path: Pat
             assert b"127.0.0.1" not in response and b"%d" % port not in response, response
         # The sidecar's own log keeps the detail, once per failing streak.
         assert sidecar.log().count(f"connect to {address.decode()}") == 1, sidecar.log()
+
+
+# --- pipelining: a good request, then bad bytes in the same read ---------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /good HTTP/1.1\r\nHost: item\r\n\r\n",
+        b"POST /good HTTP/1.1\r\nHost: item\r\nContent-Length: 4\r\n\r\nabcd",
+    ],
+    ids=["no-body", "body"],
+)
+async def test_a_good_request_before_bad_bytes_is_answered_first(setup: Setup, first: bytes) -> None:
+    """llhttp's "Emitting part of body and pausing": the bytes after a complete request
+    are garbage. The request is answered (RFC 9112 §9.3.2: in order), then the garbage
+    gets 400 and the connection closes; only the good request reaches the app."""
+    for port in (setup.inbound, setup.outbound):
+        response = await raw_exchange(port, first + b"efgh\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 "), response
+        assert b"HTTP/1.1 400 " in response.partition(b"HTTP/1.1 200 ")[2], response  # after the answer
+    assert [s.request_line.split(b" ")[1] for s in setup.upstream.requests()] == [b"/good", b"/good"]
