@@ -1228,4 +1228,3 @@ def test_an_upgrade_in_http10_is_a_plain_request() -> None:
     heads = [e for e in events if isinstance(e, RequestHead)]
     assert [h.target for h in heads] == [b"/a", b"/b"]
     assert heads[0].upgrade is None and not any(isinstance(e, Upgrade) for e in events)
-
