@@ -384,14 +384,20 @@ def exchange(port: int, data: bytes, idle: float, total: float) -> tuple[bytes, 
 HOST_FIELD = re.compile(rb"(?im)^(host[ \t]*:[ \t]*)([^\r\n]*)")
 
 
+# A well-formed host[:port]: only such a Host is rewritten, so a malformed one (a path,
+# userinfo, a list, spaces) reaches the outbound listener as the suite wrote it.
+AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]*)?")
+
+
 def routable(data: bytes) -> bytes:
-    """For the outbound listener, which routes by Host: a Host value that names no service
-    (``example.com``) becomes ``localhost``; an empty or service-naming one stays."""
+    """For the outbound listener, which routes by Host: a well-formed Host value that names
+    no service (``example.com``) becomes ``localhost``; an empty, malformed or
+    service-naming one stays."""
 
     def replace(match: re.Match[bytes]) -> bytes:
         value = match.group(2).strip()
         service = value.rpartition(b":")[0] if b":" in value else value
-        if not value or service.lower().decode("latin-1") in SERVICES:
+        if not AUTHORITY.fullmatch(value) or service.lower().decode("latin-1") in SERVICES:
             return match.group(0)
         return match.group(1) + b"localhost"
 

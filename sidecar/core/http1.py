@@ -9,7 +9,7 @@ sizes that are not hex or overflow). On top of it this module adds the rules llh
 leaves to the application (see shared/reference/http-hazards-and-faults.md):
 
 * head size and field count limits (llhttp has none): 431;
-* HTTP/0.9 and 2.0: 505 (llhttp refuses other versions it does not know: 400);
+* HTTP/0.9: 400; HTTP/2.0: 505 (llhttp refuses other versions it does not know: 400);
 * Transfer-Encoding other than exactly ``chunked``, or any TE in HTTP/1.0: 400
   (we never forward a coding we did not decode);
 * Host missing or repeated in HTTP/1.1, or not an authority (a path, userinfo, a list,
@@ -386,8 +386,11 @@ class RequestReader(_Reader):
 
 
 def _unsupported(version: str) -> ProtocolError:
-    """A version llhttp parsed other than 1.0 and 1.1 (0.9, 2.0): 505 (RFC 9110 §15.6.6).
-    llhttp itself refuses versions it does not know (1.2, 3.0) with 400."""
+    """A version llhttp parsed other than 1.0 and 1.1: HTTP/2.0 gets 505 (RFC 9110 §15.6.6);
+    an HTTP/0.9 request line, which cannot be answered in its own version, gets 400, as
+    HAProxy answers it. llhttp itself refuses versions it does not know (1.2, 3.0): 400."""
+    if version.startswith("0."):
+        return ProtocolError(400, "HTTP/0.9 is not supported: HTTP/1.1 is")
     return ProtocolError(505, f"HTTP/{version} is not supported: HTTP/1.1 is")
 
 

@@ -139,8 +139,8 @@ HEAD_HAZARDS = [
     ("lower-case-version", b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
     ("bare-lf-request-line", b"GET / HTTP/1.1\nHost: a\n\n", 400),
     # HTTP/0.9 and versions other than 1.0 / 1.1
-    ("http09-simple", b"GET /\r\n\r\n", 505),
-    ("http09-explicit", b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+    ("http09-simple", b"GET /\r\n\r\n", 400),
+    ("http09-explicit", b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 400),
     ("http20", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
     ("http12", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400),  # llhttp's own check: 1.2 is no version it knows
     ("http30", b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 400),
