@@ -342,7 +342,7 @@ class RequestReader(_Reader):
             raise ProtocolError(400, "CONNECT is not supported")
         if head.target == b"*" and head.method != b"OPTIONS":
             raise ProtocolError(400, "the asterisk form is for OPTIONS only")
-        if head.method in _BODILESS_METHODS and head.has_body:
+        if (head.chunked or head.content_length) and head.method in _BODILESS_METHODS:
             raise ProtocolError(
                 400,
                 f"a {head.method.decode()} request with a body: it has no meaning, and an app that "
@@ -363,7 +363,12 @@ class RequestReader(_Reader):
     def on_message_complete(self) -> None:
         if self._not_upgraded is not None and self._not_upgraded.has_body:
             return  # llhttp ends the message at an upgrade head; its body comes next
-        super().on_message_complete()
+        # _Reader.on_message_complete, inlined: a call fewer per request
+        self.messages_completed += 1
+        self.events.append(END)
+        self._in_head = True
+        self._head_bytes = 0
+        self._pending_head_bytes = 0
 
     def _plain_after_upgrade(self) -> bool:
         """llhttp stopped at a head we forward as a plain request: go on with a fresh

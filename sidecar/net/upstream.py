@@ -247,12 +247,15 @@ class EndpointPool:
             self._slot_freed()
 
 
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: the enum's | costs three Python calls
+
+
 def _quiet(sock: socket.socket) -> bool:
     """Nothing arrived on an idle connection since its last response: one non-blocking
     peek (a syscall per reuse). Bytes would be a response to no request of ours, and an
     empty read the peer's close; either way the connection is done."""
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK)
     except BlockingIOError:
         return True
     except OSError:
