@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -247,20 +248,21 @@ class EndpointPool:
             self._slot_freed()
 
 
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: the enum's | costs three Python calls
+# One poll set for the check below: registering a descriptor in it costs no syscall.
+_IDLE_CHECK = select.poll()
 
 
 def _quiet(sock: socket.socket) -> bool:
-    """Nothing arrived on an idle connection since its last response: one non-blocking
-    peek (a syscall per reuse). Bytes would be a response to no request of ours, and an
-    empty read the peer's close; either way the connection is done."""
-    try:
-        sock.recv(1, _PEEK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False  # reset while idle
-    return False
+    """Nothing arrived on an idle connection since its last response: one ``poll`` with no
+    wait (a syscall per reuse, and cheaper than a peek, which raises when there is nothing).
+    Readable means bytes, a response to no request of ours, or the peer's close (or reset);
+    either way the connection is done."""
+    fd = sock.fileno()
+    check = _IDLE_CHECK
+    check.register(fd, select.POLLIN)
+    ready = check.poll(0)
+    check.unregister(fd)
+    return not ready
 
 
 class UpstreamPools:
