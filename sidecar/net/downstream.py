@@ -263,8 +263,8 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
                 request.nursery = nursery
                 keep_alive = await _exchange(conn, handler, request)
                 nursery.cancel_scope.cancel()  # a pump still waiting on an unread body
-            if not body.done:
-                keep_alive = False
+            if not body.done and not _rest_arrived(body):
+                keep_alive = False  # the rest of the body is still on its way: never a next request
         if not keep_alive:
             return
         if head.upgrade is not None:
@@ -274,6 +274,18 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
             conn.reader = RequestReader()
             if rest:
                 conn.reader.feed(rest)
+
+
+def _rest_arrived(body: _RequestBody) -> bool:
+    """The response ended before the request body was all taken (an app that answers
+    early, its pump stopped): if the rest has already arrived, parsed, it is dropped and
+    the connection can carry the next request; else it must close."""
+    while True:
+        piece = body.read_nowait()
+        if piece is None:
+            return True
+        if piece is WOULD_BLOCK:
+            return False
 
 
 async def _reject(conn: _Connection, error: ProtocolError) -> None:
