@@ -114,9 +114,8 @@ class Timeouts:
         # that sent nothing), request-head (408), idle (no next request, or a stalled exchange).
         self.expired = {"first-byte": 0, "request-head": 0, "idle": 0}
         # Requests answered here, before the request path (which counts every other one),
-        # by the status sent: a malformed head or body (400), a head too large (431), a
-        # head not complete in time (408).
-        self.rejected = {"400": 0, "408": 0, "414": 0, "431": 0, "505": 0}
+        # by the status sent: one per answer the loop can make (errors.REJECTIONS).
+        self.rejected = {str(status): 0 for status in sorted(errors.REJECTIONS)}
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
