@@ -3,11 +3,13 @@ its own process group, on port 0 everywhere; its bound ports read from its ready
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,38 @@ async def _read_ready(process: trio.Process, stderr_path: Path, prefix: str) -> 
     line = buffer.decode(errors="replace").strip()
     if not line.startswith(prefix):
         raise RuntimeError(f"{prefix!r} never came: {line!r}\n{stderr_path.read_text(errors='replace')}")
+    return ready_ports(line)
+
+
+@contextlib.contextmanager
+def sidecar_process(args: list[str], log: Path) -> Iterator[dict[str, int]]:
+    """``python -m sidecar sidecar ARGS`` in its own process group, for synchronous tests
+    (module-scoped fixtures, threads): yields its ports once it is ready, checks that its
+    log has no traceback, then SIGTERM (SIGKILL after 10 s)."""
+    argv = [sys.executable, "-m", "sidecar", "sidecar", *args]
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+    assert process.stdout is not None
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
+        line = process.stdout.readline().decode(errors="replace") if ready else ""
+        if not line.startswith("meshlet sidecar ready"):
+            raise RuntimeError(f"the sidecar did not start ({line!r}):\n{log.read_text(errors='replace')}")
+        yield ready_ports(line)
+        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
+    finally:
+        process.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def ready_ports(line: str) -> dict[str, int]:
+    """The ports of a ready line: ``meshlet sidecar ready inbound=127.0.0.1:PORT ...``."""
     ports = {}
     for item in line.split()[3:]:
         name, _, address = item.partition("=")

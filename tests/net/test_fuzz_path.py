@@ -24,13 +24,8 @@ ones run every time.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import select
-import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +37,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from ..helpers import sidecar_process
 from ..token_app import BEHAVIOURS, TokenApp
 
 CLIENT_TIMEOUT = 2.0  # a request without an answer by then: "no answer", its connection dropped
@@ -267,37 +263,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     static = tmp / "static.yaml"
     static.write_text(yaml.safe_dump({"services": {"up": {"endpoints": [app], "timeout": "3s"}}}))
     log = tmp / "sidecar.log"
-    command = [sys.executable, "-m", "sidecar", "sidecar", "--service", "fuzz", "--app", app, "--static", str(static)]
-    command += ["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+    args = ["--service", "fuzz", "--app", app, "--static", str(static)]
+    args += ["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
     try:
-        yield Mesh(_ready_ports(process, log), app_socket, log)
-        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
+        with sidecar_process(args, log) as ports:
+            yield Mesh(ports, app_socket, log)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
         app_socket.close()
-
-
-def _ready_ports(process: subprocess.Popen[bytes], log: Path) -> dict[str, int]:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], 20)
-    line = process.stdout.readline().decode(errors="replace") if ready else ""
-    if not line.startswith("meshlet sidecar ready"):
-        raise RuntimeError(f"no ready line: {line!r}\n{log.read_text(errors='replace')}")
-    ports = {}
-    for item in line.split()[3:]:
-        name, _, address = item.partition("=")
-        if address.rpartition(":")[2].isdigit():
-            ports[name] = int(address.rpartition(":")[2])
-    return ports
 
 
 # --- one example ----------------------------------------------------------------------

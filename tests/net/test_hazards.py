@@ -13,13 +13,8 @@ and the requests it receives under the test that is running. Rows today's code f
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +24,10 @@ from pathlib import Path
 import h11
 import pytest
 
+from ..helpers import sidecar_process
+
 LISTENERS = ("inbound", "outbound")
 HEALTH = "/__hazards_health"
-READY_TIMEOUT = 20.0
 EXCHANGE_TIMEOUT = 4.0
 
 
@@ -218,29 +214,11 @@ def sidecar(
     static = tmp / "static.yaml"
     more = f", {services}" if services else ""
     static.write_text(f'defaults: {defaults}\nservices: {{conf: ["127.0.0.1:{origin.port}"]{more}}}\n')
-    log = tmp / "sidecar.log"
-    argv = [sys.executable, "-m", "sidecar", "sidecar", "--service", "hazards"]
-    argv += ["--app", f"127.0.0.1:{origin.port}", "--static", str(static), "--health-path", HEALTH]
-    argv += ["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", *extra]
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
-        line = process.stdout.readline().decode(errors="replace") if ready else ""
-        if not line.startswith("meshlet sidecar ready"):
-            raise RuntimeError(f"the sidecar did not start ({line!r}):\n{log.read_text(errors='replace')}")
-        yield {name: int(value.rpartition(":")[2]) for name, _, value in (w.partition("=") for w in line.split()[3:])}
-        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
-    finally:
-        process.stdout.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    args = ["--service", "hazards", "--app", f"127.0.0.1:{origin.port}", "--static", str(static)]
+    args += ["--health-path", HEALTH, "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0"]
+    args += ["--admin", "127.0.0.1:0", *extra]
+    with sidecar_process(args, tmp / "sidecar.log") as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")
