@@ -1062,7 +1062,7 @@ def tracing_ab_table(ab: TracingAB, settings: Settings) -> TableData:
             for name, runs in ab.runs.items()
         ],
         note=f"The tracing target is the '{AB_TARGET}' row: every request recorded, the worst case. At 0.01, the "
-        "rate PRODUCT §10 recommends in production, every request carries its trace headers and one in 100 is "
+        "rate docs/tracing.md recommends in production, every request carries its trace headers and one in 100 is "
         "recorded.",
     )
 

@@ -360,7 +360,9 @@ class _Collector:
         yield _gauge("meshlet_cp_registry_instances", "Registered instances.", stats.instances)
         yield _gauge("meshlet_cp_registry_ready_instances", "Registered instances that are ready.", stats.ready)
         yield _gauge(
-            "meshlet_cp_self_preservation", "1 while lease expiry is frozen (PRODUCT §5).", int(stats.self_preservation)
+            "meshlet_cp_self_preservation",
+            "1 while self-preservation freezes lease expiry.",
+            int(stats.self_preservation),
         )
         yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
         refused = CounterMetricFamily(

@@ -30,7 +30,7 @@ log = logging.getLogger("meshlet.cp")
 class ControlPlaneOptions:
     listen: tuple[str, int] = ("127.0.0.1", 15010)
     api: tuple[str, int] = ("127.0.0.1", 15000)
-    store: str = "file"  # PRODUCT §3: memory | file:PATH | etcd://...; "file" = in data_dir
+    store: str = "file"  # memory | file:PATH | etcd://...; "file" = in data_dir
     data_dir: Path = Path(".meshlet-cp")
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
@@ -81,7 +81,7 @@ TOKEN_FILE = "api-token"
 
 def api_token(data_dir: Path) -> str:
     """The write API's token: made at first start, kept 0600 in the data directory
-    (PRODUCT §12); `meshlet apply` on this machine reads it from there."""
+    (docs/policy.md); `meshlet apply` on this machine reads it from there."""
     path = data_dir / TOKEN_FILE
     try:
         token = path.read_text().strip()

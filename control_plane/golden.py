@@ -1,4 +1,4 @@
-"""Golden metrics (PRODUCT §3 `meshlet stat`): success rate, requests per second and latency
+"""Golden metrics (`meshlet stat`, docs/observability.md): success rate, requests per second and latency
 percentiles, per service, per edge (caller → callee) or per route, from the sidecars' own
 Prometheus text. Pure: texts and times in, rows out.
 

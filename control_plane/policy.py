@@ -1,10 +1,10 @@
 """Policy documents: the schema (pydantic models), and loading YAML or JSON with every
 problem reported at once as ``file:line: path.to.field: what is wrong (allowed: ...)``.
 
-PRODUCT §7. Five kinds, each a document with ``kind`` and a ``name`` unique per kind:
+docs/policy.md. Five kinds, each a document with ``kind`` and a ``name`` unique per kind:
 ``Service`` (static endpoints for services without a sidecar), ``Route`` (per host:
 ordered rules, their matches and actions, embedded tests), ``DestinationPolicy`` (the
-resilience knobs of PRODUCT §8), ``AccessPolicy`` and ``MeshConfig``. docs/policy.md
+resilience knobs), ``AccessPolicy`` and ``MeshConfig``. docs/policy.md
 shows every field with an example. Pure: no I/O beyond the text given.
 
 Validation is all or nothing: :func:`load_documents` returns the documents only if
@@ -495,7 +495,7 @@ class RateLimit(_Model):
 
 
 class DestinationPolicy(_Model):
-    """How calls to ``service`` are made (PRODUCT §8); optionally for one route's rule."""
+    """How calls to ``service`` are made (docs/policy.md); optionally for one route's rule."""
 
     kind: Literal["DestinationPolicy"]
     name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
@@ -545,13 +545,13 @@ class AccessPolicy(_Model):
 
 
 class Tracing(_Model):
-    sampling: float = Field(default=1.0, ge=0, le=1)  # PRODUCT §10: 1.0 by default (the demo); 0.01 in production
+    sampling: float = Field(default=1.0, ge=0, le=1)  # docs/tracing.md: 1.0 by default (the demo); 0.01 in production
     formats: list[Literal["b3", "w3c", "b3single"]] = ["w3c", "b3"]  # b3: the multi headers
     collector: Url | None = None  # a Zipkin-compatible HTTP endpoint
 
 
 class Metrics(_Model):
-    """Bounds on the sidecars' metrics (PRODUCT §11; sidecar/core/cardinality.py)."""
+    """Bounds on the sidecars' metrics (docs/observability.md; sidecar/core/cardinality.py)."""
 
     # The per-hop labels kept; one left out is written empty. direction is always kept.
     labels: list[Literal["source", "destination", "route", "code", "reason"]] = [

@@ -1,7 +1,7 @@
 """The push side of the control plane: one session per connected sidecar, and the hub
 that turns registry changes into debounced, merged pushes.
 
-Pipeline (Istio's, shared/reference/controlplane.md §2): a change is recorded once →
+Pipeline (Istio's push pipeline): a change is recorded once →
 the hub's debouncer waits until changes have been quiet for ``DEBOUNCE_QUIET`` (but
 never longer than ``DEBOUNCE_MAX`` after the first one) → the batch marks every session
 dirty → each session sends one push per type, carrying everything dirty, merged → the
@@ -27,9 +27,9 @@ from .wire import ENDPOINTS, Resource
 
 log = logging.getLogger("meshlet.cp.push")
 
-DEBOUNCE_QUIET = 0.1  # PRODUCT §6: 100 ms of quiet before a push
+DEBOUNCE_QUIET = 0.1  # docs/protocol.md: 100 ms of quiet before a push
 DEBOUNCE_MAX = 10.0  # ... but never more than 10 s after the first change
-PING_INTERVAL = 5.0  # PRODUCT §6: a dead peer is detected in < 3 intervals
+PING_INTERVAL = 5.0  # docs/protocol.md: a dead peer is detected in < 3 intervals
 ANSWER_TIMEOUT = 3 * PING_INTERVAL  # a push nobody answers: the session is stuck, close it
 
 

@@ -9,7 +9,7 @@ and pushes exactly those. "Changed" means that what :func:`endpoints_version` ha
 instance id, address and labels of each ready instance), so a returned set and ``version()`` never
 disagree: a sidecar re-registering with a new admin address changes nothing anybody is pushed.
 
-Leases (PRODUCT §5, "registration lives as long as the push channel plus a TTL"): the sidecar renews
+Leases (docs/architecture.md, "registration lives as long as the push channel plus a TTL"): the sidecar renews
 over its push channel, and the lease runs out at last renewal + ``ttl``. A lease granted or renewed at
 ``t`` covers ``[t, t + ttl)``: at exactly ``t + ttl`` it has expired. A dropped channel neither
 shortens nor lengthens the lease: a sidecar whose channel blips and comes back within the TTL is never
@@ -67,8 +67,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-DEFAULT_TTL = 10.0  # PRODUCT §5: a crashed sidecar's endpoints disappear within TTL + push time
-DEFAULT_SELF_PRESERVATION_THRESHOLD = 0.15  # PRODUCT §5; Eureka's renewalPercentThreshold is 0.85
+DEFAULT_TTL = 10.0  # a crashed sidecar's endpoints disappear within TTL + push time
+DEFAULT_SELF_PRESERVATION_THRESHOLD = 0.15  # docs/architecture.md; Eureka's renewalPercentThreshold is 0.85
 DEFAULT_SELF_PRESERVATION_MIN_INSTANCES = 3  # fewer lapsing together is an ordinary crash: evict it
 VERSION_LENGTH = 12  # hex digits of sha256, as the sidecar's snapshot versions
 

@@ -1,4 +1,4 @@
-"""The embedded trace store: Zipkin's v2 API on a bounded in-memory store (PRODUCT §10).
+"""The embedded trace store: Zipkin's v2 API on a bounded in-memory store (docs/tracing.md).
 Pure: ``now`` (wall-clock seconds) is passed in.
 
 Sidecars (or any Zipkin client) POST batches of spans (``/api/v2/spans``); ``meshlet

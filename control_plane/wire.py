@@ -12,7 +12,7 @@ message). A frame over ``MAX_FRAME`` bytes, bytes that are not msgpack, or a mes
 that is not a map with a known ``k`` (kind) is a :class:`WireError`: the receiver sends
 an ``error`` message if it can and closes the connection.
 
-Semantics (xDS's, see shared/reference/controlplane.md §1)
+Semantics (xDS semantics)
 -----------------------------------------------------------
 * The sidecar opens with ``hello`` (protocol versions it speaks, who it is, and the
   resource versions it already has, so a reconnect costs only what changed). The

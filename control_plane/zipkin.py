@@ -1,5 +1,5 @@
 """Zipkin's v2 HTTP API on the embedded trace store (control_plane/traces.py), so sidecars,
-`meshlet trace`, the dashboard, a Zipkin UI or Jaeger need nothing else (PRODUCT §10).
+`meshlet trace`, the dashboard, a Zipkin UI or Jaeger need nothing else (docs/tracing.md).
 
 * ``POST /api/v2/spans``: a JSON list of v2 spans → 202. A batch with a malformed span is
   refused whole (400, saying which span and why): nothing half-stored. Open to every

@@ -1,5 +1,5 @@
 """The demo's services: plain Python HTTP apps that know nothing about the mesh except
-where their sidecar's outbound listener is (the HTTP_PROXY way, PRODUCT §4), and pass
+where their sidecar's outbound listener is (the HTTP_PROXY way, docs/architecture.md), and pass
 the trace headers on from each request to the calls it makes (sidecar/propagation.py).
 
     python examples/services.py item    --port 0 --instance item-1

@@ -625,7 +625,7 @@ class Sidecar:
                 return
 
     async def drain(self) -> None:
-        """Stop gracefully (PRODUCT §5): not ready any more; deregister and keep serving while
+        """Stop gracefully (docs/architecture.md): not ready any more; deregister and keep serving while
         the removal reaches the callers, so nobody is sent here after we stop; then refuse
         new inbound connections, close idle ones, and give the requests in flight until
         ``drain_timeout`` to finish (each inbound response closes its connection). The app's

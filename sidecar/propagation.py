@@ -1,4 +1,4 @@
-"""For Python apps behind a sidecar: pass the trace on (PRODUCT §10).
+"""For Python apps behind a sidecar: pass the trace on (docs/tracing.md).
 
 The sidecars record a span per hop, but only the app knows that the call it makes to
 `item` belongs to the request it got from `gateway`: it must copy the trace headers from

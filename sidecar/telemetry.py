@@ -62,7 +62,7 @@ class Telemetry:
         self.request_bytes: dict[tuple[str, ...], list[float]] = {}  # the body from the caller
         self.response_bytes: dict[tuple[str, ...], list[float]] = {}  # the body to the caller
         self.inflight: dict[str, int] = {}  # direction → requests in flight
-        # A shadow policy's decisions: what it would have done (PRODUCT §7, mode: shadow).
+        # A shadow policy's decisions: what it would have done (docs/policy.md, mode: shadow).
         self.shadow: dict[tuple[str, str, str], int] = {}
         self.shadow_access: dict[tuple[str, str, str, str], int] = {}  # an AccessPolicy's, at the inbound side
         self.shadow_destination: dict[tuple[str, str, str], int] = {}  # a DestinationPolicy's

@@ -21,7 +21,7 @@ def need(binary: str) -> str:
     """The path of a real component, or a skip (a failure under MESHLET_REQUIRE_ALL=1)."""
     path = shutil.which(binary)
     if path is None:
-        message = f"{binary} is not installed (Debian package: see PRODUCT §14)"
+        message = f"{binary} is not installed (Debian package: see the package list in .ci/run)"
         if os.environ.get("MESHLET_REQUIRE_ALL") == "1":
             pytest.fail(message)
         pytest.skip(message)

@@ -1,5 +1,5 @@
 """Hosts for the transparent-mode tests: network namespaces joined by a veth pair
-(PRODUCT §14: iproute2 and iptables, as root). Each namespace is a fresh network stack,
+(iproute2 and iptables, as root). Each namespace is a fresh network stack,
 so the sidecars there listen on their default ports (15001, 15006, 15090) as they would
 in a pod, with no collision with anything on the machine; the namespaces are deleted
 when the test ends, with every rule installed in them."""

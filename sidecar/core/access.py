@@ -1,7 +1,7 @@
 """Access tables: may this caller call this service, on this path, with this method? Pure.
 
 Compiled once per policy version from a validated ``AccessPolicy`` (control_plane/policy.py)
-and asked by the inbound sidecar for every request (PRODUCT §12), and by ``meshlet explain``
+and asked by the inbound sidecar for every request (docs/policy.md), and by ``meshlet explain``
 (control_plane/explain.py), so both give the same answer:
 
 * the rules are tried in the order written; the first whose ``sources``, ``paths`` and

@@ -1,4 +1,4 @@
-"""Endpoint choice: the load balancers of PRODUCT §8. Pure: state lives in the balancer
+"""Endpoint choice: the load balancers of docs/policy.md. Pure: state lives in the balancer
 objects, randomness comes from the ``random.Random`` each is given, and time only from the
 ``now`` passed to :meth:`finished` / :meth:`scores` (no clock is read here).
 

@@ -1,4 +1,4 @@
-"""Circuit breakers (PRODUCT §8), as Hystrix and resilience4j have them. Pure: the time ``now``
+"""Circuit breakers (docs/policy.md), as Hystrix and resilience4j have them. Pure: the time ``now``
 (float seconds, monotonic) is always passed in; nothing here reads a clock or sleeps.
 
 One breaker per destination (built from a validated ``CircuitBreaker`` policy,

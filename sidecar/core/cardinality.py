@@ -1,4 +1,4 @@
-"""Bounds on the label values of the sidecar's metrics (PRODUCT §11). Pure: no clock, no I/O.
+"""Bounds on the label values of the sidecar's metrics (docs/observability.md). Pure: no clock, no I/O.
 
 The failure Istio and Linkerd users know: one label fed from request data (a caller's
 claimed name, a Host header nobody routes) and every new value is a new series, until

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONNECT_TIMEOUT = 1.0  # PRODUCT §8
-DEFAULT_REQUEST_TIMEOUT = 15.0  # PRODUCT §8: covers the whole exchange
+DEFAULT_CONNECT_TIMEOUT = 1.0  # docs/policy.md
+DEFAULT_REQUEST_TIMEOUT = 15.0  # docs/policy.md: covers the whole exchange
 
 _SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" passes a trailing "\n"
 _HOST = re.compile(r"[\x21-\x7e]+")  # visible ASCII: no CR, LF, NUL or space in a host

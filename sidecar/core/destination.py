@@ -1,7 +1,7 @@
 """How calls to a destination are made, and what the sidecar remembers about it. Pure.
 
 :class:`Settings` is a ``DestinationPolicy`` (control_plane/policy.py) compiled for the
-request path, or the defaults of PRODUCT §8 when a service has none. A
+request path, or the defaults of docs/policy.md when a service has none. A
 :class:`Destination` holds the state that must outlive config snapshots (the endpoints
 change on every registration): the circuit breaker, the retry budget, the outlier
 detector, a balancer per subset, the rate limit's bucket and the in-flight count.

@@ -1,4 +1,4 @@
-"""Responses the mesh makes itself (PRODUCT §9): a reason, its status, a short text body.
+"""Responses the mesh makes itself (the table in README.md): a reason, its status, a short text body.
 
 Every such response carries ``x-meshlet-error: <reason>`` so a caller can tell a mesh
 failure from the app's own answer, which passes through untouched.
@@ -25,11 +25,11 @@ OVERLOADED = Reason("overloaded", 503, b"Service Unavailable")
 RATE_LIMITED = Reason("rate-limited", 429, b"Too Many Requests")
 CONNECT_FAILED = Reason("connect-failed", 503, b"Service Unavailable")
 UPSTREAM_RESET = Reason("upstream-reset", 502, b"Bad Gateway")
-# Not in PRODUCT §9's first table: an upstream that answers with bytes that are not
+# A reason of its own, not upstream-reset: an upstream that answers with bytes that are not
 # HTTP/1.1 did not reset; calling it so would send operators to the wrong place.
 UPSTREAM_PROTOCOL_ERROR = Reason("upstream-protocol-error", 502, b"Bad Gateway")
 TIMEOUT = Reason("timeout", 504, b"Gateway Timeout")
-# Not in PRODUCT §9's table: in transparent mode, a request the sidecar sent came back to it
+# In transparent mode, a request the sidecar sent came back to it
 # (the iptables rules do not exempt its own traffic); RFC 5842's status for a loop.
 LOOP_DETECTED = Reason("loop-detected", 508, b"Loop Detected")
 FORBIDDEN = Reason("forbidden", 403, b"Forbidden")

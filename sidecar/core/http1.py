@@ -6,7 +6,7 @@ Parsing is llhttp's (through httptools): a strict, fast, well-kept C parser. It 
 rejects the classic smuggling shapes (Content-Length together with Transfer-Encoding,
 duplicate Content-Length, obs-fold, bare CR, NUL, whitespace before the colon, chunk
 sizes that are not hex or overflow). On top of it this module adds the rules llhttp
-leaves to the application (see shared/reference/http-hazards-and-faults.md):
+leaves to the application (RFC 9112's hazards: smuggling, framing, limits):
 
 * head size and field count limits (llhttp has none): 431;
 * HTTP/0.9: 400; HTTP/2.0: 505 (llhttp refuses other versions it does not know: 400);
@@ -57,7 +57,7 @@ __all__ = [
     "serialize_response_head",
 ]
 
-# Envoy's defaults are 60 KiB / 100 fields; our contract (PRODUCT §9) says 64 KiB.
+# Envoy's defaults are 60 KiB / 100 fields; ours is 64 KiB (docs/limits.md).
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 100
 

@@ -1,4 +1,4 @@
-"""Transparent interception, the pure part (PRODUCT §4): the iptables rules that send an
+"""Transparent interception, the pure part (docs/architecture.md): the iptables rules that send an
 app's traffic through its sidecar, and which service a redirected connection was for.
 
 How a connection travels in transparent mode (what Istio's init container sets up):

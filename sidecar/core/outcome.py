@@ -11,7 +11,7 @@ about what a failure is:
 * the outlier detector counts the same per endpoint (Envoy's consecutive 5xx, which
   include locally detected connect failures and resets);
 * a retry happens only when the attempt matches one of the policy's ``retry_on``
-  conditions (Envoy's vocabulary, PRODUCT §8), the method is idempotent (or the policy
+  conditions (Envoy's vocabulary, docs/policy.md), the method is idempotent (or the policy
   allows others) and it was not the overall timeout that ended it.
 """
 

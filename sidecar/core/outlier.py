@@ -1,4 +1,4 @@
-"""Passive outlier detection per endpoint (PRODUCT §8): Envoy's consecutive-failure ejection,
+"""Passive outlier detection per endpoint (docs/policy.md): Envoy's consecutive-failure ejection,
 with Linkerd's probation on the way back. Pure: no I/O, no clock; ``now`` (monotonic
 seconds) is passed in, so the same calls always give the same answers.
 

@@ -2,7 +2,7 @@
 
 The control plane validated them, but a sidecar must never run what it cannot read: each
 resource is validated with the same schema (control_plane/policy.py); a bad one is
-rejected (NACKed, PRODUCT §6) and the sidecar keeps the version it had. What it holds
+rejected (NACKed, docs/protocol.md) and the sidecar keeps the version it had. What it holds
 becomes part of its snapshot: ``Service`` documents as services with static endpoints,
 enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
 tables by service.

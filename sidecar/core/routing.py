@@ -1,4 +1,4 @@
-"""Which service a request is for (PRODUCT §4), from its target and Host header."""
+"""Which service a request is for (docs/architecture.md), from its target and Host header."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spans, one per hop and side, in Zipkin's v2 model (PRODUCT §10). Pure: times are
+"""Spans, one per hop and side, in Zipkin's v2 model (docs/tracing.md). Pure: times are
 passed in (``start_us``: wall-clock microseconds since the epoch, for Zipkin's
 ``timestamp``; ``duration_us`` measured by the caller on a monotonic clock).
 

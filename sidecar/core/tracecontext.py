@@ -1,6 +1,6 @@
 """Trace headers: read the incoming trace context, start a span, write the outgoing headers. Pure.
 
-Called per request by the sidecars (PRODUCT §10): ``extract`` the caller's context from the
+Called per request by the sidecars (docs/tracing.md): ``extract`` the caller's context from the
 request head, make this hop's span with ``child``, then ``strip`` the trace headers and add what
 ``inject`` writes. No I/O, no clock; ids come from the ``random.Random`` the caller passes in.
 
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     import random
 
 FORMATS = frozenset({"w3c", "b3", "b3single"})
-DEFAULT_FORMATS = ("w3c", "b3")  # PRODUCT §10: W3C and B3 multi unless MeshConfig says otherwise
+DEFAULT_FORMATS = ("w3c", "b3")  # docs/tracing.md: W3C and B3 multi unless MeshConfig says otherwise
 
 TRACEPARENT = b"traceparent"
 TRACESTATE = b"tracestate"

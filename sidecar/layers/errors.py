@@ -1,4 +1,4 @@
-"""Outermost layer: turns a MeshError into the mesh's own response (PRODUCT §9)."""
+"""Outermost layer: turns a MeshError into the mesh's own response (README.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Why the sidecar did what it did with a request (PRODUCT §8: every decision explainable).
+"""Why the sidecar did what it did with a request (every decision explainable, docs/policy.md).
 
 The resilience layer writes an explanation for the requests worth one: those that asked
 (``x-meshlet-explain: 1``) and those where something happened — a retry, a failure, a

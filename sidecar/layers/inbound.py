@@ -14,7 +14,7 @@ from .base import Filter, Request
 from .routing import normalised
 
 # Set by the calling sidecar: the receiving one labels its metrics by caller and checks
-# its AccessPolicy against it. Claimed, not verified: mTLS (PRODUCT §12) will verify it.
+# its AccessPolicy against it. Claimed, not verified: mTLS will verify it.
 SOURCE_HEADER = b"x-meshlet-source"
 DEADLINE_HEADER = b"x-meshlet-deadline-ms"  # set by the calling sidecar (sidecar/layers/resilience.py)
 

@@ -1,4 +1,4 @@
-"""Outbound: how one request to a destination is made — the mechanisms of PRODUCT §8 in
+"""Outbound: how one request to a destination is made — the mechanisms of docs/policy.md in
 the order they act (sidecar/core/destination.py holds their settings and state):
 
 1. the rate limit's token bucket (429 ``rate-limited``);

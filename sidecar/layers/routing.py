@@ -119,7 +119,7 @@ def normalised(target: bytes) -> bytes:
 
 def _came_back(headers: list[tuple[bytes, bytes]]) -> bool:
     """A ``via`` naming meshlet on a request from the app: apps do not add one, the
-    outbound sidecar does (PRODUCT §4), so the request is one of ours, back again."""
+    outbound sidecar does (docs/architecture.md), so the request is one of ours, back again."""
     for name, value in headers:
         if len(name) == 3 and name.lower() == b"via" and VIA_VALUE in value:
             return True

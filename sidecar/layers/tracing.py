@@ -1,4 +1,4 @@
-"""A span per hop and side (PRODUCT §10), and the trace headers that tie them together.
+"""A span per hop and side (docs/tracing.md), and the trace headers that tie them together.
 
 * Inbound (:func:`server_tracing`, outside the errors layer so the mesh's own answers are
   recorded too): the caller's context is read from the request (W3C or B3,

@@ -32,10 +32,10 @@ from ..core.policies import PolicyCache
 
 log = logging.getLogger("meshlet.control")
 
-BACKOFF_FIRST = 0.5  # PRODUCT §5
+BACKOFF_FIRST = 0.5  # docs/protocol.md: 0.5 s doubling to 30 s
 BACKOFF_MAX = 30.0
 PING_INTERVAL = 5.0  # the control plane's too: a silent peer is dead after 3 of them
-HEALTH_INTERVAL = 5.0  # PRODUCT §5
+HEALTH_INTERVAL = 5.0  # how often the app's health is probed
 HEALTH_TIMEOUT = 2.0
 DISCOVERY_TIMEOUT = 5.0  # how long a first request to a new service waits for the control plane
 
@@ -320,7 +320,7 @@ class ControlPlaneClient:
                     for message in conn.receive_data(data):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
-                            if message.api_port:  # its trace store takes our spans (PRODUCT §10)
+                            if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
                                 self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
@@ -469,7 +469,7 @@ class ControlPlaneClient:
                 pass
 
     async def drain(self) -> None:
-        """Deregister before the sidecar stops accepting (PRODUCT §5)."""
+        """Deregister before the sidecar stops accepting (docs/architecture.md)."""
         self._draining = True
         with trio.move_on_after(2):
             await self._send_quietly(wire.Bye("draining"))

@@ -1,4 +1,4 @@
-"""Span export, off the request path (PRODUCT §10): a bounded queue and one task that
+"""Span export, off the request path (docs/tracing.md): a bounded queue and one task that
 POSTs batches to a Zipkin v2 collector (the control plane's embedded store by default).
 
 ``submit`` never waits and never fails: past ``max_queue`` spans it drops the span and

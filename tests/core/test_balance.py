@@ -115,7 +115,7 @@ def test_round_robin_properties(endpoints: list[Endpoint], data: st.DataObject) 
         assert all(e is None for e in picks(rr, 3, exclude))
 
 
-# --- the balancers of PRODUCT §8: one interface, shared per-endpoint state ---
+# --- the balancers of docs/policy.md: one interface, shared per-endpoint state ---
 
 X = Endpoint("10.0.1.1", 80)
 Y = Endpoint("10.0.1.2", 80)

@@ -1,4 +1,4 @@
-"""sidecar.core.errors: responses the mesh makes itself (PRODUCT §9)."""
+"""sidecar.core.errors: responses the mesh makes itself (README.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ALL_REASONS = [
     (errors.TIMEOUT, "timeout", 504),
     (errors.FORBIDDEN, "forbidden", 403),
     (errors.BAD_REQUEST, "bad-request", 400),
-    (errors.HEADERS_TOO_LARGE, "bad-request", 431),  # PRODUCT §9: bad-request, 431 for oversized headers
+    (errors.HEADERS_TOO_LARGE, "bad-request", 431),  # docs/limits.md: bad-request, 431 for oversized headers
 ]
 
 

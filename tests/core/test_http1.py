@@ -1,6 +1,6 @@
 """sidecar.core.http1: the sans-IO readers and writers, hazard by hazard.
 
-Each hazard row of shared/reference/http-hazards-and-faults.md §1 that concerns parsing
+Each HTTP/1.1 hazard (RFC 9112 framing, smuggling) that concerns parsing
 has a case below with the exact status a server answers. h11 is used only as an
 independent parser to check that what we serialize is what we meant.
 """

@@ -66,7 +66,7 @@ async def scrape(admin: str) -> str:
         return (await client.get(f"http://{admin}/metrics")).text
 
 
-# --- addressing styles (PRODUCT §4) ------------------------------------------------
+# --- addressing styles (docs/architecture.md) ---------------------------------------
 
 
 async def test_host_header_crosses_both_sidecars(mesh: Mesh) -> None:
@@ -332,7 +332,7 @@ async def test_pipelined_requests_answered_in_order(mesh: Mesh) -> None:
     assert order == sorted(order)
 
 
-# --- errors the mesh makes (PRODUCT §9) ----------------------------------------------
+# --- errors the mesh makes (README.md) ----------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Draining one instance of a service under load, across the mesh (PRODUCT §5): a control
+"""Draining one instance of a service under load, across the mesh (docs/architecture.md): a control
 plane, a caller sidecar (`user`) and two `item` instances, each an app behind its own
 sidecar. One item sidecar gets SIGTERM while steady load runs through the caller: it
 deregisters, keeps serving while the caller learns, then stops accepting and finishes
@@ -6,7 +6,7 @@ what it has. No caller may see an error, nor need a retry to avoid one; the requ
 flight at SIGTERM finish; once the caller has dropped the instance, every request goes to
 the other one; the drained sidecar exits 0 without cutting anything.
 
-Half of the requests are POSTs: they are never retried (PRODUCT §8), so a request sent to
+Half of the requests are POSTs: they are never retried (docs/policy.md), so a request sent to
 a listener that stopped accepting too early would reach the caller as an error (and a GET
 would need a retry, which is counted). The caller balances round robin, so the drained
 instance keeps its share of new requests until the caller drops it (ewma would shun it

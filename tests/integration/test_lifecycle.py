@@ -1,4 +1,4 @@
-"""Stopping gracefully (PRODUCT §5): on SIGTERM a sidecar stops being ready, refuses new
+"""Stopping gracefully (docs/architecture.md): on SIGTERM a sidecar stops being ready, refuses new
 inbound connections, lets the requests in flight finish (each response closes its
 connection), keeps serving its app's calls out, and exits 0; past --drain-timeout the
 stragglers are cut."""

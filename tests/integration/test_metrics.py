@@ -1,4 +1,4 @@
-"""Per-hop metrics through real sidecars (PRODUCT §11): exact counts after scripted
+"""Per-hop metrics through real sidecars (docs/observability.md): exact counts after scripted
 traffic, the route label, promtool's verdict on the real output, and the bounds on label
 values under 10,000 distinct callers and paths."""
 

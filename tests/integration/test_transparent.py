@@ -1,4 +1,4 @@
-"""Transparent mode end to end (PRODUCT §4, issue 8): two hosts in network namespaces,
+"""Transparent mode end to end (docs/architecture.md, issue 8): two hosts in network namespaces,
 ``meshlet init-iptables`` in each, a sidecar with ``--transparent`` next to each app, and
 an unmodified app (curl, no proxy settings, running as nobody) that dials the other
 service's IP:PORT. The control plane runs on host b, as a real process.

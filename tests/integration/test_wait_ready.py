@@ -47,7 +47,7 @@ async def test_a_ready_sidecar_returns_at_once(tmp_path: Path, origin: Origin) -
 
 
 async def test_a_sidecar_without_configuration_times_out_with_its_reason(tmp_path: Path) -> None:
-    # Its control plane never answers: readiness stays false (fail-closed at boot, PRODUCT §5).
+    # Its control plane never answers: readiness stays false (fail-closed at boot).
     closed = f"127.0.0.1:{_free_port()}"
     async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=closed) as sidecar:
         with trio.fail_after(10):

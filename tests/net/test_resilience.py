@@ -1,5 +1,5 @@
 """The resilience layer (sidecar/layers/resilience.py) against scripted upstreams, on
-trio's fake clock: retries go to another endpoint and stop where PRODUCT §8 says, the
+trio's fake clock: retries go to another endpoint and stop where docs/policy.md says, the
 budget caps them, the breaker opens and answers fast, then recovers; fallbacks, rate
 limits, bulkheads, deadlines, and bodies that are replayed or never sent twice."""
 
