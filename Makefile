@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/meshlet demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check sidecar control_plane tests benchmarks examples
+	$(PY) -m ruff check meshlet sidecar control_plane tests benchmarks examples
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
@@ -32,8 +32,8 @@ conformance: $(VENV)/.installed
 	CONFORMANCE_SUITES=$(CONFORMANCE_SUITES) $(PY) benchmarks/conformance/run.py $(CONFORMANCE_ARGS)
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check sidecar control_plane tests benchmarks examples
-	$(PY) -m ruff format --check sidecar control_plane tests benchmarks examples
+	$(PY) -m ruff check meshlet sidecar control_plane tests benchmarks examples
+	$(PY) -m ruff format --check meshlet sidecar control_plane tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info

@@ -1,8 +1,8 @@
 """Control-plane scale benchmark: N simulated sidecars on real push channels.
 
-For each N (default 1,000 then 5,000) a fresh control plane (``python -m sidecar
+For each N (default 1,000 then 5,000) a fresh control plane (``python -m meshlet
 control-plane``) and a few load processes that open N push-channel TCP connections to
-it. Each simulated sidecar speaks ``control_plane/wire.py`` as a real one does:
+it. Each simulated sidecar speaks ``meshlet/wire.py`` as a real one does:
 ``hello`` (ready, no ``have``), every push applied (deltas with
 ``wire.apply_endpoint_delta``) and ACKed, pings answered and sent every 5 s. Sidecar
 ``i`` belongs to service ``svc-(i % 50)`` and its app calls three services, which it
@@ -67,9 +67,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from control_plane import wire
 from control_plane.channel import Channel
-from sidecar.net.io import Closed, connect
+from meshlet import wire
+from meshlet.io import Closed, connect
 
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
@@ -761,7 +761,7 @@ class ControlPlane:
 @contextlib.asynccontextmanager
 async def control_plane(tmp: Path, tag: str, core: int | None) -> AsyncIterator[ControlPlane]:
     out = tmp / f"cp-{tag}.out"
-    argv = [sys.executable, "-m", "sidecar", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
+    argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
     argv += ["--data-dir", str(tmp / f"cp-data-{tag}"), "--ttl", str(CP_TTL)]
     child = spawn("control plane", argv, tmp / f"cp-{tag}.log", core, stdout=out)
     try:

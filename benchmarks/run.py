@@ -507,7 +507,7 @@ def run_sidecar(
         [
             sys.executable,
             "-m",
-            "sidecar",
+            "meshlet",
             "sidecar",
             "--service",
             service,

@@ -18,16 +18,18 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import golden, wire
+from meshlet import wire
+from meshlet.policy import PolicyError
+from meshlet.wire import POLICIES
+
+from . import golden
 from .bodies import read_body
 from .explain import explain
-from .policy import PolicyError
 from .push import Session
 from .scraper import Scraper
 from .server import PushServer
 from .store import StoreError, StoreFull
 from .traces import TraceStore
-from .wire import POLICIES
 from .zipkin import zipkin_routes
 
 # The dashboard: one page, no build step, nothing fetched from elsewhere (control_plane/static).

@@ -15,9 +15,10 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as serve_asgi
 
+from meshlet.policy import read_policy_files
+
 from .api import build_api
 from .policies import PolicyStore
-from .policy import PolicyError
 from .registry import Registry
 from .scraper import Scraper
 from .server import MAX_CONNECTIONS, PushServer
@@ -95,26 +96,3 @@ def api_token(data_dir: Path) -> str:
     with os.fdopen(fd, "w") as file:
         file.write(token + "\n")
     return token
-
-
-POLICY_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def read_policy_files(path: Path) -> list[tuple[str, str]]:
-    """A file, or every .yaml/.yml/.json file of a directory (recursively, sorted), as
-    (name, text). PolicyError when there is nothing to read."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in POLICY_SUFFIXES)
-        if not files:
-            raise PolicyError([f"{path}: no .yaml, .yml or .json files in this directory"])
-    elif path.is_file():
-        files = [path]
-    else:
-        raise PolicyError([f"{path}: no such file or directory"])
-    out = []
-    for file in files:
-        try:
-            out.append((str(file), file.read_text()))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError([f"{file}: cannot read: {exc}"]) from None
-    return out

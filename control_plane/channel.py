@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from trio.lowlevel import wait_writable
 
-from sidecar.net.io import Closed, Connection
+from meshlet.io import Closed, Connection
 
 
 class Channel:

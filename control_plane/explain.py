@@ -1,7 +1,7 @@
 """`meshlet explain URL`: what the mesh would do with a request, and why. Pure.
 
 Built from the applied policy and the registry, with the sidecar's own route matcher
-(sidecar/core/routes.py), so the answer is what a sidecar decides: the Route and the rule
+(meshlet/routes.py), so the answer is what a sidecar decides: the Route and the rule
 that match (or why none does), the action (destinations with their shares and the
 endpoints each subset selects, a redirect, a direct response), the changes the rule makes,
 the DestinationPolicy that would govern each destination, and, given the calling service,
@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.core.access import AccessTable, normalise_path
-from sidecar.core.paths import BadPath, normalise_target
-from sidecar.core.routes import RouteTable
-
-from .policy import AccessPolicy, DestinationPolicy, Document, Route, Service
+from meshlet.access import AccessTable, normalise_path
+from meshlet.paths import BadPath, normalise_target
+from meshlet.policy import AccessPolicy, DestinationPolicy, Document, Route, Service
+from meshlet.routes import RouteTable
 
 
 def explain(
@@ -137,7 +136,7 @@ def _access(source: str, service: str, target: str, method: str, documents: list
     policies = [d for d in documents if isinstance(d, AccessPolicy) and d.service == service]
     if not policies:
         return {"service": service, "allowed": True, "why": "no AccessPolicy for this service"}
-    (policy,) = policies  # one per service (control_plane/policy.py)
+    (policy,) = policies  # one per service (meshlet/policy.py)
     verdict = AccessTable(policy).check(source, method.encode("ascii"), target.encode("latin-1"))
     if verdict.rule == "default":
         path = normalise_path(target.partition("?")[0])

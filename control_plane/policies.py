@@ -1,7 +1,7 @@
 """Applied policy: versions, history, rollback, kept in the store.
 
 An apply takes the whole set of policy files (GitOps style: what is applied is what
-runs; a document left out is removed), validates all of it (control_plane/policy.py),
+runs; a document left out is removed), validates all of it (meshlet/policy.py),
 and if anything differs from what runs, records a new version:
 
 * a version is the content hash of the documents, so applying the same set again changes
@@ -23,8 +23,9 @@ from typing import Any
 
 import msgpack
 
-from . import wire
-from .policy import Document, PolicyError, load_documents
+from meshlet import wire
+from meshlet.policy import Document, PolicyError, load_documents
+
 from .store import Store, StoreError
 
 HISTORY_LIMIT = 50

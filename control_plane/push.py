@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 import trio
 
-from . import wire
+from meshlet import wire
+from meshlet.wire import ENDPOINTS, Resource
+
 from .registry import Instance
-from .wire import ENDPOINTS, Resource
 
 log = logging.getLogger("meshlet.cp.push")
 

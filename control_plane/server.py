@@ -19,14 +19,14 @@ from typing import Any
 
 import trio
 
-from sidecar.net.io import Closed, Connection, listen_socket, serve_socket
+from meshlet import wire
+from meshlet.io import Closed, Connection, listen_socket, serve_socket
+from meshlet.wire import ENDPOINTS, POLICIES
 
-from . import wire
 from .channel import Channel
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
-from .wire import ENDPOINTS, POLICIES
 
 log = logging.getLogger("meshlet.cp.server")
 

@@ -1,3 +1,1 @@
 """meshlet's data plane: the sidecar proxy."""
-
-__version__ = "0.1.0"

@@ -24,6 +24,17 @@ from typing import Any
 
 import trio
 
+from meshlet.io import (
+    BACKLOG,
+    Connection,
+    ConnectionLimit,
+    Deadlines,
+    derived_connection_limits,
+    listen_socket,
+    raise_open_files_limit,
+    serve_socket,
+)
+
 from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
 from .core.destination import Destinations
 from .core.interception import REGISTRY_ONLY, AddressMap
@@ -42,16 +53,6 @@ from .net.admin import AdminHandler
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT, Timeouts, serve_connection
 from .net.exporter import SpanExporter
-from .net.io import (
-    BACKLOG,
-    Connection,
-    ConnectionLimit,
-    Deadlines,
-    derived_connection_limits,
-    listen_socket,
-    raise_open_files_limit,
-    serve_socket,
-)
 from .net.transparent import Passthrough, original_destination
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import ListenerStats, Telemetry, cardinality, render
@@ -76,7 +77,7 @@ class SidecarOptions:
     reuse_port: bool = False
     header_timeout: float = HEADER_TIMEOUT
     # Connections each listener may hold at once (the outbound one's limit is shared with the
-    # --upstream listeners); None: derived from the open files limit (sidecar/net/io.py).
+    # --upstream listeners); None: derived from the open files limit (meshlet/io.py).
     max_inbound_connections: int | None = None
     max_outbound_connections: int | None = None
     max_admin_connections: int | None = None

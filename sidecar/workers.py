@@ -24,11 +24,12 @@ from typing import Any
 import httpx
 import trio
 
+from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
+
 from .app import SidecarOptions, serve_http
 from .layers.base import Request, Response
 from .net.admin import AdminHandler, json_response
 from .net.downstream import Timeouts
-from .net.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
 from .telemetry import cardinality, render
 
 log = logging.getLogger("meshlet.workers")
@@ -87,7 +88,7 @@ class Supervisor:
         args = [
             sys.executable,
             "-m",
-            "sidecar",
+            "meshlet",
             "sidecar",
             "--worker",
             "--workers",  # explicit: a MESHLET_WORKERS the worker inherits must not make it a supervisor

@@ -1,4 +1,4 @@
-"""Real processes for end-to-end tests: a sidecar started as `python -m sidecar`, in
+"""Real processes for end-to-end tests: a sidecar started as `python -m meshlet`, in
 its own process group, on port 0 everywhere; its bound ports read from its ready line."""
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def write_static(path: Path, services: dict[str, object]) -> Path:
 async def run_meshlet(
     tmp_path: Path, name: str, args: list[str], ready_prefix: str, *, prefix: list[str] | None = None
 ) -> AsyncIterator[SidecarProcess]:
-    """`python -m sidecar ARGS` in its own process group; ports from its ready line;
+    """`python -m meshlet ARGS` in its own process group; ports from its ready line;
     stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails the test.
     ``prefix``: run under it (``ip netns exec NS``)."""
     stderr_path = tmp_path / f"{name}-{os.getpid()}-{id(args)}.log"
     with open(stderr_path, "wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [*(prefix or []), sys.executable, "-m", "sidecar", *args],
+            [*(prefix or []), sys.executable, "-m", "meshlet", *args],
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,
@@ -144,10 +144,10 @@ async def _read_ready(process: trio.Process, stderr_path: Path, prefix: str) -> 
 
 @contextlib.contextmanager
 def sidecar_process(args: list[str], log: Path) -> Iterator[dict[str, int]]:
-    """``python -m sidecar sidecar ARGS`` in its own process group, for synchronous tests
+    """``python -m meshlet sidecar ARGS`` in its own process group, for synchronous tests
     (module-scoped fixtures, threads): yields its ports once it is ready, checks that its
     log has no traceback, then SIGTERM (SIGKILL after 10 s)."""
-    argv = [sys.executable, "-m", "sidecar", "sidecar", *args]
+    argv = [sys.executable, "-m", "meshlet", "sidecar", *args]
     with open(log, "wb") as stderr:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
     assert process.stdout is not None
@@ -220,7 +220,7 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 
 async def start_demo_mesh(demo: Any) -> tuple[str, str]:
-    """The demo's mesh (sidecar/demo.py): a control plane, item-1, item-2, user-1 and
+    """The demo's mesh (meshlet/demo.py): a control plane, item-1, item-2, user-1 and
     gateway-1, each app behind its sidecar; returns (the API address, the gateway's URL)
     once a request through all three hops succeeds."""
     cp = await demo.control_plane()
@@ -246,6 +246,6 @@ async def apply_policy(tmp_path: Path, api: str, text: str) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(text)
     token = str(tmp_path / "cp" / "api-token")
-    command = [sys.executable, "-m", "sidecar", "apply", "--token-file", token, "-f", str(policy), "--api", api]
+    command = [sys.executable, "-m", "meshlet", "apply", "--token-file", token, "-f", str(policy), "--api", api]
     result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()

@@ -67,7 +67,7 @@ class Host:
         return result
 
     async def meshlet(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return await self.run(sys.executable, "-m", "sidecar", *args, check=check)
+        return await self.run(sys.executable, "-m", "meshlet", *args, check=check)
 
     async def curl(self, url: str, *, uid: int = NOBODY, max_time: float = 10) -> Reply:
         """What an unmodified app does: curl with no proxy settings, as ``uid``."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar import cli
+from meshlet import cli
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

@@ -1,5 +1,5 @@
 """A token-echo app on raw sockets, for the proofs that no response reaches a request
-other than the one it answers (tests/net/test_fuzz_path.py, the fault soak).
+other than the one it answers (tests/sidecar/net/test_fuzz_path.py, the fault soak).
 
 Every request the tests send carries a unique token, in its path (``/t/TOKEN``) and in an
 ``x-token`` header. The app parses each request the way an honest HTTP/1.1 server does

@@ -269,7 +269,7 @@ def run_sidecar(workdir: Path, app_port: int, service_port: int) -> Iterator[dic
     argv = [
         sys.executable,
         "-m",
-        "sidecar",
+        "meshlet",
         "sidecar",
         "--service",
         "conformance",

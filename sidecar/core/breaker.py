@@ -2,7 +2,7 @@
 (float seconds, monotonic) is always passed in; nothing here reads a clock or sleeps.
 
 One breaker per destination (built from a validated ``CircuitBreaker`` policy,
-control_plane/policy.py), asked by the outbound sidecar before every call:
+meshlet/policy.py), asked by the outbound sidecar before every call:
 
 * CLOSED: every call is admitted. Calls are counted in a rolling window (``window`` seconds,
   a ring of ``buckets`` buckets of ``window / buckets`` seconds): calls, failures, slow calls

@@ -1,6 +1,6 @@
 """How calls to a destination are made, and what the sidecar remembers about it. Pure.
 
-:class:`Settings` is a ``DestinationPolicy`` (control_plane/policy.py) compiled for the
+:class:`Settings` is a ``DestinationPolicy`` (meshlet/policy.py) compiled for the
 request path, or the defaults of docs/policy.md when a service has none. A
 :class:`Destination` holds the state that must outlive config snapshots (the endpoints
 change on every registration): the circuit breaker, the retry budget, the outlier
@@ -26,7 +26,7 @@ from .ratelimit import TokenBucket
 from .retry import RetryBudget
 
 if TYPE_CHECKING:
-    from control_plane.policy import DestinationPolicy
+    from meshlet.policy import DestinationPolicy
 
 DEFAULT_RETRY_ON = ("connect-failure", "reset", "refused", "unavailable")
 

@@ -1,7 +1,7 @@
 """Policies a sidecar received from the control plane, checked again here. Pure.
 
 The control plane validated them, but a sidecar must never run what it cannot read: each
-resource is validated with the same schema (control_plane/policy.py); a bad one is
+resource is validated with the same schema (meshlet/policy.py); a bad one is
 rejected (NACKed, docs/protocol.md) and the sidecar keeps the version it had. What it holds
 becomes part of its snapshot: ``Service`` documents as services with static endpoints,
 enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
@@ -16,17 +16,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from control_plane import wire
+from meshlet import wire
+from meshlet.access import AccessTable
+from meshlet.routes import RouteTable
 
-from .access import AccessTable
 from .cardinality import MetricsSettings
 from .config import Endpoint, ServiceConfig, parse_address
 from .destination import Settings, settings
-from .routes import RouteTable
 from .spans import TracingSettings
 
 if TYPE_CHECKING:
-    from control_plane.policy import Document
+    from meshlet.policy import Document
 
 log = logging.getLogger("meshlet.policies")
 
@@ -151,7 +151,7 @@ class PolicyCache:
 
 
 def _read(name: str, body: Any) -> tuple[Document | None, str]:
-    from control_plane.policy import validate  # the first policy pays for the schema (see above)
+    from meshlet.policy import validate  # the first policy pays for the schema (see above)
 
     document, problems = validate(body, lambda path: name)
     if document is None:

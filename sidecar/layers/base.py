@@ -73,7 +73,7 @@ class Request:
         self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
         self.timeout = DEFAULT_REQUEST_TIMEOUT
         self.direction = "outbound"
-        self.rule: Any = None  # the Route rule that matched (sidecar/core/routes.py), if any
+        self.rule: Any = None  # the Route rule that matched (meshlet/routes.py), if any
         self.subset: tuple[tuple[str, str], ...] = ()  # labels the endpoint must carry (a rule's subset)
         self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
         self.attempt = 0  # which attempt the resilience layer is making (1, 2, ...)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshlet.paths import path_of
+
 from ..core import errors
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import MeshError
-from ..core.paths import path_of
 from .base import Filter, Request
 from .routing import normalised
 
@@ -62,7 +63,7 @@ def to_local_app(
 def access_check(
     table: Any | None, shadow: Any | None, on_shadow: Callable[[str, str, str, str], None]
 ) -> Filter | None:
-    """The service's AccessPolicy (sidecar/core/access.py): enforced by ``table`` (403
+    """The service's AccessPolicy (meshlet/access.py): enforced by ``table`` (403
     ``forbidden``), only counted by ``shadow`` (``on_shadow(policy, source, rule, verdict)``).
     None when the service has neither: nothing to do per request."""
     if table is None and shadow is None:

@@ -25,10 +25,11 @@ from typing import Any
 
 import trio
 
+from meshlet.io import Closed
+
 from ..core.balance import RoundRobin
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MeshSnapshot, empty_snapshot
 from ..core.errors import MeshError
-from ..net.io import Closed
 from ..telemetry import Telemetry
 from .base import WOULD_BLOCK, Handler, Request
 

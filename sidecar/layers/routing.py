@@ -16,12 +16,13 @@ from typing import Any
 
 import trio
 
+from meshlet.paths import BadPath, normalise_target
+from meshlet.routes import change_headers
+
 from ..core import errors
 from ..core.config import MeshSnapshot
 from ..core.errors import MeshError, policy_response
 from ..core.headers import VIA_VALUE
-from ..core.paths import BadPath, normalise_target
-from ..core.routes import change_headers
 from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
 
@@ -57,7 +58,7 @@ def router(
 ) -> Filter:
     """Resolves the destination service, and the subset a rule asks for (a synchronous filter).
     ``fixed_service``: the listener is an explicit upstream port (``--upstream``).
-    A host with a Route policy goes through its rules first (sidecar/core/routes.py); a
+    A host with a Route policy goes through its rules first (meshlet/routes.py); a
     Route in shadow mode is only asked what it would do (``on_shadow(route, rule, decision)``)."""
     services = snapshot.services
     routes = snapshot.routes
@@ -108,7 +109,7 @@ def router(
 
 
 def normalised(target: bytes) -> bytes:
-    """The target with its path normalised (sidecar/core/paths.py); 400 ``bad-request``
+    """The target with its path normalised (meshlet/paths.py); 400 ``bad-request``
     when it cannot be normalised safely."""
     try:
         return normalise_target(target)

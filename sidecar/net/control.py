@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import trio
 
-from control_plane import wire
+from meshlet import wire
 
 from ..core import errors
 from ..core.config import Endpoint, MeshSnapshot, ServiceConfig, is_service_name, make_snapshot, parse_address

@@ -14,6 +14,8 @@ import logging
 
 import trio
 
+from meshlet.io import Closed, Connection, Deadlines
+
 from ..core import errors
 from ..core.errors import error_response
 from ..core.http1 import (
@@ -27,7 +29,6 @@ from ..core.http1 import (
     serialize_response_head,
 )
 from ..layers.base import WOULD_BLOCK, Handler, Request, Response, Tunnel
-from .io import Closed, Connection, Deadlines
 from .upstream import UpstreamBodyError
 
 log = logging.getLogger("meshlet.downstream")

@@ -10,8 +10,9 @@ import socket
 
 import trio
 
+from meshlet.io import Closed, Connection, connect
+
 from ..core.interception import SO_ORIGINAL_DST, parse_original_dst
-from .io import Closed, Connection, connect
 
 PASSTHROUGH_CONNECT_TIMEOUT = 10.0  # seconds: what the app would have waited for a SYN answer, roughly
 

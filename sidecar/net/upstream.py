@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 
 import trio
 
+from meshlet.io import Closed, Connection, Deadlines, connect
+
 from ..core import errors
 from ..core.config import Endpoint
 from ..core.errors import ERROR_HEADER, MeshError
@@ -46,7 +48,6 @@ from ..core.http1 import (
 )
 from ..core.outcome import IDEMPOTENT
 from ..layers.base import WOULD_BLOCK, Request, Response
-from .io import Closed, Connection, Deadlines, connect
 
 log = logging.getLogger("meshlet.upstream")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from control_plane.explain import explain
-from control_plane.policy import load_documents
+from meshlet.policy import load_documents
 
 POLICY = textwrap.dedent(
     """\

@@ -7,8 +7,8 @@ from typing import Any
 
 import trio
 
-from control_plane import wire
 from control_plane.push import Hub, Session, SessionView
+from meshlet import wire
 
 
 class Recorder:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from control_plane.policies import PolicyStore
-from control_plane.policy import PolicyError
 from control_plane.store import MemoryStore, StoreError, open_store
+from meshlet.policy import PolicyError
 
 BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
 BILLING_2 = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443, 10.0.0.8:8443]\n"

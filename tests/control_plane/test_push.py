@@ -3,8 +3,8 @@ removals, and never re-pushing a version a sidecar rejected."""
 
 from __future__ import annotations
 
-from control_plane import wire
 from control_plane.push import SessionView
+from meshlet import wire
 
 
 def _ep(i: int) -> dict[str, object]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from control_plane import wire
+from meshlet import wire
 
 from ..helpers import SidecarProcess, run_control_plane, run_sidecar, sample
 from ..origin import Origin
@@ -57,7 +57,7 @@ async def learns(caller: SidecarProcess, service: str, addresses: list[str], tim
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from sidecar.demo import Demo
+from meshlet.demo import Demo
 
 from ..helpers import start_demo_mesh
 

@@ -444,7 +444,7 @@ async def test_bad_static_config_fails_with_file_and_line(tmp_path: Path) -> Non
     static = tmp_path / "bad.yaml"
     static.write_text("services:\n  item:\n    endpoints: [nohost]\n    timeout: soon\n")
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", "sidecar", "--service", "x", "--app", "127.0.0.1:1", "--static", str(static)],
+        [sys.executable, "-m", "meshlet", "sidecar", "--service", "x", "--app", "127.0.0.1:1", "--static", str(static)],
         capture_stdout=True,
         capture_stderr=True,
         check=False,

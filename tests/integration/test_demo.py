@@ -28,7 +28,7 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
     before = set(_demo_processes())
     with trio.fail_after(180):
         result = await trio.run_process(
-            [sys.executable, "-m", "sidecar", "demo", "--duration", "0", "--requests", "20"],
+            [sys.executable, "-m", "meshlet", "demo", "--duration", "0", "--requests", "20"],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -60,7 +60,7 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
 async def test_demo_stops_cleanly_on_ctrl_c() -> None:
     before = set(_demo_processes())
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "sidecar", "demo", "--duration", "60", "--requests", "10"],
+        [sys.executable, "-m", "meshlet", "demo", "--duration", "60", "--requests", "10"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "COLUMNS": "120"},

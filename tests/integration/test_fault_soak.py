@@ -10,7 +10,7 @@ and all along the apps misbehave, drawn from a seeded rng: they reset mid-body, 
 write a second response or stray bytes after an answer, and close idle connections.
 (Stray bytes here come in the answer's own write: bytes that arrive later, while a
 connection idles, race with its reuse under steady load, whatever a proxy does; the
-fuzz test, tests/net/test_fuzz_path.py, sends those between its lockstep rounds.)
+fuzz test, tests/sidecar/net/test_fuzz_path.py, sends those between its lockstep rounds.)
 
 The soak runs once per module (``soak``); each test checks one of its promises:
   - every request that got a response got its own (the app echoes each request's token),

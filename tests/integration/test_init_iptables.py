@@ -59,7 +59,7 @@ async def test_settings_from_the_environment() -> None:
     need_netns()
     async with two_hosts() as (host, _):
         result = await trio.run_process(
-            host.exec(sys.executable, "-m", "sidecar", "init-iptables", "--dry-run"),
+            host.exec(sys.executable, "-m", "meshlet", "init-iptables", "--dry-run"),
             capture_stdout=True,
             capture_stderr=True,
             env={"MESHLET_PROXY_UID": "2000", "MESHLET_EXCLUDE_OUTBOUND_PORTS": "6379", "PATH": "/usr/sbin:/usr/bin"},
@@ -73,6 +73,6 @@ async def test_without_privileges_it_says_what_to_do() -> None:
     async with two_hosts() as (host, _):
         as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
         for extra in ([], ["--remove"]):
-            result = await host.run(*as_nobody, sys.executable, "-m", "sidecar", "init-iptables", *extra, check=False)
+            result = await host.run(*as_nobody, sys.executable, "-m", "meshlet", "init-iptables", *extra, check=False)
             assert result.returncode == 1, result
             assert b"run it as root (or with CAP_NET_ADMIN)" in result.stderr, result.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from sidecar.net.io import derived_connection_limits
+from meshlet.io import derived_connection_limits
 
 from ..helpers import run_meshlet, run_sidecar, sample, write_static
 from ..origin import Origin

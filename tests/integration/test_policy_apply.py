@@ -25,7 +25,7 @@ ROUTE = (
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
@@ -156,7 +156,7 @@ async def test_writing_policy_needs_the_token(tmp_path: Path) -> None:
 async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -> None:
     """A sidecar of another version that cannot read a policy NACKs it (a raw wire
     client plays it): `apply` says so and exits 3, `status` shows the NACK."""
-    from control_plane import wire
+    from meshlet import wire
 
     (tmp_path / "billing.yaml").write_text(BILLING)
     async with run_control_plane(tmp_path) as cp:
@@ -208,7 +208,7 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
 
 async def _silent_sidecar(port: int, node: str) -> trio.SocketStream:
     """A raw push-channel client that says hello and then never answers anything."""
-    from control_plane import wire
+    from meshlet import wire
 
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     hello = wire.Hello(

@@ -53,7 +53,7 @@ tests:
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
@@ -343,7 +343,7 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
 ) -> None:
     """A fake control plane (wire.py on a real socket) pushes a good route, then a bad
     version of it (as a control plane of another version might)."""
-    from control_plane import wire
+    from meshlet import wire
 
     good = {
         "kind": "Route",

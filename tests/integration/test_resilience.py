@@ -92,7 +92,7 @@ async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nurse
         asked = await client.get("/hello", headers={"x-meshlet-explain": "1", "x-request-id": "tour-1"})
         one = (await client.get(f"{explain}?request_id=tour-1")).json()
         missing = await client.get(f"{explain}?request_id=nope")
-        command = [sys.executable, "-m", "sidecar", "explain", "--admin", user.admin]
+        command = [sys.executable, "-m", "meshlet", "explain", "--admin", user.admin]
         shown = await trio.run_process([*command, "--request-id", retried_id], capture_stdout=True, check=False)
         listed = await trio.run_process(command, capture_stdout=True, check=False)
         unknown = await trio.run_process([*command, "--request-id", "nope"], capture_stderr=True, check=False)

@@ -16,7 +16,7 @@ from ..origin import Origin
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 

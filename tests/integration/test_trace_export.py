@@ -128,7 +128,7 @@ async def test_every_worker_sends_its_spans_and_sampling_zero_records_none(
 async def test_a_sampling_rate_outside_0_to_1_is_refused(tmp_path: Path) -> None:
     static = write_static(tmp_path / "s.yaml", {})
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", "sidecar", "--service", "a", "--app", "127.0.0.1:1"]
+        [sys.executable, "-m", "meshlet", "sidecar", "--service", "a", "--app", "127.0.0.1:1"]
         + ["--static", str(static), "--trace-sampling", "1.5"],
         capture_stderr=True,
         check=False,

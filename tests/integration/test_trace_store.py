@@ -34,7 +34,7 @@ def span(i: int, parent: int | None, service: str, kind: str, start: int, durati
 
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "sidecar", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 

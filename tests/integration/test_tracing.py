@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-from sidecar.demo import Demo
+from meshlet.demo import Demo
 
 from ..helpers import start_demo_mesh
 
@@ -57,7 +57,7 @@ async def test_one_trace_through_three_hops_with_a_retry(tmp_path: Path) -> None
             metrics = (await client.get(f"http://{admin}/metrics")).text
         retried = next(t for t in found if len(t) == 7)
         result = await trio.run_process(
-            [sys.executable, "-m", "sidecar", "trace", retried[0]["traceId"], "--api", api],
+            [sys.executable, "-m", "meshlet", "trace", retried[0]["traceId"], "--api", api],
             capture_stdout=True,
             check=False,
         )

@@ -29,7 +29,7 @@ def _environment(**extra: str) -> dict[str, str]:
 
 
 async def wait_ready(*args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
-    command = [sys.executable, "-m", "sidecar", "wait-ready", *args]
+    command = [sys.executable, "-m", "meshlet", "wait-ready", *args]
     return await trio.run_process(
         command, capture_stdout=True, capture_stderr=True, check=False, env=_environment(**environ)
     )

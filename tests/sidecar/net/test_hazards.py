@@ -208,7 +208,7 @@ class Mesh:
 def sidecar(
     tmp: Path, origin: RecordingOrigin, *extra: str, defaults: str = "{}", services: str = ""
 ) -> Iterator[dict[str, int]]:
-    """``python -m sidecar`` in its own process group: the origin is its app (inbound) and
+    """``python -m meshlet`` in its own process group: the origin is its app (inbound) and
     the one endpoint of the service ``conf`` (outbound; ``services``: more, YAML flow
     entries); SIGTERM, then SIGKILL, on exit."""
     static = tmp / "static.yaml"

@@ -2,12 +2,12 @@
 destination it goes to. Pure: no clock, no randomness (the split is a smooth weighted
 round robin, exact over every cycle of the weights' sum, as nginx's upstream weights).
 
-Compiled once per policy version from the validated document (control_plane/policy.py);
+Compiled once per policy version from the validated document (meshlet/policy.py);
 matching works on the request head's bytes, as the data path has them:
 
 * rules are tried by priority (higher first), then in the order written;
 * ``path``: ``exact`` and ``prefix`` compare the path (the target before ``?``, normalised
-  by the router first: sidecar/core/paths.py),
+  by the router first: meshlet/paths.py),
   ``regex`` must match the whole path (Envoy's and Istio's semantics);
 * ``headers``: the values of a field, joined by ``,`` (one field, RFC 9110 §5.3), then
   ``exact`` / ``prefix`` / ``regex`` (whole value) / ``present``;
@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from .paths import BadPath, normalise_target
 
 if TYPE_CHECKING:
-    from control_plane.policy import Route, Rule, StringMatch
+    from meshlet.policy import Route, Rule, StringMatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import re
 import types
 import typing
@@ -168,8 +169,8 @@ _TARGET_TEXT = "holds only visible ASCII (percent-encode the rest)"
 
 def _normal_path(value: str) -> str:
     """A path matched against requests: the sidecar compares normalised paths
-    (sidecar/core/paths.py), so one written otherwise could never match."""
-    from sidecar.core.paths import BadPath, normalise_path
+    (meshlet/paths.py), so one written otherwise could never match."""
+    from meshlet.paths import BadPath, normalise_path
 
     try:
         normal = normalise_path(value.encode("ascii")).decode("ascii")
@@ -654,8 +655,8 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
     """Validate every document of every (filename, text); all valid → the documents,
     else :class:`PolicyError` with every problem. Names must be unique per kind across
     all the sources (``file:line`` of both when not), and every Route's embedded tests
-    must pass (the matcher is the sidecar's own, sidecar/core/routes.py)."""
-    from sidecar.core.routes import run_tests  # the sidecar's matcher, so tests mean what traffic gets
+    must pass (the matcher is the sidecar's own, meshlet/routes.py)."""
+    from .routes import run_tests  # the sidecar's matcher, so tests mean what traffic gets
 
     problems: list[str] = []
     out: list[Document] = []
@@ -838,3 +839,26 @@ def _unwrap(annotation: Any) -> Any:
 
 
 __all__ = ["KINDS", "Document", "PolicyError", "load_documents", "parse_text", "validate"]
+
+
+POLICY_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_policy_files(path: pathlib.Path) -> list[tuple[str, str]]:
+    """A file, or every .yaml/.yml/.json file of a directory (recursively, sorted), as
+    (name, text). PolicyError when there is nothing to read."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in POLICY_SUFFIXES)
+        if not files:
+            raise PolicyError([f"{path}: no .yaml, .yml or .json files in this directory"])
+    elif path.is_file():
+        files = [path]
+    else:
+        raise PolicyError([f"{path}: no such file or directory"])
+    out = []
+    for file in files:
+        try:
+            out.append((str(file), file.read_text()))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError([f"{file}: cannot read: {exc}"]) from None
+    return out

@@ -1,4 +1,4 @@
-"""The ``meshlet`` command. Exit codes: 0 ok, 1 the operation failed, 2 bad usage."""
+"""``meshlet sidecar``: run the sidecar proxy next to one service instance."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import argparse
 import gc
 import ipaddress
 import logging
-import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .core.config import ConfigError, parse_address
+from sidecar.core.config import ConfigError, parse_address
+
+from .options import address as _address
+from .options import listen_address as _listen
+from .options import upstream as _upstream
 
 EPILOG_SIDECAR = """\
 examples:
@@ -33,27 +34,6 @@ the static file (docs/static-config.md):
 """
 
 
-def _address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _listen(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text, allow_zero=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _upstream(text: str) -> tuple[str, tuple[str, int]]:
-    name, sep, address = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=HOST:PORT, e.g. item=127.0.0.1:9001")
-    return name, _listen(address)
-
-
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -62,80 +42,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def env_name(action: argparse.Action) -> str:
-    """--control-plane → MESHLET_CONTROL_PLANE."""
-    return "MESHLET_" + action.option_strings[-1].lstrip("-").replace("-", "_").upper()
-
-
-def defaults_from_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Every option of ``parser`` can also come from ``MESHLET_<OPTION>`` (containers are
-    configured by environment): the variable becomes the option's default, so a flag given
-    on the command line still wins. A repeatable option takes a comma-separated list; a
-    switch takes 1/true/yes or 0/false/no. A bad value is refused as the flag would be,
-    naming the variable."""
-    for action in parser._actions:
-        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
-            continue
-        name = env_name(action)
-        if action.help is not None:
-            action.help += f" (env {name})"
-        raw = environ.get(name)
-        if raw is None:
-            continue
-        try:
-            action.default = _env_value(action, raw)
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            # Reported when this command runs, not when another one does: the variables of
-            # every command are read, and a container's MESHLET_TIMEOUT for `wait-ready`
-            # must not stop `meshlet sidecar`.
-            action.default = BadEnvironment(f"{name}={raw!r}: {exc}")
-        action.required = False
-
-
-class BadEnvironment:
-    """The default of an option whose MESHLET_ variable holds a value it refuses."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __repr__(self) -> str:
-        return self.message
-
-
-class MeshletParser(argparse.ArgumentParser):
-    """Refuses, naming the variable, a bad MESHLET_ value of the command being run."""
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed, rest = super().parse_known_args(args, namespace)
-        for value in vars(parsed).values():
-            if isinstance(value, BadEnvironment):
-                self.error(value.message)
-        return parsed, rest
-
-
-def _env_value(action: argparse.Action, raw: str) -> Any:
-    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-        lowered = raw.strip().lower()
-        if lowered not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError("expected 1/true/yes or 0/false/no")
-        return lowered in ("1", "true", "yes")
-    convert = action.type or str
-    if isinstance(action, argparse._AppendAction):
-        return [convert(item.strip()) for item in raw.split(",") if item.strip()]  # type: ignore[operator]
-    value = convert(raw)  # type: ignore[operator]
-    if action.choices is not None and value not in action.choices:
-        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = MeshletParser(
-        prog="meshlet",
-        description="meshlet: a service mesh you install with pip. Run a sidecar next to each service.",
-    )
-    parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_command(commands: Any) -> argparse.ArgumentParser:
     sidecar = commands.add_parser(
         "sidecar",
         help="run the sidecar proxy next to one service instance",
@@ -262,61 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    defaults_from_environment(sidecar, os.environ)
-
-    from control_plane.cli import add_commands
-
-    add_commands(commands, _address, _listen)
-    from .init_iptables import add_command as add_init_iptables
-
-    defaults_from_environment(add_init_iptables(commands), os.environ)
-    defaults_from_environment(commands.choices["control-plane"], os.environ)  # the other role in a container
-
-    from .wait_ready import add_command as add_wait_ready
-
-    defaults_from_environment(add_wait_ready(commands, _address), os.environ)  # an app container's entrypoint
-
-    demo = commands.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
-    demo.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="stop after this many seconds (default: until Ctrl-C)",
-    )
-    demo.add_argument("--requests", type=int, default=200, help="requests to drive through the gateway")
-    return parser
+    return sidecar
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    if args.command == "sidecar":
-        return run_sidecar(args, parser)
-    if args.command in ("control-plane", "get", "status", "apply", "rollback", "explain", "trace", "stat", "top"):
-        from control_plane.cli import run
-
-        return run(args)
-    if args.command == "wait-ready":
-        from .wait_ready import run as run_wait_ready
-
-        return run_wait_ready(args)
-    if args.command == "init-iptables":
-        from .init_iptables import run as run_init_iptables
-
-        return run_init_iptables(args)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
-
-
-def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -360,8 +216,8 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.static is not None and not args.static.is_file():
         print(f"meshlet: --static {args.static}: no such file", file=sys.stderr)
         return 1
-    from .app import Sidecar, SidecarOptions
-    from .core.config import load_static
+    from sidecar.app import Sidecar, SidecarOptions
+    from sidecar.core.config import load_static
 
     try:
         if args.static is not None:
@@ -401,7 +257,7 @@ def run_sidecar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                 file=sys.stderr,
             )
             return 2
-        from .workers import run_workers
+        from sidecar.workers import run_workers
 
         return run_workers(options, args.workers)
     import trio

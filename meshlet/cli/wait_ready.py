@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 
-from .core.config import parse_duration
+from sidecar.core.config import parse_duration
+
+from .options import address
 
 DEFAULT_ADMIN = ("127.0.0.1", 15090)
 DEFAULT_TIMEOUT = 60.0
@@ -52,9 +54,9 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_command(commands: Any, address: Any) -> argparse.ArgumentParser:
+def add_command(commands: Any) -> argparse.ArgumentParser:
     """Add ``wait-ready`` to the ``meshlet`` subparsers; returns its parser (for
-    ``defaults_from_environment``). ``address``: the HOST:PORT argument type (sidecar/cli.py's)."""
+    ``defaults_from_environment``)."""
     parser = commands.add_parser(
         "wait-ready",
         help="wait until the local sidecar is ready (for container entrypoints: meshlet wait-ready && exec my-app)",

@@ -3,7 +3,7 @@ rest applied), Service documents as services, enforcing routes by host, persiste
 
 from __future__ import annotations
 
-from control_plane import wire
+from meshlet import wire
 from sidecar.core.policies import PolicyCache
 
 ROUTE = {

@@ -6,7 +6,7 @@ import random
 
 import trio
 
-from control_plane.policy import Abort, Delay, Fault
+from meshlet.policy import Abort, Delay, Fault
 from sidecar.layers.routing import _fault
 
 

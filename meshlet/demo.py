@@ -92,7 +92,7 @@ class Demo:
         args = [
             sys.executable,
             "-m",
-            "sidecar",
+            "meshlet",
             "control-plane",
             "--listen",
             "127.0.0.1:0",
@@ -111,7 +111,7 @@ class Demo:
         args = [
             sys.executable,
             "-m",
-            "sidecar",
+            "meshlet",
             "sidecar",
             "--service",
             service,
@@ -346,7 +346,7 @@ CIRCUIT_STATES = ("open", "half_open", "closed")
 
 async def _show_a_trace(client: httpx.AsyncClient, api: str) -> None:
     """The last request through the mesh, as the control plane's trace store has it."""
-    from control_plane.cli import waterfall_table
+    from .cli.commands import waterfall_table
 
     await client.get(f"http://{api}/live")
     with trio.move_on_after(5):  # sidecars send spans in batches, every second

@@ -3,7 +3,7 @@ removals and the persisted form."""
 
 from __future__ import annotations
 
-from control_plane import wire
+from meshlet import wire
 from sidecar.net.control import DiscoveredState
 
 

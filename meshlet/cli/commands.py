@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import sys
 import time
@@ -17,56 +16,12 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from . import stat_cli
+from . import stat as stat_cli
 
 DEFAULT_API = "127.0.0.1:15000"
 
 
-def add_commands(commands: Any, address: Any, listen: Any) -> None:
-    cp = commands.add_parser(
-        "control-plane",
-        help="run the control plane: registry, push channel, HTTP API",
-        description="Run the control plane. Sidecars connect to the push channel (--listen) to register and "
-        "receive endpoints; `meshlet get` and `meshlet status` read the HTTP API (--api).",
-    )
-    cp.add_argument(
-        "--listen",
-        type=listen,
-        default=("127.0.0.1", 15010),
-        metavar="ADDR",
-        help="push channel listener (default 127.0.0.1:15010)",
-    )
-    cp.add_argument(
-        "--api",
-        type=listen,
-        default=("127.0.0.1", 15000),
-        metavar="ADDR",
-        help="HTTP API listener (default 127.0.0.1:15000)",
-    )
-    cp.add_argument(
-        "--store",
-        default="file",
-        metavar="memory|file|file:PATH",
-        help="where applied configuration is kept (default: a file in --data-dir)",
-    )
-    cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
-    cp.add_argument(
-        "--policy",
-        type=Path,
-        metavar="FILE|DIR",
-        help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
-    )
-    cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
-    cp.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=10_000,  # control_plane.server.MAX_CONNECTIONS (not imported here: keeps the CLI's start fast)
-        metavar="N",
-        help="at most N push-channel connections at once; more are refused (an 'overloaded' error, then "
-        "closed) and counted in meshlet_cp_connections_refused_total (default 10000)",
-    )
-    cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
+def add_commands(commands: Any) -> None:
     get = commands.add_parser("get", help="list services, endpoints or policies known to the control plane")
     get.add_argument("what", choices=["services", "endpoints", "policies"])
     get.add_argument("name", nargs="?", help="one service")
@@ -142,8 +97,6 @@ def add_commands(commands: Any, address: Any, listen: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "control-plane":
-        return _control_plane(args)
     try:
         if args.command == "get":
             return _get(args)
@@ -171,41 +124,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def _control_plane(args: argparse.Namespace) -> int:
-    import trio
-
-    from .app import ControlPlaneOptions, run
-    from .policy import PolicyError
-    from .store import StoreError
-
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
-    options = ControlPlaneOptions(
-        listen=args.listen,
-        api=args.api,
-        store=args.store,
-        data_dir=args.data_dir,
-        ttl=args.ttl,
-        policy=args.policy,
-        max_connections=args.max_connections,
-    )
-    try:
-        trio.run(run, options)
-    except PolicyError as exc:
-        print(f"meshlet: the policy is not valid; nothing was applied:\n{exc}", file=sys.stderr)
-        return 1
-    except (ValueError, StoreError) as exc:
-        print(f"meshlet: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
 
 
 def _problems(response: httpx.Response, sep: str = "; ") -> str:
@@ -393,8 +311,7 @@ def _get_policies(args: argparse.Namespace, console: Console) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .app import read_policy_files
-    from .policy import PolicyError, load_documents
+    from meshlet.policy import PolicyError, load_documents, read_policy_files
 
     try:
         files = read_policy_files(args.filename)
@@ -660,13 +577,3 @@ def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
             f"[{style}]{row.status}[/]",
         )
     return table
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value

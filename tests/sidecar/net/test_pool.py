@@ -7,12 +7,12 @@ import pytest
 import trio
 import trio.testing
 
+from meshlet.io import Deadlines
 from sidecar.app import build_inbound, serve_http
 from sidecar.core import errors
 from sidecar.core.config import Endpoint
 from sidecar.core.errors import MeshError
 from sidecar.net.downstream import Timeouts
-from sidecar.net.io import Deadlines
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry, render
 

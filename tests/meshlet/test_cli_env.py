@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import cli
+from meshlet import cli
 
 BASE = ["sidecar", "--service", "item", "--app", "127.0.0.1:8080"]
 

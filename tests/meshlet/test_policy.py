@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_plane.policy import (
+from meshlet.policy import (
     AccessPolicy,
     DestinationPolicy,
     MeshConfig,

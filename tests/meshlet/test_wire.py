@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_plane.wire import (
+from meshlet.wire import (
     MAX_FRAME,
     Ack,
     Bye,
@@ -245,7 +245,7 @@ def test_oversized_frame_rejected_before_its_body_arrives() -> None:
 
 
 def test_until_hello_is_accepted_the_server_takes_only_small_frames() -> None:
-    from control_plane import wire
+    from meshlet import wire
 
     with pytest.raises(WireError, match=f"max {wire.HELLO_MAX_FRAME}"):
         ServerConnection("cp").receive_data(struct.pack(">I", wire.HELLO_MAX_FRAME + 1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane.waterfall import rows
+from meshlet.cli.waterfall import rows
 
 T = "4bf92f3577b34da6a3ce929d0e0e4736"
 

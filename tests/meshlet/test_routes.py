@@ -1,4 +1,4 @@
-"""Route tables (sidecar/core/routes.py): which rule matches, in which order, and how a
+"""Route tables (meshlet/routes.py): which rule matches, in which order, and how a
 weighted split divides traffic; the embedded route tests run on apply."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from control_plane.policy import PolicyError, Route, load_documents
-from sidecar.core.routes import RouteTable
+from meshlet.policy import PolicyError, Route, load_documents
+from meshlet.routes import RouteTable
 
 ROUTE = textwrap.dedent(
     """\

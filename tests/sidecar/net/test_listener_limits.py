@@ -16,12 +16,12 @@ import httpx
 import pytest
 import trio
 
+from meshlet.cli import main
+from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits
 from sidecar.app import serve_http
-from sidecar.cli import main
 from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
-from sidecar.net.io import ConnectionLimit, Deadlines, derived_connection_limits
 
 from ..helpers import raw_exchange, run_sidecar, sample, write_static
 from ..origin import Origin

@@ -1,4 +1,4 @@
-"""Access tables (sidecar/core/access.py): who may call a service, on which paths and methods."""
+"""Access tables (meshlet/access.py): who may call a service, on which paths and methods."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.policy import AccessPolicy, load_documents
-from sidecar.core import paths
-from sidecar.core.access import AccessTable, normalise_path
+from meshlet import paths
+from meshlet.access import AccessTable, normalise_path
+from meshlet.policy import AccessPolicy, load_documents
 
 POLICY = """\
 kind: AccessPolicy
@@ -86,7 +86,7 @@ def test_default_allow_lets_in_whoever_no_rule_names() -> None:
         ("/a/b/..", "/a/"),
         ("//a///b", "/a/b"),
         ("/%2e%2E/x", "/x"),
-        ("/caf%e9", "/caf%E9"),  # only unreserved characters are decoded (sidecar/core/paths.py)
+        ("/caf%e9", "/caf%E9"),  # only unreserved characters are decoded (meshlet/paths.py)
         ("/a%2Fb", "/a%2Fb"),  # refused by the sidecar: shown as it is
     ],
 )

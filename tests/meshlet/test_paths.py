@@ -1,4 +1,4 @@
-"""Request paths normalised as Envoy's path normalisation does (sidecar/core/paths.py): what
+"""Request paths normalised as Envoy's path normalisation does (meshlet/paths.py): what
 routing and the access check compare and what the upstream receives are the same bytes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.paths import _CLEAN, BadPath, normalise_path, normalise_target, path_of
+from meshlet.paths import _CLEAN, BadPath, normalise_path, normalise_target, path_of
 
 NORMAL = [
     (b"/", b"/"),

@@ -1,6 +1,6 @@
 """Access tables: may this caller call this service, on this path, with this method? Pure.
 
-Compiled once per policy version from a validated ``AccessPolicy`` (control_plane/policy.py)
+Compiled once per policy version from a validated ``AccessPolicy`` (meshlet/policy.py)
 and asked by the inbound sidecar for every request (docs/policy.md), and by ``meshlet explain``
 (control_plane/explain.py), so both give the same answer:
 
@@ -9,7 +9,7 @@ and asked by the inbound sidecar for every request (docs/policy.md), and by ``me
 * ``sources``: calling services by name, ``"*"`` for any caller (one without a sidecar too);
 * ``paths``: prefixes by whole segments, so ``/items`` allows ``/items`` and ``/items/42``
   but not ``/items-admin`` (a prefix ending in ``/`` is taken as written); the path is
-  compared normalised (sidecar/core/paths.py: ``/items/../admin`` is ``/admin``), which is
+  compared normalised (meshlet/paths.py: ``/items/../admin`` is ``/admin``), which is
   the path the inbound sidecar forwards to the app; one that cannot be normalised safely
   is allowed by no rule (the inbound sidecar refuses it with 400 before asking);
 * ``methods``: any of them (none listed: every method).
@@ -27,7 +27,7 @@ from .paths import BadPath, path_of
 from .paths import normalise_path as _normalise
 
 if TYPE_CHECKING:
-    from control_plane.policy import AccessPolicy, AccessRule
+    from meshlet.policy import AccessPolicy, AccessRule
 
 ANY = "*"
 

@@ -1,0 +1,95 @@
+"""``meshlet control-plane``: run the registry, the push channel and the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .options import listen_address as listen
+from .options import positive_int as _positive_int
+
+
+def add_command(commands: Any) -> argparse.ArgumentParser:
+    cp = commands.add_parser(
+        "control-plane",
+        help="run the control plane: registry, push channel, HTTP API",
+        description="Run the control plane. Sidecars connect to the push channel (--listen) to register and "
+        "receive endpoints; `meshlet get` and `meshlet status` read the HTTP API (--api).",
+    )
+    cp.add_argument(
+        "--listen",
+        type=listen,
+        default=("127.0.0.1", 15010),
+        metavar="ADDR",
+        help="push channel listener (default 127.0.0.1:15010)",
+    )
+    cp.add_argument(
+        "--api",
+        type=listen,
+        default=("127.0.0.1", 15000),
+        metavar="ADDR",
+        help="HTTP API listener (default 127.0.0.1:15000)",
+    )
+    cp.add_argument(
+        "--store",
+        default="file",
+        metavar="memory|file|file:PATH",
+        help="where applied configuration is kept (default: a file in --data-dir)",
+    )
+    cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
+    cp.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE|DIR",
+        help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
+    )
+    cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
+    cp.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=10_000,  # control_plane.server.MAX_CONNECTIONS (not imported here: keeps the CLI's start fast)
+        metavar="N",
+        help="at most N push-channel connections at once; more are refused (an 'overloaded' error, then "
+        "closed) and counted in meshlet_cp_connections_refused_total (default 10000)",
+    )
+    cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return cp
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from control_plane.app import ControlPlaneOptions
+    from control_plane.app import run as serve
+    from control_plane.store import StoreError
+    from meshlet.policy import PolicyError
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    options = ControlPlaneOptions(
+        listen=args.listen,
+        api=args.api,
+        store=args.store,
+        data_dir=args.data_dir,
+        ttl=args.ttl,
+        policy=args.policy,
+        max_connections=args.max_connections,
+    )
+    try:
+        trio.run(serve, options)
+    except PolicyError as exc:
+        print(f"meshlet: the policy is not valid; nothing was applied:\n{exc}", file=sys.stderr)
+        return 1
+    except (ValueError, StoreError) as exc:
+        print(f"meshlet: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
