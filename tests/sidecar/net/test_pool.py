@@ -15,8 +15,7 @@ from sidecar.core.errors import MeshError
 from sidecar.net.downstream import Timeouts
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry, render
-
-from ..helpers import raw_exchange, sample
+from tests.helpers import raw_exchange, sample
 
 
 @pytest.fixture
