@@ -240,16 +240,16 @@ class ControlPlaneClient:
         snapshot = make_snapshot(
             services,
             source,
-            policies.routes(),
-            policies.version(),
-            policies.routes("shadow"),
-            policies.access(),
-            policies.access("shadow"),
-            policies.destinations(),
-            policies.destinations("shadow"),
-            policies.tracing(),
-            policies.metrics(),
-            policies.outbound_traffic_policy(),
+            policy_version=policies.version(),
+            routes=policies.routes(),
+            shadow_routes=policies.routes("shadow"),
+            access=policies.access(),
+            shadow_access=policies.access("shadow"),
+            destinations=policies.destinations(),
+            shadow_destinations=policies.destinations("shadow"),
+            tracing=policies.tracing(),
+            metrics=policies.metrics(),
+            outbound_traffic_policy=policies.outbound_traffic_policy(),
         )
         self._apply(snapshot)
         self.has_config = True
