@@ -49,7 +49,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
     return ip, port
 
 
-LOGGED_ADDRESSES = 1000  # refused addresses remembered so each is logged once (then forgotten, all)
+LOGGED_ADDRESSES = 1000  # refused addresses remembered so that each is logged once; past this, all forgotten
 
 
 class Interceptor:
