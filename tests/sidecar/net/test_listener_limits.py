@@ -18,7 +18,6 @@ import trio
 
 from meshlet.cli import main
 from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits
-from sidecar.app import serve_http
 from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
