@@ -21,6 +21,7 @@ from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits
 from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
+from sidecar.net.listeners import serve_http
 from tests.helpers import raw_exchange, run_sidecar, sample, write_static
 from tests.origin import Origin
 
