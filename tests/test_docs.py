@@ -1,0 +1,103 @@
+"""The docs say what the code does: every answer the mesh makes itself, every metric either
+side exports and every ``meshlet`` command is named in docs/reference.md, and no doc or
+comment points at a document the repository does not hold.
+
+The names come from the code as it runs (the reasons defined, the collectors' output, the
+parser's commands), so a new one fails here until the reference page names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshlet.cli import build_parser
+from sidecar import telemetry
+from sidecar.core import errors
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = (ROOT / "docs" / "reference.md").read_text()
+
+
+def named(name: str) -> bool:
+    """Is ``name`` written in the reference page as code (`name`)?"""
+    return f"`{name}`" in REFERENCE
+
+
+def test_every_reason_the_mesh_answers_with_is_in_the_error_table() -> None:
+    reasons = [value for value in vars(errors).values() if isinstance(value, errors.Reason)]
+    assert len(reasons) >= 10  # the module's reasons were found
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| `([a-z-]+)` \| ([0-9 /]+) \|", REFERENCE, re.MULTILINE)}
+    for reason in reasons:
+        assert reason.name in rows, f"{reason.name} has no row in docs/reference.md's error table"
+        assert str(reason.status) in rows[reason.name].split(" / "), f"{reason.name} {reason.status}"
+    assert rows.get("internal") == "500"  # the one reason sidecar/layers/errors.py makes on its own
+
+
+def exported(text: str) -> set[str]:
+    """The metric names a Prometheus text declares, as a query writes them."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE meshlet_")}
+
+
+def test_every_metric_the_sidecar_exports_is_in_the_reference() -> None:
+    # One snapshot that has every family, those shown only with a configuration and a control plane too.
+    names = exported(telemetry.render(lambda: [{"info": [("v1", 1)]}]).decode())
+    assert len(names) >= 25
+    assert sorted(n for n in names if not named(n)) == []
+
+
+def test_every_metric_the_control_plane_exports_is_in_the_reference(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
+    argv += ["--data-dir", str(tmp_path), "--log-level", "warning"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+        try:
+            assert process.stdout is not None
+            ready = process.stdout.readline()  # meshlet control-plane ready push=H:P api=H:P
+            api = dict(item.partition("=")[::2] for item in ready.split() if "=" in item)["api"]
+            text = httpx.get(f"http://{api}/metrics", timeout=10).text
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+    names = exported(text)
+    assert len(names) >= 10 and all(n.startswith("meshlet_cp_") for n in names)
+    assert sorted(n for n in names if not named(n)) == []
+
+
+def commands() -> list[str]:
+    (action,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(action.choices)
+
+
+@pytest.mark.parametrize("command", commands())
+def test_every_command_is_in_the_reference(command: str) -> None:
+    assert re.search(rf"^\| `meshlet {re.escape(command)}\b", REFERENCE, re.MULTILINE), command
+
+
+def test_every_mesh_header_in_the_code_is_in_the_reference() -> None:
+    sources = [p for package in ("meshlet", "sidecar", "control_plane") for p in (ROOT / package).rglob("*.py")]
+    headers = {h for p in sources for h in re.findall(r"x-meshlet-[a-z0-9-]*[a-z0-9]", p.read_text())}
+    assert "x-meshlet-error" in headers
+    assert sorted(h for h in headers if not named(h)) == []
+
+
+def test_no_doc_or_comment_points_at_documents_the_repository_does_not_hold() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    this = Path(__file__).relative_to(ROOT).as_posix()
+    found = []
+    for name in tracked.stdout.split():
+        path = ROOT / name
+        if name == this or path.suffix not in (".py", ".md", ".yaml", ".yml", ".toml", ".html") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if re.search(r"PRODUCT(\.md)? ?§|\bshared/(reference|PRODUCT)", line):
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert found == []
