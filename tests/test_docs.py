@@ -101,3 +101,19 @@ def test_no_doc_or_comment_points_at_documents_the_repository_does_not_hold() ->
             if re.search(r"PRODUCT(\.md)? ?§|\bshared/(reference|PRODUCT)", line):
                 found.append(f"{name}:{number}: {line.strip()}")
     assert found == []
+
+
+def test_every_file_the_docs_name_is_in_the_repository() -> None:
+    """A path in a doc (``sidecar/core/errors.py``, or ``core/errors.py`` inside a package)
+    names a file that exists. CHANGELOG.md is left out: it names what was, too."""
+    pages = [*(ROOT / "docs").glob("*.md"), *(ROOT / name for name in ("README.md", "CONTRIBUTING.md"))]
+    pages += [ROOT / "examples" / "README.md", ROOT / "benchmarks" / "README.md"]
+    path = re.compile(r"(?<![\w./-])((?:[\w-]+/)+[\w.-]+\.(?:py|md|yaml|yml|json|html|toml))")
+    missing = []
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for name in path.findall(line):
+                places = [ROOT, page.parent, ROOT / "sidecar", ROOT / "control_plane", ROOT / "meshlet"]
+                if not any((place / name).exists() for place in places):
+                    missing.append(f"{page.relative_to(ROOT)}:{number}: {name}")
+    assert missing == []
