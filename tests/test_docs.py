@@ -1,6 +1,7 @@
 """The docs say what the code does: every answer the mesh makes itself, every metric either
-side exports and every ``meshlet`` command is named in docs/reference.md, and no doc or
-comment points at a document the repository does not hold.
+side exports, every ``meshlet`` command and every ``x-meshlet-*`` header is named in
+docs/reference.md; no doc names a metric nobody exports or a file the repository does not
+hold, and no doc or comment points at an internal document users do not have.
 
 The names come from the code as it runs (the reasons defined, the collectors' output, the
 parser's commands), so a new one fails here until the reference page names it.
@@ -46,16 +47,19 @@ def exported(text: str) -> set[str]:
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE meshlet_")}
 
 
-def test_every_metric_the_sidecar_exports_is_in_the_reference() -> None:
+@pytest.fixture(scope="module")
+def sidecar_metrics() -> set[str]:
     # One snapshot that has every family, those shown only with a configuration and a control plane too.
     names = exported(telemetry.render(lambda: [{"info": [("v1", 1)]}]).decode())
     assert len(names) >= 25
-    assert sorted(n for n in names if not named(n)) == []
+    return names
 
 
-def test_every_metric_the_control_plane_exports_is_in_the_reference(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def control_plane_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """What a running control plane's /metrics declares."""
     argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
-    argv += ["--data-dir", str(tmp_path), "--log-level", "warning"]
+    argv += ["--data-dir", str(tmp_path_factory.mktemp("cp")), "--log-level", "warning"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
         try:
             assert process.stdout is not None
@@ -67,7 +71,28 @@ def test_every_metric_the_control_plane_exports_is_in_the_reference(tmp_path: Pa
             process.wait(timeout=20)
     names = exported(text)
     assert len(names) >= 10 and all(n.startswith("meshlet_cp_") for n in names)
-    assert sorted(n for n in names if not named(n)) == []
+    return names
+
+
+def test_every_metric_the_sidecar_exports_is_in_the_reference(sidecar_metrics: set[str]) -> None:
+    assert sorted(n for n in sidecar_metrics if not named(n)) == []
+
+
+def test_every_metric_the_control_plane_exports_is_in_the_reference(control_plane_metrics: set[str]) -> None:
+    assert sorted(n for n in control_plane_metrics if not named(n)) == []
+
+
+def test_every_metric_the_docs_name_is_exported(sidecar_metrics: set[str], control_plane_metrics: set[str]) -> None:
+    """The other way round: no doc, nor the Grafana dashboard, names a metric nobody exports."""
+    families = {re.sub(r"_total$", "", n) for n in sidecar_metrics | control_plane_metrics}
+    pages = [*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "docs" / "grafana-dashboard.json"]
+    unknown = []
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for name in re.findall(r"\bmeshlet_[a-z_]*[a-z]", line):
+                if re.sub(r"_(total|bucket|sum|count)$", "", name) not in families:
+                    unknown.append(f"{page.relative_to(ROOT)}:{number}: {name}")
+    assert unknown == []
 
 
 def commands() -> list[str]:
