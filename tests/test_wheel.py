@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,10 @@ async def test_meshlet_demo_runs_from_the_wheel_and_serves_the_dashboard(venv: P
                         dashboard = await client.get(found[1].decode())
             await process.wait()
     finally:
+        if process.returncode is None:  # Ctrl-C: the demo stops the processes it started
+            process.send_signal(signal.SIGINT)
+            with trio.move_on_after(30):
+                await process.wait()
         if process.returncode is None:
             process.kill()
             await process.wait()
