@@ -42,6 +42,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(ROOT / name, source / name)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp / "dist"), str(source)], tmp)
     (wheel,) = (tmp / "dist").glob("meshlet-*.whl")
+    assert wheel.name.startswith(f"meshlet-{meshlet.__version__}-")  # pyproject.toml reads the one version
     run([sys.executable, "-m", "venv", str(tmp / "venv")], tmp)
     run([str(tmp / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)], tmp)
     return tmp / "venv" / "bin"
