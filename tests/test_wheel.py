@@ -43,8 +43,11 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp / "dist"), str(source)], tmp)
     (wheel,) = (tmp / "dist").glob("meshlet-*.whl")
     assert wheel.name.startswith(f"meshlet-{meshlet.__version__}-")  # pyproject.toml reads the one version
-    run([sys.executable, "-m", "venv", str(tmp / "venv")], tmp)
-    run([str(tmp / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)], tmp)
+    # A venv without pip of its own: this pip installs into it (--python), and skips compiling
+    # every dependency's bytecode up front (--no-compile; Python compiles what it imports).
+    run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], tmp)
+    python = str(tmp / "venv" / "bin" / "python")
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile", str(wheel)], tmp)
     return tmp / "venv" / "bin"
 
 
