@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "services.py"
+EXAMPLE_APPS = "meshlet.examples.services"  # run as a module: an installed wheel has it too
 console = Console()
 
 
@@ -81,7 +81,7 @@ class Demo:
         self.procs.remove(proc)
 
     async def app(self, role: str, instance: str, port: int, proxy: str | None = None) -> Proc:
-        args = [sys.executable, str(EXAMPLES), role, "--port", str(port), "--instance", instance]
+        args = [sys.executable, "-m", EXAMPLE_APPS, role, "--port", str(port), "--instance", instance]
         if proxy:
             args += ["--proxy", proxy]
         proc = await self.start(f"app-{instance}", args)

@@ -7,8 +7,9 @@ becomes part of its snapshot: ``Service`` documents as services with static endp
 enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
 tables by service.
 
-The schema (pydantic) is imported when the first policy arrives, not before: it costs
-~150 ms and ~20 MB, which a sidecar that receives no policy should not pay.
+The schema (pydantic) is imported when the first policy arrives, not before: its import
+takes a noticeable share of the sidecar's start time and memory, which a sidecar that
+receives no policy should not pay.
 """
 
 from __future__ import annotations
