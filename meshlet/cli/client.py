@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-JSON = dict[str, Any]  # a JSON object whose shape the API's docs give (docs/reference)
+JSON = dict[str, Any]  # a JSON object, free-form here: each command reads the fields it shows
 Trace = list[JSON]  # Zipkin v2 spans of one trace
 
 READ_TIMEOUT = 5.0  # seconds: a read of state the control plane holds in memory
@@ -146,7 +146,7 @@ class ApiClient:
         return {"authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _json(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
-        return answer(lambda: self._http.request(method, path, timeout=timeout or self._timeout, **kwargs))
+        return _answer(lambda: self._http.request(method, path, timeout=timeout or self._timeout, **kwargs))
 
 
 class AdminClient:
@@ -165,16 +165,16 @@ class AdminClient:
 
     def explained(self, request_id: str) -> JSON:
         """One request's explanation; ApiError 404 once the sidecar no longer keeps it."""
-        explained: JSON = answer(lambda: self._http.get("/explain", params={"request_id": request_id}))
+        explained: JSON = _answer(lambda: self._http.get("/explain", params={"request_id": request_id}))
         return explained
 
     def recent(self) -> list[JSON]:
         """The requests explained most recently: request_id, at, service, result."""
-        recent: list[JSON] = answer(lambda: self._http.get("/explain"))
+        recent: list[JSON] = _answer(lambda: self._http.get("/explain"))
         return recent
 
 
-def answer(send: Callable[[], httpx.Response]) -> Any:
+def _answer(send: Callable[[], httpx.Response]) -> Any:
     """The JSON document ``send()`` got back, or ApiError: no answer, an error status, or an
     answer that is not JSON (something else listens at that address)."""
     try:
