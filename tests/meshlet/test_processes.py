@@ -131,3 +131,14 @@ async def test_stop_child_stops_the_child_even_when_cancelled(tmp_path: Path) ->
         async with processes.open_child("child", python(code), tmp_path / "c.log", ready="meshlet test ready") as child:
             await trio.sleep_forever()
     assert child.process.returncode == -15
+
+
+def test_the_ready_banner_is_matched_word_by_word(tmp_path: Path) -> None:
+    code = f"print('listening 8080', flush=True); {SERVE}"
+    with processes.started("app", python(code), tmp_path / "app.log", ready="listening") as child:
+        assert child.ready is not None and child.ready.banner == "listening 8080"
+    with (
+        pytest.raises(ChildFailed, match="did not say 'listen'"),
+        processes.started("app", python(code), tmp_path / "app.log", ready="listen"),
+    ):
+        pass
