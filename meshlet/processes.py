@@ -38,6 +38,8 @@ import trio
 READY_TIMEOUT = 20.0
 # SIGTERM → SIGKILL: a sidecar lets requests in flight finish before it exits.
 STOP_GRACE = 10.0
+# A failure quotes the end of the child's log: the traceback, not a soak's every warning.
+QUOTED_LINES = 100
 
 
 def meshlet_command(*args: str) -> list[str]:
@@ -81,7 +83,10 @@ class ChildFailed(RuntimeError):
     """A child did not start, exited early, or logged a traceback; the message quotes its log."""
 
     def __init__(self, name: str, what: str, log: Path) -> None:
-        super().__init__(f"{name} {what}; its log ({log}):\n{log_text(log)}")
+        lines = log_text(log).splitlines()
+        shown = f"its log ({log})" if len(lines) <= QUOTED_LINES else f"the end of its log ({log})"
+        quoted = "\n".join(lines[-QUOTED_LINES:])
+        super().__init__(f"{name} {what}; {shown}:\n{quoted}")
         self.name = name
         self.log = log
 

@@ -142,3 +142,11 @@ def test_the_ready_banner_is_matched_word_by_word(tmp_path: Path) -> None:
         processes.started("app", python(code), tmp_path / "app.log", ready="listen"),
     ):
         pass
+
+
+def test_a_failure_quotes_the_end_of_a_long_log(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    log.write_text("".join(f"warning {i}\n" for i in range(500)) + "Traceback (most recent call last):\n")
+    message = str(ChildFailed("child", "exited with 1", log))
+    assert "the end of its log" in message and "Traceback" in message
+    assert "warning 499" in message and "warning 400\n" not in message
