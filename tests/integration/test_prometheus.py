@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+
+from meshlet import processes
 
 from ..helpers import run_control_plane, run_sidecar
 from ..origin import Origin
@@ -46,19 +47,13 @@ async def run_prometheus(tmp_path: Path, discovery_url: str) -> AsyncIterator[st
         f"    http_sd_configs: [{{url: '{discovery_url}', refresh_interval: 1s}}]\n"
     )
     address = f"127.0.0.1:{free_port()}"
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
-    process = await trio.lowlevel.open_process(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={address}",
-        ],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    try:
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address={address}",
+    ]
+    async with processes.open_child("prometheus", argv, tmp_path / "prometheus.log", check_traceback=False) as child:
         async with httpx.AsyncClient() as client:
             with trio.fail_after(30):
                 while True:
@@ -67,18 +62,9 @@ async def run_prometheus(tmp_path: Path, discovery_url: str) -> AsyncIterator[st
                             break
                     except httpx.TransportError:
                         pass
-                    assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+                    assert child.process.poll() is None, child.log_text()
                     await trio.sleep(0.2)
         yield f"http://{address}"
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
-        log.close()
 
 
 async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> list[dict]:
