@@ -3,10 +3,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 
+from .mesh import Mesh, open_mesh
 from .origin import Origin
 
 
@@ -26,3 +28,10 @@ def need(binary: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Mesh]:
+    """A mesh for one test (tests/mesh.py): its processes stopped when the test ends."""
+    async with open_mesh(tmp_path, nursery) as mesh:
+        yield mesh
