@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -25,6 +26,12 @@ from .helpers import SidecarProcess, apply_policy, run_control_plane, run_sideca
 from .origin import Origin
 
 NO_APP = "127.0.0.1:1"  # the app of a sidecar that only calls out: nothing listens there
+
+
+class App(Protocol):
+    """A test app serving on 127.0.0.1 (tests/origin.py's Origin, or a test's own)."""
+
+    port: int
 
 
 class Mesh:
@@ -44,14 +51,14 @@ class Mesh:
         self,
         service: str,
         *,
-        app: Origin | str = NO_APP,
+        app: App | str = NO_APP,
         static: Path | None = None,
         extra: list[str] | None = None,
         join: bool = True,
     ) -> SidecarProcess:
-        """A sidecar in front of ``app`` (an origin, or an address); it joins the control
+        """A sidecar in front of ``app`` (a test app, or an address); it joins the control
         plane if one runs (and ``join``), and reads ``static`` if given."""
-        address = f"127.0.0.1:{app.port}" if isinstance(app, Origin) else app
+        address = app if isinstance(app, str) else f"127.0.0.1:{app.port}"
         push = self.push if join and self.cp is not None else None
         sidecar = run_sidecar(
             self.tmp_path, service=service, app=address, static=static, control_plane=push, extra=extra
