@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -18,6 +18,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshlet import processes
+
+if TYPE_CHECKING:
+    from meshlet.demo import Demo
 
 SIDECAR_READY = "meshlet sidecar ready"
 CONTROL_PLANE_READY = "meshlet control-plane ready"
@@ -158,7 +161,7 @@ def sample(metrics: str, name: str, **labels: str) -> float:
     return total
 
 
-async def start_demo_mesh(demo: Any) -> tuple[str, str]:
+async def start_demo_mesh(demo: Demo) -> tuple[str, str]:
     """The demo's mesh (meshlet/demo.py): a control plane, item-1, item-2, user-1 and
     gateway-1, each app behind its sidecar; returns (the API address, the gateway's URL)
     once a request through all three hops succeeds."""
