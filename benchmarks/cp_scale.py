@@ -68,8 +68,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from control_plane.channel import Channel
-from meshlet import wire
+from meshlet import processes, wire
 from meshlet.io import Closed, connect
+from meshlet.processes import Child
 
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
@@ -665,57 +666,25 @@ def _die_with_parent() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@dataclass
-class Child:
-    """A process this script started, in its own session (Ctrl-C reaches only us)."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            tail = "\n".join(self.log_text().splitlines()[-30:])
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log {self.log}:\n{tail}")
-
-
 def spawn(name: str, argv: list[str], log: Path, core: int | None, *, stdout: Path | None = None) -> Child:
-    """Start ``argv`` (pinned to ``core`` with taskset, which execs: the PID is the
-    program's), stderr to ``log``; stdout to a file, or stdin and stdout pipes (load
-    processes). Called from the main thread only: PR_SET_PDEATHSIG follows that thread."""
+    """Start ``argv`` in its own session (pinned to ``core`` with taskset, which execs:
+    the PID is the program's), stderr to ``log``; stdout to a file, or stdin and stdout
+    pipes (load processes). Called from the main thread only: PR_SET_PDEATHSIG follows
+    that thread (trio starts processes from a worker thread, hence not trio's flavour)."""
     if core is not None:
         argv = ["taskset", "-c", str(core), *argv]
-    with open(log, "wb") as log_file, open(stdout or os.devnull, "wb") as out_file:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL if stdout else subprocess.PIPE,
-            stdout=out_file if stdout else subprocess.PIPE,
-            stderr=log_file,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            cwd=REPO,
+    if stdout is None:
+        return processes.spawn(
+            name, argv, log, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, preexec_fn=_die_with_parent
         )
-    return Child(name, popen, log)
+    with open(stdout, "wb") as out_file:
+        return processes.spawn(name, argv, log, stdout=out_file, cwd=REPO, preexec_fn=_die_with_parent)
 
 
 async def stop(child: Child) -> None:
-    """SIGTERM to its process group, then SIGKILL after STOP_TIMEOUT; never cancelled."""
-    with trio.CancelScope(shield=True):
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if child.popen.poll() is not None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, sig)  # start_new_session: its group id is its pid
-            with trio.move_on_after(STOP_TIMEOUT):
-                while child.popen.poll() is None:  # noqa: ASYNC110 - a Popen has nothing to await
-                    await trio.sleep(0.02)
+    """SIGTERM to its process group, then SIGKILL after STOP_TIMEOUT; never cancelled
+    (a thread that is not abandoned runs to its end)."""
+    await trio.to_thread.run_sync(processes.stop, child, STOP_TIMEOUT)
 
 
 def proc_status_mb(pid: int, key: str) -> float:
@@ -772,12 +741,13 @@ async def control_plane(tmp: Path, tag: str, core: int | None) -> AsyncIterator[
 
 
 async def _ready_ports(child: Child, out: Path) -> tuple[int, int]:
-    """From ``meshlet control-plane ready push=127.0.0.1:P api=127.0.0.1:Q``."""
+    """From its ready line, ``meshlet control-plane ready push=127.0.0.1:P api=127.0.0.1:Q``."""
     with trio.fail_after(START_TIMEOUT):
         while True:
-            match = re.search(r"ready push=\S+:(\d+) api=\S+:(\d+)", await trio.Path(out).read_text(errors="replace"))
-            if match:
-                return int(match.group(1)), int(match.group(2))
+            line, newline, _ = (await trio.Path(out).read_text(errors="replace")).partition("\n")
+            if newline:
+                ports = processes.parse_ready_line(line).ports
+                return ports["push"], ports["api"]
             child.check_alive()
             await trio.sleep(0.05)
 

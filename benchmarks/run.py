@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import resource
-import selectors
 import shutil
 import signal
 import socket
@@ -47,6 +46,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from meshlet import processes
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
 FAILURE_LOGS = REPO / "benchmarks" / "out" / "last-failure"  # git-ignored
@@ -55,7 +56,6 @@ CLIENT_CORE = "0"  # wrk, curl, nginx
 PROXY_CORE = "1"  # sidecars, HAProxy
 HOST_HEADER = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-READY_TIMEOUT = 20.0
 SPAN_FLUSH_S = 1.5
 
 # Targets for ONE sidecar (the issue's acceptance numbers), and tracing's on the mesh path.
@@ -153,50 +153,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to its own process group (nginx's worker) if it lingers."""
-    if process.stdout is not None:
-        process.stdout.close()
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # its own group: start_new_session=True
-        process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def started(argv: list[str], log: Path, *, stdout: int | None = None) -> Iterator[subprocess.Popen]:
-    """A long-lived child in its own session (Ctrl-C reaches only us), stopped on exit."""
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdout=stdout if stdout is not None else log_file,
-            stderr=log_file,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=REPO,
-        )
-    try:
-        yield process
-    finally:
-        stop_process(process)
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {READY_TIMEOUT:g}s; see {log}")
 
 
 @dataclass(frozen=True)
@@ -467,9 +423,9 @@ def run_nginx(workdir: Workdir) -> Iterator[Server]:
     argv = pinned(
         CLIENT_CORE, ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-error.log"), "-c", str(conf)]
     )
-    with started(argv, log) as process:
-        wait_for_port(port, process, log)
-        yield Server("nginx", process.pid, port)
+    with processes.started("nginx", argv, log, cwd=REPO, check_traceback=False) as child:
+        processes.wait_for_port(child, port)
+        yield Server("nginx", child.pid, port)
 
 
 @contextlib.contextmanager
@@ -478,9 +434,10 @@ def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Server]:
     conf = workdir.root / "haproxy.cfg"
     conf.write_text(HAPROXY_CONF.format(port=port, nginx_port=nginx_port))
     log = workdir.root / "haproxy.log"
-    with started(pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)]), log) as process:
-        wait_for_port(port, process, log)
-        yield Server("haproxy", process.pid, port)
+    argv = pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)])
+    with processes.started("haproxy", argv, log, cwd=REPO, check_traceback=False) as child:
+        processes.wait_for_port(child, port)
+        yield Server("haproxy", child.pid, port)
 
 
 @contextlib.contextmanager
@@ -504,10 +461,7 @@ def run_sidecar(
     static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]}}}}\n')
     argv = pinned(
         PROXY_CORE,
-        [
-            sys.executable,
-            "-m",
-            "meshlet",
+        processes.meshlet_command(
             "sidecar",
             "--service",
             service,
@@ -523,33 +477,13 @@ def run_sidecar(
             "127.0.0.1:0",
             *(["--trace-collector", trace_collector] if trace_collector else []),
             *(["--trace-sampling", str(trace_sampling)] if trace_sampling is not None else []),
-        ],
+        ),
     )
     log = workdir.root / f"{name}.log"
-    with started(argv, log, stdout=subprocess.PIPE) as process:
-        ports = read_ready_line(process, log)
-        yield Server(label, process.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
-
-
-def read_ready_line(process: subprocess.Popen, log: Path) -> dict[str, int]:
-    """Ports from ``meshlet sidecar ready outbound=H:P inbound=H:P admin=H:P``."""
-    assert process.stdout is not None
-    buffer = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while b"\n" not in buffer and time.monotonic() < deadline:
-            if selector.select(timeout=0.2):
-                data = os.read(process.stdout.fileno(), 4096)
-                if not data:
-                    break
-                buffer += data
-    line = buffer.decode(errors="replace").strip()
-    if not line.startswith("meshlet sidecar ready"):
-        raise RuntimeError(f"sidecar did not start (stdout {line!r}):\n{log.read_text(errors='replace')}")
-    return {
-        name: int(address.rpartition(":")[2]) for name, _, address in (item.partition("=") for item in line.split()[3:])
-    }
+    with processes.started(name, argv, log, ready="meshlet sidecar ready", cwd=REPO, check_traceback=False) as child:
+        assert child.ready is not None
+        ports = child.ready.ports
+        yield Server(label, child.pid, ports["outbound"], admin=ports["admin"], inbound=ports["inbound"])
 
 
 # ---------------------------------------------------------------------------- measuring

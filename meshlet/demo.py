@@ -12,17 +12,13 @@ and the URLs, and keeps running until Ctrl-C or ``--duration``.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -31,8 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli.client import JSON, ApiClient
+from .processes import AsyncChild, meshlet_command, start_child, stop_child
 
 EXAMPLE_APPS = "meshlet.examples.services"  # run as a module: an installed wheel has it too
+APP_READY = "listening"  # an example app's first line: "listening PORT"
+EXIT_GRACE = 5.0  # SIGTERM → SIGKILL when the demo ends: nothing in flight is worth a longer drain
 console = Console()
 
 
@@ -44,8 +43,11 @@ def free_port() -> int:
 
 @dataclass
 class Proc:
+    """A process of the demo and what its ready line says (``push``, ``api``, ``inbound``,
+    ``admin`` ... as ``host:port``; an example app's ``port``)."""
+
     name: str
-    process: trio.Process
+    child: AsyncChild
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -55,48 +57,31 @@ class Demo:
         self.procs: list[Proc] = []
         self.sidecars: dict[str, Proc] = {}
         self.apps: dict[str, Proc] = {}
-        self.logs: list[Any] = []
 
-    async def start(self, name: str, args: list[str]) -> Proc:
-        # A log file per process, opened once at start: a blocking open here is fine.
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: ASYNC230
-        self.logs.append(log)  # closed by stop_all (the process has its own copy)
-        process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
-        line = b""
-        with trio.move_on_after(20):
-            while b"\n" not in line:
-                data = await process.stdout.receive_some(4096)  # type: ignore[union-attr]
-                if not data:
-                    break
-                line += data
-        if not line:
-            raise RuntimeError(f"{name} did not start; see {self.workdir / (name + '.log')}")
-        fields = dict(item.partition("=")[::2] for item in line.decode().split() if "=" in item)
-        if line.startswith(b"listening "):
-            fields["port"] = line.split()[1].decode()
-        proc = Proc(name, process, fields)
+    async def start(self, name: str, args: list[str], ready: str) -> Proc:
+        child = await start_child(name, args, self.workdir / f"{name}.log", ready=ready)
+        assert child.ready is not None
+        fields = dict(child.ready.fields)
+        if ready == APP_READY:  # "listening PORT"
+            fields["port"] = child.ready.banner.split()[1]
+        proc = Proc(name, child, fields)
         self.procs.append(proc)
         return proc
 
     async def stop_and_wait(self, proc: Proc) -> None:
-        self.stop(proc)
-        with trio.move_on_after(10):
-            await proc.process.wait()
+        await stop_child(proc.child)
         self.procs.remove(proc)
 
     async def app(self, role: str, instance: str, port: int, proxy: str | None = None) -> Proc:
         args = [sys.executable, "-m", EXAMPLE_APPS, role, "--port", str(port), "--instance", instance]
         if proxy:
             args += ["--proxy", proxy]
-        proc = await self.start(f"app-{instance}", args)
+        proc = await self.start(f"app-{instance}", args, APP_READY)
         self.apps[instance] = proc
         return proc
 
     async def control_plane(self) -> Proc:
-        args = [
-            sys.executable,
-            "-m",
-            "meshlet",
+        args = meshlet_command(
             "control-plane",
             "--listen",
             "127.0.0.1:0",
@@ -106,16 +91,13 @@ class Demo:
             str(self.workdir / "cp"),
             "--log-level",
             "warning",
-        ]
-        return await self.start("control-plane", args)
+        )
+        return await self.start("control-plane", args, "meshlet control-plane ready")
 
     async def sidecar(
         self, service: str, instance: str, app_port: int, outbound_port: int, push: str, labels: dict[str, str]
     ) -> Proc:
-        args = [
-            sys.executable,
-            "-m",
-            "meshlet",
+        args = meshlet_command(
             "sidecar",
             "--service",
             service,
@@ -135,10 +117,10 @@ class Demo:
             "127.0.0.1:0",
             "--log-level",
             "warning",
-        ]
+        )
         for key, value in labels.items():
             args += ["--label", f"{key}={value}"]
-        proc = await self.start(f"sidecar-{instance}", args)
+        proc = await self.start(f"sidecar-{instance}", args, "meshlet sidecar ready")
         self.sidecars[instance] = proc
         return proc
 
@@ -148,27 +130,11 @@ class Demo:
         await self.app(role, instance, app_port, proxy=f"http://127.0.0.1:{outbound_port}")
         return await self.sidecar(role, instance, app_port, outbound_port, push, labels or {})
 
-    def stop(self, proc: Proc) -> None:
-        if proc.process.returncode is None:
-            try:
-                os.killpg(proc.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
     async def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-        with trio.move_on_after(5):
-            for proc in self.procs:
-                await proc.process.wait()
-        for proc in self.procs:
-            if proc.process.returncode is None:
-                os.killpg(proc.process.pid, signal.SIGKILL)
-        for proc in self.procs:
-            if proc.process.stdout is not None:
-                await proc.process.stdout.aclose()
-        for log in self.logs:
-            log.close()
+        """Every process at once, each SIGTERM then SIGKILL after a short grace."""
+        async with trio.open_nursery() as nursery:
+            for proc in reversed(self.procs):
+                nursery.start_soon(stop_child, proc.child, EXIT_GRACE)
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

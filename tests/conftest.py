@@ -1,12 +1,50 @@
+"""The test suite. Its layout mirrors the source tree:
+
+    tests/meshlet/          the contract package: wire protocol, policy schema, matching, the CLI,
+                            the process launcher (meshlet/processes.py)
+    tests/sidecar/core/     the pure core: table-driven and hypothesis tests, no sockets, no clock
+    tests/sidecar/layers/   the request-path layers, over fake upstreams in one trio run
+    tests/sidecar/net/      the trio shell on real sockets (and a sidecar process where needed)
+    tests/sidecar/          what spans the sidecar (telemetry names, propagation)
+    tests/control_plane/    registry, store, push server, API, explain, traces
+    tests/integration/      real processes on 127.0.0.1: a control plane, sidecars, origins
+    tests/bench/            the benchmarks still run (no timing asserted)
+    tests/test_*.py         whole-repository checks (the Docker image, ...)
+
+A test of ``pkg/mod.py`` goes in ``tests/pkg/test_mod.py``; one that starts processes goes in
+tests/integration/ (or next to the unit it exercises, as tests/sidecar/net/ does).
+
+Shared pieces:
+    fixtures here       ``origin`` (a tests/origin.py app on its own port), ``mesh`` (a
+                        tests/mesh.py Mesh: ``await mesh.control_plane()``, ``await
+                        mesh.sidecar("user", app=...)``, ``await mesh.origin()``,
+                        ``await mesh.apply(policy)``; every process stopped at teardown);
+                        pytest-trio's ``nursery`` and pytest's ``tmp_path``
+    tests/helpers.py    one meshlet process at a time (``run_sidecar``, ``run_control_plane``,
+                        ``run_meshlet``, the synchronous ``sidecar_process``), ``write_static``,
+                        ``raw_exchange`` (bytes on a socket), ``sample`` (a Prometheus metric)
+    tests/origin.py     the app behind a sidecar, written with h11 (an independent HTTP/1.1);
+                        tests/token_app.py the token-echo app; tests/netns.py network namespaces
+    need(binary)        a real component from PATH, or a skip (a failure in CI, where
+                        MESHLET_REQUIRE_ALL=1)
+
+Every process is started by meshlet/processes.py: its own process group, its ports from its
+ready line, its log quoted when it fails to start, a traceback in its log failing the test,
+SIGTERM then SIGKILL at the end. Tests are trio functions (``trio_mode``); they assert on
+counts and states, never on timings.
+"""
+
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 
+from .mesh import Mesh, open_mesh
 from .origin import Origin
 
 
@@ -26,3 +64,10 @@ def need(binary: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Mesh]:
+    """A mesh for one test (tests/mesh.py): its processes stopped when the test ends."""
+    async with open_mesh(tmp_path, nursery) as mesh:
+        yield mesh

@@ -5,26 +5,32 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-READY_TIMEOUT = 20.0
+from meshlet import processes
+
+if TYPE_CHECKING:
+    from meshlet.demo import Demo
+
+SIDECAR_READY = "meshlet sidecar ready"
+CONTROL_PLANE_READY = "meshlet control-plane ready"
 
 
 @dataclass
 class SidecarProcess:
+    """A meshlet process a test started (a sidecar or a control plane): its trio.Process
+    (to signal or await), the ports of its ready line, its log."""
+
     process: trio.Process
     ports: dict[str, int]
     stderr_path: Path
@@ -54,29 +60,14 @@ def write_static(path: Path, services: dict[str, object]) -> Path:
 async def run_meshlet(
     tmp_path: Path, name: str, args: list[str], ready_prefix: str, *, prefix: list[str] | None = None
 ) -> AsyncIterator[SidecarProcess]:
-    """`python -m meshlet ARGS` in its own process group; ports from its ready line;
-    stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails the test.
-    ``prefix``: run under it (``ip netns exec NS``)."""
-    stderr_path = tmp_path / f"{name}-{os.getpid()}-{id(args)}.log"
-    with open(stderr_path, "wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            [*(prefix or []), sys.executable, "-m", "meshlet", *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-    try:
-        ports = await _read_ready(process, stderr_path, ready_prefix)
-        yield SidecarProcess(process, ports, stderr_path)
-        log = stderr_path.read_text(errors="replace")
-        assert "Traceback" not in log, f"{name} logged a traceback:\n{log}"
-    finally:
-        _stop(process)
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+    """`python -m meshlet ARGS` in its own process group (meshlet/processes.py); ports from
+    its ready line; stopped (SIGTERM, then SIGKILL) on exit; a traceback in its log fails
+    the test. ``prefix``: run under it (``ip netns exec NS``)."""
+    log = tmp_path / f"{name}-{os.getpid()}-{id(args)}.log"
+    argv = [*(prefix or []), *processes.meshlet_command(*args)]
+    async with processes.open_child(name, argv, log, ready=ready_prefix) as child:
+        assert child.ready is not None
+        yield SidecarProcess(child.process, child.ready.ports, log)
 
 
 def run_sidecar(
@@ -105,7 +96,7 @@ def run_sidecar(
         args += ["--static", str(static)]
     if control_plane is not None:
         args += ["--control-plane", control_plane, "--data-dir", str(tmp_path / f"data-{service}")]
-    return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], "meshlet sidecar ready")
+    return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], SIDECAR_READY)
 
 
 def run_control_plane(
@@ -124,67 +115,18 @@ def run_control_plane(
         str(tmp_path / "cp"),
         *(extra or []),
     ]
-    return run_meshlet(tmp_path, "control-plane", args, "meshlet control-plane ready")
-
-
-async def _read_ready(process: trio.Process, stderr_path: Path, prefix: str) -> dict[str, int]:
-    assert process.stdout is not None
-    buffer = b""
-    with trio.move_on_after(READY_TIMEOUT):
-        while b"\n" not in buffer:
-            data = await process.stdout.receive_some(4096)
-            if not data:
-                break
-            buffer += data
-    line = buffer.decode(errors="replace").strip()
-    if not line.startswith(prefix):
-        raise RuntimeError(f"{prefix!r} never came: {line!r}\n{stderr_path.read_text(errors='replace')}")
-    return ready_ports(line)
+    return run_meshlet(tmp_path, "control-plane", args, CONTROL_PLANE_READY)
 
 
 @contextlib.contextmanager
 def sidecar_process(args: list[str], log: Path) -> Iterator[dict[str, int]]:
     """``python -m meshlet sidecar ARGS`` in its own process group, for synchronous tests
     (module-scoped fixtures, threads): yields its ports once it is ready, checks that its
-    log has no traceback, then SIGTERM (SIGKILL after 10 s)."""
-    argv = [sys.executable, "-m", "meshlet", "sidecar", *args]
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
-    assert process.stdout is not None
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
-        line = process.stdout.readline().decode(errors="replace") if ready else ""
-        if not line.startswith("meshlet sidecar ready"):
-            raise RuntimeError(f"the sidecar did not start ({line!r}):\n{log.read_text(errors='replace')}")
-        yield ready_ports(line)
-        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
-    finally:
-        process.stdout.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def ready_ports(line: str) -> dict[str, int]:
-    """The ports of a ready line: ``meshlet sidecar ready inbound=127.0.0.1:PORT ...``."""
-    ports = {}
-    for item in line.split()[3:]:
-        name, _, address = item.partition("=")
-        if address.rpartition(":")[2].isdigit():
-            ports[name] = int(address.rpartition(":")[2])
-    return ports
-
-
-def _stop(process: trio.Process) -> None:
-    if process.returncode is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    log has no traceback, then SIGTERM (SIGKILL after a grace period)."""
+    argv = processes.meshlet_command("sidecar", *args)
+    with processes.started("sidecar", argv, log, ready=SIDECAR_READY) as child:
+        assert child.ready is not None
+        yield child.ready.ports
 
 
 async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 5.0) -> bytes:
@@ -219,7 +161,7 @@ def sample(metrics: str, name: str, **labels: str) -> float:
     return total
 
 
-async def start_demo_mesh(demo: Any) -> tuple[str, str]:
+async def start_demo_mesh(demo: Demo) -> tuple[str, str]:
     """The demo's mesh (meshlet/demo.py): a control plane, item-1, item-2, user-1 and
     gateway-1, each app behind its sidecar; returns (the API address, the gateway's URL)
     once a request through all three hops succeeds."""

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from meshlet import processes
+
 from .conftest import need
 
 SUBNET = "10.77.0"  # on the veth link between the two namespaces only
@@ -124,21 +126,7 @@ async def two_hosts() -> AsyncIterator[tuple[Host, Host]]:
 @asynccontextmanager
 async def run_app(host: Host, name: str, *ports: int, log_dir: Path) -> AsyncIterator[trio.Process]:
     """tests/netns_app.py in ``host``'s namespace, in its own process group."""
-    log = open(log_dir / f"app-{name}-{host.netns}.log", "wb")  # noqa: SIM115 - closed below
-    process = await trio.lowlevel.open_process(
-        host.exec(sys.executable, "-m", "tests.netns_app", name, *map(str, ports)),
-        stdout=subprocess.PIPE,
-        stderr=log,
-        start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(10):
-            line = await process.stdout.receive_some(100)
-        assert line.startswith(b"ready"), line
-        yield process
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, 9)
-        await process.wait()
-        log.close()
+    argv = host.exec(sys.executable, "-m", "tests.netns_app", name, *map(str, ports))
+    log = log_dir / f"app-{name}-{host.netns}.log"
+    async with processes.open_child(f"app {name}", argv, log, ready="ready", check_traceback=False) as child:
+        yield child.process

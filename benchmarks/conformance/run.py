@@ -70,12 +70,13 @@ from pathlib import Path
 
 import h11  # noqa: TID251 (the origin, not the data path: an independent parser)
 
+from meshlet import processes
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 LISTENERS = ("inbound", "outbound", "haproxy")
 SERVICES = ("localhost", "a", "whatever", "fanout")  # the Host values the suites use, as outbound services
 HEALTH_PATH = "/__conformance_health"
-READY_TIMEOUT = 20.0
 SUITE_REPOS = {
     "llhttp": "nodejs/llhttp",
     "http-garden": "narfindustries/http-garden",
@@ -226,50 +227,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def started(argv: list[str], log: Path, *, stdout: int | None = None) -> Iterator[subprocess.Popen]:
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdout=stdout if stdout is not None else log_file,
-            stderr=log_file,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=REPO,
-        )
-    try:
-        yield process
-    finally:
-        if process.stdout is not None:
-            process.stdout.close()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}; see {log}")
-
-
-@contextlib.contextmanager
 def run_sidecar(workdir: Path, app_port: int, service_port: int) -> Iterator[dict[str, int]]:
     static = workdir / "static.yaml"
     services = ", ".join(f'{name}: ["127.0.0.1:{service_port}"]' for name in SERVICES)
     static.write_text(f"services: {{{services}}}\n")
-    argv = [
-        sys.executable,
-        "-m",
-        "meshlet",
+    argv = processes.meshlet_command(
         "sidecar",
         "--service",
         "conformance",
@@ -285,14 +247,13 @@ def run_sidecar(workdir: Path, app_port: int, service_port: int) -> Iterator[dic
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
-    ]
+    )
     log = workdir / "sidecar.log"
-    with started(argv, log, stdout=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode(errors="replace").strip()
-        if not line.startswith("meshlet sidecar ready"):
-            raise RuntimeError(f"sidecar did not start ({line!r}):\n{log.read_text(errors='replace')}")
-        yield {name: int(value.rpartition(":")[2]) for name, _, value in (w.partition("=") for w in line.split()[3:])}
+    with processes.started(
+        "sidecar", argv, log, ready="meshlet sidecar ready", cwd=REPO, check_traceback=False
+    ) as child:
+        assert child.ready is not None
+        yield child.ready.ports
 
 
 @contextlib.contextmanager
@@ -303,8 +264,10 @@ def run_haproxy(workdir: Path, origin_port: int) -> Iterator[int]:
     conf = workdir / "haproxy.cfg"
     conf.write_text(HAPROXY_CONF.format(port=port, origin_port=origin_port))
     log = workdir / "haproxy.log"
-    with started(["haproxy", "-db", "-f", str(conf)], log) as process:
-        wait_for_port(port, process, log)
+    with processes.started(
+        "haproxy", ["haproxy", "-db", "-f", str(conf)], log, cwd=REPO, check_traceback=False
+    ) as child:
+        processes.wait_for_port(child, port)
         yield port
 
 

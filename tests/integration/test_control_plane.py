@@ -19,6 +19,7 @@ import trio
 from meshlet import wire
 
 from ..helpers import SidecarProcess, run_control_plane, run_sidecar, sample
+from ..mesh import Mesh
 from ..origin import Origin
 
 POLL = 0.1
@@ -68,172 +69,150 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_register_discover_and_route(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        push = f"127.0.0.1:{cp.ports['push']}"
-        api = f"127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(
-                tmp_path,
-                service="item",
-                app=f"127.0.0.1:{origin.port}",
-                control_plane=push,
-                extra=["--label", "version=v1", "--zone", "a"],
-            ) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
+async def test_register_discover_and_route(mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin, extra=["--label", "version=v1", "--zone", "a"])
+    user = await mesh.sidecar("user")
 
-            async def registered() -> bool:
-                code, out, _ = await meshlet("get", "endpoints", "item", "-o", "json", "--api", api)
-                return code == 0 and bool(json.loads(out)["endpoints"].get("item"))
+    async def registered() -> bool:
+        code, out, _ = await meshlet("get", "endpoints", "item", "-o", "json", "--api", mesh.api)
+        return code == 0 and bool(json.loads(out)["endpoints"].get("item"))
 
-            await eventually(registered, "item registered")
-            assert await endpoints_of(user, "item") == []  # user's app has not called item yet
-            # The first call: user's sidecar looks item up, then routes it. No 404, no retry.
-            response = await calls(user, "item")
-            assert (response.status_code, response.text) == (200, "hello")
-            assert await endpoints_of(user, "item") == [item.inbound]
-            async with httpx.AsyncClient() as client:
-                ready = await client.get(f"http://{user.admin}/ready")
-            assert ready.status_code == 200
+    await eventually(registered, "item registered")
+    assert await endpoints_of(user, "item") == []  # user's app has not called item yet
+    # The first call: user's sidecar looks item up, then routes it. No 404, no retry.
+    response = await calls(user, "item")
+    assert (response.status_code, response.text) == (200, "hello")
+    assert await endpoints_of(user, "item") == [item.inbound]
+    async with httpx.AsyncClient() as client:
+        ready = await client.get(f"http://{user.admin}/ready")
+    assert ready.status_code == 200
 
-            code, out, err = await meshlet("get", "endpoints", "item", "-o", "json", "--api", api)
-            assert code == 0, err
-            (entry,) = json.loads(out)["endpoints"]["item"]
-            assert entry["address"] == item.inbound
-            assert entry["labels"] == {"version": "v1", "zone": "a"}
-            assert entry["app_port"] == origin.port  # registered by the sidecar, for transparent callers
-            assert entry["ready"] and entry["connected"]
+    code, out, err = await meshlet("get", "endpoints", "item", "-o", "json", "--api", mesh.api)
+    assert code == 0, err
+    (entry,) = json.loads(out)["endpoints"]["item"]
+    assert entry["address"] == item.inbound
+    assert entry["labels"] == {"version": "v1", "zone": "a"}
+    assert entry["app_port"] == origin.port  # registered by the sidecar, for transparent callers
+    assert entry["ready"] and entry["connected"]
 
-            code, out, err = await meshlet("status", "-o", "json", "--api", api)
-            assert code == 0, err
-            status = json.loads(out)
-            by_service = {s["service"]: s for s in status["sidecars"]}
-            assert set(by_service) == {"item", "user"}
-            assert all(s["connected"] and s["last_nack"] is None for s in by_service.values())
-            assert by_service["user"]["acked"]["endpoints"] == by_service["user"]["versions"]["endpoints"] != ""
+    code, out, err = await meshlet("status", "-o", "json", "--api", mesh.api)
+    assert code == 0, err
+    status = json.loads(out)
+    by_service = {s["service"]: s for s in status["sidecars"]}
+    assert set(by_service) == {"item", "user"}
+    assert all(s["connected"] and s["last_nack"] is None for s in by_service.values())
+    assert by_service["user"]["acked"]["endpoints"] == by_service["user"]["versions"]["endpoints"] != ""
 
-            code, out, _ = await meshlet("get", "services", "--api", api)
-            assert code == 0 and "item" in out and "user" in out
+    code, out, _ = await meshlet("get", "services", "--api", mesh.api)
+    assert code == 0 and "item" in out and "user" in out
 
-            async with httpx.AsyncClient() as client:
-                metrics = (await client.get(f"http://{api}/metrics")).text
-            assert "meshlet_cp_connected_sidecars 2.0" in metrics
-            assert "meshlet_cp_nacks_total 0.0" in metrics
-            assert "meshlet_cp_convergence_seconds_count" in metrics
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"http://{mesh.api}/metrics")).text
+    assert "meshlet_cp_connected_sidecars 2.0" in metrics
+    assert "meshlet_cp_nacks_total 0.0" in metrics
+    assert "meshlet_cp_convergence_seconds_count" in metrics
 
 
-async def test_a_service_called_before_it_exists_is_routed_once_it_registers(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        push = f"127.0.0.1:{cp.ports['push']}"
-        api = f"127.0.0.1:{cp.ports['api']}"
-        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
+async def test_a_service_called_before_it_exists_is_routed_once_it_registers(mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane()
+    user = await mesh.sidecar("user")
 
-            async def ready() -> bool:
-                async with httpx.AsyncClient() as client:
-                    return (await client.get(f"http://{user.admin}/ready")).status_code == 200
+    async def ready() -> bool:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(f"http://{user.admin}/ready")).status_code == 200
 
-            await eventually(ready, "user's sidecar has its first push")
-            response = await calls(user, "item")  # asked, and told: no such service
-            assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
-            response = await calls(user, "Not_A.Service")  # not a service name: no lookup at all
-            assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
-            code, out, err = await meshlet("status", "-o", "json", "--api", api)
-            assert code == 0, err
-            (status,) = json.loads(out)["sidecars"]
-            assert status["watching"]["endpoints"] == ["item"]
-            async with run_sidecar(
-                tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push
-            ) as item:
+    await eventually(ready, "user's sidecar has its first push")
+    response = await calls(user, "item")  # asked, and told: no such service
+    assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
+    response = await calls(user, "Not_A.Service")  # not a service name: no lookup at all
+    assert (response.status_code, response.headers.get("x-meshlet-error")) == (404, "no-route")
+    code, out, err = await meshlet("status", "-o", "json", "--api", mesh.api)
+    assert code == 0, err
+    (status,) = json.loads(out)["sidecars"]
+    assert status["watching"]["endpoints"] == ["item"]
+    item = await mesh.sidecar("item", app=origin)
 
-                async def pushed() -> bool:  # user watches item: it arrives with no new call
-                    return await endpoints_of(user, "item") == [item.inbound]
+    async def pushed() -> bool:  # user watches item: it arrives with no new call
+        return await endpoints_of(user, "item") == [item.inbound]
 
-                await eventually(pushed, "item pushed to its watcher when it registers")
-                response = await calls(user, "item")
-                assert (response.status_code, response.text) == (200, "hello")
-                # A sidecar watches only what its app calls: item's sidecar knows nothing of user.
-                assert await endpoints_of(item, "user") == []
+    await eventually(pushed, "item pushed to its watcher when it registers")
+    response = await calls(user, "item")
+    assert (response.status_code, response.text) == (200, "hello")
+    # A sidecar watches only what its app calls: item's sidecar knows nothing of user.
+    assert await endpoints_of(item, "user") == []
 
 
-async def test_killed_sidecar_leaves_after_its_lease(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path, extra=["--ttl", "2"]) as cp:
-        push = f"127.0.0.1:{cp.ports['push']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
+async def test_killed_sidecar_leaves_after_its_lease(mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane(extra=["--ttl", "2"])
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
 
-            async def gone() -> bool:
-                return await endpoints_of(user, "item") == []
+    async def gone() -> bool:
+        return await endpoints_of(user, "item") == []
 
-            await learns(user, "item", [item.inbound])
-            os.killpg(item.process.pid, signal.SIGKILL)
-            killed_at = trio.current_time()
-            # Inside the lease window the dead endpoint is still listed: requests fail
-            # fast with 503 connect-failed (retries come with the resilience layer), never hang.
-            async with httpx.AsyncClient(timeout=5) as client:
-                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
-            assert (response.status_code, response.headers.get("x-meshlet-error")) == (503, "connect-failed")
+    await learns(user, "item", [item.inbound])
+    os.killpg(item.process.pid, signal.SIGKILL)
+    killed_at = trio.current_time()
+    # Inside the lease window the dead endpoint is still listed: requests fail
+    # fast with 503 connect-failed (retries come with the resilience layer), never hang.
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+    assert (response.status_code, response.headers.get("x-meshlet-error")) == (503, "connect-failed")
 
-            async def item_status() -> list[dict[str, object]]:
-                async with httpx.AsyncClient() as client:
-                    status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
-                return [s for s in status["sidecars"] if s["service"] == "item"]
+    async def item_status() -> list[dict[str, object]]:
+        async with httpx.AsyncClient() as client:
+            status = (await client.get(f"http://{mesh.api}/v1/status")).json()
+        return [s for s in status["sidecars"] if s["service"] == "item"]
 
-            await eventually(gone, "item's endpoint removed after the lease", timeout=10)
-            # TTL 2 s + lease check (1 s) + push; never the 10 s default.
-            assert trio.current_time() - killed_at < 2 + 1 + 2
-            assert await item_status() == []
+    await eventually(gone, "item's endpoint removed after the lease", timeout=10)
+    # TTL 2 s + lease check (1 s) + push; never the 10 s default.
+    assert trio.current_time() - killed_at < 2 + 1 + 2
+    assert await item_status() == []
 
 
-async def test_a_sidecar_paused_past_its_lease_is_back_within_one_renew_interval(
-    tmp_path: Path, origin: Origin
-) -> None:
+async def test_a_sidecar_paused_past_its_lease_is_back_within_one_renew_interval(mesh: Mesh, origin: Origin) -> None:
     """SIGSTOP (a long GC, CPU throttling, a paused VM) for longer than the lease but shorter than
     the keepalive's 15 s of silence: the lease runs out while the channel stays up. On SIGCONT the
     sidecar's next message (its ping, every 5 s) puts the registration back at once."""
     ttl = 7  # above the sidecar's 5 s ping interval, so a running sidecar never lapses
-    async with run_control_plane(tmp_path, extra=["--ttl", str(ttl)]) as cp:
-        push = f"127.0.0.1:{cp.ports['push']}"
-        api = f"http://127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            await learns(user, "item", [item.inbound])
+    cp = await mesh.control_plane(extra=["--ttl", str(ttl)])
+    api = f"http://{mesh.api}"
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    await learns(user, "item", [item.inbound])
 
-            async def item_status() -> dict[str, object]:
-                async with httpx.AsyncClient() as client:
-                    status = (await client.get(f"{api}/v1/status")).json()
-                (found,) = [s for s in status["sidecars"] if s["service"] == "item"]
-                return dict(found, restored=status["registry"]["restored_total"])
+    async def item_status() -> dict[str, object]:
+        async with httpx.AsyncClient() as client:
+            status = (await client.get(f"{api}/v1/status")).json()
+        (found,) = [s for s in status["sidecars"] if s["service"] == "item"]
+        return dict(found, restored=status["registry"]["restored_total"])
 
-            async def gone() -> bool:
-                return await endpoints_of(user, "item") == []
+    async def gone() -> bool:
+        return await endpoints_of(user, "item") == []
 
-            async def back() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound]
+    async def back() -> bool:
+        return await endpoints_of(user, "item") == [item.inbound]
 
-            os.killpg(item.process.pid, signal.SIGSTOP)
-            try:
-                await eventually(gone, "the paused item's lease ran out", timeout=ttl + 5)
-                status = await item_status()
-                # its channel is still up, but the registry no longer has it: never shown ready
-                assert (status["connected"], status["registered"], status["ready"]) == (True, False, False)
-            finally:
-                os.killpg(item.process.pid, signal.SIGCONT)
-            await eventually(back, "the item's endpoint restored on its next ping", timeout=5 + 2)
-            status = await item_status()
-            assert (status["connected"], status["registered"], status["ready"], status["restored"]) == (
-                True,
-                True,
-                True,
-                1,
-            )
-            response = await calls(user, "item")
-            assert (response.status_code, response.text) == (200, "hello")
-        assert "registration restored" in cp.log()
+    os.killpg(item.process.pid, signal.SIGSTOP)
+    try:
+        await eventually(gone, "the paused item's lease ran out", timeout=ttl + 5)
+        status = await item_status()
+        # its channel is still up, but the registry no longer has it: never shown ready
+        assert (status["connected"], status["registered"], status["ready"]) == (True, False, False)
+    finally:
+        os.killpg(item.process.pid, signal.SIGCONT)
+    await eventually(back, "the item's endpoint restored on its next ping", timeout=5 + 2)
+    status = await item_status()
+    assert (status["connected"], status["registered"], status["ready"], status["restored"]) == (
+        True,
+        True,
+        True,
+        1,
+    )
+    response = await calls(user, "item")
+    assert (response.status_code, response.text) == (200, "hello")
+    assert "registration restored" in cp.log()
 
 
 async def test_draining_sidecar_deregisters_at_once(tmp_path: Path, origin: Origin) -> None:
@@ -402,56 +381,51 @@ async def _after_welcome(port: int, hello: wire.Hello, then: wire.Message) -> li
     return received
 
 
-async def test_bad_peers_are_refused_without_harming_others(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        port = cp.ports["push"]
-        push = f"127.0.0.1:{port}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            await learns(user, "item", [item.inbound])
-            garbage = await _raw_session(port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
-            assert wire.FrameDecoder().feed(garbage)[0] == wire.Error(
-                "bad-frame",
-                wire.FrameDecoder().feed(garbage)[0].message,  # type: ignore[union-attr]
-            )
-            oversized = await _raw_session(port, struct.pack(">I", wire.MAX_FRAME + 1))
-            (error,) = wire.FrameDecoder().feed(oversized)
-            assert isinstance(error, wire.Error) and error.reason == "frame-too-large"
-            hello = wire.Hello(
-                (99,), "n", "x", {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
-            )
-            refused = await _raw_session(port, wire.encode(hello))
-            (error,) = wire.FrameDecoder().feed(refused)
-            assert isinstance(error, wire.Error) and error.reason == "unsupported-version"
-            not_hello = await _raw_session(port, wire.encode(wire.Ping(1)))
-            (error,) = wire.FrameDecoder().feed(not_hello)
-            assert isinstance(error, wire.Error) and error.reason == "expected-hello"
-            # Errors after the handshake: a watch of an unknown type (v2), a watch on v1.
-            for versions, reason in (((2,), "bad-message"), ((1,), "unknown-message")):
-                hello = wire.Hello(
-                    versions,
-                    f"bad-{versions[0]}",
-                    "x",
-                    {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
-                )
-                messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
-                # welcome also says where the control plane's HTTP API (its trace store) is
-                assert messages[0] == wire.Welcome(versions[0], "meshlet-cp", cp.ports["api"])
-                assert isinstance(messages[-1], wire.Error) and messages[-1].reason == reason, messages[-1]
-            # Those peers registered, then went without a bye: while their leases hold (10 s),
-            # status lists them as not connected, with when they were last heard from.
-            async with httpx.AsyncClient() as client:
-                status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
-            gone = {s["node"]: s for s in status["sidecars"] if s["node"].startswith("bad-")}
-            assert set(gone) == {"bad-1", "bad-2"}
-            assert all(not s["connected"] and 0 <= s["last_seen_s"] < 10 for s in gone.values())
-            # The real sidecars never noticed.
-            async with httpx.AsyncClient() as client:
-                response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
-            assert response.status_code == 200
-            assert await endpoints_of(user, "item") == [item.inbound]
+async def test_bad_peers_are_refused_without_harming_others(mesh: Mesh, origin: Origin) -> None:
+    cp = await mesh.control_plane()
+    port = cp.ports["push"]
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    await learns(user, "item", [item.inbound])
+    garbage = await _raw_session(port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    assert wire.FrameDecoder().feed(garbage)[0] == wire.Error(
+        "bad-frame",
+        wire.FrameDecoder().feed(garbage)[0].message,  # type: ignore[union-attr]
+    )
+    oversized = await _raw_session(port, struct.pack(">I", wire.MAX_FRAME + 1))
+    (error,) = wire.FrameDecoder().feed(oversized)
+    assert isinstance(error, wire.Error) and error.reason == "frame-too-large"
+    hello = wire.Hello((99,), "n", "x", {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"})
+    refused = await _raw_session(port, wire.encode(hello))
+    (error,) = wire.FrameDecoder().feed(refused)
+    assert isinstance(error, wire.Error) and error.reason == "unsupported-version"
+    not_hello = await _raw_session(port, wire.encode(wire.Ping(1)))
+    (error,) = wire.FrameDecoder().feed(not_hello)
+    assert isinstance(error, wire.Error) and error.reason == "expected-hello"
+    # Errors after the handshake: a watch of an unknown type (v2), a watch on v1.
+    for versions, reason in (((2,), "bad-message"), ((1,), "unknown-message")):
+        hello = wire.Hello(
+            versions,
+            f"bad-{versions[0]}",
+            "x",
+            {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+        )
+        messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
+        # welcome also says where the control plane's HTTP API (its trace store) is
+        assert messages[0] == wire.Welcome(versions[0], "meshlet-cp", cp.ports["api"])
+        assert isinstance(messages[-1], wire.Error) and messages[-1].reason == reason, messages[-1]
+    # Those peers registered, then went without a bye: while their leases hold (10 s),
+    # status lists them as not connected, with when they were last heard from.
+    async with httpx.AsyncClient() as client:
+        status = (await client.get(f"http://127.0.0.1:{cp.ports['api']}/v1/status")).json()
+    gone = {s["node"]: s for s in status["sidecars"] if s["node"].startswith("bad-")}
+    assert set(gone) == {"bad-1", "bad-2"}
+    assert all(not s["connected"] and 0 <= s["last_seen_s"] < 10 for s in gone.values())
+    # The real sidecars never noticed.
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})
+    assert response.status_code == 200
+    assert await endpoints_of(user, "item") == [item.inbound]
 
 
 async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
@@ -529,32 +503,29 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
             await stuck.aclose()
 
 
-async def test_sighup_reload_of_static_keeps_pushed_endpoints(tmp_path: Path, origin: Origin) -> None:
+async def test_sighup_reload_of_static_keeps_pushed_endpoints(tmp_path: Path, mesh: Mesh, origin: Origin) -> None:
     static = tmp_path / "static.yaml"
     static.write_text(f"services:\n  billing: [127.0.0.1:{origin.port}]\n")
-    async with run_control_plane(tmp_path) as cp:
-        push = f"127.0.0.1:{cp.ports['push']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push, static=static) as user,
-        ):
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user", static=static)
 
-            async def both() -> bool:
-                return await endpoints_of(user, "item") == [item.inbound] and bool(await endpoints_of(user, "billing"))
+    async def both() -> bool:
+        return await endpoints_of(user, "item") == [item.inbound] and bool(await endpoints_of(user, "billing"))
 
-            await calls(user, "item")
-            await eventually(both, "pushed and static endpoints together")
-            static.write_text(f"services:\n  ledger: [127.0.0.1:{origin.port}]\n")
-            user.process.send_signal(signal.SIGHUP)
+    await calls(user, "item")
+    await eventually(both, "pushed and static endpoints together")
+    static.write_text(f"services:\n  ledger: [127.0.0.1:{origin.port}]\n")
+    user.process.send_signal(signal.SIGHUP)
 
-            async def reloaded() -> bool:
-                return (
-                    await endpoints_of(user, "ledger") != []
-                    and await endpoints_of(user, "billing") == []
-                    and await endpoints_of(user, "item") == [item.inbound]
-                )
+    async def reloaded() -> bool:
+        return (
+            await endpoints_of(user, "ledger") != []
+            and await endpoints_of(user, "billing") == []
+            and await endpoints_of(user, "item") == [item.inbound]
+        )
 
-            await eventually(reloaded, "the reload swaps the static part and keeps what was pushed", timeout=5)
+    await eventually(reloaded, "the reload swaps the static part and keeps what was pushed", timeout=5)
 
 
 async def _post_until_answered(port: int, head: bytes, chunk: bytes, total: int) -> tuple[bytes, int]:

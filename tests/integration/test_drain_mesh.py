@@ -17,13 +17,13 @@ from __future__ import annotations
 import itertools
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 import h11
 import httpx
 import trio
 
-from ..helpers import SidecarProcess, apply_policy, run_control_plane, run_sidecar, sample
+from ..helpers import SidecarProcess, sample
+from ..mesh import Mesh
 from ..origin import Origin
 
 WORKERS = 8  # concurrent clients of the caller's outbound listener
@@ -90,34 +90,17 @@ async def retries(sidecar: SidecarProcess) -> float:
     return sample(metrics, "meshlet_retries_total", destination="item")
 
 
-async def test_draining_an_instance_under_load_loses_no_request(tmp_path: Path) -> None:
+async def test_draining_an_instance_under_load_loses_no_request(mesh: Mesh, nursery: trio.Nursery) -> None:
     item1, item2 = Instance("item-1"), Instance("item-2")
-    async with trio.open_nursery() as apps:  # the apps outlive their sidecars
-        await apps.start(item1.serve)
-        await apps.start(item2.serve)
-        async with run_control_plane(tmp_path) as cp:
-            await apply_policy(tmp_path, f"127.0.0.1:{cp.ports['api']}", ROUND_ROBIN)
-            push = f"127.0.0.1:{cp.ports['push']}"
-            drain = ["--drain-timeout", str(DRAIN_TIMEOUT)]
-            async with (
-                run_sidecar(
-                    tmp_path,
-                    service="item",
-                    app=f"127.0.0.1:{item1.port}",
-                    control_plane=push,
-                    extra=["--instance-id", "item-1", *drain],
-                ),
-                run_sidecar(
-                    tmp_path,
-                    service="item",
-                    app=f"127.0.0.1:{item2.port}",
-                    control_plane=push,
-                    extra=["--instance-id", "item-2", *drain],
-                ) as drained,
-                run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as caller,
-            ):
-                await _check_drain_under_load(caller, drained, item2)
-        apps.cancel_scope.cancel()
+    await nursery.start(item1.serve)  # the apps outlive their sidecars (the mesh stops first)
+    await nursery.start(item2.serve)
+    await mesh.control_plane()
+    await mesh.apply(ROUND_ROBIN)
+    drain = ["--drain-timeout", str(DRAIN_TIMEOUT)]
+    await mesh.sidecar("item", app=item1, extra=["--instance-id", "item-1", *drain])
+    drained = await mesh.sidecar("item", app=item2, extra=["--instance-id", "item-2", *drain])
+    caller = await mesh.sidecar("user")
+    await _check_drain_under_load(caller, drained, item2)
 
 
 async def _check_drain_under_load(caller: SidecarProcess, drained: SidecarProcess, item2: Instance) -> None:

@@ -15,7 +15,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import apply_policy, raw_exchange, run_control_plane, run_sidecar, sample, write_static
+from ..helpers import raw_exchange, sample, write_static
+from ..mesh import Mesh
 from ..origin import Origin
 
 ROUTE = """\
@@ -52,34 +53,29 @@ def promtool_check(text: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(
-    tmp_path: Path, origin: Origin
-) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            await apply_policy(tmp_path, api, ROUTE)
-            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
-                with trio.fail_after(15):  # until user's sidecar routes item by the new rules
-                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-                # from here on, counted: read the counts before, compare after
-                before_user = (await client.get(f"http://{user.admin}/metrics")).text
-                before_item = (await client.get(f"http://{item.admin}/metrics")).text
-                for _ in range(30):
-                    assert (await client.get("/hello")).status_code == 200
-                for _ in range(7):
-                    assert (await client.get("/status/404")).status_code == 404
-                assert (await client.get("/nothing")).status_code == 404  # no rule: the mesh's no-route
-                echoed = await client.post("/echo", content=b"x" * 5000)
-                assert echoed.status_code == 200 and len(echoed.content) == 5000
-                user_metrics = (await client.get(f"http://{user.admin}/metrics")).text
-                item_metrics = (await client.get(f"http://{item.admin}/metrics")).text
-                cp_metrics = (await client.get(f"http://{api}/metrics")).text
-                report = (await client.get(f"http://{user.admin}/metrics/cardinality")).json()
+async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    await mesh.apply(ROUTE)
+    async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+        with trio.fail_after(15):  # until user's sidecar routes item by the new rules
+            while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        # from here on, counted: read the counts before, compare after
+        before_user = (await client.get(f"http://{user.admin}/metrics")).text
+        before_item = (await client.get(f"http://{item.admin}/metrics")).text
+        for _ in range(30):
+            assert (await client.get("/hello")).status_code == 200
+        for _ in range(7):
+            assert (await client.get("/status/404")).status_code == 404
+        assert (await client.get("/nothing")).status_code == 404  # no rule: the mesh's no-route
+        echoed = await client.post("/echo", content=b"x" * 5000)
+        assert echoed.status_code == 200 and len(echoed.content) == 5000
+        user_metrics = (await client.get(f"http://{user.admin}/metrics")).text
+        item_metrics = (await client.get(f"http://{item.admin}/metrics")).text
+        cp_metrics = (await client.get(f"http://{mesh.api}/metrics")).text
+        report = (await client.get(f"http://{user.admin}/metrics/cardinality")).json()
 
     def delta(after: str, before: str, name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -112,24 +108,22 @@ async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts
         promtool_check(text)
 
 
-async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Path, origin: Origin) -> None:
-    static = write_static(tmp_path / "s.yaml", {})
-    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=static) as item:
-        port = item.ports["inbound"]
-        requests = b"".join(
-            b"GET /hello/%d HTTP/1.1\r\nhost: item\r\nx-meshlet-source: caller-%d\r\n\r\n" % (i, i)
-            for i in range(10_000)
+async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Path, mesh: Mesh, origin: Origin) -> None:
+    item = await mesh.sidecar("item", app=origin, static=write_static(tmp_path / "s.yaml", {}))
+    port = item.ports["inbound"]
+    requests = b"".join(
+        b"GET /hello/%d HTTP/1.1\r\nhost: item\r\nx-meshlet-source: caller-%d\r\n\r\n" % (i, i) for i in range(10_000)
+    )
+    with trio.fail_after(120):
+        answer = await raw_exchange(  # until the close: 10,001 answers take seconds on a busy machine
+            port,
+            requests + b"GET /hello HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n",
+            timeout=110,
         )
-        with trio.fail_after(120):
-            answer = await raw_exchange(  # until the close: 10,001 answers take seconds on a busy machine
-                port,
-                requests + b"GET /hello HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n",
-                timeout=110,
-            )
-        assert answer.count(b"HTTP/1.1 ") == 10_001
-        async with httpx.AsyncClient() as client:
-            metrics = (await client.get(f"http://{item.admin}/metrics")).text
-            report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
+    assert answer.count(b"HTTP/1.1 ") == 10_001
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"http://{item.admin}/metrics")).text
+        report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
     inbound = inbound_requests(metrics)
     # the first 200 callers by name (the origin answers 404 to /hello/N), then "other": the
     # other 9,800 callers' 404s and the unnamed last request's 200
@@ -147,23 +141,20 @@ async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Pat
     promtool_check(metrics)
 
 
-async def test_a_mesh_config_sets_the_bounds_on_every_sidecar(tmp_path: Path, origin: Origin) -> None:
-    mesh = "kind: MeshConfig\nname: mesh\nmetrics:\n  labels: [destination, code]\n  max_label_values: 5\n"
-    async with run_control_plane(tmp_path) as cp:
-        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
-                with trio.fail_after(15):
-                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-                await apply_policy(tmp_path, api, mesh)  # returns once every sidecar ACKed it
-                for _ in range(12):
-                    assert (await client.get("/hello")).status_code == 200
-                metrics = (await client.get(f"http://{item.admin}/metrics")).text
-                report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
+async def test_a_mesh_config_sets_the_bounds_on_every_sidecar(mesh: Mesh, origin: Origin) -> None:
+    config = "kind: MeshConfig\nname: mesh\nmetrics:\n  labels: [destination, code]\n  max_label_values: 5\n"
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+        with trio.fail_after(15):
+            while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        await mesh.apply(config)  # returns once every sidecar ACKed it
+        for _ in range(12):
+            assert (await client.get("/hello")).status_code == 200
+        metrics = (await client.get(f"http://{item.admin}/metrics")).text
+        report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
     inbound = inbound_requests(metrics)
     # source, route and reason are written empty: one series, counted from the change on
     assert [(s.labels["source"], s.labels["route"], s.labels["destination"], s.value) for s in inbound] == [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,9 @@ import httpx
 import pytest
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from meshlet import processes
+
+from ..mesh import Mesh
 from ..origin import Origin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,19 +47,13 @@ async def run_prometheus(tmp_path: Path, discovery_url: str) -> AsyncIterator[st
         f"    http_sd_configs: [{{url: '{discovery_url}', refresh_interval: 1s}}]\n"
     )
     address = f"127.0.0.1:{free_port()}"
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
-    process = await trio.lowlevel.open_process(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={address}",
-        ],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    try:
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address={address}",
+    ]
+    async with processes.open_child("prometheus", argv, tmp_path / "prometheus.log", check_traceback=False) as child:
         async with httpx.AsyncClient() as client:
             with trio.fail_after(30):
                 while True:
@@ -67,18 +62,9 @@ async def run_prometheus(tmp_path: Path, discovery_url: str) -> AsyncIterator[st
                             break
                     except httpx.TransportError:
                         pass
-                    assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+                    assert child.process.poll() is None, child.log_text()
                     await trio.sleep(0.2)
         yield f"http://{address}"
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
-        log.close()
 
 
 async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> list[dict]:
@@ -87,35 +73,32 @@ async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> list
     return answer["data"]["result"]
 
 
-async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push) as item,
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            async with httpx.AsyncClient(timeout=10) as client:
-                discovery, hello = f"http://{api}/v1/prometheus/targets", f"http://{user.outbound}/hello"
-                with trio.fail_after(15):  # both registered
-                    while len(targets := (await client.get(discovery)).json()) < 2:  # noqa: ASYNC110
-                        await trio.sleep(0.2)
-                with trio.fail_after(15):  # user's sidecar routes to item
-                    while (await client.get(hello, headers={"host": "item"})).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.2)
-                async with run_prometheus(tmp_path, discovery) as prometheus:
-                    with trio.fail_after(40):
-                        while True:
-                            up = await query(client, prometheus, 'up{job="meshlet-sidecars"} == 1')
-                            requests = await query(
-                                client, prometheus, 'meshlet_requests_total{direction="inbound", service="item"}'
-                            )
-                            if len(up) == 2 and requests:
-                                break
-                            await trio.sleep(0.5)
-                    # every query of the Grafana dashboard in docs/ is valid PromQL on real data
-                    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
-                    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-                    answered = {expr: await query(client, prometheus, expr) for expr in exprs}
+async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    async with httpx.AsyncClient(timeout=10) as client:
+        discovery, hello = f"http://{mesh.api}/v1/prometheus/targets", f"http://{user.outbound}/hello"
+        with trio.fail_after(15):  # both registered
+            while len(targets := (await client.get(discovery)).json()) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        with trio.fail_after(15):  # user's sidecar routes to item
+            while (await client.get(hello, headers={"host": "item"})).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        async with run_prometheus(tmp_path, discovery) as prometheus:
+            with trio.fail_after(40):
+                while True:
+                    up = await query(client, prometheus, 'up{job="meshlet-sidecars"} == 1')
+                    requests = await query(
+                        client, prometheus, 'meshlet_requests_total{direction="inbound", service="item"}'
+                    )
+                    if len(up) == 2 and requests:
+                        break
+                    await trio.sleep(0.5)
+            # every query of the Grafana dashboard in docs/ is valid PromQL on real data
+            dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+            exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+            answered = {expr: await query(client, prometheus, expr) for expr in exprs}
     assert {t["targets"][0] for t in targets} == {item.admin, user.admin}
     assert {t["labels"]["service"] for t in targets} == {"item", "user"}
     assert {(r["metric"]["service"], r["metric"]["instance"]) for r in up} == {
@@ -125,18 +108,12 @@ async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, or
     assert len(answered) >= 8  # query() asserted each one succeeded
 
 
-async def test_an_admin_listener_on_every_address_is_listed_at_the_advertised_host(
-    tmp_path: Path, origin: Origin
-) -> None:
+async def test_an_admin_listener_on_every_address_is_listed_at_the_advertised_host(mesh: Mesh, origin: Origin) -> None:
     # As in a container: --admin 0.0.0.0:PORT, --advertise the name others reach it by.
-    async with run_control_plane(tmp_path) as cp:
-        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
-        extra = ["--admin", "0.0.0.0:0", "--advertise", "localhost"]
-        async with run_sidecar(
-            tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push, extra=extra
-        ) as item:
-            async with httpx.AsyncClient(timeout=10) as client:
-                with trio.fail_after(15):
-                    while not (targets := (await client.get(f"http://{api}/v1/prometheus/targets")).json()):  # noqa: ASYNC110
-                        await trio.sleep(0.2)
+    await mesh.control_plane()
+    item = await mesh.sidecar("item", app=origin, extra=["--admin", "0.0.0.0:0", "--advertise", "localhost"])
+    async with httpx.AsyncClient(timeout=10) as client:
+        with trio.fail_after(15):
+            while not (targets := (await client.get(f"http://{mesh.api}/v1/prometheus/targets")).json()):  # noqa: ASYNC110
+                await trio.sleep(0.2)
     assert targets[0]["targets"] == [f"localhost:{item.ports['admin']}"]

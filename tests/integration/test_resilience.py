@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..helpers import apply_policy, run_control_plane, run_sidecar, sample
+from ..helpers import sample
+from ..mesh import Mesh
 from ..origin import Origin
 
 
@@ -43,42 +44,34 @@ class Caller:
 
     client: httpx.AsyncClient
     admin: str
-    api: str
 
     async def metrics(self) -> str:
         return (await self.client.get(f"http://{self.admin}/metrics")).text
 
 
 @asynccontextmanager
-async def caller(tmp_path: Path, policy: str) -> AsyncIterator[Caller]:
+async def caller(mesh: Mesh, policy: str) -> AsyncIterator[Caller]:
     """A control plane with ``policy`` applied, and `user`'s sidecar synced with it."""
-    async with run_control_plane(tmp_path) as cp:
-        api = f"127.0.0.1:{cp.ports['api']}"
-        await apply_policy(tmp_path, api, policy)
-        push = f"127.0.0.1:{cp.ports['push']}"
-        async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user:
-            async with httpx.AsyncClient(
-                base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10
-            ) as client:
-                await synced(client, user.admin, "item" if "kind: DestinationPolicy" in policy else None)
-                yield Caller(client, user.admin, api)
+    await mesh.control_plane()
+    await mesh.apply(policy)
+    user = await mesh.sidecar("user")
+    async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}, timeout=10) as client:
+        await synced(client, user.admin, "item" if "kind: DestinationPolicy" in policy else None)
+        yield Caller(client, user.admin)
 
 
-async def origins(nursery: trio.Nursery, n: int) -> list[Origin]:
-    out = [Origin() for _ in range(n)]
-    for origin in out:
-        await nursery.start(origin.serve)
-    return out
+async def origins(mesh: Mesh, n: int) -> list[Origin]:
+    return [await mesh.origin() for _ in range(n)]
 
 
 ROUND_ROBIN = "---\nkind: DestinationPolicy\nname: item\nservice: item\nload_balancer: round_robin\n"
 
 
-async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nursery) -> None:
-    flaky, steady, other = await origins(nursery, 3)
+async def test_retries_hide_a_flaky_instance(mesh: Mesh) -> None:
+    flaky, steady, other = await origins(mesh, 3)
     flaky.failing = 0.3  # 30 % of its answers: 503, or no answer at all
     # Round robin: each instance gets its third (ewma would soon avoid the flaky one).
-    async with caller(tmp_path, service(flaky, steady, other) + ROUND_ROBIN) as user:
+    async with caller(mesh, service(flaky, steady, other) + ROUND_ROBIN) as user:
         client, explain = user.client, f"http://{user.admin}/explain"
         ok = 0
         for i in range(2000):
@@ -117,15 +110,15 @@ async def test_retries_hide_a_flaky_instance(tmp_path: Path, nursery: trio.Nurse
 
 
 async def test_a_dead_destination_trips_the_breaker_and_recovery_closes_it(
-    tmp_path: Path, nursery: trio.Nursery
+    mesh: Mesh,
 ) -> None:
-    (dead,) = await origins(nursery, 1)
+    (dead,) = await origins(mesh, 1)
     dead.failing, dead.fault = 1.0, "hang"
     policy = service(dead) + (
         "---\nkind: DestinationPolicy\nname: item\nservice: item\ntimeout: 500ms\n"
         "retries: {attempts: 0}\ncircuit_breaker: {min_requests: 10, open_for: 2s}\n"
     )
-    async with caller(tmp_path, policy) as user:
+    async with caller(mesh, policy) as user:
         client = user.client
         statuses: list[int] = []
 
@@ -166,15 +159,15 @@ async def test_a_dead_destination_trips_the_breaker_and_recovery_closes_it(
         assert sample(metrics, "meshlet_circuit_transitions_total", destination="item", to=state) == 1, state
 
 
-async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nursery: trio.Nursery) -> None:
-    a, b = await origins(nursery, 2)
+async def test_the_retry_budget_caps_the_load_retries_add(mesh: Mesh) -> None:
+    a, b = await origins(mesh, 2)
     a.failing = b.failing = 1.0  # every answer a 503: without a budget, 3 tries per request
     policy = service(a, b) + (
         "---\nkind: DestinationPolicy\nname: item\nservice: item\n"
         "retries: {attempts: 2, backoff: {base: 1ms, max: 1ms}, budget: {ratio: 0.2, min_per_second: 1}}\n"
         "circuit_breaker: {force: closed}\noutlier_detection: {consecutive_failures: 1000}\n"
     )
-    async with caller(tmp_path, policy) as user:
+    async with caller(mesh, policy) as user:
         before = a.stats.requests + b.stats.requests
         start = time.monotonic()
         for _ in range(300):
@@ -189,15 +182,15 @@ async def test_the_retry_budget_caps_the_load_retries_add(tmp_path: Path, nurser
     assert sample(metrics, "meshlet_retry_budget_exhausted_total", destination="item") >= 300 - allowed
 
 
-async def test_hedging_cuts_the_tail_when_an_instance_stalls(tmp_path: Path, nursery: trio.Nursery) -> None:
-    stalling, b, c = await origins(nursery, 3)
+async def test_hedging_cuts_the_tail_when_an_instance_stalls(mesh: Mesh) -> None:
+    stalling, b, c = await origins(mesh, 3)
     stalling.failing, stalling.fault = 0.15, "stall 0.5"  # 15 % of its answers come 500 ms late
     base = service(stalling, b, c) + ROUND_ROBIN
     p99s: dict[str, float] = {}
     stalled: dict[str, int] = {}
-    async with caller(tmp_path, base) as user:
+    async with caller(mesh, base) as user:
         for name, extra in (("plain", ""), ("hedged", "hedging: {delay: p90, min_delay: 20ms}\n")):
-            await apply_policy(tmp_path, user.api, base + extra)  # returns once the sidecar has ACKed
+            await mesh.apply(base + extra)  # returns once the sidecar has ACKed
             for _ in range(40):  # hedging learns what slow is from 32 answers first
                 await user.client.get("/hello")
             took = []
@@ -216,16 +209,16 @@ async def test_hedging_cuts_the_tail_when_an_instance_stalls(tmp_path: Path, nur
     assert sample(metrics, "meshlet_retries_total", destination="item", outcome="hedged") >= 3
 
 
-async def test_the_inbound_sidecar_keeps_to_the_callers_deadline(tmp_path: Path, nursery: trio.Nursery) -> None:
-    (slow,) = await origins(nursery, 1)
+async def test_the_inbound_sidecar_keeps_to_the_callers_deadline(tmp_path: Path, mesh: Mesh) -> None:
+    (slow,) = await origins(mesh, 1)
     static = tmp_path / "mesh.yaml"
     static.write_text("services: {}\n")
-    async with run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{slow.port}", static=static) as item:
-        async with httpx.AsyncClient(base_url=f"http://{item.inbound}", timeout=10) as client:
-            start = time.perf_counter()
-            response = await client.get("/delay/3", headers={"x-meshlet-deadline-ms": "300"})
-            took = time.perf_counter() - start
-            assert (await client.get("/info", headers={"x-meshlet-deadline-ms": "900"})).status_code == 200
+    item = await mesh.sidecar("item", app=slow, static=static)
+    async with httpx.AsyncClient(base_url=f"http://{item.inbound}", timeout=10) as client:
+        start = time.perf_counter()
+        response = await client.get("/delay/3", headers={"x-meshlet-deadline-ms": "300"})
+        took = time.perf_counter() - start
+        assert (await client.get("/info", headers={"x-meshlet-deadline-ms": "900"})).status_code == 200
     assert response.status_code == 504 and response.headers["x-meshlet-error"] == "timeout"
     assert took < 1.0  # the caller had 300 ms left (+ the 100 ms timer tick): not the 15 s default
     assert ("x-meshlet-deadline-ms", "900") in slow.stats.last_headers  # passed on, for apps that pass it on

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import httpx
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from ..mesh import Mesh
 from ..origin import Origin
 
 
@@ -41,37 +40,35 @@ async def first_event(api: str, name: str) -> dict[str, object]:
         await stream.aclose()
 
 
-async def test_stat_and_top_agree_with_the_traffic_sent(tmp_path: Path, origin: Origin) -> None:
-    async with run_control_plane(tmp_path) as cp:
-        push, api = f"127.0.0.1:{cp.ports['push']}", f"127.0.0.1:{cp.ports['api']}"
-        async with (
-            run_sidecar(tmp_path, service="item", app=f"127.0.0.1:{origin.port}", control_plane=push),
-            run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=push) as user,
-        ):
-            async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
-                with trio.fail_after(15):  # user's sidecar routes item
-                    while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.2)
-                stat = f"http://{api}/v1/stat"
-                with trio.fail_after(20):  # the control plane has scraped both sidecars twice
-                    while (await client.get(stat, params={"window": "300"})).json()["warming_up"]:  # noqa: ASYNC110
-                        await trio.sleep(0.5)
-                for _ in range(40):
-                    assert (await client.get("/hello")).status_code == 200
-                for _ in range(10):
-                    assert (await client.get("/status/500")).status_code == 500
-                with trio.fail_after(20):  # a scrape after the traffic
-                    while True:
-                        rows = (await client.get(stat, params={"by": "edge", "window": "300"})).json()["rows"]
-                        if rows and rows[0]["requests"] >= 50:
-                            break
-                        await trio.sleep(0.5)
-                event = await first_event(api, "item")
-            by_service = await meshlet("stat", "-o", "json", "--window", "300", "--api", api)
-            by_edge = await meshlet("stat", "--by", "edge", "-o", "json", "--window", "300", "--api", api)
-            table = await meshlet("stat", "--window", "300", "--api", api)
-            top = await meshlet("top", "--once", "--window", "300", "--api", api)
-            bad = await meshlet("stat", "--window", "0", "--api", api)
+async def test_stat_and_top_agree_with_the_traffic_sent(mesh: Mesh, origin: Origin) -> None:
+    await mesh.control_plane()
+    api = mesh.api
+    await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
+    async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
+        with trio.fail_after(15):  # user's sidecar routes item
+            while (await client.get("/hello")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        stat = f"http://{api}/v1/stat"
+        with trio.fail_after(20):  # the control plane has scraped both sidecars twice
+            while (await client.get(stat, params={"window": "300"})).json()["warming_up"]:  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        for _ in range(40):
+            assert (await client.get("/hello")).status_code == 200
+        for _ in range(10):
+            assert (await client.get("/status/500")).status_code == 500
+        with trio.fail_after(20):  # a scrape after the traffic
+            while True:
+                rows = (await client.get(stat, params={"by": "edge", "window": "300"})).json()["rows"]
+                if rows and rows[0]["requests"] >= 50:
+                    break
+                await trio.sleep(0.5)
+        event = await first_event(api, "item")
+    by_service = await meshlet("stat", "-o", "json", "--window", "300", "--api", api)
+    by_edge = await meshlet("stat", "--by", "edge", "-o", "json", "--window", "300", "--api", api)
+    table = await meshlet("stat", "--window", "300", "--api", api)
+    top = await meshlet("top", "--once", "--window", "300", "--api", api)
+    bad = await meshlet("stat", "--window", "0", "--api", api)
     code, out, err = by_service
     assert code == 0, err
     (item,) = json.loads(out)["rows"]
