@@ -22,7 +22,7 @@ FAULT_HEADER = b"x-meshlet-fault"
 # Asks the sidecar to explain a request (``1``); on the response, the explanation on one line.
 EXPLAIN_HEADER = b"x-meshlet-explain"
 # On an explained response: the id ``meshlet explain --request-id`` looks it up by.
-REQUEST_ID_HEADER = b"x-meshlet-request-id"
+ID_RESPONSE_HEADER = b"x-meshlet-request-id"
 
 MESH_HEADERS = (
     ERROR_HEADER,
@@ -32,5 +32,5 @@ MESH_HEADERS = (
     FALLBACK_HEADER,
     FAULT_HEADER,
     EXPLAIN_HEADER,
-    REQUEST_ID_HEADER,
+    ID_RESPONSE_HEADER,
 )
