@@ -61,12 +61,13 @@ class LineMap:
 
 
 def load_all(text: str, filename: str) -> list[tuple[Any, LineMap]]:
-    """Every document of ``text`` with its lines; empty documents (a trailing ``---``)
-    are left out. YamlError when the text is not YAML."""
+    """Every document of ``text`` with its lines; empty documents (a trailing ``---``,
+    two in a row) are left out, as kubectl does. YamlError when the text is not YAML."""
     with _as_yaml_error(filename):
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         values = list(yaml.safe_load_all(text))
-    return [(value, LineMap(node)) for node, value in zip(nodes, values, strict=True) if node is not None]
+    # An empty document is a null scalar node, not None: it is known by its value.
+    return [(value, LineMap(node)) for node, value in zip(nodes, values, strict=True) if value is not None]
 
 
 def load_one(text: str, filename: str) -> tuple[Any, LineMap]:

@@ -123,6 +123,12 @@ def test_json_documents_load_too() -> None:
     assert isinstance(service, Service)
 
 
+def test_an_empty_document_is_left_out() -> None:
+    """A trailing ``---`` (or two in a row), as kubectl reads a stream: it was a problem."""
+    text = "---\nkind: Service\nname: a\n---\n---\nkind: Service\nname: b\n---\n"
+    assert [doc.name for doc in load_documents([("p.yaml", text)])] == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
