@@ -150,3 +150,13 @@ def test_a_service_name_is_checked_at_start(
         parse(monkeypatch, {}, ["sidecar", "--service", "Item_1", "--app", "127.0.0.1:8080"])
     assert exit_.value.code == 2
     assert "argument --service: 'Item_1' is not a service name" in capsys.readouterr().err
+
+
+def test_the_control_plane_lease_is_a_duration(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse(monkeypatch, {}, ["control-plane", "--ttl", "1m"]).ttl == 60.0
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {}, ["control-plane", "--ttl", "0"])  # float() took it: every lease expired at once
+    assert exit_.value.code == 2
+    assert "argument --ttl: '0' must be greater than 0" in capsys.readouterr().err
