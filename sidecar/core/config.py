@@ -259,9 +259,7 @@ def _defaults(raw: object, problem: _Problems) -> dict[str, float]:
 def _service(name: str, raw: object, path: str, defaults: dict[str, float], problem: _Problems) -> ServiceConfig | None:
     """One service's mapping (a ``Service`` without kind and name) → its config; None
     when it has a problem (reported)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict):  # None too: "item:" alone is more likely a slip than a service with nothing
         problem(path, f"must be a mapping (allowed: {', '.join(SERVICE_KEYS)})")
         return None
     before = len(problem.found)

@@ -395,6 +395,12 @@ def test_a_key_written_with_nothing_after_it_is_left_out() -> None:
     assert snap.services["item"].endpoints[0].weight == 1
 
 
+def test_a_service_with_nothing_after_it_is_refused() -> None:
+    assert problems("services:\n  item: [a:1]\n  bare:\n") == [
+        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout)"
+    ]
+
+
 def test_problems_are_in_line_order() -> None:
     text = "services:\n  item:\n    endpoints: [{weight: 0, address: a}]\n    timeout: x\n    connect_timeout: y\n"
     assert problems(text) == [
