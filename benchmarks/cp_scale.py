@@ -388,7 +388,7 @@ class SimSidecar:
 
     def _applied(self, push: wire.Push) -> Held:
         """What this sidecar holds after ``push``. As the real sidecar
-        (``DiscoveredState.apply`` in sidecar/net/control.py), a full push is applied
+        (``DiscoveredState.apply`` in sidecar/core/discovered.py), a full push is applied
         like any other: listed resources replace, ``rm`` removes."""
         held = dict(self.held)
         for res in push.resources:

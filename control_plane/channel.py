@@ -1,8 +1,9 @@
 """One sidecar's socket on the control plane: writes that never wait.
 
 A change reaches thousands of sidecars at once. With a task per sidecar that sends its
-own push, every push costs a trip through trio's scheduler and a lock; measured at
-5,000 sidecars that, not building the pushes, was most of the control plane's time.
+own push, every push costs a trip through trio's scheduler and a lock; at 5,000
+sidecars that, not building the pushes, was most of the control plane's time
+(`make bench-cp` measures it: benchmarks/README.md, "Control plane scale").
 So a push is written by whoever decides it (the debouncer, or the reader that just
 got an ACK), straight into the kernel's buffer with a non-blocking ``send``. What the
 kernel does not take (a slow or stuck sidecar, a large first snapshot) is queued, as

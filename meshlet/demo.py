@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "services.py"
+from .cli.client import JSON, ApiClient
+
+EXAMPLE_APPS = "meshlet.examples.services"  # run as a module: an installed wheel has it too
 console = Console()
 
 
@@ -81,7 +85,7 @@ class Demo:
         self.procs.remove(proc)
 
     async def app(self, role: str, instance: str, port: int, proxy: str | None = None) -> Proc:
-        args = [sys.executable, str(EXAMPLES), role, "--port", str(port), "--instance", instance]
+        args = [sys.executable, "-m", EXAMPLE_APPS, role, "--port", str(port), "--instance", instance]
         if proxy:
             args += ["--proxy", proxy]
         proc = await self.start(f"app-{instance}", args)
@@ -288,7 +292,7 @@ def _sample(metrics: str, name: str, **labels: str) -> float:
 
 
 async def _resilience_chapters(
-    demo: Demo, client: httpx.AsyncClient, api: str, entry: str, requests: int, flaky: str
+    demo: Demo, client: httpx.AsyncClient, api: ApiClient, entry: str, requests: int, flaky: str
 ) -> None:
     """Chapters 4-6. ``flaky``: the item instance the balancer prefers now (it gets the traffic)."""
     other = "item-2" if flaky == "item-1" else "item-1"
@@ -315,10 +319,7 @@ async def _resilience_chapters(
     say("[bold]5. item fails hard[/]: every item instance answers 503. A DestinationPolicy gives item a fallback:")
     for line in ITEM_POLICY.splitlines():
         say(f"     [dim]{line}[/]")
-    token = (demo.workdir / "cp" / "api-token").read_text().strip()
-    body = {"files": [["item-policy.yaml", ITEM_POLICY]], "source": "meshlet demo"}
-    applied = await client.put(f"http://{api}/v1/policies", json=body, headers={"authorization": f"Bearer {token}"})
-    applied.raise_for_status()
+    await trio.to_thread.run_sync(partial(api.apply, [("item-policy.yaml", ITEM_POLICY)], source="meshlet demo"))
     await _wait_for_policy(client, user_admin, "item")
     for instance in ("item-1", "item-2"):
         await _fault(client, demo, instance, 1.0)
@@ -344,21 +345,20 @@ async def _resilience_chapters(
 CIRCUIT_STATES = ("open", "half_open", "closed")
 
 
-async def _show_a_trace(client: httpx.AsyncClient, api: str) -> None:
+async def _show_a_trace(api: ApiClient) -> None:
     """The last request through the mesh, as the control plane's trace store has it."""
     from .cli.commands import waterfall_table
 
-    await client.get(f"http://{api}/live")
     with trio.move_on_after(5):  # sidecars send spans in batches, every second
         while True:
-            traces = (await client.get(f"http://{api}/api/v2/traces", params={"limit": 1})).json()
+            traces = await trio.to_thread.run_sync(partial(api.traces, limit=1))
             if traces and len(traces[0]) >= 5:
                 break
             await trio.sleep(0.5)
     if traces:
         console.print(waterfall_table(traces[0], width=16))
         console.print(
-            f"   one trace, a span per hop and side: [dim]meshlet trace {traces[0][0]['traceId']} --api {api}[/]\n"
+            f"   one trace, a span per hop and side: [dim]meshlet trace {traces[0][0]['traceId']} --api {api.api}[/]\n"
         )
 
 
@@ -390,13 +390,12 @@ async def run(args: argparse.Namespace) -> None:
                 await demo.stop_all()
 
 
-async def _registry(client: httpx.AsyncClient, api: str) -> dict[str, list[dict[str, object]]]:
-    return (await client.get(f"http://{api}/v1/endpoints")).json()["endpoints"]
-
-
-async def _wait_for(client: httpx.AsyncClient, api: str, check: object, what: str, patience: float = 20) -> None:
+async def _wait_for(
+    api: ApiClient, check: Callable[[dict[str, list[JSON]]], bool], what: str, patience: float = 20
+) -> None:
+    """Until the registry (service → instances) passes ``check``."""
     with trio.move_on_after(patience):
-        while not check(await _registry(client, api)):  # type: ignore[operator]  # noqa: ASYNC110
+        while not check(await trio.to_thread.run_sync(api.endpoints)):  # noqa: ASYNC110 - another process
             await trio.sleep(0.1)
         return
     raise RuntimeError(f"the demo waited {patience:g} s for {what}; logs in the demo's temp directory")
@@ -414,8 +413,12 @@ async def _wait_for_callers(client: httpx.AsyncClient, admin: str, service: str,
     raise RuntimeError(f"the caller's sidecar never received {count} endpoints of {service}")
 
 
-def _ready_ids(registry: dict[str, list[dict[str, object]]], service: str) -> set[str]:
+def _ready_ids(registry: dict[str, list[JSON]], service: str) -> set[str]:
     return {str(e["id"]) for e in registry.get(service, []) if e["ready"]}
+
+
+def _is_ready(registry: dict[str, list[JSON]], *, service: str, instance: str) -> bool:
+    return instance in _ready_ids(registry, service)
 
 
 async def _story(demo: Demo, args: argparse.Namespace) -> None:
@@ -425,88 +428,91 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
         "all on 127.0.0.1\n"
     )
     cp = await demo.control_plane()
-    push, api = cp.fields["push"], cp.fields["api"]
-    say(f"  control plane: push channel {push}, API http://{api}")
-    async with httpx.AsyncClient(timeout=10) as client:
-        for role, instance, labels in (
-            ("item", "item-1", {"version": "v1"}),
-            ("item", "item-2", {"version": "v1"}),
-            ("user", "user-1", {}),
-            ("gateway", "gateway-1", {}),
-        ):
-            sidecar = await demo.service(role, instance, push, labels)
-            await _wait_for(client, api, lambda r, s=role, i=instance: i in _ready_ids(r, s), f"{instance} to register")
-            say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
-        entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
-        # The first call: each caller's sidecar looks up the service its app calls (on
-        # demand) and from then on receives its endpoints.
-        first = await drive(client, entry, 1)
-        await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
-        await _wait_for_callers(client, demo.sidecars["gateway-1"].fields["admin"], "user", 1)
-        say(
-            f"  first request, answered by {', '.join(first)}: gateway's sidecar looked up user, user's looked up item; "
-            "each now watches what its app calls\n"
-        )
-
-        say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
-        console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
-        say(
-            "   user's sidecar learned both item instances from the control plane. Its balancer (ewma: peak latency "
-            "× requests in flight, best of two) sends each request to the one answering faster.\n"
-        )
-
-        say("[bold]2. an instance leaves[/]: SIGTERM to item-2's sidecar (it deregisters first), then its app")
-        await demo.stop_and_wait(demo.sidecars.pop("item-2"))
-        await demo.stop_and_wait(demo.apps.pop("item-2"))
-        await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1"}, "item-2 to leave the registry")
-        say("  [yellow]deregistered[/] item-2; the control plane pushed the change to the sidecars that call item")
-        outcomes = await drive(client, entry, args.requests // 2)
-        console.print(outcome_table("after item-2 left", outcomes))
-        failed = sum(n for k, n in outcomes.items() if not k.startswith("item-"))
-        if failed:
-            say(f"   [red]{failed} request(s) failed[/] while the change propagated.\n")
-        else:
-            say("   No errors: item-2 deregistered, kept serving until callers knew, then stopped.\n")
-
-        say("[bold]3. it comes back[/]: item-2 starts again and registers")
-        await demo.service("item", "item-2", push, {"version": "v1"})
-        await _wait_for(client, api, lambda r: _ready_ids(r, "item") == {"item-1", "item-2"}, "item-2 to return")
-        await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
-        say("  [green]registered[/] item-2 again; user's sidecar has both endpoints")
-        back = await drive(client, entry, args.requests // 2)
-        console.print(outcome_table("with item-2 back", back))
-        say("")
-
-        busiest = max(("item-1", "item-2"), key=lambda i: back.get(i, 0))
-        await _resilience_chapters(demo, client, api, entry, args.requests, busiest)
-
-        status = (await client.get(f"http://{api}/v1/status")).json()
-        table = Table(title="meshlet status (which sidecar runs which endpoints version)")
-        for column in ("sidecar", "service", "connected", "ready", "endpoints version", "acked", "last NACK"):
-            table.add_column(column)
-        for row in status["sidecars"]:
-            table.add_row(
-                row["node"],
-                row["service"],
-                "yes" if row["connected"] else "no",
-                "yes" if row["ready"] else "no",
-                row["versions"].get("endpoints", "-"),
-                row["acked"].get("endpoints", "-"),
-                "-" if row["last_nack"] is None else "yes",
+    push, address = cp.fields["push"], cp.fields["api"]
+    say(f"  control plane: push channel {push}, API http://{address}")
+    token = (demo.workdir / "cp" / "api-token").read_text().strip()  # chapter 5 applies a policy
+    with ApiClient(address, token, timeout=10) as api:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for role, instance, labels in (
+                ("item", "item-1", {"version": "v1"}),
+                ("item", "item-2", {"version": "v1"}),
+                ("user", "user-1", {}),
+                ("gateway", "gateway-1", {}),
+            ):
+                sidecar = await demo.service(role, instance, push, labels)
+                registered = partial(_is_ready, service=role, instance=instance)
+                await _wait_for(api, registered, f"{instance} to register")
+                say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
+            entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
+            # The first call: each caller's sidecar looks up the service its app calls (on
+            # demand) and from then on receives its endpoints.
+            first = await drive(client, entry, 1)
+            await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
+            await _wait_for_callers(client, demo.sidecars["gateway-1"].fields["admin"], "user", 1)
+            say(
+                f"  first request, answered by {', '.join(first)}: gateway's sidecar looked up user, user's looked up item; "
+                "each now watches what its app calls\n"
             )
-        console.print(table)
 
-        scrapes = {}
-        for instance, proc in demo.sidecars.items():
-            scrapes[instance] = (await client.get(f"http://{proc.fields['admin']}/metrics")).text
-        console.print(metrics_table(scrapes))
-        await _show_a_trace(client, api)
+            say(f"[bold]1. discovery and load balancing[/]: {args.requests} requests to {entry}/api/users/N")
+            console.print(outcome_table("which item instance answered", await drive(client, entry, args.requests)))
+            say(
+                "   user's sidecar learned both item instances from the control plane. Its balancer (ewma: peak latency "
+                "× requests in flight, best of two) sends each request to the one answering faster.\n"
+            )
+
+            say("[bold]2. an instance leaves[/]: SIGTERM to item-2's sidecar (it deregisters first), then its app")
+            await demo.stop_and_wait(demo.sidecars.pop("item-2"))
+            await demo.stop_and_wait(demo.apps.pop("item-2"))
+            await _wait_for(api, lambda r: _ready_ids(r, "item") == {"item-1"}, "item-2 to leave the registry")
+            say("  [yellow]deregistered[/] item-2; the control plane pushed the change to the sidecars that call item")
+            outcomes = await drive(client, entry, args.requests // 2)
+            console.print(outcome_table("after item-2 left", outcomes))
+            failed = sum(n for k, n in outcomes.items() if not k.startswith("item-"))
+            if failed:
+                say(f"   [red]{failed} request(s) failed[/] while the change propagated.\n")
+            else:
+                say("   No errors: item-2 deregistered, kept serving until callers knew, then stopped.\n")
+
+            say("[bold]3. it comes back[/]: item-2 starts again and registers")
+            await demo.service("item", "item-2", push, {"version": "v1"})
+            await _wait_for(api, lambda r: _ready_ids(r, "item") == {"item-1", "item-2"}, "item-2 to return")
+            await _wait_for_callers(client, demo.sidecars["user-1"].fields["admin"], "item", 2)
+            say("  [green]registered[/] item-2 again; user's sidecar has both endpoints")
+            back = await drive(client, entry, args.requests // 2)
+            console.print(outcome_table("with item-2 back", back))
+            say("")
+
+            busiest = max(("item-1", "item-2"), key=lambda i: back.get(i, 0))
+            await _resilience_chapters(demo, client, api, entry, args.requests, busiest)
+
+            status = await trio.to_thread.run_sync(api.status)
+            table = Table(title="meshlet status (which sidecar runs which endpoints version)")
+            for column in ("sidecar", "service", "connected", "ready", "endpoints version", "acked", "last NACK"):
+                table.add_column(column)
+            for row in status["sidecars"]:
+                table.add_row(
+                    row["node"],
+                    row["service"],
+                    "yes" if row["connected"] else "no",
+                    "yes" if row["ready"] else "no",
+                    row["versions"].get("endpoints", "-"),
+                    row["acked"].get("endpoints", "-"),
+                    "-" if row["last_nack"] is None else "yes",
+                )
+            console.print(table)
+
+            scrapes = {}
+            for instance, proc in demo.sidecars.items():
+                scrapes[instance] = (await client.get(f"http://{proc.fields['admin']}/metrics")).text
+            console.print(metrics_table(scrapes))
+            await _show_a_trace(api)
     say("\n[bold]try[/]:")
-    say(f"  open http://{api}/           the dashboard: service graph, instances, circuits, traces")
-    say(f"  meshlet stat --by edge --watch --api {api}")
-    say(f"  meshlet top --api {api}")
-    say(f"  meshlet status --api {api}")
-    say(f"  meshlet get endpoints --api {api}")
+    say(f"  open http://{address}/           the dashboard: service graph, instances, circuits, traces")
+    say(f"  meshlet stat --by edge --watch --api {address}")
+    say(f"  meshlet top --api {address}")
+    say(f"  meshlet status --api {address}")
+    say(f"  meshlet get endpoints --api {address}")
     say(f"  curl {entry}/api/users/1        (the gateway's inbound sidecar)")
     for instance, proc in demo.sidecars.items():
         say(f"  {instance:10} metrics http://{proc.fields['admin']}/metrics")

@@ -1,11 +1,12 @@
 """Sockets for the data path: non-blocking stdlib sockets driven by trio's low-level
 waits, and deadlines kept by a sweeper instead of a cancel scope per request.
 
-Why not ``trio.SocketStream``: measured on the 2-core benchmark machine, every
-``send_all`` is a checkpoint (a trip through the scheduler, ~7 µs), a ``CancelScope``
-costs ~10 µs to enter and leave, and ``wait_readable`` on a socket that already has
-data ~13 µs. A proxy hop does four socket operations per request; with SocketStream
-and two timeouts per request that overhead alone is larger than everything else. So:
+Why not ``trio.SocketStream``: every ``send_all`` is a checkpoint (a trip through the
+scheduler), a ``CancelScope`` has to be entered and left, and ``wait_readable`` on a
+socket that already has data still goes through the scheduler. A proxy hop does four
+socket operations per request; with SocketStream and two timeouts per request that
+overhead alone outweighed everything else the hop does (benchmarks/micro_path.py
+measures the path; benchmarks/RESULTS.md has the figures). So:
 
 * ``send_all`` tries ``send`` first and waits only if the kernel buffer is full;
 * ``recv`` tries ``recv`` first (the next request or the response is often there

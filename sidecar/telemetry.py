@@ -1,7 +1,8 @@
 """Every metric the sidecar exports: names, labels and buckets in one place.
 
 The request path only bumps plain integers in dicts keyed by label tuples (no locks,
-no prometheus-client objects per request: ``Counter.labels().inc()`` costs several µs).
+no prometheus-client objects per request: ``Counter.labels().inc()`` takes a lock and
+several calls each time).
 At scrape time :func:`render` turns one or more :meth:`Telemetry.snapshot` values
 into Prometheus text, so ``--workers N`` adds the workers' snapshots up.
 

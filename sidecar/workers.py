@@ -26,10 +26,11 @@ import trio
 
 from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
 
-from .app import SidecarOptions, serve_http
+from .app import SidecarOptions
 from .layers.base import Request, Response
 from .net.admin import AdminHandler, json_response
 from .net.downstream import Timeouts
+from .net.listeners import serve_http
 from .telemetry import cardinality, render
 
 log = logging.getLogger("meshlet.workers")

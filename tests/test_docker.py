@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from meshlet import cli
+from meshlet.cli import options
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 
@@ -56,9 +57,9 @@ def test_the_prometheus_config_passes_promtool() -> None:
 def test_every_sidecar_shares_its_apps_namespace_and_its_environment_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
     sidecars = {name: s for name, s in services.items() if name.endswith("-sidecar")}
-    apps = {name for name, s in services.items() if "services.py" in " ".join(s.get("entrypoint", []))}
+    apps = {name for name, s in services.items() if "meshlet.examples.services" in " ".join(s.get("entrypoint", []))}
     assert {f"{app}-sidecar" for app in apps} == set(sidecars)  # one sidecar per app
-    known = {cli.env_name(a) for p in (_sidecar_parser(),) for a in p._actions if a.option_strings}
+    known = {options.env_name(a) for p in (_sidecar_parser(),) for a in p._actions if a.option_strings}
     for name, sidecar in sidecars.items():
         app = name.removesuffix("-sidecar")
         assert sidecar["network_mode"] == f"service:{app}"  # the pod: one network namespace
@@ -136,7 +137,7 @@ def test_the_kubernetes_example_fits_together(
     assert set(init["securityContext"]["capabilities"]["add"]) >= {"NET_ADMIN"}
 
     environment = _environment(sidecar, monkeypatch)
-    known = {cli.env_name(a) for a in _sidecar_parser()._actions if a.option_strings}  # type: ignore[attr-defined]
+    known = {options.env_name(a) for a in _sidecar_parser()._actions if a.option_strings}  # type: ignore[attr-defined]
     assert {k for k in environment if k.startswith("MESHLET_")} <= known  # no misspelt variable
     args = cli.build_parser().parse_args(sidecar["args"])
     assert args.transparent and args.service == "item"

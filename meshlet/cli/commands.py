@@ -9,14 +9,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from . import stat as stat_cli
+from .client import JSON, AdminClient, ApiClient, ApiError
 
 DEFAULT_API = "127.0.0.1:15000"
 
@@ -97,59 +98,29 @@ def add_commands(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    command = _COMMANDS[args.command]
+    token = _token(args) if args.command in ("apply", "rollback") else None
     try:
-        if args.command == "get":
-            return _get(args)
-        if args.command == "apply":
-            return _apply(args)
-        if args.command == "rollback":
-            return _rollback(args)
-        if args.command == "explain":
-            return _explain(args)
-        if args.command == "trace":
-            return _trace(args)
-        if args.command in ("stat", "top"):
-            return stat_cli.run(args)
-        return _status(args)
-    except httpx.HTTPStatusError as exc:  # it answered, with an error: say what it said
-        print(
-            f"meshlet: the control plane answered {exc.response.status_code}: {_problems(exc.response)}",
-            file=sys.stderr,
-        )
-        return 1
-    except httpx.HTTPError as exc:
-        print(
-            f"meshlet: cannot reach the control plane API at {args.api}: {exc}\n"
-            f"  is `meshlet control-plane` running? (--api H:P to point elsewhere)",
-            file=sys.stderr,
-        )
+        with ApiClient(args.api, token) as api:
+            return command(args, api)
+    except ApiError as exc:
+        if exc.status is None:
+            print(
+                f"meshlet: cannot reach the control plane API at {args.api}: {exc}\n"
+                f"  is `meshlet control-plane` running? (--api H:P to point elsewhere)",
+                file=sys.stderr,
+            )
+        else:  # it answered, with an error: say what it said
+            print(f"meshlet: the control plane answered {exc.status}: {'; '.join(exc.problems)}", file=sys.stderr)
         return 1
 
 
-def _problems(response: httpx.Response, sep: str = "; ") -> str:
-    """What an error answer says: its JSON "problems", else its text."""
-    try:
-        problems = response.json()["problems"]
-        if isinstance(problems, list) and problems:
-            return sep.join(map(str, problems))
-    except (ValueError, KeyError, TypeError):
-        pass
-    return response.text.strip()[:500] or response.reason_phrase
-
-
-def _fetch(api: str, path: str) -> Any:
-    response = httpx.get(f"http://{api}{path}", timeout=5)
-    response.raise_for_status()
-    return response.json()
-
-
-def _get(args: argparse.Namespace) -> int:
+def _get(args: argparse.Namespace, api: ApiClient) -> int:
     console = _console()
     if args.what == "policies":
-        return _get_policies(args, console)
+        return _get_policies(args, api, console)
     if args.what == "services":
-        data = _fetch(args.api, "/v1/services")
-        services = [s for s in data["services"] if not args.name or s["name"] == args.name]
+        services = [s for s in api.services() if not args.name or s["name"] == args.name]
         if args.output == "json":
             print(json.dumps({"services": services}, indent=2, sort_keys=True))
             return 0
@@ -158,13 +129,12 @@ def _get(args: argparse.Namespace) -> int:
             table.add_row(s["name"], str(s["instances"]), str(s["ready"]), s["version"])
         console.print(table)
         return 0
-    path = "/v1/endpoints" + (f"?service={args.name}" if args.name else "")
-    data = _fetch(args.api, path)
+    by_service = api.endpoints(args.name)
     if args.output == "json":
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps({"endpoints": by_service}, indent=2, sort_keys=True))
         return 0
     table = Table("SERVICE", "INSTANCE", "ADDRESS", "APP PORT", "READY", "CONNECTED", "LEASE", "LABELS", box=None)
-    for service, endpoints in sorted(data["endpoints"].items()):
+    for service, endpoints in sorted(by_service.items()):
         for e in endpoints:
             labels = ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items()))
             table.add_row(
@@ -181,8 +151,8 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    data = _fetch(args.api, "/v1/status")
+def _status(args: argparse.Namespace, api: ApiClient) -> int:
+    data = api.status()
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -228,7 +198,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policies(sidecar: dict[str, Any]) -> str:
+def _policies(sidecar: JSON) -> str:
     """The policies type version a sidecar holds, and whether it ACKed it."""
     held = sidecar["versions"].get("policies", "")
     if not held:
@@ -258,11 +228,11 @@ def _yes(value: bool) -> str:
 # --- policy ----------------------------------------------------------------------------------
 
 
-def _api_option(parser: Any) -> None:
+def _api_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
 
 
-def _token_options(parser: Any) -> None:
+def _token_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", help="the control plane's write token (default: env MESHLET_TOKEN, else --token-file)"
     )
@@ -275,29 +245,31 @@ def _token_options(parser: Any) -> None:
     )
 
 
-def _auth(args: argparse.Namespace) -> dict[str, str]:
-    token = args.token or os.environ.get("MESHLET_TOKEN")
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else MESHLET_TOKEN, else --token-file; None if none is readable (the control
+    plane's 401 says what to do)."""
+    token: str | None = args.token or os.environ.get("MESHLET_TOKEN")
     if not token:
         try:
             token = args.token_file.read_text().strip()
         except OSError:
-            return {}  # the control plane's 401 says what to do
-    return {"authorization": f"Bearer {token}"}
+            return None
+    return token or None
 
 
-def _get_policies(args: argparse.Namespace, console: Console) -> int:
+def _get_policies(args: argparse.Namespace, api: ApiClient, console: Console) -> int:
     if args.history:
-        data = _fetch(args.api, "/v1/policies/history")
+        history = api.history()
         if args.output == "json":
-            print(json.dumps(data, indent=2, sort_keys=True))
+            print(json.dumps({"history": history}, indent=2, sort_keys=True))
             return 0
         table = Table("#", "VERSION", "APPLIED (UTC)", "SOURCE", "FILES", box=None)
-        for v in data["history"]:
+        for v in history:
             applied = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["applied_at"]))
             table.add_row(str(v["seq"]), v["version"] or "(empty)", applied, v["source"], ", ".join(v["files"]))
         console.print(table)
         return 0
-    data = _fetch(args.api, "/v1/policies")
+    data = api.policies()
     documents = [d for d in data["documents"] if not args.name or d["name"] == args.name]
     if args.output == "json":
         print(json.dumps({**data, "documents": documents}, indent=2, sort_keys=True))
@@ -310,7 +282,7 @@ def _get_policies(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _apply(args: argparse.Namespace) -> int:
+def _apply(args: argparse.Namespace, api: ApiClient) -> int:
     from meshlet.policy import PolicyError, load_documents, read_policy_files
 
     try:
@@ -319,16 +291,12 @@ def _apply(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"meshlet: nothing was applied:\n{exc}", file=sys.stderr)
         return 1
-    body = {"files": [list(f) for f in files], "dry_run": args.dry_run, "source": f"meshlet apply -f {args.filename}"}
-    response = httpx.put(f"http://{args.api}/v1/policies", json=body, headers=_auth(args), timeout=30)
-    return _applied(args, response, args.dry_run)
+    source = f"meshlet apply -f {args.filename}"
+    return _applied(args, api, lambda: api.apply(files, source=source, dry_run=args.dry_run), args.dry_run)
 
 
-def _rollback(args: argparse.Namespace) -> int:
-    response = httpx.post(
-        f"http://{args.api}/v1/policies/rollback", json={"version": args.version}, headers=_auth(args), timeout=30
-    )
-    return _applied(args, response, False)
+def _rollback(args: argparse.Namespace, api: ApiClient) -> int:
+    return _applied(args, api, lambda: api.rollback(args.version), False)
 
 
 _APPLY_EXIT_CODES = """exit codes:
@@ -344,12 +312,16 @@ EXIT_UNCONFIRMED = 3  # applied, but not confirmed by every sidecar: a NACK, no 
 # control plane stopped answering while we waited (`meshlet status` tells which)
 
 
-def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) -> int:
+def _applied(args: argparse.Namespace, api: ApiClient, send: Callable[[], JSON], dry_run: bool) -> int:
+    """Send an apply or a rollback; say what changed, then wait for the sidecars."""
     console = _console()
-    if response.status_code >= 400:
-        print(f"meshlet: nothing was applied:\n{_problems(response, sep=chr(10))}", file=sys.stderr)
+    try:
+        result = send()
+    except ApiError as exc:
+        if exc.status is None:
+            raise  # not reached: run() says so
+        print("meshlet: nothing was applied:\n" + "\n".join(exc.problems), file=sys.stderr)
         return EXIT_NOT_APPLIED
-    result = response.json()
     for change in result["changes"]:
         colour = {"added": "green", "changed": "yellow", "removed": "red"}[change["change"]]
         console.print(f"  [{colour}]{change['change']:8}[/] {change['kind']}/{change['name']}")
@@ -364,8 +336,8 @@ def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) 
     if args.wait <= 0:
         return EXIT_APPLIED
     try:
-        return _wait_for_sidecars(args, console)
-    except httpx.HTTPError as exc:
+        return _wait_for_sidecars(args, api, console)
+    except ApiError as exc:
         console.print(
             "[yellow]applied, but not confirmed by every sidecar[/]: the control plane stopped answering "
             f"while we waited ({exc}); once it is back, `meshlet status` shows what each sidecar holds"
@@ -373,7 +345,7 @@ def _applied(args: argparse.Namespace, response: httpx.Response, dry_run: bool) 
         return EXIT_UNCONFIRMED
 
 
-def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
+def _wait_for_sidecars(args: argparse.Namespace, api: ApiClient, console: Console) -> int:
     """Until every connected sidecar has ACKed the new policies, or NACKed them."""
     from rich.progress import Progress
 
@@ -381,8 +353,8 @@ def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sidecars acknowledging", total=None)
         while True:
-            wanted = _fetch(args.api, "/v1/policies")["push_version"]
-            sidecars = [s for s in _fetch(args.api, "/v1/status")["sidecars"] if s["connected"]]
+            wanted = api.policies()["push_version"]
+            sidecars = [s for s in api.status()["sidecars"] if s["connected"]]
             acked = [s for s in sidecars if s["acked"].get("policies") == wanted]
             nacked = [s for s in sidecars if (s["last_nack"] or {}).get("type") == "policies" and s not in acked]
             progress.update(task, total=len(sidecars), completed=len(acked) + len(nacked))
@@ -401,7 +373,7 @@ def _wait_for_sidecars(args: argparse.Namespace, console: Console) -> int:
     return EXIT_APPLIED
 
 
-def _explain(args: argparse.Namespace) -> int:
+def _explain(args: argparse.Namespace, api: ApiClient) -> int:
     if args.request_id or args.admin:
         return _explain_request(args)
     if not args.url:
@@ -410,16 +382,13 @@ def _explain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    params: list[tuple[str, str]] = [("url", args.url), ("method", args.method)]
-    params += [("header", h) for h in args.header]
-    if args.source:
-        params.append(("from", args.source))
-    response = httpx.get(f"http://{args.api}/v1/explain", params=params, timeout=10)
-    if response.status_code == 400:
-        print("meshlet: " + "; ".join(response.json()["problems"]), file=sys.stderr)
+    try:
+        data = api.explain(args.url, method=args.method, headers=args.header, source=args.source)
+    except ApiError as exc:
+        if exc.status != 400:
+            raise
+        print("meshlet: " + "; ".join(exc.problems), file=sys.stderr)  # what is wrong with the question
         return 2
-    response.raise_for_status()
-    data = response.json()
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -482,22 +451,22 @@ def _explain_request(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    params = {"request_id": args.request_id} if args.request_id else {}
     try:
-        response = httpx.get(f"http://{args.admin}/explain", params=params, timeout=10)
-    except httpx.HTTPError as exc:
-        print(f"meshlet: cannot reach the sidecar's admin listener at {args.admin}: {exc}", file=sys.stderr)
+        with AdminClient(args.admin) as admin:
+            data = admin.explained(args.request_id) if args.request_id else admin.recent()
+    except ApiError as exc:
+        if exc.status is None:
+            print(f"meshlet: cannot reach the sidecar's admin listener at {args.admin}: {exc}", file=sys.stderr)
+            return 1
+        if exc.status != 404:
+            raise
+        print(f"meshlet: {'; '.join(exc.problems)} (the sidecar keeps the last 512)", file=sys.stderr)
         return 1
-    if response.status_code == 404:
-        print(f"meshlet: {response.json()['error']} (the sidecar keeps the last 512)", file=sys.stderr)
-        return 1
-    response.raise_for_status()
-    data = response.json()
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     console = _console()
-    if not args.request_id:
+    if isinstance(data, list):  # no --request-id: the recent ones
         table = Table("REQUEST ID", "AT", "SERVICE", "RESULT", box=None)
         for e in data:
             at = datetime.datetime.fromtimestamp(e["at"]).strftime("%H:%M:%S")
@@ -530,19 +499,15 @@ def _explain_request(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trace(args: argparse.Namespace) -> int:
+def _trace(args: argparse.Namespace, api: ApiClient) -> int:
     if args.trace_id:
-        response = httpx.get(f"http://{args.api}/api/v2/trace/{args.trace_id}", timeout=10)
-        if response.status_code == 404:
+        trace = api.trace(args.trace_id)
+        if trace is None:
             print(f"meshlet: no trace {args.trace_id} in the control plane's store (kept for an hour)", file=sys.stderr)
             return 1
-        response.raise_for_status()
-        traces = [response.json()]
+        traces = [trace]
     elif args.last:
-        params: dict[str, Any] = {"limit": args.last}
-        if args.service:
-            params["serviceName"] = args.service
-        traces = _fetch(args.api, "/api/v2/traces?" + "&".join(f"{k}={v}" for k, v in params.items()))
+        traces = api.traces(limit=args.last, service=args.service)
     else:
         print("meshlet trace: give a TRACE_ID, or --last N [--service NAME]", file=sys.stderr)
         return 2
@@ -558,7 +523,7 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
+def waterfall_table(spans: list[JSON], width: int = 40) -> Table:
     """A trace (Zipkin v2 spans) as a table with duration bars (control_plane/waterfall.py)."""
     from .waterfall import rows
 
@@ -577,3 +542,15 @@ def waterfall_table(spans: list[dict[str, Any]], width: int = 40) -> Table:
             f"[{style}]{row.status}[/]",
         )
     return table
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, ApiClient], int]] = {
+    "get": _get,
+    "status": _status,
+    "apply": _apply,
+    "rollback": _rollback,
+    "explain": _explain,
+    "trace": _trace,
+    "stat": stat_cli.run,
+    "top": stat_cli.run,
+}

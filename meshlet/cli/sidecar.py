@@ -280,8 +280,8 @@ async def _serve_and_announce(sidecar: object) -> None:
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(sidecar.serve)  # type: ignore[attr-defined]
         # Everything made so far (modules, configuration, the listeners) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks the ~30,000
-        # objects of the imported libraries (~8 ms, a pause every request in flight would wait for).
+        # process: out of the collector's sight, a full collection no longer walks the tens of
+        # thousands of objects of the imported libraries (a pause every request in flight would wait for).
         gc.freeze()
         listening = " ".join(f"{name}={host}:{port}" for name, (host, port) in addresses.items())
         # One parseable line: tests and scripts read the ports bound (port 0 → real port).

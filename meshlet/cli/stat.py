@@ -7,18 +7,20 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from .client import JSON, ApiClient
 
 WARM_UP_LIMIT = 15.0  # seconds to wait for the control plane's first two scrapes
 REFRESH = 2.0  # seconds between frames with --watch / top
 
 
-def add_commands(commands: Any, api_option: Any) -> None:
+def add_commands(commands: Any, api_option: Callable[[argparse.ArgumentParser], None]) -> None:
     stat = commands.add_parser(
         "stat",
         help="golden metrics per service or per edge: success rate, RPS, p50/p95/p99",
@@ -44,7 +46,7 @@ def add_commands(commands: Any, api_option: Any) -> None:
     api_option(top)
 
 
-def _common(parser: Any) -> None:
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window",
         type=float,
@@ -55,49 +57,42 @@ def _common(parser: Any) -> None:
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, api: ApiClient) -> int:
     if not 1 <= args.window <= 300:
         print(f"meshlet: --window {args.window:g}: between 1 and 300 seconds", file=sys.stderr)
         return 2
     by = "route" if args.command == "top" else args.by
     live = args.command == "top" and not args.once or getattr(args, "watch", False)
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    with httpx.Client(timeout=5) as client:
-        data = _first(client, args.api, by, args.window, console)
-        if data is None:
-            return 1
-        if args.output == "json":
-            print(json.dumps(data, indent=2, sort_keys=True))
-            return 0
-        limit = getattr(args, "limit", None)
-        if not live:
-            console.print(stat_table(data, limit))
-            return 0
-        try:
-            with Live(stat_table(data, limit), console=console, auto_refresh=False) as screen:
-                while True:
-                    time.sleep(REFRESH)
-                    screen.update(stat_table(_stat(client, args.api, by, args.window), limit), refresh=True)
-        except KeyboardInterrupt:
-            return 0
+    data = _first(api, by, args.window, console)
+    if data is None:
+        return 1
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    limit = getattr(args, "limit", None)
+    if not live:
+        console.print(stat_table(data, limit))
+        return 0
+    try:
+        with Live(stat_table(data, limit), console=console, auto_refresh=False) as screen:
+            while True:
+                time.sleep(REFRESH)
+                screen.update(stat_table(api.stat(by, args.window), limit), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
-def _stat(client: httpx.Client, api: str, by: str, window: float) -> dict[str, Any]:
-    response = client.get(f"http://{api}/v1/stat", params={"by": by, "window": f"{window:g}"})
-    response.raise_for_status()
-    return response.json()
-
-
-def _first(client: httpx.Client, api: str, by: str, window: float, console: Console) -> dict[str, Any] | None:
+def _first(api: ApiClient, by: str, window: float, console: Console) -> JSON | None:
     """The first answer; the control plane needs two scrapes of each sidecar for rates."""
-    data = _stat(client, api, by, window)
+    data = api.stat(by, window)
     if not data["warming_up"]:
         return data
     deadline = time.monotonic() + WARM_UP_LIMIT
     with console.status("reading the sidecars' metrics (two scrapes, a few seconds)...", spinner="dots"):
         while data["warming_up"] and time.monotonic() < deadline:
             time.sleep(0.5)
-            data = _stat(client, api, by, window)
+            data = api.stat(by, window)
     if data["warming_up"]:
         print(
             f"meshlet: no sidecar answered the control plane's scrapes within {WARM_UP_LIMIT:g} s; "
@@ -108,7 +103,7 @@ def _first(client: httpx.Client, api: str, by: str, window: float, console: Cons
     return data
 
 
-def stat_table(data: dict[str, Any], limit: int | None = None) -> Table:
+def stat_table(data: JSON, limit: int | None = None) -> Table:
     by = data["by"]
     first = {"service": "SERVICE", "edge": "EDGE", "route": "DESTINATION ROUTE", "destination": "DESTINATION"}[by]
     title = f"last {data['window_seconds']:g}s · {data['sidecars']} sidecars"

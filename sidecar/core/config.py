@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlet.addresses import check_address, parse_address
 from meshlet.durations import parse_duration
@@ -28,6 +28,14 @@ from meshlet.endpoints import (
 from meshlet.names import check_service_name
 from meshlet.names import is_service_name as is_service_name  # for the sidecar's callers
 from meshlet.yamlfile import LineMap, YamlError, load_one
+
+if TYPE_CHECKING:  # types only: destination.py imports this module
+    from meshlet.access import AccessTable
+    from meshlet.routes import RouteTable
+
+    from .cardinality import MetricsSettings
+    from .destination import Settings
+    from .spans import TracingSettings
 
 DEFAULT_CONNECT_TIMEOUT = 1.0  # docs/policy.md
 DEFAULT_REQUEST_TIMEOUT = 15.0  # docs/policy.md: covers the whole exchange
@@ -79,16 +87,16 @@ class MeshSnapshot:
     services: Mapping[str, ServiceConfig]
     source: str
     version: str
-    routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # host → RouteTable
+    routes: Mapping[str, RouteTable] = field(default_factory=lambda: MappingProxyType({}))  # by host
     policy_version: str = ""  # of the policies behind ``routes`` (and Service documents)
-    shadow_routes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
-    access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # service → AccessTable
-    shadow_access: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # counted only
-    # (service, ROUTE/RULE or None) → destination Settings (sidecar/core/destination.py)
-    destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
-    shadow_destinations: Mapping[tuple[str, str | None], Any] = field(default_factory=lambda: MappingProxyType({}))
-    tracing: Any = None  # TracingSettings (sidecar/core/spans.py); None: the defaults
-    metrics: Any = None  # MetricsSettings (sidecar/core/cardinality.py); None: the defaults
+    shadow_routes: Mapping[str, RouteTable] = field(default_factory=lambda: MappingProxyType({}))  # counted only
+    access: Mapping[str, AccessTable] = field(default_factory=lambda: MappingProxyType({}))  # by service
+    shadow_access: Mapping[str, AccessTable] = field(default_factory=lambda: MappingProxyType({}))  # counted only
+    # (service, ROUTE/RULE or None) → destination Settings
+    destinations: Mapping[tuple[str, str | None], Settings] = field(default_factory=lambda: MappingProxyType({}))
+    shadow_destinations: Mapping[tuple[str, str | None], Settings] = field(default_factory=lambda: MappingProxyType({}))
+    tracing: TracingSettings | None = None  # None: the defaults
+    metrics: MetricsSettings | None = None  # None: the defaults
     outbound_traffic_policy: str = "ALLOW_ANY"  # transparent mode, unknown destinations (MeshConfig)
 
     def to_json(self) -> dict[str, Any]:
@@ -139,32 +147,37 @@ def empty_snapshot(source: str = "none") -> MeshSnapshot:
 def make_snapshot(
     services: Mapping[str, ServiceConfig],
     source: str,
-    routes: Mapping[str, Any] | None = None,
+    *,
     policy_version: str = "",
-    shadow_routes: Mapping[str, Any] | None = None,
-    access: Mapping[str, Any] | None = None,
-    shadow_access: Mapping[str, Any] | None = None,
-    destinations: Mapping[tuple[str, str | None], Any] | None = None,
-    shadow_destinations: Mapping[tuple[str, str | None], Any] | None = None,
-    tracing: Any = None,
-    metrics: Any = None,
+    routes: Mapping[str, RouteTable] | None = None,
+    shadow_routes: Mapping[str, RouteTable] | None = None,
+    access: Mapping[str, AccessTable] | None = None,
+    shadow_access: Mapping[str, AccessTable] | None = None,
+    destinations: Mapping[tuple[str, str | None], Settings] | None = None,
+    shadow_destinations: Mapping[tuple[str, str | None], Settings] | None = None,
+    tracing: TracingSettings | None = None,
+    metrics: MetricsSettings | None = None,
     outbound_traffic_policy: str | None = None,
 ) -> MeshSnapshot:
-    """The snapshot's version covers its services and the version of the policies behind
-    its routes and access tables."""
-    frozen = {
-        "routes": MappingProxyType(dict(routes or {})),
-        "policy_version": policy_version,
-        "shadow_routes": MappingProxyType(dict(shadow_routes or {})),
-        "access": MappingProxyType(dict(access or {})),
-        "shadow_access": MappingProxyType(dict(shadow_access or {})),
-        "destinations": MappingProxyType(dict(destinations or {})),
-        "shadow_destinations": MappingProxyType(dict(shadow_destinations or {})),
-        "tracing": tracing,
-        "metrics": metrics,
-        "outbound_traffic_policy": outbound_traffic_policy or "ALLOW_ANY",
-    }
-    snap = MeshSnapshot(MappingProxyType(dict(services)), source, "", **frozen)
+    """A snapshot of ``services`` from ``source`` and the compiled policies given (none:
+    no routes, no access tables, the default destination, tracing and metrics settings).
+    Its version covers its services and the version of the policies behind its routes and
+    access tables, not its source."""
+    snap = MeshSnapshot(
+        MappingProxyType(dict(services)),
+        source,
+        "",
+        routes=MappingProxyType(dict(routes or {})),
+        policy_version=policy_version,
+        shadow_routes=MappingProxyType(dict(shadow_routes or {})),
+        access=MappingProxyType(dict(access or {})),
+        shadow_access=MappingProxyType(dict(shadow_access or {})),
+        destinations=MappingProxyType(dict(destinations or {})),
+        shadow_destinations=MappingProxyType(dict(shadow_destinations or {})),
+        tracing=tracing,
+        metrics=metrics,
+        outbound_traffic_policy=outbound_traffic_policy or "ALLOW_ANY",
+    )
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
     version = hashlib.sha256(body).hexdigest()[:12]
     return dataclasses.replace(snap, version=version)

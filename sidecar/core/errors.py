@@ -1,4 +1,4 @@
-"""Responses the mesh makes itself (the table in README.md): a reason, its status, a short text body.
+"""Responses the mesh makes itself (the table in docs/reference.md): a reason, its status, a short text body.
 
 Every such response carries ``x-meshlet-error: <reason>`` so a caller can tell a mesh
 failure from the app's own answer, which passes through untouched.

@@ -228,3 +228,31 @@ class AddressMap:
 
     def service(self, ip: str, port: int) -> str | None:
         return self.by_address.get((ip, port))
+
+
+# --- what becomes of a redirected connection -------------------------------------------------
+
+# The outcomes, as counted (meshlet_transparent_connections_total's ``outcome`` label).
+TO_SERVICE = "service"  # a service has the address: the outbound stack serves it
+PASSTHROUGH = "passthrough"  # nobody has it and the policy allows it: bytes copied to it as they are
+LOOP = "loop"  # one of this sidecar's own passthrough connections, sent back to it: refused
+BLOCKED = "blocked"  # nobody has it and the policy is REGISTRY_ONLY: refused
+
+# Why a refused connection was refused, for the log (once per address).
+REFUSALS = {
+    LOOP: "a passthrough connection of this sidecar came back to it: the iptables rules do not exempt its "
+    "own traffic (run the sidecar as the uid given to init-iptables --proxy-uid)",
+    BLOCKED: "refused: no service has this address and outbound_traffic_policy is REGISTRY_ONLY (allow it "
+    "with a Service document if it speaks HTTP, else with init-iptables --exclude-outbound-ports or "
+    "--exclude-outbound-cidrs)",
+}
+
+
+def unregistered(own_passthrough: bool, policy: str) -> str:
+    """What becomes of a redirected connection to an address no service has: a loop is
+    refused whatever the policy (passing it on would loop for ever), then the policy decides."""
+    if own_passthrough:
+        return LOOP
+    if policy == REGISTRY_ONLY:
+        return BLOCKED
+    return PASSTHROUGH

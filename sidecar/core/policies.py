@@ -7,13 +7,15 @@ becomes part of its snapshot: ``Service`` documents as services with static endp
 enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
 tables by service.
 
-The schema (pydantic) is imported when the first policy arrives, not before: it costs
-~150 ms and ~20 MB, which a sidecar that receives no policy should not pay.
+The schema (pydantic) is imported when the first policy arrives, not before: its import
+takes a noticeable share of the sidecar's start time and memory, which a sidecar that
+receives no policy should not pay.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshlet import wire
@@ -37,23 +39,21 @@ class PolicyCache:
     def __init__(self) -> None:
         self.held: dict[str, tuple[str, Any, Document]] = {}
 
-    def apply(self, push: wire.Push) -> tuple[list[str], str]:
-        """Apply what is valid; return the rejected names and why (empty: all applied)."""
-        rejected: list[str] = []
-        reasons: list[str] = []
+    def apply(self, push: wire.Push) -> dict[str, str]:
+        """Apply what is valid; return the names refused, each with why (empty: all applied)."""
+        refused: dict[str, str] = {}
         for resource in push.resources:
             if resource.missing:
                 self.held.pop(resource.name, None)
                 continue
             document, why = _read(resource.name, resource.body)
             if document is None:
-                rejected.append(resource.name)
-                reasons.append(f"{resource.name}: {why}")
+                refused[resource.name] = why
                 continue
             self.held[resource.name] = (resource.version, resource.body, document)
         for name in push.removed:
             self.held.pop(name, None)
-        return rejected, "; ".join(reasons)
+        return refused
 
     def versions(self) -> dict[str, str]:
         return {name: version for name, (version, _, _) in self.held.items()}
@@ -80,31 +80,33 @@ class PolicyCache:
 
     def routes(self, mode: str = "enforce") -> dict[str, RouteTable]:
         """Routes by host: the enforcing ones, or (``mode="shadow"``) those only counted."""
-        return self._compiled("Route", "host", mode, RouteTable)
+        out: dict[str, RouteTable] = {}
+        for name, document in self._by_name():
+            if document.kind == "Route" and document.mode == mode and _uncovered(out, name, "host", document.host):
+                out[document.host] = RouteTable(document)
+        return out
 
     def access(self, mode: str = "enforce") -> dict[str, AccessTable]:
         """Access tables by service: the enforcing ones, or (``mode="shadow"``) those only counted."""
-        return self._compiled("AccessPolicy", "service", mode, AccessTable)
-
-    def _compiled(self, kind: str, key: str, mode: str, compile: Any) -> dict[str, Any]:
-        """``kind`` documents in ``mode``, compiled, by their ``key`` field (one per key:
-        the control plane refuses two; the first by name wins here, deterministically)."""
-        out: dict[str, Any] = {}
-        for name in sorted(self.held):
-            document = self.held[name][2]
-            if document.kind == kind and document.mode == mode:
-                value = getattr(document, key)
-                if value in out:
-                    log.warning("%s ignored: %s already covers %s %s", name, out[value].name, key, value)
-                    continue
-                out[value] = compile(document)
+        out: dict[str, AccessTable] = {}
+        for name, document in self._by_name():
+            if (
+                document.kind == "AccessPolicy"
+                and document.mode == mode
+                and _uncovered(out, name, "service", document.service)
+            ):
+                out[document.service] = AccessTable(document)
         return out
+
+    def _by_name(self) -> Iterator[tuple[str, Document]]:
+        """The documents held, sorted by name: where two compete, the first wins."""
+        for name in sorted(self.held):
+            yield name, self.held[name][2]
 
     def destinations(self, mode: str = "enforce") -> dict[tuple[str, str | None], Settings]:
         """DestinationPolicy settings by (service, ROUTE/RULE or None)."""
         out: dict[tuple[str, str | None], Settings] = {}
-        for name in sorted(self.held):
-            document = self.held[name][2]
+        for _, document in self._by_name():
             if document.kind == "DestinationPolicy" and document.mode == mode:
                 out.setdefault((document.service, document.rule), settings(document))
         return out
@@ -148,6 +150,15 @@ class PolicyCache:
                 continue
             cache.held[str(name)] = (str(item["ver"]), item["body"], document)
         return cache
+
+
+def _uncovered(out: Mapping[str, RouteTable | AccessTable], name: str, key: str, value: str) -> bool:
+    """Whether no document covers ``value`` yet. One per key: the control plane refuses
+    two, and here the first by name wins, deterministically."""
+    if value in out:
+        log.warning("%s ignored: %s already covers %s %s", name, out[value].name, key, value)
+        return False
+    return True
 
 
 def _read(name: str, body: Any) -> tuple[Document | None, str]:

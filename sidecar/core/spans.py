@@ -11,7 +11,7 @@ facts (the mesh error reason, the attempt, the claimed peer service).
 
 :func:`encode` makes the JSON body of ``POST /api/v2/spans``: a list of spans, every tag
 value a string, ``duration`` at least 1 µs (Zipkin drops 0), ids in lower hex. The exporter
-encodes each span as it finishes (:func:`encode_span`, ~1 µs with orjson) and joins them per
+encodes each span as it finishes (:func:`encode_span`, with orjson) and joins them per
 batch (:func:`join`), so sending a batch never stalls the sidecar's event loop for the
 milliseconds that encoding 500 spans at once with the standard library's json takes.
 """

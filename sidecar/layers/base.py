@@ -1,7 +1,8 @@
 """The request path's one seam: a Handler takes a Request and returns a Response.
 
-Layers wrap a Handler and are themselves Handlers, composed once per config snapshot
-(see sidecar/outbound.py and sidecar/inbound.py). A Response's body is pulled by the
+Layers wrap a Handler and are themselves Handlers, composed once per config snapshot by
+the sidecar's composition root into an outbound and an inbound stack (their order is in
+docs/architecture.md, "How a request flows"). A Response's body is pulled by the
 downstream loop; ``finish`` is called exactly once when the exchange is over, with
 whether the body went through whole, so the pool can keep or drop the connection and
 metrics can record the outcome once.

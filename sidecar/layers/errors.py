@@ -1,4 +1,4 @@
-"""Outermost layer: turns a MeshError into the mesh's own response (README.md)."""
+"""Outermost layer: turns a MeshError into the mesh's own response (docs/reference.md)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ A context that came in *not sampled* goes on untouched: no span of it is recorde
 so which span is the parent does not matter, and the trace id and the decision are what
 the next hops need (W3C lets a hop that does not record pass ``traceparent`` unchanged:
 "MAY mutate"). That keeps an unsampled request, 99 in 100 at the sampling rate
-recommended in production, to one header scan per sidecar: reading, stripping and
-writing five headers again cost ~20 µs of CPU a hop in the benchmark.
+recommended in production, to one header scan per sidecar, instead of reading,
+stripping and writing five headers again at every hop.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import parse_qs
 
 from ..core.http1 import serialize_response_head
@@ -30,24 +29,25 @@ def _respond(status: int, reason: bytes, content_type: bytes, body: bytes) -> Re
 _REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
 
 
-def json_response(value: Any, status: int = 200) -> Response:
+def json_response(value: object, status: int = 200) -> Response:
     body = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
     return _respond(status, _REASONS.get(status, b"Error"), b"application/json", body)
 
 
 class AdminHandler:
-    """``metrics`` renders Prometheus text; the others return JSON-able values."""
+    """``metrics`` renders Prometheus text; the others return JSON-able values (``explain``:
+    None when it kept nothing for that request id)."""
 
     def __init__(
         self,
         *,
         metrics: Callable[[], bytes],
         ready: Callable[[], tuple[bool, str]],
-        config_dump: Callable[[], Any],
-        clusters: Callable[[], Any],
-        worker_snapshot: Callable[[], Any] | None = None,
-        explain: Callable[[str | None], Any] | None = None,
-        cardinality: Callable[[], Any] | None = None,
+        config_dump: Callable[[], object],
+        clusters: Callable[[], object],
+        worker_snapshot: Callable[[], object] | None = None,
+        explain: Callable[[str | None], object] | None = None,
+        cardinality: Callable[[], object] | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready

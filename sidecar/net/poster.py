@@ -1,10 +1,10 @@
 """A small HTTP/1.1 client with one job: POST a batch to a collector, return the status.
 
 Why not httpx, as elsewhere? The span exporter runs on the sidecar's event loop, where every
-request in flight waits while it works. An httpx POST costs about 0.5 ms of CPU whatever the
-batch (measured on a 2-core VM: 480 µs for 10 spans, 600 µs for 500; this client: 45 and
-95 µs), and in the benchmark those pauses were half of what tracing added to the mesh
-path's p99. This client reuses the data path's own response parser
+request in flight waits while it works. An httpx POST costs several times this client's CPU
+whatever the batch (its request and response machinery, not the bytes), and those pauses
+showed up in the mesh path's p99 with tracing on (benchmarks/RESULTS.md, "Tracing
+overhead"). This client reuses the data path's own response parser
 (sidecar/core/http1.py, llhttp) and keeps one connection alive between batches.
 
 It speaks ``http://`` only; the exporter sends to an ``https://`` collector with httpx.

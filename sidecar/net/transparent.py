@@ -1,18 +1,33 @@
-"""Transparent mode, the socket part: where a redirected connection was going, and plain
-TCP passthrough for addresses no service has (MeshConfig ``outbound_traffic_policy:
-ALLOW_ANY``, Istio's PassthroughCluster). The rules are sidecar/core/interception.py's.
+"""Transparent mode, the socket part: where a redirected connection was going, the
+outbound listener's handling of it, and plain TCP passthrough for addresses no service has
+(MeshConfig ``outbound_traffic_policy: ALLOW_ANY``, Istio's PassthroughCluster). The rules
+are sidecar/core/interception.py's.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import socket
+from collections.abc import Callable
 
 import trio
 
 from meshlet.io import Closed, Connection, connect
 
-from ..core.interception import SO_ORIGINAL_DST, parse_original_dst
+from ..core.interception import (
+    ALLOW_ANY,
+    REFUSALS,
+    SO_ORIGINAL_DST,
+    TO_SERVICE,
+    AddressMap,
+    parse_original_dst,
+    unregistered,
+)
+from ..layers.base import Handler, Request, Response
+from .downstream import Timeouts, serve_connection
+
+log = logging.getLogger("meshlet.sidecar")
 
 PASSTHROUGH_CONNECT_TIMEOUT = 10.0  # seconds: what the app would have waited for a SYN answer, roughly
 
@@ -32,6 +47,73 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
     if (ip, port) == (local[0], local[1]):
         return None
     return ip, port
+
+
+LOGGED_ADDRESSES = 1000  # refused addresses remembered so that each is logged once; past this, all forgotten
+
+
+class Interceptor:
+    """The outbound listener's connection handler in transparent mode: each connection is
+    routed by where the app was connecting to; one made to the listener on purpose is served
+    as usual. The outbound stack, the address map and the policy come from the current
+    snapshot (:meth:`use`); the decisions are sidecar/core/interception.py's."""
+
+    def __init__(self, handler: Handler, timeouts: Timeouts, on_intercepted: Callable[[str, str], None]) -> None:
+        self.handler = handler  # the outbound stack
+        self.timeouts = timeouts
+        self.on_intercepted = on_intercepted  # (outcome, service or "") → counted
+        self.addresses = AddressMap()
+        self.policy = ALLOW_ANY  # MeshConfig outbound_traffic_policy
+        self.passthrough = Passthrough()
+        self._logged: set[tuple[str, int]] = set()
+
+    def use(self, handler: Handler, addresses: AddressMap, policy: str) -> None:
+        """A new snapshot's outbound stack, address map and policy: the next connection
+        (and the next request on an open one) goes by them."""
+        self.handler = handler
+        self.addresses = addresses
+        self.policy = policy
+
+    async def __call__(self, io: Connection) -> None:
+        original = original_destination(io.sock)
+        if original is None:
+            await serve_connection(io, self._outbound, self.timeouts)
+            return
+        ip, port = original
+        service = self.addresses.service(ip, port)
+        if service is not None:
+            self.on_intercepted(TO_SERVICE, service)
+
+            async def to_service(request: Request) -> Response:
+                request.service = service  # the router takes it instead of the Host header
+                return await self.handler(request)
+
+            await serve_connection(io, to_service, self.timeouts)
+            return
+        try:
+            outcome = unregistered(self.passthrough.is_own(io.sock.getpeername()[1]), self.policy)
+            self.on_intercepted(outcome, "")
+            if outcome in REFUSALS:
+                self._log_once(ip, port, REFUSALS[outcome])
+                io.reset()
+                return
+            await self.passthrough.relay(io, ip, port)
+        except (OSError, trio.TooSlowError):
+            io.reset()  # as the app would have seen it: the destination did not answer
+        finally:
+            io.close()
+
+    async def _outbound(self, request: Request) -> Response:
+        return await self.handler(request)
+
+    def _log_once(self, ip: str, port: int, what: str) -> None:
+        """One line per address, not per connection (a bounded set)."""
+        if (ip, port) in self._logged:
+            return
+        if len(self._logged) >= LOGGED_ADDRESSES:
+            self._logged.clear()
+        self._logged.add((ip, port))
+        log.warning("outbound connection to %s:%d %s", ip, port, what)
 
 
 class Passthrough:

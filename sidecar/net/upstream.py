@@ -581,7 +581,8 @@ class Forwarder:
         exchange is abandoned (a stale connection: the body goes to a fresh one instead).
 
         Only a wait for the client's body can be abandoned, so only a wait runs in a cancel
-        scope (~5 µs each): a body already buffered (most small ones) goes without one."""
+        scope (each one entered is a cost per request): a body already buffered (most small
+        ones) goes without one."""
         if exchange.abandoned:
             return  # abandoned before it ran: not a byte of the body taken
         body = request.body

@@ -1,5 +1,5 @@
 """One trace across the mesh (issue 6): gateway → user → item, each a plain Python app
-(examples/services.py, which passes the trace headers on) with its own sidecar and a
+(meshlet/examples/services.py, which passes the trace headers on) with its own sidecar and a
 control plane whose trace store gets every span. The tree: a SERVER and a CLIENT span
 per hop, one more CLIENT span per retry (and the SERVER span of the instance it
 reached); visible through the Zipkin API and `meshlet trace`."""

@@ -12,12 +12,19 @@ from hypothesis import strategies as st
 from sidecar.core.config import Endpoint, ServiceConfig
 from sidecar.core.interception import (
     ALL_PORTS,
+    ALLOW_ANY,
+    BLOCKED,
+    LOOP,
+    PASSTHROUGH,
+    REFUSALS,
+    REGISTRY_ONLY,
     AddressMap,
     Interception,
     InterceptionError,
     parse_original_dst,
     parse_ports,
     removal,
+    unregistered,
 )
 
 
@@ -188,3 +195,24 @@ def test_address_map_knows_app_ports_inbound_addresses_and_fixed_endpoints() -> 
     assert addresses.service("10.0.0.9", 5432) == "db"
     assert addresses.service("10.0.0.3", 8080) is None  # its app port was never reported
     assert addresses.service("10.0.0.2", 15006) == "api"  # claimed by two: the first by name, always
+
+
+@pytest.mark.parametrize(
+    ("own_passthrough", "policy", "outcome"),
+    [
+        (False, ALLOW_ANY, PASSTHROUGH),
+        (False, REGISTRY_ONLY, BLOCKED),
+        (True, ALLOW_ANY, LOOP),  # passing it on again would loop for ever
+        (True, REGISTRY_ONLY, LOOP),  # the loop is what the operator must fix: said first
+    ],
+)
+def test_what_becomes_of_a_connection_to_an_address_no_service_has(
+    own_passthrough: bool, policy: str, outcome: str
+) -> None:
+    assert unregistered(own_passthrough, policy) == outcome
+
+
+def test_every_refusal_says_how_to_allow_it() -> None:
+    assert set(REFUSALS) == {LOOP, BLOCKED}
+    assert "--proxy-uid" in REFUSALS[LOOP]
+    assert "--exclude-outbound-ports" in REFUSALS[BLOCKED]

@@ -33,7 +33,7 @@ def _push(*resources: tuple[str, object], removed: tuple[str, ...] = ()) -> wire
 
 def test_valid_documents_are_applied_and_a_bad_one_is_rejected_with_why() -> None:
     cache = PolicyCache()
-    rejected, why = cache.apply(
+    refused = cache.apply(
         _push(
             ("Route/item", ROUTE),
             ("Service/billing", BILLING),
@@ -41,8 +41,9 @@ def test_valid_documents_are_applied_and_a_bad_one_is_rejected_with_why() -> Non
             ("Route/other", ROUTE),  # the body is Route/item: not what it claims to be
         )
     )
-    assert rejected == ["Route/bad", "Route/other"]
-    assert "rules: the list should have at least 1 item" in why and "not Route/other" in why
+    assert list(refused) == ["Route/bad", "Route/other"]
+    assert "rules: the list should have at least 1 item" in refused["Route/bad"]
+    assert "not Route/other" in refused["Route/other"]
     assert set(cache.held) == {"Route/item", "Service/billing"}
     billing = cache.services()["billing"]
     assert billing.timeout == 5.0 and billing.endpoints[0].labels == {"zone": "b"}
@@ -87,7 +88,7 @@ def test_persisted_policies_come_back_and_unreadable_ones_are_dropped() -> None:
 
 def test_a_policy_that_would_put_a_control_character_on_the_wire_is_rejected_never_applied() -> None:
     cache = PolicyCache()
-    assert cache.apply(_push(("Route/item", ROUTE))) == ([], "")
+    assert cache.apply(_push(("Route/item", ROUTE))) == {}
     smuggling = {
         **ROUTE,
         "rules": [
@@ -100,8 +101,14 @@ def test_a_policy_that_would_put_a_control_character_on_the_wire_is_rejected_nev
             }
         ],
     }
-    rejected, why = cache.apply(_push(("Route/item", smuggling)))
-    assert rejected == ["Route/item"]
-    assert "has a CR at position 1" in why and "has a space at position 1" in why
+    refused = cache.apply(_push(("Route/item", smuggling)))
+    assert list(refused) == ["Route/item"]
+    assert "has a CR at position 1" in refused["Route/item"] and "has a space at position 1" in refused["Route/item"]
     (table,) = cache.routes().values()
     assert table.rules[0].response_set == ()  # the version held before still serves
+
+
+def test_two_routes_for_one_host_the_first_by_name_is_enforced() -> None:
+    cache = PolicyCache()
+    cache.apply(_push(("Route/b", {**ROUTE, "name": "b"}), ("Route/a", {**ROUTE, "name": "a"})))
+    assert {host: table.name for host, table in cache.routes().items()} == {"item": "a"}

@@ -18,13 +18,12 @@ import trio
 
 from meshlet.cli import main
 from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits
-from sidecar.app import serve_http
 from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
-
-from ..helpers import raw_exchange, run_sidecar, sample, write_static
-from ..origin import Origin
+from sidecar.net.listeners import serve_http
+from tests.helpers import raw_exchange, run_sidecar, sample, write_static
+from tests.origin import Origin
 
 LIVE = b"GET /live HTTP/1.1\r\nhost: x\r\n\r\n"
 

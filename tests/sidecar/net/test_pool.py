@@ -8,15 +8,15 @@ import trio
 import trio.testing
 
 from meshlet.io import Deadlines
-from sidecar.app import build_inbound, serve_http
+from sidecar.app import build_inbound
 from sidecar.core import errors
 from sidecar.core.config import Endpoint
 from sidecar.core.errors import MeshError
 from sidecar.net.downstream import Timeouts
+from sidecar.net.listeners import serve_http
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry, render
-
-from ..helpers import raw_exchange, sample
+from tests.helpers import raw_exchange, sample
 
 
 @pytest.fixture

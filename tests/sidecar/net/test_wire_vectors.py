@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from ..helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
+from tests.helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
 
 Reply = Callable[[trio.SocketStream, int, bytes], Awaitable[bool]]  # → keep the connection
 
@@ -229,7 +229,7 @@ async def test_a_body_on_a_method_without_body_semantics_is_refused(
 
 
 async def test_a_body_on_delete_that_the_app_ignores_is_never_a_second_request(setup: Setup) -> None:
-    """``BaseHTTPRequestHandler`` (examples/services.py) never reads a DELETE's body."""
+    """``BaseHTTPRequestHandler`` (meshlet/examples/services.py) never reads a DELETE's body."""
     setup.upstream.reads_body = False
     smuggled = b"GET /admin HTTP/1.1\r\nHost: item\r\n\r\n"
     request = b"DELETE /x HTTP/1.1\r\nHost: item\r\nContent-Length: %d\r\n\r\n%b" % (len(smuggled), smuggled)

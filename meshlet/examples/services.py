@@ -2,9 +2,9 @@
 where their sidecar's outbound listener is (the HTTP_PROXY way, docs/architecture.md), and pass
 the trace headers on from each request to the calls it makes (sidecar/propagation.py).
 
-    python examples/services.py item    --port 0 --instance item-1
-    python examples/services.py user    --port 0 --proxy http://127.0.0.1:15001
-    python examples/services.py gateway --port 0 --proxy http://127.0.0.1:15001
+    python -m meshlet.examples.services item    --port 0 --instance item-1
+    python -m meshlet.examples.services user    --port 0 --proxy http://127.0.0.1:15001
+    python -m meshlet.examples.services gateway --port 0 --proxy http://127.0.0.1:15001
 
 item:    GET /items/<id>   → {"id", "name", "instance"}
          PUT /fault {"failing": 0.3} → from now on that share of /items answers is a 503
@@ -35,7 +35,7 @@ def make_handler(role: str, instance: str, client: httpx.Client | None) -> type[
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Buffer the response and write it once: head and body in separate small
-        # writes meet Nagle and delayed ACKs and cost 40 ms a request.
+        # writes meet Nagle and the peer's delayed ACK (40 ms on Linux) on every request.
         wbufsize = 64 * 1024
 
         def log_message(self, format: str, *args: object) -> None:  # quiet demo

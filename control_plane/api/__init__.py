@@ -1,0 +1,64 @@
+"""The control plane's HTTP API (JSON), read by the `meshlet` CLI (meshlet/cli/client.py), the
+dashboard and Prometheus. Starlette on hypercorn's trio worker.
+
+Each module answers for one resource and is given only what it reads: registry.py (services,
+endpoints, Prometheus's service discovery), status.py (the sidecars), policies.py (apply,
+history, rollback), explain.py, stat.py (the sidecars' golden metrics), metrics.py (the
+control plane's own), dashboard.py; traces are Zipkin's API (control_plane/zipkin.py).
+replies.py holds the answers they share: the 400, the store's failure, the token check.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from ..scraper import Scraper
+from ..server import PushServer
+from ..traces import TraceStore
+from ..zipkin import zipkin_routes
+from .dashboard import Dashboard
+from .explain import ExplainView
+from .metrics import MetricsView
+from .policies import PolicyApi
+from .registry import RegistryViews
+from .stat import StatView
+from .status import StatusView, live
+
+
+def build_api(
+    push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
+) -> Starlette:
+    """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
+    (spans excepted: Zipkin's collector API is open, control_plane/zipkin.py).
+    ``traces``: the embedded trace store behind Zipkin's API.
+    ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard."""
+    traces = traces if traces is not None else TraceStore()
+    registry = RegistryViews(push.registry)
+    status = StatusView(push)
+    policies = PolicyApi(push, token)
+    stat = StatView(scraper)
+    dashboard = Dashboard(push, traces, scraper)
+    return Starlette(
+        routes=[
+            Route("/v1/services", registry.services),
+            Route("/v1/endpoints", registry.endpoints),
+            Route("/v1/status", status.status),
+            Route("/metrics", MetricsView(push, traces).metrics),
+            Route("/v1/prometheus/targets", registry.prometheus_targets),
+            Route("/v1/stat", stat.stat),
+            Route("/v1/dashboard", dashboard.data),
+            Route("/v1/stream", stat.stream),
+            Route("/", dashboard.page),
+            Route("/v1/policies", policies.policies, methods=["GET", "PUT"]),
+            Route("/v1/policies/history", policies.history),
+            Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
+            Route("/v1/explain", ExplainView(push).explain),
+            Route("/live", live),
+            Route("/ready", live),
+            *zipkin_routes(traces),
+        ]
+    )
+
+
+__all__ = ["build_api"]

@@ -1,0 +1,87 @@
+"""/metrics: the control plane's own Prometheus metrics (the push channel, the registry, the
+trace store), read from their counters at each scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from ..server import PushServer
+from ..traces import TraceStore
+
+CONVERGENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class MetricsView:
+    def __init__(self, push: PushServer, traces: TraceStore) -> None:
+        self.push = push
+        self.traces = traces
+
+    async def metrics(self, request: Request) -> Response:
+        collector_registry = CollectorRegistry(auto_describe=False)
+        collector_registry.register(_Collector(self.push, self.traces))
+        return PlainTextResponse(generate_latest(collector_registry), media_type="text/plain; version=0.0.4")
+
+
+class _Collector:
+    def __init__(self, push: PushServer, traces: TraceStore) -> None:
+        self.push = push
+        self.traces = traces
+
+    def collect(self) -> Iterator[Metric]:
+        push, stats = self.push, self.push.registry.stats()
+        yield _gauge("meshlet_cp_connected_sidecars", "Sidecars with an open push channel.", len(push.hub.sessions))
+        yield _counter("meshlet_cp_pushes", "Pushes sent to sidecars.", push.hub.pushes_total)
+        yield _counter("meshlet_cp_nacks", "Pushes a sidecar rejected.", push.hub.nacks_total)
+        yield _counter("meshlet_cp_protocol_errors", "Sessions ended by a protocol error.", push.protocol_errors)
+        yield _gauge("meshlet_cp_spans_stored", "Spans in the embedded trace store.", self.traces.span_count)
+        yield _counter("meshlet_cp_spans_evicted", "Spans let go to keep the trace store bounded.", self.traces.dropped)
+        yield _gauge("meshlet_cp_registry_instances", "Registered instances.", stats.instances)
+        yield _gauge("meshlet_cp_registry_ready_instances", "Registered instances that are ready.", stats.ready)
+        yield _gauge(
+            "meshlet_cp_self_preservation",
+            "1 while self-preservation freezes lease expiry.",
+            int(stats.self_preservation),
+        )
+        yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
+        refused = CounterMetricFamily(
+            "meshlet_cp_connections_refused",
+            "Push-channel connections closed at once because a cap was reached.",
+            labels=["cap"],
+        )
+        for cap, count in sorted(push.refused.items()):
+            refused.add_metric([cap], count)
+        yield refused
+        yield _counter(
+            "meshlet_cp_registrations_restored",
+            "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
+            stats.restored_total,
+        )
+        yield _convergence(push.hub.convergence)
+
+
+def _convergence(samples: list[float]) -> HistogramMetricFamily:
+    buckets = [(repr(bound), sum(1 for s in samples if s <= bound)) for bound in CONVERGENCE_BUCKETS]
+    buckets.append(("+Inf", len(samples)))
+    histogram = HistogramMetricFamily(
+        "meshlet_cp_convergence_seconds",
+        "From a change to a sidecar's ACK of the push carrying it (the most recent 10,000 ACKs).",
+    )
+    histogram.add_metric([], buckets, sum(samples))
+    return histogram
+
+
+def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
+    counter = CounterMetricFamily(name, help)
+    counter.add_metric([], value)
+    return counter
+
+
+def _gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, help)
+    gauge.add_metric([], value)
+    return gauge
