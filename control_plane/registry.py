@@ -62,19 +62,17 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from meshlet.addresses import parse_address
+from meshlet.names import check_instance_id, is_service_name
 
 DEFAULT_TTL = 10.0  # a crashed sidecar's endpoints disappear within TTL + push time
 DEFAULT_SELF_PRESERVATION_THRESHOLD = 0.15  # docs/architecture.md; Eureka's renewalPercentThreshold is 0.85
 DEFAULT_SELF_PRESERVATION_MIN_INSTANCES = 3  # fewer lapsing together is an ordinary crash: evict it
 VERSION_LENGTH = 12  # hex digits of sha256, as the sidecar's snapshot versions
-
-_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label, as in sidecar config
-_PORT = re.compile(r"^[0-9]{1,5}$")
-_BAD_ID_CHARS = re.compile(r"[\s/\x00-\x1f\x7f]")  # ids become store and log keys: no '/', no blanks
 
 
 class UnknownInstance(KeyError):
@@ -98,20 +96,10 @@ def _check_text(name: str, value: object) -> str:
 
 
 def _check_host_port(name: str, value: object) -> None:
-    text = _check_text(name, value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{name} {text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not host:
-            raise ValueError(f"{name} {text!r} has an empty host")
-    elif ":" in host:
-        raise ValueError(f"{name} {text!r}: an IPv6 host goes in brackets, as [::1]:8080")
-    if _BAD_ID_CHARS.search(host):
-        raise ValueError(f"{name} {text!r}: the host contains '/', whitespace or a control character")
-    if not _PORT.match(port) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{name} {text!r} has no valid port (1-65535)")
+    try:
+        parse_address(_check_text(name, value))
+    except ValueError as exc:
+        raise ValueError(f"{name} {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,16 +122,12 @@ class Instance:
         service = _check_text("service", self.service)
         if not service:
             raise ValueError("service is empty")
-        if not _SERVICE_NAME.match(service):
+        if not is_service_name(service):
             raise ValueError(
                 f"service {service!r} is not a DNS label (a-z, 0-9 and '-', 1-63 characters, "
                 "starting and ending with a letter or digit)"
             )
-        instance_id = _check_text("instance_id", self.instance_id)
-        if not instance_id:
-            raise ValueError("instance_id is empty")
-        if _BAD_ID_CHARS.search(instance_id):
-            raise ValueError(f"instance_id {instance_id!r} contains '/', whitespace or a control character")
+        check_instance_id(self.instance_id)
         _check_host_port("address", self.address)
         _check_host_port("admin", self.admin)
         _check_text("node", self.node)

@@ -14,7 +14,6 @@ every one of them is valid, else raises :class:`PolicyError` listing every probl
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import re
 import types
@@ -23,7 +22,6 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -35,10 +33,12 @@ from pydantic import (
     model_validator,
 )
 
-# Matched with fullmatch: "$" would let a trailing newline through.
-SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a DNS label, as everywhere
-POLICY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+from .addresses import check_address
+from .durations import parse_duration
+from .endpoints import DEFAULT_WEIGHT, check_endpoint_list, check_labels, check_weight, endpoint_mapping
+from .names import check_header_name, check_policy_name, check_service_name
+from .yamlfile import LineMap, YamlError, load_all
+
 # Headers the sidecar writes itself: framing and connection management (what a policy adding
 # one would desynchronise), and Host (routing's, as Envoy keeps it out of headers_to_add).
 SET_BY_THE_SIDECAR = frozenset(
@@ -55,7 +55,6 @@ SET_BY_THE_SIDECAR = frozenset(
         "upgrade",
     }
 )
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 RETRY_ON = (
     "connect-failure",
@@ -79,35 +78,13 @@ class PolicyError(Exception):
 # --- field types -------------------------------------------------------------------------
 
 
-def _duration(value: Any) -> float:
-    """``250ms``, ``2s``, ``1m`` (or a number of seconds) → seconds, > 0 and finite."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration (allowed: 250ms, 2s, 1m)")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value.strip())):
-        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2)]
-    else:
-        raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{value!r} must be a duration greater than 0 (allowed: 250ms, 2s, 1m)")
-    return seconds
-
-
-def _service_name(value: Any) -> str:
-    if not isinstance(value, str) or not SERVICE_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a service name (a DNS label: a-z, 0-9, '-', at most 63)")
-    return value
-
-
-def _header_name(value: Any) -> str:
-    if not isinstance(value, str) or not HEADER_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a header name")
-    return value.lower()
+# The rules of names, durations, addresses and endpoints are the contract's own modules
+# (meshlet/names.py, durations.py, addresses.py, endpoints.py): the sidecar's static file
+# checks the same fields with the same functions, without pydantic.
 
 
 def _added_header_name(value: Any) -> str:
-    name = _header_name(value)
+    name = check_header_name(value)
     if name in SET_BY_THE_SIDECAR:
         raise ValueError(
             f"{name!r} is set by the sidecar (framing, connection and Host headers cannot be added by a policy)"
@@ -137,15 +114,6 @@ def _only(pattern: re.Pattern[str], what: str) -> Any:
         return value
 
     return AfterValidator(check)
-
-
-def _address(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be HOST:PORT")
-    host, sep, port = value.rpartition(":")
-    if not sep or not _VISIBLE.fullmatch(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (port 1-65535)")
-    return value
 
 
 def _regex(value: Any) -> str:
@@ -181,10 +149,11 @@ def _normal_path(value: str) -> str:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(_duration)]
-ServiceName = Annotated[str, BeforeValidator(_service_name)]
-HeaderName = Annotated[str, BeforeValidator(_header_name)]
-Address = Annotated[str, BeforeValidator(_address)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ServiceName = Annotated[str, BeforeValidator(check_service_name)]
+PolicyName = Annotated[str, BeforeValidator(check_policy_name)]
+HeaderName = Annotated[str, BeforeValidator(check_header_name)]
+Address = Annotated[str, BeforeValidator(check_address)]
 Regex = Annotated[str, BeforeValidator(_regex)]
 Path = Annotated[str, BeforeValidator(_path), _only(_VISIBLE, f"a path {_TARGET_TEXT}")]
 NormalPath = Annotated[Path, AfterValidator(_normal_path)]
@@ -197,7 +166,7 @@ RuleName = Annotated[
 ]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Status = Annotated[int, Field(ge=200, le=599)]
-Labels = dict[Annotated[str, Field(min_length=1, max_length=63)], Annotated[str, Field(max_length=63)]]
+Labels = Annotated[dict[str, str], BeforeValidator(check_labels)]
 
 
 class _Model(BaseModel):
@@ -219,12 +188,12 @@ def _one_of(model: BaseModel, fields: Iterable[str], *, required: bool = True) -
 class EndpointSpec(_Model):
     address: Address
     labels: Labels = {}
-    weight: int = Field(default=1, ge=1, le=1000)
+    weight: Annotated[int, BeforeValidator(check_weight)] = DEFAULT_WEIGHT
 
     @model_validator(mode="before")
     @classmethod
     def _short_form(cls, value: Any) -> Any:
-        return {"address": value} if isinstance(value, str) else value
+        return endpoint_mapping(value)
 
 
 class Service(_Model):
@@ -233,7 +202,7 @@ class Service(_Model):
 
     kind: Literal["Service"]
     name: ServiceName
-    endpoints: list[EndpointSpec] = []
+    endpoints: Annotated[list[EndpointSpec], BeforeValidator(check_endpoint_list)] = []
     connect_timeout: Duration | None = None
     timeout: Duration | None = None
 
@@ -388,7 +357,7 @@ class Route(_Model):
     """Per host: ordered rules; the first that matches (by priority, then order) decides."""
 
     kind: Literal["Route"]
-    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    name: PolicyName
     host: ServiceName
     mode: Literal["enforce", "shadow"] = "enforce"
     rules: list[Rule] = Field(min_length=1)
@@ -472,7 +441,7 @@ def _hedge_delay(value: Any) -> float | str:
     if isinstance(value, str) and value in PERCENTILES:
         return value
     try:
-        return _duration(value)
+        return parse_duration(value)
     except ValueError:
         raise ValueError(
             f"{value!r} is neither a percentile of observed latency nor a duration "
@@ -499,7 +468,7 @@ class DestinationPolicy(_Model):
     """How calls to ``service`` are made (docs/policy.md); optionally for one route's rule."""
 
     kind: Literal["DestinationPolicy"]
-    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    name: PolicyName
     service: ServiceName
     rule: str | None = None  # ROUTE_NAME/RULE_NAME: only requests that rule matched
     mode: Literal["enforce", "shadow"] = "enforce"
@@ -527,7 +496,7 @@ class DestinationPolicy(_Model):
 
 
 class AccessRule(_Model):
-    sources: list[Annotated[str, BeforeValidator(lambda v: "*" if v == "*" else _service_name(v))]] = Field(
+    sources: list[Annotated[str, BeforeValidator(lambda v: "*" if v == "*" else check_service_name(v))]] = Field(
         min_length=1
     )
     paths: list[NormalPath] = []  # prefixes; empty: every path
@@ -538,7 +507,7 @@ class AccessPolicy(_Model):
     """Which services may call ``service`` (and on which paths and methods)."""
 
     kind: Literal["AccessPolicy"]
-    name: Annotated[str, BeforeValidator(lambda v: _policy_name(v))]
+    name: PolicyName
     service: ServiceName
     mode: Literal["enforce", "shadow"] = "enforce"
     default: Literal["deny", "allow"] = "deny"  # for callers no rule names
@@ -584,12 +553,6 @@ class MeshConfig(_Model):
     outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
 
 
-def _policy_name(value: Any) -> str:
-    if not isinstance(value, str) or not POLICY_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a name (a-z, 0-9, '-', '.', at most 253)")
-    return value
-
-
 Document = Union[Service, Route, DestinationPolicy, AccessPolicy, MeshConfig]  # noqa: UP007
 KINDS: dict[str, type[BaseModel]] = {
     m.__name__: m for m in (Service, Route, DestinationPolicy, AccessPolicy, MeshConfig)
@@ -599,56 +562,13 @@ KINDS: dict[str, type[BaseModel]] = {
 # --- loading ---------------------------------------------------------------------------------
 
 
-class _Lines:
-    """Where each path of each document starts: (document index, path) → line."""
-
-    def __init__(self) -> None:
-        self.lines: dict[tuple[int, str], int] = {}
-
-    def walk(self, doc: int, node: yaml.Node, path: str = "", seen: set[int] | None = None) -> None:
-        seen = set() if seen is None else seen
-        self.lines.setdefault((doc, path), node.start_mark.line + 1)
-        if id(node) in seen:  # an alias
-            return
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = f"{path}.{key.value}" if path else str(key.value)
-                self.lines[(doc, sub)] = key.start_mark.line + 1
-                self.walk(doc, value, sub, seen)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.walk(doc, item, f"{path}[{i}]", seen)
-
-    def at(self, doc: int, path: str) -> int:
-        while True:
-            line = self.lines.get((doc, path))
-            if line is not None or not path:
-                return line or 1
-            cut = max(path.rfind("."), path.rfind("["))
-            path = path[:cut] if cut > 0 else ""
-
-
-def parse_text(text: str, filename: str) -> tuple[list[Any], _Lines]:
+def parse_text(text: str, filename: str) -> tuple[list[Any], list[LineMap]]:
     """The raw documents of a YAML (or JSON: YAML reads it) text, with their lines."""
-    lines = _Lines()
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-        raws = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PolicyError(
-            [f"{filename}:{mark.line + 1 if mark else 1}: not valid YAML: {getattr(exc, 'problem', exc)}"]
-        ) from None
-    except (ValueError, RecursionError) as exc:  # 2001-02-30, a 5,000-digit int, deep nesting
-        raise PolicyError([f"{filename}:1: not valid YAML: {exc}"]) from None
-    kept: list[Any] = []
-    for node, raw in zip(nodes, raws, strict=True):
-        if node is None:
-            continue  # an empty document (a trailing '---')
-        lines.walk(len(kept), node)
-        kept.append(raw)
-    return kept, lines
+        documents = load_all(text, filename)
+    except YamlError as exc:
+        raise PolicyError([exc.problem]) from None
+    return [raw for raw, _ in documents], [lines for _, lines in documents]
 
 
 def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
@@ -688,7 +608,7 @@ def load_documents(sources: Iterable[tuple[str, str]]) -> list[Document]:
                 where[key] = f"{doc.kind} {doc.name!r} (at {here})"  # type: ignore[union-attr]
             if doc is not None:
                 key = (doc.kind, doc.name)
-                here = f"{filename}:{lines.at(index, 'name')}"
+                here = _place(filename, lines, index, "name")
                 if key in where:
                     problems.append(f"{here}: name: {doc.kind} {doc.name!r} is defined twice (first at {where[key]})")
                 else:
@@ -721,8 +641,8 @@ def _scope(doc: Document | None) -> tuple[str, tuple[str, ...], str] | None:
     return None
 
 
-def _place(filename: str, lines: _Lines, index: int, path: str) -> str:
-    return f"{filename}:{lines.at(index, path)}"
+def _place(filename: str, lines: list[LineMap], index: int, path: str) -> str:
+    return f"{filename}:{lines[index].at(path)}"
 
 
 def _line_of(prefix: int, problem: str) -> int:

@@ -23,9 +23,11 @@ import contextvars
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from meshlet.headers import DEADLINE_HEADER as _DEADLINE
+
 from .core.tracecontext import is_trace_header
 
-DEADLINE_HEADER = "x-meshlet-deadline-ms"  # the time the caller has left: a deadline kept across hops
+DEADLINE_HEADER = _DEADLINE.decode("ascii")  # the time the caller has left; compared with str names here
 
 
 def passed_on(name: str) -> bool:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .options import duration as _duration
 from .options import listen_address as listen
 from .options import positive_int as _positive_int
 
@@ -46,7 +47,13 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         metavar="FILE|DIR",
         help="apply this policy at start (GitOps: the files are the whole policy; docs/policy.md)",
     )
-    cp.add_argument("--ttl", type=float, default=10.0, help="registration lease after a sidecar goes silent (s)")
+    cp.add_argument(
+        "--ttl",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="registration lease after a sidecar goes silent (default 10s)",
+    )
     cp.add_argument(
         "--max-connections",
         type=_positive_int,

@@ -1,27 +1,41 @@
 """What every ``meshlet`` command shares: argument types, and options that can also come
-from ``MESHLET_<OPTION>`` environment variables (containers are configured by environment)."""
+from ``MESHLET_<OPTION>`` environment variables (containers are configured by environment).
+
+An argument type checks a value with the same rule a file or policy would (meshlet/names.py,
+addresses.py, durations.py), so a flag, its variable and a config file never disagree, and a
+bad value is refused by argparse, naming the flag (or the variable)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from sidecar.core.config import parse_address
+from meshlet.addresses import parse_address
+from meshlet.durations import parse_duration
+from meshlet.names import check_instance_id, check_service_name
 
-
-def address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+T = TypeVar("T")
 
 
-def listen_address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text, allow_zero=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument_type(check: Callable[[str], T]) -> Callable[[str], T]:
+    """``check``'s ValueError as argparse's refusal of the value."""
+
+    def convert(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+address = _argument_type(parse_address)
+listen_address = _argument_type(functools.partial(parse_address, allow_zero=True))  # port 0: any free port
+duration = _argument_type(parse_duration)  # 250ms, 2s, 1m, 1h or seconds
+service_name = _argument_type(check_service_name)
+instance_id = _argument_type(check_instance_id)
 
 
 def upstream(text: str) -> tuple[str, tuple[str, int]]:

@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sidecar.core.config import ConfigError, parse_address
+from meshlet.addresses import parse_address
+from sidecar.core.config import ConfigError
 
 from .options import address as _address
+from .options import duration as _duration
+from .options import instance_id as _instance_id
 from .options import listen_address as _listen
+from .options import positive_int as _positive_int
+from .options import service_name as _service_name
 from .options import upstream as _upstream
 
 EPILOG_SIDECAR = """\
@@ -51,7 +56,9 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         epilog=EPILOG_SIDECAR,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sidecar.add_argument("--service", required=True, help="the name of the local service")
+    sidecar.add_argument(
+        "--service", type=_service_name, required=True, help="the name of the local service (a DNS label)"
+    )
     sidecar.add_argument("--app", type=_address, required=True, metavar="HOST:PORT", help="where the local app listens")
     sidecar.add_argument(
         "--inbound",
@@ -97,7 +104,7 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         help="host other sidecars use to reach the inbound listener "
         "(default: its bind host, or 127.0.0.1 when that is 0.0.0.0)",
     )
-    sidecar.add_argument("--instance-id", help="this instance's id (default: SERVICE-HOST-PORT)")
+    sidecar.add_argument("--instance-id", type=_instance_id, help="this instance's id (default: SERVICE-HOST-PORT)")
     sidecar.add_argument(
         "--data-dir",
         type=Path,
@@ -128,18 +135,18 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     )
     sidecar.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=1,
         metavar="N",
         help="worker processes sharing the listeners (SO_REUSEPORT); default 1",
     )
     sidecar.add_argument(
         "--header-timeout",
-        type=float,
+        type=_duration,
         default=10.0,
-        metavar="SECONDS",
+        metavar="DURATION",
         help="a started request head must complete within this, else 408 (slowloris guard); a new connection's "
-        "first head within this of the accept, else it is closed (default 10)",
+        "first head within this of the accept, else it is closed (default 10s)",
     )
     for listener, what in (
         ("inbound", "callers' connections to the inbound listener"),
@@ -148,7 +155,7 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     ):
         sidecar.add_argument(
             f"--max-{listener}-connections",
-            type=int,
+            type=_positive_int,
             default=None,
             metavar="N",
             help=f"at most N {what} at once; past it a new one is closed at once (default: derived from the "
@@ -156,10 +163,10 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         )
     sidecar.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_duration,
         default=30.0,
-        metavar="SECONDS",
-        help="on SIGTERM: deregister, stop accepting, and give requests in flight this long (default 30)",
+        metavar="DURATION",
+        help="on SIGTERM: deregister, stop accepting, and give requests in flight this long (default 30s)",
     )
     sidecar.add_argument(
         "--transparent",
@@ -177,8 +184,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per span batch POSTed is noise
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
     if args.static is None and not args.control_plane:
         parser.error(
             "give --control-plane H:P (registry and endpoints from the control plane) "
@@ -207,10 +212,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
             args.advertise or "(not given)",
         )
-    for listener in ("inbound", "outbound", "admin"):
-        value = getattr(args, f"max_{listener}_connections")
-        if value is not None and value < 1:
-            parser.error(f"--max-{listener}-connections {value}: at least 1 (leave it out for the derived default)")
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():

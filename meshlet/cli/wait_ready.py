@@ -16,9 +16,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.core.config import parse_duration
-
-from .options import address
+from .options import address, duration
 
 DEFAULT_ADMIN = ("127.0.0.1", 15090)
 DEFAULT_TIMEOUT = 60.0
@@ -47,13 +45,6 @@ examples:
 """
 
 
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_command(commands: Any) -> argparse.ArgumentParser:
     """Add ``wait-ready`` to the ``meshlet`` subparsers; returns its parser (for
     ``defaults_from_environment``)."""
@@ -74,14 +65,14 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=duration,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="give up after this long (default 60; 90s, 2m and 500ms work too)",
     )
     parser.add_argument(
         "--interval",
-        type=_seconds,
+        type=duration,
         default=DEFAULT_INTERVAL,
         metavar="SECONDS",
         help="time between polls (default 0.25)",

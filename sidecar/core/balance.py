@@ -39,10 +39,10 @@ an exclude set a pick allocates nothing; with one (a retry) it filters a tuple f
 
 Endpoints are matched by address (``Endpoint`` equality): ``update`` keeps the state (cost,
 in-flight count) of the endpoints still there, takes their new weight and labels, and drops
-the others'. An address listed twice counts once, the first. A weight below 1 (the config
-allows 1-1000) is never picked. ``finished`` for an endpoint the balancer no longer has is
-ignored, and in-flight counts never go below 0 (a request that started before an update
-that dropped its endpoint).
+the others'. An address listed twice counts once, the first. A weight below 1 (configs
+allow 1-1000: meshlet/endpoints.py) is never picked. ``finished`` for an endpoint the
+balancer no longer has is ignored, and in-flight counts never go below 0 (a request that
+started before an update that dropped its endpoint).
 
 Zone preference, :class:`ZoneAware`: the endpoints whose ``zone`` label is the local zone
 are preferred outright; only when none of them can be picked (none there, or all excluded)

@@ -10,14 +10,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from meshlet.addresses import check_address, parse_address
+from meshlet.durations import parse_duration
+from meshlet.endpoints import (
+    ENDPOINT_KEYS,
+    SERVICE_KEYS,
+    check_endpoint_list,
+    check_labels,
+    check_weight,
+    endpoint_mapping,
+)
+from meshlet.names import check_service_name
+from meshlet.names import is_service_name as is_service_name  # for the sidecar's callers
+from meshlet.yamlfile import LineMap, YamlError, load_one
 
 if TYPE_CHECKING:  # types only: destination.py imports this module
     from meshlet.access import AccessTable
@@ -29,15 +39,6 @@ if TYPE_CHECKING:  # types only: destination.py imports this module
 
 DEFAULT_CONNECT_TIMEOUT = 1.0  # docs/policy.md
 DEFAULT_REQUEST_TIMEOUT = 15.0  # docs/policy.md: covers the whole exchange
-
-_SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" passes a trailing "\n"
-_HOST = re.compile(r"[\x21-\x7e]+")  # visible ASCII: no CR, LF, NUL or space in a host
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-
-
-def is_service_name(name: str) -> bool:
-    """A service name is a DNS label (lower case): what the registry accepts too."""
-    return _SERVICE_NAME.fullmatch(name) is not None
 
 
 class ConfigError(Exception):
@@ -182,186 +183,141 @@ def make_snapshot(
     return dataclasses.replace(snap, version=version)
 
 
-def parse_address(text: str, *, allow_zero: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port); ValueError says what is wrong.
-
-    ``allow_zero``: for listeners, port 0 asks the kernel for a free port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not _HOST.fullmatch(host):
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    low = 0 if allow_zero else 1
-    if not port.isdigit() or not low <= int(port) < 65536:
-        raise ValueError(f"{text!r} has no valid port ({low}-65535)")
-    return host, int(port)
+_TOP_KEYS = ("defaults", "services", "version")
+_TIMEOUT_KEYS = ("connect_timeout", "timeout")
 
 
-def parse_duration(value: Any) -> float:
-    """``250ms``, ``2s``, ``1m`` or a number of seconds → seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration like 250ms, 2s or 1m")
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("must be greater than 0")
-        try:
-            seconds = float(value)
-        except OverflowError:  # an int past the largest float
-            seconds = math.inf
-    else:
-        match = _DURATION.match(str(value).strip())
-        if not match:
-            raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
-        number = float(match.group(1))
-        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
-        if seconds <= 0:
-            raise ValueError("must be greater than 0")
-    if not math.isfinite(seconds):  # .nan, .inf, 1e400: no deadline can be made of them
-        raise ValueError(f"{value!r} is not a duration (allowed: 250ms, 2s, 1m)")
-    return seconds
+class _Problems:
+    """The problems found so far, each as ``file:line: path: what``."""
 
+    def __init__(self, filename: str, lines: LineMap) -> None:
+        self.filename = filename
+        self.lines = lines
+        self.found: list[tuple[int, str]] = []  # (line, problem)
 
-class _Lines:
-    """Maps a path in a YAML document (``services.item.endpoints[0]``) to its line."""
+    def __call__(self, path: str, what: str) -> None:
+        line = self.lines.at(path)
+        self.found.append((line, f"{self.filename}:{line}: {path or '(top)'}: {what}"))
 
-    def __init__(self, text: str) -> None:
-        self.lines: dict[str, int] = {}
-        self._walked: set[int] = set()
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            return
-        if node is not None:
-            self._walk(node, "")
+    def in_line_order(self) -> list[str]:
+        return [problem for _, problem in sorted(self.found, key=lambda found: found[0])]
 
-    def _walk(self, node: yaml.Node, path: str) -> None:
-        self.lines[path] = node.start_mark.line + 1
-        if id(node) in self._walked:  # an alias: walked where its anchor is (it may contain itself)
-            return
-        self._walked.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = f"{path}.{key.value}" if path else str(key.value)
-                self.lines[sub] = key.start_mark.line + 1
-                self._walk(value, sub)
-                self.lines[sub] = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._walk(item, f"{path}[{i}]")
-
-    def alias(self, path: str, same_as: str) -> None:
-        """``path`` and what is under it are at the lines of ``same_as`` (a rewritten shape)."""
-        for known, line in list(self.lines.items()):
-            if known == same_as or known.startswith(same_as + "["):
-                self.lines[path + known[len(same_as) :]] = line
-
-    def at(self, path: str) -> int:
-        while path and path not in self.lines:
-            path = path.rpartition(".")[0]
-        return self.lines.get(path, 1)
-
-
-_TOP_KEYS = {"services", "defaults", "version"}
-_SERVICE_KEYS = {"endpoints", "connect_timeout", "timeout"}
-_ENDPOINT_KEYS = {"address", "labels", "weight"}
+    def unknown_keys(self, raw: Mapping[Any, Any], path: str, allowed: tuple[str, ...]) -> None:
+        for key in raw:
+            if key not in allowed:
+                self(f"{path}.{key}" if path else str(key), f"unknown key (allowed: {', '.join(allowed)})")
 
 
 def load_static(text: str, filename: str) -> MeshSnapshot:
-    """Parse a static config file; raise ConfigError listing every problem at once."""
-    lines = _Lines(text)
-    problems: list[str] = []
+    """Parse a static config file; raise ConfigError listing every problem at once.
 
-    def problem(path: str, what: str) -> None:
-        problems.append(f"{filename}:{lines.at(path)}: {path or '(top)'}: {what}")
-
+    A service here is what a ``Service`` policy says, checked by the same rules
+    (meshlet/endpoints.py); the file adds ``defaults`` and a short form, ``item: [a:1]``
+    for ``item: {endpoints: [a:1]}``."""
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    except ValueError as exc:  # a scalar YAML accepts but Python cannot build: 2001-02-30, a 5000-digit int
-        raise ConfigError([f"{filename}:1: not valid YAML: {exc}"]) from None
+        doc, lines = load_one(text, filename)
+    except YamlError as exc:
+        raise ConfigError([exc.problem]) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{filename}:1: (top): must be a mapping with a 'services' key"])
-    for key in doc:
-        if key not in _TOP_KEYS:
-            problem(str(key), f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
-
-    defaults = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "timeout": DEFAULT_REQUEST_TIMEOUT}
-    raw_defaults = doc.get("defaults") or {}
-    if not isinstance(raw_defaults, dict):
-        problem("defaults", "must be a mapping (allowed: connect_timeout, timeout)")
-        raw_defaults = {}
-    for key, value in raw_defaults.items():
-        if key not in defaults:
-            problem(f"defaults.{key}", "unknown key (allowed: connect_timeout, timeout)")
-            continue
-        try:
-            defaults[key] = parse_duration(value)
-        except ValueError as exc:
-            problem(f"defaults.{key}", str(exc))
-
-    services: dict[str, ServiceConfig] = {}
+    problem = _Problems(filename, lines)
+    problem.unknown_keys(doc, "", _TOP_KEYS)
+    defaults = _defaults(doc.get("defaults"), problem)
     raw_services = doc.get("services") or {}
     if not isinstance(raw_services, dict):
         problem("services", "must be a mapping of service name to its endpoints")
         raw_services = {}
+    services: dict[str, ServiceConfig] = {}
     for name, raw in raw_services.items():
         path = f"services.{name}"
-        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
-            problem(path, "service names are DNS labels (a-z, 0-9, '-', at most 63)")
+        try:
+            check_service_name(name)
+        except ValueError as exc:
+            problem(path, str(exc))
             continue
         if isinstance(raw, list):
             raw = {"endpoints": raw}
             lines.alias(f"{path}.endpoints", path)
-        if not isinstance(raw, dict):
-            problem(path, "must be a mapping (allowed: endpoints, connect_timeout, timeout)")
-            continue
-        for key in raw:
-            if key not in _SERVICE_KEYS:
-                problem(f"{path}.{key}", f"unknown key (allowed: {', '.join(sorted(_SERVICE_KEYS))})")
-        timeouts = dict(defaults)
-        for key in ("connect_timeout", "timeout"):
-            if key in raw:
-                try:
-                    timeouts[key] = parse_duration(raw[key])
-                except ValueError as exc:
-                    problem(f"{path}.{key}", str(exc))
-        endpoints: list[Endpoint] = []
-        raw_endpoints = raw.get("endpoints") or []
-        if not isinstance(raw_endpoints, list):
-            problem(f"{path}.endpoints", "must be a list of HOST:PORT or {address, labels, weight}")
-            raw_endpoints = []
-        for i, item in enumerate(raw_endpoints):
-            epath = f"{path}.endpoints[{i}]"
-            if isinstance(item, str):
-                item = {"address": item}
-            if not isinstance(item, dict) or "address" not in item:
-                problem(epath, "an endpoint is HOST:PORT or a mapping with 'address'")
-                continue
-            for key in item:
-                if key not in _ENDPOINT_KEYS:
-                    problem(f"{epath}.{key}", f"unknown key (allowed: {', '.join(sorted(_ENDPOINT_KEYS))})")
-            try:
-                host, port = parse_address(str(item["address"]))
-            except ValueError as exc:
-                problem(f"{epath}.address", str(exc))
-                continue
-            weight = item.get("weight", 1)
-            if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
-                problem(f"{epath}.weight", "an integer from 1 to 1000")
-                continue
-            labels = item.get("labels") or {}
-            if not isinstance(labels, dict):
-                problem(f"{epath}.labels", "a mapping of label to value")
-                continue
-            endpoints.append(
-                Endpoint(host, port, MappingProxyType({str(k): str(v) for k, v in labels.items()}), weight)
-            )
-        services[name] = ServiceConfig(name, tuple(endpoints), timeouts["connect_timeout"], timeouts["timeout"])
-    if problems:
-        raise ConfigError(problems)
+        service = _service(name, raw, path, defaults, problem)
+        if service is not None:
+            services[name] = service
+    if problem.found:
+        raise ConfigError(problem.in_line_order())
     return make_snapshot(services, f"static:{filename}")
+
+
+def _timeouts(raw: Mapping[Any, Any], path: str, into: dict[str, float], problem: _Problems) -> None:
+    for key in _TIMEOUT_KEYS:
+        if raw.get(key) is not None:  # written with nothing after it: not given
+            try:
+                into[key] = parse_duration(raw[key])
+            except ValueError as exc:
+                problem(f"{path}.{key}", str(exc))
+
+
+def _defaults(raw: object, problem: _Problems) -> dict[str, float]:
+    defaults = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "timeout": DEFAULT_REQUEST_TIMEOUT}
+    if raw is None:
+        return defaults
+    if not isinstance(raw, dict):
+        problem("defaults", f"must be a mapping (allowed: {', '.join(_TIMEOUT_KEYS)})")
+        return defaults
+    problem.unknown_keys(raw, "defaults", _TIMEOUT_KEYS)
+    _timeouts(raw, "defaults", defaults, problem)
+    return defaults
+
+
+def _service(name: str, raw: object, path: str, defaults: dict[str, float], problem: _Problems) -> ServiceConfig | None:
+    """One service's mapping (a ``Service`` without kind and name) → its config; None
+    when it has a problem (reported)."""
+    if not isinstance(raw, dict):  # None too: "item:" alone is more likely a slip than a service with nothing
+        problem(path, f"must be a mapping (allowed: {', '.join(SERVICE_KEYS)})")
+        return None
+    before = len(problem.found)
+    problem.unknown_keys(raw, path, SERVICE_KEYS)
+    timeouts = dict(defaults)
+    _timeouts(raw, path, timeouts, problem)
+    try:
+        items = check_endpoint_list(raw.get("endpoints"))
+    except ValueError as exc:
+        problem(f"{path}.endpoints", str(exc))
+        items = []
+    endpoints = [_endpoint(item, f"{path}.endpoints[{i}]", problem) for i, item in enumerate(items)]
+    if len(problem.found) > before:
+        return None
+    return ServiceConfig(
+        name, tuple(e for e in endpoints if e is not None), timeouts["connect_timeout"], timeouts["timeout"]
+    )
+
+
+def _endpoint(item: object, path: str, problem: _Problems) -> Endpoint | None:
+    """One endpoint, every field checked (each problem reported); None when one is wrong."""
+    try:
+        raw = endpoint_mapping(item)
+    except ValueError as exc:
+        problem(path, str(exc))
+        return None
+    problem.unknown_keys(raw, path, ENDPOINT_KEYS)
+    fields: dict[str, Any] = {}
+    for key, check in _ENDPOINT_FIELDS:
+        try:
+            fields[key] = check(raw.get(key))
+        except ValueError as exc:
+            problem(f"{path}.{key}", str(exc))
+    if len(fields) < len(_ENDPOINT_FIELDS):
+        return None
+    host, port = fields["address"]
+    return Endpoint(host, port, MappingProxyType(fields["labels"]), fields["weight"])
+
+
+def _host_port(value: object) -> tuple[str, int]:
+    return parse_address(check_address(value))
+
+
+_ENDPOINT_FIELDS: tuple[tuple[str, Callable[[object], Any]], ...] = (
+    ("address", _host_port),
+    ("labels", check_labels),
+    ("weight", check_weight),
+)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshlet import wire
+from meshlet.endpoints import check_weight
 
 from . import errors
 from .config import Endpoint, MeshSnapshot, ServiceConfig, is_service_name, make_snapshot, parse_address
@@ -72,7 +73,7 @@ class DiscoveredState:
                 Endpoint(
                     *parse_address(e["address"]),
                     labels=dict(e.get("labels", {})),
-                    weight=e.get("weight", 1),
+                    weight=check_weight(e.get("weight")),
                     app_port=e.get("app_port", 0),
                 )
                 for e in body
@@ -138,9 +139,10 @@ def _body(staged: Mapping[str, tuple[str, EndpointList]], resource: wire.Resourc
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             raise ValueError("each endpoint needs an id")
         parse_address(str(item.get("address")))
-        weight = item.get("weight", 1)
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
-            raise ValueError(f"endpoint {item['id']}: weight must be 1..1000")
+        try:
+            check_weight(item.get("weight"))  # the rule of a Service's endpoints and the static file's
+        except ValueError as exc:
+            raise ValueError(f"endpoint {item['id']}: {exc}") from None
         app_port = item.get("app_port", 0)
         if not isinstance(app_port, int) or isinstance(app_port, bool) or not 0 <= app_port <= 65535:
             raise ValueError(f"endpoint {item['id']}: app_port must be 0..65535")

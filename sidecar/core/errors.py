@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshlet.headers import ERROR_HEADER
+
 from .http1 import serialize_response_head
 
 
@@ -45,8 +47,6 @@ REJECTIONS = {
     reason.status: reason
     for reason in (BAD_REQUEST, HEADERS_TOO_LARGE, URI_TOO_LONG, REQUEST_TIMEOUT, VERSION_NOT_SUPPORTED)
 }
-
-ERROR_HEADER = b"x-meshlet-error"
 
 
 class MeshError(Exception):

@@ -18,10 +18,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from meshlet.headers import EXPLAIN_HEADER, ID_RESPONSE_HEADER
+
 KEPT = 512
-EXPLAIN_HEADER = b"x-meshlet-explain"
 REQUEST_ID_HEADER = b"x-request-id"
-ID_RESPONSE_HEADER = b"x-meshlet-request-id"
 
 
 class Explanations:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshlet.headers import DEADLINE_HEADER, SOURCE_HEADER
 from meshlet.paths import path_of
 
 from ..core import errors
@@ -13,11 +14,6 @@ from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endp
 from ..core.errors import MeshError
 from .base import Filter, Request
 from .routing import normalised
-
-# Set by the calling sidecar: the receiving one labels its metrics by caller and checks
-# its AccessPolicy against it. Claimed, not verified: mTLS will verify it.
-SOURCE_HEADER = b"x-meshlet-source"
-DEADLINE_HEADER = b"x-meshlet-deadline-ms"  # set by the calling sidecar (sidecar/layers/resilience.py)
 
 
 def to_local_app(

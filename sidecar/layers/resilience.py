@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from meshlet.headers import ATTEMPT_HEADER, DEADLINE_HEADER, FALLBACK_HEADER
+
 from ..core import errors
 from ..core.destination import Destination, Destinations
 from ..core.errors import MeshError, policy_response
@@ -40,8 +42,6 @@ from .base import Handler, Request, Response
 from .explain import EXPLAIN_HEADER, ID_RESPONSE_HEADER, REQUEST_ID_HEADER, Explanations, now_wall, summary
 from .replay import ReplayBuffer
 
-ATTEMPT_HEADER = b"x-meshlet-attempt"
-DEADLINE_HEADER = b"x-meshlet-deadline-ms"
 _ATTEMPTS = tuple((ATTEMPT_HEADER, b"%d" % n) for n in range(12))
 
 Sleep = Callable[[float], Any]
@@ -427,7 +427,7 @@ class _Resilience:
             response = Response(fallback.status, b"", [])
             headers = [
                 *fallback.headers,
-                (b"x-meshlet-fallback", b"circuit-open"),
+                (FALLBACK_HEADER, b"circuit-open"),
                 *_id_headers(explanation, asked.explain),
             ]
             response.raw = policy_response(fallback.status, headers, fallback.body)
@@ -462,7 +462,7 @@ class _Resilience:
         now = self.clock()
         response = await self._attempts(self.destinations.get(service, None, now), request, asked, now)
         if response.raw is None:
-            response.headers.append((b"x-meshlet-fallback", b"circuit-open"))
+            response.headers.append((FALLBACK_HEADER, b"circuit-open"))
         return response
 
     def _explained_error(

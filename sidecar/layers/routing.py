@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from meshlet.headers import FAULT_HEADER
 from meshlet.paths import BadPath, normalise_target
 from meshlet.routes import change_headers
 
@@ -214,5 +215,5 @@ async def _fault(fault: Any, rng: random.Random) -> Response | None:
     if fault.delay is not None and rng.random() * 100 < fault.delay.percent:
         await trio.sleep(fault.delay.duration)
     if fault.abort is not None and rng.random() * 100 < fault.abort.percent:
-        return _policy(fault.abort.status, [(b"x-meshlet-fault", b"abort")], b"fault injected\n").response
+        return _policy(fault.abort.status, [(FAULT_HEADER, b"abort")], b"fault injected\n").response
     return None

@@ -106,6 +106,7 @@ def test_instance_defaults_are_fail_closed() -> None:
         ({"service": "item-"}, "is not a DNS label"),
         ({"service": "it_em"}, "is not a DNS label"),
         ({"service": "a" * 64}, "is not a DNS label"),
+        ({"service": "item\n"}, "is not a DNS label"),  # "$" let a trailing newline through
         ({"service": None}, "service must be a string"),
         ({"instance_id": ""}, "instance_id is empty"),
         ({"instance_id": "item/1"}, "instance_id 'item/1' contains '/'"),
@@ -121,6 +122,7 @@ def test_instance_defaults_are_fail_closed() -> None:
         ({"address": "::1:8080"}, "an IPv6 host goes in brackets"),
         ({"address": "[]:8080"}, "has an empty host"),
         ({"address": "bad host:8080"}, "whitespace"),
+        ({"address": "bücher.example:8080"}, "a host is visible ASCII"),  # meshlet/addresses.py, as everywhere
         ({"admin": "localhost"}, "admin 'localhost' is not HOST:PORT"),
         ({"labels": {"zone": 1}}, "label 'zone'"),
         ({"labels": {"": "a"}}, "label ''"),

@@ -46,6 +46,9 @@ def parse(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str])
         ("MESHLET_UPSTREAM", "item=127.0.0.1:9001", "upstream", [("item", ("127.0.0.1", 9001))]),
         ("MESHLET_WORKERS", "4", "workers", 4),
         ("MESHLET_HEADER_TIMEOUT", "2.5", "header_timeout", 2.5),
+        ("MESHLET_HEADER_TIMEOUT", "500ms", "header_timeout", 0.5),  # a duration, as in a policy
+        ("MESHLET_DRAIN_TIMEOUT", "1m", "drain_timeout", 60.0),
+        ("MESHLET_MAX_INBOUND_CONNECTIONS", "5", "max_inbound_connections", 5),
         ("MESHLET_LOG_LEVEL", "debug", "log_level", "debug"),
     ],
 )
@@ -65,7 +68,9 @@ def test_the_required_ones_too_and_a_flag_wins(monkeypatch: pytest.MonkeyPatch) 
     ("variable", "value", "message"),
     [
         ("MESHLET_INBOUND", "garbage", "MESHLET_INBOUND='garbage': 'garbage' is not HOST:PORT"),
-        ("MESHLET_WORKERS", "many", "MESHLET_WORKERS='many': invalid literal"),
+        ("MESHLET_WORKERS", "many", "MESHLET_WORKERS='many': 'many' is not a whole number"),
+        ("MESHLET_WORKERS", "0", "MESHLET_WORKERS='0': 0 must be at least 1"),
+        ("MESHLET_DRAIN_TIMEOUT", "-1", "MESHLET_DRAIN_TIMEOUT='-1': '-1' is not a duration"),
         ("MESHLET_LOG_LEVEL", "loud", "MESHLET_LOG_LEVEL='loud': expected one of debug, info, warning, error"),
         ("MESHLET_UPSTREAM", "item", "MESHLET_UPSTREAM='item': 'item': expected NAME=HOST:PORT"),
     ],
@@ -108,3 +113,50 @@ def test_a_bad_value_for_another_command_does_not_stop_this_one(
         parse(monkeypatch, env, ["wait-ready"])
     assert exit_.value.code == 2
     assert "MESHLET_TIMEOUT='soon'" in capsys.readouterr().err
+
+
+# The flags check a value with the rule a file or policy would, and refuse it as bad usage
+# (exit 2, naming the flag) before anything starts.
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "0"], "argument --workers: 0 must be at least 1"),
+        (["--max-inbound-connections", "-3"], "argument --max-inbound-connections: -3 must be at least 1"),
+        (["--max-outbound-connections", "x"], "argument --max-outbound-connections: 'x' is not a whole number"),
+        (["--instance-id", "item/1"], "argument --instance-id: instance_id 'item/1' contains '/'"),
+        (["--header-timeout", "0"], "argument --header-timeout: '0' must be greater than 0"),
+        (["--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a duration"),
+        (
+            ["--drain-timeout", "soon"],
+            "argument --drain-timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
+        ),
+        (["--app", "::1:8080"], "argument --app: '::1:8080' is not HOST:PORT (an IPv6 host goes in brackets"),
+    ],
+)
+def test_a_bad_flag_is_refused_with_the_rule(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {}, [*BASE, *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_service_name_is_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not first by the control plane, once the sidecar is up and registering."""
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {}, ["sidecar", "--service", "Item_1", "--app", "127.0.0.1:8080"])
+    assert exit_.value.code == 2
+    assert "argument --service: 'Item_1' is not a service name" in capsys.readouterr().err
+
+
+def test_the_control_plane_lease_is_a_duration(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse(monkeypatch, {}, ["control-plane", "--ttl", "1m"]).ttl == 60.0
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {}, ["control-plane", "--ttl", "0"])  # float() took it: every lease expired at once
+    assert exit_.value.code == 2
+    assert "argument --ttl: '0' must be greater than 0" in capsys.readouterr().err

@@ -123,6 +123,12 @@ def test_json_documents_load_too() -> None:
     assert isinstance(service, Service)
 
 
+def test_an_empty_document_is_left_out() -> None:
+    """A trailing ``---`` (or two in a row), as kubectl reads a stream: it was a problem."""
+    text = "---\nkind: Service\nname: a\n---\n---\nkind: Service\nname: b\n---\n"
+    assert [doc.name for doc in load_documents([("p.yaml", text)])] == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -149,7 +155,7 @@ def test_json_documents_load_too() -> None:
         ),
         pytest.param(
             "kind: Service\nname: billing\ntimeout: soon\n",
-            "p.yaml:3: timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m)",
+            "p.yaml:3: timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
             id="bad-duration",
         ),
         pytest.param(
@@ -159,7 +165,7 @@ def test_json_documents_load_too() -> None:
         ),
         pytest.param(
             "kind: Service\nname: billing\nendpoints: [nohost]\n",
-            "p.yaml:3: endpoints[0].address: 'nohost' is not HOST:PORT (port 1-65535)",
+            "p.yaml:3: endpoints[0].address: 'nohost' is not HOST:PORT",
             id="bad-address",
         ),
         pytest.param(
@@ -290,8 +296,8 @@ def test_every_problem_of_every_file_is_reported_at_once() -> None:
             ]
         )
     assert info.value.problems == [
-        "a.yaml:3: timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m)",
-        "a.yaml:4: endpoints[0].address: 'nohost' is not HOST:PORT (port 1-65535)",
+        "a.yaml:3: timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
+        "a.yaml:4: endpoints[0].address: 'nohost' is not HOST:PORT",
         "b.yaml:4: kind: 'Nope' is not a kind (allowed: Service, Route, DestinationPolicy, AccessPolicy, MeshConfig)",
     ]
 
@@ -447,7 +453,8 @@ _TO_ITEM = "    destinations: [{service: item}]\n"
         ),
         pytest.param(
             'kind: Service\nname: billing\nendpoints: ["10.0.0.1\\r\\nx:80"]\n',
-            "p.yaml:3: endpoints[0].address: '10.0.0.1\\r\\nx:80' is not HOST:PORT (port 1-65535)",
+            "p.yaml:3: endpoints[0].address: '10.0.0.1\\r\\nx:80' is not HOST:PORT "
+            "(a host is visible ASCII: no whitespace, control character or '/')",
             id="endpoint-address",
         ),
         pytest.param(

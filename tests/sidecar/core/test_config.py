@@ -4,7 +4,6 @@ addresses and the snapshot version."""
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 
 import pytest
@@ -23,8 +22,6 @@ from sidecar.core.config import (
     is_service_name,
     load_static,
     make_snapshot,
-    parse_address,
-    parse_duration,
 )
 
 
@@ -136,93 +133,7 @@ def test_to_json() -> None:
     }
 
 
-# durations and addresses ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        ("250ms", 0.25),
-        ("2s", 2.0),
-        ("1m", 60.0),
-        ("1.5s", 1.5),
-        ("0.5m", 30.0),
-        ("10", 10.0),
-        (" 3s ", 3.0),
-        (3, 3.0),
-        (0.25, 0.25),
-        ("1ms", 0.001),
-    ],
-)
-def test_parse_duration(value: object, seconds: float) -> None:
-    assert parse_duration(value) == pytest.approx(seconds)
-    assert isinstance(parse_duration(value), float)
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("soon", "'soon' is not a duration (allowed: 250ms, 2s, 1m)"),
-        ("2h", "'2h' is not a duration (allowed: 250ms, 2s, 1m)"),
-        ("-1s", "'-1s' is not a duration (allowed: 250ms, 2s, 1m)"),
-        ("1 s", "'1 s' is not a duration (allowed: 250ms, 2s, 1m)"),
-        ("", "'' is not a duration (allowed: 250ms, 2s, 1m)"),
-        (None, "None is not a duration (allowed: 250ms, 2s, 1m)"),
-        ([1], "[1] is not a duration (allowed: 250ms, 2s, 1m)"),
-        (0, "must be greater than 0"),
-        (-1, "must be greater than 0"),
-        (-0.5, "must be greater than 0"),
-        ("0s", "must be greater than 0"),
-        ("0ms", "must be greater than 0"),
-        (True, "a duration like 250ms, 2s or 1m"),
-        (False, "a duration like 250ms, 2s or 1m"),
-        (math.nan, "nan is not a duration (allowed: 250ms, 2s, 1m)"),
-        (math.inf, "inf is not a duration (allowed: 250ms, 2s, 1m)"),
-        pytest.param(10**400, "is not a duration (allowed: 250ms, 2s, 1m)", id="int-past-float"),
-        pytest.param("9" * 400 + "s", "is not a duration (allowed: 250ms, 2s, 1m)", id="string-past-float"),
-    ],
-)
-def test_parse_duration_rejects(value: object, message: str) -> None:
-    with pytest.raises(ValueError) as info:
-        parse_duration(value)
-    assert str(info.value).endswith(message)
-
-
-@pytest.mark.parametrize(
-    ("text", "allow_zero", "expected"),
-    [
-        ("item:80", False, ("item", 80)),
-        ("10.0.0.1:65535", False, ("10.0.0.1", 65535)),
-        ("[::1]:8080", False, ("::1", 8080)),
-        ("[2001:db8::1]:1", False, ("2001:db8::1", 1)),
-        ("0.0.0.0:0", True, ("0.0.0.0", 0)),
-        ("localhost:1", True, ("localhost", 1)),
-    ],
-)
-def test_parse_address(text: str, allow_zero: bool, expected: tuple[str, int]) -> None:
-    assert parse_address(text, allow_zero=allow_zero) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "allow_zero", "message"),
-    [
-        ("item", False, "'item' is not HOST:PORT"),
-        (":80", False, "':80' is not HOST:PORT"),
-        ("", False, "'' is not HOST:PORT"),
-        ("item:", False, "'item:' has no valid port (1-65535)"),
-        ("item:http", False, "'item:http' has no valid port (1-65535)"),
-        ("item:0", False, "'item:0' has no valid port (1-65535)"),
-        ("item:65536", False, "'item:65536' has no valid port (1-65535)"),
-        ("item:-1", False, "'item:-1' has no valid port (1-65535)"),
-        ("item:65536", True, "'item:65536' has no valid port (0-65535)"),
-        ("10.0.0.1\r\nx:80", False, "'10.0.0.1\\r\\nx:80' is not HOST:PORT"),  # a host is visible ASCII
-        ("a b:80", False, "'a b:80' is not HOST:PORT"),
-        ("item\x00:80", False, "'item\\x00:80' is not HOST:PORT"),
-    ],
-)
-def test_parse_address_rejects(text: str, allow_zero: bool, message: str) -> None:
-    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        parse_address(text, allow_zero=allow_zero)
+# durations, addresses and names: tests/meshlet/test_durations.py, test_addresses.py, test_names.py
 
 
 # one test per error kind: the exact message with file:line: and the field path --------------
@@ -250,25 +161,25 @@ ERRORS = [
     ),
     pytest.param(
         "defaults:\n  connect_timeout: 1s\n  timeout: soon\n",
-        "mesh.yaml:3: defaults.timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m)",
+        "mesh.yaml:3: defaults.timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         id="defaults-bad-duration",
     ),
     pytest.param(
-        "defaults:\n  timeout: 0\n", "mesh.yaml:2: defaults.timeout: must be greater than 0", id="defaults-zero"
+        "defaults:\n  timeout: 0\n", "mesh.yaml:2: defaults.timeout: 0 must be greater than 0", id="defaults-zero"
     ),
     pytest.param(
         "defaults:\n  timeout: yes\n",
-        "mesh.yaml:2: defaults.timeout: a duration like 250ms, 2s or 1m",
+        "mesh.yaml:2: defaults.timeout: True is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         id="defaults-bool",
     ),
     pytest.param(
         "defaults:\n  timeout: .nan\n",
-        "mesh.yaml:2: defaults.timeout: nan is not a duration (allowed: 250ms, 2s, 1m)",
+        "mesh.yaml:2: defaults.timeout: nan is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         id="defaults-nan",
     ),
     pytest.param(
         "defaults:\n  timeout: .inf\n",
-        "mesh.yaml:2: defaults.timeout: inf is not a duration (allowed: 250ms, 2s, 1m)",
+        "mesh.yaml:2: defaults.timeout: inf is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         id="defaults-inf",
     ),
     pytest.param(
@@ -278,22 +189,26 @@ ERRORS = [
     ),
     pytest.param(
         "services:\n  Item_1: [a:1]\n",
-        "mesh.yaml:2: services.Item_1: service names are DNS labels (a-z, 0-9, '-', at most 63)",
+        "mesh.yaml:2: services.Item_1: 'Item_1' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         id="bad-service-name",
     ),
     pytest.param(
         "services:\n  ok: []\n  -bad: []\n",
-        "mesh.yaml:3: services.-bad: service names are DNS labels (a-z, 0-9, '-', at most 63)",
+        "mesh.yaml:3: services.-bad: '-bad' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         id="service-name-leading-dash",
     ),
     pytest.param(
         "services:\n  " + "a" * 64 + ": []\n",
-        "mesh.yaml:2: services." + "a" * 64 + ": service names are DNS labels (a-z, 0-9, '-', at most 63)",
+        "mesh.yaml:2: services."
+        + "a" * 64
+        + ": '"
+        + "a" * 64
+        + "' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         id="service-name-too-long",
     ),
     pytest.param(
         "services:\n  42: []\n",
-        "mesh.yaml:2: services.42: service names are DNS labels (a-z, 0-9, '-', at most 63)",
+        "mesh.yaml:2: services.42: 42 is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         id="service-name-not-a-string",
     ),
     pytest.param(
@@ -303,17 +218,17 @@ ERRORS = [
     ),
     pytest.param(
         "services:\n  item:\n    endpoints: [a:1]\n    retry: 2\n",
-        "mesh.yaml:4: services.item.retry: unknown key (allowed: connect_timeout, endpoints, timeout)",
+        "mesh.yaml:4: services.item.retry: unknown key (allowed: endpoints, connect_timeout, timeout)",
         id="service-unknown-key",
     ),
     pytest.param(
         "services:\n  item:\n    endpoints: [a:1]\n    timeout: -1\n",
-        "mesh.yaml:4: services.item.timeout: must be greater than 0",
+        "mesh.yaml:4: services.item.timeout: -1 must be greater than 0",
         id="service-bad-timeout",
     ),
     pytest.param(
         "services:\n  item:\n    connect_timeout: 5x\n",
-        "mesh.yaml:3: services.item.connect_timeout: '5x' is not a duration (allowed: 250ms, 2s, 1m)",
+        "mesh.yaml:3: services.item.connect_timeout: '5x' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         id="service-bad-connect-timeout",
     ),
     pytest.param(
@@ -358,32 +273,32 @@ ERRORS = [
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      weight: 0\n",
-        "mesh.yaml:4: services.item.endpoints[0].weight: an integer from 1 to 1000",
+        "mesh.yaml:4: services.item.endpoints[0].weight: 0 is not a weight (an integer from 1 to 1000)",
         id="weight-zero",
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      weight: 1001\n",
-        "mesh.yaml:4: services.item.endpoints[0].weight: an integer from 1 to 1000",
+        "mesh.yaml:4: services.item.endpoints[0].weight: 1001 is not a weight (an integer from 1 to 1000)",
         id="weight-too-big",
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      weight: '2'\n",
-        "mesh.yaml:4: services.item.endpoints[0].weight: an integer from 1 to 1000",
+        "mesh.yaml:4: services.item.endpoints[0].weight: '2' is not a weight (an integer from 1 to 1000)",
         id="weight-string",
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      weight: true\n",
-        "mesh.yaml:4: services.item.endpoints[0].weight: an integer from 1 to 1000",
+        "mesh.yaml:4: services.item.endpoints[0].weight: True is not a weight (an integer from 1 to 1000)",
         id="weight-bool",
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      weight: 1.5\n",
-        "mesh.yaml:4: services.item.endpoints[0].weight: an integer from 1 to 1000",
+        "mesh.yaml:4: services.item.endpoints[0].weight: 1.5 is not a weight (an integer from 1 to 1000)",
         id="weight-float",
     ),
     pytest.param(
         "services:\n  item:\n    - address: a:1\n      labels: [zone]\n",
-        "mesh.yaml:4: services.item.endpoints[0].labels: a mapping of label to value",
+        "mesh.yaml:4: services.item.endpoints[0].labels: must be a mapping of label to value",
         id="labels-not-a-mapping",
     ),
 ]
@@ -398,7 +313,7 @@ def test_file_name_is_in_every_message() -> None:
     with pytest.raises(ConfigError) as info:
         load_static("services:\n  Bad: []\n", "/etc/meshlet/static.yaml")
     assert info.value.problems == [
-        "/etc/meshlet/static.yaml:2: services.Bad: service names are DNS labels (a-z, 0-9, '-', at most 63)"
+        "/etc/meshlet/static.yaml:2: services.Bad: 'Bad' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)"
     ]
 
 
@@ -420,12 +335,12 @@ def test_all_errors_are_reported_at_once() -> None:
         """
     assert problems(text) == [
         "mesh.yaml:1: bogus: unknown key (allowed: defaults, services, version)",
-        "mesh.yaml:3: defaults.timeout: 'x' is not a duration (allowed: 250ms, 2s, 1m)",
-        "mesh.yaml:5: services.Bad: service names are DNS labels (a-z, 0-9, '-', at most 63)",
+        "mesh.yaml:3: defaults.timeout: 'x' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
+        "mesh.yaml:5: services.Bad: 'Bad' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         "mesh.yaml:7: services.ok.endpoints[0].address: 'nope' is not HOST:PORT",
-        "mesh.yaml:9: services.ok.endpoints[1].weight: an integer from 1 to 1000",
-        "mesh.yaml:12: services.cart.retries: unknown key (allowed: connect_timeout, endpoints, timeout)",
-        "mesh.yaml:13: services.cart.timeout: must be greater than 0",
+        "mesh.yaml:9: services.ok.endpoints[1].weight: 0 is not a weight (an integer from 1 to 1000)",
+        "mesh.yaml:12: services.cart.retries: unknown key (allowed: endpoints, connect_timeout, timeout)",
+        "mesh.yaml:13: services.cart.timeout: '0ms' must be greater than 0",
     ]
 
 
@@ -460,6 +375,7 @@ def test_top_level_must_be_a_mapping(text: str) -> None:
         pytest.param("defaults:\n  timeout: " + "9" * 400 + "\n", id="int-too-big-for-a-float"),
         pytest.param("defaults:\n  timeout: " + "9" * 5000 + "\n", id="int-too-long-to-convert"),
         pytest.param("version: 2001-02-30\n", id="impossible-date"),
+        pytest.param("services: " + "[" * 3000 + "]" * 3000 + "\n", id="nested-too-deep"),  # was a RecursionError
     ],
 )
 def test_pathological_files_are_config_errors(text: str) -> None:
@@ -467,6 +383,32 @@ def test_pathological_files_are_config_errors(text: str) -> None:
         load_static(text, "mesh.yaml")
     assert info.value.problems
     assert all(p.startswith("mesh.yaml:") for p in info.value.problems)
+
+
+def test_a_key_written_with_nothing_after_it_is_left_out() -> None:
+    snap = load(
+        "defaults:\n  timeout:\nservices:\n  item:\n    endpoints:\n      - address: a:1\n        weight:\n    timeout:\n"
+    )
+    assert snap.services["item"] == ServiceConfig(
+        "item", (Endpoint("a", 1),), DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
+    )
+    assert snap.services["item"].endpoints[0].weight == 1
+
+
+def test_a_service_with_nothing_after_it_is_refused() -> None:
+    assert problems("services:\n  item: [a:1]\n  bare:\n") == [
+        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout)"
+    ]
+
+
+def test_problems_are_in_line_order() -> None:
+    text = "services:\n  item:\n    endpoints: [{weight: 0, address: a}]\n    timeout: x\n    connect_timeout: y\n"
+    assert problems(text) == [
+        "mesh.yaml:3: services.item.endpoints[0].address: 'a' is not HOST:PORT",
+        "mesh.yaml:3: services.item.endpoints[0].weight: 0 is not a weight (an integer from 1 to 1000)",
+        "mesh.yaml:4: services.item.timeout: 'x' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
+        "mesh.yaml:5: services.item.connect_timeout: 'y' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
+    ]
 
 
 def test_aliased_endpoints_are_checked_each_time() -> None:

@@ -42,6 +42,11 @@ def test_full_then_delta_then_removal() -> None:
         (wire.Resource("other", "x", [{"id": "o-1", "address": "nowhere"}]), "nowhere"),
         (wire.Resource("other", "x", [{"id": "o-1", "address": "127.0.0.1:1", "weight": 0}]), "weight"),
         (wire.Resource("other", "x", [{"id": "o-1", "address": "127.0.0.1:1", "weight": True}]), "weight"),
+        (wire.Resource("other", "x", [{"id": "o-1", "address": "127.0.0.1:1", "weight": "2"}]), "'2' is not a weight"),
+        (
+            wire.Resource("other", "x", [{"id": "o-1", "address": "127.0.0.1:1", "weight": 1001}]),
+            "1001 is not a weight",
+        ),
         (wire.Resource("other", "x", [{"id": "o-1", "address": "10.0.0.4:1", "app_port": 70000}]), "app_port"),
         (wire.Resource("other", "x", [{"address": "127.0.0.1:1"}]), "needs an id"),
         (wire.Resource("other", "x", {"id": "o-1"}), "must be a list"),

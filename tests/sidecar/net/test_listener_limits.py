@@ -160,7 +160,7 @@ def test_a_limit_below_one_is_refused_as_bad_usage(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as exited:
         main(["sidecar", "--service", "a", "--app", "127.0.0.1:1", "--static", "x", "--max-admin-connections", "0"])
     assert exited.value.code == 2
-    assert "--max-admin-connections 0: at least 1" in capsys.readouterr().err
+    assert "argument --max-admin-connections: 0 must be at least 1" in capsys.readouterr().err
 
 
 async def test_requests_a_listener_rejects_itself_are_counted_by_listener_and_code(
