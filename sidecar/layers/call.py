@@ -1,0 +1,55 @@
+"""One call through the resilience layer: what its request asked of us, read from its
+headers in one pass, and what its attempts share (the replay buffer, the overall
+timeout once worked out, whether it went to a fallback service already).
+
+The app's own ``x-meshlet-attempt`` and ``x-meshlet-deadline-ms`` are taken off: each
+attempt sends ours (sidecar/layers/attempts.py). The deadline the app passed on is kept:
+it caps the overall timeout.
+"""
+
+from __future__ import annotations
+
+from .explain import EXPLAIN_HEADER, REQUEST_ID_HEADER
+from .replay import ReplayBuffer
+
+ATTEMPT_HEADER = b"x-meshlet-attempt"
+DEADLINE_HEADER = b"x-meshlet-deadline-ms"
+
+
+class Call:
+    """One request's state across its attempts (and its fallback). The defaults are the
+    class's: a call is made with no ``__init__`` to run, and most keep most of them."""
+
+    replay: ReplayBuffer | None = None  # the body kept for another attempt
+    fell_back = False  # the request went to a fallback service already
+    deadline: float | None = None  # the app passed on the deadline it was given
+    timeout: float | None = None  # the overall timeout, once worked out
+    explain = False  # the request asked for the one-line summary
+    request_id: str | None = None  # the app's x-request-id, if it sent one
+
+
+def read_call(headers: list[tuple[bytes, bytes]]) -> Call:
+    """Take off the attempt and deadline headers the app sent (ours replace them), keeping
+    the deadline it passed on; see whether it asks for an explanation, and its request id."""
+    call = Call()
+    for i in range(len(headers) - 1, -1, -1):
+        name = headers[i][0]
+        size = len(name)
+        if size == 17 or size == 21 or size == 12:  # the lengths of the four names: one check for most headers
+            lowered = name.lower()
+            if lowered == DEADLINE_HEADER:
+                value = headers[i][1]
+                if value.isdigit() and len(value) < 10:
+                    call.deadline = int(value) / 1000
+                del headers[i]
+            elif lowered == ATTEMPT_HEADER:
+                del headers[i]
+            elif lowered == EXPLAIN_HEADER:
+                call.explain = True
+                del headers[i]
+            elif lowered == REQUEST_ID_HEADER:
+                call.request_id = headers[i][1][:128].decode("latin-1")
+    return call
+
+
+__all__ = ["ATTEMPT_HEADER", "DEADLINE_HEADER", "Call", "read_call"]
