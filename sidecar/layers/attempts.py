@@ -119,29 +119,33 @@ class Attempts:
             hedge_after = None
             if settings.hedge_delay is not None and attempt == 1 and may_retry and request.body is None:
                 hedge_after = hedge_delay(destination)
-            if hedge_after is None:
-                sent = book.start(balancer, outlier, endpoint, now)
-                try:
-                    response = await self.inner(request)
-                except MeshError as exc:
-                    last = book.end(balancer, outlier, endpoint, sent, exc)
-                except BaseException:
-                    book.abandon(balancer, outlier, endpoint, sent)
-                    breaker.release(permit)
-                    raise
+            hedged = False
+            try:
+                if hedge_after is None:
+                    sent = book.start(balancer, outlier, endpoint, now)
+                    try:
+                        response = await self.inner(request)
+                    except MeshError as exc:
+                        last = book.end(balancer, outlier, endpoint, sent, exc)
+                    except BaseException:
+                        book.abandon(balancer, outlier, endpoint, sent)
+                        raise
+                    else:
+                        last = book.end(balancer, outlier, endpoint, sent, response)
+                    now = last.ended
                 else:
-                    last = book.end(balancer, outlier, endpoint, sent, response)
-                now = last.ended
-            else:
-                race = await self.hedging.race(destination, balancer, request, endpoint, tried, hedge_after)
-                rows.extend(attempt_row(loser, _LOST) for loser in race.losers)
-                last = race.winner
-                now = clock()
+                    race = await self.hedging.race(destination, balancer, request, endpoint, tried, hedge_after)
+                    rows.extend(attempt_row(loser, _LOST) for loser in race.losers)
+                    last, hedged = race.winner, race.hedged
+                    now = clock()
+            except BaseException:  # no answer to record: a HALF_OPEN trial slot is free again
+                breaker.release(permit)
+                raise
             breaker.record(now, permit, last.failed, last.elapsed)
             answer = last.response
             if settings.hedge_delay is not None and attempt == 1 and answer is not None and not last.failed:
                 destination.latencies.add(last.elapsed)  # what "slow" is, for hedging
-            if answer is not None and answer.status < 400 and attempt == 1 and not call.explain and hedge_after is None:
+            if answer is not None and answer.status < 400 and attempt == 1 and not (call.explain or hedged):
                 return answer  # the common case: a clean first try, nothing to explain
             rows.append(attempt_row(last))
             decision = self._decide(destination, request.service, last, attempt, may_retry, replay, deadline, now)
