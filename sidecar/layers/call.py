@@ -28,27 +28,32 @@ class Call:
     request_id: str | None = None  # the app's x-request-id, if it sent one
 
 
+# The lengths of the names read here: one set lookup passes over most headers.
+_LENGTHS = frozenset(map(len, (DEADLINE_HEADER, ATTEMPT_HEADER, EXPLAIN_HEADER, REQUEST_ID_HEADER)))
+_TAKEN_OFF = (DEADLINE_HEADER, ATTEMPT_HEADER, EXPLAIN_HEADER)
+
+
 def read_call(headers: list[tuple[bytes, bytes]]) -> Call:
     """Take off the attempt and deadline headers the app sent (ours replace them), keeping
-    the deadline it passed on; see whether it asks for an explanation, and its request id."""
+    the deadline it passed on; see whether it asks for an explanation, and its request id.
+    Of a repeated header, the first (valid) one counts."""
     call = Call()
-    for i in range(len(headers) - 1, -1, -1):
-        name = headers[i][0]
-        size = len(name)
-        if size == 17 or size == 21 or size == 12:  # the lengths of the four names: one check for most headers
+    take_off = False
+    for name, value in headers:
+        if len(name) in _LENGTHS:
             lowered = name.lower()
             if lowered == DEADLINE_HEADER:
-                value = headers[i][1]
-                if value.isdigit() and len(value) < 10:
+                if call.deadline is None and value.isdigit() and len(value) < 10:
                     call.deadline = int(value) / 1000
-                del headers[i]
+                take_off = True
             elif lowered == ATTEMPT_HEADER:
-                del headers[i]
+                take_off = True
             elif lowered == EXPLAIN_HEADER:
-                call.explain = True
-                del headers[i]
-            elif lowered == REQUEST_ID_HEADER:
-                call.request_id = headers[i][1][:128].decode("latin-1")
+                call.explain = take_off = True
+            elif lowered == REQUEST_ID_HEADER and call.request_id is None:
+                call.request_id = value[:128].decode("latin-1")
+    if take_off:  # in place: the request's head keeps its list
+        headers[:] = [h for h in headers if h[0].lower() not in _TAKEN_OFF]
     return call
 
 

@@ -181,9 +181,11 @@ class _Resilience:
 
     def _leave(self, destination: Destination) -> None:
         destination.inflight -= 1
-        lot = self.waiting.get(id(destination))
-        if lot:
-            lot.unpark()
+        waiting = self.waiting
+        if waiting:  # some request waited for a place once: there may be one to wake
+            lot = waiting.get(id(destination))
+            if lot:
+                lot.unpark()
 
 
 __all__ = ["ATTEMPT_HEADER", "DEADLINE_HEADER", "resilience_layer"]
