@@ -67,7 +67,11 @@ class Attempts:
         self.circuit_open: CircuitOpen | None = None  # set once built: it runs attempts too
 
     async def run(self, destination: Destination, request: Request, call: Call, start: float) -> Response:
-        """The answer of the call's last attempt (or what an open circuit answers)."""
+        """The answer of the call's last attempt (or what an open circuit answers).
+
+        One frame for the whole loop, on purpose: a clean first try, the common request,
+        runs here with no coroutine but the forwarder's and few calls; what only other
+        requests need (the decision, the explanation, an open circuit) is elsewhere."""
         settings = destination.settings
         clock, book, breaker, outlier = self.clock, self.book, destination.breaker, destination.outlier
         head = request.head
