@@ -5,8 +5,8 @@ An attempt is :meth:`Bookkeeping.start`-ed, then either :meth:`~Bookkeeping.end`
 an answer (a response, or the mesh error that stands for one) or is
 :meth:`~Bookkeeping.abandon`-ed (cancelled: it lost a race, or the caller went away).
 The balancer and the outlier detector hear of each of these; the answer is classified
-once, into the :class:`Attempt` the breaker, the retry decision, the metrics and the
-explanation all read. The breaker is not here: it admits a *try* (one attempt, or a
+once, into the :class:`Attempt` the breaker, the retry decision and the explanation
+all read. The breaker is not here: it admits a *try* (one attempt, or a
 hedged race of two), so the attempt loop records it.
 
 The caller awaits the forwarder itself, between ``start`` and ``end``: a coroutine
