@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from sidecar.core import errors
-from sidecar.core.breaker import BreakerConfig
+from sidecar.core.breaker import BreakerConfig, State
 from sidecar.core.config import Endpoint, ServiceConfig
 from sidecar.core.destination import DEFAULTS, Destinations, Fallback, Settings
 from sidecar.core.errors import MeshError
@@ -394,6 +394,42 @@ async def test_hedging_cuts_the_tail_when_an_endpoint_stalls(autojump_clock: tri
     hedges = retries.count("hedged")
     assert 20 <= hedges <= 80, hedges  # the stalled ones, and the slowest 5 % of the others
     assert len(upstreams.calls) == 600 + hedges
+
+
+async def test_a_first_try_under_a_hedging_policy_is_explained_only_when_a_hedge_went(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from dataclasses import replace
+
+    upstreams = Upstreams()
+    call, _ = mesh(upstreams, replace(DEFAULTS, hedge_delay=0.05))
+    explanations = call.explanations  # type: ignore[attr-defined]
+    fine = await call()  # answered before the hedge was due: a clean first try
+    assert fine.status == 200 and fine.headers == [] and explanations.by_id == {}
+    upstreams.script[B] = 1.0  # B stalls: a hedge goes to C and wins
+    hedged = await call(**{"x-request-id": "h"})
+    assert hedged.status == 200 and dict(hedged.headers)[b"x-meshlet-request-id"] == b"h"
+    assert [t["endpoint"] for t in explanations.get("h")["attempts"]] == ["10.0.0.3:80"]
+    assert call.retries == ["hedged"]  # type: ignore[attr-defined]
+
+
+async def test_a_hedged_trial_cancelled_by_the_caller_frees_its_half_open_slot(autojump_clock: trio.abc.Clock) -> None:
+    from dataclasses import replace
+
+    breaker = BreakerConfig(min_requests=5, open_for=5, half_open_requests=1)
+    upstreams = Upstreams(A=500, B=500, C=500)
+    call, destinations = mesh(upstreams, replace(DEFAULTS, hedge_delay=0.05, breaker=breaker))
+    assert [(await call()).status for _ in range(5)] == [500] * 5
+    assert destinations.get("item", None, trio.current_time()).breaker.state == State.OPEN
+    await trio.sleep(5)
+    upstreams.script = {A: 200, B: 200, C: 200}
+    upstreams.gate = trio.Event()  # the trial and its hedge wait...
+    with trio.move_on_after(1) as scope:
+        await call()  # ...until the caller gives up
+    assert scope.cancelled_caught and len(upstreams.calls) == 5
+    upstreams.gate.set()
+    assert (await call()).status == 200  # the slot the cancelled trial held is free again
+    assert destinations.get("item", None, trio.current_time()).breaker.state == State.CLOSED
 
 
 async def test_a_shadow_policy_is_counted_and_changes_nothing(autojump_clock: trio.abc.Clock) -> None:
