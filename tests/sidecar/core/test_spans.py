@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from sidecar.core.spans import CLIENT, SERVER, Endpoint, Span, encode, http_tags, span_name
 
-SCHEMA = json.loads((Path(__file__).parent.parent / "data" / "zipkin-v2-span.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).parents[2] / "data" / "zipkin-v2-span.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

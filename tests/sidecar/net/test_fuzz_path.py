@@ -37,8 +37,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from ..helpers import sidecar_process
-from ..token_app import BEHAVIOURS, TokenApp
+from ...helpers import sidecar_process
+from ...token_app import BEHAVIOURS, TokenApp
 
 CLIENT_TIMEOUT = 2.0  # a request without an answer by then: "no answer", its connection dropped
 EXAMPLE_BOUND = 20.0  # the whole example, whatever happens

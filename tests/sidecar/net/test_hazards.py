@@ -24,7 +24,7 @@ from pathlib import Path
 import h11
 import pytest
 
-from ..helpers import sidecar_process
+from ...helpers import sidecar_process
 
 LISTENERS = ("inbound", "outbound")
 HEALTH = "/__hazards_health"

@@ -23,8 +23,8 @@ from sidecar.layers.base import Request, Response
 from sidecar.net.admin import AdminHandler
 from sidecar.net.downstream import Timeouts
 
-from ..helpers import raw_exchange, run_sidecar, sample, write_static
-from ..origin import Origin
+from ...helpers import raw_exchange, run_sidecar, sample, write_static
+from ...origin import Origin
 
 LIVE = b"GET /live HTTP/1.1\r\nhost: x\r\n\r\n"
 

@@ -16,7 +16,7 @@ from sidecar.net.downstream import Timeouts
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry, render
 
-from ..helpers import raw_exchange, sample
+from ...helpers import raw_exchange, sample
 
 
 @pytest.fixture

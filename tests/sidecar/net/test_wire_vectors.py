@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from ..helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
+from ...helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
 
 Reply = Callable[[trio.SocketStream, int, bytes], Awaitable[bool]]  # → keep the connection
 
