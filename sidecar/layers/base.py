@@ -9,8 +9,9 @@ metrics can record the outcome once.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 import trio
 
@@ -19,19 +20,25 @@ from ..core.errors import Reason, error_response
 from ..core.http1 import RequestHead
 
 
-class _WouldBlock:
+class _WouldBlock(enum.Enum):
+    # A one-member enum rather than a bare object(), so that a type checker narrows
+    # ``piece is WOULD_BLOCK``.
+    WOULD_BLOCK = "WOULD_BLOCK"
+
     def __repr__(self) -> str:
         return "WOULD_BLOCK"
 
 
-WOULD_BLOCK = _WouldBlock()
+WOULD_BLOCK: Final = _WouldBlock.WOULD_BLOCK
+# What BodySource.read_nowait returns: a piece of body, None at its end, or WOULD_BLOCK.
+BodyPiece: TypeAlias = bytes | None | _WouldBlock
 
 
 class BodySource(Protocol):
     async def read(self) -> bytes | None:
         """The next piece of body, or None at its end."""
 
-    def read_nowait(self) -> bytes | None | _WouldBlock:
+    def read_nowait(self) -> BodyPiece:
         """What ``read`` would return if it needs no network, else WOULD_BLOCK.
         Synchronous: the downstream loop drains what is buffered without a coroutine
         per piece, and sends it in one ``send_all``."""

@@ -31,7 +31,7 @@ from ..core.balance import RoundRobin
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MeshSnapshot, empty_snapshot
 from ..core.errors import MeshError
 from ..telemetry import Telemetry
-from .base import WOULD_BLOCK, Handler, Request
+from .base import WOULD_BLOCK, BodyPiece, BodySource, Handler, Request
 
 log = logging.getLogger("meshlet.mirror")
 
@@ -144,7 +144,9 @@ class Mirror:
         except MeshError:
             return False  # no such service, or no answer from the control plane in time
         config = self._snapshot.services.get(copy.service)
-        endpoint = None if config is None else self._pick(copy.service, config)
+        if config is None:
+            return False
+        endpoint = self._pick(copy.service, config)
         if endpoint is None:
             return False
         copy.endpoint = endpoint
@@ -176,13 +178,13 @@ class _Tee:
 
     __slots__ = ("inner", "done", "pieces", "size")
 
-    def __init__(self, inner: Any, done: Callable[[bytes | None], None]) -> None:
+    def __init__(self, inner: BodySource, done: Callable[[bytes | None], None]) -> None:
         self.inner = inner
         self.done: Callable[[bytes | None], None] | None = done
         self.pieces: list[bytes] | None = []
         self.size = 0
 
-    def _seen(self, data: Any) -> Any:
+    def _seen(self, data: BodyPiece) -> None:
         if data is None:
             if self.done is not None:
                 done, self.done = self.done, None
@@ -193,13 +195,16 @@ class _Tee:
                 self.pieces = None
             else:
                 self.pieces.append(data)
-        return data
 
     async def read(self) -> bytes | None:
-        return self._seen(await self.inner.read())  # type: ignore[no-any-return]
+        data = await self.inner.read()
+        self._seen(data)
+        return data
 
-    def read_nowait(self) -> Any:
-        return self._seen(self.inner.read_nowait())
+    def read_nowait(self) -> BodyPiece:
+        data = self.inner.read_nowait()
+        self._seen(data)
+        return data
 
 
 class _Bytes:

@@ -195,9 +195,9 @@ def routing_layer(
         if rule is not None:
             spec = rule.rule
             if spec.fault is not None:
-                answer = await _fault(spec.fault, rng)
-                if answer is not None:
-                    return answer
+                faulted = await _fault(spec.fault, rng)
+                if faulted is not None:
+                    return faulted
             if spec.mirror is not None and mirror is not None:
                 mirror(request, spec.mirror, discover)  # a target not watched yet is looked up
         then(request)
