@@ -23,13 +23,14 @@ import time
 
 import trio
 
-from meshlet import io, upstream
+from meshlet import io
 from sidecar.app import build_outbound
 from sidecar.core.config import load_static
 from sidecar.core.destination import Destinations
 from sidecar.core.spans import Endpoint, Span, encode_span, join
 from sidecar.layers.routing import router
 from sidecar.layers.tracing import Tracer
+from sidecar.net import upstream
 from sidecar.net.downstream import Timeouts, serve_connection
 from sidecar.net.upstream import Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry
