@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 import trio
+
+from meshlet.routes import CompiledRule
 
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import Reason, error_response
 from ..core.http1 import RequestHead
+from ..core.tracecontext import TraceContext
 
 
 class _WouldBlock(enum.Enum):
@@ -80,11 +83,11 @@ class Request:
         self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
         self.timeout = DEFAULT_REQUEST_TIMEOUT
         self.direction = "outbound"
-        self.rule: Any = None  # the Route rule that matched (meshlet/routes.py), if any
+        self.rule: CompiledRule | None = None  # the Route rule that matched (meshlet/routes.py), if any
         self.subset: tuple[tuple[str, str], ...] = ()  # labels the endpoint must carry (a rule's subset)
         self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
         self.attempt = 0  # which attempt the resilience layer is making (1, 2, ...)
-        self.trace: Any = None  # the caller's trace context, read on the first attempt (layers/tracing.py)
+        self.trace: TraceContext | None = None  # the caller's, read on the first attempt (layers/tracing.py)
 
 
 class Response:
