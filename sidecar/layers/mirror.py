@@ -21,21 +21,31 @@ import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from meshlet.io import Closed
 
 from ..core.balance import RoundRobin
-from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MeshSnapshot, empty_snapshot
+from ..core.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    Endpoint,
+    MeshSnapshot,
+    ServiceConfig,
+    empty_snapshot,
+)
 from ..core.errors import MeshError
 from ..telemetry import Telemetry
 from .base import WOULD_BLOCK, BodyPiece, BodySource, Handler, Request
 
+if TYPE_CHECKING:  # the schema is not imported at run time (the sidecar starts without pydantic)
+    from meshlet.policy import Mirror as MirrorSpec
+
 log = logging.getLogger("meshlet.mirror")
 
-Discover = Callable[[str], Awaitable[Any]]  # a service → once it is in the installed snapshot
+Discover = Callable[[str], Awaitable[object]]  # a service → once it is in the installed snapshot
 
 
 class Mirror:
@@ -52,7 +62,7 @@ class Mirror:
         self._snapshot = snapshot
         self._balancers = {}
 
-    def __call__(self, request: Request, spec: Any, discover: Discover | None = None) -> None:
+    def __call__(self, request: Request, spec: MirrorSpec, discover: Discover | None = None) -> None:
         """Maybe mirror ``request`` (``spec``: the rule's mirror: service, percent);
         ``discover`` looks up a target this sidecar does not know yet."""
         if self.rng.random() * 100 >= spec.percent:
@@ -102,7 +112,7 @@ class Mirror:
 
         request.body = _Tee(request.body, body_read)
 
-    def _pick(self, service: str, config: Any) -> Any:
+    def _pick(self, service: str, config: ServiceConfig) -> Endpoint | None:
         balancer = self._balancers.get(service)
         if balancer is None:
             balancer = self._balancers[service] = RoundRobin(config.endpoints)
