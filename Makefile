@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/meshlet demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed
-	$(PY) -m ruff check meshlet sidecar control_plane tests benchmarks examples
+# CI runs `make test` only, so the lint runs first.
+test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
@@ -31,9 +31,15 @@ bench-cp: $(VENV)/.installed
 conformance: $(VENV)/.installed
 	CONFORMANCE_SUITES=$(CONFORMANCE_SUITES) $(PY) benchmarks/conformance/run.py $(CONFORMANCE_ARGS)
 
+# Style (ruff), types (mypy, configured in pyproject.toml) and the import contracts between
+# the packages and layers (import-linter, [tool.importlinter] in pyproject.toml).
+LINTED := meshlet sidecar control_plane tests benchmarks examples
+
 lint: $(VENV)/.installed
-	$(PY) -m ruff check meshlet sidecar control_plane tests benchmarks examples
-	$(PY) -m ruff format --check meshlet sidecar control_plane tests benchmarks examples
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache *.egg-info

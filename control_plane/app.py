@@ -62,7 +62,9 @@ async def run(
             token = api_token(options.data_dir)
             scraper = Scraper(lambda: ((i.instance_id, i.admin) for i in registry.instances()))
             nursery.start_soon(scraper.run)
-            binds = await nursery.start(partial(serve_asgi, build_api(push, token, scraper=scraper), config))
+            api = build_api(push, token, scraper=scraper)
+            # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.
+            binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
             push.api_port = api_port
             task_status.started({"push": push_port, "api": api_port})

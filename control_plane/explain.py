@@ -120,7 +120,7 @@ def _destination(
     policies = [d for d in documents if isinstance(d, DestinationPolicy) and d.service == name]
     specific = [d for d in policies if d.rule is not None and d.rule == rule_ref]
     general = [d for d in policies if d.rule is None]
-    policy = (specific or general or [None])[0]
+    policy = next(iter(specific or general), None)
     return {
         "service": name,
         "subset": subset,

@@ -178,7 +178,7 @@ def diff(before: list[Document], after: list[Document]) -> tuple[Change, ...]:
 
 
 def _encode(entry: Version) -> bytes:
-    return msgpack.packb(
+    encoded: bytes = msgpack.packb(  # msgpack is untyped
         {
             "seq": entry.seq,
             "version": entry.version,
@@ -188,6 +188,7 @@ def _encode(entry: Version) -> bytes:
         },
         use_bin_type=True,
     )
+    return encoded
 
 
 def _decode(raw: bytes, store: Store, key: str) -> Version:

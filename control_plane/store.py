@@ -309,7 +309,8 @@ def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int]:
 
 
 def encode_state(items: dict[str, bytes], revision: int) -> bytes:
-    return msgpack.packb({"revision": revision, "items": dict(sorted(items.items()))}, use_bin_type=True)
+    state: bytes = msgpack.packb({"revision": revision, "items": dict(sorted(items.items()))}, use_bin_type=True)
+    return state  # (msgpack is untyped)
 
 
 def _write_state(path: Path, items: dict[str, bytes], revision: int) -> None:

@@ -184,11 +184,11 @@ def _calls(trace: _Trace) -> list[tuple[str, str, bool]]:
     for span in trace.spans.values():
         by_id.setdefault(span["id"], []).append(span)
     answered: set[str] = set()  # CLIENT span ids with a SERVER span under them
-    calls = []
+    calls: list[tuple[str, str, bool]] = []
     for span in trace.spans.values():
-        if span.get("kind") != "SERVER" or not _service(span):
-            continue
         callee = _service(span)
+        if span.get("kind") != "SERVER" or not callee:
+            continue
         # The caller: the parent span (Zipkin v2 may also share one id between the CLIENT
         # and the SERVER span of a call; then the CLIENT span of that id is the parent).
         parents = [p for p in by_id.get(span.get("parentId", ""), []) if p is not span]
@@ -202,11 +202,12 @@ def _calls(trace: _Trace) -> list[tuple[str, str, bool]]:
         if caller is not None and caller != callee:
             calls.append((caller, callee, "error" in (span.get("tags") or {})))
     for span in trace.spans.values():
-        if span.get("kind") != "CLIENT" or span["id"] in answered or not _service(span):
+        caller = _service(span)
+        if span.get("kind") != "CLIENT" or span["id"] in answered or not caller:
             continue
         callee = ((span.get("remoteEndpoint") or {}).get("serviceName") or "").lower()
         if callee:
-            calls.append((_service(span), callee, "error" in (span.get("tags") or {})))
+            calls.append((caller, callee, "error" in (span.get("tags") or {})))
     return calls
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,8 +358,8 @@ class Error:
 
 
 Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Watch | Error
-_KINDS: dict[str, Any] = {
-    cls.kind: cls for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Watch, Error)
+_FROM_WIRE: dict[str, Callable[[dict[str, Any]], Message]] = {
+    cls.kind: cls.from_wire for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Watch, Error)
 }
 UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "watch", "error"})
 MAX_WATCHED = 4096  # names per type one sidecar may watch: a bound on what it can make us keep
@@ -406,7 +406,7 @@ def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
 
 def encode(message: Message) -> bytes:
     """One frame. Map keys keep the order of ``to_wire``: the bytes are deterministic."""
-    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    body: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)  # msgpack is untyped
     if len(body) > MAX_FRAME:
         raise WireError("frame-too-large", f"{message.kind} is {len(body)} bytes (max {MAX_FRAME})")
     return _HEADER.pack(len(body)) + body
@@ -415,10 +415,10 @@ def encode(message: Message) -> bytes:
 def decode_message(raw: Any, allowed: frozenset[str] | None = None) -> Message:
     raw = _map(raw, "a message")
     kind = raw.get("k")
-    cls = _KINDS.get(kind) if isinstance(kind, str) else None
-    if cls is None or (allowed is not None and kind not in allowed):
+    from_wire = _FROM_WIRE.get(kind) if isinstance(kind, str) else None
+    if from_wire is None or (allowed is not None and kind not in allowed):
         raise WireError("unknown-message", f"message kind {kind!r} is not expected here")
-    return cls.from_wire(raw)  # type: ignore[no-any-return]
+    return from_wire(raw)
 
 
 class FrameDecoder:
@@ -628,7 +628,8 @@ def _canonical(value: Any) -> Any:
 
 def canonical_bytes(value: Any) -> bytes:
     """The bytes a version hashes: msgpack of the value with maps as sorted pairs."""
-    return msgpack.packb(_canonical(value), use_bin_type=True)  # type: ignore[no-any-return]
+    packed: bytes = msgpack.packb(_canonical(value), use_bin_type=True)  # msgpack is untyped
+    return packed
 
 
 def content_version(body: Any) -> str:

@@ -229,7 +229,7 @@ def _summary(rules: Interception, replaced: bool) -> str:
             )
         )
     elif rules.inbound_ports:
-        inbound = "ports " + ", ".join(map(str, rules.inbound_ports))  # type: ignore[arg-type]
+        inbound = "ports " + ", ".join(map(str, rules.inbound_ports))
     else:
         inbound = "nothing"
     direct = [str(p) for p in rules.exclude_outbound_ports] + list(rules.exclude_outbound_cidrs)

@@ -55,7 +55,7 @@ class Telemetry:
     def __init__(self, settings: MetricsSettings | None = None) -> None:
         self.settings = settings or MetricsSettings()
         self.limits = SeriesLimits(REQUEST_LABELS, self.settings.labels, self.settings.max_label_values)
-        self.idle = IdleSeries(self.settings.idle_expiry)
+        self.idle: IdleSeries[tuple[str, ...]] = IdleSeries(self.settings.idle_expiry)
         self._recorded_as: dict[tuple[str, ...], tuple[str, ...]] = {}  # raw labels → bounded labels
         self.requests: dict[tuple[str, ...], int] = {}
         # labels → [count per bucket..., +Inf count, sum]
@@ -237,7 +237,9 @@ class Telemetry:
         }
 
 
-def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...], Any]]:
+def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[str, ...], Any]], dict[str, Any]]:
+    """The workers' snapshots as one: each kind's series (labels → value) summed, and the
+    configuration info (version, connected) of the first worker."""
     merged: dict[str, dict[tuple[str, ...], Any]] = {
         "requests": {},
         "durations": {},
@@ -257,7 +259,6 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "spans_exported": {},
         "transparent": {},
         "folded": {},
-        "info": {},
         "circuits": {},
         "endpoints": {},
         "downstream_open": {},
@@ -266,6 +267,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
         "downstream_timeouts": {},
         "downstream_requests_rejected": {},
     }
+    info: dict[str, Any] = {}
     for snap in snapshots:
         for kind in (
             "requests",
@@ -295,8 +297,8 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
                 key = tuple(labels)
                 table[key] = table.get(key, 0) + value
         for version, connected in snap.get("info", ()):  # workers share one configuration: the first says
-            merged["info"].setdefault("version", version)
-            merged["info"].setdefault("connected", connected)
+            info.setdefault("version", version)
+            info.setdefault("connected", connected)
         circuits = merged["circuits"]
         for destination, state in snap.get("circuits", ()):
             # Workers keep a breaker each: show the most alarming (open, then half-open).
@@ -308,7 +310,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, ...
                 key = tuple(labels)
                 have = histograms.get(key)
                 histograms[key] = list(values) if have is None else [a + b for a, b in zip(have, values, strict=True)]
-    return merged
+    return merged, info
 
 
 class _Collector:
@@ -316,7 +318,7 @@ class _Collector:
         self._snapshots = snapshots
 
     def collect(self) -> Iterable[Any]:
-        merged = _merge(self._snapshots())
+        merged, info = _merge(self._snapshots())
         requests = CounterMetricFamily(
             "meshlet_requests", "Requests per hop, by status code and mesh error reason.", labels=REQUEST_LABELS
         )
@@ -500,7 +502,6 @@ class _Collector:
             ("listener", "code"),
             merged["downstream_requests_rejected"],
         )
-        info = merged["info"]
         if info.get("version"):
             yield _family(
                 GaugeMetricFamily,

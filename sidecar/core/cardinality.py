@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 OTHER = "other"
 DEFAULT_MAX_VALUES = 200
 DEFAULT_IDLE_EXPIRY = 600.0  # seconds
+Series = TypeVar("Series", bound=Hashable)  # how a caller keys a series, e.g. its label values
 UNCAPPED = frozenset({"direction", "code"})
 
 
@@ -106,15 +108,15 @@ class SeriesLimits:
         }
 
 
-class IdleSeries:
+class IdleSeries(Generic[Series]):
     """Which series have not moved for ``expiry`` seconds, judged at each :meth:`sweep`
     (the request path never reads a clock for this)."""
 
     def __init__(self, expiry: float = DEFAULT_IDLE_EXPIRY) -> None:
         self.expiry = expiry
-        self._last: dict[Hashable, tuple[float, float]] = {}  # series → (its count, when it last moved)
+        self._last: dict[Series, tuple[float, float]] = {}  # series → (its count, when it last moved)
 
-    def sweep(self, counts: Mapping[Hashable, float], now: float) -> list[Hashable]:
+    def sweep(self, counts: Mapping[Series, float], now: float) -> list[Series]:
         """The series of ``counts`` (series → a number that grows while it is used) idle for
         the expiry; they are forgotten here, and the caller removes them."""
         last = self._last

@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .balance import ZoneAware, make_balancer
+from .balance import Balancer, ZoneAware, make_balancer
 from .breaker import BreakerConfig, CircuitBreaker, State
 from .config import Endpoint, ServiceConfig
 from .outcome import RetryOn
@@ -154,7 +154,7 @@ class Destination:
         self.latencies = LatencySample()
         self._on_transition = on_transition
         self._on_eject = on_eject
-        self._balancers: dict[tuple[tuple[str, str], ...], Any] = {}
+        self._balancers: dict[tuple[tuple[str, str], ...], Balancer] = {}
         self.settings = settings
         self.breaker = self._breaker(now)
         self.budget = self._budget(now)
@@ -207,7 +207,7 @@ class Destination:
                 balancer.update(_subset(endpoints, labels))
         self.endpoints = endpoints
 
-    def balancer(self, labels: tuple[tuple[str, str], ...] = ()) -> Any:
+    def balancer(self, labels: tuple[tuple[str, str], ...] = ()) -> Balancer:
         """The balancer over the endpoints whose labels include ``labels`` (a subset)."""
         found = self._balancers.get(labels)
         if found is None:

@@ -266,6 +266,8 @@ class _Reader:
 class RequestReader(_Reader):
     """Parses requests from a downstream connection (pipelining allowed)."""
 
+    _parser: httptools.HttpRequestParser
+
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpRequestParser(self)
@@ -384,7 +386,8 @@ class RequestReader(_Reader):
         if head.chunked:
             framing = b"transfer-encoding: chunked"
         else:
-            framing = b"content-length: %d" % head.content_length  # type: ignore[str-bytes-safe]
+            assert head.content_length is not None  # has_body and not chunked
+            framing = b"content-length: %d" % head.content_length
         self._framing_only = True
         self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n\r\n")
         return True
@@ -406,6 +409,8 @@ class ResponseReader(_Reader):
     HEAD has no body whatever its Content-Length says, and llhttp cannot be told so,
     so the reader stops llhttp at the head and starts a fresh parser for the next one.
     """
+
+    _parser: httptools.HttpResponseParser
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_fields: int = MAX_HEADER_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)

@@ -117,7 +117,7 @@ class Interception:
             lines = [f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j RETURN" for port in _unique(kept)]
             return lines + [f"-A {INBOUND_CHAIN} -p tcp -j {IN_REDIRECT_CHAIN}"]
         excluded = set(self.exclude_inbound_ports)
-        ports = [p for p in _unique(self.inbound_ports) if p not in excluded]  # type: ignore[arg-type]
+        ports = [p for p in _unique(self.inbound_ports) if p not in excluded]
         return [f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j {IN_REDIRECT_CHAIN}" for port in ports]
 
     def _outbound(self) -> list[str]:

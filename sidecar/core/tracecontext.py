@@ -167,13 +167,14 @@ def extract(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
             traceparents += 1
         if first[slot] is None:
             first[slot] = value
-    if traceparents == 1:
-        assert first[_TP] is not None
-        ctx = _from_traceparent(first[_TP], [value for slot, value in found if slot == _TS])
+    traceparent = first[_TP]
+    if traceparents == 1 and traceparent is not None:
+        ctx = _from_traceparent(traceparent, [value for slot, value in found if slot == _TS])
         if ctx is not None:
             return ctx
-    if first[_B3] is not None:
-        ctx = _from_b3_single(first[_B3])
+    b3 = first[_B3]
+    if b3 is not None:
+        ctx = _from_b3_single(b3)
         if ctx is not None:
             return ctx
     return _from_b3_multi(first[_TRACE], first[_SPAN], first[_PARENT], first[_SAMPLED], first[_FLAGS])

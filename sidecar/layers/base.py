@@ -10,29 +10,39 @@ metrics can record the outcome once.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Final, Protocol, TypeAlias
 
 import trio
+
+from meshlet.routes import CompiledRule
 
 from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import Reason, error_response
 from ..core.http1 import RequestHead
+from ..core.tracecontext import TraceContext
 
 
-class _WouldBlock:
+class _WouldBlock(enum.Enum):
+    # A one-member enum rather than a bare object(), so that a type checker narrows
+    # ``piece is WOULD_BLOCK``.
+    WOULD_BLOCK = "WOULD_BLOCK"
+
     def __repr__(self) -> str:
         return "WOULD_BLOCK"
 
 
-WOULD_BLOCK = _WouldBlock()
+WOULD_BLOCK: Final = _WouldBlock.WOULD_BLOCK
+# What BodySource.read_nowait returns: a piece of body, None at its end, or WOULD_BLOCK.
+BodyPiece: TypeAlias = bytes | None | _WouldBlock
 
 
 class BodySource(Protocol):
     async def read(self) -> bytes | None:
         """The next piece of body, or None at its end."""
 
-    def read_nowait(self) -> bytes | None | _WouldBlock:
+    def read_nowait(self) -> BodyPiece:
         """What ``read`` would return if it needs no network, else WOULD_BLOCK.
         Synchronous: the downstream loop drains what is buffered without a coroutine
         per piece, and sends it in one ``send_all``."""
@@ -74,11 +84,11 @@ class Request:
         self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
         self.timeout = DEFAULT_REQUEST_TIMEOUT
         self.direction = "outbound"
-        self.rule: Any = None  # the Route rule that matched (meshlet/routes.py), if any
+        self.rule: CompiledRule | None = None  # the Route rule that matched (meshlet/routes.py), if any
         self.subset: tuple[tuple[str, str], ...] = ()  # labels the endpoint must carry (a rule's subset)
         self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
         self.attempt = 0  # which attempt the resilience layer is making (1, 2, ...)
-        self.trace: Any = None  # the caller's trace context, read on the first attempt (layers/tracing.py)
+        self.trace: TraceContext | None = None  # the caller's, read on the first attempt (layers/tracing.py)
 
 
 class Response:

@@ -4,8 +4,8 @@ service's AccessPolicy lets its caller in."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from meshlet.access import AccessTable
 from meshlet.headers import DEADLINE_HEADER, SOURCE_HEADER
 from meshlet.paths import path_of
 
@@ -57,7 +57,7 @@ def to_local_app(
 
 
 def access_check(
-    table: Any | None, shadow: Any | None, on_shadow: Callable[[str, str, str, str], None]
+    table: AccessTable | None, shadow: AccessTable | None, on_shadow: Callable[[str, str, str, str], None]
 ) -> Filter | None:
     """The service's AccessPolicy (meshlet/access.py): enforced by ``table`` (403
     ``forbidden``), only counted by ``shadow`` (``on_shadow(policy, source, rule, verdict)``).

@@ -21,21 +21,31 @@ import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from meshlet.io import Closed
 
 from ..core.balance import RoundRobin
-from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MeshSnapshot, empty_snapshot
+from ..core.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    Endpoint,
+    MeshSnapshot,
+    ServiceConfig,
+    empty_snapshot,
+)
 from ..core.errors import MeshError
 from ..telemetry import Telemetry
-from .base import WOULD_BLOCK, Handler, Request
+from .base import WOULD_BLOCK, BodyPiece, BodySource, Handler, Request
+
+if TYPE_CHECKING:  # the schema is not imported at run time (the sidecar starts without pydantic)
+    from meshlet.policy import Mirror as MirrorSpec
 
 log = logging.getLogger("meshlet.mirror")
 
-Discover = Callable[[str], Awaitable[Any]]  # a service → once it is in the installed snapshot
+Discover = Callable[[str], Awaitable[object]]  # a service → once it is in the installed snapshot
 
 
 class Mirror:
@@ -52,7 +62,7 @@ class Mirror:
         self._snapshot = snapshot
         self._balancers = {}
 
-    def __call__(self, request: Request, spec: Any, discover: Discover | None = None) -> None:
+    def __call__(self, request: Request, spec: MirrorSpec, discover: Discover | None = None) -> None:
         """Maybe mirror ``request`` (``spec``: the rule's mirror: service, percent);
         ``discover`` looks up a target this sidecar does not know yet."""
         if self.rng.random() * 100 >= spec.percent:
@@ -102,7 +112,7 @@ class Mirror:
 
         request.body = _Tee(request.body, body_read)
 
-    def _pick(self, service: str, config: Any) -> Any:
+    def _pick(self, service: str, config: ServiceConfig) -> Endpoint | None:
         balancer = self._balancers.get(service)
         if balancer is None:
             balancer = self._balancers[service] = RoundRobin(config.endpoints)
@@ -144,7 +154,9 @@ class Mirror:
         except MeshError:
             return False  # no such service, or no answer from the control plane in time
         config = self._snapshot.services.get(copy.service)
-        endpoint = None if config is None else self._pick(copy.service, config)
+        if config is None:
+            return False
+        endpoint = self._pick(copy.service, config)
         if endpoint is None:
             return False
         copy.endpoint = endpoint
@@ -176,13 +188,13 @@ class _Tee:
 
     __slots__ = ("inner", "done", "pieces", "size")
 
-    def __init__(self, inner: Any, done: Callable[[bytes | None], None]) -> None:
+    def __init__(self, inner: BodySource, done: Callable[[bytes | None], None]) -> None:
         self.inner = inner
         self.done: Callable[[bytes | None], None] | None = done
         self.pieces: list[bytes] | None = []
         self.size = 0
 
-    def _seen(self, data: Any) -> Any:
+    def _seen(self, data: BodyPiece) -> None:
         if data is None:
             if self.done is not None:
                 done, self.done = self.done, None
@@ -193,13 +205,16 @@ class _Tee:
                 self.pieces = None
             else:
                 self.pieces.append(data)
-        return data
 
     async def read(self) -> bytes | None:
-        return self._seen(await self.inner.read())  # type: ignore[no-any-return]
+        data = await self.inner.read()
+        self._seen(data)
+        return data
 
-    def read_nowait(self) -> Any:
-        return self._seen(self.inner.read_nowait())
+    def read_nowait(self) -> BodyPiece:
+        data = self.inner.read_nowait()
+        self._seen(data)
+        return data
 
 
 class _Bytes:

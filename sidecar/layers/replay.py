@@ -17,11 +17,9 @@ kept for the live cursor.
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 
-from .base import WOULD_BLOCK, BodySource
+from .base import WOULD_BLOCK, BodyPiece, BodySource
 
 REPLAY_LIMIT = 64 * 1024
 
@@ -108,7 +106,7 @@ class Cursor:
             buffer.base = self.index
         return piece
 
-    def read_nowait(self) -> Any:
+    def read_nowait(self) -> BodyPiece:
         if self.detached:
             raise Detached
         piece = self._next_kept()
@@ -122,7 +120,7 @@ class Cursor:
         data = buffer.source.read_nowait()
         if data is WOULD_BLOCK:
             return data
-        buffer._keep(data)  # type: ignore[arg-type]
+        buffer._keep(data)
         return self._next_kept()
 
     async def read(self) -> bytes | None:

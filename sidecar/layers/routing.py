@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from meshlet.headers import FAULT_HEADER
 from meshlet.paths import BadPath, normalise_target
-from meshlet.routes import change_headers
+from meshlet.routes import RouteTable, change_headers
 
 from ..core import errors
 from ..core.config import MeshSnapshot
@@ -26,6 +26,9 @@ from ..core.errors import MeshError, policy_response
 from ..core.headers import VIA_VALUE
 from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
+
+if TYPE_CHECKING:  # the schema is not imported at run time (the sidecar starts without pydantic)
+    from meshlet.policy import Fault, Mirror
 
 
 class Undiscovered(MeshError):
@@ -128,7 +131,7 @@ def _came_back(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def _count_shadow(request: Request, table: Any, on_shadow: Callable[[str, str, str], None]) -> None:
+def _count_shadow(request: Request, table: RouteTable, on_shadow: Callable[[str, str, str], None]) -> None:
     """What a shadow Route would do with this request; nothing about the request changes."""
     rule = table.match(request.head.method, request.target, request.head.headers)
     if rule is None:
@@ -145,7 +148,7 @@ def _count_shadow(request: Request, table: Any, on_shadow: Callable[[str, str, s
     on_shadow(table.name, rule.name, decision)
 
 
-def _by_rule(request: Request, table: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+def _by_rule(request: Request, table: RouteTable) -> tuple[str, tuple[tuple[str, str], ...]]:
     """Match ``table``'s rules; apply the rule's request changes; → (service, subset)."""
     head = request.head
     rule = table.match(head.method, request.target, head.headers)
@@ -174,7 +177,7 @@ def routing_layer(
     then: Filter,
     discover: Discover | None = None,
     rng: random.Random | None = None,
-    mirror: Callable[[Request, Any, Discover | None], None] | None = None,
+    mirror: Callable[[Request, Mirror, Discover | None], None] | None = None,
 ) -> Handler:
     """``route``, then ``then`` (the next synchronous filter), then ``inner``. A
     destination the snapshot lacks is looked up with ``discover`` (when there is a
@@ -196,9 +199,9 @@ def routing_layer(
         if rule is not None:
             spec = rule.rule
             if spec.fault is not None:
-                answer = await _fault(spec.fault, rng)
-                if answer is not None:
-                    return answer
+                faulted = await _fault(spec.fault, rng)
+                if faulted is not None:
+                    return faulted
             if spec.mirror is not None and mirror is not None:
                 mirror(request, spec.mirror, discover)  # a target not watched yet is looked up
         then(request)
@@ -210,7 +213,7 @@ def routing_layer(
     return handle
 
 
-async def _fault(fault: Any, rng: random.Random) -> Response | None:
+async def _fault(fault: Fault, rng: random.Random) -> Response | None:
     """Fault injection (delay, abort) by percent, as Envoy's fault filter."""
     if fault.delay is not None and rng.random() * 100 < fault.delay.percent:
         await trio.sleep(fault.delay.duration)

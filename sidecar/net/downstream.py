@@ -28,7 +28,7 @@ from ..core.http1 import (
     chunk,
     serialize_response_head,
 )
-from ..layers.base import WOULD_BLOCK, Handler, Request, Response, Tunnel
+from ..layers.base import WOULD_BLOCK, BodyPiece, Handler, Request, Response, Tunnel
 from .upstream import UpstreamBodyError
 
 log = logging.getLogger("meshlet.downstream")
@@ -139,7 +139,7 @@ class _RequestBody:
         self.done = False
         self.received = 0  # body bytes read so far (meshlet_request_bytes)
 
-    def read_nowait(self) -> bytes | None | object:
+    def read_nowait(self) -> BodyPiece:
         if self.done:
             return None
         events = self.conn.reader.events
@@ -147,7 +147,7 @@ class _RequestBody:
             return WOULD_BLOCK  # read() sends the 100, waits, or raises the error
         event = events.popleft()
         if type(event) is Data:
-            data = event.data  # type: ignore[attr-defined]
+            data = event.data
             self.received += len(data)
             return data
         self.done = True
@@ -166,7 +166,7 @@ class _RequestBody:
         conn.touch()
         event = events.popleft()
         if type(event) is Data:
-            data = event.data  # type: ignore[attr-defined]
+            data = event.data
             self.received += len(data)
             return data
         if type(event) is EndOfMessage:
@@ -314,7 +314,8 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
         await _tunnel(conn, response, response.upgrade)
         return False
     if framing == "length":
-        headers.append((b"content-length", b"%d" % response.content_length))  # type: ignore[operator]
+        assert response.content_length is not None  # "length" framing: the length is known
+        headers.append((b"content-length", b"%d" % response.content_length))
     elif framing == "chunked":
         if head.http_version == "1.1":
             headers.append((b"transfer-encoding", b"chunked"))
@@ -347,8 +348,8 @@ async def _exchange(conn: _Connection, handler: Handler, request: Request) -> bo
             if piece is None:
                 break
             if piece:
-                sent += len(piece)  # type: ignore[arg-type]
-                pieces.append(chunk(piece) if chunked else piece)  # type: ignore[arg-type]
+                sent += len(piece)
+                pieces.append(chunk(piece) if chunked else piece)
         if chunked:
             pieces.append(CHUNKED_END)
         if pieces:

@@ -47,7 +47,7 @@ from ..core.http1 import (
     serialize_request_head,
 )
 from ..core.outcome import IDEMPOTENT
-from ..layers.base import WOULD_BLOCK, Request, Response
+from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 
 log = logging.getLogger("meshlet.upstream")
 
@@ -368,7 +368,7 @@ class _Exchange:
         self.client_slow = self.waiting is not None and not self.abandoned
         self.conn.close()
 
-    def read_nowait(self) -> bytes | None | object:
+    def read_nowait(self) -> BodyPiece:
         events = self.conn.reader.events
         if not events:
             return WOULD_BLOCK
@@ -389,7 +389,7 @@ class _Exchange:
 
     def _piece(self, event: object) -> bytes | None:
         if type(event) is Data:
-            return event.data  # type: ignore[attr-defined]
+            return event.data
         if type(event) is EndOfMessage:
             self.complete = True
             return None
@@ -592,8 +592,8 @@ class Forwarder:
         try:
             if exchange.resend:
                 exchange.body_started = True
-                for piece in exchange.resend:  # what a stale connection took, first
-                    await send_all(chunk(piece) if chunked else piece)
+                for taken in exchange.resend:  # what a stale connection took, first
+                    await send_all(chunk(taken) if chunked else taken)
             while True:
                 try:
                     piece = body.read_nowait()
@@ -601,8 +601,9 @@ class Forwarder:
                         with trio.CancelScope() as exchange.waiting:
                             piece = await body.read()
                         exchange.waiting = None
-                        if exchange.abandoned:
-                            if type(piece) is bytes and exchange.sent is not None:
+                        # Only abandon() cancels the wait, so piece is still WOULD_BLOCK only then.
+                        if exchange.abandoned or piece is WOULD_BLOCK:
+                            if isinstance(piece, bytes) and exchange.sent is not None:
                                 exchange.sent.append(piece)  # read as the try was given up: the next sends it
                             return
                 except Exception as exc:  # the client sent a bad body or went away
@@ -614,9 +615,9 @@ class Forwarder:
                 exchange.body_started = True
                 sent = exchange.sent
                 if sent is not None:
-                    exchange.sent_bytes += len(piece)  # type: ignore[arg-type]
+                    exchange.sent_bytes += len(piece)
                     if exchange.sent_bytes <= RESEND_LIMIT:
-                        sent.append(piece)  # type: ignore[arg-type]
+                        sent.append(piece)
                     else:
                         exchange.sent = None  # too much to send again
                 await send_all(chunk(piece) if chunked else piece)

@@ -1,0 +1,53 @@
+"""A sidecar does not load pydantic at start: the policy schema (meshlet.policy) is imported
+when the first policy is pushed (sidecar/core/policies.py), so a sidecar that never receives
+one never pays for it. The import contracts (pyproject.toml) say so about the code; this
+test checks a running process, from the imports Python itself reports (-X importtime)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ..helpers import sidecar_process, write_static
+
+SCHEMA = ("pydantic", "pydantic_core", "meshlet.policy")
+
+
+def imported(log: str) -> set[str]:
+    """The modules a ``-X importtime`` log names (its lines: ``import time: SELF | CUMULATIVE | NAME``)."""
+    return {
+        line.rpartition("|")[2].strip() for line in log.splitlines() if line.startswith("import time:") and "|" in line
+    }
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_sidecar_with_a_static_configuration_never_imports_the_policy_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the child reports each import on stderr
+    port = closed_port()
+    static = write_static(tmp_path / "static.yaml", {"item": {"endpoints": [f"127.0.0.1:{port}"]}})
+    args = ["--service", "start-cost", "--app", f"127.0.0.1:{port}", "--static", str(static)]
+    args += ["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    log = tmp_path / "sidecar.log"
+    with sidecar_process(args, log) as ports:
+        admin = f"http://127.0.0.1:{ports['admin']}"
+        with httpx.Client(timeout=10) as client:
+            # The admin views and one request through the outbound path (to an endpoint that
+            # refuses): what a sidecar that is up and serving has imported by then.
+            assert client.get(f"{admin}/config_dump").status_code == 200
+            assert client.get(f"{admin}/metrics").status_code == 200
+            call = client.get(f"http://127.0.0.1:{ports['outbound']}/", headers={"host": "item"})
+            assert call.status_code == 503 and call.headers["x-meshlet-error"] == "connect-failed"
+        modules = imported(log.read_text(errors="replace"))
+    assert "sidecar.app" in modules, "no -X importtime report: the check would see nothing"
+    loaded = sorted(m for m in modules if any(m == name or m.startswith(f"{name}.") for name in SCHEMA))
+    assert not loaded, f"the sidecar imported the policy schema at start: {loaded}"
