@@ -26,7 +26,6 @@ from meshlet.endpoints import (
     endpoint_mapping,
 )
 from meshlet.names import check_service_name
-from meshlet.names import is_service_name as is_service_name  # for the sidecar's callers
 from meshlet.yamlfile import LineMap, YamlError, load_one
 
 if TYPE_CHECKING:  # types only: destination.py imports this module

@@ -18,10 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshlet import wire
+from meshlet.addresses import parse_address
 from meshlet.endpoints import check_weight
+from meshlet.names import is_service_name
 
 from . import errors
-from .config import Endpoint, MeshSnapshot, ServiceConfig, is_service_name, make_snapshot, parse_address
+from .config import Endpoint, MeshSnapshot, ServiceConfig, make_snapshot
 from .errors import MeshError
 from .policies import PolicyCache
 

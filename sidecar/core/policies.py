@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from meshlet import wire
 from meshlet.access import AccessTable
+from meshlet.addresses import parse_address
 from meshlet.routes import RouteTable
 
 from .cardinality import MetricsSettings
-from .config import Endpoint, ServiceConfig, parse_address
+from .config import Endpoint, ServiceConfig
 from .destination import Settings, settings
 from .spans import TracingSettings
 

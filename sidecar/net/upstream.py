@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 
 import trio
 
+from meshlet.headers import ERROR_HEADER
 from meshlet.io import Closed, Connection, Deadlines, connect
 
 from ..core import errors
 from ..core.config import Endpoint
-from ..core.errors import ERROR_HEADER, MeshError
+from ..core.errors import MeshError
 from ..core.headers import forward_request_headers, forward_response_headers
 from ..core.http1 import (
     CHUNKED_END,
