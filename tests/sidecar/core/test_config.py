@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshlet.names import is_service_name
 from sidecar.core.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
@@ -19,7 +20,6 @@ from sidecar.core.config import (
     MeshSnapshot,
     ServiceConfig,
     empty_snapshot,
-    is_service_name,
     load_static,
     make_snapshot,
 )
