@@ -8,8 +8,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# They start the sidecar and the control plane, so they import both: not contract modules.
-STARTERS = ("meshlet.cli", "meshlet.demo", "meshlet.__main__")
+# They start the sidecar and the control plane, so they import both: not contract modules; and
+# the demo's apps, which are apps in the mesh (they use sidecar.propagation).
+STARTERS = ("meshlet.cli", "meshlet.demo", "meshlet.__main__", "meshlet.examples")
 
 
 def contract(contract_id: str) -> dict[str, object]:
