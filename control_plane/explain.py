@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from meshlet.access import AccessTable, normalise_path
 from meshlet.paths import BadPath, normalise_target
-from meshlet.policy import AccessPolicy, DestinationPolicy, Document, Route, Service
 from meshlet.routes import RouteTable
+from meshlet.schema import AccessPolicy, DestinationPolicy, Document, Route, Service
 
 
 def explain(
@@ -136,7 +136,7 @@ def _access(source: str, service: str, target: str, method: str, documents: list
     policies = [d for d in documents if isinstance(d, AccessPolicy) and d.service == service]
     if not policies:
         return {"service": service, "allowed": True, "why": "no AccessPolicy for this service"}
-    (policy,) = policies  # one per service (meshlet/policy.py)
+    (policy,) = policies  # one per service (meshlet/schema.py)
     verdict = AccessTable(policy).check(source, method.encode("ascii"), target.encode("latin-1"))
     if verdict.rule == "default":
         path = normalise_path(target.partition("?")[0])

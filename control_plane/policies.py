@@ -24,7 +24,8 @@ from typing import Any
 import msgpack
 
 from meshlet import wire
-from meshlet.policy import Document, PolicyError, load_documents
+from meshlet.policy import PolicyError, load_documents
+from meshlet.schema import Document
 
 from .store import Store, StoreError
 

@@ -1,6 +1,6 @@
 """Access tables: may this caller call this service, on this path, with this method? Pure.
 
-Compiled once per policy version from a validated ``AccessPolicy`` (meshlet/policy.py)
+Compiled once per policy version from a validated ``AccessPolicy`` (meshlet/schema.py)
 and asked by the inbound sidecar for every request (docs/policy.md), and by ``meshlet explain``
 (control_plane/explain.py), so both give the same answer:
 
@@ -27,7 +27,7 @@ from .paths import BadPath, path_of
 from .paths import normalise_path as _normalise
 
 if TYPE_CHECKING:
-    from meshlet.policy import AccessPolicy, AccessRule
+    from meshlet.schema import AccessPolicy, AccessRule
 
 ANY = "*"
 

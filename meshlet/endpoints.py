@@ -1,6 +1,6 @@
 """The fields of a service's endpoints, as a ``Service`` policy and the static file both
 write them. Pure, and without pydantic: the sidecar checks its static file with these
-functions at start, and the policy schema (meshlet/policy.py) calls the same ones from
+functions at start, and the policy schema (meshlet/schema.py) calls the same ones from
 its fields, so the two accept and refuse the same documents.
 
 An endpoint is ``HOST:PORT`` (meshlet/addresses.py), or a mapping with ``address`` and

@@ -2,7 +2,7 @@
 destination it goes to. Pure: no clock, no randomness (the split is a smooth weighted
 round robin, exact over every cycle of the weights' sum, as nginx's upstream weights).
 
-Compiled once per policy version from the validated document (meshlet/policy.py);
+Compiled once per policy version from the validated document (meshlet/schema.py);
 matching works on the request head's bytes, as the data path has them:
 
 * rules are tried by priority (higher first), then in the order written;
@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from .paths import BadPath, normalise_target
 
 if TYPE_CHECKING:
-    from meshlet.policy import Route, Rule, StringMatch
+    from meshlet.schema import Route, Rule, StringMatch
 
 
 @dataclass(frozen=True, slots=True)

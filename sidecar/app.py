@@ -27,9 +27,10 @@ import trio
 
 from meshlet.io import Deadlines
 
-from .core.config import Endpoint, MeshSnapshot, ServiceConfig, empty_snapshot, load_static
+from .core.config import MeshSnapshot, empty_snapshot, load_static
 from .core.destination import Destinations
 from .core.interception import AddressMap
+from .core.services import Endpoint, ServiceConfig
 from .core.spans import Endpoint as SpanEndpoint
 from .core.spans import TracingSettings
 from .layers.base import Filter, Handler, Request, Response, filters_layer

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from . import errors
 from .balance import Balancer
-from .config import Endpoint
 from .destination import Destination, Settings
 from .outcome import Outcome
 from .retry import RetryBudget, backoff
+from .services import Endpoint
 
 # A timeout that fires this close to the overall deadline is the overall timeout's.
 _DEADLINE_SLACK = 0.001

@@ -60,7 +60,7 @@ from collections.abc import Container, Iterable, Sequence
 from itertools import accumulate
 from typing import Protocol
 
-from .config import Endpoint
+from .services import Endpoint
 
 KINDS = ("ewma", "least_request", "round_robin", "random")
 DEFAULT_KIND = "ewma"

@@ -28,16 +28,15 @@ from meshlet.endpoints import (
 from meshlet.names import check_service_name
 from meshlet.yamlfile import LineMap, YamlError, load_one
 
-if TYPE_CHECKING:  # types only: destination.py imports this module
+from .services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint, ServiceConfig
+
+if TYPE_CHECKING:  # types only: the snapshot holds them, built elsewhere (policies.py); no import at start
     from meshlet.access import AccessTable
     from meshlet.routes import RouteTable
 
     from .cardinality import MetricsSettings
     from .destination import Settings
     from .spans import TracingSettings
-
-DEFAULT_CONNECT_TIMEOUT = 1.0  # docs/policy.md
-DEFAULT_REQUEST_TIMEOUT = 15.0  # docs/policy.md: covers the whole exchange
 
 
 class ConfigError(Exception):
@@ -46,39 +45,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    # An endpoint is its address: labels and weight do not change which one it is.
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
-    weight: int = field(default=1, compare=False)
-    # The app's port on ``host``, where a sidecar fronts it (0: none, or not told): what an
-    # app in transparent mode dials (sidecar/core/interception.py AddressMap).
-    app_port: int = field(default=0, compare=False)
-    # Endpoints key the pools, balancers and outlier state: hashed several times a
-    # request, so the hash is computed once (the generated one hashes a new tuple each time).
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.host, self.port)))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceConfig:
-    name: str
-    endpoints: tuple[Endpoint, ...]
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    timeout: float = DEFAULT_REQUEST_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """How calls to a destination are made, and what the sidecar remembers about it. Pure.
 
-:class:`Settings` is a ``DestinationPolicy`` (meshlet/policy.py) compiled for the
+:class:`Settings` is a ``DestinationPolicy`` (meshlet/schema.py) compiled for the
 request path, or the defaults of docs/policy.md when a service has none. A
 :class:`Destination` holds the state that must outlive config snapshots (the endpoints
 change on every registration): the circuit breaker, the retry budget, the outlier
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 from .balance import Balancer, ZoneAware, make_balancer
 from .breaker import BreakerConfig, CircuitBreaker, State
-from .config import Endpoint, ServiceConfig
 from .outcome import RetryOn
 from .outlier import OutlierConfig, OutlierDetector
 from .ratelimit import TokenBucket
 from .retry import RetryBudget
+from .services import Endpoint, ServiceConfig
 
 if TYPE_CHECKING:
-    from meshlet.policy import DestinationPolicy
+    from meshlet.schema import DestinationPolicy
 
 DEFAULT_RETRY_ON = ("connect-failure", "reset", "refused", "unavailable")
 

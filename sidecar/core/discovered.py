@@ -23,9 +23,10 @@ from meshlet.endpoints import check_weight
 from meshlet.names import is_service_name
 
 from . import errors
-from .config import Endpoint, MeshSnapshot, ServiceConfig, make_snapshot
+from .config import MeshSnapshot, make_snapshot
 from .errors import MeshError
 from .policies import PolicyCache
+from .services import Endpoint, ServiceConfig
 
 EndpointList = list[dict[str, Any]]  # an endpoints resource body, as it travels (wire.endpoint)
 

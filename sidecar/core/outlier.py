@@ -56,7 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Endpoint
+from .services import Endpoint
 
 HEALTHY = "healthy"
 EJECTED = "ejected"

@@ -1,7 +1,7 @@
 """Policies a sidecar received from the control plane, checked again here. Pure.
 
 The control plane validated them, but a sidecar must never run what it cannot read: each
-resource is validated with the same schema (meshlet/policy.py); a bad one is
+resource is validated with the same schema (meshlet/schema.py, loaded by meshlet/policy.py); a bad one is
 rejected (NACKed, docs/protocol.md) and the sidecar keeps the version it had. What it holds
 becomes part of its snapshot: ``Service`` documents as services with static endpoints,
 enforcing ``Route`` documents as route tables by host, ``AccessPolicy`` documents as access
@@ -24,12 +24,12 @@ from meshlet.addresses import parse_address
 from meshlet.routes import RouteTable
 
 from .cardinality import MetricsSettings
-from .config import Endpoint, ServiceConfig
 from .destination import Settings, settings
+from .services import Endpoint, ServiceConfig
 from .spans import TracingSettings
 
 if TYPE_CHECKING:
-    from meshlet.policy import Document
+    from meshlet.schema import Document
 
 log = logging.getLogger("meshlet.policies")
 

@@ -19,11 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ..core.attempts import BUDGET_EXHAUSTED, Decision, Retry, Stop, decide, hedge_delay, pick, timeout_fired
-from ..core.config import Endpoint
 from ..core.destination import Destination
 from ..core.errors import NO_HEALTHY_ENDPOINTS, MeshError
 from ..core.outcome import retriable_method
 from ..core.retry import parse_retry_after
+from ..core.services import Endpoint
 from .base import Handler, Request, Response
 from .bookkeeping import Attempt, Bookkeeping
 from .call import ATTEMPT_HEADER, DEADLINE_HEADER, Call

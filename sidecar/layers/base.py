@@ -18,9 +18,9 @@ import trio
 
 from meshlet.routes import CompiledRule
 
-from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import Reason, error_response
 from ..core.http1 import RequestHead
+from ..core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.tracecontext import TraceContext
 
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..core.balance import Balancer
-from ..core.config import Endpoint
 from ..core.errors import MeshError
 from ..core.outcome import Outcome, error_outcome
 from ..core.outlier import OutlierDetector
+from ..core.services import Endpoint
 from .base import Response
 
 # The outcome of a plain answer (no x-meshlet-error) for each status, and whether it is a

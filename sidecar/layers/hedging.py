@@ -14,9 +14,9 @@ import trio
 
 from ..core.attempts import pick
 from ..core.balance import Balancer
-from ..core.config import Endpoint
 from ..core.destination import Destination
 from ..core.errors import MeshError
+from ..core.services import Endpoint
 from .base import Handler, Request
 from .bookkeeping import Attempt, Bookkeeping
 from .call import ATTEMPT_HEADER

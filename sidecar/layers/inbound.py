@@ -10,8 +10,8 @@ from meshlet.headers import DEADLINE_HEADER, SOURCE_HEADER
 from meshlet.paths import path_of
 
 from ..core import errors
-from ..core.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.errors import MeshError
+from ..core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from .base import Filter, Request
 from .routing import normalised
 

@@ -28,20 +28,14 @@ import trio
 from meshlet.io import Closed
 
 from ..core.balance import RoundRobin
-from ..core.config import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT,
-    Endpoint,
-    MeshSnapshot,
-    ServiceConfig,
-    empty_snapshot,
-)
+from ..core.config import MeshSnapshot, empty_snapshot
 from ..core.errors import MeshError
+from ..core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint, ServiceConfig
 from ..telemetry import Telemetry
 from .base import WOULD_BLOCK, BodyPiece, BodySource, Handler, Request
 
 if TYPE_CHECKING:  # the schema is not imported at run time (the sidecar starts without pydantic)
-    from meshlet.policy import Mirror as MirrorSpec
+    from meshlet.schema import Mirror as MirrorSpec
 
 log = logging.getLogger("meshlet.mirror")
 

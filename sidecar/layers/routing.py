@@ -28,7 +28,7 @@ from ..core.routing import NotRoutable, destination
 from .base import Filter, Handler, Request, Response
 
 if TYPE_CHECKING:  # the schema is not imported at run time (the sidecar starts without pydantic)
-    from meshlet.policy import Fault, Mirror
+    from meshlet.schema import Fault, Mirror
 
 
 class Undiscovered(MeshError):

@@ -25,9 +25,10 @@ import trio
 from meshlet import wire
 
 from ..core import errors
-from ..core.config import MeshSnapshot, ServiceConfig
+from ..core.config import MeshSnapshot
 from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
+from ..core.services import ServiceConfig
 from .health import AppHealth
 from .persist import read_last_good, write_last_good
 

@@ -34,7 +34,6 @@ from meshlet.headers import ERROR_HEADER
 from meshlet.io import Closed, Connection, Deadlines, connect
 
 from ..core import errors
-from ..core.config import Endpoint
 from ..core.errors import MeshError
 from ..core.headers import forward_request_headers, forward_response_headers
 from ..core.http1 import (
@@ -48,6 +47,7 @@ from ..core.http1 import (
     serialize_request_head,
 )
 from ..core.outcome import IDEMPOTENT
+from ..core.services import Endpoint
 from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 
 log = logging.getLogger("meshlet.upstream")

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from meshlet import paths
 from meshlet.access import AccessTable, normalise_path
-from meshlet.policy import AccessPolicy, load_documents
+from meshlet.policy import load_documents
+from meshlet.schema import AccessPolicy
 
 POLICY = """\
 kind: AccessPolicy

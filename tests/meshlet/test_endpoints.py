@@ -11,7 +11,8 @@ import pytest
 
 from meshlet.addresses import parse_address
 from meshlet.endpoints import check_labels, check_weight, endpoint_mapping
-from meshlet.policy import PolicyError, Service, load_documents
+from meshlet.policy import PolicyError, load_documents
+from meshlet.schema import Service
 from sidecar.core.config import ConfigError, load_static
 
 

@@ -12,15 +12,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshlet.policy import (
-    AccessPolicy,
-    DestinationPolicy,
-    MeshConfig,
-    PolicyError,
-    Route,
-    Service,
-    load_documents,
-)
+from meshlet.policy import PolicyError, load_documents
+from meshlet.schema import AccessPolicy, DestinationPolicy, MeshConfig, Route, Service
 
 EVERYTHING = textwrap.dedent(
     """\

@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from meshlet.policy import PolicyError, Route, load_documents
+from meshlet.policy import PolicyError, load_documents
 from meshlet.routes import RouteTable
+from meshlet.schema import Route
 
 ROUTE = textwrap.dedent(
     """\

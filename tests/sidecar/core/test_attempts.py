@@ -25,11 +25,11 @@ from sidecar.core.attempts import (
     timeout_fired,
 )
 from sidecar.core.balance import make_balancer
-from sidecar.core.config import Endpoint
 from sidecar.core.destination import DEFAULTS, Destination, Settings
 from sidecar.core.outcome import Outcome, RetryOn, error_outcome
 from sidecar.core.outlier import OutlierConfig
 from sidecar.core.retry import RetryBudget
+from sidecar.core.services import Endpoint
 
 A, B, C = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80), Endpoint("10.0.0.3", 80)
 

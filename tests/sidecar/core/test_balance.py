@@ -22,7 +22,7 @@ from sidecar.core.balance import (
     ZoneAware,
     make_balancer,
 )
-from sidecar.core.config import Endpoint
+from sidecar.core.services import Endpoint
 
 A = Endpoint("10.0.0.1", 80)
 B = Endpoint("10.0.0.2", 80, weight=3)

@@ -12,17 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshlet.names import is_service_name
-from sidecar.core.config import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT,
-    ConfigError,
-    Endpoint,
-    MeshSnapshot,
-    ServiceConfig,
-    empty_snapshot,
-    load_static,
-    make_snapshot,
-)
+from sidecar.core.config import ConfigError, MeshSnapshot, empty_snapshot, load_static, make_snapshot
+from sidecar.core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint, ServiceConfig
 
 
 def load(text: str) -> MeshSnapshot:

@@ -8,8 +8,8 @@ import pytest
 
 from meshlet import wire
 from sidecar.core import errors
-from sidecar.core.config import Endpoint, ServiceConfig
 from sidecar.core.discovered import DiscoveredState, PushedConfig
+from sidecar.core.services import Endpoint, ServiceConfig
 
 
 def _push(*resources: wire.Resource, removed: tuple[str, ...] = (), type: str = wire.ENDPOINTS) -> wire.Push:

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.config import Endpoint, ServiceConfig
 from sidecar.core.interception import (
     ALL_PORTS,
     ALLOW_ANY,
@@ -26,6 +25,7 @@ from sidecar.core.interception import (
     removal,
     unregistered,
 )
+from sidecar.core.services import Endpoint, ServiceConfig
 
 
 def rules(**kwargs: object) -> list[str]:

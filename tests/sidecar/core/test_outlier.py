@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.config import Endpoint
 from sidecar.core.outlier import OutlierConfig, OutlierDetector
+from sidecar.core.services import Endpoint
 
 A, B, C, D = (Endpoint(f"10.0.0.{i}", 80) for i in range(1, 5))
 FOUR = (A, B, C, D)

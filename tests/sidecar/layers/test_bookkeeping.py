@@ -9,10 +9,10 @@ import pytest
 
 from sidecar.core import errors
 from sidecar.core.balance import Balancer, make_balancer
-from sidecar.core.config import Endpoint
 from sidecar.core.errors import MeshError
 from sidecar.core.outcome import Outcome
 from sidecar.core.outlier import OutlierConfig, OutlierDetector
+from sidecar.core.services import Endpoint
 from sidecar.layers.base import Response
 from sidecar.layers.bookkeeping import Bookkeeping
 

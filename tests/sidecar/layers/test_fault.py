@@ -6,7 +6,7 @@ import random
 
 import trio
 
-from meshlet.policy import Abort, Delay, Fault
+from meshlet.schema import Abort, Delay, Fault
 from sidecar.layers.routing import _fault
 
 

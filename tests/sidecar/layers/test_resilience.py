@@ -15,11 +15,11 @@ import trio.testing
 
 from sidecar.core import errors
 from sidecar.core.breaker import BreakerConfig, State
-from sidecar.core.config import Endpoint, ServiceConfig
 from sidecar.core.destination import DEFAULTS, Destinations, Fallback, Settings
 from sidecar.core.errors import MeshError
 from sidecar.core.http1 import RequestHead
 from sidecar.core.outcome import RetryOn
+from sidecar.core.services import Endpoint, ServiceConfig
 from sidecar.layers.base import WOULD_BLOCK, Request, Response
 from sidecar.layers.errors import errors_layer
 from sidecar.layers.explain import Explanations

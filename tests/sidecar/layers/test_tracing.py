@@ -8,9 +8,9 @@ import random
 import trio
 
 from sidecar.core import tracecontext
-from sidecar.core.config import ServiceConfig
 from sidecar.core.destination import DEFAULTS, Destinations
 from sidecar.core.http1 import RequestHead
+from sidecar.core.services import ServiceConfig
 from sidecar.core.spans import Endpoint, Span
 from sidecar.layers.base import Request, Response
 from sidecar.layers.errors import errors_layer

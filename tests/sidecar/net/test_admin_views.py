@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import trio
 
 from meshlet.io import Deadlines
-from sidecar.core.config import Endpoint, MeshSnapshot, empty_snapshot, load_static
+from sidecar.core.config import MeshSnapshot, empty_snapshot, load_static
 from sidecar.core.destination import Destinations
+from sidecar.core.services import Endpoint
 from sidecar.layers.explain import Explanations
 from sidecar.net.admin_views import AdminViews
 from sidecar.net.listeners import Listeners

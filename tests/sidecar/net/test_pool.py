@@ -10,8 +10,8 @@ import trio.testing
 from meshlet.io import Deadlines
 from sidecar.app import build_inbound
 from sidecar.core import errors
-from sidecar.core.config import Endpoint
 from sidecar.core.errors import MeshError
+from sidecar.core.services import Endpoint
 from sidecar.net.downstream import Timeouts
 from sidecar.net.listeners import serve_http
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
