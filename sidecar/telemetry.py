@@ -498,7 +498,8 @@ class _Collector:
             CounterMetricFamily,
             "meshlet_downstream_requests_rejected",
             "Requests a listener answered itself before the request path, by status code: 400 (a malformed head "
-            "or a bad chunk read with it), 431 (a head too large), 408 (a head not complete within --header-timeout).",
+            "or a bad chunk read with it), 431 (a head too large), 414 (a request target too long), 505 (an HTTP "
+            "version other than 1.0 and 1.1), 408 (a head not complete within --header-timeout).",
             ("listener", "code"),
             merged["downstream_requests_rejected"],
         )
