@@ -160,7 +160,7 @@ def verify(records: Mapping[str, TokenRecord], token_text: object, service: str,
     if not hmac.compare_digest(_digest(secret), expected) or record is None:
         return Verdict("unknown", f"join token {token_id} is not one this control plane made (or was revoked)")
     if record.has_expired(now):
-        return Verdict("expired", f"join token {token_id} expired: ask for a new one (meshlet token create)", record)
+        return Verdict("expired", f"join token {token_id} expired: ask the mesh operator for a new one", record)
     if record.service is not None and record.service != service:
         return Verdict(
             "wrong-service",
