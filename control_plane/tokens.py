@@ -138,7 +138,7 @@ def mint(
     return text, _record(token_id, secret, scope_service, None if ttl is None else now + ttl, now)
 
 
-def verify(records: Mapping[str, TokenRecord], token_text: object, service: str, now: float) -> Verdict:
+def verify(records: Mapping[str, TokenRecord], token_text: object, service: object, now: float) -> Verdict:
     """May the holder of ``token_text`` join as ``service`` at ``now``?
 
     ``records`` maps token ids to their records. Reasons, in the order they are checked:
@@ -152,7 +152,7 @@ def verify(records: Mapping[str, TokenRecord], token_text: object, service: str,
     if match is None:
         return Verdict("malformed", "not a join token (mjt_<id>.<secret>)")
     if not is_service_name(service):
-        return Verdict("malformed", f"{service[:80]!r} is not a service name")
+        return Verdict("malformed", "the service to join as is not a service name (a DNS label: a-z, 0-9, '-')")
     token_id, secret = match.groups()
     record = records.get(token_id)
     # Compare even without a record, so an unknown id takes as long as a wrong secret.

@@ -243,3 +243,9 @@ def test_ids_differ_across_many_mints() -> None:
     draw = seeded(11)
     ids = {mint(None, 60.0, NOW, draw)[1].id for _ in itertools.repeat(None, 500)}
     assert len(ids) == 500
+
+
+@pytest.mark.parametrize("service", [None, 7, b"item", ["item"], "x" * 500])
+def test_a_service_that_is_not_a_name_is_malformed(service: object) -> None:
+    verdict = verify(RECORDS, ANY, service, NOW)
+    assert verdict.reason == "malformed" and "not a service name" in verdict.detail
