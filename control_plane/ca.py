@@ -1,0 +1,531 @@
+"""The control plane's certificate authority: a root, the certificates it signs for sidecars,
+and the trust bundle across a root rotation. Pure, but for the file functions at the end.
+
+Theory of operation. A :class:`Root` is a self-signed CA certificate and its key: one this module
+creates (:func:`create_root`, ECDSA P-256) or one an operator provides (:func:`load_root`, which
+refuses anything that cannot serve as a root). :func:`issue` turns a sidecar's certificate signing
+request into a leaf certificate for one service. The CSR is untrusted: its signature must verify
+(the sidecar holds the key it names) and its key must be EC P-256, and that is all it contributes.
+Its subject and extensions are ignored; the leaf's one name, the URI SAN
+``spiffe://<trust domain>/service/<service>``, comes from the service the caller has authenticated,
+never from the request.
+
+An :class:`Authority` is the current root plus the roots it replaced, each trusted until the end of
+its overlap: :meth:`Authority.rotate` makes a new root that signs from then on, and
+:meth:`Authority.bundle` is the PEM of every root trusted at a given time, so a leaf signed by the
+previous root keeps verifying until its overlap ends.
+
+Time is a float of seconds since the epoch, passed in; certificates hold whole seconds, so times are
+rounded down. ``rng`` draws serial numbers only (pass ``random.SystemRandom()`` outside tests):
+keys always come from the operating system's CSPRNG, through ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import random
+import re
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshlet.names import is_service_name
+
+ROOT_VALIDITY = 10 * 365 * 24 * 3600.0  # a root outlives many rotations of the leaves it signs
+LEAF_LIFETIME = 24 * 3600.0  # short-lived identities: a stolen key is worth a day at most
+# Every leaf the old root signed expires within one leaf lifetime; twice that leaves sidecars a
+# full lifetime to renew from the new root while the control plane is away.
+ROTATION_OVERLAP = 2 * LEAF_LIFETIME
+CLOCK_SKEW = 60.0  # a leaf is valid from this long before it is issued: peers' clocks differ
+MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is ~500 bytes of PEM: anything this large is not one
+MAX_PEM_BYTES = 64 * 1024  # a certificate or key file an operator provides; bounds what we parse
+# SPIFFE: a trust domain is lowercase letters, digits, '.', '-' and '_' (matched with fullmatch:
+# "$" would let a trailing newline through); 255 as a DNS name, which it usually is.
+TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_COMMON_NAME_LIMIT = 64  # X.509's upper bound on a CN
+
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_ROOT_CURVES = (ec.SECP256R1, ec.SECP384R1)
+_MIN_RSA_BITS = 2048
+
+
+class CAError(Exception):
+    """A request, certificate, key or file the CA refuses; ``reason`` says why, in words an
+    operator can act on. It never contains key material."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# names ----------------------------------------------------------------------------------------
+
+
+def is_trust_domain(name: object) -> bool:
+    return isinstance(name, str) and TRUST_DOMAIN.fullmatch(name) is not None
+
+
+def check_trust_domain(name: object) -> str:
+    if not is_trust_domain(name):
+        raise CAError(f"{_shown(name)} is not a trust domain (lowercase letters, digits, '.', '-', '_'; 1 to 255)")
+    assert isinstance(name, str)
+    return name
+
+
+def spiffe_id(trust_domain: str, service: str) -> str:
+    """The identity a leaf proves: ``spiffe://<trust domain>/service/<service>``."""
+    return f"spiffe://{check_trust_domain(trust_domain)}/service/{_check_service(service)}"
+
+
+def _check_service(service: object) -> str:
+    if not is_service_name(service):
+        raise CAError(f"{_shown(service)} is not a service name (a DNS label: a-z, 0-9, '-', at most 63)")
+    return service
+
+
+# roots ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Root:
+    """A CA certificate and its key, for one trust domain."""
+
+    certificate: x509.Certificate
+    key: CAKey = field(repr=False)
+    trust_domain: str
+
+    @property
+    def not_before(self) -> float:
+        return self.certificate.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.certificate.not_valid_after_utc.timestamp()
+
+    def is_valid_at(self, now: float) -> bool:
+        return self.not_before <= now <= self.not_after
+
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def private_key_pem(self) -> bytes:
+        """The key, unencrypted PKCS #8: for a 0600 file (:func:`write_root`) and nowhere else."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+
+def create_root(trust_domain: str, now: float, rng: random.Random, validity: float = ROOT_VALIDITY) -> Root:
+    """A new self-signed ECDSA P-256 root, valid from ``now`` (less the clock skew) for ``validity``
+    seconds. It signs leaves only (pathlen 0)."""
+    check_trust_domain(trust_domain)
+    _check_positive("validity", validity)
+    key = ec.generate_private_key(ec.SECP256R1())
+    common_name = f"meshlet root {trust_domain}"
+    if len(common_name) > _COMMON_NAME_LIMIT:  # a label for people: the trust domain is in each leaf
+        common_name = "meshlet root"
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_serial_number(rng))
+        .not_valid_before(_utc(now - CLOCK_SKEW))
+        .not_valid_after(_utc(now + validity))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Root(certificate, key, trust_domain)
+
+
+def load_root(cert_pem: bytes, key_pem: bytes, trust_domain: str, now: float) -> Root:
+    """An operator's root (``--ca-cert``/``--ca-key``), or CAError saying why it cannot be one:
+    not a self-signed CA certificate, a key that is not its key, not valid at ``now``, or a key
+    that is not EC P-256/P-384 or RSA of at least 2048 bits."""
+    check_trust_domain(trust_domain)
+    certificate = _parse_certificate(cert_pem)
+    key = _parse_ca_key(key_pem)
+    if _public_der(certificate.public_key()) != _public_der(key.public_key()):
+        raise CAError("the CA key does not match the CA certificate (its public key is another one)")
+    _check_is_root(certificate)
+    root = Root(certificate, key, trust_domain)
+    _check_valid_at(root, now)
+    return root
+
+
+def _parse_certificate(pem: bytes) -> x509.Certificate:
+    if len(pem) > MAX_PEM_BYTES:
+        raise CAError(f"the CA certificate is {len(pem)} bytes: more than {MAX_PEM_BYTES} is not one certificate")
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise CAError("the CA certificate is not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+
+
+def _parse_ca_key(pem: bytes) -> CAKey:
+    if len(pem) > MAX_PEM_BYTES:
+        raise CAError(f"the CA key is {len(pem)} bytes: more than {MAX_PEM_BYTES} is not one key")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # cryptography's word for "encrypted, and no password given"
+        raise CAError("the CA key is encrypted: give it unencrypted, in a file only its owner can read") from None
+    except (ValueError, UnsupportedAlgorithm):
+        # from None: the parser's message may quote the key's bytes
+        raise CAError("the CA key is not a PEM private key (-----BEGIN PRIVATE KEY-----)") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, _ROOT_CURVES):
+        return key
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= _MIN_RSA_BITS:
+        return key
+    raise CAError(
+        f"the CA key is {_describe_key(key)}: a CA key must be EC P-256 or P-384, or RSA of 2048 bits or more"
+    )
+
+
+def _check_is_root(certificate: x509.Certificate) -> None:
+    """A CA certificate that signs certificates and is its own issuer. Intermediates are refused:
+    sidecars get the root as their whole trust bundle, and a TLS stack that is given a
+    non-self-signed anchor verifies nothing against it unless told to accept partial chains."""
+    if certificate.version is not x509.Version.v3:
+        raise CAError("the CA certificate is not an X.509 v3 certificate")
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        raise CAError("the CA certificate is not a CA certificate (it has no basicConstraints CA:TRUE)") from None
+    if not constraints.value.ca:
+        raise CAError("the CA certificate is not a CA certificate (basicConstraints CA:FALSE)")
+    # What RFC 5280 requires of a CA certificate and strict verifiers (OpenSSL's x509_strict,
+    # Python's default TLS context since 3.13) enforce: without it, no chain to this root verifies.
+    if not constraints.critical:
+        raise CAError("the CA certificate's basicConstraints is not marked critical, as RFC 5280 requires")
+    try:
+        certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        raise CAError(
+            "the CA certificate has no subjectKeyIdentifier, which RFC 5280 requires of a CA "
+            "(strict TLS verifiers refuse chains to it)"
+        ) from None
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CAError("the CA certificate has no keyUsage: a CA certificate needs keyCertSign") from None
+    if not usage.key_cert_sign:
+        raise CAError("the CA certificate's keyUsage does not allow keyCertSign (signing certificates)")
+    if certificate.issuer != certificate.subject:
+        raise CAError(
+            "the CA certificate is not self-signed (its issuer is another CA): give a root, "
+            "intermediate CAs are not supported"
+        )
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CAError(
+            "the CA certificate is not self-signed (its signature does not verify with its own key)"
+        ) from None
+
+
+def _check_valid_at(root: Root, now: float) -> None:
+    if now < root.not_before:
+        raise CAError(f"the CA certificate is not valid yet (from {_iso(root.not_before)}, now {_iso(now)})")
+    if now > root.not_after:
+        raise CAError(f"the CA certificate has expired (on {_iso(root.not_after)}, now {_iso(now)})")
+
+
+# issuance -------------------------------------------------------------------------------------
+
+
+def issue(
+    root: Root,
+    csr_pem: bytes,
+    service: str,
+    trust_domain: str,
+    now: float,
+    rng: random.Random,
+    lifetime: float = LEAF_LIFETIME,
+) -> bytes:
+    """A leaf certificate (PEM) for ``service``, for the key in ``csr_pem``, signed by ``root``.
+
+    ``service`` is the one the caller's credential names. The leaf's only name is its SPIFFE ID;
+    it is valid from ``now`` less the clock skew until ``now + lifetime`` or the root's expiry,
+    whichever is first. CAError says why a request is refused."""
+    identity = spiffe_id(trust_domain, service)
+    if trust_domain != root.trust_domain:
+        raise CAError(f"this CA's trust domain is {root.trust_domain!r}, not {trust_domain!r}")
+    _check_positive("lifetime", lifetime)
+    _check_valid_at(root, now)
+    public_key = _requested_key(csr_pem)
+    not_before = max(now - CLOCK_SKEW, root.not_before)
+    not_after = min(now + lifetime, root.not_after)
+    certificate = (
+        x509.CertificateBuilder()
+        # An empty subject, so nothing but the SAN names the leaf (RFC 5280 then wants the SAN critical).
+        .subject_name(x509.Name([]))
+        .issuer_name(root.certificate.subject)
+        .public_key(public_key)
+        .serial_number(_serial_number(rng))
+        .not_valid_before(_utc(not_before))
+        .not_valid_after(_utc(not_after))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_authority_key_identifier(root.certificate), critical=False)
+        .sign(root.key, _signature_hash(root.key))
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _requested_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of an untrusted CSR, once its signature shows the sender holds the key.
+    Nothing else is read from it."""
+    if not isinstance(csr_pem, bytes):
+        raise CAError(f"the CSR must be bytes, not {type(csr_pem).__name__}")
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CAError(f"the CSR is {len(csr_pem)} bytes: more than {MAX_CSR_BYTES} is not one CSR")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        public_key = csr.public_key()
+        signed = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        raise CAError("the CSR is not a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----)") from None
+    if not signed:
+        raise CAError("the CSR's signature does not verify: it was altered, or not signed by the key it names")
+    if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
+        raise CAError(f"the CSR's key is {_describe_key(public_key)}: a sidecar's key must be EC P-256")
+    return public_key
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value  # load_root checked it
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _signature_hash(key: CAKey) -> hashes.SHA256 | hashes.SHA384:
+    # The hash matched to the curve's strength, as TLS's signature schemes pair them.
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+# trust bundle and rotation --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A root that no longer signs, still trusted until ``trusted_until``. Only its certificate is
+    kept: nothing is signed with its key again."""
+
+    certificate: x509.Certificate
+    trusted_until: float
+
+    def is_trusted_at(self, now: float) -> bool:
+        expires = self.certificate.not_valid_after_utc.timestamp()
+        return now <= min(self.trusted_until, expires)
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The root that signs now and the roots it replaced that are still trusted. Immutable:
+    :meth:`rotate` returns the next Authority."""
+
+    current: Root
+    retired: tuple[Retired, ...] = ()
+
+    def rotate(
+        self, now: float, rng: random.Random, overlap: float = ROTATION_OVERLAP, validity: float = ROOT_VALIDITY
+    ) -> Authority:
+        """A new root signs from ``now``; the current one stays trusted until ``now + overlap``
+        (or its own expiry). Roots whose overlap is over are dropped."""
+        if not (math.isfinite(overlap) and overlap >= 0):
+            raise CAError(f"overlap must be a number of seconds, 0 or more, not {overlap!r}")
+        root = create_root(self.current.trust_domain, now, rng, validity)
+        previous = Retired(self.current.certificate, now + overlap)
+        kept = tuple(r for r in (previous, *self.retired) if r.is_trusted_at(now))
+        return Authority(root, kept)
+
+    def issue(
+        self, csr_pem: bytes, service: str, now: float, rng: random.Random, lifetime: float = LEAF_LIFETIME
+    ) -> bytes:
+        """:func:`issue` with the current root, for its trust domain."""
+        return issue(self.current, csr_pem, service, self.current.trust_domain, now, rng, lifetime)
+
+    def trusted(self, now: float) -> tuple[x509.Certificate, ...]:
+        """The roots a peer should trust at ``now``: the current one first, then those still in
+        their overlap, newest first."""
+        current = (self.current.certificate,) if self.current.is_valid_at(now) else ()
+        return current + tuple(r.certificate for r in self.retired if r.is_trusted_at(now))
+
+    def bundle(self, now: float) -> bytes:
+        """:meth:`trusted` as one PEM file, as TLS stacks read a CA file."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trusted(now))
+
+
+# files ----------------------------------------------------------------------------------------
+
+KEY_FILE = "ca.key"
+CERT_FILE = "ca.crt"
+
+
+def open_root(directory: Path, trust_domain: str, now: float, rng: random.Random) -> Root:
+    """The root kept in ``directory``, or a new one written there when it holds none (a first
+    start). A directory with only one of the two files is refused: replacing a CA that sidecars
+    trust would cut every one of them off."""
+    key_path, cert_path = directory / KEY_FILE, directory / CERT_FILE
+    present = [p.name for p in (key_path, cert_path) if p.exists()]
+    if len(present) == 1:
+        missing = KEY_FILE if present == [CERT_FILE] else CERT_FILE
+        raise CAError(f"{directory} holds {present[0]} but not {missing}: restore it, or remove both for a new CA")
+    if present:
+        return read_root(directory, trust_domain, now)
+    root = create_root(trust_domain, now, rng)
+    write_root(directory, root)
+    return root
+
+
+def write_root(directory: Path, root: Root) -> None:
+    """The root's key (mode 0600) and certificate in ``directory``, which is created 0700 if
+    missing. The key is written first: after a crash between the two, loading refuses a key that
+    does not match the certificate, rather than using a stale pair."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private_file(directory / KEY_FILE, root.private_key_pem())
+    _write_atomically(directory / CERT_FILE, root.certificate_pem(), 0o644)
+
+
+def read_root(directory: Path, trust_domain: str, now: float) -> Root:
+    cert_pem = _read_file(directory / CERT_FILE)
+    return load_root(cert_pem, read_private_file(directory / KEY_FILE), trust_domain, now)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """``data`` in a file only its owner can read (0600), replacing ``path`` atomically."""
+    _write_atomically(path, data, 0o600)
+
+
+def read_private_file(path: Path) -> bytes:
+    """A key or token file; refused when group or others may read it (a leaked key is forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # fstat the open file: no swap after the check
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise CAError(f"{path} is not a regular file")
+        if status.st_mode & 0o077:
+            mode = stat.S_IMODE(status.st_mode)
+            raise CAError(f"{path} can be read by group or others (mode {mode:04o}): chmod 600 {path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
+        return _read_bounded(file, path)
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return _read_bounded(file, path)
+
+
+def _read_bounded(file: BinaryIO, path: Path) -> bytes:
+    data = file.read(MAX_PEM_BYTES + 1)
+    if len(data) > MAX_PEM_BYTES:
+        raise CAError(f"{path} is larger than {MAX_PEM_BYTES} bytes: not a certificate or key")
+    return data
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    # mkstemp opens with O_CREAT | O_EXCL and mode 0600, so the data is never readable by others,
+    # not even while it is written; fchmod then sets the file's final mode before the rename.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)  # the rename itself survives a crash
+    finally:
+        os.close(directory_fd)
+
+
+# helpers --------------------------------------------------------------------------------------
+
+
+def _serial_number(rng: random.Random) -> int:
+    # Positive and at most 20 octets (RFC 5280 §4.1.2.2): 159 random bits, never 0.
+    return rng.getrandbits(159) or 1
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _public_der(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return b""  # another kind of key: matches no CA key
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _describe_key(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"RSA {key.key_size} bits"
+    return type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "") or "unknown"
+
+
+def _check_positive(what: str, seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise CAError(f"{what} must be a number of seconds greater than 0, not {seconds!r}")
+
+
+def _utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(math.floor(seconds), tz=datetime.UTC)
+
+
+def _iso(seconds: float) -> str:
+    return _utc(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
