@@ -58,6 +58,7 @@ _COMMON_NAME_LIMIT = 64  # X.509's upper bound on a CN
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _ROOT_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _MIN_RSA_BITS = 2048
+_TLS_PURPOSES = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}  # mTLS: both ends
 
 
 class CAError(Exception):
@@ -231,6 +232,13 @@ def _check_is_root(certificate: x509.Certificate) -> None:
         raise CAError("the CA certificate has no keyUsage: a CA certificate needs keyCertSign") from None
     if not usage.key_cert_sign:
         raise CAError("the CA certificate's keyUsage does not allow keyCertSign (signing certificates)")
+    try:
+        purposes = set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        purposes = {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    # A CA's extendedKeyUsage limits what the certificates under it may do, to OpenSSL at least.
+    if ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in purposes and not _TLS_PURPOSES <= purposes:
+        raise CAError("the CA certificate's extendedKeyUsage does not allow serverAuth and clientAuth (TLS)")
     if certificate.issuer != certificate.subject:
         raise CAError(
             "the CA certificate is not self-signed (its issuer is another CA): give a root, "

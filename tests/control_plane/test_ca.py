@@ -470,6 +470,7 @@ def operator_cert(
     key_usage: bool | None = True,
     ski: bool = True,
     constraints_critical: bool = True,
+    purposes: tuple[x509.ObjectIdentifier, ...] = (),
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None = None,
     not_before: float = NOW - DAY,
     not_after: float = NOW + YEAR,
@@ -492,6 +493,8 @@ def operator_cert(
         builder = builder.add_extension(
             x509.KeyUsage(False, False, False, False, False, key_usage, True, False, False), critical=True
         )
+    if purposes:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(purposes)), critical=False)
     signer = issuer[1] if issuer else key
     algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(signer, algorithm).public_bytes(serialization.Encoding.PEM)
@@ -551,6 +554,14 @@ REFUSED_ROOTS = {
     "EC secp256k1": (lambda: _own(ec.generate_private_key(ec.SECP256K1())), "is EC secp256k1: a CA key must be"),
     "RSA 1024": (lambda: _own(rsa_key(1024)), "is RSA 1024 bits: a CA key must be"),
     "Ed25519": (lambda: _own(ed25519.Ed25519PrivateKey.generate()), "is Ed25519: a CA key must be"),
+    "root for code signing only": (
+        lambda: _own(p256(), purposes=(ExtendedKeyUsageOID.CODE_SIGNING,)),
+        "extendedKeyUsage does not allow serverAuth and clientAuth",
+    ),
+    "root for servers only": (
+        lambda: _own(p256(), purposes=(ExtendedKeyUsageOID.SERVER_AUTH,)),
+        "extendedKeyUsage does not allow serverAuth and clientAuth",
+    ),
     "intermediate": (_intermediate, "is not self-signed (its issuer is another CA)"),
     "encrypted key": (_encrypted, "the CA key is encrypted"),
     "cert not PEM": (lambda: (b"junk", key_pem(p256())), "is not a PEM certificate"),
@@ -577,6 +588,13 @@ def test_load_root_refuses_a_root_signed_by_another_key() -> None:
     forged = operator_cert(key, issuer=(_OPERATOR, p256()))
     with pytest.raises(CAError, match="signature does not verify with its own key"):
         ca.load_root(forged, key_pem(key), TD, NOW)
+
+
+def test_operator_root_restricted_to_tls_is_fine(tmp_path: Path) -> None:
+    key = p256()
+    tls = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    root = ca.load_root(operator_cert(key, purposes=tls), key_pem(key), TD, NOW)
+    assert_verifies(ca.Authority(root).bundle(NOW), leaf_for(root=root), NOW, tmp_path)
 
 
 OPERATOR_KEYS = {
