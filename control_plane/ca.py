@@ -7,13 +7,17 @@ refuses anything that cannot serve as a root). :func:`issue` turns a sidecar's c
 request into a leaf certificate for one service. The CSR is untrusted: its signature must verify
 (the sidecar holds the key it names) and its key must be EC P-256, and that is all it contributes.
 Its subject and extensions are ignored; the leaf's one name, the URI SAN
-``spiffe://<trust domain>/service/<service>``, comes from the service the caller has authenticated,
-never from the request.
+``spiffe://<trust domain>/service/<service>`` (meshlet.identity's rules), comes from the service the
+caller has authenticated, never from the request.
 
 An :class:`Authority` is the current root plus the roots it replaced, each trusted until the end of
 its overlap: :meth:`Authority.rotate` makes a new root that signs from then on, and
 :meth:`Authority.bundle` is the PEM of every root trusted at a given time, so a leaf signed by the
 previous root keeps verifying until its overlap ends.
+
+The files: the root's key and certificate in the control plane's data directory (the key 0600,
+written atomically, refused when a symlink, another user's or open to others), and an operator's
+key file, which only has to be closed to others.
 
 Time is a float of seconds since the epoch, passed in; certificates hold whole seconds, so times are
 rounded down. ``rng`` draws serial numbers only (pass ``random.SystemRandom()`` outside tests):
@@ -27,7 +31,6 @@ import datetime
 import math
 import os
 import random
-import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshlet.names import is_service_name
+from meshlet import identity
 
 ROOT_VALIDITY = 10 * 365 * 24 * 3600.0  # a root outlives many rotations of the leaves it signs
 LEAF_LIFETIME = 24 * 3600.0  # short-lived identities: a stolen key is worth a day at most
@@ -50,9 +53,6 @@ ROTATION_OVERLAP = 2 * LEAF_LIFETIME
 CLOCK_SKEW = 60.0  # a leaf is valid from this long before it is issued: peers' clocks differ
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is ~500 bytes of PEM: anything this large is not one
 MAX_PEM_BYTES = 64 * 1024  # a certificate or key file an operator provides; bounds what we parse
-# SPIFFE: a trust domain is lowercase letters, digits, '.', '-' and '_' (matched with fullmatch:
-# "$" would let a trailing newline through); 255 as a DNS name, which it usually is.
-TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _COMMON_NAME_LIMIT = 64  # X.509's upper bound on a CN
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -73,26 +73,18 @@ class CAError(Exception):
 # names ----------------------------------------------------------------------------------------
 
 
-def is_trust_domain(name: object) -> bool:
-    return isinstance(name, str) and TRUST_DOMAIN.fullmatch(name) is not None
+def _checked_trust_domain(trust_domain: object) -> str:
+    try:
+        return identity.check_trust_domain(trust_domain)
+    except identity.IdentityError as error:
+        raise CAError(str(error)) from None
 
 
-def check_trust_domain(name: object) -> str:
-    if not is_trust_domain(name):
-        raise CAError(f"{_shown(name)} is not a trust domain (lowercase letters, digits, '.', '-', '_'; 1 to 255)")
-    assert isinstance(name, str)
-    return name
-
-
-def spiffe_id(trust_domain: str, service: str) -> str:
-    """The identity a leaf proves: ``spiffe://<trust domain>/service/<service>``."""
-    return f"spiffe://{check_trust_domain(trust_domain)}/service/{_check_service(service)}"
-
-
-def _check_service(service: object) -> str:
-    if not is_service_name(service):
-        raise CAError(f"{_shown(service)} is not a service name (a DNS label: a-z, 0-9, '-', at most 63)")
-    return service
+def _spiffe_id(trust_domain: str, service: str) -> str:
+    try:
+        return identity.spiffe_id(trust_domain, service)
+    except identity.IdentityError as error:
+        raise CAError(str(error)) from None
 
 
 # roots ----------------------------------------------------------------------------------------
@@ -130,7 +122,7 @@ class Root:
 def create_root(trust_domain: str, now: float, rng: random.Random, validity: float = ROOT_VALIDITY) -> Root:
     """A new self-signed ECDSA P-256 root, valid from ``now`` (less the clock skew) for ``validity``
     seconds. It signs leaves only (pathlen 0)."""
-    check_trust_domain(trust_domain)
+    _checked_trust_domain(trust_domain)
     _check_positive("validity", validity)
     key = ec.generate_private_key(ec.SECP256R1())
     common_name = f"meshlet root {trust_domain}"
@@ -164,7 +156,7 @@ def load_root(cert_pem: bytes, key_pem: bytes, trust_domain: str, now: float) ->
     """An operator's root (``--ca-cert``/``--ca-key``), or CAError saying why it cannot be one:
     not a self-signed CA certificate, a key that is not its key, not valid at ``now``, or a key
     that is not EC P-256/P-384 or RSA of at least 2048 bits."""
-    check_trust_domain(trust_domain)
+    _checked_trust_domain(trust_domain)
     certificate = _parse_certificate(cert_pem)
     key = _parse_ca_key(key_pem)
     if _public_der(certificate.public_key()) != _public_der(key.public_key()):
@@ -276,7 +268,7 @@ def issue(
     ``service`` is the one the caller's credential names. The leaf's only name is its SPIFFE ID;
     it is valid from ``now`` less the clock skew until ``now + lifetime`` or the root's expiry,
     whichever is first. CAError says why a request is refused."""
-    identity = spiffe_id(trust_domain, service)
+    spiffe_id = _spiffe_id(trust_domain, service)
     if trust_domain != root.trust_domain:
         raise CAError(f"this CA's trust domain is {root.trust_domain!r}, not {trust_domain!r}")
     _check_positive("lifetime", lifetime)
@@ -293,7 +285,7 @@ def issue(
         .serial_number(_serial_number(rng))
         .not_valid_before(_utc(not_before))
         .not_valid_after(_utc(not_after))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(
@@ -427,21 +419,46 @@ def read_root(directory: Path, trust_domain: str, now: float) -> Root:
     return load_root(cert_pem, read_private_file(directory / KEY_FILE), trust_domain, now)
 
 
+def read_operator_root(cert_path: Path, key_path: Path, trust_domain: str, now: float) -> Root:
+    """The root an operator provides (``--ca-cert``/``--ca-key``), read and checked by :func:`load_root`."""
+    return load_root(_read_file(cert_path), read_operator_key(key_path), trust_domain, now)
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """``data`` in a file only its owner can read (0600), replacing ``path`` atomically."""
     _write_atomically(path, data, 0o600)
 
 
 def read_private_file(path: Path) -> bytes:
-    """A key or token file; refused when group or others may read it (a leaked key is forever)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # fstat the open file: no swap after the check
+    """A key file in the control plane's data directory. Refused unless it is a regular file (a
+    symlink planted there must not choose the key we trust), this process's user's, and closed
+    to group and others (a leaked CA key lets its holder be any service until the CA changes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise CAError(f"{path}: cannot open the key file ({error.strerror})") from None
+    return _read_private(fd, path, must_be_ours=True)
+
+
+def read_operator_key(path: Path) -> bytes:
+    """A key file an operator names (``--ca-key``): it may be a symlink (as Kubernetes mounts
+    secrets) and another user's, but it must be closed to group and others."""
+    return _read_private(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path, must_be_ours=False)
+
+
+def _read_private(fd: int, path: Path, *, must_be_ours: bool) -> bytes:
+    # Checked on the open file (fstat), so the file cannot be swapped between check and read.
     try:
         status = os.fstat(fd)
+        mode = stat.S_IMODE(status.st_mode)
         if not stat.S_ISREG(status.st_mode):
             raise CAError(f"{path} is not a regular file")
-        if status.st_mode & 0o077:
-            mode = stat.S_IMODE(status.st_mode)
-            raise CAError(f"{path} can be read by group or others (mode {mode:04o}): chmod 600 {path}")
+        if must_be_ours and status.st_uid != os.getuid():
+            raise CAError(f"{path} belongs to another user (uid {status.st_uid}): it must be this process's")
+        if mode & 0o077:
+            raise CAError(f"{path} is open to group or others (mode {mode:04o}): chmod 600 {path}")
     except BaseException:
         os.close(fd)
         raise
@@ -532,8 +549,3 @@ def _utc(seconds: float) -> datetime.datetime:
 
 def _iso(seconds: float) -> str:
     return _utc(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
