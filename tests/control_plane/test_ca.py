@@ -409,7 +409,11 @@ def test_rotation_keeps_the_old_root_trusted_during_the_overlap_only(tmp_path: P
     rotated = authority.rotate(rotated_at, random.Random(2), overlap=2 * HOUR)
     assert rotated.current.certificate != authority.current.certificate
     new_leaf = rotated.issue(csr_for(), "item", rotated_at, rng())
-    assert cert(new_leaf).issuer == rotated.current.certificate.subject
+    # Both roots have the same subject: the key identifiers and the signature tell them apart.
+    cert(new_leaf).verify_directly_issued_by(rotated.current.certificate)
+    new_ski = rotated.current.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = cert(new_leaf).extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == new_ski.digest
     assert not _verifies_with(authority.bundle(rotated_at), new_leaf, rotated_at)
 
     during = rotated_at + 2 * HOUR
