@@ -26,16 +26,11 @@ keys always come from the operating system's CSPRNG, through ``cryptography``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
-import os
 import random
-import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -44,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshlet import identity
+
+from .private_files import PrivateFileError, read_private, write_replacing
 
 ROOT_VALIDITY = 10 * 365 * 24 * 3600.0  # a root outlives many rotations of the leaves it signs
 LEAF_LIFETIME = 24 * 3600.0  # short-lived identities: a stolen key is worth a day at most
@@ -411,7 +408,7 @@ def write_root(directory: Path, root: Root) -> None:
     does not match the certificate, rather than using a stale pair."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private_file(directory / KEY_FILE, root.private_key_pem())
-    _write_atomically(directory / CERT_FILE, root.certificate_pem(), 0o644)
+    write_replacing(directory / CERT_FILE, root.certificate_pem(), 0o644)
 
 
 def read_root(directory: Path, trust_domain: str, now: float) -> Root:
@@ -426,78 +423,38 @@ def read_operator_root(cert_path: Path, key_path: Path, trust_domain: str, now: 
 
 def write_private_file(path: Path, data: bytes) -> None:
     """``data`` in a file only its owner can read (0600), replacing ``path`` atomically."""
-    _write_atomically(path, data, 0o600)
+    write_replacing(path, data, 0o600)
 
 
 def read_private_file(path: Path) -> bytes:
     """A key file in the control plane's data directory. Refused unless it is a regular file (a
     symlink planted there must not choose the key we trust), this process's user's, and closed
     to group and others (a leaked CA key lets its holder be any service until the CA changes)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise CAError(f"{path}: cannot open the key file ({error.strerror})") from None
-    return _read_private(fd, path, must_be_ours=True)
+    return _bounded(_private(path, in_data_dir=True), path)
 
 
 def read_operator_key(path: Path) -> bytes:
     """A key file an operator names (``--ca-key``): it may be a symlink (as Kubernetes mounts
     secrets) and another user's, but it must be closed to group and others."""
-    return _read_private(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path, must_be_ours=False)
+    return _bounded(_private(path, in_data_dir=False), path)
 
 
-def _read_private(fd: int, path: Path, *, must_be_ours: bool) -> bytes:
-    # Checked on the open file (fstat), so the file cannot be swapped between check and read.
+def _private(path: Path, *, in_data_dir: bool) -> bytes:
     try:
-        status = os.fstat(fd)
-        mode = stat.S_IMODE(status.st_mode)
-        if not stat.S_ISREG(status.st_mode):
-            raise CAError(f"{path} is not a regular file")
-        if must_be_ours and status.st_uid != os.getuid():
-            raise CAError(f"{path} belongs to another user (uid {status.st_uid}): it must be this process's")
-        if mode & 0o077:
-            raise CAError(f"{path} is open to group or others (mode {mode:04o}): chmod 600 {path}")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as file:
-        return _read_bounded(file, path)
+        return read_private(path, MAX_PEM_BYTES, what="key file", in_data_dir=in_data_dir)
+    except PrivateFileError as error:
+        raise CAError(str(error)) from None
 
 
 def _read_file(path: Path) -> bytes:
     with open(path, "rb") as file:
-        return _read_bounded(file, path)
+        return _bounded(file.read(MAX_PEM_BYTES + 1), path)
 
 
-def _read_bounded(file: BinaryIO, path: Path) -> bytes:
-    data = file.read(MAX_PEM_BYTES + 1)
+def _bounded(data: bytes, path: Path) -> bytes:
     if len(data) > MAX_PEM_BYTES:
         raise CAError(f"{path} is larger than {MAX_PEM_BYTES} bytes: not a certificate or key")
     return data
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0600, so the data is never readable by others,
-    # not even while it is written; fchmod then sets the file's final mode before the rename.
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_fd)  # the rename itself survives a crash
-    finally:
-        os.close(directory_fd)
 
 
 # helpers --------------------------------------------------------------------------------------

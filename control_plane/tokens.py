@@ -22,16 +22,16 @@ import base64
 import hashlib
 import hmac
 import math
-import os
 import re
 import secrets
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from meshlet.names import is_service_name
+
+from .private_files import PrivateFileError, read_private, write_new
 
 PREFIX = "mjt_"
 JOIN_TOKEN_FILE = "join-token"
@@ -195,50 +195,18 @@ def bootstrap_token_file(data_dir: Path, token_bytes: TokenBytes = secrets.token
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     text, _ = mint(None, None, 0.0, token_bytes)  # the record is rebuilt from the text: no time needed
     try:
-        _write_new(path, text + "\n")
+        write_new(path, (text + "\n").encode())
     except FileExistsError:  # another process wrote it first: theirs is the token
         pass
     return _read_token_file(path)
 
 
 def _read_token_file(path: Path) -> str:
-    # O_NOFOLLOW: a symlink planted in the data directory must not choose the file we trust.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise TokenFileError(f"{path}: cannot open the join-token file ({error.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise TokenFileError(f"{path} is not a regular file")
-        if info.st_uid != os.getuid():
-            raise TokenFileError(f"{path} belongs to another user (uid {info.st_uid}): it must be this process's")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise TokenFileError(
-                f"{path} is open to group or others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 {path}"
-            )
-        content = os.read(fd, _MAX_TOKEN + 1)  # a regular file: one read returns up to the limit
-    finally:
-        os.close(fd)
+        content = read_private(path, _MAX_TOKEN, what="join-token file")
+    except PrivateFileError as error:
+        raise TokenFileError(str(error)) from None
     text = content.decode("ascii", errors="replace").strip()
     if len(content) > _MAX_TOKEN or not _TOKEN.fullmatch(text):
         raise TokenFileError(f"{path} does not hold a join token: remove it to have a new one made at start")
     return text
-
-
-def _write_new(path: Path, content: str) -> None:
-    """Write ``path`` whole or not at all, never over an existing file (FileExistsError):
-    a temporary file, then a hard link, which fails if the name is taken."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o600)  # whatever the umask
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
