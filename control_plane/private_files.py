@@ -47,7 +47,8 @@ def read_private(path: Path, limit: int, *, what: str, in_data_dir: bool = True)
 
 def write_replacing(path: Path, data: bytes, mode: int = 0o600) -> None:
     """``data`` in ``path``, replacing it atomically; the file has ``mode`` (0600 unless a
-    certificate anyone may read). The rename is made durable too."""
+    certificate anyone may read). The rename is made durable too. A write a crash interrupts
+    leaves ``.<name>.<random>.tmp`` beside it."""
     # mkstemp opens with O_CREAT | O_EXCL and mode 0600, so the data is never readable by others,
     # not even while it is written; fchmod then sets the file's final mode before the rename.
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -62,11 +63,15 @@ def write_replacing(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_directory(path.parent)  # the rename itself survives a crash
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory_fd)  # the rename itself survives a crash
+        os.fsync(fd)
     finally:
-        os.close(directory_fd)
+        os.close(fd)
 
 
 def write_new(path: Path, data: bytes) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -35,9 +34,11 @@ from typing import Protocol
 import msgpack
 import trio
 
+from .private_files import fsync_directory, write_replacing
+
 STATE_FILE = "state.msgpack"
 LOCK_FILE = "lock"
-_TEMP_PREFIX = f".{STATE_FILE}."  # + random + _TEMP_SUFFIX: mkstemp's name for a write in progress
+_TEMP_PREFIX = f".{STATE_FILE}."  # + random + _TEMP_SUFFIX: write_replacing's name for a write in progress
 _TEMP_SUFFIX = ".tmp"
 DIRECTORY_MODE = 0o700  # the state may hold credentials (certificates come later): owner only
 STORE_SPECS = "'memory', 'file' (the data directory) or 'file:PATH'"
@@ -241,7 +242,7 @@ def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int]:
         if not directory.exists():
             directory.mkdir(mode=DIRECTORY_MODE, parents=True)
             directory.chmod(DIRECTORY_MODE)  # whatever the umask
-            _fsync_directory(directory.parent)
+            fsync_directory(directory.parent)
         elif not directory.is_dir():
             raise StoreError(f"{directory}: exists and is not a directory")
         lock_path = directory / LOCK_FILE
@@ -316,29 +317,10 @@ def encode_state(items: dict[str, bytes], revision: int) -> bytes:
 def _write_state(path: Path, items: dict[str, bytes], revision: int) -> None:
     data = encode_state(items, revision)
     try:
-        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=path.parent)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_directory(path.parent)  # the rename itself must reach the disk
+        write_replacing(path, data)  # 0600, whole or not at all, the rename durable
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(
                 f"no space left on device: {path} (nothing was changed; free space on its file system and retry)"
             ) from e
         raise StoreError(f"{path}: cannot write the state file: {e.strerror or e}") from e
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
