@@ -9,6 +9,11 @@ delete only when it removed something, and a store never written to is at revisi
 
 The registry is not stored: sidecars register again when they reconnect to a restarted control plane.
 
+Every store has an ``id``, 128 random bits in hex, made when the store is created and kept with its
+state: sidecars remember which store their policies came from, and a control plane on another store
+(an empty data directory, another mesh's) cannot remove them (docs/security.md, "Empty or foreign
+store"). A memory store is a new store at every start.
+
 :class:`MemoryStore` is for tests and throwaway demos. :class:`FileStore`, the embedded default, keeps
 the state in memory and writes all of it to ``<directory>/state.msgpack`` on every change, before the
 change is visible or acknowledged. A write goes to a temporary file in the same directory, which is
@@ -25,7 +30,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -42,6 +50,14 @@ _TEMP_PREFIX = f".{STATE_FILE}."  # + random + _TEMP_SUFFIX: write_replacing's n
 _TEMP_SUFFIX = ".tmp"
 DIRECTORY_MODE = 0o700  # the state may hold credentials (certificates come later): owner only
 STORE_SPECS = "'memory', 'file' (the data directory) or 'file:PATH'"
+_STORE_ID = re.compile(r"[0-9a-f]{32}")
+
+log = logging.getLogger("meshlet.cp.store")
+
+
+def new_store_id() -> str:
+    """A store's id: 128 random bits, hex."""
+    return secrets.token_hex(16)
 
 
 class StoreError(Exception):
@@ -54,6 +70,7 @@ class StoreFull(StoreError):
 
 class Store(Protocol):
     location: str  # what error messages name: the state file's path
+    id: str  # made when the store was created, never changed: tells this store's data from another's
 
     async def get(self, key: str) -> bytes | None: ...
 
@@ -94,7 +111,8 @@ class MemoryStore:
 
     location = "the memory store"  # what error messages name
 
-    def __init__(self) -> None:
+    def __init__(self, store_id: str | None = None) -> None:
+        self.id = store_id or new_store_id()
         self._items: dict[str, bytes] = {}
         self._revision = 0
         self._closed = False
@@ -153,8 +171,8 @@ class FileStore(MemoryStore):
 
     Open with ``await FileStore.open(directory)``; the constructor takes an already loaded state."""
 
-    def __init__(self, directory: Path, items: dict[str, bytes], revision: int, lock_fd: int) -> None:
-        super().__init__()
+    def __init__(self, directory: Path, items: dict[str, bytes], revision: int, lock_fd: int, store_id: str) -> None:
+        super().__init__(store_id)
         self.directory = directory
         self.path = directory / STATE_FILE
         self.location = str(self.path)
@@ -167,8 +185,8 @@ class FileStore(MemoryStore):
     async def open(cls, directory: Path) -> FileStore:
         """Create the directory (mode 0700) if needed, take its lock and load the state file."""
         directory = Path(directory)
-        items, revision, lock_fd = await trio.to_thread.run_sync(_open_directory, directory)
-        return cls(directory, items, revision, lock_fd)
+        items, revision, lock_fd, store_id = await trio.to_thread.run_sync(_open_directory, directory)
+        return cls(directory, items, revision, lock_fd, store_id)
 
     async def put(self, key: str, value: bytes) -> int:
         check_key(key)
@@ -201,12 +219,12 @@ class FileStore(MemoryStore):
 
     async def _commit(self, items: dict[str, bytes], revision: int) -> int:
         # Not abandoned on cancel: the write completes, and memory then matches the file.
-        await trio.to_thread.run_sync(_write_state, self.path, items, revision)
+        await trio.to_thread.run_sync(_write_state, self.path, items, revision, self.id)
         self._items, self._revision = items, revision
         return revision
 
     def __repr__(self) -> str:
-        return f"<FileStore {str(self.path)!r} [keys: {len(self._items)}, revision: {self._revision}]>"
+        return f"<FileStore {str(self.path)!r} [id: {self.id}, keys: {len(self._items)}, revision: {self._revision}]>"
 
 
 def open_store(spec: str, data_dir: Path) -> AbstractAsyncContextManager[Store]:
@@ -237,7 +255,7 @@ async def _opened(directory: Path | None) -> AsyncIterator[Store]:
 # file I/O: blocking, run in a worker thread ---------------------------------------------------
 
 
-def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int]:
+def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int, str]:
     try:
         if not directory.exists():
             directory.mkdir(mode=DIRECTORY_MODE, parents=True)
@@ -257,25 +275,34 @@ def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int]:
         for stray in directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):  # a write a crash interrupted
             with contextlib.suppress(OSError):
                 stray.unlink()
-        items, revision = _read_state(directory / STATE_FILE)
+        path = directory / STATE_FILE
+        items, revision, store_id = _read_state(path)
+        if not store_id:  # a new store, or a state file written before stores had ids
+            store_id = new_store_id()
+            _write_state(path, items, revision, store_id)  # kept from the first start on
+            if revision:
+                log.warning("%s: the store had no id; it is %s from now on", path, store_id)
+            else:
+                log.info("%s: a new store, id %s", path, store_id)
     except BaseException:
         os.close(lock_fd)
         raise
-    return items, revision, lock_fd
+    return items, revision, lock_fd, store_id
 
 
-def _read_state(path: Path) -> tuple[dict[str, bytes], int]:
+def _read_state(path: Path) -> tuple[dict[str, bytes], int, str]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}, 0
+        return {}, 0, ""
     except OSError as e:
         raise StoreError(f"{path}: cannot read the state file: {e.strerror or e}") from e
     return decode_state(data, path)
 
 
-def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int]:
-    """The items and revision in a state file's bytes; ``StoreError`` names the file and the fault."""
+def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int, str]:
+    """The items, revision and store id ("" in a file written before stores had ids) in a state
+    file's bytes; ``StoreError`` names the file and the fault."""
 
     def bad(what: str) -> StoreError:
         return StoreError(
@@ -290,9 +317,11 @@ def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int]:
         raise bad(f"not msgpack ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise bad(f"a {type(state).__name__} where a map of revision and items belongs")
-    if set(state) != {"revision", "items"}:
-        raise bad(f"fields {sorted(map(str, state))}, expected ['items', 'revision']")
-    revision, items = state["revision"], state["items"]
+    if set(state) - {"id"} != {"revision", "items"}:
+        raise bad(f"fields {sorted(map(str, state))}, expected ['id', 'items', 'revision']")
+    revision, items, store_id = state["revision"], state["items"], state.get("id", "")
+    if "id" in state and not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
+        raise bad(f"id {store_id!r} is not 32 hex digits")
     if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
         raise bad(f"revision {revision!r} is not an integer >= 0")
     if not isinstance(items, dict):
@@ -306,16 +335,17 @@ def decode_state(data: bytes, path: Path | str) -> tuple[dict[str, bytes], int]:
             raise bad(f"the value of {key!r} is a {type(value).__name__}, not bytes")
     if items and revision == 0:
         raise bad("items at revision 0")
-    return items, revision
+    return items, revision, store_id
 
 
-def encode_state(items: dict[str, bytes], revision: int) -> bytes:
-    state: bytes = msgpack.packb({"revision": revision, "items": dict(sorted(items.items()))}, use_bin_type=True)
-    return state  # (msgpack is untyped)
+def encode_state(items: dict[str, bytes], revision: int, store_id: str) -> bytes:
+    state = {"id": store_id, "revision": revision, "items": dict(sorted(items.items()))}
+    data: bytes = msgpack.packb(state, use_bin_type=True)
+    return data  # (msgpack is untyped)
 
 
-def _write_state(path: Path, items: dict[str, bytes], revision: int) -> None:
-    data = encode_state(items, revision)
+def _write_state(path: Path, items: dict[str, bytes], revision: int, store_id: str) -> None:
+    data = encode_state(items, revision, store_id)
     try:
         write_replacing(path, data)  # 0600, whole or not at all, the rename durable
     except OSError as e:

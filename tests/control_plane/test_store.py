@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -222,7 +223,7 @@ async def test_the_state_file_format(tmp_path: Path) -> None:
     await s.put("b", b"2")
     await s.put("a", b"\x00\xff")
     state = msgpack.unpackb((tmp_path / "state.msgpack").read_bytes(), raw=False)
-    assert state == {"revision": 2, "items": {"a": b"\x00\xff", "b": b"2"}}
+    assert state == {"id": s.id, "revision": 2, "items": {"a": b"\x00\xff", "b": b"2"}}
     assert list(state["items"]) == ["a", "b"]  # sorted: equal state, equal bytes
     assert stat.S_IMODE((tmp_path / "state.msgpack").stat().st_mode) == 0o600
     await s.aclose()
@@ -231,17 +232,44 @@ async def test_the_state_file_format(tmp_path: Path) -> None:
 async def test_every_change_is_on_disk_before_it_returns(tmp_path: Path) -> None:
     s = await FileStore.open(tmp_path)
     await s.put("k", b"v")
-    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1)
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1, s.id)
     await s.delete("k")
-    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({}, 2)
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({}, 2, s.id)
     await s.aclose()
 
 
-async def test_a_missing_file_starts_empty_and_writes_nothing_until_a_change(tmp_path: Path) -> None:
+async def test_a_missing_file_starts_empty_with_a_new_id_written_at_once(tmp_path: Path) -> None:
     s = await FileStore.open(tmp_path)
     assert await s.items("") == [] and await s.revision() == 0
-    assert not (tmp_path / "state.msgpack").exists()
+    assert re.fullmatch("[0-9a-f]{32}", s.id)
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({}, 0, s.id)
     await s.aclose()
+    again = await FileStore.open(tmp_path)
+    assert again.id == s.id  # the same store after a restart
+    await again.aclose()
+    other = await FileStore.open(tmp_path / "elsewhere")
+    assert other.id != s.id  # another directory, another store
+    await other.aclose()
+
+
+async def test_a_state_file_without_an_id_gets_one_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file an older build wrote keeps its items and is given an id at its first load."""
+    (tmp_path / "state.msgpack").write_bytes(_state({"revision": 3, "items": {"k": b"v"}}))
+    s = await FileStore.open(tmp_path)
+    assert await s.get("k") == b"v" and await s.revision() == 3
+    assert f"the store had no id; it is {s.id} from now on" in caplog.text
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 3, s.id)
+    await s.aclose()
+    caplog.clear()
+    again = await FileStore.open(tmp_path)
+    assert again.id == s.id and "no id" not in caplog.text
+    await again.aclose()
+
+
+def test_a_memory_store_is_a_new_store_each_time() -> None:
+    assert MemoryStore().id != MemoryStore().id
 
 
 async def test_no_temporary_file_remains(tmp_path: Path) -> None:
@@ -259,7 +287,7 @@ async def test_a_crash_before_the_rename_leaves_the_last_good_state(tmp_path: Pa
     await s.aclose()
     # what a crash between writing the temporary file and renaming it leaves behind
     stray = tmp_path / ".state.msgpack.x7f3k2.tmp"
-    stray.write_bytes(encode_state({"k": b"newer but never committed"}, 2)[:9])
+    stray.write_bytes(encode_state({"k": b"newer but never committed"}, 2, s.id)[:9])
 
     again = await FileStore.open(tmp_path)
     assert await again.get("k") == b"good"
@@ -313,8 +341,10 @@ def _state(payload: object) -> bytes:
         (_state({"revision": 1, "items": {}}) + b"\x00", "not msgpack"),  # trailing bytes
         (b"garbage that is not msgpack at all", "not msgpack"),
         (_state([1, {}]), "a list where a map of revision and items belongs"),
-        (_state({"revision": 1}), "fields ['revision'], expected ['items', 'revision']"),
+        (_state({"revision": 1}), "fields ['revision'], expected ['id', 'items', 'revision']"),
         (_state({"revision": 1, "items": {}, "extra": 1}), "fields ['extra', 'items', 'revision']"),
+        (_state({"id": "ab" * 15, "revision": 1, "items": {}}), "id 'ababababababababababababababab' is not 32 hex"),
+        (_state({"id": 7, "revision": 1, "items": {}}), "id 7 is not 32 hex digits"),
         (_state({"revision": -1, "items": {}}), "revision -1 is not an integer >= 0"),
         (_state({"revision": "3", "items": {}}), "revision '3' is not an integer"),
         (_state({"revision": True, "items": {}}), "revision True is not an integer"),
@@ -420,7 +450,7 @@ async def test_close_waits_for_a_write_in_progress(tmp_path: Path, monkeypatch: 
         assert not closed  # waiting for the write
         go.set()
     assert closed
-    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1)
+    assert decode_state((tmp_path / "state.msgpack").read_bytes(), "f") == ({"k": b"v"}, 1, s.id)
     again = await FileStore.open(tmp_path)  # the lock was released
     assert await again.get("k") == b"v"
     await again.aclose()
@@ -432,7 +462,7 @@ def test_repr(tmp_path: Path) -> None:
     async def main() -> None:
         s = await FileStore.open(tmp_path)
         await s.put("k", b"v")
-        assert repr(s) == f"<FileStore {str(tmp_path / 'state.msgpack')!r} [keys: 1, revision: 1]>"
+        assert repr(s) == f"<FileStore {str(tmp_path / 'state.msgpack')!r} [id: {s.id}, keys: 1, revision: 1]>"
         await s.aclose()
 
     trio.run(main)
