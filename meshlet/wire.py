@@ -32,11 +32,15 @@ Semantics (xDS semantics)
   cache.
 * ``ping`` / ``pong`` both ways; a peer silent for 3 ping intervals is dead.
 * ``health`` reports the app's readiness; ``bye`` deregisters (draining) before close.
+* ``welcome`` names the control plane's store (``store``, its id) and ``hello`` the store
+  the sidecar's policies came from: a sidecar keeps policies that a control plane on
+  another store (an empty one) would remove (docs/security.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -130,6 +134,7 @@ class Hello:
     # v2: type → the names the sidecar subscribes to; a type not named here is a wildcard
     # (every resource of it), which is all protocol version 1 knows.
     watch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    store: str = ""  # the id of the store its policies came from; "": none held, or not known
     kind = "hello"
 
     def to_wire(self) -> dict[str, Any]:
@@ -143,6 +148,8 @@ class Hello:
         }
         if self.watch:  # absent, a version-1 hello stays byte for byte what it was
             out["watch"] = {t: list(names) for t, names in self.watch.items()}
+        if self.store:
+            out["store"] = self.store
         return out
 
     @classmethod
@@ -159,6 +166,7 @@ class Hello:
             _map(raw.get("instance"), "hello.instance"),
             {str(t): {str(n): str(v) for n, v in _map(names, "hello.have[type]").items()} for t, names in have.items()},
             {str(t): _names(names, "hello.watch[type]") for t, names in watch.items()},
+            _store_id(raw),
         )
 
 
@@ -169,18 +177,22 @@ class Welcome:
     protocol_version: int
     server: str
     api_port: int = 0  # the control plane's HTTP API (its trace store), on the host the sidecar dialled; 0: not said
+    store: str = ""  # the id of the control plane's store; "": not said (a build before store ids)
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"k": "welcome", "pv": self.protocol_version, "server": self.server}
         if self.api_port:
             out["api"] = self.api_port
+        if self.store:
+            out["store"] = self.store
         return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
         api = raw.get("api", 0)
-        return cls(_int(raw, "pv"), _str(raw, "server"), api if isinstance(api, int) and 0 < api < 65536 else 0)
+        api_port = api if isinstance(api, int) and 0 < api < 65536 else 0
+        return cls(_int(raw, "pv"), _str(raw, "server"), api_port, _store_id(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +398,22 @@ def _int(raw: Mapping[str, Any], key: str) -> int:
     return value
 
 
+STORE_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # a control plane's are 32 hex digits
+# A policies NACK whose message starts with this names, besides rejected resources, the held
+# policies the sidecar keeps because the control plane's store does not have them.
+STORE_CONFLICT = "store-conflict"
+
+
+def _store_id(raw: Mapping[str, Any]) -> str:
+    """``store`` of a hello or welcome: absent is "", anything but a short id is an error."""
+    value = raw.get("store", "")
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not STORE_ID.fullmatch(value):
+        raise WireError("bad-message", f"{raw.get('k', 'message')}.store must be a store id (1-64 of [0-9A-Za-z._-])")
+    return value
+
+
 def _names(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise WireError("bad-message", f"{what} must be a list of strings")
@@ -496,10 +524,13 @@ class ServerConnection:
     here (xDS: the server never answers a stale nonce).
     """
 
-    def __init__(self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0) -> None:
+    def __init__(
+        self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0, store: str = ""
+    ) -> None:
         self.server = server
         self.versions = versions
         self.api_port = api_port  # told in welcome
+        self.store = store  # the store's id, told in welcome
         self.hello: Hello | None = None
         self.protocol_version: int | None = None
         self.closed = False
@@ -544,7 +575,7 @@ class ServerConnection:
             )
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port))
+        return encode(Welcome(chosen, self.server, self.api_port, self.store))
 
     def push(
         self,
