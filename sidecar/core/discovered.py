@@ -153,11 +153,16 @@ def _body(staged: Mapping[str, tuple[str, EndpointList]], resource: wire.Resourc
 
 
 class PushedConfig:
-    """Everything the control plane pushed: the endpoints and the policies."""
+    """Everything the control plane pushed: the endpoints and the policies, and the id of the
+    store the policies came from ("": none yet, or persisted by a build before store ids;
+    sidecar/core/store_conflict.py)."""
 
-    def __init__(self, discovered: DiscoveredState | None = None, policies: PolicyCache | None = None) -> None:
+    def __init__(
+        self, discovered: DiscoveredState | None = None, policies: PolicyCache | None = None, store: str = ""
+    ) -> None:
         self.discovered = discovered or DiscoveredState()
         self.policies = policies or PolicyCache()
+        self.store = store
 
     def apply(self, push: wire.Push) -> dict[str, str] | None:
         """Apply what is valid of ``push``; return the names refused, each with why (empty:
@@ -194,11 +199,14 @@ class PushedConfig:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.discovered.to_json(), "policies": self.policies.to_json()}
+        return {**self.discovered.to_json(), "policies": self.policies.to_json(), "store": self.store}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PushedConfig:
-        return cls(DiscoveredState.from_json(raw), PolicyCache.from_json(raw.get("policies", {})))
+        store = raw.get("store", "")
+        if store != "" and not (isinstance(store, str) and wire.STORE_ID.fullmatch(store)):
+            raise ValueError(f"store {store!r} is not a store id")
+        return cls(DiscoveredState.from_json(raw), PolicyCache.from_json(raw.get("policies", {})), store)
 
 
 __all__ = ["DiscoveredState", "EndpointList", "PushedConfig"]

@@ -93,6 +93,8 @@ class AdminViews:
                 "pushes_applied": control.pushes_applied,
                 "nacks_sent": control.nacks_sent,
                 "last_error": control.last_error,
+                "policies_store": control.config.store,  # the store the policies held came from
+                "store_conflict": list(control.store_conflict),  # policies kept against the control plane's
             },
             "service": self.service,
             "app": f"{host}:{port}",

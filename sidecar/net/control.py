@@ -24,7 +24,7 @@ import trio
 
 from meshlet import wire
 
-from ..core import errors
+from ..core import errors, store_conflict
 from ..core.config import MeshSnapshot
 from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
@@ -88,6 +88,9 @@ class ControlPlaneClient:
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
         self.span_collector: str | None = None  # the control plane's trace store, once welcome said where
+        self.session_store = ""  # the store of the control plane this session talks to (welcome)
+        self.unvouched: frozenset[str] = frozenset()  # held policies its store has not listed yet
+        self.store_conflict: tuple[str, ...] = ()  # the policies kept against that store (logged once)
         # The reader (acks, pongs), the pinger and the health prober share one socket.
         self._send_lock = trio.StrictFIFOLock()
 
@@ -156,6 +159,7 @@ class ControlPlaneClient:
             # Transparent mode: any address the app dials may be a service's, so every
             # service is pushed (a hello that scopes nothing); otherwise those it called.
             {} if self.watch_all else {wire.ENDPOINTS: tuple(sorted(self.config.discovered.watched))},
+            self.config.store,
         )
 
     async def _session(self, host: str, port: int) -> None:
@@ -183,6 +187,7 @@ class ControlPlaneClient:
                                 where = f"[{host}]" if ":" in host else host
                                 self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
+                            self._start_session(message.store)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
                             self._told_ready = None  # a new session: say it again
@@ -205,9 +210,23 @@ class ControlPlaneClient:
             self._answer_all()  # lookups in flight fail now rather than at their timeout
             await stream.aclose()
 
+    def _start_session(self, store: str) -> None:
+        """Welcome named the control plane's store: which held policies it must list before
+        this sidecar takes it as their store (sidecar/core/store_conflict.py)."""
+        self.session_store = store
+        self.unvouched = store_conflict.unvouched(self.config.store, store, self.config.policies.held)
+
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
         """Apply ``push``, serve and persist the result; the ACK or NACK to send."""
         previous = self.acked_versions.get(push.type, "")  # xDS: a NACK names the last accepted version
+        kept: tuple[str, ...] = ()
+        if push.type == wire.POLICIES:
+            decision = store_conflict.decide(push, self.unvouched)
+            push, kept, self.unvouched = decision.push, decision.kept, decision.unvouched
+            self._store_conflict(kept)
+            if decision.adopt and self.config.store != self.session_store:
+                log.info("policies now from store %s (was %s)", self.session_store, self.config.store or "none")
+                self.config.store = self.session_store
         refused = self.config.apply(push)
         if refused is None:
             return conn.ack(push)  # a type this build does not know: nothing to apply
@@ -218,13 +237,37 @@ class ControlPlaneClient:
         discovered = self.config.discovered
         for name in [n for n in self._waiting if discovered.has_answered(n)]:
             self._waiting.pop(name).set()  # answered: the lookup resumes on the new snapshot
-        if refused:
+        if refused or kept:
             why = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
+            if kept:
+                conflict = store_conflict.conflict_message(kept, self.config.store, self.session_store)
+                why = f"{conflict}; {why}" if why else conflict
             self.nacks_sent += 1
-            log.warning("rejected %s from the control plane: %s", list(refused), why)
-            return conn.nack(push, previous, why, tuple(refused))
+            if refused:
+                log.warning("rejected %s from the control plane: %s", list(refused), why)
+            return conn.nack(push, previous, why, (*kept, *refused))
         self.acked_versions[push.type] = push.version
         return conn.ack(push)
+
+    def _store_conflict(self, kept: tuple[str, ...]) -> None:
+        """Log a conflict once (again only when the policies kept change), and its end."""
+        if kept == self.store_conflict:
+            return
+        if kept:
+            log.error(
+                "%s: keeping %s: they came from store %s, and the control plane's store %s does not have them "
+                "(an empty or foreign store: a lost or different --data-dir?); removing them could let in callers "
+                "they refuse. To resolve: re-apply them to this control plane (from git, or `meshlet get policies "
+                "-o yaml` against a copy of the old data dir); this sidecar then takes its store; then delete "
+                "there what you no longer want",
+                store_conflict.STORE_CONFLICT,
+                ", ".join(kept),
+                self.config.store or "(unknown)",
+                self.session_store or "(unnamed)",
+            )
+        else:
+            log.info("store conflict resolved: the control plane's store has every policy this sidecar held")
+        self.store_conflict = kept
 
     # on-demand discovery ---------------------------------------------------------------
     async def discover(self, service: str) -> None:

@@ -1,5 +1,7 @@
 """The last good configuration on disk: a sidecar restarted while the control plane is
-away serves from it (fail-static across restarts).
+away serves from it (fail-static across restarts). With the policies goes the id of the
+control-plane store they came from, so a restarted sidecar still refuses to let a control plane
+on another store remove them (sidecar/core/store_conflict.py).
 
 Instances of one service on one host share the file (any one's configuration serves the
 next to start, whose port and so default id may differ), so each writes its own temporary

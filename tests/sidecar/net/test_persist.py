@@ -32,7 +32,9 @@ def test_no_file_is_no_config(tmp_path: Path) -> None:
     assert read_last_good(tmp_path / "item.json") is None
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"endpoints": {"item": {"body": []}}}', "[]", '{"endpoints": 3}'])
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"endpoints": {"item": {"body": []}}}', "[]", '{"endpoints": 3}', '{"store": ["a"]}']
+)
 def test_an_unreadable_file_is_ignored_and_logged(tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "item.json"
     path.write_text(text)
