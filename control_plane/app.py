@@ -56,7 +56,7 @@ async def run(
                 read_policy_files(options.policy), source=f"--policy {options.policy}", now=time.time()
             )
             log.info("policy from %s: version %s (%d changes)", options.policy, result.version, len(result.changes))
-        push = PushServer(registry, policies=policies, max_connections=options.max_connections)
+        push = PushServer(registry, policies=policies, max_connections=options.max_connections, store_id=store.id)
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             token = api_token(options.data_dir)

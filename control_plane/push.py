@@ -45,6 +45,11 @@ class SessionView:
     rejected: dict[str, str] = field(default_factory=dict)
     watch: set[str] | None = None
     missing: set[str] = field(default_factory=set)
+    # Held from another store (the sidecar's hello named another): listed in the next push even
+    # at the version held, since the sidecar takes nothing as current from a store that has not
+    # said so; and those of them this store lacks, which the sidecar keeps: never removed.
+    unvouched: set[str] = field(default_factory=set)
+    kept: set[str] = field(default_factory=set)
 
     @classmethod
     def from_hello(cls, have: dict[str, str], watch: set[str] | None = None) -> SessionView:
@@ -85,7 +90,8 @@ class SessionView:
         that does not exist is answered once as a resource without a body. Versions it
         rejected are not sent again. Names in ``keep`` that the sidecar holds and
         ``wanted`` lacks are not removed (a control plane warming up after a restart does
-        not know yet whether they still exist)."""
+        not know yet whether they still exist), nor are those the sidecar keeps from another
+        store (``kept``)."""
         watch = self.watch
         if full or names is None:
             names = set(self.held) | (set(wanted) if watch is None else watch)
@@ -96,13 +102,13 @@ class SessionView:
             have = self.held.get(name)
             if want is None:
                 if have is not None:
-                    if name not in keep:
+                    if name not in keep and name not in self.kept:
                         removed.append(name)
                 elif watch is not None and name in watch and name not in self.missing:
                     resources.append(Resource(name, "", None))  # does not exist (yet)
                 continue
             version, body = want
-            if have is not None and have[0] == version:
+            if have is not None and have[0] == version and name not in self.unvouched:
                 continue
             if self.rejected.get(name) == version:
                 continue
@@ -120,6 +126,8 @@ class SessionView:
             else:
                 self.held[resource.name] = wanted[resource.name]
                 self.missing.discard(resource.name)
+                self.unvouched.discard(resource.name)  # this store has it: the sidecar takes it from here
+                self.kept.discard(resource.name)
         for name in removed:
             self.held.pop(name, None)
             if self.watch is not None and name in self.watch:
@@ -133,6 +141,21 @@ class SessionView:
                 self.held[name] = previous[name]
             else:
                 self.held.pop(name, None)
+
+    def foreign(self, held_store: str, store: str, wanted: Container[str]) -> None:
+        """The sidecar's policies came from ``held_store``, not this control plane's ``store``:
+        everything held is unvouched, and what ``wanted`` lacks it will keep."""
+        if held_store != store:
+            self.unvouched = set(self.held)
+            self.kept = {name for name in self.held if name not in wanted}
+
+    def refused_removal(self, names: Iterable[str], previous: dict[str, tuple[str, Any]]) -> None:
+        """A ``store-conflict`` NACK: the sidecar keeps ``names`` (held from another store)."""
+        for name in names:
+            if name in previous:
+                self.held[name] = previous[name]  # the removal pushed did not happen
+            self.unvouched.add(name)
+            self.kept.add(name)
 
     def type_version(self) -> str:
         key = tuple(sorted((name, version) for name, (version, _) in self.held.items()))
@@ -390,6 +413,13 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
+STORE_CONFLICT_HINT = (
+    "this control plane's store lacks policies the sidecar holds from another store (an empty or foreign "
+    "data dir?): re-apply them here (from git, or `meshlet get policies -o yaml` against a copy of the old "
+    "data dir); the sidecar then adopts this store (docs/security.md)"
+)
+
+
 @dataclass(eq=False)
 class Session:
     """One sidecar's channel, as the control plane sees it."""
@@ -410,6 +440,7 @@ class Session:
     closed: bool = False
     next_ping: float = 0.0
     instance: Instance | None = None  # what its hello registered: restored if its lease runs out while it lives
+    store: str = ""  # the store the sidecar's policies come from (its hello's; this one's once it adopts it)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -442,7 +473,16 @@ class Session:
             "last_nack": None
             if nack is None
             else {"type": nack.type, "message": nack.message, "names": list(nack.names)},
+            "policies_store": self.store,
+            "store_conflict": self.store_conflict(),
         }
+
+    def store_conflict(self) -> dict[str, Any] | None:
+        """The policies this sidecar keeps because this control plane's store lacks them."""
+        view = self.views.get(wire.POLICIES)
+        if view is None or not view.kept:
+            return None
+        return {"kept": sorted(view.kept), "hint": STORE_CONFLICT_HINT}
 
 
 def build_push(

@@ -97,8 +97,10 @@ class PushServer:
         server_id: str = "meshlet-cp",
         policies: PolicyStore | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        store_id: str = "",
     ) -> None:
         self.registry = registry
+        self.store_id = store_id  # told in welcome; sidecars keep policies from another store
         self.max_connections = max_connections
         self.connections = 0  # open push-channel connections, hello or not
         self.pre_hello_bytes = 0  # received by connections still waiting for their hello
@@ -184,7 +186,7 @@ class PushServer:
             self._refuse(channel, io.peer, *cap)
             return
         self.connections += 1
-        conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
+        conn = wire.ServerConnection(self.server_id, api_port=self.api_port, store=self.store_id)
         session: Session | None = None
         try:
             early: list[wire.Message] = []
@@ -276,10 +278,43 @@ class PushServer:
             ready=instance.ready,
             next_ping=now + PING_INTERVAL,
             instance=instance,
+            store=hello.store,
         )
+        session.views[POLICIES].foreign(hello.store, self.store_id, self.wanted(POLICIES))
         self.hub.add(session)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
+        self._log_conflict(session)
         return session
+
+    def store_conflicts(self) -> int:
+        """Connected sidecars that keep policies this control plane's store lacks."""
+        return sum(1 for session in self.hub.sessions.values() if session.store_conflict() is not None)
+
+    def _log_conflict(self, session: Session) -> None:
+        conflict = session.store_conflict()
+        if conflict is not None:
+            log.warning(
+                "sidecar %s keeps %s from store %s, which this control plane's store %s lacks: %s",
+                session.node,
+                ", ".join(conflict["kept"]),
+                session.store or "(unknown)",
+                self.store_id,
+                conflict["hint"],
+            )
+
+    def _nacked(self, session: Session, nack: wire.Nack) -> None:
+        """Names the push carried were rejected (not sent again at that version); names it did
+        not carry, in a store-conflict NACK, are policies the sidecar keeps (never re-removed)."""
+        push = session.in_flight.get(nack.type)
+        if push is None:
+            return
+        view = session.views.setdefault(nack.type, SessionView())
+        view.nacked([n for n in nack.names if n in push.attempted], push.previous, push.attempted)
+        if nack.type == POLICIES and nack.message.startswith(wire.STORE_CONFLICT):
+            before = set(view.kept)
+            view.refused_removal([n for n in nack.names if n not in push.attempted], push.previous)
+            if view.kept != before:
+                self._log_conflict(session)
 
     def _close(self, session: Session) -> None:
         if session.closed and self.hub.sessions.get(session.node) is not session:
@@ -306,13 +341,11 @@ class PushServer:
         now = trio.current_time()
         self._renew(session, now)
         if isinstance(message, wire.Ack):
+            if message.type == POLICIES and not session.views[POLICIES].unvouched:
+                session.store = self.store_id  # it has every policy from this store: it took it as theirs
             self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
-            push = session.in_flight.get(message.type)
-            if push is not None:
-                session.views.setdefault(message.type, SessionView()).nacked(
-                    message.names, push.previous, push.attempted
-                )
+            self._nacked(session, message)
             session.last_nack = message
             self.hub.nacks_total += 1
             log.warning(

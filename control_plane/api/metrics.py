@@ -47,6 +47,11 @@ class _Collector:
             "1 while self-preservation freezes lease expiry.",
             int(stats.self_preservation),
         )
+        yield _gauge(
+            "meshlet_cp_store_conflicts",
+            "Connected sidecars that keep policies this control plane's store lacks (an empty or foreign store).",
+            push.store_conflicts(),
+        )
         yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
         refused = CounterMetricFamily(
             "meshlet_cp_connections_refused",

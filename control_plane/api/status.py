@@ -34,6 +34,8 @@ class StatusView:
                 },
                 "pushes_total": push.hub.pushes_total,
                 "nacks_total": push.hub.nacks_total,
+                "store": push.store_id,  # this control plane's store: sidecars holding another's keep its policies
+                "store_conflicts": push.store_conflicts(),
             }
         )
 

@@ -190,16 +190,33 @@ def _status(args: argparse.Namespace, api: ApiClient) -> int:
     registry = data["registry"]
     line = (
         f"{registry['instances']} instances ({registry['ready']} ready) in {registry['services']} services; "
-        f"{data['pushes_total']} pushes, {data['nacks_total']} NACKs"
+        f"{data['pushes_total']} pushes, {data['nacks_total']} NACKs; store {data.get('store') or '-'}"
     )
     if registry["self_preservation"]:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
     console.print(line)
+    _store_conflicts(console, data)
     return 0
 
 
+def _store_conflicts(console: Console, data: JSON) -> None:
+    """A sidecar in ``store-conflict`` keeps policies this control plane's store lacks: which, and what to do."""
+    conflicted = [s for s in data["sidecars"] if s.get("store_conflict")]
+    if not conflicted:
+        return
+    console.print(
+        f"[bold red]store-conflict[/]: {len(conflicted)} sidecar(s) keep policies store {data.get('store')} lacks"
+    )
+    for s in conflicted:
+        kept = ", ".join(s["store_conflict"]["kept"])
+        console.print(f"  {s['node']}: keeps {kept} (from store {s['policies_store'] or 'unknown'})")
+    console.print(f"  hint: {conflicted[0]['store_conflict']['hint']}", highlight=False)
+
+
 def _policies(sidecar: JSON) -> str:
-    """The policies type version a sidecar holds, and whether it ACKed it."""
+    """The policies type version a sidecar holds, and whether it ACKed it (or keeps some against this store)."""
+    if sidecar.get("store_conflict"):
+        return "[red]store-conflict[/]"
     held = sidecar["versions"].get("policies", "")
     if not held:
         return "-"

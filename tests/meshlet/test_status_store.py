@@ -1,0 +1,78 @@
+"""`meshlet status` on a control plane whose store lacks policies sidecars hold: the sidecar's
+POLICIES column says store-conflict, and the lines under the table say which policies and what
+to do (the JSON is /v1/status as it is)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import pytest
+
+from meshlet.cli import commands
+
+STORE, OLD = "b" * 32, "a" * 32
+HINT = "re-apply them here (from git, or `meshlet get policies -o yaml` against a copy of the old data dir)"
+
+
+def _sidecar(node: str, conflict: dict[str, Any] | None, store: str) -> dict[str, Any]:
+    return {
+        "node": node,
+        "service": "item",
+        "instance": node,
+        "connected": True,
+        "registered": True,
+        "last_seen_s": 0.5,
+        "ready": True,
+        "versions": {"endpoints": "e1", "policies": "p1"},
+        "acked": {"endpoints": "e1", "policies": "p1"},
+        "watching": {"endpoints": [], "policies": None},
+        "last_nack": None,
+        "policies_store": store,
+        "store_conflict": conflict,
+    }
+
+
+STATUS = {
+    "sidecars": [
+        _sidecar("item-1", {"kept": ["AccessPolicy/item-callers"], "hint": HINT}, OLD),
+        _sidecar("user-1", None, STORE),
+    ],
+    "registry": {"instances": 2, "ready": 2, "services": 2, "self_preservation": False},
+    "pushes_total": 4,
+    "nacks_total": 1,
+    "store": STORE,
+    "store_conflicts": 1,
+}
+
+
+class _Api:
+    def status(self) -> dict[str, Any]:
+        return STATUS
+
+
+@pytest.mark.parametrize("output", ["table", "json"])
+def test_status_shows_the_conflict(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert commands._status(argparse.Namespace(output=output), _Api()) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    if output == "json":
+        assert json.loads(out) == STATUS
+        return
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["item-1"], ["user-1"])}
+    assert "store-conflict" in rows["item-1"] and "store-conflict" not in rows["user-1"]
+    assert f"store {STORE}" in out
+    assert f"store-conflict: 1 sidecar(s) keep policies store {STORE} lacks" in out
+    assert f"item-1: keeps AccessPolicy/item-callers (from store {OLD})" in out
+    assert f"hint: {HINT}" in out
+
+
+def test_no_conflict_no_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    calm = {**STATUS, "sidecars": [STATUS["sidecars"][1]], "store_conflicts": 0}
+
+    class Calm:
+        def status(self) -> dict[str, Any]:
+            return calm
+
+    commands._status(argparse.Namespace(output="table"), Calm())  # type: ignore[arg-type]
+    assert "store-conflict" not in capsys.readouterr().out
