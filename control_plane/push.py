@@ -472,7 +472,7 @@ class Session:
             "watching": {t: None if v.watch is None else sorted(v.watch) for t, v in self.views.items()},
             "last_nack": None
             if nack is None
-            else {"type": nack.type, "message": nack.message, "names": list(nack.names)},
+            else {"type": nack.type, "message": nack.message, "names": list(nack.names), "nonce": nack.nonce},
             "policies_store": self.store,
             "store_conflict": self.store_conflict(),
         }

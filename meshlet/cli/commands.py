@@ -332,6 +332,7 @@ EXIT_UNCONFIRMED = 3  # applied, but not confirmed by every sidecar: a NACK, no 
 def _applied(args: argparse.Namespace, api: ApiClient, send: Callable[[], JSON], dry_run: bool) -> int:
     """Send an apply or a rollback; say what changed, then wait for the sidecars."""
     console = _console()
+    earlier = {} if dry_run or args.wait <= 0 else _policy_nacks(api)
     try:
         result = send()
     except ApiError as exc:
@@ -353,7 +354,7 @@ def _applied(args: argparse.Namespace, api: ApiClient, send: Callable[[], JSON],
     if args.wait <= 0:
         return EXIT_APPLIED
     try:
-        return _wait_for_sidecars(args, api, console)
+        return _wait_for_sidecars(args, api, console, earlier)
     except ApiError as exc:
         console.print(
             "[yellow]applied, but not confirmed by every sidecar[/]: the control plane stopped answering "
@@ -362,8 +363,23 @@ def _applied(args: argparse.Namespace, api: ApiClient, send: Callable[[], JSON],
         return EXIT_UNCONFIRMED
 
 
-def _wait_for_sidecars(args: argparse.Namespace, api: ApiClient, console: Console) -> int:
-    """Until every connected sidecar has ACKed the new policies, or NACKed them."""
+def _policy_nacks(api: ApiClient) -> dict[str, str]:
+    """Node → the nonce of its last policies NACK, before an apply: a NACK still there after it
+    answered an earlier push (a sidecar in store-conflict has one until the apply resolves it)."""
+    try:
+        sidecars = api.status()["sidecars"]
+    except ApiError:
+        return {}  # the apply itself says what is wrong
+    nacks = {s["node"]: s["last_nack"] for s in sidecars if (s["last_nack"] or {}).get("type") == "policies"}
+    return {node: nack["nonce"] for node, nack in nacks.items() if nack.get("nonce")}
+
+
+def _wait_for_sidecars(
+    args: argparse.Namespace, api: ApiClient, console: Console, earlier: dict[str, str] | None = None
+) -> int:
+    """Until every connected sidecar has ACKed the new policies, or NACKed them (a NACK in
+    ``earlier``, from before the apply, does not count)."""
+    earlier = earlier or {}
     from rich.progress import Progress
 
     deadline = time.monotonic() + args.wait
@@ -373,7 +389,13 @@ def _wait_for_sidecars(args: argparse.Namespace, api: ApiClient, console: Consol
             wanted = api.policies()["push_version"]
             sidecars = [s for s in api.status()["sidecars"] if s["connected"]]
             acked = [s for s in sidecars if s["acked"].get("policies") == wanted]
-            nacked = [s for s in sidecars if (s["last_nack"] or {}).get("type") == "policies" and s not in acked]
+            nacked = [
+                s
+                for s in sidecars
+                if (nack := s["last_nack"] or {}).get("type") == "policies"
+                and s not in acked
+                and (not nack.get("nonce") or earlier.get(s["node"]) != nack["nonce"])
+            ]
             progress.update(task, total=len(sidecars), completed=len(acked) + len(nacked))
             if len(acked) + len(nacked) == len(sidecars) or time.monotonic() > deadline:
                 break

@@ -76,3 +76,31 @@ def test_no_conflict_no_lines(capsys: pytest.CaptureFixture[str]) -> None:
 
     commands._status(argparse.Namespace(output="table"), Calm())  # type: ignore[arg-type]
     assert "store-conflict" not in capsys.readouterr().out
+
+
+class _Applying:
+    """A control plane where item-1 still shows the store-conflict NACK it sent before the apply,
+    then ACKs the applied version."""
+
+    def __init__(self) -> None:
+        old_nack = {"type": "policies", "message": "store-conflict: kept ...", "names": ["X"], "nonce": "2"}
+        waiting = {**_sidecar("item-1", None, OLD), "acked": {"policies": "p1"}, "last_nack": old_nack}
+        self.answers = [[waiting], [waiting], [{**waiting, "acked": {"policies": "W"}}]]
+
+    def policies(self) -> dict[str, Any]:
+        return {"push_version": "W"}
+
+    def status(self) -> dict[str, Any]:
+        return {"sidecars": self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]}
+
+
+def test_a_nack_from_before_the_apply_is_not_its_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    api = _Applying()
+    earlier = commands._policy_nacks(api)  # type: ignore[arg-type]
+    assert earlier == {"item-1": "2"}
+    args = argparse.Namespace(wait=10.0)
+    console = commands._console()
+    assert commands._wait_for_sidecars(args, api, console, earlier) == commands.EXIT_APPLIED  # type: ignore[arg-type]
+    assert "1 of 1 sidecars ACKed" in capsys.readouterr().out
+    # Without knowing what was there before, the old NACK passes for an answer.
+    assert commands._wait_for_sidecars(args, _Applying(), console) == commands.EXIT_UNCONFIRMED  # type: ignore[arg-type]
