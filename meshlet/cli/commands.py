@@ -26,7 +26,13 @@ def add_commands(commands: Any) -> None:
     get = commands.add_parser("get", help="list services, endpoints or policies known to the control plane")
     get.add_argument("what", choices=["services", "endpoints", "policies"])
     get.add_argument("name", nargs="?", help="one service")
-    get.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    get.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json", "yaml"],
+        default="table",
+        help="yaml: policies only, the running policy's files as one stream `meshlet apply -f` takes",
+    )
     get.add_argument("--history", action="store_true", help="policies: every version applied, newest first")
     _api_option(get)
 
@@ -117,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace, api: ApiClient) -> int:
     console = _console()
+    if args.output == "yaml" and (args.what != "policies" or args.history or args.name):
+        print("meshlet: -o yaml is for `get policies` only: the running policy's files, whole", file=sys.stderr)
+        return 2
     if args.what == "policies":
         return _get_policies(args, api, console)
     if args.what == "services":
@@ -287,6 +296,9 @@ def _get_policies(args: argparse.Namespace, api: ApiClient, console: Console) ->
         console.print(table)
         return 0
     data = api.policies()
+    if args.output == "yaml":
+        print(policy_stream(data["applied"]), end="")
+        return 0
     documents = [d for d in data["documents"] if not args.name or d["name"] == args.name]
     if args.output == "json":
         print(json.dumps({**data, "documents": documents}, indent=2, sort_keys=True))
@@ -297,6 +309,14 @@ def _get_policies(args: argparse.Namespace, api: ApiClient, console: Console) ->
     console.print(table)
     console.print(f"policy version {data['version'] or '(none applied)'}")
     return 0
+
+
+def policy_stream(applied: JSON | None) -> str:
+    """The files of the running policy as one YAML stream (JSON files are YAML too), each under
+    a comment naming it: what `meshlet apply -f` takes to make the same policy elsewhere."""
+    texts: dict[str, str] = {} if applied is None else applied["texts"]
+    parts = [f"# file: {name}\n{text}" + ("" if text.endswith("\n") else "\n") for name, text in texts.items()]
+    return "---\n".join(parts)
 
 
 def _apply(args: argparse.Namespace, api: ApiClient) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from ..helpers import SidecarProcess, sample
+from ..helpers import SidecarProcess, run_control_plane, sample
 from ..mesh import Mesh
 from .test_control_plane import eventually, free_port, learns, meshlet
 
@@ -22,6 +22,12 @@ rules:
   - sources: [user]
 """
 KEPT = ["AccessPolicy/item-callers"]
+
+
+def copy_api(process: SidecarProcess) -> str:
+    return f"127.0.0.1:{process.ports['api']}"
+
+
 TTL = "6"  # the new control plane's warm-up: one lease TTL (above the 5 s pings that renew leases)
 
 
@@ -89,8 +95,11 @@ async def test_an_empty_store_does_not_open_an_access_policy(tmp_path: Path, mes
         assert await code(gateway) == 403
         assert await all_in_conflict()
 
-        # The way out: the policies applied to the new store; every sidecar adopts it.
-        await mesh.apply(DENY_GATEWAY)  # returns once every sidecar ACKed
+        # The way out: the policies, read from a copy of the old data dir, applied to the new store.
+        async with run_control_plane(tmp_path, extra=["--data-dir", str(tmp_path / "cp-lost")]) as copy:
+            exit_code, stream, _ = await meshlet("get", "policies", "-o", "yaml", "--api", copy_api(copy))
+        assert exit_code == 0 and "name: item-callers" in stream
+        await mesh.apply(stream)  # returns once every sidecar ACKed: each adopts the new store
 
         async def none_in_conflict() -> bool:
             current = await status()

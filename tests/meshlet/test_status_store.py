@@ -104,3 +104,29 @@ def test_a_nack_from_before_the_apply_is_not_its_answer(capsys: pytest.CaptureFi
     assert "1 of 1 sidecars ACKed" in capsys.readouterr().out
     # Without knowing what was there before, the old NACK passes for an answer.
     assert commands._wait_for_sidecars(args, _Applying(), console) == commands.EXIT_UNCONFIRMED  # type: ignore[arg-type]
+
+
+def test_the_running_policy_as_one_stream_apply_takes() -> None:
+    from meshlet.policy import load_documents
+
+    texts = {
+        "a.yaml": "kind: AccessPolicy\nname: x\nservice: item\nrules:\n  - sources: [user]",
+        "b.json": '{"kind": "AccessPolicy", "name": "y", "service": "pay", "rules": [{"sources": ["user"]}]}\n',
+        "c.yaml": "---\nkind: Route\nname: item\nhost: item\nrules:\n  - {name: all, destinations: [{service: item}]}\n",
+    }
+    stream = commands.policy_stream({"texts": texts})
+    assert stream.startswith("# file: a.yaml\n") and "---\n# file: b.json\n" in stream
+    names = [d.name for d in load_documents([("policies.yaml", stream)])]
+    assert names == ["x", "y", "item"]
+    assert commands.policy_stream(None) == ""
+
+
+@pytest.mark.parametrize(
+    "what, history, name", [("services", False, None), ("policies", True, None), ("policies", False, "x")]
+)
+def test_yaml_is_the_whole_running_policy_only(
+    what: str, history: bool, name: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(what=what, output="yaml", history=history, name=name)
+    assert commands._get(args, _Api()) == 2  # type: ignore[arg-type]
+    assert "-o yaml is for `get policies` only" in capsys.readouterr().err
