@@ -150,10 +150,13 @@ class SessionView:
             self.kept = {name for name in self.held if name not in wanted}
 
     def refused_removal(self, names: Iterable[str], previous: dict[str, tuple[str, Any]]) -> None:
-        """A ``store-conflict`` NACK: the sidecar keeps ``names`` (held from another store)."""
+        """A ``store-conflict`` NACK: the sidecar keeps ``names`` (held from another store). Only
+        names it holds count: a NACK cannot make the view grow."""
         for name in names:
             if name in previous:
                 self.held[name] = previous[name]  # the removal pushed did not happen
+            elif name not in self.held:
+                continue
             self.unvouched.add(name)
             self.kept.add(name)
 

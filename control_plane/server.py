@@ -39,6 +39,7 @@ PRE_HELLO_BUDGET = 32 * 1024 * 1024
 EXPIRY_INTERVAL = 1.0  # how often leases are checked; expiry happens within TTL + this
 ENDPOINT_MEMO_MAX = 100_000  # endpoint bodies kept with their canonical bytes
 KEEPALIVE_TICK = 0.5  # how often the keepalive looks for sidecars due a ping
+CONFLICTS_LOGGED = 32  # distinct store conflicts (sets of policies kept) logged; later ones are only counted
 
 
 class EndpointsView:
@@ -101,6 +102,7 @@ class PushServer:
     ) -> None:
         self.registry = registry
         self.store_id = store_id  # told in welcome; sidecars keep policies from another store
+        self._conflicts_logged: set[tuple[str, ...]] = set()  # the store conflicts logged, by policies kept
         self.max_connections = max_connections
         self.connections = 0  # open push-channel connections, hello or not
         self.pre_hello_bytes = 0  # received by connections still waiting for their hello
@@ -291,16 +293,25 @@ class PushServer:
         return sum(1 for session in self.hub.sessions.values() if session.store_conflict() is not None)
 
     def _log_conflict(self, session: Session) -> None:
+        """Once per set of policies kept (a restart on an empty store puts every sidecar in
+        conflict over the same policies: one line, not one per sidecar), at most
+        ``CONFLICTS_LOGGED`` sets; ``meshlet status`` and the metric have every sidecar."""
         conflict = session.store_conflict()
-        if conflict is not None:
-            log.warning(
-                "sidecar %s keeps %s from store %s, which this control plane's store %s lacks: %s",
-                session.node,
-                ", ".join(conflict["kept"]),
-                session.store or "(unknown)",
-                self.store_id,
-                conflict["hint"],
-            )
+        if conflict is None:
+            return
+        kept = tuple(conflict["kept"])
+        if kept in self._conflicts_logged or len(self._conflicts_logged) >= CONFLICTS_LOGGED:
+            return
+        self._conflicts_logged.add(kept)
+        log.warning(
+            "sidecar %s keeps %s from store %s, which this control plane's store %s lacks (other sidecars "
+            "keeping the same are not logged: see meshlet status, meshlet_cp_store_conflicts): %s",
+            session.node,
+            ", ".join(kept),
+            session.store or "(unknown)",
+            self.store_id,
+            conflict["hint"],
+        )
 
     def _nacked(self, session: Session, nack: wire.Nack) -> None:
         """Names the push carried were rejected (not sent again at that version); names it did

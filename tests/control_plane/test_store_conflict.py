@@ -6,21 +6,25 @@ sidecar's."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from control_plane.api import build_api
 from control_plane.policies import PolicyStore
-from control_plane.push import SessionView
+from control_plane.push import Session, SessionView
 from control_plane.registry import Registry
-from control_plane.server import PushServer
+from control_plane.server import CONFLICTS_LOGGED, PushServer
 from control_plane.store import MemoryStore
 from meshlet import wire
+
+from .test_hub import Recorder
 
 OLD = "a" * 32
 DENY = "AccessPolicy/item-callers"
@@ -143,3 +147,30 @@ async def test_a_sidecar_holding_policies_from_another_store(nursery: trio.Nurse
     assert "meshlet_cp_store_conflicts 0.0" in (await api.get("/metrics")).text
     await stream.aclose()
     await api.aclose()
+
+
+def test_a_nack_cannot_make_the_view_grow() -> None:
+    view = SessionView.from_hello({DENY: "v1"})
+    view.refused_removal([DENY, "AccessPolicy/never-held", "x" * 1000], {})
+    assert view.kept == {DENY} and set(view.held) == {DENY}
+
+
+def test_one_log_line_per_set_of_policies_kept(caplog: pytest.LogCaptureFixture) -> None:
+    push = PushServer(Registry(), store_id="b" * 32)
+
+    def session(node: str, held: dict[str, str]) -> Session:
+        view = SessionView.from_hello(held)
+        view.foreign(OLD, push.store_id, {})
+        conn = wire.ServerConnection("cp")
+        return Session(node, "item", node, conn, {wire.POLICIES: view}, 0.0, 0.0, Recorder(), store=OLD)
+
+    with caplog.at_level(logging.WARNING, "meshlet.cp.server"):
+        for node in ("item-1", "item-2", "item-3"):
+            push._log_conflict(session(node, {DENY: "v1"}))  # a restart on an empty store: all alike
+        push._log_conflict(session("user-1", {DENY: "v1", ROUTE: "v1"}))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "sidecar item-1 keeps AccessPolicy/item-callers from store" in lines[0]
+    assert f"{DENY}, {ROUTE}" in lines[1]
+    for n in range(CONFLICTS_LOGGED + 5):
+        push._log_conflict(session(f"n-{n}", {f"AccessPolicy/p{n}": "v1"}))
+    assert len(push._conflicts_logged) == CONFLICTS_LOGGED  # bounded
