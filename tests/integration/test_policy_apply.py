@@ -199,6 +199,7 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
                 "type": "policies",
                 "message": "unknown kind Service",
                 "names": ["Service/billing"],
+                "nonce": old["last_nack"]["nonce"],  # which push it answered (apply tells old NACKs from new)
             }
             code, out, _ = await meshlet("status", "--api", api)
             assert "policies Service/billing: unknown kind Service" in out
