@@ -37,6 +37,7 @@ Semantics (xDS semantics)
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -169,18 +170,36 @@ class Welcome:
     protocol_version: int
     server: str
     api_port: int = 0  # the control plane's HTTP API (its trace store), on the host the sidecar dialled; 0: not said
+    # What this session's spans carry to that store (Authorization: Bearer); "": not given. A secret: not in repr.
+    span_token: str = field(default="", repr=False)
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"k": "welcome", "pv": self.protocol_version, "server": self.server}
         if self.api_port:
             out["api"] = self.api_port
+        if self.span_token:
+            out["span_token"] = self.span_token
         return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
         api = raw.get("api", 0)
-        return cls(_int(raw, "pv"), _str(raw, "server"), api if isinstance(api, int) and 0 < api < 65536 else 0)
+        return cls(
+            _int(raw, "pv"),
+            _str(raw, "server"),
+            api if isinstance(api, int) and 0 < api < 65536 else 0,
+            span_token=_span_token(raw.get("span_token")),
+        )
+
+
+_SPAN_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+
+
+def _span_token(value: Any) -> str:
+    """A span token goes into an HTTP header: anything but a plain token of 16 to 256 characters
+    (a CR or LF would add headers of the control plane's choosing) is no token."""
+    return value if isinstance(value, str) and _SPAN_TOKEN.fullmatch(value) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,8 +552,9 @@ class ServerConnection:
             out.append(message)
         return out
 
-    def accept(self) -> bytes:
-        """``welcome`` with the version chosen; WireError if there is none in common."""
+    def accept(self, span_token: str = "") -> bytes:
+        """``welcome`` with the version chosen (and this session's ``span_token``); WireError if
+        there is none in common."""
         assert self.hello is not None, "accept() after hello"
         chosen = negotiate(self.hello.protocol_versions, self.versions)
         if chosen is None:
@@ -544,7 +564,7 @@ class ServerConnection:
             )
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port))
+        return encode(Welcome(chosen, self.server, self.api_port, span_token=span_token))
 
     def push(
         self,

@@ -7,6 +7,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..ownership import admin_refusal
 from ..registry import Instance, Registry
 from .replies import JSON
 
@@ -38,7 +39,10 @@ class RegistryViews:
         # Prometheus HTTP service discovery (http_sd_configs): one target group per sidecar,
         # its admin listener, labelled with what an operator filters by. Not-ready sidecars
         # are listed too: their metrics say why they are not ready.
-        return JSONResponse([prometheus_target(instance) for instance in self.registry.instances()])
+        # Only admin addresses on the registering session's host: a registration must not make
+        # Prometheus fetch another host either (control_plane/ownership.py).
+        instances = self.registry.instances()
+        return JSONResponse([prometheus_target(i) for i in instances if admin_refusal(i.admin, i.owner) is None])
 
 
 def endpoints_json(registry: Registry, services: list[str]) -> dict[str, list[JSON]]:

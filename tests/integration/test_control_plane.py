@@ -412,7 +412,9 @@ async def test_bad_peers_are_refused_without_harming_others(mesh: Mesh, origin: 
         )
         messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
         # welcome also says where the control plane's HTTP API (its trace store) is
-        assert messages[0] == wire.Welcome(versions[0], "meshlet-cp", cp.ports["api"])
+        welcome = messages[0]
+        assert isinstance(welcome, wire.Welcome) and welcome.span_token.startswith("mst_")
+        assert welcome == wire.Welcome(versions[0], "meshlet-cp", cp.ports["api"], span_token=welcome.span_token)
         assert isinstance(messages[-1], wire.Error) and messages[-1].reason == reason, messages[-1]
     # Those peers registered, then went without a bye: while their leases hold (10 s),
     # status lists them as not connected, with when they were last heard from.
