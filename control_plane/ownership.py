@@ -57,20 +57,28 @@ def normal_host(host: str) -> str:
 ADMIN_REFUSED = "not the session's address"
 
 
-def admin_refusal(admin: str, owner: Owner | None) -> str | None:
-    """Why the control plane must not fetch ``admin`` (None: it may). It fetches only the
-    host the session came from, by IP (a name would be resolved: any host again), on a port
-    1-65535: a registration cannot point it at another host."""
+def admin_target(admin: str, owner: Owner | None) -> str | None:
+    """Where the control plane may fetch a registration's ``admin`` listener (None: nowhere).
+    Only on the host its session came from, on a port 1-65535: ``admin`` itself when its host
+    is that address; when its host is a name (a sidecar advertised as ``item-1``), that port
+    on the session's address, for a name is never resolved (it could name any host). A
+    registration cannot point the control plane at another host."""
     if owner is None:
-        return ADMIN_REFUSED
+        return None
     try:
-        host, _port = parse_address(admin)
+        host, port = parse_address(admin)
+    except ValueError:
+        return None
+    try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return ADMIN_REFUSED
-    if normal_host(str(address)) != owner.host:
-        return ADMIN_REFUSED
-    return None
+        return f"[{owner.host}]:{port}" if ":" in owner.host else f"{owner.host}:{port}"
+    return admin if normal_host(str(address)) == owner.host else None
+
+
+def admin_refusal(admin: str, owner: Owner | None) -> str | None:
+    """Why the control plane does not fetch ``admin`` (None: it does, at :func:`admin_target`)."""
+    return ADMIN_REFUSED if admin_target(admin, owner) is None else None
 
 
 def claim_refusal(claim: Owner, holder: Owner | None, *, live: bool) -> str | None:
@@ -132,4 +140,13 @@ class Claims:
             del self._nodes[node]
 
 
-__all__ = ["ADMIN_REFUSED", "Burst", "Claims", "Owner", "admin_refusal", "claim_refusal", "session_owner"]
+__all__ = [
+    "ADMIN_REFUSED",
+    "Burst",
+    "Claims",
+    "Owner",
+    "admin_refusal",
+    "admin_target",
+    "claim_refusal",
+    "session_owner",
+]

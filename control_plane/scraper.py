@@ -28,17 +28,17 @@ import httpx
 import trio
 
 from . import golden
-from .ownership import admin_refusal
+from .ownership import admin_target
 from .registry import Instance
 
 log = logging.getLogger("meshlet.cp.scraper")
 
 
 def scrape_targets(instances: Iterable[Instance]) -> Iterator[tuple[str, str]]:
-    """(instance id, admin HOST:PORT) of the instances whose admin address may be fetched."""
+    """(instance id, where to fetch its admin listener) of the instances whose admin may be fetched."""
     for instance in instances:
-        if admin_refusal(instance.admin, instance.owner) is None:
-            yield instance.instance_id, instance.admin
+        if (target := admin_target(instance.admin, instance.owner)) is not None:
+            yield instance.instance_id, target
 
 
 class Scraper:

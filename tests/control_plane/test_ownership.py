@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.ownership import ADMIN_REFUSED, BURST_QUIET, Burst, Claims, Owner, admin_refusal, session_owner
+from control_plane.ownership import (
+    ADMIN_REFUSED,
+    BURST_QUIET,
+    Burst,
+    Claims,
+    Owner,
+    admin_refusal,
+    admin_target,
+    session_owner,
+)
 
 ITEM = Owner("item", "127.0.0.1")
 
@@ -43,23 +52,30 @@ def test_a_live_node_is_refused_and_released_only_by_its_session() -> None:
 
 
 @pytest.mark.parametrize(
-    ("admin", "peer", "refused"),
+    ("admin", "peer", "target"),
     [
-        ("127.0.0.1:15090", "127.0.0.1", False),
-        ("127.0.0.2:15090", "127.0.0.1", True),  # loopback, but not the session's address
-        ("10.0.0.5:15090", "10.0.0.5", False),
-        ("10.0.0.5:15090", "::ffff:10.0.0.5", False),  # an IPv4 peer on a dual-stack socket
-        ("[::1]:15090", "::1", False),
-        ("[0:0:0:0:0:0:0:1]:15090", "::1", False),
-        ("169.254.169.254:80", "127.0.0.1", True),  # the cloud's metadata service
-        ("localhost:15090", "127.0.0.1", True),  # a name would be resolved: any host again
-        ("127.0.0.1:0", "127.0.0.1", True),  # ports are 1-65535
-        ("127.0.0.1:65536", "127.0.0.1", True),
-        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1:15090", "127.0.0.1", "127.0.0.1:15090"),
+        ("127.0.0.2:15090", "127.0.0.1", None),  # loopback, but not the session's address
+        ("10.0.0.5:15090", "10.0.0.5", "10.0.0.5:15090"),
+        ("10.0.0.5:15090", "::ffff:10.0.0.5", "10.0.0.5:15090"),  # an IPv4 peer on a dual-stack socket
+        ("[::1]:15090", "::1", "[::1]:15090"),
+        ("[0:0:0:0:0:0:0:1]:15090", "::1", "[0:0:0:0:0:0:0:1]:15090"),
+        ("169.254.169.254:80", "127.0.0.1", None),  # the cloud's metadata service
+        ("0.0.0.0:15090", "10.0.0.5", None),
+        # A name is never resolved (it could name any host): its port, on the session's address.
+        ("item-1:15090", "172.18.0.4", "172.18.0.4:15090"),
+        ("metadata.google.internal:80", "10.0.0.5", "10.0.0.5:80"),
+        ("localhost:15090", "::1", "[::1]:15090"),
+        ("127.0.0.1:0", "127.0.0.1", None),  # ports are 1-65535
+        ("127.0.0.1:65536", "127.0.0.1", None),
+        ("item-1:0", "127.0.0.1", None),
+        ("127.0.0.1", "127.0.0.1", None),
     ],
 )
-def test_only_an_admin_address_on_the_sessions_host_is_fetched(admin: str, peer: str, refused: bool) -> None:
-    assert admin_refusal(admin, session_owner("item", peer)) == (ADMIN_REFUSED if refused else None)
+def test_only_the_sessions_host_is_fetched(admin: str, peer: str, target: str | None) -> None:
+    owner = session_owner("item", peer)
+    assert admin_target(admin, owner) == target
+    assert admin_refusal(admin, owner) == (ADMIN_REFUSED if target is None else None)
 
 
 def test_an_admin_address_registered_without_a_session_is_never_fetched() -> None:
