@@ -257,7 +257,7 @@ class PushServer:
         why = admin_refusal(instance.admin, instance.owner)
         if why is not None and self.admin_refused.starts(now):
             log.warning(
-                "sidecar %s (%s): admin %s refused (%s: %s); not scraped (counted in "
+                "sidecar %s (%s): admin %s refused, %s (it came from %s); not scraped (counted in "
                 "meshlet_cp_admin_refused_total, not logged again in this burst)",
                 instance.node,
                 instance.instance_id,
@@ -324,7 +324,7 @@ class PushServer:
         self.claims.release(session, session.instance_id, session.node)
         self.span_tokens.revoke(session, trio.current_time())
         if session.closed and self.hub.sessions.get(session.node) is not session:
-            return  # replaced by a newer channel of the same sidecar: that one owns the lease
+            return  # said bye: deregistered already
         session.closed = True
         self.hub.remove(session)
         try:
