@@ -20,7 +20,7 @@ from meshlet.policy import read_policy_files
 from .api import build_api
 from .policies import PolicyStore
 from .registry import Registry
-from .scraper import Scraper
+from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
 from .store import open_store
 
@@ -60,7 +60,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             token = api_token(options.data_dir)
-            scraper = Scraper(lambda: ((i.instance_id, i.admin) for i in registry.instances()))
+            scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
             api = build_api(push, token, scraper=scraper)
             # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.

@@ -69,6 +69,8 @@ from types import MappingProxyType
 from meshlet.addresses import parse_address
 from meshlet.names import check_instance_id, is_service_name
 
+from .ownership import Owner
+
 DEFAULT_TTL = 10.0  # a crashed sidecar's endpoints disappear within TTL + push time
 DEFAULT_SELF_PRESERVATION_THRESHOLD = 0.15  # docs/architecture.md; Eureka's renewalPercentThreshold is 0.85
 DEFAULT_SELF_PRESERVATION_MIN_INSTANCES = 3  # fewer lapsing together is an ordinary crash: evict it
@@ -117,6 +119,8 @@ class Instance:
     node: str = ""  # the sidecar's node id (its hello)
     app_port: int = 0  # the app's port on the address's host (transparent mode dials it); 0: not told
     ready: bool = False  # fail-closed: not pushed until the sidecar's health probe says so
+    # Who registered it (control_plane/ownership.py): not what the sidecar reported, what its session proved.
+    owner: Owner | None = None
 
     def __post_init__(self) -> None:
         service = _check_text("service", self.service)
@@ -135,6 +139,8 @@ class Instance:
             raise ValueError(f"app_port {self.app_port!r}: a port (1-65535), or 0 for none")
         if not isinstance(self.ready, bool):
             raise ValueError(f"ready must be a bool, not {type(self.ready).__name__}")
+        if self.owner is not None and not isinstance(self.owner, Owner):
+            raise ValueError(f"owner must be an Owner, not {type(self.owner).__name__}")
         if not isinstance(self.labels, Mapping):
             raise ValueError(f"labels must be a mapping of strings, not {type(self.labels).__name__}")
         for key, value in self.labels.items():
@@ -342,6 +348,11 @@ class Registry:
 
     def get(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
+
+    def owner(self, instance_id: str) -> Owner | None:
+        """Who registered ``instance_id`` (None: nobody holds it, or it was registered without one)."""
+        instance = self._instances.get(instance_id)
+        return None if instance is None else instance.owner
 
     def lease_expires_at(self, instance_id: str) -> float:
         lease = self._leases.get(instance_id)

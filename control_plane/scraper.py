@@ -11,21 +11,34 @@ answered "warming up" until two scrapes are in), and a mesh nobody looks at is n
 scraped at all. At most ``concurrency`` scrapes run at once, each with a timeout; a
 sidecar that does not answer is left out of that round (its window is then shorter, which
 the rates account for).
+
+Only admin addresses on the host the registering session came from are fetched
+(:func:`scrape_targets`, control_plane/ownership.py): a registration cannot make the
+control plane fetch another host, nor pass off another listener's numbers as a sidecar's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
 import trio
 
 from . import golden
+from .ownership import admin_target
+from .registry import Instance
 
 log = logging.getLogger("meshlet.cp.scraper")
+
+
+def scrape_targets(instances: Iterable[Instance]) -> Iterator[tuple[str, str]]:
+    """(instance id, where to fetch its admin listener) of the instances whose admin may be fetched."""
+    for instance in instances:
+        if (target := admin_target(instance.admin, instance.owner)) is not None:
+            yield instance.instance_id, target
 
 
 class Scraper:
@@ -146,4 +159,4 @@ class Scraper:
         }
 
 
-__all__ = ["Scraper"]
+__all__ = ["Scraper", "scrape_targets"]

@@ -24,9 +24,11 @@ from meshlet.io import Closed, Connection, listen_socket, serve_socket
 from meshlet.wire import ENDPOINTS, POLICIES
 
 from .channel import Channel
+from .ownership import Burst, Claims, admin_refusal, session_owner
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
+from .span_tokens import SpanTokens, new_token
 
 log = logging.getLogger("meshlet.cp.server")
 
@@ -115,6 +117,9 @@ class PushServer:
         self.endpoints = EndpointsView(registry)
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
+        self.claims = Claims()  # the instance ids and nodes of live sessions (control_plane/ownership.py)
+        self.admin_refused = Burst()  # registrations whose admin address is not fetched
+        self.span_tokens = SpanTokens()  # what each session's spans carry (control_plane/span_tokens.py)
         self._pings = 0
         self._policies_view: tuple[str, dict[str, tuple[str, Any]]] | None = None
         self._nursery: trio.Nursery | None = None  # where flushers run (set by serve)
@@ -210,8 +215,9 @@ class PushServer:
                 self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
-            welcome = conn.accept()  # refuses an unknown protocol version before registering anything
-            session = self._open(conn, channel, io.peer)  # ValueError: an instance the registry refuses
+            span_token = new_token()  # worth nothing until the session opens
+            welcome = conn.accept(span_token)  # refuses an unknown protocol version before registering anything
+            session = self._open(conn, channel, io.peer, span_token)  # ValueError, InstanceInUse
             channel.write(welcome)
             self.hub.push_first(session)
             for message in early[1:]:
@@ -223,6 +229,8 @@ class PushServer:
             _send_error(channel, exc.reason, exc.detail)
         except Closed:
             pass
+        except InstanceInUse as exc:
+            self._refuse_claim(channel, io.peer, str(exc))
         except ValueError as exc:  # an instance the registry refuses
             self.protocol_errors += 1
             log.warning("sidecar at %s: instance refused: %s", io.peer, exc)
@@ -234,6 +242,33 @@ class PushServer:
             channel.close()
             if session is not None:
                 self._close(session)
+
+    def _refuse_claim(self, channel: Channel, peer: str, why: str) -> None:
+        """A hello for an instance id or node another session holds: refused, the holder
+        untouched. Counted; the first of a burst logged."""
+        if self.claims.refused.starts(trio.current_time()):
+            log.warning(
+                "sidecar at %s refused: %s (counted in meshlet_cp_claims_refused_total, "
+                "not logged again in this burst)",
+                peer,
+                why,
+            )
+        _send_error(channel, "instance-in-use", why)
+
+    def _check_admin(self, instance: Instance, now: float) -> None:
+        """A registration whose admin address is not on the session's host is accepted, its
+        admin never fetched (control_plane/scraper.py). Counted; the first of a burst logged."""
+        why = admin_refusal(instance.admin, instance.owner)
+        if why is not None and self.admin_refused.starts(now):
+            log.warning(
+                "sidecar %s (%s): admin %s refused, %s (it came from %s); not scraped (counted in "
+                "meshlet_cp_admin_refused_total, not logged again in this burst)",
+                instance.node,
+                instance.instance_id,
+                instance.admin,
+                why,
+                instance.owner.host if instance.owner else "unknown",
+            )
 
     def _over_cap(self) -> tuple[str, str] | None:
         if self.connections >= self.max_connections:
@@ -256,17 +291,19 @@ class PushServer:
         _send_error(channel, "overloaded", f"the control plane refuses new connections: {why}; retry later")
         channel.close()
 
-    def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str) -> Session:
+    def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str, span_token: str) -> Session:
         hello = conn.hello
         assert hello is not None
-        instance = instance_from_hello(hello)
+        owner = session_owner(hello.service, peer)  # the identity: what the session proved
+        instance = dataclasses.replace(instance_from_hello(hello), owner=owner)
+        refusal = self.claims.refusal(
+            owner, instance.instance_id, hello.node, self.registry.owner(instance.instance_id)
+        )
+        if refusal is not None:
+            raise InstanceInUse(refusal)
         now = trio.current_time()
+        self._check_admin(instance, now)
         self.changed(self.registry.register(instance, now))
-        old = self.hub.sessions.get(hello.node)
-        if old is not None:  # the same sidecar again: its old channel is a ghost
-            old.closed = True
-            self.hub.remove(old)
-            old.channel.close()
         watches = conn.watches()
         session = Session(
             node=hello.node,
@@ -284,6 +321,8 @@ class PushServer:
         )
         session.views[POLICIES].foreign(hello.store, self.store_id, self.wanted(POLICIES))
         self.hub.add(session)
+        self.claims.hold(session, instance.instance_id, hello.node)
+        self.span_tokens.grant(session, span_token, hello.service)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
         self._log_conflict(session)
         return session
@@ -328,8 +367,10 @@ class PushServer:
                 self._log_conflict(session)
 
     def _close(self, session: Session) -> None:
+        self.claims.release(session, session.instance_id, session.node)
+        self.span_tokens.revoke(session, trio.current_time())
         if session.closed and self.hub.sessions.get(session.node) is not session:
-            return  # replaced by a newer channel of the same sidecar: that one owns the lease
+            return  # said bye: deregistered already
         session.closed = True
         self.hub.remove(session)
         try:
@@ -439,6 +480,10 @@ def _unhealthy(session: Session, now: float, judged_from: float) -> str:
     if blocked is not None and now - max(blocked, judged_from) > PING_INTERVAL:
         return "is not reading"
     return ""
+
+
+class InstanceInUse(Exception):
+    """A hello claims an instance id or node that belongs to another session."""
 
 
 def instance_from_hello(hello: wire.Hello) -> Instance:

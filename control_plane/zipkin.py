@@ -1,11 +1,13 @@
 """Zipkin's v2 HTTP API on the embedded trace store (control_plane/traces.py), so sidecars,
 `meshlet trace`, the dashboard, a Zipkin UI or Jaeger need nothing else (docs/tracing.md).
 
-* ``POST /api/v2/spans``: a JSON list of v2 spans → 202. A batch with a malformed span is
-  refused whole (400, saying which span and why): nothing half-stored. Open to every
-  caller, as Zipkin's collector is (the sidecars post without the API token); the body
-  is limited to :data:`MAX_BODY` (5 MiB), counted while it is read: a larger one gets 413
-  before it is buffered.
+* ``POST /api/v2/spans``: a JSON list of v2 spans → 202. Only with a token
+  (``Authorization: Bearer``): a sidecar's span token, which writes the spans of its own
+  service only (the others in its batch are dropped and counted), or the API's write token,
+  which writes any (control_plane/span_tokens.py); without one, 401 before the body is read.
+  A batch with a malformed span is refused whole (400, saying which span and why): nothing
+  half-stored. The body is limited to :data:`MAX_BODY` (5 MiB), counted while it is read: a
+  larger one gets 413 before it is buffered.
 * ``GET /api/v2/services``, ``/api/v2/spans?serviceName=``, ``/api/v2/traces`` (serviceName,
   spanName, minDuration, maxDuration, endTs, lookback, limit), ``/api/v2/trace/{traceId}``.
 """
@@ -18,11 +20,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .bodies import read_body
+from .span_tokens import SpanTokens
 from .traces import TraceStore
 
 MAX_BODY = 5 * 1024 * 1024
@@ -65,8 +69,21 @@ def _lower(span: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def zipkin_routes(store: TraceStore) -> list[Route]:
+UNAUTHORIZED = (
+    "posting spans needs a token (Authorization: Bearer ...): a sidecar's span token (its control "
+    "plane gives it one per session), or the control plane's API token (file api-token in its data directory)"
+)
+
+
+def zipkin_routes(store: TraceStore, tokens: SpanTokens, api_token: str | None) -> list[Route]:
+    """``tokens``: the sessions' span tokens; ``api_token``: the API's write token, which may
+    post any service's spans (None: only span tokens may post)."""
+
     async def post_spans(request: Request) -> Response:
+        now = trio.current_time()
+        writer = tokens.writer(request.headers.get("authorization", ""), api_token, now)
+        if writer is None:
+            return JSONResponse({"problems": [UNAUTHORIZED]}, status_code=401)
         body = await read_body(request, MAX_BODY)
         if isinstance(body, Response):
             return body
@@ -79,7 +96,7 @@ def zipkin_routes(store: TraceStore) -> list[Route]:
         problems = [f"spans[{i}]: {why}" for i, span in enumerate(spans) if (why := check_span(span))]
         if problems:
             return JSONResponse({"problems": problems[:20]}, status_code=400)
-        store.add([_lower(span) for span in spans], time.time())
+        store.add([_lower(span) for span in tokens.keep(spans, writer, now)], time.time())
         return Response(status_code=202)
 
     async def services(request: Request) -> Response:

@@ -178,6 +178,8 @@ class Welcome:
     server: str
     api_port: int = 0  # the control plane's HTTP API (its trace store), on the host the sidecar dialled; 0: not said
     store: str = ""  # the id of the control plane's store; "": not said (a build before store ids)
+    # What this session's spans carry to that store (Authorization: Bearer); "": not given. A secret: not in repr.
+    span_token: str = field(default="", repr=False)
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
@@ -186,13 +188,24 @@ class Welcome:
             out["api"] = self.api_port
         if self.store:
             out["store"] = self.store
+        if self.span_token:
+            out["span_token"] = self.span_token
         return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
         api = raw.get("api", 0)
         api_port = api if isinstance(api, int) and 0 < api < 65536 else 0
-        return cls(_int(raw, "pv"), _str(raw, "server"), api_port, _store_id(raw))
+        return cls(_int(raw, "pv"), _str(raw, "server"), api_port, _store_id(raw), _span_token(raw.get("span_token")))
+
+
+_SPAN_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+
+
+def _span_token(value: Any) -> str:
+    """A span token goes into an HTTP header: anything but a plain token of 16 to 256 characters
+    (a CR or LF would add headers of the control plane's choosing) is no token."""
+    return value if isinstance(value, str) and _SPAN_TOKEN.fullmatch(value) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,8 +577,9 @@ class ServerConnection:
             out.append(message)
         return out
 
-    def accept(self) -> bytes:
-        """``welcome`` with the version chosen; WireError if there is none in common."""
+    def accept(self, span_token: str = "") -> bytes:
+        """``welcome`` with the version chosen (and this session's ``span_token``); WireError if
+        there is none in common."""
         assert self.hello is not None, "accept() after hello"
         chosen = negotiate(self.hello.protocol_versions, self.versions)
         if chosen is None:
@@ -575,7 +589,7 @@ class ServerConnection:
             )
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port, self.store))
+        return encode(Welcome(chosen, self.server, self.api_port, self.store, span_token))
 
     def push(
         self,

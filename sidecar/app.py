@@ -45,7 +45,7 @@ from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT
-from .net.exporter import SpanExporter
+from .net.exporter import Collector, SpanExporter
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, UpstreamPools
@@ -275,7 +275,7 @@ class Sidecar:
             recording=bool(self.options.control_plane or self.options.trace_collector or settings.collector),
         )
 
-    def _span_collector(self) -> str | None:
+    def _span_collector(self) -> str | Collector | None:
         """Where spans go: MeshConfig's collector, else --trace-collector, else the control
         plane's trace store (its welcome said where); None: nowhere yet (they wait, bounded)."""
         tracing = self.snapshot.tracing  # None: the defaults, which name no collector

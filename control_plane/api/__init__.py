@@ -30,7 +30,7 @@ def build_api(
     push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
 ) -> Starlette:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
-    (spans excepted: Zipkin's collector API is open, control_plane/zipkin.py).
+    (spans also take a sidecar's span token, control_plane/zipkin.py).
     ``traces``: the embedded trace store behind Zipkin's API.
     ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard."""
     traces = traces if traces is not None else TraceStore()
@@ -56,7 +56,7 @@ def build_api(
             Route("/v1/explain", ExplainView(push).explain),
             Route("/live", live),
             Route("/ready", live),
-            *zipkin_routes(traces),
+            *zipkin_routes(traces, push.span_tokens, token),
         ]
     )
 

@@ -66,7 +66,40 @@ class _Collector:
             "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
             stats.restored_total,
         )
+        yield from _refusals(push)
         yield _convergence(push.hub.convergence)
+
+
+def _refusals(push: PushServer) -> Iterator[Metric]:
+    """What sessions claimed and were not given (control_plane/ownership.py, span_tokens.py)."""
+    yield _counter(
+        "meshlet_cp_claims_refused",
+        "Hellos refused because their instance id or node belongs to another session (instance-in-use).",
+        push.claims.refused.count,
+    )
+    yield _counter(
+        "meshlet_cp_admin_refused",
+        "Registrations whose admin address is not on the session's host: accepted, never scraped.",
+        push.admin_refused.count,
+    )
+    tokens = push.span_tokens
+    yield _by_reason(
+        "meshlet_cp_spans_refused",
+        "Spans dropped from a batch: not of the service the span token was given to.",
+        tokens.spans_refused,
+    )
+    yield _by_reason(
+        "meshlet_cp_span_posts_refused",
+        "Span batches refused (401): no token, or not a live span token nor the API token.",
+        tokens.posts_refused,
+    )
+
+
+def _by_reason(name: str, help: str, counts: dict[str, int]) -> CounterMetricFamily:
+    counter = CounterMetricFamily(name, help, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        counter.add_metric([reason], count)
+    return counter
 
 
 def _convergence(samples: list[float]) -> HistogramMetricFamily:

@@ -7,6 +7,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..ownership import admin_target
 from ..registry import Instance, Registry
 from .replies import JSON
 
@@ -38,7 +39,10 @@ class RegistryViews:
         # Prometheus HTTP service discovery (http_sd_configs): one target group per sidecar,
         # its admin listener, labelled with what an operator filters by. Not-ready sidecars
         # are listed too: their metrics say why they are not ready.
-        return JSONResponse([prometheus_target(instance) for instance in self.registry.instances()])
+        # Only admin addresses on the registering session's host: a registration must not make
+        # Prometheus fetch another host either (control_plane/ownership.py).
+        targets = ((i, admin_target(i.admin, i.owner)) for i in self.registry.instances())
+        return JSONResponse([prometheus_target(i, target) for i, target in targets if target is not None])
 
 
 def endpoints_json(registry: Registry, services: list[str]) -> dict[str, list[JSON]]:
@@ -62,7 +66,7 @@ def instance_json(registry: Registry, instance: Instance, now: float) -> JSON:
     }
 
 
-def prometheus_target(instance: Instance) -> JSON:
+def prometheus_target(instance: Instance, target: str) -> JSON:
     """A target group in the http_sd_configs format: ``service`` and ``instance`` (the instance
     id, in place of Prometheus's default HOST:PORT) as labels; the rest as ``__meta_meshlet_*``
     for relabelling (node, readiness, the instance's own labels: zone, version...)."""
@@ -76,4 +80,4 @@ def prometheus_target(instance: Instance) -> JSON:
     for key, value in instance.labels.items():
         name = "".join(c if c.isalnum() else "_" for c in key)
         labels[f"__meta_meshlet_label_{name}"] = value
-    return {"targets": [instance.admin], "labels": labels}
+    return {"targets": [target], "labels": labels}

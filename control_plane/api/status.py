@@ -7,6 +7,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from ..ownership import admin_refusal
 from ..push import Session
 from ..server import PushServer
 from .replies import JSON
@@ -48,9 +49,17 @@ def sessions_json(push: PushServer, now: float) -> list[JSON]:
     """The sidecars, by node (also the dashboard's "sidecars")."""
     registry = push.registry
     return sorted(
-        (s.to_json(now, registered=registry.get(s.instance_id) is not None) for s in _sessions(push)),
+        ({**s.to_json(now, registered=registry.get(s.instance_id) is not None), **_admin(s)} for s in _sessions(push)),
         key=lambda s: s["node"],
     )
+
+
+def _admin(session: Session) -> JSON:
+    """Its admin address, and why the control plane does not fetch it (None: it does)."""
+    instance = session.instance
+    if instance is None:
+        return {}
+    return {"admin": instance.admin, "admin_refused": admin_refusal(instance.admin, instance.owner)}
 
 
 def _sessions(push: PushServer) -> list[Session]:

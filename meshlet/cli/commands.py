@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import stat as stat_cli
@@ -196,6 +197,9 @@ def _status(args: argparse.Namespace, api: ApiClient) -> int:
             "-" if nack is None else f"{nack['type']} {','.join(nack['names'])}: {nack['message']}",
         )
     console.print(table)
+    for s in data["sidecars"]:
+        if s.get("admin_refused"):
+            console.print(escape(f"{s['node']}: admin: refused ({s['admin_refused']})"))
     registry = data["registry"]
     line = (
         f"{registry['instances']} instances ({registry['ready']} ready) in {registry['services']} services; "

@@ -29,6 +29,7 @@ from ..core.config import MeshSnapshot
 from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
 from ..core.services import ServiceConfig
+from .exporter import Collector
 from .health import AppHealth
 from .persist import read_last_good, write_last_good
 
@@ -87,7 +88,8 @@ class ControlPlaneClient:
         self._draining = False
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
-        self.span_collector: str | None = None  # the control plane's trace store, once welcome said where
+        # The control plane's trace store, once welcome said where (with this session's span token).
+        self.span_collector: Collector | None = None
         self.session_store = ""  # the store of the control plane this session talks to (welcome)
         self.unvouched: frozenset[str] = frozenset()  # held policies its store has not listed yet
         self.store_conflict: tuple[str, ...] = ()  # the policies kept against that store (logged once)
@@ -185,7 +187,8 @@ class ControlPlaneClient:
                             self.connected = True
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
-                                self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
+                                url = f"http://{where}:{message.api_port}/api/v2/spans"
+                                self.span_collector = Collector(url, message.span_token)
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             self._start_session(message.store)
                             # The probe may have changed its mind since hello was built,

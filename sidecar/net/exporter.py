@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -26,10 +27,24 @@ from .poster import Http1Poster, PostError
 log = logging.getLogger("meshlet.tracing")
 
 
+@dataclass(frozen=True, slots=True)
+class Collector:
+    """A collector that wants a token: the control plane's own store, with the span token its
+    welcome gave this session. Only this collector ever sees the token (a URL given as a plain
+    string, an external collector, gets none)."""
+
+    url: str
+    token: str = field(default="", repr=False)  # a secret: not in repr, logs or errors
+
+    @property
+    def authorization(self) -> bytes:
+        return b"Bearer " + self.token.encode("ascii") if self.token else b""
+
+
 class SpanExporter:
     def __init__(
         self,
-        url: str | Callable[[], str | None],
+        url: str | Callable[[], str | Collector | None],
         *,
         max_queue: int = 10_000,
         batch: int = 500,
@@ -42,7 +57,7 @@ class SpanExporter:
     ) -> None:
         # Where to send, asked before each batch (the collector can be learnt, or change,
         # with the configuration); None: nowhere yet, the spans wait in the queue.
-        self.url: Callable[[], str | None] = url if callable(url) else (lambda: url)
+        self.url: Callable[[], str | Collector | None] = url if callable(url) else (lambda: url)
         self.max_queue = max_queue
         self.batch = batch
         self.interval = interval
@@ -99,15 +114,21 @@ class SpanExporter:
                 with trio.CancelScope(shield=True):
                     await self._client.aclose()
 
-    async def _post(self, url: str, batch: list[bytes]) -> bool:
+    async def _post(self, collector: str | Collector, batch: list[bytes]) -> bool:
         body = join(batch)
+        url, authorization = (
+            (collector.url, collector.authorization) if isinstance(collector, Collector) else (collector, b"")
+        )
         try:
             if self.transport is None and url.startswith("http://"):
-                status = await self._poster.post(url, body)
+                status = await self._poster.post(url, body, authorization=authorization)
             else:
                 if self._client is None:  # an SSL context and all, a few MB: only when needed
                     self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport)
-                response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
+                headers = {"content-type": "application/json"}
+                if authorization:
+                    headers["authorization"] = authorization.decode("ascii")
+                response = await self._client.post(url, content=body, headers=headers)
                 status = response.status_code
         except (PostError, httpx.HTTPError, OSError) as exc:
             self._drop(len(batch), "collector-unreachable")
@@ -125,4 +146,4 @@ class SpanExporter:
         return {"queued": len(self.queue), "sent": self.sent, "dropped": self.dropped}
 
 
-__all__ = ["SpanExporter"]
+__all__ = ["Collector", "SpanExporter"]

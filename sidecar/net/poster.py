@@ -46,13 +46,18 @@ class Http1Poster:
         self._peer: tuple[str, int] | None = None
         self.connections = 0  # opened so far (tests check that one is kept alive)
 
-    async def post(self, url: str, body: bytes, content_type: bytes = b"application/json") -> int:
-        """The status the collector answered. Raises PostError (closing the connection)."""
+    async def post(
+        self, url: str, body: bytes, content_type: bytes = b"application/json", authorization: bytes = b""
+    ) -> int:
+        """The status the collector answered. Raises PostError (closing the connection).
+        ``authorization``: an ``Authorization`` header value to send (a secret: never logged)."""
         host, port, authority, target = http_target(url)
-        head = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (
+        auth = b"authorization: %s\r\n" % authorization if authorization else b""
+        head = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\n%scontent-length: %d\r\n\r\n" % (
             target,
             authority,
             content_type,
+            auth,
             len(body),
         )
         try:

@@ -15,12 +15,14 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from control_plane.api import build_api
+from control_plane.ownership import Owner
 from control_plane.policies import PolicyStore
 from control_plane.registry import Instance, Registry
 from control_plane.server import PushServer
 from control_plane.store import MemoryStore
 
 TOKEN = "s3cret"
+LOCAL = Owner("item", "127.0.0.1")  # registered by a session from 127.0.0.1: its admin is scraped
 WRITE = {"authorization": f"Bearer {TOKEN}"}
 
 
@@ -30,9 +32,10 @@ async def api(nursery: trio.Nursery) -> AsyncIterator[httpx.AsyncClient]:
     registry = Registry()
     now = trio.current_time()
     registry.register(
-        Instance("item", "item-1", "127.0.0.1:9001", "127.0.0.1:9101", {"zone": "eu-1a"}, ready=True), now
+        Instance("item", "item-1", "127.0.0.1:9001", "127.0.0.1:9101", {"zone": "eu-1a"}, ready=True, owner=LOCAL),
+        now,
     )
-    registry.register(Instance("item", "item-2", "127.0.0.1:9002", "127.0.0.1:9102", node="n2"), now)
+    registry.register(Instance("item", "item-2", "127.0.0.1:9002", "127.0.0.1:9102", node="n2", owner=LOCAL), now)
     push = PushServer(registry, policies=PolicyStore(MemoryStore()))
     config = Config()
     config.bind = ["127.0.0.1:0"]

@@ -6,8 +6,11 @@ import time
 
 import httpx
 import pytest
+import trio
+import trio.testing
 from starlette.applications import Starlette
 
+from control_plane.span_tokens import GRACE, SpanTokens
 from control_plane.traces import TraceStore
 from control_plane.zipkin import check_span, zipkin_routes
 
@@ -28,9 +31,14 @@ def span(**changes: object) -> dict[str, object]:
     }
 
 
-def client(store: TraceStore) -> httpx.AsyncClient:
-    app = Starlette(routes=zipkin_routes(store))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp")
+API_TOKEN = "the-api-write-token"
+
+
+def client(store: TraceStore, tokens: SpanTokens | None = None, token: str | None = API_TOKEN) -> httpx.AsyncClient:
+    """A client of the routes; it carries the API's write token unless ``token`` says otherwise."""
+    app = Starlette(routes=zipkin_routes(store, tokens if tokens is not None else SpanTokens(), API_TOKEN))
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp", headers=headers)
 
 
 async def test_spans_in_queries_out_in_zipkins_shapes() -> None:
@@ -105,3 +113,55 @@ async def test_a_batch_with_a_bad_span_is_refused_whole() -> None:
             assert bad.status_code == 400 and "JSON list of spans" in bad.json()["problems"][0]
         too_big = await api.post("/api/v2/spans", content=b"[" + b" " * (5 * 1024 * 1024) + b"]")
         assert too_big.status_code == 413
+
+
+class Session:
+    """What the push server grants a span token to."""
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (None, "no-token"),
+        ("Basic dXNlcjpwYXNz", "no-token"),
+        ("Bearer ", "no-token"),
+        ("Bearer mst_not-a-token-anybody-was-given", "unknown-token"),
+        (f"Bearer {API_TOKEN}x", "unknown-token"),
+    ],
+)
+async def test_posting_spans_needs_a_token(authorization: str | None, reason: str) -> None:
+    store, tokens = TraceStore(), SpanTokens()
+    async with client(store, tokens, token=None) as api:
+        headers = {"authorization": authorization} if authorization else {}
+        refused = await api.post("/api/v2/spans", json=[span()], headers=headers)
+    assert refused.status_code == 401 and "span token" in refused.json()["problems"][0]
+    assert store.span_count == 0
+    assert tokens.posts_refused == {"no-token": 0, "unknown-token": 0, reason: 1}
+
+
+async def test_a_span_token_writes_its_own_services_spans_only_until_its_grace_ends(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    store, tokens, session = TraceStore(), SpanTokens(), Session()
+    tokens.grant(session, "mst_" + "k" * 43, "item")
+    forged = span(id="2" * 16, localEndpoint={"serviceName": "user"})
+    nameless = span(id="3" * 16, localEndpoint=None)
+    async with client(store, tokens, token="mst_" + "k" * 43) as api:
+        assert (await api.post("/api/v2/spans", json=[span(), forged, nameless])).status_code == 202
+        assert store.services() == ["item"] and store.span_count == 1
+        assert tokens.spans_refused == {"other-service": 2}
+        tokens.revoke(session, trio.current_time())  # the session ended: spans in flight still land
+        mock_clock.jump(GRACE - 1)
+        assert (await api.post("/api/v2/spans", json=[span(id="4" * 16)])).status_code == 202
+        mock_clock.jump(1)
+        assert (await api.post("/api/v2/spans", json=[span(id="5" * 16)])).status_code == 401
+    assert store.span_count == 2
+
+
+async def test_the_api_token_writes_any_services_spans() -> None:
+    store = TraceStore()
+    async with client(store) as api:
+        posted = await api.post(
+            "/api/v2/spans", json=[span(), span(id="2" * 16, localEndpoint={"serviceName": "user"})]
+        )
+    assert posted.status_code == 202 and store.services() == ["item", "user"]

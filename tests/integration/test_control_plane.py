@@ -411,9 +411,13 @@ async def test_bad_peers_are_refused_without_harming_others(mesh: Mesh, origin: 
             {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
         )
         messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
-        # welcome also says where the control plane's HTTP API (its trace store) is, and its store
-        store = messages[0].store if isinstance(messages[0], wire.Welcome) else ""
-        assert messages[0] == wire.Welcome(versions[0], "meshlet-cp", cp.ports["api"], store) and len(store) == 32
+        # welcome also says where the control plane's HTTP API (its trace store) is, its store and
+        # this session's span token
+        welcome = messages[0]
+        assert isinstance(welcome, wire.Welcome) and welcome.span_token.startswith("mst_") and len(welcome.store) == 32
+        assert welcome == wire.Welcome(
+            versions[0], "meshlet-cp", cp.ports["api"], welcome.store, span_token=welcome.span_token
+        )
         assert isinstance(messages[-1], wire.Error) and messages[-1].reason == reason, messages[-1]
     # Those peers registered, then went without a bye: while their leases hold (10 s),
     # status lists them as not connected, with when they were last heard from.

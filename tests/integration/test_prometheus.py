@@ -108,12 +108,15 @@ async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, me
     assert len(answered) >= 8  # query() asserted each one succeeded
 
 
-async def test_an_admin_listener_on_every_address_is_listed_at_the_advertised_host(mesh: Mesh, origin: Origin) -> None:
-    # As in a container: --admin 0.0.0.0:PORT, --advertise the name others reach it by.
+async def test_an_admin_listener_reported_under_a_name_is_listed_at_the_sessions_address(
+    mesh: Mesh, origin: Origin
+) -> None:
+    # As in a container: --admin 0.0.0.0:PORT, --advertise the name others reach it by. The name
+    # is never resolved (it could name any host): the target is the push channel's peer.
     await mesh.control_plane()
     item = await mesh.sidecar("item", app=origin, extra=["--admin", "0.0.0.0:0", "--advertise", "localhost"])
     async with httpx.AsyncClient(timeout=10) as client:
         with trio.fail_after(15):
             while not (targets := (await client.get(f"http://{mesh.api}/v1/prometheus/targets")).json()):  # noqa: ASYNC110
                 await trio.sleep(0.2)
-    assert targets[0]["targets"] == [f"localhost:{item.ports['admin']}"]
+    assert targets[0]["targets"] == [f"127.0.0.1:{item.ports['admin']}"]

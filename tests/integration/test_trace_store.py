@@ -32,6 +32,11 @@ def span(i: int, parent: int | None, service: str, kind: str, start: int, durati
     return made
 
 
+def api_token(tmp_path: Path) -> dict[str, str]:
+    """The Authorization header with the control plane's API token (run_control_plane's data dir)."""
+    return {"authorization": f"Bearer {(tmp_path / 'cp' / 'api-token').read_text().strip()}"}
+
+
 async def meshlet(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process(
         [sys.executable, "-m", "meshlet", *args], capture_stdout=True, capture_stderr=True, check=False
@@ -48,7 +53,9 @@ async def test_spans_posted_are_drawn_by_meshlet_trace(tmp_path: Path) -> None:
     ]
     async with run_control_plane(tmp_path) as cp:
         api = f"127.0.0.1:{cp.ports['api']}"
-        async with httpx.AsyncClient(base_url=f"http://{api}") as client:
+        async with httpx.AsyncClient(base_url=f"http://{api}", headers=api_token(tmp_path)) as client:
+            anonymous = await client.post("/api/v2/spans", json=spans, headers={"authorization": ""})
+            assert anonymous.status_code == 401  # spans take a sidecar's span token, or the API token
             assert (await client.post("/api/v2/spans", json=spans)).status_code == 202
             refused = await client.post("/api/v2/spans", json=[{"traceId": "x", "id": "1"}])
             assert (await client.get("/api/v2/services")).json() == ["item", "user"]
@@ -71,6 +78,7 @@ async def test_spans_posted_are_drawn_by_meshlet_trace(tmp_path: Path) -> None:
 async def test_a_third_party_zipkin_exporter_writes_to_the_store(tmp_path: Path) -> None:
     # OpenTelemetry's Zipkin JSON exporter, as an app instrumented for Zipkin would send:
     # the store takes its batches as Zipkin does, and the query API answers with the tree.
+    import requests
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -79,7 +87,9 @@ async def test_a_third_party_zipkin_exporter_writes_to_the_store(tmp_path: Path)
 
     async with run_control_plane(tmp_path) as cp:
         api = f"127.0.0.1:{cp.ports['api']}"
-        exporter = ZipkinExporter(endpoint=f"http://{api}/api/v2/spans", timeout=5)
+        session = requests.Session()
+        session.headers.update(api_token(tmp_path))  # an app the operator gave the API token to
+        exporter = ZipkinExporter(endpoint=f"http://{api}/api/v2/spans", timeout=5, session=session)
         provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         tracer = provider.get_tracer("test")

@@ -434,3 +434,31 @@ def test_endpoint_delta_applies_and_verifies() -> None:
 def test_list_version_is_content_version_from_cached_items(n: int) -> None:
     body = [endpoint(f"i-{k:06d}", f"127.0.0.1:{k % 60000 + 1}", {"zone": "a"} if k % 2 else None) for k in range(n)]
     assert list_version([canonical_bytes(e) for e in body]) == content_version(body)
+
+
+SPAN_TOKEN = "mst_" + "a1B2-_" * 7
+
+
+def test_welcome_carries_the_session_span_token_and_keeps_it_out_of_its_repr() -> None:
+    server, client = ServerConnection("cp-1", api_port=15000), ClientConnection(_hello())
+    server.receive_data(client.hello())
+    (welcome,) = client.receive_data(server.accept(SPAN_TOKEN))
+    assert welcome == Welcome(1, "cp-1", 15000, span_token=SPAN_TOKEN)
+    assert SPAN_TOKEN not in repr(welcome)
+    assert "span_token" not in Welcome(1, "cp-1").to_wire()  # none given: the frame is what it was
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "mst_abc\r\nx-forged: 1" + "a" * 16,  # a header of the control plane's choosing
+        "mst_ a b c d e f g h i j k",
+        "short",
+        "mst_" + "a" * 300,
+        12345678901234567890,
+        ["mst_" + "a" * 43],
+    ],
+)
+def test_a_span_token_that_could_not_be_sent_as_one_header_value_is_no_token(token: object) -> None:
+    raw = {"k": "welcome", "pv": 1, "server": "cp", "api": 15000, "span_token": token}
+    assert Welcome.from_wire(raw) == Welcome(1, "cp", 15000)

@@ -11,10 +11,13 @@ import trio
 import trio.testing
 from starlette.applications import Starlette
 
+from control_plane.span_tokens import SpanTokens
 from control_plane.traces import TraceStore
 from control_plane.zipkin import zipkin_routes
 from sidecar.core.spans import SERVER, Endpoint, Span
-from sidecar.net.exporter import SpanExporter
+from sidecar.net.exporter import Collector, SpanExporter
+
+SPAN_TOKEN = "mst_" + "t" * 43
 
 
 def span(n: int) -> Span:
@@ -33,10 +36,12 @@ class Down(httpx.AsyncBaseTransport):
 
 
 async def test_batches_reach_the_collector(autojump_clock: trio.abc.Clock) -> None:
-    store = TraceStore()
-    transport = httpx.ASGITransport(app=Starlette(routes=zipkin_routes(store)))
+    store, tokens = TraceStore(), SpanTokens()
+    tokens.grant(object(), SPAN_TOKEN, "item")  # what the control plane's welcome gave this sidecar
+    transport = httpx.ASGITransport(app=Starlette(routes=zipkin_routes(store, tokens, "api-token")))
     sent: list[int] = []
-    exporter = SpanExporter("http://cp/api/v2/spans", batch=10, transport=transport, on_sent=sent.append)
+    collector = Collector("http://cp/api/v2/spans", SPAN_TOKEN)
+    exporter = SpanExporter(lambda: collector, batch=10, transport=transport, on_sent=sent.append)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exporter.run)
         for n in range(25):
@@ -116,3 +121,31 @@ async def test_under_steady_load_spans_go_in_full_batches(autojump_clock: trio.a
     assert sum(sink.posts) == 30_000 and exporter.dropped == 0
     assert len(sink.posts) <= 30_000 // 500 + 3, sink.posts
     assert min(sink.posts[:-1]) == 500
+
+
+class Recorder(httpx.AsyncBaseTransport):
+    """A collector that takes every batch and keeps each request's headers."""
+
+    def __init__(self) -> None:
+        self.headers: list[httpx.Headers] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.headers.append(request.headers)
+        return httpx.Response(202)
+
+
+async def test_the_span_token_goes_to_the_control_planes_store_only(autojump_clock: trio.abc.Clock) -> None:
+    # MeshConfig may name an external collector at any time: it gets the spans, never the token.
+    recorder = Recorder()
+    where: list[str | Collector] = [Collector("http://cp/api/v2/spans", SPAN_TOKEN)]
+    exporter = SpanExporter(lambda: where[-1], batch=1, transport=recorder)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run)
+        exporter.submit(span(1))
+        await trio.sleep(2)
+        where.append("http://zipkin.example:9411/api/v2/spans")
+        exporter.submit(span(2))
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    assert [h.get("authorization") for h in recorder.headers] == [f"Bearer {SPAN_TOKEN}", None]
+    assert SPAN_TOKEN not in repr(where[0])

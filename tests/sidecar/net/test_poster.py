@@ -23,6 +23,7 @@ class Collector:
         self.mode = mode
         self.status = status
         self.bodies: list[bytes] = []
+        self.authorizations: list[bytes | None] = []  # each POST's Authorization header
         self.connections = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -37,6 +38,7 @@ class Collector:
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
+                event_headers = list(event.headers)
                 body = b""
                 while not isinstance(event := conn.next_event(), h11.EndOfMessage):
                     if event is h11.NEED_DATA:
@@ -44,6 +46,7 @@ class Collector:
                     elif isinstance(event, h11.Data):
                         body += event.data
                 self.bodies.append(body)
+                self.authorizations.append(next((v for k, v in event_headers if k == b"authorization"), None))
                 if self.mode == "hang":
                     await trio.sleep_forever()
                 if self.mode == "garbage":
@@ -85,6 +88,16 @@ async def test_five_posts_arrive_whole_on_as_few_connections_as_the_collector_al
     assert statuses == [202] * 5
     assert collector.bodies == bodies
     assert collector.connections == connections
+    poster.close()
+
+
+async def test_an_authorization_is_sent_only_when_given(nursery: trio.Nursery) -> None:
+    collector = Collector()
+    url = await serve(nursery, collector)
+    poster = Http1Poster(timeout=5)
+    assert await poster.post(url, b"[]", authorization=b"Bearer mst_x") == 202
+    assert await poster.post(url, b"[]") == 202
+    assert collector.authorizations == [b"Bearer mst_x", None]
     poster.close()
 
 
