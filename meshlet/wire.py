@@ -169,18 +169,22 @@ class Welcome:
     protocol_version: int
     server: str
     api_port: int = 0  # the control plane's HTTP API (its trace store), on the host the sidecar dialled; 0: not said
+    api_tls: bool = False  # that API speaks https (--api-tls-cert): spans go to https://
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"k": "welcome", "pv": self.protocol_version, "server": self.server}
         if self.api_port:
             out["api"] = self.api_port
+        if self.api_tls:
+            out["api_tls"] = True
         return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
         api = raw.get("api", 0)
-        return cls(_int(raw, "pv"), _str(raw, "server"), api if isinstance(api, int) and 0 < api < 65536 else 0)
+        port = api if isinstance(api, int) and 0 < api < 65536 else 0
+        return cls(_int(raw, "pv"), _str(raw, "server"), port, raw.get("api_tls") is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,10 +500,13 @@ class ServerConnection:
     here (xDS: the server never answers a stale nonce).
     """
 
-    def __init__(self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0) -> None:
+    def __init__(
+        self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0, api_tls: bool = False
+    ) -> None:
         self.server = server
         self.versions = versions
-        self.api_port = api_port  # told in welcome
+        self.api_port = api_port  # told in welcome, with api_tls
+        self.api_tls = api_tls
         self.hello: Hello | None = None
         self.protocol_version: int | None = None
         self.closed = False
@@ -544,7 +551,7 @@ class ServerConnection:
             )
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port))
+        return encode(Welcome(chosen, self.server, self.api_port, self.api_tls))
 
     def push(
         self,

@@ -181,7 +181,8 @@ class ControlPlaneClient:
                             self.connected = True
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
-                                self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
+                                scheme = "https" if message.api_tls else "http"
+                                self.span_collector = f"{scheme}://{where}:{message.api_port}/api/v2/spans"
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.

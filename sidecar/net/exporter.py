@@ -13,8 +13,10 @@ either delivered or counted, never silently lost), and the next attempt waits lo
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +26,17 @@ from ..core.spans import Span, encode_span, join
 from .poster import Http1Poster, PostError
 
 log = logging.getLogger("meshlet.tracing")
+
+
+def collector_trust(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What an https:// collector (the control plane's API served with --api-tls-cert) is
+    verified with: httpx's default CAs, or, given ``ca_file`` (--api-ca), the system's CAs and
+    that file's. ssl.SSLError or OSError if the file cannot be read."""
+    if ca_file is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 class SpanExporter:
@@ -37,6 +50,7 @@ class SpanExporter:
         timeout: float = 2.0,
         max_backoff: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,  # what an https:// collector's certificate is checked with
         on_dropped: Callable[[int, str], None] | None = None,
         on_sent: Callable[[int], None] | None = None,
     ) -> None:
@@ -49,6 +63,7 @@ class SpanExporter:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.transport = transport
+        self.verify = verify
         self.queue: deque[bytes] = deque()  # encoded spans
         self.sent = 0
         self.dropped = 0
@@ -106,7 +121,7 @@ class SpanExporter:
                 status = await self._poster.post(url, body)
             else:
                 if self._client is None:  # an SSL context and all, a few MB: only when needed
-                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport)
+                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport, verify=self.verify)
                 response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
                 status = response.status_code
         except (PostError, httpx.HTTPError, OSError) as exc:
@@ -125,4 +140,4 @@ class SpanExporter:
         return {"queued": len(self.queue), "sent": self.sent, "dropped": self.dropped}
 
 
-__all__ = ["SpanExporter"]
+__all__ = ["SpanExporter", "collector_trust"]
