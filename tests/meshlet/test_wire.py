@@ -434,3 +434,15 @@ def test_endpoint_delta_applies_and_verifies() -> None:
 def test_list_version_is_content_version_from_cached_items(n: int) -> None:
     body = [endpoint(f"i-{k:06d}", f"127.0.0.1:{k % 60000 + 1}", {"zone": "a"} if k % 2 else None) for k in range(n)]
     assert list_version([canonical_bytes(e) for e in body]) == content_version(body)
+
+
+@pytest.mark.parametrize(
+    ("raw_tls", "api_tls"), [(True, True), (None, False), (1, False), ("yes", False), (False, False)]
+)
+def test_welcome_says_the_api_speaks_https_only_with_a_true(raw_tls: object, api_tls: bool) -> None:
+    raw = {"k": "welcome", "pv": 1, "server": "cp", "api": 15000}
+    if raw_tls is not None:
+        raw["api_tls"] = raw_tls
+    assert Welcome.from_wire(raw) == Welcome(1, "cp", 15000, api_tls)
+    assert Welcome.from_wire(Welcome(1, "cp", 15000, True).to_wire()).api_tls is True
+    assert "api_tls" not in Welcome(1, "cp", 15000).to_wire()  # unchanged bytes for a plain API
