@@ -255,19 +255,25 @@ def _api_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         type=Path,
-        default=Path(".meshlet-cp") / "api-token",
         metavar="PATH",
-        help="where the control plane keeps it (default ./.meshlet-cp/api-token: its default --data-dir)",
+        help=f"a file holding the token (apply and rollback read {DEFAULT_TOKEN_FILE}, the control plane's "
+        "default --data-dir, when no token is given)",
     )
 
 
+DEFAULT_TOKEN_FILE = Path(".meshlet-cp") / "api-token"
+WRITES = ("apply", "rollback")
+
+
 def _token(args: argparse.Namespace) -> str | None:
-    """--token, else MESHLET_TOKEN, else --token-file; None if none is readable (the control
-    plane's 401 says what to do)."""
+    """--token, else MESHLET_TOKEN, else --token-file; for a write, else the control plane's
+    default token file. None if none is readable (the control plane's 401 says what to do).
+    A read sends the write token only when told to: it may go to another host."""
     token: str | None = args.token or os.environ.get("MESHLET_TOKEN")
-    if not token:
+    path = args.token_file or (DEFAULT_TOKEN_FILE if args.command in WRITES else None)
+    if not token and path is not None:
         try:
-            token = args.token_file.read_text().strip()
+            token = path.read_text().strip()
         except OSError:
             return None
     return token or None

@@ -84,7 +84,7 @@ async def test_an_https_api_with_a_read_token(mesh: Mesh, tmp_path: Path) -> Non
     )
     api = f"https://{mesh.api}"
     item = await mesh.origin()
-    await mesh.sidecar("item", app=item, extra=["--api-ca", str(ca)])
+    item_sidecar = await mesh.sidecar("item", app=item, extra=["--api-ca", str(ca)])
     user = await mesh.sidecar("user", extra=["--api-ca", str(ca)])
 
     # meshlet get over https: the CA and a token are both needed
@@ -103,15 +103,16 @@ async def test_an_https_api_with_a_read_token(mesh: Mesh, tmp_path: Path) -> Non
         with trio.fail_after(20):  # once user's sidecar has item's endpoints
             while (await client.get(f"http://{user.outbound}/hello", headers={"host": "item"})).status_code != 200:  # noqa: ASYNC110 - another process
                 await trio.sleep(0.1)
-        traces: list[object] = []
-        with trio.fail_after(20):  # spans are sent in batches, every second
-            while not traces:
+        services: list[str] = []
+        with trio.fail_after(20):  # spans are sent in batches, every second: both sidecars' arrive
+            while sorted(services) != ["item", "user"]:
                 await trio.sleep(0.5)
-                answer = await client.get(f"{api}/api/v2/traces", headers={"authorization": f"Bearer {READ_TOKEN}"})
+                answer = await client.get(f"{api}/api/v2/services", headers={"authorization": f"Bearer {READ_TOKEN}"})
                 assert answer.status_code == 200, answer.text
-                traces = answer.json()
-        metrics = (await client.get(f"http://{user.admin}/metrics")).text
-    assert sample(metrics, "meshlet_spans_exported_total") >= 1
+                services = answer.json()
+        for sidecar in (user, item_sidecar):
+            metrics = (await client.get(f"http://{sidecar.admin}/metrics")).text
+            assert sample(metrics, "meshlet_spans_dropped_total") == 0
 
 
 def _cp_args(tmp_path: Path) -> list[str]:

@@ -8,6 +8,7 @@ secrets, the API token and the join token (when there is one)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,11 +87,18 @@ async def test_no_secret_in_logs_dumps_metrics_traces_or_reads(mesh: Mesh, tmp_p
                 )
                 pages[f"{sidecar.admin} /explain {entry['request_id']}"] = explained.text
     assert any("/explain " in name for name in pages), "no request was explained: the test would see nothing"
+    # Run where ./.meshlet-cp/api-token is the write token, as beside the control plane: a read
+    # does not send it unless told to (--token, MESHLET_TOKEN, --token-file).
+    beside = tmp_path / "beside"
+    (beside / ".meshlet-cp").mkdir(parents=True)
+    (beside / ".meshlet-cp" / "api-token").write_text(mesh.token_file.read_text())
+    environment = {k: v for k, v in os.environ.items() if k != "MESHLET_TOKEN"}
     cli = await trio.run_process(
         [sys.executable, "-m", "meshlet", "get", "policies", "-o", "json", "--api", mesh.api],
         capture_stdout=True,
         capture_stderr=True,
-        cwd=tmp_path,  # no ./.meshlet-cp/api-token here: a reader without the write token
+        cwd=beside,
+        env=environment,
     )
     pages["meshlet get policies -o json"] = cli.stdout.decode() + cli.stderr.decode()
     assert "<redacted>" in pages["cp /v1/policies"] and "<redacted>" in pages["meshlet get policies -o json"]
