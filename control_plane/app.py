@@ -7,7 +7,7 @@ import secrets
 import signal
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +40,8 @@ class ControlPlaneOptions:
     max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
     api_tls_cert: Path | None = None  # --api-tls-cert/--api-tls-key: the API over https
     api_tls_key: Path | None = None
-    api_read_token: str | None = None  # --api-read-token VALUE|@FILE: reads need a token
+    # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
+    api_read_token: str | None = field(default=None, repr=False)
     allowed_collectors: tuple[str, ...] = ()  # --allowed-collector HOST[:PORT]; empty: any http(s)
 
 
@@ -152,7 +153,7 @@ def _token_from_file(path: Path, *, in_data_dir: bool) -> str:
         raise ApiTokenError(str(error)) from None
     token = raw.decode("ascii", errors="replace").strip()
     if len(raw) > MAX_TOKEN_FILE or not token or "\n" in token:
-        raise ApiTokenError(f"{path} does not hold one token (one line of text)")
+        raise ApiTokenError(f"{path} does not hold one token (one line of text); remove it to have a new one made")
     return token
 
 
