@@ -153,7 +153,8 @@ def _token_from_file(path: Path, *, in_data_dir: bool) -> str:
         raise ApiTokenError(str(error)) from None
     token = raw.decode("ascii", errors="replace").strip()
     if len(raw) > MAX_TOKEN_FILE or not token or "\n" in token:
-        raise ApiTokenError(f"{path} does not hold one token (one line of text); remove it to have a new one made")
+        remedy = "; remove it to have a new one made" if in_data_dir else ""
+        raise ApiTokenError(f"{path} does not hold one token (one line of text){remedy}")
     return token
 
 
