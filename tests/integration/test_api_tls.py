@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..conftest import need
 from ..helpers import sample
 from ..mesh import Mesh
 
@@ -86,6 +87,17 @@ async def test_an_https_api_with_a_read_token(mesh: Mesh, tmp_path: Path) -> Non
     item = await mesh.origin()
     item_sidecar = await mesh.sidecar("item", app=item, extra=["--api-ca", str(ca)])
     user = await mesh.sidecar("user", extra=["--api-ca", str(ca)])
+
+    # an independent client: openssl verifies the API's certificate with the CA, over TLS 1.2+
+    openssl = await trio.run_process(
+        [need("openssl"), "s_client", "-connect", mesh.api, "-CAfile", str(ca), "-verify_return_error", "-brief"],
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    said = openssl.stdout.decode() + openssl.stderr.decode()
+    assert openssl.returncode == 0 and "Verification: OK" in said and "Protocol version: TLSv1.3" in said, said
 
     # meshlet get over https: the CA and a token are both needed
     code, out, err = await meshlet("get", "services", "--api", api, "--api-ca", str(ca), "--token", READ_TOKEN)
