@@ -88,7 +88,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_listen,
         default=("0.0.0.0", 15006),
         metavar="ADDR",
-        help="inbound listener, for other sidecars (default 0.0.0.0:15006)",
+        help="inbound listener, for other sidecars (default 0.0.0.0:15006: every address, as callers are on other "
+        "hosts; narrow it to a pod IP or private interface, docs/security.md)",
     )
     sidecar.add_argument(
         "--outbound",
