@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import signal
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,9 @@ from hypercorn.trio import serve as serve_asgi
 from meshlet.policy import read_policy_files
 
 from .api import build_api
+from .collectors import parse_allowed
 from .policies import PolicyStore
+from .private_files import PrivateFileError, read_private, write_new
 from .registry import Registry
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
@@ -36,6 +38,11 @@ class ControlPlaneOptions:
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
     max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
+    api_tls_cert: Path | None = None  # --api-tls-cert/--api-tls-key: the API over https
+    api_tls_key: Path | None = None
+    # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
+    api_read_token: str | None = field(default=None, repr=False)
+    allowed_collectors: tuple[str, ...] = ()  # --allowed-collector HOST[:PORT]; empty: any http(s)
 
 
 async def run(
@@ -46,10 +53,13 @@ async def run(
     config.bind = [f"{options.api[0]}:{options.api[1]}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("meshlet.cp.api")
+    api_tls(config, options.api_tls_cert, options.api_tls_key)  # ValueError: the files will not do
+    token, read_token = api_tokens(options)
+    allowed_collectors = tuple(parse_allowed(entry) for entry in options.allowed_collectors)
     # The store keeps what must survive a restart (applied policy); the registry is
     # rebuilt by the sidecars re-registering.
     async with open_store(options.store, options.data_dir) as store:
-        policies = PolicyStore(store)
+        policies = PolicyStore(store, allowed_collectors)
         await policies.load()  # PolicyError: the stored policy no longer validates (the caller says so)
         if options.policy is not None:
             result = await policies.apply(
@@ -62,11 +72,11 @@ async def run(
             token = api_token(options.data_dir)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
-            api = build_api(push, token, scraper=scraper)
+            api = build_api(push, token, scraper=scraper, read_token=read_token)
             # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.
             binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
-            push.api_port = api_port
+            push.api_port, push.api_tls = api_port, config.ssl_enabled
             task_status.started({"push": push_port, "api": api_port})
             print(
                 f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",
@@ -80,21 +90,94 @@ async def run(
 
 
 TOKEN_FILE = "api-token"
+MAX_TOKEN_FILE = 4096
+MIN_READ_TOKEN = 16  # characters: a short token can be guessed
+
+
+class ApiTokenError(ValueError):
+    """An API token file or value that cannot be used; the message says what to do (never the token)."""
 
 
 def api_token(data_dir: Path) -> str:
     """The write API's token: made at first start, kept 0600 in the data directory
-    (docs/policy.md); `meshlet apply` on this machine reads it from there."""
+    (docs/policy.md); `meshlet apply` on this machine reads it from there. A token file that
+    group or others may read, a symlink or another user's is refused (private_files.py)."""
     path = data_dir / TOKEN_FILE
     try:
-        token = path.read_text().strip()
-        if token:
-            return token
+        return _token_from_file(path, in_data_dir=True)
     except FileNotFoundError:
         pass
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(32)  # hex: never starts with "-" (an option, to argparse)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
+    try:
+        write_new(path, (token + "\n").encode())
+    except FileExistsError:  # another process made it first: theirs is the token
+        pass
+    return _token_from_file(path, in_data_dir=True)
+
+
+def api_tokens(options: ControlPlaneOptions) -> tuple[str, str | None]:
+    """The write token and the read token (None: reads are open). ApiTokenError says why not."""
+    token = api_token(options.data_dir)
+    read_token = api_read_token(options.api_read_token)
+    if read_token is not None and read_token == token:
+        raise ApiTokenError("--api-read-token: give a token of its own, not the write token (api-token)")
+    return token, read_token
+
+
+def api_read_token(spec: str | None) -> str | None:
+    """``--api-read-token VALUE|@FILE``: the token, or None when not given. A file is read as a
+    private file (0600, else refused: chmod 600); the token is printable ASCII, 16+ characters."""
+    if spec is None:
+        return None
+    if spec.startswith("@"):
+        try:
+            token = _token_from_file(Path(spec[1:]), in_data_dir=False)
+        except FileNotFoundError:
+            raise ApiTokenError(f"--api-read-token: {spec[1:]}: no such file") from None
+        except ApiTokenError as error:
+            raise ApiTokenError(f"--api-read-token: {error}") from None
+    else:
+        token = spec.strip()
+    if len(token) < MIN_READ_TOKEN or not token.isascii() or not token.isprintable() or " " in token:
+        raise ApiTokenError(
+            f"--api-read-token: the token must be at least {MIN_READ_TOKEN} printable ASCII characters without "
+            "spaces (make one with: openssl rand -hex 32)"
+        )
     return token
+
+
+def _token_from_file(path: Path, *, in_data_dir: bool) -> str:
+    try:
+        raw = read_private(path, MAX_TOKEN_FILE, what="token file", in_data_dir=in_data_dir)
+    except PrivateFileError as error:
+        raise ApiTokenError(str(error)) from None
+    token = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > MAX_TOKEN_FILE or not token or "\n" in token:
+        remedy = "; remove it to have a new one made" if in_data_dir else ""
+        raise ApiTokenError(f"{path} does not hold one token (one line of text){remedy}")
+    return token
+
+
+def api_tls(config: Config, cert: Path | None, key: Path | None) -> None:
+    """``--api-tls-cert``/``--api-tls-key``: serve the API over https. The key file must be
+    closed to group and others (chmod 600); both are loaded once here, so a bad pair is
+    refused at start with the reason, not at the first client's handshake."""
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        raise ValueError("give both --api-tls-cert and --api-tls-key (the API's certificate and its key)")
+    try:
+        read_private(key, 1, what="API TLS key", in_data_dir=False)  # the mode check; ssl reads it below
+    except FileNotFoundError:
+        raise ValueError(f"--api-tls-key {key}: no such file") from None
+    except PrivateFileError as error:
+        raise ValueError(f"--api-tls-key: {error}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError:
+        raise ValueError(f"--api-tls-cert {cert}: no such file") from None
+    except (ssl.SSLError, OSError) as error:
+        # ssl's reasons name no key material ("PEM lib", "key values mismatch")
+        raise ValueError(f"--api-tls-cert/--api-tls-key: cannot use {cert} with its key: {error}") from None
+    config.certfile, config.keyfile = str(cert), str(key)

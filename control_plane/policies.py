@@ -27,6 +27,7 @@ from meshlet import wire
 from meshlet.policy import PolicyError, load_documents
 from meshlet.schema import Document
 
+from .collectors import collector_problems
 from .store import Store, StoreError
 
 HISTORY_LIMIT = 50
@@ -92,10 +93,12 @@ def _body(document: Document) -> dict[str, Any]:
 
 
 class PolicyStore:
-    """What runs now (documents, version) and the history behind it."""
+    """What runs now (documents, version) and the history behind it. ``allowed_collectors``:
+    the span collectors a MeshConfig may name (control_plane/collectors.py; empty: any)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, allowed_collectors: tuple[tuple[str, int | None], ...] = ()) -> None:
         self.store = store
+        self.allowed_collectors = allowed_collectors
         self.current: Version | None = None
         self.documents: list[Document] = []
         self.version = ""  # of the empty set until something is applied
@@ -112,7 +115,7 @@ class PolicyStore:
         current = await self._read(seq)
         if current is None:
             raise PolicyError([f"store: policies/current names version {raw.decode()}, which is not in the history"])
-        self.documents = load_documents(current.files)
+        self.documents = self._checked(load_documents(current.files))
         self.current = current
         self.version = current.version
 
@@ -120,7 +123,7 @@ class PolicyStore:
         self, files: list[tuple[str, str]], *, source: str, now: float, dry_run: bool = False
     ) -> ApplyResult:
         """Validate ``files`` (all of the policy); PolicyError changes nothing."""
-        documents = load_documents(files)
+        documents = self._checked(load_documents(files))
         version = documents_version(documents) if documents else ""
         changes = diff(self.documents, documents)
         if dry_run or version == self.version:
@@ -154,6 +157,13 @@ class PolicyStore:
                 return await self.apply(list(entry.files), source=f"rollback to {entry.version}", now=now)
         known = ", ".join(dict.fromkeys(v.version or "(empty)" for v in await self.history())) or "none"
         raise PolicyError([f"version {version!r} is not in the history (latest: {known})"])
+
+    def _checked(self, documents: list[Document]) -> list[Document]:
+        """``documents``, or PolicyError if this control plane may not run them."""
+        problems = collector_problems(documents, self.allowed_collectors)
+        if problems:
+            raise PolicyError(problems)
+        return documents
 
     async def _read(self, seq: int) -> Version | None:
         key = f"{_HISTORY}{seq:08d}"

@@ -114,6 +114,7 @@ class PushServer:
         self.policies = policies
         self.server_id = server_id
         self.api_port = 0  # the HTTP API's port, told to sidecars in welcome (where to send spans)
+        self.api_tls = False  # and whether it speaks https
         self.endpoints = EndpointsView(registry)
         self.hub = Hub(self.wanted)
         self.protocol_errors = 0
@@ -193,7 +194,7 @@ class PushServer:
             self._refuse(channel, io.peer, *cap)
             return
         self.connections += 1
-        conn = wire.ServerConnection(self.server_id, api_port=self.api_port, store=self.store_id)
+        conn = wire.ServerConnection(self.server_id, api_port=self.api_port, api_tls=self.api_tls, store=self.store_id)
         session: Session | None = None
         try:
             early: list[wire.Message] = []

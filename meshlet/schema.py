@@ -497,10 +497,34 @@ class AccessPolicy(_Model):
     rules: list[AccessRule] = []
 
 
+def _collector_url(value: str) -> str:
+    """An http(s) URL with a host: every sidecar POSTs its spans there, so nothing else (a
+    file:// or gopher:// URL, a bare host) is accepted."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # reads it: a port that is not a number is refused here
+    except ValueError as exc:
+        raise ValueError(f"not a URL the sidecars can send spans to ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        scheme = f"its scheme is {parts.scheme!r}" if parts.scheme else "it has no scheme"
+        raise ValueError(
+            f"must be an http:// or https:// URL, a Zipkin v2 endpoint such as http://zipkin:9411/api/v2/spans "
+            f"({scheme})"
+        )
+    if not parts.hostname or port == 0:
+        raise ValueError("must name a host (and a port above 0), e.g. http://zipkin:9411/api/v2/spans")
+    return value
+
+
+CollectorUrl = Annotated[Url, AfterValidator(_collector_url)]
+
+
 class Tracing(_Model):
     sampling: float = Field(default=1.0, ge=0, le=1)  # docs/tracing.md: 1.0 by default (the demo); 0.01 in production
     formats: list[Literal["b3", "w3c", "b3single"]] = ["w3c", "b3"]  # b3: the multi headers
-    collector: Url | None = None  # a Zipkin-compatible HTTP endpoint
+    collector: CollectorUrl | None = None  # a Zipkin-compatible HTTP endpoint
 
 
 class Metrics(_Model):

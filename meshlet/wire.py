@@ -180,6 +180,7 @@ class Welcome:
     store: str = ""  # the id of the control plane's store; "": not said (a build before store ids)
     # What this session's spans carry to that store (Authorization: Bearer); "": not given. A secret: not in repr.
     span_token: str = field(default="", repr=False)
+    api_tls: bool = False  # that API speaks https (--api-tls-cert): spans go to https://
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
@@ -190,13 +191,22 @@ class Welcome:
             out["store"] = self.store
         if self.span_token:
             out["span_token"] = self.span_token
+        if self.api_tls:
+            out["api_tls"] = True
         return out
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Welcome:
         api = raw.get("api", 0)
         api_port = api if isinstance(api, int) and 0 < api < 65536 else 0
-        return cls(_int(raw, "pv"), _str(raw, "server"), api_port, _store_id(raw), _span_token(raw.get("span_token")))
+        return cls(
+            _int(raw, "pv"),
+            _str(raw, "server"),
+            api_port,
+            _store_id(raw),
+            _span_token(raw.get("span_token")),
+            raw.get("api_tls") is True,
+        )
 
 
 _SPAN_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
@@ -538,11 +548,17 @@ class ServerConnection:
     """
 
     def __init__(
-        self, server: str, versions: tuple[int, ...] = PROTOCOL_VERSIONS, api_port: int = 0, store: str = ""
+        self,
+        server: str,
+        versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+        api_port: int = 0,
+        api_tls: bool = False,
+        store: str = "",
     ) -> None:
         self.server = server
         self.versions = versions
-        self.api_port = api_port  # told in welcome
+        self.api_port = api_port  # told in welcome, with api_tls
+        self.api_tls = api_tls
         self.store = store  # the store's id, told in welcome
         self.hello: Hello | None = None
         self.protocol_version: int | None = None
@@ -589,7 +605,7 @@ class ServerConnection:
             )
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port, self.store, span_token))
+        return encode(Welcome(chosen, self.server, self.api_port, self.store, span_token, self.api_tls))
 
     def push(
         self,

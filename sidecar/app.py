@@ -45,7 +45,7 @@ from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT
-from .net.exporter import Collector, SpanExporter
+from .net.exporter import Collector, SpanExporter, collector_trust
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, UpstreamPools
@@ -83,6 +83,7 @@ class SidecarOptions:
     health_path: str = "/health"
     trace_collector: str | None = None  # a Zipkin v2 endpoint; MeshConfig's wins, the control plane's by default
     trace_sampling: float | None = None  # MeshConfig's wins; 1.0 by default
+    api_ca: Path | None = None  # --api-ca: trusted, with the system's CAs, for an https control-plane API or collector
     drain_timeout: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
     # init-iptables): route each connection by its original destination; learn every service.
@@ -168,7 +169,10 @@ class Sidecar:
         )
         self.explanations = Explanations()
         self.exporter = SpanExporter(
-            self._span_collector, on_dropped=telemetry.dropped_spans, on_sent=telemetry.exported_spans
+            self._span_collector,
+            verify=collector_trust(options.api_ca),
+            on_dropped=telemetry.dropped_spans,
+            on_sent=telemetry.exported_spans,
         )
         self.trace_rng = random.Random()
         self.control: ControlPlaneClient | None = None

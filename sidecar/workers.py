@@ -115,6 +115,8 @@ class Supervisor:
             args += ["--trace-collector", opts.trace_collector]
         if opts.trace_sampling is not None:
             args += ["--trace-sampling", str(opts.trace_sampling)]
+        if opts.api_ca is not None:
+            args += ["--api-ca", str(opts.api_ca)]
         if opts.transparent:
             args.append("--transparent")
         args += ["--drain-timeout", str(opts.drain_timeout)]

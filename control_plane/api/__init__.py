@@ -5,13 +5,15 @@ Each module answers for one resource and is given only what it reads: registry.p
 endpoints, Prometheus's service discovery), status.py (the sidecars), policies.py (apply,
 history, rollback), explain.py, stat.py (the sidecars' golden metrics), metrics.py (the
 control plane's own), dashboard.py; traces are Zipkin's API (control_plane/zipkin.py).
-replies.py holds the answers they share: the 400, the store's failure, the token check.
+replies.py holds the answers they share: the 400, the store's failure; guard.py who may
+read and write (the tokens) and whether a reader sees the policy's secrets.
 """
 
 from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from ..scraper import Scraper
 from ..server import PushServer
@@ -19,6 +21,7 @@ from ..traces import TraceStore
 from ..zipkin import zipkin_routes
 from .dashboard import Dashboard
 from .explain import ExplainView
+from .guard import ApiGuard
 from .metrics import MetricsView
 from .policies import PolicyApi
 from .registry import RegistryViews
@@ -27,24 +30,32 @@ from .status import StatusView, live
 
 
 def build_api(
-    push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
-) -> Starlette:
+    push: PushServer,
+    token: str | None = None,
+    traces: TraceStore | None = None,
+    scraper: Scraper | None = None,
+    *,
+    read_token: str | None = None,
+) -> ASGIApp:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
-    (spans also take a sidecar's span token, control_plane/zipkin.py).
+    (spans also take a sidecar's span token, control_plane/zipkin.py); a reader who
+    presents it sees the policy unredacted. ``read_token``: when given, what reads under
+    /v1 and of Zipkin's API need (or the write token); guard.py.
     ``traces``: the embedded trace store behind Zipkin's API.
     ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard."""
     traces = traces if traces is not None else TraceStore()
+    guard = ApiGuard(token, read_token)
     registry = RegistryViews(push.registry)
     status = StatusView(push)
-    policies = PolicyApi(push, token)
+    policies = PolicyApi(push, guard)
     stat = StatView(scraper)
     dashboard = Dashboard(push, traces, scraper)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/services", registry.services),
             Route("/v1/endpoints", registry.endpoints),
             Route("/v1/status", status.status),
-            Route("/metrics", MetricsView(push, traces).metrics),
+            Route("/metrics", MetricsView(push, traces, guard).metrics),
             Route("/v1/prometheus/targets", registry.prometheus_targets),
             Route("/v1/stat", stat.stat),
             Route("/v1/dashboard", dashboard.data),
@@ -53,12 +64,13 @@ def build_api(
             Route("/v1/policies", policies.policies, methods=["GET", "PUT"]),
             Route("/v1/policies/history", policies.history),
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
-            Route("/v1/explain", ExplainView(push).explain),
+            Route("/v1/explain", ExplainView(push, guard).explain),
             Route("/live", live),
             Route("/ready", live),
             *zipkin_routes(traces, push.span_tokens, token),
         ]
     )
+    return guard.gate(app)
 
 
 __all__ = ["build_api"]

@@ -1,5 +1,7 @@
 """/v1/explain: what the mesh would do with a request (control_plane/explain.py), from the
-applied policy and the registry's ready endpoints."""
+applied policy and the registry's ready endpoints. The policy's secrets in the answer (the
+header values a rule adds, what it matches a credential with) are redacted for a reader
+without the write token: the question is answered with the policy whole."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..explain import explain
+from ..redaction import redact_direct_response, redact_header_actions, redact_match
 from ..server import PushServer
-from .replies import bad
+from .guard import ApiGuard
+from .replies import JSON, bad
 
 
 class ExplainView:
-    def __init__(self, push: PushServer) -> None:
+    def __init__(self, push: PushServer, guard: ApiGuard) -> None:
         self.push = push
+        self.guard = guard
 
     async def explain(self, request: Request) -> Response:
         query = request.query_params
@@ -34,13 +39,28 @@ class ExplainView:
             for name in registry.services()
         }
         documents = self.push.policies.documents if self.push.policies is not None else []
-        return JSONResponse(
-            explain(
-                url,
-                documents,
-                endpoints,
-                method=query.get("method", "GET").upper(),
-                headers=headers,
-                source=query.get("from"),
-            )
+        answer = explain(
+            url,
+            documents,
+            endpoints,
+            method=query.get("method", "GET").upper(),
+            headers=headers,
+            source=query.get("from"),
         )
+        return JSONResponse(answer if self.guard.sees_secrets(request) else redacted(answer))
+
+
+def redacted(answer: JSON) -> JSON:
+    """An explanation without the policy's secrets (control_plane/explain.py's shape)."""
+    out = dict(answer)
+    if isinstance(out.get("rule"), dict):
+        out["rule"] = {**out["rule"], "match": redact_match(out["rule"].get("match"))}
+    decision = out.get("decision")
+    if isinstance(decision, dict):
+        decision = dict(decision)
+        if "headers" in decision:
+            decision["headers"] = redact_header_actions(decision["headers"])
+        if "direct_response" in decision:
+            decision["direct_response"] = redact_direct_response(decision["direct_response"])
+        out["decision"] = decision
+    return out

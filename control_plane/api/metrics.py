@@ -12,25 +12,28 @@ from starlette.responses import PlainTextResponse, Response
 
 from ..server import PushServer
 from ..traces import TraceStore
+from .guard import ApiGuard
 
 CONVERGENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class MetricsView:
-    def __init__(self, push: PushServer, traces: TraceStore) -> None:
+    def __init__(self, push: PushServer, traces: TraceStore, guard: ApiGuard | None = None) -> None:
         self.push = push
         self.traces = traces
+        self.guard = guard if guard is not None else ApiGuard(None)
 
     async def metrics(self, request: Request) -> Response:
         collector_registry = CollectorRegistry(auto_describe=False)
-        collector_registry.register(_Collector(self.push, self.traces))
+        collector_registry.register(_Collector(self.push, self.traces, self.guard))
         return PlainTextResponse(generate_latest(collector_registry), media_type="text/plain; version=0.0.4")
 
 
 class _Collector:
-    def __init__(self, push: PushServer, traces: TraceStore) -> None:
+    def __init__(self, push: PushServer, traces: TraceStore, guard: ApiGuard) -> None:
         self.push = push
         self.traces = traces
+        self.guard = guard
 
     def collect(self) -> Iterator[Metric]:
         push, stats = self.push, self.push.registry.stats()
@@ -68,6 +71,14 @@ class _Collector:
         )
         yield from _refusals(push)
         yield _convergence(push.hub.convergence)
+        api_refused = CounterMetricFamily(
+            "meshlet_cp_api_refused",
+            "API requests refused (401) for lack of a token, by the token they needed.",
+            labels=["need"],
+        )
+        for need, count in sorted(self.guard.refused.items()):
+            api_refused.add_metric([need], count)
+        yield api_refused
 
 
 def _refusals(push: PushServer) -> Iterator[Metric]:

@@ -1,5 +1,6 @@
 """/v1/policies: the running policy (GET), applying files (PUT, a dry run too), its history and
-rollback. Writes carry the token; one apply runs at a time."""
+rollback. Writes carry the token; one apply runs at a time. A reader without the write token
+gets the policy's texts redacted (control_plane/redaction.py)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from meshlet import wire
 from meshlet.policy import PolicyError
 from meshlet.wire import POLICIES
 
-from ..policies import ApplyResult, PolicyStore
+from ..policies import ApplyResult, PolicyStore, Version
+from ..redaction import redact_policy_text
 from ..server import PushServer
 from ..store import StoreError
-from .replies import bad, json_body, refused, store_failed
+from .guard import ApiGuard
+from .replies import JSON, bad, json_body, store_failed
 
 log = logging.getLogger("meshlet.cp.api")
 
 
 class PolicyApi:
-    def __init__(self, push: PushServer, token: str | None) -> None:
+    def __init__(self, push: PushServer, guard: ApiGuard) -> None:
         self.push = push
-        self.token = token
+        self.guard = guard
         self.apply_lock = trio.Lock()  # one apply at a time: each diffs against what the last one left
 
     @property
@@ -46,7 +49,7 @@ class PolicyApi:
                 # What a sidecar's ACK of the policies type names once it holds this version
                 # (meshlet apply waits for it).
                 "push_version": policies_push_version(self.push),
-                "applied": None if current is None else current.to_json(with_files=True),
+                "applied": None if current is None else applied_json(current, whole=self.guard.sees_secrets(request)),
                 "documents": [
                     {"kind": name.split("/", 1)[0], "name": name.split("/", 1)[1], "version": version}
                     for name, (version, _) in sorted(self.push.wanted(POLICIES).items())
@@ -56,7 +59,7 @@ class PolicyApi:
 
     async def put(self, request: Request) -> Response:
         store = self.store
-        if (denied := refused(request, self.token)) is not None:
+        if (denied := self.guard.write_refused(request)) is not None:
             return denied
         body = await json_body(request)
         if isinstance(body, Response):
@@ -84,7 +87,7 @@ class PolicyApi:
 
     async def rollback(self, request: Request) -> Response:
         store = self.store
-        if (denied := refused(request, self.token)) is not None:
+        if (denied := self.guard.write_refused(request)) is not None:
             return denied
         body = await json_body(request)
         if isinstance(body, Response):
@@ -108,6 +111,16 @@ class PolicyApi:
                 self.push.policies_changed(before)
                 log.info("policy version %s applied (%d changes)", result.version, len(result.changes))
             return JSONResponse(result.to_json())
+
+
+def applied_json(version: Version, *, whole: bool) -> JSON:
+    """The running version with its files' texts: as applied, or (``whole`` False: a reader
+    without the write token) redacted."""
+    out = version.to_json(with_files=True)
+    if not whole:
+        out["texts"] = {name: redact_policy_text(text) for name, text in out["texts"].items()}
+        out["redacted"] = True
+    return out
 
 
 def policies_push_version(push: PushServer) -> str:

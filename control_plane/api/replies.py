@@ -1,9 +1,8 @@
 """The answers every part of the API shares: the 400, the store's failure, a JSON body read
-within its limit, and the 401 a write without the token gets."""
+within its limit. (The 401 of a request without its token is guard.py's.)"""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from typing import Any
@@ -49,22 +48,3 @@ async def json_body(request: Request) -> JSON | Response:
     if not isinstance(body, dict):
         return bad("the body must be a JSON object")
     return body
-
-
-def refused(request: Request, token: str | None) -> Response | None:
-    """None if ``request`` may write (no token is set, or it carries ``Authorization: Bearer
-    TOKEN``), else the 401 that says where the token is. Compared in constant time."""
-    if token is None:
-        return None
-    given = request.headers.get("authorization", "")
-    if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return None
-    return JSONResponse(
-        {
-            "problems": [
-                "writing needs the control plane's token (Authorization: Bearer ...); it is in its data "
-                "directory, file api-token (meshlet apply --token-file PATH, or MESHLET_TOKEN)"
-            ]
-        },
-        status_code=401,
-    )

@@ -8,7 +8,9 @@ What to print is the command's business; nothing here prints.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -38,23 +40,44 @@ class ApiError(Exception):
         return said if self.status is None else f"answered {self.status}: {said}"
 
 
+def api_url(api: str) -> str:
+    """``HOST:PORT`` (http), or an ``http://`` or ``https://`` URL, as the client's base URL."""
+    return api.rstrip("/") if api.startswith(("http://", "https://")) else f"http://{api}"
+
+
+def api_trust(ca: Path | None) -> ssl.SSLContext | bool:
+    """What an https API's certificate is verified with: httpx's default CAs, or the system's
+    and ``ca``'s (--api-ca). OSError or ssl.SSLError if the file cannot be read."""
+    if ca is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=ca)
+    return context
+
+
 class ApiClient:
-    """The control plane's API at ``api`` (HOST:PORT). ``token``: what writes (apply,
-    rollback) carry as ``Authorization: Bearer``; None sends none (the control plane's 401
-    says where to find it). Use as a context manager, or :meth:`close` it."""
+    """The control plane's API at ``api`` (HOST:PORT, or an http:// or https:// URL).
+    ``token``: sent as ``Authorization: Bearer`` with every call: the write token lets it
+    apply and roll back and shows the policy unredacted, a read token lets it read when the
+    control plane asks for one; None sends none (the control plane's 401 says where to find
+    it). ``ca``: a PEM file trusted for an https API. Use as a context manager, or
+    :meth:`close` it."""
 
     def __init__(
         self,
         api: str,
         token: str | None = None,
         *,
+        ca: Path | None = None,
         timeout: float = READ_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.api = api
+        self._url = api_url(api)
         self._token = token
         self._timeout = timeout
-        self._http = httpx.Client(base_url=f"http://{api}", transport=transport)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self._url, transport=transport, verify=api_trust(ca), headers=headers)
 
     def __enter__(self) -> ApiClient:
         return self
@@ -66,7 +89,7 @@ class ApiClient:
         self._http.close()
 
     def __repr__(self) -> str:
-        return f"<ApiClient http://{self.api}{' (with token)' if self._token else ''}>"
+        return f"<ApiClient {self._url}{' (with token)' if self._token else ''}>"
 
     # registry and sidecars ---------------------------------------------------------------
 
@@ -100,12 +123,12 @@ class ApiClient:
         """Make ``files`` (name, text) the whole policy, or with ``dry_run`` only say what would
         change. The result: ``version``, ``previous``, ``changes``, ``applied``."""
         body = {"files": [list(f) for f in files], "dry_run": dry_run, "source": source}
-        return self._json("PUT", "/v1/policies", json=body, headers=self._auth(), timeout=WRITE_TIMEOUT)
+        return self._json("PUT", "/v1/policies", json=body, timeout=WRITE_TIMEOUT)
 
     def rollback(self, version: str) -> JSON:
         """Apply an earlier version (or a prefix of one, 4+ characters) again; as :meth:`apply`."""
         body = {"version": version}
-        return self._json("POST", "/v1/policies/rollback", json=body, headers=self._auth(), timeout=WRITE_TIMEOUT)
+        return self._json("POST", "/v1/policies/rollback", json=body, timeout=WRITE_TIMEOUT)
 
     def explain(self, url: str, *, method: str = "GET", headers: Sequence[str] = (), source: str | None = None) -> JSON:
         """What the mesh would do with a request; ``headers``: NAME:VALUE each. A 400 says
@@ -141,9 +164,6 @@ class ApiClient:
         return traces
 
     # ---------------------------------------------------------------------------------------
-
-    def _auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _json(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
         return _answer(lambda: self._http.request(method, path, timeout=timeout or self._timeout, **kwargs))

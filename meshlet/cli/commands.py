@@ -50,7 +50,6 @@ def add_commands(commands: Any) -> None:
     apply.add_argument("--dry-run", action="store_true", help="validate and show what would change; apply nothing")
     apply.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s; 0: no)")
     _api_option(apply)
-    _token_options(apply)
 
     rollback = commands.add_parser(
         "rollback",
@@ -61,7 +60,6 @@ def add_commands(commands: Any) -> None:
     rollback.add_argument("version", help="a version from `meshlet get policies --history` (a prefix will do)")
     rollback.add_argument("--wait", type=float, default=30.0, metavar="S", help="wait for sidecars (default 30 s)")
     _api_option(rollback)
-    _token_options(rollback)
 
     explain = commands.add_parser(
         "explain",
@@ -106,17 +104,23 @@ def add_commands(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = _COMMANDS[args.command]
-    token = _token(args) if args.command in ("apply", "rollback") else None
+    ca = args.api_ca or (Path(os.environ["MESHLET_API_CA"]) if os.environ.get("MESHLET_API_CA") else None)
     try:
-        with ApiClient(args.api, token) as api:
+        client = ApiClient(args.api, _token(args), ca=ca)
+    except OSError as exc:  # ssl.SSLError too: the --api-ca file is not a CA certificate
+        print(f"meshlet: --api-ca {ca}: cannot be read as PEM CA certificates: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with client as api:
             return command(args, api)
     except ApiError as exc:
         if exc.status is None:
-            print(
-                f"meshlet: cannot reach the control plane API at {args.api}: {exc}\n"
-                f"  is `meshlet control-plane` running? (--api H:P to point elsewhere)",
-                file=sys.stderr,
+            hint = (
+                "the API's certificate is not trusted: --api-ca FILE (or MESHLET_API_CA) names the CA that signed it"
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                else "is `meshlet control-plane` running? (--api H:P, or https://H:P, to point elsewhere)"
             )
+            print(f"meshlet: cannot reach the control plane API at {args.api}: {exc}\n  {hint}", file=sys.stderr)
         else:  # it answered, with an error: say what it said
             print(f"meshlet: the control plane answered {exc.status}: {'; '.join(exc.problems)}", file=sys.stderr)
         return 1
@@ -259,29 +263,47 @@ def _yes(value: bool) -> str:
 
 
 def _api_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", default=DEFAULT_API, metavar="H:P", help=f"control plane API (default {DEFAULT_API})")
-
-
-def _token_options(parser: argparse.ArgumentParser) -> None:
+    """--api, and what a call to it carries: the CA that verifies an https API, a token."""
     parser.add_argument(
-        "--token", help="the control plane's write token (default: env MESHLET_TOKEN, else --token-file)"
+        "--api",
+        default=DEFAULT_API,
+        metavar="H:P|URL",
+        help=f"control plane API: HOST:PORT, or https://HOST:PORT when it serves TLS (default {DEFAULT_API})",
+    )
+    parser.add_argument(
+        "--api-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA certificate(s) trusted, besides the system's, to verify an https API (default: env "
+        "MESHLET_API_CA)",
+    )
+    parser.add_argument(
+        "--token",
+        help="sent as 'Authorization: Bearer' with every call: the control plane's write token (needed to apply; "
+        "shows the policy unredacted) or its --api-read-token (default: env MESHLET_TOKEN, else --token-file)",
     )
     parser.add_argument(
         "--token-file",
         type=Path,
-        default=Path(".meshlet-cp") / "api-token",
         metavar="PATH",
-        help="where the control plane keeps it (default ./.meshlet-cp/api-token: its default --data-dir)",
+        help=f"a file holding the token (apply and rollback read {DEFAULT_TOKEN_FILE}, the control plane's "
+        "default --data-dir, when no token is given)",
     )
 
 
+DEFAULT_TOKEN_FILE = Path(".meshlet-cp") / "api-token"
+WRITES = ("apply", "rollback")
+
+
 def _token(args: argparse.Namespace) -> str | None:
-    """--token, else MESHLET_TOKEN, else --token-file; None if none is readable (the control
-    plane's 401 says what to do)."""
+    """--token, else MESHLET_TOKEN, else --token-file; for a write, else the control plane's
+    default token file. None if none is readable (the control plane's 401 says what to do).
+    A read sends the write token only when told to: it may go to another host."""
     token: str | None = args.token or os.environ.get("MESHLET_TOKEN")
-    if not token:
+    path = args.token_file or (DEFAULT_TOKEN_FILE if args.command in WRITES else None)
+    if not token and path is not None:
         try:
-            token = args.token_file.read_text().strip()
+            token = path.read_text().strip()
         except OSError:
             return None
     return token or None

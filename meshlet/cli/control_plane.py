@@ -62,8 +62,45 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         help="at most N push-channel connections at once; more are refused (an 'overloaded' error, then "
         "closed) and counted in meshlet_cp_connections_refused_total (default 10000)",
     )
+    cp.add_argument(
+        "--api-tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve the HTTP API over https with this PEM certificate (chain); needs --api-tls-key",
+    )
+    cp.add_argument(
+        "--api-tls-key",
+        type=Path,
+        metavar="FILE",
+        help="the PEM private key of --api-tls-cert; refused unless closed to group and others (chmod 600)",
+    )
+    cp.add_argument(
+        "--api-read-token",
+        metavar="VALUE|@FILE",
+        help="reads of the API (/v1/..., Zipkin's GET /api/v2/...) need this token or the write token as "
+        "'Authorization: Bearer'; @FILE reads it from a file closed to group and others (default: reads are open)",
+    )
+    cp.add_argument(
+        "--allowed-collector",
+        type=_collector,
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a span collector a MeshConfig's tracing.collector may name; repeatable; when given, a policy naming "
+        "another is refused (default: any http(s) collector)",
+    )
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return cp
+
+
+def _collector(text: str) -> str:
+    from control_plane.collectors import parse_allowed
+
+    try:
+        parse_allowed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         policy=args.policy,
         max_connections=args.max_connections,
+        api_tls_cert=args.api_tls_cert,
+        api_tls_key=args.api_tls_key,
+        api_read_token=args.api_read_token,
+        allowed_collectors=tuple(args.allowed_collector),
     )
     try:
         trio.run(serve, options)

@@ -47,6 +47,29 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an IP address or a name) this machine's loopback only?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unusable_ca(path: Path) -> str:
+    """Why the PEM file at ``path`` cannot be trusted as a CA ("" if it can)."""
+    import ssl
+
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except FileNotFoundError:
+        return "no such file"
+    except (ssl.SSLError, OSError) as exc:
+        return f"not a PEM CA certificate ({exc})"
+    return ""
+
+
 def add_command(commands: Any) -> argparse.ArgumentParser:
     sidecar = commands.add_parser(
         "sidecar",
@@ -65,7 +88,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_listen,
         default=("0.0.0.0", 15006),
         metavar="ADDR",
-        help="inbound listener, for other sidecars (default 0.0.0.0:15006)",
+        help="inbound listener, for other sidecars (default 0.0.0.0:15006: every address, as callers are on other "
+        "hosts; narrow it to a pod IP or private interface, docs/security.md)",
     )
     sidecar.add_argument(
         "--outbound",
@@ -79,7 +103,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_listen,
         default=("127.0.0.1", 15090),
         metavar="ADDR",
-        help="admin listener (default 127.0.0.1:15090)",
+        help="admin listener (default 127.0.0.1:15090: loopback, as its /config_dump, /explain and /metrics are for "
+        "this host; bind another address only where the network is yours, e.g. a pod IP for Prometheus)",
     )
     sidecar.add_argument(
         "--static",
@@ -124,6 +149,13 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         metavar="RATE",
         help="share of the traces this sidecar starts that are recorded, 0..1 (default 1.0; 0.01 is a good "
         "start in production); a decision that comes in is kept; a MeshConfig's tracing.sampling wins",
+    )
+    sidecar.add_argument(
+        "--api-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA certificate(s) trusted, besides the system's, for an https control-plane API (its trace "
+        "store, when it serves --api-tls-cert) or an https trace collector",
     )
     sidecar.add_argument(
         "--upstream",
@@ -214,6 +246,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
+    if not is_loopback(args.admin[0]):
+        logging.getLogger("meshlet.sidecar").warning(
+            "--admin %s:%d is not a loopback address: whoever reaches it reads this sidecar's configuration, "
+            "metrics and recent requests (/config_dump, /explain, /metrics) without a credential; bind it to "
+            "127.0.0.1 unless only your own network (a pod's, a scraper's) can reach it",
+            *args.admin,
+        )
+    if args.api_ca is not None and (problem := _unusable_ca(args.api_ca)):
+        print(f"meshlet: --api-ca {args.api_ca}: {problem}", file=sys.stderr)
+        return 1
     if args.static is not None and not args.static.is_file():
         print(f"meshlet: --static {args.static}: no such file", file=sys.stderr)
         return 1
@@ -247,6 +289,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         health_path=args.health_path,
         trace_collector=args.trace_collector,
         trace_sampling=args.trace_sampling,
+        api_ca=args.api_ca,
         drain_timeout=args.drain_timeout,
         transparent=args.transparent,
     )

@@ -54,7 +54,8 @@ class Explainer:
             "at": now_wall(),
             "service": request.service,
             "method": request.head.method.decode("ascii", "replace"),
-            "target": request.target.decode("latin-1"),
+            # the path only: a query can carry a credential (?token=), and the admin listener shows this
+            "target": request.target.partition(b"?")[0].decode("latin-1"),
             "route": request.rule.ref if request.rule is not None else None,
             "subset": dict(request.subset),
             "policy": settings.name or "defaults",

@@ -187,7 +187,8 @@ class ControlPlaneClient:
                             self.connected = True
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
-                                url = f"http://{where}:{message.api_port}/api/v2/spans"
+                                scheme = "https" if message.api_tls else "http"
+                                url = f"{scheme}://{where}:{message.api_port}/api/v2/spans"
                                 self.span_collector = Collector(url, message.span_token)
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             self._start_session(message.store)

@@ -13,9 +13,11 @@ either delivered or counted, never silently lost), and the next attempt waits lo
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +43,17 @@ class Collector:
         return b"Bearer " + self.token.encode("ascii") if self.token else b""
 
 
+def collector_trust(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What an https:// collector (the control plane's API served with --api-tls-cert) is
+    verified with: httpx's default CAs, or, given ``ca_file`` (--api-ca), the system's CAs and
+    that file's. ssl.SSLError or OSError if the file cannot be read."""
+    if ca_file is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 class SpanExporter:
     def __init__(
         self,
@@ -52,6 +65,7 @@ class SpanExporter:
         timeout: float = 2.0,
         max_backoff: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,  # what an https:// collector's certificate is checked with
         on_dropped: Callable[[int, str], None] | None = None,
         on_sent: Callable[[int], None] | None = None,
     ) -> None:
@@ -64,6 +78,7 @@ class SpanExporter:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.transport = transport
+        self.verify = verify
         self.queue: deque[bytes] = deque()  # encoded spans
         self.sent = 0
         self.dropped = 0
@@ -124,7 +139,7 @@ class SpanExporter:
                 status = await self._poster.post(url, body, authorization=authorization)
             else:
                 if self._client is None:  # an SSL context and all, a few MB: only when needed
-                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport)
+                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport, verify=self.verify)
                 headers = {"content-type": "application/json"}
                 if authorization:
                     headers["authorization"] = authorization.decode("ascii")
@@ -146,4 +161,4 @@ class SpanExporter:
         return {"queued": len(self.queue), "sent": self.sent, "dropped": self.dropped}
 
 
-__all__ = ["Collector", "SpanExporter"]
+__all__ = ["Collector", "SpanExporter", "collector_trust"]

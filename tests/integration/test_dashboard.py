@@ -16,6 +16,7 @@ import trio
 from meshlet.demo import Demo
 
 from ..helpers import start_demo_mesh
+from ..mesh import Mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MESHLET_ARTIFACTS", ROOT / "test-artifacts"))
@@ -93,3 +94,14 @@ async def test_the_dashboard_draws_the_demo_mesh(tmp_path: Path) -> None:
     assert not [line for line in console if "rror" in line or "Uncaught" in line], console
     assert "instances ready" in html and "rps" in html
     assert picture.returncode == 0 and shot.stat().st_size > 10_000, picture.stderr[-2000:]
+
+
+async def test_the_dashboard_behind_a_read_token_says_so(mesh: Mesh, tmp_path: Path) -> None:
+    # The page's data answers 401 without the token: the page shows its token form, and no error.
+    binary = chromium()
+    await mesh.control_plane(extra=["--api-read-token", "read-0123456789abcdef"])
+    dom = await trio.to_thread.run_sync(headless, binary, tmp_path / "profile", "--dump-dom", f"http://{mesh.api}/")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<form id="token-form">' in dom.stdout  # no longer hidden
+    assert 'id="js-errors"></div>' in dom.stdout
+    assert '<div id="banner" style="display: none;"></div>' in dom.stdout  # not "cannot reach"

@@ -462,3 +462,15 @@ def test_welcome_carries_the_session_span_token_and_keeps_it_out_of_its_repr() -
 def test_a_span_token_that_could_not_be_sent_as_one_header_value_is_no_token(token: object) -> None:
     raw = {"k": "welcome", "pv": 1, "server": "cp", "api": 15000, "span_token": token}
     assert Welcome.from_wire(raw) == Welcome(1, "cp", 15000)
+
+
+@pytest.mark.parametrize(
+    ("raw_tls", "api_tls"), [(True, True), (None, False), (1, False), ("yes", False), (False, False)]
+)
+def test_welcome_says_the_api_speaks_https_only_with_a_true(raw_tls: object, api_tls: bool) -> None:
+    raw = {"k": "welcome", "pv": 1, "server": "cp", "api": 15000}
+    if raw_tls is not None:
+        raw["api_tls"] = raw_tls
+    assert Welcome.from_wire(raw) == Welcome(1, "cp", 15000, api_tls=api_tls)
+    assert Welcome.from_wire(Welcome(1, "cp", 15000, api_tls=True).to_wire()).api_tls is True
+    assert "api_tls" not in Welcome(1, "cp", 15000).to_wire()  # unchanged bytes for a plain API

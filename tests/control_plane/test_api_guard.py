@@ -1,0 +1,163 @@
+"""control_plane/api/guard.py on the real API (build_api on hypercorn, loopback): the read token,
+the write token, and the policy a reader sees redacted or whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from control_plane.api import build_api
+from control_plane.policies import PolicyStore
+from control_plane.registry import Registry
+from control_plane.server import PushServer
+from control_plane.store import MemoryStore
+
+WRITE_TOKEN = "write-token-0123456789"
+READ_TOKEN = "read-token-0123456789"
+WRITE = {"authorization": f"Bearer {WRITE_TOKEN}"}
+READ = {"authorization": f"Bearer {READ_TOKEN}"}
+SECRET = "s3cret-route-credential"
+
+POLICY = f"""\
+kind: Route
+name: item
+host: item
+rules:
+  - name: keyed
+    match: {{headers: {{x-api-key: {{exact: k3y-{SECRET}}}}}}}
+    headers:
+      request:
+        add: {{authorization: "Bearer {SECRET}"}}
+    destinations: [{{service: item}}]
+  - name: teapot
+    match: {{path: {{prefix: /tea}}}}
+    direct_response: {{status: 418, headers: {{set-cookie: "sid={SECRET}"}}, body: short and stout}}
+"""
+
+
+async def start(nursery: trio.Nursery, read_token: str | None) -> str:
+    push = PushServer(Registry(), policies=PolicyStore(MemoryStore()))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    app = build_api(push, token=WRITE_TOKEN, read_token=read_token)
+    binds: list[str] = await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
+        applied = await client.put("/v1/policies", json={"files": [["route.yaml", POLICY]]}, headers=WRITE)
+        assert applied.status_code == 200, applied.text
+    return binds[0]
+
+
+@pytest.fixture
+async def open_api(nursery: trio.Nursery) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=await start(nursery, None), timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+async def guarded(nursery: trio.Nursery) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=await start(nursery, READ_TOKEN), timeout=10) as client:
+        yield client
+
+
+READS = [
+    "/v1/services",
+    "/v1/endpoints",
+    "/v1/status",
+    "/v1/policies",
+    "/v1/policies/history",
+    "/v1/explain?url=http://item/",
+    "/v1/dashboard",
+    "/v1/prometheus/targets",
+    "/api/v2/traces",
+    "/api/v2/services",
+]
+
+
+@pytest.mark.parametrize("path", READS)
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong-token-0123456789"}, 401),
+        ({"authorization": READ_TOKEN}, 401),  # not a Bearer credential
+        ({"authorization": f"Basic {READ_TOKEN}"}, 401),
+        (READ, 200),
+        (WRITE, 200),
+    ],
+    ids=["none", "wrong", "no-scheme", "basic", "read-token", "write-token"],
+)
+async def test_reads_need_a_token_when_one_is_set(
+    guarded: httpx.AsyncClient, path: str, headers: dict[str, str], status: int
+) -> None:
+    answer = await guarded.get(path, headers=headers)
+    assert answer.status_code == status, answer.text
+    if status == 401:
+        assert answer.headers["www-authenticate"] == "Bearer"
+        (problem,) = answer.json()["problems"]
+        assert "--api-read-token" in problem and "MESHLET_TOKEN" in problem
+        assert READ_TOKEN not in answer.text and WRITE_TOKEN not in answer.text
+
+
+@pytest.mark.parametrize("path", ["/", "/live", "/ready", "/metrics"])
+async def test_probes_the_page_and_counters_stay_open(guarded: httpx.AsyncClient, path: str) -> None:
+    assert (await guarded.get(path)).status_code == 200
+
+
+async def test_spans_are_still_posted_without_a_token(guarded: httpx.AsyncClient) -> None:
+    span = {"traceId": "a" * 32, "id": "b" * 16, "name": "get /", "timestamp": 1, "duration": 1}
+    assert (await guarded.post("/api/v2/spans", json=[span])).status_code == 202
+
+
+async def test_the_read_token_does_not_write(guarded: httpx.AsyncClient) -> None:
+    answer = await guarded.put("/v1/policies", json={"files": []}, headers=READ)
+    assert answer.status_code == 401 and "api-token" in answer.json()["problems"][0]
+    answer = await guarded.post("/v1/policies/rollback", json={"version": "x"}, headers=READ)
+    assert answer.status_code == 401
+
+
+async def test_refusals_are_counted_by_the_token_needed(guarded: httpx.AsyncClient) -> None:
+    await guarded.get("/v1/services")
+    await guarded.get("/v1/services", headers={"authorization": "Bearer nope"})
+    await guarded.put("/v1/policies", json={"files": []}, headers=READ)
+    metrics = (await guarded.get("/metrics")).text
+    assert 'meshlet_cp_api_refused_total{need="read-token"} 2.0' in metrics
+    assert 'meshlet_cp_api_refused_total{need="write-token"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("reader", [{}, READ], ids=["anyone", "read-token"])
+async def test_the_policy_is_redacted_for_readers_without_the_write_token(
+    open_api: httpx.AsyncClient, guarded: httpx.AsyncClient, reader: dict[str, str]
+) -> None:
+    api = open_api if not reader else guarded
+    policies = (await api.get("/v1/policies", headers=reader)).json()
+    assert policies["applied"]["redacted"] is True
+    (text,) = policies["applied"]["texts"].values()
+    assert "authorization: <redacted>" in text and "short and stout" in text
+    explained = (await api.get("/v1/explain", params={"url": "http://item/x"}, headers=reader)).text
+    teapot = (await api.get("/v1/explain", params={"url": "http://item/tea"}, headers=reader)).json()
+    assert teapot["decision"]["direct_response"]["headers"] == {"set-cookie": "<redacted>"}
+    keyed = await api.get(
+        "/v1/explain", params={"url": "http://item/x", "header": f"x-api-key:k3y-{SECRET}"}, headers=reader
+    )
+    assert keyed.json()["rule"]["name"] == "keyed"  # matched on the real value, shown redacted
+    assert keyed.json()["decision"]["headers"] == {"request": {"add": {"authorization": "<redacted>"}}}
+    history = (await api.get("/v1/policies/history", headers=reader)).text
+    for answer in (str(policies), explained, str(teapot), keyed.text, history):
+        assert SECRET not in answer
+
+
+async def test_the_write_token_sees_the_policy_whole(guarded: httpx.AsyncClient) -> None:
+    policies = (await guarded.get("/v1/policies", headers=WRITE)).json()
+    assert "redacted" not in policies["applied"]
+    assert policies["applied"]["texts"] == {"route.yaml": POLICY}
+    keyed = await guarded.get(
+        "/v1/explain", params={"url": "http://item/x", "header": f"x-api-key:k3y-{SECRET}"}, headers=WRITE
+    )
+    assert keyed.json()["decision"]["headers"] == {"request": {"add": {"authorization": f"Bearer {SECRET}"}}}
