@@ -110,9 +110,15 @@ async def test_probes_the_page_and_counters_stay_open(guarded: httpx.AsyncClient
     assert (await guarded.get(path)).status_code == 200
 
 
-async def test_spans_are_still_posted_without_a_token(guarded: httpx.AsyncClient) -> None:
+async def test_span_posts_are_left_to_the_span_store(guarded: httpx.AsyncClient) -> None:
+    """The read token gates reads only: a span post is the trace store's to judge (a span token
+    or the write token), and its refusals are not counted as the read gate's."""
     span = {"traceId": "a" * 32, "id": "b" * 16, "name": "get /", "timestamp": 1, "duration": 1}
-    assert (await guarded.post("/api/v2/spans", json=[span])).status_code == 202
+    assert (await guarded.post("/api/v2/spans", json=[span], headers=WRITE)).status_code == 202
+    assert (await guarded.post("/api/v2/spans", json=[span])).status_code == 401
+    metrics = (await guarded.get("/metrics")).text
+    assert 'meshlet_cp_api_refused_total{need="read-token"} 0.0' in metrics
+    assert 'meshlet_cp_span_posts_refused_total{reason="no-token"} 1.0' in metrics
 
 
 async def test_the_read_token_does_not_write(guarded: httpx.AsyncClient) -> None:
