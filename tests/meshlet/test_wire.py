@@ -319,11 +319,11 @@ def test_negotiate_picks_the_highest_common_version(
 
 def test_unknown_protocol_version_is_refused() -> None:
     server = ServerConnection("cp-1")
-    server.receive_data(ClientConnection(_hello((3, 4))).hello())
+    server.receive_data(ClientConnection(_hello((4, 5))).hello())
     with pytest.raises(WireError) as info:
         server.accept()
     assert info.value.reason == "unsupported-version"
-    assert "[3, 4]" in info.value.detail
+    assert "[4, 5]" in info.value.detail
 
 
 def test_first_message_must_be_hello() -> None:
