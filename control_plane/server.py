@@ -1,7 +1,9 @@
 """The push channel server: accepts sidecars, registers their instances, keeps their
 leases, reads each session's answers and keeps every channel alive.
 
-A session's life: ``hello`` (5 s to arrive) → register the instance → ``welcome`` →
+A session's life: ``hello`` (5 s to arrive) → admitted only if it proves the service it
+names (a join token or a certificate: control_plane/joins.py; else ``error`` and close) →
+register the instance → ``welcome`` (with the certificate issued for the hello's CSR) →
 the first push of every type, full → then pushes as the hub publishes changes, answers
 handled as they come (an answer lets the next push of its type go at once). A session
 has one task, its reader (plus a flusher while the kernel's buffer is full, see
@@ -23,7 +25,9 @@ from meshlet import wire
 from meshlet.io import Closed, Connection, listen_socket, serve_socket
 from meshlet.wire import ENDPOINTS, POLICIES
 
+from .ca import CAError
 from .channel import Channel
+from .joins import Joins
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
@@ -97,8 +101,12 @@ class PushServer:
         server_id: str = "meshlet-cp",
         policies: PolicyStore | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        joins: Joins | None = None,
     ) -> None:
         self.registry = registry
+        # Who may join, and their certificates. None: nobody can prove who they are, so no
+        # hello is accepted (a push server is never open by default).
+        self.joins = joins
         self.max_connections = max_connections
         self.connections = 0  # open push-channel connections, hello or not
         self.pre_hello_bytes = 0  # received by connections still waiting for their hello
@@ -206,7 +214,9 @@ class PushServer:
                 self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
-            welcome = conn.accept()  # refuses an unknown protocol version before registering anything
+            if not self._admitted(conn.hello, channel, io.peer):
+                return  # refused: nothing registered, nothing pushed
+            welcome = self._welcome(conn)  # refuses an unknown version or a bad CSR before registering anything
             session = self._open(conn, channel, io.peer)  # ValueError: an instance the registry refuses
             channel.write(welcome)
             self.hub.push_first(session)
@@ -219,6 +229,10 @@ class PushServer:
             _send_error(channel, exc.reason, exc.detail)
         except Closed:
             pass
+        except CAError as exc:  # a CSR the CA refuses (its reason holds no key material)
+            self.protocol_errors += 1
+            log.warning("sidecar at %s: certificate request refused: %s", io.peer, exc.reason)
+            _send_error(channel, "bad-csr", exc.reason)
         except ValueError as exc:  # an instance the registry refuses
             self.protocol_errors += 1
             log.warning("sidecar at %s: instance refused: %s", io.peer, exc)
@@ -230,6 +244,35 @@ class PushServer:
             channel.close()
             if session is not None:
                 self._close(session)
+
+    def _admitted(self, hello: wire.Hello, channel: Channel, peer: str) -> bool:
+        """Whether the hello proves the service it names (control_plane/joins.py); if not, the
+        sidecar is told why and what to do, and the connection is closed."""
+        if self.joins is None:
+            _send_error(channel, "join-refused", "this control plane admits no sidecar (it has no CA)")
+            return False
+        admission = self.joins.admit(hello, peer, trio.current_time())
+        if not admission.ok:
+            _send_error(channel, "join-refused", self.joins.refusal(admission))
+        return admission.ok
+
+    def _welcome(self, conn: wire.ServerConnection) -> bytes:
+        """``welcome``, with the certificate issued for the hello's CSR: for the service the
+        hello proved, whatever names the CSR asks for."""
+        hello = conn.hello
+        assert hello is not None and self.joins is not None
+        conn.choose_version()  # an unknown protocol version is refused before anything is signed
+        issued = self.joins.issue(hello.csr, hello.service) if hello.csr else None
+        return conn.accept(issued)
+
+    def bundle_changed(self) -> None:
+        """The trust bundle changed (a CA rotation): every session that speaks identities hears it."""
+        if self.joins is None:
+            return
+        frame = wire.encode(wire.Bundle(self.joins.bundle()))
+        for session in list(self.hub.sessions.values()):
+            if session.conn.speaks_identity and not session.closed:
+                session.write(frame)
 
     def _over_cap(self) -> tuple[str, str] | None:
         if self.connections >= self.max_connections:
@@ -325,6 +368,14 @@ class PushServer:
             if message.type not in wire.RESOURCE_TYPES:
                 raise wire.WireError("bad-message", f"watch: unknown resource type {message.type!r}")
             self.hub.subscribe(session, message.type, message.add, message.remove, now)
+        elif isinstance(message, wire.Csr):
+            # A renewal: issued for the session's proven service (session.service), never a name the CSR asks for.
+            assert self.joins is not None  # a session exists only once joins admitted it
+            try:
+                issued = self.joins.issue(message.csr, session.service)
+            except CAError as exc:
+                raise wire.WireError("bad-csr", exc.reason) from None
+            session.write(wire.encode(wire.Cert(issued)))
         elif isinstance(message, wire.Health):
             session.ready = message.ready
             self.changed(self.registry.set_ready(session.instance_id, message.ready, now))

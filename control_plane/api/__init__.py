@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from ..scraper import Scraper
 from ..server import PushServer
+from ..token_records import TokenBook
 from ..traces import TraceStore
 from ..zipkin import zipkin_routes
 from .dashboard import Dashboard
@@ -24,15 +25,21 @@ from .policies import PolicyApi
 from .registry import RegistryViews
 from .stat import StatView
 from .status import StatusView, live
+from .tokens import TokenApi
 
 
 def build_api(
-    push: PushServer, token: str | None = None, traces: TraceStore | None = None, scraper: Scraper | None = None
+    push: PushServer,
+    token: str | None = None,
+    traces: TraceStore | None = None,
+    scraper: Scraper | None = None,
+    tokens: TokenBook | None = None,
 ) -> Starlette:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans excepted: Zipkin's collector API is open, control_plane/zipkin.py).
     ``traces``: the embedded trace store behind Zipkin's API.
-    ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard."""
+    ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard.
+    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404)."""
     traces = traces if traces is not None else TraceStore()
     registry = RegistryViews(push.registry)
     status = StatusView(push)
@@ -54,6 +61,7 @@ def build_api(
             Route("/v1/policies/history", policies.history),
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
             Route("/v1/explain", ExplainView(push).explain),
+            Route("/v1/tokens", TokenApi(tokens, token).create, methods=["POST"]),
             Route("/live", live),
             Route("/ready", live),
             *zipkin_routes(traces),
