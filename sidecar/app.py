@@ -28,6 +28,7 @@ import trio
 from meshlet.io import Deadlines
 
 from .core.config import MeshSnapshot, empty_snapshot, load_static
+from .core.credentials import CredentialHolder
 from .core.destination import Destinations
 from .core.interception import AddressMap
 from .core.services import Endpoint, ServiceConfig
@@ -46,6 +47,7 @@ from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import SpanExporter
+from .net.identity import SidecarIdentity
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, UpstreamPools
@@ -87,6 +89,7 @@ class SidecarOptions:
     # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
     # init-iptables): route each connection by its original destination; learn every service.
     transparent: bool = False
+    join_token: str | None = field(default=None, repr=False)  # --join-token: the first join's credential
 
 
 def build_outbound(
@@ -172,6 +175,10 @@ class Sidecar:
         )
         self.trace_rng = random.Random()
         self.control: ControlPlaneClient | None = None
+        # What this sidecar proves and trusts: the control-plane session installs certificates
+        # here, the TLS layer reads them (sidecar/core/credentials.py).
+        self.credentials = CredentialHolder()
+        self.identity = self._identity()  # IdentityError: a key file we must not use
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.snapshot = empty_snapshot()
         # Set with the first configuration (pushed, persisted or static): the inbound listener
@@ -204,12 +211,22 @@ class Sidecar:
             configured=self.configured,
             snapshot=lambda: self.snapshot,
             control=lambda: self.control,
+            identity=self.identity,
         )
         telemetry.connection_stats = self.pools.stats
         telemetry.pool_overflow_stats = self.pools.overflow_stats
         telemetry.listener_stats = self.listeners.stats
         telemetry.destination_stats = self.admin_views.destination_stats
         telemetry.status = self.admin_views.metrics_status
+        if self.identity is not None:
+            telemetry.certificate_expiry = self.identity.expires_in
+
+    def _identity(self) -> SidecarIdentity | None:
+        """With a control plane: the key (kept in --data-dir if given) and the certificates it issues."""
+        opts = self.options
+        if not opts.control_plane:
+            return None
+        return SidecarIdentity(opts.service, self.credentials, join_token=opts.join_token, directory=opts.data_dir)
 
     # configuration ------------------------------------------------------------------
     def apply(self, snapshot: MeshSnapshot) -> None:
@@ -335,6 +352,7 @@ class Sidecar:
             app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
             state_file=state_file,
             watch_all=opts.transparent,
+            identity=self.identity,
         )
 
     # serving ------------------------------------------------------------------------
@@ -386,6 +404,14 @@ class Sidecar:
                 listeners.addresses[name] = (host, bound)
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
+                assert self.identity is not None
+                if not self.identity.join_token:
+                    log.warning(
+                        "no --join-token: the control plane refuses a sidecar that proves nothing "
+                        "(pass --join-token @DATA_DIR/join-token of the control plane, or MESHLET_JOIN_TOKEN)"
+                    )
+                self.identity.load_persisted()
+                nursery.start_soon(self.identity.watch_expiry)
                 self.control = self._control_plane_client()
                 if not self.control.load_persisted():
                     self._build(self.snapshot)  # the same stacks, now able to look services up

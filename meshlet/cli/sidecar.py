@@ -109,7 +109,15 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path(".meshlet"),
-        help="where the last good config is kept for restarts (default ./.meshlet)",
+        help="where the last good config, this sidecar's key and its certificate are kept for restarts "
+        "(default ./.meshlet)",
+    )
+    sidecar.add_argument(
+        "--join-token",
+        metavar="VALUE|@FILE",
+        help="the credential this sidecar joins the control plane with: a join token, or @FILE to read it from a "
+        "file (the control plane writes one to DATA_DIR/join-token; `meshlet token create` mints others). "
+        "Prefer @FILE or the variable: a value on the command line is visible to other users in ps",
     )
     sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
     sidecar.add_argument(
@@ -212,6 +220,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
             args.advertise or "(not given)",
         )
+    join_token = None
+    if args.join_token:
+        try:
+            join_token = read_join_token(args.join_token)
+        except ValueError as exc:
+            parser.error(f"--join-token: {exc}")
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():
@@ -249,6 +263,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         trace_sampling=args.trace_sampling,
         drain_timeout=args.drain_timeout,
         transparent=args.transparent,
+        join_token=join_token,
     )
     if args.workers > 1:
         if control_planes:
@@ -263,7 +278,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_workers(options, args.workers)
     import trio
 
-    sidecar = Sidecar(options)
+    from sidecar.net.identity import IdentityError
+
+    try:
+        sidecar = Sidecar(options)
+    except IdentityError as exc:
+        print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
+        return 1
     try:
         trio.run(_serve_and_announce, sidecar)
     except OSError as exc:
@@ -272,6 +293,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+MAX_TOKEN_FILE = 4096  # a join token is 60 characters; a file this large is not one
+
+
+def read_join_token(value: str) -> str:
+    """--join-token's value: the token itself, or the content of the file after ``@``. The
+    token's text is never in a message (only the file's name)."""
+    if not value.startswith("@"):
+        return value.strip()
+    path = Path(value[1:]).expanduser()
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_TOKEN_FILE:
+        raise ValueError(f"{path} is not a join token file (larger than {MAX_TOKEN_FILE} bytes)")
+    token = data.decode("ascii", errors="replace").strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
 
 
 async def _serve_and_announce(sidecar: object) -> None:

@@ -30,6 +30,7 @@ from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
 from ..core.services import ServiceConfig
 from .health import AppHealth
+from .identity import IdentityError, SidecarIdentity
 from .persist import read_last_good, write_last_good
 
 log = logging.getLogger("meshlet.control")
@@ -65,8 +66,10 @@ class ControlPlaneClient:
         state_file: Path | None = None,
         rng: random.Random | None = None,
         watch_all: bool = False,
+        identity: SidecarIdentity | None = None,
     ) -> None:
         self.addresses = addresses
+        self.identity = identity  # the join token, the key and the certificates (net/identity.py)
         self.watch_all = watch_all  # every service's endpoints, not only those called (transparent mode)
         self.instance = instance
         self._apply = apply
@@ -128,7 +131,9 @@ class ControlPlaneClient:
                 await self._session(host, port)
             except Exception as exc:  # noqa: BLE001 - whatever ended the session: reconnect
                 self.last_error = f"{host}:{port}: {_describe(exc)}"
-                log.warning("control plane %s:%d: %s", host, port, _describe(exc))
+                # A refused join is the operator's to fix: say it loudly (the message says how).
+                level = logging.ERROR if _join_refused(exc) else logging.WARNING
+                log.log(level, "control plane %s:%d: %s", host, port, _describe(exc))
             finally:
                 self.connected = False
                 self._stream = None
@@ -156,6 +161,8 @@ class ControlPlaneClient:
             # Transparent mode: any address the app dials may be a service's, so every
             # service is pushed (a hello that scopes nothing); otherwise those it called.
             {} if self.watch_all else {wire.ENDPOINTS: tuple(sorted(self.config.discovered.watched))},
+            token=self.identity.join_token if self.identity is not None else "",
+            csr=self.identity.csr() if self.identity is not None else b"",
         )
 
     async def _session(self, host: str, port: int) -> None:
@@ -183,6 +190,7 @@ class ControlPlaneClient:
                                 where = f"[{host}]" if ":" in host else host
                                 self.span_collector = f"http://{where}:{message.api_port}/api/v2/spans"
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
+                            self._welcomed(message, nursery, stream, conn)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
                             self._told_ready = None  # a new session: say it again
@@ -197,6 +205,10 @@ class ControlPlaneClient:
                             await self._report_readiness()  # ready with its first configuration
                         elif isinstance(message, wire.Ping):
                             await self._send(stream, wire.encode(wire.Pong(message.id)))
+                        elif isinstance(message, wire.Cert):
+                            self._install_certificate(message.issued)
+                        elif isinstance(message, wire.Bundle) and self.identity is not None:
+                            self.identity.install_bundle(message.bundle)
                         elif isinstance(message, wire.Error):
                             raise wire.WireError(message.reason, message.message)
                 nursery.cancel_scope.cancel()
@@ -204,6 +216,29 @@ class ControlPlaneClient:
             self._conn = None
             self._answer_all()  # lookups in flight fail now rather than at their timeout
             await stream.aclose()
+
+    def _welcomed(
+        self, welcome: wire.Welcome, nursery: trio.Nursery, stream: trio.SocketStream, conn: wire.ClientConnection
+    ) -> None:
+        """Install the certificate issued for the hello's CSR, and renew it on this session."""
+        if self.identity is None:
+            return
+        if welcome.issued is not None:
+            self._install_certificate(welcome.issued)
+        if conn.protocol_version is not None and conn.protocol_version >= wire.IDENTITY_VERSION:
+
+            async def request(csr: bytes) -> None:
+                await self._send(stream, conn.csr(csr))
+
+            nursery.start_soon(self.identity.renew, request)
+
+    def _install_certificate(self, issued: wire.Issued) -> None:
+        if self.identity is None:
+            return
+        try:
+            self.identity.install(issued)
+        except IdentityError as exc:  # the control plane sent what we cannot use: reconnect
+            raise wire.WireError("bad-certificate", f"the certificate issued is refused: {exc}") from None
 
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
         """Apply ``push``, serve and persist the result; the ACK or NACK to send."""
@@ -291,6 +326,8 @@ class ControlPlaneClient:
     def reported_ready(self) -> bool:
         """What the registry hears: the app is healthy and this sidecar has a configuration
         (its inbound listener refuses until then), so nobody is sent here before it can serve."""
+        if self.identity is not None and self.identity.not_ready():
+            return False  # no certificate (yet, or any more): peers would refuse us
         return self.health is not None and self.health.ready and self.has_config
 
     async def _report_readiness(self) -> None:
@@ -314,6 +351,12 @@ class ControlPlaneClient:
             self.health.stop()
         with trio.move_on_after(2):
             await self._send_quietly(wire.Bye("draining"))
+
+
+def _join_refused(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _join_refused(exc.exceptions[0])
+    return isinstance(exc, wire.WireError) and exc.reason == "join-refused"
 
 
 def _describe(exc: BaseException) -> str:
