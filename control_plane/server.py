@@ -214,6 +214,7 @@ class PushServer:
                 self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
+            conn.choose_version()  # an unknown protocol version is refused first (WireError)
             if not self._admitted(conn.hello, channel, io.peer):
                 return  # refused: nothing registered, nothing pushed
             welcome = self._welcome(conn)  # refuses an unknown version or a bad CSR before registering anything
@@ -261,7 +262,6 @@ class PushServer:
         hello proved, whatever names the CSR asks for."""
         hello = conn.hello
         assert hello is not None and self.joins is not None
-        conn.choose_version()  # an unknown protocol version is refused before anything is signed
         issued = self.joins.issue(hello.csr, hello.service) if hello.csr else None
         return conn.accept(issued)
 

@@ -89,7 +89,8 @@ class SidecarOptions:
     # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
     # init-iptables): route each connection by its original destination; learn every service.
     transparent: bool = False
-    join_token: str | None = field(default=None, repr=False)  # --join-token: the first join's credential
+    join_token: str | None = field(default=None, repr=False)  # --join-token VALUE: the join's credential
+    join_token_file: Path | None = None  # --join-token @FILE: read at each connection
 
 
 def build_outbound(
@@ -226,7 +227,13 @@ class Sidecar:
         opts = self.options
         if not opts.control_plane:
             return None
-        return SidecarIdentity(opts.service, self.credentials, join_token=opts.join_token, directory=opts.data_dir)
+        return SidecarIdentity(
+            opts.service,
+            self.credentials,
+            join_token=opts.join_token,
+            join_token_file=opts.join_token_file,
+            directory=opts.data_dir,
+        )
 
     # configuration ------------------------------------------------------------------
     def apply(self, snapshot: MeshSnapshot) -> None:
@@ -405,7 +412,7 @@ class Sidecar:
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
                 assert self.identity is not None
-                if not self.identity.join_token:
+                if not (opts.join_token or opts.join_token_file):
                     log.warning(
                         "no --join-token: the control plane refuses a sidecar that proves nothing "
                         "(pass --join-token @DATA_DIR/join-token of the control plane, or MESHLET_JOIN_TOKEN)"

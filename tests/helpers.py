@@ -78,7 +78,10 @@ def run_sidecar(
     static: Path | None = None,
     control_plane: str | None = None,
     extra: list[str] | None = None,
+    join_token: str | None = None,
 ) -> AbstractAsyncContextManager[SidecarProcess]:
+    """A sidecar; with ``control_plane`` it joins with ``join_token`` (default: the bootstrap
+    token of run_control_plane(tmp_path), ``@<tmp_path>/cp/join-token``; "" for none)."""
     args = [
         "sidecar",
         "--service",
@@ -96,7 +99,19 @@ def run_sidecar(
         args += ["--static", str(static)]
     if control_plane is not None:
         args += ["--control-plane", control_plane, "--data-dir", str(tmp_path / f"data-{service}")]
+        token = f"@{join_token_file(tmp_path)}" if join_token is None else join_token
+        if token:
+            args += ["--join-token", token]
     return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], SIDECAR_READY)
+
+
+def join_token_file(tmp_path: Path) -> Path:
+    """The bootstrap join token of run_control_plane(tmp_path)."""
+    return tmp_path / "cp" / "join-token"
+
+
+def join_token(tmp_path: Path) -> str:
+    return join_token_file(tmp_path).read_text().strip()
 
 
 def run_control_plane(

@@ -220,12 +220,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
             args.advertise or "(not given)",
         )
-    join_token = None
-    if args.join_token:
-        try:
-            join_token = read_join_token(args.join_token)
-        except ValueError as exc:
-            parser.error(f"--join-token: {exc}")
+    # @FILE is read at each connection (a file mounted or replaced later is picked up); a value is kept.
+    join_token, join_token_file = None, None
+    if args.join_token and args.join_token.startswith("@"):
+        join_token_file = Path(args.join_token[1:]).expanduser()
+    elif args.join_token:
+        join_token = args.join_token.strip()
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():
@@ -264,6 +264,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         drain_timeout=args.drain_timeout,
         transparent=args.transparent,
         join_token=join_token,
+        join_token_file=join_token_file,
     )
     if args.workers > 1:
         if control_planes:
@@ -293,28 +294,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-MAX_TOKEN_FILE = 4096  # a join token is 60 characters; a file this large is not one
-
-
-def read_join_token(value: str) -> str:
-    """--join-token's value: the token itself, or the content of the file after ``@``. The
-    token's text is never in a message (only the file's name)."""
-    if not value.startswith("@"):
-        return value.strip()
-    path = Path(value[1:]).expanduser()
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_TOKEN_FILE + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_TOKEN_FILE:
-        raise ValueError(f"{path} is not a join token file (larger than {MAX_TOKEN_FILE} bytes)")
-    token = data.decode("ascii", errors="replace").strip()
-    if not token:
-        raise ValueError(f"{path} is empty")
-    return token
 
 
 async def _serve_and_announce(sidecar: object) -> None:

@@ -60,6 +60,7 @@ class SidecarIdentity:
         holder: CredentialHolder,
         *,
         join_token: str | None = None,
+        join_token_file: Path | None = None,
         directory: Path | None = None,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
@@ -67,6 +68,7 @@ class SidecarIdentity:
         self.service = service
         self.holder = holder
         self._join_token = join_token or ""
+        self.join_token_file = join_token_file  # read at each connection: a file mounted later is picked up
         self.directory = directory
         self.rng = rng or random.Random()
         self.wall = wall
@@ -85,7 +87,14 @@ class SidecarIdentity:
 
     @property
     def join_token(self) -> str:
-        return self._join_token
+        """The join token to present ("" for none): the value given, or the file's content now."""
+        if self.join_token_file is None:
+            return self._join_token
+        try:
+            return read_token_file(self.join_token_file)
+        except ValueError as exc:
+            log.error("--join-token @%s: %s; joining without a token", self.join_token_file, exc)
+            return ""
 
     # files ----------------------------------------------------------------------------------
     def _path(self, suffix: str) -> Path | None:
@@ -300,6 +309,24 @@ class SidecarIdentity:
 
 
 # helpers -----------------------------------------------------------------------------------
+
+_MAX_TOKEN_FILE = 4096  # a join token is 60 characters; a file this large is not one
+
+
+def read_token_file(path: Path) -> str:
+    """The join token in ``path`` (surrounding whitespace dropped); ValueError saying why not,
+    never quoting the content."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror})") from None
+    if len(data) > _MAX_TOKEN_FILE:
+        raise ValueError(f"larger than {_MAX_TOKEN_FILE} bytes: not a join token file")
+    token = data.decode("ascii", errors="replace").strip()
+    if not token:
+        raise ValueError("it is empty")
+    return token
 
 
 def _replace(credentials: Credentials, *, bundle: bytes) -> Credentials:

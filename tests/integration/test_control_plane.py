@@ -18,7 +18,7 @@ import trio
 
 from meshlet import wire
 
-from ..helpers import SidecarProcess, run_control_plane, run_sidecar, sample
+from ..helpers import SidecarProcess, join_token, run_control_plane, run_sidecar, sample
 from ..mesh import Mesh
 from ..origin import Origin
 
@@ -409,6 +409,7 @@ async def test_bad_peers_are_refused_without_harming_others(mesh: Mesh, origin: 
             f"bad-{versions[0]}",
             "x",
             {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+            token=join_token(mesh.tmp_path),
         )
         messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
         # welcome also says where the control plane's HTTP API (its trace store) is
@@ -491,6 +492,7 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
             "stuck",
             "stuck",
             {"instance_id": "stuck-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", "ready": True},
+            token=join_token(tmp_path),
         )
         await stuck.send_all(wire.encode(hello))  # then never reads, never answers
         try:
@@ -656,7 +658,11 @@ async def test_push_connections_are_capped_and_silent_ones_closed(tmp_path: Path
         assert sample(metrics, "meshlet_cp_push_connections") == 0
         # a slot is free again: a sidecar's hello is welcome
         hello = wire.Hello(
-            (2,), "n-1", "item", {"instance_id": "i-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
+            (2,),
+            "n-1",
+            "item",
+            {"instance_id": "i-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+            token=join_token(tmp_path),
         )
         messages = await _after_welcome(port, hello, wire.Ping(1))
         assert isinstance(messages[0], wire.Welcome)
@@ -681,7 +687,8 @@ async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(
 ) -> None:
     async with run_control_plane(tmp_path) as cp:
         fields = {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", **instance}
-        answer = await _raw_session(cp.ports["push"], wire.encode(wire.Hello((1, 2), "bad-1", "x", fields)))
+        hello = wire.Hello((1, 2), "bad-1", "x", fields, token=join_token(tmp_path))
+        answer = await _raw_session(cp.ports["push"], wire.encode(hello))
         (error,) = wire.FrameDecoder().feed(answer)  # no welcome: nothing was registered
         assert isinstance(error, wire.Error) and error.reason == reason and says in error.message, error
         async with httpx.AsyncClient() as client:
