@@ -166,7 +166,9 @@ class SidecarIdentity:
         """Check and install a certificate the control plane issued; IdentityError if it is
         not for our key and service, or not signed by a root of its bundle."""
         credentials = self._verified(issued.chain, issued.bundle)
-        self._install(credentials)
+        # Its lifetime counts from now, not from not_before: the CA dates that back by a clock
+        # skew (a minute), which would make a short-lived certificate due for renewal at once.
+        self._install(credentials, start=max(credentials.not_before, self.wall()))
         self.renewals += 1
         self._persist(credentials)
         log.info(
@@ -218,9 +220,10 @@ class SidecarIdentity:
             not_after=leaf.not_valid_after_utc.timestamp(),
         )
 
-    def _install(self, credentials: Credentials) -> None:
+    def _install(self, credentials: Credentials, start: float | None = None) -> None:
         self.holder.install(credentials)
-        self.renew_at = renewal.renew_at(credentials.not_before, credentials.not_after, self.rng)
+        begin = credentials.not_before if start is None else min(start, credentials.not_after - 1.0)
+        self.renew_at = renewal.renew_at(begin, credentials.not_after, self.rng)
         self._installed.set()
         self._installed = trio.Event()
 
