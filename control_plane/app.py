@@ -22,6 +22,7 @@ from . import ca, tokens
 from .api import build_api
 from .joins import Joins
 from .policies import PolicyStore
+from .push_tls import PushTLS
 from .registry import Registry
 from .scraper import Scraper
 from .server import MAX_CONNECTIONS, PushServer
@@ -72,7 +73,13 @@ async def run(
             token_path=str((options.data_dir / tokens.JOIN_TOKEN_FILE).absolute()),
             lifetime=options.cert_lifetime,
         )
-        push = PushServer(registry, policies=policies, max_connections=options.max_connections, joins=joins)
+        push = PushServer(
+            registry,
+            policies=policies,
+            max_connections=options.max_connections,
+            joins=joins,
+            tls=PushTLS(lambda: joins.authority),
+        )
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             token = api_token(options.data_dir)

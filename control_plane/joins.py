@@ -129,23 +129,45 @@ class Joins:
     def trust_domain(self) -> str:
         return self.authority.current.trust_domain
 
-    def admit(self, hello: wire.Hello, peer: str, now: float) -> Admission:
-        """``now``: the monotonic clock, for the burst log (the wall clock decides expiry)."""
-        admission = decide(hello.token, hello.service, self.records(), self.wall())
+    def admit(
+        self,
+        hello: wire.Hello,
+        peer: str,
+        now: float,
+        *,
+        certificate_service: str | None = None,
+        certificate_error: str = "",
+    ) -> Admission:
+        """``now``: the monotonic clock, for the burst log (the wall clock decides expiry).
+        ``certificate_*``: what the session's verified client certificate proves (TLS)."""
+        admission = decide(
+            hello.token,
+            hello.service,
+            self.records(),
+            self.wall(),
+            certificate_service=certificate_service,
+            certificate_error=certificate_error,
+        )
         if not admission.ok:
-            self.refused[admission.reason] += 1
-            if self._burst.due(now):
-                more = self._burst.suppressed
-                self._burst.suppressed = 0
-                log.warning(
-                    "join refused (%s) for service %r from %s: %s%s (counted in meshlet_cp_joins_refused_total)",
-                    admission.reason,
-                    hello.service,
-                    peer,
-                    admission.detail,
-                    f"; {more} more refused since the last one logged" if more else "",
-                )
+            self._refused(admission.reason, f"for service {hello.service!r} from {peer}: {admission.detail}", now)
         return admission
+
+    def refuse_handshake(self, peer: str, why: str, now: float) -> None:
+        """A TLS handshake on the push channel failed (a client certificate that does not
+        verify, most often): counted as ``bad-certificate``."""
+        self._refused("bad-certificate", f"from {peer}: the TLS handshake failed: {why}", now)
+
+    def _refused(self, reason: Reason, what: str, now: float) -> None:
+        self.refused[reason] += 1
+        if self._burst.due(now):
+            more = self._burst.suppressed
+            self._burst.suppressed = 0
+            log.warning(
+                "join refused (%s) %s%s (counted in meshlet_cp_joins_refused_total)",
+                reason,
+                what,
+                f"; {more} more refused since the last one logged" if more else "",
+            )
 
     def refusal(self, admission: Admission) -> str:
         """What the refused sidecar is told: why, and what to do."""

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any
 
 import trio
 
 from meshlet import wire
-from meshlet.io import Closed, Connection, listen_socket, serve_socket
+from meshlet.io import Closed, Connection, TLSError, listen_socket, serve_socket, start_tls
 from meshlet.wire import ENDPOINTS, POLICIES
 
 from .ca import CAError
 from .channel import Channel
 from .joins import Joins
 from .policies import PolicyStore
+from .push_tls import TLS_HANDSHAKE, PushTLS
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
 from .registry import Instance, Registry, UnknownInstance
 
@@ -102,8 +104,10 @@ class PushServer:
         policies: PolicyStore | None = None,
         max_connections: int = MAX_CONNECTIONS,
         joins: Joins | None = None,
+        tls: PushTLS | None = None,
     ) -> None:
         self.registry = registry
+        self.tls = tls  # None: plaintext only
         # Who may join, and their certificates. None: nobody can prove who they are, so no
         # hello is accepted (a push server is never open by default).
         self.joins = joins
@@ -195,6 +199,14 @@ class PushServer:
         conn = wire.ServerConnection(self.server_id, api_port=self.api_port)
         session: Session | None = None
         try:
+            certified: tuple[str | None, str] = (None, "")  # the client certificate's service; why it is refused
+            secured = None
+            with trio.move_on_after(HELLO_TIMEOUT):
+                secured = await self._secure(io)
+            if secured is None:
+                return  # closed, a failed handshake, or none in time
+            io, certified = secured
+            channel = Channel(io, self._nursery.start_soon)
             early: list[wire.Message] = []
             held = 0  # counted against the pre-hello budget until the hello is in
             try:
@@ -215,7 +227,7 @@ class PushServer:
             if conn.hello is None:
                 return  # no hello in time
             conn.choose_version()  # an unknown protocol version is refused first (WireError)
-            if not self._admitted(conn.hello, channel, io.peer):
+            if not self._admitted(conn.hello, channel, io.peer, certified):
                 return  # refused: nothing registered, nothing pushed
             welcome = self._welcome(conn)  # refuses an unknown version or a bad CSR before registering anything
             session = self._open(conn, channel, io.peer)  # ValueError: an instance the registry refuses
@@ -246,13 +258,45 @@ class PushServer:
             if session is not None:
                 self._close(session)
 
-    def _admitted(self, hello: wire.Hello, channel: Channel, peer: str) -> bool:
+    async def _secure(self, io: Connection) -> tuple[Connection, tuple[str | None, str]] | None:
+        """TLS when the sidecar starts a handshake (its first byte says so): the TLS connection
+        and what its client certificate proves; plaintext otherwise (a join token over it is
+        still accepted: docs/security.md). None when the connection ended or the handshake failed."""
+        if self.tls is None:
+            return io, (None, "")
+        first = await _peek(io)
+        if first is None:
+            return None
+        if first != TLS_HANDSHAKE:
+            return io, (None, "")
+        tls = start_tls(io, self.tls.context(), server_side=True)
+        try:
+            await tls.handshake()
+        except TLSError as exc:  # most often a client certificate that does not verify
+            tls.close()
+            if self.joins is not None:
+                self.joins.refuse_handshake(io.peer, str(exc), trio.current_time())
+            return None
+        except Closed:
+            tls.close()
+            return None
+        except BaseException:  # the hello timeout: the TLS socket is ours to close
+            tls.close()
+            raise
+        return tls, self.tls.peer_service(tls)
+
+    def _admitted(
+        self, hello: wire.Hello, channel: Channel, peer: str, certified: tuple[str | None, str] = (None, "")
+    ) -> bool:
         """Whether the hello proves the service it names (control_plane/joins.py); if not, the
         sidecar is told why and what to do, and the connection is closed."""
         if self.joins is None:
             _send_error(channel, "join-refused", "this control plane admits no sidecar (it has no CA)")
             return False
-        admission = self.joins.admit(hello, peer, trio.current_time())
+        service, why = certified
+        admission = self.joins.admit(
+            hello, peer, trio.current_time(), certificate_service=service, certificate_error=why
+        )
         if not admission.ok:
             _send_error(channel, "join-refused", self.joins.refusal(admission))
         return admission.ok
@@ -480,6 +524,22 @@ def instance_from_hello(hello: wire.Hello) -> Instance:
         app_port=app_port,
         ready=ready,
     )
+
+
+async def _peek(io: Connection) -> int | None:
+    """The first byte the peer sent, left in the socket; None if it closed first."""
+    while True:
+        try:
+            first = io.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            try:
+                await trio.lowlevel.wait_readable(io.sock)
+            except (trio.ClosedResourceError, OSError):
+                return None
+            continue
+        except OSError:
+            return None
+        return first[0] if first else None
 
 
 def _send_error(channel: Channel, reason: str, message: str) -> None:

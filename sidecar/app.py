@@ -47,6 +47,7 @@ from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import SpanExporter
+from .net.control_tls import ControlPlaneTLS
 from .net.identity import SidecarIdentity
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor
@@ -91,6 +92,7 @@ class SidecarOptions:
     transparent: bool = False
     join_token: str | None = field(default=None, repr=False)  # --join-token VALUE: the join's credential
     join_token_file: Path | None = None  # --join-token @FILE: read at each connection
+    control_plane_ca: bytes | None = None  # --control-plane-ca: roots to verify the control plane with at first
 
 
 def build_outbound(
@@ -360,6 +362,7 @@ class Sidecar:
             state_file=state_file,
             watch_all=opts.transparent,
             identity=self.identity,
+            tls=None if self.identity is None else ControlPlaneTLS(self.identity, opts.control_plane_ca),
         )
 
     # serving ------------------------------------------------------------------------
@@ -412,12 +415,12 @@ class Sidecar:
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
                 assert self.identity is not None
-                if not (opts.join_token or opts.join_token_file):
+                certified = self.identity.load_persisted()  # its certificate proves it over TLS
+                if not (opts.join_token or opts.join_token_file or certified):
                     log.warning(
                         "no --join-token: the control plane refuses a sidecar that proves nothing "
                         "(pass --join-token @DATA_DIR/join-token of the control plane, or MESHLET_JOIN_TOKEN)"
                     )
-                self.identity.load_persisted()
                 nursery.start_soon(self.identity.watch_expiry)
                 self.control = self._control_plane_client()
                 if not self.control.load_persisted():

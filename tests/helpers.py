@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -103,6 +104,19 @@ def run_sidecar(
         if token:
             args += ["--join-token", token]
     return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], SIDECAR_READY)
+
+
+def fake_control_plane_tls(tmp_path: Path) -> ssl.SSLContext:
+    """A TLS server context for a test's own control plane (sidecars dial the push channel with
+    TLS): a certificate from a test CA, no client certificate asked; a fresh sidecar trusts it
+    on first use."""
+    from .certs import TestCA, write_credentials
+
+    cert, key, _ = write_credentials(tmp_path / "fake-cp-tls", TestCA().credentials("fake-control-plane"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def join_token_file(tmp_path: Path) -> Path:

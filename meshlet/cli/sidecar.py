@@ -119,6 +119,13 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         "file (the control plane writes one to DATA_DIR/join-token; `meshlet token create` mints others). "
         "Prefer @FILE or the variable: a value on the command line is visible to other users in ps",
     )
+    sidecar.add_argument(
+        "--control-plane-ca",
+        type=Path,
+        metavar="FILE",
+        help="the control plane's CA certificate (PEM; its DATA_DIR/ca/ca.crt), to verify the control plane on the "
+        "first connection too (default: trusted on first use, its fingerprint logged; verified afterwards)",
+    )
     sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
     sidecar.add_argument(
         "--trace-collector",
@@ -226,6 +233,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         join_token_file = Path(args.join_token[1:]).expanduser()
     elif args.join_token:
         join_token = args.join_token.strip()
+    control_plane_ca = None
+    if args.control_plane_ca is not None:
+        try:
+            control_plane_ca = args.control_plane_ca.read_bytes()
+        except OSError as exc:
+            parser.error(f"--control-plane-ca {args.control_plane_ca}: {exc.strerror}")
+        if b"-----BEGIN CERTIFICATE-----" not in control_plane_ca:
+            parser.error(f"--control-plane-ca {args.control_plane_ca}: not a PEM certificate")
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if args.static is not None and not args.static.is_file():
@@ -265,6 +280,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         transparent=args.transparent,
         join_token=join_token,
         join_token_file=join_token_file,
+        control_plane_ca=control_plane_ca,
     )
     if args.workers > 1:
         if control_planes:

@@ -29,6 +29,7 @@ from ..core.config import MeshSnapshot
 from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
 from ..core.services import ServiceConfig
+from .control_tls import ControlPlaneTLS
 from .health import AppHealth
 from .identity import IdentityError, SidecarIdentity
 from .persist import read_last_good, write_last_good
@@ -67,9 +68,11 @@ class ControlPlaneClient:
         rng: random.Random | None = None,
         watch_all: bool = False,
         identity: SidecarIdentity | None = None,
+        tls: ControlPlaneTLS | None = None,
     ) -> None:
         self.addresses = addresses
         self.identity = identity  # the join token, the key and the certificates (net/identity.py)
+        self.tls = tls  # None: plaintext (tests of the session alone)
         self.watch_all = watch_all  # every service's endpoints, not only those called (transparent mode)
         self.instance = instance
         self._apply = apply
@@ -84,7 +87,7 @@ class ControlPlaneClient:
         self.nacks_sent = 0
         self.last_error = ""
         self.has_config = False
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._conn: wire.ClientConnection | None = None
         self._waiting: dict[str, trio.Event] = {}  # services looked up, until an answer or the end
         self._draining = False
@@ -169,7 +172,12 @@ class ControlPlaneClient:
         hello = self._hello()
         conn = wire.ClientConnection(hello)
         with trio.fail_after(5):
-            stream = await trio.open_tcp_stream(host, port)
+            plain = await trio.open_tcp_stream(host, port)
+            try:
+                stream: trio.abc.Stream = plain if self.tls is None else await self.tls.wrap(plain)
+            except BaseException:
+                await plain.aclose()
+                raise
         try:
             self._stream = stream
             self._conn = conn
@@ -183,7 +191,7 @@ class ControlPlaneClient:
                         raise wire.WireError("silent", f"nothing from the control plane for {3 * PING_INTERVAL:g}s")
                     if not data:
                         break
-                    for message in conn.receive_data(data):
+                    for message in conn.receive_data(bytes(data)):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
@@ -218,13 +226,15 @@ class ControlPlaneClient:
             await stream.aclose()
 
     def _welcomed(
-        self, welcome: wire.Welcome, nursery: trio.Nursery, stream: trio.SocketStream, conn: wire.ClientConnection
+        self, welcome: wire.Welcome, nursery: trio.Nursery, stream: trio.abc.Stream, conn: wire.ClientConnection
     ) -> None:
         """Install the certificate issued for the hello's CSR, and renew it on this session."""
         if self.identity is None:
             return
         if welcome.issued is not None:
             self._install_certificate(welcome.issued)
+            if self.tls is not None:
+                self.tls.check_issuer()
         if conn.protocol_version is not None and conn.protocol_version >= wire.IDENTITY_VERSION:
 
             async def request(csr: bytes) -> None:
@@ -307,11 +317,11 @@ class ControlPlaneClient:
         for event in waiting.values():
             event.set()
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+    async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         async with self._send_lock:
             await stream.send_all(data)
 
-    async def _pinger(self, stream: trio.SocketStream) -> None:
+    async def _pinger(self, stream: trio.abc.Stream) -> None:
         ping = 0
         while True:
             await trio.sleep(PING_INTERVAL)

@@ -18,7 +18,7 @@ import trio
 
 from meshlet import wire
 
-from ..helpers import SidecarProcess, join_token, run_control_plane, run_sidecar, sample
+from ..helpers import SidecarProcess, fake_control_plane_tls, join_token, run_control_plane, run_sidecar, sample
 from ..mesh import Mesh
 from ..origin import Origin
 
@@ -440,10 +440,10 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
     good = [wire.endpoint("item-1", f"127.0.0.1:{origin.port}")]
     other = [wire.endpoint("other-1", f"127.0.0.1:{origin.port}")]
 
-    async def fake_control_plane(stream: trio.SocketStream) -> None:
+    async def fake_control_plane(stream: trio.abc.Stream) -> None:  # over TLS, as sidecars dial it
         conn = wire.ServerConnection("fake-cp")
         while conn.hello is None:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         await stream.send_all(conn.accept())
         _, data = conn.push("endpoints", "t1", (wire.Resource("item", wire.content_version(good), good),), full=True)
         await stream.send_all(data)
@@ -454,7 +454,7 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
             data = await stream.receive_some(65536)
             if not data:
                 return
-            for message in conn.receive_data(data):
+            for message in conn.receive_data(bytes(data)):
                 if isinstance(message, wire.Ack | wire.Nack):
                     answers.append(message)
                     if not pushed:
@@ -464,7 +464,8 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
                     else:
                         done.set()
 
-    nursery.start_soon(trio.serve_listeners, fake_control_plane, listeners)
+    tls = [trio.SSLListener(listener, fake_control_plane_tls(tmp_path)) for listener in listeners]
+    nursery.start_soon(trio.serve_listeners, fake_control_plane, tls)
     fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
     async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=fake) as user:
         with trio.fail_after(10):
