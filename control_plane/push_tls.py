@@ -15,6 +15,8 @@ directory (0700, the files 0600), loaded, and removed at once.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import logging
 import math
 import random
 import ssl
@@ -32,6 +34,8 @@ from meshlet import identity
 from meshlet.io import TLSConnection
 
 from .ca import CLOCK_SKEW, Authority
+
+log = logging.getLogger("meshlet.cp.tls")
 
 SERVER_LIFETIME = 30 * 24 * 3600.0  # the control plane's own certificate; made again at half of it
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS connection (a handshake record)
@@ -79,6 +83,11 @@ class PushTLS:
         context.load_verify_locations(cadata=authority.bundle(now).decode("ascii"))
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        log.info(
+            "push channel TLS: certificate %s, SHA-256 fingerprint %s (what a sidecar trusting it on first use logs)",
+            control_plane_id(authority.current.trust_domain),
+            hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
         )
         with tempfile.TemporaryDirectory(prefix="meshlet-push-tls-") as directory:  # 0700
             cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"

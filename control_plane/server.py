@@ -30,8 +30,8 @@ from .ca import CAError
 from .channel import Channel
 from .joins import Joins
 from .policies import PolicyStore
-from .push_tls import TLS_HANDSHAKE, PushTLS
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
+from .push_tls import TLS_HANDSHAKE, PushTLS
 from .registry import Instance, Registry, UnknownInstance
 
 log = logging.getLogger("meshlet.cp.server")

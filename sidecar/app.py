@@ -45,9 +45,9 @@ from .layers.routing import Discover, router, routing_layer
 from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
+from .net.control_tls import ControlPlaneTLS
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import SpanExporter
-from .net.control_tls import ControlPlaneTLS
 from .net.identity import SidecarIdentity
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor

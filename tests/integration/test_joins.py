@@ -6,9 +6,11 @@ ever reaches a log."""
 
 from __future__ import annotations
 
+import ssl
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -18,8 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from control_plane import ca
 from meshlet import wire
 
+from ..certs import TRUST_DOMAIN, TestCA, write_credentials
 from ..conftest import need
 from ..helpers import SidecarProcess, join_token, run_sidecar, sample
 from ..mesh import Mesh
@@ -256,3 +260,91 @@ async def test_without_a_token_a_sidecar_warns_at_start(tmp_path: Path, mesh: Me
 
         await eventually(refused, "the sidecar logs the refusal")
     assert "no --join-token" in s.log()
+
+
+# --- the push channel over TLS ------------------------------------------------------------------
+
+
+def _client_context(tmp_path: Path, credentials: object | None) -> ssl.SSLContext:
+    """A client of the push channel; with ``credentials`` (tests/certs.py), it presents them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # what the control plane proves is read below
+    if credentials is not None:
+        cert, key, _ = write_credentials(tmp_path / "client", credentials)  # type: ignore[arg-type]
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _credentials_from_cp_ca(tmp_path: Path, service: str) -> object:
+    """A certificate for ``service`` from the control plane's own CA (as if it had issued it)."""
+    root = ca.read_root(tmp_path / "cp" / "ca", TRUST_DOMAIN, time.time())
+    test_ca = TestCA()
+    test_ca.root = root
+    return test_ca.credentials(service)
+
+
+async def _tls_session(port: int, context: ssl.SSLContext, hello: wire.Hello) -> tuple[list[wire.Message], list[str]]:
+    """Over TLS: say hello; every message until the close (or 3 s), and the URI SANs of the
+    control plane's certificate. A refused handshake: ([], [])."""
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    decoder = wire.FrameDecoder()
+    received: list[wire.Message] = []
+    try:
+        await stream.do_handshake()
+        der = stream.getpeercert(binary_form=True)
+        uris = _spiffe_ids(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM))
+        with trio.move_on_after(3):
+            await stream.send_all(wire.encode(hello))
+            while chunk := await stream.receive_some(65536):
+                received += decoder.feed(bytes(chunk))
+                if received and isinstance(received[0], wire.Welcome):
+                    break
+    except trio.BrokenResourceError:
+        return received, []
+    finally:
+        with trio.move_on_after(1):
+            await stream.aclose()
+    return received, uris
+
+
+async def test_over_tls_a_client_certificate_proves_its_service_and_only_it(mesh: Mesh, tmp_path: Path) -> None:
+    cp = await mesh.control_plane()
+    port = cp.ports["push"]
+    item = _client_context(tmp_path, _credentials_from_cp_ca(tmp_path, "item"))
+    messages, uris = await _tls_session(port, item, _hello("item", ""))
+    assert uris == [f"spiffe://{TRUST_DOMAIN}/control-plane"]
+    assert isinstance(messages[0], wire.Welcome)  # no token: the certificate proved item
+    (refused,), _ = await _tls_session(port, item, _hello("user", join_token(tmp_path)))
+    assert isinstance(refused, wire.Error) and "join refused (wrong-service)" in refused.message
+    stranger = _client_context(tmp_path, TestCA(seed=9).credentials("item"))  # another CA
+    assert await _tls_session(port, stranger, _hello("item", join_token(tmp_path))) == ([], [])
+    anonymous = _client_context(tmp_path, None)  # TLS without a certificate: the token decides
+    messages, _ = await _tls_session(port, anonymous, _hello("gateway", join_token(tmp_path)))
+    assert isinstance(messages[0], wire.Welcome)
+    metrics = (await _get(f"http://{mesh.api}/metrics")).text
+    assert sample(metrics, "meshlet_cp_joins_refused_total", reason="bad-certificate") == 1
+    assert sample(metrics, "meshlet_cp_joins_refused_total", reason="wrong-service") == 1
+
+
+async def test_a_sidecar_verifies_the_control_plane_with_its_ca(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.control_plane()
+    other = tmp_path / "other-ca.crt"
+    other.write_bytes(TestCA(seed=9).bundle)
+    fooled = await mesh.sidecar("user", extra=["--control-plane-ca", str(other)])
+    pinned = await mesh.sidecar("item", extra=["--control-plane-ca", str(tmp_path / "cp" / "ca" / "ca.crt")])
+    await _wait_for_renewals(pinned, 1)
+    assert "trusting the control plane on first use" not in pinned.log()
+
+    async def refused() -> bool:
+        return "TLS with the control plane failed" in fooled.log()
+
+    await eventually(refused, "the sidecar that trusts another CA refuses the control plane")
+    dump = (await _get(f"http://{fooled.admin}/config_dump")).json()
+    assert dump["control_plane"]["connected"] is False and dump["control_plane"]["identity"]["state"] == "none"
+    first_use = await mesh.sidecar("gateway")
+    await _wait_for_renewals(first_use, 1)
+    log = first_use.log()
+    assert "trusting the control plane on first use" in log
+    fingerprint = log.split("fingerprint is ", 1)[1].split()[0]
+    assert mesh.cp is not None and f"SHA-256 fingerprint {fingerprint}" in mesh.cp.log()  # the one it logged
