@@ -36,7 +36,7 @@ from .registry import Instance, Registry, UnknownInstance
 
 log = logging.getLogger("meshlet.cp.server")
 
-HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then is closed
+HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then (TLS handshake included) is closed
 MAX_CONNECTIONS = 10_000  # push-channel connections at once (--max-connections); past it refused
 # What connections that have not said hello yet may make us hold, together. Each may buffer up
 # to a hello frame (wire.HELLO_MAX_FRAME); a real hello is a few KiB, so thousands of sidecars
@@ -201,7 +201,8 @@ class PushServer:
         try:
             certified: tuple[str | None, str] = (None, "")  # the client certificate's service; why it is refused
             secured = None
-            with trio.move_on_after(HELLO_TIMEOUT):
+            hello_by = trio.current_time() + HELLO_TIMEOUT  # the TLS handshake and the hello, together
+            with trio.move_on_at(hello_by):
                 secured = await self._secure(io)
             if secured is None:
                 return  # closed, a failed handshake, or none in time
@@ -210,7 +211,7 @@ class PushServer:
             early: list[wire.Message] = []
             held = 0  # counted against the pre-hello budget until the hello is in
             try:
-                with trio.move_on_after(HELLO_TIMEOUT):
+                with trio.move_on_at(hello_by):
                     while conn.hello is None:
                         data = await channel.recv()
                         if not data:

@@ -157,3 +157,17 @@ async def test_expiry_is_logged_once_at_error(
     (record,) = caplog.records
     assert "spiffe://meshlet.local/service/item expired" in record.getMessage()
     assert identity.expires_in() is not None and identity.expires_in() < 0  # type: ignore[operator]
+
+
+def test_a_new_trust_bundle_is_installed_for_the_current_certificate(tmp_path: Path) -> None:
+    authority = _authority()
+    identity = _identity(tmp_path)
+    identity.install(_issue(authority, identity))
+    rotated = authority.rotate(START + 10, random.Random(4))
+    generation = identity.holder.generation
+    identity.install_bundle(rotated.bundle(START + 10))  # the new root and the old one, in overlap
+    current = identity.holder.current
+    assert current is not None and identity.holder.generation == generation + 1
+    assert len(x509.load_pem_x509_certificates(current.bundle)) == 2
+    assert (tmp_path / "item.bundle.pem").read_bytes() == current.bundle
+    assert identity.state() == "valid"  # the certificate itself is unchanged
