@@ -296,6 +296,7 @@ class SimSidecar:
             instance,
             {wire.ENDPOINTS: have or {}},
             {wire.ENDPOINTS: self.watched},
+            token=self.load.join_token,
         )
         conn = wire.ClientConnection(hello)
         conn._decoder = SharingDecoder(self.load.frames)  # the one change to wire's client: see SharedFrames
@@ -417,6 +418,7 @@ class LoadWorker:
     def __init__(self, args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
         self.port = args.port
         self.total = args.total
+        self.join_token = args.join_token_file.read_text().strip()  # every sidecar joins with it
         self.emit = emit
         self.lists = SharedLists()
         self.frames = SharedFrames()
@@ -827,6 +829,7 @@ async def load_processes(
             argv = [sys.executable, str(SELF), "_worker", "--port", str(port)]
             argv += ["--first", str(w), "--step", str(workers), "--total", str(n)]
             argv += ["--concurrency", str(max(1, concurrency // workers)), "--deadline", str(deadline)]
+            argv += ["--join-token-file", str(tmp / f"cp-data-{tag}" / "join-token")]  # as control_plane() names it
             children.append(spawn(f"load process {w}", argv, tmp / f"load-{tag}-{w}.log", core))
         load = Load(children)
         async with trio.open_nursery() as nursery:
@@ -1556,6 +1559,7 @@ def worker(argv: list[str]) -> int:
     for name in ("--port", "--first", "--step", "--total", "--concurrency"):
         parser.add_argument(name, type=int, required=True)
     parser.add_argument("--deadline", type=float, required=True, help="exit after this many seconds, whatever happens")
+    parser.add_argument("--join-token-file", type=Path, required=True, help="the control plane's bootstrap token")
     trio.run(worker_main, parser.parse_args(argv))  # SIGTERM: the default, exit at once
     return 0
 

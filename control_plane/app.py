@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import signal
 import ssl
@@ -17,14 +18,18 @@ from hypercorn.trio import serve as serve_asgi
 
 from meshlet.policy import read_policy_files
 
+from . import ca, tokens
 from .api import build_api
 from .collectors import parse_allowed
+from .joins import Joins
 from .policies import PolicyStore
 from .private_files import PrivateFileError, read_private, write_new
+from .push_tls import PushTLS
 from .registry import Registry
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
 from .store import open_store
+from .token_records import TokenBook
 
 log = logging.getLogger("meshlet.cp")
 
@@ -43,6 +48,10 @@ class ControlPlaneOptions:
     # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
     api_read_token: str | None = field(default=None, repr=False)
     allowed_collectors: tuple[str, ...] = ()  # --allowed-collector HOST[:PORT]; empty: any http(s)
+    trust_domain: str = "meshlet.local"
+    ca_cert: Path | None = None  # --ca-cert/--ca-key: the operator's root; None: <data_dir>/ca
+    ca_key: Path | None = None
+    cert_lifetime: float = ca.LEAF_LIFETIME  # of the sidecars' certificates
 
 
 async def run(
@@ -66,13 +75,27 @@ async def run(
                 read_policy_files(options.policy), source=f"--policy {options.policy}", now=time.time()
             )
             log.info("policy from %s: version %s (%d changes)", options.policy, result.version, len(result.changes))
-        push = PushServer(registry, policies=policies, max_connections=options.max_connections, store_id=store.id)
+        book = TokenBook(store, bootstrap_join_token(options.data_dir))
+        await book.load()
+        joins = Joins(
+            open_authority(options),
+            book.records,
+            token_path=str((options.data_dir / tokens.JOIN_TOKEN_FILE).absolute()),
+            lifetime=options.cert_lifetime,
+        )
+        push = PushServer(
+            registry,
+            policies=policies,
+            max_connections=options.max_connections,
+            store_id=store.id,
+            joins=joins,
+            tls=PushTLS(lambda: joins.authority),
+        )
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
-            token = api_token(options.data_dir)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
-            api = build_api(push, token, scraper=scraper, read_token=read_token)
+            api = build_api(push, token, scraper=scraper, read_token=read_token, tokens=book)
             # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.
             binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
@@ -87,6 +110,39 @@ async def run(
                     log.info("signal %s: stopping", signal.Signals(signum).name)
                     break
             nursery.cancel_scope.cancel()
+
+
+CA_DIRECTORY = "ca"
+
+
+def open_authority(options: ControlPlaneOptions) -> ca.Authority:
+    """The CA: the operator's root (--ca-cert/--ca-key), else the one in ``<data dir>/ca``,
+    made at first start. CAError says why a root cannot be used."""
+    now = time.time()
+    if options.ca_cert is not None or options.ca_key is not None:
+        if options.ca_cert is None or options.ca_key is None:
+            raise ca.CAError("--ca-cert and --ca-key go together: give both, or neither for a CA of its own")
+        root = ca.read_operator_root(options.ca_cert, options.ca_key, options.trust_domain, now)
+        where = f"the operator's root {options.ca_cert}"
+    else:
+        root = ca.open_root(options.data_dir / CA_DIRECTORY, options.trust_domain, now, random.SystemRandom())
+        where = f"the root in {options.data_dir / CA_DIRECTORY}"
+    log.info(
+        "certificate authority: %s, trust domain %s, valid until %s",
+        where,
+        root.trust_domain,
+        root.certificate.not_valid_after_utc.strftime("%Y-%m-%d"),
+    )
+    return ca.Authority(root)
+
+
+def bootstrap_join_token(data_dir: Path) -> tokens.TokenRecord:
+    """The bootstrap join token's record, its file made at first start (0600). Where it is
+    is logged, never what it holds."""
+    text = tokens.bootstrap_token_file(data_dir)
+    path = (data_dir / tokens.JOIN_TOKEN_FILE).absolute()
+    log.info("join token in %s: sidecars join with --join-token @%s", path, path)
+    return tokens.unscoped_record(text, 0.0)
 
 
 TOKEN_FILE = "api-token"

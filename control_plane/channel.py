@@ -10,10 +10,16 @@ kernel does not take (a slow or stuck sidecar, a large first snapshot) is queued
 references to the shared encoded bytes, for a flusher task started then, which waits
 until the socket is writable and ends when the queue is empty. ``blocked_since`` tells the keepalive how long the queue
 has been stuck: a sidecar that stopped reading is closed.
+
+Over TLS (``io`` a :class:`meshlet.io.TLSConnection`) the socket is an ``ssl.SSLSocket``:
+"would block" is ``SSLWantWriteError`` (or ``SSLWantReadError``), and a write is all or
+nothing, so what the socket did not take is queued whole and written again as it was, as
+OpenSSL requires.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -21,6 +27,13 @@ import trio
 from trio.lowlevel import wait_writable
 
 from meshlet.io import Closed, Connection
+
+# "The kernel takes no more now": EAGAIN on a plain socket; over TLS, OpenSSL's word for it.
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
+# TLS 1.3 has no renegotiation, so a write that wants to read first (SSLWantReadError) is
+# not expected after the handshake; the session's reader owns the wait for readability, so
+# such a write is tried again after this pause rather than waiting on the socket itself.
+_WANT_READ_PAUSE = 0.01
 
 
 class Channel:
@@ -48,7 +61,7 @@ class Channel:
         else:
             try:
                 sent = self.io.sock.send(data)
-            except BlockingIOError:
+            except _WOULD_BLOCK:
                 sent = 0
             except OSError:
                 self.io.close()  # reset or broken: the reader sees Closed and ends the session
@@ -73,7 +86,10 @@ class Channel:
                     head = self.queued[0]
                     try:
                         sent = sock.send(head)
-                    except BlockingIOError:
+                    except ssl.SSLWantReadError:
+                        await trio.sleep(_WANT_READ_PAUSE)
+                        break
+                    except _WOULD_BLOCK:
                         break
                     if sent < len(head):
                         self.queued[0] = head[sent:]

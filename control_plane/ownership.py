@@ -36,8 +36,9 @@ class Owner:
 
 
 def session_owner(identity: str, peer_host: str) -> Owner:
-    """The owner a session registers as. ``identity`` is what the session proved (today the
-    service its hello names); ``peer_host`` the address its connection came from (meshlet.io's
+    """The owner a session registers as. ``identity`` is what the session proved: the service
+    its join token or client certificate admitted it for (control_plane/joins.py checks the
+    hello's service against it before anything is registered); ``peer_host`` the address its connection came from (meshlet.io's
     ``Connection.peer``)."""
     return Owner(identity, normal_host(peer_host))
 

@@ -1,7 +1,9 @@
 """The push channel server: accepts sidecars, registers their instances, keeps their
 leases, reads each session's answers and keeps every channel alive.
 
-A session's life: ``hello`` (5 s to arrive) → register the instance → ``welcome`` →
+A session's life: ``hello`` (5 s to arrive) → admitted only if it proves the service it
+names (a join token or a certificate: control_plane/joins.py; else ``error`` and close) →
+register the instance → ``welcome`` (with the certificate issued for the hello's CSR) →
 the first push of every type, full → then pushes as the hub publishes changes, answers
 handled as they come (an answer lets the next push of its type go at once). A session
 has one task, its reader (plus a flusher while the kernel's buffer is full, see
@@ -15,24 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any
 
 import trio
 
 from meshlet import wire
-from meshlet.io import Closed, Connection, listen_socket, serve_socket
+from meshlet.io import Closed, Connection, TLSError, listen_socket, serve_socket, start_tls
 from meshlet.wire import ENDPOINTS, POLICIES
 
+from .ca import CAError
 from .channel import Channel
+from .joins import Joins
 from .ownership import Burst, Claims, admin_refusal, session_owner
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
+from .push_tls import TLS_HANDSHAKE, PushTLS
 from .registry import Instance, Registry, UnknownInstance
 from .span_tokens import SpanTokens, new_token
 
 log = logging.getLogger("meshlet.cp.server")
 
-HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then is closed
+HELLO_TIMEOUT = 5.0  # a connection that has not said hello by then (TLS handshake included) is closed
 MAX_CONNECTIONS = 10_000  # push-channel connections at once (--max-connections); past it refused
 # What connections that have not said hello yet may make us hold, together. Each may buffer up
 # to a hello frame (wire.HELLO_MAX_FRAME); a real hello is a few KiB, so thousands of sidecars
@@ -101,10 +107,16 @@ class PushServer:
         policies: PolicyStore | None = None,
         max_connections: int = MAX_CONNECTIONS,
         store_id: str = "",
+        joins: Joins | None = None,
+        tls: PushTLS | None = None,
     ) -> None:
         self.registry = registry
         self.store_id = store_id  # told in welcome; sidecars keep policies from another store
         self._conflicts_logged: set[tuple[str, ...]] = set()  # the store conflicts logged, by policies kept
+        self.tls = tls  # None: plaintext only
+        # Who may join, and their certificates. None: nobody can prove who they are, so no
+        # hello is accepted (a push server is never open by default).
+        self.joins = joins
         self.max_connections = max_connections
         self.connections = 0  # open push-channel connections, hello or not
         self.pre_hello_bytes = 0  # received by connections still waiting for their hello
@@ -197,10 +209,19 @@ class PushServer:
         conn = wire.ServerConnection(self.server_id, api_port=self.api_port, api_tls=self.api_tls, store=self.store_id)
         session: Session | None = None
         try:
+            certified: tuple[str | None, str] = (None, "")  # the client certificate's service; why it is refused
+            secured = None
+            hello_by = trio.current_time() + HELLO_TIMEOUT  # the TLS handshake and the hello, together
+            with trio.move_on_at(hello_by):
+                secured = await self._secure(io)
+            if secured is None:
+                return  # closed, a failed handshake, or none in time
+            io, certified = secured
+            channel = Channel(io, self._nursery.start_soon)
             early: list[wire.Message] = []
             held = 0  # counted against the pre-hello budget until the hello is in
             try:
-                with trio.move_on_after(HELLO_TIMEOUT):
+                with trio.move_on_at(hello_by):
                     while conn.hello is None:
                         data = await channel.recv()
                         if not data:
@@ -216,8 +237,13 @@ class PushServer:
                 self.pre_hello_bytes -= held
             if conn.hello is None:
                 return  # no hello in time
+            conn.choose_version()  # an unknown protocol version is refused first (WireError)
+            if not self._admitted(conn.hello, channel, io.peer, certified):
+                return  # refused: nothing registered, nothing pushed
             span_token = new_token()  # worth nothing until the session opens
-            welcome = conn.accept(span_token)  # refuses an unknown protocol version before registering anything
+            # The certificate is issued before the instance is registered, but only sent (in
+            # welcome) once the registration is accepted.
+            welcome = self._welcome(conn, span_token)  # refuses a bad CSR before registering anything
             session = self._open(conn, channel, io.peer, span_token)  # ValueError, InstanceInUse
             channel.write(welcome)
             self.hub.push_first(session)
@@ -232,6 +258,10 @@ class PushServer:
             pass
         except InstanceInUse as exc:
             self._refuse_claim(channel, io.peer, str(exc))
+        except CAError as exc:  # a CSR the CA refuses (its reason holds no key material)
+            self.protocol_errors += 1
+            log.warning("sidecar at %s: certificate request refused: %s", io.peer, exc.reason)
+            _send_error(channel, "bad-csr", exc.reason)
         except ValueError as exc:  # an instance the registry refuses
             self.protocol_errors += 1
             log.warning("sidecar at %s: instance refused: %s", io.peer, exc)
@@ -271,6 +301,66 @@ class PushServer:
                 instance.owner.host if instance.owner else "unknown",
             )
 
+    async def _secure(self, io: Connection) -> tuple[Connection, tuple[str | None, str]] | None:
+        """TLS when the sidecar starts a handshake (its first byte says so): the TLS connection
+        and what its client certificate proves; plaintext otherwise (a join token over it is
+        still accepted: docs/security.md). None when the connection ended or the handshake failed."""
+        if self.tls is None:
+            return io, (None, "")
+        first = await _peek(io)
+        if first is None:
+            return None
+        if first != TLS_HANDSHAKE:
+            return io, (None, "")
+        tls = start_tls(io, self.tls.context(), server_side=True)
+        try:
+            await tls.handshake()
+        except TLSError as exc:  # most often a client certificate that does not verify
+            tls.close()
+            if self.joins is not None:
+                self.joins.refuse_handshake(io.peer, str(exc), trio.current_time())
+            return None
+        except Closed:
+            tls.close()
+            return None
+        except BaseException:  # the hello timeout: the TLS socket is ours to close
+            tls.close()
+            raise
+        return tls, self.tls.peer_service(tls)
+
+    def _admitted(
+        self, hello: wire.Hello, channel: Channel, peer: str, certified: tuple[str | None, str] = (None, "")
+    ) -> bool:
+        """Whether the hello proves the service it names (control_plane/joins.py); if not, the
+        sidecar is told why and what to do, and the connection is closed."""
+        if self.joins is None:
+            _send_error(channel, "join-refused", "this control plane admits no sidecar (it has no CA)")
+            return False
+        service, why = certified
+        admission = self.joins.admit(
+            hello, peer, trio.current_time(), certificate_service=service, certificate_error=why
+        )
+        if not admission.ok:
+            _send_error(channel, "join-refused", self.joins.refusal(admission))
+        return admission.ok
+
+    def _welcome(self, conn: wire.ServerConnection, span_token: str) -> bytes:
+        """``welcome``, with the certificate issued for the hello's CSR: for the service the
+        hello proved, whatever names the CSR asks for."""
+        hello = conn.hello
+        assert hello is not None and self.joins is not None
+        issued = self.joins.issue(hello.csr, hello.service) if hello.csr else None
+        return conn.accept(issued, span_token)
+
+    def bundle_changed(self) -> None:
+        """The trust bundle changed (a CA rotation): every session that speaks identities hears it."""
+        if self.joins is None:
+            return
+        frame = wire.encode(wire.Bundle(self.joins.bundle()))
+        for session in list(self.hub.sessions.values()):
+            if session.conn.speaks_identity and not session.closed:
+                session.write(frame)
+
     def _over_cap(self) -> tuple[str, str] | None:
         if self.connections >= self.max_connections:
             return "max-connections", f"{self.max_connections} push-channel connections are open (--max-connections)"
@@ -295,7 +385,7 @@ class PushServer:
     def _open(self, conn: wire.ServerConnection, channel: Channel, peer: str, span_token: str) -> Session:
         hello = conn.hello
         assert hello is not None
-        owner = session_owner(hello.service, peer)  # the identity: what the session proved
+        owner = session_owner(hello.service, peer)  # admitted (joins.py): the service the session proved
         instance = dataclasses.replace(instance_from_hello(hello), owner=owner)
         refusal = self.claims.refusal(
             owner, instance.instance_id, hello.node, self.registry.owner(instance.instance_id)
@@ -411,6 +501,14 @@ class PushServer:
             if message.type not in wire.RESOURCE_TYPES:
                 raise wire.WireError("bad-message", f"watch: unknown resource type {message.type!r}")
             self.hub.subscribe(session, message.type, message.add, message.remove, now)
+        elif isinstance(message, wire.Csr):
+            # A renewal: issued for the session's proven service (session.service), never a name the CSR asks for.
+            assert self.joins is not None  # a session exists only once joins admitted it
+            try:
+                issued = self.joins.issue(message.csr, session.service)
+            except CAError as exc:
+                raise wire.WireError("bad-csr", exc.reason) from None
+            session.write(wire.encode(wire.Cert(issued)))
         elif isinstance(message, wire.Health):
             session.ready = message.ready
             self.changed(self.registry.set_ready(session.instance_id, message.ready, now))
@@ -519,6 +617,22 @@ def instance_from_hello(hello: wire.Hello) -> Instance:
         app_port=app_port,
         ready=ready,
     )
+
+
+async def _peek(io: Connection) -> int | None:
+    """The first byte the peer sent, left in the socket; None if it closed first."""
+    while True:
+        try:
+            first = io.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            try:
+                await trio.lowlevel.wait_readable(io.sock)
+            except (trio.ClosedResourceError, OSError):
+                return None
+            continue
+        except OSError:
+            return None
+        return first[0] if first else None
 
 
 def _send_error(channel: Channel, reason: str, message: str) -> None:

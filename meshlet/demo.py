@@ -109,6 +109,10 @@ class Demo:
             instance,
             "--data-dir",
             str(self.workdir / instance),
+            # The control plane wrote its bootstrap join token there at start: the demo's
+            # sidecars present it, so a newcomer types nothing.
+            "--join-token",
+            f"@{self.workdir / 'cp' / 'join-token'}",
             "--inbound",
             "127.0.0.1:0",
             "--outbound",

@@ -17,6 +17,12 @@ measures the path; benchmarks/RESULTS.md has the figures). So:
 
 Cancellation still works: every wait is a trio checkpoint, and :meth:`Connection.close`
 wakes a task blocked on the socket (``notify_closing``).
+
+:class:`TLSConnection` is the same thing over TLS: an ``ssl.SSLSocket`` on the same
+non-blocking socket, driven the same way (``SSLWantReadError``/``SSLWantWriteError``
+instead of EAGAIN). Not ``trio.SSLStream``: it copies every byte through memory BIOs and
+a lock per call (measured: 9.4k 1 KB round trips/s against 21k/s plain); here OpenSSL
+reads and writes the socket itself.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
@@ -45,6 +52,7 @@ class Connection:
     """One TCP connection, non-blocking, TCP_NODELAY."""
 
     __slots__ = ("sock", "closed", "peer")
+    tls = False  # TLSConnection: True
 
     def __init__(self, sock: socket.socket, peer: str = "") -> None:
         sock.setblocking(False)
@@ -109,6 +117,164 @@ class Connection:
             except OSError:
                 pass
             self.close()
+
+
+class TLSError(Closed):
+    """The TLS layer failed: a handshake that did not complete (refused certificate, a
+    peer that does not speak TLS, an alert) or a record that did not decrypt."""
+
+
+class TLSConnection(Connection):
+    """One TLS connection over a non-blocking TCP socket: :meth:`handshake` first (the
+    caller bounds its time), then the interface of :class:`Connection`.
+
+    Made by :func:`start_tls`. ``sock`` is the ``ssl.SSLSocket``: OpenSSL reads and
+    writes the descriptor itself, and says what it waits for with ``SSLWantReadError``
+    or ``SSLWantWriteError`` (never BlockingIOError, though both are OSErrors).
+    """
+
+    __slots__ = ()
+    tls = True
+    sock: ssl.SSLSocket
+
+    async def handshake(self) -> None:
+        """Complete the handshake; :class:`TLSError` (or :class:`Closed`) when it fails."""
+        sock = self.sock
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await _wait(wait_readable, sock)
+            except ssl.SSLWantWriteError:
+                await _wait(wait_writable, sock)
+            except ssl.SSLError as exc:
+                raise TLSError(_tls_why(exc, self.closed)) from None
+            except OSError as exc:
+                raise Closed(_why(exc, self.closed)) from None
+
+    def peer_certificate(self) -> dict[str, object]:
+        """The peer's certificate as ``getpeercert()`` decodes it; only after a handshake
+        with ``CERT_REQUIRED``, so it was verified against the trusted roots. ``{}`` if none."""
+        return dict(self.sock.getpeercert() or {})
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session, to resume with on the next connection (client side)."""
+        return self.sock.session
+
+    @property
+    def session_reused(self) -> bool:
+        return bool(self.sock.session_reused)
+
+    async def recv(self, *, wait_first: bool = False) -> bytes:
+        sock = self.sock
+        # OpenSSL may hold decrypted bytes the kernel no longer shows as readable.
+        if wait_first and not sock.pending():
+            await _wait(wait_readable, sock)
+        while True:
+            try:
+                return sock.recv(RECEIVE_SIZE)  # b"" on close_notify or the peer's FIN
+            except ssl.SSLWantReadError:
+                await _wait(wait_readable, sock)
+            except ssl.SSLWantWriteError:
+                await _wait_shared(wait_writable, sock)
+            except ssl.SSLError as exc:
+                raise TLSError(_tls_why(exc, self.closed)) from None
+            except (OSError, ValueError) as exc:  # ValueError: the SSLSocket was closed under us
+                raise Closed(_why(exc, self.closed)) from None
+
+    async def send_all(self, data: bytes) -> None:
+        # Without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython does not set it) a write is all or
+        # nothing: after SSLWantWriteError the same bytes are written again, and OpenSSL
+        # carries on where the socket stopped taking them.
+        sock = self.sock
+        while True:
+            try:
+                sock.send(data)
+                return
+            except ssl.SSLWantWriteError:
+                await _wait(wait_writable, sock)
+            except ssl.SSLWantReadError:
+                await _wait_shared(wait_readable, sock)
+            except ssl.SSLError as exc:
+                raise TLSError(_tls_why(exc, self.closed)) from None
+            except (OSError, ValueError) as exc:
+                raise Closed(_why(exc, self.closed)) from None
+
+    def close(self) -> None:
+        """Send close_notify if the socket takes it now (never waits for it, nor for the
+        peer's), then close; a task waiting on this socket wakes with :class:`Closed`."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.unwrap()  # one non-blocking write of close_notify
+            except (OSError, ValueError):
+                pass  # the peer's close_notify not there yet, a full buffer, or a handshake never done
+            notify_closing(self.sock)
+            self.sock.close()
+
+    def reset(self) -> None:
+        """Close with an RST and no close_notify: the message was cut short."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+            notify_closing(self.sock)
+            self.sock.close()
+
+
+def start_tls(
+    conn: Connection, context: ssl.SSLContext, *, server_side: bool, session: ssl.SSLSession | None = None
+) -> TLSConnection:
+    """``conn``'s socket, now under TLS (``conn`` must not be used again); the handshake
+    is not done yet: ``await handshake()``. ``session``: a client's session to resume.
+    :class:`Closed` if the connection is already gone (reset before a byte was read)."""
+    try:
+        sock = context.wrap_socket(
+            conn.sock, server_side=server_side, do_handshake_on_connect=False, session=None if server_side else session
+        )
+    except OSError as exc:
+        conn.close()
+        raise Closed(_why(exc, False)) from None
+    conn.closed = True  # its socket object was detached into the SSLSocket
+    tls = TLSConnection.__new__(TLSConnection)
+    tls.sock = sock
+    tls.closed = False
+    tls.peer = conn.peer
+    return tls
+
+
+async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
+    try:
+        await wait(sock)
+    except (trio.ClosedResourceError, OSError):
+        raise Closed("closed while waiting") from None
+
+
+async def _wait_shared(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
+    """A read that must write first, or a write that must read first: rare after a TLS 1.3
+    handshake (a ticket or key update to send or take). Another task may already wait on
+    the socket for that direction (the reader, or the body's writer, run at once); trio
+    allows one waiter, so then this one pauses briefly and tries again."""
+    try:
+        await _wait(wait, sock)
+    except trio.BusyResourceError:
+        await trio.sleep(0.001)
+
+
+def _tls_why(exc: ssl.SSLError, closed_by_us: bool) -> str:
+    """Why, in words: "certificate verify failed: certificate has expired", "tlsv13 alert
+    certificate required", "wrong version number" (a peer that does not speak TLS)."""
+    if closed_by_us:
+        return "closed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    return str(exc) or type(exc).__name__
 
 
 def _why(exc: BaseException, closed_by_us: bool) -> str:

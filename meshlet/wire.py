@@ -40,6 +40,7 @@ Semantics (xDS semantics)
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -48,13 +49,20 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSIONS = (1, 2)  # spoken by this build, oldest first
+PROTOCOL_VERSIONS = (1, 2, 3)  # spoken by this build, oldest first
 WATCH_VERSION = 2  # the first version with subscriptions (hello.watch, the watch message)
+IDENTITY_VERSION = 3  # the first version with certificates (the csr, cert and bundle messages)
 MAX_FRAME = 16 * 1024 * 1024  # far above any real snapshot; bounds what a peer can make us buffer
 # Until its hello is accepted a peer is nobody: the control plane buffers at most this much for
 # it. A hello lists what the sidecar holds and watches (~30 bytes a name): thousands of services.
 HELLO_MAX_FRAME = 256 * 1024
 _HEADER = struct.Struct(">I")
+# Bounds on the identity fields (a P-256 CSR is ~0.5 KB of PEM, a leaf ~0.8 KB, a root ~0.7 KB):
+# a peer that sends more is not sending one of these.
+MAX_TOKEN_TEXT = 128  # a join token is 60 characters
+MAX_CSR_PEM = 4 * 1024
+MAX_CHAIN_PEM = 16 * 1024
+MAX_BUNDLE_PEM = 64 * 1024  # a few roots while a CA rotates
 
 # Resource types, in the order a snapshot is pushed (make-before-break, as xDS's ADS).
 ENDPOINTS = "endpoints"
@@ -135,6 +143,10 @@ class Hello:
     # (every resource of it), which is all protocol version 1 knows.
     watch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     store: str = ""  # the id of the store its policies came from; "": none held, or not known
+    # v3: the credential of a first join (a join token; never in a repr, so never in a log) and
+    # a certificate signing request (PEM) for the key the sidecar made.
+    token: str = field(default="", repr=False)
+    csr: bytes = b""
     kind = "hello"
 
     def to_wire(self) -> dict[str, Any]:
@@ -150,6 +162,7 @@ class Hello:
             out["watch"] = {t: list(names) for t, names in self.watch.items()}
         if self.store:
             out["store"] = self.store
+        out.update(_credentials_to_wire(self.token, self.csr))
         return out
 
     @classmethod
@@ -167,6 +180,7 @@ class Hello:
             {str(t): {str(n): str(v) for n, v in _map(names, "hello.have[type]").items()} for t, names in have.items()},
             {str(t): _names(names, "hello.watch[type]") for t, names in watch.items()},
             _store_id(raw),
+            *_credentials_from_wire(raw),
         )
 
 
@@ -181,6 +195,7 @@ class Welcome:
     # What this session's spans carry to that store (Authorization: Bearer); "": not given. A secret: not in repr.
     span_token: str = field(default="", repr=False)
     api_tls: bool = False  # that API speaks https (--api-tls-cert): spans go to https://
+    issued: Issued | None = None  # v3: the certificate issued for the hello's CSR
     kind = "welcome"
 
     def to_wire(self) -> dict[str, Any]:
@@ -193,6 +208,8 @@ class Welcome:
             out["span_token"] = self.span_token
         if self.api_tls:
             out["api_tls"] = True
+        if self.issued is not None:
+            out["cert"] = self.issued.to_wire()
         return out
 
     @classmethod
@@ -206,6 +223,7 @@ class Welcome:
             _store_id(raw),
             _span_token(raw.get("span_token")),
             raw.get("api_tls") is True,
+            issued=None if raw.get("cert") is None else Issued.from_wire(raw["cert"], "welcome.cert"),
         )
 
 
@@ -392,13 +410,120 @@ class Error:
         return cls(_str(raw, "reason"), _str(raw, "msg"))
 
 
-Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Watch | Error
+# --- identities (v3) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A certificate the control plane issued: the chain (PEM, the leaf first), the trust
+    bundle (PEM, every root trusted now) and when the leaf expires (seconds since the epoch).
+    The sidecar checks all of it against its own key before it uses any."""
+
+    chain: bytes
+    bundle: bytes
+    not_after: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"chain": self.chain, "bundle": self.bundle, "not_after": self.not_after}
+
+    @classmethod
+    def from_wire(cls, raw: Any, what: str) -> Issued:
+        raw = _map(raw, what)
+        not_after = raw.get("not_after")
+        if isinstance(not_after, bool) or not isinstance(not_after, int | float) or not math.isfinite(not_after):
+            raise WireError("bad-message", f"{what}.not_after must be a number of seconds")
+        return cls(_pem(raw, "chain", MAX_CHAIN_PEM, what), _pem(raw, "bundle", MAX_BUNDLE_PEM, what), float(not_after))
+
+
+@dataclass(frozen=True, slots=True)
+class Csr:
+    """Sidecar → control plane (v3): sign this request (PEM) for my session's service; the
+    answer is ``cert``. Renewal on the live channel: nothing is dropped."""
+
+    csr: bytes
+    kind = "csr"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "csr", "csr": self.csr}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Csr:
+        return cls(_pem(raw, "csr", MAX_CSR_PEM, "csr"))
+
+
+@dataclass(frozen=True, slots=True)
+class Cert:
+    """Control plane → sidecar (v3): the certificate issued for the last ``csr``."""
+
+    issued: Issued
+    kind = "cert"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "cert", **self.issued.to_wire()}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Cert:
+        return cls(Issued.from_wire(raw, "cert"))
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """Control plane → sidecar (v3): the trust bundle changed (a CA rotation began or an
+    overlap ended); trust these roots (PEM) from now on."""
+
+    bundle: bytes
+    kind = "bundle"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "bundle", "bundle": self.bundle}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Bundle:
+        return cls(_pem(raw, "bundle", MAX_BUNDLE_PEM, "bundle"))
+
+
+def _credentials_to_wire(token: str, csr: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if token:
+        out["token"] = token
+    if csr:
+        out["csr"] = csr
+    return out
+
+
+def _credentials_from_wire(raw: Mapping[str, Any]) -> tuple[str, bytes]:
+    """A hello's ``token`` and ``csr`` (empty when absent), bounded and typed."""
+    token = raw.get("token", "")
+    if not isinstance(token, str):
+        raise WireError("bad-message", "hello.token must be a string")
+    if len(token) > MAX_TOKEN_TEXT:
+        raise WireError("bad-message", f"hello.token: {len(token)} characters (at most {MAX_TOKEN_TEXT})")
+    csr = _pem(raw, "csr", MAX_CSR_PEM, "hello") if "csr" in raw else b""
+    return token, csr
+
+
+def _pem(raw: Mapping[str, Any], key: str, limit: int, what: str) -> bytes:
+    """A PEM field: msgpack bin, ASCII, at most ``limit`` bytes. Its content is checked by
+    whoever parses it (the CA, the sidecar's TLS); this only bounds and types it."""
+    value = raw.get(key)
+    if not isinstance(value, bytes):
+        raise WireError("bad-message", f"{what}.{key} must be bytes (PEM)")
+    if len(value) > limit:
+        raise WireError("bad-message", f"{what}.{key}: {len(value)} bytes (at most {limit})")
+    if not value.isascii():
+        raise WireError("bad-message", f"{what}.{key} is not PEM (not ASCII)")
+    return value
+
+
+Message = Hello | Welcome | Push | Ack | Nack | Ping | Pong | Health | Bye | Watch | Error | Csr | Cert | Bundle
 _FROM_WIRE: dict[str, Callable[[dict[str, Any]], Message]] = {
-    cls.kind: cls.from_wire for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Watch, Error)
+    cls.kind: cls.from_wire
+    for cls in (Hello, Welcome, Push, Ack, Nack, Ping, Pong, Health, Bye, Watch, Error, Csr, Cert, Bundle)
 }
-UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "watch", "error"})
+UPSTREAM_KINDS = frozenset({"hello", "ack", "nack", "ping", "pong", "health", "bye", "watch", "error", "csr"})
 MAX_WATCHED = 4096  # names per type one sidecar may watch: a bound on what it can make us keep
-DOWNSTREAM_KINDS = frozenset({"welcome", "push", "ping", "pong", "error"})
+DOWNSTREAM_KINDS = frozenset({"welcome", "push", "ping", "pong", "error", "cert", "bundle"})
+IDENTITY_KINDS = frozenset({"csr", "cert", "bundle"})  # only once version 3 is spoken
 
 
 def _map(value: Any, what: str) -> dict[str, Any]:
@@ -581,6 +706,8 @@ class ServerConnection:
                 raise WireError("unexpected-hello", "hello was already received on this channel")
             elif isinstance(message, Watch) and (self.protocol_version or 0) < WATCH_VERSION:
                 raise WireError("unknown-message", f"watch needs protocol version {WATCH_VERSION}")
+            elif message.kind in IDENTITY_KINDS and (self.protocol_version or 0) < IDENTITY_VERSION:
+                raise WireError("unknown-message", f"{message.kind} needs protocol version {IDENTITY_VERSION}")
             elif isinstance(message, Ack | Nack):
                 if self.pending.get(message.type) != message.nonce:
                     self.stale_answers += 1
@@ -593,19 +720,31 @@ class ServerConnection:
             out.append(message)
         return out
 
-    def accept(self, span_token: str = "") -> bytes:
-        """``welcome`` with the version chosen (and this session's ``span_token``); WireError if
-        there is none in common."""
-        assert self.hello is not None, "accept() after hello"
+    def choose_version(self) -> int:
+        """The version both speak (the highest); WireError if there is none in common."""
+        assert self.hello is not None, "choose_version() after hello"
         chosen = negotiate(self.hello.protocol_versions, self.versions)
         if chosen is None:
             raise WireError(
                 "unsupported-version",
                 f"sidecar speaks {list(self.hello.protocol_versions)}, control plane speaks {list(self.versions)}",
             )
+        return chosen
+
+    def accept(self, issued: Issued | None = None, span_token: str = "") -> bytes:
+        """``welcome`` with the version chosen (and, v3, the certificate issued for the
+        hello's CSR; and this session's ``span_token``); WireError if there is no version in
+        common."""
+        chosen = self.choose_version()
+        if issued is not None and chosen < IDENTITY_VERSION:
+            raise WireError("unsupported-version", f"certificates need protocol version {IDENTITY_VERSION}")
         self.protocol_version = chosen
         self._decoder.max_frame = MAX_FRAME
-        return encode(Welcome(chosen, self.server, self.api_port, self.store, span_token, self.api_tls))
+        return encode(Welcome(chosen, self.server, self.api_port, self.store, span_token, self.api_tls, issued=issued))
+
+    @property
+    def speaks_identity(self) -> bool:
+        return (self.protocol_version or 0) >= IDENTITY_VERSION
 
     def push(
         self,
@@ -653,6 +792,8 @@ class ClientConnection:
                 if message.protocol_version not in self.hello_message.protocol_versions:
                     raise WireError("unsupported-version", f"control plane chose {message.protocol_version}")
                 self.protocol_version = message.protocol_version
+            elif message.kind in IDENTITY_KINDS and (self.protocol_version or 0) < IDENTITY_VERSION:
+                raise WireError("unknown-message", f"{message.kind} needs protocol version {IDENTITY_VERSION}")
             elif isinstance(message, Push):
                 self.received_first.add(message.type)
             out.append(message)
@@ -666,6 +807,11 @@ class ClientConnection:
         if not self.can_watch:
             raise WireError("unsupported-version", f"watch needs protocol version {WATCH_VERSION}")
         return encode(Watch(type, add, remove))
+
+    def csr(self, csr_pem: bytes) -> bytes:
+        if (self.protocol_version or 0) < IDENTITY_VERSION:
+            raise WireError("unsupported-version", f"csr needs protocol version {IDENTITY_VERSION}")
+        return encode(Csr(csr_pem))
 
     @staticmethod
     def ack(push: Push) -> bytes:

@@ -28,6 +28,7 @@ import trio
 from meshlet.io import Deadlines
 
 from .core.config import MeshSnapshot, empty_snapshot, load_static
+from .core.credentials import CredentialHolder
 from .core.destination import Destinations
 from .core.interception import AddressMap
 from .core.services import Endpoint, ServiceConfig
@@ -44,8 +45,10 @@ from .layers.routing import Discover, router, routing_layer
 from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
+from .net.control_tls import ControlPlaneTLS
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import Collector, SpanExporter, collector_trust
+from .net.identity import SidecarIdentity
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, UpstreamPools
@@ -88,6 +91,9 @@ class SidecarOptions:
     # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
     # init-iptables): route each connection by its original destination; learn every service.
     transparent: bool = False
+    join_token: str | None = field(default=None, repr=False)  # --join-token VALUE: the join's credential
+    join_token_file: Path | None = None  # --join-token @FILE: read at each connection
+    control_plane_ca: bytes | None = None  # --control-plane-ca: roots to verify the control plane with at first
 
 
 def build_outbound(
@@ -176,6 +182,10 @@ class Sidecar:
         )
         self.trace_rng = random.Random()
         self.control: ControlPlaneClient | None = None
+        # What this sidecar proves and trusts: the control-plane session installs certificates
+        # here, the TLS layer reads them (sidecar/core/credentials.py).
+        self.credentials = CredentialHolder()
+        self.identity = self._identity()  # IdentityError: a key file we must not use
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.snapshot = empty_snapshot()
         # Set with the first configuration (pushed, persisted or static): the inbound listener
@@ -208,12 +218,28 @@ class Sidecar:
             configured=self.configured,
             snapshot=lambda: self.snapshot,
             control=lambda: self.control,
+            identity=self.identity,
         )
         telemetry.connection_stats = self.pools.stats
         telemetry.pool_overflow_stats = self.pools.overflow_stats
         telemetry.listener_stats = self.listeners.stats
         telemetry.destination_stats = self.admin_views.destination_stats
         telemetry.status = self.admin_views.metrics_status
+        if self.identity is not None:
+            telemetry.certificate_expiry = self.identity.expires_in
+
+    def _identity(self) -> SidecarIdentity | None:
+        """With a control plane: the key (kept in --data-dir if given) and the certificates it issues."""
+        opts = self.options
+        if not opts.control_plane:
+            return None
+        return SidecarIdentity(
+            opts.service,
+            self.credentials,
+            join_token=opts.join_token,
+            join_token_file=opts.join_token_file,
+            directory=opts.data_dir,
+        )
 
     # configuration ------------------------------------------------------------------
     def apply(self, snapshot: MeshSnapshot) -> None:
@@ -339,6 +365,8 @@ class Sidecar:
             app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
             state_file=state_file,
             watch_all=opts.transparent,
+            identity=self.identity,
+            tls=None if self.identity is None else ControlPlaneTLS(self.identity, opts.control_plane_ca),
         )
 
     # serving ------------------------------------------------------------------------
@@ -390,6 +418,14 @@ class Sidecar:
                 listeners.addresses[name] = (host, bound)
             nursery.start_soon(self.pools.serve_expiry)
             if opts.control_plane:
+                assert self.identity is not None
+                certified = self.identity.load_persisted()  # its certificate proves it over TLS
+                if not (opts.join_token or opts.join_token_file or certified):
+                    log.warning(
+                        "no --join-token: the control plane refuses a sidecar that proves nothing "
+                        "(pass --join-token @DATA_DIR/join-token of the control plane, or MESHLET_JOIN_TOKEN)"
+                    )
+                nursery.start_soon(self.identity.watch_expiry)
                 self.control = self._control_plane_client()
                 if not self.control.load_persisted():
                     self._build(self.snapshot)  # the same stacks, now able to look services up

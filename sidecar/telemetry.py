@@ -90,6 +90,8 @@ class Telemetry:
         # Called at scrape time: (the config version applied, control plane connected: 1/0, or
         # None without a control plane).
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
+        # Seconds until this sidecar's certificate expires (negative: expired); None: it has none.
+        self.certificate_expiry: Callable[[], float | None] = lambda: None
 
     def configure(self, settings: MetricsSettings | None) -> None:
         """New bounds (a MeshConfig changed them): the request series start again under them."""
@@ -223,6 +225,7 @@ class Telemetry:
             "transparent": [[*k, v] for k, v in self.transparent.items()],
             "folded": [[k, v] for k, v in self.limits.folded.items()],
             "info": [[*self.status()]],
+            "certificate_expiry": [] if (expiry := self.certificate_expiry()) is None else [[expiry]],
             "circuits": [[d, state] for d, state, _ in stats],
             "endpoints": [[d, name, n] for d, _, counts in stats for name, n in counts.items()],
             "downstream_open": [[name, n] for name, n, *_ in listeners],
@@ -299,6 +302,8 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         for version, connected in snap.get("info", ()):  # workers share one configuration: the first says
             info.setdefault("version", version)
             info.setdefault("connected", connected)
+        for (expiry,) in snap.get("certificate_expiry", ()):
+            info.setdefault("certificate_expiry", expiry)
         circuits = merged["circuits"]
         for destination, state in snap.get("circuits", ()):
             # Workers keep a breaker each: show the most alarming (open, then half-open).
@@ -510,6 +515,14 @@ class _Collector:
                 "The configuration version this sidecar applies (always 1).",
                 ("version",),
                 {(info["version"],): 1},
+            )
+        if info.get("certificate_expiry") is not None:
+            yield _family(
+                GaugeMetricFamily,
+                "meshlet_certificate_expiry_seconds",
+                "Seconds until this sidecar's certificate expires; negative once it has (peers refuse it).",
+                (),
+                {(): info["certificate_expiry"]},
             )
         if info.get("connected") is not None:
             yield _family(

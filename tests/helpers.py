@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -78,7 +79,10 @@ def run_sidecar(
     static: Path | None = None,
     control_plane: str | None = None,
     extra: list[str] | None = None,
+    join_token: str | None = None,
 ) -> AbstractAsyncContextManager[SidecarProcess]:
+    """A sidecar; with ``control_plane`` it joins with ``join_token`` (default: the bootstrap
+    token of run_control_plane(tmp_path), ``@<tmp_path>/cp/join-token``; "" for none)."""
     args = [
         "sidecar",
         "--service",
@@ -96,7 +100,32 @@ def run_sidecar(
         args += ["--static", str(static)]
     if control_plane is not None:
         args += ["--control-plane", control_plane, "--data-dir", str(tmp_path / f"data-{service}")]
+        token = f"@{join_token_file(tmp_path)}" if join_token is None else join_token
+        if token:
+            args += ["--join-token", token]
     return run_meshlet(tmp_path, f"sidecar-{service}", [*args, *(extra or [])], SIDECAR_READY)
+
+
+def fake_control_plane_tls(tmp_path: Path) -> ssl.SSLContext:
+    """A TLS server context for a test's own control plane (sidecars dial the push channel with
+    TLS): a certificate from a test CA, no client certificate asked; a fresh sidecar trusts it
+    on first use."""
+    from .certs import TestCA, write_credentials
+
+    cert, key, _ = write_credentials(tmp_path / "fake-cp-tls", TestCA().credentials("fake-control-plane"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def join_token_file(tmp_path: Path) -> Path:
+    """The bootstrap join token of run_control_plane(tmp_path)."""
+    return tmp_path / "cp" / "join-token"
+
+
+def join_token(tmp_path: Path) -> str:
+    return join_token_file(tmp_path).read_text().strip()
 
 
 def run_control_plane(

@@ -104,7 +104,9 @@ def _environment(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     samples = {"status.podIP": "10.244.1.7", "metadata.name": "item-5d4f8b-x2x9q"}
     values: dict[str, str] = {}
     for item in container.get("env", []):
-        if "valueFrom" in item:
+        if "secretKeyRef" in item.get("valueFrom", {}):
+            values[item["name"]] = "mjt_0123456789ab." + "A" * 43  # a Secret's value: a sample token
+        elif "valueFrom" in item:
             values[item["name"]] = samples[item["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             value = str(item["value"])

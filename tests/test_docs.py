@@ -50,7 +50,7 @@ def exported(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def sidecar_metrics() -> set[str]:
     # One snapshot that has every family, those shown only with a configuration and a control plane too.
-    names = exported(telemetry.render(lambda: [{"info": [("v1", 1)]}]).decode())
+    names = exported(telemetry.render(lambda: [{"info": [("v1", 1)], "certificate_expiry": [(3600.0,)]}]).decode())
     assert len(names) >= 25
     return names
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 
 from ..scraper import Scraper
 from ..server import PushServer
+from ..token_records import TokenBook
 from ..traces import TraceStore
 from ..zipkin import zipkin_routes
 from .dashboard import Dashboard
@@ -27,6 +28,7 @@ from .policies import PolicyApi
 from .registry import RegistryViews
 from .stat import StatView
 from .status import StatusView, live
+from .tokens import TokenApi
 
 
 def build_api(
@@ -36,13 +38,15 @@ def build_api(
     scraper: Scraper | None = None,
     *,
     read_token: str | None = None,
+    tokens: TokenBook | None = None,
 ) -> ASGIApp:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans also take a sidecar's span token, control_plane/zipkin.py); a reader who
     presents it sees the policy unredacted. ``read_token``: when given, what reads under
     /v1 and of Zipkin's API need (or the write token); guard.py.
     ``traces``: the embedded trace store behind Zipkin's API.
-    ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard."""
+    ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard.
+    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404)."""
     traces = traces if traces is not None else TraceStore()
     guard = ApiGuard(token, read_token)
     registry = RegistryViews(push.registry)
@@ -65,6 +69,7 @@ def build_api(
             Route("/v1/policies/history", policies.history),
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
             Route("/v1/explain", ExplainView(push, guard).explain),
+            Route("/v1/tokens", TokenApi(tokens, guard, token).create, methods=["POST"]),
             Route("/live", live),
             Route("/ready", live),
             *zipkin_routes(traces, push.span_tokens, token),

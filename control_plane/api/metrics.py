@@ -64,6 +64,8 @@ class _Collector:
         for cap, count in sorted(push.refused.items()):
             refused.add_metric([cap], count)
         yield refused
+        if push.joins is not None:
+            yield from _joins(push)
         yield _counter(
             "meshlet_cp_registrations_restored",
             "Registrations put back when a sidecar whose lease ran out (a paused process) spoke again.",
@@ -111,6 +113,22 @@ def _by_reason(name: str, help: str, counts: dict[str, int]) -> CounterMetricFam
     for reason, count in sorted(counts.items()):
         counter.add_metric([reason], count)
     return counter
+
+
+def _joins(push: PushServer) -> Iterator[Metric]:
+    assert push.joins is not None
+    joins = CounterMetricFamily(
+        "meshlet_cp_joins_refused",
+        "Hellos refused because they did not prove the service they name (no join token, an invalid, "
+        "expired or other service's token, a bad client certificate).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(push.joins.refused.items()):
+        joins.add_metric([reason], count)
+    yield joins
+    yield _counter(
+        "meshlet_cp_certificates_issued", "Certificates issued to sidecars (joins and renewals).", push.joins.issued
+    )
 
 
 def _convergence(samples: list[float]) -> HistogramMetricFamily:

@@ -130,6 +130,11 @@ class ApiClient:
         body = {"version": version}
         return self._json("POST", "/v1/policies/rollback", json=body, timeout=WRITE_TIMEOUT)
 
+    def create_join_token(self, *, service: str | None, ttl: float) -> JSON:
+        """Mint a join token: ``token`` (its only copy), ``id``, ``service``, ``expires``."""
+        body = {"service": service, "ttl": ttl}
+        return self._json("POST", "/v1/tokens", json=body, timeout=WRITE_TIMEOUT)
+
     def explain(self, url: str, *, method: str = "GET", headers: Sequence[str] = (), source: str | None = None) -> JSON:
         """What the mesh would do with a request; ``headers``: NAME:VALUE each. A 400 says
         what is wrong with the question."""

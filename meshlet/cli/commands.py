@@ -100,6 +100,25 @@ def add_commands(commands: Any) -> None:
     _api_option(status)
 
     stat_cli.add_commands(commands, _api_option)
+    _add_token_command(commands)
+
+
+def _add_token_command(commands: Any) -> None:
+    from .options import duration, service_name
+
+    token = commands.add_parser("token", help="join tokens: what a sidecar presents on its first connection")
+    actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = actions.add_parser(
+        "create",
+        help="mint a join token (printed once, alone on stdout: TOKEN=$(meshlet token create ...))",
+        description="Mint a join token for sidecars (meshlet sidecar --join-token). The control plane keeps only "
+        "its hash; the token is printed once, and nothing else goes to stdout.",
+    )
+    create.add_argument("--service", type=service_name, metavar="NAME", help="the one service it may join as")
+    create.add_argument(
+        "--ttl", type=duration, default=24 * 3600.0, metavar="DURATION", help="valid for this long (default 24h)"
+    )
+    _api_option(create)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,7 +311,7 @@ def _api_option(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_TOKEN_FILE = Path(".meshlet-cp") / "api-token"
-WRITES = ("apply", "rollback")
+WRITES = ("apply", "rollback", "token")
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -629,6 +648,15 @@ def waterfall_table(spans: list[JSON], width: int = 40) -> Table:
     return table
 
 
+def _token_create(args: argparse.Namespace, api: ApiClient) -> int:
+    minted = api.create_join_token(service=args.service, ttl=args.ttl)
+    print(minted["token"])  # alone on stdout, for $(...)
+    scope = f"service {minted['service']}" if minted.get("service") else "any service"
+    expires = datetime.datetime.fromtimestamp(minted["expires"], tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    print(f"join token {minted['id']} for {scope}, valid until {expires}", file=sys.stderr)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, ApiClient], int]] = {
     "get": _get,
     "status": _status,
@@ -638,4 +666,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, ApiClient], int]] = {
     "trace": _trace,
     "stat": stat_cli.run,
     "top": stat_cli.run,
+    "token": _token_create,
 }

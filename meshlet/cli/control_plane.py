@@ -89,6 +89,7 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         help="a span collector a MeshConfig's tracing.collector may name; repeatable; when given, a policy naming "
         "another is refused (default: any http(s) collector)",
     )
+    _identity_options(cp)
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return cp
 
@@ -103,12 +104,43 @@ def _collector(text: str) -> str:
     return text.strip()
 
 
+def _identity_options(cp: argparse.ArgumentParser) -> None:
+    cp.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default="meshlet.local",
+        metavar="DOMAIN",
+        help="the trust domain of the sidecars' identities, spiffe://DOMAIN/service/NAME (default meshlet.local)",
+    )
+    cp.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="FILE",
+        help="the CA root certificate (PEM) to sign sidecars' certificates with, with --ca-key "
+        "(default: a root of its own, made at first start in DATA_DIR/ca)",
+    )
+    cp.add_argument("--ca-key", type=Path, metavar="FILE", help="the key of --ca-cert (PEM, unencrypted, mode 0600)")
+    # Hidden: short-lived certificates for tests of renewal and expiry.
+    cp.add_argument("--cert-lifetime", type=_duration, default=None, help=argparse.SUPPRESS)
+
+
+def _trust_domain(text: str) -> str:
+    from meshlet.identity import IdentityError, check_trust_domain
+
+    try:
+        return check_trust_domain(text)
+    except IdentityError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     import trio
 
     from control_plane.app import ControlPlaneOptions
     from control_plane.app import run as serve
+    from control_plane.ca import LEAF_LIFETIME, CAError
     from control_plane.store import StoreError
+    from control_plane.tokens import TokenFileError
     from meshlet.policy import PolicyError
 
     logging.basicConfig(
@@ -126,11 +158,21 @@ def run(args: argparse.Namespace) -> int:
         api_tls_key=args.api_tls_key,
         api_read_token=args.api_read_token,
         allowed_collectors=tuple(args.allowed_collector),
+        trust_domain=args.trust_domain,
+        ca_cert=args.ca_cert,
+        ca_key=args.ca_key,
+        cert_lifetime=args.cert_lifetime or LEAF_LIFETIME,
     )
     try:
         trio.run(serve, options)
     except PolicyError as exc:
         print(f"meshlet: the policy is not valid; nothing was applied:\n{exc}", file=sys.stderr)
+        return 1
+    except CAError as exc:
+        print(f"meshlet: the certificate authority cannot start: {exc}", file=sys.stderr)
+        return 1
+    except TokenFileError as exc:
+        print(f"meshlet: the join token: {exc}", file=sys.stderr)
         return 1
     except (ValueError, StoreError) as exc:
         print(f"meshlet: {exc}", file=sys.stderr)

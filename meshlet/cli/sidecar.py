@@ -134,7 +134,22 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path(".meshlet"),
-        help="where the last good config is kept for restarts (default ./.meshlet)",
+        help="where the last good config, this sidecar's key and its certificate are kept for restarts "
+        "(default ./.meshlet)",
+    )
+    sidecar.add_argument(
+        "--join-token",
+        metavar="VALUE|@FILE",
+        help="the credential this sidecar joins the control plane with: a join token, or @FILE to read it from a "
+        "file (the control plane writes one to DATA_DIR/join-token; `meshlet token create` mints others). "
+        "Prefer @FILE or the variable: a value on the command line is visible to other users in ps",
+    )
+    sidecar.add_argument(
+        "--control-plane-ca",
+        type=Path,
+        metavar="FILE",
+        help="the control plane's CA certificate (PEM; its DATA_DIR/ca/ca.crt), to verify the control plane on the "
+        "first connection too (default: trusted on first use, its fingerprint logged; verified afterwards)",
     )
     sidecar.add_argument("--health-path", default="/health", help="the app's health check path (default /health)")
     sidecar.add_argument(
@@ -244,6 +259,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "and will not be recognised as calling it. Advertise the IP (Kubernetes: status.podIP)",
             args.advertise or "(not given)",
         )
+    # @FILE is read at each connection (a file mounted or replaced later is picked up); a value is kept.
+    join_token, join_token_file = None, None
+    if args.join_token and args.join_token.startswith("@"):
+        join_token_file = Path(args.join_token[1:]).expanduser()
+    elif args.join_token:
+        join_token = args.join_token.strip()
+    control_plane_ca = None
+    if args.control_plane_ca is not None:
+        try:
+            control_plane_ca = args.control_plane_ca.read_bytes()
+        except OSError as exc:
+            parser.error(f"--control-plane-ca {args.control_plane_ca}: {exc.strerror}")
+        if b"-----BEGIN CERTIFICATE-----" not in control_plane_ca:
+            parser.error(f"--control-plane-ca {args.control_plane_ca}: not a PEM certificate")
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         parser.error(f"--trace-sampling {args.trace_sampling:g}: a share between 0 and 1, e.g. 0.01 for 1 %")
     if not is_loopback(args.admin[0]):
@@ -292,6 +321,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         api_ca=args.api_ca,
         drain_timeout=args.drain_timeout,
         transparent=args.transparent,
+        join_token=join_token,
+        join_token_file=join_token_file,
+        control_plane_ca=control_plane_ca,
     )
     if args.workers > 1:
         if control_planes:
@@ -306,7 +338,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_workers(options, args.workers)
     import trio
 
-    sidecar = Sidecar(options)
+    from sidecar.net.identity import IdentityError
+
+    try:
+        sidecar = Sidecar(options)
+    except IdentityError as exc:
+        print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
+        return 1
     try:
         trio.run(_serve_and_announce, sidecar)
     except OSError as exc:

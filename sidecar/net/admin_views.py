@@ -18,6 +18,7 @@ from ..layers.explain import Explanations
 from ..telemetry import Telemetry, cardinality, render
 from .admin import AdminHandler
 from .control import ControlPlaneClient
+from .identity import SidecarIdentity
 from .listeners import Listeners
 from .upstream import UpstreamPools
 
@@ -41,6 +42,7 @@ class AdminViews:
         configured: trio.Event,
         snapshot: Callable[[], MeshSnapshot],
         control: Callable[[], ControlPlaneClient | None],
+        identity: SidecarIdentity | None = None,
     ) -> None:
         self.service = service
         self.app = app
@@ -53,6 +55,7 @@ class AdminViews:
         self.configured = configured
         self.snapshot = snapshot
         self.control = control
+        self.identity = identity  # None: no control plane, so no certificate to wait for
         self.draining = False  # set when the sidecar starts to stop: not ready any more
 
     def handler(self) -> AdminHandler:
@@ -72,6 +75,8 @@ class AdminViews:
             return False, "draining (stopping)"
         if not self.configured.is_set():
             return False, "no configuration applied yet"
+        if self.identity is not None and (why := self.identity.not_ready()):
+            return False, why
         return True, ""
 
     def metrics(self) -> bytes:
@@ -95,6 +100,7 @@ class AdminViews:
                 "last_error": control.last_error,
                 "policies_store": control.config.store,  # the store the policies held came from
                 "store_conflict": list(control.store_conflict),  # policies kept against the control plane's
+                "identity": None if self.identity is None else self.identity.describe(),
             },
             "service": self.service,
             "app": f"{host}:{port}",

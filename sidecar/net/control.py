@@ -29,8 +29,10 @@ from ..core.config import MeshSnapshot
 from ..core.discovered import PushedConfig
 from ..core.errors import MeshError
 from ..core.services import ServiceConfig
+from .control_tls import ControlPlaneTLS
 from .exporter import Collector
 from .health import AppHealth
+from .identity import IdentityError, SidecarIdentity
 from .persist import read_last_good, write_last_good
 
 log = logging.getLogger("meshlet.control")
@@ -66,8 +68,12 @@ class ControlPlaneClient:
         state_file: Path | None = None,
         rng: random.Random | None = None,
         watch_all: bool = False,
+        identity: SidecarIdentity | None = None,
+        tls: ControlPlaneTLS | None = None,
     ) -> None:
         self.addresses = addresses
+        self.identity = identity  # the join token, the key and the certificates (net/identity.py)
+        self.tls = tls  # None: plaintext (tests of the session alone)
         self.watch_all = watch_all  # every service's endpoints, not only those called (transparent mode)
         self.instance = instance
         self._apply = apply
@@ -82,7 +88,7 @@ class ControlPlaneClient:
         self.nacks_sent = 0
         self.last_error = ""
         self.has_config = False
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._conn: wire.ClientConnection | None = None
         self._waiting: dict[str, trio.Event] = {}  # services looked up, until an answer or the end
         self._draining = False
@@ -133,7 +139,9 @@ class ControlPlaneClient:
                 await self._session(host, port)
             except Exception as exc:  # noqa: BLE001 - whatever ended the session: reconnect
                 self.last_error = f"{host}:{port}: {_describe(exc)}"
-                log.warning("control plane %s:%d: %s", host, port, _describe(exc))
+                # A refused join is the operator's to fix: say it loudly (the message says how).
+                level = logging.ERROR if _join_refused(exc) else logging.WARNING
+                log.log(level, "control plane %s:%d: %s", host, port, _describe(exc))
             finally:
                 self.connected = False
                 self._stream = None
@@ -162,13 +170,20 @@ class ControlPlaneClient:
             # service is pushed (a hello that scopes nothing); otherwise those it called.
             {} if self.watch_all else {wire.ENDPOINTS: tuple(sorted(self.config.discovered.watched))},
             self.config.store,
+            token=self.identity.join_token if self.identity is not None else "",
+            csr=self.identity.csr() if self.identity is not None else b"",
         )
 
     async def _session(self, host: str, port: int) -> None:
         hello = self._hello()
         conn = wire.ClientConnection(hello)
         with trio.fail_after(5):
-            stream = await trio.open_tcp_stream(host, port)
+            plain = await trio.open_tcp_stream(host, port)
+            try:
+                stream: trio.abc.Stream = plain if self.tls is None else await self.tls.wrap(plain)
+            except BaseException:
+                await plain.aclose()
+                raise
         try:
             self._stream = stream
             self._conn = conn
@@ -182,7 +197,7 @@ class ControlPlaneClient:
                         raise wire.WireError("silent", f"nothing from the control plane for {3 * PING_INTERVAL:g}s")
                     if not data:
                         break
-                    for message in conn.receive_data(data):
+                    for message in conn.receive_data(bytes(data)):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
@@ -192,6 +207,7 @@ class ControlPlaneClient:
                                 self.span_collector = Collector(url, message.span_token)
                             log.info("connected to control plane %s:%d (%s)", host, port, message.server)
                             self._start_session(message.store)
+                            self._welcomed(message, nursery, stream, conn)
                             # The probe may have changed its mind since hello was built,
                             # and the app may have called new services.
                             self._told_ready = None  # a new session: say it again
@@ -206,6 +222,10 @@ class ControlPlaneClient:
                             await self._report_readiness()  # ready with its first configuration
                         elif isinstance(message, wire.Ping):
                             await self._send(stream, wire.encode(wire.Pong(message.id)))
+                        elif isinstance(message, wire.Cert):
+                            self._install_certificate(message.issued)
+                        elif isinstance(message, wire.Bundle) and self.identity is not None:
+                            self.identity.install_bundle(message.bundle)
                         elif isinstance(message, wire.Error):
                             raise wire.WireError(message.reason, message.message)
                 nursery.cancel_scope.cancel()
@@ -219,6 +239,31 @@ class ControlPlaneClient:
         this sidecar takes it as their store (sidecar/core/store_conflict.py)."""
         self.session_store = store
         self.unvouched = store_conflict.unvouched(self.config.store, store, self.config.policies.held)
+
+    def _welcomed(
+        self, welcome: wire.Welcome, nursery: trio.Nursery, stream: trio.abc.Stream, conn: wire.ClientConnection
+    ) -> None:
+        """Install the certificate issued for the hello's CSR, and renew it on this session."""
+        if self.identity is None:
+            return
+        if welcome.issued is not None:
+            self._install_certificate(welcome.issued)
+            if self.tls is not None:
+                self.tls.check_issuer()
+        if conn.protocol_version is not None and conn.protocol_version >= wire.IDENTITY_VERSION:
+
+            async def request(csr: bytes) -> None:
+                await self._send(stream, conn.csr(csr))
+
+            nursery.start_soon(self.identity.renew, request)
+
+    def _install_certificate(self, issued: wire.Issued) -> None:
+        if self.identity is None:
+            return
+        try:
+            self.identity.install(issued)
+        except IdentityError as exc:  # the control plane sent what we cannot use: reconnect
+            raise wire.WireError("bad-certificate", f"the certificate issued is refused: {exc}") from None
 
     def _on_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
         """Apply ``push``, serve and persist the result; the ACK or NACK to send."""
@@ -319,11 +364,11 @@ class ControlPlaneClient:
         for event in waiting.values():
             event.set()
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+    async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         async with self._send_lock:
             await stream.send_all(data)
 
-    async def _pinger(self, stream: trio.SocketStream) -> None:
+    async def _pinger(self, stream: trio.abc.Stream) -> None:
         ping = 0
         while True:
             await trio.sleep(PING_INTERVAL)
@@ -338,6 +383,8 @@ class ControlPlaneClient:
     def reported_ready(self) -> bool:
         """What the registry hears: the app is healthy and this sidecar has a configuration
         (its inbound listener refuses until then), so nobody is sent here before it can serve."""
+        if self.identity is not None and self.identity.not_ready():
+            return False  # no certificate (yet, or any more): peers would refuse us
         return self.health is not None and self.health.ready and self.has_config
 
     async def _report_readiness(self) -> None:
@@ -361,6 +408,12 @@ class ControlPlaneClient:
             self.health.stop()
         with trio.move_on_after(2):
             await self._send_quietly(wire.Bye("draining"))
+
+
+def _join_refused(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _join_refused(exc.exceptions[0])
+    return isinstance(exc, wire.WireError) and exc.reason == "join-refused"
 
 
 def _describe(exc: BaseException) -> str:

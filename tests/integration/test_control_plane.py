@@ -18,7 +18,7 @@ import trio
 
 from meshlet import wire
 
-from ..helpers import SidecarProcess, run_control_plane, run_sidecar, sample
+from ..helpers import SidecarProcess, fake_control_plane_tls, join_token, run_control_plane, run_sidecar, sample
 from ..mesh import Mesh
 from ..origin import Origin
 
@@ -409,6 +409,7 @@ async def test_bad_peers_are_refused_without_harming_others(mesh: Mesh, origin: 
             f"bad-{versions[0]}",
             "x",
             {"instance_id": f"x-{versions[0]}", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+            token=join_token(mesh.tmp_path),
         )
         messages = await _after_welcome(port, hello, wire.Watch("nonsense", ("a",)))
         # welcome also says where the control plane's HTTP API (its trace store) is, its store and
@@ -444,10 +445,10 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
     good = [wire.endpoint("item-1", f"127.0.0.1:{origin.port}")]
     other = [wire.endpoint("other-1", f"127.0.0.1:{origin.port}")]
 
-    async def fake_control_plane(stream: trio.SocketStream) -> None:
+    async def fake_control_plane(stream: trio.abc.Stream) -> None:  # over TLS, as sidecars dial it
         conn = wire.ServerConnection("fake-cp")
         while conn.hello is None:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         await stream.send_all(conn.accept())
         _, data = conn.push("endpoints", "t1", (wire.Resource("item", wire.content_version(good), good),), full=True)
         await stream.send_all(data)
@@ -458,7 +459,7 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
             data = await stream.receive_some(65536)
             if not data:
                 return
-            for message in conn.receive_data(data):
+            for message in conn.receive_data(bytes(data)):
                 if isinstance(message, wire.Ack | wire.Nack):
                     answers.append(message)
                     if not pushed:
@@ -468,7 +469,8 @@ async def test_sidecar_nacks_what_it_cannot_apply_and_keeps_the_rest(
                     else:
                         done.set()
 
-    nursery.start_soon(trio.serve_listeners, fake_control_plane, listeners)
+    tls = [trio.SSLListener(listener, fake_control_plane_tls(tmp_path)) for listener in listeners]
+    nursery.start_soon(trio.serve_listeners, fake_control_plane, tls)
     fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
     async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=fake) as user:
         with trio.fail_after(10):
@@ -496,6 +498,7 @@ async def test_a_peer_that_stops_reading_harms_no_one(tmp_path: Path, origin: Or
             "stuck",
             "stuck",
             {"instance_id": "stuck-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", "ready": True},
+            token=join_token(tmp_path),
         )
         await stuck.send_all(wire.encode(hello))  # then never reads, never answers
         try:
@@ -661,7 +664,11 @@ async def test_push_connections_are_capped_and_silent_ones_closed(tmp_path: Path
         assert sample(metrics, "meshlet_cp_push_connections") == 0
         # a slot is free again: a sidecar's hello is welcome
         hello = wire.Hello(
-            (2,), "n-1", "item", {"instance_id": "i-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
+            (2,),
+            "n-1",
+            "item",
+            {"instance_id": "i-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+            token=join_token(tmp_path),
         )
         messages = await _after_welcome(port, hello, wire.Ping(1))
         assert isinstance(messages[0], wire.Welcome)
@@ -686,7 +693,8 @@ async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(
 ) -> None:
     async with run_control_plane(tmp_path) as cp:
         fields = {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", **instance}
-        answer = await _raw_session(cp.ports["push"], wire.encode(wire.Hello((1, 2), "bad-1", "x", fields)))
+        hello = wire.Hello((1, 2), "bad-1", "x", fields, token=join_token(tmp_path))
+        answer = await _raw_session(cp.ports["push"], wire.encode(hello))
         (error,) = wire.FrameDecoder().feed(answer)  # no welcome: nothing was registered
         assert isinstance(error, wire.Error) and error.reason == reason and says in error.message, error
         async with httpx.AsyncClient() as client:

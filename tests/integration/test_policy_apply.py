@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import trio
 
-from ..helpers import run_control_plane, run_sidecar
+from ..helpers import join_token, run_control_plane, run_sidecar
 
 BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
 ROUTE = (
@@ -169,6 +169,7 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
             {"instance_id": "old-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9", "ready": True},
             {},
             {"endpoints": ()},
+            token=join_token(tmp_path),
         )
         conn = wire.ClientConnection(hello)
         await stream.send_all(conn.hello())
@@ -207,13 +208,19 @@ async def test_a_nack_is_reported_by_apply_and_shown_by_status(tmp_path: Path) -
         await stream.aclose()
 
 
-async def _silent_sidecar(port: int, node: str) -> trio.SocketStream:
+async def _silent_sidecar(port: int, node: str, token: str) -> trio.SocketStream:
     """A raw push-channel client that says hello and then never answers anything."""
     from meshlet import wire
 
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     hello = wire.Hello(
-        (1, 2), node, "old", {"instance_id": node, "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}, {}, {}
+        (1, 2),
+        node,
+        "old",
+        {"instance_id": node, "address": "127.0.0.1:9", "admin": "127.0.0.1:9"},
+        {},
+        {},
+        token=token,
     )
     await stream.send_all(wire.ClientConnection(hello).hello())
     return stream
@@ -223,7 +230,7 @@ async def test_apply_says_applied_but_unconfirmed_when_the_control_plane_dies_wh
     (tmp_path / "billing.yaml").write_text(BILLING)
     async with run_control_plane(tmp_path) as cp:
         api, token = f"127.0.0.1:{cp.ports['api']}", str(tmp_path / "cp" / "api-token")
-        stream = await _silent_sidecar(cp.ports["push"], "mute-1")  # apply waits for its ACK
+        stream = await _silent_sidecar(cp.ports["push"], "mute-1", join_token(tmp_path))  # apply waits for its ACK
         result: list[tuple[int, str, str]] = []
 
         async def apply() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..helpers import run_sidecar, sample
+from ..helpers import fake_control_plane_tls, run_sidecar, sample
 from ..mesh import Mesh
 from ..origin import Origin
 
@@ -320,10 +320,10 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
     done = trio.Event()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
 
-    async def fake_control_plane(stream: trio.SocketStream) -> None:
+    async def fake_control_plane(stream: trio.abc.Stream) -> None:  # over TLS, as sidecars dial it
         conn = wire.ServerConnection("fake-cp")
         while conn.hello is None:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         await stream.send_all(conn.accept())
         _, data = conn.push(
             "endpoints", "e1", (wire.Resource("item", wire.content_version(endpoints), endpoints),), full=True
@@ -337,7 +337,7 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
             data = await stream.receive_some(65536)
             if not data:
                 return
-            for message in conn.receive_data(data):
+            for message in conn.receive_data(bytes(data)):
                 if isinstance(message, wire.Ack | wire.Nack):
                     answers.append(message)
                     if pushes:
@@ -346,7 +346,8 @@ async def test_a_policy_the_sidecar_rejects_is_nacked_and_the_old_one_keeps_serv
                     elif len(answers) == 3:
                         done.set()
 
-    nursery.start_soon(trio.serve_listeners, fake_control_plane, listeners)
+    tls = [trio.SSLListener(listener, fake_control_plane_tls(tmp_path)) for listener in listeners]
+    nursery.start_soon(trio.serve_listeners, fake_control_plane, tls)
     fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
     async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", control_plane=fake) as user:
         with trio.fail_after(10):

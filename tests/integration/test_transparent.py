@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from ..helpers import SidecarProcess, run_meshlet, sample
+from ..helpers import SidecarProcess, join_token_file, run_meshlet, sample
 from ..netns import Host, need_netns, run_app, two_hosts
 
 ITEM_URL = "http://10.77.0.2:8080/items/1"
@@ -59,6 +59,8 @@ def _sidecar(host: Host, service: str, control_plane: str, tmp_path: Path) -> li
         "--data-dir",
         str(tmp_path / f"data-{service}"),
         "--transparent",
+        "--join-token",
+        f"@{join_token_file(tmp_path)}",
     ]
 
 

@@ -319,11 +319,11 @@ def test_negotiate_picks_the_highest_common_version(
 
 def test_unknown_protocol_version_is_refused() -> None:
     server = ServerConnection("cp-1")
-    server.receive_data(ClientConnection(_hello((3, 4))).hello())
+    server.receive_data(ClientConnection(_hello((4, 5))).hello())
     with pytest.raises(WireError) as info:
         server.accept()
     assert info.value.reason == "unsupported-version"
-    assert "[3, 4]" in info.value.detail
+    assert "[4, 5]" in info.value.detail
 
 
 def test_first_message_must_be_hello() -> None:
@@ -442,7 +442,7 @@ SPAN_TOKEN = "mst_" + "a1B2-_" * 7
 def test_welcome_carries_the_session_span_token_and_keeps_it_out_of_its_repr() -> None:
     server, client = ServerConnection("cp-1", api_port=15000), ClientConnection(_hello())
     server.receive_data(client.hello())
-    (welcome,) = client.receive_data(server.accept(SPAN_TOKEN))
+    (welcome,) = client.receive_data(server.accept(span_token=SPAN_TOKEN))
     assert welcome == Welcome(1, "cp-1", 15000, span_token=SPAN_TOKEN)
     assert SPAN_TOKEN not in repr(welcome)
     assert "span_token" not in Welcome(1, "cp-1").to_wire()  # none given: the frame is what it was

@@ -1,0 +1,453 @@
+"""The sidecar's identity: its key, the certificate the control plane issued for it and the
+trust bundle, installed into the :class:`CredentialHolder` the TLS layer reads.
+
+The key is made here (EC P-256) and never leaves the process or the data directory: with
+``--data-dir`` it is kept in ``<service>.key`` (0600) so a restart keeps it, with the last
+certificate (``<service>.crt``) and bundle (``<service>.bundle.pem``) beside it, so a sidecar
+restarted while the control plane is away still proves who it is until the certificate
+expires. Without a data directory everything lives in memory only.
+
+What the control plane sends is checked before it is used: the leaf must be for our key,
+name exactly ``spiffe://<trust domain>/service/<our service>`` and be signed by a root of the
+bundle that came with it. A persisted certificate is checked the same way at start.
+
+Renewal (:meth:`SidecarIdentity.renew`) runs on the live session: at ``renewal.renew_at`` (2/3
+of the lifetime, less jitter) a ``csr`` message, then the ``cert`` answer; a renewal without an
+answer is retried after ``renewal.retry_delay``. Every hello carries a CSR too, so a reconnect
+also brings a fresh certificate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import random
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshlet import identity, wire
+
+from ..core import renewal
+from ..core.credentials import CredentialHolder, Credentials
+
+log = logging.getLogger("meshlet.identity")
+
+RENEW_ANSWER_TIMEOUT = 30.0  # a csr not answered by then counts as a failed renewal
+_MAX_FILE = 64 * 1024  # a key, a chain or a bundle file; more is not one
+
+
+class IdentityError(Exception):
+    """A key file, certificate or bundle this sidecar refuses; the message says why (never key material)."""
+
+
+class SidecarIdentity:
+    def __init__(
+        self,
+        service: str,
+        holder: CredentialHolder,
+        *,
+        join_token: str | None = None,
+        join_token_file: Path | None = None,
+        directory: Path | None = None,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.holder = holder
+        self._join_token = join_token or ""
+        self.join_token_file = join_token_file  # read at each connection: a file mounted later is picked up
+        self.directory = directory
+        self.rng = rng or random.Random()
+        self.wall = wall
+        self._key = self._open_key()
+        self._key_pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        self._public = _public_der(self._key.public_key())
+        self._csr: bytes | None = None
+        self.renew_at: float | None = None
+        self.renewals = 0  # certificates installed from the control plane
+        self._installed = trio.Event()
+
+    def __repr__(self) -> str:  # neither the token nor the key may reach a log
+        return f"SidecarIdentity(service={self.service!r}, directory={self.directory!r})"
+
+    @property
+    def join_token(self) -> str:
+        """The join token to present ("" for none): the value given, or the file's content now."""
+        if self.join_token_file is None:
+            return self._join_token
+        try:
+            return read_token_file(self.join_token_file)
+        except ValueError as exc:
+            log.error("--join-token @%s: %s; joining without a token", self.join_token_file, exc)
+            return ""
+
+    # files ----------------------------------------------------------------------------------
+    def _path(self, suffix: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{self.service}{suffix}"
+
+    def _open_key(self) -> ec.EllipticCurvePrivateKey:
+        path = self._path(".key")
+        if path is None:
+            return ec.generate_private_key(ec.SECP256R1())
+        try:
+            return _parse_key(_read_private(path), path)
+        except FileNotFoundError:
+            pass
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            _write_new(path, pem)
+        except FileExistsError:  # another instance of this service made it first: theirs is ours
+            return _parse_key(_read_private(path), path)
+        log.info("made a new key in %s", path)
+        return key
+
+    def load_persisted(self) -> bool:
+        """Install the certificate and bundle kept beside the key, if they are still ours;
+        a restart while the control plane is away then still proves who we are."""
+        cert_path, bundle_path = self._path(".crt"), self._path(".bundle.pem")
+        if cert_path is None or bundle_path is None:
+            return False
+        try:
+            chain, bundle = _read_private(cert_path), _read_private(bundle_path)
+        except FileNotFoundError:
+            return False
+        except IdentityError as exc:
+            log.error("not using the persisted certificate: %s", exc)
+            return False
+        try:
+            credentials = self._verified(chain, bundle)
+        except IdentityError as exc:
+            log.warning("not using the persisted certificate %s: %s", cert_path, exc)
+            return False
+        self._install(credentials)
+        state = renewal.state(self.wall(), credentials.not_before, credentials.not_after, self.renew_at or 0.0)
+        log.info("using the persisted certificate %s (%s, until %s)", cert_path, state, _iso(credentials.not_after))
+        return True
+
+    def _persist(self, credentials: Credentials) -> None:
+        cert_path, bundle_path = self._path(".crt"), self._path(".bundle.pem")
+        if cert_path is None or bundle_path is None:
+            return
+        try:
+            _write_replacing(bundle_path, credentials.bundle)
+            _write_replacing(cert_path, credentials.cert_chain)
+        except OSError as exc:  # the running identity is unaffected
+            log.warning("could not persist the certificate to %s: %s", cert_path, exc)
+
+    # what the control plane sends ------------------------------------------------------------
+    def csr(self) -> bytes:
+        """A certificate signing request for our key (PEM). It names nothing: the control plane
+        issues for the service the session proved, whatever a request asks for."""
+        if self._csr is None:
+            request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            self._csr = request.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        return self._csr
+
+    def install(self, issued: wire.Issued) -> Credentials:
+        """Check and install a certificate the control plane issued; IdentityError if it is
+        not for our key and service, or not signed by a root of its bundle."""
+        credentials = self._verified(issued.chain, issued.bundle)
+        # Its lifetime counts from now, not from not_before: the CA dates that back by a clock
+        # skew (a minute), which would make a short-lived certificate due for renewal at once.
+        self._install(credentials, start=max(credentials.not_before, self.wall()))
+        self.renewals += 1
+        self._persist(credentials)
+        log.info(
+            "certificate for spiffe://%s/service/%s installed, valid until %s (renewal at %s)",
+            credentials.trust_domain,
+            credentials.service,
+            _iso(credentials.not_after),
+            _iso(self.renew_at or credentials.not_after),
+        )
+        return credentials
+
+    def install_bundle(self, bundle: bytes) -> None:
+        """A new trust bundle (a CA rotation) for the certificate we hold."""
+        current = self.holder.current
+        if current is None:
+            return  # the next certificate brings its bundle
+        roots = _parse_bundle(bundle)
+        leaf = x509.load_pem_x509_certificate(current.cert_chain)
+        if not any(_signed_by(leaf, root) for root in roots):
+            # Our own certificate must stay verifiable by peers trusting this bundle: it is the
+            # next renewal's job to move us to the new root, not a bundle's to strand us.
+            log.warning("a trust bundle without the root of our certificate: kept until the next renewal")
+        self.holder.install(_replace(current, bundle=bundle))
+        current = self.holder.current
+        assert current is not None
+        self._persist(current)
+        log.info("trust bundle updated: %d root(s)", len(roots))
+
+    def _verified(self, chain: bytes, bundle: bytes) -> Credentials:
+        try:
+            certificates = x509.load_pem_x509_certificates(chain)
+        except ValueError:
+            raise IdentityError("the certificate is not PEM") from None
+        leaf = certificates[0]
+        if _public_der(leaf.public_key()) != self._public:
+            raise IdentityError("the certificate is for another key than this sidecar's")
+        trust_domain, service = _spiffe_identity(leaf)
+        if service != self.service:
+            raise IdentityError(f"the certificate is {service!r}'s, not {self.service!r}'s")
+        if not any(_signed_by(leaf, root) for root in _parse_bundle(bundle)):
+            raise IdentityError("the certificate is not signed by a root of its trust bundle")
+        return Credentials(
+            cert_chain=chain,
+            key=self._key_pem,
+            bundle=bundle,
+            trust_domain=trust_domain,
+            service=service,
+            not_before=leaf.not_valid_before_utc.timestamp(),
+            not_after=leaf.not_valid_after_utc.timestamp(),
+        )
+
+    def _install(self, credentials: Credentials, start: float | None = None) -> None:
+        self.holder.install(credentials)
+        begin = credentials.not_before if start is None else min(start, credentials.not_after - 1.0)
+        self.renew_at = renewal.renew_at(begin, credentials.not_after, self.rng)
+        self._installed.set()
+        self._installed = trio.Event()
+
+    # state ------------------------------------------------------------------------------------
+    def state(self) -> str:
+        """``none`` (no certificate yet), ``valid``, ``renew`` (due) or ``expired``."""
+        current = self.holder.current
+        if current is None or self.renew_at is None:
+            return "none"
+        return renewal.state(self.wall(), current.not_before, current.not_after, self.renew_at)
+
+    def not_ready(self) -> str:
+        """Why the sidecar is not ready for lack of a certificate ("" when it holds a valid one)."""
+        state = self.state()
+        if state == "none":
+            return "no certificate yet (the control plane has not issued one)"
+        if state == "expired":
+            return "its certificate expired (peers refuse it) and the control plane has not renewed it"
+        return ""
+
+    def expires_in(self) -> float | None:
+        current = self.holder.current
+        return None if current is None else current.not_after - self.wall()
+
+    def describe(self) -> dict[str, Any]:
+        """For config_dump: who we are and until when; never the key or the token."""
+        current = self.holder.current
+        if current is None:
+            return {"state": "none", "renewals": self.renewals}
+        return {
+            "spiffe_id": f"spiffe://{current.trust_domain}/service/{current.service}",
+            "state": self.state(),
+            "not_after": _iso(current.not_after),
+            "renew_at": _iso(self.renew_at or current.not_after),
+            "renewals": self.renewals,
+        }
+
+    # tasks ------------------------------------------------------------------------------------
+    async def renew(self, request: Callable[[bytes], Awaitable[None]]) -> None:
+        """While a session is up (its nursery runs this): ask for a new certificate at
+        ``renew_at`` by ``request(csr)``; the answer arrives through :meth:`install`. A request
+        not answered within ``RENEW_ANSWER_TIMEOUT`` is retried after ``renewal.retry_delay``."""
+        attempt = 0
+        while True:
+            current = self.holder.current
+            if current is None or self.renew_at is None:
+                await self._installed.wait()
+                continue
+            if attempt == 0:
+                await trio.sleep(max(0.0, self.renew_at - self.wall()))
+            generation = self.holder.generation
+            if renewal.state(self.wall(), current.not_before, current.not_after, self.renew_at) == "valid":
+                attempt = 0
+                continue  # a newer certificate arrived meanwhile (a reconnect's hello)
+            await request(self.csr())
+            with trio.move_on_after(RENEW_ANSWER_TIMEOUT):
+                while self.holder.generation == generation:
+                    await self._installed.wait()
+            if self.holder.generation != generation:
+                attempt = 0
+                continue
+            attempt += 1
+            delay = renewal.retry_delay(attempt, self.wall(), current.not_after, self.rng)
+            log.warning("certificate renewal got no answer (attempt %d): retrying in %.1f s", attempt, delay)
+            await trio.sleep(delay)
+
+    async def watch_expiry(self) -> None:
+        """Log at ERROR, once per certificate, when the one we hold expires."""
+        while True:
+            current = self.holder.current
+            if current is None:
+                await self._installed.wait()
+                continue
+            generation = self.holder.generation
+            with trio.move_on_after(max(0.0, current.not_after - self.wall())):
+                await self._installed.wait()
+            if self.holder.generation == generation and self.wall() >= current.not_after:
+                log.error(
+                    "the certificate of spiffe://%s/service/%s expired at %s: peers refuse it and this sidecar "
+                    "reports not ready until the control plane issues a new one (is it reachable?)",
+                    current.trust_domain,
+                    current.service,
+                    _iso(current.not_after),
+                )
+                await self._installed.wait()
+
+
+# helpers -----------------------------------------------------------------------------------
+
+_MAX_TOKEN_FILE = 4096  # a join token is 60 characters; a file this large is not one
+
+
+def read_token_file(path: Path) -> str:
+    """The join token in ``path`` (surrounding whitespace dropped); ValueError saying why not,
+    never quoting the content."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror})") from None
+    if len(data) > _MAX_TOKEN_FILE:
+        raise ValueError(f"larger than {_MAX_TOKEN_FILE} bytes: not a join token file")
+    token = data.decode("ascii", errors="replace").strip()
+    if not token:
+        raise ValueError("it is empty")
+    return token
+
+
+def _replace(credentials: Credentials, *, bundle: bytes) -> Credentials:
+    return Credentials(
+        credentials.cert_chain,
+        credentials.key,
+        bundle,
+        credentials.trust_domain,
+        credentials.service,
+        credentials.not_before,
+        credentials.not_after,
+    )
+
+
+def _spiffe_identity(leaf: x509.Certificate) -> tuple[str, str]:
+    """(trust domain, service) of the leaf's one URI SAN."""
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("the certificate has no subjectAltName") from None
+    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise IdentityError(f"the certificate has {len(uris)} URI names, not one SPIFFE ID")
+    uri = uris[0]
+    trust_domain = uri.removeprefix(identity.SCHEME).partition("/")[0]
+    try:
+        return trust_domain, identity.parse_spiffe_id(uri, trust_domain)
+    except identity.IdentityError as exc:
+        raise IdentityError(str(exc)) from None
+
+
+def _parse_bundle(bundle: bytes) -> list[x509.Certificate]:
+    try:
+        roots = x509.load_pem_x509_certificates(bundle)
+    except ValueError:
+        raise IdentityError("the trust bundle is not PEM certificates") from None
+    return roots
+
+
+def _signed_by(leaf: x509.Certificate, root: x509.Certificate) -> bool:
+    try:
+        leaf.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _public_der(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _parse_key(pem: bytes, path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise IdentityError(f"{path} is not an unencrypted PEM private key: remove it to have a new one made") from None
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise IdentityError(f"{path} is not an EC P-256 key: remove it to have a new one made")
+    return key
+
+
+def _read_private(path: Path) -> bytes:
+    """A file only we may read: a regular file (not a symlink), ours, closed to group and
+    others; checked on the open file. FileNotFoundError passes through."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise IdentityError(f"{path}: cannot open it ({exc.strerror})") from None
+    try:
+        status = os.fstat(fd)
+        mode = stat.S_IMODE(status.st_mode)
+        if not stat.S_ISREG(status.st_mode):
+            raise IdentityError(f"{path} is not a regular file")
+        if status.st_uid != os.getuid():
+            raise IdentityError(f"{path} belongs to another user (uid {status.st_uid})")
+        if mode & 0o077:
+            raise IdentityError(f"{path} is open to group or others (mode {mode:04o}): chmod 600 {path}")
+        data = os.read(fd, _MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_FILE:
+        raise IdentityError(f"{path} is larger than {_MAX_FILE} bytes")
+    return data
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """``data`` in ``path`` (0600 from the first byte), replacing it atomically."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` in a new 0600 file, never over an existing one (FileExistsError): written
+    whole to a temporary name, then hard-linked into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
