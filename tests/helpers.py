@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshlet import processes
 
 if TYPE_CHECKING:
+    from control_plane.joins import Joins
     from meshlet.demo import Demo
 
 SIDECAR_READY = "meshlet sidecar ready"
@@ -220,3 +221,17 @@ async def apply_policy(tmp_path: Path, api: str, text: str) -> None:
     command = [sys.executable, "-m", "meshlet", "apply", "--token-file", token, "-f", str(policy), "--api", api]
     result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+
+
+def in_process_joins() -> tuple[Joins, str]:
+    """For a PushServer run inside a test: who may join (a fresh CA, one unscoped token) and
+    that token, for the raw hellos the test sends (``token=``)."""
+    import random
+    import time
+
+    from control_plane import ca, tokens
+    from control_plane.joins import Joins
+
+    text, record = tokens.mint(None, None, time.time())
+    authority = ca.Authority(ca.create_root("meshlet.local", time.time(), random.Random(7)))
+    return Joins(authority, lambda: {record.id: record}, token_path="join-token"), text

@@ -23,6 +23,7 @@ from control_plane.registry import Registry
 from control_plane.server import CONFLICTS_LOGGED, PushServer
 from control_plane.store import MemoryStore
 from meshlet import wire
+from tests.helpers import in_process_joins
 
 from .test_hub import Recorder
 
@@ -87,7 +88,8 @@ async def test_a_sidecar_holding_policies_from_another_store(nursery: trio.Nurse
     store = MemoryStore()
     policies = PolicyStore(store)
     await policies.apply([("route.yaml", ROUTE_YAML)], source="test", now=0.0)
-    push = PushServer(Registry(), policies=policies, store_id=store.id)
+    joins, token = in_process_joins()
+    push = PushServer(Registry(), policies=policies, store_id=store.id, joins=joins)
     port = await nursery.start(push.serve, "127.0.0.1", 0)
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -103,6 +105,7 @@ async def test_a_sidecar_holding_policies_from_another_store(nursery: trio.Nurse
         {"instance_id": "item-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:10"},
         {wire.POLICIES: held},
         store=OLD,
+        token=token,
     )
     conn = wire.ClientConnection(hello)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
