@@ -29,7 +29,7 @@ from ..helpers import SidecarProcess, join_token, run_sidecar, sample
 from ..mesh import Mesh
 from .test_control_plane import eventually
 
-INSTANCE = {"instance_id": "x-1", "address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
+INSTANCE = {"address": "127.0.0.1:9", "admin": "127.0.0.1:9"}
 
 
 def _csr(*uris: str) -> bytes:
@@ -64,7 +64,10 @@ async def _session(port: int, hello: wire.Hello, *then: wire.Message) -> list[wi
 
 
 def _hello(service: str, token: str, csr: bytes = b"") -> wire.Hello:
-    return wire.Hello(wire.PROTOCOL_VERSIONS, f"n-{service}", service, INSTANCE, token=token, csr=csr)
+    # An instance id of its own per service: a registration outlives its session (its lease), and
+    # the control plane refuses another identity's claim on it.
+    instance = {"instance_id": f"{service}-1", **INSTANCE}
+    return wire.Hello(wire.PROTOCOL_VERSIONS, f"n-{service}", service, instance, token=token, csr=csr)
 
 
 def _spiffe_ids(chain: bytes) -> list[str]:

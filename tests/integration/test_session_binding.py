@@ -19,7 +19,7 @@ import trio
 
 from meshlet import wire
 
-from ..helpers import sample
+from ..helpers import join_token, sample
 from ..mesh import Mesh
 from ..origin import Origin
 from .test_control_plane import eventually, learns
@@ -39,7 +39,7 @@ class Peer:
     async def hello(
         cls,
         opened: list[trio.SocketStream],
-        push: str,
+        mesh: Mesh,
         service: str,
         instance_id: str,
         *,
@@ -49,11 +49,14 @@ class Peer:
         ready: bool = True,
         then: wire.Message | None = None,
     ) -> Peer:
-        host, port = push.rsplit(":", 1)
+        host, port = mesh.push.rsplit(":", 1)
         stream = await trio.open_tcp_stream(host, int(port))
         opened.append(stream)  # closed at the test's end (the opened fixture), pass or fail
         instance = {"instance_id": instance_id, "address": address, "admin": admin, "ready": ready}
-        data = wire.encode(wire.Hello((2,), node or instance_id, service, instance))
+        # It holds the control plane's bootstrap token (unscoped: any service), as anyone on
+        # the host who can read it does: what a session can do once admitted is what is tested.
+        token = join_token(mesh.tmp_path)
+        data = wire.encode(wire.Hello((2, 3), node or instance_id, service, instance, token=token))
         if then is not None:  # in the same write: read by the control plane with the hello
             data += wire.encode(then)
         await stream.send_all(data)
@@ -113,19 +116,17 @@ async def test_a_live_instance_id_or_node_cannot_be_taken_and_bye_cannot_name_it
     fake = await mesh.origin()  # the attacker's app: where it wants item's callers
     attacks = [
         # its instance id, from another node: would take its place (20 of 20 calls)
-        await Peer.hello(opened, mesh.push, "item", "item-1", node="evil", address=f"127.0.0.1:{fake.port}"),
+        await Peer.hello(opened, mesh, "item", "item-1", node="evil", address=f"127.0.0.1:{fake.port}"),
         # its node, under another instance id: would close the real sidecar's channel as a ghost
-        await Peer.hello(opened, mesh.push, "item", "item-2", node="item-1", address=f"127.0.0.1:{fake.port}"),
+        await Peer.hello(opened, mesh, "item", "item-2", node="item-1", address=f"127.0.0.1:{fake.port}"),
         # its instance id, then bye in the same write: would deregister it (404 for a minute)
-        await Peer.hello(opened, mesh.push, "item", "item-1", node="evil-2", then=wire.Bye("draining")),
+        await Peer.hello(opened, mesh, "item", "item-1", node="evil-2", then=wire.Bye("draining")),
         # another service's session claiming it
-        await Peer.hello(opened, mesh.push, "evil", "item-1", node="evil-3", address=f"127.0.0.1:{fake.port}"),
+        await Peer.hello(opened, mesh, "evil", "item-1", node="evil-3", address=f"127.0.0.1:{fake.port}"),
     ]
     assert [peer.refusal for peer in attacks] == ["instance-in-use"] * 4
     # A session of its own can say bye: it deregisters its own instance, nothing else.
-    own = await Peer.hello(
-        opened, mesh.push, "item", "item-3", node="evil-4", address=f"127.0.0.1:{fake.port}", ready=False
-    )
+    own = await Peer.hello(opened, mesh, "item", "item-3", node="evil-4", address=f"127.0.0.1:{fake.port}", ready=False)
     assert isinstance(own.first, wire.Welcome)
     await own.send(wire.Bye("draining"))
     served = origin.stats.served
@@ -154,7 +155,7 @@ async def test_a_restarted_sidecar_takes_its_instance_back_and_nobody_else_can(
 
     await eventually(departed, "the control plane saw item's channel close")
     fake = await mesh.origin()
-    other = await Peer.hello(opened, mesh.push, "evil", "item-1", node="evil", address=f"127.0.0.1:{fake.port}")
+    other = await Peer.hello(opened, mesh, "evil", "item-1", node="evil", address=f"127.0.0.1:{fake.port}")
     assert other.refusal == "instance-in-use" and "another identity" in other.first.message  # type: ignore[union-attr]
     again = await mesh.sidecar("item", app=origin, extra=["--instance-id", "item-1"])  # the same identity
     await learns(user, "item", [again.inbound])
@@ -178,7 +179,7 @@ async def test_an_admin_address_off_the_sessions_host_is_never_fetched(
     target = f"127.0.0.2:{listeners[0].socket.getsockname()[1]}"
     await mesh.control_plane()
     await mesh.sidecar("item", app=origin)
-    peer = await Peer.hello(opened, mesh.push, "fake", "fake-1", admin=target)  # from 127.0.0.1
+    peer = await Peer.hello(opened, mesh, "fake", "fake-1", admin=target)  # from 127.0.0.1
     assert isinstance(peer.first, wire.Welcome)  # accepted: only its admin is not scraped
 
     async def scraped_twice() -> bool:
@@ -220,7 +221,7 @@ async def test_spans_are_bound_to_the_session_that_posts_them(
     item = await mesh.sidecar("item", app=origin)
     user = await mesh.sidecar("user")
     await learns(user, "item", [item.inbound])
-    peer = await Peer.hello(opened, mesh.push, "evil", "evil-1")
+    peer = await Peer.hello(opened, mesh, "evil", "evil-1")
     assert isinstance(peer.first, wire.Welcome)
     token = peer.first.span_token
     assert token and token not in repr(peer.first)

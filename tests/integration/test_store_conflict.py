@@ -1,14 +1,23 @@
 """A control plane started on an empty data directory (a lost volume) does not open an
 AccessPolicy: the sidecars keep it, the new control plane reports the conflict, and once the
-policies are applied to it the sidecars adopt its store and removals work again."""
+policies are applied to it the sidecars adopt its store and removals work again.
+
+Both control planes sign with the operator's root (--ca-cert/--ca-key, kept outside the data
+directory, as a Kubernetes secret would be): with a root of its own in the lost volume, the new
+control plane would have a new CA that the sidecars refuse, and they would stay on what they
+hold without ever hearing of it (fail-static, closed too, but no store conflict to resolve)."""
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+
+from control_plane import ca
 
 from ..helpers import SidecarProcess, run_control_plane, sample
 from ..mesh import Mesh
@@ -33,8 +42,15 @@ TTL = "6"  # the new control plane's warm-up: one lease TTL (above the 5 s pings
 
 async def test_an_empty_store_does_not_open_an_access_policy(tmp_path: Path, mesh: Mesh) -> None:
     listen = f"127.0.0.1:{free_port()}"
+    ca.write_root(tmp_path / "operator", ca.create_root("meshlet.local", time.time(), random.Random(3)))
+    root = [
+        "--ca-cert",
+        str(tmp_path / "operator" / ca.CERT_FILE),
+        "--ca-key",
+        str(tmp_path / "operator" / ca.KEY_FILE),
+    ]
     item = await mesh.origin()
-    old = await mesh.control_plane(listen=listen, extra=["--ttl", TTL])
+    old = await mesh.control_plane(listen=listen, extra=["--ttl", TTL, *root])
     item_sidecar = await mesh.sidecar("item", app=item)
     user = await mesh.sidecar("user")
     gateway = await mesh.sidecar("gateway")
@@ -64,7 +80,7 @@ async def test_an_empty_store_does_not_open_an_access_policy(tmp_path: Path, mes
         # The volume is lost: a control plane on the same port, on an empty data dir.
         await mesh.stop(old)
         (tmp_path / "cp").rename(tmp_path / "cp-lost")
-        await mesh.control_plane(listen=listen, extra=["--ttl", TTL])
+        await mesh.control_plane(listen=listen, extra=["--ttl", TTL, *root])
         new_store = (await status())["store"]
         assert new_store != old_store
 
