@@ -28,6 +28,7 @@ import trio
 from meshlet.io import Deadlines
 
 from .core.config import MeshSnapshot, empty_snapshot, load_static
+from .core.credentials import CredentialHolder
 from .core.destination import Destinations
 from .core.interception import AddressMap
 from .core.services import Endpoint, ServiceConfig
@@ -46,7 +47,9 @@ from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import SpanExporter
+from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
+from .net.tls import MeshTLS
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, UpstreamPools
 from .telemetry import Telemetry
@@ -87,6 +90,8 @@ class SidecarOptions:
     # The app's traffic reaches the outbound listener through iptables REDIRECT rules (meshlet
     # init-iptables): route each connection by its original destination; learn every service.
     transparent: bool = False
+    # --tls-cert, --tls-key, --trust-bundle: static mTLS credentials (checked by the CLI)
+    tls_files: tuple[Path, Path, Path] | None = None
 
 
 def build_outbound(
@@ -157,7 +162,14 @@ class Sidecar:
         service = options.service
         self.telemetry = telemetry = Telemetry()
         self.deadlines = Deadlines()
-        self.pools = UpstreamPools(clock=self.deadlines.clock)
+        # The control-plane session installs issued certificates here; the TLS contexts read it.
+        self.credentials = CredentialHolder()
+        if options.tls_files is not None:
+            from .net.credential_files import load_credentials
+
+            self.credentials.install(load_credentials(*options.tls_files, options.service))
+        self.tls = MeshTLS(self.credentials, on_handshake=telemetry.tls_handshake, on_failure=telemetry.tls_failure)
+        self.pools = UpstreamPools(clock=self.deadlines.clock, tls=self.tls)
         self.listeners = Listeners(self.deadlines, options.header_timeout)
         self.forwarder = Forwarder(self.pools, self.deadlines)
         self.mirror = Mirror(self.forwarder, telemetry)
@@ -231,6 +243,7 @@ class Sidecar:
         destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
         telemetry, forwarder = self.telemetry, self.forwarder
         telemetry.configure(snapshot.metrics)
+        self.tls.configure(snapshot.mtls_mode, snapshot.mtls_modes)
         explanations = self.explanations
         tracer = self._tracer(snapshot)
 
@@ -364,6 +377,9 @@ class Sidecar:
         for name, address in opts.upstreams.items():
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         listeners = self.listeners
+        inbound_gate = InboundGate(
+            self.tls, opts.service, self._inbound, listeners.timeouts["inbound"], self.telemetry.refused_plaintext
+        )
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
@@ -378,7 +394,11 @@ class Sidecar:
                         listeners.timeouts[kind],
                         reuse_port=opts.reuse_port and name != "admin",
                         stop_accepting=self.stop_accepting if name == "inbound" else None,
-                        accept=self.interceptor if name == "outbound" and opts.transparent else None,
+                        accept=self.interceptor
+                        if name == "outbound" and opts.transparent
+                        else inbound_gate
+                        if name == "inbound"
+                        else None,
                         listen_after=self.configured if name == "inbound" else None,
                         limit=listeners.limits[kind],
                     )

@@ -1,0 +1,142 @@
+"""The inbound listener's connections: mTLS or plaintext, told apart by their first byte.
+
+Every TLS connection starts with a handshake record (0x16); an HTTP request with a method
+name. So the first byte is peeked (``MSG_PEEK``: it stays for whoever reads next), waiting no
+longer than the header timeout, and decides:
+
+* 0x16: a TLS handshake with the server context, a client certificate required and verified;
+  the caller is the service its SPIFFE ID names, for every request on the connection;
+* anything else: plaintext, whose caller is ``unauthenticated`` (meshlet.identity), or, when
+  the service's mTLS mode is ``strict``, a connection closed at once (counted, logged once per
+  burst from one peer).
+
+What a request's ``x-meshlet-source`` header claims is never used (sidecar/layers/inbound.py
+drops it): the identity is the connection's.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+import trio
+from trio.lowlevel import wait_readable
+
+from meshlet.identity import UNAUTHENTICATED
+from meshlet.io import Closed, Connection, start_tls
+
+from ..core import errors
+from ..layers.base import Handler
+from .downstream import Timeouts, serve_connection
+from .tls import MeshTLS, PeerIdentityError, peer_service
+
+log = logging.getLogger("meshlet.inbound")
+
+TLS_HANDSHAKE_RECORD = 0x16
+REFUSAL_LOG_INTERVAL = 60.0  # a peer refused again within this is counted, not logged again
+MAX_PEERS_REMEMBERED = 10_000  # peers whose last refusal log time is kept
+
+
+class InboundGate:
+    """The inbound listener's ``accept``: identifies the caller, then serves the connection."""
+
+    def __init__(
+        self,
+        tls: MeshTLS,
+        service: str,
+        handler: Handler,
+        timeouts: Timeouts,
+        on_plaintext_refused: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.tls = tls
+        self.service = service
+        self.handler = handler
+        self.timeouts = timeouts
+        self.on_plaintext_refused = on_plaintext_refused
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # peer → (logged at, refused since)
+        self._no_credentials_logged = False
+
+    async def __call__(self, io: Connection) -> None:
+        try:
+            first = await self._first_byte(io)
+            if first is None:
+                return  # closed, or silent past the header timeout, before a byte
+            if first == TLS_HANDSHAKE_RECORD:
+                await self._serve_tls(io)
+            elif self.tls.mode(self.service) == "strict":
+                self._refuse_plaintext(io)
+            else:
+                await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED)
+        finally:
+            io.close()
+
+    async def _first_byte(self, io: Connection) -> int | None:
+        sock = io.sock
+        with trio.move_on_after(self.timeouts.header):
+            while True:
+                try:
+                    data = sock.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    try:
+                        await wait_readable(sock)
+                    except (trio.ClosedResourceError, OSError):
+                        return None
+                    continue
+                except OSError:
+                    return None
+                return data[0] if data else None
+        return None
+
+    async def _serve_tls(self, io: Connection) -> None:
+        tls = self.tls
+        tls.refresh()
+        context = tls.server
+        if context is None:
+            if not self._no_credentials_logged:
+                self._no_credentials_logged = True
+                log.warning("a TLS connection from %s, but no TLS credentials yet: closed", io.peer)
+            tls.on_failure("server", "no-credentials")
+            return
+        conn = start_tls(io, context, server_side=True)
+        try:
+            with trio.fail_after(self.timeouts.header):
+                await conn.handshake()
+            caller = peer_service(conn, tls.trust_domain)
+        except (Closed, trio.TooSlowError) as exc:
+            log.debug("TLS handshake from %s failed: %s", io.peer, exc or "timed out")
+            tls.on_failure("server", errors.TLS_HANDSHAKE_FAILED.name)
+            conn.close()
+            return
+        except PeerIdentityError as exc:
+            log.warning("TLS peer %s refused: %s", io.peer, exc)
+            tls.on_failure("server", errors.PEER_IDENTITY_MISMATCH.name)
+            conn.close()
+            return
+        tls.on_handshake("server", conn.session_reused)
+        try:
+            await serve_connection(conn, self.handler, self.timeouts, caller)
+        finally:
+            conn.close()
+
+    def _refuse_plaintext(self, io: Connection) -> None:
+        """Strict mode: close (with a reset: nothing of it was read); logged once per burst."""
+        self.on_plaintext_refused()
+        io.reset()
+        peer = io.peer
+        now = trio.current_time()
+        logged = self._refusals_logged
+        last = logged.get(peer)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
+            logged[peer] = (last[0], last[1] + 1)
+            return
+        if len(logged) >= MAX_PEERS_REMEMBERED:
+            logged.clear()
+        since = 0 if last is None else last[1]
+        log.warning(
+            "plaintext connection from %s refused: service %s is in strict mTLS mode%s",
+            peer,
+            self.service,
+            f" ({since} more refused since the last report)" if since else "",
+        )
+        logged[peer] = (now, 0)
