@@ -179,12 +179,17 @@ class EndpointSpec(_Model):
         return endpoint_mapping(value)
 
 
+def _yaml_off(value: Any) -> Any:
+    """``mode: off`` unquoted is YAML 1.1's false: the word was meant."""
+    return "off" if value is False else value
+
+
 class Mtls(_Model):
     """mTLS between sidecars (docs/security.md). permissive: mesh traffic is mTLS, and a
     plaintext caller is still served, as ``unauthenticated``; strict: plaintext to an inbound
     port is refused; off: plaintext both ways, every caller unauthenticated (benchmarks, migrations)."""
 
-    mode: Literal["off", "permissive", "strict"] = "permissive"
+    mode: Annotated[Literal["off", "permissive", "strict"], BeforeValidator(_yaml_off)] = "permissive"
 
 
 class Service(_Model):

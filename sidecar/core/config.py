@@ -241,6 +241,8 @@ def _mtls_mode(raw: Mapping[Any, Any], path: str, problem: _Problems) -> str | N
         return None
     problem.unknown_keys(value, f"{path}.mtls", ("mode",))
     mode = value.get("mode", "permissive")
+    if mode is False:
+        mode = "off"  # unquoted, YAML 1.1 reads it as false
     if mode not in MTLS_MODES:
         problem(f"{path}.mtls.mode", f"{mode!r} is not one of {', '.join(MTLS_MODES)}")
         return None
