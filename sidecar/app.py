@@ -51,7 +51,7 @@ from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.tls import MeshTLS
 from .net.transparent import Interceptor
-from .net.upstream import Forwarder, UpstreamPools
+from .net.upstream import Forwarder, OwnConnections, UpstreamPools
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlet.sidecar")
@@ -169,7 +169,9 @@ class Sidecar:
 
             self.credentials.install(load_credentials(*options.tls_files, options.service))
         self.tls = MeshTLS(self.credentials, on_handshake=telemetry.tls_handshake, on_failure=telemetry.tls_failure)
-        self.pools = UpstreamPools(clock=self.deadlines.clock, tls=self.tls)
+        # Transparent mode: our mTLS connections that the iptables rules send back are told apart.
+        own = OwnConnections() if options.transparent else None
+        self.pools = UpstreamPools(clock=self.deadlines.clock, tls=self.tls, own=own)
         self.listeners = Listeners(self.deadlines, options.header_timeout)
         self.forwarder = Forwarder(self.pools, self.deadlines)
         self.mirror = Mirror(self.forwarder, telemetry)
@@ -203,7 +205,9 @@ class Sidecar:
             upstreams={},
             routes={},
         )
-        self.interceptor = Interceptor(self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted)
+        self.interceptor = Interceptor(
+            self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted, own
+        )
         self.admin_views = AdminViews(
             service=service,
             app=options.app,

@@ -64,14 +64,35 @@ RESEND_LIMIT = 64 * 1024
 _NETWORK_ERRORS = (Closed, OSError)
 
 
+# Where a loop comes from, and what fixes it (the routing layer says the same for HTTP loops).
+LOOP_HINT = (
+    "this sidecar's own connection to {service} was redirected back to it: the iptables rules do not exempt the "
+    "sidecar's own traffic (run the sidecar as the --proxy-uid given to meshlet init-iptables, 1337 by default)"
+)
+
+
+class OwnConnections:
+    """Transparent mode: the source ports of this sidecar's own mTLS connections, so that one
+    the iptables rules send back to its outbound listener (they do not exempt the sidecar's
+    uid) is told from an app's connection. HTTP loops are caught by their ``Via``; a TLS
+    connection cannot be read, so the outbound listener marks its port ``looped`` and the
+    pool answers ``loop-detected`` instead of a failed handshake."""
+
+    __slots__ = ("open", "looped")
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.looped: set[int] = set()
+
+
 class UpstreamClosed(Exception):
     """The upstream closed the connection before the response was complete."""
 
 
 class UpstreamConnection:
-    __slots__ = ("io", "reader", "pool", "idle_since", "bytes_received", "epoch", "new_session")
+    __slots__ = ("io", "reader", "pool", "idle_since", "bytes_received", "epoch", "new_session", "source_port")
 
-    def __init__(self, io: Connection, pool: EndpointPool, epoch: int = 0) -> None:
+    def __init__(self, io: Connection, pool: EndpointPool, epoch: int = 0, source_port: int = 0) -> None:
         self.io = io
         self.reader = ResponseReader()
         self.pool = pool
@@ -79,6 +100,7 @@ class UpstreamConnection:
         self.bytes_received = 0  # during the current exchange
         self.epoch = epoch  # MeshTLS.epoch() when it was made
         self.new_session = io.tls  # its TLS session is to be kept once it carried an exchange
+        self.source_port = source_port  # in OwnConnections.open while it lives (transparent mode), else 0
 
     async def next_event(self, *, wait_first: bool = False) -> object:
         events = self.reader.events
@@ -95,6 +117,11 @@ class UpstreamConnection:
 
     def close(self) -> None:
         self.io.close()
+        if self.source_port:
+            own = self.pool.own
+            assert own is not None
+            own.open.discard(self.source_port)
+            self.source_port = 0
 
 
 class EndpointPool:
@@ -107,8 +134,10 @@ class EndpointPool:
         clock: Callable[[], float] = trio.current_time,
         service: str = "",
         tls: MeshTLS | None = None,
+        own: OwnConnections | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.own = own
         self.service = service  # the identity an mTLS endpoint must prove
         self.tls = tls
         self.clock = clock  # a coarse clock is fine: idle expiry is not precise work
@@ -202,24 +231,35 @@ class EndpointPool:
         endpoint, tls = self.endpoint, self.tls
         context = tls.client_context(self.service) if endpoint.mtls and tls is not None else None
         epoch = 0 if tls is None else tls.epoch()
-        handshaking = False
+        own = self.own if context is not None else None
+        source_ports: list[int] = []  # ours, while own watches for it coming back (transparent mode)
+
+        def bound(port: int) -> None:
+            source_ports.append(port)
+            own.open.add(port)  # type: ignore[union-attr]
+
+        phase = "connect"
         try:
             with trio.fail_after(connect_timeout):
-                io = await connect(endpoint.host, endpoint.port)
+                io = await connect(endpoint.host, endpoint.port, bound=None if own is None else bound)
                 if context is not None:
                     assert tls is not None
-                    handshaking = True
+                    phase = "handshake"
                     io = await tls.handshake_client(io, (endpoint.host, endpoint.port), context)
-                    handshaking = False
                     self._check_identity(io)
+            phase = "done"
         except trio.TooSlowError:
-            if handshaking:
+            if phase == "handshake":
                 raise self._handshake_failed(f"no TLS handshake within {connect_timeout:g}s") from None
             self._connect_failed(f"timed out after {connect_timeout:g}s")
             raise MeshError(
                 errors.CONNECT_FAILED, f"could not connect to the upstream within {connect_timeout:g}s"
             ) from None
         except Closed as exc:  # the handshake failed (meshlet.io.TLSError, or a reset)
+            if own is not None and source_ports and source_ports[0] in own.looped:
+                own.looped.discard(source_ports[0])
+                self._slot_freed()
+                raise MeshError(errors.LOOP_DETECTED, LOOP_HINT.format(service=self.service)) from None
             raise self._handshake_failed(str(exc)) from None
         except PeerIdentityError as exc:
             assert tls is not None
@@ -234,10 +274,13 @@ class EndpointPool:
         except BaseException:
             self._slot_freed()  # cancelled while connecting
             raise
+        finally:
+            if own is not None and source_ports and phase != "done":
+                own.open.discard(source_ports[0])
         self.failing = False
         self.connects += 1
         self.active += 1
-        return UpstreamConnection(io, self, epoch)
+        return UpstreamConnection(io, self, epoch, source_ports[0] if source_ports else 0)
 
     def _check_identity(self, io: Connection) -> None:
         """The endpoint proved the destination's identity, or PeerIdentityError (and it is closed)."""
@@ -342,8 +385,10 @@ class UpstreamPools:
         *,
         max_connections: int = MAX_CONNECTIONS,
         tls: MeshTLS | None = None,
+        own: OwnConnections | None = None,
     ) -> None:
         self.tls = tls  # mTLS to endpoints that are sidecars (Endpoint.mtls)
+        self.own = own  # transparent mode: our connections' source ports
         self.pools: dict[tuple[str, int], EndpointPool] = {}
         self.clock = clock
         # endpoint address → service name, for labels
@@ -362,6 +407,7 @@ class UpstreamPools:
                 clock=self.clock,
                 service=service,
                 tls=self.tls,
+                own=self.own,
             )
             self.services[key] = service
         elif pool.endpoint.mtls is not endpoint.mtls:

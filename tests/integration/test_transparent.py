@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from ..certs import TestCA, sidecar_flags
 from ..helpers import SidecarProcess, run_meshlet, sample
 from ..netns import Host, need_netns, run_app, two_hosts
 
@@ -39,6 +40,9 @@ class Mesh:
         await self.b.meshlet("apply", "--token-file", token, "-f", str(policy), "--api", "127.0.0.1:15000")
 
 
+_AUTHORITY = TestCA()  # the sidecars' certificates: the inbound counts the caller the certificate proves
+
+
 def _sidecar(host: Host, service: str, control_plane: str, tmp_path: Path) -> list[str]:
     return [
         "sidecar",
@@ -59,6 +63,7 @@ def _sidecar(host: Host, service: str, control_plane: str, tmp_path: Path) -> li
         "--data-dir",
         str(tmp_path / f"data-{service}"),
         "--transparent",
+        *sidecar_flags(_AUTHORITY, tmp_path / "tls", service),
     ]
 
 
@@ -192,8 +197,9 @@ async def test_a_sidecar_whose_traffic_is_not_exempt_does_not_loop(tmp_path: Pat
         assert looped.headers.get("x-meshlet-error") == "loop-detected"
         assert "--proxy-uid" in looped.body
         out = await a.metrics()
-        # The request went round once: the app's connection, and the sidecar's own, back.
-        assert sample(out, "meshlet_transparent_connections_total", outcome="service", destination="item") == 2
+        # The request went round once: the app's connection, and the sidecar's own (mTLS), back.
+        assert sample(out, "meshlet_transparent_connections_total", outcome="service", destination="item") == 1
+        assert sample(out, "meshlet_transparent_connections_total", outcome="loop", destination="item") == 1
         # The same for plain TCP passthrough: the sidecar's own connection is recognised.
         passed = await a.curl("http://10.77.0.2:7070/elsewhere", max_time=5)
         assert passed.status == 0 and passed.exit_code != 0, passed
