@@ -72,6 +72,8 @@ class InboundGate:
             io.close()
 
     async def _first_byte(self, io: Connection) -> int | None:
+        """The first byte, left in the socket; None if the peer closed, or sent nothing within
+        the header timeout (counted as the downstream loop counts a silent connection)."""
         sock = io.sock
         with trio.move_on_after(self.timeouts.header):
             while True:
@@ -86,6 +88,7 @@ class InboundGate:
                 except OSError:
                     return None
                 return data[0] if data else None
+        self.timeouts.expired["first-byte"] += 1
         return None
 
     async def _serve_tls(self, io: Connection) -> None:
