@@ -542,3 +542,25 @@ def test_structured_documents(services: dict[str, object], timeout: object) -> N
 @pytest.mark.parametrize("name", ["item\n", "item\r\n", "Item", "-item", "item\x00"])
 def test_a_service_name_is_a_dns_label_and_nothing_after_it(name: str) -> None:
     assert not is_service_name(name)
+
+
+def test_a_static_service_with_an_mtls_mode_is_one_of_sidecars() -> None:
+    snapshot = load_static(
+        "services:\n"
+        "  item: {endpoints: [127.0.0.1:15106], mtls: {mode: strict}}\n"
+        "  cart: {endpoints: [127.0.0.1:15107], mtls: {mode: off}}\n"
+        "  billing: [10.0.0.7:8443]\n",
+        "mesh.yaml",
+    )
+    assert snapshot.mtls_modes == {"item": "strict", "cart": "off"}
+    assert [e.mtls for name in ("item", "cart", "billing") for e in snapshot.services[name].endpoints] == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(ConfigError) as refused:
+        load_static("services:\n  item: {endpoints: [a:1], mtls: {mode: on, x: 1}}\n", "mesh.yaml")
+    assert refused.value.problems == [
+        "mesh.yaml:2: services.item.mtls.x: unknown key (allowed: mode)",
+        "mesh.yaml:2: services.item.mtls.mode: True is not one of off, permissive, strict",
+    ]
