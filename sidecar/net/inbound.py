@@ -38,6 +38,25 @@ REFUSAL_LOG_INTERVAL = 60.0  # a peer refused again within this is counted, not 
 MAX_PEERS_REMEMBERED = 10_000  # peers whose last refusal log time is kept
 
 
+class _Bursts:
+    """Per peer: log the first event of a burst, count the rest until REFUSAL_LOG_INTERVAL
+    passes, then say how many there were with the next one logged."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, tuple[float, int]] = {}  # peer → (logged at, events since)
+
+    def due(self, peer: str, now: float) -> int | None:
+        """None: counted, not to be logged; else log now, with this many left unlogged since."""
+        last = self.logged.get(peer)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
+            self.logged[peer] = (last[0], last[1] + 1)
+            return None
+        if len(self.logged) >= MAX_PEERS_REMEMBERED:
+            self.logged.clear()
+        self.logged[peer] = (now, 0)
+        return 0 if last is None else last[1]
+
+
 class InboundGate:
     """The inbound listener's ``accept``: identifies the caller, then serves the connection."""
 
@@ -54,7 +73,8 @@ class InboundGate:
         self.handler = handler
         self.timeouts = timeouts
         self.on_plaintext_refused = on_plaintext_refused
-        self._refusals_logged: dict[str, tuple[float, int]] = {}  # peer → (logged at, refused since)
+        self._refusals = _Bursts()  # plaintext refused (strict)
+        self._failures = _Bursts()  # TLS handshakes or identities refused
         self._no_credentials_logged = False
 
     async def __call__(self, io: Connection) -> None:
@@ -101,19 +121,21 @@ class InboundGate:
                 log.warning("a TLS connection from %s, but no TLS credentials yet: closed", io.peer)
             tls.on_failure("server", "no-credentials")
             return
-        conn = start_tls(io, context, server_side=True)
+        try:
+            conn = start_tls(io, context, server_side=True)
+        except Closed:  # reset before the handshake began
+            tls.on_failure("server", errors.TLS_HANDSHAKE_FAILED.name)
+            return
         try:
             with trio.fail_after(self.timeouts.header):
                 await conn.handshake()
             caller = peer_service(conn, tls.trust_domain)
         except (Closed, trio.TooSlowError) as exc:
-            log.debug("TLS handshake from %s failed: %s", io.peer, exc or "timed out")
-            tls.on_failure("server", errors.TLS_HANDSHAKE_FAILED.name)
+            self._failed(io.peer, errors.TLS_HANDSHAKE_FAILED.name, str(exc) or "timed out")
             conn.close()
             return
         except PeerIdentityError as exc:
-            log.warning("TLS peer %s refused: %s", io.peer, exc)
-            tls.on_failure("server", errors.PEER_IDENTITY_MISMATCH.name)
+            self._failed(io.peer, errors.PEER_IDENTITY_MISMATCH.name, str(exc))
             conn.close()
             return
         tls.on_handshake("server", conn.session_reused)
@@ -122,24 +144,22 @@ class InboundGate:
         finally:
             conn.close()
 
+    def _failed(self, peer: str, reason: str, why: str) -> None:
+        self.tls.on_failure("server", reason)
+        since = self._failures.due(peer, trio.current_time())
+        if since is not None:
+            more = f" ({since} more since the last report)" if since else ""
+            log.warning("mTLS connection from %s refused (%s): %s%s", peer, reason, why, more)
+
     def _refuse_plaintext(self, io: Connection) -> None:
         """Strict mode: close (with a reset: nothing of it was read); logged once per burst."""
         self.on_plaintext_refused()
         io.reset()
-        peer = io.peer
-        now = trio.current_time()
-        logged = self._refusals_logged
-        last = logged.get(peer)
-        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
-            logged[peer] = (last[0], last[1] + 1)
-            return
-        if len(logged) >= MAX_PEERS_REMEMBERED:
-            logged.clear()
-        since = 0 if last is None else last[1]
-        log.warning(
-            "plaintext connection from %s refused: service %s is in strict mTLS mode%s",
-            peer,
-            self.service,
-            f" ({since} more refused since the last report)" if since else "",
-        )
-        logged[peer] = (now, 0)
+        since = self._refusals.due(io.peer, trio.current_time())
+        if since is not None:
+            log.warning(
+                "plaintext connection from %s refused: service %s is in strict mTLS mode%s",
+                io.peer,
+                self.service,
+                f" ({since} more refused since the last report)" if since else "",
+            )
