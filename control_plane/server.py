@@ -72,7 +72,10 @@ class EndpointsView:
         if found is None:
             if len(self._endpoints) >= ENDPOINT_MEMO_MAX:
                 self._endpoints.clear()
-            body = wire.endpoint(instance.instance_id, instance.address, instance.labels, app_port=instance.app_port)
+            # Every registered instance came from a sidecar's hello: its inbound listener speaks mTLS.
+            body = wire.endpoint(
+                instance.instance_id, instance.address, instance.labels, app_port=instance.app_port, mtls=True
+            )
             found = self._endpoints[key] = (body, wire.canonical_bytes(body))
         return found
 

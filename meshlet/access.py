@@ -6,7 +6,8 @@ and asked by the inbound sidecar for every request (docs/policy.md), and by ``me
 
 * the rules are tried in the order written; the first whose ``sources``, ``paths`` and
   ``methods`` all hold allows the request; when none does, ``default`` decides;
-* ``sources``: calling services by name, ``"*"`` for any caller (one without a sidecar too);
+* ``sources``: calling services by name (``unauthenticated`` for plaintext callers), ``"*"``
+  for any caller (an unauthenticated one too);
 * ``paths``: prefixes by whole segments, so ``/items`` allows ``/items`` and ``/items/42``
   but not ``/items-admin`` (a prefix ending in ``/`` is taken as written); the path is
   compared normalised (meshlet/paths.py: ``/items/../admin`` is ``/admin``), which is
@@ -14,8 +15,9 @@ and asked by the inbound sidecar for every request (docs/policy.md), and by ``me
   is allowed by no rule (the inbound sidecar refuses it with 400 before asking);
 * ``methods``: any of them (none listed: every method).
 
-The caller's identity is the ``x-meshlet-source`` its sidecar sends (sidecar/layers/inbound.py):
-claimed, not verified, until mTLS gives a verified one.
+The caller's identity is the service its verified mTLS certificate names, or
+``unauthenticated`` (meshlet.identity.UNAUTHENTICATED) for a plaintext caller: set by the
+inbound sidecar from the connection (sidecar/net/inbound.py), never from a request header.
 """
 
 from __future__ import annotations

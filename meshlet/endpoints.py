@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SERVICE_KEYS = ("endpoints", "connect_timeout", "timeout")
+SERVICE_KEYS = ("endpoints", "connect_timeout", "timeout", "mtls")
 ENDPOINT_KEYS = ("address", "labels", "weight")
 
 # An endpoint's share of the traffic, relative to the others' (the balancers divide by it):

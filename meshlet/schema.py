@@ -179,15 +179,30 @@ class EndpointSpec(_Model):
         return endpoint_mapping(value)
 
 
+def _yaml_off(value: Any) -> Any:
+    """``mode: off`` unquoted is YAML 1.1's false: the word was meant."""
+    return "off" if value is False else value
+
+
+class Mtls(_Model):
+    """mTLS between sidecars (docs/security.md). permissive: mesh traffic is mTLS, and a
+    plaintext caller is still served, as ``unauthenticated``; strict: plaintext to an inbound
+    port is refused; off: plaintext both ways, every caller unauthenticated (benchmarks, migrations)."""
+
+    mode: Annotated[Literal["off", "permissive", "strict"], BeforeValidator(_yaml_off)] = "permissive"
+
+
 class Service(_Model):
     """Static endpoints for a service without a sidecar (a database, a third-party API),
-    and per-service defaults."""
+    and per-service defaults; ``mtls`` overrides MeshConfig's mode for this service's
+    sidecars (their inbound listeners, and the calls made to them)."""
 
     kind: Literal["Service"]
     name: ServiceName
     endpoints: Annotated[list[EndpointSpec], BeforeValidator(check_endpoint_list)] = []
     connect_timeout: Duration | None = None
     timeout: Duration | None = None
+    mtls: Mtls | None = None
 
 
 # --- Route ---------------------------------------------------------------------------------
@@ -541,10 +556,6 @@ class Metrics(_Model):
     max_label_values: int = Field(default=200, ge=1, le=100_000)  # per label; past it: "other"
     max_series: int = Field(default=10_000, ge=100, le=10_000_000)  # per metric; past it every capped label: "other"
     idle_expiry: Duration = 600.0  # a series that has not moved for this long is removed
-
-
-class Mtls(_Model):
-    mode: Literal["off", "permissive", "strict"] = "off"
 
 
 class MeshConfig(_Model):

@@ -868,12 +868,21 @@ def type_version(versions: Mapping[str, str]) -> str:
 
 
 def endpoint(
-    instance_id: str, address: str, labels: Mapping[str, str] | None = None, weight: int = 1, app_port: int = 0
+    instance_id: str,
+    address: str,
+    labels: Mapping[str, str] | None = None,
+    weight: int = 1,
+    app_port: int = 0,
+    *,
+    mtls: bool = False,
 ) -> dict[str, Any]:
-    """One endpoint as it travels in an ``endpoints`` resource body (``app_port`` only when known)."""
+    """One endpoint as it travels in an ``endpoints`` resource body (``app_port`` only when
+    known; ``mtls: true`` for a sidecar's inbound listener, which callers dial with mTLS)."""
     body = {"id": instance_id, "address": address, "labels": dict(labels or {}), "weight": weight}
     if app_port:
         body["app_port"] = app_port
+    if mtls:
+        body["mtls"] = True
     return body
 
 

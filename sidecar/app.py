@@ -49,9 +49,11 @@ from .net.control_tls import ControlPlaneTLS
 from .net.downstream import HEADER_TIMEOUT
 from .net.exporter import Collector, SpanExporter, collector_trust
 from .net.identity import SidecarIdentity
+from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
+from .net.tls import MeshTLS
 from .net.transparent import Interceptor
-from .net.upstream import Forwarder, UpstreamPools
+from .net.upstream import Forwarder, OwnConnections, UpstreamPools
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlet.sidecar")
@@ -94,6 +96,8 @@ class SidecarOptions:
     join_token: str | None = field(default=None, repr=False)  # --join-token VALUE: the join's credential
     join_token_file: Path | None = None  # --join-token @FILE: read at each connection
     control_plane_ca: bytes | None = None  # --control-plane-ca: roots to verify the control plane with at first
+    # --tls-cert, --tls-key, --trust-bundle: static mTLS credentials (checked by the CLI)
+    tls_files: tuple[Path, Path, Path] | None = None
 
 
 def build_outbound(
@@ -164,7 +168,18 @@ class Sidecar:
         service = options.service
         self.telemetry = telemetry = Telemetry()
         self.deadlines = Deadlines()
-        self.pools = UpstreamPools(clock=self.deadlines.clock)
+        # What this sidecar proves and trusts (sidecar/core/credentials.py): the control-plane
+        # session installs issued certificates here (or --tls-cert/--tls-key/--trust-bundle
+        # give them at start), and the TLS contexts read it. One holder: both must see it.
+        self.credentials = CredentialHolder()
+        if options.tls_files is not None:
+            from .net.credential_files import load_credentials
+
+            self.credentials.install(load_credentials(*options.tls_files, options.service))
+        self.tls = MeshTLS(self.credentials, on_handshake=telemetry.tls_handshake, on_failure=telemetry.tls_failure)
+        # Transparent mode: our mTLS connections that the iptables rules send back are told apart.
+        own = OwnConnections() if options.transparent else None
+        self.pools = UpstreamPools(clock=self.deadlines.clock, tls=self.tls, own=own)
         self.listeners = Listeners(self.deadlines, options.header_timeout)
         self.forwarder = Forwarder(self.pools, self.deadlines)
         self.mirror = Mirror(self.forwarder, telemetry)
@@ -182,9 +197,6 @@ class Sidecar:
         )
         self.trace_rng = random.Random()
         self.control: ControlPlaneClient | None = None
-        # What this sidecar proves and trusts: the control-plane session installs certificates
-        # here, the TLS layer reads them (sidecar/core/credentials.py).
-        self.credentials = CredentialHolder()
         self.identity = self._identity()  # IdentityError: a key file we must not use
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.snapshot = empty_snapshot()
@@ -205,7 +217,9 @@ class Sidecar:
             upstreams={},
             routes={},
         )
-        self.interceptor = Interceptor(self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted)
+        self.interceptor = Interceptor(
+            self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted, own
+        )
         self.admin_views = AdminViews(
             service=service,
             app=options.app,
@@ -261,6 +275,7 @@ class Sidecar:
         destinations.configure(snapshot.services, snapshot.destinations, snapshot.shadow_destinations, clock())
         telemetry, forwarder = self.telemetry, self.forwarder
         telemetry.configure(snapshot.metrics)
+        self.tls.configure(snapshot.mtls_mode, snapshot.mtls_modes)
         explanations = self.explanations
         tracer = self._tracer(snapshot)
 
@@ -396,6 +411,9 @@ class Sidecar:
         for name, address in opts.upstreams.items():
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         listeners = self.listeners
+        inbound_gate = InboundGate(
+            self.tls, opts.service, self._inbound, listeners.timeouts["inbound"], self.telemetry.refused_plaintext
+        )
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
@@ -410,7 +428,11 @@ class Sidecar:
                         listeners.timeouts[kind],
                         reuse_port=opts.reuse_port and name != "admin",
                         stop_accepting=self.stop_accepting if name == "inbound" else None,
-                        accept=self.interceptor if name == "outbound" and opts.transparent else None,
+                        accept=self.interceptor
+                        if name == "outbound" and opts.transparent
+                        else inbound_gate
+                        if name == "inbound"
+                        else None,
                         listen_after=self.configured if name == "inbound" else None,
                         limit=listeners.limits[kind],
                     )

@@ -76,6 +76,11 @@ class Telemetry:
         # Redirected connections (transparent mode) by what became of them: service, passthrough,
         # blocked (REGISTRY_ONLY), loop. Destination: the service, or "" for an unknown address.
         self.transparent: dict[tuple[str, str], int] = {}
+        # mTLS between sidecars: handshakes by (side, resumed), failures by (side, reason),
+        # plaintext connections a strict inbound listener refused.
+        self.tls_handshakes: dict[tuple[str, str], int] = {}
+        self.tls_failures: dict[tuple[str, str], int] = {}
+        self.plaintext_refused: dict[tuple[()], int] = {}
         # Called at scrape time: yields (destination, circuit state 0/1/2, {endpoint state: count}).
         self.destination_stats: Callable[[], Iterable[tuple[str, int, dict[str, int]]]] = lambda: ()
         # Called at scrape time: yields (destination, endpoint, state, count).
@@ -185,6 +190,17 @@ class Telemetry:
         key = (outcome, destination)
         self.transparent[key] = self.transparent.get(key, 0) + 1
 
+    def tls_handshake(self, side: str, resumed: bool) -> None:
+        key = (side, "true" if resumed else "false")
+        self.tls_handshakes[key] = self.tls_handshakes.get(key, 0) + 1
+
+    def tls_failure(self, side: str, reason: str) -> None:
+        key = (side, reason)
+        self.tls_failures[key] = self.tls_failures.get(key, 0) + 1
+
+    def refused_plaintext(self) -> None:
+        self.plaintext_refused[()] = self.plaintext_refused.get((), 0) + 1
+
     def retried(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.retries[key] = self.retries.get(key, 0) + 1
@@ -223,6 +239,9 @@ class Telemetry:
             "spans_dropped": [[*k, v] for k, v in self.spans_dropped.items()],
             "spans_exported": [[*k, v] for k, v in self.spans_exported.items()],
             "transparent": [[*k, v] for k, v in self.transparent.items()],
+            "tls_handshakes": [[*k, v] for k, v in self.tls_handshakes.items()],
+            "tls_failures": [[*k, v] for k, v in self.tls_failures.items()],
+            "plaintext_refused": [[*k, v] for k, v in self.plaintext_refused.items()],
             "folded": [[k, v] for k, v in self.limits.folded.items()],
             "info": [[*self.status()]],
             "certificate_expiry": [] if (expiry := self.certificate_expiry()) is None else [[expiry]],
@@ -261,6 +280,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "spans_dropped": {},
         "spans_exported": {},
         "transparent": {},
+        "tls_handshakes": {},
+        "tls_failures": {},
+        "plaintext_refused": {},
         "folded": {},
         "circuits": {},
         "endpoints": {},
@@ -288,6 +310,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "spans_dropped",
             "spans_exported",
             "transparent",
+            "tls_handshakes",
+            "tls_failures",
+            "plaintext_refused",
             "folded",
             "downstream_open",  # workers: each has its own listeners' connections and limits
             "downstream_limit",
@@ -454,6 +479,29 @@ class _Collector:
             "loop (the sidecar's own connection came back: its uid is not exempt).",
             ("outcome", "destination"),
             merged["transparent"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_tls_handshakes",
+            "mTLS handshakes completed with other sidecars, by side (client: our calls; server: the inbound "
+            "listener) and whether a session was resumed.",
+            ("side", "resumed"),
+            merged["tls_handshakes"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_tls_failures",
+            "mTLS connections that failed, by side and reason: tls-handshake-failed, peer-identity-mismatch, "
+            "no-credentials (a TLS caller while this sidecar holds no certificate).",
+            ("side", "reason"),
+            merged["tls_failures"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_plaintext_refused",
+            "Plaintext connections the inbound listener closed at once: its service is in strict mTLS mode.",
+            (),
+            merged["plaintext_refused"],
         )
         yield _family(
             CounterMetricFamily,

@@ -119,6 +119,9 @@ class Supervisor:
             args += ["--api-ca", str(opts.api_ca)]
         if opts.transparent:
             args.append("--transparent")
+        if opts.tls_files is not None:
+            for flag, path in zip(("--tls-cert", "--tls-key", "--trust-bundle"), opts.tls_files, strict=True):
+                args += [flag, str(path)]
         args += ["--drain-timeout", str(opts.drain_timeout)]
         for listener in ("inbound", "outbound", "admin"):  # per worker: each has its own descriptors
             value = getattr(opts, f"max_{listener}_connections")

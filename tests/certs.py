@@ -84,3 +84,9 @@ def context(credentials: Credentials, directory: Path, *, server_side: bool) -> 
     context.load_cert_chain(cert, key)
     context.load_verify_locations(cafile=bundle)
     return context
+
+
+def sidecar_flags(authority: TestCA, directory: Path, service: str, **kwargs: float) -> list[str]:
+    """``meshlet sidecar`` flags for static credentials of ``service`` (files in ``directory``)."""
+    cert, key, bundle = authority.write(directory / service, service, **kwargs)
+    return ["--tls-cert", str(cert), "--tls-key", str(key), "--trust-bundle", str(bundle)]

@@ -78,7 +78,13 @@ def add_commands(commands: Any) -> None:
     explain.add_argument("--admin", metavar="HOST:PORT", help="the calling sidecar's admin listener (for --request-id)")
     explain.add_argument("-X", "--method", default="GET")
     explain.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="repeatable")
-    explain.add_argument("--from", dest="source", metavar="SERVICE", help="the calling service")
+    explain.add_argument(
+        "--from",
+        dest="source",
+        metavar="SERVICE",
+        help="the calling service, as its mTLS certificate proves it to the destination's sidecar; "
+        "'unauthenticated' for a plaintext caller (a header such as x-meshlet-source proves nothing)",
+    )
     explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
     _api_option(explain)
 

@@ -221,6 +221,22 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         help="the app's traffic is redirected here by 'meshlet init-iptables': route each connection by the "
         "address the app dialled (SO_ORIGINAL_DST), and learn every service's addresses from the control plane",
     )
+    for flag, what in (
+        (
+            "--tls-cert",
+            "this sidecar's certificate (PEM, the leaf first); its one URI SAN must be "
+            "spiffe://<trust-domain>/service/<--service>",
+        ),
+        ("--tls-key", "the certificate's private key (PEM; the file must be 0600)"),
+        ("--trust-bundle", "the roots peers' certificates must chain to (PEM)"),
+    ):
+        sidecar.add_argument(
+            flag,
+            type=Path,
+            metavar="FILE",
+            help=f"{what}. Static mTLS credentials, all three together, for a mesh without a control plane "
+            "(a control plane's certificate replaces them)",
+        )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return sidecar
@@ -291,6 +307,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sidecar.app import Sidecar, SidecarOptions
     from sidecar.core.config import load_static
 
+    tls_files = (args.tls_cert, args.tls_key, args.trust_bundle)
+    if any(tls_files) and not all(tls_files):
+        parser.error("--tls-cert, --tls-key and --trust-bundle go together: give all three")
+    if all(tls_files):
+        from sidecar.net.credential_files import CredentialFileError, load_credentials
+
+        try:
+            load_credentials(args.tls_cert, args.tls_key, args.trust_bundle, args.service)  # fail fast
+        except CredentialFileError as exc:
+            print(f"meshlet: {exc}", file=sys.stderr)
+            return 1
+
     try:
         if args.static is not None:
             load_static(args.static.read_text(), str(args.static))  # fail fast, before binding
@@ -324,6 +352,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         join_token=join_token,
         join_token_file=join_token_file,
         control_plane_ca=control_plane_ca,
+        tls_files=tls_files if all(tls_files) else None,
     )
     if args.workers > 1:
         if control_planes:

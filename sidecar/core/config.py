@@ -63,6 +63,8 @@ class MeshSnapshot:
     tracing: TracingSettings | None = None  # None: the defaults
     metrics: MetricsSettings | None = None  # None: the defaults
     outbound_traffic_policy: str = "ALLOW_ANY"  # transparent mode, unknown destinations (MeshConfig)
+    mtls_mode: str = "permissive"  # MeshConfig mtls.mode
+    mtls_modes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # Services' own
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class MeshSnapshot:
             "source": self.source,
             "policy_version": self.policy_version,
             "outbound_traffic_policy": self.outbound_traffic_policy,
+            "mtls": {"mode": self.mtls_mode, "services": dict(sorted(self.mtls_modes.items()))},
             "routes": {host: table.name for host, table in sorted(self.routes.items())},
             "shadow_routes": {host: table.name for host, table in sorted(self.shadow_routes.items())},
             "access": {service: table.name for service, table in sorted(self.access.items())},
@@ -94,6 +97,7 @@ class MeshSnapshot:
                             "labels": dict(e.labels),
                             "weight": e.weight,
                             **({"app_port": e.app_port} if e.app_port else {}),
+                            **({"mtls": True} if e.mtls else {}),
                         }
                         for e in svc.endpoints
                     ],
@@ -123,6 +127,8 @@ def make_snapshot(
     tracing: TracingSettings | None = None,
     metrics: MetricsSettings | None = None,
     outbound_traffic_policy: str | None = None,
+    mtls_mode: str | None = None,
+    mtls_modes: Mapping[str, str] | None = None,
 ) -> MeshSnapshot:
     """A snapshot of ``services`` from ``source`` and the compiled policies given (none:
     no routes, no access tables, the default destination, tracing and metrics settings).
@@ -142,6 +148,8 @@ def make_snapshot(
         tracing=tracing,
         metrics=metrics,
         outbound_traffic_policy=outbound_traffic_policy or "ALLOW_ANY",
+        mtls_mode=mtls_mode or "permissive",
+        mtls_modes=MappingProxyType(dict(mtls_modes or {})),
     )
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
     version = hashlib.sha256(body).hexdigest()[:12]
@@ -195,6 +203,7 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
         problem("services", "must be a mapping of service name to its endpoints")
         raw_services = {}
     services: dict[str, ServiceConfig] = {}
+    modes: dict[str, str] = {}
     for name, raw in raw_services.items():
         path = f"services.{name}"
         try:
@@ -206,11 +215,38 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
             raw = {"endpoints": raw}
             lines.alias(f"{path}.endpoints", path)
         service = _service(name, raw, path, defaults, problem)
+        mode = _mtls_mode(raw, path, problem) if isinstance(raw, dict) else None
         if service is not None:
+            if mode is not None:
+                modes[name] = mode
+                if mode != "off":  # a service given a mode is one of sidecars: dialled with mTLS
+                    endpoints = tuple(dataclasses.replace(e, mtls=True) for e in service.endpoints)
+                    service = dataclasses.replace(service, endpoints=endpoints)
             services[name] = service
     if problem.found:
         raise ConfigError(problem.in_line_order())
-    return make_snapshot(services, f"static:{filename}")
+    return make_snapshot(services, f"static:{filename}", mtls_modes=modes)
+
+
+MTLS_MODES = ("off", "permissive", "strict")
+
+
+def _mtls_mode(raw: Mapping[Any, Any], path: str, problem: _Problems) -> str | None:
+    """A service's ``mtls: {mode: off|permissive|strict}``; None when not given (or wrong: reported)."""
+    value = raw.get("mtls")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problem(f"{path}.mtls", "must be a mapping with a 'mode' key")
+        return None
+    problem.unknown_keys(value, f"{path}.mtls", ("mode",))
+    mode = value.get("mode", "permissive")
+    if mode is False:
+        mode = "off"  # unquoted, YAML 1.1 reads it as false
+    if mode not in MTLS_MODES:
+        problem(f"{path}.mtls.mode", f"{mode!r} is not one of {', '.join(MTLS_MODES)}")
+        return None
+    return str(mode)
 
 
 def _timeouts(raw: Mapping[Any, Any], path: str, into: dict[str, float], problem: _Problems) -> None:

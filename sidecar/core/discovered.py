@@ -78,6 +78,7 @@ class DiscoveredState:
                     labels=dict(e.get("labels", {})),
                     weight=check_weight(e.get("weight")),
                     app_port=e.get("app_port", 0),
+                    mtls=e.get("mtls") is True,
                 )
                 for e in body
             )
@@ -149,6 +150,8 @@ def _body(staged: Mapping[str, tuple[str, EndpointList]], resource: wire.Resourc
         app_port = item.get("app_port", 0)
         if not isinstance(app_port, int) or isinstance(app_port, bool) or not 0 <= app_port <= 65535:
             raise ValueError(f"endpoint {item['id']}: app_port must be 0..65535")
+        if not isinstance(item.get("mtls", False), bool):
+            raise ValueError(f"endpoint {item['id']}: mtls must be a boolean")
     return body
 
 
@@ -180,6 +183,7 @@ class PushedConfig:
     def snapshot(self, static: Mapping[str, ServiceConfig], source: str) -> MeshSnapshot:
         """The snapshot to serve, with the ``static`` services under what was pushed."""
         policies = self.policies
+        mtls_mode, mtls_modes = policies.mtls_modes()
         services = dict(static)
         services.update(policies.services())  # Service documents: services without a sidecar
         services.update(self.discovered.services())  # registered instances win over a document of the same name
@@ -196,6 +200,8 @@ class PushedConfig:
             tracing=policies.tracing(),
             metrics=policies.metrics(),
             outbound_traffic_policy=policies.outbound_traffic_policy(),
+            mtls_mode=mtls_mode,
+            mtls_modes=mtls_modes,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -31,6 +31,11 @@ UPSTREAM_RESET = Reason("upstream-reset", 502, b"Bad Gateway")
 # HTTP/1.1 did not reset; calling it so would send operators to the wrong place.
 UPSTREAM_PROTOCOL_ERROR = Reason("upstream-protocol-error", 502, b"Bad Gateway")
 TIMEOUT = Reason("timeout", 504, b"Gateway Timeout")
+# mTLS to the next sidecar: the handshake failed (its certificate is not trusted, ours was
+# refused, it does not speak TLS, it took too long), or the endpoint proved an identity other
+# than the destination service's. Never a silent success: the request was not sent.
+TLS_HANDSHAKE_FAILED = Reason("tls-handshake-failed", 502, b"Bad Gateway")
+PEER_IDENTITY_MISMATCH = Reason("peer-identity-mismatch", 502, b"Bad Gateway")
 # In transparent mode, a request the sidecar sent came back to it
 # (the iptables rules do not exempt its own traffic); RFC 5842's status for a loop.
 LOOP_DETECTED = Reason("loop-detected", 508, b"Loop Detected")

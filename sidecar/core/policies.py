@@ -67,6 +67,8 @@ class PolicyCache:
         out: dict[str, ServiceConfig] = {}
         for _, _, document in self.held.values():
             if document.kind == "Service":
+                if not document.endpoints and document.connect_timeout is None and document.timeout is None:
+                    continue  # only an mTLS mode: the service's endpoints still come from its sidecars
                 endpoints = tuple(
                     Endpoint(*parse_address(e.address), labels=dict(e.labels), weight=e.weight)
                     for e in document.endpoints
@@ -130,6 +132,18 @@ class PolicyCache:
                     ("direction", *metrics.labels), metrics.max_label_values, metrics.max_series, metrics.idle_expiry
                 )
         return None
+
+    def mtls_modes(self) -> tuple[str | None, dict[str, str]]:
+        """MeshConfig's mTLS mode (None without a MeshConfig: the default), and the services
+        whose Service document sets their own."""
+        mesh = None
+        services: dict[str, str] = {}
+        for _, _, document in self.held.values():
+            if document.kind == "MeshConfig":
+                mesh = str(document.mtls.mode)
+            elif document.kind == "Service" and document.mtls is not None:
+                services[document.name] = str(document.mtls.mode)
+        return mesh, services
 
     def outbound_traffic_policy(self) -> str | None:
         """MeshConfig's ALLOW_ANY / REGISTRY_ONLY; None without a MeshConfig (ALLOW_ANY)."""

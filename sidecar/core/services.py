@@ -22,6 +22,9 @@ class Endpoint:
     # The app's port on ``host``, where a sidecar fronts it (0: none, or not told): what an
     # app in transparent mode dials (sidecar/core/interception.py AddressMap).
     app_port: int = field(default=0, compare=False)
+    # Registered by a sidecar (the control plane says so): dialled with mTLS unless the
+    # destination's mode is off. Static and Service-document endpoints are plain.
+    mtls: bool = field(default=False, compare=False)
     # Endpoints key the pools, balancers and outlier state: hashed several times a
     # request, so the hash is computed once (the generated one hashes a new tuple each time).
     _hash: int = field(default=0, init=False, repr=False, compare=False)

@@ -127,7 +127,7 @@ def http_tags(method: bytes, target: bytes, peer: str = "") -> dict[str, str]:
         "http.path": target.partition(b"?")[0].decode("latin-1"),
     }
     if peer:
-        tags["meshlet.peer"] = peer  # the calling service as its sidecar names it (claimed until mTLS)
+        tags["meshlet.peer"] = peer  # the calling service its mTLS certificate proved, or "unauthenticated"
     return tags
 
 

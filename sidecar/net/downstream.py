@@ -63,12 +63,24 @@ class _Connection:
     best-effort 408 when a head was cut short.
     """
 
-    __slots__ = ("io", "reader", "peer_ip", "deadline", "in_head", "idle", "fresh", "timeouts", "__weakref__")
+    __slots__ = (
+        "io",
+        "reader",
+        "peer_ip",
+        "source",
+        "deadline",
+        "in_head",
+        "idle",
+        "fresh",
+        "timeouts",
+        "__weakref__",
+    )
 
-    def __init__(self, io: Connection, timeouts: Timeouts) -> None:
+    def __init__(self, io: Connection, timeouts: Timeouts, source: str = "unknown") -> None:
         self.io = io
         self.reader = RequestReader()
         self.peer_ip = io.peer.encode()
+        self.source = source  # the caller as its connection proved it (inbound), for every request on it
         self.timeouts = timeouts
         self.deadline = timeouts.deadlines.now + timeouts.header  # the first head's, from the accept
         self.in_head = False
@@ -177,9 +189,11 @@ class _RequestBody:
         raise ProtocolError(400, f"unexpected {type(event).__name__} in a request body")
 
 
-async def serve_connection(io: Connection, handler: Handler, timeouts: Timeouts) -> None:
-    """Serve one client connection until it closes; never raises for client faults."""
-    conn = _Connection(io, timeouts)
+async def serve_connection(io: Connection, handler: Handler, timeouts: Timeouts, source: str = "unknown") -> None:
+    """Serve one client connection until it closes; never raises for client faults.
+    ``source``: the calling service its certificate proved, or ``unauthenticated``
+    (sidecar/net/inbound.py); each request's ``source``, whatever its headers claim."""
+    conn = _Connection(io, timeouts, source)
     deadlines = timeouts.deadlines
     deadlines.watch(conn)
     try:
@@ -256,6 +270,7 @@ async def _serve(conn: _Connection, handler: Handler) -> None:
             if events and type(events[0]) is EndOfMessage:
                 events.popleft()
         request = Request(head, body, conn.peer_ip)
+        request.source = conn.source
         if body is None:
             keep_alive = await _exchange(conn, handler, request)
         else:

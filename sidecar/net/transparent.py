@@ -17,6 +17,7 @@ from meshlet.io import Closed, Connection, connect
 
 from ..core.interception import (
     ALLOW_ANY,
+    LOOP,
     REFUSALS,
     SO_ORIGINAL_DST,
     TO_SERVICE,
@@ -26,6 +27,7 @@ from ..core.interception import (
 )
 from ..layers.base import Handler, Request, Response
 from .downstream import Timeouts, serve_connection
+from .upstream import OwnConnections
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -58,8 +60,15 @@ class Interceptor:
     as usual. The outbound stack, the address map and the policy come from the current
     snapshot (:meth:`use`); the decisions are sidecar/core/interception.py's."""
 
-    def __init__(self, handler: Handler, timeouts: Timeouts, on_intercepted: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        timeouts: Timeouts,
+        on_intercepted: Callable[[str, str], None],
+        own: OwnConnections | None = None,
+    ) -> None:
         self.handler = handler  # the outbound stack
+        self.own = own  # the source ports of the pool's mTLS connections
         self.timeouts = timeouts
         self.on_intercepted = on_intercepted  # (outcome, service or "") → counted
         self.addresses = AddressMap()
@@ -82,6 +91,15 @@ class Interceptor:
         ip, port = original
         service = self.addresses.service(ip, port)
         if service is not None:
+            own = self.own
+            if own is not None and own.open and io.sock.getpeername()[1] in own.open:
+                # Our own mTLS connection came back (TLS has no Via to show it): the pool
+                # that made it answers loop-detected.
+                own.looped.add(io.sock.getpeername()[1])
+                self.on_intercepted(LOOP, service)
+                self._log_once(ip, port, "came back from this sidecar: a loop (see --proxy-uid)")
+                io.reset()
+                return
             self.on_intercepted(TO_SERVICE, service)
 
             async def to_service(request: Request) -> Response:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import errno
 import logging
 import select
-import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 import trio
 
 from meshlet.headers import ERROR_HEADER
-from meshlet.io import Closed, Connection, Deadlines, connect
+from meshlet.io import Closed, Connection, Deadlines, TLSConnection, TLSError, connect
 
 from ..core import errors
 from ..core.errors import MeshError
@@ -49,6 +48,7 @@ from ..core.http1 import (
 from ..core.outcome import IDEMPOTENT
 from ..core.services import Endpoint
 from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
+from .tls import MeshTLS, PeerIdentityError, peer_service
 
 log = logging.getLogger("meshlet.upstream")
 
@@ -64,19 +64,43 @@ RESEND_LIMIT = 64 * 1024
 _NETWORK_ERRORS = (Closed, OSError)
 
 
+# Where a loop comes from, and what fixes it (the routing layer says the same for HTTP loops).
+LOOP_HINT = (
+    "this sidecar's own connection to {service} was redirected back to it: the iptables rules do not exempt the "
+    "sidecar's own traffic (run the sidecar as the --proxy-uid given to meshlet init-iptables, 1337 by default)"
+)
+
+
+class OwnConnections:
+    """Transparent mode: the source ports of this sidecar's own mTLS connections, so that one
+    the iptables rules send back to its outbound listener (they do not exempt the sidecar's
+    uid) is told from an app's connection. HTTP loops are caught by their ``Via``; a TLS
+    connection cannot be read, so the outbound listener marks its port ``looped`` and the
+    pool answers ``loop-detected`` instead of a failed handshake."""
+
+    __slots__ = ("open", "looped")
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.looped: set[int] = set()
+
+
 class UpstreamClosed(Exception):
     """The upstream closed the connection before the response was complete."""
 
 
 class UpstreamConnection:
-    __slots__ = ("io", "reader", "pool", "idle_since", "bytes_received")
+    __slots__ = ("io", "reader", "pool", "idle_since", "bytes_received", "epoch", "new_session", "source_port")
 
-    def __init__(self, io: Connection, pool: EndpointPool) -> None:
+    def __init__(self, io: Connection, pool: EndpointPool, epoch: int = 0, source_port: int = 0) -> None:
         self.io = io
         self.reader = ResponseReader()
         self.pool = pool
         self.idle_since = 0.0
         self.bytes_received = 0  # during the current exchange
+        self.epoch = epoch  # MeshTLS.epoch() when it was made
+        self.new_session = io.tls  # its TLS session is to be kept once it carried an exchange
+        self.source_port = source_port  # in OwnConnections.open while it lives (transparent mode), else 0
 
     async def next_event(self, *, wait_first: bool = False) -> object:
         events = self.reader.events
@@ -93,6 +117,11 @@ class UpstreamConnection:
 
     def close(self) -> None:
         self.io.close()
+        if self.source_port:
+            own = self.pool.own
+            assert own is not None
+            own.open.discard(self.source_port)
+            self.source_port = 0
 
 
 class EndpointPool:
@@ -103,8 +132,14 @@ class EndpointPool:
         max_idle: int = MAX_IDLE,
         idle_timeout: float = IDLE_TIMEOUT,
         clock: Callable[[], float] = trio.current_time,
+        service: str = "",
+        tls: MeshTLS | None = None,
+        own: OwnConnections | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.own = own
+        self.service = service  # the identity an mTLS endpoint must prove
+        self.tls = tls
         self.clock = clock  # a coarse clock is fine: idle expiry is not precise work
         self.idle: deque[UpstreamConnection] = deque()
         self.active = 0
@@ -120,6 +155,7 @@ class EndpointPool:
         self.connects = 0
         self.overflows = 0  # requests answered overloaded: no connection came free in time
         self.failing = False  # the last connect failed (logged once until one succeeds)
+        self.tls_refused_logged = False  # the peer refused our certificate (logged once until an exchange succeeds)
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.address} [{self.active} active, {len(self.idle)} idle]>"
@@ -131,10 +167,11 @@ class EndpointPool:
         self.requests += 1
         if not fresh:
             now = self.clock()
+            epoch = 0 if self.tls is None else self.tls.epoch()
             idle = self.idle
             while idle:
                 conn = idle.pop()  # most recently used first: the least likely to be stale
-                if now - conn.idle_since < self.idle_timeout and _quiet(conn.io.sock):
+                if now - conn.idle_since < self.idle_timeout and conn.epoch == epoch and _quiet(conn.io):
                     self.active += 1
                     conn.bytes_received = 0
                     return conn, True
@@ -145,7 +182,7 @@ class EndpointPool:
         else:
             released = await self._wait(connect_timeout)
             if released is not None:
-                if not fresh and _quiet(released.io.sock):
+                if not fresh and _quiet(released.io):
                     self.active += 1
                     released.bytes_received = 0
                     return released, True
@@ -188,15 +225,47 @@ class EndpointPool:
             self.open -= 1
 
     async def _connect(self, connect_timeout: float) -> UpstreamConnection:
-        """A new connection in a slot already taken (given back if it fails)."""
+        """A new connection in a slot already taken (given back if it fails); with mTLS
+        when the endpoint is a sidecar's and the destination's mode is not off (the
+        connect timeout covers the handshake too)."""
+        endpoint, tls = self.endpoint, self.tls
+        context = tls.client_context(self.service) if endpoint.mtls and tls is not None else None
+        epoch = 0 if tls is None else tls.epoch()
+        own = self.own if context is not None else None
+        source_ports: list[int] = []  # ours, while own watches for it coming back (transparent mode)
+
+        def bound(port: int) -> None:
+            source_ports.append(port)
+            own.open.add(port)  # type: ignore[union-attr]
+
+        phase = "connect"
         try:
             with trio.fail_after(connect_timeout):
-                io = await connect(self.endpoint.host, self.endpoint.port)
+                io = await connect(endpoint.host, endpoint.port, bound=None if own is None else bound)
+                if context is not None:
+                    assert tls is not None
+                    phase = "handshake"
+                    io = await tls.handshake_client(io, (endpoint.host, endpoint.port), context)
+                    self._check_identity(io)
+            phase = "done"
         except trio.TooSlowError:
+            if phase == "handshake":
+                raise self._handshake_failed(f"no TLS handshake within {connect_timeout:g}s") from None
             self._connect_failed(f"timed out after {connect_timeout:g}s")
             raise MeshError(
                 errors.CONNECT_FAILED, f"could not connect to the upstream within {connect_timeout:g}s"
             ) from None
+        except Closed as exc:  # the handshake failed (meshlet.io.TLSError, or a reset)
+            if own is not None and source_ports and source_ports[0] in own.looped:
+                own.looped.discard(source_ports[0])
+                self._slot_freed()
+                raise MeshError(errors.LOOP_DETECTED, LOOP_HINT.format(service=self.service)) from None
+            raise self._handshake_failed(str(exc)) from None
+        except PeerIdentityError as exc:
+            assert tls is not None
+            tls.on_failure("client", errors.PEER_IDENTITY_MISMATCH.name)
+            self._connect_failed(f"peer identity: {exc}")
+            raise MeshError(errors.PEER_IDENTITY_MISMATCH, f"the upstream is not {self.service!r}: {exc}") from None
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
             self._connect_failed(why)
@@ -205,10 +274,39 @@ class EndpointPool:
         except BaseException:
             self._slot_freed()  # cancelled while connecting
             raise
+        finally:
+            if own is not None and source_ports and phase != "done":
+                own.open.discard(source_ports[0])
         self.failing = False
         self.connects += 1
         self.active += 1
-        return UpstreamConnection(io, self)
+        return UpstreamConnection(io, self, epoch, source_ports[0] if source_ports else 0)
+
+    def _check_identity(self, io: Connection) -> None:
+        """The endpoint proved the destination's identity, or PeerIdentityError (and it is closed)."""
+        assert isinstance(io, TLSConnection) and self.tls is not None
+        try:
+            proved = peer_service(io, self.tls.trust_domain)
+            if proved != self.service:
+                raise PeerIdentityError(f"its certificate names {proved!r}")
+        except PeerIdentityError:
+            io.close()
+            raise
+
+    def tls_refused(self, why: str) -> None:
+        """The peer refused the handshake after ours completed: a handshake failure too."""
+        assert self.tls is not None
+        self.tls.on_failure("client", errors.TLS_HANDSHAKE_FAILED.name)
+        if not self.tls_refused_logged:
+            self.tls_refused_logged = True
+            log.warning("TLS to %s refused by the peer: %s (logged again after a success)", self.endpoint.address, why)
+        raise MeshError(errors.TLS_HANDSHAKE_FAILED, f"the upstream refused the TLS handshake: {why}")
+
+    def _handshake_failed(self, why: str) -> MeshError:
+        assert self.tls is not None
+        self.tls.on_failure("client", errors.TLS_HANDSHAKE_FAILED.name)
+        self._connect_failed(f"TLS handshake: {why}")
+        return MeshError(errors.TLS_HANDSHAKE_FAILED, f"TLS handshake with the upstream failed: {why}")
 
     def _connect_failed(self, why: str) -> None:
         """Count it; log the address once per failing streak. The caller's answer names
@@ -224,6 +322,11 @@ class EndpointPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.active -= 1
         if reusable:
+            if conn.new_session:  # once per TLS connection: its tickets came with the first response
+                conn.new_session = False
+                self.tls_refused_logged = False
+                assert self.tls is not None and isinstance(conn.io, TLSConnection)
+                self.tls.keep_session((self.endpoint.host, self.endpoint.port), conn.io)
             conn.reader.events.clear()
             if self._waiters:
                 self._hand_over(conn)
@@ -254,11 +357,16 @@ class EndpointPool:
 _IDLE_CHECK = select.poll()
 
 
-def _quiet(sock: socket.socket) -> bool:
+def _quiet(io: Connection) -> bool:
     """Nothing arrived on an idle connection since its last response: one ``poll`` with no
     wait (a syscall per reuse, and cheaper than a peek, which raises when there is nothing).
     Readable means bytes, a response to no request of ours, or the peer's close (or reset);
-    either way the connection is done."""
+    either way the connection is done. Over TLS, bytes OpenSSL holds decrypted count too
+    (a TLS 1.3 ticket or key update arriving while idle also makes it readable: then a good
+    connection is given up, never a bad one kept)."""
+    sock = io.sock
+    if io.tls and sock.pending():  # type: ignore[attr-defined]
+        return False
     fd = sock.fileno()
     check = _IDLE_CHECK
     check.register(fd, select.POLLIN)
@@ -276,7 +384,11 @@ class UpstreamPools:
         clock: Callable[[], float] = trio.current_time,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        tls: MeshTLS | None = None,
+        own: OwnConnections | None = None,
     ) -> None:
+        self.tls = tls  # mTLS to endpoints that are sidecars (Endpoint.mtls)
+        self.own = own  # transparent mode: our connections' source ports
         self.pools: dict[tuple[str, int], EndpointPool] = {}
         self.clock = clock
         # endpoint address → service name, for labels
@@ -289,9 +401,17 @@ class UpstreamPools:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = EndpointPool(
-                endpoint, self.max_connections, idle_timeout=self.idle_timeout, clock=self.clock
+                endpoint,
+                self.max_connections,
+                idle_timeout=self.idle_timeout,
+                clock=self.clock,
+                service=service,
+                tls=self.tls,
+                own=self.own,
             )
             self.services[key] = service
+        elif pool.endpoint.mtls is not endpoint.mtls:
+            pool.endpoint = endpoint  # now registered by a sidecar (or no longer): dialled accordingly
         return pool
 
     def stats(self) -> Iterator[tuple[str, str, str, int]]:
@@ -514,6 +634,10 @@ class Forwarder:
                 raise MeshError(errors.TIMEOUT, f"no response from the upstream within {request.timeout:g}s") from None
             if exchange.client_error is not None:
                 raise MeshError(errors.BAD_REQUEST, str(exchange.client_error)) from None
+            if isinstance(exc, TLSError) and conn.new_session and conn.bytes_received == 0:
+                # TLS 1.3: the server judges our certificate after our side of the handshake
+                # is done; its refusal (an alert) arrives in place of the first response.
+                conn.pool.tls_refused(str(exc))
             if conn.bytes_received == 0 and (not exchange.body_started or exchange.sent is not None):
                 raise _Stale from exc
             raise MeshError(errors.UPSTREAM_RESET, "the upstream reset the connection before the response") from None

@@ -1,5 +1,6 @@
-"""The data path end to end: a client → sidecar A (service `user`, outbound) → sidecar B
-(service `item`, inbound) → the origin app, all real processes and sockets on 127.0.0.1."""
+"""The data path end to end: a client → sidecar A (service `user`, outbound) → mTLS →
+sidecar B (service `item`, inbound) → the origin app, all real processes and sockets on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from ..certs import TestCA, sidecar_flags
 from ..helpers import SidecarProcess, raw_exchange, run_sidecar, write_static
 from ..origin import Origin, pattern_bytes
 
@@ -32,19 +34,28 @@ class Mesh:
 
 @pytest.fixture
 async def mesh(tmp_path: Path, origin: Origin) -> AsyncIterator[Mesh]:
+    authority = TestCA()
     async with run_sidecar(
-        tmp_path, service="item", app=f"127.0.0.1:{origin.port}", static=write_static(tmp_path / "b.yaml", {})
+        tmp_path,
+        service="item",
+        app=f"127.0.0.1:{origin.port}",
+        static=write_static(tmp_path / "b.yaml", {}),
+        extra=sidecar_flags(authority, tmp_path, "item"),
     ) as b:
         static_a = write_static(
             tmp_path / "a.yaml",
             {
-                "item": {"endpoints": [b.inbound], "timeout": "1s"},
+                "item": {"endpoints": [b.inbound], "timeout": "1s", "mtls": {"mode": "permissive"}},
                 "empty": {"endpoints": []},
                 "refused": {"endpoints": ["127.0.0.1:1"]},
             },
         )
         async with run_sidecar(
-            tmp_path, service="user", app="127.0.0.1:1", static=static_a, extra=["--header-timeout", "0.5"]
+            tmp_path,
+            service="user",
+            app="127.0.0.1:1",
+            static=static_a,
+            extra=["--header-timeout", "0.5", *sidecar_flags(authority, tmp_path, "user")],
         ) as a:
             yield Mesh(a, b, origin)
 

@@ -1,11 +1,12 @@
 """Per-hop metrics through real sidecars (docs/observability.md): exact counts after scripted
 traffic, the route label, promtool's verdict on the real output, and the bounds on label
-values under 10,000 distinct callers and paths."""
+values under 250 callers with certificates of their own and 10,000 paths."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..certs import TestCA, context, sidecar_flags
 from ..helpers import raw_exchange, sample, write_static
 from ..mesh import Mesh
 from ..origin import Origin
@@ -53,10 +55,13 @@ def promtool_check(text: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(mesh: Mesh, origin: Origin) -> None:
+async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(
+    tmp_path: Path, mesh: Mesh, origin: Origin
+) -> None:
+    authority = TestCA()  # the inbound's source label is the caller its certificate proves
     await mesh.control_plane()
-    item = await mesh.sidecar("item", app=origin)
-    user = await mesh.sidecar("user")
+    item = await mesh.sidecar("item", app=origin, extra=sidecar_flags(authority, tmp_path, "item"))
+    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
     await mesh.apply(ROUTE)
     async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
         with trio.fail_after(15):  # until user's sidecar routes item by the new rules
@@ -108,35 +113,65 @@ async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts
         promtool_check(text)
 
 
-async def test_ten_thousand_callers_and_paths_stay_within_the_caps(tmp_path: Path, mesh: Mesh, origin: Origin) -> None:
-    item = await mesh.sidecar("item", app=origin, static=write_static(tmp_path / "s.yaml", {}))
-    port = item.ports["inbound"]
-    requests = b"".join(
-        b"GET /hello/%d HTTP/1.1\r\nhost: item\r\nx-meshlet-source: caller-%d\r\n\r\n" % (i, i) for i in range(10_000)
+async def _call_as(port: int, context: ssl.SSLContext, requests: bytes, count: int) -> bytes:
+    """``requests`` over one mTLS connection; what came back once ``count`` answers did."""
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    received = bytearray()
+    await stream.send_all(requests)
+    while received.count(b"HTTP/1.1 ") < count:
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        received += data
+    await stream.aclose()
+    return bytes(received)
+
+
+CALLERS = 250  # past the default cap of 200 values a label
+PER_CALLER = 40  # 10,000 requests, each to a path of its own
+
+
+async def test_ten_thousand_requests_from_250_callers_stay_within_the_caps(
+    tmp_path: Path, mesh: Mesh, origin: Origin
+) -> None:
+    """250 callers, each proving its name with a certificate of its own (a header cannot name
+    a caller any more), 40 paths each: the first 200 callers keep their name in the source
+    label, the rest are folded into "other"."""
+    authority = TestCA()
+    item = await mesh.sidecar(
+        "item",
+        app=origin,
+        static=write_static(tmp_path / "s.yaml", {}),
+        extra=sidecar_flags(authority, tmp_path, "item"),
     )
+    port = item.ports["inbound"]
     with trio.fail_after(120):
-        answer = await raw_exchange(  # until the close: 10,001 answers take seconds on a busy machine
-            port,
-            requests + b"GET /hello HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n",
-            timeout=110,
-        )
-    assert answer.count(b"HTTP/1.1 ") == 10_001
+        for caller in range(CALLERS):
+            requests = b"".join(
+                b"GET /hello/%d HTTP/1.1\r\nhost: item\r\nx-meshlet-source: user\r\n\r\n" % (caller * PER_CALLER + i)
+                for i in range(PER_CALLER)
+            )
+            credentials = authority.credentials(f"caller-{caller}")
+            answer = await _call_as(port, context(credentials, tmp_path, server_side=False), requests, PER_CALLER)
+            assert answer.count(b"HTTP/1.1 404 ") == PER_CALLER  # the origin has no /hello/N
+        last = await raw_exchange(port, b"GET /hello HTTP/1.1\r\nhost: item\r\nconnection: close\r\n\r\n")
+        assert last.startswith(b"HTTP/1.1 200 ")
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(f"http://{item.admin}/metrics")).text
         report = (await client.get(f"http://{item.admin}/metrics/cardinality")).json()
     inbound = inbound_requests(metrics)
-    # the first 200 callers by name (the origin answers 404 to /hello/N), then "other": the
-    # other 9,800 callers' 404s and the unnamed last request's 200
+    # the first 200 callers by name, then "other": the other 50 callers' 404s and the
+    # plaintext (unauthenticated) last request's 200
     assert len(inbound) == 200 + 2
     assert {
         (s.labels["source"], s.labels["code"]) for s in inbound if not s.labels["source"].startswith("caller-")
-    } == {
-        ("other", "404"),
-        ("other", "200"),
-    }
-    assert value(metrics, "meshlet_requests_total", source="other") == 9_801
-    assert sum(s.value for s in inbound) == 10_001  # nothing lost, only folded
-    assert value(metrics, "meshlet_metrics_series_folded_total", label="source") == 9_801
+    } == {("other", "404"), ("other", "200")}
+    folded = (CALLERS - 200) * PER_CALLER + 1
+    assert value(metrics, "meshlet_requests_total", source="other") == folded
+    assert value(metrics, "meshlet_requests_total", source="user") == 0  # the header named nobody
+    assert sum(s.value for s in inbound) == CALLERS * PER_CALLER + 1  # nothing lost, only folded
+    # one folded series per caller past the cap (and the unauthenticated one), not per request
+    assert value(metrics, "meshlet_metrics_series_folded_total", label="source") == CALLERS - 200 + 1
     assert report["series"]["meshlet_requests"] == 202 and report["label_values"]["source"] == 200
     promtool_check(metrics)
 

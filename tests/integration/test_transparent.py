@@ -194,8 +194,9 @@ async def test_a_sidecar_whose_traffic_is_not_exempt_does_not_loop(tmp_path: Pat
         assert looped.headers.get("x-meshlet-error") == "loop-detected"
         assert "--proxy-uid" in looped.body
         out = await a.metrics()
-        # The request went round once: the app's connection, and the sidecar's own, back.
-        assert sample(out, "meshlet_transparent_connections_total", outcome="service", destination="item") == 2
+        # The request went round once: the app's connection, and the sidecar's own (mTLS), back.
+        assert sample(out, "meshlet_transparent_connections_total", outcome="service", destination="item") == 1
+        assert sample(out, "meshlet_transparent_connections_total", outcome="loop", destination="item") == 1
         # The same for plain TCP passthrough: the sidecar's own connection is recognised.
         passed = await a.curl("http://10.77.0.2:7070/elsewhere", max_time=5)
         assert passed.status == 0 and passed.exit_code != 0, passed

@@ -106,3 +106,15 @@ def test_a_normal_path_is_rooted_has_no_dot_segments_and_is_stable(path: str) ->
     assert normal.startswith("/")
     assert "/../" not in normal + "/" and "/./" not in normal + "/" and "//" not in normal
     assert normalise_path(normal) == normal
+
+
+def test_unauthenticated_callers_are_let_in_only_by_name() -> None:
+    """A plaintext caller is ``unauthenticated``: a rule lets it in by that name, or with "*"."""
+    by_name = table(
+        "kind: AccessPolicy\nname: p\nservice: item\nrules:\n  - sources: [unauthenticated]\n    paths: [/public]\n"
+    )
+    assert by_name.check("unauthenticated", b"GET", b"/public/x").allowed
+    assert not by_name.check("unauthenticated", b"GET", b"/private").allowed
+    assert not by_name.check("user", b"GET", b"/public/x").allowed
+    assert not table().check("unauthenticated", b"GET", b"/items").allowed  # user's rule is user's
+    assert table().check("unauthenticated", b"GET", b"/health").allowed  # "*"

@@ -197,7 +197,9 @@ SHAPES = [
         id="every-problem-at-once",
     ),
     pytest.param(
-        "retries: 3\n", [(3, "retries", "unknown key (allowed: endpoints, connect_timeout, timeout)")], id="unknown-key"
+        "retries: 3\n",
+        [(3, "retries", "unknown key (allowed: endpoints, connect_timeout, timeout, mtls)")],
+        id="unknown-key",
     ),
 ]
 

@@ -96,6 +96,7 @@ def test_to_json() -> None:
         "source": "static:mesh.yaml",
         "policy_version": "",
         "outbound_traffic_policy": "ALLOW_ANY",
+        "mtls": {"mode": "permissive", "services": {}},
         "routes": {},
         "shadow_routes": {},
         "access": {},
@@ -204,12 +205,12 @@ ERRORS = [
     ),
     pytest.param(
         "services:\n  item: 3\n",
-        "mesh.yaml:2: services.item: must be a mapping (allowed: endpoints, connect_timeout, timeout)",
+        "mesh.yaml:2: services.item: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls)",
         id="service-not-a-mapping",
     ),
     pytest.param(
         "services:\n  item:\n    endpoints: [a:1]\n    retry: 2\n",
-        "mesh.yaml:4: services.item.retry: unknown key (allowed: endpoints, connect_timeout, timeout)",
+        "mesh.yaml:4: services.item.retry: unknown key (allowed: endpoints, connect_timeout, timeout, mtls)",
         id="service-unknown-key",
     ),
     pytest.param(
@@ -330,7 +331,7 @@ def test_all_errors_are_reported_at_once() -> None:
         "mesh.yaml:5: services.Bad: 'Bad' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         "mesh.yaml:7: services.ok.endpoints[0].address: 'nope' is not HOST:PORT",
         "mesh.yaml:9: services.ok.endpoints[1].weight: 0 is not a weight (an integer from 1 to 1000)",
-        "mesh.yaml:12: services.cart.retries: unknown key (allowed: endpoints, connect_timeout, timeout)",
+        "mesh.yaml:12: services.cart.retries: unknown key (allowed: endpoints, connect_timeout, timeout, mtls)",
         "mesh.yaml:13: services.cart.timeout: '0ms' must be greater than 0",
     ]
 
@@ -388,7 +389,7 @@ def test_a_key_written_with_nothing_after_it_is_left_out() -> None:
 
 def test_a_service_with_nothing_after_it_is_refused() -> None:
     assert problems("services:\n  item: [a:1]\n  bare:\n") == [
-        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout)"
+        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls)"
     ]
 
 
@@ -541,3 +542,25 @@ def test_structured_documents(services: dict[str, object], timeout: object) -> N
 @pytest.mark.parametrize("name", ["item\n", "item\r\n", "Item", "-item", "item\x00"])
 def test_a_service_name_is_a_dns_label_and_nothing_after_it(name: str) -> None:
     assert not is_service_name(name)
+
+
+def test_a_static_service_with_an_mtls_mode_is_one_of_sidecars() -> None:
+    snapshot = load_static(
+        "services:\n"
+        "  item: {endpoints: [127.0.0.1:15106], mtls: {mode: strict}}\n"
+        "  cart: {endpoints: [127.0.0.1:15107], mtls: {mode: off}}\n"
+        "  billing: [10.0.0.7:8443]\n",
+        "mesh.yaml",
+    )
+    assert snapshot.mtls_modes == {"item": "strict", "cart": "off"}
+    assert [e.mtls for name in ("item", "cart", "billing") for e in snapshot.services[name].endpoints] == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(ConfigError) as refused:
+        load_static("services:\n  item: {endpoints: [a:1], mtls: {mode: on, x: 1}}\n", "mesh.yaml")
+    assert refused.value.problems == [
+        "mesh.yaml:2: services.item.mtls.x: unknown key (allowed: mode)",
+        "mesh.yaml:2: services.item.mtls.mode: True is not one of off, permissive, strict",
+    ]

@@ -112,3 +112,21 @@ def test_two_routes_for_one_host_the_first_by_name_is_enforced() -> None:
     cache = PolicyCache()
     cache.apply(_push(("Route/b", {**ROUTE, "name": "b"}), ("Route/a", {**ROUTE, "name": "a"})))
     assert {host: table.name for host, table in cache.routes().items()} == {"item": "a"}
+
+
+def test_mtls_modes_from_mesh_config_and_service_documents() -> None:
+    """MeshConfig sets the mesh's mode (permissive when absent: None here); a Service
+    document overrides it for one service, and one with only a mode lists no endpoints, so
+    it does not hide the service's sidecars from discovery."""
+    cache = PolicyCache()
+    assert cache.mtls_modes() == (None, {})
+    cache.apply(
+        _push(
+            ("MeshConfig/mesh", {"kind": "MeshConfig", "name": "mesh", "mtls": {"mode": "strict"}}),
+            ("Service/payments", {"kind": "Service", "name": "payments", "mtls": {"mode": False}}),  # YAML's `off`
+            ("Service/billing", {**BILLING, "mtls": {"mode": "permissive"}}),
+        )
+    )
+    assert cache.mtls_modes() == ("strict", {"payments": "off", "billing": "permissive"})
+    assert set(cache.services()) == {"billing"}  # payments: only a mode
+    assert not any(e.mtls for e in cache.services()["billing"].endpoints)  # a Service's endpoints are plain
