@@ -58,6 +58,8 @@ class FakeSocket:
 class FakeClient:
     """Plays the client: N requests, one at a time, then EOF."""
 
+    tls = False  # as meshlet.io.Connection: plaintext
+
     def __init__(self, count: int) -> None:
         self.left = count
         self.peer = "127.0.0.1"
@@ -110,7 +112,7 @@ class BatchEncoder:
 
 
 async def run(count: int, traced: bool = False) -> float:
-    async def fake_connect(host: str, port: int) -> FakeUpstream:
+    async def fake_connect(host: str, port: int, *, bound: object = None) -> FakeUpstream:
         return FakeUpstream()
 
     upstream.connect = fake_connect  # type: ignore[assignment]
