@@ -310,6 +310,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     tls_files = (args.tls_cert, args.tls_key, args.trust_bundle)
     if any(tls_files) and not all(tls_files):
         parser.error("--tls-cert, --tls-key and --trust-bundle go together: give all three")
+    if any(tls_files) and args.control_plane:
+        # Two authorities for one identity: the sidecar would verify the control plane with the
+        # static bundle while that control plane issues from its own CA.
+        parser.error(
+            "--tls-cert/--tls-key/--trust-bundle are for a sidecar without a control plane: with "
+            "--control-plane, the control plane's CA issues this sidecar's certificate (to use your own "
+            "root, give it to the control plane: meshlet control-plane --ca-cert FILE --ca-key FILE)"
+        )
     if all(tls_files):
         from sidecar.net.credential_files import CredentialFileError, load_credentials
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..certs import TestCA, sidecar_flags
 from ..helpers import raw_exchange, sample, write_static
 from ..mesh import Mesh
 
@@ -28,12 +27,11 @@ rules:
 
 
 async def test_access_policy_enforced_then_shadowed(tmp_path: Path, mesh: Mesh) -> None:
-    authority = TestCA()
     item = await mesh.origin()
     await mesh.control_plane()
-    item_sidecar = await mesh.sidecar("item", app=item, extra=sidecar_flags(authority, tmp_path, "item"))
-    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
-    gateway = await mesh.sidecar("gateway", extra=sidecar_flags(authority, tmp_path, "gateway"))
+    item_sidecar = await mesh.sidecar("item", app=item)
+    user = await mesh.sidecar("user")
+    gateway = await mesh.sidecar("gateway")
     async with httpx.AsyncClient(timeout=10) as client:
 
         async def call(caller: object, path: str, method: str = "GET", **headers: str) -> httpx.Response:

@@ -58,10 +58,9 @@ def promtool_check(text: str) -> None:
 async def test_scripted_traffic_gives_exact_per_hop_counts_that_promtool_accepts(
     tmp_path: Path, mesh: Mesh, origin: Origin
 ) -> None:
-    authority = TestCA()  # the inbound's source label is the caller its certificate proves
     await mesh.control_plane()
-    item = await mesh.sidecar("item", app=origin, extra=sidecar_flags(authority, tmp_path, "item"))
-    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
     await mesh.apply(ROUTE)
     async with httpx.AsyncClient(base_url=f"http://{user.outbound}", headers={"host": "item"}) as client:
         with trio.fail_after(15):  # until user's sidecar routes item by the new rules

@@ -35,11 +35,10 @@ async def metrics(client: httpx.AsyncClient, sidecar: object) -> str:
 
 
 async def test_two_sidecars_talk_mtls_on_one_pooled_connection_and_resume(tmp_path: Path, mesh: Mesh) -> None:
-    authority = TestCA()
     item = await mesh.origin()
     await mesh.control_plane()
-    item_sidecar = await mesh.sidecar("item", app=item, extra=sidecar_flags(authority, tmp_path, "item"))
-    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
+    item_sidecar = await mesh.sidecar("item", app=item)
+    user = await mesh.sidecar("user")
     async with httpx.AsyncClient(timeout=10) as client:
         url = f"http://{user.outbound}/info"
         await wait_for_200(client, url)
@@ -68,11 +67,10 @@ MODE = "kind: Service\nname: item\nmtls: {{mode: {mode}}}\n"
 
 
 async def test_permissive_strict_and_off(tmp_path: Path, mesh: Mesh) -> None:
-    authority = TestCA()
     item = await mesh.origin()
     await mesh.control_plane()
-    item_sidecar = await mesh.sidecar("item", app=item, extra=sidecar_flags(authority, tmp_path, "item"))
-    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
+    item_sidecar = await mesh.sidecar("item", app=item)
+    user = await mesh.sidecar("user")
     inbound = item_sidecar.ports["inbound"]
     plaintext = b"GET /hello HTTP/1.1\r\nHost: item\r\nx-meshlet-source: user\r\nConnection: close\r\n\r\n"
     async with httpx.AsyncClient(timeout=10) as client:
@@ -239,4 +237,26 @@ async def test_static_credentials_refused_at_start(tmp_path: Path, problem: str)
     ]
     done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode == 1
+    assert expected in done.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--tls-cert", "c.pem", "--control-plane", "127.0.0.1:1"], "go together: give all three"),
+        (
+            ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--trust-bundle", "b.pem", "--control-plane", "127.0.0.1:1"],
+            "are for a sidecar without a control plane",
+        ),
+    ],
+    ids=["partial", "with-a-control-plane"],
+)
+async def test_static_credentials_are_refused_where_they_cannot_hold(
+    tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    """Static credentials with a control plane would verify it with one CA while it issues from
+    another: refused at start, saying where a root of one's own goes."""
+    command = processes.meshlet_command("sidecar", "--service", "user", "--app", "127.0.0.1:1", *flags)
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
+    assert done.returncode == 2
     assert expected in done.stderr.decode()

@@ -18,7 +18,6 @@ import trio
 
 from meshlet import processes
 
-from ..certs import TestCA, sidecar_flags
 from ..mesh import Mesh
 from ..origin import Origin
 
@@ -76,9 +75,8 @@ async def query(client: httpx.AsyncClient, prometheus: str, promql: str) -> list
 
 async def test_prometheus_discovers_and_scrapes_every_sidecar(tmp_path: Path, mesh: Mesh, origin: Origin) -> None:
     await mesh.control_plane()
-    authority = TestCA()  # item's inbound labels the caller its certificate proves
-    item = await mesh.sidecar("item", app=origin, extra=sidecar_flags(authority, tmp_path, "item"))
-    user = await mesh.sidecar("user", extra=sidecar_flags(authority, tmp_path, "user"))
+    item = await mesh.sidecar("item", app=origin)
+    user = await mesh.sidecar("user")
     async with httpx.AsyncClient(timeout=10) as client:
         discovery, hello = f"http://{mesh.api}/v1/prometheus/targets", f"http://{user.outbound}/hello"
         with trio.fail_after(15):  # both registered
