@@ -115,8 +115,11 @@ async def test_no_secret_in_logs_dumps_metrics_traces_or_reads(mesh: Mesh, tmp_p
         "presented": PRESENTED,
         "api token": mesh.token_file.read_text().strip(),
     }
-    join_token = mesh.token_file.parent / "join-token"
-    if join_token.exists():
-        secrets["join token"] = join_token.read_text().strip()
+    secrets["join token"] = (mesh.token_file.parent / "join-token").read_text().strip()
+    # Private keys: the CA's and each sidecar's (a line of each key's base64 body is enough).
+    keys = [mesh.token_file.parent / "ca" / "ca.key", *mesh.tmp_path.glob("data-*/*.key")]
+    assert len(keys) == 3, keys  # the CA's, item's and user's
+    for key in keys:
+        secrets[f"key {key.name}"] = key.read_text().splitlines()[1]
     found = [f"{what} in {page}" for page, text in pages.items() for what, secret in secrets.items() if secret in text]
     assert found == []
