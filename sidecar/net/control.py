@@ -31,7 +31,7 @@ from ..core.errors import MeshError
 from ..core.services import ServiceConfig
 from .control_tls import ControlPlaneTLS
 from .exporter import Collector
-from .health import AppHealth
+from .health import HEALTH_INTERVAL, AppHealth
 from .identity import IdentityError, SidecarIdentity
 from .persist import read_last_good, write_last_good
 
@@ -126,7 +126,17 @@ class ControlPlaneClient:
         async with trio.open_nursery() as nursery:
             if self.health is not None:
                 nursery.start_soon(self.health.serve, self._report_readiness)
+            if self.identity is not None:
+                nursery.start_soon(self._report_expiry)
             nursery.start_soon(self._connect_forever)
+
+    async def _report_expiry(self) -> None:
+        """A certificate that expires makes this sidecar not ready (peers would refuse it)
+        while no probe answer changes: the registry hears it within a probe interval.
+        _report_readiness sends only a change, so the loop costs nothing otherwise."""
+        while True:
+            await trio.sleep(HEALTH_INTERVAL)
+            await self._report_readiness()
 
     async def _connect_forever(self) -> None:
         delay = BACKOFF_FIRST
