@@ -332,6 +332,13 @@ async def _show_a_trace(api: ApiClient) -> None:
         )
 
 
+async def _identity(client: httpx.AsyncClient, admin: str) -> str:
+    """The SPIFFE ID a sidecar's certificate proves (its /config_dump), or why there is none."""
+    dump = (await client.get(f"http://{admin}/config_dump")).json()
+    identity = dump.get("control_plane", {}).get("identity") or {}
+    return str(identity.get("spiffe_id") or f"no certificate ({identity.get('state', 'unknown')})")
+
+
 async def _wait_for_policy(client: httpx.AsyncClient, admin: str, service: str, patience: float = 20) -> None:
     with trio.fail_after(patience):
         while (await client.get(f"{admin}/config_dump")).json()["config"]["destination_policies"].get(service) is None:  # noqa: ASYNC110 - another process
@@ -412,7 +419,15 @@ async def _story(demo: Demo, args: argparse.Namespace) -> None:
                 sidecar = await demo.service(role, instance, push, labels)
                 registered = partial(_is_ready, service=role, instance=instance)
                 await _wait_for(api, registered, f"{instance} to register")
-                say(f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready")
+                identity = await _identity(client, sidecar.fields["admin"])
+                say(
+                    f"  [green]registered[/] {instance:10} ({role}) at {sidecar.fields['inbound']}, ready, as {identity}"
+                )
+            say(
+                "  each sidecar joined with the control plane's join token and holds a certificate from its CA "
+                "for its service: every hop between two sidecars is mutual TLS, and a caller is who its "
+                "certificate says (a client outside the mesh is 'unauthenticated')"
+            )
             entry = f"http://{demo.sidecars['gateway-1'].fields['inbound']}"
             # The first call: each caller's sidecar looks up the service its app calls (on
             # demand) and from then on receives its endpoints.

@@ -41,6 +41,8 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
         "registered item-2",
         "registered user-1",
         "registered gateway-1",
+        "ready, as spiffe://meshlet.local/service/gateway",  # its certificate, from the control plane's CA
+        "mutual TLS",
         "deregistered item-2",
         "No errors",
         "registered item-2 again",
@@ -50,6 +52,8 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
         "(meshlet_circuit_state=1)",
         "open ×1, half_open ×1, closed ×1",
         "per-hop metrics",
+        "user → item",  # the caller its certificate proves
+        "unauthenticated",  # the load generator is no sidecar: it calls the gateway in plaintext
         "5 spans",
         "one trace, a span per hop and side",
     ):
