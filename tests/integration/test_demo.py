@@ -6,33 +6,35 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import trio
 
 
-def _demo_processes() -> list[int]:
-    """PIDs of processes started by a demo (their data dirs live in meshlet-demo-*)."""
+def _demo_processes(under: Path) -> list[int]:
+    """PIDs of processes started by a demo run with TMPDIR=``under`` (their data dirs live in
+    ``under``/meshlet-demo-*): this test's demo only, not one another run left or is running."""
+    marker = f"{under}/meshlet-demo-".encode()
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"meshlet-demo-" in f.read():
+                    if marker in f.read():
                         pids.append(int(entry))
             except OSError:
                 pass
     return pids
 
 
-async def test_demo_runs_to_completion_without_orphans() -> None:
-    before = set(_demo_processes())
+async def test_demo_runs_to_completion_without_orphans(tmp_path: Path) -> None:
     with trio.fail_after(180):
         result = await trio.run_process(
             [sys.executable, "-m", "meshlet", "demo", "--duration", "0", "--requests", "20"],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env={**os.environ, "COLUMNS": "120"},
+            env={**os.environ, "COLUMNS": "120", "TMPDIR": str(tmp_path)},
         )
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()[-3000:]
@@ -58,16 +60,15 @@ async def test_demo_runs_to_completion_without_orphans() -> None:
         "one trace, a span per hop and side",
     ):
         assert line in out, line
-    assert set(_demo_processes()) - before == set()
+    assert _demo_processes(tmp_path) == []
 
 
-async def test_demo_stops_cleanly_on_ctrl_c() -> None:
-    before = set(_demo_processes())
+async def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "meshlet", "demo", "--duration", "60", "--requests", "10"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "120", "TMPDIR": str(tmp_path)},
     )
     assert process.stdout is not None
     seen = b""
@@ -81,4 +82,4 @@ async def test_demo_stops_cleanly_on_ctrl_c() -> None:
         await process.wait()
     assert process.returncode == 0
     await trio.sleep(0.5)
-    assert set(_demo_processes()) - before == set()
+    assert _demo_processes(tmp_path) == []
