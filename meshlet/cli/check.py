@@ -333,6 +333,12 @@ def traffic_lines(traffic: JSON | str, modes: JSON) -> list[Line]:
     return lines
 
 
+def _printable(text: str) -> str:
+    """``text`` with every control character shown as U+FFFD: names and NACK messages come from
+    sidecars, and an escape sequence must not reach the terminal."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 2 * DAY:
         return f"{seconds / DAY:.0f} days"
@@ -389,8 +395,19 @@ def gather(api: ApiClient) -> list[Line]:
         ca = api.ca()
     except ApiError as exc:
         ca = str(exc)
-    now = float(ca["now"]) if isinstance(ca, dict) and "now" in ca else time.time()
-    return evaluate(status, ca, _traffic(api), now=now, api=api.api)
+    try:
+        now = float(ca["now"]) if isinstance(ca, dict) and "now" in ca else time.time()
+        return evaluate(status, ca, _traffic(api), now=now, api=api.api)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an answer of another shape
+        return [
+            Line(
+                CONTROL_PLANE,
+                f"the control plane's answers can be read by this CLI ({api.api})",
+                ERROR,
+                f"an answer lacks or mistypes {exc}",
+                "the control plane and this CLI are far apart in version: upgrade the older of the two",
+            )
+        ]
 
 
 def _traffic(api: ApiClient) -> JSON | str:
@@ -419,9 +436,9 @@ def render(lines: list[Line]) -> str:
         text = f"{MARKS[line.severity]} {line.check}"
         if line.detail:
             text += f": {line.detail}"
-        out.append(text)
+        out.append(_printable(text))
         if line.hint and not line.ok:
-            out.append(f"    hint: {line.hint}")
+            out.append(_printable(f"    hint: {line.hint}"))
     failed = sum(1 for line in lines if line.severity == ERROR)
     warned = sum(1 for line in lines if line.severity == WARNING)
     if failed:

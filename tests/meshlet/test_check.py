@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import httpx
 import pytest
 
 from meshlet import __version__
-from meshlet.cli.check import ERROR, OK, WARNING, Line, evaluate, render, unreachable
-from meshlet.cli.client import ApiError
+from meshlet.cli.check import ERROR, OK, WARNING, Line, evaluate, gather, render, unreachable
+from meshlet.cli.client import ApiClient, ApiError
 
-NOW = 1_800_000_000.0
+NOW = 4_000_000_000.0  # 2096: a check that read this machine's clock instead would see a CA not valid yet
 DAY = 24 * 3600.0
 HOUR = 3600.0
 
@@ -191,3 +192,54 @@ def test_warnings_alone_pass_and_the_summary_counts_them() -> None:
     text = render(evaluate(state["status"], state["ca"], state["traffic"], now=NOW))
     assert text.endswith("Status check results are ✓ with 1 warning (‼)")
     assert "    hint: a client outside the mesh" in text
+
+
+def test_what_sidecars_said_cannot_drive_the_terminal() -> None:
+    state = healthy()
+    item(state, last_nack={**NACK, "message": "bad \x1b]0;owned\x07 regex\n"}, last_answer={"policies": "nack"})
+    text = render(evaluate(state["status"], state["ca"], state["traffic"], now=NOW))
+    assert "\x1b" not in text and "\x07" not in text
+    assert "bad \ufffd]0;owned\ufffd regex\ufffd" in text
+
+
+def test_a_first_check_says_how_much_traffic_it_covered() -> None:
+    state = healthy()
+    state["traffic"]["covered_seconds"] = 2.0
+    (line,) = [
+        line for line in evaluate(state["status"], state["ca"], state["traffic"], now=NOW) if line.group == "traffic"
+    ]
+    assert line.ok and "in the last 2 s" in line.detail and "run again to cover more" in line.detail
+
+
+def answering(answers: dict[str, Any]) -> ApiClient:
+    """A client whose control plane answers each path with ``answers[path]`` (404 when absent)."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path not in answers:
+            return httpx.Response(404, json={"problems": ["not found"]})
+        return httpx.Response(200, json=answers[request.url.path])
+
+    return ApiClient("127.0.0.1:15000", transport=httpx.MockTransport(handle))
+
+
+def test_gather_reads_the_three_answers_and_judges_by_the_control_planes_clock() -> None:
+    state = healthy()
+    answers = {"/v1/status": state["status"], "/v1/ca": state["ca"], "/v1/stat": state["traffic"]}
+    with answering(answers) as api:
+        lines = gather(api)
+    assert all(line.ok for line in lines), render(lines)  # NOW, the control plane's clock, not this machine's
+    assert lines[0].check == "the control plane API answers at 127.0.0.1:15000"
+    with answering({"/v1/status": state["status"], "/v1/stat": state["traffic"]}) as api:
+        flagged = [line for line in gather(api) if not line.ok]
+    assert [(line.severity, line.check) for line in flagged] == [
+        (ERROR, "the certificate authority can be read (/v1/ca)")
+    ]
+
+
+def test_an_answer_of_another_shape_is_one_failed_line_not_a_traceback() -> None:
+    state = healthy()
+    del state["status"]["sidecars"][0]["service"]
+    answers = {"/v1/status": state["status"], "/v1/ca": state["ca"], "/v1/stat": state["traffic"]}
+    with answering(answers) as api:
+        (line,) = gather(api)
+    assert line.severity == ERROR and "'service'" in line.detail and "version" in line.hint
