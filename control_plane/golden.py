@@ -17,6 +17,9 @@ groups them:
   ``-`` when none did): the busiest routes, for ``meshlet top``.
 * ``destination``: outbound, by destination, every caller together (the Hystrix stream's
   "command").
+* ``caller``: each caller → service as the service's inbound sidecar saw it (``direction=inbound``,
+  by ``source`` and ``destination``): the caller its certificate proved, or ``unauthenticated``
+  for a plaintext one (``meshlet check`` lists the services plaintext callers reach).
 
 A request failed when its status is 5xx or the mesh answered it (a ``reason``), except a
 caller that went away (``incomplete``), as Linkerd counts success by response class.
@@ -32,7 +35,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-BY = ("service", "edge", "route", "destination")
+BY = ("service", "edge", "route", "destination", "caller")
 Hop = tuple[str, str, str, str]  # direction, source, destination, route
 
 
@@ -179,6 +182,8 @@ def group(hop: Hop, by: str) -> str | None:
     direction, source, destination, route = hop
     if by == "service":
         return destination if direction == "inbound" else None
+    if by == "caller":
+        return f"{source} → {destination}" if direction == "inbound" else None
     if direction != "outbound":
         return None
     if by == "edge":

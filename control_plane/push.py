@@ -423,6 +423,19 @@ STORE_CONFLICT_HINT = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Certified:
+    """The certificate the control plane last issued to a session (``meshlet check`` reads its
+    expiry): the SPIFFE ID it names and its validity, in seconds since the epoch."""
+
+    spiffe_id: str
+    not_before: float
+    not_after: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spiffe_id": self.spiffe_id, "not_before": self.not_before, "not_after": self.not_after}
+
+
 @dataclass(eq=False)
 class Session:
     """One sidecar's channel, as the control plane sees it."""
@@ -444,6 +457,8 @@ class Session:
     next_ping: float = 0.0
     instance: Instance | None = None  # what its hello registered: restored if its lease runs out while it lives
     store: str = ""  # the store the sidecar's policies come from (its hello's; this one's once it adopts it)
+    certified: Certified | None = None  # the certificate last issued to it (welcome, or a renewal)
+    last_answer: dict[str, str] = field(default_factory=dict)  # type → "ack" or "nack", the latest answer
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -478,6 +493,8 @@ class Session:
             else {"type": nack.type, "message": nack.message, "names": list(nack.names), "nonce": nack.nonce},
             "policies_store": self.store,
             "store_conflict": self.store_conflict(),
+            "last_answer": dict(self.last_answer),
+            "identity": None if self.certified is None else self.certified.to_json(),
         }
 
     def store_conflict(self) -> dict[str, Any] | None:
@@ -510,4 +527,4 @@ def build_push(
     return push, data
 
 
-__all__ = ["ENDPOINTS", "Hub", "InFlight", "Session", "SessionView", "Writer", "build_push"]
+__all__ = ["ENDPOINTS", "Certified", "Hub", "InFlight", "Session", "SessionView", "Writer", "build_push"]

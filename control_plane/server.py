@@ -21,8 +21,10 @@ import socket
 from typing import Any
 
 import trio
+from cryptography import x509
 
 from meshlet import wire
+from meshlet.identity import spiffe_id
 from meshlet.io import Closed, Connection, TLSError, listen_socket, serve_socket, start_tls
 from meshlet.wire import ENDPOINTS, POLICIES
 
@@ -31,7 +33,7 @@ from .channel import Channel
 from .joins import Joins
 from .ownership import Burst, Claims, admin_refusal, session_owner
 from .policies import PolicyStore
-from .push import ANSWER_TIMEOUT, PING_INTERVAL, Hub, Session, SessionView
+from .push import ANSWER_TIMEOUT, PING_INTERVAL, Certified, Hub, Session, SessionView
 from .push_tls import TLS_HANDSHAKE, PushTLS
 from .registry import Instance, Registry, UnknownInstance
 from .span_tokens import SpanTokens, new_token
@@ -246,8 +248,9 @@ class PushServer:
             span_token = new_token()  # worth nothing until the session opens
             # The certificate is issued before the instance is registered, but only sent (in
             # welcome) once the registration is accepted.
-            welcome = self._welcome(conn, span_token)  # refuses a bad CSR before registering anything
+            welcome, issued = self._welcome(conn, span_token)  # refuses a bad CSR before registering anything
             session = self._open(conn, channel, io.peer, span_token)  # ValueError, InstanceInUse
+            session.certified = self._certified(issued, session.service)
             channel.write(welcome)
             self.hub.push_first(session)
             for message in early[1:]:
@@ -347,13 +350,24 @@ class PushServer:
             _send_error(channel, "join-refused", self.joins.refusal(admission))
         return admission.ok
 
-    def _welcome(self, conn: wire.ServerConnection, span_token: str) -> bytes:
+    def _welcome(self, conn: wire.ServerConnection, span_token: str) -> tuple[bytes, wire.Issued | None]:
         """``welcome``, with the certificate issued for the hello's CSR: for the service the
-        hello proved, whatever names the CSR asks for."""
+        hello proved, whatever names the CSR asks for; and that certificate."""
         hello = conn.hello
         assert hello is not None and self.joins is not None
         issued = self.joins.issue(hello.csr, hello.service) if hello.csr else None
-        return conn.accept(issued, span_token)
+        return conn.accept(issued, span_token), issued
+
+    def _certified(self, issued: wire.Issued | None, service: str) -> Certified | None:
+        """What ``meshlet check`` is told of a certificate issued to a session (None: none was)."""
+        if issued is None or self.joins is None:
+            return None
+        leaf = x509.load_pem_x509_certificate(issued.chain)  # ours, just signed: the leaf comes first
+        return Certified(
+            spiffe_id(self.joins.trust_domain, service),
+            leaf.not_valid_before_utc.timestamp(),
+            leaf.not_valid_after_utc.timestamp(),
+        )
 
     def bundle_changed(self) -> None:
         """The trust bundle changed (a CA rotation): every session that speaks identities hears it."""
@@ -489,10 +503,12 @@ class PushServer:
         if isinstance(message, wire.Ack):
             if message.type == POLICIES and not session.views[POLICIES].unvouched:
                 session.store = self.store_id  # it has every policy from this store: it took it as theirs
+            session.last_answer[message.type] = "ack"
             self.hub.answered(session, message.type, now)
         elif isinstance(message, wire.Nack):
             self._nacked(session, message)
             session.last_nack = message
+            session.last_answer[message.type] = "nack"
             self.hub.nacks_total += 1
             log.warning(
                 "sidecar %s rejected %s %s: %s", session.node, message.type, list(message.names), message.message
@@ -511,6 +527,7 @@ class PushServer:
                 issued = self.joins.issue(message.csr, session.service)
             except CAError as exc:
                 raise wire.WireError("bad-csr", exc.reason) from None
+            session.certified = self._certified(issued, session.service)
             session.write(wire.encode(wire.Cert(issued)))
         elif isinstance(message, wire.Health):
             session.ready = message.ready

@@ -2,7 +2,8 @@
 dashboard and Prometheus. Starlette on hypercorn's trio worker.
 
 Each module answers for one resource and is given only what it reads: registry.py (services,
-endpoints, Prometheus's service discovery), status.py (the sidecars), policies.py (apply,
+endpoints, Prometheus's service discovery), status.py (the sidecars), ca.py (the certificate
+authority's roots), policies.py (apply,
 history, rollback), explain.py, stat.py (the sidecars' golden metrics), metrics.py (the
 control plane's own), dashboard.py; traces are Zipkin's API (control_plane/zipkin.py).
 replies.py holds the answers they share: the 400, the store's failure; guard.py who may
@@ -20,6 +21,7 @@ from ..server import PushServer
 from ..token_records import TokenBook
 from ..traces import TraceStore
 from ..zipkin import zipkin_routes
+from .ca import CaView
 from .dashboard import Dashboard
 from .explain import ExplainView
 from .guard import ApiGuard
@@ -59,6 +61,7 @@ def build_api(
             Route("/v1/services", registry.services),
             Route("/v1/endpoints", registry.endpoints),
             Route("/v1/status", status.status),
+            Route("/v1/ca", CaView(push.joins).get),
             Route("/metrics", MetricsView(push, traces, guard).metrics),
             Route("/v1/prometheus/targets", registry.prometheus_targets),
             Route("/v1/stat", stat.stat),

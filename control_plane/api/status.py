@@ -1,11 +1,15 @@
-"""/v1/status: every sidecar the control plane talks to (or still holds a lease for), and the
-registry's and the push hub's counts. /live and /ready: the process answers."""
+"""/v1/status: every sidecar the control plane talks to (or still holds a lease for), the
+registry's and the push hub's counts, this control plane's version and the policy's mTLS modes
+(what `meshlet check` judges each sidecar by). /live and /ready: the process answers."""
 
 from __future__ import annotations
 
 import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from meshlet import __version__
+from meshlet.schema import Document
 
 from ..ownership import admin_refusal
 from ..push import Session
@@ -22,6 +26,8 @@ class StatusView:
         stats = push.registry.stats()
         return JSONResponse(
             {
+                "version": __version__,
+                "mtls": mtls_modes(push.policies.documents if push.policies is not None else []),
                 "sidecars": sessions_json(push, trio.current_time()),
                 "registry": {
                     "instances": stats.instances,
@@ -39,6 +45,18 @@ class StatusView:
                 "store_conflicts": push.store_conflicts(),
             }
         )
+
+
+def mtls_modes(documents: list[Document]) -> JSON:
+    """The mesh's mTLS mode (MeshConfig ``mtls.mode``, permissive when none is applied) and the
+    services whose Service document overrides it, as the sidecars apply them."""
+    mode, services = "permissive", {}
+    for document in documents:
+        if document.kind == "MeshConfig":
+            mode = document.mtls.mode
+        elif document.kind == "Service" and document.mtls is not None:
+            services[document.name] = document.mtls.mode
+    return {"mode": mode, "services": dict(sorted(services.items()))}
 
 
 async def live(request: Request) -> Response:

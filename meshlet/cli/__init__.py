@@ -10,7 +10,7 @@ import argparse
 import os
 
 from .. import __version__
-from . import commands, control_plane, sidecar, wait_ready
+from . import check, commands, control_plane, sidecar, wait_ready
 from .options import MeshletParser, defaults_from_environment
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The other role in a container: configured by environment too.
     defaults_from_environment(control_plane.add_command(choices), os.environ)
     commands.add_commands(choices)
+    check.add_command(choices, commands._api_option)  # the options every API command takes
     from sidecar.init_iptables import add_command as add_init_iptables
 
     defaults_from_environment(add_init_iptables(choices), os.environ)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return control_plane.run(args)
     if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token"):
         return commands.run(args)
+    if args.command == "check":
+        return check.run(args, commands._token(args))
     if args.command == "wait-ready":
         return wait_ready.run(args)
     if args.command == "init-iptables":

@@ -108,6 +108,12 @@ class ApiClient:
         """``sidecars`` (each one's versions, ACKs, last NACK), ``registry`` counts, push totals."""
         return self._json("GET", "/v1/status")
 
+    def ca(self) -> JSON:
+        """The certificate authority: ``trust_domain``, ``root`` and the ``bundle``'s roots (each
+        ``fingerprint_sha256``, ``subject``, ``not_before``, ``not_after``), and the control
+        plane's clock (``now``)."""
+        return self._json("GET", "/v1/ca")
+
     # policy ------------------------------------------------------------------------------
 
     def policies(self) -> JSON:
@@ -146,7 +152,7 @@ class ApiClient:
     # telemetry ---------------------------------------------------------------------------
 
     def stat(self, by: str, window: float) -> JSON:
-        """Golden metrics per ``by`` (service, edge, route) over ``window`` seconds;
+        """Golden metrics per ``by`` (service, edge, route, caller) over ``window`` seconds;
         ``warming_up`` until the control plane has scraped every sidecar twice."""
         return self._json("GET", "/v1/stat", params={"by": by, "window": f"{window:g}"})
 

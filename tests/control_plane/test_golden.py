@@ -49,6 +49,18 @@ def test_a_window_per_service_edge_and_route() -> None:
     assert routes[1].success == 0
 
 
+def test_by_caller_each_verified_caller_and_the_plaintext_ones_as_the_callee_saw_them() -> None:
+    item, user = Telemetry(), Telemetry()
+    traffic(item, 8, "inbound", "user", "item", "")
+    traffic(item, 2, "inbound", "unauthenticated", "item", "", code=403, reason="forbidden")
+    traffic(user, 5, "outbound", "user", "item", "")  # the caller's side: not a caller row
+    windows = [(parse(page(item)), 10.0), (parse(page(user)), 10.0)]
+    assert [(r.name, r.requests) for r in rows(windows, "caller")] == [
+        ("user → item", 8),
+        ("unauthenticated → item", 2),
+    ]
+
+
 def test_a_counter_that_went_down_was_reset_and_counts_from_zero() -> None:
     before = {("inbound", "a", "b", ""): Counts(100, 1, {0.005: 100, math.inf: 100})}
     after = {("inbound", "a", "b", ""): Counts(7, 0, {0.005: 7, math.inf: 7})}
