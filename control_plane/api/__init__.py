@@ -15,11 +15,13 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from ..ca_rotation import Rotation
 from ..scraper import Scraper
 from ..server import PushServer
 from ..token_records import TokenBook
 from ..traces import TraceStore
 from ..zipkin import zipkin_routes
+from .ca import CAApi
 from .dashboard import Dashboard
 from .explain import ExplainView
 from .guard import ApiGuard
@@ -39,6 +41,7 @@ def build_api(
     *,
     read_token: str | None = None,
     tokens: TokenBook | None = None,
+    rotation: Rotation | None = None,
 ) -> ASGIApp:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans also take a sidecar's span token, control_plane/zipkin.py); a reader who
@@ -46,7 +49,8 @@ def build_api(
     /v1 and of Zipkin's API need (or the write token); guard.py.
     ``traces``: the embedded trace store behind Zipkin's API.
     ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard.
-    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404)."""
+    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404).
+    ``rotation``: the CA that ``GET /v1/ca`` shows and ``POST /v1/ca/rotate`` rotates (None: 404)."""
     traces = traces if traces is not None else TraceStore()
     guard = ApiGuard(token, read_token)
     registry = RegistryViews(push.registry)
@@ -54,6 +58,7 @@ def build_api(
     policies = PolicyApi(push, guard)
     stat = StatView(scraper)
     dashboard = Dashboard(push, traces, scraper)
+    authority = CAApi(rotation, guard, token)
     app = Starlette(
         routes=[
             Route("/v1/services", registry.services),
@@ -70,6 +75,8 @@ def build_api(
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
             Route("/v1/explain", ExplainView(push, guard).explain),
             Route("/v1/tokens", TokenApi(tokens, guard, token).create, methods=["POST"]),
+            Route("/v1/ca", authority.status),
+            Route("/v1/ca/rotate", authority.rotate, methods=["POST"]),
             Route("/live", live),
             Route("/ready", live),
             *zipkin_routes(traces, push.span_tokens, token),
