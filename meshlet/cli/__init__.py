@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return sidecar.run(args, parser)
     if args.command == "control-plane":
         return control_plane.run(args)
-    if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token"):
+    if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token", "ca"):
         return commands.run(args)
     if args.command == "wait-ready":
         return wait_ready.run(args)

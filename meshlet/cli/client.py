@@ -135,6 +135,15 @@ class ApiClient:
         body = {"service": service, "ttl": ttl}
         return self._json("POST", "/v1/tokens", json=body, timeout=WRITE_TIMEOUT)
 
+    def ca(self) -> JSON:
+        """The certificate authority's roots (GET /v1/ca)."""
+        return self._json("GET", "/v1/ca")
+
+    def rotate_ca(self, *, overlap: float | None, propagation: float) -> JSON:
+        """Start a root rotation; the CA's status after it. ``overlap`` None: the control plane's default."""
+        body = {"overlap": overlap, "propagation": propagation}
+        return self._json("POST", "/v1/ca/rotate", json=body, timeout=WRITE_TIMEOUT)
+
     def explain(self, url: str, *, method: str = "GET", headers: Sequence[str] = (), source: str | None = None) -> JSON:
         """What the mesh would do with a request; ``headers``: NAME:VALUE each. A 400 says
         what is wrong with the question."""
