@@ -364,6 +364,10 @@ class Authority:
     current: Root
     retired: tuple[Retired, ...] = ()
     next: Staged | None = None
+    # The root the last rotation retired, with its key, while it is trusted: it signs the control
+    # plane's own certificate only, so that a sidecar that missed the rotation (its bundle has
+    # only the old root) can still verify the control plane and be given the new bundle.
+    previous: Root | None = None
 
     def stage(
         self,
@@ -384,20 +388,22 @@ class Authority:
                 "rotate again after that"
             )
         root = create_root(self.current.trust_domain, now, rng, validity)
-        return Authority(self.current, self.retired, Staged(root, now + propagation, overlap))
+        return Authority(self.current, self.retired, Staged(root, now + propagation, overlap), self.previous)
 
     def advance(self, now: float) -> Authority:
         """The authority at ``now``: the staged root signs once its time has come (the current
         one retired until ``signs_from + overlap``), roots whose overlap is over are dropped.
         ``self`` when nothing changed."""
-        current, retired, staged = self.current, self.retired, self.next
+        current, retired, staged, previous = self.current, self.retired, self.next, self.previous
         if staged is not None and now >= staged.signs_from:
             retired = (Retired(current.certificate, staged.signs_from + staged.overlap), *retired)
-            current, staged = staged.root, None
+            current, staged, previous = staged.root, None, current
         kept = tuple(r for r in retired if r.is_trusted_at(now))
-        if current is self.current and kept == self.retired:
+        if previous is not None and previous.certificate not in [r.certificate for r in kept]:
+            previous = None  # its overlap is over: its key is never needed again
+        if current is self.current and kept == self.retired and previous is self.previous:
             return self
-        return Authority(current, kept, staged)
+        return Authority(current, kept, staged, previous)
 
     def rotate(
         self, now: float, rng: random.Random, overlap: float = ROTATION_OVERLAP, validity: float = ROOT_VALIDITY
@@ -413,6 +419,11 @@ class Authority:
         if self.next is not None:
             times.append(self.next.signs_from)
         return min(times) if times else None
+
+    def server_root(self) -> Root:
+        """The root that signs the control plane's own certificate: the oldest one every sidecar
+        still holding a valid certificate trusts (see ``previous``)."""
+        return self.previous if self.previous is not None else self.current
 
     def issue(
         self, csr_pem: bytes, service: str, now: float, rng: random.Random, lifetime: float = LEAF_LIFETIME
@@ -472,6 +483,8 @@ def read_root(directory: Path, trust_domain: str, now: float) -> Root:
 AUTHORITY_FILE = "authority.json"  # the retired roots (certificates only) and a staged rotation
 NEXT_KEY_FILE = "next.key"  # the staged root, until it signs
 NEXT_CERT_FILE = "next.crt"
+PREVIOUS_KEY_FILE = "previous.key"  # the last retired root, while in its overlap (Authority.previous)
+PREVIOUS_CERT_FILE = "previous.crt"
 MAX_AUTHORITY_FILE = 1024 * 1024  # a few roots' PEM; more is not ours
 _AUTHORITY_VERSION = 1
 
@@ -481,8 +494,8 @@ def open_authority(directory: Path, trust_domain: str, now: float, rng: random.R
     in their overlap and a staged rotation, advanced to ``now`` (and written back if that
     changed anything). CAError says why a file cannot be used."""
     root = open_root(directory, trust_domain, now, rng)
-    retired, staged = _read_state(directory, root, trust_domain, now)
-    authority = Authority(root, retired, staged)
+    retired, staged, previous = _read_state(directory, root, trust_domain, now)
+    authority = Authority(root, retired, staged, previous)
     advanced = authority.advance(now)
     if advanced is not authority:
         write_authority(directory, advanced)
@@ -495,10 +508,13 @@ def write_authority(directory: Path, authority: Authority) -> None:
     the old or the new authority (an index naming the current root as retired is ignored, and
     a staged root that already signs is no longer staged)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staged = authority.next
+    staged, previous = authority.next, authority.previous
     if staged is not None:
         write_private_file(directory / NEXT_KEY_FILE, staged.root.private_key_pem())
         write_replacing(directory / NEXT_CERT_FILE, staged.root.certificate_pem(), 0o644)
+    if previous is not None:
+        write_private_file(directory / PREVIOUS_KEY_FILE, previous.private_key_pem())
+        write_replacing(directory / PREVIOUS_CERT_FILE, previous.certificate_pem(), 0o644)
     index = {
         "version": _AUTHORITY_VERSION,
         "retired": [
@@ -506,6 +522,7 @@ def write_authority(directory: Path, authority: Authority) -> None:
             for r in authority.retired
         ],
         "next": None if staged is None else {"signs_from": staged.signs_from, "overlap": staged.overlap},
+        "previous": previous is not None,
     }
     write_replacing(directory / AUTHORITY_FILE, json.dumps(index, indent=1).encode(), 0o644)
     try:
@@ -517,16 +534,19 @@ def write_authority(directory: Path, authority: Authority) -> None:
     if staged is None:
         for name in (NEXT_KEY_FILE, NEXT_CERT_FILE):
             (directory / name).unlink(missing_ok=True)
+    if previous is None:
+        for name in (PREVIOUS_KEY_FILE, PREVIOUS_CERT_FILE):
+            (directory / name).unlink(missing_ok=True)
 
 
 def _read_state(
     directory: Path, root: Root, trust_domain: str, now: float
-) -> tuple[tuple[Retired, ...], Staged | None]:
+) -> tuple[tuple[Retired, ...], Staged | None, Root | None]:
     path = directory / AUTHORITY_FILE
     try:
         raw = _read_file(path, MAX_AUTHORITY_FILE)
     except FileNotFoundError:
-        return (), None
+        return (), None, None
     try:
         index = json.loads(raw)
         if index.get("version") != _AUTHORITY_VERSION:
@@ -537,6 +557,7 @@ def _read_state(
         )
         plan = index["next"]
         signs_from, overlap = (None, 0.0) if plan is None else (_seconds(plan["signs_from"]), plan["overlap"])
+        keeps_previous = index.get("previous") is True
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CAError(f"{path} is not this control plane's authority index ({type(error).__name__})") from None
     retired = tuple(r for r in retired if r.certificate != root.certificate)  # a crash mid-promotion
@@ -547,7 +568,17 @@ def _read_state(
         )
         if next_root.certificate != root.certificate:  # else it signs already: a crash mid-promotion
             staged = Staged(next_root, signs_from, _seconds(overlap))
-    return retired, staged
+    previous = None
+    if keeps_previous and retired:
+        previous = load_root(
+            _read_file(directory / PREVIOUS_CERT_FILE),
+            read_private_file(directory / PREVIOUS_KEY_FILE),
+            trust_domain,
+            now,
+        )
+        if previous.certificate not in [r.certificate for r in retired]:
+            previous = None  # a crash mid-promotion: not a retired root (yet)
+    return retired, staged, previous
 
 
 def _seconds(value: object) -> float:

@@ -121,7 +121,7 @@ class PushTLS:
 def _server_certificate(
     authority: Authority, key: ec.EllipticCurvePrivateKey, now: float, rng: random.Random, lifetime: float
 ) -> x509.Certificate:
-    root = authority.current
+    root = authority.server_root()  # after a rotation, the old root: see ca.Authority.previous
     public = key.public_key()
     ski = root.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_after = min(now + lifetime, root.not_after)

@@ -86,19 +86,41 @@ def test_the_authority_survives_a_restart_at_every_step(tmp_path: Path) -> None:
     assert json.loads((tmp_path / ca.AUTHORITY_FILE).read_text())["retired"] == []
 
 
-def test_files_hold_no_retired_key_and_the_staged_key_is_private(tmp_path: Path) -> None:
+def test_keys_are_private_and_the_old_roots_key_goes_with_its_overlap(tmp_path: Path) -> None:
     staged = fresh(tmp_path).stage(NOW, random.Random(2), overlap=HOUR, propagation=60)
     ca.write_authority(tmp_path, staged)
     assert stat.S_IMODE((tmp_path / ca.NEXT_KEY_FILE).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / ca.AUTHORITY_FILE).stat().st_mode) == 0o644
-    ca.write_authority(tmp_path, staged.advance(NOW + 60))
+    promoted = staged.advance(NOW + 60)
+    ca.write_authority(tmp_path, promoted)
     index = (tmp_path / ca.AUTHORITY_FILE).read_bytes()
     assert b"PRIVATE KEY" not in index and b"CERTIFICATE" in index
+    # In the overlap, the old root's key is kept (0600): it signs the control plane's own certificate only.
+    assert stat.S_IMODE((tmp_path / ca.PREVIOUS_KEY_FILE).stat().st_mode) == 0o600
+    assert not (tmp_path / ca.NEXT_KEY_FILE).exists()
+    ended = promoted.advance(NOW + 60 + HOUR + 1)
+    assert ended.previous is None
+    ca.write_authority(tmp_path, ended)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         ca.AUTHORITY_FILE,
         ca.CERT_FILE,
         ca.KEY_FILE,
     ]
+
+
+def test_the_control_plane_proves_itself_with_the_old_root_until_its_overlap_ends(tmp_path: Path) -> None:
+    """A sidecar that missed the rotation trusts the old root only: it must still be able to
+    verify the control plane, to be given the new bundle and a certificate of the new root."""
+    first = fresh(tmp_path)
+    staged = first.stage(NOW, random.Random(2), overlap=HOUR, propagation=60)
+    assert staged.server_root() is first.current
+    promoted = staged.advance(NOW + 60)
+    assert promoted.server_root() is first.current
+    ca.write_authority(tmp_path, promoted)
+    restarted = fresh(tmp_path, NOW + 120)
+    assert restarted.server_root().certificate == first.current.certificate
+    assert restarted.server_root().private_key_pem() == first.current.private_key_pem()
+    assert promoted.advance(NOW + 60 + HOUR + 1).server_root() is promoted.current
 
 
 def test_a_crash_between_the_index_and_the_root_keeps_the_old_root(tmp_path: Path) -> None:

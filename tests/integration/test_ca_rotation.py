@@ -83,6 +83,7 @@ async def test_a_root_rotation_under_traffic_fails_no_request(mesh: Mesh, tmp_pa
     item = await mesh.sidecar("item", app=await mesh.origin())
     user = await mesh.sidecar("user")
     gateway = await mesh.sidecar("gateway")
+    audit = await mesh.sidecar("audit")  # misses the rotation: stopped before it, started after
     sidecars = {"item": item, "user": user, "gateway": gateway}
     async with httpx.AsyncClient(timeout=10) as client:
 
@@ -94,6 +95,8 @@ async def test_a_root_rotation_under_traffic_fails_no_request(mesh: Mesh, tmp_pa
             return await on_root(client, sidecars, state="valid")
 
         await eventually(routed, "user and gateway reach item over mTLS")
+        await eventually(lambda: on_root(client, {"audit": audit}, state="valid"), "audit holds a certificate")
+        await mesh.stop(audit)
         before = await meshlet(mesh, "ca", "status")
         old_root = before["current"]["fingerprint"]
         assert before["next"] is None and before["retired"] == [] and before["bundle_roots"] == 1
@@ -119,6 +122,13 @@ async def test_a_root_rotation_under_traffic_fails_no_request(mesh: Mesh, tmp_pa
                 return await on_root(client, sidecars, issuer_fingerprint=new_root)
 
             await eventually(all_on_the_new_root, "every sidecar holds a certificate of the new root", timeout=30)
+            # A sidecar that missed the rotation trusts the old root only: it still verifies the
+            # control plane (whose own certificate the old root signs through the overlap) and moves on.
+            assert (tmp_path / "data-audit" / "audit.bundle.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 1
+            audit = await mesh.sidecar("audit")
+            await eventually(
+                lambda: on_root(client, {"audit": audit}, issuer_fingerprint=new_root), "audit on the new root"
+            )
             during = await meshlet(mesh, "ca", "status")
             assert during["current"]["fingerprint"] == new_root
             assert [r["fingerprint"] for r in during["retired"]] == [old_root]
