@@ -364,10 +364,11 @@ class Authority:
     current: Root
     retired: tuple[Retired, ...] = ()
     next: Staged | None = None
-    # The root the last rotation retired, with its key, while it is trusted: it signs the control
-    # plane's own certificate only, so that a sidecar that missed the rotation (its bundle has
-    # only the old root) can still verify the control plane and be given the new bundle.
-    previous: Root | None = None
+    # The current root's certificate signed by the root it replaced, while that one is trusted:
+    # the control plane sends it with its own certificate, so that a sidecar that missed the
+    # rotation (its bundle has only the old root) still verifies the control plane, and is
+    # given the new bundle (cross_certificate).
+    cross: x509.Certificate | None = None
 
     def stage(
         self,
@@ -388,22 +389,24 @@ class Authority:
                 "rotate again after that"
             )
         root = create_root(self.current.trust_domain, now, rng, validity)
-        return Authority(self.current, self.retired, Staged(root, now + propagation, overlap), self.previous)
+        return Authority(self.current, self.retired, Staged(root, now + propagation, overlap), self.cross)
 
     def advance(self, now: float) -> Authority:
         """The authority at ``now``: the staged root signs once its time has come (the current
         one retired until ``signs_from + overlap``), roots whose overlap is over are dropped.
         ``self`` when nothing changed."""
-        current, retired, staged, previous = self.current, self.retired, self.next, self.previous
+        current, retired, staged, cross = self.current, self.retired, self.next, self.cross
         if staged is not None and now >= staged.signs_from:
-            retired = (Retired(current.certificate, staged.signs_from + staged.overlap), *retired)
-            current, staged, previous = staged.root, None, current
+            until = staged.signs_from + staged.overlap
+            retired = (Retired(current.certificate, until), *retired)
+            cross = cross_certificate(staged.root, current, now, until, self._rng_for_serials)
+            current, staged = staged.root, None
         kept = tuple(r for r in retired if r.is_trusted_at(now))
-        if previous is not None and previous.certificate not in [r.certificate for r in kept]:
-            previous = None  # its overlap is over: its key is never needed again
-        if current is self.current and kept == self.retired and previous is self.previous:
+        if cross is not None and now > cross.not_valid_after_utc.timestamp():
+            cross = None  # the old root's overlap is over
+        if current is self.current and kept == self.retired and cross is self.cross:
             return self
-        return Authority(current, kept, staged, previous)
+        return Authority(current, kept, staged, cross)
 
     def rotate(
         self, now: float, rng: random.Random, overlap: float = ROTATION_OVERLAP, validity: float = ROOT_VALIDITY
@@ -420,10 +423,7 @@ class Authority:
             times.append(self.next.signs_from)
         return min(times) if times else None
 
-    def server_root(self) -> Root:
-        """The root that signs the control plane's own certificate: the oldest one every sidecar
-        still holding a valid certificate trusts (see ``previous``)."""
-        return self.previous if self.previous is not None else self.current
+    _rng_for_serials = random.SystemRandom()  # a cross certificate's serial number
 
     def issue(
         self, csr_pem: bytes, service: str, now: float, rng: random.Random, lifetime: float = LEAF_LIFETIME
@@ -442,6 +442,28 @@ class Authority:
     def bundle(self, now: float) -> bytes:
         """:meth:`trusted` as one PEM file, as TLS stacks read a CA file."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trusted(now))
+
+
+def cross_certificate(new: Root, old: Root, now: float, until: float, rng: random.Random) -> x509.Certificate:
+    """``new``'s key and name in a CA certificate that ``old`` signs, valid until ``until``: a
+    verifier that trusts ``old`` only builds leaf → this → ``old``; one that trusts ``new`` stops
+    at ``new``. Both roots of a rotation have the same name, so this certificate is self-issued
+    (RFC 5280): it does not count against ``old``'s path length of 0."""
+    ski = new.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(new.certificate.subject)
+        .issuer_name(old.certificate.subject)
+        .public_key(new.key.public_key())
+        .serial_number(_serial_number(rng))
+        .not_valid_before(_utc(max(now - CLOCK_SKEW, old.not_before)))
+        .not_valid_after(_utc(min(until, old.not_after, new.not_after)))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(_authority_key_identifier(old.certificate), critical=False)
+        .sign(old.key, _signature_hash(old.key))
+    )
 
 
 # files ----------------------------------------------------------------------------------------
@@ -483,8 +505,6 @@ def read_root(directory: Path, trust_domain: str, now: float) -> Root:
 AUTHORITY_FILE = "authority.json"  # the retired roots (certificates only) and a staged rotation
 NEXT_KEY_FILE = "next.key"  # the staged root, until it signs
 NEXT_CERT_FILE = "next.crt"
-PREVIOUS_KEY_FILE = "previous.key"  # the last retired root, while in its overlap (Authority.previous)
-PREVIOUS_CERT_FILE = "previous.crt"
 MAX_AUTHORITY_FILE = 1024 * 1024  # a few roots' PEM; more is not ours
 _AUTHORITY_VERSION = 1
 
@@ -494,8 +514,8 @@ def open_authority(directory: Path, trust_domain: str, now: float, rng: random.R
     in their overlap and a staged rotation, advanced to ``now`` (and written back if that
     changed anything). CAError says why a file cannot be used."""
     root = open_root(directory, trust_domain, now, rng)
-    retired, staged, previous = _read_state(directory, root, trust_domain, now)
-    authority = Authority(root, retired, staged, previous)
+    retired, staged, cross = _read_state(directory, root, trust_domain, now)
+    authority = Authority(root, retired, staged, cross)
     advanced = authority.advance(now)
     if advanced is not authority:
         write_authority(directory, advanced)
@@ -508,13 +528,10 @@ def write_authority(directory: Path, authority: Authority) -> None:
     the old or the new authority (an index naming the current root as retired is ignored, and
     a staged root that already signs is no longer staged)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staged, previous = authority.next, authority.previous
+    staged, cross = authority.next, authority.cross
     if staged is not None:
         write_private_file(directory / NEXT_KEY_FILE, staged.root.private_key_pem())
         write_replacing(directory / NEXT_CERT_FILE, staged.root.certificate_pem(), 0o644)
-    if previous is not None:
-        write_private_file(directory / PREVIOUS_KEY_FILE, previous.private_key_pem())
-        write_replacing(directory / PREVIOUS_CERT_FILE, previous.certificate_pem(), 0o644)
     index = {
         "version": _AUTHORITY_VERSION,
         "retired": [
@@ -522,7 +539,7 @@ def write_authority(directory: Path, authority: Authority) -> None:
             for r in authority.retired
         ],
         "next": None if staged is None else {"signs_from": staged.signs_from, "overlap": staged.overlap},
-        "previous": previous is not None,
+        "cross": None if cross is None else cross.public_bytes(serialization.Encoding.PEM).decode(),
     }
     write_replacing(directory / AUTHORITY_FILE, json.dumps(index, indent=1).encode(), 0o644)
     try:
@@ -534,14 +551,11 @@ def write_authority(directory: Path, authority: Authority) -> None:
     if staged is None:
         for name in (NEXT_KEY_FILE, NEXT_CERT_FILE):
             (directory / name).unlink(missing_ok=True)
-    if previous is None:
-        for name in (PREVIOUS_KEY_FILE, PREVIOUS_CERT_FILE):
-            (directory / name).unlink(missing_ok=True)
 
 
 def _read_state(
     directory: Path, root: Root, trust_domain: str, now: float
-) -> tuple[tuple[Retired, ...], Staged | None, Root | None]:
+) -> tuple[tuple[Retired, ...], Staged | None, x509.Certificate | None]:
     path = directory / AUTHORITY_FILE
     try:
         raw = _read_file(path, MAX_AUTHORITY_FILE)
@@ -557,7 +571,8 @@ def _read_state(
         )
         plan = index["next"]
         signs_from, overlap = (None, 0.0) if plan is None else (_seconds(plan["signs_from"]), plan["overlap"])
-        keeps_previous = index.get("previous") is True
+        cross_pem = index.get("cross")
+        cross = None if cross_pem is None else _parse_certificate(cross_pem.encode())
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CAError(f"{path} is not this control plane's authority index ({type(error).__name__})") from None
     retired = tuple(r for r in retired if r.certificate != root.certificate)  # a crash mid-promotion
@@ -568,17 +583,9 @@ def _read_state(
         )
         if next_root.certificate != root.certificate:  # else it signs already: a crash mid-promotion
             staged = Staged(next_root, signs_from, _seconds(overlap))
-    previous = None
-    if keeps_previous and retired:
-        previous = load_root(
-            _read_file(directory / PREVIOUS_CERT_FILE),
-            read_private_file(directory / PREVIOUS_KEY_FILE),
-            trust_domain,
-            now,
-        )
-        if previous.certificate not in [r.certificate for r in retired]:
-            previous = None  # a crash mid-promotion: not a retired root (yet)
-    return retired, staged, previous
+    if cross is not None and _public_der(cross.public_key()) != _public_der(root.certificate.public_key()):
+        cross = None  # not the current root's: a crash mid-promotion
+    return retired, staged, cross
 
 
 def _seconds(value: object) -> float:

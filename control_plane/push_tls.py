@@ -96,7 +96,9 @@ class PushTLS:
         )
         with tempfile.TemporaryDirectory(prefix="meshlet-push-tls-") as directory:  # 0700
             cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            # After a rotation, the chain goes on to the old root too (ca.Authority.cross).
+            cross = b"" if authority.cross is None else authority.cross.public_bytes(serialization.Encoding.PEM)
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + cross)
             key_path.touch(mode=0o600)
             key_path.write_bytes(key_pem)
             context.load_cert_chain(cert_path, key_path)
@@ -121,7 +123,7 @@ class PushTLS:
 def _server_certificate(
     authority: Authority, key: ec.EllipticCurvePrivateKey, now: float, rng: random.Random, lifetime: float
 ) -> x509.Certificate:
-    root = authority.server_root()  # after a rotation, the old root: see ca.Authority.previous
+    root = authority.current
     public = key.public_key()
     ski = root.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_after = min(now + lifetime, root.not_after)

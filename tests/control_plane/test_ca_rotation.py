@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import random
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from control_plane import ca
 from control_plane.ca import CAError
 from control_plane.ca_rotation import Rotation, RotationRefused
 from control_plane.joins import Joins
 
+from ..conftest import need
 from .test_ca import HOUR, NOW, TD, assert_refused, assert_verifies, csr_for
 
 LIFETIME = HOUR
@@ -86,21 +89,14 @@ def test_the_authority_survives_a_restart_at_every_step(tmp_path: Path) -> None:
     assert json.loads((tmp_path / ca.AUTHORITY_FILE).read_text())["retired"] == []
 
 
-def test_keys_are_private_and_the_old_roots_key_goes_with_its_overlap(tmp_path: Path) -> None:
+def test_files_hold_no_retired_key_and_the_staged_key_is_private(tmp_path: Path) -> None:
     staged = fresh(tmp_path).stage(NOW, random.Random(2), overlap=HOUR, propagation=60)
     ca.write_authority(tmp_path, staged)
     assert stat.S_IMODE((tmp_path / ca.NEXT_KEY_FILE).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / ca.AUTHORITY_FILE).stat().st_mode) == 0o644
-    promoted = staged.advance(NOW + 60)
-    ca.write_authority(tmp_path, promoted)
+    ca.write_authority(tmp_path, staged.advance(NOW + 60))
     index = (tmp_path / ca.AUTHORITY_FILE).read_bytes()
     assert b"PRIVATE KEY" not in index and b"CERTIFICATE" in index
-    # In the overlap, the old root's key is kept (0600): it signs the control plane's own certificate only.
-    assert stat.S_IMODE((tmp_path / ca.PREVIOUS_KEY_FILE).stat().st_mode) == 0o600
-    assert not (tmp_path / ca.NEXT_KEY_FILE).exists()
-    ended = promoted.advance(NOW + 60 + HOUR + 1)
-    assert ended.previous is None
-    ca.write_authority(tmp_path, ended)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         ca.AUTHORITY_FILE,
         ca.CERT_FILE,
@@ -108,19 +104,36 @@ def test_keys_are_private_and_the_old_roots_key_goes_with_its_overlap(tmp_path: 
     ]
 
 
-def test_the_control_plane_proves_itself_with_the_old_root_until_its_overlap_ends(tmp_path: Path) -> None:
-    """A sidecar that missed the rotation trusts the old root only: it must still be able to
-    verify the control plane, to be given the new bundle and a certificate of the new root."""
-    first = fresh(tmp_path)
+def _openssl_verifies(tmp_path: Path, trusted: bytes, leaf: bytes, untrusted: bytes, at: float) -> bool:
+    paths = {}
+    for name, data in (("trusted", trusted), ("leaf", leaf), ("untrusted", untrusted)):
+        paths[name] = tmp_path / f"{name}.pem"
+        paths[name].write_bytes(data)
+    extra = ["-untrusted", str(paths["untrusted"])] if untrusted else []
+    command = [need("openssl"), "verify", "-attime", str(int(at)), "-CAfile", str(paths["trusted"]), *extra]
+    return subprocess.run([*command, str(paths["leaf"])], capture_output=True, check=False).returncode == 0
+
+
+def test_the_cross_certificate_lets_a_verifier_of_the_old_root_verify_the_new_one(tmp_path: Path) -> None:
+    """A sidecar that missed the rotation trusts the old root only: with the cross certificate
+    the control plane sends, it still verifies a certificate of the new root; one that trusts
+    the new root does not need it. Until the old root's overlap ends."""
+    first = fresh(tmp_path / "ca")
     staged = first.stage(NOW, random.Random(2), overlap=HOUR, propagation=60)
-    assert staged.server_root() is first.current
     promoted = staged.advance(NOW + 60)
-    assert promoted.server_root() is first.current
-    ca.write_authority(tmp_path, promoted)
-    restarted = fresh(tmp_path, NOW + 120)
-    assert restarted.server_root().certificate == first.current.certificate
-    assert restarted.server_root().private_key_pem() == first.current.private_key_pem()
-    assert promoted.advance(NOW + 60 + HOUR + 1).server_root() is promoted.current
+    assert staged.cross is None and promoted.cross is not None
+    at = NOW + 120
+    leaf = promoted.issue(csr_for(), "item", at, random.Random(3))
+    old, new = first.current.certificate_pem(), promoted.current.certificate_pem()
+    cross = promoted.cross.public_bytes(serialization.Encoding.PEM)
+    assert _openssl_verifies(tmp_path, old, leaf, cross, at)
+    assert not _openssl_verifies(tmp_path, old, leaf, b"", at)
+    assert _openssl_verifies(tmp_path, new, leaf, b"", at)
+    assert _openssl_verifies(tmp_path, new, leaf, cross, at)
+    # kept across a restart, gone with the overlap
+    ca.write_authority(tmp_path / "ca", promoted)
+    assert fresh(tmp_path / "ca", at).cross == promoted.cross
+    assert promoted.advance(NOW + 60 + HOUR + 1).cross is None
 
 
 def test_a_crash_between_the_index_and_the_root_keeps_the_old_root(tmp_path: Path) -> None:
