@@ -11,13 +11,16 @@ Its subject and extensions are ignored; the leaf's one name, the URI SAN
 caller has authenticated, never from the request.
 
 An :class:`Authority` is the current root plus the roots it replaced, each trusted until the end of
-its overlap: :meth:`Authority.rotate` makes a new root that signs from then on, and
+its overlap, and a root staged to sign next: :meth:`Authority.stage` adds a new root to the bundle
+that signs only from a later time, :meth:`Authority.advance` carries out what is due (the staged
+root signs, the old one retires and cross-signs it, roots whose overlap is over leave), and
 :meth:`Authority.bundle` is the PEM of every root trusted at a given time, so a leaf signed by the
-previous root keeps verifying until its overlap ends.
+previous root keeps verifying until its overlap ends. The order is control_plane/ca_rotation.py's.
 
 The files: the root's key and certificate in the control plane's data directory (the key 0600,
-written atomically, refused when a symlink, another user's or open to others), and an operator's
-key file, which only has to be closed to others.
+written atomically, refused when a symlink, another user's or open to others), a staged root's
+beside them, the retired roots' certificates in an index (:func:`write_authority`), and an
+operator's key file, which only has to be closed to others.
 
 Time is a float of seconds since the epoch, passed in; certificates hold whole seconds, so times are
 rounded down. ``rng`` draws serial numbers only (pass ``random.SystemRandom()`` outside tests):

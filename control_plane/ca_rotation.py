@@ -10,7 +10,9 @@ The order (docs/security.md, "Rotating the root"):
    root signs; the bundle, pushed again, now names it first, which tells each sidecar whose
    certificate the old root signed to renew soon, each at a random moment of a short window;
 3. the old root stays in the bundle ``overlap`` seconds more (at least a certificate's
-   lifetime: every certificate it signed has expired by then), then leaves it.
+   lifetime: every certificate it signed has expired by then), then leaves it. Meanwhile the
+   control plane sends, with its own certificate, the new root cross-signed by the old one, so
+   a sidecar that missed the rotation still verifies it (ca.cross_certificate).
 
 Every step is written to ``<data dir>/ca`` before it takes effect, so a restart resumes it.
 An operator's root (``--ca-cert``/``--ca-key``) is the operator's to rotate: refused here.
