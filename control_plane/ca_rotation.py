@@ -143,7 +143,12 @@ class Rotation:
         if advanced is authority:
             return
         if self.directory is not None:
-            ca.write_authority(self.directory, advanced)
+            try:
+                ca.write_authority(self.directory, advanced)
+            except (OSError, ca.CAError) as exc:
+                # Carried out all the same: a restart works the step out again from the files
+                # (a staged root whose time has passed signs, an overlap that is over ends).
+                log.error("CA rotation: could not write %s: %s", self.directory, exc)
         if advanced.current is not authority.current:
             log.info("CA rotation: the new root %s signs from now on", fingerprint(advanced.current.certificate))
         for gone in set(r.certificate for r in authority.retired) - set(r.certificate for r in advanced.retired):
