@@ -55,6 +55,7 @@ CLOCK_SKEW = 60.0  # a leaf is valid from this long before it is issued: peers' 
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is ~500 bytes of PEM: anything this large is not one
 MAX_PEM_BYTES = 64 * 1024  # a certificate or key file an operator provides; bounds what we parse
 _COMMON_NAME_LIMIT = 64  # X.509's upper bound on a CN
+_CROSS_SERIALS = random.SystemRandom()  # a cross certificate's serial (Authority.advance takes no rng)
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _ROOT_CURVES = (ec.SECP256R1, ec.SECP384R1)
@@ -402,7 +403,7 @@ class Authority:
         if staged is not None and now >= staged.signs_from:
             until = staged.signs_from + staged.overlap
             retired = (Retired(current.certificate, until), *retired)
-            cross = cross_certificate(staged.root, current, now, until, self._rng_for_serials)
+            cross = cross_certificate(staged.root, current, now, until, _CROSS_SERIALS)
             current, staged = staged.root, None
         kept = tuple(r for r in retired if r.is_trusted_at(now))
         if cross is not None and now > cross.not_valid_after_utc.timestamp():
@@ -425,8 +426,6 @@ class Authority:
         if self.next is not None:
             times.append(self.next.signs_from)
         return min(times) if times else None
-
-    _rng_for_serials = random.SystemRandom()  # a cross certificate's serial number
 
     def issue(
         self, csr_pem: bytes, service: str, now: float, rng: random.Random, lifetime: float = LEAF_LIFETIME
