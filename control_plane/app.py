@@ -20,6 +20,7 @@ from meshlet.policy import read_policy_files
 
 from . import ca, tokens
 from .api import build_api
+from .ca_rotation import Rotation
 from .collectors import parse_allowed
 from .joins import Joins
 from .policies import PolicyStore
@@ -91,11 +92,13 @@ async def run(
             joins=joins,
             tls=PushTLS(lambda: joins.authority),
         )
+        rotation = Rotation(joins, ca_directory(options), push.bundle_changed)
         async with trio.open_nursery() as nursery:
             push_port = await nursery.start(push.serve, *options.listen)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
-            api = build_api(push, token, scraper=scraper, read_token=read_token, tokens=book)
+            nursery.start_soon(rotation.run)
+            api = build_api(push, token, scraper=scraper, read_token=read_token, tokens=book, rotation=rotation)
             # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.
             binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
@@ -123,17 +126,33 @@ def open_authority(options: ControlPlaneOptions) -> ca.Authority:
         if options.ca_cert is None or options.ca_key is None:
             raise ca.CAError("--ca-cert and --ca-key go together: give both, or neither for a CA of its own")
         root = ca.read_operator_root(options.ca_cert, options.ca_key, options.trust_domain, now)
-        where = f"the operator's root {options.ca_cert}"
-    else:
-        root = ca.open_root(options.data_dir / CA_DIRECTORY, options.trust_domain, now, random.SystemRandom())
-        where = f"the root in {options.data_dir / CA_DIRECTORY}"
+        _log_authority(f"the operator's root {options.ca_cert}", root)
+        return ca.Authority(root)
+    # Our own root, with the roots a rotation retired and a rotation under way (ca_rotation.py).
+    authority = ca.open_authority(options.data_dir / CA_DIRECTORY, options.trust_domain, now, random.SystemRandom())
+    _log_authority(f"the root in {options.data_dir / CA_DIRECTORY}", authority.current)
+    for retired in authority.retired:
+        log.info(
+            "certificate authority: a retired root is trusted until %s (a rotation's overlap)",
+            ca.iso(retired.trusted_until),
+        )
+    return authority
+
+
+def ca_directory(options: ControlPlaneOptions) -> Path | None:
+    """Where the CA this control plane rotates is kept; None for an operator's root."""
+    if options.ca_cert is not None or options.ca_key is not None:
+        return None
+    return options.data_dir / CA_DIRECTORY
+
+
+def _log_authority(where: str, root: ca.Root) -> None:
     log.info(
         "certificate authority: %s, trust domain %s, valid until %s",
         where,
         root.trust_domain,
         root.certificate.not_valid_after_utc.strftime("%Y-%m-%d"),
     )
-    return ca.Authority(root)
 
 
 def bootstrap_join_token(data_dir: Path) -> tokens.TokenRecord:

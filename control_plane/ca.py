@@ -11,13 +11,16 @@ Its subject and extensions are ignored; the leaf's one name, the URI SAN
 caller has authenticated, never from the request.
 
 An :class:`Authority` is the current root plus the roots it replaced, each trusted until the end of
-its overlap: :meth:`Authority.rotate` makes a new root that signs from then on, and
+its overlap, and a root staged to sign next: :meth:`Authority.stage` adds a new root to the bundle
+that signs only from a later time, :meth:`Authority.advance` carries out what is due (the staged
+root signs, the old one retires and cross-signs it, roots whose overlap is over leave), and
 :meth:`Authority.bundle` is the PEM of every root trusted at a given time, so a leaf signed by the
-previous root keeps verifying until its overlap ends.
+previous root keeps verifying until its overlap ends. The order is control_plane/ca_rotation.py's.
 
 The files: the root's key and certificate in the control plane's data directory (the key 0600,
-written atomically, refused when a symlink, another user's or open to others), and an operator's
-key file, which only has to be closed to others.
+written atomically, refused when a symlink, another user's or open to others), a staged root's
+beside them, the retired roots' certificates in an index (:func:`write_authority`), and an
+operator's key file, which only has to be closed to others.
 
 Time is a float of seconds since the epoch, passed in; certificates hold whole seconds, so times are
 rounded down. ``rng`` draws serial numbers only (pass ``random.SystemRandom()`` outside tests):
@@ -27,6 +30,7 @@ keys always come from the operating system's CSPRNG, through ``cryptography``.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ CLOCK_SKEW = 60.0  # a leaf is valid from this long before it is issued: peers' 
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is ~500 bytes of PEM: anything this large is not one
 MAX_PEM_BYTES = 64 * 1024  # a certificate or key file an operator provides; bounds what we parse
 _COMMON_NAME_LIMIT = 64  # X.509's upper bound on a CN
+_CROSS_SERIALS = random.SystemRandom()  # a cross certificate's serial (Authority.advance takes no rng)
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _ROOT_CURVES = (ec.SECP256R1, ec.SECP384R1)
@@ -344,24 +349,83 @@ class Retired:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A new root that peers are told to trust now and that signs from ``signs_from`` on (once
+    the bundle naming it has reached them); the root it replaces is then trusted ``overlap``
+    seconds more."""
+
+    root: Root
+    signs_from: float
+    overlap: float
+
+
+@dataclass(frozen=True)
 class Authority:
-    """The root that signs now and the roots it replaced that are still trusted. Immutable:
-    :meth:`rotate` returns the next Authority."""
+    """The root that signs now, the root staged to sign next (a rotation under way) and the
+    roots it replaced that are still trusted. Immutable: :meth:`stage`, :meth:`advance` and
+    :meth:`rotate` return the next Authority."""
 
     current: Root
     retired: tuple[Retired, ...] = ()
+    next: Staged | None = None
+    # The current root's certificate signed by the root it replaced, while that one is trusted:
+    # the control plane sends it with its own certificate, so that a sidecar that missed the
+    # rotation (its bundle has only the old root) still verifies the control plane, and is
+    # given the new bundle (cross_certificate).
+    cross: x509.Certificate | None = None
+
+    def stage(
+        self,
+        now: float,
+        rng: random.Random,
+        overlap: float = ROTATION_OVERLAP,
+        propagation: float = 0.0,
+        validity: float = ROOT_VALIDITY,
+    ) -> Authority:
+        """Begin a rotation: a new root joins the bundle at once and signs from
+        ``now + propagation``; the current root is trusted ``overlap`` seconds past that.
+        CAError if a rotation is already under way."""
+        _check_duration("overlap", overlap)
+        _check_duration("propagation", propagation)
+        if self.next is not None:
+            raise CAError(
+                f"a rotation is already under way: its new root signs from {_iso(self.next.signs_from)}; "
+                "rotate again after that"
+            )
+        root = create_root(self.current.trust_domain, now, rng, validity)
+        return Authority(self.current, self.retired, Staged(root, now + propagation, overlap), self.cross)
+
+    def advance(self, now: float) -> Authority:
+        """The authority at ``now``: the staged root signs once its time has come (the current
+        one retired until ``signs_from + overlap``), roots whose overlap is over are dropped.
+        ``self`` when nothing changed."""
+        current, retired, staged, cross = self.current, self.retired, self.next, self.cross
+        if staged is not None and now >= staged.signs_from:
+            until = staged.signs_from + staged.overlap
+            retired = (Retired(current.certificate, until), *retired)
+            cross = cross_certificate(staged.root, current, now, until, _CROSS_SERIALS)
+            current, staged = staged.root, None
+        kept = tuple(r for r in retired if r.is_trusted_at(now))
+        if cross is not None and now > cross.not_valid_after_utc.timestamp():
+            cross = None  # the old root's overlap is over
+        if current is self.current and kept == self.retired and cross is self.cross:
+            return self
+        return Authority(current, kept, staged, cross)
 
     def rotate(
         self, now: float, rng: random.Random, overlap: float = ROTATION_OVERLAP, validity: float = ROOT_VALIDITY
     ) -> Authority:
         """A new root signs from ``now``; the current one stays trusted until ``now + overlap``
         (or its own expiry). Roots whose overlap is over are dropped."""
-        if not (math.isfinite(overlap) and overlap >= 0):
-            raise CAError(f"overlap must be a number of seconds, 0 or more, not {overlap!r}")
-        root = create_root(self.current.trust_domain, now, rng, validity)
-        previous = Retired(self.current.certificate, now + overlap)
-        kept = tuple(r for r in (previous, *self.retired) if r.is_trusted_at(now))
-        return Authority(root, kept)
+        return self.stage(now, rng, overlap, 0.0, validity).advance(now)
+
+    def next_change(self) -> float | None:
+        """When :meth:`advance` will next change something: the staged root's start, or the
+        end of a retired root's trust (None: never, short of another rotation)."""
+        times = [min(r.trusted_until, r.certificate.not_valid_after_utc.timestamp()) for r in self.retired]
+        if self.next is not None:
+            times.append(self.next.signs_from)
+        return min(times) if times else None
 
     def issue(
         self, csr_pem: bytes, service: str, now: float, rng: random.Random, lifetime: float = LEAF_LIFETIME
@@ -370,14 +434,38 @@ class Authority:
         return issue(self.current, csr_pem, service, self.current.trust_domain, now, rng, lifetime)
 
     def trusted(self, now: float) -> tuple[x509.Certificate, ...]:
-        """The roots a peer should trust at ``now``: the current one first, then those still in
-        their overlap, newest first."""
+        """The roots a peer should trust at ``now``: the current one first (the one that
+        signs: a sidecar whose certificate another root signed renews early), then the staged
+        one, then those still in their overlap, newest first."""
         current = (self.current.certificate,) if self.current.is_valid_at(now) else ()
-        return current + tuple(r.certificate for r in self.retired if r.is_trusted_at(now))
+        staged = (self.next.root.certificate,) if self.next is not None else ()
+        return current + staged + tuple(r.certificate for r in self.retired if r.is_trusted_at(now))
 
     def bundle(self, now: float) -> bytes:
         """:meth:`trusted` as one PEM file, as TLS stacks read a CA file."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trusted(now))
+
+
+def cross_certificate(new: Root, old: Root, now: float, until: float, rng: random.Random) -> x509.Certificate:
+    """``new``'s key and name in a CA certificate that ``old`` signs, valid until ``until``: a
+    verifier that trusts ``old`` only builds leaf → this → ``old``; one that trusts ``new`` stops
+    at ``new``. Both roots of a rotation have the same name, so this certificate is self-issued
+    (RFC 5280): it does not count against ``old``'s path length of 0."""
+    ski = new.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(new.certificate.subject)
+        .issuer_name(old.certificate.subject)
+        .public_key(new.key.public_key())
+        .serial_number(_serial_number(rng))
+        .not_valid_before(_utc(max(now - CLOCK_SKEW, old.not_before)))
+        .not_valid_after(_utc(min(until, old.not_after, new.not_after)))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(_authority_key_identifier(old.certificate), critical=False)
+        .sign(old.key, _signature_hash(old.key))
+    )
 
 
 # files ----------------------------------------------------------------------------------------
@@ -416,6 +504,98 @@ def read_root(directory: Path, trust_domain: str, now: float) -> Root:
     return load_root(cert_pem, read_private_file(directory / KEY_FILE), trust_domain, now)
 
 
+AUTHORITY_FILE = "authority.json"  # the retired roots (certificates only) and a staged rotation
+NEXT_KEY_FILE = "next.key"  # the staged root, until it signs
+NEXT_CERT_FILE = "next.crt"
+MAX_AUTHORITY_FILE = 1024 * 1024  # a few roots' PEM; more is not ours
+_AUTHORITY_VERSION = 1
+
+
+def open_authority(directory: Path, trust_domain: str, now: float, rng: random.Random) -> Authority:
+    """The authority kept in ``directory``: its root (:func:`open_root`), the retired roots still
+    in their overlap and a staged rotation, advanced to ``now`` (and written back if that
+    changed anything). CAError says why a file cannot be used."""
+    root = open_root(directory, trust_domain, now, rng)
+    retired, staged, cross = _read_state(directory, root, trust_domain, now)
+    authority = Authority(root, retired, staged, cross)
+    advanced = authority.advance(now)
+    if advanced is not authority:
+        write_authority(directory, advanced)
+    return advanced
+
+
+def write_authority(directory: Path, authority: Authority) -> None:
+    """``authority`` in ``directory``. The index first, then the root that signs, then the staged
+    root's files go: a crash between two steps leaves a state :func:`open_authority` reads as
+    the old or the new authority (an index naming the current root as retired is ignored, and
+    a staged root that already signs is no longer staged)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staged, cross = authority.next, authority.cross
+    if staged is not None:
+        write_private_file(directory / NEXT_KEY_FILE, staged.root.private_key_pem())
+        write_replacing(directory / NEXT_CERT_FILE, staged.root.certificate_pem(), 0o644)
+    index = {
+        "version": _AUTHORITY_VERSION,
+        "retired": [
+            {"certificate": r.certificate.public_bytes(serialization.Encoding.PEM).decode(), "until": r.trusted_until}
+            for r in authority.retired
+        ],
+        "next": None if staged is None else {"signs_from": staged.signs_from, "overlap": staged.overlap},
+        "cross": None if cross is None else cross.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+    write_replacing(directory / AUTHORITY_FILE, json.dumps(index, indent=1).encode(), 0o644)
+    try:
+        on_disk = _parse_certificate(_read_file(directory / CERT_FILE))
+    except (OSError, CAError):
+        on_disk = None
+    if on_disk != authority.current.certificate:
+        write_root(directory, authority.current)
+    if staged is None:
+        for name in (NEXT_KEY_FILE, NEXT_CERT_FILE):
+            (directory / name).unlink(missing_ok=True)
+
+
+def _read_state(
+    directory: Path, root: Root, trust_domain: str, now: float
+) -> tuple[tuple[Retired, ...], Staged | None, x509.Certificate | None]:
+    path = directory / AUTHORITY_FILE
+    try:
+        raw = _read_file(path, MAX_AUTHORITY_FILE)
+    except FileNotFoundError:
+        return (), None, None
+    try:
+        index = json.loads(raw)
+        if index.get("version") != _AUTHORITY_VERSION:
+            raise CAError(f"{path}: version {index.get('version')!r}, this control plane reads version 1")
+        retired = tuple(
+            Retired(_parse_certificate(entry["certificate"].encode()), _seconds(entry["until"]))
+            for entry in index["retired"]
+        )
+        plan = index["next"]
+        signs_from, overlap = (None, 0.0) if plan is None else (_seconds(plan["signs_from"]), plan["overlap"])
+        cross_pem = index.get("cross")
+        cross = None if cross_pem is None else _parse_certificate(cross_pem.encode())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CAError(f"{path} is not this control plane's authority index ({type(error).__name__})") from None
+    retired = tuple(r for r in retired if r.certificate != root.certificate)  # a crash mid-promotion
+    staged = None
+    if signs_from is not None:
+        next_root = load_root(
+            _read_file(directory / NEXT_CERT_FILE), read_private_file(directory / NEXT_KEY_FILE), trust_domain, now
+        )
+        if next_root.certificate != root.certificate:  # else it signs already: a crash mid-promotion
+            staged = Staged(next_root, signs_from, _seconds(overlap))
+    if cross is not None and _public_der(cross.public_key()) != _public_der(root.certificate.public_key()):
+        cross = None  # not the current root's: a crash mid-promotion
+    return retired, staged, cross
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("not a time")
+    return float(value)
+
+
 def read_operator_root(cert_path: Path, key_path: Path, trust_domain: str, now: float) -> Root:
     """The root an operator provides (``--ca-cert``/``--ca-key``), read and checked by :func:`load_root`."""
     return load_root(_read_file(cert_path), read_operator_key(key_path), trust_domain, now)
@@ -446,14 +626,14 @@ def _private(path: Path, *, in_data_dir: bool) -> bytes:
         raise CAError(str(error)) from None
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, limit: int = MAX_PEM_BYTES) -> bytes:
     with open(path, "rb") as file:
-        return _bounded(file.read(MAX_PEM_BYTES + 1), path)
+        return _bounded(file.read(limit + 1), path, limit)
 
 
-def _bounded(data: bytes, path: Path) -> bytes:
-    if len(data) > MAX_PEM_BYTES:
-        raise CAError(f"{path} is larger than {MAX_PEM_BYTES} bytes: not a certificate or key")
+def _bounded(data: bytes, path: Path, limit: int = MAX_PEM_BYTES) -> bytes:
+    if len(data) > limit:
+        raise CAError(f"{path} is larger than {limit} bytes: not a certificate or key")
     return data
 
 
@@ -495,6 +675,11 @@ def _describe_key(key: object) -> str:
     return type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "") or "unknown"
 
 
+def _check_duration(what: str, seconds: float) -> None:
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+        raise CAError(f"{what} must be a number of seconds, 0 or more, not {seconds!r}")
+
+
 def _check_positive(what: str, seconds: float) -> None:
     if not (math.isfinite(seconds) and seconds > 0):
         raise CAError(f"{what} must be a number of seconds greater than 0, not {seconds!r}")
@@ -504,5 +689,9 @@ def _utc(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(math.floor(seconds), tz=datetime.UTC)
 
 
-def _iso(seconds: float) -> str:
+def iso(seconds: float) -> str:
+    """``seconds`` since the epoch as an ISO 8601 UTC time, to the second."""
     return _utc(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_iso = iso

@@ -60,17 +60,22 @@ class PushTLS:
         self.lifetime = lifetime
         self._context: ssl.SSLContext | None = None
         self._renew_at = 0.0
+        self._built_for: Authority | None = None  # the authority the context's bundle and certificate came from
 
     @property
     def trust_domain(self) -> str:
         return self.authority().current.trust_domain
 
     def context(self) -> ssl.SSLContext:
-        """The server context, made again once half the certificate's lifetime has passed."""
+        """The server context, made again once half the certificate's lifetime has passed, and
+        when the authority changes (a rotation: the bundle client certificates are verified
+        with, and the root that signs ours)."""
         now = self.wall()
-        if self._context is None or now >= self._renew_at:
+        authority = self.authority()
+        if self._context is None or now >= self._renew_at or authority is not self._built_for:
             self._context = self._build(now)
             self._renew_at = now + self.lifetime / 2
+            self._built_for = authority
         return self._context
 
     def _build(self, now: float) -> ssl.SSLContext:
@@ -91,7 +96,9 @@ class PushTLS:
         )
         with tempfile.TemporaryDirectory(prefix="meshlet-push-tls-") as directory:  # 0700
             cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            # After a rotation, the chain goes on to the old root too (ca.Authority.cross).
+            cross = b"" if authority.cross is None else authority.cross.public_bytes(serialization.Encoding.PEM)
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + cross)
             key_path.touch(mode=0o600)
             key_path.write_bytes(key_pem)
             context.load_cert_chain(cert_path, key_path)

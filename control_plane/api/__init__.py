@@ -16,12 +16,13 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from ..ca_rotation import Rotation
 from ..scraper import Scraper
 from ..server import PushServer
 from ..token_records import TokenBook
 from ..traces import TraceStore
 from ..zipkin import zipkin_routes
-from .ca import CaView
+from .ca import CAApi
 from .dashboard import Dashboard
 from .explain import ExplainView
 from .guard import ApiGuard
@@ -41,6 +42,7 @@ def build_api(
     *,
     read_token: str | None = None,
     tokens: TokenBook | None = None,
+    rotation: Rotation | None = None,
 ) -> ASGIApp:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans also take a sidecar's span token, control_plane/zipkin.py); a reader who
@@ -48,7 +50,9 @@ def build_api(
     /v1 and of Zipkin's API need (or the write token); guard.py.
     ``traces``: the embedded trace store behind Zipkin's API.
     ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard.
-    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404)."""
+    ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404).
+    ``rotation``: what ``POST /v1/ca/rotate`` rotates, whose state ``GET /v1/ca`` adds (None: the
+    CA is only read; a control plane without a CA answers 404)."""
     traces = traces if traces is not None else TraceStore()
     guard = ApiGuard(token, read_token)
     registry = RegistryViews(push.registry)
@@ -56,12 +60,12 @@ def build_api(
     policies = PolicyApi(push, guard)
     stat = StatView(scraper)
     dashboard = Dashboard(push, traces, scraper)
+    authority = CAApi(push.joins, rotation, guard, token)
     app = Starlette(
         routes=[
             Route("/v1/services", registry.services),
             Route("/v1/endpoints", registry.endpoints),
             Route("/v1/status", status.status),
-            Route("/v1/ca", CaView(push.joins).get),
             Route("/metrics", MetricsView(push, traces, guard).metrics),
             Route("/v1/prometheus/targets", registry.prometheus_targets),
             Route("/v1/stat", stat.stat),
@@ -73,6 +77,8 @@ def build_api(
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
             Route("/v1/explain", ExplainView(push, guard).explain),
             Route("/v1/tokens", TokenApi(tokens, guard, token).create, methods=["POST"]),
+            Route("/v1/ca", authority.status),
+            Route("/v1/ca/rotate", authority.rotate, methods=["POST"]),
             Route("/live", live),
             Route("/ready", live),
             *zipkin_routes(traces, push.span_tokens, token),

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return sidecar.run(args, parser)
     if args.command == "control-plane":
         return control_plane.run(args)
-    if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token"):
+    if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token", "ca"):
         return commands.run(args)
     if args.command == "check":
         return check.run(args, commands._token(args))

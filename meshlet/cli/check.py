@@ -129,8 +129,8 @@ def ca_lines(ca: JSON | str, now: float) -> list[Line]:
     not_before, not_after = float(root["not_before"]), float(root["not_after"])
     expires = f"{_date(not_after)}, fingerprint {str(root.get('fingerprint_sha256', ''))[:16]}..."
     renew = (
-        "make a new root before this one expires: sidecars stop trusting each other when it does "
-        "(docs/security.md, rotating the CA)"
+        "rotate to a new root before this one expires (meshlet ca rotate): sidecars stop trusting each "
+        "other when it does (docs/security.md, Rotating the root)"
     )
     if now < not_before:
         valid = Line(

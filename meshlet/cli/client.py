@@ -110,8 +110,9 @@ class ApiClient:
 
     def ca(self) -> JSON:
         """The certificate authority: ``trust_domain``, ``root`` and the ``bundle``'s roots (each
-        ``fingerprint_sha256``, ``subject``, ``not_before``, ``not_after``), and the control
-        plane's clock (``now``)."""
+        ``fingerprint_sha256``, ``subject``, ``not_before``, ``not_after``), the control plane's
+        clock (``now``), and a rotation's state (``current``, ``next``, ``retired``,
+        ``bundle_roots``, ``certificate_lifetime``, ``operator_root``)."""
         return self._json("GET", "/v1/ca")
 
     # policy ------------------------------------------------------------------------------
@@ -140,6 +141,11 @@ class ApiClient:
         """Mint a join token: ``token`` (its only copy), ``id``, ``service``, ``expires``."""
         body = {"service": service, "ttl": ttl}
         return self._json("POST", "/v1/tokens", json=body, timeout=WRITE_TIMEOUT)
+
+    def rotate_ca(self, *, overlap: float | None, propagation: float) -> JSON:
+        """Start a root rotation; the CA's status after it. ``overlap`` None: the control plane's default."""
+        body = {"overlap": overlap, "propagation": propagation}
+        return self._json("POST", "/v1/ca/rotate", json=body, timeout=WRITE_TIMEOUT)
 
     def explain(self, url: str, *, method: str = "GET", headers: Sequence[str] = (), source: str | None = None) -> JSON:
         """What the mesh would do with a request; ``headers``: NAME:VALUE each. A 400 says

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import ca as ca_cli
 from . import stat as stat_cli
 from .client import JSON, AdminClient, ApiClient, ApiError
 
@@ -107,6 +108,7 @@ def add_commands(commands: Any) -> None:
 
     stat_cli.add_commands(commands, _api_option)
     _add_token_command(commands)
+    ca_cli.add_command(commands, _api_option)
 
 
 def _add_token_command(commands: Any) -> None:
@@ -325,7 +327,8 @@ def _token(args: argparse.Namespace) -> str | None:
     default token file. None if none is readable (the control plane's 401 says what to do).
     A read sends the write token only when told to: it may go to another host."""
     token: str | None = args.token or os.environ.get("MESHLET_TOKEN")
-    path = args.token_file or (DEFAULT_TOKEN_FILE if args.command in WRITES else None)
+    writes = args.command in WRITES or getattr(args, "ca_command", None) == "rotate"
+    path = args.token_file or (DEFAULT_TOKEN_FILE if writes else None)
     if not token and path is not None:
         try:
             token = path.read_text().strip()
@@ -673,4 +676,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, ApiClient], int]] = {
     "stat": stat_cli.run,
     "top": stat_cli.run,
     "token": _token_create,
+    "ca": ca_cli.run,
 }

@@ -8,6 +8,9 @@ passed in.
   control plane may be away before anything expires.
 * ``state``: ``valid`` (serve, nothing to do), ``renew`` (serve, and ask for a new one),
   ``expired`` (peers refuse it: the sidecar has no identity until it gets a new one).
+* ``renew_after_rotation``: the control plane's root changed (the bundle names another root
+  first) and ours did not sign our certificate: renew soon, at a random moment of the next
+  10 % of the lifetime, at most 5 minutes, so that a fleet does not ask all at once.
 * ``retry_delay``: after a failed renewal, full-jitter exponential back-off (retry.py's
   ``backoff``), base 1 s, capped at 60 s, and cut short so that a retry is never scheduled
   past ``not_after`` while the certificate still has time left: the last chance to renew
@@ -45,6 +48,17 @@ def renew_at(not_before: float, not_after: float, rng: random.Random) -> float:
     lifetime = _lifetime(not_before, not_after)
     jitter = RENEW_JITTER * lifetime * rng.random()
     return max(not_before, not_before + RENEW_FRACTION * lifetime - jitter)
+
+
+ROTATION_SPREAD = 0.10  # of the lifetime: the window a fleet renews in after a root rotation
+ROTATION_SPREAD_CAP = 300.0  # seconds
+
+
+def renew_after_rotation(now: float, not_before: float, not_after: float, rng: random.Random) -> float:
+    """When to renew a certificate whose root no longer signs: in ``[now, now + spread)``, where
+    the spread is 10 % of the lifetime, at most ``ROTATION_SPREAD_CAP``; never past ``not_after``."""
+    spread = min(ROTATION_SPREAD * _lifetime(not_before, not_after), ROTATION_SPREAD_CAP)
+    return min(now + spread * rng.random(), not_after)
 
 
 def state(now: float, not_before: float, not_after: float, renew_at: float) -> State:

@@ -81,6 +81,7 @@ class SidecarIdentity:
         self.renew_at: float | None = None
         self.renewals = 0  # certificates installed from the control plane
         self._installed = trio.Event()
+        self._rescheduled = trio.Event()  # renew_at moved earlier: the renewal task wakes
 
     def __repr__(self) -> str:  # neither the token nor the key may reach a log
         return f"SidecarIdentity(service={self.service!r}, directory={self.directory!r})"
@@ -196,6 +197,18 @@ class SidecarIdentity:
         assert current is not None
         self._persist(current)
         log.info("trust bundle updated: %d root(s)", len(roots))
+        if roots and not _signed_by(leaf, roots[0]):
+            self._renew_for_rotation(current)
+
+    def _renew_for_rotation(self, current: Credentials) -> None:
+        """The bundle names first the root that signs now, and it did not sign ours (a root
+        rotation): renew soon, at a random moment of a short window (core/renewal.py)."""
+        soon = renewal.renew_after_rotation(self.wall(), current.not_before, current.not_after, self.rng)
+        if self.renew_at is None or soon < self.renew_at:
+            self.renew_at = soon
+            self._rescheduled.set()
+            self._rescheduled = trio.Event()
+            log.info("the CA's root changed: renewing the certificate at %s", _iso(soon))
 
     def _verified(self, chain: bytes, bundle: bytes) -> Credentials:
         try:
@@ -259,6 +272,7 @@ class SidecarIdentity:
             "not_after": _iso(current.not_after),
             "renew_at": _iso(self.renew_at or current.not_after),
             "renewals": self.renewals,
+            "issuer_fingerprint": _issuer_fingerprint(current),
         }
 
     # tasks ------------------------------------------------------------------------------------
@@ -273,7 +287,11 @@ class SidecarIdentity:
                 await self._installed.wait()
                 continue
             if attempt == 0:
-                await trio.sleep(max(0.0, self.renew_at - self.wall()))
+                rescheduled = self._rescheduled
+                with trio.move_on_after(max(0.0, self.renew_at - self.wall())):
+                    await rescheduled.wait()
+                if rescheduled.is_set():
+                    continue  # renew_at moved (a root rotation): sleep until the new time
             generation = self.holder.generation
             if renewal.state(self.wall(), current.not_before, current.not_after, self.renew_at) == "valid":
                 attempt = 0
@@ -342,6 +360,16 @@ def _replace(credentials: Credentials, *, bundle: bytes) -> Credentials:
         credentials.not_before,
         credentials.not_after,
     )
+
+
+def _issuer_fingerprint(credentials: Credentials) -> str:
+    """SHA-256 of the root of the bundle that signed our certificate ("" if none did): which
+    root we are on, during and after a CA rotation (``meshlet ca status`` shows the same)."""
+    leaf = x509.load_pem_x509_certificate(credentials.cert_chain)
+    for root in _parse_bundle(credentials.bundle):
+        if _signed_by(leaf, root):
+            return bytes(root.fingerprint(hashes.SHA256())).hex()
+    return ""
 
 
 def _spiffe_identity(leaf: x509.Certificate) -> tuple[str, str]:

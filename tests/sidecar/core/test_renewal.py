@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.renewal import RETRY_CAP, renew_at, retry_delay, state
+from sidecar.core.renewal import RETRY_CAP, renew_after_rotation, renew_at, retry_delay, state
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -141,3 +141,16 @@ def test_a_failing_renewal_keeps_trying_until_expiry_and_after() -> None:
     assert any(t > EXPIRY for t in times)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert max(gaps) <= RETRY_CAP
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "draw", "now", "expected"),
+    [
+        (HOUR, 0.0, T0 + 10, T0 + 10),  # at once
+        (HOUR, 0.5, T0 + 10, T0 + 10 + 180),  # within 10 % of the lifetime
+        (DAY, 0.5, T0 + 10, T0 + 10 + 150),  # within 5 minutes at most
+        (HOUR, 0.999, T0 + HOUR - 5, T0 + HOUR),  # never past the certificate's end
+    ],
+)
+def test_renew_after_rotation_is_soon_and_spread(lifetime: float, draw: float, now: float, expected: float) -> None:
+    assert renew_after_rotation(now, T0, T0 + lifetime, Fixed(draw)) == pytest.approx(expected)

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from control_plane import ca
 from meshlet import wire
@@ -171,3 +172,36 @@ def test_a_new_trust_bundle_is_installed_for_the_current_certificate(tmp_path: P
     assert len(x509.load_pem_x509_certificates(current.bundle)) == 2
     assert (tmp_path / "item.bundle.pem").read_bytes() == current.bundle
     assert identity.state() == "valid"  # the certificate itself is unchanged
+
+
+async def test_a_rotated_root_makes_the_sidecar_renew_soon_not_before(autojump_clock: trio.testing.MockClock) -> None:
+    """The bundle of a staged rotation (the old root still signs, named first) changes nothing;
+    the bundle that names the new root first makes a sidecar on the old root renew within the
+    rotation window, not at 2/3 of its lifetime."""
+    authority = _authority()
+    identity = _identity(wall=lambda: START + trio.current_time())
+    identity.install(_issue(authority, identity))
+    old_issuer = identity.describe()["issuer_fingerprint"]
+    staged = authority.stage(START, random.Random(4), overlap=2 * LIFETIME, propagation=30)
+    promoted = staged.advance(START + 30)
+    asked: list[float] = []
+
+    async def request(csr: bytes) -> None:
+        asked.append(trio.current_time())
+        identity.install(_issue(promoted, identity, now=identity.wall()))
+
+    async def rotate() -> None:
+        await trio.sleep(1)
+        identity.install_bundle(staged.bundle(START + 1))
+        await trio.sleep(29)
+        identity.install_bundle(promoted.bundle(START + 30))
+
+    with trio.move_on_after(0.5 * LIFETIME):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(identity.renew, request)
+            nursery.start_soon(rotate)
+    assert len(asked) == 1
+    assert 30 <= asked[0] <= 30 + 0.1 * LIFETIME
+    described = identity.describe()
+    assert described["issuer_fingerprint"] != old_issuer
+    assert described["issuer_fingerprint"] == promoted.current.certificate.fingerprint(hashes.SHA256()).hex()
