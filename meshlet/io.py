@@ -184,7 +184,7 @@ class TLSConnection(Connection):
                 self._send_nowait(b"")  # the alert that says why, if the socket takes it
                 raise TLSError(_tls_why(exc, self.closed)) from None
             if self.outgoing.pending:
-                await self._send_encrypted(self.outgoing.read())
+                await self._send_records(self.outgoing.read())
             if done:
                 return
             await self._receive_encrypted()
@@ -266,19 +266,32 @@ class TLSConnection(Connection):
             self.tls_object.write(data)  # into the outgoing BIO, whole: it never waits
         except ssl.SSLError as exc:
             raise TLSError(_tls_why(exc, self.closed)) from None
-        await self._send_encrypted(self.outgoing.read())
-
-    async def _send_encrypted(self, data: bytes) -> None:
-        sock = self.sock
+        records = self.outgoing.read()
         try:
-            sent = sock.send(data)
+            sent = self.sock.send(records)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             raise Closed(_why(exc, self.closed)) from None
-        if sent == len(data):
-            return
-        view = memoryview(data)[sent:]
+        if sent != len(records):
+            await self._send_rest(records, sent)
+
+    async def _send_records(self, records: bytes) -> None:
+        """What ``send_all`` does after encrypting (inlined there: no coroutine per request)."""
+        try:
+            sent = self.sock.send(records)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise Closed(_why(exc, self.closed)) from None
+        if sent != len(records):
+            await self._send_rest(records, sent)
+
+    async def _send_rest(self, records: bytes, sent: int) -> None:
+        """``records`` from ``sent`` on, as the socket takes them; a writer half way through
+        its records is ``sending``, and nothing else may write until it is done."""
+        sock = self.sock
+        view = memoryview(records)[sent:]
         self.sending = True
         try:
             while view:
