@@ -103,7 +103,13 @@ class Channel:
         return await self.io.recv()
 
     def close(self) -> None:
-        self.io.close()  # a flusher waiting on the socket wakes and ends
+        """Close (a flusher waiting on the socket wakes and ends). Over TLS with records
+        still queued, with a reset: close_notify written now would land inside a record the
+        socket took only part of: the sidecar would take the cut push for a clean end."""
+        if self.queued and self._encrypt is not None:
+            self.io.reset()
+        else:
+            self.io.close()
 
 
 __all__ = ["Channel", "Closed"]

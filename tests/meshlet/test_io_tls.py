@@ -345,3 +345,23 @@ async def test_a_forged_record_is_a_tls_error(contexts: tuple[ssl.SSLContext, ss
             await server.recv()
     server.close()
     client.close()
+
+
+async def test_channel_closed_with_records_queued_resets(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A channel closed while part of a record waits in its queue (the socket had room, the
+    flusher had not run yet): the sidecar sees a reset. close_notify written then would land
+    inside the record, and with the FIN after it the cut push read as a clean end."""
+    server, client = await pair(contexts)
+    channel = Channel(server, lambda flush: None)  # the flusher never runs
+    channel.write(b"p" * (16 * 1024 * 1024))
+    assert channel.queued, "16 MB fit the socket buffers: nothing was queued"
+    await read_exactly(client, 4 * 1024 * 1024)  # room in the kernel's buffers again
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_writable(server.sock)
+    channel.close()
+    with pytest.raises(Closed) as caught:
+        with trio.fail_after(5):
+            while await client.recv():
+                pass
+    assert not isinstance(caught.value, TLSError), caught.value
+    client.close()
