@@ -147,9 +147,11 @@ class TLSConnection(Connection):
     ``read`` each; a ``send_all`` encrypts into the outgoing BIO and hands the records to
     the kernel in one ``send``.
 
-    One writer at a time (a request's writer, or the push channel's): after the handshake
-    reading never writes (TLS 1.3 has no renegotiation; the tickets a client receives need
-    no answer), so the reader and the writer never share a direction.
+    One writer at a time (a request's writer, or the push channel's). After the handshake a
+    read never sends: TLS 1.3 has no renegotiation, the tickets a client receives need no
+    answer, and what a read may leave in the outgoing BIO (the answer to a peer's KeyUpdate)
+    leaves with the next write's records, in order. So the reader and the writer never
+    share a direction of the socket, and nobody waits for writability but the writer.
     """
 
     __slots__ = ("tls_object", "incoming", "outgoing", "sending")
