@@ -88,8 +88,8 @@ async def run(n: int, tls: bool, root: ca.Root | None) -> float:
         server = start_tls(server, server_context, server_side=True)
         client = start_tls(client, client_context, server_side=False)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.handshake)  # type: ignore[attr-defined]
-            await client.handshake()  # type: ignore[attr-defined]
+            nursery.start_soon(server.handshake)
+            await client.handshake()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(echo, server, len(PAYLOAD))
         await round_trips(client, 100)  # warm up
