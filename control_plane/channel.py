@@ -11,10 +11,9 @@ references to the shared encoded bytes, for a flusher task started then, which w
 until the socket is writable and ends when the queue is empty. ``blocked_since`` tells the keepalive how long the queue
 has been stuck: a sidecar that stopped reading is closed.
 
-Over TLS (``io`` a :class:`meshlet.io.TLSConnection`) the socket is an ``ssl.SSLSocket``:
-"would block" is ``SSLWantWriteError`` (or ``SSLWantReadError``), and a write is all or
-nothing, so what the socket did not take is queued whole and written again as it was, as
-OpenSSL requires.
+Over TLS (``io`` a :class:`meshlet.io.TLSConnection`) a push is encrypted when it is
+written (the records follow any written before, in order), and what the queue holds is
+those records: the same bytes for the socket as in plaintext, only not shared.
 """
 
 from __future__ import annotations
@@ -26,18 +25,11 @@ from collections.abc import Awaitable, Callable
 import trio
 from trio.lowlevel import wait_writable
 
-from meshlet.io import Closed, Connection
-
-# "The kernel takes no more now": EAGAIN on a plain socket; over TLS, OpenSSL's word for it.
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
-# TLS 1.3 has no renegotiation, so a write that wants to read first (SSLWantReadError) is
-# not expected after the handshake; the session's reader owns the wait for readability, so
-# such a write is tried again after this pause rather than waiting on the socket itself.
-_WANT_READ_PAUSE = 0.01
+from meshlet.io import Closed, Connection, TLSConnection
 
 
 class Channel:
-    __slots__ = ("io", "queued", "blocked_since", "flushing", "_spawn", "_clock")
+    __slots__ = ("io", "queued", "blocked_since", "flushing", "_spawn", "_clock", "_encrypt")
 
     def __init__(
         self,
@@ -51,17 +43,24 @@ class Channel:
         self.flushing = False
         self._spawn = spawn  # starts the flusher task (a nursery's start_soon)
         self._clock = clock
+        self._encrypt = io.encrypt if isinstance(io, TLSConnection) else None
 
     def write(self, data: bytes) -> None:
         """Send now what the kernel takes; queue the rest (in order) for a flusher."""
         if self.io.closed:
             return
+        if self._encrypt is not None:
+            try:
+                data = self._encrypt(data)
+            except ssl.SSLError:
+                self.io.close()  # the TLS session is done: the reader sees Closed
+                return
         if self.queued:
             view = memoryview(data)
         else:
             try:
                 sent = self.io.sock.send(data)
-            except _WOULD_BLOCK:
+            except BlockingIOError:
                 sent = 0
             except OSError:
                 self.io.close()  # reset or broken: the reader sees Closed and ends the session
@@ -86,10 +85,7 @@ class Channel:
                     head = self.queued[0]
                     try:
                         sent = sock.send(head)
-                    except ssl.SSLWantReadError:
-                        await trio.sleep(_WANT_READ_PAUSE)
-                        break
-                    except _WOULD_BLOCK:
+                    except BlockingIOError:
                         break
                     if sent < len(head):
                         self.queued[0] = head[sent:]
@@ -107,7 +103,13 @@ class Channel:
         return await self.io.recv()
 
     def close(self) -> None:
-        self.io.close()  # a flusher waiting on the socket wakes and ends
+        """Close (a flusher waiting on the socket wakes and ends). Over TLS with records
+        still queued, with a reset: close_notify written now would land inside a record the
+        socket took only part of: the sidecar would take the cut push for a clean end."""
+        if self.queued and self._encrypt is not None:
+            self.io.reset()
+        else:
+            self.io.close()
 
 
 __all__ = ["Channel", "Closed"]

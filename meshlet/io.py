@@ -18,11 +18,12 @@ measures the path; benchmarks/RESULTS.md has the figures). So:
 Cancellation still works: every wait is a trio checkpoint, and :meth:`Connection.close`
 wakes a task blocked on the socket (``notify_closing``).
 
-:class:`TLSConnection` is the same thing over TLS: an ``ssl.SSLSocket`` on the same
-non-blocking socket, driven the same way (``SSLWantReadError``/``SSLWantWriteError``
-instead of EAGAIN). Not ``trio.SSLStream``: it copies every byte through memory BIOs and
-a lock per call (measured: 9.4k 1 KB round trips/s against 21k/s plain); here OpenSSL
-reads and writes the socket itself.
+:class:`TLSConnection` is the same thing over TLS: an ``ssl.SSLObject`` whose memory BIOs
+this module fills and drains with the same non-blocking socket calls, one ``recv`` and one
+``send`` for as many records as there are (an ``SSLSocket`` reads a record's header and its
+body with a syscall each: measured with benchmarks/micro_tls.py, see benchmarks/README.md).
+Not ``trio.SSLStream``: a lock and a trip through the scheduler per call (9.4k 1 KB round
+trips/s against 21k/s plain).
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ class Connection:
             except (trio.ClosedResourceError, OSError) as exc:
                 raise Closed(_why(exc, self.closed)) from None
 
+    def send_nowait(self, data: bytes) -> None:
+        """Write ``data`` if the socket takes it now; never waits (a 408 before a close)."""
+        try:
+            self.sock.send(data)
+        except OSError:
+            pass
+
+    def pending(self) -> bool:
+        """Bytes read from the socket that a ``recv`` would return first: none here."""
+        return False
+
     def close(self) -> None:
         """Close now; a task waiting on this socket wakes with :class:`Closed`."""
         if not self.closed:
@@ -128,89 +140,206 @@ class TLSConnection(Connection):
     """One TLS connection over a non-blocking TCP socket: :meth:`handshake` first (the
     caller bounds its time), then the interface of :class:`Connection`.
 
-    Made by :func:`start_tls`. ``sock`` is the ``ssl.SSLSocket``: OpenSSL reads and
-    writes the descriptor itself, and says what it waits for with ``SSLWantReadError``
-    or ``SSLWantWriteError`` (never BlockingIOError, though both are OSErrors).
+    Made by :func:`start_tls`. ``sock`` is still the plain socket: OpenSSL works on two
+    memory BIOs (``ssl.SSLObject``) and this class moves the bytes. A ``recv`` brings
+    whatever the kernel holds (often several records: a whole request) into the incoming
+    BIO in one syscall, where an ``SSLSocket`` reads each record's header and body with a
+    ``read`` each; a ``send_all`` encrypts into the outgoing BIO and hands the records to
+    the kernel in one ``send``.
+
+    One writer at a time (a request's writer, or the push channel's). After the handshake a
+    read never sends: TLS 1.3 has no renegotiation, the tickets a client receives need no
+    answer, and what a read may leave in the outgoing BIO (the answer to a peer's KeyUpdate)
+    leaves with the next write's records, in order. So the reader and the writer never
+    share a direction of the socket, and nobody waits for writability but the writer.
     """
 
-    __slots__ = ()
+    __slots__ = ("tls_object", "incoming", "outgoing", "sending")
     tls = True
-    sock: ssl.SSLSocket
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        tls_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self.sock = sock
+        self.closed = False
+        self.peer = peer
+        self.tls_object = tls_object
+        self.incoming = incoming  # ciphertext from the socket, not decrypted yet
+        self.outgoing = outgoing  # ciphertext for the socket
+        self.sending = False  # a send_all is waiting for the socket to take the rest
 
     async def handshake(self) -> None:
         """Complete the handshake; :class:`TLSError` (or :class:`Closed`) when it fails."""
-        sock = self.sock
+        tls_object = self.tls_object
         while True:
             try:
-                sock.do_handshake()
-                return
+                tls_object.do_handshake()
+                done = True
             except ssl.SSLWantReadError:
-                await _wait(wait_readable, sock)
-            except ssl.SSLWantWriteError:
-                await _wait(wait_writable, sock)
+                done = False
             except ssl.SSLError as exc:
+                self._send_nowait(b"")  # the alert that says why, if the socket takes it
                 raise TLSError(_tls_why(exc, self.closed)) from None
-            except OSError as exc:
-                raise Closed(_why(exc, self.closed)) from None
+            if self.outgoing.pending:
+                await self._send_records(self.outgoing.read())
+            if done:
+                return
+            await self._receive_encrypted()
 
     def peer_certificate(self) -> dict[str, object]:
         """The peer's certificate as ``getpeercert()`` decodes it; only after a handshake
         with ``CERT_REQUIRED``, so it was verified against the trusted roots. ``{}`` if none."""
-        return dict(self.sock.getpeercert() or {})
+        return dict(self.tls_object.getpeercert() or {})
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.tls_object.context
 
     @property
     def session(self) -> ssl.SSLSession | None:
         """The TLS session, to resume with on the next connection (client side)."""
-        return self.sock.session
+        return self.tls_object.session
 
     @property
     def session_reused(self) -> bool:
-        return bool(self.sock.session_reused)
+        return bool(self.tls_object.session_reused)
+
+    def pending(self) -> bool:
+        """Bytes already read from the socket, decrypted or not: the kernel may no longer
+        show the socket as readable, yet a ``recv`` has something to return."""
+        return bool(self.incoming.pending or self.tls_object.pending())
 
     async def recv(self, *, wait_first: bool = False) -> bytes:
-        sock = self.sock
-        # OpenSSL may hold decrypted bytes the kernel no longer shows as readable.
-        if wait_first and not sock.pending():
+        # A read takes one record (16 KB of plaintext at most, less than RECEIVE_SIZE) and
+        # leaves nothing decrypted behind: what is left is in the incoming BIO, undecrypted.
+        tls_object, incoming, sock = self.tls_object, self.incoming, self.sock
+        ready = incoming.pending  # records to decrypt first; else straight to the socket
+        if wait_first and not ready:
             await _wait(wait_readable, sock)
         while True:
+            if ready:
+                try:
+                    return tls_object.read(RECEIVE_SIZE)  # b"" after the peer's close_notify
+                except ssl.SSLWantReadError:
+                    pass  # part of a record: the rest is on its way
+                except ssl.SSLEOFError:
+                    return b""  # the peer's FIN without close_notify: its end, as HTTP framing decides
+                except ssl.SSLError as exc:
+                    self._send_nowait(b"")  # the alert, if any
+                    raise TLSError(_tls_why(exc, self.closed)) from None
             try:
-                return sock.recv(RECEIVE_SIZE)  # b"" on close_notify or the peer's FIN
-            except ssl.SSLWantReadError:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
                 await _wait(wait_readable, sock)
-            except ssl.SSLWantWriteError:
-                await _wait_shared(wait_writable, sock)
-            except ssl.SSLError as exc:
-                raise TLSError(_tls_why(exc, self.closed)) from None
-            except (OSError, ValueError) as exc:  # ValueError: the SSLSocket was closed under us
+                continue
+            except OSError as exc:
                 raise Closed(_why(exc, self.closed)) from None
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()  # the next read says how it ended
+            ready = 1
 
-    async def send_all(self, data: bytes) -> None:
-        # Without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython does not set it) a write is all or
-        # nothing: after SSLWantWriteError the same bytes are written again, and OpenSSL
-        # carries on where the socket stopped taking them.
+    async def _receive_encrypted(self) -> None:
+        """What the kernel holds, into the incoming BIO (its end of file at the peer's FIN);
+        waits only when there is nothing. For the handshake."""
         sock = self.sock
         while True:
             try:
-                sock.send(data)
-                return
-            except ssl.SSLWantWriteError:
-                await _wait(wait_writable, sock)
-            except ssl.SSLWantReadError:
-                await _wait_shared(wait_readable, sock)
-            except ssl.SSLError as exc:
-                raise TLSError(_tls_why(exc, self.closed)) from None
-            except (OSError, ValueError) as exc:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await _wait(wait_readable, sock)
+                continue
+            except OSError as exc:
                 raise Closed(_why(exc, self.closed)) from None
+            if data:
+                self.incoming.write(data)
+            else:
+                self.incoming.write_eof()
+            return
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            self.tls_object.write(data)  # into the outgoing BIO, whole: it never waits
+        except ssl.SSLError as exc:
+            raise TLSError(_tls_why(exc, self.closed)) from None
+        records = self.outgoing.read()
+        try:
+            sent = self.sock.send(records)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise Closed(_why(exc, self.closed)) from None
+        if sent != len(records):
+            await self._send_rest(records, sent)
+
+    async def _send_records(self, records: bytes) -> None:
+        """What ``send_all`` does after encrypting (inlined there: no coroutine per request)."""
+        try:
+            sent = self.sock.send(records)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise Closed(_why(exc, self.closed)) from None
+        if sent != len(records):
+            await self._send_rest(records, sent)
+
+    async def _send_rest(self, records: bytes, sent: int) -> None:
+        """``records`` from ``sent`` on, as the socket takes them; a writer half way through
+        its records is ``sending``, and nothing else may write until it is done."""
+        sock = self.sock
+        view = memoryview(records)[sent:]
+        self.sending = True
+        try:
+            while view:
+                try:
+                    await wait_writable(sock)
+                    view = view[sock.send(view) :]
+                except BlockingIOError:
+                    continue
+                except (trio.ClosedResourceError, OSError) as exc:
+                    raise Closed(_why(exc, self.closed)) from None
+        finally:
+            self.sending = False
+
+    def encrypt(self, data: bytes) -> bytes:
+        """``data`` as the records to write to the socket, in order after any written before:
+        for a writer that sends them itself (the push channel)."""
+        self.tls_object.write(data)
+        return self.outgoing.read()
+
+    def send_nowait(self, data: bytes) -> None:
+        """Write ``data`` if the socket takes it now; never waits (a 408 before a close)."""
+        self._send_nowait(data)
+
+    def _send_nowait(self, data: bytes) -> None:
+        """``data`` and what OpenSSL has to send (an alert, close_notify), in one non-blocking
+        ``send``; nothing if a writer is half way through its records (they would interleave)."""
+        if self.sending or self.closed:
+            return
+        try:
+            if data:
+                self.tls_object.write(data)
+            if self.outgoing.pending:
+                self.sock.send(self.outgoing.read())
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         """Send close_notify if the socket takes it now (never waits for it, nor for the
         peer's), then close; a task waiting on this socket wakes with :class:`Closed`."""
         if not self.closed:
-            self.closed = True
             try:
-                self.sock.unwrap()  # one non-blocking write of close_notify
+                self.tls_object.unwrap()  # close_notify into the outgoing BIO
             except (OSError, ValueError):
-                pass  # the peer's close_notify not there yet, a full buffer, or a handshake never done
+                pass  # the peer's close_notify not there yet (never waited for), or no handshake done
+            self._send_nowait(b"")
+            self.closed = True
             notify_closing(self.sock)
             self.sock.close()
 
@@ -230,21 +359,11 @@ def start_tls(
     conn: Connection, context: ssl.SSLContext, *, server_side: bool, session: ssl.SSLSession | None = None
 ) -> TLSConnection:
     """``conn``'s socket, now under TLS (``conn`` must not be used again); the handshake
-    is not done yet: ``await handshake()``. ``session``: a client's session to resume.
-    :class:`Closed` if the connection is already gone (reset before a byte was read)."""
-    try:
-        sock = context.wrap_socket(
-            conn.sock, server_side=server_side, do_handshake_on_connect=False, session=None if server_side else session
-        )
-    except OSError as exc:
-        conn.close()
-        raise Closed(_why(exc, False)) from None
-    conn.closed = True  # its socket object was detached into the SSLSocket
-    tls = TLSConnection.__new__(TLSConnection)
-    tls.sock = sock
-    tls.closed = False
-    tls.peer = conn.peer
-    return tls
+    is not done yet: ``await handshake()``. ``session``: a client's session to resume."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = context.wrap_bio(incoming, outgoing, server_side=server_side, session=None if server_side else session)
+    conn.closed = True  # its socket now belongs to the TLSConnection
+    return TLSConnection(conn.sock, conn.peer, tls_object, incoming, outgoing)
 
 
 async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
@@ -252,17 +371,6 @@ async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.s
         await wait(sock)
     except (trio.ClosedResourceError, OSError):
         raise Closed("closed while waiting") from None
-
-
-async def _wait_shared(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
-    """A read that must write first, or a write that must read first: rare after a TLS 1.3
-    handshake (a ticket or key update to send or take). Another task may already wait on
-    the socket for that direction (the reader, or the body's writer, run at once); trio
-    allows one waiter, so then this one pauses briefly and tries again."""
-    try:
-        await _wait(wait, sock)
-    except trio.BusyResourceError:
-        await trio.sleep(0.001)
 
 
 def _tls_why(exc: ssl.SSLError, closed_by_us: bool) -> str:

@@ -92,10 +92,7 @@ class _Connection:
         self.timeouts.expired[phase] += 1
         if self.in_head:
             self.timeouts.rejected["408"] += 1
-            try:
-                self.io.sock.send(REQUEST_TIMEOUT_RESPONSE)
-            except OSError:
-                pass
+            self.io.send_nowait(REQUEST_TIMEOUT_RESPONSE)
         self.io.close()
 
     def touch(self) -> None:

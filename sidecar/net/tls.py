@@ -208,4 +208,4 @@ class MeshTLS:
         if len(sessions) >= MAX_SESSIONS and address not in sessions:
             for old in list(sessions)[: MAX_SESSIONS // 2]:
                 del sessions[old]
-        sessions[address] = (tls.sock.context, session)
+        sessions[address] = (tls.context, session)

@@ -364,10 +364,9 @@ def _quiet(io: Connection) -> bool:
     either way the connection is done. Over TLS, bytes OpenSSL holds decrypted count too
     (a TLS 1.3 ticket or key update arriving while idle also makes it readable: then a good
     connection is given up, never a bad one kept)."""
-    sock = io.sock
-    if io.tls and sock.pending():  # type: ignore[attr-defined]
+    if io.tls and io.pending():
         return False
-    fd = sock.fileno()
+    fd = io.sock.fileno()
     check = _IDLE_CHECK
     check.register(fd, select.POLLIN)
     ready = check.poll(0)

@@ -259,8 +259,8 @@ async def test_session_resumed_on_reconnect(contexts: tuple[ssl.SSLContext, ssl.
 
 async def test_channel_writes_over_tls(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     """The push channel writes straight into the socket and queues what it does not take:
-    over TLS, a write the socket does not take whole (SSLWantWriteError) is queued and
-    written again by the flusher; pushes arrive whole and in order."""
+    over TLS, the records of a push the socket does not take whole are queued and written
+    by the flusher, after the rest; pushes arrive whole and in order."""
     server, client = await pair(contexts)
     pushes = [bytes([n]) * (3 * 1024 * 1024 + n) for n in range(4)]
     async with trio.open_nursery() as nursery:
@@ -272,4 +272,98 @@ async def test_channel_writes_over_tls(contexts: tuple[ssl.SSLContext, ssl.SSLCo
     assert received == b"".join(pushes)
     assert not channel.queued and channel.blocked_since is None
     channel.close()
+    client.close()
+
+
+class CountingSocket:
+    """The TLS connection's socket, counting the ``recv`` calls that reach the kernel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recvs = 0
+
+    def recv(self, size: int) -> bytes:
+        self.recvs += 1
+        return self.sock.recv(size)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+async def test_one_recv_brings_every_record_waiting(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Three records in the kernel's buffer: one ``recv`` takes them all, and the next two
+    come from memory, even with ``wait_first`` (the kernel has nothing left to show)."""
+    server, client = await pair(contexts)
+    assert isinstance(server, TLSConnection)
+    messages = [b"first", b"second", b"third"]
+    for message in messages:
+        await client.send_all(message)  # a record each
+    counting = CountingSocket(server.sock)
+    server.sock = counting  # type: ignore[assignment]
+    with trio.fail_after(5):
+        assert await server.recv(wait_first=True) == messages[0]
+        assert server.pending()
+        assert await server.recv(wait_first=True) == messages[1]
+        assert await server.recv(wait_first=True) == messages[2]
+    assert counting.recvs == 1
+    assert not server.pending()
+    server.sock = counting.sock
+    server.close()
+    client.close()
+
+
+async def test_send_nowait_arrives_before_the_end(connected: tuple[Connection, Connection]) -> None:
+    """What a 408 uses: written at once (through TLS on a TLS connection), then closed."""
+    server, client = connected
+    response = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    server.send_nowait(response)
+    server.close()
+    with trio.fail_after(5):
+        assert await read_exactly(client, len(response)) == response
+        assert await client.recv() == b""
+
+
+async def test_fin_without_close_notify_is_an_end(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A peer that shuts its side down without close_notify: ``b""``, as in plaintext (HTTP's
+    framing says whether a message was cut short)."""
+    server, client = await pair(contexts)
+    await server.send_all(b"partial")
+    server.sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5):
+        assert await client.recv() == b"partial"
+        assert await client.recv() == b""
+    server.close()
+    client.close()
+
+
+async def test_a_forged_record_is_a_tls_error(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Bytes that do not decrypt: TLSError, never data."""
+    server, client = await pair(contexts)
+    client.sock.send(b"\x17\x03\x03\x00\x20" + bytes(32))  # an application data record of zeros
+    with pytest.raises(TLSError, match="bad record mac|decryption failed"):
+        with trio.fail_after(5):
+            await server.recv()
+    server.close()
+    client.close()
+
+
+async def test_channel_closed_with_records_queued_resets(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A channel closed while part of a record waits in its queue (the socket had room, the
+    flusher had not run yet): the sidecar sees a reset. close_notify written then would land
+    inside the record, and with the FIN after it the cut push read as a clean end."""
+    server, client = await pair(contexts)
+    channel = Channel(server, lambda flush: None)  # the flusher never runs
+    size = 16 * 1024 * 1024
+    channel.write(b"p" * size)
+    assert channel.queued, "16 MB fit the socket buffers: nothing was queued"
+    taken = size - len(channel.queued[0])  # about what the kernel took (the records are a bit longer)
+    with trio.fail_after(5):
+        await read_exactly(client, taken * 9 // 10)  # room in the kernel's buffers again
+        await trio.lowlevel.wait_writable(server.sock)
+    channel.close()
+    with pytest.raises(Closed) as caught:
+        with trio.fail_after(5):
+            while await client.recv():
+                pass
+    assert not isinstance(caught.value, TLSError), caught.value
     client.close()
