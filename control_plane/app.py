@@ -17,6 +17,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as serve_asgi
 
 from meshlet.policy import read_policy_files
+from meshlet.private_files import PrivateFileError, read_private, write_new
 
 from . import ca, tokens
 from .api import build_api
@@ -24,7 +25,6 @@ from .ca_rotation import Rotation
 from .collectors import parse_allowed
 from .joins import Joins
 from .policies import PolicyStore
-from .private_files import PrivateFileError, read_private, write_new
 from .push_tls import PushTLS
 from .registry import Registry
 from .scraper import Scraper, scrape_targets
@@ -176,7 +176,7 @@ class ApiTokenError(ValueError):
 def api_token(data_dir: Path) -> str:
     """The write API's token: made at first start, kept 0600 in the data directory
     (docs/policy.md); `meshlet apply` on this machine reads it from there. A token file that
-    group or others may read, a symlink or another user's is refused (private_files.py)."""
+    group or others may read, a symlink or another user's is refused (meshlet/private_files.py)."""
     path = data_dir / TOKEN_FILE
     try:
         return _token_from_file(path, in_data_dir=True)

@@ -43,8 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshlet import identity
-
-from .private_files import PrivateFileError, read_private, write_replacing
+from meshlet.private_files import PrivateFileError, read_private, write_replacing
 
 ROOT_VALIDITY = 10 * 365 * 24 * 3600.0  # a root outlives many rotations of the leaves it signs
 LEAF_LIFETIME = 24 * 3600.0  # short-lived identities: a stolen key is worth a day at most

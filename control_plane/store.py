@@ -42,7 +42,7 @@ from typing import Protocol
 import msgpack
 import trio
 
-from .private_files import fsync_directory, write_replacing
+from meshlet.private_files import fsync_directory, write_replacing
 
 STATE_FILE = "state.msgpack"
 LOCK_FILE = "lock"

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from meshlet.names import is_service_name
-
-from .private_files import PrivateFileError, read_private, write_new
+from meshlet.private_files import PrivateFileError, read_private, write_new
 
 PREFIX = "mjt_"
 JOIN_TOKEN_FILE = "join-token"

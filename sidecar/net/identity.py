@@ -19,14 +19,9 @@ also brings a fresh certificate.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
-import os
 import random
-import secrets
-import stat
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshlet import identity, wire
+from meshlet.private_files import PrivateFileError, read_private, write_new, write_replacing
 
 from ..core import renewal
 from ..core.credentials import CredentialHolder, Credentials
@@ -115,7 +111,7 @@ class SidecarIdentity:
         )
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            _write_new(path, pem)
+            write_new(path, pem)
         except FileExistsError:  # another instance of this service made it first: theirs is ours
             return _parse_key(_read_private(path), path)
         log.info("made a new key in %s", path)
@@ -149,8 +145,8 @@ class SidecarIdentity:
         if cert_path is None or bundle_path is None:
             return
         try:
-            _write_replacing(bundle_path, credentials.bundle)
-            _write_replacing(cert_path, credentials.cert_chain)
+            write_replacing(bundle_path, credentials.bundle)
+            write_replacing(cert_path, credentials.cert_chain)
         except OSError as exc:  # the running identity is unaffected
             log.warning("could not persist the certificate to %s: %s", cert_path, exc)
 
@@ -420,61 +416,15 @@ def _parse_key(pem: bytes, path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _read_private(path: Path) -> bytes:
-    """A file only we may read: a regular file (not a symlink), ours, closed to group and
-    others; checked on the open file. FileNotFoundError passes through."""
+    """A file only we may read (meshlet/private_files.py: a regular file, not a symlink, ours,
+    closed to group and others; checked on the open file). FileNotFoundError passes through."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot open it ({exc.strerror})") from None
-    try:
-        status = os.fstat(fd)
-        mode = stat.S_IMODE(status.st_mode)
-        if not stat.S_ISREG(status.st_mode):
-            raise IdentityError(f"{path} is not a regular file")
-        if status.st_uid != os.getuid():
-            raise IdentityError(f"{path} belongs to another user (uid {status.st_uid})")
-        if mode & 0o077:
-            raise IdentityError(f"{path} is open to group or others (mode {mode:04o}): chmod 600 {path}")
-        data = os.read(fd, _MAX_FILE + 1)
-    finally:
-        os.close(fd)
+        data = read_private(path, _MAX_FILE, what="identity file")
+    except PrivateFileError as exc:
+        raise IdentityError(str(exc)) from None
     if len(data) > _MAX_FILE:
         raise IdentityError(f"{path} is larger than {_MAX_FILE} bytes")
     return data
-
-
-def _write_replacing(path: Path, data: bytes) -> None:
-    """``data`` in ``path`` (0600 from the first byte), replacing it atomically."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """``data`` in a new 0600 file, never over an existing one (FileExistsError): written
-    whole to a temporary name, then hard-linked into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _iso(seconds: float) -> str:

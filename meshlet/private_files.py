@@ -1,4 +1,5 @@
-"""Files only the control plane may read: the CA key, the join token, and their like.
+"""Files only this process may read: the CA key, the join token, a sidecar's key and
+certificate, and their like (both sides use them: the control plane and the sidecar).
 
 Reading checks the open file (``fstat``), so it cannot be swapped between the check and the
 read: it must be a regular file, closed to group and others, and (in the data directory)
