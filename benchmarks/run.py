@@ -93,6 +93,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--quick", action="store_true", help="short runs and a 20 MB stream: a smoke check")
     parser.add_argument("--duration", type=int, metavar="SECONDS", help="saturation run length (default 10, quick 3)")
     parser.add_argument(
+        "--paced-connections",
+        type=int,
+        metavar="N",
+        help="connections sharing the fixed-rate run's 1,000 req/s (default 10; Istio's benchmark shape is 4)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
@@ -104,6 +110,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         if args.duration < 1:
             parser.error("--duration must be at least 1")
         settings = dataclasses.replace(settings, saturation_s=args.duration)
+    if args.paced_connections is not None:
+        if args.paced_connections < 1:
+            parser.error("--paced-connections must be at least 1")
+        settings = dataclasses.replace(settings, paced_connections=args.paced_connections)
     return settings
 
 
