@@ -60,7 +60,7 @@ def build_api(
     policies = PolicyApi(push, guard)
     stat = StatView(scraper)
     dashboard = Dashboard(push, traces, scraper)
-    authority = CAApi(push.joins, rotation, guard, token)
+    authority = CAApi(push.joins, rotation, guard)
     app = Starlette(
         routes=[
             Route("/v1/services", registry.services),
@@ -76,7 +76,7 @@ def build_api(
             Route("/v1/policies/history", policies.history),
             Route("/v1/policies/rollback", policies.rollback, methods=["POST"]),
             Route("/v1/explain", ExplainView(push, guard).explain),
-            Route("/v1/tokens", TokenApi(tokens, guard, token).create, methods=["POST"]),
+            Route("/v1/tokens", TokenApi(tokens, guard).create, methods=["POST"]),
             Route("/v1/ca", authority.status),
             Route("/v1/ca/rotate", authority.rotate, methods=["POST"]),
             Route("/live", live),

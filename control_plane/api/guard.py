@@ -68,6 +68,14 @@ class ApiGuard:
             return None
         return self._refuse(WRITE_TOKEN, _WRITE_HINT, request.client)
 
+    def write_refused_always_guarded(self, request: Request, what: str) -> Response | None:
+        """As :meth:`write_refused`, for a write that is never open, even where writes are
+        (no write token set): minting join tokens, rotating the CA. ``what``: the write, said
+        in the refusal."""
+        if self._write is None:
+            return JSONResponse({"problems": [f"{what} needs the control plane's token"]}, status_code=401)
+        return self.write_refused(request)
+
     def may_read(self, authorization: bytes) -> bool:
         if self._read is None:
             return True

@@ -24,17 +24,14 @@ DEFAULT_TTL = 24 * 3600.0  # a minted token expires; only the bootstrap token ne
 
 
 class TokenApi:
-    def __init__(self, book: TokenBook | None, guard: ApiGuard, token: str | None) -> None:
+    def __init__(self, book: TokenBook | None, guard: ApiGuard) -> None:
         self.book = book
         self.guard = guard
-        self.token = token
 
     async def create(self, request: Request) -> Response:
         if self.book is None:
             return JSONResponse({"problems": ["this control plane does not mint join tokens"]}, status_code=404)
-        if self.token is None:  # minting is never open, even when writes are
-            return JSONResponse({"problems": ["minting join tokens needs the control plane's token"]}, 401)
-        if (denied := self.guard.write_refused(request)) is not None:
+        if (denied := self.guard.write_refused_always_guarded(request, "minting join tokens")) is not None:
             return denied
         body = await json_body(request)
         if isinstance(body, Response):

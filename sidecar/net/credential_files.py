@@ -9,14 +9,13 @@ the certificate's.
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from pathlib import Path
 
 from cryptography import x509
 
 from meshlet.identity import SCHEME, IdentityError, parse_spiffe_id
+from meshlet.private_files import PrivateFileError, read_private
 
 from ..core.credentials import Credentials
 
@@ -70,15 +69,17 @@ def _uris(certificate: x509.Certificate) -> list[str]:
 
 
 def _read(path: Path, *, private: bool = False) -> bytes:
+    """A credential file, bounded; ``private``: the key, which must be closed to group and
+    others (meshlet/private_files.py; an operator's file may be a symlink or another user's,
+    as Kubernetes mounts secrets)."""
     try:
-        with open(path, "rb") as file:
-            if private:
-                mode = os.fstat(file.fileno()).st_mode
-                if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                    raise CredentialFileError(
-                        f"{path}: a private key open to others (mode {stat.S_IMODE(mode):o}): chmod 600 {path}"
-                    )
-            data = file.read(MAX_FILE_BYTES + 1)
+        if private:
+            data = read_private(path, MAX_FILE_BYTES, what="private key", in_data_dir=False)
+        else:
+            with open(path, "rb") as file:
+                data = file.read(MAX_FILE_BYTES + 1)
+    except PrivateFileError as exc:
+        raise CredentialFileError(str(exc)) from None
     except OSError as exc:
         raise CredentialFileError(f"{path}: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:

@@ -11,8 +11,10 @@ import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from starlette.requests import Request
 
 from control_plane.api import build_api
+from control_plane.api.guard import ApiGuard
 from control_plane.policies import PolicyStore
 from control_plane.registry import Registry
 from control_plane.server import PushServer
@@ -167,3 +169,28 @@ async def test_the_write_token_sees_the_policy_whole(guarded: httpx.AsyncClient)
         "/v1/explain", params={"url": "http://item/x", "header": f"x-api-key:k3y-{SECRET}"}, headers=WRITE
     )
     assert keyed.json()["decision"]["headers"] == {"request": {"add": {"authorization": f"Bearer {SECRET}"}}}
+
+
+def _request(headers: dict[str, str]) -> Request:
+    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+    return Request({"type": "http", "method": "POST", "path": "/v1/tokens", "headers": raw, "client": ("1.2.3.4", 1)})
+
+
+@pytest.mark.parametrize(
+    ("write_token", "headers", "refused"),
+    [
+        (None, {}, True),  # writes are open (no token set), but this one never is
+        (None, WRITE, True),
+        (WRITE_TOKEN, {}, True),
+        (WRITE_TOKEN, READ, True),
+        (WRITE_TOKEN, WRITE, False),
+    ],
+)
+def test_a_write_that_is_never_open(write_token: str | None, headers: dict[str, str], refused: bool) -> None:
+    guard = ApiGuard(write_token, READ_TOKEN)
+    answer = guard.write_refused_always_guarded(_request(headers), "minting join tokens")
+    assert (answer is not None) == refused
+    if answer is not None:
+        assert answer.status_code == 401
+    if answer is not None and write_token is None:
+        assert b"minting join tokens needs the control plane's token" in answer.body
