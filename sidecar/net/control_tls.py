@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshlet import identity, wire
 
+from .certificates import uri_names
 from .identity import SidecarIdentity
 
 log = logging.getLogger("meshlet.control")
@@ -96,7 +97,7 @@ class ControlPlaneTLS:
     def _check_name(self, certificate: x509.Certificate) -> None:
         """The verified certificate must be the control plane's of our trust domain."""
         current = self.me.holder.current
-        uris = _uris(certificate)
+        uris = uri_names(certificate)
         if current is not None:
             expected = f"{identity.SCHEME}{current.trust_domain}/control-plane"
             if uris != [expected]:
@@ -114,7 +115,7 @@ class ControlPlaneTLS:
             "SHA-256 fingerprint is %s (names %s). Pass --control-plane-ca with its CA certificate "
             "(DATA_DIR/ca/ca.crt) to verify it from the first connection",
             fingerprint,
-            _uris(certificate),
+            uri_names(certificate),
         )
 
     def check_issuer(self) -> None:
@@ -130,14 +131,6 @@ class ControlPlaneTLS:
             except (ValueError, TypeError, InvalidSignature):
                 continue
         raise wire.WireError("tls", "the control plane's certificate is not from the CA that issued ours")
-
-
-def _uris(certificate: x509.Certificate) -> list[str]:
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(names.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 _DER = serialization.Encoding.DER

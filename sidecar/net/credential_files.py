@@ -18,6 +18,7 @@ from meshlet.identity import SCHEME, IdentityError, parse_spiffe_id
 from meshlet.private_files import PrivateFileError, read_private
 
 from ..core.credentials import Credentials
+from .certificates import uri_names
 
 MAX_FILE_BYTES = 64 * 1024  # a certificate chain, a key or a bundle: anything larger is not one
 
@@ -35,7 +36,7 @@ def load_credentials(cert_path: Path, key_path: Path, bundle_path: Path, service
         x509.load_pem_x509_certificates(bundle)
     except ValueError as exc:
         raise CredentialFileError(f"{cert_path} or {bundle_path}: not PEM certificates ({exc})") from None
-    uris = _uris(leaf)
+    uris = uri_names(leaf)
     if len(uris) != 1:
         raise CredentialFileError(f"{cert_path}: the certificate has {len(uris)} URI SANs, not one SPIFFE ID")
     trust_domain = uris[0][len(SCHEME) :].partition("/")[0] if uris[0].startswith(SCHEME) else ""
@@ -58,14 +59,6 @@ def load_credentials(cert_path: Path, key_path: Path, bundle_path: Path, service
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise CredentialFileError(f"{key_path}: not the key of {cert_path}, or not a key ({exc})") from None
     return credentials
-
-
-def _uris(certificate: x509.Certificate) -> list[str]:
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(names.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def _read(path: Path, *, private: bool = False) -> bytes:

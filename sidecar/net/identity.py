@@ -38,6 +38,7 @@ from meshlet.private_files import PrivateFileError, read_private, write_new, wri
 
 from ..core import renewal
 from ..core.credentials import CredentialHolder, Credentials
+from .certificates import uri_names
 
 log = logging.getLogger("meshlet.identity")
 
@@ -370,11 +371,7 @@ def _issuer_fingerprint(credentials: Credentials) -> str:
 
 def _spiffe_identity(leaf: x509.Certificate) -> tuple[str, str]:
     """(trust domain, service) of the leaf's one URI SAN."""
-    try:
-        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise IdentityError("the certificate has no subjectAltName") from None
-    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    uris = uri_names(leaf)  # none without a subjectAltName
     if len(uris) != 1:
         raise IdentityError(f"the certificate has {len(uris)} URI names, not one SPIFFE ID")
     uri = uris[0]
