@@ -232,6 +232,8 @@ class TLSConnection(Connection):
                 except ssl.SSLError as exc:
                     self._send_nowait(b"")  # the alert, if any
                     raise TLSError(_tls_why(exc, self.closed)) from None
+            # _receive_encrypted, inlined: this runs for every request, and awaiting it would
+            # make a coroutine each time (send_all inlines its send for the same reason).
             try:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
