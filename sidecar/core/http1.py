@@ -66,6 +66,11 @@ CHUNKED_END = b"0\r\n\r\n"
 
 @dataclass(slots=True)
 class RequestHead:
+    """A request's head, whatever the version it came in: an HTTP/2 stream's is made with
+    ``http_version="2"``, ``target`` from ``:path``, ``host`` from ``:authority``, no
+    pseudo-header in ``headers``, and ``chunked`` meaning "a body of unknown length" (it
+    ends with the stream), so that every layer reads one shape."""
+
     method: bytes
     target: bytes
     # (name, value) in arrival order; names keep their case, compare lower-cased.

@@ -105,6 +105,7 @@ class Response:
         "on_finish",
         "raw",
         "body_bytes",
+        "trailers",
     )
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -121,6 +122,9 @@ class Response:
         self.on_finish: Callable[[bool], None] | None = None
         self.raw: bytes | None = None  # a whole pre-serialized response (mesh errors)
         self.body_bytes = 0  # body bytes sent to the caller, set by the downstream loop before finish
+        # Trailer fields (HTTP/2, gRPC's grpc-status): set by the upstream side once the body
+        # has ended, read by the downstream side after the body's last piece; None: none came.
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
     def finish(self, complete: bool) -> None:
         callback, self.on_finish = self.on_finish, None
