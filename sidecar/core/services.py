@@ -25,6 +25,10 @@ class Endpoint:
     # Registered by a sidecar (the control plane says so): dialled with mTLS unless the
     # destination's mode is off. Static and Service-document endpoints are plain.
     mtls: bool = field(default=False, compare=False)
+    # What the app behind this endpoint speaks: "http1", "http2", "grpc" or "tcp" where
+    # declared (the sidecar's --app-protocol, a Service document, a static file); "": not
+    # declared, so an HTTP request goes on in the version it came in.
+    protocol: str = field(default="", compare=False)
     # Endpoints key the pools, balancers and outlier state: hashed several times a
     # request, so the hash is computed once (the generated one hashes a new tuple each time).
     _hash: int = field(default=0, init=False, repr=False, compare=False)
