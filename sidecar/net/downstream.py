@@ -1,5 +1,10 @@
 """Downstream side: the HTTP/1.1 server loop of one client connection.
 
+A connection whose first bytes are the HTTP/2 client preface (h2c with prior knowledge) is
+handed to sidecar/net/http2.py instead: the preface is checked on the first read (and the
+next, while it is cut short), never on a later request; HTTP/1.1 connections pay nothing
+more. ``h2`` is imported with the first HTTP/2 connection.
+
 One request at a time, in order (pipelined requests wait parsed in the reader's queue).
 For each request the loop calls the handler, then writes the response it returns,
 pulling the body piece by piece; a small response goes out in one ``send_all``.
@@ -28,6 +33,7 @@ from ..core.http1 import (
     chunk,
     serialize_response_head,
 )
+from ..core.http2 import PREFACE, Http2Counters
 from ..layers.base import WOULD_BLOCK, BodyPiece, Handler, Request, Response, Tunnel
 from .upstream import UpstreamBodyError
 
@@ -72,11 +78,12 @@ class _Connection:
         "in_head",
         "idle",
         "fresh",
+        "sniff",
         "timeouts",
         "__weakref__",
     )
 
-    def __init__(self, io: Connection, timeouts: Timeouts, source: str = "unknown") -> None:
+    def __init__(self, io: Connection, timeouts: Timeouts, source: str = "unknown", sniff: bool = True) -> None:
         self.io = io
         self.reader = RequestReader()
         self.peer_ip = io.peer.encode()
@@ -86,6 +93,7 @@ class _Connection:
         self.in_head = False
         self.idle = False  # waiting for the next request, nothing of it read yet
         self.fresh = True  # its first request head is not complete yet
+        self.sniff = sniff  # look for the HTTP/2 preface in the first bytes
 
     def expire(self) -> None:
         phase = "request-head" if self.in_head else "first-byte" if self.fresh else "idle"
@@ -109,11 +117,15 @@ class _Connection:
         self.reader.feed(data)
 
 
+class Http2Preface(Exception):
+    """The connection's first bytes are the HTTP/2 client preface: ``args[0]``, all read so far."""
+
+
 class Timeouts:
     """The connections' timeouts, and whether the listener is draining (shared by all of
     its connections: see :meth:`drain`); with what they counted, for /metrics."""
 
-    __slots__ = ("idle", "header", "deadlines", "draining", "expired", "rejected")
+    __slots__ = ("idle", "header", "deadlines", "draining", "expired", "rejected", "http2")
 
     def __init__(self, deadlines: Deadlines, idle: float = IDLE_TIMEOUT, header: float = HEADER_TIMEOUT) -> None:
         self.deadlines = deadlines
@@ -126,6 +138,7 @@ class Timeouts:
         # Requests answered here, before the request path (which counts every other one),
         # by the status sent: one per answer the loop can make (errors.REJECTIONS).
         self.rejected = {str(status): 0 for status in sorted(errors.REJECTIONS)}
+        self.http2 = Http2Counters()  # its HTTP/2 connections (sidecar/net/http2.py)
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
@@ -134,6 +147,8 @@ class Timeouts:
         idle = [c for c in self.deadlines.watched if type(c) is _Connection and c.idle]
         for conn in idle:
             conn.io.close()
+        for http2 in list(self.http2.open):
+            http2.drain()  # GOAWAY; each closes when its streams are done
         return len(idle)
 
 
@@ -186,17 +201,25 @@ class _RequestBody:
         raise ProtocolError(400, f"unexpected {type(event).__name__} in a request body")
 
 
-async def serve_connection(io: Connection, handler: Handler, timeouts: Timeouts, source: str = "unknown") -> None:
+async def serve_connection(
+    io: Connection, handler: Handler, timeouts: Timeouts, source: str = "unknown", *, detect: bool = True
+) -> None:
     """Serve one client connection until it closes; never raises for client faults.
     ``source``: the calling service its certificate proved, or ``unauthenticated``
-    (sidecar/net/inbound.py); each request's ``source``, whatever its headers claim."""
-    conn = _Connection(io, timeouts, source)
+    (sidecar/net/inbound.py); each request's ``source``, whatever its headers claim.
+    ``detect``: serve it as HTTP/2 if it starts with the client preface (h2c)."""
+    conn = _Connection(io, timeouts, source, detect)
     deadlines = timeouts.deadlines
     deadlines.watch(conn)
     try:
         await _serve(conn, handler)
+    except Http2Preface as preface:
+        deadlines.forget(conn)
+        from .http2 import serve_http2  # here: a sidecar that never sees HTTP/2 never loads h2
+
+        await serve_http2(io, handler, timeouts, source, preface.args[0])
     except Exception as exc:  # noqa: BLE001 - one connection's failure must never stop the listener
-        if not _client_fault(exc):
+        if not client_fault(exc):
             log.exception("connection from %s failed", io.peer)
     finally:
         deadlines.forget(conn)
@@ -206,10 +229,10 @@ async def serve_connection(io: Connection, handler: Handler, timeouts: Timeouts,
 _CLIENT_FAULTS = (ClientGone, Closed, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
-def _client_fault(exc: BaseException) -> bool:
+def client_fault(exc: BaseException) -> bool:
     """The client went away or stalled (possibly inside a nursery's exception group)."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_client_fault(inner) for inner in exc.exceptions)
+        return all(client_fault(inner) for inner in exc.exceptions)
     return isinstance(exc, _CLIENT_FAULTS)
 
 
@@ -220,11 +243,15 @@ async def _next_head(conn: _Connection) -> object:
     if not events:
         if conn.timeouts.draining:
             raise ClientGone("draining")  # no next request on this connection
-        if not conn.fresh:  # a new connection keeps the header deadline set at the accept
-            conn.touch()
         conn.idle = True
         try:
-            await conn.receive()
+            if not conn.fresh:  # a new connection keeps the header deadline set at the accept
+                conn.touch()
+                await conn.receive()
+            elif conn.sniff:
+                await _first_receive(conn)
+            else:
+                await conn.receive()
         finally:
             conn.idle = False
         if not events:  # a head has started but is not complete: the slowloris clock runs
@@ -238,6 +265,27 @@ async def _next_head(conn: _Connection) -> object:
             conn.fresh = False
             conn.touch()
     return events.popleft()
+
+
+async def _first_receive(conn: _Connection) -> None:
+    """A new connection's first bytes: Http2Preface if they are the HTTP/2 client preface
+    (read on while they are a piece of it), else fed to the HTTP/1.1 reader."""
+    conn.sniff = False
+    io = conn.io
+    try:
+        data = await io.recv()
+        while data and len(data) < len(PREFACE) and PREFACE.startswith(data):
+            more = await io.recv()
+            if not more:
+                break
+            data += more
+    except Closed as exc:
+        raise ClientGone(str(exc)) from None
+    if not data:
+        raise ClientGone("closed by the client")
+    if data.startswith(PREFACE):
+        raise Http2Preface(data)
+    conn.reader.feed(data)
 
 
 async def _serve(conn: _Connection, handler: Handler) -> None:

@@ -6,7 +6,8 @@ longer than the header timeout, and decides:
 
 * 0x16: a TLS handshake with the server context, a client certificate required and verified;
   the caller is the service its SPIFFE ID names, for every request on the connection;
-* anything else: plaintext, whose caller is ``unauthenticated`` (meshlet.identity), or, when
+  it speaks HTTP/2 if ALPN chose ``h2``, else HTTP/1.1;
+* anything else: plaintext (HTTP/2 if it starts with the client preface, else HTTP/1.1), whose caller is ``unauthenticated`` (meshlet.identity), or, when
   the service's mTLS mode is ``strict``, a connection closed at once (counted, logged once per
   burst from one peer).
 
@@ -67,12 +68,18 @@ class InboundGate:
         handler: Handler,
         timeouts: Timeouts,
         on_plaintext_refused: Callable[[], None] = lambda: None,
+        *,
+        detect_http2: bool = True,
     ) -> None:
         self.tls = tls
         self.service = service
         self.handler = handler
         self.timeouts = timeouts
         self.on_plaintext_refused = on_plaintext_refused
+        # Look for the HTTP/2 preface on plaintext connections. False for an app whose protocol
+        # is declared tcp: its connections are not HTTP, and a server-first protocol must never
+        # wait on a sniff.
+        self.detect_http2 = detect_http2
         self._refusals = _Bursts()  # plaintext refused (strict)
         self._failures = _Bursts()  # TLS handshakes or identities refused
         self._no_credentials_logged = False
@@ -87,7 +94,7 @@ class InboundGate:
             elif self.tls.mode(self.service) == "strict":
                 self._refuse_plaintext(io)
             else:
-                await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED)
+                await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED, detect=self.detect_http2)
         finally:
             io.close()
 
@@ -140,7 +147,12 @@ class InboundGate:
             return
         tls.on_handshake("server", conn.session_reused)
         try:
-            await serve_connection(conn, self.handler, self.timeouts, caller)
+            if conn.tls_object.selected_alpn_protocol() == "h2":
+                from .http2 import serve_http2  # here: a sidecar that never sees HTTP/2 never loads h2
+
+                await serve_http2(conn, self.handler, self.timeouts, caller, b"")
+            else:
+                await serve_connection(conn, self.handler, self.timeouts, caller, detect=False)
         finally:
             conn.close()
 

@@ -33,6 +33,7 @@ log = logging.getLogger("meshlet.tls")
 
 MODES = ("off", "permissive", "strict")
 DEFAULT_MODE = "permissive"
+SERVER_ALPN = ["h2", "http/1.1"]  # what the inbound listener offers, in its order of preference
 MAX_SESSIONS = 4096  # peers whose session is kept for resumption; past it the oldest half goes
 # Where the key is written for the moment load_cert_chain reads it: memory, where there is one.
 _KEY_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -66,6 +67,8 @@ def build_context(credentials: Credentials, *, server_side: bool) -> ssl.SSLCont
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=credentials.bundle.decode("ascii"))
     _load_key_pair(context, credentials)
+    if server_side:
+        context.set_alpn_protocols(SERVER_ALPN)  # h2: served as HTTP/2 (sidecar/net/inbound.py)
     return context
 
 
