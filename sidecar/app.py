@@ -237,6 +237,7 @@ class Sidecar:
         telemetry.connection_stats = self.pools.stats
         telemetry.pool_overflow_stats = self.pools.overflow_stats
         telemetry.listener_stats = self.listeners.stats
+        telemetry.http2_stats = self.listeners.http2_stats
         telemetry.destination_stats = self.admin_views.destination_stats
         telemetry.status = self.admin_views.metrics_status
         if self.identity is not None:

@@ -49,6 +49,9 @@ CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
 LISTENER_LABELS = ("listener",)
 ListenerStats = tuple[str, int, int, int, dict[str, int], dict[str, int]]
+# (listener, HTTP/2 connections open, streams being handled, streams opened, {reason: connections
+# closed}, {reason: streams reset})
+Http2Stats = tuple[str, int, int, int, dict[str, int], dict[str, int]]
 
 
 class Telemetry:
@@ -92,6 +95,8 @@ class Telemetry:
         # closed at once at the limit, {timeout phase: connections it closed}, {status code:
         # requests the listener answered itself}).
         self.listener_stats: Callable[[], Iterable[ListenerStats]] = lambda: ()
+        # Called at scrape time: yields each listener kind's HTTP/2 figures (Http2Stats).
+        self.http2_stats: Callable[[], Iterable[Http2Stats]] = lambda: ()
         # Called at scrape time: (the config version applied, control plane connected: 1/0, or
         # None without a control plane).
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
@@ -221,6 +226,7 @@ class Telemetry:
         """Plain, msgpack-able values: what a worker sends its supervisor."""
         stats = list(self.destination_stats())
         listeners = list(self.listener_stats())
+        http2 = list(self.http2_stats())
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "durations": [[*k, v] for k, v in self.durations.items()],
@@ -256,6 +262,11 @@ class Telemetry:
             "downstream_requests_rejected": [
                 [name, code, n] for name, *_, rejected in listeners for code, n in rejected.items()
             ],
+            "http2_open": [[name, n] for name, n, *_ in http2],
+            "http2_streams": [[name, n] for name, _, n, *_ in http2],
+            "http2_streams_opened": [[name, n] for name, _, _, n, *_ in http2],
+            "http2_closed": [[name, why, n] for name, _, _, _, closed, _ in http2 for why, n in closed.items()],
+            "http2_resets": [[name, why, n] for name, *_, resets in http2 for why, n in resets.items()],
         }
 
 
@@ -291,6 +302,11 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "downstream_rejected": {},
         "downstream_timeouts": {},
         "downstream_requests_rejected": {},
+        "http2_open": {},
+        "http2_streams": {},
+        "http2_streams_opened": {},
+        "http2_closed": {},
+        "http2_resets": {},
     }
     info: dict[str, Any] = {}
     for snap in snapshots:
@@ -319,6 +335,11 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "downstream_rejected",
             "downstream_timeouts",
             "downstream_requests_rejected",
+            "http2_open",
+            "http2_streams",
+            "http2_streams_opened",
+            "http2_closed",
+            "http2_resets",
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -556,6 +577,7 @@ class _Collector:
             ("listener", "code"),
             merged["downstream_requests_rejected"],
         )
+        yield from _http2_families(merged)
         if info.get("version"):
             yield _family(
                 GaugeMetricFamily,
@@ -580,6 +602,48 @@ class _Collector:
                 (),
                 {(): info["connected"]},
             )
+
+
+def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any]:
+    yield _family(
+        GaugeMetricFamily,
+        "meshlet_http2_connections",
+        "HTTP/2 client connections open, per listener (also counted in meshlet_downstream_connections).",
+        LISTENER_LABELS,
+        merged["http2_open"],
+    )
+    yield _family(
+        GaugeMetricFamily,
+        "meshlet_http2_streams",
+        "HTTP/2 streams being handled, per listener.",
+        LISTENER_LABELS,
+        merged["http2_streams"],
+    )
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_http2_streams_opened",
+        "HTTP/2 streams taken onto the request path, per listener.",
+        LISTENER_LABELS,
+        merged["http2_streams_opened"],
+    )
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_http2_connections_closed",
+        "HTTP/2 client connections closed for what the client did: protocol-error, header-too-large (a "
+        "header block past 64 KiB: a CONTINUATION flood), rapid-reset, control-flood (SETTINGS, PING...), "
+        "output-unread (answers the client made us queue and did not read).",
+        ("listener", "reason"),
+        merged["http2_closed"],
+    )
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_http2_streams_reset",
+        "HTTP/2 streams reset: refused (past the concurrent streams limit), client (reset by the client "
+        "before its answer), timeout (no body moved for the idle timeout), response-cut (the upstream's "
+        "body broke off).",
+        ("listener", "reason"),
+        merged["http2_resets"],
+    )
 
 
 def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:

@@ -56,6 +56,7 @@ CLOSE_REASONS = (
 RESET_REASONS = (
     "refused",  # past MAX_CONCURRENT_STREAMS (REFUSED_STREAM)
     "client",  # the client reset it before its answer ended
+    "malformed",  # its body's length is not its Content-Length (PROTOCOL_ERROR)
     "timeout",  # its body did not move for the idle timeout (CANCEL)
     "response-cut",  # the upstream's body broke off (INTERNAL_ERROR)
 )

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import h2.events as ev
 import h2.exceptions
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import AllowedStreamIDs, H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream
 from hyperframe.frame import GoAwayFrame
 
 from . import http2
@@ -77,6 +78,20 @@ class ConnectionFault(Exception):
         self.reason = reason
 
 
+class _H2Connection(H2Connection):
+    """h2's connection, but a body's length against its Content-Length is checked by
+    ServerConnection: h2 makes a mismatch a connection error, RFC 9113 §8.1.1 the stream's."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _unchecked  # type: ignore[method-assign]
+        return stream
+
+
+def _unchecked(headers: object) -> None:
+    """No expected length for h2 to check (ServerConnection.lengths does)."""
+
+
 def _settings(max_streams: int) -> Settings:
     return Settings(
         client=False,
@@ -102,7 +117,7 @@ class ServerConnection:
             normalize_inbound_headers=True,
             validate_outbound_headers=True,
         )
-        self.h2 = conn = H2Connection(config)
+        self.h2 = conn = _H2Connection(config)
         conn.local_settings = _settings(http2.MAX_CONCURRENT_STREAMS)
         conn.initiate_connection()  # our SETTINGS, as advertised
         conn.increment_flow_control_window(http2.CONNECTION_WINDOW - DEFAULT_WINDOW)
@@ -114,6 +129,9 @@ class ServerConnection:
         self.resets = http2.Budget(http2.RESET_BUDGET)
         self.control = http2.Budget(http2.CONTROL_BUDGET)
         self.last_stream = 0  # the highest stream id taken
+        # Streams with a Content-Length: [declared, received so far]. Checked here, not by h2,
+        # which makes a mismatch a connection error; RFC 9113 §8.1.1 makes it the stream's.
+        self.lengths: dict[int, list[int]] = {}
         self.going_away = False  # GOAWAY sent: no new stream is taken
 
     # receiving -----------------------------------------------------------------------
@@ -139,6 +157,8 @@ class ServerConnection:
                 assert isinstance(event, ev.DataReceived)
                 if event.data or event.stream_ended is not None:
                     out.append(BodyReceived(event.stream_id, event.data, event.flow_controlled_length))
+                    if event.stream_id in self.lengths:
+                        self._count_length(event.stream_id, len(event.data), event.stream_ended is not None, out)
                 else:
                     self._control(now)  # an empty DATA frame: no work for us but the frame's
             elif kind is ev.RequestReceived:
@@ -147,7 +167,9 @@ class ServerConnection:
                 if opened is not None:
                     out.append(opened)
             elif kind is ev.StreamEnded:
-                out.append(BodyEnded(event.stream_id))  # type: ignore[attr-defined]
+                if event.stream_id in self.active:  # type: ignore[attr-defined]
+                    out.append(BodyEnded(event.stream_id))  # type: ignore[attr-defined]
+                self.lengths.pop(event.stream_id, None)  # type: ignore[attr-defined]
             elif kind is ev.StreamReset:
                 assert isinstance(event, ev.StreamReset)
                 if event.stream_id in self.active:
@@ -186,7 +208,18 @@ class ServerConnection:
             head = error
         self.active.add(stream_id)
         self.last_stream = stream_id
+        if not isinstance(head, ProtocolError) and head.content_length is not None:
+            self.lengths[stream_id] = [head.content_length, 0]
         return StreamOpened(stream_id, head, end_stream)
+
+    def _count_length(self, stream_id: int, size: int, ended: bool, out: list[object]) -> None:
+        length = self.lengths[stream_id]
+        length[1] += size
+        if length[1] > length[0] or ended and length[1] != length[0]:
+            del self.lengths[stream_id]
+            self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self.counters.resets["malformed"] += 1
+            out.append(StreamCancelled(stream_id))
 
     def _control(self, now: float) -> None:
         if not self.control.spend(now):
@@ -209,6 +242,7 @@ class ServerConnection:
     def finished(self, stream_id: int) -> None:
         """The stream's exchange is over (its response sent, or given up)."""
         self.active.discard(stream_id)
+        self.lengths.pop(stream_id, None)
 
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
         """Request body handed on: the client may send that much more."""

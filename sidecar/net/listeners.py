@@ -24,7 +24,7 @@ from meshlet.io import (
 )
 
 from ..layers.base import Handler
-from ..telemetry import ListenerStats
+from ..telemetry import Http2Stats, ListenerStats
 from .downstream import Timeouts, serve_connection
 
 log = logging.getLogger("meshlet.sidecar")
@@ -123,3 +123,11 @@ class Listeners:
             (kind, limit.open, limit.limit, limit.rejected, timeouts[kind].expired, timeouts[kind].rejected)
             for kind, limit in self.limits.items()
         ]
+
+    def http2_stats(self) -> list[Http2Stats]:
+        """For /metrics: per listener kind, its HTTP/2 connections and streams."""
+        rows = []
+        for kind, timeouts in self.timeouts.items():
+            h2 = timeouts.http2
+            rows.append((kind, h2.connections, h2.streams, h2.served, h2.closed, h2.resets))
+        return rows
