@@ -194,7 +194,7 @@ class ServerConnection:
     def _open(self, event: ev.RequestReceived, now: float) -> StreamOpened | None:
         stream_id = event.stream_id
         if self.going_away or len(self.active) >= http2.MAX_CONCURRENT_STREAMS:
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)  # (unless the client reset it already)
             self.counters.resets["refused"] += 1
             if not self.resets.spend(now):
                 self._fail(ErrorCodes.ENHANCE_YOUR_CALM)
