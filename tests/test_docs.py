@@ -89,7 +89,7 @@ def test_every_metric_the_docs_name_is_exported(sidecar_metrics: set[str], contr
     unknown = []
     for page in pages:
         for number, line in enumerate(page.read_text().splitlines(), 1):
-            for name in re.findall(r"\bmeshlet_[a-z_]*[a-z]", line):
+            for name in re.findall(r"\bmeshlet_[a-z0-9_]*[a-z0-9]", line):
                 if re.sub(r"_(total|bucket|sum|count)$", "", name) not in families:
                     unknown.append(f"{page.relative_to(ROOT)}:{number}: {name}")
     assert unknown == []

@@ -1,4 +1,4 @@
-"""A sidecar does not load pydantic at start: the policy schema (meshlet.policy) is imported
+"""A sidecar does not load pydantic (nor h2) at start: the policy schema (meshlet.policy) is imported
 when the first policy is pushed (sidecar/core/policies.py), so a sidecar that never receives
 one never pays for it. The import contracts (pyproject.toml) say so about the code; this
 test checks a running process, from the imports Python itself reports (-X importtime)."""
@@ -14,6 +14,8 @@ import pytest
 from ..helpers import sidecar_process, write_static
 
 SCHEMA = ("pydantic", "pydantic_core", "meshlet.policy")
+# Imported with the first HTTP/2 connection only (sidecar/net/downstream.py, inbound.py).
+HTTP2 = ("h2", "hpack", "hyperframe")
 
 
 def imported(log: str) -> set[str]:
@@ -51,3 +53,5 @@ def test_a_sidecar_with_a_static_configuration_never_imports_the_policy_schema(
     assert "sidecar.app" in modules, "no -X importtime report: the check would see nothing"
     loaded = sorted(m for m in modules if any(m == name or m.startswith(f"{name}.") for name in SCHEMA))
     assert not loaded, f"the sidecar imported the policy schema at start: {loaded}"
+    http2 = sorted(m for m in modules if m.split(".")[0] in HTTP2)
+    assert not http2, f"the sidecar imported HTTP/2 before any HTTP/2 connection: {http2}"
