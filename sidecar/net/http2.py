@@ -59,7 +59,7 @@ class _StreamGone(Exception):
 class _Stream:
     """A stream being handled; its deadline is the idle timeout from its body's last move."""
 
-    __slots__ = ("conn", "stream_id", "body", "scope", "deadline", "window", "__weakref__")
+    __slots__ = ("conn", "stream_id", "body", "scope", "deadline", "window", "ended", "__weakref__")
 
     def __init__(self, conn: _Http2Connection, stream_id: int) -> None:
         self.conn = conn
@@ -68,6 +68,7 @@ class _Stream:
         self.scope = trio.CancelScope()
         self.deadline = conn.timeouts.deadlines.now + conn.timeouts.idle
         self.window: trio.Event | None = None  # set when the peer opens its window
+        self.ended = False  # the client's END_STREAM came
 
     def touch(self) -> None:
         timeouts = self.conn.timeouts
@@ -290,8 +291,10 @@ class _Http2Connection:
                 self._open(event)
             elif kind is BodyEnded:
                 stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None and stream.body is not None:
-                    stream.body.end()
+                if stream is not None:
+                    stream.ended = True
+                    if stream.body is not None:
+                        stream.body.end()
             elif kind is WindowOpened:
                 stream_id = event.stream_id  # type: ignore[attr-defined]
                 if stream_id == 0:
@@ -317,6 +320,7 @@ class _Http2Connection:
         assert self.nursery is not None
         head = event.head
         if isinstance(head, ProtocolError):
+            stream.ended = event.end_stream
             self.nursery.start_soon(self._run, stream, None, head)
             return
         if not event.end_stream:
@@ -331,6 +335,8 @@ class _Http2Connection:
                 if request is None:
                     assert error is not None
                     await self._reject(stream, error)
+                    if not stream.ended:  # its body is not wanted
+                        self.protocol.reset(stream.stream_id, ErrorCodes.NO_ERROR)
                 elif request.body is None:
                     await self._respond(stream, request, await self.handler(request))
                 else:
