@@ -245,7 +245,7 @@ class _Http2Connection:
         if data:
             outbox = self.outbox
             outbox += data
-            if len(outbox) > MAX_OUTPUT:
+            if len(outbox) > MAX_OUTPUT and not self.io.closed:
                 self.counters.closed["output-unread"] += 1
                 _log_fault("output-unread", self.io.peer, f"{len(outbox)} bytes of output not read")
                 self.io.close()
