@@ -178,3 +178,32 @@ async def test_rapid_reset_on_the_real_listener_closes_that_connection_only(tmp_
         assert parse(got.stdout)[0].startswith("HTTP/2 200")  # another client is served
         text = await metrics(user)
         assert sample(text, "meshlet_http2_connections_closed_total", listener="outbound", reason="rapid-reset") == 1
+
+
+async def test_a_client_reset_drops_the_upstream_exchange(tmp_path: Path, origin: Origin) -> None:
+    from hpack import Encoder
+
+    async with run_sidecar(tmp_path, service="user", app="127.0.0.1:1", static=static_for(tmp_path, origin)) as user:
+        got = await curl("-i", *h2c(user.outbound, "/hello"))
+        assert parse(got.stdout)[0].startswith("HTTP/2 200")
+        assert sample(await metrics(user), "meshlet_upstream_connections", state="idle") == 1  # pooled
+        frame = HeadersFrame(1)
+        frame.data = Encoder().encode(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/delay/30"), (b":authority", b"item")]
+        )
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        reset = RstStreamFrame(1)
+        reset.error_code = 8  # CANCEL
+        stream = await trio.open_tcp_stream("127.0.0.1", user.ports["outbound"])
+        async with stream:
+            await stream.send_all(http2.PREFACE + SettingsFrame(0).serialize() + frame.serialize())
+            with trio.fail_after(10):
+                while sample(await metrics(user), "meshlet_inflight_requests", direction="outbound") != 1:  # noqa: ASYNC110 - polled over HTTP
+                    await trio.sleep(0.05)
+            await stream.send_all(reset.serialize())
+            with trio.fail_after(10):
+                while sample(text := await metrics(user), "meshlet_inflight_requests", direction="outbound"):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        assert sample(text, "meshlet_http2_streams_reset_total", listener="outbound", reason="client") == 1
+        assert sample(text, "meshlet_upstream_connections") == 0  # the exchange's connection was closed, not pooled
