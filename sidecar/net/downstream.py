@@ -142,7 +142,8 @@ class Timeouts:
 
     def drain(self) -> int:
         """Shutting down: every response from now on closes its connection, and connections
-        waiting idle for a next request are closed now; how many were closed."""
+        waiting idle for a next request are closed now; how many were closed. HTTP/2
+        connections get GOAWAY and close when their open streams are done."""
         self.draining = True
         idle = [c for c in self.deadlines.watched if type(c) is _Connection and c.idle]
         for conn in idle:
