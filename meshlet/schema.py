@@ -195,7 +195,8 @@ class Mtls(_Model):
 class Service(_Model):
     """Static endpoints for a service without a sidecar (a database, a third-party API),
     and per-service defaults; ``mtls`` overrides MeshConfig's mode for this service's
-    sidecars (their inbound listeners, and the calls made to them)."""
+    sidecars (their inbound listeners, and the calls made to them); ``protocol`` declares
+    what its port speaks (wins over what its instances report; unset: detected)."""
 
     kind: Literal["Service"]
     name: ServiceName
@@ -203,6 +204,7 @@ class Service(_Model):
     connect_timeout: Duration | None = None
     timeout: Duration | None = None
     mtls: Mtls | None = None
+    protocol: Literal["http1", "http2", "grpc", "tcp"] | None = None  # meshlet/endpoints.py PROTOCOLS
 
 
 # --- Route ---------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class SidecarOptions:
     control_plane_ca: bytes | None = None  # --control-plane-ca: roots to verify the control plane with at first
     # --tls-cert, --tls-key, --trust-bundle: static mTLS credentials (checked by the CLI)
     tls_files: tuple[Path, Path, Path] | None = None
+    # --app-protocol: what the app speaks (http1, http2, grpc, tcp); "": its Service document's, else detected
+    app_protocol: str = ""
 
 
 def build_outbound(
@@ -213,7 +215,7 @@ class Sidecar:
                 self.destinations,
                 explanations=self.explanations,
             ),
-            inbound=build_inbound(Endpoint(*options.app), self.forwarder, telemetry, service),
+            inbound=build_inbound(self.app_endpoint(self.snapshot), self.forwarder, telemetry, service),
             upstreams={},
             routes={},
         )
@@ -295,13 +297,18 @@ class Sidecar:
 
         self.stacks = stacks = Stacks(
             outbound=outbound(None),
-            inbound=build_inbound(Endpoint(*self.options.app), forwarder, telemetry, service, snapshot, tracer),
+            inbound=build_inbound(self.app_endpoint(snapshot), forwarder, telemetry, service, snapshot, tracer),
             upstreams={name: outbound(name) for name in self.options.upstreams},
             routes=routes,
         )
         if self.options.transparent:
             self.interceptor.use(stacks.outbound, AddressMap.of(snapshot.services), snapshot.outbound_traffic_policy)
         self.snapshot = snapshot
+
+    def app_endpoint(self, snapshot: MeshSnapshot) -> Endpoint:
+        """The local app, with its protocol: --app-protocol, else its Service document's."""
+        protocol = self.options.app_protocol or snapshot.protocols.get(self.options.service, "")
+        return Endpoint(*self.options.app, protocol=protocol)
 
     def _tracer(self, snapshot: MeshSnapshot) -> Tracer:
         settings = snapshot.tracing
@@ -373,7 +380,13 @@ class Sidecar:
         return ControlPlaneClient(
             opts.control_plane,
             InstanceInfo(
-                opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels), app_port=app_port
+                opts.service,
+                instance_id,
+                address,
+                f"{admin_host}:{admin_port}",
+                dict(opts.labels),
+                app_port=app_port,
+                protocol=opts.app_protocol,
             ),
             self.apply,
             static=lambda: self.static_services,

@@ -152,6 +152,11 @@ def test_an_empty_document_is_left_out() -> None:
             id="bad-duration",
         ),
         pytest.param(
+            "kind: Service\nname: billing\nprotocol: udp\n",
+            "p.yaml:3: protocol: 'udp' is not allowed (allowed: http1, http2, grpc, tcp)",
+            id="bad-protocol",
+        ),
+        pytest.param(
             "kind: Service\nname: Billing\n",
             "p.yaml:2: name: 'Billing' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
             id="bad-service-name",
