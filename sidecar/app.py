@@ -18,14 +18,15 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from meshlet.io import Deadlines
+from meshlet.io import Connection, Deadlines
+from meshlet.names import is_service_name
 
 from .core.config import MeshSnapshot, empty_snapshot, load_static
 from .core.credentials import CredentialHolder
@@ -46,11 +47,12 @@ from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.control_tls import ControlPlaneTLS
-from .net.downstream import HEADER_TIMEOUT
+from .net.downstream import HEADER_TIMEOUT, serve_connection
 from .net.exporter import Collector, SpanExporter, collector_trust
 from .net.identity import SidecarIdentity
 from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
+from .net.tcp_proxy import TcpProxy
 from .net.tls import MeshTLS
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, OwnConnections, UpstreamPools
@@ -159,6 +161,7 @@ class Stacks:
     inbound: Handler
     upstreams: Mapping[str, Handler]  # by --upstream name
     routes: Mapping[str | None, Filter]  # by listener (None: outbound, else --upstream name) → router
+    app: Endpoint  # the local app, with its protocol
 
 
 class Sidecar:
@@ -191,6 +194,7 @@ class Sidecar:
             local_zone=options.labels.get("zone"),  # endpoints in our zone first
         )
         self.explanations = Explanations()
+        self.tcp = TcpProxy(service, self.destinations, self.deadlines, telemetry.tcp, self.tls)
         self.exporter = SpanExporter(
             self._span_collector,
             verify=collector_trust(options.api_ca),
@@ -218,10 +222,12 @@ class Sidecar:
             inbound=build_inbound(self.app_endpoint(self.snapshot), self.forwarder, telemetry, service),
             upstreams={},
             routes={},
+            app=self.app_endpoint(self.snapshot),
         )
         self.interceptor = Interceptor(
             self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted, own
         )
+        self.interceptor.opaque = self.tcp
         self.admin_views = AdminViews(
             service=service,
             app=options.app,
@@ -295,20 +301,54 @@ class Sidecar:
                 tracer,
             )
 
+        app = self.app_endpoint(snapshot)
         self.stacks = stacks = Stacks(
             outbound=outbound(None),
-            inbound=build_inbound(self.app_endpoint(snapshot), forwarder, telemetry, service, snapshot, tracer),
+            inbound=build_inbound(app, forwarder, telemetry, service, snapshot, tracer),
             upstreams={name: outbound(name) for name in self.options.upstreams},
             routes=routes,
+            app=app,
         )
         if self.options.transparent:
             self.interceptor.use(stacks.outbound, AddressMap.of(snapshot.services), snapshot.outbound_traffic_policy)
+        self.tcp.use(snapshot.services, snapshot.access.get(service))
+        if self.control is not None and self.control.health is not None:
+            self.control.health.url = self._health_url(app)  # a Service document may declare tcp
         self.snapshot = snapshot
 
     def app_endpoint(self, snapshot: MeshSnapshot) -> Endpoint:
         """The local app, with its protocol: --app-protocol, else its Service document's."""
         protocol = self.options.app_protocol or snapshot.protocols.get(self.options.service, "")
         return Endpoint(*self.options.app, protocol=protocol)
+
+    def _health_url(self, app: Endpoint) -> str:
+        """How the app's health is probed: a connection accepted (tcp), else --health-path over HTTP."""
+        if app.protocol == "tcp":
+            return f"tcp://{app.address}"
+        return f"http://{app.address}{self.options.health_path}"
+
+    def _opaque_inbound(self) -> Callable[[Connection, str], Awaitable[None]] | None:
+        """How the inbound listener splices a caller to the app when it speaks tcp; None: HTTP."""
+        app = self.stacks.app
+        if app.protocol != "tcp":
+            return None
+        return partial(self.tcp.inbound, app=app)
+
+    def _upstream_gate(self, name: str, handler: Handler) -> Callable[[Connection], Awaitable[None]]:
+        """An --upstream listener's connections: spliced when its service is tcp (per the
+        current snapshot, decided at the accept: no sniffing), else served as HTTP."""
+        timeouts = self.listeners.timeouts["outbound"]
+
+        async def accept(io: Connection) -> None:
+            if self.tcp.is_tcp(name):
+                try:
+                    await self.tcp.outbound(io, name)
+                finally:
+                    io.close()
+            else:
+                await serve_connection(io, handler, timeouts)
+
+        return accept
 
     def _tracer(self, snapshot: MeshSnapshot) -> Tracer:
         settings = snapshot.tracing
@@ -390,7 +430,7 @@ class Sidecar:
             ),
             self.apply,
             static=lambda: self.static_services,
-            app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
+            app_health_url=self._health_url(self.stacks.app),
             state_file=state_file,
             watch_all=opts.transparent,
             identity=self.identity,
@@ -425,7 +465,12 @@ class Sidecar:
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         listeners = self.listeners
         inbound_gate = InboundGate(
-            self.tls, opts.service, self._inbound, listeners.timeouts["inbound"], self.telemetry.refused_plaintext
+            self.tls,
+            opts.service,
+            self._inbound,
+            listeners.timeouts["inbound"],
+            self.telemetry.refused_plaintext,
+            self._opaque_inbound,
         )
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
         async with trio.open_nursery() as nursery:
@@ -445,6 +490,8 @@ class Sidecar:
                         if name == "outbound" and opts.transparent
                         else inbound_gate
                         if name == "inbound"
+                        else self._upstream_gate(name[len("upstream:") :], handler)
+                        if name.startswith("upstream:")
                         else None,
                         listen_after=self.configured if name == "inbound" else None,
                         limit=listeners.limits[kind],
@@ -464,6 +511,9 @@ class Sidecar:
                 self.control = self._control_plane_client()
                 if not self.control.load_persisted():
                     self._build(self.snapshot)  # the same stacks, now able to look services up
+                # An --upstream listener's service is watched from the start: a tcp one must be
+                # known before the app's first connection (decided at the accept, no lookup).
+                self.control.config.discovered.watched.update(n for n in opts.upstreams if is_service_name(n))
                 nursery.start_soon(self.control.serve)
             self.mirror.spawn = nursery.start_soon
             nursery.start_soon(self.exporter.run)
@@ -512,10 +562,14 @@ class Sidecar:
         self.stop_accepting.set()
         self.listeners.timeouts["inbound"].drain()
         inflight = self.telemetry.inflight
+        tcp_open = self.telemetry.tcp.open  # inbound TCP connections get the same time to end
         with trio.move_on_after(self.options.drain_timeout) as waited:
-            while sum(inflight.values()) > 0:  # noqa: ASYNC110 - counted on the request path, not an event
+            while sum(inflight.values()) + tcp_open["inbound"] > 0:  # noqa: ASYNC110 - counted on the request path, not an event
                 await trio.sleep(0.05)
         if waited.cancelled_caught:
             log.warning(
-                "%d request(s) still in flight after %gs: cut", sum(inflight.values()), self.options.drain_timeout
+                "%d request(s) and %d TCP connection(s) still in flight after %gs: cut",
+                sum(inflight.values()),
+                tcp_open["inbound"],
+                self.options.drain_timeout,
             )

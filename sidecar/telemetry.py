@@ -23,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 
 from .core.cardinality import IdleSeries, MetricsSettings, SeriesLimits
+from .core.tcp import DURATION_BUCKETS as TCP_DURATION_BUCKETS
+from .core.tcp import TcpStats
 
 # 0.5 ms to 30 s: the sidecar's own overhead sits in the first buckets, timeouts in the last.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -48,6 +50,8 @@ ENDPOINT_LABELS = ("destination", "state")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
 LISTENER_LABELS = ("listener",)
+TCP_COUNTS = ("tcp_connections", "tcp_bytes", "tcp_open")  # TcpStats.snapshot's, summed over workers
+TCP_KINDS = (*TCP_COUNTS, "tcp_durations")
 ListenerStats = tuple[str, int, int, int, dict[str, int], dict[str, int]]
 
 
@@ -97,6 +101,7 @@ class Telemetry:
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
         # Seconds until this sidecar's certificate expires (negative: expired); None: it has none.
         self.certificate_expiry: Callable[[], float | None] = lambda: None
+        self.tcp = TcpStats()  # opaque TCP connections (sidecar/net/tcp_proxy.py)
 
     def configure(self, settings: MetricsSettings | None) -> None:
         """New bounds (a MeshConfig changed them): the request series start again under them."""
@@ -256,6 +261,7 @@ class Telemetry:
             "downstream_requests_rejected": [
                 [name, code, n] for name, *_, rejected in listeners for code, n in rejected.items()
             ],
+            **self.tcp.snapshot(),
         }
 
 
@@ -291,6 +297,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "downstream_rejected": {},
         "downstream_timeouts": {},
         "downstream_requests_rejected": {},
+        **{kind: {} for kind in TCP_KINDS},
     }
     info: dict[str, Any] = {}
     for snap in snapshots:
@@ -319,6 +326,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "downstream_rejected",
             "downstream_timeouts",
             "downstream_requests_rejected",
+            *TCP_COUNTS,
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -334,7 +342,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             # Workers keep a breaker each: show the most alarming (open, then half-open).
             key = (destination,)
             circuits[key] = max(circuits.get(key, 0), state, key=lambda v: (v == 1, v == 2))
-        for kind in HISTOGRAMS:
+        for kind in (*HISTOGRAMS, "tcp_durations"):
             histograms = merged[kind]
             for *labels, values in snap.get(kind, ()):
                 key = tuple(labels)
@@ -503,6 +511,7 @@ class _Collector:
             (),
             merged["plaintext_refused"],
         )
+        yield from _tcp_families(merged)
         yield _family(
             CounterMetricFamily,
             "meshlet_mirror_requests",
@@ -582,6 +591,40 @@ class _Collector:
             )
 
 
+def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any]:
+    """Opaque TCP connections (sidecar/core/tcp.py TcpStats)."""
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_tcp_connections",
+        "Opaque TCP connections that ended, by direction, source and destination service and outcome: ok, "
+        "reset, idle-timeout, connect-failed, circuit-open, no-endpoints, denied.",
+        ("direction", "source", "destination", "outcome"),
+        merged["tcp_connections"],
+    )
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_tcp_bytes",
+        "Bytes spliced on opaque TCP connections: received from the client (the app outbound, the caller "
+        "inbound) and sent to it.",
+        ("direction", "source", "destination", "way"),
+        merged["tcp_bytes"],
+    )
+    yield _histogram(
+        "meshlet_tcp_connection_duration_seconds",
+        "How long opaque TCP connections lasted, from the splice to their end.",
+        TCP_DURATION_BUCKETS,
+        merged["tcp_durations"],
+        ("direction", "source", "destination"),
+    )
+    yield _family(
+        GaugeMetricFamily,
+        "meshlet_tcp_connections_open",
+        "Opaque TCP connections open now (not meshlet_tcp_connections: the counter's family has that name).",
+        ("direction",),
+        merged["tcp_open"],
+    )
+
+
 def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
     """A counter or gauge family with one sample per label tuple."""
     family = kind(name, help, labels=labels)
@@ -590,8 +633,14 @@ def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: di
     return family
 
 
-def _histogram(name: str, help: str, bounds: tuple[float, ...], values: dict[tuple[str, ...], list[float]]) -> Any:
-    family = HistogramMetricFamily(name, help, labels=REQUEST_LABELS)
+def _histogram(
+    name: str,
+    help: str,
+    bounds: tuple[float, ...],
+    values: dict[tuple[str, ...], list[float]],
+    labels: tuple[str, ...] = REQUEST_LABELS,
+) -> Any:
+    family = HistogramMetricFamily(name, help, labels=labels)
     for labels, counts in values.items():
         cumulative, buckets = 0.0, []
         for bound, count in zip((*bounds, float("inf")), counts[:-1], strict=True):

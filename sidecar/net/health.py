@@ -1,7 +1,9 @@
 """The local app's health, probed over HTTP: what the sidecar tells the registry.
 
 An answer below 500 is healthy (a 404 from an app without a health route still means it
-is up); a 5xx, a refused connection or no answer in time is not.
+is up); a 5xx, a refused connection or no answer in time is not. An app that speaks
+opaque TCP (``tcp://HOST:PORT``) is healthy when it accepts a connection, as Kubernetes'
+``tcpSocket`` probe: nothing is sent to it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class AppHealth:
                 await trio.sleep(HEALTH_INTERVAL)
 
     async def _probe(self, client: httpx.AsyncClient) -> bool:
+        if self.url.startswith("tcp://"):
+            return await _accepts(self.url[len("tcp://") :])
         try:
             response = await client.get(self.url)
         except httpx.HTTPError:
@@ -49,6 +53,18 @@ class AppHealth:
     def stop(self) -> None:
         """No more probes (the sidecar is draining): the registry has heard the last."""
         self._stopped = True
+
+
+async def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with trio.move_on_after(HEALTH_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False
 
 
 __all__ = ["HEALTH_INTERVAL", "HEALTH_TIMEOUT", "AppHealth"]

@@ -12,13 +12,18 @@ longer than the header timeout, and decides:
 
 What a request's ``x-meshlet-source`` header claims is never used (sidecar/layers/inbound.py
 drops it): the identity is the connection's.
+
+When the app's protocol is ``tcp`` the connection, once its caller is known, is spliced to
+the app instead (sidecar/net/tcp_proxy.py). Callers through a sidecar open with a TLS
+ClientHello, so the peek never waits for them; in mode ``off`` there is nothing to tell
+apart and no peek at all, so a plaintext client of a server-first protocol is served at once.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import wait_readable
@@ -36,6 +41,10 @@ log = logging.getLogger("meshlet.inbound")
 TLS_HANDSHAKE_RECORD = 0x16
 REFUSAL_LOG_INTERVAL = 60.0  # a peer refused again within this is counted, not logged again
 MAX_PEERS_REMEMBERED = 10_000  # peers whose last refusal log time is kept
+
+
+# Serves a connection as opaque TCP (sidecar/net/tcp_proxy.py), given the caller it proved.
+Opaque = Callable[[Connection, str], Awaitable[None]]
 
 
 class _Bursts:
@@ -67,25 +76,33 @@ class InboundGate:
         handler: Handler,
         timeouts: Timeouts,
         on_plaintext_refused: Callable[[], None] = lambda: None,
+        opaque: Callable[[], Opaque | None] = lambda: None,
     ) -> None:
         self.tls = tls
         self.service = service
         self.handler = handler
         self.timeouts = timeouts
         self.on_plaintext_refused = on_plaintext_refused
+        self.opaque = opaque  # the app's protocol is tcp: how to splice a caller's connection to it
         self._refusals = _Bursts()  # plaintext refused (strict)
         self._failures = _Bursts()  # TLS handshakes or identities refused
         self._no_credentials_logged = False
 
     async def __call__(self, io: Connection) -> None:
         try:
+            opaque = self.opaque()
+            if opaque is not None and self.tls.mode(self.service) == "off":
+                await opaque(io, UNAUTHENTICATED)  # nothing to tell apart: no wait for a first byte
+                return
             first = await self._first_byte(io)
             if first is None:
                 return  # closed, or silent past the header timeout, before a byte
             if first == TLS_HANDSHAKE_RECORD:
-                await self._serve_tls(io)
+                await self._serve_tls(io, opaque)
             elif self.tls.mode(self.service) == "strict":
                 self._refuse_plaintext(io)
+            elif opaque is not None:
+                await opaque(io, UNAUTHENTICATED)
             else:
                 await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED)
         finally:
@@ -111,7 +128,7 @@ class InboundGate:
         self.timeouts.expired["first-byte"] += 1
         return None
 
-    async def _serve_tls(self, io: Connection) -> None:
+    async def _serve_tls(self, io: Connection, opaque: Opaque | None) -> None:
         tls = self.tls
         tls.refresh()
         context = tls.server
@@ -140,7 +157,10 @@ class InboundGate:
             return
         tls.on_handshake("server", conn.session_reused)
         try:
-            await serve_connection(conn, self.handler, self.timeouts, caller)
+            if opaque is not None:
+                await opaque(conn, caller)
+            else:
+                await serve_connection(conn, self.handler, self.timeouts, caller)
         finally:
             conn.close()
 
