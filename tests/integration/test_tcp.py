@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from meshlet import processes
@@ -22,6 +23,9 @@ from ..helpers import sample, write_static
 from ..mesh import Mesh
 
 READ_TIMEOUT = 10.0  # an answer that takes longer is a failure (the bound of every wait here)
+# A sidecar that waited for a client's first byte would close the connection after this: far
+# past READ_TIMEOUT, so such a wait fails the test instead of passing after the close.
+NO_EARLY_CLOSE = ["--header-timeout", "60s"]
 
 
 def free_port() -> int:
@@ -232,13 +236,53 @@ async def test_a_server_first_app_greets_without_a_byte_from_the_client(tmp_path
         await mesh.sidecar("smtp", app=f"127.0.0.1:{listener.socket.getsockname()[1]}", extra=["--app-protocol", "tcp"])
         user = await mesh.sidecar("user", extra=["--upstream", "smtp=127.0.0.1:0"])
         await wait_for_endpoints(user.admin, "smtp", 1, "tcp")
-        with trio.fail_after(READ_TIMEOUT):  # far below the 10 s header timeout a detection would wait
+        with trio.fail_after(READ_TIMEOUT):  # a detection would wait for the 60 s header timeout
             stream = await trio.open_tcp_stream("127.0.0.1", user.ports["upstream:smtp"])
             greeting = b""
             while not greeting.endswith(b"\r\n"):
                 greeting += await stream.receive_some(1024)
             await stream.aclose()
         assert greeting == b"220 hello from a server-first app\r\n"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("mode", "greeted"), [("off", True), ("strict", False)])
+async def test_a_plaintext_client_of_a_tcp_app_by_mtls_mode(
+    tmp_path: Path, mesh: Mesh, mode: str, greeted: bool
+) -> None:
+    """Off: nothing to tell apart, so no wait for a first byte: a server-first app greets a
+    plaintext client at once. Strict: a plaintext client is refused (its first byte says so)."""
+
+    async def greets(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(b"220 hello\r\n")
+            await stream.receive_some(1)
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, greets, 0, host="127.0.0.1"))
+        static = write_static(tmp_path / "mesh.yaml", {"smtp": {"endpoints": [], "mtls": {"mode": mode}}})
+        smtp = await mesh.sidecar(
+            "smtp",
+            app=f"127.0.0.1:{listener.socket.getsockname()[1]}",
+            static=static,
+            extra=["--app-protocol", "tcp", *NO_EARLY_CLOSE],
+        )
+        with trio.fail_after(READ_TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", smtp.ports["inbound"])
+            received = b""
+            try:
+                if not greeted:
+                    await stream.send_all(b"EHLO me\r\n")
+                while not received.endswith(b"\r\n") and (chunk := await stream.receive_some(1024)):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass  # reset
+            await stream.aclose()
+        assert received == (b"220 hello\r\n" if greeted else b"")
+        text = await metrics(smtp.admin)
+        assert sample(text, "meshlet_plaintext_refused_total") == (0 if greeted else 1)
         nursery.cancel_scope.cancel()
 
 
