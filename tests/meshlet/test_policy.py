@@ -344,9 +344,9 @@ def test_random_documents_never_crash_the_validator(doc: dict[str, object]) -> N
 def test_every_example_in_docs_policy_md_is_valid() -> None:
     text = (Path(__file__).parents[2] / "docs" / "policy.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     docs = load_documents([(f"docs/policy.md#{i}", block) for i, block in enumerate(blocks)])
-    kinds = ["Service", "Service", "Route", "DestinationPolicy", "AccessPolicy", "MeshConfig"]
+    kinds = ["Service", "Service", "Service", "Route", "DestinationPolicy", "AccessPolicy", "MeshConfig"]
     assert [d.kind for d in docs] == kinds
 
 
