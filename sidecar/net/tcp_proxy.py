@@ -58,6 +58,13 @@ log = logging.getLogger("meshlet.tcp")
 _Finish = Callable[[], None]
 
 
+_WHY = {
+    CIRCUIT_OPEN: "its circuit breaker is open (connect failures)",
+    CONNECT_FAILED: "no endpoint could be connected to",
+    NO_ENDPOINTS: "it has no endpoints (or is not known here)",
+}
+
+
 class _ConnectFailed(Exception):
     """One endpoint could not be reached (why, in words)."""
 
@@ -122,6 +129,7 @@ class TcpProxy:
         server, outcome, finish = await self._connect_service(service)
         if server is None:
             stats.refused("outbound", self.service, destination, outcome)
+            self._log(service, "TCP connection to %s refused: %s", service, _WHY[outcome])
             client.reset()  # the app learns at once, as from a refused connect
             return
         try:
