@@ -96,11 +96,11 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_app_protocol,
         metavar="PROTOCOL",
         help="what the app speaks: http1 (HTTP/1.1), http2 (HTTP/2, h2c to the app), grpc (gRPC over HTTP/2) or "
-        "tcp (opaque bytes: spliced, never parsed; the inbound listener serves it without detection). Registered "
-        "with the control plane, so callers learn it; a Service document's protocol wins. Default: its Service "
-        "document's, else undeclared: HTTP/2 and HTTP/1.1 are detected per connection. Declare any other "
-        "protocol tcp, and server-first ones (MySQL, SMTP: the server speaks first) above all: detection would wait "
-        "for a byte the client never sends",
+        "tcp (opaque bytes: spliced both ways, never parsed). Registered with the control plane, so callers learn "
+        "it; a Service document's protocol wins. Default: its Service document's, else undeclared: HTTP/2 and "
+        "HTTP/1.1 are detected per connection. Declare any other protocol tcp, and server-first ones (MySQL, SMTP: "
+        "the server speaks first) above all: HTTP detection would wait for a byte the client never sends "
+        "(docs/policy.md, Opaque TCP)",
     )
     sidecar.add_argument(
         "--inbound",
