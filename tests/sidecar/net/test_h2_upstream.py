@@ -22,8 +22,10 @@ from sidecar.layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 from sidecar.net.h2_upstream import STREAM_WINDOW
 from sidecar.net.tls import MeshTLS
 from sidecar.net.upstream import Forwarder, UpstreamBodyError, UpstreamPools
+from sidecar.telemetry import Telemetry, render
 from tests.certs import TestCA, context
 from tests.h2_server import H2Server, ServerStream
+from tests.helpers import sample
 
 Handler = Callable[[ServerStream], Awaitable[None]]
 
@@ -496,3 +498,40 @@ async def test_to_a_sidecar_over_mtls_with_alpn_h2(
     assert await body_of(await rig.call(rig.request(server.port, mtls=True))) == b"hello"
     assert handshakes == [("client", False), ("client", True)]  # the second one resumed the session
     assert len(server.connections) == 2
+
+
+async def test_the_pools_metrics(rig: Rig, nursery: trio.Nursery) -> None:
+    release = trio.Event()
+
+    async def refuse_then_hold(stream: ServerStream) -> None:
+        if stream.id == 1:
+            await stream.reset_stream(ErrorCodes.REFUSED_STREAM)
+            return
+        await release.wait()
+        await hello(stream)
+
+    server = await serve(nursery, refuse_then_hold)
+    telemetry = Telemetry()
+    telemetry.connection_stats = rig.pools.stats  # as the sidecar wires them
+    telemetry.h2_stream_stats = rig.pools.h2_stream_stats
+    telemetry.h2_close_stats = rig.pools.h2_close_stats
+    telemetry.h2_reset_stats = rig.pools.h2_reset_stats
+    address = f"127.0.0.1:{server.port}"
+    bodies: list[bytes] = []
+
+    async def one() -> None:
+        bodies.append(await body_of(await rig.call(rig.request(server.port))))
+
+    async with trio.open_nursery() as calls:
+        calls.start_soon(one)
+        await until(lambda: len(server.streams) == 2)
+        metrics = render(lambda: [telemetry.snapshot()]).decode()
+        assert sample(metrics, "meshlet_upstream_streams", destination="app", endpoint=address) == 1
+        assert sample(metrics, "meshlet_upstream_connections", destination="app", endpoint=address, state="active") == 1
+        assert sample(metrics, "meshlet_upstream_stream_resets_total", endpoint=address, code="refused-stream") == 1
+        release.set()
+    assert bodies == [b"hello"]
+    rig.pools.h2_pools[("127.0.0.1", server.port)].close_all()
+    metrics = render(lambda: [telemetry.snapshot()]).decode()
+    assert sample(metrics, "meshlet_upstream_streams", destination="app", endpoint=address) == 0
+    assert sample(metrics, "meshlet_upstream_connections_ended_total", endpoint=address, reason="closed") == 1
