@@ -40,6 +40,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 import trio
 from h2.errors import ErrorCodes
 
@@ -70,6 +71,7 @@ MAX_STREAMS = 256  # per connection, whatever the peer allows
 STREAM_WINDOW = 1024 * 1024  # our receive window per stream
 CONNECTION_WINDOW = 8 * 1024 * 1024  # and per connection
 HIGH_WATER = 256 * 1024  # queued for the socket: a request body waits below this
+MAX_FRAME_SIZE = 64 * 1024  # the largest frame the peer may send us (fewer, larger DATA frames)
 READS_PER_CHECKPOINT = 16  # a busy connection's reader lets the others run this often
 
 _CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -77,8 +79,20 @@ _SETTINGS = {
     h2.settings.SettingCodes.ENABLE_PUSH: 0,
     h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
     h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
+    h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
 }
 _NETWORK_ERRORS = (Closed, OSError)
+
+
+def _data_frame_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"{len(frame.data)} bytes"
+
+
+# h2 builds the repr of every frame it receives, for a trace log (``logger.trace("Received
+# frame: %s", repr(frame))``) that is off; hyperframe's repr of a DATA frame serializes its
+# body again and hex-encodes all of it, to show 20 characters: 13 µs a 16 KiB frame, a
+# sixth of a core at 200 MB/s. This one does not read the payload.
+hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign,assignment]
 
 
 def _code_name(code: int) -> str:
@@ -140,7 +154,10 @@ class H2Upstream:
         self.source_port = source_port  # in OwnConnections.open while it lives (transparent mode)
         self.new_session = io.tls  # its TLS session is kept once a stream completed
         conn = self.h2 = h2.connection.H2Connection(config=_CONFIG)
+        # Our settings from the start (h2 would apply a later SETTINGS only once the peer
+        # acknowledged it): what h2 read from its defaults when it was made, set again.
         conn.local_settings = h2.settings.Settings(client=True, initial_values=_SETTINGS)
+        conn.max_inbound_frame_size = MAX_FRAME_SIZE
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.streams: dict[int, _Stream] = {}
