@@ -53,7 +53,8 @@ from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 from .tls import MeshTLS, PeerIdentityError, peer_service
 
 if TYPE_CHECKING:
-    from .h2_upstream import H2EndpointPool, H2Forwarder
+    from .h2_pool import H2EndpointPool
+    from .h2_upstream import H2Forwarder
 
 log = logging.getLogger("meshlet.upstream")
 

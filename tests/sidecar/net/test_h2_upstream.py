@@ -19,7 +19,7 @@ from sidecar.core.errors import MeshError
 from sidecar.core.http1 import RequestHead
 from sidecar.core.services import Endpoint
 from sidecar.layers.base import WOULD_BLOCK, BodyPiece, Request, Response
-from sidecar.net.h2_upstream import STREAM_WINDOW
+from sidecar.net.h2_pool import STREAM_WINDOW
 from sidecar.net.tls import MeshTLS
 from sidecar.net.upstream import Forwarder, UpstreamBodyError, UpstreamPools
 from sidecar.telemetry import Telemetry, render
