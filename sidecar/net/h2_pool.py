@@ -55,6 +55,10 @@ CONNECTION_WINDOW = 8 * 1024 * 1024  # and per connection
 HIGH_WATER = 256 * 1024  # queued for the socket: a request body waits below this
 MAX_FRAME_SIZE = 64 * 1024  # the largest frame the peer may send us (fewer, larger DATA frames)
 READS_PER_CHECKPOINT = 16  # a busy connection's reader lets the others run this often
+# Queued for a peer that does not read them (PING and SETTINGS ACKs, WINDOW_UPDATEs...):
+# past this the reader stops reading it too, until the queue drains below HIGH_WATER.
+OUTGOING_LIMIT = 4 * 1024 * 1024
+CLOSE_GRACE = 5.0  # a closing connection's last frames (its GOAWAY) get this long to leave
 
 _CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
 _SETTINGS = {
@@ -156,6 +160,7 @@ class H2Upstream:
         self.outgoing_bytes = 0
         self._write_lot = trio.lowlevel.ParkingLot()
         self._drained_lot = trio.lowlevel.ParkingLot()
+        self._writer_scope = trio.CancelScope()
         self._queue()
 
     def __repr__(self) -> str:
@@ -179,16 +184,17 @@ class H2Upstream:
     async def run_writer(self) -> None:
         outgoing, io = self.outgoing, self.io
         try:
-            while True:
-                while not outgoing:
-                    if self.closing or self.closed:
-                        return
-                    await self._write_lot.park()
-                data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
-                outgoing.clear()
-                await io.send_all(data)
-                self.outgoing_bytes -= len(data)
-                self._drained_lot.unpark_all()
+            with self._writer_scope:  # close() gives it CLOSE_GRACE from then on
+                while True:
+                    while not outgoing:
+                        if self.closing or self.closed:
+                            return
+                        await self._write_lot.park()
+                    data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
+                    outgoing.clear()
+                    await io.send_all(data)
+                    self.outgoing_bytes -= len(data)
+                    self._drained_lot.unpark_all()
         except _NETWORK_ERRORS as exc:
             self.lost(f"the connection failed: {exc}", "lost")
         finally:
@@ -216,6 +222,8 @@ class H2Upstream:
                 for event in events:
                     self._on(event)
                 self._queue()
+                if self.outgoing_bytes > OUTGOING_LIMIT:
+                    await self._drained()  # the peer does not read what we send: stop reading it
                 reads += 1
                 if reads % READS_PER_CHECKPOINT == 0:
                     await trio.lowlevel.checkpoint()
@@ -348,6 +356,7 @@ class H2Upstream:
                 pass
         self._queue()
         self._write_lot.unpark_all()
+        self._writer_scope.deadline = trio.current_time() + CLOSE_GRACE  # a peer that reads nothing
         self.pool.removed(self, reason)
 
     def lost(self, why: str, reason: str) -> None:
