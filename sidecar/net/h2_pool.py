@@ -153,7 +153,7 @@ class H2Upstream:
         self.closing = False  # the writer closes it once the queue is sent
         self.closed = False
         self.failure = ""  # why it ended, when it ended badly
-        self.tls_refused = False  # a TLS alert before the peer's first frame: our certificate refused
+        self.broke_protocol = False  # it ended for the peer's protocol error
         self.close_reason = ""
         self.idle_since = pool.clock()
         self.outgoing: list[bytes] = []
@@ -228,7 +228,6 @@ class H2Upstream:
                 if reads % READS_PER_CHECKPOINT == 0:
                     await trio.lowlevel.checkpoint()
         except TLSError as exc:
-            self.tls_refused = not self.settled.is_set()
             self.lost(f"TLS failed: {exc}", "lost")
         except _NETWORK_ERRORS as exc:
             self.lost(f"the connection failed: {exc}", "lost")
@@ -338,6 +337,7 @@ class H2Upstream:
     def _broken(self, why: str) -> None:
         """The peer broke the protocol: h2 queued a GOAWAY; send it, then close."""
         self.failure = why
+        self.broke_protocol = True
         for stream in self.streams.values():
             stream.protocol_error = True
             stream.fail(why)
@@ -655,7 +655,10 @@ class H2EndpointPool:
             raise MeshError(errors.UPSTREAM_PROTOCOL_ERROR, "the upstream sidecar does not speak HTTP/2 (ALPN)")
 
     def _no_settings(self, conn: H2Upstream) -> MeshError:
-        if conn.tls_refused:
+        if conn.io.tls and not conn.broke_protocol:
+            # It chose h2 in ALPN, then ended before its SETTINGS: TLS 1.3 lets a server judge
+            # our certificate after our side of the handshake is done, and a refusal (an
+            # alert, or just a close) arrives here.
             assert self.tls is not None
             self.tls.on_failure("client", errors.TLS_HANDSHAKE_FAILED.name)
             return MeshError(errors.TLS_HANDSHAKE_FAILED, f"the upstream refused the TLS handshake: {conn.failure}")

@@ -4,6 +4,7 @@ side of a listener is not needed): against a raw h2 server each test scripts
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from sidecar.net.h2_pool import STREAM_WINDOW
 from sidecar.net.tls import MeshTLS
 from sidecar.net.upstream import Forwarder, UpstreamBodyError, UpstreamPools
 from sidecar.telemetry import Telemetry, render
-from tests.certs import TestCA, context
+from tests.certs import TestCA, context, write_credentials
 from tests.h2_server import H2Server, ServerStream
 from tests.helpers import sample
 
@@ -459,8 +460,16 @@ async def test_connect_refused_is_connect_failed(rig: Rig) -> None:
 # mTLS with ALPN h2 -------------------------------------------------------------------------
 
 
-def tls_server_context(authority: TestCA, service: str, tmp_path: Path, alpn: list[str]) -> object:
-    ctx = context(authority.credentials(service), tmp_path, server_side=True)
+def tls_server_context(authority: TestCA, service: str, tmp_path: Path, alpn: list[str]) -> ssl.SSLContext:
+    if service == "refuses-us":  # its certificate is good, but it trusts another CA for ours
+        cert, key, _ = write_credentials(tmp_path / "refuses", authority.credentials("app"))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(cadata=TestCA(seed=2).bundle.decode())
+    else:
+        ctx = context(authority.credentials(service), tmp_path, server_side=True)
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
@@ -472,8 +481,9 @@ def tls_server_context(authority: TestCA, service: str, tmp_path: Path, alpn: li
         ("app", ["h2", "http/1.1"], None),
         ("other", ["h2"], errors.PEER_IDENTITY_MISMATCH),
         ("app", ["http/1.1"], errors.UPSTREAM_PROTOCOL_ERROR),
+        ("refuses-us", ["h2"], errors.TLS_HANDSHAKE_FAILED),
     ],
-    ids=["h2", "wrong-identity", "no-h2"],
+    ids=["h2", "wrong-identity", "no-h2", "our-certificate-refused"],
 )
 async def test_to_a_sidecar_over_mtls_with_alpn_h2(
     nursery: trio.Nursery, tmp_path: Path, serves: str, alpn: list[str], reason: errors.Reason | None
