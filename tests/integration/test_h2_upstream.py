@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from h2.errors import ErrorCodes
 
 from meshlet.io import Deadlines
 from sidecar.app import build_inbound
@@ -26,6 +27,7 @@ from sidecar.net.downstream import Timeouts
 from sidecar.net.listeners import serve_http
 from sidecar.net.upstream import Forwarder, UpstreamPools
 from sidecar.telemetry import Telemetry
+from tests.h2_server import H2Server, ServerStream
 
 ROOT = Path(__file__).resolve().parents[2]
 BIG = 50 * 1024 * 1024
@@ -168,3 +170,51 @@ async def test_trailers_from_the_app_reach_the_response(sidecar: Sidecar, nurser
     assert body == b"body"
     assert response.trailers == [(b"grpc-status", b"0"), (b"x-end", b"yes")]
     assert json.loads((await get(sidecar.url + "/stats")).text)["connections"] == 1
+
+
+async def test_through_the_listener_a_reset_is_502_and_a_death_mid_body_cuts_the_client(
+    nursery: trio.Nursery,
+) -> None:
+    """The app is a scripted h2 server (tests/h2_server.py): what the HTTP/1.1 caller sees."""
+
+    async def app(stream: ServerStream) -> None:
+        path = stream.field(b":path")
+        if path == b"/reset":
+            await stream.reset_stream(ErrorCodes.INTERNAL_ERROR)
+        elif path == b"/refused-once" and stream.id == 1:
+            await stream.reset_stream(ErrorCodes.REFUSED_STREAM)
+        elif path == b"/die":
+            await stream.respond(200, [(b"content-length", b"100000")])
+            await stream.send(b"d" * 1000)
+            await stream.conn.drop()
+        else:
+            await stream.respond(200, [(b"content-length", b"2")])
+            await stream.send(b"ok", end=True)
+
+    server = H2Server(app)
+    await server.start(nursery)
+    deadlines = Deadlines(tick=0.05)
+    await nursery.start(deadlines.serve)
+    pools = UpstreamPools(clock=deadlines.clock)
+    pools.nursery = nursery
+    handler = build_inbound(
+        Endpoint("127.0.0.1", server.port, protocol="grpc"), Forwarder(pools, deadlines), Telemetry(), "app"
+    )
+    port = await nursery.start(serve_http, "127.0.0.1", 0, handler, Timeouts(deadlines))
+    url = f"http://127.0.0.1:{port}"
+
+    response = await get(url + "/refused-once")
+    assert (response.status_code, response.text) == (200, "ok")
+    response = await get(url + "/reset")
+    assert response.status_code == 502 and response.headers["x-meshlet-error"] == "upstream-reset"
+
+    def die() -> int:
+        received = 0
+        with client() as c, c.stream("GET", url + "/die") as streamed:
+            assert streamed.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):  # a short body, never a complete-looking one
+                for data in streamed.iter_bytes():
+                    received += len(data)
+        return received
+
+    assert await trio.to_thread.run_sync(die) < 100_000
