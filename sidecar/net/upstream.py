@@ -464,7 +464,7 @@ class UpstreamPools:
             for pool in self.pools.values():
                 pool.expire_idle(now)
             for h2_pool in self.h2_pools.values():
-                h2_pool.expire_idle(self.clock())
+                h2_pool.expire_idle(now)
 
 
 class _Exchange:
