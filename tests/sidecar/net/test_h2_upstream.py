@@ -5,6 +5,8 @@ side of a listener is not needed): against a raw h2 server each test scripts
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -545,3 +547,9 @@ async def test_the_pools_metrics(rig: Rig, nursery: trio.Nursery) -> None:
     metrics = render(lambda: [telemetry.snapshot()]).decode()
     assert sample(metrics, "meshlet_upstream_streams", destination="app", endpoint=address) == 0
     assert sample(metrics, "meshlet_upstream_connections_ended_total", endpoint=address, reason="closed") == 1
+
+
+def test_h2_is_not_loaded_until_a_request_goes_upstream_in_http2() -> None:
+    code = "import sys, sidecar.app; print(sorted(m for m in ('h2', 'hyperframe', 'hpack') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
