@@ -553,3 +553,17 @@ def test_h2_is_not_loaded_until_a_request_goes_upstream_in_http2() -> None:
     code = "import sys, sidecar.app; print(sorted(m for m in ('h2', 'hyperframe', 'hpack') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_connection_from_before_the_modes_changed_is_retired(nursery: trio.Nursery, tmp_path: Path) -> None:
+    authority = TestCA()
+    deadlines = Deadlines(tick=0.02)
+    await nursery.start(deadlines.serve)
+    tls = MeshTLS(CredentialHolder(authority.credentials("web")))
+    rig = Rig(nursery, deadlines, tls)
+    server = await serve(nursery, hello, ssl_context=tls_server_context(authority, "app", tmp_path, ["h2"]))
+    assert await body_of(await rig.call(rig.request(server.port, mtls=True))) == b"hello"
+    tls.configure("strict", {})  # a new snapshot's modes: what a new connection would be may differ
+    assert await body_of(await rig.call(rig.request(server.port, mtls=True))) == b"hello"
+    pool = rig.pools.h2_pools[("127.0.0.1", server.port)]
+    assert len(server.connections) == 2 and pool.closes == {"retired": 1} and len(pool.conns) == 1
