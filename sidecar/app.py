@@ -244,6 +244,9 @@ class Sidecar:
         )
         telemetry.connection_stats = self.pools.stats
         telemetry.pool_overflow_stats = self.pools.overflow_stats
+        telemetry.h2_stream_stats = self.pools.h2_stream_stats
+        telemetry.h2_close_stats = self.pools.h2_close_stats
+        telemetry.h2_reset_stats = self.pools.h2_reset_stats
         telemetry.listener_stats = self.listeners.stats
         telemetry.destination_stats = self.admin_views.destination_stats
         telemetry.status = self.admin_views.metrics_status
@@ -475,6 +478,7 @@ class Sidecar:
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
+            self.pools.nursery = nursery  # HTTP/2 upstream connections' reader and writer tasks
             for name, (host, port), handler in wanted:
                 kind = kind_of(name)
                 bound = await nursery.start(

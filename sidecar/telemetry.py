@@ -92,6 +92,12 @@ class Telemetry:
         # Called at scrape time: yields (destination, endpoint, requests that found every
         # connection busy for their connect timeout).
         self.pool_overflow_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
+        # Called at scrape time, HTTP/2 upstream pools: (destination, endpoint, streams open);
+        # (destination, endpoint, reason, connections ended); (destination, endpoint, error
+        # code, RST_STREAMs received).
+        self.h2_stream_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
+        self.h2_close_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        self.h2_reset_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
         # Called at scrape time: yields (listener, open connections, their limit, connections
         # closed at once at the limit, {timeout phase: connections it closed}, {status code:
         # requests the listener answered itself}).
@@ -234,6 +240,9 @@ class Telemetry:
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
             "pool_overflows": [list(row) for row in self.pool_overflow_stats()],
+            "h2_streams": [list(row) for row in self.h2_stream_stats()],
+            "h2_closes": [list(row) for row in self.h2_close_stats()],
+            "h2_resets": [list(row) for row in self.h2_reset_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "shadow_destination": [[*k, v] for k, v in self.shadow_destination.items()],
@@ -276,6 +285,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "inflight": {},
         "connections": {},
         "pool_overflows": {},
+        "h2_streams": {},
+        "h2_closes": {},
+        "h2_resets": {},
         "shadow": {},
         "shadow_access": {},
         "shadow_destination": {},
@@ -306,6 +318,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "inflight",
             "connections",
             "pool_overflows",
+            "h2_streams",
+            "h2_closes",
+            "h2_resets",
             "shadow",
             "shadow_access",
             "shadow_destination",
@@ -399,6 +414,28 @@ class _Collector:
             "busy for the connect timeout.",
             POOL_LABELS,
             merged["pool_overflows"],
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_upstream_streams",
+            "Streams open on the HTTP/2 connections to each endpoint.",
+            POOL_LABELS,
+            merged["h2_streams"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_connections_ended",
+            "HTTP/2 upstream connections ended, by reason: idle, goaway (the peer's), peer-closed, lost, "
+            "protocol-error, no-settings, no-h2 (ALPN), retired, cancelled, closed.",
+            (*POOL_LABELS, "reason"),
+            merged["h2_closes"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_stream_resets",
+            "RST_STREAM frames received from HTTP/2 upstreams, by error code (refused-stream: sent again once).",
+            (*POOL_LABELS, "code"),
+            merged["h2_resets"],
         )
         yield _family(
             CounterMetricFamily,
