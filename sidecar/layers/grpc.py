@@ -33,6 +33,7 @@ from ..core.grpc import (
     TIMEOUT_HEADER,
     Call,
     MalformedTimeout,
+    Status,
     final_status,
     format_timeout,
     is_grpc,
@@ -58,7 +59,7 @@ def grpc_layer(inner: Handler, answer: Answer, clock: Callable[[], float] = trio
             call = read_call(request.head.headers, clock())
         except MeshError as exc:  # a gRPC call with a malformed grpc-timeout
             request.grpc = call = Call()
-            return mesh_response(call, exc)
+            return mesh_response(call, exc, 0.0)
         if call is None:
             try:
                 return await inner(request)
@@ -68,10 +69,10 @@ def grpc_layer(inner: Handler, answer: Answer, clock: Callable[[], float] = trio
         try:
             response = await inner(request)
         except MeshError as exc:
-            return mesh_response(call, exc)
+            return mesh_response(call, exc, clock())
         except Exception as exc:  # a bug of ours: answer, log, keep serving others
             log.exception("internal error handling the gRPC call %r", request.head.target[:200])
-            return mesh_response(call, MeshError(errors.INTERNAL, type(exc).__name__))
+            return mesh_response(call, MeshError(errors.INTERNAL, type(exc).__name__), clock())
         finish = response.on_finish
 
         def finished(complete: bool) -> None:
@@ -113,12 +114,16 @@ def read_call(headers: list[tuple[bytes, bytes]], now: float) -> Call | None:
     return Call(now + nanoseconds / 1e9)
 
 
-def mesh_response(call: Call, error: MeshError) -> Response:
+def mesh_response(call: Call, error: MeshError, now: float) -> Response:
     """The Trailers-Only answer to a gRPC call that the mesh failed: HTTP 200, the gRPC
     status for the mesh's reason, its detail as the message, ``x-meshlet-error`` and any
-    header the error carries (a request id, Retry-After)."""
+    header the error carries (a request id, Retry-After). Once the call's deadline has
+    passed, whatever failed, the status is DEADLINE_EXCEEDED (an upstream that gave up on
+    the same deadline resets its stream: gRPC asks clients to report that so too)."""
     reason = error.reason.name
     status = mesh_error_status(reason)
+    if call.deadline is not None and now >= call.deadline:
+        status = Status.DEADLINE_EXCEEDED
     response = Response(200, b"OK", trailers_only(status, error.detail, reason, error.headers))
     response.mesh_error = reason
     call.status = status

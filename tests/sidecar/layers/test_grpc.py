@@ -456,3 +456,15 @@ async def test_a_client_span_of_a_failed_attempt_tells_the_status_the_caller_get
     await handler(grpc_request())
     (span,) = spans
     assert span.tags["rpc.grpc.status_code"] == "14" and span.tags["meshlet.reason"] == "upstream-reset"
+
+
+async def test_a_failure_once_the_deadline_passed_is_deadline_exceeded(autojump_clock: trio.abc.Clock) -> None:
+    upstreams = grpc_upstreams(A="reset")
+
+    async def late(request: Request) -> Response:
+        await trio.sleep(2.0)  # the upstream gave up on the same deadline, and reset its stream
+        return await upstreams(request)
+
+    handler, _ = outbound(late)
+    response = await handler(grpc_request((b"grpc-timeout", b"1S")))
+    assert status_of(response) == Status.DEADLINE_EXCEEDED and response.mesh_error == "upstream-reset"
