@@ -55,6 +55,11 @@ RETRY_ON = (
     "5xx",
     "gateway-error",
     "retriable-status-codes",
+    # gRPC statuses of a Trailers-Only answer ("unavailable" is UNAVAILABLE as well as 503)
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
 )
 
 
@@ -548,12 +553,13 @@ class Metrics(_Model):
     """Bounds on the sidecars' metrics (docs/observability.md; sidecar/core/cardinality.py)."""
 
     # The per-hop labels kept; one left out is written empty. direction is always kept.
-    labels: list[Literal["source", "destination", "route", "code", "reason"]] = [
+    labels: list[Literal["source", "destination", "route", "code", "reason", "grpc_status"]] = [
         "source",
         "destination",
         "route",
         "code",
         "reason",
+        "grpc_status",
     ]
     max_label_values: int = Field(default=200, ge=1, le=100_000)  # per label; past it: "other"
     max_series: int = Field(default=10_000, ge=100, le=10_000_000)  # per metric; past it every capped label: "other"

@@ -7,7 +7,8 @@ Outbound stack (app → other services), outermost first:
 Inbound stack (other sidecars → local app):
     metrics → errors → [local app] → forwarder
 (metrics sits outside errors so that the mesh's own error responses are counted;
-[...] are synchronous filters run in one frame.)
+[...] are synchronous filters run in one frame. The errors layer hands HTTP/2 requests to
+layers/grpc.py: a gRPC call's deadline, and its errors as gRPC statuses.)
 
 A new snapshot rebuilds both stacks; the listeners read the current stack per request,
 so a change takes effect on the next request and in-flight ones finish on the old one.

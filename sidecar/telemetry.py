@@ -32,7 +32,9 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Body sizes, 100 B to 100 MB.
 SIZE_BUCKETS = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0, 100_000_000.0)
 
-REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason")
+# grpc_status: a gRPC call's status code ("0".."16"), "" for other requests, which Prometheus
+# reads as no label at all: an HTTP/1.1 series is the very series it was before the label.
+REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason", "grpc_status")
 HISTOGRAMS = ("durations", "request_bytes", "response_bytes")  # kept per request series, as lists
 SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
@@ -134,8 +136,9 @@ class Telemetry:
         seconds: float,
         request_bytes: int = 0,
         response_bytes: int = 0,
+        grpc_status: str = "",
     ) -> None:
-        raw = (direction, source, destination, route, str(code), reason)
+        raw = (direction, source, destination, route, str(code), reason, grpc_status)
         labels = self._recorded_as.get(raw)
         if labels is None:
             labels = self._bound(raw)
@@ -373,7 +376,9 @@ class _Collector:
     def collect(self) -> Iterable[Any]:
         merged, info = _merge(self._snapshots())
         requests = CounterMetricFamily(
-            "meshlet_requests", "Requests per hop, by status code and mesh error reason.", labels=REQUEST_LABELS
+            "meshlet_requests",
+            "Requests per hop, by status code, mesh error reason and gRPC status.",
+            labels=REQUEST_LABELS,
         )
         for labels, value in merged["requests"].items():
             requests.add_metric(labels, value)
