@@ -326,10 +326,12 @@ class Sidecar:
         return Endpoint(*self.options.app, protocol=protocol)
 
     def _health_url(self, app: Endpoint) -> str:
-        """How the app's health is probed: a connection accepted (tcp), else --health-path over HTTP."""
-        if app.protocol == "tcp":
+        """How the app's health is probed: a connection accepted (tcp, grpc), else --health-path
+        over HTTP (HTTP/2 for an app declared http2)."""
+        if app.protocol in ("tcp", "grpc"):
             return f"tcp://{app.address}"
-        return f"http://{app.address}{self.options.health_path}"
+        scheme = "h2c" if app.protocol == "http2" else "http"
+        return f"{scheme}://{app.address}{self.options.health_path}"
 
     def _opaque_inbound(self) -> Callable[[Connection, str], Awaitable[None]] | None:
         """How the inbound listener splices a caller to the app when it speaks tcp; None: HTTP."""
