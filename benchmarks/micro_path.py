@@ -133,7 +133,7 @@ async def run(count: int, traced: bool = False) -> float:
     await serve_connection(client, handler, Timeouts(deadlines))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - start
     assert client.sent == count, client.sent
-    assert telemetry.requests[("outbound", "client", "bench", "", "200", "")] == count
+    assert telemetry.requests[("outbound", "client", "bench", "", "200", "", "")] == count
     assert spans.spans == (count if traced else 0), spans.spans
     return elapsed
 

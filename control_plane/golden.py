@@ -21,8 +21,10 @@ groups them:
   by ``source`` and ``destination``): the caller its certificate proved, or ``unauthenticated``
   for a plaintext one (``meshlet check`` lists the services plaintext callers reach).
 
-A request failed when its status is 5xx or the mesh answered it (a ``reason``), except a
-caller that went away (``incomplete``), as Linkerd counts success by response class.
+A request failed when its status is 5xx, or its gRPC status a server fault (``grpc_status``:
+UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS, though its HTTP status is 200;
+meshlet/grpc.py), or the mesh answered it (a ``reason``), except a caller that went away
+(``incomplete``), as Linkerd counts success by response class.
 Percentiles come from the histogram buckets as Prometheus's ``histogram_quantile`` does:
 linear within the bucket the rank falls in, the highest finite bound past it.
 """
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from meshlet.grpc import FAILED_LABELS
 
 BY = ("service", "edge", "route", "destination", "caller")
 Hop = tuple[str, str, str, str]  # direction, source, destination, route
@@ -96,7 +100,7 @@ def read(text: str) -> Page:
                 counts = out.setdefault(hop, Counts())
                 counts.requests += sample.value
                 reason = labels.get("reason", "")
-                if failed(labels.get("code", ""), reason):
+                if failed(labels.get("code", ""), reason, labels.get("grpc_status", "")):
                     counts.failures += sample.value
                 if reason:
                     counts.reasons[reason] = counts.reasons.get(reason, 0.0) + sample.value
@@ -107,8 +111,8 @@ def read(text: str) -> Page:
     return page
 
 
-def failed(code: str, reason: str) -> bool:
-    return code.startswith("5") or (reason != "" and reason != "incomplete")
+def failed(code: str, reason: str, grpc_status: str = "") -> bool:
+    return code.startswith("5") or (reason != "" and reason != "incomplete") or grpc_status in FAILED_LABELS
 
 
 def since(before: dict[Hop, Counts], after: dict[Hop, Counts]) -> dict[Hop, Counts]:

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from meshlet.addresses import parse_address
+from meshlet.endpoints import check_protocol
 from meshlet.names import check_instance_id, is_service_name
 
 from .ownership import Owner
@@ -118,6 +119,7 @@ class Instance:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)  # zone, version
     node: str = ""  # the sidecar's node id (its hello)
     app_port: int = 0  # the app's port on the address's host (transparent mode dials it); 0: not told
+    protocol: str = ""  # what the app speaks, as its sidecar declared (--app-protocol); "": not declared
     ready: bool = False  # fail-closed: not pushed until the sidecar's health probe says so
     # Who registered it (control_plane/ownership.py): not what the sidecar reported, what its session proved.
     owner: Owner | None = None
@@ -137,6 +139,11 @@ class Instance:
         _check_text("node", self.node)
         if not isinstance(self.app_port, int) or isinstance(self.app_port, bool) or not 0 <= self.app_port <= 65535:
             raise ValueError(f"app_port {self.app_port!r}: a port (1-65535), or 0 for none")
+        if self.protocol:  # a value this build does not know is refused, never passed on
+            try:
+                check_protocol(self.protocol)
+            except ValueError as exc:
+                raise ValueError(f"protocol {exc}") from None
         if not isinstance(self.ready, bool):
             raise ValueError(f"ready must be a bool, not {type(self.ready).__name__}")
         if self.owner is not None and not isinstance(self.owner, Owner):
@@ -155,18 +162,24 @@ def endpoints_version(endpoints: Iterable[Instance]) -> str:
     Covers what other sidecars are pushed (instance id, address, labels), in instance-id order, as
     canonical JSON; not the admin address, node or readiness (only ready instances are in the set)."""
     body = [
-        [e.instance_id, e.address, dict(sorted(e.labels.items())), *([e.app_port] if e.app_port else [])]
+        [
+            e.instance_id,
+            e.address,
+            dict(sorted(e.labels.items())),
+            *([e.app_port] if e.app_port else []),
+            *([e.protocol] if e.protocol else []),
+        ]
         for e in sorted(endpoints, key=lambda e: e.instance_id)
     ]
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:VERSION_LENGTH]
 
 
-def _pushed(instance: Instance | None) -> tuple[str, tuple[tuple[str, str], ...], int] | None:
+def _pushed(instance: Instance | None) -> tuple[str, tuple[tuple[str, str], ...], int, str] | None:
     """What the rest of the mesh sees of an instance: nothing unless it is ready."""
     if instance is None or not instance.ready:
         return None
-    return instance.address, tuple(sorted(instance.labels.items())), instance.app_port
+    return instance.address, tuple(sorted(instance.labels.items())), instance.app_port, instance.protocol
 
 
 @dataclass(slots=True)

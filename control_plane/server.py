@@ -69,14 +69,25 @@ class EndpointsView:
 
     def _endpoint(self, instance: Instance) -> tuple[dict[str, Any], bytes]:
         """One endpoint's body and canonical bytes, made once per instance content."""
-        key = (instance.instance_id, instance.address, tuple(sorted(instance.labels.items())), instance.app_port)
+        key = (
+            instance.instance_id,
+            instance.address,
+            tuple(sorted(instance.labels.items())),
+            instance.app_port,
+            instance.protocol,
+        )
         found = self._endpoints.get(key)
         if found is None:
             if len(self._endpoints) >= ENDPOINT_MEMO_MAX:
                 self._endpoints.clear()
             # Every registered instance came from a sidecar's hello: its inbound listener speaks mTLS.
             body = wire.endpoint(
-                instance.instance_id, instance.address, instance.labels, app_port=instance.app_port, mtls=True
+                instance.instance_id,
+                instance.address,
+                instance.labels,
+                app_port=instance.app_port,
+                mtls=True,
+                protocol=instance.protocol,
             )
             found = self._endpoints[key] = (body, wire.canonical_bytes(body))
         return found
@@ -624,6 +635,9 @@ def instance_from_hello(hello: wire.Hello) -> Instance:
         raise wire.WireError(
             "bad-message", f"hello.instance.app_port must be an integer, not {type(app_port).__name__}"
         )
+    protocol = raw.get("protocol", "")  # its value is the registry's to check (Instance)
+    if not isinstance(protocol, str):
+        raise wire.WireError("bad-message", f"hello.instance.protocol must be a string, not {type(protocol).__name__}")
     ready = raw.get("ready", False)
     if not isinstance(ready, bool):
         raise wire.WireError("bad-message", f"hello.instance.ready must be a boolean, not {type(ready).__name__}")
@@ -635,6 +649,7 @@ def instance_from_hello(hello: wire.Hello) -> Instance:
         labels=labels,
         node=hello.node,
         app_port=app_port,
+        protocol=protocol,
         ready=ready,
     )
 

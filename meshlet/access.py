@@ -15,6 +15,9 @@ and asked by the inbound sidecar for every request (docs/policy.md), and by ``me
   is allowed by no rule (the inbound sidecar refuses it with 400 before asking);
 * ``methods``: any of them (none listed: every method).
 
+An opaque TCP connection (a ``tcp`` service) has no path and no method: only rules that
+name neither can allow it (:meth:`AccessTable.check_connection`).
+
 The caller's identity is the service its verified mTLS certificate names, or
 ``unauthenticated`` (meshlet.identity.UNAUTHENTICATED) for a plaintext caller: set by the
 inbound sidecar from the connection (sidecar/net/inbound.py), never from a request header.
@@ -87,6 +90,15 @@ class AccessTable:
                 path = b""  # under no prefix: only a rule without paths lets it in
         for i, rule in enumerate(self.rules):
             if rule.holds(source, method, path):
+                return Verdict(True, f"rules[{i}]")
+        return Verdict(self.default_allows, "default")
+
+    def check_connection(self, source: str) -> Verdict:
+        """May ``source`` open an opaque TCP connection (a ``tcp`` service)? A connection has
+        no path and no method: a rule that names paths or methods never allows it (fail
+        closed); one that names only sources does; else ``default`` decides."""
+        for i, rule in enumerate(self.rules):
+            if not rule.prefixes and not rule.methods and rule.holds(source, b"", None):
                 return Verdict(True, f"rules[{i}]")
         return Verdict(self.default_allows, "default")
 

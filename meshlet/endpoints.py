@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SERVICE_KEYS = ("endpoints", "connect_timeout", "timeout", "mtls")
+SERVICE_KEYS = ("endpoints", "connect_timeout", "timeout", "mtls", "protocol")
 ENDPOINT_KEYS = ("address", "labels", "weight")
 
 # An endpoint's share of the traffic, relative to the others' (the balancers divide by it):
@@ -24,6 +24,20 @@ MAX_WEIGHT = 1000
 DEFAULT_WEIGHT = 1
 
 MAX_LABEL_LENGTH = 63  # a label's name and its value, as Kubernetes labels
+
+# What an app's port speaks, where declared (a Service's ``protocol``, the sidecar's
+# --app-protocol, a registration): HTTP/1.1, HTTP/2, gRPC, or opaque TCP (bytes spliced,
+# never parsed: server-first protocols such as MySQL or Redis). Undeclared: detected.
+PROTOCOLS = ("http1", "http2", "grpc", "tcp")
+
+
+def check_protocol(value: object) -> str:
+    """A declared protocol; ``None`` (not given) is "" (undeclared)."""
+    if value is None:
+        return ""
+    if value not in PROTOCOLS:
+        raise ValueError(f"{_shown(value)} is not a protocol (one of {', '.join(PROTOCOLS)})")
+    return str(value)
 
 
 def check_endpoint_list(value: object) -> list[Any]:

@@ -114,6 +114,13 @@ class Connection:
         """Bytes read from the socket that a ``recv`` would return first: none here."""
         return False
 
+    async def shutdown_write(self) -> None:
+        """Half-close: the peer reads its end of file, and may still send (opaque TCP)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise Closed(_why(exc, self.closed)) from None
+
     def close(self) -> None:
         """Close now; a task waiting on this socket wakes with :class:`Closed`."""
         if not self.closed:
@@ -229,6 +236,8 @@ class TLSConnection(Connection):
                     pass  # part of a record: the rest is on its way
                 except ssl.SSLEOFError:
                     return b""  # the peer's FIN without close_notify: its end, as HTTP framing decides
+                except ssl.SSLZeroReturnError:
+                    return b""  # its close_notify after ours (a half-close, shutdown_write): the end too
                 except ssl.SSLError as exc:
                     self._send_nowait(b"")  # the alert, if any
                     raise TLSError(_tls_why(exc, self.closed)) from None
@@ -308,6 +317,19 @@ class TLSConnection(Connection):
                     raise Closed(_why(exc, self.closed)) from None
         finally:
             self.sending = False
+
+    async def shutdown_write(self) -> None:
+        """Half-close: close_notify, then the socket's write side; reading goes on (TLS 1.3
+        lets the peer keep sending after our close_notify)."""
+        try:
+            self.tls_object.unwrap()  # close_notify into the outgoing BIO
+        except ssl.SSLWantReadError:
+            pass  # the peer's close_notify is not there yet: it need not be
+        except (OSError, ValueError) as exc:
+            raise Closed(str(exc) or "closed") from None
+        if self.outgoing.pending:
+            await self._send_records(self.outgoing.read())
+        await Connection.shutdown_write(self)
 
     def encrypt(self, data: bytes) -> bytes:
         """``data`` as the records to write to the socket, in order after any written before:

@@ -55,6 +55,11 @@ RETRY_ON = (
     "5xx",
     "gateway-error",
     "retriable-status-codes",
+    # gRPC statuses of a Trailers-Only answer ("unavailable" is UNAVAILABLE as well as 503)
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
 )
 
 
@@ -195,7 +200,8 @@ class Mtls(_Model):
 class Service(_Model):
     """Static endpoints for a service without a sidecar (a database, a third-party API),
     and per-service defaults; ``mtls`` overrides MeshConfig's mode for this service's
-    sidecars (their inbound listeners, and the calls made to them)."""
+    sidecars (their inbound listeners, and the calls made to them); ``protocol`` declares
+    what its port speaks (wins over what its instances report; unset: detected)."""
 
     kind: Literal["Service"]
     name: ServiceName
@@ -203,6 +209,7 @@ class Service(_Model):
     connect_timeout: Duration | None = None
     timeout: Duration | None = None
     mtls: Mtls | None = None
+    protocol: Literal["http1", "http2", "grpc", "tcp"] | None = None  # meshlet/endpoints.py PROTOCOLS
 
 
 # --- Route ---------------------------------------------------------------------------------
@@ -546,12 +553,13 @@ class Metrics(_Model):
     """Bounds on the sidecars' metrics (docs/observability.md; sidecar/core/cardinality.py)."""
 
     # The per-hop labels kept; one left out is written empty. direction is always kept.
-    labels: list[Literal["source", "destination", "route", "code", "reason"]] = [
+    labels: list[Literal["source", "destination", "route", "code", "reason", "grpc_status"]] = [
         "source",
         "destination",
         "route",
         "code",
         "reason",
+        "grpc_status",
     ]
     max_label_values: int = Field(default=200, ge=1, le=100_000)  # per label; past it: "other"
     max_series: int = Field(default=10_000, ge=100, le=10_000_000)  # per metric; past it every capped label: "other"

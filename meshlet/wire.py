@@ -875,14 +875,18 @@ def endpoint(
     app_port: int = 0,
     *,
     mtls: bool = False,
+    protocol: str = "",
 ) -> dict[str, Any]:
     """One endpoint as it travels in an ``endpoints`` resource body (``app_port`` only when
-    known; ``mtls: true`` for a sidecar's inbound listener, which callers dial with mTLS)."""
+    known; ``mtls: true`` for a sidecar's inbound listener, which callers dial with mTLS;
+    ``protocol`` only when its sidecar declared what the app speaks)."""
     body = {"id": instance_id, "address": address, "labels": dict(labels or {}), "weight": weight}
     if app_port:
         body["app_port"] = app_port
     if mtls:
         body["mtls"] = True
+    if protocol:
+        body["protocol"] = protocol
     return body
 
 

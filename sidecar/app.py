@@ -7,7 +7,8 @@ Outbound stack (app → other services), outermost first:
 Inbound stack (other sidecars → local app):
     metrics → errors → [local app] → forwarder
 (metrics sits outside errors so that the mesh's own error responses are counted;
-[...] are synchronous filters run in one frame.)
+[...] are synchronous filters run in one frame. The errors layer hands HTTP/2 requests to
+layers/grpc.py: a gRPC call's deadline, and its errors as gRPC statuses.)
 
 A new snapshot rebuilds both stacks; the listeners read the current stack per request,
 so a change takes effect on the next request and in-flight ones finish on the old one.
@@ -18,14 +19,15 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from meshlet.io import Deadlines
+from meshlet.io import Connection, Deadlines
+from meshlet.names import is_service_name
 
 from .core.config import MeshSnapshot, empty_snapshot, load_static
 from .core.credentials import CredentialHolder
@@ -46,11 +48,12 @@ from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
 from .net.control import ControlPlaneClient, InstanceInfo
 from .net.control_tls import ControlPlaneTLS
-from .net.downstream import HEADER_TIMEOUT
+from .net.downstream import HEADER_TIMEOUT, serve_connection
 from .net.exporter import Collector, SpanExporter, collector_trust
 from .net.identity import SidecarIdentity
 from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
+from .net.tcp_proxy import TcpProxy
 from .net.tls import MeshTLS
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, OwnConnections, UpstreamPools
@@ -98,6 +101,8 @@ class SidecarOptions:
     control_plane_ca: bytes | None = None  # --control-plane-ca: roots to verify the control plane with at first
     # --tls-cert, --tls-key, --trust-bundle: static mTLS credentials (checked by the CLI)
     tls_files: tuple[Path, Path, Path] | None = None
+    # --app-protocol: what the app speaks (http1, http2, grpc, tcp); "": its Service document's, else detected
+    app_protocol: str = ""
 
 
 def build_outbound(
@@ -157,6 +162,7 @@ class Stacks:
     inbound: Handler
     upstreams: Mapping[str, Handler]  # by --upstream name
     routes: Mapping[str | None, Filter]  # by listener (None: outbound, else --upstream name) → router
+    app: Endpoint  # the local app, with its protocol
 
 
 class Sidecar:
@@ -189,6 +195,7 @@ class Sidecar:
             local_zone=options.labels.get("zone"),  # endpoints in our zone first
         )
         self.explanations = Explanations()
+        self.tcp = TcpProxy(service, self.destinations, self.deadlines, telemetry.tcp, self.tls)
         self.exporter = SpanExporter(
             self._span_collector,
             verify=collector_trust(options.api_ca),
@@ -213,13 +220,15 @@ class Sidecar:
                 self.destinations,
                 explanations=self.explanations,
             ),
-            inbound=build_inbound(Endpoint(*options.app), self.forwarder, telemetry, service),
+            inbound=build_inbound(self.app_endpoint(self.snapshot), self.forwarder, telemetry, service),
             upstreams={},
             routes={},
+            app=self.app_endpoint(self.snapshot),
         )
         self.interceptor = Interceptor(
             self.stacks.outbound, self.listeners.timeouts["outbound"], telemetry.intercepted, own
         )
+        self.interceptor.opaque = self.tcp
         self.admin_views = AdminViews(
             service=service,
             app=options.app,
@@ -236,6 +245,9 @@ class Sidecar:
         )
         telemetry.connection_stats = self.pools.stats
         telemetry.pool_overflow_stats = self.pools.overflow_stats
+        telemetry.h2_stream_stats = self.pools.h2_stream_stats
+        telemetry.h2_close_stats = self.pools.h2_close_stats
+        telemetry.h2_reset_stats = self.pools.h2_reset_stats
         telemetry.listener_stats = self.listeners.stats
         telemetry.http2_stats = self.listeners.http2_stats
         telemetry.destination_stats = self.admin_views.destination_stats
@@ -294,15 +306,56 @@ class Sidecar:
                 tracer,
             )
 
+        app = self.app_endpoint(snapshot)
         self.stacks = stacks = Stacks(
             outbound=outbound(None),
-            inbound=build_inbound(Endpoint(*self.options.app), forwarder, telemetry, service, snapshot, tracer),
+            inbound=build_inbound(app, forwarder, telemetry, service, snapshot, tracer),
             upstreams={name: outbound(name) for name in self.options.upstreams},
             routes=routes,
+            app=app,
         )
         if self.options.transparent:
             self.interceptor.use(stacks.outbound, AddressMap.of(snapshot.services), snapshot.outbound_traffic_policy)
+        self.tcp.use(snapshot.services, snapshot.access.get(service))
+        if self.control is not None and self.control.health is not None:
+            self.control.health.url = self._health_url(app)  # a Service document may declare tcp
         self.snapshot = snapshot
+
+    def app_endpoint(self, snapshot: MeshSnapshot) -> Endpoint:
+        """The local app, with its protocol: --app-protocol, else its Service document's."""
+        protocol = self.options.app_protocol or snapshot.protocols.get(self.options.service, "")
+        return Endpoint(*self.options.app, protocol=protocol)
+
+    def _health_url(self, app: Endpoint) -> str:
+        """How the app's health is probed: a connection accepted (tcp, grpc), else --health-path
+        over HTTP (HTTP/2 for an app declared http2)."""
+        if app.protocol in ("tcp", "grpc"):
+            return f"tcp://{app.address}"
+        scheme = "h2c" if app.protocol == "http2" else "http"
+        return f"{scheme}://{app.address}{self.options.health_path}"
+
+    def _opaque_inbound(self) -> Callable[[Connection, str], Awaitable[None]] | None:
+        """How the inbound listener splices a caller to the app when it speaks tcp; None: HTTP."""
+        app = self.stacks.app
+        if app.protocol != "tcp":
+            return None
+        return partial(self.tcp.inbound, app=app)
+
+    def _upstream_gate(self, name: str, handler: Handler) -> Callable[[Connection], Awaitable[None]]:
+        """An --upstream listener's connections: spliced when its service is tcp (per the
+        current snapshot, decided at the accept: no sniffing), else served as HTTP."""
+        timeouts = self.listeners.timeouts["outbound"]
+
+        async def accept(io: Connection) -> None:
+            if self.tcp.is_tcp(name):
+                try:
+                    await self.tcp.outbound(io, name)
+                finally:
+                    io.close()
+            else:
+                await serve_connection(io, handler, timeouts)
+
+        return accept
 
     def _tracer(self, snapshot: MeshSnapshot) -> Tracer:
         settings = snapshot.tracing
@@ -374,11 +427,17 @@ class Sidecar:
         return ControlPlaneClient(
             opts.control_plane,
             InstanceInfo(
-                opts.service, instance_id, address, f"{admin_host}:{admin_port}", dict(opts.labels), app_port=app_port
+                opts.service,
+                instance_id,
+                address,
+                f"{admin_host}:{admin_port}",
+                dict(opts.labels),
+                app_port=app_port,
+                protocol=opts.app_protocol,
             ),
             self.apply,
             static=lambda: self.static_services,
-            app_health_url=f"http://{app_host}:{app_port}{opts.health_path}",
+            app_health_url=self._health_url(self.stacks.app),
             state_file=state_file,
             watch_all=opts.transparent,
             identity=self.identity,
@@ -413,11 +472,17 @@ class Sidecar:
             wanted.append((f"upstream:{name}", address, self._fixed(name)))
         listeners = self.listeners
         inbound_gate = InboundGate(
-            self.tls, opts.service, self._inbound, listeners.timeouts["inbound"], self.telemetry.refused_plaintext
+            self.tls,
+            opts.service,
+            self._inbound,
+            listeners.timeouts["inbound"],
+            self.telemetry.refused_plaintext,
+            self._opaque_inbound,
         )
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
+            self.pools.nursery = nursery  # HTTP/2 upstream connections' reader and writer tasks
             for name, (host, port), handler in wanted:
                 kind = kind_of(name)
                 bound = await nursery.start(
@@ -433,6 +498,8 @@ class Sidecar:
                         if name == "outbound" and opts.transparent
                         else inbound_gate
                         if name == "inbound"
+                        else self._upstream_gate(name[len("upstream:") :], handler)
+                        if name.startswith("upstream:")
                         else None,
                         listen_after=self.configured if name == "inbound" else None,
                         limit=listeners.limits[kind],
@@ -452,6 +519,9 @@ class Sidecar:
                 self.control = self._control_plane_client()
                 if not self.control.load_persisted():
                     self._build(self.snapshot)  # the same stacks, now able to look services up
+                # An --upstream listener's service is watched from the start: a tcp one must be
+                # known before the app's first connection (decided at the accept, no lookup).
+                self.control.config.discovered.watched.update(n for n in opts.upstreams if is_service_name(n))
                 nursery.start_soon(self.control.serve)
             self.mirror.spawn = nursery.start_soon
             nursery.start_soon(self.exporter.run)
@@ -500,10 +570,14 @@ class Sidecar:
         self.stop_accepting.set()
         self.listeners.timeouts["inbound"].drain()
         inflight = self.telemetry.inflight
+        tcp_open = self.telemetry.tcp.open  # inbound TCP connections get the same time to end
         with trio.move_on_after(self.options.drain_timeout) as waited:
-            while sum(inflight.values()) > 0:  # noqa: ASYNC110 - counted on the request path, not an event
+            while sum(inflight.values()) + tcp_open["inbound"] > 0:  # noqa: ASYNC110 - counted on the request path, not an event
                 await trio.sleep(0.05)
         if waited.cancelled_caught:
             log.warning(
-                "%d request(s) still in flight after %gs: cut", sum(inflight.values()), self.options.drain_timeout
+                "%d request(s) and %d TCP connection(s) still in flight after %gs: cut",
+                sum(inflight.values()),
+                tcp_open["inbound"],
+                self.options.drain_timeout,
             )

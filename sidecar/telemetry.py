@@ -23,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 
 from .core.cardinality import IdleSeries, MetricsSettings, SeriesLimits
+from .core.tcp import DURATION_BUCKETS as TCP_DURATION_BUCKETS
+from .core.tcp import TcpStats
 
 # 0.5 ms to 30 s: the sidecar's own overhead sits in the first buckets, timeouts in the last.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -30,7 +32,9 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Body sizes, 100 B to 100 MB.
 SIZE_BUCKETS = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0, 100_000_000.0)
 
-REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason")
+# grpc_status: a gRPC call's status code ("0".."16"), "" for other requests, which Prometheus
+# reads as no label at all: an HTTP/1.1 series is the very series it was before the label.
+REQUEST_LABELS = ("direction", "source", "destination", "route", "code", "reason", "grpc_status")
 HISTOGRAMS = ("durations", "request_bytes", "response_bytes")  # kept per request series, as lists
 SERIES_CACHE_MAX = 20_000  # raw label tuples → recorded ones; cleared when full
 INFLIGHT_LABELS = ("direction",)
@@ -48,6 +52,8 @@ ENDPOINT_LABELS = ("destination", "state")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 MIRROR_LABELS = ("destination", "outcome")
 LISTENER_LABELS = ("listener",)
+TCP_COUNTS = ("tcp_connections", "tcp_bytes", "tcp_open")  # TcpStats.snapshot's, summed over workers
+TCP_KINDS = (*TCP_COUNTS, "tcp_durations")
 ListenerStats = tuple[str, int, int, int, dict[str, int], dict[str, int]]
 # (listener, HTTP/2 connections open, streams being handled, streams opened, {reason: connections
 # closed}, {reason: streams reset})
@@ -91,6 +97,12 @@ class Telemetry:
         # Called at scrape time: yields (destination, endpoint, requests that found every
         # connection busy for their connect timeout).
         self.pool_overflow_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
+        # Called at scrape time, HTTP/2 upstream pools: (destination, endpoint, streams open);
+        # (destination, endpoint, reason, connections ended); (destination, endpoint, error
+        # code, RST_STREAMs received).
+        self.h2_stream_stats: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
+        self.h2_close_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
+        self.h2_reset_stats: Callable[[], Iterable[tuple[str, str, str, int]]] = lambda: ()
         # Called at scrape time: yields (listener, open connections, their limit, connections
         # closed at once at the limit, {timeout phase: connections it closed}, {status code:
         # requests the listener answered itself}).
@@ -102,6 +114,7 @@ class Telemetry:
         self.status: Callable[[], tuple[str, int | None]] = lambda: ("", None)
         # Seconds until this sidecar's certificate expires (negative: expired); None: it has none.
         self.certificate_expiry: Callable[[], float | None] = lambda: None
+        self.tcp = TcpStats()  # opaque TCP connections (sidecar/net/tcp_proxy.py)
 
     def configure(self, settings: MetricsSettings | None) -> None:
         """New bounds (a MeshConfig changed them): the request series start again under them."""
@@ -128,8 +141,9 @@ class Telemetry:
         seconds: float,
         request_bytes: int = 0,
         response_bytes: int = 0,
+        grpc_status: str = "",
     ) -> None:
-        raw = (direction, source, destination, route, str(code), reason)
+        raw = (direction, source, destination, route, str(code), reason, grpc_status)
         labels = self._recorded_as.get(raw)
         if labels is None:
             labels = self._bound(raw)
@@ -235,6 +249,9 @@ class Telemetry:
             "inflight": [[k, v] for k, v in self.inflight.items()],
             "connections": [list(row) for row in self.connection_stats()],
             "pool_overflows": [list(row) for row in self.pool_overflow_stats()],
+            "h2_streams": [list(row) for row in self.h2_stream_stats()],
+            "h2_closes": [list(row) for row in self.h2_close_stats()],
+            "h2_resets": [list(row) for row in self.h2_reset_stats()],
             "shadow": [[*k, v] for k, v in self.shadow.items()],
             "shadow_access": [[*k, v] for k, v in self.shadow_access.items()],
             "shadow_destination": [[*k, v] for k, v in self.shadow_destination.items()],
@@ -267,6 +284,7 @@ class Telemetry:
             "http2_streams_opened": [[name, n] for name, _, _, n, *_ in http2],
             "http2_closed": [[name, why, n] for name, _, _, _, closed, _ in http2 for why, n in closed.items()],
             "http2_resets": [[name, why, n] for name, *_, resets in http2 for why, n in resets.items()],
+            **self.tcp.snapshot(),
         }
 
 
@@ -281,6 +299,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "inflight": {},
         "connections": {},
         "pool_overflows": {},
+        "h2_streams": {},
+        "h2_closes": {},
+        "h2_resets": {},
         "shadow": {},
         "shadow_access": {},
         "shadow_destination": {},
@@ -307,6 +328,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
         "http2_streams_opened": {},
         "http2_closed": {},
         "http2_resets": {},
+        **{kind: {} for kind in TCP_KINDS},
     }
     info: dict[str, Any] = {}
     for snap in snapshots:
@@ -315,6 +337,9 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "inflight",
             "connections",
             "pool_overflows",
+            "h2_streams",
+            "h2_closes",
+            "h2_resets",
             "shadow",
             "shadow_access",
             "shadow_destination",
@@ -340,6 +365,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             "http2_streams_opened",
             "http2_closed",
             "http2_resets",
+            *TCP_COUNTS,
         ):
             table = merged[kind]
             for *labels, value in snap.get(kind, ()):
@@ -355,7 +381,7 @@ def _merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, dict[tuple[st
             # Workers keep a breaker each: show the most alarming (open, then half-open).
             key = (destination,)
             circuits[key] = max(circuits.get(key, 0), state, key=lambda v: (v == 1, v == 2))
-        for kind in HISTOGRAMS:
+        for kind in (*HISTOGRAMS, "tcp_durations"):
             histograms = merged[kind]
             for *labels, values in snap.get(kind, ()):
                 key = tuple(labels)
@@ -371,7 +397,9 @@ class _Collector:
     def collect(self) -> Iterable[Any]:
         merged, info = _merge(self._snapshots())
         requests = CounterMetricFamily(
-            "meshlet_requests", "Requests per hop, by status code and mesh error reason.", labels=REQUEST_LABELS
+            "meshlet_requests",
+            "Requests per hop, by status code, mesh error reason and gRPC status.",
+            labels=REQUEST_LABELS,
         )
         for labels, value in merged["requests"].items():
             requests.add_metric(labels, value)
@@ -412,6 +440,28 @@ class _Collector:
             "busy for the connect timeout.",
             POOL_LABELS,
             merged["pool_overflows"],
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "meshlet_upstream_streams",
+            "Streams open on the HTTP/2 connections to each endpoint.",
+            POOL_LABELS,
+            merged["h2_streams"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_connections_ended",
+            "HTTP/2 upstream connections ended, by reason: idle, goaway (the peer's), peer-closed, lost, "
+            "protocol-error, no-settings, no-h2 (ALPN), retired, cancelled, closed.",
+            (*POOL_LABELS, "reason"),
+            merged["h2_closes"],
+        )
+        yield _family(
+            CounterMetricFamily,
+            "meshlet_upstream_stream_resets",
+            "RST_STREAM frames received from HTTP/2 upstreams, by error code (refused-stream: sent again once).",
+            (*POOL_LABELS, "code"),
+            merged["h2_resets"],
         )
         yield _family(
             CounterMetricFamily,
@@ -524,6 +574,7 @@ class _Collector:
             (),
             merged["plaintext_refused"],
         )
+        yield from _tcp_families(merged)
         yield _family(
             CounterMetricFamily,
             "meshlet_mirror_requests",
@@ -646,6 +697,40 @@ def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[A
     )
 
 
+def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any]:
+    """Opaque TCP connections (sidecar/core/tcp.py TcpStats)."""
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_tcp_connections",
+        "Opaque TCP connections that ended, by direction, source and destination service and outcome: ok, "
+        "reset, idle-timeout, connect-failed, circuit-open, no-endpoints, denied.",
+        ("direction", "source", "destination", "outcome"),
+        merged["tcp_connections"],
+    )
+    yield _family(
+        CounterMetricFamily,
+        "meshlet_tcp_bytes",
+        "Bytes spliced on opaque TCP connections: received from the client (the app outbound, the caller "
+        "inbound) and sent to it.",
+        ("direction", "source", "destination", "way"),
+        merged["tcp_bytes"],
+    )
+    yield _histogram(
+        "meshlet_tcp_connection_duration_seconds",
+        "How long opaque TCP connections lasted, from the splice to their end.",
+        TCP_DURATION_BUCKETS,
+        merged["tcp_durations"],
+        ("direction", "source", "destination"),
+    )
+    yield _family(
+        GaugeMetricFamily,
+        "meshlet_tcp_connections_open",
+        "Opaque TCP connections open now (not meshlet_tcp_connections: the counter's family has that name).",
+        ("direction",),
+        merged["tcp_open"],
+    )
+
+
 def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
     """A counter or gauge family with one sample per label tuple."""
     family = kind(name, help, labels=labels)
@@ -654,8 +739,14 @@ def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: di
     return family
 
 
-def _histogram(name: str, help: str, bounds: tuple[float, ...], values: dict[tuple[str, ...], list[float]]) -> Any:
-    family = HistogramMetricFamily(name, help, labels=REQUEST_LABELS)
+def _histogram(
+    name: str,
+    help: str,
+    bounds: tuple[float, ...],
+    values: dict[tuple[str, ...], list[float]],
+    labels: tuple[str, ...] = REQUEST_LABELS,
+) -> Any:
+    family = HistogramMetricFamily(name, help, labels=labels)
     for labels, counts in values.items():
         cumulative, buckets = 0.0, []
         for bound, count in zip((*bounds, float("inf")), counts[:-1], strict=True):

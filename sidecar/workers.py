@@ -119,6 +119,8 @@ class Supervisor:
             args += ["--api-ca", str(opts.api_ca)]
         if opts.transparent:
             args.append("--transparent")
+        if opts.app_protocol:
+            args += ["--app-protocol", opts.app_protocol]
         if opts.tls_files is not None:
             for flag, path in zip(("--tls-cert", "--tls-key", "--trust-bundle"), opts.tls_files, strict=True):
                 args += [flag, str(path)]

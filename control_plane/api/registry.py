@@ -59,6 +59,7 @@ def instance_json(registry: Registry, instance: Instance, now: float) -> JSON:
         "admin": instance.admin,
         "labels": dict(instance.labels),
         "app_port": instance.app_port,
+        "protocol": instance.protocol,
         "node": instance.node,
         "ready": instance.ready,
         "connected": registry.is_connected(instance.instance_id),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlet.addresses import parse_address
+from meshlet.endpoints import check_protocol
 from sidecar.core.config import ConfigError
 
 from .options import address as _address
@@ -70,6 +71,13 @@ def _unusable_ca(path: Path) -> str:
     return ""
 
 
+def _app_protocol(text: str) -> str:
+    try:
+        return check_protocol(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_command(commands: Any) -> argparse.ArgumentParser:
     sidecar = commands.add_parser(
         "sidecar",
@@ -83,6 +91,17 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         "--service", type=_service_name, required=True, help="the name of the local service (a DNS label)"
     )
     sidecar.add_argument("--app", type=_address, required=True, metavar="HOST:PORT", help="where the local app listens")
+    sidecar.add_argument(
+        "--app-protocol",
+        type=_app_protocol,
+        metavar="PROTOCOL",
+        help="what the app speaks: http1 (HTTP/1.1), http2 (HTTP/2, h2c to the app), grpc (gRPC over HTTP/2) or "
+        "tcp (opaque bytes: spliced both ways, never parsed). Registered with the control plane, so callers learn "
+        "it; a Service document's protocol wins. Default: its Service document's, else undeclared: HTTP/2 and "
+        "HTTP/1.1 are detected per connection. Declare any other protocol tcp, and server-first ones (MySQL, SMTP: "
+        "the server speaks first) above all: HTTP detection would wait for a byte the client never sends "
+        "(docs/policy.md, Opaque TCP)",
+    )
     sidecar.add_argument(
         "--inbound",
         type=_listen,
@@ -361,6 +380,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         join_token_file=join_token_file,
         control_plane_ca=control_plane_ca,
         tls_files=tls_files if all(tls_files) else None,
+        app_protocol=args.app_protocol or "",
     )
     if args.workers > 1:
         if control_planes:

@@ -69,7 +69,7 @@ def decide(
     retries are on; ``replay_overflow``: the body outgrew the replay buffer;
     ``retry_after``: the seconds the answer's ``Retry-After`` asked for, if any. A
     :class:`Retry` has spent one retry from ``budget``."""
-    if not outcome.failed and outcome.status < 400:
+    if not outcome.failed and outcome.status < 400 and not outcome.grpc:  # gRPC: OK, or in the trailers
         return SUCCESS
     if not may_retry:
         return METHOD_NOT_RETRIED if settings.attempts else RETRIES_OFF

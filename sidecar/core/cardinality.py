@@ -10,7 +10,7 @@ Prometheus falls over. Three bounds, on by default:
 * **A cap on the distinct values of a label** (``metrics.max_label_values``, default 200).
   Past it, a new value is written ``other``, and the fold is counted (per label) so an
   operator sees the cap bite. Labels whose values the sidecar itself bounds (``direction``,
-  ``code``) are not capped.
+  ``code``, ``grpc_status``) are not capped.
 * **Idle series expire** (``metrics.idle_expiry``, default 10 min): a series that did not
   move for that long is removed (a counter that comes back starts again from 0, which
   Prometheus reads as a reset), and its values stop counting against the cap.
@@ -31,14 +31,14 @@ OTHER = "other"
 DEFAULT_MAX_VALUES = 200
 DEFAULT_IDLE_EXPIRY = 600.0  # seconds
 Series = TypeVar("Series", bound=Hashable)  # how a caller keys a series, e.g. its label values
-UNCAPPED = frozenset({"direction", "code"})
+UNCAPPED = frozenset({"direction", "code", "grpc_status"})
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """MeshConfig's ``metrics`` as a sidecar uses it."""
 
-    labels: tuple[str, ...] = ("direction", "source", "destination", "route", "code", "reason")
+    labels: tuple[str, ...] = ("direction", "source", "destination", "route", "code", "reason", "grpc_status")
     max_label_values: int = 200
     max_series: int = 10_000
     idle_expiry: float = 600.0

@@ -22,6 +22,7 @@ from meshlet.endpoints import (
     SERVICE_KEYS,
     check_endpoint_list,
     check_labels,
+    check_protocol,
     check_weight,
     endpoint_mapping,
 )
@@ -65,6 +66,8 @@ class MeshSnapshot:
     outbound_traffic_policy: str = "ALLOW_ANY"  # transparent mode, unknown destinations (MeshConfig)
     mtls_mode: str = "permissive"  # MeshConfig mtls.mode
     mtls_modes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # Services' own
+    # Service → the protocol a Service document or the static file declares (with_protocols)
+    protocols: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,11 +101,13 @@ class MeshSnapshot:
                             "weight": e.weight,
                             **({"app_port": e.app_port} if e.app_port else {}),
                             **({"mtls": True} if e.mtls else {}),
+                            **({"protocol": e.protocol} if e.protocol else {}),
                         }
                         for e in svc.endpoints
                     ],
                     "connect_timeout": svc.connect_timeout,
                     "timeout": svc.timeout,
+                    **({"protocol": svc.protocol} if svc.protocol else {}),
                 }
                 for name, svc in sorted(self.services.items())
             },
@@ -129,13 +134,15 @@ def make_snapshot(
     outbound_traffic_policy: str | None = None,
     mtls_mode: str | None = None,
     mtls_modes: Mapping[str, str] | None = None,
+    protocols: Mapping[str, str] | None = None,
 ) -> MeshSnapshot:
     """A snapshot of ``services`` from ``source`` and the compiled policies given (none:
     no routes, no access tables, the default destination, tracing and metrics settings).
     Its version covers its services and the version of the policies behind its routes and
-    access tables, not its source."""
+    access tables, not its source. ``protocols`` (declared) win over what endpoints report."""
+    protocols = dict(protocols or {})
     snap = MeshSnapshot(
-        MappingProxyType(dict(services)),
+        MappingProxyType({name: with_protocol(svc, protocols.get(name, "")) for name, svc in services.items()}),
         source,
         "",
         routes=MappingProxyType(dict(routes or {})),
@@ -150,10 +157,25 @@ def make_snapshot(
         outbound_traffic_policy=outbound_traffic_policy or "ALLOW_ANY",
         mtls_mode=mtls_mode or "permissive",
         mtls_modes=MappingProxyType(dict(mtls_modes or {})),
+        protocols=MappingProxyType(protocols),
     )
     body = json.dumps([snap.to_json()["services"], policy_version], sort_keys=True).encode()
     version = hashlib.sha256(body).hexdigest()[:12]
     return dataclasses.replace(snap, version=version)
+
+
+def with_protocol(service: ServiceConfig, declared: str) -> ServiceConfig:
+    """``service`` with its protocol: ``declared`` (a Service document's, the static file's)
+    on the service and on every endpoint, else the one all its endpoints report (registered
+    by their sidecars' --app-protocol), else "" (undeclared, or endpoints that disagree)."""
+    if declared:
+        endpoints = tuple(
+            e if e.protocol == declared else dataclasses.replace(e, protocol=declared) for e in service.endpoints
+        )
+        return dataclasses.replace(service, endpoints=endpoints, protocol=declared)
+    reported = {e.protocol for e in service.endpoints}
+    protocol = reported.pop() if len(reported) == 1 else ""
+    return service if protocol == service.protocol else dataclasses.replace(service, protocol=protocol)
 
 
 _TOP_KEYS = ("defaults", "services", "version")
@@ -204,6 +226,7 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
         raw_services = {}
     services: dict[str, ServiceConfig] = {}
     modes: dict[str, str] = {}
+    protocols: dict[str, str] = {}
     for name, raw in raw_services.items():
         path = f"services.{name}"
         try:
@@ -216,7 +239,10 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
             lines.alias(f"{path}.endpoints", path)
         service = _service(name, raw, path, defaults, problem)
         mode = _mtls_mode(raw, path, problem) if isinstance(raw, dict) else None
+        protocol = _protocol(raw, path, problem) if isinstance(raw, dict) else ""
         if service is not None:
+            if protocol:
+                protocols[name] = protocol
             if mode is not None:
                 modes[name] = mode
                 if mode != "off":  # a service given a mode is one of sidecars: dialled with mTLS
@@ -225,7 +251,16 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
             services[name] = service
     if problem.found:
         raise ConfigError(problem.in_line_order())
-    return make_snapshot(services, f"static:{filename}", mtls_modes=modes)
+    return make_snapshot(services, f"static:{filename}", mtls_modes=modes, protocols=protocols)
+
+
+def _protocol(raw: Mapping[Any, Any], path: str, problem: _Problems) -> str:
+    """A service's ``protocol: http1|http2|grpc|tcp``; "" when not given (or wrong: reported)."""
+    try:
+        return check_protocol(raw.get("protocol"))
+    except ValueError as exc:
+        problem(f"{path}.protocol", str(exc))
+        return ""
 
 
 MTLS_MODES = ("off", "permissive", "strict")

@@ -19,7 +19,7 @@ from typing import Any
 
 from meshlet import wire
 from meshlet.addresses import parse_address
-from meshlet.endpoints import check_weight
+from meshlet.endpoints import check_protocol, check_weight
 from meshlet.names import is_service_name
 
 from . import errors
@@ -79,6 +79,7 @@ class DiscoveredState:
                     weight=check_weight(e.get("weight")),
                     app_port=e.get("app_port", 0),
                     mtls=e.get("mtls") is True,
+                    protocol=e.get("protocol", ""),
                 )
                 for e in body
             )
@@ -152,6 +153,11 @@ def _body(staged: Mapping[str, tuple[str, EndpointList]], resource: wire.Resourc
             raise ValueError(f"endpoint {item['id']}: app_port must be 0..65535")
         if not isinstance(item.get("mtls", False), bool):
             raise ValueError(f"endpoint {item['id']}: mtls must be a boolean")
+        if "protocol" in item:  # as its sidecar registered it; a value this build does not know is refused
+            try:
+                check_protocol(item["protocol"])
+            except ValueError as exc:
+                raise ValueError(f"endpoint {item['id']}: protocol {exc}") from None
     return body
 
 
@@ -187,6 +193,9 @@ class PushedConfig:
         services = dict(static)
         services.update(policies.services())  # Service documents: services without a sidecar
         services.update(self.discovered.services())  # registered instances win over a document of the same name
+        # Declared protocols win over what instances report: the static file's, then Service documents'.
+        protocols = {name: service.protocol for name, service in static.items() if service.protocol}
+        protocols.update(policies.protocols())
         return make_snapshot(
             services,
             source,
@@ -202,6 +211,7 @@ class PushedConfig:
             outbound_traffic_policy=policies.outbound_traffic_policy(),
             mtls_mode=mtls_mode,
             mtls_modes=mtls_modes,
+            protocols=protocols,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ PEER_IDENTITY_MISMATCH = Reason("peer-identity-mismatch", 502, b"Bad Gateway")
 # (the iptables rules do not exempt its own traffic); RFC 5842's status for a loop.
 LOOP_DETECTED = Reason("loop-detected", 508, b"Loop Detected")
 FORBIDDEN = Reason("forbidden", 403, b"Forbidden")
+INTERNAL = Reason("internal", 500, b"Internal Server Error")  # a bug of ours
 BAD_REQUEST = Reason("bad-request", 400, b"Bad Request")
 HEADERS_TOO_LARGE = Reason("bad-request", 431, b"Request Header Fields Too Large")
 URI_TOO_LONG = Reason("bad-request", 414, b"URI Too Long")

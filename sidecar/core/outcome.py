@@ -13,6 +13,11 @@ about what a failure is:
 * a retry happens only when the attempt matches one of the policy's ``retry_on``
   conditions (Envoy's vocabulary, docs/policy.md), the method is idempotent (or the policy
   allows others) and it was not the overall timeout that ended it.
+
+A gRPC call's answer is classified by its gRPC status too (``grpc``, sidecar/core/grpc.py),
+whatever its HTTP status: UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN and DATA_LOSS
+are the destination's failures (meshlet/grpc.py), and ``retry_on`` names the statuses
+worth another attempt (``unavailable``, ``cancelled``...).
 """
 
 from __future__ import annotations
@@ -20,11 +25,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshlet.grpc import SERVER_FAULTS, Status
+
 from . import errors
 
 # RFC 9110 §9.2.2; CONNECT is never retried, POST and PATCH only when the policy says so.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 NEVER_RETRIED = frozenset((b"CONNECT",))
+
+# retry_on's gRPC conditions (Envoy's names): a gRPC answer with one of these statuses.
+GRPC_CONDITIONS = {
+    "cancelled": Status.CANCELLED,
+    "deadline-exceeded": Status.DEADLINE_EXCEEDED,
+    "internal": Status.INTERNAL,
+    "resource-exhausted": Status.RESOURCE_EXHAUSTED,
+    "unavailable": Status.UNAVAILABLE,
+}
 
 _TRANSPORT = frozenset((errors.CONNECT_FAILED.name, errors.UPSTREAM_RESET.name, errors.TIMEOUT.name))
 
@@ -35,16 +51,26 @@ class Outcome:
     reason: str = ""  # mesh reason: ours (a MeshError) or the next sidecar's x-meshlet-error
     local: bool = False  # True: this sidecar made it (no response from the upstream)
     cause: str = ""  # "refused" for a refused connection
+    # A gRPC call's status, where the answer's head tells it (Trailers-Only, an HTTP error);
+    # None: not a gRPC call, or its status comes in the trailers (judged at the end).
+    grpc: int | None = None
 
     @property
     def failed(self) -> bool:
-        """A failure of the destination: 5xx, or no usable answer at all."""
-        return self.status >= 500 or (self.local and self.reason in _TRANSPORT)
+        """A failure of the destination: 5xx, no usable answer at all, or a gRPC server fault."""
+        return (
+            self.status >= 500
+            or (self.local and self.reason in _TRANSPORT)
+            or (self.grpc is not None and self.grpc in SERVER_FAULTS)
+        )
 
     @property
     def name(self) -> str:
-        """How an attempt ended, for explain and metrics: "200", "503", "connect-failed"..."""
-        return self.reason if self.local else str(self.status)
+        """How an attempt ended, for explain and metrics: "200", "503", "connect-failed",
+        "UNAVAILABLE" (a gRPC status)..."""
+        if self.local:
+            return self.reason
+        return str(self.status) if self.grpc is None else Status(self.grpc).name
 
 
 def response_outcome(status: int, mesh_reason: str = "") -> Outcome:
@@ -58,7 +84,7 @@ def error_outcome(error: errors.MeshError) -> Outcome:
 class RetryOn:
     """A policy's ``retry_on`` conditions (and ``retriable_status_codes``), compiled."""
 
-    __slots__ = ("connect", "refused", "reset", "statuses", "all_5xx", "gateway")
+    __slots__ = ("connect", "refused", "reset", "statuses", "all_5xx", "gateway", "grpc")
 
     def __init__(self, conditions: Iterable[str], status_codes: Iterable[int] = ()) -> None:
         conditions = set(conditions)
@@ -75,6 +101,8 @@ class RetryOn:
         if "retriable-status-codes" in conditions:
             statuses.update(status_codes)
         self.statuses = frozenset(statuses)
+        # gRPC statuses: "unavailable" is UNAVAILABLE as well as 503.
+        self.grpc = frozenset(code for name, code in GRPC_CONDITIONS.items() if name in conditions)
 
     def matches(self, outcome: Outcome, *, per_try_timeout: bool = False) -> bool:
         """Whether this outcome is worth another attempt. ``per_try_timeout``: a timeout
@@ -90,7 +118,9 @@ class RetryOn:
                 return per_try_timeout and (self.all_5xx or self.gateway)
             return False  # a bad request, a protocol error: the same again would fail the same way
         status = outcome.status
-        return status in self.statuses or (self.all_5xx and status >= 500)
+        if status in self.statuses or (self.all_5xx and status >= 500):
+            return True
+        return outcome.grpc is not None and outcome.grpc in self.grpc
 
 
 def retriable_method(method: bytes, non_idempotent: bool) -> bool:
@@ -99,4 +129,12 @@ def retriable_method(method: bytes, non_idempotent: bool) -> bool:
     return non_idempotent and method not in NEVER_RETRIED
 
 
-__all__ = ["IDEMPOTENT", "Outcome", "RetryOn", "error_outcome", "response_outcome", "retriable_method"]
+__all__ = [
+    "GRPC_CONDITIONS",
+    "IDEMPOTENT",
+    "Outcome",
+    "RetryOn",
+    "error_outcome",
+    "response_outcome",
+    "retriable_method",
+]

@@ -145,6 +145,14 @@ class PolicyCache:
                 services[document.name] = str(document.mtls.mode)
         return mesh, services
 
+    def protocols(self) -> dict[str, str]:
+        """The services whose Service document declares their protocol."""
+        return {
+            document.name: str(document.protocol)
+            for _, _, document in self.held.values()
+            if document.kind == "Service" and document.protocol is not None
+        }
+
     def outbound_traffic_policy(self) -> str | None:
         """MeshConfig's ALLOW_ANY / REGISTRY_ONLY; None without a MeshConfig (ALLOW_ANY)."""
         for _, _, document in self.held.values():

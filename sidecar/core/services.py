@@ -50,3 +50,6 @@ class ServiceConfig:
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # What the service speaks: declared (a Service document, the static file), else what
+    # all its endpoints report alike; "": undeclared (config.py with_protocols).
+    protocol: str = ""

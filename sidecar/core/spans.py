@@ -7,7 +7,10 @@ a second CLIENT span, so retries show in the trace) and the inbound sidecar a SE
 span, the child of the CLIENT span whose id came in the trace headers. Tags follow
 Zipkin's and OpenTelemetry's HTTP names where they exist (``http.method``,
 ``http.path``, ``http.status_code``, ``error``) and ``meshlet.*`` for the mesh's own
-facts (the mesh error reason, the attempt, the claimed peer service).
+facts (the mesh error reason, the attempt, the claimed peer service). A gRPC call's span
+also carries OpenTelemetry's ``rpc.system``, ``rpc.service``, ``rpc.method`` and
+``rpc.grpc.status_code`` (:func:`rpc_tags`), and ``error`` when its status is a server
+fault (meshlet/grpc.py).
 
 :func:`encode` makes the JSON body of ``POST /api/v2/spans``: a list of spans, every tag
 value a string, ``duration`` at least 1 µs (Zipkin drops 0), ids in lower hex. The exporter
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
+
+from meshlet.grpc import SERVER_FAULTS, Status
 
 CLIENT = "CLIENT"
 SERVER = "SERVER"
@@ -151,6 +156,20 @@ def http_span(
     return Span(trace_id, span_id, parent_id, kind, f"{verb.lower()} {path}", local, remote, start_us, 0, tags, debug)
 
 
+def rpc_tags(tags: dict[str, str], path: bytes, status: int | None) -> None:
+    """Tag a gRPC call's span: its service and method (from ``:path``, ``/pkg.Service/Method``)
+    and its status (None: cut short before any), ``error`` for a server fault."""
+    tags["rpc.system"] = "grpc"
+    service, slash, method = path[1:].partition(b"/")
+    if path[:1] == b"/" and slash and service and method:
+        tags["rpc.service"] = service.decode("latin-1")
+        tags["rpc.method"] = method.decode("latin-1")
+    if status is not None:
+        tags["rpc.grpc.status_code"] = str(status)
+        if status in SERVER_FAULTS and "error" not in tags:
+            tags["error"] = Status(status).name
+
+
 def encode_span(span: Span) -> bytes:
     """One span as Zipkin v2 JSON, for :func:`join` to put in a batch."""
     return orjson.dumps(span.to_json())
@@ -177,5 +196,6 @@ __all__ = [
     "http_span",
     "http_tags",
     "join",
+    "rpc_tags",
     "span_name",
 ]

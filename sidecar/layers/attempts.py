@@ -29,6 +29,7 @@ from .bookkeeping import Attempt, Bookkeeping
 from .call import ATTEMPT_HEADER, DEADLINE_HEADER, Call
 from .explainer import Explainer, Row, attempt_row, tag, with_id
 from .fallback import CircuitOpen
+from .grpc import cap, pass_on
 from .hedging import Hedging
 from .replay import ReplayBuffer
 
@@ -85,6 +86,9 @@ class Attempts:
             request.connect_timeout = settings.connect_timeout
         if call.deadline is not None and call.deadline < timeout:
             timeout = call.deadline
+        grpc = request.grpc
+        if grpc is not None:  # its grpc-timeout too (MeshError if it has passed)
+            timeout = cap(grpc, timeout)
         call.timeout = timeout
         deadline = request.deadline = start + timeout
         may_retry = settings.attempts > 0 and retriable_method(head.method, settings.non_idempotent)
@@ -118,10 +122,18 @@ class Attempts:
                 headers[:] = [h for h in headers if h[0] is not ATTEMPT_HEADER and h[0] is not DEADLINE_HEADER]
             headers.append(_ATTEMPTS[attempt] if attempt < len(_ATTEMPTS) else (ATTEMPT_HEADER, b"%d" % attempt))
             headers.append((DEADLINE_HEADER, b"%d" % max(1, int(left * 1000))))
+            if grpc is not None:
+                pass_on(grpc, headers, request.timeout)
             if replay is not None:
                 request.body = replay.cursor()
             hedge_after = None
-            if settings.hedge_delay is not None and attempt == 1 and may_retry and request.body is None:
+            if (
+                settings.hedge_delay is not None
+                and attempt == 1
+                and may_retry
+                and request.body is None
+                and grpc is None  # a gRPC answer is judged by its status (Bookkeeping.end_grpc)
+            ):
                 hedge_after = hedge_delay(destination)
             hedged = False
             try:
@@ -135,7 +147,10 @@ class Attempts:
                         book.abandon(balancer, outlier, endpoint, sent)
                         raise
                     else:
-                        last = book.end(balancer, outlier, endpoint, sent, response)
+                        if grpc is None:
+                            last = book.end(balancer, outlier, endpoint, sent, response)
+                        else:
+                            last = book.end_grpc(balancer, outlier, endpoint, sent, response)
                     now = last.ended
                 else:
                     race = await self.hedging.race(destination, balancer, request, endpoint, tried, hedge_after)
@@ -145,11 +160,20 @@ class Attempts:
             except BaseException:  # no answer to record: a HALF_OPEN trial slot is free again
                 breaker.release(permit)
                 raise
-            breaker.record(now, permit, last.failed, last.elapsed)
+            if grpc is None or last.response is None or last.outcome.grpc is not None:
+                breaker.record(now, permit, last.failed, last.elapsed)
+            else:  # a gRPC status in the trailers: judged when the exchange is over
+                book.judge_at_finish(last, outlier, breaker, permit)
             answer = last.response
             if settings.hedge_delay is not None and attempt == 1 and answer is not None and not last.failed:
                 destination.latencies.add(last.elapsed)  # what "slow" is, for hedging
-            if answer is not None and answer.status < 400 and attempt == 1 and not (call.explain or hedged):
+            if (
+                answer is not None
+                and answer.status < 400
+                and attempt == 1
+                and not (call.explain or hedged)
+                and (grpc is None or not last.outcome.grpc)
+            ):
                 return answer  # the common case: a clean first try, nothing to explain
             rows.append(attempt_row(last))
             decision = self._decide(destination, request.service, last, attempt, may_retry, replay, deadline, now)

@@ -19,6 +19,7 @@ import trio
 from meshlet.routes import CompiledRule
 
 from ..core.errors import Reason, error_response
+from ..core.grpc import Call as GrpcCall
 from ..core.http1 import RequestHead
 from ..core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from ..core.tracecontext import TraceContext
@@ -67,6 +68,7 @@ class Request:
         "deadline",
         "attempt",
         "trace",
+        "grpc",
     )
 
     def __init__(self, head: RequestHead, body: BodySource | None, peer_ip: bytes) -> None:
@@ -89,6 +91,7 @@ class Request:
         self.deadline = 0.0  # when the whole exchange must be over (trio clock); 0: request.timeout from now
         self.attempt = 0  # which attempt the resilience layer is making (1, 2, ...)
         self.trace: TraceContext | None = None  # the caller's, read on the first attempt (layers/tracing.py)
+        self.grpc: GrpcCall | None = None  # a gRPC call: its deadline and status (layers/grpc.py)
 
 
 class Response:

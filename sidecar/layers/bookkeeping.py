@@ -11,6 +11,11 @@ hedged race of two), so the attempt loop records it.
 
 The caller awaits the forwarder itself, between ``start`` and ``end``: a coroutine
 wrapped around it here would cost one more frame on every suspension of every request.
+
+A gRPC call's answer ends with :meth:`~Bookkeeping.end_grpc`: classified by the gRPC
+status its head tells (Trailers-Only, an HTTP error); when the status comes in the
+trailers, the detector and the breaker hear of it when the exchange is over
+(:meth:`~Bookkeeping.judge_at_finish`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from meshlet.headers import ERROR_HEADER
+
 from ..core.balance import Balancer
+from ..core.breaker import CircuitBreaker
 from ..core.errors import MeshError
+from ..core.grpc import final_status, head_status, server_fault
 from ..core.outcome import Outcome, error_outcome
 from ..core.outlier import OutlierDetector
 from ..core.services import Endpoint
@@ -85,6 +94,49 @@ class Bookkeeping:
         balancer.finished(endpoint, elapsed, now, failed)
         outlier.record(endpoint, now, failed)
         return _new_tuple(Attempt, (endpoint, outcome, failed, elapsed, now, response, error))
+
+    def end_grpc(
+        self, balancer: Balancer, outlier: OutlierDetector, endpoint: Endpoint, sent: float, response: Response
+    ) -> Attempt:
+        """A gRPC call's attempt started at ``sent`` was answered. With its status in the
+        head, it is judged now; else (the status comes in the trailers) the balancer hears
+        of it now and the detector when the exchange is over (:meth:`judge_at_finish`)."""
+        elapsed = self.timer() - sent
+        now = self.clock()
+        code = head_status(response.status, response.headers)
+        if code is not None and not response.mesh_error:
+            # The next sidecar's own error, answered Trailers-Only: its reason, as for a 5xx.
+            for name, value in response.headers:
+                if len(name) == len(ERROR_HEADER) and name.lower() == ERROR_HEADER:
+                    response.mesh_error = value.decode("ascii", "replace")
+        outcome = Outcome(response.status, response.mesh_error, grpc=code)
+        failed = outcome.failed
+        balancer.finished(endpoint, elapsed, now, failed)
+        if code is not None:
+            outlier.record(endpoint, now, failed)
+        return _new_tuple(Attempt, (endpoint, outcome, failed, elapsed, now, response, None))
+
+    def judge_at_finish(self, last: Attempt, outlier: OutlierDetector, breaker: CircuitBreaker, permit: int) -> None:
+        """A gRPC attempt whose status comes in its trailers: the detector and the breaker
+        learn it when the exchange is over. One cut short before any status tells them
+        nothing (as an abandoned attempt): its breaker permit is handed back."""
+        response, endpoint, elapsed = last.response, last.endpoint, last.elapsed
+        assert response is not None
+        inner, clock = response.on_finish, self.clock
+
+        def finished(complete: bool) -> None:
+            if inner is not None:
+                inner(complete)
+            code = final_status(response.status, response.headers, response.trailers, complete)
+            if code is None:
+                outlier.release(endpoint)
+                breaker.release(permit)
+                return
+            failed, now = server_fault(code), clock()
+            outlier.record(endpoint, now, failed)
+            breaker.record(now, permit, failed, elapsed)
+
+        response.on_finish = finished
 
     def abandon(self, balancer: Balancer, outlier: OutlierDetector, endpoint: Endpoint, sent: float) -> None:
         """The attempt started at ``sent`` ends without an answer: the time it took is a

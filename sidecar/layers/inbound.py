@@ -13,6 +13,7 @@ from ..core import errors
 from ..core.errors import MeshError
 from ..core.services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint
 from .base import Filter, Request
+from .grpc import cap, pass_on
 from .routing import normalised
 
 
@@ -45,6 +46,10 @@ def to_local_app(
                 left = int(value) / 1000
                 if left < request.timeout:
                     request.timeout = left
+        grpc = request.grpc
+        if grpc is not None:  # a gRPC call: its grpc-timeout too, passed on to the app reduced
+            request.timeout = cap(grpc, request.timeout)
+            pass_on(grpc, headers, request.timeout)
         if claimed:  # rare: only a client that writes it itself
             headers[:] = [(n, v) for n, v in headers if not (len(n) == 16 and n.lower() == SOURCE_HEADER)]
         request.target = normalised(request.head.target)  # what the access check sees is what the app gets

@@ -30,7 +30,9 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..core import tracecontext
-from ..core.spans import CLIENT, SERVER, Endpoint, Span, http_span
+from ..core.grpc import Call as GrpcCall
+from ..core.grpc import final_status, mesh_error_status
+from ..core.spans import CLIENT, SERVER, Endpoint, Span, http_span, rpc_tags
 from ..core.tracecontext import TraceContext
 from .base import Handler, Request, Response
 
@@ -103,8 +105,11 @@ class Tracer:
             context.debug,
         )
 
-    def record(self, span: Span, response: Response, started: float, attempt: int = 0) -> None:
-        """Finish ``span`` when ``response`` has gone through (or failed), then export it."""
+    def record(
+        self, span: Span, response: Response, started: float, attempt: int = 0, grpc: GrpcCall | None = None
+    ) -> None:
+        """Finish ``span`` when ``response`` has gone through (or failed), then export it.
+        ``grpc``: the request is a gRPC call, whose status the span tells too."""
         inner = response.on_finish
         timer, export = self.timer, self.export
 
@@ -114,6 +119,9 @@ class Tracer:
             span.finish(int((timer() - started) * 1_000_000), response.status, response.mesh_error, attempt)
             if not complete:  # cut short, or an attempt given up for a retry
                 span.tags["meshlet.complete"] = "false"
+            if grpc is not None:
+                status = final_status(response.status, response.headers, response.trailers, complete)
+                rpc_tags(span.tags, span_path(span), status)
             export(span)
 
         response.on_finish = finished
@@ -133,7 +141,7 @@ def server_tracing(inner: Handler, tracer: Tracer) -> Handler:
         span.remote = tracer.peer(request.source)  # known once the inbound filters read the caller
         if request.source != "unknown":
             span.tags["meshlet.peer"] = request.source
-        tracer.record(span, response, started)
+        tracer.record(span, response, started, grpc=request.grpc)  # the gRPC layer, inside, has read it
         return response
 
     return handle
@@ -159,12 +167,18 @@ def client_tracing(inner: Handler, tracer: Tracer) -> Handler:
             reason = getattr(getattr(exc, "reason", None), "name", type(exc).__name__)
             status = getattr(getattr(exc, "reason", None), "status", 0)
             span.finish(int((tracer.timer() - started) * 1_000_000), status, reason, request.attempt)
+            if request.grpc is not None:  # the caller will see the status its mesh error stands for
+                rpc_tags(span.tags, span_path(span), mesh_error_status(reason))
             tracer.export(span)
             raise
-        tracer.record(span, response, started, request.attempt)
+        tracer.record(span, response, started, request.attempt, request.grpc)
         return response
 
     return handle
+
+
+def span_path(span: Span) -> bytes:
+    return span.tags.get("http.path", "").encode("latin-1")
 
 
 __all__ = ["Tracer", "client_tracing", "server_tracing"]

@@ -109,19 +109,28 @@ class AdminViews:
         }
 
     def clusters(self) -> dict[str, list[dict[str, Any]]]:
-        """Upstream connection pools by service, one row per endpoint."""
+        """Upstream connection pools by service, one row per endpoint: its HTTP/1.1 pool,
+        and its HTTP/2 one (``h2_``) when requests went to it in HTTP/2."""
         out: dict[str, list[dict[str, Any]]] = {}
-        for (host, port), pool in sorted(self.pools.pools.items()):
+        pools, h2_pools = self.pools.pools, self.pools.h2_pools
+        for host, port in sorted(pools.keys() | h2_pools.keys()):
             service = self.pools.services.get((host, port), "")
+            pool, h2_pool = pools.get((host, port)), h2_pools.get((host, port))
             out.setdefault(service, []).append(
                 {
                     "endpoint": f"{host}:{port}",
-                    "active_connections": pool.active,
-                    "idle_connections": len(pool.idle),
-                    "connections_opened": pool.connects,
-                    "requests": pool.requests,
-                    "errors": pool.errors,
-                    "overflows": pool.overflows,
+                    "active_connections": 0 if pool is None else pool.active,
+                    "idle_connections": 0 if pool is None else len(pool.idle),
+                    "connections_opened": 0 if pool is None else pool.connects,
+                    "requests": 0 if pool is None else pool.requests,
+                    "errors": 0 if pool is None else pool.errors,
+                    "overflows": 0 if pool is None else pool.overflows,
+                    "h2_connections": 0 if h2_pool is None else len(h2_pool.conns),
+                    "h2_streams": 0 if h2_pool is None else sum(len(c.streams) for c in h2_pool.conns),
+                    "h2_connections_opened": 0 if h2_pool is None else h2_pool.connects,
+                    "h2_requests": 0 if h2_pool is None else h2_pool.requests,
+                    "h2_errors": 0 if h2_pool is None else h2_pool.errors,
+                    "h2_retries": 0 if h2_pool is None else h2_pool.retries,
                 }
             )
         return out

@@ -52,6 +52,7 @@ class InstanceInfo:
     labels: dict[str, str] = field(default_factory=dict)
     node: str = ""
     app_port: int = 0  # the app's port on the inbound host: what transparent-mode callers dial
+    protocol: str = ""  # --app-protocol: what the app speaks, pushed to callers with this endpoint
 
 
 class ControlPlaneClient:
@@ -174,6 +175,7 @@ class ControlPlaneClient:
                 "labels": info.labels,
                 "ready": self.reported_ready,
                 **({"app_port": info.app_port} if info.app_port else {}),
+                **({"protocol": info.protocol} if info.protocol else {}),
             },
             self.config.versions(),
             # Transparent mode: any address the app dials may be a service's, so every

@@ -7,19 +7,24 @@ longer than the header timeout, and decides:
 * 0x16: a TLS handshake with the server context, a client certificate required and verified;
   the caller is the service its SPIFFE ID names, for every request on the connection;
   it speaks HTTP/2 if ALPN chose ``h2``, else HTTP/1.1;
-* anything else: plaintext (HTTP/2 if it starts with the client preface, else HTTP/1.1), whose caller is ``unauthenticated`` (meshlet.identity), or, when
-  the service's mTLS mode is ``strict``, a connection closed at once (counted, logged once per
-  burst from one peer).
+* anything else: plaintext (HTTP/2 if it starts with the client preface, else HTTP/1.1),
+  whose caller is ``unauthenticated`` (meshlet.identity), or, when the service's mTLS mode
+  is ``strict``, a connection closed at once (counted, logged once per burst from one peer).
 
 What a request's ``x-meshlet-source`` header claims is never used (sidecar/layers/inbound.py
 drops it): the identity is the connection's.
+
+When the app's protocol is ``tcp`` the connection, once its caller is known, is spliced to
+the app instead (sidecar/net/tcp_proxy.py). Callers through a sidecar open with a TLS
+ClientHello, so the peek never waits for them; in mode ``off`` there is nothing to tell
+apart and no peek at all, so a plaintext client of a server-first protocol is served at once.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import wait_readable
@@ -37,6 +42,10 @@ log = logging.getLogger("meshlet.inbound")
 TLS_HANDSHAKE_RECORD = 0x16
 REFUSAL_LOG_INTERVAL = 60.0  # a peer refused again within this is counted, not logged again
 MAX_PEERS_REMEMBERED = 10_000  # peers whose last refusal log time is kept
+
+
+# Serves a connection as opaque TCP (sidecar/net/tcp_proxy.py), given the caller it proved.
+Opaque = Callable[[Connection, str], Awaitable[None]]
 
 
 class _Bursts:
@@ -68,33 +77,37 @@ class InboundGate:
         handler: Handler,
         timeouts: Timeouts,
         on_plaintext_refused: Callable[[], None] = lambda: None,
-        *,
-        detect_http2: bool = True,
+        opaque: Callable[[], Opaque | None] = lambda: None,
     ) -> None:
         self.tls = tls
         self.service = service
         self.handler = handler
         self.timeouts = timeouts
         self.on_plaintext_refused = on_plaintext_refused
-        # Look for the HTTP/2 preface on plaintext connections. False for an app whose protocol
-        # is declared tcp: its connections are not HTTP, and a server-first protocol must never
-        # wait on a sniff.
-        self.detect_http2 = detect_http2
+        # The app's protocol is tcp: how to splice a caller's connection to it (never an HTTP
+        # reader, so never a wait on HTTP/2 detection).
+        self.opaque = opaque
         self._refusals = _Bursts()  # plaintext refused (strict)
         self._failures = _Bursts()  # TLS handshakes or identities refused
         self._no_credentials_logged = False
 
     async def __call__(self, io: Connection) -> None:
         try:
+            opaque = self.opaque()
+            if opaque is not None and self.tls.mode(self.service) == "off":
+                await opaque(io, UNAUTHENTICATED)  # nothing to tell apart: no wait for a first byte
+                return
             first = await self._first_byte(io)
             if first is None:
                 return  # closed, or silent past the header timeout, before a byte
             if first == TLS_HANDSHAKE_RECORD:
-                await self._serve_tls(io)
+                await self._serve_tls(io, opaque)
             elif self.tls.mode(self.service) == "strict":
                 self._refuse_plaintext(io)
+            elif opaque is not None:
+                await opaque(io, UNAUTHENTICATED)
             else:
-                await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED, detect=self.detect_http2)
+                await serve_connection(io, self.handler, self.timeouts, UNAUTHENTICATED)
         finally:
             io.close()
 
@@ -118,7 +131,7 @@ class InboundGate:
         self.timeouts.expired["first-byte"] += 1
         return None
 
-    async def _serve_tls(self, io: Connection) -> None:
+    async def _serve_tls(self, io: Connection, opaque: Opaque | None) -> None:
         tls = self.tls
         tls.refresh()
         context = tls.server
@@ -147,7 +160,9 @@ class InboundGate:
             return
         tls.on_handshake("server", conn.session_reused)
         try:
-            if conn.tls_object.selected_alpn_protocol() == "h2":
+            if opaque is not None:
+                await opaque(conn, caller)
+            elif conn.tls_object.selected_alpn_protocol() == "h2":
                 from .http2 import serve_http2  # here: a sidecar that never sees HTTP/2 never loads h2
 
                 await serve_http2(conn, self.handler, self.timeouts, caller, b"")

@@ -114,6 +114,9 @@ class MeshTLS:
         self._generation = -1
         self.server: ssl.SSLContext | None = None
         self.client: ssl.SSLContext | None = None
+        # The client context for HTTP/2 to another sidecar: the same, offering ALPN h2 (the
+        # HTTP/1.1 one offers none, so nothing changes for a peer that predates HTTP/2).
+        self.h2_client: ssl.SSLContext | None = None
         self.trust_domain = ""
         self.service = ""  # the service our certificate names
         # peer address → (the context it was made with, the session): only that context resumes it
@@ -131,14 +134,16 @@ class MeshTLS:
             self.sessions.clear()  # a session resumes only with the context it came from
             credentials = holder.current
             had = self.client is not None
-            self.server = self.client = None
+            self.server = self.client = self.h2_client = None
             if credentials is not None:
                 try:
                     self.server = build_context(credentials, server_side=True)
                     self.client = build_context(credentials, server_side=False)
+                    self.h2_client = build_context(credentials, server_side=False)
+                    self.h2_client.set_alpn_protocols(["h2"])
                 except (ssl.SSLError, ValueError, OSError) as exc:
                     log.error("the TLS credentials for %s cannot be used: %s", credentials.service, exc)
-                    self.server = self.client = None
+                    self.server = self.client = self.h2_client = None
                 else:
                     self.trust_domain = credentials.trust_domain
                     self.service = credentials.service
@@ -183,6 +188,10 @@ class MeshTLS:
                 )
             return None
         return self.client
+
+    def h2_client_context(self, service: str) -> ssl.SSLContext | None:
+        """As :meth:`client_context`, for HTTP/2: the context offers ALPN ``h2``."""
+        return None if self.client_context(service) is None else self.h2_client
 
     async def handshake_client(
         self, io: Connection, address: tuple[str, int], context: ssl.SSLContext

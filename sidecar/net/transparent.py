@@ -10,6 +10,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,6 +29,9 @@ from ..core.interception import (
 from ..layers.base import Handler, Request, Response
 from .downstream import Timeouts, serve_connection
 from .upstream import OwnConnections
+
+if TYPE_CHECKING:
+    from .tcp_proxy import TcpProxy
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -74,6 +78,7 @@ class Interceptor:
         self.addresses = AddressMap()
         self.policy = ALLOW_ANY  # MeshConfig outbound_traffic_policy
         self.passthrough = Passthrough()
+        self.opaque: TcpProxy | None = None  # connections to a tcp service are spliced by it
         self._logged: set[tuple[str, int]] = set()
 
     def use(self, handler: Handler, addresses: AddressMap, policy: str) -> None:
@@ -101,6 +106,12 @@ class Interceptor:
                 io.reset()
                 return
             self.on_intercepted(TO_SERVICE, service)
+            if self.opaque is not None and self.opaque.is_tcp(service):
+                try:
+                    await self.opaque.outbound(io, service)
+                finally:
+                    io.close()
+                return
 
             async def to_service(request: Request) -> Response:
                 request.service = service  # the router takes it instead of the Host header

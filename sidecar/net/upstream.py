@@ -26,6 +26,7 @@ import logging
 import select
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,6 +35,7 @@ from meshlet.io import Closed, Connection, Deadlines, TLSConnection, TLSError, c
 
 from ..core import errors
 from ..core.errors import MeshError
+from ..core.h2_upstream import HTTP2_PROTOCOLS, upstream_version
 from ..core.headers import forward_request_headers, forward_response_headers
 from ..core.http1 import (
     CHUNKED_END,
@@ -49,6 +51,10 @@ from ..core.outcome import IDEMPOTENT
 from ..core.services import Endpoint
 from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 from .tls import MeshTLS, PeerIdentityError, peer_service
+
+if TYPE_CHECKING:
+    from .h2_pool import H2EndpointPool
+    from .h2_upstream import H2Forwarder
 
 log = logging.getLogger("meshlet.upstream")
 
@@ -393,7 +399,11 @@ class UpstreamPools:
         # endpoint address → service name, for labels
         self.services: dict[tuple[str, int], str] = {}
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections  # per endpoint
+        self.max_connections = max_connections  # per endpoint (and as many HTTP/2 ones)
+        # HTTP/2 pools (net/h2_upstream.py), made on first use; their connections' reader and
+        # writer tasks run in ``nursery``, which the sidecar gives (sidecar/app.py).
+        self.h2_pools: dict[tuple[str, int], H2EndpointPool] = {}
+        self.nursery: trio.Nursery | None = None
 
     def get(self, endpoint: Endpoint, service: str) -> EndpointPool:
         key = (endpoint.host, endpoint.port)
@@ -419,10 +429,33 @@ class UpstreamPools:
             address = pool.endpoint.address
             yield service, address, "active", pool.active
             yield service, address, "idle", len(pool.idle)
+        for key, h2_pool in self.h2_pools.items():
+            service = self.services.get(key, "")
+            for state, count in h2_pool.stats():
+                yield service, h2_pool.endpoint.address, state, count
+
+    def h2_stream_stats(self) -> Iterator[tuple[str, str, int]]:
+        """(destination, endpoint, streams open) per HTTP/2 pool."""
+        for key, pool in self.h2_pools.items():
+            yield self.services.get(key, ""), pool.endpoint.address, sum(len(c.streams) for c in pool.conns)
+
+    def h2_close_stats(self) -> Iterator[tuple[str, str, str, int]]:
+        """(destination, endpoint, reason, HTTP/2 connections ended for it)."""
+        for key, pool in self.h2_pools.items():
+            for reason, count in pool.closes.items():
+                yield self.services.get(key, ""), pool.endpoint.address, reason, count
+
+    def h2_reset_stats(self) -> Iterator[tuple[str, str, str, int]]:
+        """(destination, endpoint, error code, RST_STREAMs received with it)."""
+        for key, pool in self.h2_pools.items():
+            for code, count in pool.resets.items():
+                yield self.services.get(key, ""), pool.endpoint.address, code, count
 
     def overflow_stats(self) -> Iterator[tuple[str, str, int]]:
         for key, pool in self.pools.items():
             yield self.services.get(key, ""), pool.endpoint.address, pool.overflows
+        for key, h2_pool in self.h2_pools.items():
+            yield self.services.get(key, ""), h2_pool.endpoint.address, h2_pool.overflows
 
     async def serve_expiry(self, interval: float = 5.0) -> None:
         while True:
@@ -430,6 +463,8 @@ class UpstreamPools:
             now = trio.current_time()
             for pool in self.pools.values():
                 pool.expire_idle(now)
+            for h2_pool in self.h2_pools.values():
+                h2_pool.expire_idle(now)
 
 
 class _Exchange:
@@ -545,6 +580,14 @@ class Forwarder:
         self.pools = pools
         self.deadlines = deadlines
         self.allow_upgrades = allow_upgrades
+        self.h2: H2Forwarder | None = None  # made for the first request that goes in HTTP/2
+
+    def _h2_forwarder(self) -> H2Forwarder:
+        if self.h2 is None:
+            from .h2_upstream import H2Forwarder
+
+            self.h2 = H2Forwarder(self.pools, self.deadlines)
+        return self.h2
 
     def _head_bytes(self, request: Request, upgrade: bytes | None) -> bytes:
         head = request.head
@@ -567,6 +610,11 @@ class Forwarder:
     async def __call__(self, request: Request) -> Response:
         endpoint = request.endpoint
         assert endpoint is not None, "the balancer layer sets the endpoint"
+        version = request.head.http_version
+        if (version == "2" or endpoint.protocol in HTTP2_PROTOCOLS) and upstream_version(
+            version, endpoint.protocol, endpoint.mtls
+        ) == "2":
+            return await self._h2_forwarder()(request)
         pool = self.pools.get(endpoint, request.service)
         upgrade = request.head.upgrade
         if upgrade is not None and (not self.allow_upgrades or upgrade.lower().startswith(b"h2c")):

@@ -51,7 +51,7 @@ async def test_registry_views(api: httpx.AsyncClient) -> None:
     endpoints = (await api.get("/v1/endpoints", params={"service": "item"})).json()["endpoints"]["item"]
     assert [e["id"] for e in endpoints] == ["item-1", "item-2"]
     assert set(endpoints[0]) == {
-        "id", "service", "address", "admin", "labels", "app_port", "node", "ready", "connected", "lease_expires_in"
+        "id", "service", "address", "admin", "labels", "app_port", "protocol", "node", "ready", "connected", "lease_expires_in"
     }  # fmt: skip
     targets = (await api.get("/v1/prometheus/targets")).json()
     assert targets[0] == {

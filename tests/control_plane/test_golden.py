@@ -49,6 +49,20 @@ def test_a_window_per_service_edge_and_route() -> None:
     assert routes[1].success == 0
 
 
+@pytest.mark.parametrize(
+    ("grpc_status", "failed"),
+    [("0", False), ("5", False), ("1", False), ("3", False), ("14", True), ("4", True), ("13", True), ("2", True)]
+    + [("15", True), ("", False)],
+)
+def test_a_grpc_server_fault_is_a_failure_though_its_http_status_is_200(grpc_status: str, failed: bool) -> None:
+    item = Telemetry()
+    before = parse(page(item))
+    for _ in range(10):
+        item.request_finished("inbound", "user", "item", "", 200, "", 0.003, grpc_status=grpc_status)
+    (service,) = rows([(since(before, parse(page(item))), 10.0)], "service")
+    assert service.success == (0.0 if failed else 1.0)
+
+
 def test_by_caller_each_verified_caller_and_the_plaintext_ones_as_the_callee_saw_them() -> None:
     item, user = Telemetry(), Telemetry()
     traffic(item, 8, "inbound", "user", "item", "")

@@ -133,6 +133,8 @@ def test_instance_defaults_are_fail_closed() -> None:
         ({"app_port": -1}, "app_port -1"),
         ({"app_port": "8080"}, "app_port '8080'"),
         ({"app_port": True}, "app_port True"),
+        ({"protocol": "http3"}, "protocol 'http3' is not a protocol (one of http1, http2, grpc, tcp)"),
+        ({"protocol": "TCP"}, "protocol 'TCP' is not a protocol"),
     ],
 )
 def test_invalid_instances_are_rejected(changes: dict[str, object], message: str) -> None:

@@ -686,6 +686,8 @@ async def test_push_connections_are_capped_and_silent_ones_closed(tmp_path: Path
         ({"address": 9}, "bad-message", "hello.instance.address must be a string, not int"),
         ({"address": "nowhere"}, "bad-instance", "address 'nowhere' is not HOST:PORT"),
         ({"app_port": 70000}, "bad-instance", "app_port 70000"),
+        ({"protocol": 2}, "bad-message", "hello.instance.protocol must be a string, not int"),
+        ({"protocol": "quic"}, "bad-instance", "protocol 'quic' is not a protocol (one of http1, http2, grpc, tcp)"),
     ],
 )
 async def test_a_malformed_hello_is_one_log_line_and_a_wire_error(

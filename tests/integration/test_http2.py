@@ -1,4 +1,5 @@
-"""HTTP/2 clients through a real sidecar process to an HTTP/1.1 origin (tests/origin.py):
+"""HTTP/2 clients through a real sidecar process to an HTTP/1.1 origin (tests/origin.py,
+declared ``http1``, so the upstream side speaks HTTP/1.1 to it):
 curl with prior knowledge (h2c) on the outbound listener, h2load's load, curl with ALPN h2
 over mTLS on the inbound listener (the caller is its certificate's), a slow reader of a large
 response (the sidecar's memory stays bounded), and an attack on the real listener."""
@@ -49,7 +50,10 @@ async def metrics(sidecar: SidecarProcess) -> str:
 
 
 def static_for(tmp_path: Path, origin: Origin) -> Path:
-    return write_static(tmp_path / "static.yaml", {"item": {"endpoints": [f"127.0.0.1:{origin.port}"]}})
+    """``item`` is the HTTP/1.1 origin, declared so: an undeclared app would get HTTP/2 requests
+    in HTTP/2 (sidecar/core/h2_upstream.py), which tests/origin.py does not speak."""
+    service = {"endpoints": [f"127.0.0.1:{origin.port}"], "protocol": "http1"}
+    return write_static(tmp_path / "static.yaml", {"item": service})
 
 
 async def test_curl_h2c_through_the_outbound_listener(tmp_path: Path, origin: Origin) -> None:

@@ -118,3 +118,26 @@ def test_unauthenticated_callers_are_let_in_only_by_name() -> None:
     assert not by_name.check("user", b"GET", b"/public/x").allowed
     assert not table().check("unauthenticated", b"GET", b"/items").allowed  # user's rule is user's
     assert table().check("unauthenticated", b"GET", b"/health").allowed  # "*"
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "allowed", "rule"),
+    [
+        (POLICY, "gateway", True, "rules[1]"),  # a rule naming only sources
+        (POLICY, "user", False, "default"),  # its only rule needs paths and methods: never a connection
+        (POLICY, "billing", False, "default"),  # rules[2] ("*") names a path: no connection matches it
+        (POLICY.replace("rules:", "default: allow\nrules:"), "billing", True, "default"),
+        ("kind: AccessPolicy\nname: a\nservice: db\nrules:\n  - sources: ['*']\n", "anyone", True, "rules[0]"),
+        (
+            "kind: AccessPolicy\nname: a\nservice: db\nrules:\n  - sources: [x]\n    methods: [GET]\n",
+            "x",
+            False,
+            "default",
+        ),
+    ],
+)
+def test_a_tcp_connection_is_allowed_only_by_a_rule_without_paths_or_methods(
+    text: str, source: str, allowed: bool, rule: str
+) -> None:
+    verdict = table(text).check_connection(source)
+    assert (verdict.allowed, verdict.rule) == (allowed, rule)

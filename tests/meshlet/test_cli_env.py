@@ -36,6 +36,7 @@ def parse(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str])
         ("MESHLET_INSTANCE_ID", "item-7", "instance_id", "item-7"),
         ("MESHLET_DATA_DIR", "/var/lib/meshlet", "data_dir", Path("/var/lib/meshlet")),
         ("MESHLET_HEALTH_PATH", "/healthz", "health_path", "/healthz"),
+        ("MESHLET_APP_PROTOCOL", "tcp", "app_protocol", "tcp"),
         (
             "MESHLET_TRACE_COLLECTOR",
             "http://zipkin:9411/api/v2/spans",
@@ -131,6 +132,11 @@ def test_a_bad_value_for_another_command_does_not_stop_this_one(
             "argument --drain-timeout: 'soon' is not a duration (allowed: 250ms, 2s, 1m, 1h)",
         ),
         (["--app", "::1:8080"], "argument --app: '::1:8080' is not HOST:PORT (an IPv6 host goes in brackets"),
+        (
+            ["--app-protocol", "mysql"],
+            "argument --app-protocol: 'mysql' is not a protocol (one of http1, http2, grpc, tcp)",
+        ),
+        (["--app-protocol", "HTTP2"], "argument --app-protocol: 'HTTP2' is not a protocol"),
     ],
 )
 def test_a_bad_flag_is_refused_with_the_rule(

@@ -198,7 +198,7 @@ SHAPES = [
     ),
     pytest.param(
         "retries: 3\n",
-        [(3, "retries", "unknown key (allowed: endpoints, connect_timeout, timeout, mtls)")],
+        [(3, "retries", "unknown key (allowed: endpoints, connect_timeout, timeout, mtls, protocol)")],
         id="unknown-key",
     ),
 ]

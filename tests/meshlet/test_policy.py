@@ -152,6 +152,11 @@ def test_an_empty_document_is_left_out() -> None:
             id="bad-duration",
         ),
         pytest.param(
+            "kind: Service\nname: billing\nprotocol: udp\n",
+            "p.yaml:3: protocol: 'udp' is not allowed (allowed: http1, http2, grpc, tcp)",
+            id="bad-protocol",
+        ),
+        pytest.param(
             "kind: Service\nname: Billing\n",
             "p.yaml:2: name: 'Billing' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
             id="bad-service-name",
@@ -339,9 +344,9 @@ def test_random_documents_never_crash_the_validator(doc: dict[str, object]) -> N
 def test_every_example_in_docs_policy_md_is_valid() -> None:
     text = (Path(__file__).parents[2] / "docs" / "policy.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     docs = load_documents([(f"docs/policy.md#{i}", block) for i, block in enumerate(blocks)])
-    kinds = ["Service", "Service", "Route", "DestinationPolicy", "AccessPolicy", "MeshConfig"]
+    kinds = ["Service", "Service", "Service", "Route", "DestinationPolicy", "AccessPolicy", "MeshConfig"]
     assert [d.kind for d in docs] == kinds
 
 

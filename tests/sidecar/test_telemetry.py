@@ -14,12 +14,17 @@ def text(telemetry: Telemetry) -> str:
 
 
 def value(out: str, name: str, **labels: str) -> float | None:
-    """The sample ``name`` with exactly ``labels``, parsed as Prometheus parses it."""
+    """The sample ``name`` with exactly ``labels``, parsed as Prometheus parses it (a label
+    with an empty value is no label)."""
     for family in text_string_to_metric_families(out):
         for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
+            if sample.name == name and _present(sample.labels) == _present(labels):
                 return sample.value
     return None
+
+
+def _present(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if v}
 
 
 def test_a_request_is_one_sample_with_every_per_hop_label_and_a_histogram() -> None:
@@ -45,7 +50,7 @@ def test_callers_past_the_cap_are_other_and_the_folds_are_counted() -> None:
     for i in range(10_000):
         telemetry.request_finished("inbound", f"caller-{i}", "item", "", 200, "", 0.001)
     assert len(telemetry.requests) == 11  # ten callers and "other"
-    assert telemetry.requests[("inbound", "other", "item", "", "200", "")] == 9_990
+    assert telemetry.requests[("inbound", "other", "item", "", "200", "", "")] == 9_990
     report = cardinality(render(lambda: [telemetry.snapshot()]), telemetry)
     assert report["series"]["meshlet_requests"] == 11
     assert report["series"]["meshlet_request_duration_seconds"] == 11
@@ -59,14 +64,14 @@ def test_the_series_cap_folds_every_bounded_label_of_a_new_series() -> None:
     for i in range(300):
         telemetry.request_finished("outbound", "user", f"svc-{i}", "", 200, "", 0.001)
     assert len(telemetry.requests) == 101
-    assert telemetry.requests[("outbound", "other", "other", "other", "200", "other")] == 200
+    assert telemetry.requests[("outbound", "other", "other", "other", "200", "other", "")] == 200
 
 
 def test_labels_left_out_are_empty_and_series_merge() -> None:
     telemetry = Telemetry(MetricsSettings(labels=("direction", "destination", "code")))
     telemetry.request_finished("inbound", "a", "item", "", 200, "", 0.001)
     telemetry.request_finished("inbound", "b", "item", "", 200, "", 0.001)
-    assert telemetry.requests == {("inbound", "", "item", "", "200", ""): 2}
+    assert telemetry.requests == {("inbound", "", "item", "", "200", "", ""): 2}
 
 
 def test_idle_series_are_removed_and_their_values_freed() -> None:
@@ -77,10 +82,10 @@ def test_idle_series_are_removed_and_their_values_freed() -> None:
     telemetry.request_finished("inbound", "a", "item", "", 200, "", 0.001)  # a moves, b does not
     assert telemetry.sweep(300) == 0
     assert telemetry.sweep(600) == 1
-    assert set(telemetry.requests) == {("inbound", "a", "item", "", "200", "")}
+    assert set(telemetry.requests) == {("inbound", "a", "item", "", "200", "", "")}
     assert all(key in telemetry.requests for key in telemetry.durations)
     telemetry.request_finished("inbound", "c", "item", "", 200, "", 0.001)  # b's place is free again
-    assert ("inbound", "c", "item", "", "200", "") in telemetry.requests
+    assert ("inbound", "c", "item", "", "200", "", "") in telemetry.requests
 
 
 def test_new_bounds_start_the_series_again_and_the_same_bounds_change_nothing() -> None:

@@ -205,12 +205,12 @@ ERRORS = [
     ),
     pytest.param(
         "services:\n  item: 3\n",
-        "mesh.yaml:2: services.item: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls)",
+        "mesh.yaml:2: services.item: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls, protocol)",
         id="service-not-a-mapping",
     ),
     pytest.param(
         "services:\n  item:\n    endpoints: [a:1]\n    retry: 2\n",
-        "mesh.yaml:4: services.item.retry: unknown key (allowed: endpoints, connect_timeout, timeout, mtls)",
+        "mesh.yaml:4: services.item.retry: unknown key (allowed: endpoints, connect_timeout, timeout, mtls, protocol)",
         id="service-unknown-key",
     ),
     pytest.param(
@@ -331,7 +331,7 @@ def test_all_errors_are_reported_at_once() -> None:
         "mesh.yaml:5: services.Bad: 'Bad' is not a service name (a DNS label: a-z, 0-9, '-', at most 63)",
         "mesh.yaml:7: services.ok.endpoints[0].address: 'nope' is not HOST:PORT",
         "mesh.yaml:9: services.ok.endpoints[1].weight: 0 is not a weight (an integer from 1 to 1000)",
-        "mesh.yaml:12: services.cart.retries: unknown key (allowed: endpoints, connect_timeout, timeout, mtls)",
+        "mesh.yaml:12: services.cart.retries: unknown key (allowed: endpoints, connect_timeout, timeout, mtls, protocol)",
         "mesh.yaml:13: services.cart.timeout: '0ms' must be greater than 0",
     ]
 
@@ -389,7 +389,7 @@ def test_a_key_written_with_nothing_after_it_is_left_out() -> None:
 
 def test_a_service_with_nothing_after_it_is_refused() -> None:
     assert problems("services:\n  item: [a:1]\n  bare:\n") == [
-        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls)"
+        "mesh.yaml:3: services.bare: must be a mapping (allowed: endpoints, connect_timeout, timeout, mtls, protocol)"
     ]
 
 
@@ -564,3 +564,41 @@ def test_a_static_service_with_an_mtls_mode_is_one_of_sidecars() -> None:
         "mesh.yaml:2: services.item.mtls.x: unknown key (allowed: mode)",
         "mesh.yaml:2: services.item.mtls.mode: True is not one of off, permissive, strict",
     ]
+
+
+def test_a_static_service_declares_its_protocol_on_it_and_its_endpoints() -> None:
+    snapshot = load_static(
+        "services:\n  redis: {endpoints: [127.0.0.1:6379], protocol: tcp}\n  item: [127.0.0.1:8080]\n",
+        "mesh.yaml",
+    )
+    assert snapshot.protocols == {"redis": "tcp"}
+    assert snapshot.services["redis"].protocol == "tcp"
+    assert [e.protocol for e in snapshot.services["redis"].endpoints] == ["tcp"]
+    assert snapshot.services["item"].protocol == "" and snapshot.services["item"].endpoints[0].protocol == ""
+    assert snapshot.to_json()["services"]["redis"]["protocol"] == "tcp"
+    with pytest.raises(ConfigError) as refused:
+        load_static("services:\n  redis: {endpoints: [a:1], protocol: mysql}\n", "mesh.yaml")
+    assert refused.value.problems == [
+        "mesh.yaml:2: services.redis.protocol: 'mysql' is not a protocol (one of http1, http2, grpc, tcp)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "declared, reported, protocol",
+    [
+        ("", ("tcp", "tcp"), "tcp"),  # every instance registered it
+        ("", ("tcp", ""), ""),  # they disagree: undeclared
+        ("", ("", ""), ""),
+        ("http2", ("tcp", "grpc"), "http2"),  # a declaration wins, on every endpoint too
+    ],
+)
+def test_a_services_protocol_is_declared_else_what_all_its_endpoints_report(
+    declared: str, reported: tuple[str, str], protocol: str
+) -> None:
+    endpoints = tuple(Endpoint("10.0.0.1", 1 + i, protocol=p) for i, p in enumerate(reported))
+    snapshot = make_snapshot(
+        {"db": ServiceConfig("db", endpoints)}, "test", protocols={"db": declared} if declared else {}
+    )
+    assert snapshot.services["db"].protocol == protocol
+    if declared:
+        assert {e.protocol for e in snapshot.services["db"].endpoints} == {declared}

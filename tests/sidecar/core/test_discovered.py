@@ -87,6 +87,28 @@ def test_app_ports_arrive_with_their_endpoints_and_bad_ones_are_rejected() -> No
     assert [(e.address, e.app_port) for e in endpoints] == [("10.0.0.2:15006", 8080), ("10.0.0.3:15006", 0)]
 
 
+def test_protocols_arrive_with_their_endpoints_and_unknown_ones_are_refused() -> None:
+    state = DiscoveredState()
+    body = [wire.endpoint("db-1", "10.0.0.2:15006", protocol="tcp"), wire.endpoint("db-2", "10.0.0.3:15006")]
+    assert "protocol" not in body[1]  # not declared: not sent
+    bad = wire.Resource("other", "x", [{"id": "o-1", "address": "10.0.0.4:15006", "protocol": "quic"}])
+    refused = state.apply(_push(_full("db", body), bad))
+    assert refused == {"other": "endpoint o-1: protocol 'quic' is not a protocol (one of http1, http2, grpc, tcp)"}
+    assert [e.protocol for e in state.services()["db"].endpoints] == ["tcp", ""]
+
+
+def test_a_service_documents_protocol_wins_over_what_instances_report() -> None:
+    config = PushedConfig()
+    body = [wire.endpoint("db-1", "10.0.0.2:15006", protocol="http1")]
+    config.apply(_push(_full("db", body), _full("cache", [wire.endpoint("c-1", "10.0.0.5:15006", protocol="tcp")])))
+    document = {"kind": "Service", "name": "db", "protocol": "tcp"}
+    assert config.apply(_push(_full("Service/db", document), type=wire.POLICIES)) == {}
+    snapshot = config.snapshot({}, "test")
+    assert snapshot.services["db"].protocol == "tcp" and snapshot.services["db"].endpoints[0].protocol == "tcp"
+    assert snapshot.services["cache"].protocol == "tcp"  # reported by its instances, nothing declared
+    assert snapshot.protocols == {"db": "tcp"}
+
+
 def _looked_up() -> DiscoveredState:
     """A state with an answer of each kind: item found, gone missing, bad rejected."""
     state = DiscoveredState()

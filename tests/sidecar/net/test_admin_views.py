@@ -89,6 +89,12 @@ def test_clusters_are_the_upstream_pools_by_service() -> None:
                 "requests": 0,
                 "errors": 0,
                 "overflows": 0,
+                "h2_connections": 0,
+                "h2_streams": 0,
+                "h2_connections_opened": 0,
+                "h2_requests": 0,
+                "h2_errors": 0,
+                "h2_retries": 0,
             }
         ]
     }

@@ -182,5 +182,5 @@ async def test_an_inbound_request_past_the_pool_cap_gets_503_overloaded(nursery:
     telemetry.pool_overflow_stats = pools.overflow_stats  # as the sidecar wires it
     metrics = render(lambda: [telemetry.snapshot()]).decode()
     assert sample(metrics, "meshlet_upstream_pool_overflow_total", destination="item", endpoint=app.address) == 1
-    overloaded = {labels: n for labels, n in telemetry.requests.items() if labels[-1] == "overloaded"}
+    overloaded = {labels: n for labels, n in telemetry.requests.items() if labels[5] == "overloaded"}
     assert list(overloaded.values()) == [1] and next(iter(overloaded))[4] == "503"

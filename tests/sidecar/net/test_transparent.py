@@ -15,12 +15,16 @@ import pytest
 import trio
 
 from meshlet.io import Deadlines
+from sidecar.core.destination import Destinations
 from sidecar.core.interception import ALLOW_ANY, REGISTRY_ONLY, AddressMap
+from sidecar.core.services import Endpoint, ServiceConfig
+from sidecar.core.tcp import TcpStats
 from sidecar.layers.base import Handler, Request, Response
 from sidecar.net import transparent
 from sidecar.net.admin import json_response
 from sidecar.net.downstream import Timeouts
 from sidecar.net.listeners import serve_http
+from sidecar.net.tcp_proxy import TcpProxy
 from sidecar.net.transparent import Interceptor
 
 from ...helpers import raw_exchange
@@ -135,3 +139,29 @@ async def test_its_own_passthrough_connection_coming_back_is_refused_whatever_th
     assert await _refused(outbound.port, source_port=source_port) == b""
     assert outbound.counted == [("loop", "")]
     assert any("--proxy-uid" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_tcp_service_address_is_spliced_to_one_of_its_endpoints(
+    outbound: Outbound, nursery: trio.Nursery
+) -> None:
+    """A redirected connection to a tcp service's address: bytes, to an endpoint the balancer
+    picks (here the only one), never parsed as HTTP."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async for data in stream:
+            await stream.send_all(b"echo:" + data)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+    endpoint = Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1], protocol="tcp")
+    services = {"db": ServiceConfig("db", (endpoint,), protocol="tcp")}
+    destinations = Destinations()
+    destinations.configure(services, {}, {}, 0.0)
+    deadlines = outbound.interceptor.timeouts.deadlines
+    proxy = TcpProxy("user", destinations, deadlines, TcpStats())
+    proxy.use(services, None)
+    outbound.interceptor.opaque = proxy
+    outbound.interceptor.use(_stack("second"), AddressMap({ITEM: "db"}), ALLOW_ANY)
+    outbound.original["to"] = ITEM
+    answer = await raw_exchange(outbound.port, b"not http at all", read_until_close=False)
+    assert answer == b"echo:not http at all"
+    assert outbound.counted == [("service", "db")]
