@@ -44,7 +44,7 @@ from meshlet.io import Closed, Connection, TLSConnection, TLSError, connect
 from ..core import errors
 from ..core.errors import MeshError
 from ..core.services import Endpoint
-from .tls import MeshTLS, PeerIdentityError, peer_service
+from .tls import MeshTLS, PeerIdentityError, check_peer_is
 from .upstream import IDLE_TIMEOUT, LOOP_HINT, MAX_CONNECTIONS, OwnConnections, UpstreamPools
 
 log = logging.getLogger("meshlet.upstream")
@@ -639,13 +639,7 @@ class H2EndpointPool:
         """The endpoint proved the destination's identity and chose HTTP/2, or it is closed
         and PeerIdentityError (or MeshError upstream-protocol-error) says why."""
         assert isinstance(io, TLSConnection) and self.tls is not None
-        try:
-            proved = peer_service(io, self.tls.trust_domain)
-            if proved != self.service:
-                raise PeerIdentityError(f"its certificate names {proved!r}")
-        except PeerIdentityError:
-            io.close()
-            raise
+        check_peer_is(io, self.service, self.tls.trust_domain)
         chosen = io.tls_object.selected_alpn_protocol()
         if chosen != "h2":
             io.close()

@@ -50,7 +50,7 @@ from ..core.tcp import (
     connect_attempts,
 )
 from .inbound import _Bursts
-from .tls import MeshTLS, PeerIdentityError, peer_service
+from .tls import MeshTLS, PeerIdentityError, check_peer_is
 
 log = logging.getLogger("meshlet.tcp")
 
@@ -203,11 +203,8 @@ class TcpProxy:
                 assert tls is not None
                 conn = await tls.handshake_client(io, (endpoint.host, endpoint.port), context)
             try:
-                proved = peer_service(conn, tls.trust_domain)
-                if proved != service:
-                    raise PeerIdentityError(f"its certificate names {proved!r}")
+                check_peer_is(conn, service, tls.trust_domain)
             except PeerIdentityError as exc:
-                conn.close()
                 tls.on_failure("client", errors.PEER_IDENTITY_MISMATCH.name)
                 raise _ConnectFailed(f"the peer is not {service!r}: {exc}") from None
             return conn

@@ -57,6 +57,18 @@ def peer_service(conn: TLSConnection, trust_domain: str) -> str:
         raise PeerIdentityError(str(error)) from None
 
 
+def check_peer_is(conn: TLSConnection, service: str, trust_domain: str) -> None:
+    """The peer proved it is a sidecar of ``service``; else PeerIdentityError, and ``conn``
+    is closed (the client side of every mesh hop: HTTP/1.1, HTTP/2 and TCP)."""
+    try:
+        proved = peer_service(conn, trust_domain)
+        if proved != service:
+            raise PeerIdentityError(f"its certificate names {proved!r}")
+    except PeerIdentityError:
+        conn.close()
+        raise
+
+
 def build_context(credentials: Credentials, *, server_side: bool) -> ssl.SSLContext:
     """A TLS 1.3 context that presents ``credentials`` and requires a certificate from the
     peer, verified against ``credentials.bundle`` (no host name check: see the module's doc)."""

@@ -50,7 +50,7 @@ from ..core.http1 import (
 from ..core.outcome import IDEMPOTENT
 from ..core.services import Endpoint
 from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
-from .tls import MeshTLS, PeerIdentityError, peer_service
+from .tls import MeshTLS, PeerIdentityError, check_peer_is
 
 if TYPE_CHECKING:
     from .h2_pool import H2EndpointPool
@@ -291,13 +291,7 @@ class EndpointPool:
     def _check_identity(self, io: Connection) -> None:
         """The endpoint proved the destination's identity, or PeerIdentityError (and it is closed)."""
         assert isinstance(io, TLSConnection) and self.tls is not None
-        try:
-            proved = peer_service(io, self.tls.trust_domain)
-            if proved != self.service:
-                raise PeerIdentityError(f"its certificate names {proved!r}")
-        except PeerIdentityError:
-            io.close()
-            raise
+        check_peer_is(io, self.service, self.tls.trust_domain)
 
     def tls_refused(self, why: str) -> None:
         """The peer refused the handshake after ours completed: a handshake failure too."""
