@@ -656,9 +656,19 @@ class H2EndpointPool:
             assert self.tls is not None
             self.tls.on_failure("client", errors.TLS_HANDSHAKE_FAILED.name)
             return MeshError(errors.TLS_HANDSHAKE_FAILED, f"the upstream refused the TLS handshake: {conn.failure}")
-        self.note_failure(f"{self.endpoint.address} ended the connection before its HTTP/2 SETTINGS: {conn.failure}")
+        hint = ""
+        if not self.endpoint.protocol:
+            # Undeclared, an HTTP/2 request goes on in HTTP/2: an HTTP/1.1-only app refuses it.
+            hint = (
+                "; if the app speaks HTTP/1.1 only, declare it: its sidecar's --app-protocol http1, "
+                "or its Service document's protocol: http1"
+            )
+        self.note_failure(
+            f"{self.endpoint.address} ended the connection before its HTTP/2 SETTINGS: {conn.failure}{hint}"
+        )
         return MeshError(
-            errors.UPSTREAM_PROTOCOL_ERROR, f"the upstream did not start HTTP/2 (does it speak it?): {conn.failure}"
+            errors.UPSTREAM_PROTOCOL_ERROR,
+            f"the upstream did not start HTTP/2 (does it speak it?): {conn.failure}{hint}",
         )
 
     def _handshake_failed(self, why: str) -> MeshError:
@@ -735,6 +745,6 @@ def pool_of(pools: UpstreamPools, endpoint: Endpoint, service: str) -> H2Endpoin
             own=pools.own,
         )
         pools.services.setdefault(key, service)
-    elif pool.endpoint.mtls is not endpoint.mtls:
-        pool.endpoint = endpoint
+    elif pool.endpoint.mtls is not endpoint.mtls or pool.endpoint.protocol != endpoint.protocol:
+        pool.endpoint = endpoint  # registered by a sidecar now (or no longer), or its protocol declared since
     return pool

@@ -448,6 +448,12 @@ async def test_an_http1_server_is_an_upstream_protocol_error(rig: Rig, nursery: 
     with pytest.raises(MeshError) as info:
         await rig.call(rig.request(port))
     assert info.value.reason is errors.UPSTREAM_PROTOCOL_ERROR
+    # undeclared, the request went on in HTTP/2: the answer says how to send HTTP/1.1 instead
+    assert "--app-protocol http1" in info.value.detail
+    with pytest.raises(MeshError) as info:
+        await rig.call(rig.request(port, protocol="http2"))
+    assert info.value.reason is errors.UPSTREAM_PROTOCOL_ERROR
+    assert "--app-protocol" not in info.value.detail  # declared http2: the app is wrong, not the config
 
 
 async def test_connect_refused_is_connect_failed(rig: Rig) -> None:
