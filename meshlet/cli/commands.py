@@ -174,7 +174,9 @@ def _get(args: argparse.Namespace, api: ApiClient) -> int:
     if args.output == "json":
         print(json.dumps({"endpoints": by_service}, indent=2, sort_keys=True))
         return 0
-    table = Table("SERVICE", "INSTANCE", "ADDRESS", "APP PORT", "READY", "CONNECTED", "LEASE", "LABELS", box=None)
+    table = Table(
+        "SERVICE", "INSTANCE", "ADDRESS", "APP PORT", "PROTOCOL", "READY", "CONNECTED", "LEASE", "LABELS", box=None
+    )
     for service, endpoints in sorted(by_service.items()):
         for e in endpoints:
             labels = ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items()))
@@ -183,6 +185,7 @@ def _get(args: argparse.Namespace, api: ApiClient) -> int:
                 e["id"],
                 e["address"],
                 str(e.get("app_port") or "-"),  # what transparent-mode callers dial, at ADDRESS's host
+                e.get("protocol") or "-",  # the app's, as its sidecar declared it (-: undeclared, detected)
                 _yes(e["ready"]),
                 _yes(e["connected"]),
                 f"{e['lease_expires_in']:.1f}s",

@@ -7,6 +7,7 @@ connect failures; AccessPolicy per connection."""
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -159,6 +160,11 @@ async def test_redis_through_the_mesh_balanced_over_mtls_a_dead_instance_skipped
         await wait_for_endpoints(
             user.admin, "redis", 2, "tcp", policy="redis-balance"
         )  # registered with their protocol
+        listed = await trio.run_process(
+            [sys.executable, "-m", "meshlet", "get", "endpoints", "redis", "--api", mesh.api], capture_stdout=True
+        )
+        rows = [line.split() for line in listed.stdout.decode().splitlines()]
+        assert rows[0][5] == "PROTOCOL" and [row[4] for row in rows[1:]] == ["tcp", "tcp"]  # "APP PORT": 2 words
 
         # SET and GET through the mesh, over mTLS, each on a connection of its own; the key is
         # on one instance of the two, so the answers show the balance: one connection in two.
