@@ -17,7 +17,12 @@ recording each sidecar's peak RSS (VmHWM). Two targets are read from A/B runs, w
 paths that differ in one thing are loaded at the same time: tracing (p99 at a fixed rate)
 and mTLS (CPU per request at saturation).
 
-Pinning: wrk, curl and nginx on core 0, every proxy on core 1.
+Then HTTP/2 and gRPC with h2load: an h2c nginx, HAProxy in HTTP/2 mode, one sidecar and the
+mTLS mesh path, and gRPC unary to a grpcio echo server (benchmarks/grpc_echo.py); an A/B of
+one sidecar's CPU a request in HTTP/2 against HTTP/1.1; a 100 MB HTTP/2 download through the
+mesh path.
+
+Pinning: wrk, h2load, curl, nginx and the gRPC server on core 0, every proxy on core 1.
 
 Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--out PATH]
 """
