@@ -2099,8 +2099,8 @@ def h2_tables(h2: H2Measured, one_h1: ScenarioResult, settings: Settings) -> lis
         ["scenario", "RSS MB", "sidecar-recorded errors"],
         rss_rows,
         note="'incomplete': streams still open when h2load's time ran out (it then closes its connections; "
-        f"up to -c × -m = {H2_CLIENTS * H2_STREAMS} a run): B records them as the reset A passes on. Any other "
-        "recorded error is a sidecar bug to report.",
+        f"up to -c × -m = {H2_CLIENTS * H2_STREAMS} a run): the sidecar that forwarded them records their reset "
+        "(on the mesh path B, from A). Any other recorded error is a sidecar bug to report.",
     )
     ab = h2.ab
     ab_rows = [

@@ -11,7 +11,8 @@ Flow control both ways, so nothing buffers without bound:
 * request body: a stream's DATA waits in its body source until the upstream pump reads it;
   only then is the window reopened (``acknowledge``), so a slow upstream slows the client;
 * response body: DATA is sent as the peer's window allows, in frames of DATA_FRAME bytes at
-  most, and only while the output queue holds less than OUTPUT_LOW.
+  most (what the upstream body already holds is joined up to that), and only while the
+  output queue holds less than OUTPUT_LOW.
 
 Timeouts: the connection's first stream must open within the header timeout of the
 accept, and a connection with no stream is closed after the idle timeout; a stream whose
