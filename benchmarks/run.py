@@ -17,7 +17,12 @@ recording each sidecar's peak RSS (VmHWM). Two targets are read from A/B runs, w
 paths that differ in one thing are loaded at the same time: tracing (p99 at a fixed rate)
 and mTLS (CPU per request at saturation).
 
-Pinning: wrk, curl and nginx on core 0, every proxy on core 1.
+Then HTTP/2 and gRPC with h2load: an h2c nginx, HAProxy in HTTP/2 mode, one sidecar and the
+mTLS mesh path, and gRPC unary to a grpcio echo server (benchmarks/grpc_echo.py); an A/B of
+one sidecar's CPU a request in HTTP/2 against HTTP/1.1; a 100 MB HTTP/2 download through the
+mesh path.
+
+Pinning: wrk, h2load, curl, nginx and the gRPC server on core 0, every proxy on core 1.
 
 Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--out PATH]
 """
@@ -55,7 +60,14 @@ from meshlet import processes
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
 FAILURE_LOGS = REPO / "benchmarks" / "out" / "last-failure"  # git-ignored
-TOOLS = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "curl": "curl", "taskset": "util-linux"}
+TOOLS = {
+    "wrk": "wrk",
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "curl": "curl",
+    "taskset": "util-linux",
+    "h2load": "nghttp2-client",
+}
 CLIENT_CORE = "0"  # wrk, curl, nginx
 PROXY_CORE = "1"  # sidecars, HAProxy
 HOST_HEADER = "bench"
@@ -89,6 +101,9 @@ class Settings:
     ab_rounds: int = 5  # A/Bs: runs per path (tracing: paced; mTLS: saturation)
     ab_saturation_s: int = 5  # mTLS A/B: each round's saturation run
     stream_mb: int = 200
+    h2_s: int = 4  # HTTP/2 and gRPC: each h2load run (-m10, then -m1)
+    h2_ab_rounds: int = 3  # HTTP/2 CPU A/B: saturation runs of h2_s each
+    h2_stream_mb: int = 100  # HTTP/2 download through the mesh path (at most stream_mb)
     out: Path = DEFAULT_OUT
 
 
@@ -108,7 +123,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if args.quick:
         settings = Settings(
-            warmup_s=1, saturation_s=3, c1_s=2, paced_s=2, stream_mb=20, out=args.out, ab_rounds=2, ab_saturation_s=2
+            warmup_s=1,
+            saturation_s=3,
+            c1_s=2,
+            paced_s=2,
+            stream_mb=20,
+            out=args.out,
+            ab_rounds=2,
+            ab_saturation_s=2,
+            h2_s=2,
+            h2_ab_rounds=2,
+            h2_stream_mb=20,
         )
     else:
         settings = Settings(warmup_s=2, saturation_s=10, c1_s=5, paced_s=5, out=args.out)
@@ -418,6 +443,14 @@ class Workdir:
     def spans_log(self) -> Path:
         return self.root / "spans.log"
 
+    @property
+    def h2_file(self) -> Path:
+        return self.root / "www" / "h2.bin"
+
+    @property
+    def grpc_body(self) -> Path:
+        return self.root / "grpc-request.bin"
+
 
 def prepare_workdir(root: Path, stream_mb: int) -> Workdir:
     root.chmod(0o755)  # nginx workers run as nobody when we are root
@@ -470,6 +503,7 @@ def run_sidecar(
     trace_collector: str | None = None,
     trace_sampling: float | None = None,
     tls: list[str] | None = None,
+    protocol: str = "",
 ) -> Iterator[Server]:
     """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
     ``label`` names it in the results, ``tag`` keeps its files apart from other runs'.
@@ -478,7 +512,8 @@ def run_sidecar(
     name = f"sidecar-{label}{tag}"
     static = workdir.root / f"{name}.yaml"
     mtls = ", mtls: {mode: permissive}" if tls else ""  # the endpoint is a sidecar: dialled with mTLS
-    static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]{mtls}}}}}\n')
+    declared = f", protocol: {protocol}" if protocol else ""  # what the endpoint speaks
+    static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]{mtls}{declared}}}}}\n')
     argv = pinned(
         PROXY_CORE,
         processes.meshlet_command(
@@ -1422,6 +1457,9 @@ def environment() -> dict[str, str]:
         "nginx": command_version(["nginx", "-v"], r"nginx/(\S+)"),
         "haproxy": command_version(["haproxy", "-v"], r"HAProxy version (\S+)"),
         "wrk": command_version(["wrk", "-v"], r"wrk (\S+)"),
+        "h2load": command_version(["h2load", "--version"], r"nghttp2/(\S+)"),
+        "h2": importlib.metadata.version("h2"),
+        "grpcio": importlib.metadata.version("grpcio"),
     }
 
 
@@ -1464,7 +1502,7 @@ def render_markdown(
     interference: list[str],
 ) -> str:
     targets_table = TableData(
-        "Targets (one sidecar; tracing and mTLS: the mesh path)",
+        "Targets (one sidecar; tracing, mTLS and the HTTP/2 stream: the mesh path)",
         ["metric", "value", "target", "result"],
         [t.row() for t in targets],
     )
@@ -1476,7 +1514,8 @@ def render_markdown(
         f"- date: {started_at.strftime('%Y-%m-%d %H:%M:%S %Z')} (run took {elapsed_s:.0f} s)",
         f"- machine: {env['CPU']}, nproc {env['nproc']}, kernel {env['kernel']}",
         f"- versions: python {env['python']}, trio {env['trio']}, httptools {env['httptools']}, "
-        f"nginx {env['nginx']}, HAProxy {env['haproxy']}, wrk {env['wrk']}",
+        f"nginx {env['nginx']}, HAProxy {env['haproxy']}, wrk {env['wrk']}, "
+        f"h2load (nghttp2) {env['h2load']}, h2 {env['h2']}, grpcio {env['grpcio']}",
         f"- pinning: wrk, curl and nginx (1 worker) on core {CLIENT_CORE} (`taskset -c {CLIENT_CORE}`); "
         f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
         *(f"- {line}" for line in interference),
@@ -1497,13 +1536,633 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
         for row in data.rows:
             table.add_row(*row)
         console.print(table)
-    table = Table(title="Targets (one sidecar; tracing and mTLS: the mesh path)", title_justify="left")
+    table = Table(
+        title="Targets (one sidecar; tracing, mTLS and the HTTP/2 stream: the mesh path)", title_justify="left"
+    )
     for header in ("metric", "value", "target", "result"):
         table.add_column(header)
     for target in targets:
         *cells, verdict = target.row()
         table.add_row(*cells, f"[green]{verdict}[/green]" if target.passed else f"[bold red]{verdict}[/bold red]")
     console.print(table)
+
+
+# ---------------------------------------------------------------------------- HTTP/2 and gRPC
+#
+# The same proxies with HTTP/2 on the wire, loaded by h2load (nghttp2-client): an h2c nginx
+# (prior knowledge) as the origin, HAProxy in HTTP/2 mode (`proto h2` both sides) as the C
+# baseline, one sidecar, and the mesh path with A → B over mTLS (ALPN h2) and B → origin h2c.
+# gRPC unary goes the same ways to a grpcio echo server (benchmarks/grpc_echo.py).
+
+H2_PATH = "/ok"
+GRPC_PATH = "/bench.Echo/Echo"
+GRPC_PAYLOAD = b"x" * 64  # the message: 64 bytes, framed with gRPC's 5-byte prefix
+H2_CLIENTS = 4  # h2load -c: connections
+H2_STREAMS = 10  # h2load -m: concurrent streams per connection (the multiplexed run)
+H2_AB_ROUNDS = 3
+H2_STREAM_MB = 100
+TARGET_H2_CPU_RATIO = 1.5  # one sidecar's CPU per HTTP/2 request ≤ 1.5 × its HTTP/1.1 cost
+TARGET_H2_STREAM_MB_S = 200.0
+
+NGINX_H2_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-h2.pid;
+error_log {tmp}/nginx-h2-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    default_type application/octet-stream;
+    client_body_temp_path {tmp}/nginx-h2-client-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port} http2;  # no TLS: h2c with prior knowledge
+        root {tmp}/www;
+        location = /ok {{
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+        location = /h2.bin {{ }}
+    }}
+}}
+"""
+
+HAPROXY_H2_CONF = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend bench
+    bind 127.0.0.1:{port} proto h2
+    default_backend origin
+backend origin
+    server origin 127.0.0.1:{origin_port} proto h2
+"""
+
+
+@contextlib.contextmanager
+def run_nginx_h2(workdir: Workdir) -> Iterator[Server]:
+    port = free_port()
+    conf = workdir.root / "nginx-h2.conf"
+    conf.write_text(NGINX_H2_CONF.format(tmp=workdir.root, port=port))
+    argv = pinned(
+        CLIENT_CORE,
+        ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-h2-error.log"), "-c", str(conf)],
+    )
+    with processes.started("nginx-h2", argv, workdir.root / "nginx-h2.out", cwd=REPO, check_traceback=False) as child:
+        processes.wait_for_port(child, port)
+        yield Server("nginx-h2", child.pid, port)
+
+
+@contextlib.contextmanager
+def run_grpc_echo(workdir: Workdir) -> Iterator[Server]:
+    """The gRPC origin, on the client core beside nginx: it is Python, and the bottleneck."""
+    argv = pinned(CLIENT_CORE, [sys.executable, str(REPO / "benchmarks" / "grpc_echo.py")])
+    log = workdir.root / "grpc-echo.log"
+    with processes.started("grpc-echo", argv, log, ready="grpc echo ready", cwd=REPO, check_traceback=False) as child:
+        assert child.ready is not None
+        yield Server("grpc", child.pid, child.ready.ports["listen"])
+
+
+@contextlib.contextmanager
+def run_haproxy_h2(workdir: Workdir, origin_port: int, tag: str) -> Iterator[Server]:
+    port = free_port()
+    conf = workdir.root / f"haproxy-h2{tag}.cfg"
+    conf.write_text(HAPROXY_H2_CONF.format(port=port, origin_port=origin_port))
+    argv = pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)])
+    with processes.started(
+        "haproxy", argv, workdir.root / f"haproxy-h2{tag}.log", cwd=REPO, check_traceback=False
+    ) as child:
+        processes.wait_for_port(child, port)
+        yield Server("haproxy", child.pid, port)
+
+
+@contextlib.contextmanager
+def h2_mesh_path(workdir: Workdir, origin_port: int, protocol: str, tag: str) -> Iterator[tuple[int, list[Server]]]:
+    """B (app: the origin, declared ``protocol``) then A dialling B with mTLS: HTTP/2 both hops."""
+    tls_b = tls_flags(workdir.root / f"tls{tag}", HOST_HEADER)
+    tls_a = tls_flags(workdir.root / f"tls{tag}", "client")
+    app = ["--app-protocol", protocol]
+    with run_sidecar(
+        workdir, "B", service=HOST_HEADER, app_port=origin_port, endpoint_port=origin_port, tag=tag, tls=tls_b + app
+    ) as b:
+        assert b.inbound is not None
+        with run_sidecar(
+            workdir, "A", service="client", app_port=origin_port, endpoint_port=b.inbound, tag=tag, tls=tls_a
+        ) as a:
+            yield a.port, [a, b]
+
+
+@dataclass(frozen=True)
+class H2Scenario:
+    name: str
+    grpc: bool  # the origin is the gRPC echo server (else the h2c nginx)
+    proxy: str  # "", "haproxy", "sidecar", "mesh"
+
+
+H2_SCENARIOS = (
+    H2Scenario("h2 direct", False, ""),
+    H2Scenario("h2 haproxy", False, "haproxy"),
+    H2Scenario("h2 one sidecar", False, "sidecar"),
+    H2Scenario("h2 mesh path, mTLS", False, "mesh"),
+    H2Scenario("gRPC direct", True, ""),
+    H2Scenario("gRPC haproxy", True, "haproxy"),
+    H2Scenario("gRPC mesh path, mTLS", True, "mesh"),
+)
+
+
+@contextlib.contextmanager
+def h2_scenario_path(scenario: H2Scenario, workdir: Workdir, origin: Server) -> Iterator[tuple[int, list[Server]]]:
+    tag = "-" + re.sub(r"\W+", "-", scenario.name)
+    if scenario.proxy == "":
+        yield origin.port, []
+    elif scenario.proxy == "haproxy":
+        with run_haproxy_h2(workdir, origin.port, tag) as haproxy:
+            yield haproxy.port, [haproxy]
+    elif scenario.proxy == "sidecar":
+        with run_sidecar(
+            workdir,
+            "sidecar",
+            service="client",
+            app_port=origin.port,
+            endpoint_port=origin.port,
+            tag=tag,
+            protocol="http2",
+        ) as sidecar:
+            yield sidecar.port, [sidecar]
+    else:
+        with h2_mesh_path(workdir, origin.port, "grpc" if scenario.grpc else "http2", tag) as (port, proxies):
+            yield port, proxies
+
+
+@dataclass
+class H2LoadResult:
+    started: int
+    succeeded: int  # requests h2load counted as succeeded (a response came)
+    status_2xx: int  # responses with a 2xx status: what the rows count
+    other_status: int  # 3xx, 4xx and 5xx responses
+    failed: int
+    errored: int
+    timeout: int
+    seconds: float
+
+    @property
+    def rps(self) -> float:
+        return self.status_2xx / self.seconds if self.seconds else 0.0
+
+    @property
+    def problems(self) -> int:
+        return self.failed + self.errored + self.timeout + self.other_status
+
+    def error_text(self) -> str:
+        found = [
+            f"{label} {count}"
+            for label, count in (
+                ("failed", self.failed),
+                ("errored", self.errored),
+                ("timeout", self.timeout),
+                ("non-2xx", self.other_status),
+            )
+            if count
+        ]
+        return ", ".join(found) or "0"
+
+
+def _seconds(value: str, unit: str) -> float:
+    return float(value) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+
+
+def h2load_argv(port: int, *, seconds: int, streams: int, grpc_body: Path | None) -> list[str]:
+    grpc_flags = (
+        ["-d", str(grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers"] if grpc_body else []
+    )
+    return pinned(
+        CLIENT_CORE,
+        [
+            "h2load",
+            "-c",
+            str(H2_CLIENTS),
+            "-m",
+            str(streams),
+            "-D",
+            str(seconds),
+            "-H",
+            f":authority: {HOST_HEADER}",
+            *grpc_flags,
+            f"http://127.0.0.1:{port}{GRPC_PATH if grpc_body else H2_PATH}",
+        ],
+    )
+
+
+def h2load_result(argv: list[str], returncode: int, stdout: str) -> H2LoadResult:
+    finished = re.search(r"^finished in ([\d.]+)(s|ms|us),", stdout, re.MULTILINE)
+    counts = re.search(
+        r"^requests: \d+ total, (\d+) started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+        stdout,
+        re.MULTILINE,
+    )
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", stdout, re.MULTILINE)
+    if returncode != 0 or finished is None or counts is None or codes is None:
+        raise RuntimeError(f"h2load failed ({returncode}): {' '.join(argv)}\n{stdout}")
+    started, succeeded, failed, errored, timeout = (int(n) for n in counts.groups())
+    status_2xx, *others = (int(n) for n in codes.groups())
+    return H2LoadResult(
+        started, succeeded, status_2xx, sum(others), failed, errored, timeout, _seconds(*finished.groups())
+    )
+
+
+def run_h2load(port: int, *, seconds: int, streams: int, grpc_body: Path | None = None) -> H2LoadResult:
+    argv = h2load_argv(port, seconds=seconds, streams=streams, grpc_body=grpc_body)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    return h2load_result(argv, done.returncode, done.stdout + done.stderr)
+
+
+@dataclass
+class H2Run:
+    """One h2load run on a scenario, with the CPU its proxies (and the gRPC origin) used."""
+
+    load: H2LoadResult
+    cpu: dict[str, CpuTime]  # proxies, and "origin" for gRPC rows
+
+    def us_per_request(self, name: str) -> float:
+        return self.cpu[name].total * 1e6 / max(self.load.status_2xx, 1)
+
+    def proxies_us(self) -> float | None:
+        names = [name for name in self.cpu if name != "origin"]
+        return sum(self.us_per_request(name) for name in names) if names else None
+
+
+@dataclass
+class H2Result:
+    scenario: H2Scenario
+    multiplexed: H2Run  # -m H2_STREAMS
+    single: H2Run  # -m 1
+    rss_mb: dict[str, float]
+    sidecar_errors: int | None
+    incomplete: int  # of those: reason "incomplete", streams h2load left open when its time ran out
+
+
+def grpc_sanity(port: int, calls: int = 5) -> None:
+    """A few unary calls with grpcio's own client (h2load cannot read trailers): each must
+    end with grpc-status OK and echo the message."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", HOST_HEADER)]) as channel:
+        echo = channel.unary_unary(GRPC_PATH)
+        for i in range(calls):
+            message = b"sanity %d" % i
+            answer, call = echo.with_call(message, timeout=5)
+            if call.code() != grpc.StatusCode.OK or answer != message:
+                raise RuntimeError(f"gRPC sanity call via port {port}: {call.code()} {answer[:100]!r}")
+
+
+def h2_sanity(port: int, workdir: Workdir) -> None:
+    """One GET over h2c (curl, prior knowledge) must answer 200 ``ok``."""
+    out = workdir.root / "h2-sanity.out"
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "-H",
+            f"Host: {HOST_HEADER}",
+            "-o",
+            str(out),
+            "-w",
+            "%{http_code} %{http_version}",
+            "--max-time",
+            "10",
+            f"http://127.0.0.1:{port}{H2_PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    if done.stdout != "200 2" or out.read_bytes() != b"ok\n":
+        raise RuntimeError(f"h2 sanity request via port {port}: {done.stdout} {done.stderr}")
+
+
+def measure_h2_run(
+    port: int, proxies: list[Server], origin: Server | None, *, seconds: int, streams: int, grpc_body: Path | None
+) -> H2Run:
+    watched = {proxy.name: proxy.pid for proxy in proxies}
+    if origin is not None:
+        watched["origin"] = origin.pid
+    before = {name: cpu_time(pid) for name, pid in watched.items()}
+    load = run_h2load(port, seconds=seconds, streams=streams, grpc_body=grpc_body)
+    cpu = {name: cpu_time(pid) - before[name] for name, pid in watched.items()}
+    return H2Run(load, cpu)
+
+
+def measure_h2_scenario(
+    scenario: H2Scenario, workdir: Workdir, origins: dict[bool, Server], settings: Settings
+) -> H2Result:
+    origin = origins[scenario.grpc]
+    body = workdir.grpc_body if scenario.grpc else None
+    with h2_scenario_path(scenario, workdir, origin) as (port, proxies):
+        if scenario.grpc:
+            grpc_sanity(port)
+        else:
+            h2_sanity(port, workdir)
+        announce(f"{scenario.name}: warm-up, then h2load -c{H2_CLIENTS} -m{H2_STREAMS} and -m1, {settings.h2_s}s each")
+        run_h2load(port, seconds=settings.warmup_s, streams=H2_STREAMS, grpc_body=body)
+        grpc_origin = origin if scenario.grpc else None
+        runs = [
+            measure_h2_run(port, proxies, grpc_origin, seconds=settings.h2_s, streams=streams, grpc_body=body)
+            for streams in (H2_STREAMS, 1)
+        ]
+        rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
+        admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
+        errors = sum(sidecar_error_count(admin) for admin in admins) if admins else None
+        incomplete = sum(incomplete_count(admin) for admin in admins)
+    for run_, streams in zip(runs, (H2_STREAMS, 1), strict=True):
+        if run_.load.problems:
+            raise RuntimeError(f"{scenario.name}, -m{streams}: h2load saw errors ({run_.load.error_text()})")
+    console.print(
+        f"    {runs[0].load.rps:,.0f} req/s (-m{H2_STREAMS}), {runs[1].load.rps:,.0f} req/s (-m1), "
+        f"proxies {runs[0].proxies_us() or 0:.1f} µs/req"
+    )
+    return H2Result(scenario, runs[0], runs[1], rss, errors, incomplete)
+
+
+def incomplete_count(admin_port: int) -> int:
+    """Requests a sidecar recorded with reason ``incomplete``: their client (h2load, whose
+    time ran out; or sidecar A, passing that on) reset the stream before the answer ended."""
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in metrics_text(admin_port).splitlines()
+        if line.startswith("meshlet_requests_total{") and 'reason="incomplete"' in line
+    )
+
+
+# The HTTP/2 CPU target's A/B: one sidecar to the HTTP/1.1 nginx loaded by wrk, one to the
+# h2c nginx loaded by h2load, both at once (the mTLS A/B's reasoning: runs in turn cannot
+# resolve tens of % on this VM).
+@dataclass
+class H2CpuAB:
+    h1_us: list[float]
+    h2_us: list[float]
+    h1_rps: list[float]
+    h2_rps: list[float]
+
+    def ratios(self) -> list[float]:
+        return [h2 / h1 for h2, h1 in zip(self.h2_us, self.h1_us, strict=True)]
+
+    def ratio(self) -> float:
+        return statistics.median(self.ratios())
+
+
+def measure_h2_cpu_ab(workdir: Workdir, nginx: Server, nginx_h2: Server, settings: Settings) -> H2CpuAB:
+    ab = H2CpuAB([], [], [], [])
+    with (
+        run_sidecar(workdir, "h1", service="client", app_port=nginx.port, endpoint_port=nginx.port, tag="-h2ab1") as h1,
+        run_sidecar(
+            workdir,
+            "h2",
+            service="client",
+            app_port=nginx_h2.port,
+            endpoint_port=nginx_h2.port,
+            tag="-h2ab2",
+            protocol="http2",
+        ) as h2,
+    ):
+        check_request(h1.port)
+        h2_sanity(h2.port, workdir)
+        for round_ in range(-1, settings.h2_ab_rounds):  # round -1: the warm-up
+            seconds = settings.warmup_s if round_ < 0 else settings.h2_s
+            before = {h1.pid: cpu_time(h1.pid).total, h2.pid: cpu_time(h2.pid).total}
+            wrk = subprocess.Popen(
+                wrk_argv(
+                    h1.port,
+                    connections=settings.saturation_connections,
+                    seconds=seconds,
+                    path="/ok",
+                    script=workdir.wrk_script,
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                h2_load = run_h2load(h2.port, seconds=seconds, streams=H2_STREAMS)
+                out, err = wrk.communicate(timeout=seconds + 30)
+            finally:
+                if wrk.poll() is None:
+                    wrk.kill()
+                    wrk.wait()
+            h1_load = wrk_result(wrk.args, wrk.returncode, out, err)
+            if h1_load.errors_total or h2_load.problems:
+                raise RuntimeError(
+                    f"HTTP/2 CPU A/B: errors (wrk {h1_load.error_text()}, h2load {h2_load.error_text()})"
+                )
+            if round_ < 0:
+                continue
+            ab.h1_us.append(h1_load.us_per_request(cpu_time(h1.pid).total - before[h1.pid]))
+            ab.h2_us.append((cpu_time(h2.pid).total - before[h2.pid]) * 1e6 / max(h2_load.status_2xx, 1))
+            ab.h1_rps.append(h1_load.rps)
+            ab.h2_rps.append(h2_load.rps)
+            announce(
+                f"HTTP/2 CPU A/B round {round_ + 1}/{settings.h2_ab_rounds}: HTTP/1.1 {ab.h1_us[-1]:.1f} µs, "
+                f"HTTP/2 {ab.h2_us[-1]:.1f} µs a request"
+            )
+    return ab
+
+
+def measure_h2_stream(workdir: Workdir, nginx_h2: Server) -> StreamResult:
+    """curl --http2-prior-knowledge downloads h2.bin through A → B (mTLS h2) → h2c nginx."""
+    size = workdir.h2_file.stat().st_size
+    with h2_mesh_path(workdir, nginx_h2.port, "http2", "-h2-stream") as (port, proxies):
+        h2_sanity(port, workdir)  # first: the HTTP/2 code's lazy import and the mTLS handshake
+        code, moved, seconds, stderr = run_curl(
+            [
+                "--http2-prior-knowledge",
+                "-H",
+                f"Host: {HOST_HEADER}",
+                "-w",
+                "%{http_code} %{size_download} %{time_total}",
+                f"http://127.0.0.1:{port}/h2.bin",
+            ]
+        )
+        peaks = {proxy.name: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
+    problems = []
+    if code != "200":
+        problems.append(f"HTTP {code}")
+    if moved != size:
+        problems.append(f"moved {moved} of {size} bytes")
+    if stderr:
+        problems.append(stderr)
+    return StreamResult("download (h2)", size, moved, seconds, code, peaks, "; ".join(problems))
+
+
+@dataclass
+class H2Measured:
+    results: list[H2Result]
+    ab: H2CpuAB
+    stream: StreamResult
+
+
+def measure_h2(workdir: Workdir, nginx: Server, settings: Settings) -> H2Measured:
+    workdir.grpc_body.write_bytes(b"\x00" + len(GRPC_PAYLOAD).to_bytes(4, "big") + GRPC_PAYLOAD)
+    with open(workdir.big_file, "rb") as source, open(workdir.h2_file, "wb") as out:
+        out.write(source.read(settings.h2_stream_mb * 1024 * 1024))
+    workdir.h2_file.chmod(0o644)
+    with run_nginx_h2(workdir) as nginx_h2, run_grpc_echo(workdir) as grpc_echo:
+        origins = {False: nginx_h2, True: grpc_echo}
+        results = []
+        for scenario in H2_SCENARIOS:
+            announce(f"scenario [bold]{scenario.name}[/bold]")
+            results.append(measure_h2_scenario(scenario, workdir, origins, settings))
+        announce(
+            f"HTTP/2 CPU A/B: one HTTP/1.1 and one HTTP/2 sidecar saturated at once, {settings.h2_ab_rounds} rounds"
+        )
+        ab = measure_h2_cpu_ab(workdir, nginx, nginx_h2, settings)
+        announce(f"streaming: HTTP/2 download of {settings.h2_stream_mb} MB through a fresh mesh path (mTLS)")
+        stream = measure_h2_stream(workdir, nginx_h2)
+        peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
+        console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
+    return H2Measured(results, ab, stream)
+
+
+def h2_tables(h2: H2Measured, one_h1: ScenarioResult, settings: Settings) -> list[TableData]:
+    direct = {result.scenario.grpc: result for result in h2.results if result.scenario.proxy == ""}
+    haproxy = {result.scenario.grpc: result for result in h2.results if result.scenario.proxy == "haproxy"}
+
+    def cpu_cell(run_: H2Run) -> str:
+        total = run_.proxies_us()
+        if total is None:
+            return "n/a"
+        parts = [f"{name} {run_.us_per_request(name):.1f}" for name in run_.cpu if name != "origin"]
+        return f"{total:.1f}" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
+
+    def origin_cell(run_: H2Run) -> str:
+        return f"{run_.us_per_request('origin'):.1f}" if "origin" in run_.cpu else ""
+
+    rows = []
+    for result in h2.results:
+        grpc = result.scenario.grpc
+        for streams, run_ in ((H2_STREAMS, result.multiplexed), (1, result.single)):
+            base_direct = (direct[grpc].multiplexed if streams > 1 else direct[grpc].single).load.rps
+            base_haproxy = (haproxy[grpc].multiplexed if streams > 1 else haproxy[grpc].single).load.rps
+            rows.append(
+                [
+                    result.scenario.name,
+                    f"-m{streams}",
+                    f"{run_.load.rps:,.0f}",
+                    ratio(run_.load.rps, base_direct),
+                    ratio(run_.load.rps, base_haproxy),
+                    cpu_cell(run_),
+                    origin_cell(run_),
+                    run_.load.error_text(),
+                ]
+            )
+    load = TableData(
+        f"HTTP/2 and gRPC unary (h2load -c{H2_CLIENTS}, -m{H2_STREAMS} then -m1, {settings.h2_s}s each)",
+        [
+            "scenario",
+            "streams",
+            "req/s",
+            "vs direct",
+            "vs HAProxy",
+            "proxies CPU µs/req",
+            "gRPC server CPU µs/req",
+            "h2load errors",
+        ],
+        rows,
+        note=f"h2 rows: `GET {H2_PATH}` to an h2c nginx (prior knowledge). gRPC rows: unary `{GRPC_PATH}` with a "
+        f"{len(GRPC_PAYLOAD)}-byte message (h2load -d with the 5-byte gRPC prefix, content-type application/grpc, "
+        "te: trailers) to a grpcio echo server (Python, on the client core: the bottleneck of every gRPC row); "
+        "req/s counts 2xx answers only, and 5 calls with grpcio's client got grpc-status OK through each path "
+        "first (h2load cannot read trailers). Mesh path: A → B over mTLS (ALPN h2), B → origin h2c.",
+    )
+    rss_rows = [
+        [
+            r.scenario.name,
+            ", ".join(f"{name} {mb:.1f}" for name, mb in r.rss_mb.items()),
+            "n/a" if r.sidecar_errors is None else f"{r.sidecar_errors} ({r.incomplete} incomplete)",
+        ]
+        for r in h2.results
+        if r.rss_mb
+    ]
+    rss = TableData(
+        "HTTP/2 proxies: RSS after the runs, and the errors the sidecars recorded",
+        ["scenario", "RSS MB", "sidecar-recorded errors"],
+        rss_rows,
+        note="'incomplete': streams still open when h2load's time ran out (it then closes its connections; "
+        f"up to -c × -m = {H2_CLIENTS * H2_STREAMS} a run): the sidecar that forwarded them records their reset "
+        "(on the mesh path B, from A). Any other recorded error is a sidecar bug to report.",
+    )
+    ab = h2.ab
+    ab_rows = [
+        [
+            "HTTP/1.1 (wrk -c32)",
+            ", ".join(f"{us:.1f}" for us in ab.h1_us),
+            f"{statistics.median(ab.h1_us):.1f}",
+            ", ".join(f"{rps:,.0f}" for rps in ab.h1_rps),
+        ],
+        [
+            f"HTTP/2 (h2load -c{H2_CLIENTS} -m{H2_STREAMS})",
+            ", ".join(f"{us:.1f}" for us in ab.h2_us),
+            f"{statistics.median(ab.h2_us):.1f}",
+            ", ".join(f"{rps:,.0f}" for rps in ab.h2_rps),
+        ],
+        ["HTTP/2 ÷ HTTP/1.1, same round", ", ".join(f"{r:.2f}×" for r in ab.ratios()), f"{ab.ratio():.2f}×", ""],
+    ]
+    one_h2 = next(r for r in h2.results if r.scenario.proxy == "sidecar").multiplexed.proxies_us()
+    cpu_ab = TableData(
+        f"HTTP/2 CPU A/B: one sidecar per protocol, both saturated at once ({settings.h2_s}s, "
+        f"{settings.h2_ab_rounds} rounds)",
+        ["one sidecar", "CPU µs/req, each round", "median", "req/s, each round"],
+        ab_rows,
+        note="The HTTP/2 CPU target is the median ratio. Both sidecars share the proxy core and are loaded at the "
+        f"same time. Runs in turn, for comparison: 'one sidecar' (HTTP/1.1) {one_h1.cpu_us_per_request:.1f} µs, "
+        f"'h2 one sidecar' -m{H2_STREAMS} {one_h2 or 0:.1f} µs a request.",
+    )
+    s = h2.stream
+    stream = TableData(
+        f"HTTP/2 stream of {settings.h2_stream_mb} MB through the mesh path (curl --http2-prior-knowledge → A → "
+        "mTLS h2 → B → h2c nginx, fresh sidecar pair)",
+        ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
+        [
+            [
+                s.direction,
+                s.status,
+                f"{s.transferred_bytes:,}",
+                f"{s.seconds:.2f}",
+                f"{s.mb_per_s:.0f}",
+                f"{s.peak_rss_mb.get('A', 0):.1f}",
+                f"{s.peak_rss_mb.get('B', 0):.1f}",
+                "ok" if s.ok else s.problem,
+            ]
+        ],
+    )
+    return [load, rss, cpu_ab, stream]
+
+
+def h2_targets(h2: H2Measured) -> list[Target]:
+    s = h2.stream
+    peak = max(s.peak_rss_mb.values(), default=None) if s.ok else None
+    return [
+        Target("HTTP/2: one sidecar's CPU per request ÷ HTTP/1.1's, A/B", h2.ab.ratio(), TARGET_H2_CPU_RATIO, "×"),
+        Target(
+            f"HTTP/2 stream of {s.expected_bytes // 2**20} MB, mesh path: rate",
+            s.mb_per_s if s.ok else None,
+            TARGET_H2_STREAM_MB_S,
+            " MB/s",
+            comparison=">=",
+        ),
+        Target("HTTP/2 stream, mesh path: peak RSS per sidecar", peak, TARGET_STREAM_RSS_MB, " MB", comparison="<"),
+    ]
 
 
 # ---------------------------------------------------------------------------- main
@@ -1525,6 +2184,7 @@ class Measured:
     streams: list[StreamResult]
     tracing_ab: TracingAB
     mtls_ab: MtlsAB
+    h2: H2Measured
 
 
 def measure_everything(settings: Settings) -> Measured:
@@ -1556,7 +2216,8 @@ def measure_in(workdir: Workdir, settings: Settings) -> Measured:
             peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
             console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
             streams.append(stream)
-    return Measured(results, streams, ab, mtls_ab)
+        h2 = measure_h2(workdir, nginx, settings)
+    return Measured(results, streams, ab, mtls_ab, h2)
 
 
 def run(settings: Settings) -> int:
@@ -1566,7 +2227,9 @@ def run(settings: Settings) -> int:
     elapsed = time.monotonic() - interference.clock_s
     notes = interference.describe()
     tables = build_tables(measured.results, measured.streams, settings, measured.tracing_ab, measured.mtls_ab)
+    tables += h2_tables(measured.h2, measured.results["one sidecar"], settings)
     targets = build_targets(measured.results, measured.streams, measured.tracing_ab, measured.mtls_ab)
+    targets += h2_targets(measured.h2)
     settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, notes))
     print_summary(tables, targets)
     for note in notes:

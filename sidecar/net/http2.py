@@ -11,7 +11,8 @@ Flow control both ways, so nothing buffers without bound:
 * request body: a stream's DATA waits in its body source until the upstream pump reads it;
   only then is the window reopened (``acknowledge``), so a slow upstream slows the client;
 * response body: DATA is sent as the peer's window allows, in frames of DATA_FRAME bytes at
-  most, and only while the output queue holds less than OUTPUT_LOW.
+  most (what the upstream body already holds is joined up to that), and only while the
+  output queue holds less than OUTPUT_LOW.
 
 Timeouts: the connection's first stream must open within the header timeout of the
 accept, and a connection with no stream is closed after the idle timeout; a stream whose
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import trio
 from h2.errors import ErrorCodes
@@ -33,7 +35,7 @@ from meshlet.io import Closed, Connection
 from ..core import errors
 from ..core.errors import error_response
 from ..core.http1 import ProtocolError
-from ..core.http2 import MAX_OUTPUT, OUTPUT_LOW, raw_parts, response_fields, trailer_fields
+from ..core.http2 import DATA_FRAME, MAX_OUTPUT, OUTPUT_LOW, raw_parts, response_fields, trailer_fields
 from ..core.http2_server import (
     BodyEnded,
     BodyReceived,
@@ -414,9 +416,14 @@ class _Http2Connection:
                     piece = await body.read()
                 if piece is None:
                     break
+                ended = False
+                if 0 < len(piece) < DATA_FRAME:
+                    piece, ended = _gather(piece, read_nowait)
                 if piece:
                     await self._send_data(stream, piece)
                     sent += len(piece)
+                if ended:
+                    break
             trailers = response.trailers  # set by the upstream side once its body ended
             if trailers:
                 self._send_headers(stream_id, trailer_fields(trailers), end=True)
@@ -471,6 +478,23 @@ class _Http2Connection:
             if last:
                 return
             view = view[size:]
+
+
+def _gather(piece: bytes, read_nowait: Callable[[], BodyPiece]) -> tuple[bytes, bool]:
+    """``piece`` and what the upstream body already holds after it, joined up to a full
+    DATA frame (at most DATA_FRAME plus one piece): each frame costs h2 work and, over
+    TLS, a record, and an origin's frames may be smaller than ours (nginx: 8 KB). Also
+    whether the body's end was read."""
+    pieces, size = [piece], len(piece)
+    while size < DATA_FRAME:
+        more = read_nowait()
+        if more is WOULD_BLOCK:
+            break
+        if more is None:
+            return b"".join(pieces), True
+        pieces.append(more)
+        size += len(more)
+    return b"".join(pieces), False
 
 
 async def serve_http2(io: Connection, handler: Handler, timeouts: Timeouts, source: str, received: bytes) -> None:
