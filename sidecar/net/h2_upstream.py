@@ -90,13 +90,9 @@ class _H2Exchange:
     async def read(self) -> bytes | None:
         stream = self.stream
         while True:
-            if stream.pieces:
-                data, length = stream.pieces.popleft()
-                self.conn.taken(stream, length)
-                return data
-            if stream.ended:
-                self._end()
-                return None
+            piece = self.read_nowait()
+            if piece is not WOULD_BLOCK:
+                return piece
             if stream.failure is not None:
                 if self.timed_out:
                     raise UpstreamBodyError("request timeout while reading the response body")
