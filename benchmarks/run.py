@@ -935,16 +935,25 @@ def measure_stream(direction: str, workdir: Workdir, nginx_port: int) -> StreamR
                 ]
             )
         peaks = {proxy.name: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
+    short = []
+    if direction == "upload" and (received := last_upload_length(workdir)) < size:
+        short.append(f"nginx read only {received} bytes")
+    problems = transfer_problems(code, moved, size, stderr, *short)
+    return StreamResult(direction, size, moved, seconds, code, peaks, "; ".join(problems))
+
+
+def transfer_problems(code: str, moved: int, size: int, stderr: str, *found: str) -> list[str]:
+    """What went wrong with a curl transfer of ``size`` bytes, ``found`` by the caller
+    besides (nothing: an empty list)."""
     problems = []
     if code != "200":
         problems.append(f"HTTP {code}")
     if moved != size:
         problems.append(f"moved {moved} of {size} bytes")
-    if direction == "upload" and (received := last_upload_length(workdir)) < size:
-        problems.append(f"nginx read only {received} bytes")
+    problems += found
     if stderr:
         problems.append(stderr)
-    return StreamResult(direction, size, moved, seconds, code, peaks, "; ".join(problems))
+    return problems
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -1995,13 +2004,7 @@ def measure_h2_stream(workdir: Workdir, nginx_h2: Server) -> StreamResult:
             ]
         )
         peaks = {proxy.name: memory_mb(proxy.pid, "VmHWM") for proxy in proxies}
-    problems = []
-    if code != "200":
-        problems.append(f"HTTP {code}")
-    if moved != size:
-        problems.append(f"moved {moved} of {size} bytes")
-    if stderr:
-        problems.append(stderr)
+    problems = transfer_problems(code, moved, size, stderr)
     return StreamResult("download (h2)", size, moved, seconds, code, peaks, "; ".join(problems))
 
 
