@@ -3,6 +3,8 @@ request past the pool's connection cap, which waits a bounded time for a connect
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 import trio.testing
@@ -12,6 +14,7 @@ from sidecar.app import build_inbound
 from sidecar.core import errors
 from sidecar.core.errors import MeshError
 from sidecar.core.services import Endpoint
+from sidecar.net import upstream
 from sidecar.net.downstream import Timeouts
 from sidecar.net.listeners import serve_http
 from sidecar.net.upstream import EndpointPool, Forwarder, UpstreamPools
@@ -62,6 +65,41 @@ async def test_idle_connection_past_timeout_is_not_handed_out(
     other, reused = await pool.acquire(1.0)
     assert not reused and other is not conn
     pool.release(other, reusable=False)
+
+
+@pytest.fixture
+async def closing_listener(nursery: trio.Nursery) -> int:
+    """A TCP server that closes each connection as soon as it is accepted."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def close(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, close, listeners)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_a_connection_the_peer_closed_while_idle_is_checked_once_past_the_recheck_delay(
+    closing_listener: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a connection goes back to work microseconds after its release: then the
+    poll for a close is skipped. Past RECHECK_AFTER it is polled, and a closed one is dropped."""
+    now = [1000.0]
+    monkeypatch.setattr(upstream, "monotonic", lambda: now[0])
+    pool = EndpointPool(Endpoint("127.0.0.1", closing_listener))
+    conn, _ = await pool.acquire(1.0)
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(conn.io.sock)  # the peer's FIN
+    assert conn.io.sock.recv(1, socket.MSG_PEEK) == b""
+    pool.release(conn, reusable=True)
+    now[0] += upstream.RECHECK_AFTER / 2
+    again, reused = await pool.acquire(1.0)
+    assert reused and again is conn  # not checked: the exchange finds the close (and resends if it may)
+    pool.release(again, reusable=True)
+    now[0] += 2 * upstream.RECHECK_AFTER
+    fresh, reused = await pool.acquire(1.0)
+    assert not reused and fresh is not conn and conn.io.closed and pool.connects == 2
+    pool.release(fresh, reusable=False)
 
 
 async def test_connections_are_bounded(listener: int, autojump_clock: trio.testing.MockClock) -> None:
