@@ -107,9 +107,9 @@ class _Connection:
         timeouts = self.timeouts
         self.deadline = timeouts.deadlines.now + timeouts.idle
 
-    async def receive(self) -> None:
+    async def receive(self, *, wait_first: bool = False) -> None:
         try:
-            data = await self.io.recv()
+            data = await self.io.recv(wait_first=wait_first)
         except Closed as exc:
             raise ClientGone(str(exc)) from None
         if not data:
@@ -248,7 +248,9 @@ async def _next_head(conn: _Connection) -> object:
         try:
             if not conn.fresh:  # a new connection keeps the header deadline set at the accept
                 conn.touch()
-                await conn.receive()
+                # A keep-alive client sends its next request after it has read our answer:
+                # it is not here yet (a try would be a wasted recv).
+                await conn.receive(wait_first=True)
             elif conn.sniff:
                 await _first_receive(conn)
             else:
