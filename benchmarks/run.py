@@ -22,9 +22,14 @@ mTLS mesh path, and gRPC unary to a grpcio echo server (benchmarks/grpc_echo.py)
 one sidecar's CPU a request in HTTP/2 against HTTP/1.1; a 100 MB HTTP/2 download through the
 mesh path.
 
+The Istio shape: HTTP/1.1, 1 KB responses, 1,000 req/s over 4 connections through two proxies
+(direct, two HAProxys, the mesh path plaintext, and with mTLS between two sidecars joined to a
+control plane): each proxy's vCPU, RSS and the p50/p90/p99 the proxies add; the joined
+sidecars' RSS idle and after saturation. ``--only istio`` runs it alone.
+
 Pinning: wrk, h2load, curl, nginx and the gRPC server on core 0, every proxy on core 1.
 
-Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--out PATH]
+Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--only istio] [--out PATH]
 """
 
 from __future__ import annotations
