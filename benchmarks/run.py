@@ -22,9 +22,14 @@ mTLS mesh path, and gRPC unary to a grpcio echo server (benchmarks/grpc_echo.py)
 one sidecar's CPU a request in HTTP/2 against HTTP/1.1; a 100 MB HTTP/2 download through the
 mesh path.
 
+The Istio shape: HTTP/1.1, 1 KB responses, 1,000 req/s over 4 connections through two proxies
+(direct, two HAProxys, the mesh path plaintext, and with mTLS between two sidecars joined to a
+control plane): each proxy's vCPU, RSS and the p50/p90/p99 the proxies add; the joined
+sidecars' RSS idle and after saturation. ``--only istio`` runs it alone.
+
 Pinning: wrk, h2load, curl, nginx and the gRPC server on core 0, every proxy on core 1.
 
-Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--out PATH]
+Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--only istio] [--out PATH]
 """
 
 from __future__ import annotations
@@ -46,10 +51,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -59,6 +65,7 @@ from meshlet import processes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
+ONLY_OUT = REPO / "benchmarks" / "out" / "RESULTS-only.md"  # git-ignored: a part is not the whole
 FAILURE_LOGS = REPO / "benchmarks" / "out" / "last-failure"  # git-ignored
 TOOLS = {
     "wrk": "wrk",
@@ -104,6 +111,8 @@ class Settings:
     h2_s: int = 4  # HTTP/2 and gRPC: each h2load run (-m10, then -m1)
     h2_ab_rounds: int = 3  # HTTP/2 CPU A/B: saturation runs of h2_s each
     h2_stream_mb: int = 100  # HTTP/2 download through the mesh path (at most stream_mb)
+    istio_s: int = 10  # the Istio shape: each path's paced run
+    only: str | None = None  # "istio": that scenario alone
     out: Path = DEFAULT_OUT
 
 
@@ -118,9 +127,14 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         help="connections sharing the fixed-rate run's 1,000 req/s (default 10; Istio's benchmark shape is 4)",
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})"
+        "--only",
+        choices=["istio"],
+        help=f"run one part alone: 'istio', the Istio shape and the memory with a control plane (~1 min; "
+        f"results in {ONLY_OUT.relative_to(REPO)} unless --out)",
     )
+    parser.add_argument("--out", type=Path, metavar="PATH", help=f"results file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
+    out = args.out or (ONLY_OUT if args.only else DEFAULT_OUT)
     if args.quick:
         settings = Settings(
             warmup_s=1,
@@ -128,15 +142,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             c1_s=2,
             paced_s=2,
             stream_mb=20,
-            out=args.out,
+            out=out,
             ab_rounds=2,
             ab_saturation_s=2,
             h2_s=2,
             h2_ab_rounds=2,
             h2_stream_mb=20,
+            istio_s=3,
+            only=args.only,
         )
     else:
-        settings = Settings(warmup_s=2, saturation_s=10, c1_s=5, paced_s=5, out=args.out)
+        settings = Settings(warmup_s=2, saturation_s=10, c1_s=5, paced_s=5, out=out, only=args.only)
     if args.duration is not None:
         if args.duration < 1:
             parser.error("--duration must be at least 1")
@@ -323,6 +339,11 @@ http {{
             default_type text/plain;
             return 200 "ok\\n";
         }}
+        # The Istio-shape scenario's response: 1 KB.
+        location = /1k {{
+            default_type text/plain;
+            return 200 "{body_1k}";
+        }}
         location = /big.bin {{ }}
         # proxy_pass reads the WHOLE request body before it answers (a bare `return`
         # would answer first and discard the body afterwards); the body itself goes nowhere.
@@ -403,9 +424,9 @@ function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     "RESULT requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d " ..
-    "p50_us=%.1f p99_us=%.1f mean_us=%.1f max_us=%.1f\\n",
+    "p50_us=%.1f p90_us=%.1f p99_us=%.1f mean_us=%.1f max_us=%.1f\\n",
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
 end
 """
 
@@ -469,7 +490,7 @@ def prepare_workdir(root: Path, stream_mb: int) -> Workdir:
 def run_nginx(workdir: Workdir) -> Iterator[Server]:
     port = free_port()
     conf = workdir.root / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=workdir.root, port=port))
+    conf.write_text(NGINX_CONF.format(tmp=workdir.root, port=port, body_1k=ISTIO_BODY.decode()))
     log = workdir.root / "nginx.out"
     argv = pinned(
         CLIENT_CORE, ["nginx", "-p", str(workdir.root), "-e", str(workdir.root / "nginx-error.log"), "-c", str(conf)]
@@ -480,15 +501,56 @@ def run_nginx(workdir: Workdir) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def run_haproxy(workdir: Workdir, nginx_port: int) -> Iterator[Server]:
+def run_haproxy(workdir: Workdir, nginx_port: int, name: str = "haproxy") -> Iterator[Server]:
+    """HAProxy in front of ``nginx_port`` (nginx, or the next HAProxy of a chain)."""
     port = free_port()
-    conf = workdir.root / "haproxy.cfg"
+    conf = workdir.root / f"{name}.cfg"
     conf.write_text(HAPROXY_CONF.format(port=port, nginx_port=nginx_port))
-    log = workdir.root / "haproxy.log"
+    log = workdir.root / f"{name}.log"
     argv = pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(conf)])
-    with processes.started("haproxy", argv, log, cwd=REPO, check_traceback=False) as child:
+    with processes.started(name, argv, log, cwd=REPO, check_traceback=False) as child:
         processes.wait_for_port(child, port)
-        yield Server("haproxy", child.pid, port)
+        yield Server(name, child.pid, port)
+
+
+@dataclass
+class ControlPlane:
+    """A ``meshlet control-plane`` we started: sidecars join it with its bootstrap token and
+    verify it with its CA (no trust on first use)."""
+
+    pid: int
+    push: int  # the push channel's port
+    data_dir: Path
+
+    def join_flags(self, sidecar_data_dir: Path) -> list[str]:
+        return [
+            "--control-plane",
+            f"127.0.0.1:{self.push}",
+            "--join-token",
+            f"@{self.data_dir / 'join-token'}",
+            "--control-plane-ca",
+            str(self.data_dir / "ca" / "ca.crt"),
+            "--data-dir",
+            str(sidecar_data_dir),
+        ]
+
+
+@contextlib.contextmanager
+def run_control_plane(workdir: Workdir) -> Iterator[ControlPlane]:
+    """A control plane on the client core: it is not on the request path (idle but for the
+    push channel's pings), and the proxy core stays the sidecars'."""
+    data_dir = workdir.root / "cp"
+    argv = pinned(
+        CLIENT_CORE,
+        processes.meshlet_command(
+            "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--data-dir", str(data_dir)
+        ),
+    )
+    log = workdir.root / "control-plane.log"
+    ready = "meshlet control-plane ready"
+    with processes.started("control-plane", argv, log, ready=ready, cwd=REPO, check_traceback=False) as child:
+        assert child.ready is not None
+        yield ControlPlane(child.pid, child.ready.ports["push"], data_dir)
 
 
 @contextlib.contextmanager
@@ -504,16 +566,23 @@ def run_sidecar(
     trace_sampling: float | None = None,
     tls: list[str] | None = None,
     protocol: str = "",
+    control_plane: ControlPlane | None = None,
 ) -> Iterator[Server]:
     """A sidecar whose service ``bench`` has the one endpoint 127.0.0.1:endpoint_port;
     ``label`` names it in the results, ``tag`` keeps its files apart from other runs'.
     With ``trace_collector`` it records a span per request (sampling is 1.0 by default)
-    and sends them there; without, a sidecar in static mode starts no trace."""
+    and sends them there; without, a sidecar in static mode starts no trace. With
+    ``control_plane`` it joins it instead of reading a static file (``endpoint_port`` unused)."""
     name = f"sidecar-{label}{tag}"
-    static = workdir.root / f"{name}.yaml"
-    mtls = ", mtls: {mode: permissive}" if tls else ""  # the endpoint is a sidecar: dialled with mTLS
-    declared = f", protocol: {protocol}" if protocol else ""  # what the endpoint speaks
-    static.write_text(f'services: {{{HOST_HEADER}: {{endpoints: ["127.0.0.1:{endpoint_port}"]{mtls}{declared}}}}}\n')
+    if control_plane is not None:
+        source = control_plane.join_flags(workdir.root / f"data-{name}")
+    else:
+        static = workdir.root / f"{name}.yaml"
+        mtls = ", mtls: {mode: permissive}" if tls else ""  # the endpoint is a sidecar: dialled with mTLS
+        declared = f", protocol: {protocol}" if protocol else ""  # what the endpoint speaks
+        endpoint = f'endpoints: ["127.0.0.1:{endpoint_port}"]{mtls}{declared}'
+        static.write_text(f"services: {{{HOST_HEADER}: {{{endpoint}}}}}\n")
+        source = ["--static", str(static)]
     argv = pinned(
         PROXY_CORE,
         processes.meshlet_command(
@@ -522,8 +591,7 @@ def run_sidecar(
             service,
             "--app",
             f"127.0.0.1:{app_port}",
-            "--static",
-            str(static),
+            *source,
             "--inbound",
             "127.0.0.1:0",
             "--outbound",
@@ -550,6 +618,7 @@ class WrkResult:
     requests: int
     seconds: float
     p50_ms: float
+    p90_ms: float
     p99_ms: float
     mean_ms: float
     errors: dict[str, int]
@@ -601,6 +670,7 @@ def wrk_result(argv: list[str], returncode: int, stdout: str, stderr: str) -> Wr
         requests=int(values["requests"]),
         seconds=values["duration_us"] / 1e6,
         p50_ms=values["p50_us"] / 1000,
+        p90_ms=values["p90_us"] / 1000,
         p99_ms=values["p99_us"] / 1000,
         mean_ms=values["mean_us"] / 1000,
         errors={kind: int(values[kind]) for kind in ("status", "connect", "read", "write", "timeout")},
@@ -635,16 +705,16 @@ def run_wrk_together(ports: list[int], *, seconds: int, **options: object) -> li
     ]
 
 
-def check_request(port: int) -> None:
-    """One GET /ok with Host: bench must answer 200 ``ok`` before we load the path."""
+def check_request(port: int, path: str = "/ok", expected: bytes = b"ok\n") -> None:
+    """One GET ``path`` with Host: bench must answer 200 and ``expected`` before we load the path."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", "/ok", headers={"Host": HOST_HEADER})
+        conn.request("GET", path, headers={"Host": HOST_HEADER})
         response = conn.getresponse()
         body = response.read()
     finally:
         conn.close()
-    if response.status != 200 or body != b"ok\n":
+    if response.status != 200 or body != expected:
         raise RuntimeError(f"sanity request via port {port}: {response.status} {body[:200]!r}")
 
 
@@ -974,6 +1044,7 @@ class Target:
     limit: float
     unit: str
     comparison: str = "<="  # value <comparison> limit passes: one of "<=", "<", ">="
+    digits: int = 2  # decimals shown
 
     @property
     def passed(self) -> bool:
@@ -984,7 +1055,7 @@ class Target:
         ]
 
     def row(self) -> list[str]:
-        shown = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
+        shown = "n/a" if self.value is None else f"{self.value:.{self.digits}f}{self.unit}"
         sign = {"<=": "≤", "<": "<", ">=": "≥"}[self.comparison]
         return [self.metric, shown, f"{sign} {self.limit:g}{self.unit}", "PASS" if self.passed else "FAIL"]
 
@@ -1501,6 +1572,9 @@ class Interference:
         ]
 
 
+TARGETS_TITLE = "Targets (one sidecar; tracing, mTLS, the HTTP/2 stream, the Istio shape and memory: the mesh path)"
+
+
 def render_markdown(
     tables: list[TableData],
     targets: list[Target],
@@ -1511,7 +1585,7 @@ def render_markdown(
     interference: list[str],
 ) -> str:
     targets_table = TableData(
-        "Targets (one sidecar; tracing, mTLS and the HTTP/2 stream: the mesh path)",
+        TARGETS_TITLE,
         ["metric", "value", "target", "result"],
         [t.row() for t in targets],
     )
@@ -1529,7 +1603,9 @@ def render_markdown(
         f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
         *(f"- {line}" for line in interference),
         f"- runs: warm-up {settings.warmup_s}s, saturation {settings.saturation_s}s, c=1 {settings.c1_s}s, "
-        f"paced {settings.paced_s}s; every request `GET /ok` with `Host: {HOST_HEADER}` (nginx answers `ok\\n`)",
+        f"paced {settings.paced_s}s, Istio shape {settings.istio_s}s; every request `GET /ok` with "
+        f"`Host: {HOST_HEADER}` (nginx answers `ok\\n`), but the Istio shape's `GET {ISTIO_PATH}` (1 KB)",
+        *([f"- only: {settings.only} (`--only`)"] if settings.only else []),
         "",
     ]
     for table in [*tables, targets_table]:
@@ -1545,9 +1621,7 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
         for row in data.rows:
             table.add_row(*row)
         console.print(table)
-    table = Table(
-        title="Targets (one sidecar; tracing, mTLS and the HTTP/2 stream: the mesh path)", title_justify="left"
-    )
+    table = Table(title=TARGETS_TITLE, title_justify="left")
     for header in ("metric", "value", "target", "result"):
         table.add_column(header)
     for target in targets:
@@ -2168,6 +2242,367 @@ def h2_targets(h2: H2Measured) -> list[Target]:
     ]
 
 
+# ---------------------------------------------------------------------------- the Istio shape
+#
+# Istio's published benchmark: HTTP/1.1, a 1 KB response, 1,000 req/s over 4 connections,
+# through a client-side and a server-side proxy with mTLS between them. Here: wrk paced by
+# WRK_SCRIPT's schedule, nginx's /1k, and per path each proxy's vCPU (CPU seconds over wall
+# seconds) and the latency percentiles, against no proxy and against two HAProxys in a row.
+# The mTLS path is a mesh as it runs: a control plane, and two sidecars that joined it (their
+# certificates from its CA, B's endpoint from its registry). The same two sidecars give the
+# memory target: RSS idle after start, and after a saturation run.
+
+ISTIO_PATH = "/1k"
+ISTIO_BODY = b"x" * 1024
+ISTIO_RATE = 1000  # requests per second, shared by the connections
+ISTIO_CONNECTIONS = 4
+# Below this share of ISTIO_RATE the schedule fell behind (4 connections keep 1,000 req/s only
+# while a request takes under 4 ms on average): the run was not the shape, its targets read n/a.
+ISTIO_RATE_HELD = 0.95
+PATH_READY_TIMEOUT = 30.0  # a joined path routes once the control plane knows B is ready
+TARGET_ISTIO_VCPU = 0.12  # per sidecar per 1,000 req/s
+MOONSHOT_ISTIO_VCPU = 0.08
+TARGET_ISTIO_ADDED_P90_MS = 0.6  # two sidecars, against no proxy
+TARGET_ISTIO_ADDED_P99_MS = 1.0
+TARGET_SATURATION_CPU_US = 70.0  # one sidecar
+MOONSHOT_SATURATION_CPU_US = 45.0
+TARGET_SATURATION_VS_HAPROXY = 0.40
+TARGET_CP_RSS_MB = 40.0  # per sidecar with a control plane, idle and after saturation (MiB)
+MOONSHOT_CP_RSS_MB = 30.0
+
+ISTIO_DIRECT = "direct"
+ISTIO_HAPROXY = "two HAProxys"
+ISTIO_PLAIN = "mesh path, plaintext"
+ISTIO_MTLS = "mesh path, mTLS, control plane"
+ISTIO_SCENARIOS = (ISTIO_DIRECT, ISTIO_HAPROXY, ISTIO_PLAIN, ISTIO_MTLS)
+
+
+@contextlib.contextmanager
+def joined_mesh_path(workdir: Workdir, nginx_port: int, tag: str = "-cp") -> Iterator[tuple[int, list[Server]]]:
+    """A control plane, then B (service bench, app nginx) and A (service client) joined to it:
+    A finds B in the registry and dials it with mTLS, as in a running mesh."""
+    with run_control_plane(workdir) as cp:
+        common = {"app_port": nginx_port, "endpoint_port": 0, "tag": tag, "control_plane": cp}
+        with (
+            run_sidecar(workdir, "B", service=HOST_HEADER, **common) as b,
+            run_sidecar(workdir, "A", service="client", **common) as a,
+        ):
+            yield a.port, [a, b]
+
+
+@contextlib.contextmanager
+def istio_path(name: str, workdir: Workdir, nginx_port: int) -> Iterator[tuple[int, list[Server]]]:
+    """The port wrk targets, and the proxies on the path, the client side first."""
+    if name == ISTIO_DIRECT:
+        yield nginx_port, []
+    elif name == ISTIO_HAPROXY:
+        with (
+            run_haproxy(workdir, nginx_port, "haproxy-server") as server,
+            run_haproxy(workdir, server.port, "haproxy-client") as client,
+        ):
+            yield client.port, [client, server]
+    elif name == ISTIO_PLAIN:
+        with mesh_path(workdir, nginx_port, "-istio") as (port, proxies):
+            yield port, proxies
+    elif name == ISTIO_MTLS:
+        with joined_mesh_path(workdir, nginx_port) as (port, proxies):
+            yield port, proxies
+    else:
+        raise ValueError(name)
+
+
+def wait_for_path(port: int, path: str, expected: bytes, timeout: float = PATH_READY_TIMEOUT) -> None:
+    """check_request until it passes, within ``timeout``: a joined sidecar routes once the
+    control plane has B registered and ready (B probed its app) and A has looked B up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_request(port, path, expected)
+            return
+        except (OSError, RuntimeError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+@dataclass
+class IstioResult:
+    name: str
+    paced: WrkResult
+    wall_s: float  # between the CPU readings around the paced run
+    cpu_by_proxy: dict[str, CpuTime]
+    rss_mb_by_proxy: dict[str, float]  # VmRSS after the paced run
+    sidecar_errors: int | None
+    other_load: dict[str, float]  # per core, as for ScenarioResult
+    steal: dict[str, float]
+
+    def vcpu(self, proxy: str) -> float:
+        """The proxy's CPU seconds per wall second during the paced run."""
+        return self.cpu_by_proxy[proxy].total / self.wall_s
+
+    def vcpu_per_1000(self, proxy: str) -> float:
+        """vCPU scaled to 1,000 req/s (the rate achieved is close to it, rarely exactly)."""
+        return self.vcpu(proxy) * 1000 / max(self.paced.rps, 1.0)
+
+    def busiest_vcpu_per_1000(self) -> float | None:
+        return max((self.vcpu_per_1000(proxy) for proxy in self.cpu_by_proxy), default=None)
+
+    @property
+    def rate_held(self) -> bool:
+        return self.paced.rps >= ISTIO_RATE_HELD * ISTIO_RATE
+
+    @property
+    def clean(self) -> bool:
+        """The rate held, and no error seen by wrk or by a sidecar: otherwise its numbers
+        prove nothing about the shape."""
+        return self.rate_held and not self.paced.errors_total and not self.sidecar_errors
+
+    def achieved(self) -> str:
+        return f"{self.paced.rps:,.0f}" + ("" if self.rate_held else " (not held)")
+
+
+@dataclass
+class ControlPlaneMemory:
+    """The joined mTLS path's sidecars: VmRSS idle and after a saturation run."""
+
+    idle_mb: dict[str, float]  # after start: joined, certificates issued, one request through
+    after_mb: dict[str, float]  # right after the saturation run
+    saturation: WrkResult
+    cpu_by_proxy: dict[str, CpuTime]  # over the saturation run
+
+
+@dataclass
+class IstioMeasured:
+    results: dict[str, IstioResult]
+    memory: ControlPlaneMemory
+
+
+def measure_istio_paced(
+    name: str, port: int, proxies: list[Server], workdir: Workdir, nginx: Server, settings: Settings
+) -> IstioResult:
+    announce(
+        f"Istio shape, {name}: warm-up {settings.warmup_s}s, then {ISTIO_RATE} req/s over "
+        f"{ISTIO_CONNECTIONS} connections for {settings.istio_s}s"
+    )
+
+    def paced(seconds: int) -> WrkResult:
+        return run_wrk(
+            port,
+            connections=ISTIO_CONNECTIONS,
+            seconds=seconds,
+            path=ISTIO_PATH,
+            script=workdir.wrk_script,
+            rate=ISTIO_RATE,
+            latency=True,
+        )
+
+    admins = [proxy.admin for proxy in proxies if proxy.admin is not None]
+    # from here on: a joined path's first attempts (before B was known and ready) are not counted
+    errors_before = sum(sidecar_error_count(admin) for admin in admins)
+    paced(settings.warmup_s)  # connections, pools and TLS sessions made; not recorded
+    before, started = LoadSample.take(proxies, nginx), time.monotonic()
+    load = paced(settings.istio_s)
+    wall, after = time.monotonic() - started, LoadSample.take(proxies, nginx)
+    cpu = {proxy.name: after.proxies[proxy.name] - before.proxies[proxy.name] for proxy in proxies}
+    rss = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
+    errors = sum(sidecar_error_count(admin) for admin in admins) - errors_before if admins else None
+    result = IstioResult(
+        name, load, wall, cpu, rss, errors, after.other_load_since(before, wall), after.steal_since(before, wall)
+    )
+    vcpu = ", ".join(f"{proxy} {result.vcpu(proxy):.3f}" for proxy in cpu) or "no proxy"
+    console.print(
+        f"    {load.rps:,.0f} req/s, vCPU {vcpu}, p50/p90/p99 {load.p50_ms:.3f}/{load.p90_ms:.3f}/{load.p99_ms:.3f} ms, "
+        f"errors {load.error_text()}, other processes {per_core(result.other_load)}, steal {per_core(result.steal)}"
+    )
+    return result
+
+
+def measure_memory_after_saturation(
+    port: int, proxies: list[Server], idle: dict[str, float], workdir: Workdir, settings: Settings
+) -> ControlPlaneMemory:
+    announce(
+        f"memory with a control plane: saturation, -c{settings.saturation_connections} for {settings.saturation_s}s"
+    )
+    before = {proxy.name: cpu_time(proxy.pid) for proxy in proxies}
+    load = run_wrk(
+        port,
+        connections=settings.saturation_connections,
+        seconds=settings.saturation_s,
+        path="/ok",
+        script=workdir.wrk_script,
+    )
+    cpu = {proxy.name: cpu_time(proxy.pid) - before[proxy.name] for proxy in proxies}
+    after = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
+    memory = ControlPlaneMemory(idle, after, load, cpu)
+    console.print(
+        "    RSS MiB idle "
+        + ", ".join(f"{name} {mb:.1f}" for name, mb in idle.items())
+        + "; after saturation "
+        + ", ".join(f"{name} {mb:.1f}" for name, mb in after.items())
+        + f"; {load.rps:,.0f} req/s, errors {load.error_text()}"
+    )
+    return memory
+
+
+def measure_istio(workdir: Workdir, nginx: Server, settings: Settings) -> IstioMeasured:
+    results: dict[str, IstioResult] = {}
+    memory = None
+    for name in ISTIO_SCENARIOS:
+        announce(f"Istio shape: [bold]{name}[/bold]")
+        with istio_path(name, workdir, nginx.port) as (port, proxies):
+            wait_for_path(port, ISTIO_PATH, ISTIO_BODY)
+            idle = {proxy.name: memory_mb(proxy.pid, "VmRSS") for proxy in proxies}
+            results[name] = measure_istio_paced(name, port, proxies, workdir, nginx, settings)
+            if name == ISTIO_MTLS:
+                memory = measure_memory_after_saturation(port, proxies, idle, workdir, settings)
+    assert memory is not None
+    return IstioMeasured(results, memory)
+
+
+def per_proxy(values: dict[str, float], digits: int) -> str:
+    return ", ".join(f"{name} {value:.{digits}f}" for name, value in values.items()) or "(no proxy)"
+
+
+def added(result: IstioResult, base: IstioResult) -> str:
+    """What the path adds to ``base``'s p50 / p90 / p99, in ms."""
+    r, b = result.paced, base.paced
+    return f"{r.p50_ms - b.p50_ms:+.3f} / {r.p90_ms - b.p90_ms:+.3f} / {r.p99_ms - b.p99_ms:+.3f}"
+
+
+def istio_tables(istio: IstioMeasured, settings: Settings) -> list[TableData]:
+    results = istio.results
+    direct, chain = results[ISTIO_DIRECT], results[ISTIO_HAPROXY]
+    shape = (
+        f"HTTP/1.1, {len(ISTIO_BODY)}-byte responses, {ISTIO_RATE:,} req/s over {ISTIO_CONNECTIONS} connections "
+        f"(wrk -t1 -c{ISTIO_CONNECTIONS} -d{settings.istio_s}s, paced)"
+    )
+    cost = TableData(
+        f"Istio shape: {shape}: cost per proxy",
+        [
+            "scenario",
+            "achieved req/s",
+            "vCPU per proxy",
+            "vCPU per proxy per 1,000 req/s",
+            "RSS MiB per proxy",
+            "wrk errors",
+            "sidecar-recorded errors",
+            f"other processes core {CLIENT_CORE} / {PROXY_CORE}",
+            f"steal core {CLIENT_CORE} / {PROXY_CORE}",
+        ],
+        [
+            [
+                r.name,
+                r.achieved(),
+                per_proxy({proxy: r.vcpu(proxy) for proxy in r.cpu_by_proxy}, 3),
+                per_proxy({proxy: r.vcpu_per_1000(proxy) for proxy in r.cpu_by_proxy}, 3),
+                per_proxy(r.rss_mb_by_proxy, 1),
+                r.paced.error_text(),
+                "n/a" if r.sidecar_errors is None else str(r.sidecar_errors),
+                per_core(r.other_load),
+                per_core(r.steal),
+            ]
+            for r in results.values()
+        ],
+        note="vCPU: the proxy's utime+stime over the paced run's wall time (all its threads), client side first "
+        "(A, haproxy-client). Both proxies of a path share the proxy core; nginx and wrk are on the client core. "
+        "The mTLS path's sidecars joined a control plane (on the client core) and got their certificates from its "
+        "CA; the plaintext path's read a static file.",
+    )
+    latency = TableData(
+        f"Istio shape: {shape}: latency",
+        [
+            "scenario",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "added vs direct, p50 / p90 / p99 ms",
+            "added vs two HAProxys, p50 / p90 / p99 ms",
+        ],
+        [
+            [
+                r.name,
+                f"{r.paced.p50_ms:.3f}",
+                f"{r.paced.p90_ms:.3f}",
+                f"{r.paced.p99_ms:.3f}",
+                added(r, direct),
+                added(r, chain),
+            ]
+            for r in results.values()
+        ],
+        note="Latency from wrk's write of a request to the end of its response, without coordinated-omission "
+        "correction; send times from one schedule with 1 ms timers (see README). Istio publishes p90 +0.228 ms "
+        "and p99 +0.298 ms for its two proxies (1.20), and 0.20 vCPU and 60 MB per sidecar (1.24).",
+    )
+    memory = istio.memory
+    saturation = memory.saturation
+    cpu = ", ".join(f"{name} {saturation.us_per_request(c.total):.1f}" for name, c in memory.cpu_by_proxy.items())
+    rss = TableData(
+        "Memory of a sidecar with a control plane (the Istio shape's mTLS path, VmRSS MiB)",
+        ["sidecar", "idle", "after saturation"],
+        [[name, f"{memory.idle_mb[name]:.1f}", f"{memory.after_mb.get(name, 0):.1f}"] for name in memory.idle_mb],
+        note="Idle: once the path answered its first request (joined, certificates issued, B looked up), before "
+        f"any load. After saturation: right after wrk -t1 -c{settings.saturation_connections} "
+        f"-d{settings.saturation_s}s GET /ok through A → B: {saturation.rps:,.0f} req/s, wrk errors "
+        f"{saturation.error_text()}, CPU µs a request {cpu}.",
+    )
+    return [cost, latency, rss]
+
+
+def unmeasured(*results: IstioResult) -> str:
+    """Why a target reads n/a: the paths whose run was not clean (empty when all were)."""
+    why = [
+        f"{r.name}: {r.achieved()} req/s, wrk errors {r.paced.error_text()}, sidecar errors {r.sidecar_errors or 0}"
+        for r in results
+        if not r.clean
+    ]
+    return f" [n/a, {'; '.join(why)}]" if why else ""
+
+
+def istio_targets(istio: IstioMeasured) -> list[Target]:
+    mtls, direct = istio.results[ISTIO_MTLS], istio.results[ISTIO_DIRECT]
+    vcpu = mtls.busiest_vcpu_per_1000() if mtls.clean else None
+    both = mtls.clean and direct.clean
+    p90 = mtls.paced.p90_ms - direct.paced.p90_ms if both else None
+    p99 = mtls.paced.p99_ms - direct.paced.p99_ms if both else None
+    memory = istio.memory
+    idle = max(memory.idle_mb.values())
+    after = max(memory.after_mb.values()) if not memory.saturation.errors_total else None
+    worst = None if after is None else max(idle, after)
+    vcpu_metric = "Istio shape: vCPU per sidecar per 1,000 req/s (mTLS, the busier of A and B)"
+    added_why = unmeasured(mtls, direct)
+    rss_metric = "RSS per sidecar with a control plane (the larger of A and B)"
+    return [
+        Target(vcpu_metric + unmeasured(mtls), vcpu, TARGET_ISTIO_VCPU, "", digits=3),
+        Target(f"{vcpu_metric}, moonshot{unmeasured(mtls)}", vcpu, MOONSHOT_ISTIO_VCPU, "", digits=3),
+        Target(
+            f"Istio shape: two sidecars (mTLS) add p90, vs direct{added_why}", p90, TARGET_ISTIO_ADDED_P90_MS, " ms"
+        ),
+        Target(
+            f"Istio shape: two sidecars (mTLS) add p99, vs direct{added_why}", p99, TARGET_ISTIO_ADDED_P99_MS, " ms"
+        ),
+        Target(f"{rss_metric}, idle", idle, TARGET_CP_RSS_MB, " MiB", digits=1),
+        Target(f"{rss_metric}, after saturation", after, TARGET_CP_RSS_MB, " MiB", digits=1),
+        Target(f"{rss_metric}, idle and after saturation, moonshot", worst, MOONSHOT_CP_RSS_MB, " MiB", digits=1),
+    ]
+
+
+def saturation_targets(results: dict[str, ScenarioResult]) -> list[Target]:
+    """The performance targets for one sidecar at saturation (stricter than build_targets')."""
+    one, haproxy = results["one sidecar"], results["haproxy"]
+    cpu = one.cpu_us_per_request
+    return [
+        Target("saturation: one sidecar's CPU per request", cpu, TARGET_SATURATION_CPU_US, " µs", digits=1),
+        Target("saturation: one sidecar's CPU per request, moonshot", cpu, MOONSHOT_SATURATION_CPU_US, " µs", digits=1),
+        Target(
+            "saturation: one sidecar's req/s ÷ HAProxy's",
+            one.saturation.rps / haproxy.saturation.rps,
+            TARGET_SATURATION_VS_HAPROXY,
+            "×",
+            comparison=">=",
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -2188,51 +2623,70 @@ class Measured:
     tracing_ab: TracingAB
     mtls_ab: MtlsAB
     h2: H2Measured
+    istio: IstioMeasured
 
 
-def measure_everything(settings: Settings) -> Measured:
+M = TypeVar("M")
+
+
+def measure_with_nginx(settings: Settings, measure: Callable[[Workdir, Server, Settings], M]) -> M:
+    """``measure`` in a fresh temp directory with nginx up; the logs kept if it fails."""
+    stream_mb = 0 if settings.only else settings.stream_mb  # a part alone streams nothing
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
-        announce(f"generating a {settings.stream_mb} MB file in {tmp}")
-        workdir = prepare_workdir(Path(tmp), settings.stream_mb)
+        announce(f"generating a {stream_mb} MB file in {tmp}")
+        workdir = prepare_workdir(Path(tmp), stream_mb)
         try:
-            return measure_in(workdir, settings)
+            announce(f"starting nginx on core {CLIENT_CORE}")
+            with run_nginx(workdir) as nginx:
+                return measure(workdir, nginx, settings)
         except Exception:
             save_logs(workdir)
             raise
 
 
-def measure_in(workdir: Workdir, settings: Settings) -> Measured:
-    announce(f"starting nginx on core {CLIENT_CORE}")
-    with run_nginx(workdir) as nginx:
-        results = {}
-        for name in SCENARIOS:
-            announce(f"scenario [bold]{name}[/bold]")
-            results[name] = measure_scenario(name, workdir, nginx, settings)
-        announce(f"tracing A/B: {settings.ab_rounds} paced runs on each of {len(AB_PATHS)} paths, in turn")
-        ab = measure_tracing_ab(workdir, nginx, settings)
-        announce(f"mTLS A/B: {settings.ab_rounds} saturation runs of two mesh paths at once")
-        mtls_ab = measure_mtls_ab(workdir, nginx, settings)
-        streams = []
-        for direction in ("download", "upload"):
-            announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
-            stream = measure_stream(direction, workdir, nginx.port)
-            peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
-            console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
-            streams.append(stream)
-        h2 = measure_h2(workdir, nginx, settings)
-    return Measured(results, streams, ab, mtls_ab, h2)
+def measure_in(workdir: Workdir, nginx: Server, settings: Settings) -> Measured:
+    results = {}
+    for name in SCENARIOS:
+        announce(f"scenario [bold]{name}[/bold]")
+        results[name] = measure_scenario(name, workdir, nginx, settings)
+    istio = measure_istio(workdir, nginx, settings)
+    announce(f"tracing A/B: {settings.ab_rounds} paced runs on each of {len(AB_PATHS)} paths, in turn")
+    ab = measure_tracing_ab(workdir, nginx, settings)
+    announce(f"mTLS A/B: {settings.ab_rounds} saturation runs of two mesh paths at once")
+    mtls_ab = measure_mtls_ab(workdir, nginx, settings)
+    streams = []
+    for direction in ("download", "upload"):
+        announce(f"streaming: {direction} {settings.stream_mb} MB through a fresh mesh path")
+        stream = measure_stream(direction, workdir, nginx.port)
+        peaks = ", ".join(f"{name} {mb:.1f} MB" for name, mb in stream.peak_rss_mb.items())
+        console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
+        streams.append(stream)
+    h2 = measure_h2(workdir, nginx, settings)
+    return Measured(results, streams, ab, mtls_ab, h2, istio)
+
+
+def measure_and_report(settings: Settings) -> tuple[list[TableData], list[Target]]:
+    """Everything (or the part ``settings.only`` names): the tables and the targets."""
+    if settings.only == "istio":
+        istio = measure_with_nginx(settings, measure_istio)
+        return istio_tables(istio, settings), istio_targets(istio)
+    measured = measure_with_nginx(settings, measure_in)
+    tables = build_tables(measured.results, measured.streams, settings, measured.tracing_ab, measured.mtls_ab)
+    tables += istio_tables(measured.istio, settings)
+    tables += h2_tables(measured.h2, measured.results["one sidecar"], settings)
+    targets = build_targets(measured.results, measured.streams, measured.tracing_ab, measured.mtls_ab)
+    targets += h2_targets(measured.h2)
+    targets += saturation_targets(measured.results) + istio_targets(measured.istio)
+    return tables, targets
 
 
 def run(settings: Settings) -> int:
     started_at = datetime.now().astimezone()
     interference = Interference.start()
-    measured = measure_everything(settings)
+    tables, targets = measure_and_report(settings)
     elapsed = time.monotonic() - interference.clock_s
     notes = interference.describe()
-    tables = build_tables(measured.results, measured.streams, settings, measured.tracing_ab, measured.mtls_ab)
-    tables += h2_tables(measured.h2, measured.results["one sidecar"], settings)
-    targets = build_targets(measured.results, measured.streams, measured.tracing_ab, measured.mtls_ab)
-    targets += h2_targets(measured.h2)
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
     settings.out.write_text(render_markdown(tables, targets, environment(), settings, started_at, elapsed, notes))
     print_summary(tables, targets)
     for note in notes:
