@@ -257,6 +257,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
             "(a control plane's certificate replaces them)",
         )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
+    # A worker fed by its supervisor over this inherited descriptor (sidecar/net/worker_channel.py).
+    sidecar.add_argument("--worker-channel", type=int, default=None, help=argparse.SUPPRESS)
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return sidecar
 
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per span batch POSTed is noise
-    if args.static is None and not args.control_plane:
+    if args.static is None and not args.control_plane and args.worker_channel is None:
         parser.error(
             "give --control-plane H:P (registry and endpoints from the control plane) "
             "or --static FILE (endpoints from a file; docs/static-config.md), or both"
@@ -381,15 +383,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         control_plane_ca=control_plane_ca,
         tls_files=tls_files if all(tls_files) else None,
         app_protocol=args.app_protocol or "",
+        worker_channel=args.worker_channel if args.worker else None,
     )
     if args.workers > 1:
-        if control_planes:
-            print(
-                "meshlet: --workers with --control-plane is not supported yet: run one worker per sidecar "
-                "(or use --static with --workers)",
-                file=sys.stderr,
-            )
-            return 2
         from sidecar.workers import run_workers
 
         return run_workers(options, args.workers)
