@@ -537,8 +537,9 @@ class Supervisor:
             self.admin_address = f"{opts.admin[0]}:{admin_port}"
             if self.feed is not None:  # the one session; workers start with its first configuration
                 self.feed.start(nursery, opts.inbound, (opts.admin[0], admin_port))
-            for worker in self.workers:
-                await nursery.start(self.run_worker, worker)
+            async with trio.open_nursery() as starting:  # side by side: each takes its imports' time
+                for worker in self.workers:
+                    starting.start_soon(nursery.start, self.run_worker, worker)
             for sock in self.reserved:  # every worker listens now
                 sock.close()
             parts = [

@@ -27,7 +27,7 @@ rules:
     headers:
       response: {{add: {{x-policy: {tag}}}}}
 """
-SPREAD = 30  # requests, each on a connection of its own: the kernel spreads them over both workers
+SPREAD = 16  # requests, each on a connection of its own: the kernel spreads them over both workers
 
 
 async def fresh_get(url: str, host: str = "item") -> httpx.Response:
