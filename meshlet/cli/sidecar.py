@@ -204,7 +204,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="worker processes sharing the listeners (SO_REUSEPORT); default 1",
+        help="worker processes sharing the listeners (SO_REUSEPORT), with --static or a control plane (the "
+        "supervisor holds the one session and feeds every worker); default 1",
     )
     sidecar.add_argument(
         "--header-timeout",
