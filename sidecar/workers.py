@@ -32,10 +32,12 @@ from typing import Any
 import httpx
 import trio
 
+from meshlet import wire
 from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
 from meshlet.names import is_service_name
 
 from .app import DRAIN_PROPAGATION, SidecarOptions, health_url, instance_info, state_file
+from .core import errors
 from .core.config import MeshSnapshot, load_static
 from .core.credentials import CredentialHolder, Credentials
 from .core.errors import MeshError
@@ -55,7 +57,9 @@ log = logging.getLogger("meshlet.workers")
 
 RESTART_DELAY = 1.0  # between a worker's death and its restart
 APPLY_TIMEOUT = 10.0  # a worker that has not applied a configuration by then is stuck: restarted
-OUTBOX = 256  # frames queued for one worker; more means it stopped reading: restarted
+# Frames queued for one worker: every lookup's answer at once (a session lost answers them all)
+# and configurations (one bytes object shared by all); more means it stopped reading: restarted.
+OUTBOX = wire.MAX_WATCHED + 256
 
 
 @dataclass
@@ -74,6 +78,11 @@ class Worker:
         if self.process is not None and self.process.returncode is None:
             log.error("worker %d: %s: restarting it", self.index, why)
             self.process.kill()
+
+
+def _discovered(service: str, reason: errors.Reason | None = None, detail: str = "") -> bytes:
+    """A lookup's answer for a worker: found (no reason), else the MeshError to raise."""
+    return encode({"t": "discovered", "service": service, "reason": reason.name if reason else "", "detail": detail})
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -265,8 +274,9 @@ class Feed:
                     self.changed()
                 elif kind == "discover":
                     service = field(message, "service", str)[:MAX_NAME]
-                    if worker.lookups >= 64:  # it asks once per service; more at once is not a worker's
-                        raise ChannelError("more than 64 lookups at once")
+                    if worker.lookups >= wire.MAX_WATCHED:  # it asks once per service, as many at most
+                        self.post(worker, _discovered(service, errors.NO_HEALTHY_ENDPOINTS, "too many lookups at once"))
+                        continue
                     worker.lookups += 1
                     nursery.start_soon(self._lookup, worker, service)
                 else:
@@ -278,13 +288,13 @@ class Feed:
         """A worker's lookup, as the control-plane client makes it; the answer follows the
         configuration that has the service (one outbox: in order)."""
         assert self.control is not None
-        reason = detail = ""
+        answer = _discovered(service)
         try:
             await self.control.discover(service)
         except MeshError as exc:
-            reason, detail = exc.reason.name, exc.detail
+            answer = _discovered(service, exc.reason, exc.detail)
         worker.lookups -= 1
-        self.post(worker, encode({"t": "discovered", "service": service, "reason": reason, "detail": detail}))
+        self.post(worker, answer)
 
     def readiness(self) -> tuple[bool, str]:
         if self.snapshot is None:
