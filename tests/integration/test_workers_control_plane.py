@@ -1,9 +1,10 @@
 """``--workers 2`` with a control plane: one sidecar to the control plane (one session, one
 instance, one answer per push), every worker fed by the supervisor. A service looked up
 through the supervisor and its endpoints pushed later reach both workers; a policy is ACKed
-only once both serve it; the workers call over mTLS with the certificate the supervisor holds;
-metrics add up exactly; a worker killed comes back with the current policy; SIGTERM
-deregisters, then drains both workers (requests in flight finish)."""
+only once both serve it; the workers call over mTLS with the certificate the supervisor holds
+and send their spans to the control plane's store; metrics add up exactly; a worker killed
+comes back with the current policy; SIGTERM deregisters, then drains both workers (requests in
+flight finish)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ async def test_two_workers_are_one_sidecar_to_the_control_plane(mesh: Mesh) -> N
     assert sample(caller, "meshlet_requests_total", direction="outbound", code="404") == counted[404]
     assert sample(caller, "meshlet_control_plane_connected") == 1
     assert sample(caller, "meshlet_certificate_expiry_seconds") > 0
+
+    # each worker sends its spans (one per call) to the control plane's store, with the session's token
+    async def exported() -> bool:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://{user.admin}/metrics")).text
+        assert sample(text, "meshlet_spans_dropped_total") == 0
+        return sample(text, "meshlet_spans_exported_total") == counted[200]
+
+    await wait_for(exported, "every span exported")
 
     # a policy is ACKed once both workers serve it: no request after the apply misses it
     await mesh.apply(ROUTE.format(tag="v1"))
