@@ -204,12 +204,11 @@ class SupervisorLink:
         assert self.channel is not None
         seq = field(message, "seq", int)
         try:
-            snapshot = self._snapshot(message)
-        except Exception as exc:  # noqa: BLE001 - whatever it is, the supervisor NACKs with it
+            self._apply(self._snapshot(message))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the supervisor NACKs with it; we serve on
             log.error("refused configuration %d: %s", seq, exc)
             await self.channel.send(encode({"t": "refused", "seq": seq, "reason": f"{type(exc).__name__}: {exc}"}))
             return
-        self._apply(snapshot)
         await self.channel.send(encode({"t": "applied", "seq": seq}))
 
     def _snapshot(self, message: dict[str, Any]) -> MeshSnapshot:
