@@ -399,10 +399,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except IdentityError as exc:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
+    from sidecar.net.worker_channel import ChannelError
+
     try:
         trio.run(_serve_and_announce, sidecar)
     except OSError as exc:
         print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except ChannelError as exc:  # a --workers worker its supervisor could not start
+        print(f"meshlet: worker: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

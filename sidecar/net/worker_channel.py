@@ -179,7 +179,8 @@ class SupervisorLink:
         message = await self.channel.receive()
         if message is None or message["t"] != "config":
             raise ChannelError("the supervisor sent no configuration")
-        await self._configure(message)
+        if not await self._configure(message):
+            raise ChannelError("the first configuration was refused: nothing to serve")  # fail closed
 
     async def serve(self, drain: Callable[[], Awaitable[None]]) -> None:
         """Follow the supervisor; drain on its word, or when it is gone (nobody would feed us)."""
@@ -200,7 +201,8 @@ class SupervisorLink:
         self._answer_all()
         await drain()
 
-    async def _configure(self, message: dict[str, Any]) -> None:
+    async def _configure(self, message: dict[str, Any]) -> bool:
+        """Apply a configuration and tell the supervisor; False: refused (the last one serves on)."""
         assert self.channel is not None
         seq = field(message, "seq", int)
         try:
@@ -208,8 +210,9 @@ class SupervisorLink:
         except Exception as exc:  # noqa: BLE001 - whatever it is, the supervisor NACKs with it; we serve on
             log.error("refused configuration %d: %s", seq, exc)
             await self.channel.send(encode({"t": "refused", "seq": seq, "reason": f"{type(exc).__name__}: {exc}"}))
-            return
+            return False
         await self.channel.send(encode({"t": "applied", "seq": seq}))
+        return True
 
     def _snapshot(self, message: dict[str, Any]) -> MeshSnapshot:
         """The snapshot ``message`` makes; the credentials and collector it brings installed."""

@@ -140,10 +140,14 @@ async def test_a_frame_that_breaks_the_rules_ends_the_channel(frame: bytes, why:
     await receiver.aclose()
 
 
-async def test_a_worker_without_a_configuration_does_not_start() -> None:
+@pytest.mark.parametrize(
+    ("first", "why"),
+    [({"t": "drain"}, "no configuration"), (_config(1, pushed={"store": "not a store id"}), "refused")],
+)
+async def test_a_worker_without_a_configuration_does_not_start(first: dict[str, Any], why: str) -> None:
     supervisor, link, applied, _ = _link()
-    await supervisor.send(encode({"t": "drain"}))
-    with pytest.raises(ChannelError, match="no configuration"):
+    await supervisor.send(encode(first))
+    with pytest.raises(ChannelError, match=why):
         await link.receive_first()
     assert applied == []
     await _close(supervisor, link)
