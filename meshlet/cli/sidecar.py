@@ -406,12 +406,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except OSError as exc:
         print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
         return 1
-    except ChannelError as exc:  # a --workers worker its supervisor could not start
-        print(f"meshlet: worker: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:  # from the nursery: a --workers worker its supervisor could not start
+        failed = group.subgroup(ChannelError)
+        if failed is None:
+            raise
+        print(f"meshlet: worker: {_first(failed)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve_and_announce(sidecar: object) -> None:
