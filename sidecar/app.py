@@ -57,6 +57,7 @@ from .net.tcp_proxy import TcpProxy
 from .net.tls import MeshTLS
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, OwnConnections, UpstreamPools
+from .net.worker_channel import SupervisorLink
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlet.sidecar")
@@ -103,6 +104,9 @@ class SidecarOptions:
     tls_files: tuple[Path, Path, Path] | None = None
     # --app-protocol: what the app speaks (http1, http2, grpc, tcp); "": its Service document's, else detected
     app_protocol: str = ""
+    # A worker of a --workers supervisor that holds the control-plane session: the descriptor of
+    # its private channel, over which the supervisor feeds it (sidecar/net/worker_channel.py).
+    worker_channel: int | None = None
 
 
 def build_outbound(
@@ -152,6 +156,39 @@ def build_inbound(
     if tracer is not None:  # outside errors: the mesh's own answers get their span too
         handler = server_tracing(handler, tracer)
     return metrics_layer(handler, telemetry, "inbound", service)
+
+
+def health_url(app: Endpoint, health_path: str) -> str:
+    """How the app's health is probed: a connection accepted (tcp, grpc), else ``health_path``
+    over HTTP (HTTP/2 for an app declared http2)."""
+    if app.protocol in ("tcp", "grpc"):
+        return f"tcp://{app.address}"
+    scheme = "h2c" if app.protocol == "http2" else "http"
+    return f"{scheme}://{app.address}{health_path}"
+
+
+def instance_info(opts: SidecarOptions, inbound: tuple[str, int], admin: tuple[str, int]) -> InstanceInfo:
+    """What the control plane registers: the inbound and admin listeners as others reach them."""
+    inbound_host, inbound_port = inbound
+    host = opts.advertise or (inbound_host if inbound_host not in ("0.0.0.0", "::") else "127.0.0.1")
+    admin_host, admin_port = admin
+    if admin_host in ("0.0.0.0", "::"):  # bound to every address: reported at the advertised host
+        admin_host = host
+    return InstanceInfo(
+        opts.service,
+        opts.instance_id or f"{opts.service}-{host}-{inbound_port}",
+        f"{host}:{inbound_port}",
+        f"{admin_host}:{admin_port}",
+        dict(opts.labels),
+        app_port=opts.app[1],
+        protocol=opts.app_protocol,
+    )
+
+
+def state_file(opts: SidecarOptions) -> Path | None:
+    """Where the last good config is kept: per service, not per instance, so any instance's
+    serves the next one (whose port, and so default id, may differ)."""
+    return None if opts.data_dir is None else opts.data_dir / f"{opts.service}.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +241,9 @@ class Sidecar:
         )
         self.trace_rng = random.Random()
         self.control: ControlPlaneClient | None = None
+        self.link: SupervisorLink | None = None  # a worker fed by its supervisor: in the control client's place
+        if options.worker_channel is not None:
+            self.link = SupervisorLink(options.worker_channel, self.credentials, self.apply)
         self.identity = self._identity()  # IdentityError: a key file we must not use
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
         self.snapshot = empty_snapshot()
@@ -327,12 +367,7 @@ class Sidecar:
         return Endpoint(*self.options.app, protocol=protocol)
 
     def _health_url(self, app: Endpoint) -> str:
-        """How the app's health is probed: a connection accepted (tcp, grpc), else --health-path
-        over HTTP (HTTP/2 for an app declared http2)."""
-        if app.protocol in ("tcp", "grpc"):
-            return f"tcp://{app.address}"
-        scheme = "h2c" if app.protocol == "http2" else "http"
-        return f"{scheme}://{app.address}{self.options.health_path}"
+        return health_url(app, self.options.health_path)
 
     def _opaque_inbound(self) -> Callable[[Connection, str], Awaitable[None]] | None:
         """How the inbound listener splices a caller to the app when it speaks tcp; None: HTTP."""
@@ -371,7 +406,9 @@ class Sidecar:
             formats=settings.formats,
             rng=self.trace_rng,
             # With nowhere to send spans (no control plane, no collector) none are recorded.
-            recording=bool(self.options.control_plane or self.options.trace_collector or settings.collector),
+            recording=bool(
+                self.options.control_plane or self.link or self.options.trace_collector or settings.collector
+            ),
         )
 
     def _span_collector(self) -> str | Collector | None:
@@ -382,17 +419,20 @@ class Sidecar:
             return tracing.collector
         if self.options.trace_collector:
             return self.options.trace_collector
+        if self.link is not None:
+            return self.link.collector
         return self.control.span_collector if self.control is not None else None
 
     def _discoverer(self, listener: str | None) -> Discover | None:
         """With a control plane: look up a service this sidecar has not heard of, then
         route by the snapshot installed with the answer."""
-        if self.control is None:
+        if self.control is None and self.link is None:
             return None
 
         async def discover(service: str) -> Filter:
-            assert self.control is not None
-            await self.control.discover(service)  # raises MeshError when it cannot be found
+            lookup = self.control or self.link  # a worker asks its supervisor
+            assert lookup is not None
+            await lookup.discover(service)  # raises MeshError when it cannot be found
             return self.stacks.routes[listener]
 
         return discover
@@ -411,34 +451,13 @@ class Sidecar:
 
     def _control_plane_client(self) -> ControlPlaneClient:
         opts = self.options
-        inbound_host, inbound_port = self.listeners.addresses["inbound"]
-        host = opts.advertise or (inbound_host if inbound_host not in ("0.0.0.0", "::") else "127.0.0.1")
-        address = f"{host}:{inbound_port}"
-        admin_host, admin_port = self.listeners.addresses["admin"]
-        if admin_host in ("0.0.0.0", "::"):  # bound to every address: reported at the advertised host
-            admin_host = host
-        instance_id = opts.instance_id or f"{opts.service}-{host}-{inbound_port}"
-        state_file = None
-        if opts.data_dir is not None:
-            # Per service, not per instance: any instance's last good config serves the
-            # next one (whose port, and so default id, may differ).
-            state_file = opts.data_dir / f"{opts.service}.json"
-        app_host, app_port = opts.app
         return ControlPlaneClient(
             opts.control_plane,
-            InstanceInfo(
-                opts.service,
-                instance_id,
-                address,
-                f"{admin_host}:{admin_port}",
-                dict(opts.labels),
-                app_port=app_port,
-                protocol=opts.app_protocol,
-            ),
+            instance_info(opts, self.listeners.addresses["inbound"], self.listeners.addresses["admin"]),
             self.apply,
             static=lambda: self.static_services,
             app_health_url=self._health_url(self.stacks.app),
-            state_file=state_file,
+            state_file=state_file(opts),
             watch_all=opts.transparent,
             identity=self.identity,
             tls=None if self.identity is None else ControlPlaneTLS(self.identity, opts.control_plane_ca),
@@ -480,6 +499,8 @@ class Sidecar:
             self._opaque_inbound,
         )
         listeners.limit(opts.max_inbound_connections, opts.max_outbound_connections, opts.max_admin_connections)
+        if self.link is not None:
+            await self.link.receive_first()  # a worker listens once it has its supervisor's configuration
         async with trio.open_nursery() as nursery:
             await nursery.start(self.deadlines.serve)
             self.pools.nursery = nursery  # HTTP/2 upstream connections' reader and writer tasks
@@ -523,6 +544,8 @@ class Sidecar:
                 # known before the app's first connection (decided at the accept, no lookup).
                 self.control.config.discovered.watched.update(n for n in opts.upstreams if is_service_name(n))
                 nursery.start_soon(self.control.serve)
+            if self.link is not None:
+                nursery.start_soon(self.link.serve, partial(self._stop, nursery.cancel_scope))
             self.mirror.spawn = nursery.start_soon
             nursery.start_soon(self.exporter.run)
             nursery.start_soon(self._sweep_metrics)
@@ -540,6 +563,8 @@ class Sidecar:
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if self.link is not None:
+                    continue  # a worker's supervisor says when to reload and to drain (the group gets signals)
                 if signum == signal.SIGHUP and self.options.static is not None:
                     try:
                         self.load_static()
@@ -552,9 +577,12 @@ class Sidecar:
                         )
                     continue
                 log.info("signal %s: stopping", signal.Signals(signum).name)
-                await self.drain()
-                cancel_scope.cancel()
+                await self._stop(cancel_scope)
                 return
+
+    async def _stop(self, cancel_scope: trio.CancelScope) -> None:
+        await self.drain()
+        cancel_scope.cancel()
 
     async def drain(self) -> None:
         """Stop gracefully (docs/architecture.md): not ready any more; deregister and keep serving while

@@ -204,7 +204,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="worker processes sharing the listeners (SO_REUSEPORT); default 1",
+        help="worker processes sharing the listeners (SO_REUSEPORT), with --static or a control plane (the "
+        "supervisor holds the one session and feeds every worker); default 1",
     )
     sidecar.add_argument(
         "--header-timeout",
@@ -257,6 +258,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
             "(a control plane's certificate replaces them)",
         )
     sidecar.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
+    # A worker fed by its supervisor over this inherited descriptor (sidecar/net/worker_channel.py).
+    sidecar.add_argument("--worker-channel", type=int, default=None, help=argparse.SUPPRESS)
     sidecar.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return sidecar
 
@@ -266,7 +269,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per span batch POSTed is noise
-    if args.static is None and not args.control_plane:
+    if args.static is None and not args.control_plane and args.worker_channel is None:
         parser.error(
             "give --control-plane H:P (registry and endpoints from the control plane) "
             "or --static FILE (endpoints from a file; docs/static-config.md), or both"
@@ -381,15 +384,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         control_plane_ca=control_plane_ca,
         tls_files=tls_files if all(tls_files) else None,
         app_protocol=args.app_protocol or "",
+        worker_channel=args.worker_channel if args.worker else None,
     )
     if args.workers > 1:
-        if control_planes:
-            print(
-                "meshlet: --workers with --control-plane is not supported yet: run one worker per sidecar "
-                "(or use --static with --workers)",
-                file=sys.stderr,
-            )
-            return 2
         from sidecar.workers import run_workers
 
         return run_workers(options, args.workers)
@@ -402,14 +399,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except IdentityError as exc:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
+    from sidecar.net.worker_channel import ChannelError
+
     try:
         trio.run(_serve_and_announce, sidecar)
     except OSError as exc:
         print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # from the nursery: a --workers worker its supervisor could not start
+        failed = group.subgroup(ChannelError)
+        if failed is None:
+            raise
+        print(f"meshlet: worker: {_first(failed)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve_and_announce(sidecar: object) -> None:

@@ -23,6 +23,21 @@ from .listeners import Listeners
 from .upstream import UpstreamPools
 
 
+def control_dump(control: ControlPlaneClient, identity: SidecarIdentity | None) -> dict[str, Any]:
+    """/config_dump's ``control_plane``: the session, and who it proves this sidecar is."""
+    return {
+        "addresses": [f"{h}:{p}" for h, p in control.addresses],
+        "connected": control.connected,
+        "instance": control.instance.instance_id,
+        "pushes_applied": control.pushes_applied,
+        "nacks_sent": control.nacks_sent,
+        "last_error": control.last_error,
+        "policies_store": control.config.store,  # the store the policies held came from
+        "store_conflict": list(control.store_conflict),  # policies kept against the control plane's
+        "identity": None if identity is None else identity.describe(),
+    }
+
+
 class AdminViews:
     """``snapshot`` and ``control`` read the sidecar's current configuration and control
     plane client (None: static mode, or not started yet); ``configured`` is set with the
@@ -89,19 +104,7 @@ class AdminViews:
         control = self.control()
         host, port = self.app
         return {
-            "control_plane": None
-            if control is None
-            else {
-                "addresses": [f"{h}:{p}" for h, p in control.addresses],
-                "connected": control.connected,
-                "instance": control.instance.instance_id,
-                "pushes_applied": control.pushes_applied,
-                "nacks_sent": control.nacks_sent,
-                "last_error": control.last_error,
-                "policies_store": control.config.store,  # the store the policies held came from
-                "store_conflict": list(control.store_conflict),  # policies kept against the control plane's
-                "identity": None if self.identity is None else self.identity.describe(),
-            },
+            "control_plane": None if control is None else control_dump(control, self.identity),
             "service": self.service,
             "app": f"{host}:{port}",
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.listeners.addresses.items()},

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +71,14 @@ class ControlPlaneClient:
         watch_all: bool = False,
         identity: SidecarIdentity | None = None,
         tls: ControlPlaneTLS | None = None,
+        settle: Callable[[], Awaitable[str]] | None = None,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
         self.addresses = addresses
+        # --workers: awaited after a push is installed, before its answer: "" once every worker
+        # applied it, else why not (sent as a NACK); and whether every worker serves (readiness).
+        self.settle = settle
+        self.serving = serving
         self.identity = identity  # the join token, the key and the certificates (net/identity.py)
         self.tls = tls  # None: plaintext (tests of the session alone)
         self.watch_all = watch_all  # every service's endpoints, not only those called (transparent mode)
@@ -230,7 +236,7 @@ class ControlPlaneClient:
                                 await self._send(stream, conn.watch(wire.ENDPOINTS, tuple(sorted(late))))
                         elif isinstance(message, wire.Push):
                             self._got_push = True
-                            await self._send(stream, self._on_push(conn, message))
+                            await self._send(stream, await self._answer_push(conn, message))
                             await self._report_readiness()  # ready with its first configuration
                         elif isinstance(message, wire.Ping):
                             await self._send(stream, wire.encode(wire.Pong(message.id)))
@@ -309,6 +315,20 @@ class ControlPlaneClient:
             return conn.nack(push, previous, why, (*kept, *refused))
         self.acked_versions[push.type] = push.version
         return conn.ack(push)
+
+    async def _answer_push(self, conn: wire.ClientConnection, push: wire.Push) -> bytes:
+        """The push's ACK or NACK, once what it changed is served (by every worker, with --workers)."""
+        previous = self.acked_versions.get(push.type)
+        answer = self._on_push(conn, push)
+        if self.settle is None or (why := await self.settle()) == "":
+            return answer
+        if previous is None:
+            self.acked_versions.pop(push.type, None)
+        else:
+            self.acked_versions[push.type] = previous
+        self.nacks_sent += 1
+        log.warning("%s %s not applied by every worker: %s", push.type, push.version, why)
+        return conn.nack(push, previous or "", why, ())
 
     def _store_conflict(self, kept: tuple[str, ...]) -> None:
         """Log a conflict once (again only when the policies kept change), and its end."""
@@ -397,7 +417,13 @@ class ControlPlaneClient:
         (its inbound listener refuses until then), so nobody is sent here before it can serve."""
         if self.identity is not None and self.identity.not_ready():
             return False  # no certificate (yet, or any more): peers would refuse us
+        if self.serving is not None and not self.serving():
+            return False  # a worker is not serving yet (starting, or restarted)
         return self.health is not None and self.health.ready and self.has_config
+
+    async def report_readiness(self) -> None:
+        """Tell the control plane if the readiness it heard changed (a worker started or died)."""
+        await self._report_readiness()
 
     async def _report_readiness(self) -> None:
         ready = self.reported_ready
