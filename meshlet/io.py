@@ -45,6 +45,22 @@ log = logging.getLogger("meshlet.listener")
 RECEIVE_SIZE = 64 * 1024
 
 
+def startup_os_error(exc: BaseException) -> OSError | None:
+    """The OSError a failed start raised (a port in use, an address not ours), also from
+    inside the exception groups trio's nurseries wrap it in; None when the failure holds
+    anything else (then it is a bug, and its traceback is what to show)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(OSError)
+        if matched is not None and rest is None:
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first if isinstance(first, OSError) else None
+    return None
+
+
 class Closed(Exception):
     """The connection was closed: by the peer (reset, broken pipe) or by us."""
 

@@ -33,7 +33,7 @@ import httpx
 import trio
 
 from meshlet import wire
-from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit
+from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit, startup_os_error
 from meshlet.names import is_service_name
 
 from .app import DRAIN_PROPAGATION, SidecarOptions, health_url, instance_info, state_file
@@ -656,8 +656,11 @@ def run_workers(options: SidecarOptions, count: int) -> int:
         return 1
     try:
         trio.run(supervisor.serve)
-    except OSError as exc:
-        print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:  # a group: from a nursery
+        listen_error = startup_os_error(exc)  # a port in use, an address not ours
+        if listen_error is None:
+            raise
+        print(f"meshlet: cannot listen: {listen_error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         ca_key=args.ca_key,
         cert_lifetime=args.cert_lifetime or LEAF_LIFETIME,
     )
+    from meshlet.io import startup_os_error
+
     try:
         trio.run(serve, options)
     except PolicyError as exc:
@@ -177,8 +179,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, StoreError) as exc:
         print(f"meshlet: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:  # a group: from a nursery
+        listen_error = startup_os_error(exc)  # a port in use, an address not ours
+        if listen_error is None:
+            raise
+        print(f"meshlet: cannot listen: {listen_error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -399,6 +399,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except IdentityError as exc:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
+    from meshlet.io import startup_os_error
     from sidecar.net.worker_channel import ChannelError
 
     try:
@@ -406,8 +407,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except OSError as exc:
         print(f"meshlet: cannot listen: {exc}", file=sys.stderr)
         return 1
-    except BaseExceptionGroup as group:  # from the nursery: a --workers worker its supervisor could not start
-        failed = group.subgroup(ChannelError)
+    except BaseExceptionGroup as group:  # from the nursery
+        listen_error = startup_os_error(group)  # a port in use, an address not ours
+        if listen_error is not None:
+            print(f"meshlet: cannot listen: {listen_error}", file=sys.stderr)
+            return 1
+        failed = group.subgroup(ChannelError)  # a --workers worker its supervisor could not start
         if failed is None:
             raise
         print(f"meshlet: worker: {_first(failed)}", file=sys.stderr)

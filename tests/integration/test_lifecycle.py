@@ -6,10 +6,14 @@ stragglers are cut."""
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
+
+from meshlet import processes
 
 from ..helpers import run_sidecar, write_static
 from ..origin import Origin
@@ -81,3 +85,41 @@ async def test_past_the_drain_timeout_stragglers_are_cut(tmp_path: Path, origin:
     assert len(failures) == 1  # cut, as the drain timeout says
     assert sidecar.process.returncode == 0
     assert "still in flight after 0.5s: cut" in sidecar.log()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sidecar", "--outbound", "{busy}", "--static", "{static}"],
+        ["sidecar", "--inbound", "{busy}", "--static", "{static}"],
+        ["sidecar", "--outbound", "{busy}", "--static", "{static}", "--workers", "2"],
+        ["control-plane", "--listen", "{busy}", "--data-dir", "{tmp}/cp"],
+        ["control-plane", "--api", "{busy}", "--data-dir", "{tmp}/cp"],
+    ],
+    ids=["sidecar outbound", "sidecar inbound", "sidecar --workers", "control-plane listen", "control-plane api"],
+)
+async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path, command: list[str]) -> None:
+    """A listener that cannot bind says so in one line (and exits 1), not a traceback
+    from inside the nursery that started it."""
+    static = write_static(tmp_path / "s.yaml", {})
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        values = {"busy": taken, "static": str(static), "tmp": str(tmp_path)}
+        args = [part.format(**values) for part in command]
+        if args[0] == "sidecar":
+            args += ["--service", "x", "--app", "127.0.0.1:9", "--admin", "127.0.0.1:0"]
+            listeners = ("--inbound", "--outbound")
+        else:
+            listeners = ("--listen", "--api")
+        for flag in listeners:
+            if flag not in args:  # the others on port 0
+                args += [flag, "127.0.0.1:0"]
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                processes.meshlet_command(*args), capture_stdout=True, capture_stderr=True, check=False
+            )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "Traceback" not in stderr and "meshlet: cannot listen: [Errno 98] Address already in use" in stderr, stderr
