@@ -2,7 +2,8 @@
 when the first policy is pushed (sidecar/core/policies.py), so a sidecar that never receives
 one never pays for it. Nor what costs it memory for nothing (benchmarks/README.md, "Memory"):
 httpx (an h2c app's probe, an https collector), prometheus_client (/metrics/cardinality),
-rich and the other commands' modules, PyYAML (a --static file). The import contracts
+rich and the other commands' modules, PyYAML (a --static file); and a static sidecar without
+TLS no cryptography (a key and certificates come with a control plane). The import contracts
 (pyproject.toml) say so about the code; these tests check running processes, from the imports
 Python itself reports (-X importtime)."""
 
@@ -67,6 +68,9 @@ def test_a_sidecar_with_a_static_configuration_never_imports_the_policy_schema(
         f"the sidecar imported HTTP/2 before any HTTP/2 connection: {loaded(modules, HTTP2)}"
     )
     assert not loaded(modules, UNNEEDED), f"the sidecar imported what it does not need: {loaded(modules, UNNEEDED)}"
+    # No control plane, no certificate: no identity, no push channel, so no cryptography (sidecar/app.py).
+    crypto = loaded(modules, ("cryptography", "sidecar.net.identity", "sidecar.net.control", "meshlet.wire"))
+    assert not crypto, f"a static sidecar without TLS imported the control plane's side: {crypto}"
 
 
 async def test_a_sidecar_with_a_control_plane_imports_only_what_it_uses(
