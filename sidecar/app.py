@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -46,11 +47,8 @@ from .layers.resilience import resilience_layer
 from .layers.routing import Discover, router, routing_layer
 from .layers.tracing import Tracer, client_tracing, server_tracing
 from .net.admin_views import AdminViews
-from .net.control import ControlPlaneClient, InstanceInfo
-from .net.control_tls import ControlPlaneTLS
 from .net.downstream import HEADER_TIMEOUT, serve_connection
 from .net.exporter import Collector, SpanExporter, collector_trust
-from .net.identity import SidecarIdentity
 from .net.inbound import InboundGate
 from .net.listeners import Listeners, kind_of, serve_http
 from .net.tcp_proxy import TcpProxy
@@ -59,6 +57,12 @@ from .net.transparent import Interceptor
 from .net.upstream import Forwarder, OwnConnections, UpstreamPools
 from .net.worker_channel import SupervisorLink
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    # Imported where a control plane is configured: the push channel and the identity, with
+    # cryptography (~8 MiB of a sidecar's memory), are no static sidecar's business.
+    from .net.control import ControlPlaneClient
+    from .net.identity import SidecarIdentity
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -300,6 +304,8 @@ class Sidecar:
         opts = self.options
         if not opts.control_plane:
             return None
+        from .net.identity import SidecarIdentity
+
         return SidecarIdentity(
             opts.service,
             self.credentials,
@@ -450,6 +456,9 @@ class Sidecar:
             self.apply(snapshot)
 
     def _control_plane_client(self) -> ControlPlaneClient:
+        from .net.control import ControlPlaneClient, InstanceInfo
+        from .net.control_tls import ControlPlaneTLS
+
         opts = self.options
         return ControlPlaneClient(
             opts.control_plane,

@@ -4,7 +4,7 @@ The request path only bumps plain integers in dicts keyed by label tuples (no lo
 no prometheus-client objects per request: ``Counter.labels().inc()`` takes a lock and
 several calls each time).
 At scrape time :func:`render` turns one or more :meth:`Telemetry.snapshot` values
-into Prometheus text, so ``--workers N`` adds the workers' snapshots up.
+into Prometheus text (sidecar/core/exposition.py), so ``--workers N`` adds the workers' snapshots up.
 
 The per-hop request series are bounded (sidecar/core/cardinality.py): a label tuple seen
 for the first time goes through the allow-list and the value caps once, and the answer is
@@ -18,11 +18,9 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.parser import text_string_to_metric_families
-
 from .core.cardinality import IdleSeries, MetricsSettings, SeriesLimits
+from .core.exposition import CounterFamily, Family, GaugeFamily, HistogramFamily
+from .core.exposition import text as exposition_text
 from .core.tcp import DURATION_BUCKETS as TCP_DURATION_BUCKETS
 from .core.tcp import TcpStats
 
@@ -394,9 +392,9 @@ class _Collector:
     def __init__(self, snapshots: Callable[[], Iterable[dict[str, Any]]]) -> None:
         self._snapshots = snapshots
 
-    def collect(self) -> Iterable[Any]:
+    def collect(self) -> Iterable[Family]:
         merged, info = _merge(self._snapshots())
-        requests = CounterMetricFamily(
+        requests = CounterFamily(
             "meshlet_requests",
             "Requests per hop, by status code, mesh error reason and gRPC status.",
             labels=REQUEST_LABELS,
@@ -422,19 +420,19 @@ class _Collector:
             SIZE_BUCKETS,
             merged["response_bytes"],
         )
-        inflight = GaugeMetricFamily("meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS)
+        inflight = GaugeFamily("meshlet_inflight_requests", "Requests being handled now.", labels=INFLIGHT_LABELS)
         for labels, value in merged["inflight"].items():
             inflight.add_metric(labels, value)
         yield inflight
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_upstream_connections",
             "Upstream connections per endpoint: active (carrying a request) or idle (pooled).",
             CONNECTION_LABELS,
             merged["connections"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_upstream_pool_overflow",
             "Requests answered 503 overloaded because every connection to the endpoint (1,024 at most) stayed "
             "busy for the connect timeout.",
@@ -442,14 +440,14 @@ class _Collector:
             merged["pool_overflows"],
         )
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_upstream_streams",
             "Streams open on the HTTP/2 connections to each endpoint.",
             POOL_LABELS,
             merged["h2_streams"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_upstream_connections_ended",
             "HTTP/2 upstream connections ended, by reason: idle, goaway (the peer's), peer-closed, lost, "
             "protocol-error, no-settings, no-h2 (ALPN), retired, cancelled, closed.",
@@ -457,21 +455,21 @@ class _Collector:
             merged["h2_closes"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_upstream_stream_resets",
             "RST_STREAM frames received from HTTP/2 upstreams, by error code (refused-stream: sent again once).",
             (*POOL_LABELS, "code"),
             merged["h2_resets"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_shadow_route_decisions",
             "What Route policies in shadow mode would have done: the rule, and the destination or answer.",
             SHADOW_LABELS,
             merged["shadow"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_shadow_access_decisions",
             "What AccessPolicies in shadow mode would have done with each caller: allow or deny, and by which "
             "rule (or the default).",
@@ -479,7 +477,7 @@ class _Collector:
             merged["shadow_access"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_shadow_destination_decisions",
             "What DestinationPolicies in shadow mode would have done with each request: allow, circuit-open, "
             "rate-limited or overloaded (the defaults served it).",
@@ -487,63 +485,63 @@ class _Collector:
             merged["shadow_destination"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_retries",
             "Retries made (outcome retried) and refused because the retry budget was spent (budget-exhausted).",
             RETRY_LABELS,
             merged["retries"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_retry_budget_exhausted",
             "Retries the retry budget refused.",
             CIRCUIT_LABELS,
             {(d,): n for (d, outcome), n in merged["retries"].items() if outcome == "budget-exhausted"},
         )
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_circuit_state",
             "Circuit breaker state per destination: 0 closed, 1 open, 2 half-open.",
             CIRCUIT_LABELS,
             merged["circuits"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_circuit_transitions",
             "Circuit breaker transitions, by the state entered.",
             TRANSITION_LABELS,
             merged["transitions"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_outlier_ejections",
             "Endpoints ejected by outlier detection.",
             EJECTION_LABELS,
             merged["ejections"],
         )
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_endpoints",
             "Endpoints per destination by outlier state: healthy, ejected, probation.",
             ENDPOINT_LABELS,
             merged["endpoints"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_spans_dropped",
             "Finished spans not delivered to the collector: the queue was full, or the collector was down or refused.",
             DROPPED_LABELS,
             merged["spans_dropped"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_spans_exported",
             "Finished spans the collector accepted.",
             (),
             merged["spans_exported"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_transparent_connections",
             "Connections redirected to the outbound listener by meshlet init-iptables, by outcome: service "
             "(routed to a mesh service), passthrough (unknown address, ALLOW_ANY), blocked (REGISTRY_ONLY), "
@@ -552,7 +550,7 @@ class _Collector:
             merged["transparent"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_tls_handshakes",
             "mTLS handshakes completed with other sidecars, by side (client: our calls; server: the inbound "
             "listener) and whether a session was resumed.",
@@ -560,7 +558,7 @@ class _Collector:
             merged["tls_handshakes"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_tls_failures",
             "mTLS connections that failed, by side and reason: tls-handshake-failed, peer-identity-mismatch, "
             "no-credentials (a TLS caller while this sidecar holds no certificate).",
@@ -568,7 +566,7 @@ class _Collector:
             merged["tls_failures"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_plaintext_refused",
             "Plaintext connections the inbound listener closed at once: its service is in strict mTLS mode.",
             (),
@@ -576,7 +574,7 @@ class _Collector:
         )
         yield from _tcp_families(merged)
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_mirror_requests",
             "Mirrored copies of requests, by destination and outcome (2xx..5xx, a mesh reason, failed, "
             "skipped-body, no-endpoint); never seen by the caller.",
@@ -584,35 +582,35 @@ class _Collector:
             merged["mirror"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_metrics_series_folded",
             "New per-hop series written with 'other' for a label, past its value cap (MeshConfig metrics).",
             ("label",),
             {(label,): n for (label,), n in merged["folded"].items()},
         )
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_downstream_connections",
             "Client connections open, per listener (outbound includes the --upstream listeners).",
             LISTENER_LABELS,
             merged["downstream_open"],
         )
         yield _family(
-            GaugeMetricFamily,
+            GaugeFamily,
             "meshlet_downstream_connections_limit",
             "Client connections a listener may hold at once (--max-<listener>-connections).",
             LISTENER_LABELS,
             merged["downstream_limit"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_downstream_connections_rejected",
             "Client connections closed at once (a reset) because their listener was at its limit.",
             LISTENER_LABELS,
             merged["downstream_rejected"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_downstream_timeouts",
             "Client connections closed by a timeout: first-byte (a new one sent nothing within --header-timeout), "
             "request-head (a head not complete in time: 408), idle (no next request, or a stalled exchange).",
@@ -620,7 +618,7 @@ class _Collector:
             merged["downstream_timeouts"],
         )
         yield _family(
-            CounterMetricFamily,
+            CounterFamily,
             "meshlet_downstream_requests_rejected",
             "Requests a listener answered itself before the request path, by status code: 400 (a malformed head "
             "or a bad chunk read with it), 431 (a head too large), 414 (a request target too long), 505 (an HTTP "
@@ -631,7 +629,7 @@ class _Collector:
         yield from _http2_families(merged)
         if info.get("version"):
             yield _family(
-                GaugeMetricFamily,
+                GaugeFamily,
                 "meshlet_config_version_info",
                 "The configuration version this sidecar applies (always 1).",
                 ("version",),
@@ -639,7 +637,7 @@ class _Collector:
             )
         if info.get("certificate_expiry") is not None:
             yield _family(
-                GaugeMetricFamily,
+                GaugeFamily,
                 "meshlet_certificate_expiry_seconds",
                 "Seconds until this sidecar's certificate expires; negative once it has (peers refuse it).",
                 (),
@@ -647,7 +645,7 @@ class _Collector:
             )
         if info.get("connected") is not None:
             yield _family(
-                GaugeMetricFamily,
+                GaugeFamily,
                 "meshlet_control_plane_connected",
                 "1 while the push channel to the control plane is up.",
                 (),
@@ -655,30 +653,30 @@ class _Collector:
             )
 
 
-def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any]:
+def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Family]:
     yield _family(
-        GaugeMetricFamily,
+        GaugeFamily,
         "meshlet_http2_connections",
         "HTTP/2 client connections open, per listener (also counted in meshlet_downstream_connections).",
         LISTENER_LABELS,
         merged["http2_open"],
     )
     yield _family(
-        GaugeMetricFamily,
+        GaugeFamily,
         "meshlet_http2_streams",
         "HTTP/2 streams being handled, per listener.",
         LISTENER_LABELS,
         merged["http2_streams"],
     )
     yield _family(
-        CounterMetricFamily,
+        CounterFamily,
         "meshlet_http2_streams_opened",
         "HTTP/2 streams taken onto the request path, per listener.",
         LISTENER_LABELS,
         merged["http2_streams_opened"],
     )
     yield _family(
-        CounterMetricFamily,
+        CounterFamily,
         "meshlet_http2_connections_closed",
         "HTTP/2 client connections closed for what the client did: protocol-error, header-too-large (a "
         "header block past 64 KiB: a CONTINUATION flood), rapid-reset, control-flood (SETTINGS, PING...), "
@@ -687,7 +685,7 @@ def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[A
         merged["http2_closed"],
     )
     yield _family(
-        CounterMetricFamily,
+        CounterFamily,
         "meshlet_http2_streams_reset",
         "HTTP/2 streams reset: refused (past the concurrent streams limit), client (reset by the client "
         "before its answer), timeout (no body moved for the idle timeout), response-cut (the upstream's "
@@ -697,10 +695,10 @@ def _http2_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[A
     )
 
 
-def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any]:
+def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Family]:
     """Opaque TCP connections (sidecar/core/tcp.py TcpStats)."""
     yield _family(
-        CounterMetricFamily,
+        CounterFamily,
         "meshlet_tcp_connections",
         "Opaque TCP connections that ended, by direction, source and destination service and outcome: ok, "
         "reset, idle-timeout, connect-failed, circuit-open, no-endpoints, denied.",
@@ -708,7 +706,7 @@ def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any
         merged["tcp_connections"],
     )
     yield _family(
-        CounterMetricFamily,
+        CounterFamily,
         "meshlet_tcp_bytes",
         "Bytes spliced on opaque TCP connections: received from the client (the app outbound, the caller "
         "inbound) and sent to it.",
@@ -723,7 +721,7 @@ def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any
         ("direction", "source", "destination"),
     )
     yield _family(
-        GaugeMetricFamily,
+        GaugeFamily,
         "meshlet_tcp_connections_open",
         "Opaque TCP connections open now (not meshlet_tcp_connections: the counter's family has that name).",
         ("direction",),
@@ -731,7 +729,13 @@ def _tcp_families(merged: dict[str, dict[tuple[str, ...], Any]]) -> Iterable[Any
     )
 
 
-def _family(kind: Any, name: str, help: str, labels: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
+def _family(
+    kind: type[CounterFamily | GaugeFamily],
+    name: str,
+    help: str,
+    labels: tuple[str, ...],
+    values: dict[tuple[str, ...], Any],
+) -> Family:
     """A counter or gauge family with one sample per label tuple."""
     family = kind(name, help, labels=labels)
     for key, value in values.items():
@@ -745,8 +749,8 @@ def _histogram(
     bounds: tuple[float, ...],
     values: dict[tuple[str, ...], list[float]],
     labels: tuple[str, ...] = REQUEST_LABELS,
-) -> Any:
-    family = HistogramMetricFamily(name, help, labels=labels)
+) -> Family:
+    family = HistogramFamily(name, help, labels=labels)
     for labels, counts in values.items():
         cumulative, buckets = 0.0, []
         for bound, count in zip((*bounds, float("inf")), counts[:-1], strict=True):
@@ -761,14 +765,15 @@ def _bound(bound: float) -> str:
 
 
 def render(snapshots: Callable[[], Iterable[dict[str, Any]]]) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(snapshots))
-    return generate_latest(registry)
+    return exposition_text(_Collector(snapshots).collect())
 
 
 def cardinality(text: bytes, telemetry: Telemetry | None = None) -> dict[str, Any]:
     """/metrics/cardinality: the series per metric in ``text`` (a /metrics page; a
     histogram counts one series per label set, not per bucket), and the bounds."""
+    # Imported here: the admin's /metrics/cardinality only, not every sidecar, needs a parser.
+    from prometheus_client.parser import text_string_to_metric_families
+
     series: dict[str, int] = {}
     for family in text_string_to_metric_families(text.decode()):
         label_sets = {

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .. import __version__
-from . import check, commands, control_plane, sidecar, wait_ready
+from . import sidecar
 from .options import MeshletParser, defaults_from_environment
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, sidecar_only: bool = False) -> argparse.ArgumentParser:
+    """Every command's parser. ``sidecar_only``: the sidecar command's alone, which parses its
+    arguments alike: `meshlet sidecar` then never imports the other commands' modules (rich,
+    the API client, httpx: MiBs of a sidecar's memory for its whole life)."""
     parser = MeshletParser(
         prog="meshlet",
         description="meshlet: a service mesh you install with pip. Run a sidecar next to each service.",
@@ -23,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     choices = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     defaults_from_environment(sidecar.add_command(choices), os.environ)
+    if sidecar_only:
+        return parser
+    from . import check, commands, control_plane, wait_ready
+
     # The other role in a container: configured by environment too.
     defaults_from_environment(control_plane.add_command(choices), os.environ)
     commands.add_commands(choices)
@@ -45,13 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(sidecar_only=words[:1] == ["sidecar"])
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "sidecar":
         return sidecar.run(args, parser)
+    from . import check, commands, control_plane, wait_ready
+
     if args.command == "control-plane":
         return control_plane.run(args)
     if args.command in ("get", "status", "apply", "rollback", "explain", "trace", "stat", "top", "token", "ca"):

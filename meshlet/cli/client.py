@@ -12,10 +12,13 @@ import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
+if TYPE_CHECKING:
+    # Imported where a client is made: every command module imports this one, and so does
+    # `meshlet sidecar` (meshlet/cli/__init__.py builds one parser), which never calls an API.
+    import httpx
 
 JSON = dict[str, Any]  # a JSON object, free-form here: each command reads the fields it shows
 Trace = list[JSON]  # Zipkin v2 spans of one trace
@@ -77,6 +80,8 @@ class ApiClient:
         self._token = token
         self._timeout = timeout
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        import httpx
+
         self._http = httpx.Client(base_url=self._url, transport=transport, verify=api_trust(ca), headers=headers)
 
     def __enter__(self) -> ApiClient:
@@ -192,6 +197,8 @@ class AdminClient:
 
     def __init__(self, admin: str, *, transport: httpx.BaseTransport | None = None) -> None:
         self.admin = admin
+        import httpx
+
         self._http = httpx.Client(base_url=f"http://{admin}", timeout=QUERY_TIMEOUT, transport=transport)
 
     def __enter__(self) -> AdminClient:
@@ -214,6 +221,8 @@ class AdminClient:
 def _answer(send: Callable[[], httpx.Response]) -> Any:
     """The JSON document ``send()`` got back, or ApiError: no answer, an error status, or an
     answer that is not JSON (something else listens at that address)."""
+    import httpx
+
     try:
         response = send()
     except httpx.HTTPError as exc:

@@ -392,11 +392,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_workers(options, args.workers)
     import trio
 
-    from sidecar.net.identity import IdentityError
+    refused: tuple[type[Exception], ...] = ()
+    if options.control_plane:  # its key; a static sidecar imports no identity (nor cryptography)
+        from sidecar.net.identity import IdentityError
 
+        refused = (IdentityError,)
     try:
         sidecar = Sidecar(options)
-    except IdentityError as exc:
+    except refused as exc:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
     from meshlet.io import startup_os_error

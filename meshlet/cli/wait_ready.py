@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .options import address, duration
+
+if TYPE_CHECKING:
+    import httpx  # imported where it polls: `meshlet sidecar` builds the same parser, never polls
 
 DEFAULT_ADMIN = ("127.0.0.1", 15090)
 DEFAULT_TIMEOUT = 60.0
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     answered = False  # whether the admin listener answered the last poll
     # trust_env=False: the app's environment often has HTTP_PROXY pointing at the sidecar's
     # outbound listener; the admin listener is asked directly.
+    import httpx
+
     try:
         with httpx.Client(trust_env=False) as client:
             while True:
@@ -131,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe(exc: httpx.HTTPError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.TimeoutException):
         return "no answer in time"
     return str(exc) or type(exc).__name__

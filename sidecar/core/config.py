@@ -27,13 +27,13 @@ from meshlet.endpoints import (
     endpoint_mapping,
 )
 from meshlet.names import check_service_name
-from meshlet.yamlfile import LineMap, YamlError, load_one
 
 from .services import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Endpoint, ServiceConfig
 
 if TYPE_CHECKING:  # types only: the snapshot holds them, built elsewhere (policies.py); no import at start
     from meshlet.access import AccessTable
     from meshlet.routes import RouteTable
+    from meshlet.yamlfile import LineMap
 
     from .cardinality import MetricsSettings
     from .destination import Settings
@@ -209,6 +209,9 @@ def load_static(text: str, filename: str) -> MeshSnapshot:
     A service here is what a ``Service`` policy says, checked by the same rules
     (meshlet/endpoints.py); the file adds ``defaults`` and a short form, ``item: [a:1]``
     for ``item: {endpoints: [a:1]}``."""
+    # Imported here: PyYAML is read by a sidecar with a --static file only (~1 MiB of memory).
+    from meshlet.yamlfile import YamlError, load_one
+
     try:
         doc, lines = load_one(text, filename)
     except YamlError as exc:

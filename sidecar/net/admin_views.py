@@ -8,7 +8,7 @@ themselves are net/admin.py's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -17,10 +17,12 @@ from ..core.destination import Destinations
 from ..layers.explain import Explanations
 from ..telemetry import Telemetry, cardinality, render
 from .admin import AdminHandler
-from .control import ControlPlaneClient
-from .identity import SidecarIdentity
 from .listeners import Listeners
 from .upstream import UpstreamPools
+
+if TYPE_CHECKING:  # a static sidecar has neither (nor cryptography): see sidecar/app.py
+    from .control import ControlPlaneClient
+    from .identity import SidecarIdentity
 
 
 def control_dump(control: ControlPlaneClient, identity: SidecarIdentity | None) -> dict[str, Any]:

@@ -18,13 +18,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from ..core.spans import Span, encode_span, join
 from .poster import Http1Poster, PostError
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("meshlet.tracing")
 
@@ -138,14 +140,8 @@ class SpanExporter:
             if self.transport is None and url.startswith("http://"):
                 status = await self._poster.post(url, body, authorization=authorization)
             else:
-                if self._client is None:  # an SSL context and all, a few MB: only when needed
-                    self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport, verify=self.verify)
-                headers = {"content-type": "application/json"}
-                if authorization:
-                    headers["authorization"] = authorization.decode("ascii")
-                response = await self._client.post(url, content=body, headers=headers)
-                status = response.status_code
-        except (PostError, httpx.HTTPError, OSError) as exc:
+                status = await self._post_with_httpx(url, body, authorization)
+        except (PostError, OSError) as exc:
             self._drop(len(batch), "collector-unreachable")
             log.warning("spans not delivered to %s: %s (%d dropped)", url, exc, len(batch))
             return False
@@ -156,6 +152,22 @@ class SpanExporter:
         self.sent += len(batch)
         self._on_sent(len(batch))
         return True
+
+    async def _post_with_httpx(self, url: str, body: bytes, authorization: bytes) -> int:
+        """An https:// collector's POST (or a test's transport). httpx is imported here: with
+        its SSL context and CA bundle it costs a sidecar several MiB, paid only when needed."""
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout, transport=self.transport, verify=self.verify)
+        headers = {"content-type": "application/json"}
+        if authorization:
+            headers["authorization"] = authorization.decode("ascii")
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise PostError(str(exc)) from exc
+        return response.status_code
 
     def stats(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "sent": self.sent, "dropped": self.dropped}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-import httpx
 import trio
+
+from .poster import Http1Poster, PostError
 
 log = logging.getLogger("meshlet.control")
 
@@ -21,22 +23,30 @@ HEALTH_INTERVAL = 5.0  # how often the app's health is probed
 HEALTH_TIMEOUT = 2.0
 
 
-class AppHealth:
-    """The app's health as last probed at ``url`` (not ready until a probe says so)."""
+class StatusClient(Protocol):
+    """What a probe needs of an HTTP client: the status a GET answered, PostError if none came."""
 
-    def __init__(self, url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    async def get(self, url: str) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AppHealth:
+    """The app's health as last probed at ``url`` (not ready until a probe says so).
+    ``client``: what sends the GETs (tests answer without a socket); by default HTTP/1.1 with
+    sidecar/net/poster.py, or HTTP/2 for an ``h2c://`` app."""
+
+    def __init__(self, url: str, *, client: StatusClient | None = None) -> None:
         self.url = url
         self.ready = False
         self._stopped = False
-        self._transport = transport  # tests answer without a socket
+        self._client = client
 
     async def serve(self, changed: Callable[[], Awaitable[None]]) -> None:
         """Probe every HEALTH_INTERVAL until stopped; await ``changed()`` whenever the
         answer differs from the one before."""
-        http2 = self.url.startswith("h2c://")  # fixed for the sidecar's life: --app-protocol or its Service
-        async with httpx.AsyncClient(
-            timeout=HEALTH_TIMEOUT, transport=self._transport, http1=not http2, http2=http2
-        ) as client:
+        client = self._client or _client_for(self.url)  # fixed for the sidecar's life: --app-protocol or its Service
+        try:
             while not self._stopped:
                 ready = await self._probe(client)
                 if ready != self.ready:
@@ -44,20 +54,48 @@ class AppHealth:
                     log.info("local app is %s", "ready" if ready else "not ready")
                     await changed()
                 await trio.sleep(HEALTH_INTERVAL)
+        finally:
+            with trio.CancelScope(shield=True):  # as the httpx client's `async with` did
+                await client.aclose()
 
-    async def _probe(self, client: httpx.AsyncClient) -> bool:
+    async def _probe(self, client: StatusClient) -> bool:
         if self.url.startswith("tcp://"):
             return await _accepts(self.url[len("tcp://") :])
         url = "http://" + self.url[len("h2c://") :] if self.url.startswith("h2c://") else self.url
         try:
-            response = await client.get(url)
-        except httpx.HTTPError:
+            status = await client.get(url)
+        except PostError:
             return False
-        return response.status_code < 500
+        return status < 500
 
     def stop(self) -> None:
         """No more probes (the sidecar is draining): the registry has heard the last."""
         self._stopped = True
+
+
+def _client_for(url: str) -> StatusClient:
+    return _H2Client() if url.startswith("h2c://") else Http1Poster(HEALTH_TIMEOUT)
+
+
+class _H2Client:
+    """GETs over HTTP/2, prior knowledge, with httpx: imported here, so that only a sidecar
+    whose app speaks HTTP/2 only loads it (httpx, h2 and an SSL context: several MiB)."""
+
+    def __init__(self) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._client = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, http1=False, http2=True)
+
+    async def get(self, url: str) -> int:
+        try:
+            response = await self._client.get(url)
+        except self._httpx.HTTPError as exc:
+            raise PostError(str(exc)) from exc
+        return response.status_code
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 async def _accepts(address: str) -> bool:

@@ -1,4 +1,5 @@
-"""A small HTTP/1.1 client with one job: POST a batch to a collector, return the status.
+"""A small HTTP/1.1 client with one job: send one request, return the status. The span
+exporter POSTs its batches with it, the app's health probe GETs with it.
 
 Why not httpx, as elsewhere? The span exporter runs on the sidecar's event loop, where every
 request in flight waits while it works. An httpx POST costs several times this client's CPU
@@ -8,6 +9,8 @@ overhead"). This client reuses the data path's own response parser
 (sidecar/core/http1.py, llhttp) and keeps one connection alive between batches.
 
 It speaks ``http://`` only; the exporter sends to an ``https://`` collector with httpx.
+It also keeps httpx (its SSL context with a CA bundle, a few MiB) out of a sidecar that
+never needs it: the health probe's GET is all a plain HTTP app asks.
 A kept-alive connection the collector closed while idle is found when the next POST gets no
 byte back; that POST is sent once more on a fresh connection (nothing was processed: no
 response began), as HTTP clients do for stale connections.
@@ -15,7 +18,7 @@ response began), as HTTP clients do for stale connections.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import trio
 
@@ -25,7 +28,7 @@ READ_SIZE = 65536
 
 
 class PostError(Exception):
-    """The collector could not be reached, or did not answer in HTTP/1.1 in time."""
+    """The peer (a collector, the app) could not be reached, or did not answer in HTTP/1.1 in time."""
 
 
 def http_target(url: str) -> tuple[str, int, bytes, bytes]:
@@ -36,7 +39,10 @@ def http_target(url: str) -> tuple[str, int, bytes, bytes]:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return parts.hostname, parts.port or 80, parts.netloc.encode(), path.encode()
+    # As httpx sends it: a space, a control or a non-ASCII character percent-encoded (a
+    # --health-path is typed by hand), never raw in the request line.
+    target = quote(path, safe="!#$%&'()*+,/:;=?@[]~")
+    return parts.hostname, parts.port or 80, parts.netloc.encode(), target.encode("ascii")
 
 
 class Http1Poster:
@@ -51,26 +57,29 @@ class Http1Poster:
     ) -> int:
         """The status the collector answered. Raises PostError (closing the connection).
         ``authorization``: an ``Authorization`` header value to send (a secret: never logged)."""
-        host, port, authority, target = http_target(url)
         auth = b"authorization: %s\r\n" % authorization if authorization else b""
-        head = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\n%scontent-length: %d\r\n\r\n" % (
-            target,
-            authority,
-            content_type,
-            auth,
-            len(body),
-        )
+        fields = b"content-type: %s\r\n%scontent-length: %d\r\n" % (content_type, auth, len(body))
+        return await self._request(b"POST", url, fields, body)
+
+    async def get(self, url: str) -> int:
+        """The status a GET of ``url`` answered (its body is read and dropped). Raises PostError
+        (closing the connection)."""
+        return await self._request(b"GET", url, b"", b"")
+
+    async def _request(self, method: bytes, url: str, fields: bytes, body: bytes) -> int:
+        host, port, authority, target = http_target(url)
+        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (method, target, authority, fields)
         try:
             with trio.fail_after(self.timeout):
                 reused = self._stream is not None and self._peer == (host, port)
                 if not reused:
                     await self._connect(host, port)
-                status = await self._exchange(head + body)
-                if status is None and reused:  # stale: closed by the collector while idle
+                status = await self._exchange(method, head + body)
+                if status is None and reused:  # stale: closed by the peer while idle
                     await self._connect(host, port)
-                    status = await self._exchange(head + body)
+                    status = await self._exchange(method, head + body)
                 if status is None:
-                    raise PostError("the collector closed the connection without answering")
+                    raise PostError("the peer closed the connection without answering")
                 return status
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, PostError) as exc:
             self.close()
@@ -85,7 +94,7 @@ class Http1Poster:
         self._peer = (host, port)
         self.connections += 1
 
-    async def _exchange(self, request: bytes) -> int | None:
+    async def _exchange(self, method: bytes, request: bytes) -> int | None:
         """Send, read the whole response; its status, or None if the connection closed
         before any byte of one arrived."""
         stream = self._stream
@@ -95,7 +104,7 @@ class Http1Poster:
         except trio.BrokenResourceError:
             return None
         reader = ResponseReader()
-        reader.expect(b"POST")
+        reader.expect(method)
         status: int | None = None
         keep_alive = False
         received_any = False
@@ -109,7 +118,7 @@ class Http1Poster:
                         self.close()
                     return status
                 elif isinstance(event, ProtocolError):
-                    raise PostError(f"the collector's answer is not valid HTTP/1.1: {event.detail}")
+                    raise PostError(f"the answer is not valid HTTP/1.1: {event.detail}")
             try:
                 data = await stream.receive_some(READ_SIZE)
             except trio.BrokenResourceError:
@@ -119,10 +128,14 @@ class Http1Poster:
                     return None
                 reader.feed_eof()
                 if not reader.events:
-                    raise PostError("the collector closed the connection in the middle of its answer")
+                    raise PostError("the peer closed the connection in the middle of its answer")
                 continue
             received_any = True
             reader.feed(data)
+
+    async def aclose(self) -> None:
+        """close(), for a caller that holds this or an httpx client (sidecar/net/health.py)."""
+        self.close()
 
     def close(self) -> None:
         if self._stream is not None:

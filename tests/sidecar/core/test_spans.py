@@ -4,6 +4,7 @@ schema of POST /api/v2/spans (tests/data/zipkin-v2-span.schema.json)."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import jsonschema
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.spans import CLIENT, SERVER, Endpoint, Span, encode, http_tags, span_name
+from sidecar.core.spans import CLIENT, SERVER, Endpoint, Span, encode, encode_span, http_tags, span_name
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "data" / "zipkin-v2-span.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
@@ -130,3 +131,19 @@ def test_any_finished_span_is_valid_zipkin(
     )
     span.finish(duration, status, reason)
     VALIDATOR.validate(json.loads(encode([span])))
+
+
+def test_an_encoded_span_holds_about_its_length_in_memory() -> None:
+    """The exporter queues thousands of encoded spans: each must cost its bytes, not the 4 KiB
+    buffer orjson allocated for it."""
+    span = client_span()
+    size = len(encode_span(span))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        queued = [encode_span(span) for _ in range(200)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(queued) == 200 and size < 1000
+    assert held < 200 * (size + 200), f"{held / 200:.0f} bytes per span of {size}"

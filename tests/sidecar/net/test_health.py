@@ -3,25 +3,36 @@ mock clock."""
 
 from __future__ import annotations
 
-import httpx
 import trio
 import trio.testing
 
 from sidecar.net.health import HEALTH_INTERVAL, AppHealth
+from sidecar.net.poster import PostError
+
+
+class Answers:
+    """A client that answers each GET with the next status (or raises the next PostError)."""
+
+    def __init__(self, answers: list[int | PostError]) -> None:
+        self.answers = iter(answers)
+        self.urls: list[str] = []
+        self.closed = False
+
+    async def get(self, url: str) -> int:
+        self.urls.append(url)
+        outcome = next(self.answers)
+        if isinstance(outcome, PostError):
+            raise outcome
+        return outcome
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 async def test_the_probe_reports_each_change_once(autojump_clock: trio.testing.MockClock) -> None:
-    answers = iter([200, 404, 503, 503, httpx.ConnectError("refused"), 204])
+    client = Answers([200, 404, 503, 503, PostError("refused"), 204])
     seen: list[bool] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        assert str(request.url) == "http://app/healthz"
-        outcome = next(answers)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return httpx.Response(outcome)
-
-    health = AppHealth("http://app/healthz", transport=httpx.MockTransport(answer))
+    health = AppHealth("http://app/healthz", client=client)
     assert not health.ready  # until a probe says so
 
     async def changed() -> None:
@@ -33,6 +44,7 @@ async def test_the_probe_reports_each_change_once(autojump_clock: trio.testing.M
         await health.serve(changed)
     # ready (200, and 404: the app is up), not ready (503, no answer), ready again
     assert seen == [True, False, True]
+    assert client.urls == ["http://app/healthz"] * 6 and client.closed
 
 
 async def _one_change(health: AppHealth) -> bool:
@@ -78,3 +90,24 @@ async def test_a_grpc_app_is_probed_by_a_connect(nursery: trio.Nursery) -> None:
     nursery.start_soon(trio.serve_listeners, count, listeners)
     assert await _one_change(AppHealth(f"tcp://127.0.0.1:{port}"))
     assert accepted == [1]
+
+
+async def test_an_http_app_is_probed_with_a_get_over_http1(nursery: trio.Nursery) -> None:
+    """The default client (sidecar/net/poster.py), on a real socket: a GET of the health path."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    heads: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            received += data
+        heads.append(received.split(b"\r\n")[0])
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    nursery.start_soon(trio.serve_listeners, answer, listeners)
+    assert await _one_change(AppHealth(f"http://127.0.0.1:{port}/health z"))  # 404: up, so ready
+    assert heads == [b"GET /health%20z HTTP/1.1"]
