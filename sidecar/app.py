@@ -55,14 +55,14 @@ from .net.tcp_proxy import TcpProxy
 from .net.tls import MeshTLS
 from .net.transparent import Interceptor
 from .net.upstream import Forwarder, OwnConnections, UpstreamPools
-from .net.worker_channel import SupervisorLink
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     # Imported where a control plane is configured: the push channel and the identity, with
     # cryptography (~8 MiB of a sidecar's memory), are no static sidecar's business.
-    from .net.control import ControlPlaneClient
+    from .net.control import ControlPlaneClient, InstanceInfo
     from .net.identity import SidecarIdentity
+    from .net.worker_channel import SupervisorLink
 
 log = logging.getLogger("meshlet.sidecar")
 
@@ -173,6 +173,8 @@ def health_url(app: Endpoint, health_path: str) -> str:
 
 def instance_info(opts: SidecarOptions, inbound: tuple[str, int], admin: tuple[str, int]) -> InstanceInfo:
     """What the control plane registers: the inbound and admin listeners as others reach them."""
+    from .net.control import InstanceInfo  # with a control plane only: it loads the push channel's code
+
     inbound_host, inbound_port = inbound
     host = opts.advertise or (inbound_host if inbound_host not in ("0.0.0.0", "::") else "127.0.0.1")
     admin_host, admin_port = admin
@@ -247,6 +249,8 @@ class Sidecar:
         self.control: ControlPlaneClient | None = None
         self.link: SupervisorLink | None = None  # a worker fed by its supervisor: in the control client's place
         if options.worker_channel is not None:
+            from .net.worker_channel import SupervisorLink  # a --workers worker only: the push channel's code
+
             self.link = SupervisorLink(options.worker_channel, self.credentials, self.apply)
         self.identity = self._identity()  # IdentityError: a key file we must not use
         self.static_services: dict[str, ServiceConfig] = {}  # from --static, parsed once per (re)load
@@ -456,7 +460,7 @@ class Sidecar:
             self.apply(snapshot)
 
     def _control_plane_client(self) -> ControlPlaneClient:
-        from .net.control import ControlPlaneClient, InstanceInfo
+        from .net.control import ControlPlaneClient
         from .net.control_tls import ControlPlaneTLS
 
         opts = self.options

@@ -403,7 +403,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
     from meshlet.io import startup_os_error
-    from sidecar.net.worker_channel import ChannelError
 
     try:
         trio.run(_serve_and_announce, sidecar)
@@ -415,6 +414,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if listen_error is not None:
             print(f"meshlet: cannot listen: {listen_error}", file=sys.stderr)
             return 1
+        from sidecar.net.worker_channel import ChannelError  # not at start: it loads the push channel's code
+
         failed = group.subgroup(ChannelError)  # a --workers worker its supervisor could not start
         if failed is None:
             raise
