@@ -65,7 +65,7 @@ class Finder:
         self.hashes = hashes
         self.pure = pure
         self.root = root
-        self.compiled: dict[str, bool] = {}  # each module with an extension: did it load compiled?
+        self.compiled: dict[str, bool] = {}  # each module imported with an extension beside: compiled?
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -94,6 +94,15 @@ class Finder:
             )
         return spec_from_file_location(fullname, source)
 
+    def built(self, fullname: str) -> bool:
+        """Whether the module would load compiled (whether or not it was imported)."""
+        source = os.path.join(self.root, *fullname.split(".")) + ".py"
+        directory, file = os.path.split(source)
+        try:
+            return extension_beside(directory, file[:-3]) is not None and self.up_to_date(fullname, source)
+        except OSError:
+            return False
+
     def up_to_date(self, fullname: str, source: str) -> bool:
         expected = self.hashes.get(fullname)
         return not self.pure and expected is not None and expected == source_hash(source)
@@ -110,15 +119,15 @@ def install() -> Finder:
 
 
 def describe() -> str:
-    """One phrase for the startup log: which build of the hot path this process runs."""
+    """One phrase for logs and reports: which build of the compiled modules this tree runs."""
     finder = install()
     if finder.pure:
         return f"pure Python ({ENV} is set)"
     if not finder.hashes:
         return "pure Python (not compiled: `make build` compiles it)"
-    compiled = sorted(name for name, yes in finder.compiled.items() if yes)
-    stale = sorted(name for name, yes in finder.compiled.items() if not yes)
-    phrase = f"compiled ({len(compiled)} of {len(finder.hashes)} modules loaded compiled)"
+    fresh = [name for name in sorted(finder.hashes) if finder.built(name)]
+    stale = [name for name in sorted(finder.hashes) if name not in fresh]
+    phrase = f"compiled: {', '.join(fresh)}" if fresh else "pure Python"
     if stale:
-        phrase += f"; changed since compiled, run as Python: {', '.join(stale)}"
+        phrase += f" (as Python, changed since compiled: {', '.join(stale)})"
     return phrase

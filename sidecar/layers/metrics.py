@@ -60,9 +60,6 @@ def metrics_layer(inner: Handler, telemetry: Telemetry, direction: str, local_se
             )
 
         response.on_finish = finish
-        # Compiled, a coroutine's locals outlive it and `finish` holds them: a cycle for the
-        # garbage collector on every request, unless the name goes.
-        del finish
         return response
 
     return handle
