@@ -27,13 +27,15 @@ from setuptools.command.build_ext import build_ext
 # inline cache, and resumes a chain of coroutines no faster: the whole request path compiled
 # (27 modules) cost ~50% more CPU in benchmarks/micro_path.py, and the errors, inbound and
 # metrics layers with the breaker, outlier and retry modules ~5% more per request through a
-# real sidecar; routing and paths were slower alone. Two gain, measured alone: the HTTP/1.1
-# reader (llhttp's callbacks are C calls; 3.7 against 5.1 µs a request head) and the header
-# rules (loops over tuples of bytes; 0.7 against 1.0-1.1 µs forwarding a request's headers,
-# 1.1 against 1.5 a response's). More modules pay once their hot classes get typed
-# declarations (an augmenting .pxd beside the .py); measure each (docs/architecture.md).
+# real sidecar; routing and paths were slower alone. The header rules gain alone (0.7 against
+# 1.0 µs forwarding a request's headers) and in benchmarks/micro_path.py, yet through a real
+# sidecar they measured 2-3% more CPU a request with the reader than the reader alone: left
+# out until a longer run settles it. The HTTP/1.1 reader gains alone (llhttp's callbacks are
+# C calls; 3.7 against 5.1 µs a request head; 8% less CPU in micro_path.py) and is within the
+# noise, 0-2% either way, through a real sidecar.
+# More modules pay once their hot classes get typed declarations (an augmenting .pxd beside
+# the .py); measure each both ways (docs/architecture.md).
 HOT_MODULES = [
-    "sidecar.core.headers",
     "sidecar.core.http1",
 ]
 
@@ -66,7 +68,7 @@ def extensions() -> list[Extension]:
     try:
         from Cython.Build import cythonize
     except ImportError:
-        say("Cython is not installed: installing the pure-Python build (slower per request)")
+        say("Cython is not installed: installing the pure-Python build")
         return []
     # One module at a time: a module Cython cannot translate runs as Python; the others compile.
     compiled = []
