@@ -73,7 +73,7 @@ def test_the_wheel_runs_the_compiled_hot_path(venv: Path) -> None:
         pytest.skip("no gcc: the wheel is pure Python")
     code = "import sidecar.core.http1; from meshlet import compiled; print(compiled.describe())"
     build = run([str(venv / "python"), "-c", code], venv.parent.parent)
-    assert build == "compiled: sidecar.core.http1", build
+    assert build.strip() == "compiled: sidecar.core.http1", build
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(venv: Path) -> None:
