@@ -30,11 +30,12 @@ from setuptools.command.build_ext import build_ext
 # real sidecar; routing and paths were slower alone. The header rules gain alone (0.7 against
 # 1.0 µs forwarding a request's headers) and in benchmarks/micro_path.py, yet through a real
 # sidecar they measured 2-3% more CPU a request with the reader than the reader alone: left
-# out until a longer run settles it. The HTTP/1.1 reader gains alone (llhttp's callbacks are
-# C calls; 3.7 against 5.1 µs a request head; 8% less CPU in micro_path.py) and is within the
-# noise, 0-2% either way, through a real sidecar.
-# More modules pay once their hot classes get typed declarations (an augmenting .pxd beside
-# the .py); measure each both ways (docs/architecture.md).
+# out until a longer run settles it. The HTTP/1.1 reader alone, as plain Python compiled, was
+# within the noise through a real sidecar; with http1.pxd (the readers as extension types
+# with typed attributes, so llhttp's callbacks write a C struct) it costs 1-3% less CPU a
+# request than its .py through real sidecars, 13% less in micro_path.py. Other modules may
+# pay the same way, with a .pxd for their hot classes; measure each both ways
+# (docs/architecture.md).
 HOT_MODULES = [
     "sidecar.core.http1",
 ]
@@ -58,7 +59,10 @@ def source_of(module: str) -> Path:
 
 
 def source_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The .py, then the .pxd beside it if any (meshlet/compiled.py hashes the same way)."""
+    declarations = path.with_suffix(".pxd")
+    extra = declarations.read_bytes() if declarations.exists() else b""
+    return hashlib.sha256(path.read_bytes() + extra).hexdigest()
 
 
 def extensions() -> list[Extension]:

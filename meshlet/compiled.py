@@ -44,10 +44,19 @@ def recorded(manifest: str = MANIFEST) -> dict[str, str]:
 
 
 def source_hash(path: str) -> str:
+    """The sha256 of what a module was compiled from: its .py, then the .pxd beside it if any
+    (setup.py hashes the same way)."""
     import hashlib  # only where something was compiled
 
+    digest = hashlib.sha256()
     with open(path, "rb") as source:
-        return hashlib.sha256(source.read()).hexdigest()
+        digest.update(source.read())
+    try:
+        with open(path[: -len(".py")] + ".pxd", "rb") as declarations:
+            digest.update(declarations.read())
+    except FileNotFoundError:
+        pass
+    return digest.hexdigest()
 
 
 def extension_beside(directory: str, name: str) -> str | None:
@@ -127,7 +136,9 @@ def describe() -> str:
         return "pure Python (not compiled: `make build` compiles it)"
     fresh = [name for name in sorted(finder.hashes) if finder.built(name)]
     stale = [name for name in sorted(finder.hashes) if name not in fresh]
-    phrase = f"compiled: {', '.join(fresh)}" if fresh else "pure Python"
+    if not fresh:
+        return f"pure Python (changed since compiled: {', '.join(stale)})"
+    phrase = f"compiled: {', '.join(fresh)}"
     if stale:
         phrase += f" (as Python, changed since compiled: {', '.join(stale)})"
     return phrase
