@@ -32,8 +32,8 @@ from setuptools.command.build_ext import build_ext
 # sidecar they measured 2-3% more CPU a request with the reader than the reader alone: left
 # out until a longer run settles it. The HTTP/1.1 reader alone, as plain Python compiled, was
 # within the noise through a real sidecar; with http1.pxd (the readers as extension types
-# with typed attributes, so llhttp's callbacks write a C struct) it costs 1-3% less CPU a
-# request than its .py through real sidecars, 13% less in micro_path.py. Other modules may
+# with typed attributes, so llhttp's callbacks write a C struct) it costs 0-3% less CPU a
+# request than its .py through one sidecar, 3-4% through two, 13% in micro_path.py. Other modules may
 # pay the same way, with a .pxd for their hot classes; measure each both ways
 # (docs/architecture.md).
 HOT_MODULES = [
