@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-cp conformance lint clean
+.PHONY: demo build test bench bench-cp conformance lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,17 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/meshlet demo $(DEMO_ARGS)
 
-# CI runs `make test` only, so the lint runs first.
+# The hot path compiled again (setup.py), after an edit to one of its modules: until then
+# that module runs as Python, and says so on stderr.
+build: $(VENV)/.installed
+	$(PY) setup.py --quiet build_ext --inplace
+
+# CI runs `make test` only, so the lint runs first. The whole suite runs on the compiled build,
+# the unit suites once more on the .py modules (MESHLET_NO_EXTENSIONS=1): both are shipped.
+PURE_SUITES := tests/sidecar/core tests/sidecar/layers tests/meshlet
 test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	MESHLET_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow" $(PURE_SUITES)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
@@ -42,4 +50,5 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports --no-logo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache *.egg-info build
+	find meshlet sidecar control_plane -name '*.so' -delete; rm -f meshlet/_compiled.txt

@@ -61,7 +61,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from meshlet import processes
+from meshlet import compiled, processes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
@@ -1540,6 +1540,7 @@ def environment() -> dict[str, str]:
         "h2load": command_version(["h2load", "--version"], r"nghttp2/(\S+)"),
         "h2": importlib.metadata.version("h2"),
         "grpcio": importlib.metadata.version("grpcio"),
+        "build": compiled.describe(),  # the sidecars import the same tree
     }
 
 
@@ -1599,6 +1600,7 @@ def render_markdown(
         f"- versions: python {env['python']}, trio {env['trio']}, httptools {env['httptools']}, "
         f"nginx {env['nginx']}, HAProxy {env['haproxy']}, wrk {env['wrk']}, "
         f"h2load (nghttp2) {env['h2load']}, h2 {env['h2']}, grpcio {env['grpcio']}",
+        f"- sidecar build: {env['build']} (docs/architecture.md, the compiled hot path)",
         f"- pinning: wrk, curl and nginx (1 worker) on core {CLIENT_CORE} (`taskset -c {CLIENT_CORE}`); "
         f"sidecars and HAProxy (nbthread 1) on core {PROXY_CORE} (`taskset -c {PROXY_CORE}`)",
         *(f"- {line}" for line in interference),

@@ -12,3 +12,8 @@ either side.
 """
 
 __version__ = "0.1.0"
+
+# First: decides, for each compiled module, whether its extension or its .py runs (compiled.py).
+from . import compiled as _compiled  # noqa: E402
+
+_compiled.install()

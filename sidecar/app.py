@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from meshlet import compiled
 from meshlet.io import Connection, Deadlines
 from meshlet.names import is_service_name
 
@@ -563,6 +564,7 @@ class Sidecar:
             nursery.start_soon(self.exporter.run)
             nursery.start_soon(self._sweep_metrics)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            log.info("request path: %s", compiled.describe())  # which build runs: a user and the benchmarks can tell
             task_status.started(dict(listeners.addresses))
 
     async def _sweep_metrics(self) -> None:

@@ -26,7 +26,7 @@ import meshlet
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: the project file, the files it names and the packages it finds.
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "meshlet", "sidecar", "control_plane")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "meshlet", "sidecar", "control_plane")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_compiled.txt")
+            )
         else:
             shutil.copy2(ROOT / name, source / name)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp / "dist"), str(source)], tmp)
@@ -63,6 +65,15 @@ def run(args: list[str], cwd: Path) -> str:
     result = subprocess.run(args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+def test_the_wheel_runs_the_compiled_hot_path(venv: Path) -> None:
+    """setup.py compiled it when the wheel was built (gcc and the Python headers are here)."""
+    if shutil.which("gcc") is None and not os.environ.get("MESHLET_REQUIRE_ALL"):
+        pytest.skip("no gcc: the wheel is pure Python")
+    code = "import sidecar.core.http1; from meshlet import compiled; print(compiled.describe())"
+    build = run([str(venv / "python"), "-c", code], venv.parent.parent)
+    assert build.strip() == "compiled: sidecar.core.http1", build
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(venv: Path) -> None:
