@@ -27,9 +27,12 @@ The Istio shape: HTTP/1.1, 1 KB responses, 1,000 req/s over 4 connections throug
 control plane): each proxy's vCPU, RSS and the p50/p90/p99 the proxies add; the joined
 sidecars' RSS idle and after saturation. ``--only istio`` runs it alone.
 
+The profile: where one sidecar's CPU goes (perf, by shared object) and its syscalls a request
+(strace), at saturation and at 1,000 req/s. ``--only profile`` runs it alone.
+
 Pinning: wrk, h2load, curl, nginx and the gRPC server on core 0, every proxy on core 1.
 
-Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--only istio] [--out PATH]
+Usage: python benchmarks/run.py [--quick] [--duration SECONDS] [--only istio|profile] [--out PATH]
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ TOOLS = {
     "curl": "curl",
     "taskset": "util-linux",
     "h2load": "nghttp2-client",
+    "perf": "linux-perf",  # the profile: where one sidecar's CPU goes
+    "strace": "strace",  # the profile: syscalls a request
 }
 CLIENT_CORE = "0"  # wrk, curl, nginx
 PROXY_CORE = "1"  # sidecars, HAProxy
@@ -112,7 +117,8 @@ class Settings:
     h2_ab_rounds: int = 3  # HTTP/2 CPU A/B: saturation runs of h2_s each
     h2_stream_mb: int = 100  # HTTP/2 download through the mesh path (at most stream_mb)
     istio_s: int = 10  # the Istio shape: each path's paced run
-    only: str | None = None  # "istio": that scenario alone
+    only: str | None = None  # "istio" or "profile": that part alone
+    profile_s: int = 5  # the profile: each perf and strace run
     out: Path = DEFAULT_OUT
 
 
@@ -128,9 +134,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     parser.add_argument(
         "--only",
-        choices=["istio"],
-        help=f"run one part alone: 'istio', the Istio shape and the memory with a control plane (~1 min; "
-        f"results in {ONLY_OUT.relative_to(REPO)} unless --out)",
+        choices=["istio", "profile"],
+        help=f"run one part alone: 'istio', the Istio shape and the memory with a control plane (~1 min); "
+        f"'profile', where one sidecar's CPU goes (perf) and its syscalls a request (strace), ~30 s "
+        f"(results in {ONLY_OUT.relative_to(REPO)} unless --out)",
     )
     parser.add_argument("--out", type=Path, metavar="PATH", help=f"results file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -149,6 +156,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             h2_ab_rounds=2,
             h2_stream_mb=20,
             istio_s=3,
+            profile_s=2,
             only=args.only,
         )
     else:
@@ -1610,7 +1618,7 @@ def render_markdown(
         *([f"- only: {settings.only} (`--only`)"] if settings.only else []),
         "",
     ]
-    for table in [*tables, targets_table]:
+    for table in [*tables, *([targets_table] if targets else [])]:  # a part alone may judge nothing
         lines += [markdown_table(table)]
     return "\n".join(lines)
 
@@ -1623,6 +1631,8 @@ def print_summary(tables: list[TableData], targets: list[Target]) -> None:
         for row in data.rows:
             table.add_row(*row)
         console.print(table)
+    if not targets:
+        return
     table = Table(title=TARGETS_TITLE, title_justify="left")
     for header in ("metric", "value", "target", "result"):
         table.add_column(header)
@@ -2618,6 +2628,152 @@ def save_logs(workdir: Workdir) -> None:
     console.print(f"[yellow]logs and configs of this run saved in {FAILURE_LOGS}[/yellow]")
 
 
+# ---------------------------------------------------------------------------- the profile
+
+# perf's shared objects, grouped by what they do for a request (first match wins).
+PROFILE_GROUPS = (
+    ("libpython", "the Python interpreter (our code, trio, the layers)"),
+    ("[kernel", "the kernel (TCP over loopback, epoll, waking the peers)"),
+    ("parser.cpython", "llhttp (httptools)"),
+    ("http1.cpython", "the compiled HTTP/1.1 reader"),
+    ("libssl", "OpenSSL"),
+    ("libcrypto", "OpenSSL"),
+    ("_ssl.cpython", "OpenSSL"),
+    ("libc.so", "libc (malloc, memcpy)"),
+)
+PROFILE_OTHER = "other extensions (select, socket, orjson...)"
+PROFILE_LOADS = {"saturation (wrk -c32)": (32, 0), "1,000 req/s over 4 connections": (ISTIO_CONNECTIONS, ISTIO_RATE)}
+
+
+@dataclass
+class ProfileRun:
+    cpu_us: float  # CPU a request during the perf run
+    shares: dict[str, float]  # group → share of perf's samples
+    syscalls: dict[str, float]  # syscall → calls a request (strace run)
+
+
+@dataclass
+class ProfileMeasured:
+    runs: dict[str, ProfileRun]  # load → its run
+
+
+def group_shares(report: str) -> dict[str, float]:
+    """``perf report --sort dso`` lines (``  65.21%  libpython3.11.so.1.0``) → group → share."""
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
+        if match is None:
+            continue
+        dso = match.group(2)
+        group = next((name for prefix, name in PROFILE_GROUPS if dso.startswith(prefix)), PROFILE_OTHER)
+        shares[group] = shares.get(group, 0.0) + float(match.group(1)) / 100
+    return shares
+
+
+def syscalls_per_request(summary: str, requests: int) -> dict[str, float]:
+    """``strace -c`` rows (``% time  seconds  usecs/call  calls  [errors]  syscall``) → calls a request."""
+    calls: dict[str, float] = {}
+    for line in summary.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[3].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3]) / max(requests, 1)
+    return calls
+
+
+def measure_profile(workdir: Workdir, nginx: Server, settings: Settings) -> ProfileMeasured:
+    """One sidecar (every default on, as in 'one sidecar'): perf samples its CPU at saturation and
+    at 1,000 req/s, then strace counts its syscalls at each load (strace slows every syscall, so
+    its run is separate and only its counts are used)."""
+    runs: dict[str, ProfileRun] = {}
+    with run_sidecar(workdir, "profiled", service="client", app_port=nginx.port, endpoint_port=nginx.port) as sidecar:
+        check_request(sidecar.port)
+        for load, (connections, rate) in PROFILE_LOADS.items():
+            announce(f"profile, {load}: perf for {settings.profile_s}s, then strace for {settings.profile_s}s")
+
+            def load_for(seconds: int, connections: int = connections, rate: int = rate) -> WrkResult:
+                return run_wrk(
+                    sidecar.port,
+                    connections=connections,
+                    seconds=seconds,
+                    path="/ok",
+                    script=workdir.wrk_script,
+                    rate=rate,
+                )
+
+            load_for(settings.warmup_s)
+            data = workdir.root / f"perf-{connections}.data"
+            perf = subprocess.Popen(
+                ["perf", "record", "-q", "-F", "2000", "-e", "cpu-clock", "-o", str(data), "-p", str(sidecar.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            before = cpu_time(sidecar.pid)
+            result = load_for(settings.profile_s)
+            used = cpu_time(sidecar.pid) - before
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=30)
+            report = subprocess.run(
+                ["perf", "report", "-i", str(data), "--stdio", "--sort", "dso", "-g", "none"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+            summary = workdir.root / f"strace-{connections}.txt"
+            tracer = subprocess.Popen(
+                ["strace", "-c", "-f", "-o", str(summary), "-p", str(sidecar.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)  # attached
+            traced = load_for(settings.profile_s)
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+            runs[load] = ProfileRun(
+                result.us_per_request(used.total),
+                group_shares(report),
+                syscalls_per_request(summary.read_text(), traced.requests),
+            )
+    return ProfileMeasured(runs)
+
+
+def profile_tables(profile: ProfileMeasured) -> list[TableData]:
+    loads = list(profile.runs)
+    groups = sorted(
+        {group for run in profile.runs.values() for group in run.shares},
+        key=lambda group: -max(run.shares.get(group, 0.0) for run in profile.runs.values()),
+    )
+    cpu = TableData(
+        "Where one sidecar's CPU goes (perf record -e cpu-clock, 2,000 samples a second)",
+        ["", *(f"{load}: share" for load in loads), *(f"{load}: µs/req" for load in loads)],
+        [
+            [
+                group,
+                *(f"{100 * profile.runs[load].shares.get(group, 0.0):.1f}%" for load in loads),
+                *(f"{profile.runs[load].cpu_us * profile.runs[load].shares.get(group, 0.0):.1f}" for load in loads),
+            ]
+            for group in groups
+        ]
+        + [["total", *("100%" for _ in loads), *(f"{profile.runs[load].cpu_us:.1f}" for load in loads)]],
+        note="The sidecar of 'one sidecar' (static, every default on), nginx behind it. The interpreter's share "
+        "is Python: ours, trio's scheduler and the libraries'; benchmarks/README.md ('Where the time goes') "
+        "splits it further.",
+    )
+    names = sorted(
+        {name for run in profile.runs.values() for name in run.syscalls},
+        key=lambda name: -max(run.syscalls.get(name, 0.0) for run in profile.runs.values()),
+    )
+    shown = [name for name in names if max(run.syscalls.get(name, 0.0) for run in profile.runs.values()) >= 0.01]
+    syscalls = TableData(
+        "Syscalls a request, one sidecar (strace -c)",
+        ["syscall", *loads],
+        [[name, *(f"{profile.runs[load].syscalls.get(name, 0.0):.2f}" for load in loads)] for name in shown]
+        + [["total", *(f"{sum(profile.runs[load].syscalls.values()):.2f}" for load in loads)]],
+        note="strace slows every syscall, so the counts come from their own run: at saturation it "
+        "changes which reads find their bytes already there; at 1,000 req/s it does not.",
+    )
+    return [cpu, syscalls]
+
+
 @dataclass
 class Measured:
     results: dict[str, ScenarioResult]
@@ -2626,6 +2782,7 @@ class Measured:
     mtls_ab: MtlsAB
     h2: H2Measured
     istio: IstioMeasured
+    profile: ProfileMeasured
 
 
 M = TypeVar("M")
@@ -2664,7 +2821,8 @@ def measure_in(workdir: Workdir, nginx: Server, settings: Settings) -> Measured:
         console.print(f"    {stream.mb_per_s:.0f} MB/s, peak RSS {peaks}, {stream.problem or 'ok'}")
         streams.append(stream)
     h2 = measure_h2(workdir, nginx, settings)
-    return Measured(results, streams, ab, mtls_ab, h2, istio)
+    profile = measure_profile(workdir, nginx, settings)
+    return Measured(results, streams, ab, mtls_ab, h2, istio, profile)
 
 
 def measure_and_report(settings: Settings) -> tuple[list[TableData], list[Target]]:
@@ -2672,10 +2830,13 @@ def measure_and_report(settings: Settings) -> tuple[list[TableData], list[Target
     if settings.only == "istio":
         istio = measure_with_nginx(settings, measure_istio)
         return istio_tables(istio, settings), istio_targets(istio)
+    if settings.only == "profile":
+        return profile_tables(measure_with_nginx(settings, measure_profile)), []
     measured = measure_with_nginx(settings, measure_in)
     tables = build_tables(measured.results, measured.streams, settings, measured.tracing_ab, measured.mtls_ab)
     tables += istio_tables(measured.istio, settings)
     tables += h2_tables(measured.h2, measured.results["one sidecar"], settings)
+    tables += profile_tables(measured.profile)
     targets = build_targets(measured.results, measured.streams, measured.tracing_ab, measured.mtls_ab)
     targets += h2_targets(measured.h2)
     targets += saturation_targets(measured.results) + istio_targets(measured.istio)
