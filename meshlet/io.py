@@ -544,6 +544,27 @@ def derived_connection_limits(open_files: int) -> ListenerLimits:
     return ListenerLimits(data, data, admin)
 
 
+# glibc's malloc serves a request of 128 KiB or more with a mapping of its own and unmaps it
+# at free (its threshold adapts, but not to the sizes a stream keeps changing to): a proxied
+# stream whose buffers cross that size (h2's frame buffer, what is queued for a slow reader)
+# then pays a page fault for every page of every such buffer. Measured: 100 MB over HTTP/2
+# through two sidecars, 98-109 MB/s → 115-128 MB/s; HTTP/1.1 requests are unchanged.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def tune_malloc() -> bool:
+    """Raise malloc's mmap threshold to MMAP_THRESHOLD for this process; False where the C
+    library has no such setting (not glibc)."""
+    import ctypes  # here: only the sidecar's start needs it
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def raise_open_files_limit() -> int:
     """Raise the soft open files limit to the hard one (as nginx and Envoy are usually run);
     the limit now in force."""

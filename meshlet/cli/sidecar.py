@@ -402,8 +402,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except refused as exc:
         print(f"meshlet: this sidecar's key cannot be used: {exc}", file=sys.stderr)
         return 1
-    from meshlet.io import startup_os_error
+    from meshlet.io import startup_os_error, tune_malloc
 
+    tune_malloc()
     try:
         trio.run(_serve_and_announce, sidecar)
     except OSError as exc:
