@@ -582,10 +582,43 @@ def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
 
 def encode(message: Message) -> bytes:
     """One frame. Map keys keep the order of ``to_wire``: the bytes are deterministic."""
-    body: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)  # msgpack is untyped
+    return frame(message.to_wire(), message.kind)
+
+
+def frame(value: Any, what: str) -> bytes:
+    """``value`` as one frame: a 4-byte big-endian length, then its msgpack (this protocol's
+    framing; the --workers supervisor's channel to its workers uses it too). ``what`` names it
+    in the error when it is over MAX_FRAME."""
+    body: bytes = msgpack.packb(value, use_bin_type=True)  # msgpack is untyped
     if len(body) > MAX_FRAME:
-        raise WireError("frame-too-large", f"{message.kind} is {len(body)} bytes (max {MAX_FRAME})")
+        raise WireError("frame-too-large", f"{what} is {len(body)} bytes (max {MAX_FRAME})")
     return _HEADER.pack(len(body)) + body
+
+
+def take_frames(buffer: bytearray, max_frame: int) -> list[Any]:
+    """The msgpack values of the whole frames at the start of ``buffer``, removed from it; a
+    frame not all there yet stays. WireError for a frame longer than ``max_frame`` (before
+    its bytes are waited for) or one that is not msgpack."""
+    values: list[Any] = []
+    while len(buffer) >= 4:
+        (size,) = _HEADER.unpack_from(buffer)
+        if size > max_frame:
+            raise WireError("frame-too-large", f"a frame of {size} bytes (max {max_frame})")
+        if len(buffer) < 4 + size:
+            break
+        body = bytes(buffer[4 : 4 + size])
+        del buffer[: 4 + size]
+        try:
+            values.append(msgpack.unpackb(body, raw=False, strict_map_key=True))
+        except (
+            ValueError,
+            msgpack.exceptions.ExtraData,
+            msgpack.exceptions.FormatError,
+            msgpack.exceptions.StackError,
+            TypeError,
+        ) as exc:
+            raise WireError("bad-frame", f"not msgpack: {exc}") from None
+    return values
 
 
 def decode_message(raw: Any, allowed: frozenset[str] | None = None) -> Message:
@@ -607,28 +640,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Message]:
         self._buffer += data
-        messages: list[Message] = []
-        buffer = self._buffer
-        while len(buffer) >= 4:
-            (size,) = _HEADER.unpack_from(buffer)
-            if size > self.max_frame:
-                raise WireError("frame-too-large", f"a frame of {size} bytes (max {self.max_frame})")
-            if len(buffer) < 4 + size:
-                break
-            body = bytes(buffer[4 : 4 + size])
-            del buffer[: 4 + size]
-            try:
-                raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except (
-                ValueError,
-                msgpack.exceptions.ExtraData,
-                msgpack.exceptions.FormatError,
-                msgpack.exceptions.StackError,
-                TypeError,
-            ) as exc:
-                raise WireError("bad-frame", f"not msgpack: {exc}") from None
-            messages.append(decode_message(raw, self._allowed))
-        return messages
+        return [decode_message(raw, self._allowed) for raw in take_frames(self._buffer, self.max_frame)]
 
 
 # --- the two ends ----------------------------------------------------------------------

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import trio
 
 from meshlet import wire
@@ -52,7 +50,6 @@ MAX_FRAME = wire.MAX_FRAME  # a configuration is at most what one push may carry
 MAX_NAME = 253  # a service name asked for: a DNS name at most
 # A lookup waits for the supervisor's, which waits for the control plane up to DISCOVERY_TIMEOUT.
 LOOKUP_TIMEOUT = DISCOVERY_TIMEOUT + 1.0
-_HEADER = struct.Struct(">I")
 _REASONS = {reason.name: reason for reason in (errors.NO_ROUTE, errors.NO_HEALTHY_ENDPOINTS)}
 
 
@@ -61,10 +58,11 @@ class ChannelError(Exception):
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(body) > MAX_FRAME:
-        raise ChannelError(f"a {message.get('t')} frame of {len(body)} bytes (max {MAX_FRAME})")
-    return _HEADER.pack(len(body)) + body
+    """One frame, framed as the push channel's (meshlet.wire)."""
+    try:
+        return wire.frame(message, f"a {message.get('t')} frame")
+    except wire.WireError as exc:
+        raise ChannelError(exc.detail) from None
 
 
 class Channel:
@@ -94,20 +92,12 @@ class Channel:
         return self._frames.popleft()
 
     def _feed(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 4:
-            (size,) = _HEADER.unpack_from(buffer)
-            if size > MAX_FRAME:
-                raise ChannelError(f"a frame of {size} bytes (max {MAX_FRAME})")
-            if len(buffer) < 4 + size:
-                return
-            body = bytes(buffer[4 : 4 + size])
-            del buffer[: 4 + size]
-            try:
-                message = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.StackError) as exc:
-                raise ChannelError(f"not msgpack: {exc}") from None
+        self._buffer += data
+        try:
+            messages = wire.take_frames(self._buffer, MAX_FRAME)
+        except wire.WireError as exc:
+            raise ChannelError(exc.detail) from None
+        for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("t"), str):
                 raise ChannelError("a frame that is not a message")
             self._frames.append(message)
