@@ -20,6 +20,7 @@ ready when every worker serves, and on SIGTERM deregisters first, then drains ev
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -27,11 +28,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+import meshlet
 from meshlet import wire
 from meshlet.io import ConnectionLimit, Deadlines, derived_connection_limits, raise_open_files_limit, startup_os_error
 from meshlet.names import is_service_name
@@ -83,6 +86,15 @@ class Worker:
 def _discovered(service: str, reason: errors.Reason | None = None, detail: str = "") -> bytes:
     """A lookup's answer for a worker: found (no reason), else the MeshError to raise."""
     return encode({"t": "discovered", "service": service, "reason": reason.name if reason else "", "detail": detail})
+
+
+def _worker_env() -> dict[str, str]:
+    """The supervisor's environment, with the folder its own meshlet was imported from first
+    on PYTHONPATH: a worker runs the supervisor's code, never a `meshlet/` folder that happens
+    to be in the working directory (``python -m`` would look there first; ``-P`` stops it)."""
+    root = str(Path(meshlet.__file__).resolve().parent.parent)
+    inherited = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not inherited else os.pathsep.join((root, inherited))}
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -350,6 +362,7 @@ class Supervisor:
         opts = self.fixed
         args = [
             sys.executable,
+            "-P",  # not the working directory first on sys.path: see _worker_env
             "-m",
             "meshlet",
             "sidecar",
@@ -438,13 +451,16 @@ class Supervisor:
         """Start the worker's process; with a control plane, its channel (served in ``nursery``)
         has the current configuration queued before the process runs."""
         if self.feed is None:
-            process = await trio.lowlevel.open_process(self.worker_args(), stdout=subprocess.PIPE)
+            process = await trio.lowlevel.open_process(self.worker_args(), stdout=subprocess.PIPE, env=_worker_env())
         else:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self.feed.attach(worker, ours, nursery)
                 process = await trio.lowlevel.open_process(
-                    self.worker_args(theirs.fileno()), stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),)
+                    self.worker_args(theirs.fileno()),
+                    stdout=subprocess.PIPE,
+                    pass_fds=(theirs.fileno(),),
+                    env=_worker_env(),
                 )
             finally:
                 theirs.close()  # the worker's now: its end closes when it dies, so we see it

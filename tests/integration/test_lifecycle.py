@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import httpx
@@ -123,3 +124,34 @@ async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path, command: lis
     stderr = done.stderr.decode()
     assert done.returncode == 1, stderr
     assert "Traceback" not in stderr and "meshlet: cannot listen: [Errno 98] Address already in use" in stderr, stderr
+
+
+async def test_workers_run_the_supervisors_code_whatever_the_working_directory(tmp_path: Path, origin: Origin) -> None:
+    """`meshlet sidecar --workers 2` started from a directory that holds some other
+    `meshlet/` package: the workers run the supervisor's meshlet, not that one (a worker
+    started as `python -m meshlet` looked in the working directory first)."""
+    foreign = tmp_path / "meshlet"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("raise SystemExit('the foreign meshlet package was imported')\n")
+    (foreign / "__main__.py").write_text("")
+    static = write_static(tmp_path / "s.yaml", {"item": {"endpoints": [f"127.0.0.1:{origin.port}"]}})
+    console_script = Path(sys.executable).parent / "meshlet"
+    argv = [str(console_script), "sidecar", "--service", "user", "--app", "127.0.0.1:9", "--static", str(static)]
+    argv += ["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2"]
+
+    def run() -> tuple[list[int], list[object]]:  # blocking, in a thread: the origin serves on this loop
+        with processes.started(
+            "workers", argv, tmp_path / "workers.log", ready="meshlet sidecar ready", cwd=tmp_path
+        ) as child:
+            assert child.ready is not None
+            outbound, admin = child.ready.ports["outbound"], child.ready.ports["admin"]
+            statuses = [
+                httpx.get(f"http://127.0.0.1:{outbound}/hello", headers={"host": "item"}, timeout=10).status_code
+                for _ in range(4)  # fresh connections: both workers answer
+            ]
+            return statuses, httpx.get(f"http://127.0.0.1:{admin}/workers", timeout=10).json()
+
+    with trio.fail_after(60):
+        statuses, workers = await trio.to_thread.run_sync(run)
+    assert statuses == [200] * 4 and len(workers) == 2
+    assert "foreign" not in (tmp_path / "workers.log").read_text()
