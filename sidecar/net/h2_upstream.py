@@ -23,7 +23,7 @@ from ..core.h2_upstream import H2ResponseHead, ResponseFieldsError, request_fiel
 from ..core.headers import forward_request_headers, forward_response_headers
 from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
 from .h2_pool import H2Stream, H2Upstream, StreamGone, pool_of
-from .upstream import RESEND_LIMIT, UpstreamBodyError, UpstreamPools, _origin_form
+from .upstream import UpstreamBodyError, UpstreamPools, _origin_form, keep_for_resend, wait_for_piece
 
 
 class _H2Exchange:
@@ -257,13 +257,9 @@ class H2Forwarder:
                 try:
                     piece = body.read_nowait()
                     if piece is WOULD_BLOCK:
-                        with trio.CancelScope() as exchange.waiting:
-                            piece = await body.read()
-                        exchange.waiting = None
-                        if exchange.abandoned or piece is WOULD_BLOCK:
-                            if isinstance(piece, bytes) and exchange.sent is not None:
-                                exchange.sent.append(piece)  # read as the try was given up: the next sends it
-                            return
+                        piece = await wait_for_piece(body, exchange)
+                        if piece is WOULD_BLOCK:
+                            return  # the try was given up
                 except Exception as exc:  # the client sent a bad body or went away
                     exchange.client_error = exc
                     conn.cancel(stream, "the client's request body failed")
@@ -272,13 +268,7 @@ class H2Forwarder:
                     break
                 if not piece:
                     continue
-                sent = exchange.sent
-                if sent is not None:
-                    exchange.sent_bytes += len(piece)
-                    if exchange.sent_bytes <= RESEND_LIMIT:
-                        sent.append(piece)
-                    else:
-                        exchange.sent = None  # too much to send again
+                keep_for_resend(exchange, piece)
                 await conn.send_body(stream, piece)
             conn.end_stream(stream)
             exchange.request_sent = True

@@ -27,7 +27,7 @@ import select
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -50,7 +50,7 @@ from ..core.http1 import (
 )
 from ..core.outcome import IDEMPOTENT
 from ..core.services import Endpoint
-from ..layers.base import WOULD_BLOCK, BodyPiece, Request, Response
+from ..layers.base import WOULD_BLOCK, BodyPiece, BodySource, Request, Response
 from .tls import MeshTLS, PeerIdentityError, check_peer_is
 
 if TYPE_CHECKING:
@@ -769,11 +769,7 @@ class Forwarder:
 
     async def _pump(self, request: Request, exchange: _Exchange) -> None:
         """Streams the request body upstream, concurrently with the response; until the
-        exchange is abandoned (a stale connection: the body goes to a fresh one instead).
-
-        Only a wait for the client's body can be abandoned, so only a wait runs in a cancel
-        scope (each one entered is a cost per request): a body already buffered (most small
-        ones) goes without one."""
+        exchange is abandoned (a stale connection: the body goes to a fresh one instead)."""
         if exchange.abandoned:
             return  # abandoned before it ran: not a byte of the body taken
         body = request.body
@@ -789,14 +785,9 @@ class Forwarder:
                 try:
                     piece = body.read_nowait()
                     if piece is WOULD_BLOCK:
-                        with trio.CancelScope() as exchange.waiting:
-                            piece = await body.read()
-                        exchange.waiting = None
-                        # Only abandon() cancels the wait, so piece is still WOULD_BLOCK only then.
-                        if exchange.abandoned or piece is WOULD_BLOCK:
-                            if isinstance(piece, bytes) and exchange.sent is not None:
-                                exchange.sent.append(piece)  # read as the try was given up: the next sends it
-                            return
+                        piece = await wait_for_piece(body, exchange)
+                        if piece is WOULD_BLOCK:
+                            return  # the try was given up
                 except Exception as exc:  # the client sent a bad body or went away
                     exchange.client_error = exc
                     exchange.conn.close()
@@ -804,19 +795,50 @@ class Forwarder:
                 if piece is None:
                     break
                 exchange.body_started = True
-                sent = exchange.sent
-                if sent is not None:
-                    exchange.sent_bytes += len(piece)
-                    if exchange.sent_bytes <= RESEND_LIMIT:
-                        sent.append(piece)
-                    else:
-                        exchange.sent = None  # too much to send again
+                keep_for_resend(exchange, piece)
                 await send_all(chunk(piece) if chunked else piece)
             if chunked:
                 await send_all(CHUNKED_END)
             exchange.request_sent = True
         except _NETWORK_ERRORS:
             return  # the upstream stopped reading; the response side sees it too
+
+
+class BodyPump(Protocol):
+    """What an exchange keeps for its request body's pump (HTTP/1.1 and HTTP/2 alike)."""
+
+    abandoned: bool  # the try was given up: its pump stops
+    waiting: trio.CancelScope | None  # the pump's wait for the client's body, which abandoning cancels
+    sent: list[bytes] | None  # the pieces sent, while they fit RESEND_LIMIT (None: past it, or not kept)
+    sent_bytes: int
+
+
+async def wait_for_piece(body: BodySource, exchange: BodyPump) -> BodyPiece:
+    """The client's next body piece, waited for in the scope that abandoning the try cancels:
+    WOULD_BLOCK when the try was given up (a piece read just then is kept in ``sent``, for the
+    next try to send). Only a wait runs in a scope (each one entered costs): a body already
+    buffered goes without one."""
+    with trio.CancelScope() as exchange.waiting:
+        piece: BodyPiece = await body.read()
+    exchange.waiting = None
+    # Only abandoning cancels the wait, so piece is still WOULD_BLOCK only then.
+    if exchange.abandoned or piece is WOULD_BLOCK:
+        if isinstance(piece, bytes) and exchange.sent is not None:
+            exchange.sent.append(piece)  # read as the try was given up: the next sends it
+        return WOULD_BLOCK
+    return piece
+
+
+def keep_for_resend(exchange: BodyPump, piece: bytes) -> None:
+    """Keep a piece about to be sent, while the pieces fit RESEND_LIMIT: a try that must be
+    made again (a stale connection, an unprocessed stream) sends them first."""
+    sent = exchange.sent
+    if sent is not None:
+        exchange.sent_bytes += len(piece)
+        if exchange.sent_bytes <= RESEND_LIMIT:
+            sent.append(piece)
+        else:
+            exchange.sent = None  # too much to send again
 
 
 def _origin_form(request: Request) -> bytes:
