@@ -1068,6 +1068,27 @@ class Target:
         return [self.metric, shown, f"{sign} {self.limit:g}{self.unit}", "PASS" if self.passed else "FAIL"]
 
 
+def stream_table(title: str, streams: list[StreamResult]) -> TableData:
+    """A row per transfer through a fresh sidecar pair: its rate, the pair's peak RSS, its check."""
+    return TableData(
+        title,
+        ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
+        [
+            [
+                s.direction,
+                s.status,
+                f"{s.transferred_bytes:,}",
+                f"{s.seconds:.2f}",
+                f"{s.mb_per_s:.0f}",
+                f"{s.peak_rss_mb.get('A', 0):.1f}",
+                f"{s.peak_rss_mb.get('B', 0):.1f}",
+                "ok" if s.ok else s.problem,
+            ]
+            for s in streams
+        ],
+    )
+
+
 def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}×" if base else "n/a"
 
@@ -1151,22 +1172,8 @@ def build_tables(
             if r.cpu_by_proxy
         ],
     )
-    streaming = TableData(
-        f"Streaming {settings.stream_mb} MB through the mesh path (curl, fresh sidecar pair per direction)",
-        ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
-        [
-            [
-                s.direction,
-                s.status,
-                f"{s.transferred_bytes:,}",
-                f"{s.seconds:.2f}",
-                f"{s.mb_per_s:.0f}",
-                f"{s.peak_rss_mb.get('A', 0):.1f}",
-                f"{s.peak_rss_mb.get('B', 0):.1f}",
-                "ok" if s.ok else s.problem,
-            ]
-            for s in streams
-        ],
+    streaming = stream_table(
+        f"Streaming {settings.stream_mb} MB through the mesh path (curl, fresh sidecar pair per direction)", streams
     )
     tables = [throughput, latency_c1, paced, cost, streaming]
     if "mesh path" in results and MTLS in results:
@@ -2217,23 +2224,10 @@ def h2_tables(h2: H2Measured, one_h1: ScenarioResult, settings: Settings) -> lis
         f"same time. Runs in turn, for comparison: 'one sidecar' (HTTP/1.1) {one_h1.cpu_us_per_request:.1f} µs, "
         f"'h2 one sidecar' -m{H2_STREAMS} {one_h2 or 0:.1f} µs a request.",
     )
-    s = h2.stream
-    stream = TableData(
+    stream = stream_table(
         f"HTTP/2 stream of {settings.h2_stream_mb} MB through the mesh path (curl --http2-prior-knowledge → A → "
         "mTLS h2 → B → h2c nginx, fresh sidecar pair)",
-        ["direction", "HTTP", "bytes", "seconds", "MB/s", "peak RSS A MB", "peak RSS B MB", "check"],
-        [
-            [
-                s.direction,
-                s.status,
-                f"{s.transferred_bytes:,}",
-                f"{s.seconds:.2f}",
-                f"{s.mb_per_s:.0f}",
-                f"{s.peak_rss_mb.get('A', 0):.1f}",
-                f"{s.peak_rss_mb.get('B', 0):.1f}",
-                "ok" if s.ok else s.problem,
-            ]
-        ],
+        [h2.stream],
     )
     return [load, rss, cpu_ab, stream]
 
