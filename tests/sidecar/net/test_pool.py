@@ -4,6 +4,7 @@ request past the pool's connection cap, which waits a bounded time for a connect
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -22,16 +23,21 @@ from sidecar.telemetry import Telemetry, render
 from tests.helpers import raw_exchange, sample
 
 
+async def _serve(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]) -> int:
+    """A TCP server on 127.0.0.1 handling each connection with ``handler``; returns its port."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def _hold(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
 @pytest.fixture
 async def listener(nursery: trio.Nursery) -> int:
     """A TCP server that accepts and holds connections open; returns its port."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-
-    async def hold(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
-
-    nursery.start_soon(trio.serve_listeners, hold, listeners)
-    return listeners[0].socket.getsockname()[1]
+    return await _serve(nursery, _hold)
 
 
 async def test_released_connection_is_reused_then_expires(
@@ -70,13 +76,7 @@ async def test_idle_connection_past_timeout_is_not_handed_out(
 @pytest.fixture
 async def closing_listener(nursery: trio.Nursery) -> int:
     """A TCP server that closes each connection as soon as it is accepted."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-
-    async def close(stream: trio.SocketStream) -> None:
-        await stream.aclose()
-
-    nursery.start_soon(trio.serve_listeners, close, listeners)
-    return listeners[0].socket.getsockname()[1]
+    return await _serve(nursery, trio.SocketStream.aclose)
 
 
 async def test_a_connection_the_peer_closed_while_idle_is_checked_once_past_the_recheck_delay(
