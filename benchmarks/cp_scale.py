@@ -26,19 +26,29 @@ Measured per N:
    and the control plane's own ``meshlet_cp_convergence_seconds`` histogram.
 3. The control plane's VmRSS at N connected (after the changes) and VmHWM (its peak).
 
-Pinning (2+ cores): the control plane on core 1, the load processes and this script on
-core 0 (``--no-pin`` to let the kernel place them). Every process runs in its own
-session, gets SIGTERM if this script dies (PR_SET_PDEATHSIG), and is stopped by process
-group when its N is done, on errors and on Ctrl-C / SIGTERM; every phase has a time
-limit. Results: rich tables, and the "## Control plane scale" section of
-benchmarks/RESULTS.md (the rest of that file is left as it is).
+Replicas (``--replicas K``, K > 1, on etcd; ``--store etcd`` with K = 1 is one replica on
+etcd): for each start a fresh ``etcd`` (one member, loopback, temporary data directory)
+and K control planes ``--store etcd://...``; sidecar ``i`` connects to replica ``i % K``.
+The changes are made on both sides (sidecar 7 is on replica ``7 % K``, the extra ``svc-7``
+instances on replica 0), so with K = 2 every change reaches half the sidecars through
+etcd's watch. Also measured: per-replica sessions, CPU and memory, etcd's CPU and memory,
+and etcd's put→watch latency through its HTTP gateway (idle, and with N connected).
 
-Usage: python benchmarks/cp_scale.py [--sidecars 1000,5000] [--quick] [--out PATH]
+Pinning (2+ cores): the control plane (the replicas and etcd) on core 1, the load
+processes and this script on core 0 (``--no-pin`` to let the kernel place them). Every
+process runs in its own session, gets SIGTERM if this script dies (PR_SET_PDEATHSIG), and
+is stopped by process group when its N is done, on errors and on Ctrl-C / SIGTERM; every
+phase has a time limit. Results: rich tables, and the "## Control plane scale" section of
+benchmarks/RESULTS.md ("## Control plane scale: replicas on etcd" with K > 1; the rest of
+that file is left as it is).
+
+Usage: python benchmarks/cp_scale.py [--sidecars 1000,5000] [--quick] [--replicas K] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import hashlib
@@ -50,6 +60,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,12 +88,13 @@ REPO = SELF.parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
 LOGS = REPO / "benchmarks" / "out" / "cp-scale-logs"  # the last run's logs; git-ignored
 SECTION = "## Control plane scale"
+REPLICAS_SECTION = "## Control plane scale: replicas on etcd"  # --replicas K > 1: a section of its own
 
 SERVICES = 50
 CHANGED_SERVICE = 7  # svc-7 is the service whose endpoints change
 FLIPPER = 7  # sidecar 7 (of svc-7) turns not-ready and ready again
 CHANGE_KINDS = ("unready", "ready", "join", "bye")
-CP_CORE, LOAD_CORE = 1, 0
+CP_CORE, LOAD_CORE = 1, 0  # etcd, when there is one, shares the control plane's core
 PING_INTERVAL = 5.0
 SIDECARS_PER_WORKER = 2500  # measured: see README, "How many load processes"
 
@@ -96,11 +108,27 @@ WARM_LIMIT = 90.0  # a warm start, the same
 CHANGE_TIMEOUT = 10.0  # one change, until every sidecar acked it
 CHANGES_BUDGET = 60.0  # no new change starts after this long in the change phase
 STOP_TIMEOUT = 5.0  # SIGTERM → SIGKILL
+PROBE_TIMEOUT = 30.0  # etcd's put→watch probe, all of its puts
+
+# etcd for the replicas: one member, production-like timing, compaction as a deployment would run it.
+ETCD_FLAGS = [
+    "--heartbeat-interval=100",
+    "--election-timeout=1000",
+    f"--quota-backend-bytes={8 * 2**30}",
+    "--auto-compaction-mode=periodic",
+    "--auto-compaction-retention=1h",
+    "--logger=zap",
+    "--log-outputs=stderr",
+]
+PROBE_PUTS = 300  # sequential puts of etcd's put→watch probe
+PROBE_PREFIX = b"/cp-scale-probe/"  # outside the control plane's keys
 
 # Targets (the issue's acceptance numbers).
-CONVERGENCE_TARGETS = ((1000, 1.0), (5000, 3.0))  # up to N sidecars: all acked within s, p99
-RSS_TARGET_MB = 300.0
-RSS_TARGET_AT = 5000
+# (from K replicas on, up to N sidecars, all acked within s, p99): the tightest row that applies.
+CONVERGENCE_TARGETS = ((1, 1000, 1.0), (1, 5000, 3.0), (2, 10000, 1.5))
+RSS_TARGET_MB = 300.0  # per replica
+RSS_TARGET_AT = 5000  # one control plane; replicas are held to it at every N
+COLD_TARGET_S = 30.0  # replicas: a cold start of N (up to 10,000) all synced, no session lost
 
 Held = dict[str, tuple[str, list[dict[str, Any]]]]  # what a sidecar holds: service → (version, endpoints)
 
@@ -416,7 +444,7 @@ class LoadWorker:
     reports events on stdout (JSON lines)."""
 
     def __init__(self, args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
-        self.port = args.port
+        self.ports = [int(port) for port in args.ports.split(",")]  # one push port per replica
         self.total = args.total
         self.join_token = args.join_token_file.read_text().strip()  # every sidecar joins with it
         self.emit = emit
@@ -523,6 +551,10 @@ class LoadWorker:
                         frame = wire.encode(wire.Ping(pings))
                     sidecar.send(frame)
 
+    def port_of(self, sidecar: SimSidecar) -> int:
+        """The replica sidecar ``i`` talks to: ``i % K``; the extra instances, replica 0's."""
+        return self.ports[max(sidecar.index, 0) % len(self.ports)]
+
     # commands ------------------------------------------------------------------------------
     async def connect_all(self, cached: bool) -> None:
         """Every sidecar connects (``connect_concurrency`` at a time). ``cached``: of the
@@ -532,18 +564,18 @@ class LoadWorker:
         async with trio.open_nursery() as nursery:
             if not cached:
                 for sidecar in self.sidecars.values():
-                    nursery.start_soon(sidecar.run, self.port)
+                    nursery.start_soon(sidecar.run, self.port_of(sidecar))
                 return
             groups: dict[tuple[str, ...], list[SimSidecar]] = {}
             for sidecar in self.sidecars.values():
                 groups.setdefault(sidecar.watched, []).append(sidecar)
             for members in groups.values():
-                nursery.start_soon(members[0].run, self.port)
+                nursery.start_soon(members[0].run, self.port_of(members[0]))
             for watched, members in groups.items():
                 await self.group_synced[watched].wait()
                 cache = members[0].held
                 for sidecar in members[1:]:
-                    nursery.start_soon(sidecar.run, self.port, cache)
+                    nursery.start_soon(sidecar.run, self.port_of(sidecar), cache)
 
     async def preregister_all(self, concurrency: int) -> None:
         """Every sidecar registers and leaves again, ``concurrency`` at a time (see
@@ -553,7 +585,7 @@ class LoadWorker:
         async def one(sidecar: SimSidecar) -> None:
             async with slots:
                 try:
-                    await sidecar.register_and_leave(self.port)
+                    await sidecar.register_and_leave(self.port_of(sidecar))
                 except* (OSError, trio.BrokenResourceError, trio.TooSlowError, wire.WireError) as group:
                     self.problem("pre-registration", f"{sidecar.instance_id}: {group.exceptions[0]!r}")
 
@@ -591,7 +623,7 @@ class LoadWorker:
         elif kind == "join":
             extra = self.extras[name] = SimSidecar(self, -1, name, cmd["service"], cmd["address_port"])
             started = now()
-            nursery.start_soon(extra.run, self.port)
+            nursery.start_soon(extra.run, self.port_of(extra))
         else:  # bye
             extra = self.extras.pop(name)
             extra.leaving = True
@@ -727,17 +759,19 @@ class ControlPlane:
     child: Child
     push_port: int
     api_port: int
+    data_dir: Path
 
 
 @contextlib.asynccontextmanager
-async def control_plane(tmp: Path, tag: str, core: int | None) -> AsyncIterator[ControlPlane]:
-    out = tmp / f"cp-{tag}.out"
+async def control_plane(tmp: Path, tag: str, core: int | None, store: str = "file") -> AsyncIterator[ControlPlane]:
+    out, data_dir = tmp / f"cp-{tag}.out", tmp / f"cp-data-{tag}"
     argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
-    argv += ["--data-dir", str(tmp / f"cp-data-{tag}"), "--ttl", str(CP_TTL)]
+    argv += ["--data-dir", str(data_dir), "--ttl", str(CP_TTL)]
+    argv += [] if store == "file" else ["--store", store]
     child = spawn("control plane", argv, tmp / f"cp-{tag}.log", core, stdout=out)
     try:
         push_port, api_port = await _ready_ports(child, out)
-        yield ControlPlane(child, push_port, api_port)
+        yield ControlPlane(child, push_port, api_port, data_dir)
     finally:
         await stop(child)
 
@@ -752,6 +786,114 @@ async def _ready_ports(child: Child, out: Path) -> tuple[int, int]:
                 return ports["push"], ports["api"]
             child.check_alive()
             await trio.sleep(0.05)
+
+
+# --- etcd, for replicas ---------------------------------------------------------------------
+
+
+@dataclass
+class Etcd:
+    child: Child
+    url: str  # its client URL (the HTTP/JSON gateway), http://127.0.0.1:PORT
+
+
+def free_port() -> int:
+    """A loopback port the kernel just handed out (bound to port 0, then closed): etcd
+    cannot bind port 0 and say which port it got."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def etcd_server(tmp: Path, tag: str, core: int | None) -> AsyncIterator[Etcd]:
+    """One etcd member on loopback, its data in ``tmp``; yields once it reports healthy."""
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    argv = ["etcd", "--name", "bench", "--data-dir", str(tmp / f"etcd-data-{tag}")]
+    argv += ["--listen-client-urls", client, "--advertise-client-urls", client]
+    argv += ["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"bench={peer}"]
+    child = spawn("etcd", argv + ETCD_FLAGS, tmp / f"etcd-{tag}.log", core, stdout=tmp / f"etcd-{tag}.out")
+    try:
+        await _etcd_healthy(child, client)
+        yield Etcd(child, client)
+    finally:
+        await stop(child)
+
+
+async def _etcd_healthy(child: Child, url: str) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        with trio.fail_after(START_TIMEOUT):
+            while True:
+                child.check_alive()
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    if (await client.get("/health")).json().get("health") == "true":
+                        return
+                await trio.sleep(0.1)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """etcd's range_end for every key under ``prefix``: its last byte plus one."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+async def put_watch_latency(url: str, puts: int = PROBE_PUTS) -> list[float]:
+    """etcd's put→watch latency through the HTTP gateway the replicas use: a watch on a
+    scratch prefix, then ``puts`` puts one after the other, each timed from just before
+    it is sent until the watch delivers its event (the put's round trip is in it)."""
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10, read=None)) as client:
+        send, events = trio.open_memory_channel[tuple[bytes, float]](puts + 1)
+        created = trio.Event()
+        latencies = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_probe_watch, client, send, created)
+            with trio.fail_after(PROBE_TIMEOUT):
+                await created.wait()
+                for i in range(puts):
+                    key, sent = PROBE_PREFIX + b"%d" % i, now()
+                    (await client.post("/v3/kv/put", json={"key": b64(key), "value": b64(b"x")})).raise_for_status()
+                    seen, at = await events.receive()
+                    if seen != key:
+                        raise RuntimeError(f"etcd probe: the watch delivered {seen!r}, expected {key!r}")
+                    latencies.append(at - sent)
+            nursery.cancel_scope.cancel()
+        scratch = {"key": b64(PROBE_PREFIX), "range_end": b64(prefix_end(PROBE_PREFIX))}
+        (await client.post("/v3/kv/deleterange", json=scratch)).raise_for_status()
+    return latencies
+
+
+async def _probe_watch(
+    client: httpx.AsyncClient, send: trio.MemorySendChannel[tuple[bytes, float]], created: trio.Event
+) -> None:
+    body = {"create_request": {"key": b64(PROBE_PREFIX), "range_end": b64(prefix_end(PROBE_PREFIX))}}
+    async with client.stream("POST", "/v3/watch", json=body, headers={"Grpc-Metadata-hasleader": "true"}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            at = now()
+            message = json.loads(line)
+            if "error" in message:
+                raise RuntimeError(f"etcd probe: the watch failed: {message['error']}")
+            result = message.get("result") or {}
+            if result.get("created"):
+                created.set()
+            for event in result.get("events", []):
+                send.send_nowait((base64.b64decode(event["kv"]["key"]), at))
+
+
+ETCD_EXPECTED = ("simple token is not cryptographically signed",)  # no auth: said at every start
+
+
+def etcd_problems(log: str) -> list[str]:
+    """etcd's warnings and errors (zap JSON lines), the first 5: slow applies show up here."""
+    bad = [
+        line
+        for line in log.splitlines()
+        if re.search(r'"level":"(warn|error|fatal|panic)"', line) and not any(e in line for e in ETCD_EXPECTED)
+    ]
+    return bad[:5] + ([f"... and {len(bad) - 5} more such lines"] if len(bad) > 5 else [])
 
 
 # --- the load processes ------------------------------------------------------------------
@@ -817,19 +959,20 @@ class Load:
 
 @contextlib.asynccontextmanager
 async def load_processes(
-    tmp: Path, tag: str, n: int, port: int, workers: int, settings: Settings, core: int | None
+    tmp: Path, tag: str, n: int, ports: list[int], join_token: Path, workers: int, settings: Settings, core: int | None
 ) -> AsyncIterator[Load]:
-    """``workers`` load processes sharing N sidecars; each exits on its own after the
-    longest its N can take (``deadline``), or when its stdin closes."""
+    """``workers`` load processes sharing N sidecars (and the replicas' push ``ports``);
+    each exits on its own after the longest its N can take (``deadline``), or when its
+    stdin closes."""
     concurrency = settings.concurrency
     deadline = settings.cold_limit + WARM_LIMIT + CHANGES_BUDGET + 3 * CHANGE_TIMEOUT + 60
     children = []
     try:
         for w in range(workers):
-            argv = [sys.executable, str(SELF), "_worker", "--port", str(port)]
+            argv = [sys.executable, str(SELF), "_worker", "--ports", ",".join(map(str, ports))]
             argv += ["--first", str(w), "--step", str(workers), "--total", str(n)]
             argv += ["--concurrency", str(max(1, concurrency // workers)), "--deadline", str(deadline)]
-            argv += ["--join-token-file", str(tmp / f"cp-data-{tag}" / "join-token")]  # as control_plane() names it
+            argv += ["--join-token-file", str(join_token)]
             children.append(spawn(f"load process {w}", argv, tmp / f"load-{tag}-{w}.log", core))
         load = Load(children)
         async with trio.open_nursery() as nursery:
@@ -850,30 +993,58 @@ async def load_processes(
 
 @dataclass
 class Mesh:
-    """One control plane, its API client and the load processes for N sidecars."""
+    """The control plane (K replicas, and their etcd), API clients and the load processes for N sidecars."""
 
     n: int
     tag: str
-    cp: ControlPlane
-    api: httpx.AsyncClient
+    cps: list[ControlPlane]  # the replicas; one: a single control plane
+    apis: list[httpx.AsyncClient]  # their APIs, in the same order
     load: Load
+    etcd: Etcd | None
 
 
 @contextlib.asynccontextmanager
 async def mesh(tmp: Path, n: int, settings: Settings, tag: str, problems: list[str]) -> AsyncIterator[Mesh]:
-    """A fresh control plane and load processes; on the way out, what went wrong
-    (load-side problems, warnings in the control plane's log) lands in ``problems``."""
+    """A fresh control plane (a fresh etcd and K replicas) and load processes; on the
+    way out, what went wrong (load-side problems, warnings in the logs) lands in ``problems``."""
     cp_core, load_core = (CP_CORE, LOAD_CORE) if settings.pin else (None, None)
-    async with (
-        control_plane(tmp, tag, cp_core) as cp,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.api_port}", timeout=30) as api,
-        load_processes(tmp, tag, n, cp.push_port, workers_for(n, settings), settings, load_core) as load,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        etcd, store = None, "file"
+        if settings.store == "etcd":
+            etcd = await stack.enter_async_context(etcd_server(tmp, tag, cp_core))
+            store = "etcd://" + etcd.url.removeprefix("http://")
+        cps, apis = [], []
+        for j in range(settings.replicas):  # one after the other: the first one's tokens become etcd's
+            cp = await stack.enter_async_context(control_plane(tmp, replica_tag(tag, j, settings), cp_core, store))
+            api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.api_port}", timeout=30)
+            cps.append(cp)
+            apis.append(await stack.enter_async_context(api))
+        ports, workers = [cp.push_port for cp in cps], workers_for(n, settings)
+        join_token = cps[0].data_dir / "join-token"  # with etcd, every replica's
+        load = await stack.enter_async_context(
+            load_processes(tmp, tag, n, ports, join_token, workers, settings, load_core)
+        )
         try:
-            yield Mesh(n, tag, cp, api, load)
+            yield Mesh(n, tag, cps, apis, load, etcd)
         finally:
             problems += [f"{tag}: load: {p}" for p in load.problems]
-            problems += [f"{tag}: control-plane log: {line}" for line in log_problems(cp.child.log_text())]
+            for j, cp in enumerate(cps):
+                name = "control-plane" if len(cps) == 1 else f"replica {j}"
+                problems += [f"{tag}: {name} log: {line}" for line in log_problems(cp.child.log_text())]
+            if etcd is not None:
+                problems += [f"{tag}: etcd log: {line}" for line in etcd_problems(etcd.child.log_text())]
+
+
+def replica_tag(tag: str, j: int, settings: Settings) -> str:
+    return tag if settings.replicas == 1 else f"{tag}-r{j}"
+
+
+def replica_cpu(m: Mesh) -> list[float]:
+    return [cpu_seconds(cp.child.pid) for cp in m.cps]
+
+
+def etcd_cpu(m: Mesh) -> float:
+    return 0.0 if m.etcd is None else cpu_seconds(m.etcd.child.pid)
 
 
 def workers_for(n: int, settings: Settings) -> int:
@@ -891,9 +1062,14 @@ class StartResult:
     synced_s: float = float("nan")  # every sidecar holds every endpoint of what it watches
     progress: str = ""  # how far it got when it did not finish
     status_s: float = float("nan")  # one GET /v1/status at N
-    cp_cpu_s: float = float("nan")
+    cp_cpu_s: float = float("nan")  # every replica's
     load_cpu_s: float = float("nan")
-    hwm_mb: float = float("nan")
+    hwm_mb: float = float("nan")  # the largest replica's
+    sessions_lost: int = 0  # sessions that ended during the start
+    per_replica: list[int] = field(default_factory=list)  # sessions on each replica once all were connected
+    replica_cpu_s: list[float] = field(default_factory=list)
+    etcd_cpu_s: float = float("nan")
+    etcd_probe: list[float] = field(default_factory=list)  # put→watch latencies, replicas up, no sidecar yet
 
     @property
     def reached(self) -> bool:
@@ -917,9 +1093,17 @@ class SizeResult:
     per_sidecar: list[float] = field(default_factory=list)  # per change and sidecar
     incomplete_changes: int = 0
     cp_histogram: dict[str, float] = field(default_factory=dict)
-    rss_mb: float = float("nan")
+    rss_mb: float = float("nan")  # the largest replica's
     hwm_mb: float = float("nan")
-    cp_cpu_per_change_s: float = float("nan")
+    replica_rss_mb: list[float] = field(default_factory=list)
+    replica_hwm_mb: list[float] = field(default_factory=list)
+    replica_sessions: list[int] = field(default_factory=list)  # at the end
+    etcd_rss_mb: float = float("nan")
+    etcd_hwm_mb: float = float("nan")
+    etcd_probe: list[float] = field(default_factory=list)  # put→watch latencies with N connected
+    cp_cpu_per_change_s: float = float("nan")  # every replica's
+    replica_cpu_per_change_s: list[float] = field(default_factory=list)
+    etcd_cpu_per_change_s: float = float("nan")
     load_cpu_share: float = float("nan")  # load processes' CPU / wall time, change phase
     others_on_cp_core: float = float("nan")  # busy time of the CP's core not used by the CP, change phase
     extras_connected: int = 0  # svc-7 instances the changes added and did not remove yet
@@ -951,37 +1135,56 @@ async def measure_size(n: int, settings: Settings, tmp: Path) -> SizeResult:
 async def start(m: Mesh, result: StartResult) -> StartResult:
     """Connect every sidecar (after pre-registering their instances, for WARM) and wait
     until all are connected and ACKed their first pushes, then until all are synced.
-    Stops waiting at ``result.limit_s`` and records how far it got."""
-    cp_cpu, load_cpu = cpu_seconds(m.cp.child.pid), load_cpu_seconds(m.load)
+    Stops waiting at ``result.limit_s``, or when sessions are lost, and records how far it got."""
+    if m.etcd is not None:
+        result.etcd_probe = await put_watch_latency(m.etcd.url)
+    cp_cpu, etcd_cpu_before, load_cpu = replica_cpu(m), etcd_cpu(m), load_cpu_seconds(m.load)
     started = now()
     with trio.move_on_after(result.limit_s):
-        if result.how == WARM:
-            await m.load.broadcast({"cmd": "preregister", "concurrency": PREREGISTER_CONCURRENCY})
-            result.preregistered_s = max(e["t"] for e in await m.load.gather("preregistered")) - started
-            console.print(f"    all {m.n:,} instances registered (and left) in {result.preregistered_s:.2f} s")
-        await m.load.broadcast({"cmd": "connect", "cached": result.how == WARM})
-        result.connected_s = await connected_and_acked(m, started)
-        result.status_s = await status_at_n(m)
-        console.print(f"    all {m.n:,} connected and first pushes ACKed after {result.connected_s:.2f} s")
-        result.synced_s = max(e["t"] for e in await m.load.gather("synced")) - started
-        console.print(f"    every sidecar holds every endpoint it watches after {result.synced_s:.2f} s")
-    result.cp_cpu_s = cpu_seconds(m.cp.child.pid) - cp_cpu
+        try:
+            if result.how == WARM:
+                await m.load.broadcast({"cmd": "preregister", "concurrency": PREREGISTER_CONCURRENCY})
+                result.preregistered_s = max(e["t"] for e in await m.load.gather("preregistered")) - started
+                console.print(f"    all {m.n:,} instances registered (and left) in {result.preregistered_s:.2f} s")
+            await m.load.broadcast({"cmd": "connect", "cached": result.how == WARM})
+            result.connected_s = await connected_and_acked(m, started)
+            result.per_replica = await replica_sessions(m)
+            result.status_s = await status_at_n(m)
+            console.print(f"    all {m.n:,} connected and first pushes ACKed after {result.connected_s:.2f} s")
+            synced = await m.load.gather("synced")
+            if lost := sum(e["dead"] for e in synced):
+                raise SessionsLost(lost)
+            result.synced_s = max(e["t"] for e in synced) - started
+            console.print(f"    every sidecar holds every endpoint it watches after {result.synced_s:.2f} s")
+        except SessionsLost as exc:
+            console.print(f"    [yellow]{exc.count:,} sessions ended during the start[/yellow]")
+    result.replica_cpu_s = [after - before for before, after in zip(cp_cpu, replica_cpu(m), strict=True)]
+    result.cp_cpu_s = sum(result.replica_cpu_s)
+    result.etcd_cpu_s = etcd_cpu(m) - etcd_cpu_before
     result.load_cpu_s = load_cpu_seconds(m.load) - load_cpu
-    result.hwm_mb = proc_status_mb(m.cp.child.pid, "VmHWM")
+    result.hwm_mb = max(proc_status_mb(cp.child.pid, "VmHWM") for cp in m.cps)
     if not result.reached:
-        result.progress = await progress(m, now() - started)
+        result.progress = await progress(m, result, now() - started)
     return result
 
 
+class SessionsLost(Exception):
+    """Sessions ended while getting N sidecars connected: that start failed."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} sessions lost")
+        self.count = count
+
+
 async def connected_and_acked(m: Mesh, started: float) -> float:
-    """Seconds from ``started`` until the gauge shows N sessions and every sidecar has
+    """Seconds from ``started`` until the gauges show N sessions and every sidecar has
     ACKed its first pushes (the later of the two); reports progress every 5 s."""
     connected_at = 0.0
 
     async def watch_gauge() -> None:
         nonlocal connected_at
         next_report = started + 5
-        while (connected := await connected_sidecars(m.api)) < m.n:
+        while (connected := sum(await replica_sessions(m))) < m.n:
             if now() >= next_report:
                 next_report += 5
                 console.print(f"    {now() - started:4.0f} s: {connected:,} of {m.n:,} connected")
@@ -991,9 +1194,10 @@ async def connected_and_acked(m: Mesh, started: float) -> float:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_gauge)
         firsts = await m.load.gather("first_acked")
-    dead = sum(e["dead"] for e in firsts)
+        if dead := sum(e["dead"] for e in firsts):
+            nursery.cancel_scope.cancel()  # the gauge would never get to N
     if dead:
-        raise RuntimeError(f"{dead} of {m.n} sessions ended while connecting: {m.load.problems[:5]}")
+        raise SessionsLost(dead)
     return max(connected_at, *(e["t"] for e in firsts)) - started
 
 
@@ -1020,27 +1224,38 @@ async def connected_sidecars(api: httpx.AsyncClient) -> int:
     return int(float(match.group(1))) if match else 0
 
 
+async def replica_sessions(m: Mesh) -> list[int]:
+    """Each replica's connected sidecars (its own sessions)."""
+    return [await connected_sidecars(api) for api in m.apis]
+
+
 async def status_at_n(m: Mesh) -> float:
-    """/v1/status must list N connected sidecars; returns how long it took to answer."""
-    asked = now()
-    status = (await api_get(m.api, "/v1/status")).json()
-    took = now() - asked
-    connected = sum(1 for s in status["sidecars"] if s["connected"])
+    """The replicas' /v1/status must list N connected sidecars between them; returns how
+    long the slowest took to answer."""
+    took, connected = 0.0, 0
+    for api in m.apis:
+        asked = now()
+        status = (await api_get(api, "/v1/status")).json()
+        took = max(took, now() - asked)
+        connected += sum(1 for s in status["sidecars"] if s["connected"])
     if connected != m.n:
         raise RuntimeError(f"/v1/status lists {connected} connected sidecars, expected {m.n}")
     return took
 
 
-async def progress(m: Mesh, elapsed: float) -> str:
-    """How far a start got, e.g. "after 40 s: 1,310 of 5,000 connected, 1,200 ACKed..."."""
+async def progress(m: Mesh, result: StartResult, elapsed: float) -> str:
+    """How far a start got, e.g. "after 40 s: 1,310 of 5,000 connected, 1,200 ACKed...";
+    counts the sessions lost on the way into ``result``."""
     with trio.move_on_after(15):
-        connected = await connected_sidecars(m.api)
+        per_replica = await replica_sessions(m)
         await m.load.broadcast({"cmd": "progress"})
         reports = await m.load.gather("progress")
         acked, synced = sum(r["first_acked"] for r in reports), sum(r["synced"] for r in reports)
+        result.sessions_lost = sum(r["dead"] for r in reports)
+        split = f" ({' + '.join(f'{c:,}' for c in per_replica)})" if len(per_replica) > 1 else ""
         return (
-            f"after {elapsed:.0f} s: {connected:,} of {m.n:,} connected, {acked:,} ACKed their first pushes, "
-            f"{synced:,} hold every endpoint they watch"
+            f"after {elapsed:.0f} s: {sum(per_replica):,} of {m.n:,} connected{split}, {acked:,} ACKed their first "
+            f"pushes, {synced:,} hold every endpoint they watch, {result.sessions_lost:,} sessions lost"
         )
     return f"after {elapsed:.0f} s: no answer from the control plane or the load within 15 s"
 
@@ -1070,7 +1285,7 @@ def planned_change(k: int) -> dict[str, Any]:
 async def change_phase(result: SizeResult, m: Mesh, changes: int) -> None:
     """One change at a time: every worker learns what to look for, the owner of
     sidecar 7 makes the change, every worker reports its sidecars' ACK stamps."""
-    cp_cpu, load_cpu, started = cpu_seconds(m.cp.child.pid), load_cpu_seconds(m.load), now()
+    cp_cpu, etcd_cpu_before, load_cpu, started = replica_cpu(m), etcd_cpu(m), load_cpu_seconds(m.load), now()
     cp_core_busy = core_busy_seconds(CP_CORE)
     done = 0
     for k in range(changes):
@@ -1091,10 +1306,14 @@ async def change_phase(result: SizeResult, m: Mesh, changes: int) -> None:
         done += 1
         await trio.sleep(0.3 + random.uniform(0, 0.2))  # spaced apart, past the 100 ms debounce
     elapsed = now() - started
-    result.cp_cpu_per_change_s = (cpu_seconds(m.cp.child.pid) - cp_cpu) / max(done, 1)
+    used = [after - before for before, after in zip(cp_cpu, replica_cpu(m), strict=True)]
+    etcd_used = etcd_cpu(m) - etcd_cpu_before
+    result.replica_cpu_per_change_s = [u / max(done, 1) for u in used]
+    result.cp_cpu_per_change_s = sum(used) / max(done, 1)
+    result.etcd_cpu_per_change_s = etcd_used / max(done, 1)
     result.load_cpu_share = (load_cpu_seconds(m.load) - load_cpu) / elapsed
-    cp_cpu_used = cpu_seconds(m.cp.child.pid) - cp_cpu
-    result.others_on_cp_core = max(0.0, core_busy_seconds(CP_CORE) - cp_core_busy - cp_cpu_used) / elapsed
+    busy = core_busy_seconds(CP_CORE) - cp_core_busy
+    result.others_on_cp_core = max(0.0, busy - sum(used) - etcd_used) / elapsed
 
 
 def record_change(result: SizeResult, k: int, t0: float, reports: list[dict[str, Any]]) -> None:
@@ -1118,21 +1337,30 @@ def record_change(result: SizeResult, k: int, t0: float, reports: list[dict[str,
 
 
 async def final_checks(result: SizeResult, m: Mesh) -> None:
-    result.rss_mb = proc_status_mb(m.cp.child.pid, "VmRSS")
-    result.hwm_mb = proc_status_mb(m.cp.child.pid, "VmHWM")
-    result.cp_histogram = histogram_summary((await api_get(m.api, "/metrics")).text)
-    status = (await api_get(m.api, "/v1/status")).json()
-    sidecars = status["sidecars"]
-    nacked = [s["node"] for s in sidecars if s["last_nack"]]
-    connected = sum(1 for s in sidecars if s["connected"])
-    result.status = {"connected": connected, "pushes_total": status["pushes_total"], **status["registry"]}
+    result.replica_rss_mb = [proc_status_mb(cp.child.pid, "VmRSS") for cp in m.cps]
+    result.replica_hwm_mb = [proc_status_mb(cp.child.pid, "VmHWM") for cp in m.cps]
+    result.rss_mb, result.hwm_mb = max(result.replica_rss_mb), max(result.replica_hwm_mb)
+    if m.etcd is not None:
+        result.etcd_rss_mb = proc_status_mb(m.etcd.child.pid, "VmRSS")
+        result.etcd_hwm_mb = proc_status_mb(m.etcd.child.pid, "VmHWM")
+    result.cp_histogram = histogram_summary([(await api_get(api, "/metrics")).text for api in m.apis])
+    statuses = [(await api_get(api, "/v1/status")).json() for api in m.apis]
+    result.replica_sessions = [sum(1 for s in status["sidecars"] if s["connected"]) for status in statuses]
+    nacked = [s["node"] for status in statuses for s in status["sidecars"] if s["last_nack"]]
+    nacks_total = sum(status["nacks_total"] for status in statuses)
+    connected = sum(result.replica_sessions)
+    pushes_total = sum(status["pushes_total"] for status in statuses)
+    result.status = {"connected": connected, "pushes_total": pushes_total, **statuses[0]["registry"]}
     if connected != result.n + result.extras_connected:
         expected = result.n + result.extras_connected
         result.problems.append(f"/v1/status at the end: {connected} connected, expected {expected}")
-    if status["nacks_total"] or nacked:
-        result.problems.append(f"{status['nacks_total']} NACKs; last_nack set on {nacked[:5]}")
-    if status["registry"]["self_preservation"]:
-        result.problems.append(f"self-preservation on: {status['registry']['self_preservation_reason']}")
+    if nacks_total or nacked:
+        result.problems.append(f"{nacks_total} NACKs; last_nack set on {nacked[:5]}")
+    for status in statuses:
+        if status["registry"]["self_preservation"]:
+            result.problems.append(f"self-preservation on: {status['registry']['self_preservation_reason']}")
+    if m.etcd is not None:
+        result.etcd_probe = await put_watch_latency(m.etcd.url)
 
 
 def log_problems(log: str) -> list[str]:
@@ -1141,13 +1369,15 @@ def log_problems(log: str) -> list[str]:
     return bad[:10] + ([f"... and {len(bad) - 10} more such lines"] if len(bad) > 10 else [])
 
 
-def histogram_summary(metrics: str) -> dict[str, float]:
-    """Count and p50/p99 of ``meshlet_cp_convergence_seconds`` (interpolated within
-    buckets, as Prometheus' histogram_quantile)."""
-    buckets = [
-        (float("inf") if le == "+Inf" else float(le), float(count))
-        for le, count in re.findall(r'^meshlet_cp_convergence_seconds_bucket\{le="([^"]+)"\} (\S+)$', metrics, re.M)
-    ]
+def histogram_summary(metrics: list[str]) -> dict[str, float]:
+    """Count and p50/p99 of ``meshlet_cp_convergence_seconds`` over every replica's
+    /metrics (buckets added up; interpolated within buckets, as Prometheus' histogram_quantile)."""
+    summed: dict[float, float] = {}
+    for text in metrics:
+        for le, count in re.findall(r'^meshlet_cp_convergence_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M):
+            bound = float("inf") if le == "+Inf" else float(le)
+            summed[bound] = summed.get(bound, 0.0) + float(count)
+    buckets = sorted(summed.items())
     total = buckets[-1][1] if buckets else 0.0
     out = {"count": total}
     for q in (50, 99):
@@ -1187,25 +1417,40 @@ class Target:
     value: float
     limit: float
     unit: str
+    digits: int = 2
 
     @property
     def passed(self) -> bool:
         return self.value <= self.limit  # NaN (not measured) fails
 
     def row(self) -> list[str]:
-        value = f"{self.value:.2f} {self.unit}" if self.value == self.value else "not measured"
+        value = f"{self.value:.{self.digits}f} {self.unit}" if self.value == self.value else "not measured"
         return [self.metric, value, f"≤ {self.limit:g} {self.unit}", "PASS" if self.passed else "FAIL"]
 
 
-def build_targets(results: list[SizeResult]) -> list[Target]:
+def build_targets(results: list[SizeResult], replicas: int = 1) -> list[Target]:
     targets = []
     for r in results:
-        limit = next((seconds for up_to, seconds in CONVERGENCE_TARGETS if r.n <= up_to), None)
-        if limit is not None:
+        limits = [s for k, up_to, s in CONVERGENCE_TARGETS if replicas >= k and r.n <= up_to]
+        if limits:
             p99 = percentile(r.all_acked, 99) if not r.incomplete_changes else float("nan")
-            targets.append(Target(f"convergence p99, all {r.n:,} ACKed", p99, limit, "s"))
-        if r.n == RSS_TARGET_AT:
+            targets.append(Target(f"convergence p99, all {r.n:,} ACKed", p99, min(limits), "s"))
+        if replicas == 1 and r.n == RSS_TARGET_AT:
             targets.append(Target(f"control-plane RSS at {r.n:,} connected", r.rss_mb, RSS_TARGET_MB, "MiB"))
+        if replicas > 1:
+            targets += replica_targets(r, replicas)
+    return targets
+
+
+def replica_targets(r: SizeResult, replicas: int) -> list[Target]:
+    """The cold start (all N synced, no session lost) and each replica's RSS."""
+    cold = r.starts[0]  # always the first start
+    targets = [
+        Target(f"cold start of {r.n:,}: all connected and synced", cold.synced_s, COLD_TARGET_S, "s"),
+        Target(f"cold start of {r.n:,}: sessions lost", float(cold.sessions_lost), 0, "sessions", 0),
+    ]
+    rss = r.replica_rss_mb or [float("nan")] * replicas  # not measured: the mesh never got synced
+    targets += [Target(f"replica {j} RSS at {r.n:,} connected", mb, RSS_TARGET_MB, "MiB") for j, mb in enumerate(rss)]
     return targets
 
 
@@ -1220,7 +1465,8 @@ def seconds(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if value == value else "-"
 
 
-def start_table(results: list[SizeResult]) -> TableData:
+def start_table(results: list[SizeResult], replicas: int = 1) -> TableData:
+    split = ["sessions per replica"] if replicas > 1 else []
     headers = [
         "sidecars",
         "start",
@@ -1232,6 +1478,8 @@ def start_table(results: list[SizeResult]) -> TableData:
         "load CPU s",
         "CP peak RSS MiB",
         "GET /v1/status s",
+        "sessions lost",
+        *split,
         "not finished",
     ]
     rows = [
@@ -1246,6 +1494,8 @@ def start_table(results: list[SizeResult]) -> TableData:
             f"{s.load_cpu_s:.1f}",
             f"{s.hwm_mb:.0f}",
             seconds(s.status_s),
+            f"{s.sessions_lost:,}",
+            *([" / ".join(f"{c:,}" for c in s.per_replica) or "-"] if split else []),
             s.progress or "-",
         ]
         for r in results
@@ -1293,6 +1543,52 @@ def steady_table(results: list[SizeResult]) -> TableData:
             ]
         )
     return TableData("Convergence and memory at N connected", headers, rows)
+
+
+def replicas_table(results: list[SizeResult]) -> TableData:
+    """Per replica and for etcd: sessions, CPU, memory (the last start's mesh)."""
+    headers = ["sidecars", "process", "sessions", "start CPU s", "CPU per change s", "RSS MiB", "peak RSS MiB"]
+    rows = []
+    for r in results:
+        start = r.starts[-1]
+        for j, cpu in enumerate(start.replica_cpu_s):
+            rows.append(
+                [
+                    f"{r.n:,}",
+                    f"replica {j}",
+                    f"{r.replica_sessions[j]:,}" if r.replica_sessions else "-",
+                    f"{cpu:.1f}",
+                    seconds(r.replica_cpu_per_change_s[j] if r.replica_cpu_per_change_s else float("nan")),
+                    f"{r.replica_rss_mb[j]:.0f}" if r.replica_rss_mb else "-",
+                    f"{r.replica_hwm_mb[j]:.0f}" if r.replica_hwm_mb else "-",
+                ]
+            )
+        rows.append(
+            [
+                f"{r.n:,}",
+                "etcd",
+                "-",
+                f"{start.etcd_cpu_s:.1f}",
+                seconds(r.etcd_cpu_per_change_s),
+                f"{r.etcd_rss_mb:.0f}" if r.etcd_rss_mb == r.etcd_rss_mb else "-",
+                f"{r.etcd_hwm_mb:.0f}" if r.etcd_hwm_mb == r.etcd_hwm_mb else "-",
+            ]
+        )
+    return TableData("Replicas and etcd", headers, rows)
+
+
+def probe_table(results: list[SizeResult]) -> TableData:
+    """etcd's put→watch latency, through the HTTP gateway, before the sidecars and with N connected."""
+    headers = ["sidecars", "when", "puts", "p50 ms", "p99 ms", "max ms"]
+    rows = []
+    for r in results:
+        probes = [(f"{s.how.split(':')[0]} start: replicas up, no sidecar yet", s.etcd_probe) for s in r.starts]
+        probes.append((f"{r.n:,} connected, after the changes", r.etcd_probe))
+        for when, latencies in probes:
+            ms = [1000 * t for t in latencies]
+            stats = [percentile(ms, 50), percentile(ms, 99), max(ms, default=float("nan"))]
+            rows.append([f"{r.n:,}", when, str(len(ms)), *(seconds(v) for v in stats)])
+    return TableData("etcd put→watch latency (HTTP gateway)", headers, rows)
 
 
 def target_table(targets: list[Target]) -> TableData:
@@ -1350,12 +1646,13 @@ def machine() -> str:
 
 
 def code_fingerprint() -> str:
-    """Which control plane was measured: a hash of control_plane/*.py, and its newest file."""
-    files = sorted((REPO / "control_plane").glob("*.py"))
-    digest = hashlib.sha256(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files)).hexdigest()[:12]
+    """Which control plane was measured: a hash of control_plane/**/*.py, and its newest file."""
+    root = REPO / "control_plane"
+    files = sorted(root.rglob("*.py"))
+    digest = hashlib.sha256(b"".join(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() for f in files))
     newest = max(files, key=lambda f: f.stat().st_mtime)
     when = datetime.fromtimestamp(newest.stat().st_mtime).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    return f"`control_plane/*.py` sha256 {digest} (newest: {newest.name}, {when})"
+    return f"`control_plane/**/*.py` sha256 {digest.hexdigest()[:12]} (newest: {newest.relative_to(root)}, {when})"
 
 
 @dataclass
@@ -1388,13 +1685,14 @@ def render_section(
     interference: str,
     code: str,
 ) -> str:
+    on_cp_core = "control plane" if settings.store == "file" else f"{settings.replicas} replica(s) and etcd"
     pinning = (
-        f"control plane on core {CP_CORE}; load processes and this script on core {LOAD_CORE} (`taskset`)"
+        f"{on_cp_core} on core {CP_CORE}; load processes and this script on core {LOAD_CORE} (`taskset`)"
         if settings.pin
         else "none (the kernel places every process)"
     )
     lines = [
-        SECTION,
+        settings.section,
         "",
         'Written by `benchmarks/cp_scale.py` (`make bench-cp`; see benchmarks/README.md, "Control plane scale").',
         "",
@@ -1413,18 +1711,33 @@ def render_section(
         "all-ACKed: from the change until the last of the N sidecars sent the ACK of the push that carried it; "
         "per-sidecar: every (change, sidecar); CP histogram: `meshlet_cp_convergence_seconds` at the end "
         "(the control plane keeps its last 5,000-10,000 ACKs, of any push)",
-        "",
     ]
+    if settings.store == "etcd":
+        lines += [
+            f"- replicas: {settings.replicas} control planes `--store etcd://...` on one etcd member "
+            f"({etcd_version()}; `{' '.join(ETCD_FLAGS)}`), a fresh etcd for each start. Sidecar i connects to "
+            f"replica i % {settings.replicas}; sidecar 7 (unready/ready) is on replica {FLIPPER % settings.replicas}, "
+            "the extra `svc-7` instances (join/bye) on replica 0. Sessions per replica from each replica's "
+            "`meshlet_cp_connected_sidecars` (start) and /v1/status (end). etcd put→watch: a watch on a scratch "
+            f"prefix and {PROBE_PUTS} sequential puts, from just before a put is sent until its event arrives, "
+            "through the HTTP/JSON gateway the replicas use (httpx from this script, on the load's core)",
+        ]
+    lines.append("")
     lines += [markdown_table(table) for table in tables]
     problems = [f"- N={r.n:,}: {p}" for r in results for p in shown(r.problems)]
     lines += ["### Problems seen", "", *(problems or ["- none"]), ""]
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it); keep everything else."""
+def etcd_version() -> str:
+    first = subprocess.run(["etcd", "--version"], capture_output=True, text=True, check=False).stdout.partition("\n")[0]
+    return first.strip() or "etcd"
+
+
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace this benchmark's section ``title`` of ``path`` (or append it); keep everything else."""
     text = path.read_text() if path.exists() else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^# |^## |\Z)", re.M | re.S)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^# |^## |\Z)", re.M | re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:
@@ -1444,6 +1757,12 @@ class Settings:
     cold_limit: float
     pin: bool
     out: Path
+    replicas: int = 1
+    store: str = "file"  # or etcd: a fresh etcd for each start, the replicas on it
+
+    @property
+    def section(self) -> str:
+        return SECTION if self.replicas == 1 else REPLICAS_SECTION
 
 
 def parse_settings(argv: list[str]) -> Settings:
@@ -1464,6 +1783,10 @@ def parse_settings(argv: list[str]) -> Settings:
         metavar="SECONDS",
         help=f"give the cold start this long to get all N synced, else warm start (default {COLD_LIMIT:g})",
     )
+    parser.add_argument("--replicas", type=int, default=1, metavar="K", help="control-plane replicas (default 1)")
+    parser.add_argument(
+        "--store", choices=("file", "etcd"), help="the control plane's store (default: etcd with --replicas > 1)"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin the control plane and the load to cores")
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="PATH", help=f"results file (default {DEFAULT_OUT})"
@@ -1478,8 +1801,16 @@ def parse_settings(argv: list[str]) -> Settings:
     pin = not args.no_pin and {CP_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
     if not args.no_pin and not pin:
         console.print(f"[yellow]cores {CP_CORE} and {LOAD_CORE} are not both available: not pinning[/yellow]")
+    store = args.store or ("etcd" if args.replicas > 1 else "file")
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if args.replicas > 1 and store != "etcd":
+        parser.error("replicas share their state through etcd: --replicas > 1 needs --store etcd")
+    if store == "etcd" and shutil.which("etcd") is None:
+        parser.error("--store etcd needs etcd on PATH (Debian: apt-get install etcd-server)")
     changes = 8 if args.quick else args.changes
-    return Settings(sizes, changes, args.workers, args.connect_concurrency, args.cold_limit, pin, args.out)
+    settings = (sizes, changes, args.workers, args.connect_concurrency, args.cold_limit, pin, args.out)
+    return Settings(*settings, args.replicas, store)
 
 
 async def run(settings: Settings) -> list[SizeResult]:
@@ -1544,19 +1875,23 @@ def main(argv: list[str]) -> int:
             console.print("[bold red]benchmark failed:[/bold red]", escape(f"{type(exc).__name__}: {exc}"))
             return 1
         raise
-    tables = [start_table(results), steady_table(results), target_table(build_targets(results))]
+    tables = [start_table(results, settings.replicas), steady_table(results)]
+    if settings.store == "etcd":
+        tables += [replicas_table(results), probe_table(results)]
+    tables.append(target_table(build_targets(results, settings.replicas)))
     print_results(tables, results)
     noise = interference.describe()
     console.print(f"[dim]{noise}[/dim]")
     section = render_section(tables, results, settings, started, now() - clock, noise, code)
-    write_section(settings.out, section)
-    announce(f"done in {now() - clock:.0f} s; results in {settings.out} ({SECTION!r})")
+    write_section(settings.out, section, settings.section)
+    announce(f"done in {now() - clock:.0f} s; results in {settings.out} ({settings.section!r})")
     return 0
 
 
 def worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cp_scale.py _worker")
-    for name in ("--port", "--first", "--step", "--total", "--concurrency"):
+    parser.add_argument("--ports", required=True, help="the replicas' push ports, comma-separated")
+    for name in ("--first", "--step", "--total", "--concurrency"):
         parser.add_argument(name, type=int, required=True)
     parser.add_argument("--deadline", type=float, required=True, help="exit after this many seconds, whatever happens")
     parser.add_argument("--join-token-file", type=Path, required=True, help="the control plane's bootstrap token")
