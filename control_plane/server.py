@@ -35,7 +35,7 @@ from .ownership import Burst, Claims, admin_refusal, session_owner
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Certified, Hub, Session, SessionView
 from .push_tls import TLS_HANDSHAKE, PushTLS
-from .registry import Instance, Registry, UnknownInstance
+from .registry import Instance, Registrar, Registry, UnknownInstance
 from .span_tokens import SpanTokens, new_token
 
 log = logging.getLogger("meshlet.cp.server")
@@ -125,8 +125,12 @@ class PushServer:
         store_id: str = "",
         joins: Joins | None = None,
         tls: PushTLS | None = None,
+        registrar: Registrar | None = None,
     ) -> None:
-        self.registry = registry
+        self.registry = registry  # what sidecars are pushed, status and the API read: every replica's instances
+        # Where this server's sessions register: the registry itself, or with replicas
+        # (control_plane/replicas/) a registry of this replica's sessions written through to etcd.
+        self.registrar: Registrar = registry if registrar is None else registrar
         self.store_id = store_id  # told in welcome; sidecars keep policies from another store
         self._conflicts_logged: set[tuple[str, ...]] = set()  # the store conflicts logged, by policies kept
         self.tls = tls  # None: plaintext only
@@ -201,13 +205,13 @@ class PushServer:
         preserving = False
         while True:
             await trio.sleep(EXPIRY_INTERVAL)
-            result = self.registry.expire(trio.current_time())
+            result = self.registrar.expire(trio.current_time())
             if result.removed:
                 log.info("leases expired: %s", ", ".join(result.removed))
             if result.self_preservation != preserving:
                 preserving = result.self_preservation
                 if preserving:
-                    log.warning("self-preservation ON: %s", self.registry.self_preservation_reason)
+                    log.warning("self-preservation ON: %s", self.registrar.self_preservation_reason)
                 else:
                     log.warning("self-preservation OFF: lease expiry resumes")
             self.changed(set(result.changed))
@@ -422,7 +426,7 @@ class PushServer:
             raise InstanceInUse(refusal)
         now = trio.current_time()
         self._check_admin(instance, now)
-        self.changed(self.registry.register(instance, now))
+        self.changed(self.registrar.register(instance, now))
         watches = conn.watches()
         session = Session(
             node=hello.node,
@@ -493,7 +497,7 @@ class PushServer:
         session.closed = True
         self.hub.remove(session)
         try:
-            self.changed(self.registry.disconnected(session.instance_id, trio.current_time()))
+            self.changed(self.registrar.disconnected(session.instance_id, trio.current_time()))
         except UnknownInstance:
             pass  # said bye, or already expired
 
@@ -542,10 +546,10 @@ class PushServer:
             session.write(wire.encode(wire.Cert(issued)))
         elif isinstance(message, wire.Health):
             session.ready = message.ready
-            self.changed(self.registry.set_ready(session.instance_id, message.ready, now))
+            self.changed(self.registrar.set_ready(session.instance_id, message.ready, now))
         elif isinstance(message, wire.Bye):
             log.info("sidecar %s says bye (%s): deregistered", session.node, message.reason)
-            self.changed(self.registry.deregister(session.instance_id))
+            self.changed(self.registrar.deregister(session.instance_id))
             session.closed = True
             self.hub.remove(session)
             session.channel.close()
@@ -556,14 +560,14 @@ class PushServer:
         longer silence), the sidecar is alive again: put its hello's registration back now, not at
         its next reconnect."""
         try:
-            self.registry.renew(session.instance_id, now)
+            self.registrar.renew(session.instance_id, now)
             return
         except UnknownInstance:
             pass
         if session.instance is None:
             return
         instance = dataclasses.replace(session.instance, ready=session.ready)
-        self.changed(self.registry.restore(instance, now))
+        self.changed(self.registrar.restore(instance, now))
         log.warning(
             "sidecar %s (%s/%s): its lease ran out while its channel stayed up (paused?); registration restored",
             session.node,
