@@ -231,6 +231,17 @@ def _kind(key: str) -> str:
     return key.split("/", 1)[0]
 
 
+def file_store_directory(spec: str, data_dir: Path) -> Path | None:
+    """The directory of the file store ``spec`` names (control_plane/store.py's open_store), or
+    None for another store. Its secrets are files in ``data_dir`` all the same, as the control
+    plane keeps them."""
+    if spec == "file":
+        return data_dir
+    if spec.startswith("file:") and spec != "file:":
+        return Path(spec.removeprefix("file:")).expanduser()
+    return None
+
+
 def utc_time(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
