@@ -177,10 +177,9 @@ def check_item_key(key: object) -> str:
     """A store key (control_plane/store.py's rule) of bounded length; a ``ca/`` key names one
     plain file and a ``secrets/`` key a secret this control plane knows. ValueError says why."""
     try:
-        check_key(key)
+        key = check_key(key)
     except TypeError as error:
         raise ValueError(str(error)) from None
-    assert isinstance(key, str)
     if len(key.encode()) > MAX_KEY_BYTES:
         raise ValueError(f"key {key[:40]!r}...: longer than {MAX_KEY_BYTES} bytes")
     if key.startswith(CA_PREFIX) and not _CA_NAME.fullmatch(key.removeprefix(CA_PREFIX)):
@@ -254,7 +253,7 @@ def read_data_dir(data_dir: Path) -> dict[str, bytes]:
     this user's, no symlink; tokens and keys closed to group and others. PrivateFileError if not."""
     found: dict[str, bytes] = {}
     for key in SECRET_FILES:
-        with contextlib.suppress(FileNotFoundError):  # none: nothing to export (an operator's CA)
+        with contextlib.suppress(FileNotFoundError):  # not made yet: nothing to export
             found[key] = _read(data_dir / data_dir_path(key), key, MAX_SECRET_BYTES)
     for name in _ca_names(data_dir / CA_DIRECTORY):
         key = CA_PREFIX + name
@@ -349,7 +348,15 @@ async def import_state(store: Store, state: State, data_dir: Path | None, *, for
     what was written when a write fails part way."""
     if not isinstance(store, Replaceable):
         raise ImportRefused(f"{store.location}: this store cannot be imported into")
-    present = await target_contents(store, data_dir)
+    for key in state.items:  # decode checked them; a State made otherwise is checked here
+        try:
+            check_item_key(key)
+        except ValueError as error:
+            raise ImportRefused(str(error)) from None
+    try:
+        present = await target_contents(store, data_dir)
+    except (OSError, PrivateFileError) as error:
+        raise ImportRefused(f"cannot tell what the target holds: {error}") from None
     if present and not force:
         where = store.location if data_dir is None else f"{store.location} and {data_dir}"
         raise ImportRefused(

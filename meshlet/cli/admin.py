@@ -243,6 +243,8 @@ def _read_input(text: str) -> tuple[bytes, str]:
     from control_plane.state_export import MAX_FILE_BYTES
 
     if text == "-":
+        if sys.stdin.isatty():
+            raise Usage("FILE is -, but stdin is a terminal: pipe the state in, or name the file")
         data, name = sys.stdin.buffer.read(MAX_FILE_BYTES + 1), "stdin"
     else:
         name = text

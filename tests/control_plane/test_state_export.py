@@ -10,6 +10,7 @@ import os
 import random
 import stat
 import time
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import trio
 
 from control_plane import app, ca, state_export, tokens
 from control_plane.state_export import ImportRefused, State, StateFileError, decode, encode, export_state, import_state
-from control_plane.store import FileStore, MemoryStore, StoreLocked, new_store_id
+from control_plane.store import FileStore, MemoryStore, Store, StoreLocked, new_store_id, open_store
 
 STORE_ID = "0123456789abcdef0123456789abcdef"
 ITEMS = {
@@ -266,15 +267,13 @@ async def test_a_file_store_in_use_is_locked(tmp_path: Path) -> None:
     await first.aclose()
 
 
-def _store(directory: Path) -> Any:
-    from control_plane.store import open_store
-
+def _store(directory: Path) -> AbstractAsyncContextManager[Store]:
     return open_store("file", directory)
 
 
-def test_new_ids_are_store_ids() -> None:
-    state_export.check_item_key("policies/current")
-    assert decode(encode(State(new_store_id(), 0, "", {}))).items == {}
+def test_an_empty_state_round_trips() -> None:
+    state = State(new_store_id(), 0, "", {})
+    assert decode(encode(state)) == state
 
 
 async def test_a_store_that_cannot_be_replaced_is_refused() -> None:
@@ -287,3 +286,15 @@ async def test_a_store_that_cannot_be_replaced_is_refused() -> None:
 
     with pytest.raises(ImportRefused, match="a plain store: this store cannot be imported into"):
         await import_state(Plain(), STATE, None, force=False)  # type: ignore[arg-type]
+
+
+async def test_a_target_whose_data_dir_cannot_be_read_is_refused(tmp_path: Path) -> None:
+    target = await FileStore.open(tmp_path / "b")
+    (tmp_path / "b" / "ca").write_bytes(b"a file where the CA directory belongs")
+    with pytest.raises(ImportRefused, match="cannot tell what the target holds"):
+        await import_state(target, STATE, tmp_path / "b", force=True)
+    bad = State(STORE_ID, 1, "", {"ca/../api-token": b"x"})  # not from decode: checked all the same
+    with pytest.raises(ImportRefused, match="a CA file's key is ca/NAME"):
+        await import_state(target, bad, None, force=True)
+    assert await target.items("") == []
+    await target.aclose()
