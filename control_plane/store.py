@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +62,10 @@ def new_store_id() -> str:
 
 class StoreError(Exception):
     """The store cannot be opened or written: the message names the file and what is wrong."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the data directory's lock: a control plane runs on it."""
 
 
 class StoreFull(StoreError):
@@ -104,6 +108,12 @@ def _check_value(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"a store value is bytes (callers encode), not {type(value).__name__}")
     return value
+
+
+def _checked_state(items: Mapping[str, bytes], store_id: str) -> dict[str, bytes]:
+    if not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
+        raise ValueError(f"store id {store_id!r} is not 32 hex digits")
+    return {check_key(key): _check_value(value) for key, value in items.items()}
 
 
 class MemoryStore:
@@ -152,6 +162,16 @@ class MemoryStore:
     async def revision(self) -> int:
         await trio.lowlevel.checkpoint()
         self._check_open()
+        return self._revision
+
+    async def replace_all(self, items: Mapping[str, bytes], store_id: str) -> int:
+        """Make the store hold exactly ``items``, under the id ``store_id`` (another store's,
+        restored by ``meshlet admin import``), in one revision; returns it."""
+        checked = _checked_state(items, store_id)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        self._items, self.id = checked, store_id
+        self._revision += 1
         return self._revision
 
     async def aclose(self) -> None:
@@ -207,6 +227,16 @@ class FileStore(MemoryStore):
             del items[key]
             await self._commit(items, self._revision + 1)
             return True
+
+    async def replace_all(self, items: Mapping[str, bytes], store_id: str) -> int:
+        """As MemoryStore's, in one state write: the old state or the new one, never a mix."""
+        checked = _checked_state(items, store_id)
+        async with self._write_lock:
+            self._check_open()
+            revision = self._revision + 1
+            await trio.to_thread.run_sync(_write_state, self.path, checked, revision, store_id)
+            self._items, self._revision, self.id = checked, revision, store_id
+            return revision
 
     async def aclose(self) -> None:
         if self._closed:
@@ -271,7 +301,7 @@ def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int, str]:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"{lock_path}: the data directory is in use by another store (locked)") from None
+            raise StoreLocked(f"{lock_path}: the data directory is in use by another store (locked)") from None
         for stray in directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):  # a write a crash interrupted
             with contextlib.suppress(OSError):
                 stray.unlink()
