@@ -29,7 +29,8 @@ from .policies import PolicyStore
 from .push_tls import PushTLS
 from .registry import Registry
 from .replicas.cluster import Cluster
-from .replicas.shared_files import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY, share_directory, share_file
+from .replicas.shared_files import share_directory, share_file
+from .state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
 from .store import Store, open_store
@@ -115,6 +116,10 @@ async def run(
                 rotation=rotation,
             )
         async with trio.open_nursery() as nursery:
+            if replica is not None:
+                # The registry, policies and leader as etcd has them, before any sidecar is served.
+                await nursery.start(replica.run)
+                nursery.start_soon(cluster.publish_ca, ca_dir)  # type: ignore[union-attr]
             push_port = await nursery.start(push.serve, *options.listen)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
@@ -127,10 +132,8 @@ async def run(
             binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
             push.api_port, push.api_tls = api_port, config.ssl_enabled
-            if replica is not None:
-                replica.addresses = (advertised(options.listen[0], push_port), advertised(options.api[0], api_port))
-                await nursery.start(replica.run)
-                nursery.start_soon(cluster.publish_ca, ca_dir)  # type: ignore[union-attr]
+            if replica is not None:  # on its card from now on
+                replica.set_addresses(advertised(options.listen[0], push_port), advertised(options.api[0], api_port))
             task_status.started({"push": push_port, "api": api_port})
             print(
                 f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",

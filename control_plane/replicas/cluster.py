@@ -25,7 +25,8 @@ from ..token_records import TokenBook
 from .engine import Replica, replica_id
 from .registrar import Writer, WriteThrough
 from .shared import SharedRegistry
-from .shared_files import CA_PREFIX, publish_directory, stored_directory, write_directory
+from ..state_export import CA_PREFIX
+from .shared_files import publish_directory, stored_directory, write_directory
 
 log = logging.getLogger("meshlet.cp.replicas")
 

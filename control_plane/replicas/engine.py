@@ -91,12 +91,13 @@ class Replica:
         self.lease = 0
         self.leader = ""  # the leader's replica id, as the watch last said ("" while there is none)
         self.revision = 0  # of the last event applied
-        self.addresses = ("", "")  # push and API HOST:PORT, for the card
+        self.addresses = ("", "")  # push and API HOST:PORT, for the card (set_addresses)
         self.lease_error = ""
         self.relists = 0
         self._leader_changed = trio.Event()
+        self._card_due = trio.Event()
         self._dirty: dict[str, trio.Event] = {prefix: trio.Event() for prefix in self.reloaders}
-        self._card_written: tuple[int, int] | None = None  # (lease, sessions) of the card in etcd
+        self._card_written: tuple[int, int, tuple[str, str]] | None = None  # (lease, sessions, addresses) in etcd
         self._watch: Any = None  # the client's Watch while one is open
 
     @property
@@ -179,12 +180,19 @@ class Replica:
     async def _write_card(self) -> None:
         card = self.card()
         await self.etcd.put(self.store.key(REPLICAS + self.id), card.encode(), lease=self.lease)
-        self._card_written = (self.lease, card.sessions)
+        self._card_written = (self.lease, card.sessions, self.addresses)
+
+    def set_addresses(self, push: str, api: str) -> None:
+        """Where sidecars and `meshlet status` reach this replica, once its listeners are bound."""
+        self.addresses = (push, api)
+        self._card_due.set()
 
     async def _cards(self) -> None:
         while True:
-            await trio.sleep(CARD_INTERVAL)
-            if self._card_written != (self.lease, len(self.push.hub.sessions)):
+            with trio.move_on_after(CARD_INTERVAL):
+                await self._card_due.wait()
+            self._card_due = trio.Event()
+            if self._card_written != (self.lease, len(self.push.hub.sessions), self.addresses):
                 try:
                     await self._write_card()
                 except EtcdError as exc:

@@ -22,13 +22,11 @@ import trio
 
 from meshlet.private_files import write_replacing
 
+from ..state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from ..store import Store
 
 log = logging.getLogger("meshlet.cp.replicas")
 
-API_TOKEN_KEY = "secrets/api-token"
-JOIN_TOKEN_KEY = "secrets/join-token"
-CA_PREFIX = "ca/"
 MAX_SHARED_FILE = 1024 * 1024
 PUBLIC_FILES = frozenset({"ca.crt", "next.crt", "authority.json"})  # anyone may read these (0644)
 
