@@ -165,7 +165,7 @@ def test_the_kubernetes_example_fits_together(
 
 
 def _port(service: dict, name: str) -> int:
-    return next(p["port"] for p in service["spec"]["ports"] if p["name"] == name)
+    return int(next(p["port"] for p in service["spec"]["ports"] if p["name"] == name))
 
 
 def test_the_kubernetes_example_runs_two_replicas_on_a_three_member_etcd(monkeypatch: pytest.MonkeyPatch) -> None:

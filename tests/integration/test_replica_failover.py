@@ -26,7 +26,7 @@ from ..helpers import (
     sample,
 )
 from ..origin import Origin
-from .test_control_plane import calls, eventually, learns
+from .test_control_plane import calls, eventually, free_port, learns
 
 
 @dataclass
@@ -50,13 +50,24 @@ class Replicas:
 
 
 @asynccontextmanager
-async def replicas(tmp_path: Path, origin: Origin, a_extra: list[str]) -> AsyncIterator[Replicas]:
-    async with run_control_plane(tmp_path, extra=a_extra) as a:
+async def replicas(
+    tmp_path: Path, origin: Origin, a_extra: list[str], b_extra: tuple[str, ...] = (), a_listen: str = "127.0.0.1:0"
+) -> AsyncIterator[Replicas]:
+    async with run_control_plane(tmp_path, listen=a_listen, extra=a_extra) as a:
         b_dir = tmp_path / "cp-b"  # another store and registry; A's CA and join token
         b_dir.mkdir(mode=0o700)
         shutil.copy2(tmp_path / "cp" / "join-token", b_dir / "join-token")
         shutil.copytree(tmp_path / "cp" / "ca", b_dir / "ca")
-        b_args = ["control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--data-dir", str(b_dir)]
+        b_args = [
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(b_dir),
+            *b_extra,
+        ]
         async with run_meshlet(tmp_path, "control-plane-b", b_args, CONTROL_PLANE_READY) as b:
             push_a, push_b = (f"127.0.0.1:{cp.ports['push']}" for cp in (a, b))
             app = f"127.0.0.1:{origin.port}"
@@ -134,10 +145,13 @@ async def test_a_session_past_its_maximum_age_moves_to_the_next_replica_without_
         assert "item" in await mesh.connected(mesh.a)
 
 
-async def test_a_sidecar_whose_replica_is_killed_moves_to_the_next_within_its_backoff(
+async def test_a_sidecar_whose_replica_is_killed_moves_to_the_next_within_its_backoff_and_back_by_age(
     tmp_path: Path, origin: Origin
 ) -> None:
-    async with replicas(tmp_path, origin, []) as mesh:
+    """Kill -9 A: the sidecar is on B after its first backoff. Restart A: B's maximum age (2 s
+    here, A's the default) sends it back to A, the next address, where it stays."""
+    a_listen = f"127.0.0.1:{free_port()}"
+    async with replicas(tmp_path, origin, [], ("--max-session-age", "2s"), a_listen) as mesh:
         await learns(mesh.user, "item", [mesh.item_a.inbound])
         traffic = Traffic(mesh.user)
         async with trio.open_nursery() as nursery:
@@ -145,12 +159,20 @@ async def test_a_sidecar_whose_replica_is_killed_moves_to_the_next_within_its_ba
             await traffic.served_more(5, "requests served before A dies")
             os.killpg(mesh.a.process.pid, signal.SIGKILL)
 
-            async def moved() -> bool:
+            async def on_b() -> bool:
                 return "user" in await mesh.connected(mesh.b)
 
             # The first reconnect goes to B, after at most the first backoff (0.5 s) and a connect.
-            await eventually(moved, "the user's session on B", timeout=5)
-            await learns(mesh.user, "item", [mesh.item_b.inbound])
+            await eventually(on_b, "the user's session on B", timeout=5)
             await traffic.served_more(20, "requests served once on B")
-            traffic.stopped = True
+
+            async with run_control_plane(tmp_path, listen=a_listen) as again:  # the same store, CA and token
+
+                async def back_on_a() -> bool:
+                    return "user" in await mesh.connected(again)
+
+                await eventually(back_on_a, "the user's session back on the restarted A", timeout=15)
+                await traffic.served_more(20, "requests served once back on A")
+                traffic.stopped = True
         assert set(traffic.statuses) == {200}, traffic.statuses
+        assert await mesh.ended_for_age(mesh.b) >= 1
