@@ -103,6 +103,9 @@ class ControlPlaneClient:
         self._conn: wire.ClientConnection | None = None
         self._waiting: dict[str, trio.Event] = {}  # services looked up, until an answer or the end
         self._draining = False
+        # Set while the sidecar reconnects after a session-age ending (a planned gap of a moment):
+        # a lookup waits for the next session rather than fail. Set when it is up, or failed.
+        self._rejoining: trio.Event | None = None
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
         # The control plane's trace store, once welcome said where (with this session's span token).
@@ -179,6 +182,8 @@ class ControlPlaneClient:
             finally:
                 self.connected = False
                 self._stream = None
+                if not aged:
+                    self._rejoined()  # a reconnect after an ending for age failed (or ended since)
             if aged:
                 delay = BACKOFF_FIRST
                 await trio.sleep(self.rng.uniform(0, AGED_RECONNECT_JITTER))
@@ -239,6 +244,7 @@ class ControlPlaneClient:
                     for message in conn.receive_data(bytes(data)):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
+                            self._rejoined()
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
                                 scheme = "https" if message.api_tls else "http"
@@ -266,6 +272,8 @@ class ControlPlaneClient:
                         elif isinstance(message, wire.Bundle) and self.identity is not None:
                             self.identity.install_bundle(message.bundle)
                         elif isinstance(message, wire.Error):
+                            if message.reason == wire.SESSION_AGE and self._got_push and self._rejoining is None:
+                                self._rejoining = trio.Event()  # from now: lookups wait for the next session
                             raise wire.WireError(message.reason, message.message)
                 nursery.cancel_scope.cancel()
         finally:
@@ -385,6 +393,10 @@ class ControlPlaneClient:
             raise refusal
         if not state.can_watch(service):
             raise MeshError(errors.NO_ROUTE, f"{service!r}: this sidecar already watches {wire.MAX_WATCHED} services")
+        if (conn is None or stream is None or not self.connected) and self._rejoining is not None:
+            with trio.move_on_after(DISCOVERY_TIMEOUT):
+                await self._rejoining.wait()  # reconnecting after an ending for age: a moment
+            conn, stream = self._conn, self._stream
         if conn is None or stream is None or not self.connected:
             state.watched.add(service)  # named in the next hello: it arrives once connected
             raise MeshError(
@@ -411,6 +423,11 @@ class ControlPlaneClient:
         raise state.refusal(service) or MeshError(
             errors.NO_HEALTHY_ENDPOINTS, f"service {service!r}: no answer from the control plane to the lookup"
         )
+
+    def _rejoined(self) -> None:
+        if self._rejoining is not None:
+            self._rejoining.set()
+            self._rejoining = None
 
     def _answer_all(self) -> None:
         waiting, self._waiting = self._waiting, {}
@@ -463,6 +480,7 @@ class ControlPlaneClient:
     async def drain(self) -> None:
         """Deregister before the sidecar stops accepting (docs/architecture.md)."""
         self._draining = True
+        self._rejoined()  # no next session: lookups waiting for one go on now
         if self.health is not None:
             self.health.stop()
         with trio.move_on_after(2):

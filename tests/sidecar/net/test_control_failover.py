@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from meshlet import wire
 from sidecar.net.control import AGED_RECONNECT_JITTER, BACKOFF_FIRST, ControlPlaneClient, InstanceInfo
@@ -33,11 +34,14 @@ class Recorded(random.Random):
 
 @dataclass
 class FakeControlPlane:
-    """Welcomes a sidecar, pushes one endpoint set (unless ``push`` is False), then, if
-    ``end`` is True, tells it its session reached its maximum age and waits for it to close."""
+    """Welcomes a sidecar (once ``hold`` is set, if given), pushes one endpoint set (unless
+    ``push`` is False), then, if ``end`` is True, tells it its session reached its maximum
+    age; answers lookups (``watch``) with one endpoint each until the sidecar closes."""
 
     push: bool
     end: bool
+    hold: trio.Event | None = None
+    hello: trio.Event = field(default_factory=trio.Event)
     sessions: int = 0
     acked: int = 0
     connected: trio.Event = field(default_factory=trio.Event)
@@ -51,20 +55,32 @@ class FakeControlPlane:
             if not data:
                 return
             conn.receive_data(data)
+        self.hello.set()
+        if self.hold is not None:
+            await self.hold.wait()
         conn.choose_version()
         await stream.send_all(conn.accept())
         if self.push:
             resource = wire.Resource("item", wire.content_version(ITEM), ITEM)
             await stream.send_all(conn.push(wire.ENDPOINTS, "v1", (resource,), full=True)[1])
-            while not self.acked:
-                data = await stream.receive_some(65536)
-                self.acked += sum(isinstance(m, wire.Ack) for m in conn.receive_data(data))
+        else:
+            await self._connected(stream)
+        while data := await stream.receive_some(65536):  # until the sidecar closes
+            for message in conn.receive_data(data):
+                if isinstance(message, wire.Ack) and not self.acked:
+                    self.acked += 1
+                    await self._connected(stream)
+                elif isinstance(message, wire.Watch):
+                    found = {name: [wire.endpoint(f"{name}-1", "127.0.0.1:9002")] for name in message.add}
+                    resources = tuple(wire.Resource(n, wire.content_version(b), b) for n, b in found.items())
+                    await stream.send_all(conn.push(wire.ENDPOINTS, "v2", resources)[1])
+        self.closed_by_sidecar.set()
+
+    async def _connected(self, stream: trio.SocketStream) -> None:
+        """The session is up (its first push answered, if any): say so, then end it if told to."""
         self.connected.set()
         if self.end:
             await stream.send_all(wire.encode(wire.Error(wire.SESSION_AGE, "the session reached its maximum age")))
-        while await stream.receive_some(65536):
-            pass  # until the sidecar closes
-        self.closed_by_sidecar.set()
 
 
 async def _client_between(
@@ -117,4 +133,31 @@ async def test_a_session_age_ending_before_any_push_is_a_failure_with_backoff() 
             await b.connected.wait()
         assert rng.bounds == [BACKOFF_FIRST]
         assert wire.SESSION_AGE in client.last_error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lookup_in_the_moment_between_two_sessions_waits_for_the_next() -> None:
+    """An ending for age is planned: a request to a service not looked up yet is not failed
+    for it (503 "the control plane is unreachable"), it waits for the next session."""
+    a = FakeControlPlane(push=True, end=True)
+    b = FakeControlPlane(push=True, end=False, hold=trio.Event())
+    async with trio.open_nursery() as nursery:
+        client = await _client_between(nursery, a, b, Recorded())
+        nursery.start_soon(client.serve)
+        with trio.fail_after(10):
+            await b.hello.wait()  # A ended the session; B holds its welcome back
+        assert not client.connected
+        found = trio.Event()
+
+        async def lookup() -> None:
+            await client.discover("pay")  # MeshError (no-healthy-endpoints) fails the test
+            found.set()
+
+        nursery.start_soon(lookup)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not found.is_set()  # waiting, not failed
+        b.hold.set()  # type: ignore[union-attr]
+        with trio.fail_after(10):
+            await found.wait()
+        assert "pay" in client.config.discovered.endpoints
         nursery.cancel_scope.cancel()
