@@ -29,6 +29,7 @@ from .push_tls import PushTLS
 from .registry import Registry
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
+from .session_age import MAX_SESSION_AGE
 from .store import open_store
 from .token_records import TokenBook
 
@@ -44,6 +45,7 @@ class ControlPlaneOptions:
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
     max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
+    max_session_age: float = MAX_SESSION_AGE  # sidecar sessions end after this (± 10 %); 0: never
     api_tls_cert: Path | None = None  # --api-tls-cert/--api-tls-key: the API over https
     api_tls_key: Path | None = None
     # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
@@ -88,6 +90,7 @@ async def run(
             registry,
             policies=policies,
             max_connections=options.max_connections,
+            max_session_age=options.max_session_age,
             store_id=store.id,
             joins=joins,
             tls=PushTLS(lambda: joins.authority),
