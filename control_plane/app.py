@@ -33,6 +33,7 @@ from .replicas.shared_files import share_directory, share_file
 from .state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
+from .session_age import MAX_SESSION_AGE
 from .store import Store, open_store
 from .token_records import TokenBook
 
@@ -48,6 +49,7 @@ class ControlPlaneOptions:
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
     max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
+    max_session_age: float = MAX_SESSION_AGE  # sidecar sessions end after this (± 10 %); 0: never
     api_tls_cert: Path | None = None  # --api-tls-cert/--api-tls-key: the API over https
     api_tls_key: Path | None = None
     # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
@@ -96,6 +98,7 @@ async def run(
             registry,
             policies=policies,
             max_connections=options.max_connections,
+            max_session_age=options.max_session_age,
             store_id=store.id,
             joins=joins,
             tls=PushTLS(lambda: joins.authority),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import socket
 from typing import Any
 
@@ -36,6 +37,7 @@ from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Certified, Hub, Session, SessionView
 from .push_tls import TLS_HANDSHAKE, PushTLS
 from .registry import Instance, Registrar, Registry, UnknownInstance
+from .session_age import MAX_SESSION_AGE, MaxAge
 from .span_tokens import SpanTokens, new_token
 
 log = logging.getLogger("meshlet.cp.server")
@@ -126,11 +128,15 @@ class PushServer:
         joins: Joins | None = None,
         tls: PushTLS | None = None,
         registrar: Registrar | None = None,
+        max_session_age: float = MAX_SESSION_AGE,
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry  # what sidecars are pushed, status and the API read: every replica's instances
         # Where this server's sessions register: the registry itself, or with replicas
         # (control_plane/replicas/) a registry of this replica's sessions written through to etcd.
         self.registrar: Registrar = registry if registrar is None else registrar
+        # Sessions end after this age (0: never), so sidecars spread again over the replicas.
+        self.max_age = MaxAge(max_session_age, rng or random.Random())
         self.store_id = store_id  # told in welcome; sidecars keep policies from another store
         self._conflicts_logged: set[tuple[str, ...]] = set()  # the store conflicts logged, by policies kept
         self.tls = tls  # None: plaintext only
@@ -444,6 +450,7 @@ class PushServer:
         )
         session.views[POLICIES].foreign(hello.store, self.store_id, self.wanted(POLICIES))
         self.hub.add(session)
+        self.max_age.track(session, now)
         self.claims.hold(session, instance.instance_id, hello.node)
         self.span_tokens.grant(session, span_token, hello.service)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
@@ -602,6 +609,21 @@ class PushServer:
                     self._pings += 1
                     ping = wire.encode(wire.Ping(self._pings))
                 session.write(ping)
+            self._end_aged(now)
+
+    def _end_aged(self, now: float) -> None:
+        """Tell a few sessions past their maximum age to go (the sidecar closes, then reconnects);
+        close those told a while ago that have not. Not a failure: logged at INFO, the
+        registration left to its lease."""
+        for session in self.max_age.overstayed(now):
+            session.channel.close()
+        ended = self.max_age.due(now, len(self.hub.sessions))
+        if not ended:
+            return
+        frame = wire.encode(wire.Error(wire.SESSION_AGE, "the session reached its maximum age: reconnect"))
+        for session in ended:
+            log.info("sidecar %s: session ended after its maximum age; it reconnects", session.node)
+            session.write(frame)
 
 
 def _unhealthy(session: Session, now: float, judged_from: float) -> str:
