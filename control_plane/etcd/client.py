@@ -12,7 +12,6 @@ raised as :class:`EtcdError` with its code (11 compacted: :class:`Compacted`; le
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import AsyncGenerator, Sequence
@@ -260,21 +259,47 @@ def _error(message: str, code: int | None, endpoint: str) -> EtcdError:
 
 
 def _chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
-    # an async generator (typed as an iterator): closed explicitly when a read stops early
+    # an async generator (typed as an iterator), over httpx's own: see _abandon
     return cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+
+
+async def _abandon(response: httpx.Response, chunks: AsyncGenerator[bytes, None] | None) -> None:
+    """Close a response read part way. httpx reads a body through nested async generators, and
+    closing the outer one would leave the inner ones suspended (to be finalized, with a warning,
+    by the garbage collector); closing the connection first and reading once more ends them all
+    with the read's error."""
+    with trio.CancelScope(shield=True):
+        await response.aclose()
+        if chunks is None:
+            return
+        for _ in range(_DRAIN_READS):  # pieces read before the close come first
+            try:
+                await chunks.__anext__()
+            except (StopAsyncIteration, Exception):
+                return
+        await chunks.aclose()
+
+
+_DRAIN_READS = 64
 
 
 async def read_capped(response: httpx.Response, limit: int) -> bytes:
     """The body, or EtcdError past ``limit`` bytes (before reading them all)."""
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
-    async with contextlib.aclosing(_chunks(response)) as body:
-        async for chunk in body:
+    chunks = _chunks(response)
+    done = False
+    try:
+        async for chunk in chunks:
             size += len(chunk)
             if size > limit:
                 raise EtcdError(f"etcd's answer is larger than {limit} bytes: refused")
-            chunks.append(chunk)
-    return b"".join(chunks)
+            parts.append(chunk)
+        done = True
+    finally:
+        if not done:
+            await _abandon(response, chunks)
+    return b"".join(parts)
 
 
 class Watch:
@@ -431,11 +456,8 @@ class Watch:
         response, chunks = self._response, self._chunks
         self._response, self._chunks = None, None
         self._buffer.clear()
-        with trio.CancelScope(shield=True):
-            if chunks is not None:
-                await chunks.aclose()
-            if response is not None:
-                await response.aclose()
+        if response is not None:
+            await _abandon(response, chunks)
 
 
 class _StreamEnded(Exception):

@@ -4,15 +4,32 @@ test_etcd_cluster.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import trio
 
-from control_plane.etcd import Compacted, Etcd, EtcdError, EtcdUnavailable, LeaseNotFound
+from control_plane.etcd import (
+    Compacted,
+    Compare,
+    Etcd,
+    EtcdError,
+    EtcdUnavailable,
+    KeyValue,
+    LeaseNotFound,
+    Op,
+    OpResponse,
+    TxnResult,
+    Watch,
+    WatchBatch,
+    prefix_end,
+)
 from control_plane.etcd import client as client_module
+
+from ..etcd_cluster import EtcdCluster
 
 HDR = {"cluster_id": "1", "member_id": "2", "revision": "7", "raft_term": "2"}
 A, B, C = "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"
@@ -173,3 +190,193 @@ def test_endpoints_are_kept_without_a_trailing_slash() -> None:
         "http://127.0.0.1:2379",
         "https://[::1]:2379",
     )
+
+
+# on a real etcd (one member for the module; each test under a prefix of its own) ---------------
+
+WAIT = 15.0  # the bound on anything awaited from etcd: generous on a loaded machine
+
+
+@pytest.fixture
+async def etcd(etcd1: EtcdCluster) -> AsyncIterator[Etcd]:
+    async with Etcd(etcd1.endpoints) as client:
+        yield client
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> bytes:
+    return f"/test/{request.node.name}/".encode()
+
+
+async def test_put_range_delete(etcd: Etcd, prefix: bytes) -> None:
+    a, b, c = prefix + b"a", prefix + b"b", prefix + b"c\xff\x00"
+    first = await etcd.put(a, b"1")
+    assert await etcd.put(b, b"") == first + 1
+    assert await etcd.put(c, b"\x00\xff") == first + 2
+    assert await etcd.put(a, b"2") == first + 3
+    revision, kvs = await etcd.range(a)
+    assert revision == first + 3
+    assert kvs == [KeyValue(a, b"2", first, first + 3, 2, 0)]
+    _, kvs = await etcd.range_prefix(prefix)
+    assert [(kv.key, kv.value) for kv in kvs] == [(a, b"2"), (b, b""), (c, b"\x00\xff")]
+    _, kvs = await etcd.range_prefix(prefix, keys_only=True, limit=2)
+    assert [(kv.key, kv.value) for kv in kvs] == [(a, b""), (b, b"")]
+    _, kvs = await etcd.range(a, revision=first)  # history
+    assert [kv.value for kv in kvs] == [b"1"]
+    _, kvs = await etcd.range(b, c, serializable=True)
+    assert [kv.key for kv in kvs] == [b]
+    assert await etcd.delete(prefix + b"missing") == (first + 3, 0)  # nothing deleted: no revision
+    assert await etcd.delete(a, prefix_end(prefix)) == (first + 4, 3)
+    assert await etcd.range_prefix(prefix) == (first + 4, [])
+
+
+async def test_txn_create_if_absent(etcd: Etcd, prefix: bytes) -> None:
+    key = prefix + b"leader"
+
+    async def claim(value: bytes) -> TxnResult:
+        return await etcd.txn([Compare.create_revision(key, 0)], [Op.put(key, value)], [Op.range(key)])
+
+    won = await claim(b"a")
+    assert won.succeeded and won.responses == (OpResponse("put"),)
+    lost = await claim(b"b")
+    assert not lost.succeeded and lost.revision == won.revision
+    (response,) = lost.responses
+    assert [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs] == [(key, b"a", won.revision)]
+    # every comparison, and several operations in one revision
+    compares = [
+        Compare.value(key, b"a"),
+        Compare.version(key, 1),
+        Compare.mod_revision(key, won.revision),
+        Compare.create_revision(key, won.revision),
+        Compare.lease(key, 0),
+    ]
+    both = await etcd.txn(compares, [Op.put(prefix + b"x", b"1"), Op.delete(key), Op.range(prefix, prefix_end(prefix))])
+    assert both.succeeded and both.revision == won.revision + 1
+    assert [r.kind for r in both.responses] == ["put", "delete", "range"] and both.responses[1].deleted == 1
+    assert [kv.key for kv in both.responses[2].kvs] == [prefix + b"x"]
+    assert not (await etcd.txn([Compare.value(key, b"a")], [Op.put(key, b"z")])).succeeded  # absent: false
+    with pytest.raises(EtcdError, match="duplicate key") as info:
+        await etcd.txn([], [Op.put(key, b"1"), Op.delete(key)])
+    assert info.value.code == 3
+
+
+async def test_lease_expiry_deletes_the_key(etcd: Etcd, prefix: bytes) -> None:
+    lease = await etcd.grant(2)
+    assert lease.ttl == 2
+    key = prefix + b"instance"
+    revision = await etcd.put(key, b"up", lease=lease.id)
+    _, (kv,) = await etcd.range(key)
+    assert kv.lease == lease.id
+    async with etcd.watch(prefix, revision + 1) as watch:
+        with trio.fail_after(WAIT):  # no keepalive: etcd deletes the key when the lease runs out
+            batch = await _next_events(watch)
+    (event,) = batch.events
+    assert (event.type, event.kv.key, event.prev_kv and event.prev_kv.value) == ("delete", key, b"up")
+    assert (await etcd.range(key))[1] == []
+    with pytest.raises(LeaseNotFound):
+        await etcd.keepalive(lease.id)
+
+
+async def test_keepalive_and_revoke(etcd: Etcd, prefix: bytes) -> None:
+    lease = await etcd.grant(30)
+    assert 0 < await etcd.keepalive(lease.id) <= 30
+    await etcd.put(prefix + b"k", b"v", lease=lease.id)
+    await etcd.revoke(lease.id)
+    assert (await etcd.range(prefix + b"k"))[1] == []  # revoking deletes the lease's keys
+    with pytest.raises(LeaseNotFound, match=f"lease {lease.id:x} not found"):
+        await etcd.keepalive(lease.id)
+    await etcd.revoke(lease.id)  # gone already: not an error
+    with pytest.raises(LeaseNotFound):
+        await etcd.put(prefix + b"k", b"v", lease=lease.id)
+
+
+async def test_a_watch_sees_every_change_once_in_order(etcd: Etcd, prefix: bytes) -> None:
+    start = await etcd.put(prefix + b"a", b"1")
+    await etcd.put(b"/elsewhere/" + prefix, b"not watched")
+    await etcd.txn([], [Op.put(prefix + b"b", b"2"), Op.put(prefix + b"c", b"3")])  # one revision, two events
+    await etcd.put(prefix + b"a", b"4")
+    last = (await etcd.delete(prefix + b"b"))[0]
+    seen: list[tuple[int, str, bytes, bytes | None]] = []
+    async with etcd.watch(prefix, start) as watch:
+        with trio.fail_after(WAIT):
+            while watch.last_revision < last:
+                batch = await _next_events(watch)
+                seen += [(e.kv.mod_revision, e.type, e.kv.key, e.prev_kv and e.prev_kv.value) for e in batch.events]
+                assert batch.revision == watch.last_revision == batch.events[-1].kv.mod_revision
+        assert watch.connected and watch.error == ""
+    p = prefix
+    assert seen == [
+        (start, "put", p + b"a", None),
+        (start + 2, "put", p + b"b", None),
+        (start + 2, "put", p + b"c", None),
+        (start + 3, "put", p + b"a", b"1"),
+        (start + 4, "delete", p + b"b", b"2"),
+    ]
+    assert not watch.connected and watch.error == "closed"
+
+
+async def test_progress_notifications_advance_last_revision(etcd: Etcd, prefix: bytes) -> None:
+    start = await etcd.put(prefix + b"a", b"1")
+    async with etcd.watch(prefix, start + 1) as watch:
+        outside = await etcd.put(b"/elsewhere/" + prefix, b"x")  # etcd moves on; the prefix is idle
+        with trio.fail_after(WAIT):  # the fixtures' etcd notifies every second
+            async for batch in watch:
+                assert batch.events == ()
+                if batch.revision >= outside:
+                    break
+        assert watch.last_revision == batch.revision >= outside
+
+
+async def test_a_watch_below_the_compaction_raises_compacted(etcd: Etcd, prefix: bytes) -> None:
+    start = await etcd.put(prefix + b"a", b"1")
+    now = await etcd.put(prefix + b"a", b"2")
+    await etcd.compact(now)
+    with pytest.raises(Compacted, match="compacted") as info:
+        await etcd.range(prefix + b"a", revision=start)
+    async with etcd.watch(prefix, start) as watch:
+        with pytest.raises(Compacted, match=f"compacted at revision {now}") as info:
+            with trio.fail_after(WAIT):
+                await watch.__anext__()
+    assert info.value.compact_revision == now
+    assert not watch.connected
+    async with etcd.watch(prefix, now) as watch:  # from the compaction on: fine
+        with trio.fail_after(WAIT):
+            batch = await _next_events(watch)
+        assert [e.kv.value for e in batch.events] == [b"2"]
+
+
+async def test_a_watch_is_cancellable_and_leaves_nothing_running(etcd: Etcd, prefix: bytes) -> None:
+    start = await etcd.put(prefix + b"a", b"1")
+    before = _tasks()
+    watch = etcd.watch(prefix, start + 1)
+    with trio.move_on_after(0.5) as scope:  # nothing comes: the iteration is cancelled
+        async for _ in watch:
+            pass
+    assert scope.cancelled_caught
+    await watch.aclose()
+    assert [_ async for _ in watch] == []  # closed: ends
+    assert _tasks() == before  # no task of its own
+
+
+async def test_status_of_one_member(etcd: Etcd, etcd1: EtcdCluster) -> None:
+    (status,) = await etcd.status()
+    assert status.error == "" and status.endpoint == etcd1.endpoints[0]
+    assert status.leader == status.member_id and status.version.startswith("3.")
+    assert status.revision >= 1 and status.raft_term >= 1 and status.db_size > 0
+
+
+def _tasks() -> set[trio.lowlevel.Task]:
+    found, nurseries = set(), list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            found.add(task)
+            nurseries += task.child_nurseries
+    return found
+
+
+async def _next_events(watch: Watch) -> WatchBatch:
+    """The next batch with events (progress notifications skipped)."""
+    async for batch in watch:
+        if batch.events:
+            return batch
+    raise AssertionError(f"the watch ended: {watch.error}")
