@@ -105,10 +105,12 @@ class Etcd:
             raise ValueError(f"timeout {timeout!r} is not a positive number of seconds")
         self.timeout = timeout
         self._current = 0  # the member that last answered
+        self._closed = False
         # One client, its connections kept alive; a watch holds one of them for as long as it runs.
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), transport=transport, trust_env=False)
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._http.aclose()
 
     async def __aenter__(self) -> Etcd:
@@ -204,6 +206,8 @@ class Etcd:
 
     async def _call(self, path: str, body: Json, *, write: bool = False) -> Json:
         """POST to the member that last answered, then to each of the others in turn."""
+        if self._closed:
+            raise trio.ClosedResourceError("the etcd client is closed")
         reasons: list[str] = []
         count = len(self.endpoints)
         for step in range(count):
@@ -403,6 +407,8 @@ class Watch:
     async def _connect(self) -> None:
         if self._delay:
             await trio.sleep(self._delay * (0.5 + self._rng.random() / 2))
+        if self._etcd._closed:
+            raise trio.ClosedResourceError("the etcd client is closed")
         endpoint = self._etcd.endpoints[self._endpoint]
         body = codec.watch_request(self.prefix, self._range_end, self.last_revision + 1, prev_kv=self._prev_kv)
         http = self._etcd._http

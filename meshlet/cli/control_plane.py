@@ -37,8 +37,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     cp.add_argument(
         "--store",
         default="file",
-        metavar="memory|file|file:PATH",
-        help="where applied configuration is kept (default: a file in --data-dir)",
+        metavar="memory|file|file:PATH|etcd://H:P[,H:P...][/PREFIX]",
+        help="where applied configuration is kept (default: a file in --data-dir; etcd: its members, keys under PREFIX, default /meshlet)",
     )
     cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
     cp.add_argument(

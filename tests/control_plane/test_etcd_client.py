@@ -380,3 +380,10 @@ async def _next_events(watch: Watch) -> WatchBatch:
         if batch.events:
             return batch
     raise AssertionError(f"the watch ended: {watch.error}")
+
+
+async def test_a_closed_client_says_so() -> None:
+    etcd = Etcd([A], transport=mock({A: ok()}, []))
+    await etcd.aclose()
+    with pytest.raises(trio.ClosedResourceError, match="the etcd client is closed"):
+        await etcd.range(b"k")
