@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request (to etcd: every store call)
     options = ControlPlaneOptions(
         listen=args.listen,
         api=args.api,
