@@ -38,8 +38,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     cp.add_argument(
         "--store",
         default="file",
-        metavar="memory|file|file:PATH",
-        help="where applied configuration is kept (default: a file in --data-dir)",
+        metavar="memory|file|file:PATH|etcd://H:P[,H:P...][/PREFIX]",
+        help="where applied configuration is kept (default: a file in --data-dir; etcd: its members, keys under PREFIX, default /meshlet)",
     )
     cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
     cp.add_argument(
@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request (to etcd: every store call)
     options = ControlPlaneOptions(
         listen=args.listen,
         api=args.api,
