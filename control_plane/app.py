@@ -6,6 +6,7 @@ import logging
 import random
 import secrets
 import signal
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -27,9 +28,13 @@ from .joins import Joins
 from .policies import PolicyStore
 from .push_tls import PushTLS
 from .registry import Registry
+from .replicas.cluster import Cluster
+from .replicas.shared_files import share_directory, share_file
+from .state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
-from .store import open_store
+from .session_age import MAX_SESSION_AGE
+from .store import Store, open_store
 from .token_records import TokenBook
 
 log = logging.getLogger("meshlet.cp")
@@ -44,6 +49,7 @@ class ControlPlaneOptions:
     ttl: float = 10.0
     policy: Path | None = None  # --policy FILE|DIR: applied at start (GitOps)
     max_connections: int = MAX_CONNECTIONS  # push-channel connections at once
+    max_session_age: float = MAX_SESSION_AGE  # sidecar sessions end after this (± 10 %); 0: never
     api_tls_cert: Path | None = None  # --api-tls-cert/--api-tls-key: the API over https
     api_tls_key: Path | None = None
     # --api-read-token VALUE|@FILE: reads need a token (a secret: kept out of the repr)
@@ -58,7 +64,6 @@ class ControlPlaneOptions:
 async def run(
     options: ControlPlaneOptions, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    registry = Registry(ttl=options.ttl)
     config = Config()
     config.bind = [f"{options.api[0]}:{options.api[1]}"]
     config.accesslog = None
@@ -67,8 +72,12 @@ async def run(
     token, read_token = api_tokens(options)
     allowed_collectors = tuple(parse_allowed(entry) for entry in options.allowed_collectors)
     # The store keeps what must survive a restart (applied policy); the registry is
-    # rebuilt by the sidecars re-registering.
+    # rebuilt by the sidecars re-registering (with replicas on etcd, it is in etcd too).
     async with open_store(options.store, options.data_dir) as store:
+        cluster = Cluster.of(store, options.ttl)
+        if cluster is not None:  # replicas: the tokens and the CA are etcd's, the same for all
+            await share_files(cluster.store, options)
+            token, read_token = api_tokens(options)
         policies = PolicyStore(store, allowed_collectors)
         await policies.load()  # PolicyError: the stored policy no longer validates (the caller says so)
         if options.policy is not None:
@@ -84,25 +93,50 @@ async def run(
             token_path=str((options.data_dir / tokens.JOIN_TOKEN_FILE).absolute()),
             lifetime=options.cert_lifetime,
         )
+        registry = Registry(ttl=options.ttl) if cluster is None else cluster.shared.registry
         push = PushServer(
             registry,
             policies=policies,
             max_connections=options.max_connections,
+            max_session_age=options.max_session_age,
             store_id=store.id,
             joins=joins,
             tls=PushTLS(lambda: joins.authority),
+            registrar=None if cluster is None else cluster.registrar,
         )
-        rotation = Rotation(joins, ca_directory(options), push.bundle_changed)
+        ca_dir = ca_directory(options)
+        on_ca_change = push.bundle_changed if cluster is None else cluster.on_ca_change(push.bundle_changed)
+        rotation = Rotation(joins, ca_dir, on_ca_change)
+        replica = None
+        if cluster is not None:
+            replica = cluster.replica(
+                push,
+                policies=policies,
+                book=book,
+                joins=joins,
+                ca_dir=ca_dir,
+                authority=lambda: open_authority(options),
+                rotation=rotation,
+            )
         async with trio.open_nursery() as nursery:
+            if replica is not None:
+                # The registry, policies and leader as etcd has them, before any sidecar is served.
+                await nursery.start(replica.run)
+                nursery.start_soon(cluster.publish_ca, ca_dir)  # type: ignore[union-attr]
             push_port = await nursery.start(push.serve, *options.listen)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
-            nursery.start_soon(rotation.run)
-            api = build_api(push, token, scraper=scraper, read_token=read_token, tokens=book, rotation=rotation)
+            if replica is None:
+                nursery.start_soon(rotation.run)  # with replicas, the leader's job
+            api = build_api(
+                push, token, scraper=scraper, read_token=read_token, tokens=book, rotation=rotation, replica=replica
+            )
             # Starlette types the ASGI scope as a mapping and hypercorn as TypedDicts: one protocol, two spellings.
             binds = await nursery.start(partial(serve_asgi, api, config))  # type: ignore[arg-type]
             api_port = int(binds[0].rsplit(":", 1)[1])
             push.api_port, push.api_tls = api_port, config.ssl_enabled
+            if replica is not None:  # on its card from now on
+                replica.set_addresses(advertised(options.listen[0], push_port), advertised(options.api[0], api_port))
             task_status.started({"push": push_port, "api": api_port})
             print(
                 f"meshlet control-plane ready push={options.listen[0]}:{push_port} api={options.api[0]}:{api_port}",
@@ -112,7 +146,30 @@ async def run(
                 async for signum in signals:
                     log.info("signal %s: stopping", signal.Signals(signum).name)
                     break
+            if replica is not None:
+                await replica.leave()
             nursery.cancel_scope.cancel()
+
+
+async def share_files(store: Store, options: ControlPlaneOptions) -> None:
+    """Replicas: the API token, the bootstrap join token and our own CA (not an operator's root,
+    which each replica is given) become etcd's copies (control_plane/replicas/shared_files.py)."""
+    api_token(options.data_dir)  # made if missing: offered to etcd if etcd has none
+    await share_file(store, API_TOKEN_KEY, options.data_dir / TOKEN_FILE)
+    bootstrap_join_token(options.data_dir)
+    await share_file(store, JOIN_TOKEN_KEY, options.data_dir / tokens.JOIN_TOKEN_FILE)
+    directory = ca_directory(options)
+    if directory is not None:
+        open_authority(options)  # made at first start: offered to etcd if etcd has none
+        await share_directory(store, CA_PREFIX, directory, ca.CERT_FILE)
+
+
+def advertised(host: str, port: int) -> str:
+    """HOST:PORT other replicas and `meshlet status` reach a listener at: its address, or, bound to
+    every address, this host's name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 CA_DIRECTORY = "ca"

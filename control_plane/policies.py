@@ -17,7 +17,6 @@ Time is passed in (wall-clock seconds, for people to read); nothing here reads a
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from .collectors import collector_problems
 from .store import Store, StoreError
 
 HISTORY_LIMIT = 50
+APPLY_ATTEMPTS = 5  # an apply that loses the race to other replicas' this often gives up
 _CURRENT = "policies/current"
 _HISTORY = "policies/history/"
 
@@ -128,16 +128,21 @@ class PolicyStore:
         changes = diff(self.documents, documents)
         if dry_run or version == self.version:
             return ApplyResult(version, self.version, changes, applied=False)
-        seq = (self.current.seq if self.current else 0) + 1
-        entry = Version(seq, version, now, source, tuple(files))
-        key = f"{_HISTORY}{seq:08d}"
-        await self.store.put(key, _encode(entry))
-        try:
-            await self.store.put(_CURRENT, str(seq).encode())  # the switch: after the entry is durable
-        except StoreError:
-            with contextlib.suppress(StoreError):  # not applied: leave no history entry claiming it was
-                await self.store.delete(key)
-            raise
+        for _ in range(APPLY_ATTEMPTS):
+            seq = (self.current.seq if self.current else 0) + 1
+            entry = Version(seq, version, now, source, tuple(files))
+            expected = None if self.current is None else str(self.current.seq).encode()
+            # The entry and the switch to it in one revision, and only if nobody (another replica)
+            # applied since this one read the current version.
+            puts = {f"{_HISTORY}{seq:08d}": _encode(entry), _CURRENT: str(seq).encode()}
+            if await self.store.swap(_CURRENT, expected, puts) is not None:
+                break
+            await self.load()  # another replica applied meanwhile: this apply goes on top of theirs
+            changes = diff(self.documents, documents)
+            if version == self.version:
+                return ApplyResult(version, self.version, changes, applied=False)
+        else:
+            raise StoreError(f"{self.store.location}: the policy changed {APPLY_ATTEMPTS} times while this apply ran; apply again")
         for key, _ in (await self.store.items(_HISTORY))[:-HISTORY_LIMIT]:
             await self.store.delete(key)
         previous = self.version

@@ -65,6 +65,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 from meshlet.addresses import parse_address
 from meshlet.endpoints import check_protocol
@@ -207,6 +208,31 @@ class RegistryStats:
     self_preservation_reason: str | None
     expired_total: int  # evicted by lease expiry since start (not deregistrations)
     restored_total: int = 0  # registrations put back by a live channel after their lease ran out
+
+
+class Registrar(Protocol):
+    """What the push server's sessions change: a :class:`Registry` itself, or, with replicas on
+    etcd, this replica's sessions written through to the shared registry
+    (control_plane/replicas/registrar.py). The mutators return the services whose ready endpoint
+    set changed in the registry the server pushes from (a write-through registrar returns none:
+    the change comes back from etcd's watch)."""
+
+    @property
+    def self_preservation_reason(self) -> str | None: ...
+
+    def register(self, instance: Instance, now: float) -> set[str]: ...
+
+    def restore(self, instance: Instance, now: float) -> set[str]: ...
+
+    def renew(self, instance_id: str, now: float) -> None: ...
+
+    def set_ready(self, instance_id: str, ready: bool, now: float) -> set[str]: ...
+
+    def disconnected(self, instance_id: str, now: float) -> set[str]: ...
+
+    def deregister(self, instance_id: str) -> set[str]: ...
+
+    def expire(self, now: float) -> ExpiryResult: ...
 
 
 class Registry:

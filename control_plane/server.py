@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import socket
 from typing import Any
 
@@ -35,7 +36,8 @@ from .ownership import Burst, Claims, admin_refusal, session_owner
 from .policies import PolicyStore
 from .push import ANSWER_TIMEOUT, PING_INTERVAL, Certified, Hub, Session, SessionView
 from .push_tls import TLS_HANDSHAKE, PushTLS
-from .registry import Instance, Registry, UnknownInstance
+from .registry import Instance, Registrar, Registry, UnknownInstance
+from .session_age import MAX_SESSION_AGE, MaxAge
 from .span_tokens import SpanTokens, new_token
 
 log = logging.getLogger("meshlet.cp.server")
@@ -125,8 +127,16 @@ class PushServer:
         store_id: str = "",
         joins: Joins | None = None,
         tls: PushTLS | None = None,
+        registrar: Registrar | None = None,
+        max_session_age: float = MAX_SESSION_AGE,
+        rng: random.Random | None = None,
     ) -> None:
-        self.registry = registry
+        self.registry = registry  # what sidecars are pushed, status and the API read: every replica's instances
+        # Where this server's sessions register: the registry itself, or with replicas
+        # (control_plane/replicas/) a registry of this replica's sessions written through to etcd.
+        self.registrar: Registrar = registry if registrar is None else registrar
+        # Sessions end after this age (0: never), so sidecars spread again over the replicas.
+        self.max_age = MaxAge(max_session_age, rng or random.Random())
         self.store_id = store_id  # told in welcome; sidecars keep policies from another store
         self._conflicts_logged: set[tuple[str, ...]] = set()  # the store conflicts logged, by policies kept
         self.tls = tls  # None: plaintext only
@@ -201,13 +211,13 @@ class PushServer:
         preserving = False
         while True:
             await trio.sleep(EXPIRY_INTERVAL)
-            result = self.registry.expire(trio.current_time())
+            result = self.registrar.expire(trio.current_time())
             if result.removed:
                 log.info("leases expired: %s", ", ".join(result.removed))
             if result.self_preservation != preserving:
                 preserving = result.self_preservation
                 if preserving:
-                    log.warning("self-preservation ON: %s", self.registry.self_preservation_reason)
+                    log.warning("self-preservation ON: %s", self.registrar.self_preservation_reason)
                 else:
                     log.warning("self-preservation OFF: lease expiry resumes")
             self.changed(set(result.changed))
@@ -422,7 +432,7 @@ class PushServer:
             raise InstanceInUse(refusal)
         now = trio.current_time()
         self._check_admin(instance, now)
-        self.changed(self.registry.register(instance, now))
+        self.changed(self.registrar.register(instance, now))
         watches = conn.watches()
         session = Session(
             node=hello.node,
@@ -440,6 +450,7 @@ class PushServer:
         )
         session.views[POLICIES].foreign(hello.store, self.store_id, self.wanted(POLICIES))
         self.hub.add(session)
+        self.max_age.track(session, now)
         self.claims.hold(session, instance.instance_id, hello.node)
         self.span_tokens.grant(session, span_token, hello.service)
         log.info("sidecar %s (%s/%s) connected from %s", hello.node, hello.service, instance.instance_id, peer)
@@ -493,7 +504,7 @@ class PushServer:
         session.closed = True
         self.hub.remove(session)
         try:
-            self.changed(self.registry.disconnected(session.instance_id, trio.current_time()))
+            self.changed(self.registrar.disconnected(session.instance_id, trio.current_time()))
         except UnknownInstance:
             pass  # said bye, or already expired
 
@@ -542,10 +553,10 @@ class PushServer:
             session.write(wire.encode(wire.Cert(issued)))
         elif isinstance(message, wire.Health):
             session.ready = message.ready
-            self.changed(self.registry.set_ready(session.instance_id, message.ready, now))
+            self.changed(self.registrar.set_ready(session.instance_id, message.ready, now))
         elif isinstance(message, wire.Bye):
             log.info("sidecar %s says bye (%s): deregistered", session.node, message.reason)
-            self.changed(self.registry.deregister(session.instance_id))
+            self.changed(self.registrar.deregister(session.instance_id))
             session.closed = True
             self.hub.remove(session)
             session.channel.close()
@@ -556,14 +567,14 @@ class PushServer:
         longer silence), the sidecar is alive again: put its hello's registration back now, not at
         its next reconnect."""
         try:
-            self.registry.renew(session.instance_id, now)
+            self.registrar.renew(session.instance_id, now)
             return
         except UnknownInstance:
             pass
         if session.instance is None:
             return
         instance = dataclasses.replace(session.instance, ready=session.ready)
-        self.changed(self.registry.restore(instance, now))
+        self.changed(self.registrar.restore(instance, now))
         log.warning(
             "sidecar %s (%s/%s): its lease ran out while its channel stayed up (paused?); registration restored",
             session.node,
@@ -598,6 +609,21 @@ class PushServer:
                     self._pings += 1
                     ping = wire.encode(wire.Ping(self._pings))
                 session.write(ping)
+            self._end_aged(now)
+
+    def _end_aged(self, now: float) -> None:
+        """Tell a few sessions past their maximum age to go (the sidecar closes, then reconnects);
+        close those told a while ago that have not. Not a failure: logged at INFO, the
+        registration left to its lease."""
+        for session in self.max_age.overstayed(now):
+            session.channel.close()
+        ended = self.max_age.due(now, len(self.hub.sessions))
+        if not ended:
+            return
+        frame = wire.encode(wire.Error(wire.SESSION_AGE, "the session reached its maximum age: reconnect"))
+        for session in ended:
+            log.info("sidecar %s: session ended after its maximum age; it reconnects", session.node)
+            session.write(frame)
 
 
 def _unhealthy(session: Session, now: float, judged_from: float) -> str:

@@ -5,7 +5,9 @@ maps onto it 1:1: ``get`` is a range on one key, ``put`` a put, ``delete`` a del
 ``items(prefix)`` a range from ``prefix`` to ``prefix`` with its last byte + 1, ``revision`` the
 header's revision. Keys are ``/``-separated paths (``policies/route/item``); values are bytes, and
 callers encode them. Revisions follow etcd too: every put makes one (even of an unchanged value), a
-delete only when it removed something, and a store never written to is at revision 0.
+delete only when it removed something, and a store never written to is at revision 0 (a store on
+etcd, control_plane/etcd/store.py, has etcd's revisions: the cluster's, which other keys advance).
+``swap`` changes several keys in one revision if one key holds what the caller expects.
 
 The registry is not stored: sidecars register again when they reconnect to a restarted control plane.
 
@@ -34,7 +36,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
@@ -49,7 +51,7 @@ LOCK_FILE = "lock"
 _TEMP_PREFIX = f".{STATE_FILE}."  # + random + _TEMP_SUFFIX: write_replacing's name for a write in progress
 _TEMP_SUFFIX = ".tmp"
 DIRECTORY_MODE = 0o700  # the state may hold credentials (certificates come later): owner only
-STORE_SPECS = "'memory', 'file' (the data directory) or 'file:PATH'"
+STORE_SPECS = "'memory', 'file' (the data directory), 'file:PATH' or 'etcd://HOST:PORT[,HOST:PORT...][/PREFIX]'"
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 
 log = logging.getLogger("meshlet.cp.store")
@@ -62,6 +64,10 @@ def new_store_id() -> str:
 
 class StoreError(Exception):
     """The store cannot be opened or written: the message names the file and what is wrong."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the data directory's lock: a control plane runs on it."""
 
 
 class StoreFull(StoreError):
@@ -86,6 +92,15 @@ class Store(Protocol):
         """Every (key, value) whose key starts with ``prefix`` (a plain string prefix), by key."""
         ...
 
+    async def swap(
+        self, key: str, expected: bytes | None, puts: Mapping[str, bytes], deletes: Iterable[str] = ()
+    ) -> int | None:
+        """If ``key``'s value is ``expected`` (None: the key is absent), apply every put and delete
+        at once, in one revision, and return the store's revision (a new one if anything changed);
+        else change nothing and return None. What several writers of one store (control-plane
+        replicas on etcd) change together. A key both put and deleted is a ValueError."""
+        ...
+
     async def revision(self) -> int: ...
 
     async def aclose(self) -> None: ...
@@ -104,6 +119,38 @@ def _check_value(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"a store value is bytes (callers encode), not {type(value).__name__}")
     return value
+
+
+def _checked_state(items: Mapping[str, bytes], store_id: str) -> dict[str, bytes]:
+    if not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
+        raise ValueError(f"store id {store_id!r} is not 32 hex digits")
+    return {check_key(key): _check_value(value) for key, value in items.items()}
+
+
+def check_swap(
+    key: str, expected: bytes | None, puts: Mapping[str, bytes], deletes: Iterable[str]
+) -> tuple[dict[str, bytes], list[str]]:
+    """A swap's arguments checked: (the puts, the deletes), each key a path, no key in both."""
+    check_key(key)
+    if expected is not None:
+        _check_value(expected)
+    checked = {check_key(k): _check_value(v) for k, v in puts.items()}
+    removed = [check_key(k) for k in deletes]
+    both = sorted(set(checked) & set(removed))
+    if both:
+        raise ValueError(f"a swap cannot both put and delete {both}")
+    return checked, list(dict.fromkeys(removed))
+
+
+def swapped(items: dict[str, bytes], puts: dict[str, bytes], deletes: list[str]) -> dict[str, bytes] | None:
+    """``items`` after the puts and deletes, or None when they change nothing (no new revision)."""
+    if not puts and not any(k in items for k in deletes):
+        return None
+    after = dict(items)
+    after.update(puts)
+    for key in deletes:
+        after.pop(key, None)
+    return after
 
 
 class MemoryStore:
@@ -149,9 +196,32 @@ class MemoryStore:
         self._check_open()
         return sorted((k, v) for k, v in self._items.items() if k.startswith(prefix))
 
+    async def swap(
+        self, key: str, expected: bytes | None, puts: Mapping[str, bytes], deletes: Iterable[str] = ()
+    ) -> int | None:
+        checked, removed = check_swap(key, expected, puts, deletes)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if self._items.get(key) != expected:
+            return None
+        after = swapped(self._items, checked, removed)
+        if after is not None:
+            self._items, self._revision = after, self._revision + 1
+        return self._revision
+
     async def revision(self) -> int:
         await trio.lowlevel.checkpoint()
         self._check_open()
+        return self._revision
+
+    async def replace_all(self, items: Mapping[str, bytes], store_id: str) -> int:
+        """Make the store hold exactly ``items``, under the id ``store_id`` (another store's,
+        restored by ``meshlet admin import``), in one revision; returns it."""
+        checked = _checked_state(items, store_id)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        self._items, self.id = checked, store_id
+        self._revision += 1
         return self._revision
 
     async def aclose(self) -> None:
@@ -208,6 +278,29 @@ class FileStore(MemoryStore):
             await self._commit(items, self._revision + 1)
             return True
 
+    async def replace_all(self, items: Mapping[str, bytes], store_id: str) -> int:
+        """As MemoryStore's, in one state write: the old state or the new one, never a mix."""
+        checked = _checked_state(items, store_id)
+        async with self._write_lock:
+            self._check_open()
+            revision = self._revision + 1
+            await trio.to_thread.run_sync(_write_state, self.path, checked, revision, store_id)
+            self._items, self._revision, self.id = checked, revision, store_id
+            return revision
+
+    async def swap(
+        self, key: str, expected: bytes | None, puts: Mapping[str, bytes], deletes: Iterable[str] = ()
+    ) -> int | None:
+        checked, removed = check_swap(key, expected, puts, deletes)
+        async with self._write_lock:
+            self._check_open()
+            if self._items.get(key) != expected:
+                return None
+            after = swapped(self._items, checked, removed)
+            if after is None:
+                return self._revision
+            return await self._commit(after, self._revision + 1)  # one state write for all of it
+
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -231,21 +324,70 @@ def open_store(spec: str, data_dir: Path) -> AbstractAsyncContextManager[Store]:
     """The store a spec names, for ``async with`` (closed on exit).
 
     ``memory``; ``file`` (a FileStore in ``data_dir``); ``file:PATH`` (a FileStore in PATH, relative
-    to the working directory, ``~`` expanded). A bad spec raises ``ValueError`` here, at the call, so
-    a command line is checked before anything starts."""
+    to the working directory, ``~`` expanded); ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` (an
+    etcd cluster's members, the keys under PREFIX, ``/meshlet/`` by default). A bad spec raises
+    ``ValueError`` here, at the call, so a command line is checked before anything starts; an etcd
+    that cannot be reached is a ``StoreError`` when the store is opened."""
     if spec == "memory":
         return _opened(None)
     if spec == "file":
         return _opened(Path(data_dir))
     if spec.startswith("file:") and spec != "file:":
         return _opened(Path(spec.removeprefix("file:")).expanduser())
-    hint = " (etcd stores are not available yet)" if spec.startswith("etcd") else ""
-    raise ValueError(f"store {spec!r} is not one of {STORE_SPECS}{hint}")
+    if spec.startswith("etcd://"):
+        endpoints, prefix = parse_etcd_spec(spec)
+        return _opened_etcd(spec, endpoints, prefix)
+    raise ValueError(f"store {spec!r} is not one of {STORE_SPECS}")
+
+
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._-]+)+/?")
+
+
+def parse_etcd_spec(spec: str) -> tuple[list[str], str]:
+    """``etcd://H:P[,H:P...][/PREFIX]`` → (the members' URLs, the key prefix, ending in ``/``)."""
+    members, slash, path = spec.removeprefix("etcd://").partition("/")
+    example = "etcd://127.0.0.1:2379 or etcd://10.0.0.1:2379,10.0.0.2:2379/meshlet"
+    if not members:
+        raise ValueError(f"store {spec!r}: no etcd member: give HOST:PORT[,HOST:PORT...], as in {example}")
+    endpoints = []
+    for member in members.split(","):
+        match = _HOST_PORT.fullmatch(member)
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"store {spec!r}: etcd member {member!r} is not HOST:PORT, as in {example}")
+        endpoints.append(f"http://{member}")
+    prefix = "/" + path if slash else "/meshlet/"
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"store {spec!r}: the key prefix {prefix!r} is not a path like /meshlet or /a/b "
+            f"(letters, digits, '.', '_', '-'), as in {example}"
+        )
+    return endpoints, prefix.rstrip("/") + "/"
 
 
 @asynccontextmanager
 async def _opened(directory: Path | None) -> AsyncIterator[Store]:
     store: Store = MemoryStore() if directory is None else await FileStore.open(directory)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def _opened_etcd(spec: str, endpoints: list[str], prefix: str) -> AsyncIterator[Store]:
+    from .etcd import Etcd  # here: the file store does not load httpx
+    from .etcd.store import EtcdStore
+
+    etcd = Etcd(endpoints)
+    try:
+        store = await EtcdStore.open(etcd, prefix)
+    except BaseException as e:
+        with trio.CancelScope(shield=True):
+            await etcd.aclose()
+        if isinstance(e, StoreError):
+            raise StoreError(f"{e} (is etcd running? {spec})") from e.__cause__
+        raise
     try:
         yield store
     finally:
@@ -271,7 +413,7 @@ def _open_directory(directory: Path) -> tuple[dict[str, bytes], int, int, str]:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"{lock_path}: the data directory is in use by another store (locked)") from None
+            raise StoreLocked(f"{lock_path}: the data directory is in use by another store (locked)") from None
         for stray in directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):  # a write a crash interrupted
             with contextlib.suppress(OSError):
                 stray.unlink()

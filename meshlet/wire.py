@@ -550,6 +550,10 @@ STORE_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # a control plane's are 32 hex d
 # A policies NACK whose message starts with this names, besides rejected resources, the held
 # policies the sidecar keeps because the control plane's store does not have them.
 STORE_CONFLICT = "store-conflict"
+# An ``error`` with this reason is no failure: the control plane ends every session after a
+# maximum age (``--max-session-age``), so that sidecars spread again over its replicas. The
+# sidecar reconnects at once, to the next address it was given.
+SESSION_AGE = "session-age"
 
 
 def _store_id(raw: Mapping[str, Any]) -> str:

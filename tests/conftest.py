@@ -19,7 +19,9 @@ Shared pieces:
                         tests/mesh.py Mesh: ``await mesh.control_plane()``, ``await
                         mesh.sidecar("user", app=...)``, ``await mesh.origin()``,
                         ``await mesh.apply(policy)``; every process stopped at teardown);
-                        pytest-trio's ``nursery`` and pytest's ``tmp_path``
+                        pytest-trio's ``nursery`` and pytest's ``tmp_path``; ``etcd1`` (one
+                        etcd member per module) and ``etcd3`` (three per test), both
+                        tests/etcd_cluster.py clusters
     tests/helpers.py    one meshlet process at a time (``run_sidecar``, ``run_control_plane``,
                         ``run_meshlet``, the synchronous ``sidecar_process``), ``write_static``,
                         ``raw_exchange`` (bytes on a socket), ``sample`` (a Prometheus metric)
@@ -38,12 +40,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from .etcd_cluster import EtcdCluster, running_etcd_cluster
 from .mesh import Mesh, open_mesh
 from .origin import Origin
 
@@ -71,3 +74,17 @@ async def mesh(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Mesh]:
     """A mesh for one test (tests/mesh.py): its processes stopped when the test ends."""
     async with open_mesh(tmp_path, nursery) as mesh:
         yield mesh
+
+
+@pytest.fixture(scope="module")
+def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for a whole test module: each test keeps to a key prefix of its own."""
+    with running_etcd_cluster(tmp_path_factory.mktemp("etcd1"), members=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """Three etcd members for one test (it may kill and restart them)."""
+    with running_etcd_cluster(tmp_path / "etcd3", members=3) as cluster:
+        yield cluster

@@ -83,11 +83,15 @@ def _sidecar_parser() -> object:
 # --- the Kubernetes example -------------------------------------------------------------------
 
 
-def _pod(kind: str, name: str) -> dict:
+def _resource(kind: str, name: str) -> dict:
     for document in yaml.safe_load_all((DOCKER / "kubernetes.yaml").read_text()):
         if document["kind"] == kind and document["metadata"]["name"] == name:
-            return document["spec"]["template"]["spec"]
+            return document
     raise AssertionError(f"no {kind} {name} in docker/kubernetes.yaml")
+
+
+def _pod(kind: str, name: str) -> dict:
+    return _resource(kind, name)["spec"]["template"]["spec"]
 
 
 def test_the_kubernetes_example_passes_the_schema() -> None:
@@ -96,7 +100,7 @@ def test_the_kubernetes_example_passes_the_schema() -> None:
         [validate, "--strict", str(DOCKER / "kubernetes.yaml")], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 3
+    assert result.stdout.count("passed") == 8
 
 
 def _environment(container: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
@@ -158,3 +162,64 @@ def test_the_kubernetes_example_fits_together(
     _environment(control_plane, monkeypatch)
     parsed = cli.build_parser().parse_args(control_plane["args"])
     assert parsed.listen == ("0.0.0.0", 15010)
+
+
+def _port(service: dict, name: str) -> int:
+    return int(next(p["port"] for p in service["spec"]["ports"] if p["name"] == name))
+
+
+def test_the_kubernetes_example_runs_two_replicas_on_a_three_member_etcd(monkeypatch: pytest.MonkeyPatch) -> None:
+    etcd = _resource("StatefulSet", "etcd")
+    members = etcd["spec"]["replicas"]
+    assert members == 3
+    peers = _resource("Service", etcd["spec"]["serviceName"])  # the headless Service of stable pod names
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"]
+    assert peers["spec"]["selector"] == etcd["spec"]["template"]["metadata"]["labels"]
+    domain = peers["metadata"]["name"]
+    names = [f"{etcd['metadata']['name']}-{i}" for i in range(members)]
+    flags = dict(
+        arg.removeprefix("--").split("=", 1) for arg in etcd["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    peer_port = _port(peers, "peer")
+    assert flags["initial-cluster"] == ",".join(f"{n}=http://{n}.{domain}:{peer_port}" for n in names)
+    assert flags["auto-compaction-mode"] == "periodic" and flags["auto-compaction-retention"] == "1h"
+    (claim,) = etcd["spec"]["volumeClaimTemplates"]  # each member's data on its own volume
+    mounts = etcd["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": claim["metadata"]["name"], "mountPath": flags["data-dir"]} in mounts
+
+    deployment = _resource("Deployment", "meshlet-control-plane")
+    assert deployment["spec"]["replicas"] == 2
+    control_plane = deployment["spec"]["template"]["spec"]["containers"][0]
+    _environment(control_plane, monkeypatch)
+    parsed = cli.build_parser().parse_args(control_plane["args"])
+    client_port = _port(peers, "client")
+    assert parsed.store == "etcd://" + ",".join(f"{n}.{domain}:{client_port}" for n in names)  # every member
+    assert parsed.max_session_age == 1800.0
+
+    # Disruptions: etcd keeps its quorum, the control plane a replica.
+    for workload, minimum in ((etcd, members // 2 + 1), (deployment, 1)):
+        budget = _resource("PodDisruptionBudget", workload["metadata"]["name"])["spec"]
+        assert budget["minAvailable"] == minimum
+        assert budget["selector"]["matchLabels"] == workload["spec"]["template"]["metadata"]["labels"]
+
+    # The sidecars dial the control plane's Service, which spreads them over the replicas.
+    service = _resource("Service", "meshlet-control-plane")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    item = _pod("Deployment", "item")
+    sidecar = next(c for c in item["containers"] if c["name"] == "meshlet")
+    _environment(sidecar, monkeypatch)
+    assert (
+        cli.build_parser().parse_args(sidecar["args"]).control_plane
+        == f"meshlet-control-plane:{_port(service, 'push')}"
+    )
+
+    # Requests and limits on every container of ours.
+    ours = [
+        etcd["spec"]["template"]["spec"]["containers"][0],
+        control_plane,
+        sidecar,
+        next(c for c in item["initContainers"] if c["name"] == "meshlet-init"),
+    ]
+    for container in ours:
+        for bound in ("requests", "limits"):
+            assert set(container["resources"][bound]) == {"cpu", "memory"}, (container["name"], bound)

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from ..ca_rotation import Rotation
+from ..replicas.engine import Replica
 from ..scraper import Scraper
 from ..server import PushServer
 from ..token_records import TokenBook
@@ -43,6 +44,7 @@ def build_api(
     read_token: str | None = None,
     tokens: TokenBook | None = None,
     rotation: Rotation | None = None,
+    replica: Replica | None = None,
 ) -> ASGIApp:
     """``token``: what writes (PUT/POST) must carry as ``Authorization: Bearer TOKEN``
     (spans also take a sidecar's span token, control_plane/zipkin.py); a reader who
@@ -52,11 +54,13 @@ def build_api(
     ``scraper``: reads the sidecars' metrics for /v1/stat, /v1/stream and the dashboard.
     ``tokens``: the join-token records ``POST /v1/tokens`` mints into (None: 404).
     ``rotation``: what ``POST /v1/ca/rotate`` rotates, whose state ``GET /v1/ca`` adds (None: the
-    CA is only read; a control plane without a CA answers 404)."""
+    CA is only read; a control plane without a CA answers 404).
+    ``replica``: this control plane's replica on etcd (None: a single control plane), whose
+    replicas, leader and etcd's health /v1/status adds."""
     traces = traces if traces is not None else TraceStore()
     guard = ApiGuard(token, read_token)
     registry = RegistryViews(push.registry)
-    status = StatusView(push)
+    status = StatusView(push, replica)
     policies = PolicyApi(push, guard)
     stat = StatView(scraper)
     dashboard = Dashboard(push, traces, scraper)

@@ -56,6 +56,11 @@ class _Collector:
             push.store_conflicts(),
         )
         yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
+        yield _by_reason(
+            "meshlet_cp_sessions_ended",
+            "Sidecar sessions the control plane ended that were no failure: max-age, after --max-session-age.",
+            {"max-age": push.max_age.ended},
+        )
         refused = CounterMetricFamily(
             "meshlet_cp_connections_refused",
             "Push-channel connections closed at once because a cap was reached.",

@@ -1,6 +1,7 @@
 """/v1/status: every sidecar the control plane talks to (or still holds a lease for), the
 registry's and the push hub's counts, this control plane's version and the policy's mTLS modes
-(what `meshlet check` judges each sidecar by). /live and /ready: the process answers."""
+(what `meshlet check` judges each sidecar by); with replicas on etcd, ``cluster``: the replicas,
+the leader and etcd's members (each replica lists its own sessions: the CLI asks every replica). /live and /ready: the process answers."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from meshlet.schema import Document
 
 from ..ownership import admin_refusal
 from ..push import Session
+from ..replicas.engine import Replica
 from ..server import PushServer
 from .replies import JSON
 
+MEMBERS_TIMEOUT = 2.0  # etcd members that have not answered by then are shown as not answering
+
 
 class StatusView:
-    def __init__(self, push: PushServer) -> None:
+    def __init__(self, push: PushServer, replica: Replica | None = None) -> None:
         self.push = push
+        self.replica = replica
 
     async def status(self, request: Request) -> Response:
         push = self.push
@@ -43,8 +48,17 @@ class StatusView:
                 "nacks_total": push.hub.nacks_total,
                 "store": push.store_id,  # this control plane's store: sidecars holding another's keep its policies
                 "store_conflicts": push.store_conflicts(),
+                **({} if self.replica is None else {"cluster": await cluster_json(self.replica)}),
             }
         )
+
+
+async def cluster_json(replica: Replica) -> JSON:
+    """The replicas, the leader, and each etcd member as it answers."""
+    members: list[JSON] = []
+    with trio.move_on_after(MEMBERS_TIMEOUT):
+        members = await replica.members()
+    return {**replica.status(), "members": members}
 
 
 def mtls_modes(documents: list[Document]) -> JSON:

@@ -29,7 +29,7 @@ def build_parser(*, sidecar_only: bool = False) -> argparse.ArgumentParser:
     defaults_from_environment(sidecar.add_command(choices), os.environ)
     if sidecar_only:
         return parser
-    from . import check, commands, control_plane, wait_ready
+    from . import admin, check, commands, control_plane, wait_ready
 
     # The other role in a container: configured by environment too.
     defaults_from_environment(control_plane.add_command(choices), os.environ)
@@ -39,6 +39,7 @@ def build_parser(*, sidecar_only: bool = False) -> argparse.ArgumentParser:
 
     defaults_from_environment(add_init_iptables(choices), os.environ)
     defaults_from_environment(wait_ready.add_command(choices), os.environ)  # an app container's entrypoint
+    admin.add_command(choices)
 
     demo = choices.add_parser("demo", help="run a local demo mesh on loopback (make demo)")
     demo.add_argument(
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sidecar":
         return sidecar.run(args, parser)
-    from . import check, commands, control_plane, wait_ready
+    from . import admin, check, commands, control_plane, wait_ready
 
     if args.command == "control-plane":
         return control_plane.run(args)
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return check.run(args, commands._token(args))
     if args.command == "wait-ready":
         return wait_ready.run(args)
+    if args.command == "admin":
+        return admin.run(args)
     if args.command == "init-iptables":
         from sidecar.init_iptables import run as run_init_iptables
 

@@ -79,6 +79,7 @@ class ApiClient:
         self._url = api_url(api)
         self._token = token
         self._timeout = timeout
+        self._ca = ca
         headers = {"authorization": f"Bearer {token}"} if token else {}
         import httpx
 
@@ -110,8 +111,15 @@ class ApiClient:
         return endpoints
 
     def status(self) -> JSON:
-        """``sidecars`` (each one's versions, ACKs, last NACK), ``registry`` counts, push totals."""
+        """``sidecars`` (each one's versions, ACKs, last NACK), ``registry`` counts, push totals;
+        with replicas, ``cluster``: the replicas, the leader, etcd's members."""
         return self._json("GET", "/v1/status")
+
+    def sibling(self, api: str) -> ApiClient:
+        """A client for another replica's API (HOST:PORT from its card), with this one's scheme,
+        token and trust."""
+        scheme = self._url.split("://", 1)[0]
+        return ApiClient(f"{scheme}://{api}", self._token, ca=self._ca, timeout=self._timeout)
 
     def ca(self) -> JSON:
         """The certificate authority: ``trust_domain``, ``root`` and the ``bundle``'s roots (each

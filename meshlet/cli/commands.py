@@ -196,14 +196,16 @@ def _get(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def _status(args: argparse.Namespace, api: ApiClient) -> int:
-    data = api.status()
+    data = _every_replica(api.status(), api)
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     console = _console()
+    cluster = data.get("cluster")
     table = Table(
         "SIDECAR",
         "SERVICE",
+        *(["REPLICA"] if cluster else []),
         "CONNECTED",
         "LAST SEEN",
         "READY",
@@ -221,6 +223,7 @@ def _status(args: argparse.Namespace, api: ApiClient) -> int:
         table.add_row(
             s["node"],
             s["service"],
+            *([s.get("replica", "-")] if cluster else []),
             _yes(s["connected"]),
             f"{s['last_seen_s']:.1f}s ago",
             _yes(s["ready"]) if s.get("registered", True) else "[red]not registered[/]",
@@ -243,7 +246,67 @@ def _status(args: argparse.Namespace, api: ApiClient) -> int:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
     console.print(line)
     _store_conflicts(console, data)
+    if cluster:
+        _cluster(console, cluster)
     return 0
+
+
+def _every_replica(data: JSON, api: ApiClient) -> JSON:
+    """With replicas, each lists only its own sessions: ask every other replica too (at the API
+    address on its card), and keep one row per sidecar (the connected one, when a sidecar has just
+    moved)."""
+    cluster = data.get("cluster")
+    if not cluster:
+        return data
+    rows = {s["node"]: {**s, "replica": cluster["id"]} for s in data["sidecars"]}
+    for replica in cluster["replicas"]:
+        if replica["self"]:
+            continue
+        try:
+            with api.sibling(replica["api"]) as other:
+                theirs = other.status()["sidecars"]
+        except ApiError as exc:
+            replica["unreachable"] = str(exc)
+            continue
+        for s in theirs:
+            if s["node"] not in rows or (s["connected"] and not rows[s["node"]]["connected"]):
+                rows[s["node"]] = {**s, "replica": replica["id"]}
+    return {**data, "sidecars": sorted(rows.values(), key=lambda s: s["node"])}
+
+
+def _cluster(console: Console, cluster: JSON) -> None:
+    """The replicas and etcd's members, and what is wrong with either."""
+    replicas = Table("REPLICA", "PUSH", "API", "SESSIONS", "LEADER", "VERSION", "UP SINCE", box=None)
+    for r in cluster["replicas"]:
+        since = datetime.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
+        name = f"{r['id']} (this one)" if r["self"] else r["id"]
+        sessions = str(r["sessions"]) if "unreachable" not in r else f"{r['sessions']} [red](API unreachable)[/]"
+        replicas.add_row(name, r["push"], r["api"], sessions, _yes(r["leader"]), r["version"], since)
+    console.print(replicas)
+    if not cluster["leader"]:
+        console.print("[bold red]no leader[/]: CA rotation and compaction wait for one (etcd unreachable?)")
+    members = Table("ETCD MEMBER", "ENDPOINT", "LEADER", "REVISION", "DB SIZE", "VERSION", "STATUS", box=None)
+    for m in cluster["members"]:
+        members.add_row(
+            m["member_id"] or "-",
+            m["endpoint"],
+            _yes(m["leader"]) if not m["error"] else "-",
+            str(m["revision"]) if not m["error"] else "-",
+            f"{m['db_size'] / 1024:.0f} KiB" if not m["error"] else "-",
+            m["version"] or "-",
+            "[green]ok[/]" if not m["error"] else f"[red]{escape(m['error'])}[/]",
+        )
+    console.print(members)
+    etcd = cluster["etcd"]
+    problems = [
+        f"watch: {etcd['watch_error'] or 'not connected'}" if not etcd["watching"] else "",
+        f"lease: {etcd['lease_error']}" if etcd["lease_error"] else "",
+        f"{etcd['writes_waiting']} registry writes wait: {etcd['write_error']}" if etcd["write_error"] else "",
+    ]
+    for problem in filter(None, problems):
+        console.print(f"[bold red]etcd[/]: {escape(problem)} (sidecars keep what they were pushed until etcd is back)")
+    if cluster["held"]:
+        console.print(f"[bold red]lease-expiry hold[/]: {escape(cluster['held_reason'] or '')}")
 
 
 def _store_conflicts(console: Console, data: JSON) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     cp.add_argument(
         "--store",
         default="file",
-        metavar="memory|file|file:PATH",
-        help="where applied configuration is kept (default: a file in --data-dir)",
+        metavar="memory|file|file:PATH|etcd://H:P[,H:P...][/PREFIX]",
+        help="where applied configuration is kept (default: a file in --data-dir; etcd: its members, keys under PREFIX, default /meshlet)",
     )
     cp.add_argument("--data-dir", type=Path, default=Path(".meshlet-cp"), help="default ./.meshlet-cp")
     cp.add_argument(
@@ -61,6 +62,14 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="at most N push-channel connections at once; more are refused (an 'overloaded' error, then "
         "closed) and counted in meshlet_cp_connections_refused_total (default 10000)",
+    )
+    cp.add_argument(
+        "--max-session-age",
+        type=_session_age,
+        default=1800.0,  # control_plane.session_age.MAX_SESSION_AGE (not imported: keeps the CLI's start fast)
+        metavar="DURATION",
+        help="end each sidecar's session after this age, ± 10 %% (the sidecar reconnects to its next control-plane "
+        "address: load spreads again over replicas); 0 never (default 30m)",
     )
     cp.add_argument(
         "--api-tls-cert",
@@ -92,6 +101,13 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
     _identity_options(cp)
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return cp
+
+
+def _session_age(text: str) -> float:
+    """A duration, or 0: never."""
+    if re.fullmatch(r"0+(\.0*)?(ms|s|m|h)?", text.strip()):
+        return 0.0
+    return _duration(text)
 
 
 def _collector(text: str) -> str:
@@ -146,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request (to etcd: every store call)
     options = ControlPlaneOptions(
         listen=args.listen,
         api=args.api,
@@ -154,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         policy=args.policy,
         max_connections=args.max_connections,
+        max_session_age=args.max_session_age,
         api_tls_cert=args.api_tls_cert,
         api_tls_key=args.api_tls_key,
         api_read_token=args.api_read_token,

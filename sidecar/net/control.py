@@ -3,8 +3,11 @@
 A latest-value cell in linkerd's manner: the request path only reads the snapshot the
 sidecar applied; this task updates it. While the control plane is away the sidecar
 keeps serving its last good configuration and reconnects with jittered exponential
-backoff (0.5 s → 30 s, reset once a push arrives). Every applied configuration is
-persisted, so a sidecar restarted while the control plane is down serves from it.
+backoff (0.5 s → 30 s, reset once a push arrives), to the next of its addresses each
+time. A session the control plane ends after its maximum age (``session-age``) is no
+failure: the sidecar reconnects at once, to the next address (replicas rebalance so).
+Every applied configuration is persisted, so a sidecar restarted while the control
+plane is down serves from it.
 
 This module is the session only: hello, acks and nacks, pings, the readiness the
 registry hears, and lookups of services on first use. What the pushes build is pure
@@ -39,6 +42,7 @@ log = logging.getLogger("meshlet.control")
 
 BACKOFF_FIRST = 0.5  # docs/protocol.md: 0.5 s doubling to 30 s
 BACKOFF_MAX = 30.0
+AGED_RECONNECT_JITTER = 0.1  # after a session-age ending: the control plane spreads those already
 PING_INTERVAL = 5.0  # the control plane's too: a silent peer is dead after 3 of them
 DISCOVERY_TIMEOUT = 5.0  # how long a first request to a new service waits for the control plane
 
@@ -99,6 +103,9 @@ class ControlPlaneClient:
         self._conn: wire.ClientConnection | None = None
         self._waiting: dict[str, trio.Event] = {}  # services looked up, until an answer or the end
         self._draining = False
+        # Set while the sidecar reconnects after a session-age ending (a planned gap of a moment):
+        # a lookup waits for the next session rather than fail. Set when it is up, or failed.
+        self._rejoining: trio.Event | None = None
         self._got_push = False
         self.acked_versions: dict[str, str] = {}  # type → the last version this sidecar accepted
         # The control plane's trace store, once welcome said where (with this session's span token).
@@ -152,16 +159,35 @@ class ControlPlaneClient:
             host, port = self.addresses[attempt % len(self.addresses)]
             attempt += 1
             self._got_push = False
+            aged = False
             try:
                 await self._session(host, port)
             except Exception as exc:  # noqa: BLE001 - whatever ended the session: reconnect
-                self.last_error = f"{host}:{port}: {_describe(exc)}"
-                # A refused join is the operator's to fix: say it loudly (the message says how).
-                level = logging.ERROR if _join_refused(exc) else logging.WARNING
-                log.log(level, "control plane %s:%d: %s", host, port, _describe(exc))
+                # Only a session that delivered counts as aged: a control plane cannot make a
+                # sidecar reconnect in a loop without backoff.
+                aged = _reason(exc) == wire.SESSION_AGE and self._got_push
+                if aged:
+                    after = self.addresses[attempt % len(self.addresses)]
+                    log.info(
+                        "control plane %s:%d ended the session after its maximum age; reconnecting to %s:%d",
+                        host,
+                        port,
+                        *after,
+                    )
+                else:
+                    self.last_error = f"{host}:{port}: {_describe(exc)}"
+                    # A refused join is the operator's to fix: say it loudly (the message says how).
+                    level = logging.ERROR if _join_refused(exc) else logging.WARNING
+                    log.log(level, "control plane %s:%d: %s", host, port, _describe(exc))
             finally:
                 self.connected = False
                 self._stream = None
+                if not aged:
+                    self._rejoined()  # a reconnect after an ending for age failed (or ended since)
+            if aged:
+                delay = BACKOFF_FIRST
+                await trio.sleep(self.rng.uniform(0, AGED_RECONNECT_JITTER))
+                continue
             if self._got_push:
                 delay = BACKOFF_FIRST  # gRFC A57: a stream that delivered is not a failure
             # Full jitter: spread reconnects of many sidecars after a control-plane restart.
@@ -218,6 +244,7 @@ class ControlPlaneClient:
                     for message in conn.receive_data(bytes(data)):
                         if isinstance(message, wire.Welcome):
                             self.connected = True
+                            self._rejoined()
                             if message.api_port:  # its trace store takes our spans (docs/tracing.md)
                                 where = f"[{host}]" if ":" in host else host
                                 scheme = "https" if message.api_tls else "http"
@@ -245,6 +272,8 @@ class ControlPlaneClient:
                         elif isinstance(message, wire.Bundle) and self.identity is not None:
                             self.identity.install_bundle(message.bundle)
                         elif isinstance(message, wire.Error):
+                            if message.reason == wire.SESSION_AGE and self._got_push and self._rejoining is None:
+                                self._rejoining = trio.Event()  # from now: lookups wait for the next session
                             raise wire.WireError(message.reason, message.message)
                 nursery.cancel_scope.cancel()
         finally:
@@ -364,6 +393,10 @@ class ControlPlaneClient:
             raise refusal
         if not state.can_watch(service):
             raise MeshError(errors.NO_ROUTE, f"{service!r}: this sidecar already watches {wire.MAX_WATCHED} services")
+        if (conn is None or stream is None or not self.connected) and self._rejoining is not None:
+            with trio.move_on_after(DISCOVERY_TIMEOUT):
+                await self._rejoining.wait()  # reconnecting after an ending for age: a moment
+            conn, stream = self._conn, self._stream
         if conn is None or stream is None or not self.connected:
             state.watched.add(service)  # named in the next hello: it arrives once connected
             raise MeshError(
@@ -390,6 +423,11 @@ class ControlPlaneClient:
         raise state.refusal(service) or MeshError(
             errors.NO_HEALTHY_ENDPOINTS, f"service {service!r}: no answer from the control plane to the lookup"
         )
+
+    def _rejoined(self) -> None:
+        if self._rejoining is not None:
+            self._rejoining.set()
+            self._rejoining = None
 
     def _answer_all(self) -> None:
         waiting, self._waiting = self._waiting, {}
@@ -442,6 +480,7 @@ class ControlPlaneClient:
     async def drain(self) -> None:
         """Deregister before the sidecar stops accepting (docs/architecture.md)."""
         self._draining = True
+        self._rejoined()  # no next session: lookups waiting for one go on now
         if self.health is not None:
             self.health.stop()
         with trio.move_on_after(2):
@@ -449,9 +488,14 @@ class ControlPlaneClient:
 
 
 def _join_refused(exc: BaseException) -> bool:
+    return _reason(exc) == "join-refused"
+
+
+def _reason(exc: BaseException) -> str:
+    """The reason of the protocol error (or the control plane's ``error``) that ended a session; "" for others."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _join_refused(exc.exceptions[0])
-    return isinstance(exc, wire.WireError) and exc.reason == "join-refused"
+        return _reason(exc.exceptions[0])
+    return exc.reason if isinstance(exc, wire.WireError) else ""
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import tempfile
 import threading
@@ -20,6 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control_plane import store as store_module
+from control_plane.etcd import Etcd, EtcdUnavailable
+from control_plane.etcd.store import EtcdStore
 from control_plane.store import (
     FileStore,
     MemoryStore,
@@ -30,6 +33,8 @@ from control_plane.store import (
     encode_state,
     open_store,
 )
+
+from ..etcd_cluster import EtcdCluster
 
 Factory = Callable[[Path], Awaitable[Store]]
 
@@ -42,12 +47,29 @@ async def _file(directory: Path) -> Store:
     return await FileStore.open(directory / "data")
 
 
+def _etcd(cluster: EtcdCluster) -> Factory:
+    async def open_etcd(directory: Path) -> Store:
+        # a prefix per directory: a new store each time, the same one again for the same directory
+        return await EtcdStore.open(Etcd(cluster.endpoints), f"/test/store/{directory.name}/")
+
+    return open_etcd
+
+
 FACTORIES = {"memory": _memory, "file": _file}
+KINDS = ["etcd", "file", "memory"]
 
 
-@pytest.fixture(params=sorted(FACTORIES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = await FACTORIES[request.param](tmp_path)
+@pytest.fixture(scope="module", params=KINDS)
+def factory(request: pytest.FixtureRequest) -> Factory:
+    """How to open each kind of store (an etcd store on the module's etcd member)."""
+    if request.param == "etcd":
+        return _etcd(request.getfixturevalue("etcd1"))
+    return FACTORIES[request.param]
+
+
+@pytest.fixture
+async def store(factory: Factory, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await factory(tmp_path)
     yield s
     await s.aclose()
 
@@ -56,33 +78,35 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def test_empty_store(store: Store) -> None:
-    assert await store.revision() == 0
+    base = await store.revision()
+    assert base == 0 or isinstance(store, EtcdStore)  # etcd's revisions are the cluster's
     assert await store.get("policies/route/item") is None
     assert await store.items("") == []
     assert await store.delete("policies/route/item") is False
-    assert await store.revision() == 0
+    assert await store.revision() == base
 
 
 async def test_put_get_and_revisions(store: Store) -> None:
-    assert await store.put("policies/route/item", b"v1") == 1
+    base = await store.revision()
+    assert await store.put("policies/route/item", b"v1") == base + 1
     assert await store.get("policies/route/item") == b"v1"
-    assert await store.put("policies/route/cart", b"c1") == 2
-    assert await store.put("policies/route/item", b"v2") == 3  # an overwrite is a new revision
-    assert await store.put("policies/route/item", b"v2") == 4  # so is an unchanged value (as etcd)
+    assert await store.put("policies/route/cart", b"c1") == base + 2
+    assert await store.put("policies/route/item", b"v2") == base + 3  # an overwrite is a new revision
+    assert await store.put("policies/route/item", b"v2") == base + 4  # so is an unchanged value (as etcd)
     assert await store.get("policies/route/item") == b"v2"
-    assert await store.put("empty", b"") == 5
+    assert await store.put("empty", b"") == base + 5
     assert await store.get("empty") == b""  # an empty value is a value, not a missing key
-    assert await store.revision() == 5
+    assert await store.revision() == base + 5
 
 
 async def test_delete(store: Store) -> None:
-    await store.put("services/db", b"x")
+    base = await store.put("services/db", b"x")
     assert await store.delete("services/db") is True
-    assert await store.revision() == 2
+    assert await store.revision() == base + 1
     assert await store.get("services/db") is None
     assert await store.delete("services/db") is False  # nothing removed: no new revision
-    assert await store.revision() == 2
-    assert await store.put("services/db", b"y") == 3
+    assert await store.revision() == base + 1
+    assert await store.put("services/db", b"y") == base + 2
 
 
 async def test_items_by_prefix_sorted_by_key(store: Store) -> None:
@@ -111,16 +135,22 @@ async def test_items_by_prefix_sorted_by_key(store: Store) -> None:
 
 @pytest.mark.parametrize("key", ["", "/policies", "policies/", "policies//item", "/"])
 async def test_bad_keys(store: Store, key: str) -> None:
+    base = await store.revision()
     with pytest.raises(ValueError, match="is not a '/'-separated path"):
         await store.put(key, b"x")
     with pytest.raises(ValueError):
         await store.get(key)
     with pytest.raises(ValueError):
         await store.delete(key)
-    assert await store.revision() == 0
+    with pytest.raises(ValueError):
+        await store.swap(key, None, {})
+    with pytest.raises(ValueError):
+        await store.swap("k", None, {key: b"x"})
+    assert await store.revision() == base
 
 
 async def test_bad_types(store: Store) -> None:
+    base = await store.revision()
     with pytest.raises(TypeError, match="callers encode"):
         await store.put("k", "text")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -129,19 +159,25 @@ async def test_bad_types(store: Store) -> None:
         await store.get(b"k")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         await store.items(None)  # type: ignore[arg-type]
-    assert await store.revision() == 0
+    with pytest.raises(TypeError):
+        await store.swap("k", "text", {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.swap("k", None, {"k": "text"})  # type: ignore[dict-item]
+    assert await store.revision() == base
 
 
 async def test_closed_store(store: Store) -> None:
     await store.put("k", b"v")
     await store.aclose()
     await store.aclose()  # idempotent
-    for call in (store.get("k"), store.put("k", b"w"), store.delete("k"), store.items(""), store.revision()):
+    calls = (store.get("k"), store.put("k", b"w"), store.delete("k"), store.items(""), store.revision())
+    for call in (*calls, store.swap("k", b"v", {"k": b"w"})):
         with pytest.raises(trio.ClosedResourceError):
             await call
 
 
 async def test_concurrent_puts_all_land(store: Store) -> None:
+    base = await store.revision()
     revisions: list[int] = []
 
     async def put(n: int) -> None:
@@ -150,9 +186,48 @@ async def test_concurrent_puts_all_land(store: Store) -> None:
     async with trio.open_nursery() as nursery:
         for n in range(20):
             nursery.start_soon(put, n)
-    assert sorted(revisions) == list(range(1, 21))
+    assert sorted(revisions) == list(range(base + 1, base + 21))
     assert len(await store.items("k/")) == 20
-    assert await store.revision() == 20
+    assert await store.revision() == base + 20
+
+
+async def test_swap(store: Store) -> None:
+    base = await store.revision()
+    # absent expected: creates, several keys in one revision
+    assert await store.swap("leader", None, {"leader": b"a", "policies/x": b"1", "policies/y": b"2"}) == base + 1
+    assert await store.swap("leader", None, {"leader": b"b"}) is None  # present now: nothing changes
+    assert await store.get("leader") == b"a"
+    assert await store.swap("leader", b"b", {"leader": b"c"}) is None  # another value: nothing changes
+    assert await store.revision() == base + 1
+    # puts and deletes together; the compared key need not change
+    assert await store.swap("leader", b"a", {"policies/z": b"3"}, ["policies/x", "policies/missing"]) == base + 2
+    assert await store.items("policies/") == [("policies/y", b"2"), ("policies/z", b"3")]
+    assert await store.swap("leader", b"a", {}, ["policies/missing"]) == base + 2  # nothing to do: same revision
+    assert await store.swap("leader", b"a", {}, ["leader"]) == base + 3
+    assert await store.get("leader") is None
+    assert await store.swap("gone", b"", {"x": b"1"}) is None  # an empty value is not an absent key
+    assert await store.revision() == base + 3
+
+
+async def test_swap_refuses_a_key_both_put_and_deleted(store: Store) -> None:
+    with pytest.raises(ValueError, match=r"cannot both put and delete \['a'\]"):
+        await store.swap("k", None, {"a": b"1"}, ["a"])
+    assert await store.get("a") is None
+
+
+async def test_concurrent_swaps_one_wins(store: Store) -> None:
+    """Ten writers swap the same key from the same value: exactly one applies."""
+    await store.put("version", b"1")
+    results: list[int | None] = []
+
+    async def swap(n: int) -> None:
+        results.append(await store.swap("version", b"1", {"version": b"2", f"by/{n}": b"x"}))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(swap, n)
+    assert sum(r is not None for r in results) == 1
+    assert len(await store.items("by/")) == 1 and await store.get("version") == b"2"
 
 
 _keys = st.sampled_from(["a", "a/b", "a/c", "ab", "b/a", "policies/route/item"])
@@ -160,27 +235,39 @@ _ops = st.lists(
     st.one_of(
         st.tuples(st.just("put"), _keys, st.binary(max_size=8)),
         st.tuples(st.just("delete"), _keys, st.just(b"")),
+        st.tuples(st.just("swap"), _keys, st.sampled_from([b"", b"\x00", b"swapped"])),
     ),
     max_size=15,
 )
 
 
-@pytest.mark.parametrize("kind", sorted(FACTORIES))
 @settings(max_examples=40, deadline=None)
 @given(ops=_ops, prefix=st.sampled_from(["", "a", "a/", "b", "policies/"]))
-def test_matches_a_dict_model(kind: str, ops: list[tuple[str, str, bytes]], prefix: str) -> None:
-    """Random puts and deletes against a dict and an etcd-like revision; a FileStore reopened after
-    them holds the same."""
+def test_matches_a_dict_model(factory: Factory, ops: list[tuple[str, str, bytes]], prefix: str) -> None:
+    """Random puts, deletes and swaps against a dict and an etcd-like revision; a store opened
+    again after them holds the same."""
 
     async def main(directory: Path) -> None:
         model: dict[str, bytes] = {}
-        revision = 0
-        s = await FACTORIES[kind](directory)
+        s = await factory(directory)
+        revision = await s.revision()
         for op, key, value in ops:
             if op == "put":
                 revision += 1
                 model[key] = value
                 assert await s.put(key, value) == revision
+            elif op == "swap":  # expects the value the op carries (b"": absent), puts one key, deletes another
+                expected = value or None
+                other = "a/b" if key != "a/b" else "a/c"
+                puts = {key: b"swapped"} if expected else {}
+                result = await s.swap(key, expected, puts, [other])
+                if model.get(key) == expected:
+                    revision += bool(puts) or other in model  # nothing changed: no new revision
+                    model.update(puts)
+                    model.pop(other, None)
+                    assert result == revision
+                else:
+                    assert result is None
             else:
                 existed = model.pop(key, None) is not None
                 revision += existed
@@ -190,10 +277,11 @@ def test_matches_a_dict_model(kind: str, ops: list[tuple[str, str, bytes]], pref
         assert await s.items(prefix) == expected
         assert await s.revision() == revision
         await s.aclose()
-        if kind == "file":
-            again = await FACTORIES[kind](directory)
+        if not isinstance(s, MemoryStore) or isinstance(s, FileStore):
+            again = await factory(directory)
             assert await again.items("") == sorted(model.items())
-            assert await again.revision() == revision
+            assert await again.revision() >= revision  # etcd's: the id's store may have moved on
+            assert again.id == s.id
             await again.aclose()
 
     with tempfile.TemporaryDirectory() as directory:
@@ -500,13 +588,134 @@ async def test_open_store_file_at_a_path(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize(
-    "spec",
-    ["", "mem", "Memory", "memory:", "file:", "files", "etcd://127.0.0.1:2379", "sqlite:x.db", " memory"],
+    "spec", ["", "mem", "Memory", "memory:", "file:", "files", "etcd:127.0.0.1:2379", "sqlite:x.db", " memory"]
 )
 def test_open_store_rejects_unknown_specs(tmp_path: Path, spec: str) -> None:
     with pytest.raises(ValueError) as info:
         open_store(spec, tmp_path)  # at the call: a command line is checked before anything starts
-    message = str(info.value)
-    assert message.startswith(f"store {spec!r} is not one of 'memory', 'file' (the data directory) or 'file:PATH'")
-    assert ("etcd stores are not available yet" in message) is spec.startswith("etcd")
+    assert str(info.value) == (
+        f"store {spec!r} is not one of 'memory', 'file' (the data directory), 'file:PATH' "
+        "or 'etcd://HOST:PORT[,HOST:PORT...][/PREFIX]'"
+    )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "spec, endpoints, prefix",
+    [
+        ("etcd://127.0.0.1:2379", ["http://127.0.0.1:2379"], "/meshlet/"),
+        ("etcd://a:1,b.example:2,[::1]:3", ["http://a:1", "http://b.example:2", "http://[::1]:3"], "/meshlet/"),
+        ("etcd://h:2379/mesh", ["http://h:2379"], "/mesh/"),
+        ("etcd://h:2379/a/b_c.d-e/", ["http://h:2379"], "/a/b_c.d-e/"),
+    ],
+)
+def test_etcd_specs(spec: str, endpoints: list[str], prefix: str) -> None:
+    assert store_module.parse_etcd_spec(spec) == (endpoints, prefix)
+
+
+@pytest.mark.parametrize(
+    "spec, what",
+    [
+        ("etcd://", "no etcd member: give HOST:PORT[,HOST:PORT...]"),
+        ("etcd:///meshlet", "no etcd member"),
+        ("etcd://h", "etcd member 'h' is not HOST:PORT"),
+        ("etcd://h:", "etcd member 'h:' is not HOST:PORT"),
+        ("etcd://h:0", "etcd member 'h:0' is not HOST:PORT"),
+        ("etcd://h:65536", "etcd member 'h:65536' is not HOST:PORT"),
+        ("etcd://h:1,,g:2", "etcd member '' is not HOST:PORT"),
+        ("etcd://h:1,", "etcd member '' is not HOST:PORT"),
+        ("etcd://http://h:1", "etcd member 'http:' is not HOST:PORT"),
+        ("etcd://h:1/", "the key prefix '/' is not a path like /meshlet or /a/b"),
+        ("etcd://h:1//a", "the key prefix '//a' is not a path"),
+        ("etcd://h:1/a//b", "the key prefix '/a//b' is not a path"),
+        ("etcd://h:1/a b", "the key prefix '/a b' is not a path"),
+    ],
+)
+def test_bad_etcd_specs(tmp_path: Path, spec: str, what: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(spec, tmp_path)
+    assert str(info.value).startswith(f"store {spec!r}: {what}")
+    assert "as in etcd://127.0.0.1:2379" in str(info.value)  # the fix: what a good one looks like
+
+
+# EtcdStore ----------------------------------------------------------------------------------
+
+
+async def test_open_store_etcd(etcd1: EtcdCluster, tmp_path: Path) -> None:
+    spec = "etcd://" + ",".join(e.removeprefix("http://") for e in etcd1.endpoints) + "/test/open"
+    async with open_store(spec, tmp_path) as s:
+        assert isinstance(s, EtcdStore)
+        assert s.location == f"etcd {etcd1.endpoints[0]} prefix /test/open/"
+        revision = await s.put("policies/route/item", b"v")
+        first_id = s.id
+    with pytest.raises(trio.ClosedResourceError):
+        await s.get("policies/route/item")
+    async with Etcd(etcd1.endpoints) as etcd:  # the layout: the prefix, then the path
+        _, kvs = await etcd.range_prefix(b"/test/open/")
+    assert [(kv.key, kv.value) for kv in kvs] == [
+        (b"/test/open/policies/route/item", b"v"),
+        (b"/test/open/store-id", first_id.encode()),
+    ]
+    async with open_store(spec, tmp_path) as s:  # the same store again
+        assert s.id == first_id and await s.get("policies/route/item") == b"v"
+        assert await s.revision() >= revision
+    assert list(tmp_path.iterdir()) == []  # nothing in the data directory
+
+
+async def test_two_stores_opening_one_empty_prefix_agree_on_the_id(etcd1: EtcdCluster) -> None:
+    stores: list[EtcdStore] = []
+
+    async def open_one() -> None:
+        stores.append(await EtcdStore.open(Etcd(etcd1.endpoints), "/test/agree/"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(open_one)
+    assert len({s.id for s in stores}) == 1 and re.fullmatch("[0-9a-f]{32}", stores[0].id)
+    other = await EtcdStore.open(Etcd(etcd1.endpoints), "/test/agree-not/")
+    assert other.id != stores[0].id  # another prefix, another store
+    for s in [*stores, other]:
+        await s.aclose()
+
+
+async def test_the_store_id_key_is_reserved_and_checked(etcd1: EtcdCluster) -> None:
+    s = await EtcdStore.open(Etcd(etcd1.endpoints), "/test/reserved/")
+    assert s.key("policies/a") == b"/test/reserved/policies/a" and s.path(b"/test/reserved/policies/a") == "policies/a"
+    with pytest.raises(ValueError, match="is reserved"):
+        await s.put("store-id", b"x")
+    assert await s.items("") == []  # the id is no item
+    await s.etcd.put(b"/test/reserved/store-id", b"not an id")
+    with pytest.raises(StoreError, match=r"the store id at '/test/reserved/store-id' is b'not an id', not 32 hex"):
+        await EtcdStore.open(Etcd(etcd1.endpoints), "/test/reserved/")
+    await s.etcd.put(b"/test/reserved/x//y", b"another program's")
+    with pytest.raises(StoreError, match="is not a store path"):
+        await s.items("")
+    await s.aclose()
+
+
+async def test_etcd_down(tmp_path: Path) -> None:
+    with socket.socket() as a, socket.socket() as b:  # two ports nothing listens on
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = a.getsockname()[1], b.getsockname()[1]
+        spec = f"etcd://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+        with pytest.raises(StoreError) as info:
+            async with open_store(spec, tmp_path):
+                pass
+    message = str(info.value)
+    assert message.startswith(f"etcd http://127.0.0.1:{ports[0]},http://127.0.0.1:{ports[1]} prefix /meshlet/: ")
+    assert message.count("cannot connect") == 2  # every member, and why
+    assert message.endswith(f"(is etcd running? {spec})")
+
+
+async def test_an_etcd_failure_is_a_store_error() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        s = EtcdStore(Etcd([endpoint]), "/test/failure/", "0" * 32)  # as if etcd went away after the open
+        for call in (s.get("k"), s.put("k", b"v"), s.delete("k"), s.items(), s.swap("k", None, {}), s.revision()):
+            with pytest.raises(StoreError) as info:
+                await call
+            assert str(info.value).startswith(f"etcd {endpoint} prefix /test/failure/: etcd is unavailable: ")
+            assert isinstance(info.value.__cause__, EtcdUnavailable)
+    await s.aclose()

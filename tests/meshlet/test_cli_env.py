@@ -166,3 +166,29 @@ def test_the_control_plane_lease_is_a_duration(
         parse(monkeypatch, {}, ["control-plane", "--ttl", "0"])  # float() took it: every lease expired at once
     assert exit_.value.code == 2
     assert "argument --ttl: '0' must be greater than 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, 1800.0),  # 30 min
+        (["--max-session-age", "2s"], {}, 2.0),
+        (["--max-session-age", "0"], {}, 0.0),  # never
+        (["--max-session-age", "0s"], {}, 0.0),
+        ([], {"MESHLET_MAX_SESSION_AGE": "1h"}, 3600.0),
+    ],
+)
+def test_the_maximum_session_age_is_a_duration_or_zero(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str], expected: float
+) -> None:
+    assert parse(monkeypatch, env, ["control-plane", *argv]).max_session_age == expected
+
+
+@pytest.mark.parametrize("value", ["-1s", "soon", "1e400"])
+def test_a_bad_maximum_session_age_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(monkeypatch, {}, ["control-plane", f"--max-session-age={value}"])
+    assert exit_.value.code == 2
+    assert "argument --max-session-age: " in capsys.readouterr().err

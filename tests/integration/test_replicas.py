@@ -1,0 +1,294 @@
+"""Control-plane replicas on a real etcd: real processes (etcd, two control planes, sidecars, apps).
+
+Each test keeps to a key prefix of its own on the module's etcd (``etcd1``), or has three members of
+its own (``etcd3``) when it kills some."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from ..etcd_cluster import EtcdCluster
+from ..helpers import CONTROL_PLANE_READY, SidecarProcess, run_meshlet, run_sidecar
+from ..origin import Origin
+
+TTL = "3s"  # short leases: a dead replica's instances and its leadership go within seconds
+BOUND = 30.0  # every wait on a condition is bounded by this
+
+ROUTE = """
+kind: Route
+name: item
+service: item
+rules:
+  - match: {path: {prefix: /}}
+    retries: {attempts: 2}
+"""
+
+
+def store_of(etcd: EtcdCluster, tmp_path: Path, members: list[str] | None = None) -> str:
+    """An etcd store spec with a prefix of this test's own."""
+    urls = [m.client_url for m in etcd.members if members is None or m.name in members]
+    hosts = ",".join(url.removeprefix("http://") for url in urls)
+    return f"etcd://{hosts}/{re.sub(r'[^a-z0-9]', '', tmp_path.name.lower())[-40:]}"
+
+
+class Replica:
+    def __init__(self, process: SidecarProcess, data_dir: Path) -> None:
+        self.process = process
+        self.data_dir = data_dir
+
+    @property
+    def push(self) -> str:
+        return f"127.0.0.1:{self.process.ports['push']}"
+
+    @property
+    def api(self) -> str:
+        return f"127.0.0.1:{self.process.ports['api']}"
+
+    def token(self) -> str:
+        return (self.data_dir / "api-token").read_text().strip()
+
+    async def get(self, path: str) -> Any:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(f"http://{self.api}{path}", headers={"authorization": f"Bearer {self.token()}"})
+            response.raise_for_status()
+            return response.json()
+
+    async def status(self) -> Any:
+        return await self.get("/v1/status")
+
+
+@asynccontextmanager
+async def replica(tmp_path: Path, name: str, store: str, extra: list[str] | None = None) -> AsyncIterator[Replica]:
+    data_dir = tmp_path / name
+    args = ["control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--data-dir", str(data_dir)]
+    args += ["--store", store, "--ttl", TTL, *(extra or [])]
+    async with run_meshlet(tmp_path, name, args, CONTROL_PLANE_READY) as process:
+        yield Replica(process, data_dir)
+
+
+async def eventually(what: str, check: Callable[[], Awaitable[bool]], bound: float = BOUND) -> None:
+    """Wait until ``check`` holds, polling; fail naming ``what`` after ``bound`` seconds."""
+    with trio.move_on_after(bound):
+        while True:
+            try:
+                if await check():
+                    return
+            except (httpx.HTTPError, KeyError):
+                pass
+            await trio.sleep(0.1)
+    pytest.fail(f"not within {bound:g} s: {what}")
+
+
+def sidecar(tmp_path: Path, service: str, app: str, control_planes: list[Replica], first: Replica) -> Any:
+    token = f"@{first.data_dir / 'join-token'}"
+    push = ",".join(r.push for r in control_planes)
+    return run_sidecar(tmp_path, service=service, app=app, control_plane=push, join_token=token)
+
+
+async def call(user: SidecarProcess, path: str = "/") -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"http://{user.outbound}{path}", headers={"host": "item"})
+        return response.status_code
+
+
+def sidecars_of(status: Any) -> dict[str, Any]:
+    return {s["service"]: s for s in status["sidecars"] if s["connected"]}
+
+
+async def test_two_replicas_serve_one_mesh(etcd1: EtcdCluster, tmp_path: Path, nursery: trio.Nursery) -> None:
+    store = store_of(etcd1, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        # One copy of the tokens for both: the first to start made them, the other took them.
+        assert a.token() == b.token()
+        assert (a.data_dir / "join-token").read_bytes() == (b.data_dir / "join-token").read_bytes()
+        assert (a.data_dir / "ca" / "ca.crt").read_bytes() == (b.data_dir / "ca" / "ca.crt").read_bytes()
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a], a))
+        user = await stack.enter_async_context(sidecar(tmp_path, "user", "127.0.0.1:1", [b], a))
+
+        # item registered on A, called through a sidecar of B: B learnt it from etcd.
+        async def routed() -> bool:
+            return await call(user) == 200
+
+        await eventually("user (on cp-b) reaches item (on cp-a)", routed)
+        status = await a.status()
+        cluster = status["cluster"]
+        assert sorted(r["id"] for r in cluster["replicas"]) == sorted([cluster["id"], (await b.status())["cluster"]["id"]])
+        assert cluster["leader"] in {r["id"] for r in cluster["replicas"]}
+        assert [m["error"] for m in cluster["members"]] == [""]
+        assert status["store"] == (await b.status())["store"]
+
+        # A policy applied on A reaches the sidecar on B.
+        policy = tmp_path / "route.yaml"
+        policy.write_text(ROUTE)
+        command = [sys.executable, "-m", "meshlet", "apply", "-f", str(policy), "--api", a.api]
+        command += ["--token-file", str(a.data_dir / "api-token")]
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        assert result.returncode == 0, result.stderr.decode()
+        version = (await a.get("/v1/policies"))["version"]
+
+        async def converged() -> bool:
+            held = sidecars_of(await b.status())["user"]
+            return bool(held["acked"].get("policies") == held["versions"].get("policies") != "" and version)
+
+        await eventually("the policy applied on cp-a is ACKed by the sidecar on cp-b", converged)
+        assert (await b.get("/v1/policies"))["version"] == version
+
+
+async def test_a_killed_replicas_sidecars_move_and_nothing_is_lost(
+    etcd1: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = store_of(etcd1, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a, b], a))
+        user = await stack.enter_async_context(sidecar(tmp_path, "user", "127.0.0.1:1", [b], a))
+
+        async def routed() -> bool:
+            return await call(user) == 200
+
+        await eventually("user reaches item", routed)
+        b_id = (await b.status())["cluster"]["id"]
+        failures: list[str] = []
+        requests = 0
+        done = trio.Event()
+
+        async def keep_calling() -> None:
+            nonlocal requests
+            while not done.is_set():
+                status = await call(user)
+                requests += 1
+                if status != 200:
+                    failures.append(str(status))
+                await trio.sleep(0.02)
+
+        async def endpoints_on_b() -> None:
+            while not done.is_set():
+                if not (await b.get("/v1/endpoints?service=item"))["endpoints"].get("item"):
+                    failures.append("cp-b had no endpoint of item")
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(keep_calling)
+            watchers.start_soon(endpoints_on_b)
+            a.process.process.send_signal(signal.SIGKILL)
+            await a.process.process.wait()
+
+            async def moved() -> bool:
+                return "item" in sidecars_of(await b.status())
+
+            await eventually("item's sidecar reconnects to cp-b", moved)
+
+            async def leads() -> bool:
+                return bool((await b.status())["cluster"]["leader"] == b_id)
+
+            await eventually("cp-b leads", leads)
+
+            async def lease_gone() -> bool:
+                return [r["id"] for r in (await b.status())["cluster"]["replicas"]] == [b_id]
+
+            # Past cp-a's lease: item's instance was written again under cp-b's, so nothing expired.
+            await eventually("cp-a's lease runs out (its card goes)", lease_gone)
+            done.set()
+        assert requests > 20 and failures == []
+        item = (await b.get("/v1/endpoints?service=item"))["endpoints"]["item"]
+        assert [e["ready"] for e in item] == [True]
+
+
+async def test_quorum_lost_the_mesh_keeps_serving_and_resumes(
+    etcd3: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = store_of(etcd3, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a], a))
+        user = await stack.enter_async_context(sidecar(tmp_path, "user", "127.0.0.1:1", [b], a))
+
+        async def routed() -> bool:
+            return await call(user) == 200
+
+        await eventually("user reaches item", routed)
+        lost = [m.name for m in etcd3.members][:2]
+        for name in lost:
+            await etcd3.kill(name)
+
+        async def reported() -> bool:
+            cluster = (await a.status())["cluster"]
+            failing = [m for m in cluster["members"] if m["error"]]
+            return len(failing) >= 2 and not cluster["etcd"]["watching"]
+
+        await eventually("cp-a reports etcd's members down and its watch cut", reported)
+        statuses = [await call(user) for _ in range(20)]  # fail-static: what was pushed still routes
+        assert statuses == [200] * 20
+        policy = tmp_path / "route.yaml"
+        policy.write_text(ROUTE)
+        command = [sys.executable, "-m", "meshlet", "apply", "-f", str(policy), "--api", a.api]
+        command += ["--token-file", str(a.data_dir / "api-token")]
+        refused = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        assert refused.returncode == 1
+        assert b"etcd" in refused.stderr, refused.stderr.decode()
+
+        for name in lost:
+            await etcd3.start(name)
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        assert result.returncode == 0, result.stderr.decode()
+        version = (await a.get("/v1/policies"))["version"]
+
+        async def converged() -> bool:
+            held = sidecars_of(await b.status())["user"]
+            return bool(version and held["acked"].get("policies") == held["versions"].get("policies") != "")
+
+        await eventually("pushes resume: the sidecar on cp-b ACKs the policy", converged)
+        assert await call(user) == 200
+
+
+async def test_a_compaction_while_cut_off_means_a_fresh_listing(
+    etcd3: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    first, *others = [m.name for m in etcd3.members]
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        # cp-a knows one member only: with it down, cp-a is cut off from etcd.
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store_of(etcd3, tmp_path, [first])))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store_of(etcd3, tmp_path, others)))
+        await etcd3.kill(first)
+        # Meanwhile item registers on cp-b, and etcd compacts its history past cp-a's revision.
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [b], b))
+
+        async def registered_on_b() -> bool:
+            return bool((await b.get("/v1/endpoints?service=item"))["endpoints"].get("item"))
+
+        await eventually("item registers on cp-b", registered_on_b)
+        async with httpx.AsyncClient(timeout=10) as client:
+            endpoint = etcd3.member(others[0]).client_url
+            revision = int((await client.post(f"{endpoint}/v3/kv/range", json={"key": "AA=="})).json()["header"]["revision"])
+            compacted = await client.post(f"{endpoint}/v3/kv/compaction", json={"revision": str(revision), "physical": True})
+            compacted.raise_for_status()
+        await etcd3.start(first)
+
+        async def relisted() -> bool:
+            status = await a.status()
+            has_item = bool((await a.get("/v1/endpoints?service=item"))["endpoints"].get("item"))
+            return has_item and status["cluster"]["etcd"]["relists"] >= 1
+
+        await eventually("cp-a lists again and has item", relisted)
