@@ -1767,8 +1767,8 @@ class Settings:
 
 def parse_settings(argv: list[str]) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sidecars", default="1000,5000", metavar="N[,N...]", help="sizes to run (default 1000,5000)")
-    parser.add_argument("--quick", action="store_true", help="N=200 and 8 changes: a smoke check")
+    parser.add_argument("--sidecars", metavar="N[,N...]", help="sizes to run (default 1000,5000)")
+    parser.add_argument("--quick", action="store_true", help="8 changes, N=200 unless --sidecars: a smoke check")
     parser.add_argument("--changes", type=int, default=20, help="endpoint changes measured per N (default 20)")
     parser.add_argument(
         "--workers", type=int, help=f"load processes (default one per {SIDECARS_PER_WORKER:,} sidecars)"
@@ -1793,7 +1793,8 @@ def parse_settings(argv: list[str]) -> Settings:
     )
     args = parser.parse_args(argv)
     try:
-        sizes = (200,) if args.quick else tuple(int(n) for n in args.sidecars.split(","))
+        sidecars = args.sidecars or ("200" if args.quick else "1000,5000")
+        sizes = tuple(int(n) for n in sidecars.split(","))
     except ValueError:
         parser.error(f"--sidecars {args.sidecars!r}: expected numbers like 1000,5000")
     if any(n < SERVICES for n in sizes):
