@@ -205,13 +205,13 @@ class Replica:
         delay = RETRY_FIRST
         while True:
             try:
-                revision, kvs = await self.etcd.range_prefix(self.store.key(""))
+                revision, kvs = await self.etcd.range_prefix(self.store.prefix.encode())
                 break
             except EtcdError as exc:
                 log.warning("etcd: cannot list %s (%s); retrying in %.1f s", self.store.location, exc, delay)
                 await trio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
-        items = [(self.store.path(kv.key), kv.value, kv.lease) for kv in kvs]
+        items = [(path, kv.value, kv.lease) for kv in kvs if (path := self._path(kv.key))]
         now = trio.current_time()
         self.push.changed(self.shared.replace_all(items, now))
         leader = next((value for path, value, _ in items if path == LEADER), None)
@@ -224,7 +224,7 @@ class Replica:
     async def _follow(self, revision: int) -> None:
         while True:
             try:
-                async with self.etcd.watch(self.store.key(""), revision + 1) as watch:
+                async with self.etcd.watch(self.store.prefix.encode(), revision + 1) as watch:
                     self._watch = watch
                     async for batch in watch:
                         self._apply(batch.events)
@@ -240,7 +240,9 @@ class Replica:
     def _apply(self, events: tuple[Event, ...]) -> None:
         changes: list[Change] = []
         for event in events:
-            path = self.store.path(event.kv.key)
+            path = self._path(event.kv.key)
+            if not path:
+                continue
             value = event.kv.value if event.type == "put" else None
             prev_lease = event.prev_kv.lease if event.prev_kv is not None else 0
             if path.startswith((INSTANCES, REPLICAS)):
@@ -253,6 +255,16 @@ class Replica:
                         dirty.set()
         if changes:
             self.push.changed(self.shared.apply(changes, trio.current_time()))
+
+    def _path(self, key: bytes) -> str:
+        """A key's store path; "" (skipped, logged) for a key that is not one, written by
+        something else."""
+        try:
+            return self.store.path(key)
+        except ValueError as exc:
+            self.shared.bad_records += 1
+            log.error("etcd: ignoring %s", exc)
+            return ""
 
     async def _reload_on_change(self, prefix: str, reload: Reloader) -> None:
         while True:
