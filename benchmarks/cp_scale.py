@@ -179,13 +179,19 @@ class SharedLists:
     equal content is stored once: 5,000 sidecars each holding 5,000 endpoint dicts would
     need ~10 GB. A delta is applied with ``wire.apply_endpoint_delta`` (which checks the
     result's hash) the first time a (base version, exact delta) is seen; a sidecar that
-    gets the same delta against the same base gets the same, already checked, list."""
+    gets the same delta against the same base gets the same, already checked, list. The
+    hash is computed as the control plane computes it, from each endpoint's canonical
+    bytes, kept (``wire.list_version``): during a cold start sidecars hold many different
+    versions, so many deltas differ, and encoding every endpoint of every result again
+    was half of a load process's CPU at 10,000 sidecars."""
 
     LIMIT = 20_000
+    ENCODED_LIMIT = 200_000
 
     def __init__(self) -> None:
         self._bodies: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._deltas: dict[bytes, list[dict[str, Any]]] = {}
+        self._encoded: dict[int, tuple[dict[str, Any], bytes]] = {}  # id(endpoint) → (it, its canonical bytes)
 
     def body(self, resource: wire.Resource) -> list[dict[str, Any]]:
         if not isinstance(resource.body, list):
@@ -200,14 +206,45 @@ class SharedLists:
         key = msgpack.packb([resource.name, resource.base, resource.version, list(resource.add), list(resource.remove)])
         found = self._deltas.get(key)
         if found is None:
-            found = self._remember(self._deltas, key, wire.apply_endpoint_delta(current, resource))
+            found = self._remember(self._deltas, key, self._applied(current, resource))
         return found
+
+    def _applied(self, current: list[dict[str, Any]], resource: wire.Resource) -> list[dict[str, Any]]:
+        """``wire.apply_endpoint_delta``; when the result does not hash to the version (or
+        the delta is malformed), that function's own error says why."""
+        result = merged(current, resource)
+        if result is not None and self._version(result) == resource.version:
+            return result
+        return wire.apply_endpoint_delta(current, resource)
+
+    def _version(self, endpoints: list[dict[str, Any]]) -> str:
+        items = []
+        for endpoint in endpoints:
+            kept = self._encoded.get(id(endpoint))
+            if kept is None or kept[0] is not endpoint:
+                if len(self._encoded) >= self.ENCODED_LIMIT:
+                    self._encoded.clear()
+                kept = self._encoded[id(endpoint)] = (endpoint, wire.canonical_bytes(endpoint))
+            items.append(kept[1])
+        return wire.list_version(items)
 
     def _remember(self, table: dict[Any, Any], key: Any, value: Any) -> Any:
         if len(table) >= self.LIMIT:
             table.clear()
         table[key] = value
         return value
+
+
+def merged(current: list[dict[str, Any]], resource: wire.Resource) -> list[dict[str, Any]] | None:
+    """What ``wire.apply_endpoint_delta`` makes of ``current``, without its hash check;
+    None if the delta is malformed (that function then says how)."""
+    try:
+        removed = set(resource.remove)
+        by_id = {e["id"]: e for e in current if e["id"] not in removed}
+        by_id.update((item["id"], item) for item in resource.add)
+        return [by_id[k] for k in sorted(by_id)]
+    except (KeyError, TypeError):
+        return None
 
 
 class SharedFrames:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 import trio
 
+from meshlet import wire
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -121,3 +123,27 @@ def test_etcd_and_its_put_watch_probe(cp: ModuleType, tmp_path: Path) -> None:
     assert len(latencies) == 50 and all(t > 0 for t in latencies)
     assert left == "0"  # the probe's keys were deleted (int64 fields come as strings; 0 is left out)
     assert not Path(f"/proc/{pid}").exists()  # stopped and reaped
+
+
+def test_deltas_are_checked_against_their_version(cp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    def ep(i: int) -> dict[str, object]:
+        return {"id": f"i{i}", "address": f"10.0.0.{i}:80", "labels": {"zone": "a"}}
+
+    lists = cp.SharedLists()
+    a, b, target = [ep(1)], [ep(1), ep(2)], [ep(1), ep(2), ep(3)]
+    v_a, v_b, v_target = (wire.content_version(x) for x in (a, b, target))
+    # Two sidecars hold different versions; both are pushed a delta to the same target. The
+    # load's own hash (each endpoint's bytes kept) agrees: wire's slower one is not needed.
+    slow = wire.apply_endpoint_delta
+    monkeypatch.setattr(wire, "apply_endpoint_delta", lambda *_: pytest.fail("hashed the slow way"))
+    assert lists.delta(a, wire.Resource("svc-7", v_target, base=v_a, add=(ep(2), ep(3)))) == target
+    assert lists.delta(b, wire.Resource("svc-7", v_target, base=v_b, add=(ep(3),))) == target
+    assert lists.delta(target, wire.Resource("svc-7", v_a, base=v_target, remove=("i2", "i3"))) == a
+    monkeypatch.setattr(wire, "apply_endpoint_delta", slow)
+    for wrong, why in [
+        (wire.Resource("svc-7", v_target, base=v_b, add=(ep(4),)), "do not match"),  # not the target
+        (wire.Resource("svc-7", v_target, base=v_b, add=({**ep(3), "labels": {"zone": "b"}},)), "do not match"),
+        (wire.Resource("svc-7", v_target, base=v_b, add=("not an endpoint",)), "endpoint"),
+    ]:
+        with pytest.raises(wire.WireError, match=why):
+            lists.delta(b, wrong)
