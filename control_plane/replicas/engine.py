@@ -353,7 +353,13 @@ class Replica:
             "leader": self.leader,
             "revision": self.revision,
             "replicas": [
-                {**card.to_json(), "leader": card.id == self.leader, "self": card.id == self.id} for card in cards
+                {
+                    **card.to_json(),
+                    "lease": f"{card.lease:x}",
+                    "leader": card.id == self.leader,
+                    "self": card.id == self.id,
+                }
+                for card in cards
             ],
             "etcd": {
                 "endpoints": list(self.etcd.endpoints),
