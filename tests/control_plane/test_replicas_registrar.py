@@ -3,7 +3,7 @@ that keeps a replica's late news from undoing another's takeover, and writes tha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -48,11 +48,14 @@ def instance(n: int, ready: bool = True) -> Instance:
     return Instance("item", f"item-{n}", f"10.0.0.{n % 250 + 1}:15006", f"10.0.0.{n % 250 + 1}:15090", ready=ready)
 
 
-async def until(what: str, check: Callable[[], bool]) -> None:
+async def until(what: str, check: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Poll ``check`` (a condition on the writer, or on etcd) until it holds; fail after BOUND."""
     with trio.move_on_after(BOUND):
-        while not check():
+        while True:
+            held = check()
+            if held if isinstance(held, bool) else await held:
+                return
             await trio.sleep(0.02)
-        return
     pytest.fail(f"not within {BOUND:g} s: {what}")
 
 
@@ -103,9 +106,7 @@ async def test_readiness_and_goodbye_are_written_while_the_key_is_ours(store: Et
     async def disconnected() -> bool:
         return not decode_instance(INSTANCES + "item-1", (await stored(store))["item-1"][0]).connected
 
-    with trio.fail_after(BOUND):
-        while not await disconnected():
-            await trio.sleep(0.02)
+    await until("the dropped channel in etcd", disconnected)
     a.registrar.deregister("item-1")
     await until("the goodbye written", lambda: a.writer.written_total > written)
     assert await stored(store) == {}
@@ -119,9 +120,11 @@ async def test_an_expiry_in_this_replica_deletes_its_key(store: EtcdStore, nurse
     result = a.registrar.expire(TTL + 1)
     assert result.removed == ("item-1",) and result.changed == frozenset()
     await until("the expiry written", lambda: a.writer.backlog == 0 and a.writer.written_total >= 2)
-    with trio.fail_after(BOUND):
-        while await stored(store):
-            await trio.sleep(0.02)
+
+    async def none_left() -> bool:
+        return not await stored(store)
+
+    await until("the key deleted", none_left)
 
 
 async def test_a_registration_gone_before_it_was_written_writes_nothing(
@@ -148,9 +151,11 @@ async def test_after_a_new_lease_only_open_sessions_are_written_again(store: Etc
     a.lease = (await store.etcd.grant(30)).id
     assert a.registrar.rewrite_all() == 1
     await until("rewritten", lambda: a.writer.backlog == 0)
-    with trio.fail_after(BOUND):
-        while set(await stored(store)) != {"item-1"}:
-            await trio.sleep(0.02)
+
+    async def only_the_open_one() -> bool:
+        return set(await stored(store)) == {"item-1"}
+
+    await until("only item-1 written again", only_the_open_one)
     assert (await stored(store))["item-1"][1] == a.lease
 
 
