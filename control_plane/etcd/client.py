@@ -4,8 +4,10 @@ compaction, member status and watches, with failover between the members.
 A request goes to the member that last answered. A member that cannot be reached, times out,
 answers HTTP 5xx or gRPC code 14 (unavailable: no leader, no quorum) is skipped for the next;
 when every member failed, :class:`EtcdUnavailable` names each one's reason. A write that timed out
-may still have been applied: the message says so, and the caller decides (a transaction with a
-compare is safe to repeat; a bare put makes one more revision). Other errors are etcd's answer,
+(or lost its connection) may still have been applied: it is tried on the next member all the same,
+and the message says so. A put tried twice makes one more revision of the same value; a
+transaction whose first try was applied answers ``succeeded=False`` on the second, so a caller
+that must know reads the key again. Other errors are etcd's answer,
 raised as :class:`EtcdError` with its code (11 compacted: :class:`Compacted`; lease not found:
 :class:`LeaseNotFound`). Every answer is read up to :data:`MAX_RESPONSE` bytes.
 """
