@@ -187,7 +187,7 @@ class Etcd:
             try:
                 body = await self._post(endpoint, "/v3/maintenance/status", {}, write=False)
                 statuses[i] = codec.parse_status(body, endpoint)
-            except (_Failed, EtcdError) as e:
+            except Exception as e:  # whatever went wrong is this member's status, never the caller's error
                 statuses[i] = MemberStatus(endpoint, error=str(e) or type(e).__name__)
 
         async with trio.open_nursery() as nursery:
