@@ -30,10 +30,10 @@ from .push_tls import PushTLS
 from .registry import Registry
 from .replicas.cluster import Cluster
 from .replicas.shared_files import share_directory, share_file
-from .state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from .scraper import Scraper, scrape_targets
 from .server import MAX_CONNECTIONS, PushServer
 from .session_age import MAX_SESSION_AGE
+from .state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from .store import Store, open_store
 from .token_records import TokenBook
 

@@ -142,7 +142,9 @@ class PolicyStore:
             if version == self.version:
                 return ApplyResult(version, self.version, changes, applied=False)
         else:
-            raise StoreError(f"{self.store.location}: the policy changed {APPLY_ATTEMPTS} times while this apply ran; apply again")
+            raise StoreError(
+                f"{self.store.location}: the policy changed {APPLY_ATTEMPTS} times while this apply ran; apply again"
+            )
         for key, _ in (await self.store.items(_HISTORY))[:-HISTORY_LIMIT]:
             await self.store.delete(key)
         previous = self.version

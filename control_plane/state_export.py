@@ -44,7 +44,7 @@ import trio
 
 from meshlet.private_files import PrivateFileError, read_private, write_replacing
 
-from .store import Store, check_key
+from .store import Store, check_key, is_live
 
 FORMAT = "meshlet-state"
 VERSION = 1
@@ -182,6 +182,10 @@ def check_item_key(key: object) -> str:
         raise ValueError(str(error)) from None
     if len(key.encode()) > MAX_KEY_BYTES:
         raise ValueError(f"key {key[:40]!r}...: longer than {MAX_KEY_BYTES} bytes")
+    if is_live(key):
+        raise ValueError(
+            f"key {key!r}: what running replicas keep (their registry, cards, leader), not state to import"
+        )
     if key.startswith(CA_PREFIX) and not _CA_NAME.fullmatch(key.removeprefix(CA_PREFIX)):
         raise ValueError(f"key {key!r}: a CA file's key is ca/NAME, NAME a plain file name")
     if key.startswith(SECRETS_PREFIX) and key not in SECRET_FILES:
@@ -322,7 +326,7 @@ async def export_state(store: Store, data_dir: Path | None, now: float) -> State
     """Everything in ``store``; with ``data_dir`` (a file store), the secrets' files too.
     StateFileError when a key is both a file and a store item."""
     revision = await store.revision()
-    items = dict(await store.items(""))
+    items = {key: value for key, value in await store.items("") if not is_live(key)}
     if data_dir is not None:
         files = await trio.to_thread.run_sync(read_data_dir, data_dir)
         both = sorted(set(files) & set(items))
@@ -334,7 +338,7 @@ async def export_state(store: Store, data_dir: Path | None, now: float) -> State
 
 async def target_contents(store: Store, data_dir: Path | None) -> list[str]:
     """What the target holds (keys), the data directory's secrets with it: empty or not."""
-    keys = [key for key, _ in await store.items("")]
+    keys = [key for key, _ in await store.items("") if not is_live(key)]
     if data_dir is not None:
         keys += await trio.to_thread.run_sync(data_dir_present, data_dir)
     return sorted(keys)

@@ -57,6 +57,17 @@ _STORE_ID = re.compile(r"[0-9a-f]{32}")
 log = logging.getLogger("meshlet.cp.store")
 
 
+# What running replicas keep under an etcd store (control_plane/replicas/records.py): their
+# registry, their cards, the leader's key. State, not configuration: `meshlet admin export`
+# leaves it out, and an import neither writes nor removes it.
+LIVE_PREFIXES = ("registry/", "replicas/")
+LIVE_KEYS = ("leader",)
+
+
+def is_live(key: str) -> bool:
+    return key in LIVE_KEYS or key.startswith(LIVE_PREFIXES)
+
+
 def new_store_id() -> str:
     """A store's id: 128 random bits, hex."""
     return secrets.token_hex(16)

@@ -81,6 +81,7 @@ def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member for a whole test module: each test keeps to a key prefix of its own."""
     with running_etcd_cluster(tmp_path_factory.mktemp("etcd1"), members=1) as cluster:
         yield cluster
+        print(cluster.logs())  # captured: shown if the module's last test fails
 
 
 @pytest.fixture
@@ -88,3 +89,4 @@ def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
     """Three etcd members for one test (it may kill and restart them)."""
     with running_etcd_cluster(tmp_path / "etcd3", members=3) as cluster:
         yield cluster
+        print(cluster.logs())  # captured: shown when the test fails

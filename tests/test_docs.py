@@ -23,6 +23,8 @@ from meshlet.cli import build_parser
 from sidecar import telemetry
 from sidecar.core import errors
 
+from .etcd_cluster import EtcdCluster
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (ROOT / "docs" / "reference.md").read_text()
 
@@ -56,10 +58,12 @@ def sidecar_metrics() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def control_plane_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    """What a running control plane's /metrics declares."""
+def control_plane_metrics(tmp_path_factory: pytest.TempPathFactory, etcd1: EtcdCluster) -> set[str]:
+    """What a running control plane's /metrics declares: a replica on etcd, which exports what a
+    single control plane does and the replicas' own."""
     argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
     argv += ["--data-dir", str(tmp_path_factory.mktemp("cp")), "--log-level", "warning"]
+    argv += ["--store", f"etcd://{etcd1.endpoints[0].removeprefix('http://')}/test-docs"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
         try:
             assert process.stdout is not None

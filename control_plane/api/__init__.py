@@ -70,7 +70,7 @@ def build_api(
             Route("/v1/services", registry.services),
             Route("/v1/endpoints", registry.endpoints),
             Route("/v1/status", status.status),
-            Route("/metrics", MetricsView(push, traces, guard).metrics),
+            Route("/metrics", MetricsView(push, traces, guard, replica).metrics),
             Route("/v1/prometheus/targets", registry.prometheus_targets),
             Route("/v1/stat", stat.stat),
             Route("/v1/dashboard", dashboard.data),

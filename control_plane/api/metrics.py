@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from ..replicas.engine import Replica
 from ..server import PushServer
 from ..traces import TraceStore
 from .guard import ApiGuard
@@ -18,14 +19,19 @@ CONVERGENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class MetricsView:
-    def __init__(self, push: PushServer, traces: TraceStore, guard: ApiGuard | None = None) -> None:
+    def __init__(
+        self, push: PushServer, traces: TraceStore, guard: ApiGuard | None = None, replica: Replica | None = None
+    ) -> None:
         self.push = push
         self.traces = traces
         self.guard = guard if guard is not None else ApiGuard(None)
+        self.replica = replica
 
     async def metrics(self, request: Request) -> Response:
         collector_registry = CollectorRegistry(auto_describe=False)
         collector_registry.register(_Collector(self.push, self.traces, self.guard))
+        if self.replica is not None:
+            collector_registry.register(_ReplicaCollector(self.replica))
         return PlainTextResponse(generate_latest(collector_registry), media_type="text/plain; version=0.0.4")
 
 
@@ -86,6 +92,36 @@ class _Collector:
         for need, count in sorted(self.guard.refused.items()):
             api_refused.add_metric([need], count)
         yield api_refused
+
+
+class _ReplicaCollector:
+    """A replica on etcd: what an operator alerts on (no leader, etcd cut off, writes piling up)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self.replica
+        yield _gauge("meshlet_cp_replicas", "Control-plane replicas with a card in etcd.", len(replica.shared.cards))
+        yield _gauge(
+            "meshlet_cp_leader", "1 while this replica leads (CA rotation, compaction).", int(replica.is_leader)
+        )
+        yield _gauge(
+            "meshlet_cp_etcd_watching",
+            "1 while this replica's watch on etcd is open (0: it pushes what it last saw).",
+            int(replica.watching),
+        )
+        yield _gauge(
+            "meshlet_cp_etcd_writes_waiting",
+            "Registry changes of this replica's sessions not yet written to etcd.",
+            replica.writer.backlog,
+        )
+        yield _counter("meshlet_cp_etcd_relists", "Full listings after etcd compacted past the watch.", replica.relists)
+        yield _gauge(
+            "meshlet_cp_lease_expiry_held",
+            "Instances lost with a replica's etcd lease, held by the safety valve.",
+            len(replica.shared.held),
+        )
 
 
 def _refusals(push: PushServer) -> Iterator[Metric]:

@@ -4,8 +4,10 @@ compaction, member status and watches, with failover between the members.
 A request goes to the member that last answered. A member that cannot be reached, times out,
 answers HTTP 5xx or gRPC code 14 (unavailable: no leader, no quorum) is skipped for the next;
 when every member failed, :class:`EtcdUnavailable` names each one's reason. A write that timed out
-may still have been applied: the message says so, and the caller decides (a transaction with a
-compare is safe to repeat; a bare put makes one more revision). Other errors are etcd's answer,
+(or lost its connection) may still have been applied: it is tried on the next member all the same,
+and the message says so. A put tried twice makes one more revision of the same value; a
+transaction whose first try was applied answers ``succeeded=False`` on the second, so a caller
+that must know reads the key again. Other errors are etcd's answer,
 raised as :class:`EtcdError` with its code (11 compacted: :class:`Compacted`; lease not found:
 :class:`LeaseNotFound`). Every answer is read up to :data:`MAX_RESPONSE` bytes.
 """
@@ -185,7 +187,7 @@ class Etcd:
             try:
                 body = await self._post(endpoint, "/v3/maintenance/status", {}, write=False)
                 statuses[i] = codec.parse_status(body, endpoint)
-            except (_Failed, EtcdError) as e:
+            except Exception as e:  # whatever went wrong is this member's status, never the caller's error
                 statuses[i] = MemberStatus(endpoint, error=str(e) or type(e).__name__)
 
         async with trio.open_nursery() as nursery:
@@ -272,7 +274,8 @@ async def _abandon(response: httpx.Response, chunks: AsyncGenerator[bytes, None]
     closing the outer one would leave the inner ones suspended (to be finalized, with a warning,
     by the garbage collector); closing the connection first and reading once more ends them all
     with the read's error."""
-    with trio.CancelScope(shield=True):
+    # shielded (a cancelled reader still closes), and bounded (a read that would wait is given up)
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _DRAIN_TIMEOUT):
         await response.aclose()
         if chunks is None:
             return
@@ -285,6 +288,7 @@ async def _abandon(response: httpx.Response, chunks: AsyncGenerator[bytes, None]
 
 
 _DRAIN_READS = 64
+_DRAIN_TIMEOUT = 1.0
 
 
 async def read_capped(response: httpx.Response, limit: int) -> bytes:
@@ -360,12 +364,14 @@ class Watch:
                 await self._connect()
                 continue
             try:
-                line = await self._next_line()
+                line = await self._next_line()  # EtcdError past MAX_RESPONSE: raised
+            except (httpx.TransportError, _StreamEnded) as e:
+                await self._failed(f"{type(e).__name__}: {e}" if isinstance(e, httpx.TransportError) else str(e))
+                continue
+            try:
                 message = codec.parse_watch_message(line)
-            except (httpx.TransportError, _StreamEnded, EtcdError) as e:
-                if isinstance(e, EtcdError) and "larger than" in str(e):
-                    raise
-                await self._failed(str(e) or type(e).__name__)
+            except EtcdError as e:  # this member's stream is not etcd's: another may be
+                await self._failed(str(e))
                 continue
             batch = await self._handle(message)
             if batch is not None:
@@ -423,23 +429,23 @@ class Watch:
         try:
             response = await http.send(request, stream=True)
         except httpx.TransportError as e:
-            await self._failed(f"{endpoint}: cannot open a watch ({type(e).__name__}: {e})")
+            await self._failed(f"cannot open a watch ({type(e).__name__}: {e})")
             return
         self._response, self._chunks = response, _chunks(response)
         if response.status_code != 200:
-            await self._failed(f"{endpoint}: HTTP {response.status_code}")
+            await self._failed(f"HTTP {response.status_code}")
 
     async def _next_line(self) -> bytes:
         while True:
             end = self._buffer.find(b"\n")
+            if end > MAX_RESPONSE or (end < 0 and len(self._buffer) > MAX_RESPONSE):
+                raise EtcdError(f"a watch message larger than {MAX_RESPONSE} bytes: refused")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 if line.strip():
                     return line
                 continue
-            if len(self._buffer) > MAX_RESPONSE:
-                raise EtcdError(f"a watch message larger than {MAX_RESPONSE} bytes: refused")
             assert self._chunks is not None
             try:
                 chunk = await self._chunks.__anext__()
@@ -453,7 +459,7 @@ class Watch:
         if self._closed:
             return
         self.connected = False
-        self.error = reason
+        self.error = f"{self._etcd.endpoints[self._endpoint]}: {reason}"
         self.reconnects += 1
         self._endpoint = (self._endpoint + 1) % len(self._etcd.endpoints)
         self._delay = min(BACKOFF_MAX, self._delay * 2) if self._delay else BACKOFF_FIRST

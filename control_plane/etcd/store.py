@@ -17,12 +17,13 @@ from typing import TypeVar
 
 import trio
 
-from ..store import StoreError, check_key, check_swap, new_store_id
+from ..store import StoreError, check_key, check_swap, is_live, new_store_id
 from .client import Etcd
 from .codec import prefix_end
 from .types import Compare, EtcdError, EtcdUnavailable, Op
 
 DEFAULT_PREFIX = "/meshlet/"
+TXN_OPS = 128  # etcd's --max-txn-ops default
 STORE_ID = "store-id"  # the path of the store's id: reserved, never an item
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -139,6 +140,35 @@ class EtcdStore:
     async def revision(self) -> int:
         await self._check_open()
         revision, _ = await self._etcd(self.etcd.range(self.key(STORE_ID), keys_only=True))
+        return revision
+
+    async def replace_all(self, items: Mapping[str, bytes], store_id: str) -> int:
+        """Make the prefix hold exactly ``items`` under the id ``store_id`` (``meshlet admin
+        import``), leaving what running replicas keep there (``is_live``) alone. etcd takes at
+        most TXN_OPS operations a transaction, so a large state is several revisions: a failure
+        part way says how far it got (importing again with --force finishes it)."""
+        if not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
+            raise ValueError(f"store id {store_id!r} is not 32 hex digits")
+        for path, value in items.items():
+            self._item_key(path)  # ValueError: not a path, or the id's own key
+            if not isinstance(value, bytes):
+                raise TypeError(f"a store value is bytes (callers encode), not {type(value).__name__}")
+            if is_live(path):
+                raise ValueError(f"{path!r} is what running replicas keep, not configuration: it is never imported")
+        checked = dict(items)
+        old = [path for path, _ in await self.items("") if not is_live(path) and path not in checked]
+        ops = [Op.put(self.key(STORE_ID), store_id.encode())]
+        ops += [Op.delete(self.key(path)) for path in old]
+        ops += [Op.put(self.key(path), value) for path, value in checked.items()]
+        revision = done = 0
+        for start in range(0, len(ops), TXN_OPS):
+            chunk = ops[start : start + TXN_OPS]
+            try:
+                revision = (await self._etcd(self.etcd.txn((), chunk))).revision
+            except StoreError as e:
+                raise StoreError(f"{e} (the import wrote {done} of {len(ops)} changes)") from e
+            done += len(chunk)
+        self.id = store_id
         return revision
 
     async def aclose(self) -> None:

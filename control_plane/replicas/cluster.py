@@ -20,12 +20,12 @@ from ..joins import Joins
 from ..policies import PolicyStore
 from ..registry import Registry
 from ..server import PushServer
+from ..state_export import CA_PREFIX
 from ..store import Store, StoreError
 from ..token_records import TokenBook
 from .engine import Replica, replica_id
 from .registrar import Writer, WriteThrough
 from .shared import SharedRegistry
-from ..state_export import CA_PREFIX
 from .shared_files import publish_directory, stored_directory, write_directory
 
 log = logging.getLogger("meshlet.cp.replicas")

@@ -39,7 +39,7 @@ import trio
 
 from meshlet import __version__
 
-from ..etcd.client import Compacted, Compare, EtcdError, Event, LeaseNotFound, Op
+from ..etcd.client import Compacted, Compare, EtcdError, Event, LeaseNotFound, Op, Watch
 from ..etcd.store import EtcdStore
 from ..server import PushServer
 from .records import INSTANCES, LEADER, REPLICAS, ReplicaCard, decode_leader
@@ -98,11 +98,16 @@ class Replica:
         self._card_due = trio.Event()
         self._dirty: dict[str, trio.Event] = {prefix: trio.Event() for prefix in self.reloaders}
         self._card_written: tuple[int, int, tuple[str, str]] | None = None  # (lease, sessions, addresses) in etcd
-        self._watch: Any = None  # the client's Watch while one is open
+        self._watch: Watch | None = None  # while one is open
 
     @property
     def is_leader(self) -> bool:
         return bool(self.leader) and self.leader == self.id
+
+    @property
+    def watching(self) -> bool:
+        """A watch on etcd is open now."""
+        return bool(self._watch is not None and self._watch.connected)
 
     # running ------------------------------------------------------------------------------
 
@@ -353,11 +358,17 @@ class Replica:
             "leader": self.leader,
             "revision": self.revision,
             "replicas": [
-                {**card.to_json(), "leader": card.id == self.leader, "self": card.id == self.id} for card in cards
+                {
+                    **card.to_json(),
+                    "lease": f"{card.lease:x}",
+                    "leader": card.id == self.leader,
+                    "self": card.id == self.id,
+                }
+                for card in cards
             ],
             "etcd": {
                 "endpoints": list(self.etcd.endpoints),
-                "watching": bool(watch is not None and watch.connected),
+                "watching": self.watching,
                 "watch_error": "" if watch is None else watch.error,
                 "lease_error": self.lease_error,
                 "writes_waiting": self.writer.backlog,

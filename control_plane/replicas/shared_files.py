@@ -22,7 +22,6 @@ import trio
 
 from meshlet.private_files import write_replacing
 
-from ..state_export import API_TOKEN_KEY, CA_PREFIX, JOIN_TOKEN_KEY
 from ..store import Store
 
 log = logging.getLogger("meshlet.cp.replicas")

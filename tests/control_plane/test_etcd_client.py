@@ -4,6 +4,7 @@ test_etcd_cluster.py)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -387,3 +388,77 @@ async def test_a_closed_client_says_so() -> None:
     await etcd.aclose()
     with pytest.raises(trio.ClosedResourceError, match="the etcd client is closed"):
         await etcd.range(b"k")
+
+
+def _stream(*lines: object, end: BaseException | None = None) -> Callable[[httpx.Request], httpx.Response]:
+    """A watch stream that sends ``lines`` (JSON objects a line each, or bytes as they are), then ends
+    (cleanly, or with ``end`` raised)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for line in lines:
+            yield line if isinstance(line, bytes) else orjson.dumps(line) + b"\n"
+        if end is not None:
+            raise end
+
+    return lambda request: httpx.Response(200, content=body())
+
+
+def _events(*revisions: int) -> dict[str, Any]:
+    kvs = [{"kv": {"key": "YQ==", "mod_revision": str(r), "create_revision": "1", "version": "1"}} for r in revisions]
+    return {"result": {"header": {**HDR, "revision": str(max(revisions))}, "events": kvs}}
+
+
+CREATED = {"result": {"header": HDR, "created": True}}
+
+
+async def test_a_watch_resumes_on_the_next_member_without_a_gap_or_a_repeat() -> None:
+    asked: list[tuple[str, Any, str | None]] = []
+    streams = {
+        A: _stream(CREATED, _events(5, 6), end=httpx.ReadError("connection reset")),
+        B: _stream(CREATED, _events(6, 7), {"result": {"header": {**HDR, "revision": "9"}}}, b"not json\n"),
+        C: _stream({"error": {"grpc_code": 14, "message": "etcdserver: no leader"}}),
+    }
+    order = [A, B, C, A]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        endpoint = f"http://{request.url.host}:{request.url.port}"
+        body = orjson.loads(request.content)["create_request"]
+        asked.append((endpoint, body["start_revision"], request.headers.get("Grpc-Metadata-hasleader")))
+        if len(asked) == len(order):
+            return _stream(CREATED, _events(8, 10))(request)
+        return streams[endpoint](request)
+
+    etcd = Etcd([A, B, C], transport=httpx.MockTransport(handle))
+    batches = []
+    async with etcd.watch(b"a", 5, rng=random.Random(0)) as watch:
+        with trio.fail_after(10):
+            async for batch in watch:
+                batches.append((batch.revision, [e.kv.mod_revision for e in batch.events]))
+                if watch.last_revision >= 10:
+                    break
+        assert watch.connected and watch.error == "" and watch.reconnects == 3
+    assert asked == [(A, "5", "true"), (B, "7", "true"), (C, "10", "true"), (A, "10", "true")]
+    # 6 again from B: dropped; the progress notification at 9 moves on; 8 after it: dropped
+    assert batches == [(6, [5, 6]), (7, [7]), (9, []), (10, [10])]
+    await etcd.aclose()
+
+
+async def test_a_watch_reports_why_it_is_not_connected() -> None:
+    refusing = Etcd([A, B], transport=mock({A: REFUSED, B: NO_LEADER}, []))
+    watch = refusing.watch(b"a", 1, rng=random.Random(0))
+    with trio.move_on_after(1):
+        await watch.__anext__()
+    assert not watch.connected and watch.reconnects >= 2
+    assert watch.error in (f"{A}: cannot open a watch (ConnectError: connection refused)", f"{B}: HTTP 503")
+    await watch.aclose()
+    await refusing.aclose()
+
+
+async def test_a_watch_message_is_read_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "MAX_RESPONSE", 1000)
+    for line in (b"x" * 3000, b"x" * 1001 + b"\n"):  # a line too long, whether or not it has ended
+        etcd = Etcd([A], transport=httpx.MockTransport(_stream(CREATED, line)))
+        async with etcd.watch(b"a", 1) as watch:
+            with pytest.raises(EtcdError, match="a watch message larger than 1000 bytes"), trio.fail_after(5):
+                await watch.__anext__()
+        await etcd.aclose()

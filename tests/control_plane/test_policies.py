@@ -4,6 +4,7 @@ and what survives a restart (the file store)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,13 +112,45 @@ async def test_a_damaged_history_entry_names_the_file_and_what_to_do(tmp_path: P
 
 async def test_a_failed_switch_leaves_no_history_entry_behind() -> None:
     class FailingCurrent(MemoryStore):
-        async def put(self, key: str, value: bytes) -> int:
-            if key == "policies/current":
-                raise StoreError("no space left on device: test")
-            return await super().put(key, value)
+        async def swap(self, key: str, expected: bytes | None, puts: Any, deletes: Any = ()) -> int | None:
+            raise StoreError("no space left on device: test")
 
     store = FailingCurrent()
     policies = PolicyStore(store)
     with pytest.raises(StoreError):
         await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
     assert await policies.history() == [] and policies.version == ""
+
+
+async def test_an_apply_that_lost_the_race_goes_on_top_of_the_winner() -> None:
+    """Two replicas on one store: the second read the policy before the first applied."""
+    store = MemoryStore()
+    first, second = PolicyStore(store), PolicyStore(store)
+    await first.load()
+    await second.load()
+    won = await first.apply([("a.yaml", BILLING)], source="replica a", now=1.0)
+    late = await second.apply([("b.yaml", ROUTE)], source="replica b", now=2.0)
+    assert won.applied and late.applied and late.previous == won.version
+    assert [(v.seq, v.source) for v in await second.history()] == [(2, "replica b"), (1, "replica a")]
+    await first.load()
+    assert first.version == second.version == late.version
+
+
+async def test_an_apply_of_what_the_winner_applied_changes_nothing() -> None:
+    store = MemoryStore()
+    first, second = PolicyStore(store), PolicyStore(store)
+    won = await first.apply([("a.yaml", BILLING)], source="replica a", now=1.0)
+    same = await second.apply([("a.yaml", BILLING)], source="replica b", now=2.0)
+    assert not same.applied and same.version == won.version
+    assert len(await second.history()) == 1
+
+
+async def test_an_apply_that_keeps_losing_gives_up_with_the_reason() -> None:
+    class Busy(MemoryStore):
+        async def swap(self, key: str, expected: bytes | None, puts: Any, deletes: Any = ()) -> int | None:
+            return None  # somebody else always applied first
+
+    policies = PolicyStore(Busy())
+    with pytest.raises(StoreError, match="apply again"):
+        await policies.apply([("a.yaml", BILLING)], source="test", now=1.0)
+    assert policies.version == ""

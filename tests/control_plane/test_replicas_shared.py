@@ -185,3 +185,11 @@ def test_bad_cards_are_refused(key: str, body: dict[str, object]) -> None:
 
 def test_instance_keys_live_under_the_registry() -> None:
     assert instance_key("item-1") == INSTANCES + "item-1"
+
+
+def test_what_replicas_keep_is_live_state_an_import_never_touches() -> None:
+    from control_plane.replicas.records import LEADER
+    from control_plane.store import is_live
+
+    assert is_live(instance_key("item-1")) and is_live(REPLICAS + "cp-a") and is_live(LEADER)
+    assert not is_live("policies/current") and not is_live("secrets/api-token") and not is_live("ca/ca.crt")

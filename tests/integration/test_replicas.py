@@ -128,7 +128,9 @@ async def test_two_replicas_serve_one_mesh(etcd1: EtcdCluster, tmp_path: Path, n
         await eventually("user (on cp-b) reaches item (on cp-a)", routed)
         status = await a.status()
         cluster = status["cluster"]
-        assert sorted(r["id"] for r in cluster["replicas"]) == sorted([cluster["id"], (await b.status())["cluster"]["id"]])
+        assert sorted(r["id"] for r in cluster["replicas"]) == sorted(
+            [cluster["id"], (await b.status())["cluster"]["id"]]
+        )
         assert cluster["leader"] in {r["id"] for r in cluster["replicas"]}
         assert [m["error"] for m in cluster["members"]] == [""]
         assert status["store"] == (await b.status())["store"]
@@ -289,8 +291,12 @@ async def test_a_compaction_while_cut_off_means_a_fresh_listing(
         await eventually("item registers on cp-b", registered_on_b)
         async with httpx.AsyncClient(timeout=10) as client:
             endpoint = etcd3.member(others[0]).client_url
-            revision = int((await client.post(f"{endpoint}/v3/kv/range", json={"key": "AA=="})).json()["header"]["revision"])
-            compacted = await client.post(f"{endpoint}/v3/kv/compaction", json={"revision": str(revision), "physical": True})
+            revision = int(
+                (await client.post(f"{endpoint}/v3/kv/range", json={"key": "AA=="})).json()["header"]["revision"]
+            )
+            compacted = await client.post(
+                f"{endpoint}/v3/kv/compaction", json={"revision": str(revision), "physical": True}
+            )
             compacted.raise_for_status()
         await etcd3.start(first)
 
@@ -300,3 +306,108 @@ async def test_a_compaction_while_cut_off_means_a_fresh_listing(
             return has_item and status["cluster"]["etcd"]["relists"] >= 1
 
         await eventually("cp-a lists again and has item", relisted)
+
+
+async def test_a_replica_that_lost_its_lease_writes_its_sessions_again(
+    etcd1: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = store_of(etcd1, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a], a))
+
+        async def item_on_b() -> bool:
+            return bool((await b.get("/v1/endpoints?service=item"))["endpoints"].get("item"))
+
+        await eventually("item (on cp-a) is seen by cp-b", item_on_b)
+        cluster = (await a.status())["cluster"]
+        lease = next(r["lease"] for r in cluster["replicas"] if r["self"])
+        # etcd drops cp-a's lease (as when cp-a was cut off for longer than the TTL): with it go
+        # item's key and cp-a's card. cp-a finds out at its next keepalive and writes them again.
+        async with httpx.AsyncClient(timeout=10) as client:
+            revoked = await client.post(f"{etcd1.endpoints[0]}/v3/lease/revoke", json={"ID": str(int(lease, 16))})
+            revoked.raise_for_status()
+
+        async def new_lease() -> bool:
+            mine = [r for r in (await a.status())["cluster"]["replicas"] if r["self"]]
+            return bool(mine and mine[0]["lease"] != lease)
+
+        await eventually("cp-a takes a new lease", new_lease)
+        await eventually("item is back on cp-b, under cp-a's new lease", item_on_b)
+
+
+async def test_a_dead_sidecars_instance_goes_when_its_lease_runs_out(
+    etcd1: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = store_of(etcd1, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        item = await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a], a))
+
+        async def item_on_b() -> bool:
+            return bool((await b.get("/v1/endpoints?service=item"))["endpoints"].get("item"))
+
+        await eventually("item (on cp-a) is seen by cp-b", item_on_b)
+        item.process.send_signal(signal.SIGKILL)  # no goodbye: only its lease on cp-a can end it
+
+        async def gone() -> bool:
+            return not await item_on_b()
+
+        await eventually("item's instance leaves every replica once its lease ran out", gone)
+        assert (await a.status())["registry"]["instances"] == 0
+
+
+async def test_a_restarted_replica_gets_sidecars_back_by_session_age(
+    etcd1: EtcdCluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = store_of(etcd1, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store, ["--max-session-age", "2s"]))
+        first = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        # The push address of cp-a stays the same across its restart: the sidecars were told it.
+        push_a = first.push
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [b], b))
+        sidecars = []
+        for n in range(3):
+            cp = f"{push_a},{b.push}"
+            token = f"@{b.data_dir / 'join-token'}"
+            sidecars.append(
+                await stack.enter_async_context(
+                    run_sidecar(tmp_path, service=f"user{n}", app="127.0.0.1:1", control_plane=cp, join_token=token)
+                )
+            )
+        first.process.process.send_signal(signal.SIGKILL)
+        await first.process.process.wait()
+
+        async def all_on_b() -> bool:
+            return len(sidecars_of(await b.status())) == 4
+
+        await eventually("every sidecar is on cp-b", all_on_b)
+        a = await stack.enter_async_context(replica_at(tmp_path, store, push_a))
+
+        async def some_on_a() -> bool:
+            return len(sidecars_of(await a.status())) >= 1
+
+        await eventually("cp-b's session age sends sidecars back to the restarted cp-a", some_on_a)
+
+
+def replica_at(tmp_path: Path, store: str, push: str) -> Any:
+    """A replica listening on a given push address (a restarted one, where the sidecars look for it)."""
+    data_dir = tmp_path / "cp-a-again"
+    args = ["control-plane", "--listen", push, "--api", "127.0.0.1:0", "--data-dir", str(data_dir)]
+    args += ["--store", store, "--ttl", TTL]
+
+    @asynccontextmanager
+    async def started() -> AsyncIterator[Replica]:
+        async with run_meshlet(tmp_path, "cp-a-again", args, CONTROL_PLANE_READY) as process:
+            yield Replica(process, data_dir)
+
+    return started()

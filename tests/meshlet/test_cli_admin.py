@@ -16,6 +16,7 @@ import trio
 from meshlet.cli import build_parser
 from meshlet.cli.admin import LazyProgress
 
+from ..etcd_cluster import EtcdCluster
 from ..helpers import CONTROL_PLANE_READY, run_meshlet
 
 BILLING = "kind: Service\nname: billing\nendpoints: [10.0.0.7:8443]\n"
@@ -171,3 +172,35 @@ def test_the_progress_bar_shows_only_after_a_second() -> None:
     assert slow.bar is not None
     slow(5000, 5000)
     assert slow.bar.finished
+
+
+async def test_file_to_etcd_and_back(tmp_path: Path, etcd1: EtcdCluster) -> None:
+    """The migration docs/deploy.md describes: export the file store, import it into etcd, run a
+    replica there (same store id, policy, CA, API token), and export etcd's state back to a file
+    store: the registry and cards of the running replica are never part of it."""
+    a, replica_dir, back, state = tmp_path / "a", tmp_path / "r", tmp_path / "back", tmp_path / "state.json"
+    etcd = f"etcd://{etcd1.endpoints[0].removeprefix('http://')}/{tmp_path.name[-30:]}"
+    (tmp_path / "policy.yaml").write_text(BILLING)
+    async with control_plane(tmp_path, a, "--policy", str(tmp_path / "policy.yaml")) as cp:
+        token = (a / "api-token").read_text().strip()
+        before = await what_it_serves(f"127.0.0.1:{cp.ports['api']}", token)
+    code, _, err = await meshlet("admin", "export", "--data-dir", str(a), "-o", str(state))
+    assert code == 0, err
+    code, _, err = await meshlet("admin", "import", "--store", etcd, str(state))
+    assert code == 0, err
+    assert f"imported 7 keys (policies: 1, history: 1, tokens: 1, secrets: 2, ca: 2) into {etcd}" in err
+
+    async with control_plane(tmp_path, replica_dir, "--store", etcd) as cp:
+        assert (replica_dir / "api-token").read_text().strip() == token  # etcd's copy, taken at start
+        after = await what_it_serves(f"127.0.0.1:{cp.ports['api']}", token)  # mints one more token record
+        code, _, err = await meshlet("admin", "import", "--store", etcd, str(state))
+        assert code == 1 and "the target is not empty" in err  # the registry and card do not count, the rest does
+        exported = tmp_path / "from-etcd.json"
+        code, _, err = await meshlet("admin", "export", "--store", etcd, "-o", str(exported))
+        assert code == 0, err
+    assert after == before
+    keys = json.loads(exported.read_bytes())["items"]
+    assert not [key for key in keys if key.startswith(("registry/", "replicas/")) or key == "leader"]
+    code, _, err = await meshlet("admin", "import", "--data-dir", str(back), str(exported))
+    assert code == 0, err
+    assert (back / "api-token").read_text().strip() == token
