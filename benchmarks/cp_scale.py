@@ -98,6 +98,7 @@ CP_CORE, LOAD_CORE = 1, 0  # etcd, when there is one, shares the control plane's
 PING_INTERVAL = 5.0
 SIDECARS_PER_WORKER = 2500  # measured: see README, "How many load processes"
 
+MAX_CONNECTIONS_SPARE = 100  # push connections above N: the change phase's extra instances
 CP_TTL = 600  # s; leases of pre-registered instances (warm start) must outlive the reconnections
 PREREGISTER_CONCURRENCY = 20  # per load process: few sessions open while instances register
 
@@ -800,10 +801,13 @@ class ControlPlane:
 
 
 @contextlib.asynccontextmanager
-async def control_plane(tmp: Path, tag: str, core: int | None, store: str = "file") -> AsyncIterator[ControlPlane]:
+async def control_plane(
+    tmp: Path, tag: str, core: int | None, n: int, store: str = "file"
+) -> AsyncIterator[ControlPlane]:
     out, data_dir = tmp / f"cp-{tag}.out", tmp / f"cp-data-{tag}"
     argv = [sys.executable, "-m", "meshlet", "control-plane", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
     argv += ["--data-dir", str(data_dir), "--ttl", str(CP_TTL)]
+    argv += ["--max-connections", str(n + MAX_CONNECTIONS_SPARE)]  # the default (10,000) is N at N = 10,000
     argv += [] if store == "file" else ["--store", store]
     child = spawn("control plane", argv, tmp / f"cp-{tag}.log", core, stdout=out)
     try:
@@ -1052,7 +1056,8 @@ async def mesh(tmp: Path, n: int, settings: Settings, tag: str, problems: list[s
             store = "etcd://" + etcd.url.removeprefix("http://")
         cps, apis = [], []
         for j in range(settings.replicas):  # one after the other: the first one's tokens become etcd's
-            cp = await stack.enter_async_context(control_plane(tmp, replica_tag(tag, j, settings), cp_core, store))
+            cp_tag = replica_tag(tag, j, settings)
+            cp = await stack.enter_async_context(control_plane(tmp, cp_tag, cp_core, n, store))
             api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.api_port}", timeout=30)
             cps.append(cp)
             apis.append(await stack.enter_async_context(api))
