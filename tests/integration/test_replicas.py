@@ -411,3 +411,93 @@ def replica_at(tmp_path: Path, store: str, push: str) -> Any:
             yield Replica(process, data_dir)
 
     return started()
+
+
+async def test_a_ca_rotation_on_one_replica_is_every_replicas(etcd1: EtcdCluster, tmp_path: Path) -> None:
+    store = store_of(etcd1, tmp_path)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        old = (await a.get("/v1/ca"))["current"]["fingerprint"]
+        assert (await b.get("/v1/ca"))["current"]["fingerprint"] == old
+        async with httpx.AsyncClient(timeout=10) as client:
+            rotated = await client.post(
+                f"http://{a.api}/v1/ca/rotate",
+                json={"propagation": 1},
+                headers={"authorization": f"Bearer {a.token()}"},
+            )
+            assert rotated.status_code == 201, rotated.text
+        new = rotated.json()["next"]["fingerprint"]
+
+        async def staged_on_b() -> bool:
+            staged = (await b.get("/v1/ca"))["next"]
+            return bool(staged and staged["fingerprint"] == new)
+
+        await eventually("cp-b trusts the root cp-a staged", staged_on_b)
+
+        # One second later the leader (whichever replica it is) lets the new root sign, for all.
+        async def signs_everywhere() -> bool:
+            signing = [(await r.get("/v1/ca"))["current"]["fingerprint"] for r in (a, b)]
+            return signing == [new, new]
+
+        await eventually("the new root signs on both replicas", signs_everywhere)
+        assert (a.data_dir / "ca" / "ca.crt").read_bytes() == (b.data_dir / "ca" / "ca.crt").read_bytes()
+        retired = [r["fingerprint"] for r in (await b.get("/v1/ca"))["retired"]]
+        assert retired == [old]  # still trusted for the overlap
+
+
+async def test_etcds_leader_killed_during_traffic(etcd3: EtcdCluster, tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The replicas' watches move to another member: changes keep flowing, no request fails."""
+    store = store_of(etcd3, tmp_path)
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(replica(tmp_path, "cp-a", store))
+        b = await stack.enter_async_context(replica(tmp_path, "cp-b", store))
+        await stack.enter_async_context(sidecar(tmp_path, "item", f"127.0.0.1:{origin.port}", [a], a))
+        user = await stack.enter_async_context(sidecar(tmp_path, "user", "127.0.0.1:1", [b], a))
+
+        async def routed() -> bool:
+            return await call(user) == 200
+
+        await eventually("user reaches item", routed)
+        failures: list[int] = []
+        requests = 0
+        done = trio.Event()
+
+        async def keep_calling() -> None:
+            nonlocal requests
+            while not done.is_set():
+                status = await call(user)
+                requests += 1
+                if status != 200:
+                    failures.append(status)
+                await trio.sleep(0.02)
+
+        async with trio.open_nursery() as callers:
+            callers.start_soon(keep_calling)
+            await etcd3.kill(await etcd3.leader())
+            # A change after the kill reaches the other replica's sidecar: the watches moved on.
+            policy = tmp_path / "route.yaml"
+            policy.write_text(ROUTE)
+            command = [sys.executable, "-m", "meshlet", "apply", "-f", str(policy), "--api", a.api]
+            command += ["--token-file", str(a.data_dir / "api-token")]
+            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            assert result.returncode == 0, result.stderr.decode()
+            version = (await a.get("/v1/policies"))["version"]
+
+            async def converged() -> bool:
+                held = sidecars_of(await b.status())["user"]
+                return bool(version and held["acked"].get("policies") == held["versions"].get("policies") != "")
+
+            await eventually("the sidecar on cp-b ACKs the policy applied after the kill", converged)
+            after = requests
+
+            async def more_requests() -> bool:
+                return requests >= after + 5
+
+            await eventually("five more requests", more_requests)
+            done.set()
+        assert failures == []
+        for r in (a, b):
+            assert (await r.status())["cluster"]["etcd"]["watching"]
