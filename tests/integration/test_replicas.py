@@ -172,8 +172,12 @@ class Traffic:
         self.failures: list[str] = []
         self._done = trio.Event()
 
+    @property
+    def stopped(self) -> bool:
+        return self._done.is_set()
+
     async def run(self) -> None:
-        while not self._done.is_set():
+        while not self.stopped:
             status = await call(self.user)
             self.requests += 1
             if status != 200:
@@ -229,7 +233,7 @@ async def test_a_killed_replicas_sidecars_move_and_nothing_is_lost(
         traffic = Traffic(user)
 
         async def endpoints_on_b() -> None:
-            while traffic.failures == [] and not traffic._done.is_set():
+            while traffic.failures == [] and not traffic.stopped:
                 if not await mesh.has_item(b):
                     traffic.failures.append("cp-b had no endpoint of item")
                 await trio.sleep(0.05)
