@@ -113,7 +113,6 @@ async def run(
                 push,
                 policies=policies,
                 book=book,
-                joins=joins,
                 ca_dir=ca_dir,
                 authority=lambda: open_authority(options),
                 rotation=rotation,

@@ -87,7 +87,7 @@ class Rotation:
         except ca.CAError as exc:
             raise RotationRefused(exc.reason) from None
         ca.write_authority(self.directory, staged)
-        self._install(staged)
+        self.install(staged)
         self.rotations += 1
         assert staged.next is not None
         log.info(
@@ -153,9 +153,11 @@ class Rotation:
             log.info("CA rotation: the new root %s signs from now on", fingerprint(advanced.current.certificate))
         for gone in set(r.certificate for r in authority.retired) - set(r.certificate for r in advanced.retired):
             log.info("CA rotation: the old root %s has left the trust bundle (its overlap is over)", fingerprint(gone))
-        self._install(advanced)
+        self.install(advanced)
 
-    def _install(self, authority: ca.Authority) -> None:
+    def install(self, authority: ca.Authority) -> None:
+        """Sign with ``authority`` from now on and push its bundle; the next step is timed from it
+        (also how a replica takes a rotation another replica made: control_plane/replicas/)."""
         self.joins.authority = authority
         self._wake.set()
         self.on_change()

@@ -16,7 +16,6 @@ from .. import ca
 from ..ca_rotation import Rotation
 from ..etcd.client import EtcdError
 from ..etcd.store import EtcdStore
-from ..joins import Joins
 from ..policies import PolicyStore
 from ..registry import Registry
 from ..server import PushServer
@@ -56,7 +55,6 @@ class Cluster:
         *,
         policies: PolicyStore,
         book: TokenBook,
-        joins: Joins,
         ca_dir: Path | None,
         authority: Callable[[], ca.Authority],
         rotation: Rotation,
@@ -70,9 +68,8 @@ class Cluster:
             if ca_dir is None:
                 return  # an operator's root: each replica has it from its own files
             if write_directory(ca_dir, await stored_directory(self.store, CA_PREFIX)):
-                joins.authority = authority()
                 log.info("the CA changed in etcd (another replica rotated it): now trusted and used here")
-                push.bundle_changed()
+                rotation.install(authority())  # its bundle pushed; the leader times the next step from it
 
         replica = Replica(
             self.store,

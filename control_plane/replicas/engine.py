@@ -29,11 +29,11 @@ says what is wrong.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -332,21 +332,9 @@ class Replica:
             with trio.move_on_after(1.0):  # somebody leads: the watch will say who
                 await self._leader_change()
 
-    async def compact(self, retention: float = COMPACT_RETENTION, interval: float = COMPACT_INTERVAL) -> None:
-        """A leader job: compact etcd's history to what it was ``retention`` ago, every ``interval``."""
-        samples: list[tuple[float, int]] = []
-        while True:
-            samples.append((trio.current_time(), self.revision))
-            cutoff = trio.current_time() - retention
-            old = [revision for at, revision in samples if at <= cutoff]
-            samples = [(at, revision) for at, revision in samples if at > cutoff] + ([(cutoff, old[-1])] if old else [])
-            if old and old[-1] > 0:
-                try:
-                    await self.etcd.compact(old[-1])
-                    log.info("etcd: history compacted to revision %d", old[-1])
-                except EtcdError as exc:
-                    log.warning("etcd: compaction to %d failed: %s", old[-1], exc)
-            await trio.sleep(interval)
+    async def compact(self) -> None:
+        """A leader job: compact etcd's history (compact_history)."""
+        await compact_history(self.etcd, lambda: self.revision)
 
     # status -------------------------------------------------------------------------------
 
@@ -397,12 +385,36 @@ class Replica:
         ]
 
 
+class Compactor(Protocol):
+    async def compact(self, revision: int) -> None: ...
+
+
+async def compact_history(
+    etcd: Compactor,
+    revision: Callable[[], int],
+    retention: float = COMPACT_RETENTION,
+    interval: float = COMPACT_INTERVAL,
+) -> None:
+    """Every ``interval``, compact etcd's history to the revision it was at ``retention`` ago (a
+    watch cut off for longer than that lists again). A failure is logged and tried next time."""
+    samples: deque[tuple[float, int]] = deque()  # (when, revision), oldest first
+    while True:
+        now = trio.current_time()
+        samples.append((now, revision()))
+        due = 0
+        while samples and samples[0][0] <= now - retention:
+            due = samples.popleft()[1]
+        if due > 0:
+            try:
+                await etcd.compact(due)
+                log.info("etcd: history compacted to revision %d", due)
+            except EtcdError as exc:
+                log.warning("etcd: compaction to revision %d failed: %s", due, exc)
+        await trio.sleep(interval)
+
+
 def replica_id(hostname: str, rng: random.Random) -> str:
     """A replica's id: its host name (lowercased, what a key may hold) and 6 random hex digits,
     new at every start (a restarted replica is a new one: its old lease is not its to renew)."""
     name = "".join(c if c.isalnum() or c in ".-" else "-" for c in hostname.lower()).strip("-.")[:40] or "cp"
     return f"{name}-{rng.getrandbits(24):06x}"
-
-
-def ttl_seconds(ttl: float) -> float:
-    return max(2.0, math.ceil(ttl))

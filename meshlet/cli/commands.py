@@ -240,7 +240,8 @@ def _status(args: argparse.Namespace, api: ApiClient) -> int:
     registry = data["registry"]
     line = (
         f"{registry['instances']} instances ({registry['ready']} ready) in {registry['services']} services; "
-        f"{data['pushes_total']} pushes, {data['nacks_total']} NACKs; store {data.get('store') or '-'}"
+        f"{data['pushes_total']} pushes, {data['nacks_total']} NACKs{' (this replica)' if cluster else ''}; "
+        f"store {data.get('store') or '-'}"
     )
     if registry["self_preservation"]:
         line += f"\n[bold red]self-preservation: lease expiry frozen[/] ({registry['self_preservation_reason']})"
@@ -304,7 +305,9 @@ def _cluster(console: Console, cluster: JSON) -> None:
         f"{etcd['writes_waiting']} registry writes wait: {etcd['write_error']}" if etcd["write_error"] else "",
     ]
     for problem in filter(None, problems):
-        console.print(f"[bold red]etcd[/]: {escape(problem)} (sidecars keep what they were pushed until etcd is back)")
+        console.print(f"[bold red]etcd[/]: {escape(problem)}")
+    if any(problems):
+        console.print("  sidecars keep what they were pushed, and applies fail, until etcd answers again")
     if cluster["held"]:
         console.print(f"[bold red]lease-expiry hold[/]: {escape(cluster['held_reason'] or '')}")
 
