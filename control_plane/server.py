@@ -158,6 +158,7 @@ class PushServer:
         self.protocol_errors = 0
         self.claims = Claims()  # the instance ids and nodes of live sessions (control_plane/ownership.py)
         self.admin_refused = Burst()  # registrations whose admin address is not fetched
+        self.hello_timeouts = Burst()  # connections closed without a hello in time
         self.span_tokens = SpanTokens()  # what each session's spans carry (control_plane/span_tokens.py)
         self._pings = 0
         self._policies_view: tuple[str, dict[str, tuple[str, Any]]] | None = None
@@ -238,9 +239,11 @@ class PushServer:
             certified: tuple[str | None, str] = (None, "")  # the client certificate's service; why it is refused
             secured = None
             hello_by = trio.current_time() + HELLO_TIMEOUT  # the TLS handshake and the hello, together
-            with trio.move_on_at(hello_by):
+            with trio.move_on_at(hello_by) as handshake:
                 secured = await self._secure(io)
             if secured is None:
+                if handshake.cancelled_caught:
+                    self._hello_timed_out(io.peer)
                 return  # closed, a failed handshake, or none in time
             io, certified = secured
             channel = Channel(io, self._nursery.start_soon)
@@ -262,7 +265,8 @@ class PushServer:
             finally:
                 self.pre_hello_bytes -= held
             if conn.hello is None:
-                return  # no hello in time
+                self._hello_timed_out(io.peer)
+                return
             conn.choose_version()  # an unknown protocol version is refused first (WireError)
             if not self._admitted(conn.hello, channel, io.peer, certified):
                 return  # refused: nothing registered, nothing pushed
@@ -300,6 +304,15 @@ class PushServer:
             channel.close()
             if session is not None:
                 self._close(session)
+
+    def _hello_timed_out(self, peer: str) -> None:
+        if self.hello_timeouts.starts(trio.current_time()):
+            log.warning(
+                "connection from %s closed: no hello within %g s (later ones are only counted: "
+                "meshlet_cp_hello_timeouts_total)",
+                peer,
+                HELLO_TIMEOUT,
+            )
 
     def _refuse_claim(self, channel: Channel, peer: str, why: str) -> None:
         """A hello for an instance id or node another session holds: refused, the holder

@@ -62,6 +62,11 @@ class _Collector:
             push.store_conflicts(),
         )
         yield _gauge("meshlet_cp_push_connections", "Open push-channel connections (hello or not).", push.connections)
+        yield _counter(
+            "meshlet_cp_hello_timeouts",
+            "Push-channel connections closed because no hello came in time (HELLO_TIMEOUT, 5 s).",
+            push.hello_timeouts.count,
+        )
         yield _by_reason(
             "meshlet_cp_sessions_ended",
             "Sidecar sessions the control plane ended that were no failure: max-age, after --max-session-age.",
