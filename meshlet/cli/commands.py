@@ -278,11 +278,12 @@ def _every_replica(data: JSON, api: ApiClient) -> JSON:
 def _cluster(console: Console, cluster: JSON) -> None:
     """The replicas and etcd's members, and what is wrong with either."""
     replicas = Table("REPLICA", "PUSH", "API", "SESSIONS", "LEADER", "VERSION", "UP SINCE", box=None)
+    stale = "" if cluster["etcd"]["watching"] else " [yellow](as etcd last said)[/]"
     for r in cluster["replicas"]:
         since = datetime.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
         name = f"{r['id']} (this one)" if r["self"] else r["id"]
         sessions = str(r["sessions"]) if "unreachable" not in r else f"{r['sessions']} [red](API unreachable)[/]"
-        replicas.add_row(name, r["push"], r["api"], sessions, _yes(r["leader"]), r["version"], since)
+        replicas.add_row(name, r["push"], r["api"], sessions, _yes(r["leader"]) + stale, r["version"], since)
     console.print(replicas)
     if not cluster["leader"]:
         console.print("[bold red]no leader[/]: CA rotation and compaction wait for one (etcd unreachable?)")

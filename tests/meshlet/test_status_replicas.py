@@ -166,6 +166,7 @@ def test_what_is_wrong_is_said(capsys: pytest.CaptureFixture[str]) -> None:
     assert "API unreachable" in out
     assert "no leader" in out
     assert "watch: no etcd member answered /v3/watch" in out
+    assert "(as etcd last said)" in out  # who leads is not known while the watch is cut
     assert "connection refused" in out
 
 
