@@ -212,8 +212,9 @@ class Etcd:
             raise trio.ClosedResourceError("the etcd client is closed")
         reasons: list[str] = []
         count = len(self.endpoints)
+        first = self._current  # other calls move it while this one waits: every member once, from here
         for step in range(count):
-            index = (self._current + step) % count
+            index = (first + step) % count
             endpoint = self.endpoints[index]
             try:
                 answer = await self._post(endpoint, path, body, write=write)

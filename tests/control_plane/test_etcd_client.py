@@ -462,3 +462,21 @@ async def test_a_watch_message_is_read_up_to_a_bound(monkeypatch: pytest.MonkeyP
             with pytest.raises(EtcdError, match="a watch message larger than 1000 bytes"), trio.fail_after(5):
                 await watch.__anext__()
         await etcd.aclose()
+
+
+async def test_every_member_is_tried_once_while_other_calls_move_the_current_one() -> None:
+    """A call that waits on a member while another call succeeds elsewhere still tries each member
+    once (it used to recompute from the moved 'current' member: one twice, one never)."""
+    asked: list[str] = []
+    etcd: Etcd
+
+    def b_times_out_while_another_call_succeeds_on_b(request: httpx.Request) -> httpx.Response:
+        etcd._current = 1  # a concurrent call's success on B, during this call's wait on B
+        raise httpx.ReadTimeout("read timed out")
+
+    etcd = Etcd(
+        [A, B, C], transport=mock({A: REFUSED, B: b_times_out_while_another_call_succeeds_on_b, C: ok()}, asked)
+    )
+    assert await etcd.put(b"k", b"v") == 7
+    assert asked == [A, B, C]
+    await etcd.aclose()

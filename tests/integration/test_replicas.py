@@ -137,11 +137,14 @@ class Mesh:
         return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
 
     async def acked(self, on: Replica, service: str, what: str) -> None:
-        """Wait until ``service``'s sidecar, connected to ``on``, ACKed the applied policy."""
-        version = (await on.get("/v1/policies"))["version"]
+        """Wait until ``on`` serves the policy cp-a applied and ``service``'s sidecar, connected to
+        ``on``, ACKed it."""
+        version = (await self.a.get("/v1/policies"))["version"]
         assert version
 
         async def converged() -> bool:
+            if (await on.get("/v1/policies"))["version"] != version:
+                return False  # not read again from etcd yet
             held = sidecars_of(await on.status())[service]
             return bool(held["acked"].get("policies") == held["versions"].get("policies") != "")
 
