@@ -29,34 +29,14 @@ from .types import (
     Compare,
     EtcdError,
     EtcdUnavailable,
-    Event,
     KeyValue,
     Lease,
     LeaseNotFound,
     MemberStatus,
     Op,
-    OpResponse,
     TxnResult,
     WatchBatch,
 )
-
-__all__ = [
-    "Compacted",
-    "Compare",
-    "Etcd",
-    "EtcdError",
-    "EtcdUnavailable",
-    "Event",
-    "KeyValue",
-    "Lease",
-    "LeaseNotFound",
-    "MemberStatus",
-    "Op",
-    "OpResponse",
-    "TxnResult",
-    "Watch",
-    "WatchBatch",
-]
 
 # etcd's own largest request is 1.5 MiB; a range or a watch message of many keys is larger, but bounded.
 MAX_RESPONSE = 16 * 1024 * 1024

@@ -14,7 +14,7 @@ from meshlet.wire import POLICIES
 
 from .. import ca
 from ..ca_rotation import Rotation
-from ..etcd.client import EtcdError
+from ..etcd import EtcdError
 from ..etcd.store import EtcdStore
 from ..policies import PolicyStore
 from ..registry import Registry

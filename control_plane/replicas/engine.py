@@ -39,7 +39,7 @@ import trio
 
 from meshlet import __version__
 
-from ..etcd.client import Compacted, Compare, EtcdError, Event, LeaseNotFound, Op, Watch
+from ..etcd import Compacted, Compare, EtcdError, Event, LeaseNotFound, Op, Watch
 from ..etcd.store import EtcdStore
 from ..server import PushServer
 from .records import INSTANCES, LEADER, REPLICAS, ReplicaCard, decode_leader

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..etcd.client import Compare, EtcdError, Op
+from ..etcd import Compare, EtcdError, Op
 from ..etcd.store import EtcdStore
 from ..registry import ExpiryResult, Instance, Registry
 from .records import encode_instance, instance_key
