@@ -259,10 +259,17 @@ def read_data_dir(data_dir: Path) -> dict[str, bytes]:
     for key in SECRET_FILES:
         with contextlib.suppress(FileNotFoundError):  # not made yet: nothing to export
             found[key] = _read(data_dir / data_dir_path(key), key, MAX_SECRET_BYTES)
-    for name in _ca_names(data_dir / CA_DIRECTORY):
-        key = CA_PREFIX + name
+    found.update((CA_PREFIX + name, data) for name, data in read_ca_files(data_dir / CA_DIRECTORY).items())
+    return found
+
+
+def read_ca_files(directory: Path) -> dict[str, bytes]:
+    """The CA directory's files by name (none if it does not exist), checked as read_data_dir
+    checks them (control_plane/replicas/ shares the same directory through etcd)."""
+    found: dict[str, bytes] = {}
+    for name in _ca_names(directory):
         with contextlib.suppress(FileNotFoundError):  # gone since the listing
-            found[key] = _read(data_dir / data_dir_path(key), key, MAX_CA_FILE_BYTES)
+            found[name] = _read(directory / name, CA_PREFIX + name, MAX_CA_FILE_BYTES)
     return found
 
 

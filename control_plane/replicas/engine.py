@@ -33,7 +33,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -43,15 +43,15 @@ from ..etcd import Compacted, Compare, EtcdError, Event, LeaseNotFound, Op, Watc
 from ..etcd.store import EtcdStore
 from ..server import PushServer
 from .records import INSTANCES, LEADER, REPLICAS, ReplicaCard, decode_leader
-from .registrar import Writer, WriteThrough, sessions_ttl
+from .registrar import RETRY_FIRST, RETRY_MAX, Writer, WriteThrough, sessions_ttl
 from .shared import Change, SharedRegistry
 
 log = logging.getLogger("meshlet.cp.replicas")
 
+T = TypeVar("T")
+
 CARD_INTERVAL = 2.0  # how often a replica looks whether its card needs writing again
 RELEASE_INTERVAL = 1.0
-RETRY_FIRST = 0.2
-RETRY_MAX = 5.0
 COMPACT_INTERVAL = 300.0  # the leader compacts etcd's history this often ...
 COMPACT_RETENTION = 3600.0  # ... keeping this much of it (a watch cut off for longer lists again)
 
@@ -142,18 +142,16 @@ class Replica:
     # the lease ----------------------------------------------------------------------------
 
     async def _new_lease(self, *, first: bool = False) -> None:
-        delay = RETRY_FIRST
-        while True:
-            try:
-                self.lease = (await self.etcd.grant(sessions_ttl(self.ttl))).id
-                break
-            except EtcdError as exc:
-                self.lease_error = str(exc)
-                if first:
-                    raise
-                log.warning("etcd: cannot grant a lease (%s); retrying in %.1f s", exc, delay)
-                await trio.sleep(delay)
-                delay = min(RETRY_MAX, delay * 2)
+        """A lease (at start: etcd must answer now; later: until it does), then the card and,
+        after a lost lease, every open session's instance under it."""
+
+        async def grant() -> int:
+            return (await self.etcd.grant(sessions_ttl(self.ttl))).id
+
+        def failed(why: str) -> None:
+            self.lease_error = why
+
+        self.lease = await grant() if first else await retried("grant a lease", grant, failed)
         self.lease_error = ""
         await self._write_card()
         if not first:
@@ -207,15 +205,9 @@ class Replica:
 
     async def _list(self) -> int:
         """Read the whole prefix and rebuild from it; its revision."""
-        delay = RETRY_FIRST
-        while True:
-            try:
-                revision, kvs = await self.etcd.range_prefix(self.store.prefix.encode())
-                break
-            except EtcdError as exc:
-                log.warning("etcd: cannot list %s (%s); retrying in %.1f s", self.store.location, exc, delay)
-                await trio.sleep(delay)
-                delay = min(RETRY_MAX, delay * 2)
+        revision, kvs = await retried(
+            f"list {self.store.location}", lambda: self.etcd.range_prefix(self.store.prefix.encode())
+        )
         items = [(path, kv.value, kv.lease) for kv in kvs if (path := self._path(kv.key))]
         now = trio.current_time()
         self.push.changed(self.shared.replace_all(items, now))
@@ -383,6 +375,21 @@ class Replica:
             }
             for member in await self.etcd.status()
         ]
+
+
+async def retried(what: str, call: Callable[[], Awaitable[T]], failed: Callable[[str], None] | None = None) -> T:
+    """``call()``'s answer, asked again with backoff (RETRY_FIRST doubling to RETRY_MAX) for as
+    long as etcd cannot give it; each failure logged, and told to ``failed``."""
+    delay = RETRY_FIRST
+    while True:
+        try:
+            return await call()
+        except EtcdError as exc:
+            if failed is not None:
+                failed(str(exc))
+            log.warning("etcd: cannot %s (%s); retrying in %.1f s", what, exc, delay)
+            await trio.sleep(delay)
+            delay = min(RETRY_MAX, delay * 2)
 
 
 class Compactor(Protocol):

@@ -22,12 +22,10 @@ import trio
 
 from meshlet.private_files import write_replacing
 
+from ..state_export import CA_PREFIX, file_mode, read_ca_files
 from ..store import Store
 
 log = logging.getLogger("meshlet.cp.replicas")
-
-MAX_SHARED_FILE = 1024 * 1024
-PUBLIC_FILES = frozenset({"ca.crt", "next.crt", "authority.json"})  # anyone may read these (0644)
 
 
 async def share_file(store: Store, key: str, path: Path) -> bool:
@@ -49,28 +47,17 @@ async def share_file(store: Store, key: str, path: Path) -> bool:
     return True
 
 
-def read_directory(directory: Path) -> dict[str, bytes]:
-    """The regular files directly in ``directory`` (none if it does not exist), by name."""
-    if not directory.is_dir():
-        return {}
-    return {
-        path.name: path.read_bytes()
-        for path in sorted(directory.iterdir())
-        if path.is_file() and not path.is_symlink() and not path.name.startswith(".")
-    }
-
-
 def write_directory(directory: Path, files: Mapping[str, bytes]) -> bool:
-    """Make ``directory`` hold exactly ``files`` (0700; keys 0600, certificates 0644); True if
-    anything changed."""
+    """Make the CA ``directory`` hold exactly ``files`` (0700; each file with the mode ca.py gives
+    it); True if anything changed."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    current = read_directory(directory)
+    current = read_ca_files(directory)
     changed = False
     for name, data in files.items():
         if "/" in name or name.startswith(".") or not name:
             raise ValueError(f"{name!r} is not a file name")
         if current.get(name) != data:
-            write_replacing(directory / name, data, 0o644 if name in PUBLIC_FILES else 0o600)
+            write_replacing(directory / name, data, file_mode(CA_PREFIX + name))
             changed = True
     for name in set(current) - set(files):
         (directory / name).unlink()
@@ -88,7 +75,7 @@ async def share_directory(store: Store, prefix: str, directory: Path, marker: st
     still absent. True if the directory was replaced by etcd's copy."""
     theirs = await stored_directory(store, prefix)
     if not theirs:
-        ours = read_directory(directory)
+        ours = read_ca_files(directory)
         puts = {prefix + name: data for name, data in ours.items()}
         if await store.swap(prefix + marker, None, puts) is not None:
             log.info("%s: this replica's copy is now every replica's (%s)", directory, prefix)
@@ -104,7 +91,7 @@ async def publish_directory(store: Store, prefix: str, directory: Path, marker: 
     """After this replica changed ``directory`` (a CA rotation step), etcd's copy becomes ours, in
     one revision, unless ``prefix + marker`` changed in etcd since this replica read it (another
     replica rotated at the same moment: False, and the watch brings theirs)."""
-    ours = read_directory(directory)
+    ours = read_ca_files(directory)
     theirs = await stored_directory(store, prefix)
     puts = {prefix + name: data for name, data in ours.items() if theirs.get(name) != data}
     deletes = [prefix + name for name in set(theirs) - set(ours)]
