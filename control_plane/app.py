@@ -118,10 +118,9 @@ async def run(
                 rotation=rotation,
             )
         async with trio.open_nursery() as nursery:
-            if replica is not None:
+            if cluster is not None:
                 # The registry, policies and leader as etcd has them, before any sidecar is served.
-                await nursery.start(replica.run)
-                nursery.start_soon(cluster.publish_ca, ca_dir)  # type: ignore[union-attr]
+                await nursery.start(cluster.run)
             push_port = await nursery.start(push.serve, *options.listen)
             scraper = Scraper(lambda: scrape_targets(registry.instances()))
             nursery.start_soon(scraper.run)
@@ -153,7 +152,7 @@ async def run(
 async def share_files(store: Store, options: ControlPlaneOptions) -> None:
     """Replicas: the API token, the bootstrap join token and our own CA (not an operator's root,
     which each replica is given) become etcd's copies (control_plane/replicas/shared_files.py)."""
-    api_token(options.data_dir)  # made if missing: offered to etcd if etcd has none
+    # The API token file exists (api_tokens made it): offered to etcd if etcd has none.
     await share_file(store, API_TOKEN_KEY, options.data_dir / TOKEN_FILE)
     bootstrap_join_token(options.data_dir)
     await share_file(store, JOIN_TOKEN_KEY, options.data_dir / tokens.JOIN_TOKEN_FILE)

@@ -14,7 +14,6 @@ from meshlet.wire import POLICIES
 
 from .. import ca
 from ..ca_rotation import Rotation
-from ..etcd import EtcdError
 from ..etcd.store import EtcdStore
 from ..policies import PolicyStore
 from ..registry import Registry
@@ -42,6 +41,7 @@ class Cluster:
         self.writer = Writer(store, lambda: 0 if self._replica is None else self._replica.lease)
         self.registrar = WriteThrough(Registry(ttl=ttl), self.writer, self.id)
         self._replica: Replica | None = None
+        self._ca_dir: Path | None = None  # our own CA's, published when it changes (None: an operator's)
         self._ca_changed = trio.Event()
 
     @classmethod
@@ -83,8 +83,18 @@ class Cluster:
             rng=self.rng,
         )
         replica.leader_jobs = [rotation.run, replica.compact]
-        self._replica = replica
+        self._replica, self._ca_dir = replica, ca_dir
         return replica
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The replica (started: its registry, policies and leader as etcd has them) and the
+        publishing of this replica's CA changes."""
+        assert self._replica is not None, "Cluster.replica() first"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._replica.run)
+            if self._ca_dir is not None:
+                nursery.start_soon(self._publish_ca, self._ca_dir)
+            task_status.started()
 
     def on_ca_change(self, then: Callable[[], None]) -> Callable[[], None]:
         """The CA changed here (a rotation step): ``then``, and publish it to etcd."""
@@ -95,12 +105,12 @@ class Cluster:
 
         return changed
 
-    async def publish_ca(self, ca_dir: Path | None) -> None:
-        while ca_dir is not None:
+    async def _publish_ca(self, ca_dir: Path) -> None:
+        while True:
             await self._ca_changed.wait()
             self._ca_changed = trio.Event()
             try:
                 if not await publish_directory(self.store, CA_PREFIX, ca_dir, ca.CERT_FILE):
                     log.warning("the CA changed in etcd while this replica rotated it: etcd's copy stands")
-            except (EtcdError, StoreError) as exc:
+            except StoreError as exc:
                 log.error("etcd: the CA rotation could not be written (%s); other replicas keep the old CA", exc)

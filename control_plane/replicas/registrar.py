@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import trio
 
 from ..etcd import Compare, EtcdError, Op
-from ..etcd.store import EtcdStore
+from ..etcd.store import TXN_OPS, EtcdStore
 from ..registry import ExpiryResult, Instance, Registry
 from .records import encode_instance, instance_key
 
 log = logging.getLogger("meshlet.cp.replicas")
 
-TXN_OPS = 128  # etcd's --max-txn-ops default
 GUARDED_AT_ONCE = 16  # conditional writes in flight together
 RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
@@ -95,7 +94,7 @@ class Writer:
         free = [(i, w.value) for i, w in batch.items() if not w.guarded and w.value is not None]
         for start in range(0, len(free), TXN_OPS):
             chunk = free[start : start + TXN_OPS]
-            ops = [Op.put(self.store.key(instance_key(i)), value, lease=lease) for i, value in chunk if value]
+            ops = [Op.put(self.store.key(instance_key(i)), value, lease=lease) for i, value in chunk]
             await self.store.etcd.txn((), ops)
             for instance_id, _ in chunk:
                 del batch[instance_id]

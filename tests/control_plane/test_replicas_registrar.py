@@ -10,10 +10,10 @@ import pytest
 import trio
 
 from control_plane.etcd import Etcd, prefix_end
-from control_plane.etcd.store import EtcdStore
+from control_plane.etcd.store import TXN_OPS, EtcdStore
 from control_plane.registry import Instance, Registry
 from control_plane.replicas.records import INSTANCES, decode_instance
-from control_plane.replicas.registrar import TXN_OPS, Writer, WriteThrough
+from control_plane.replicas.registrar import Writer, WriteThrough
 
 from ..etcd_cluster import EtcdCluster
 
