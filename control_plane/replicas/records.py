@@ -121,15 +121,7 @@ class ReplicaCard:
     lease: int = 0  # the etcd lease its instances are under (filled in from the key, not the value)
 
     def encode(self) -> bytes:
-        body = {
-            "id": self.id,
-            "push": self.push,
-            "api": self.api,
-            "version": self.version,
-            "started": self.started,
-            "sessions": self.sessions,
-        }
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
 
     def to_json(self) -> dict[str, Any]:
         return {
